@@ -1,0 +1,163 @@
+"""
+The options of mailingest and where their values come from.
+
+One table serves the twistd plugin and the admin command. A value comes from
+the command line, else the environment (C{MAILINGEST_<OPTION>}), else the
+C{[mailingest]} section of the C{--config} INI file, else the default.
+"""
+
+import configparser
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mailingest.errors import ConfigError
+
+SECTION = "mailingest"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    repeatable: bool = False
+    secret: bool = False
+    metavar: str = "VALUE"
+
+    @property
+    def env(self) -> str:
+        return "MAILINGEST_" + self.name.upper().replace("-", "_")
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+DAEMON_OPTIONS = (
+    Option("smtp", ["tcp:2525"], "SMTP listening endpoint (repeatable)", repeatable=True, metavar="ENDPOINT"),
+    Option("http", "tcp:8025:interface=127.0.0.1", "ops HTTP endpoint, or 'none'", metavar="ENDPOINT"),
+    Option("domain", ["localhost"], "recipient domain we accept mail for (repeatable)", repeatable=True, metavar="DOMAIN"),
+    Option("hostname", None, "name in the greeting and Received: header [default: this machine's FQDN]", metavar="NAME"),
+    Option("max-message-size", 52428800, "largest message accepted, in bytes", _positive_int, metavar="BYTES"),
+    Option("max-recipients", 100, "recipients per message", _positive_int, metavar="N"),
+    Option("max-connections", 1000, "simultaneous SMTP connections in total", _positive_int, metavar="N"),
+    Option("max-connections-per-ip", 50, "simultaneous SMTP connections from one address", _positive_int, metavar="N"),
+    Option("timeout", 300.0, "idle client timeout in seconds", _positive_float, metavar="SECONDS"),
+    Option("tls-cert", None, "PEM certificate chain; with --tls-key, STARTTLS is offered", metavar="FILE"),
+    Option("tls-key", None, "PEM private key for --tls-cert", metavar="FILE"),
+    Option("poll-interval", 1.0, "extraction poll period in seconds", _positive_float, metavar="SECONDS"),
+    Option("max-attempts", 5, "attempts for transient extraction errors before 'failed'", _positive_int, metavar="N"),
+    Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
+)
+
+STORAGE_OPTIONS = (
+    Option("database", "sqlite:///mailingest-data/mailingest.db", "sqlite:///path.db or postgresql://user:pass@host:port/db", secret=True, metavar="URL"),
+    Option("storage", "file:mailingest-data/blobs", "file:DIR or s3://bucket/prefix", metavar="URL"),
+    Option("s3-endpoint", None, "S3 endpoint URL (MinIO, Ceph, R2...) [default: AWS]", metavar="URL"),
+    Option("s3-region", None, "S3 region [default: us-east-1]", metavar="REGION"),
+)
+
+ALL_OPTIONS = DAEMON_OPTIONS + STORAGE_OPTIONS
+
+
+def default_hostname() -> str:
+    return socket.getfqdn()
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """The [mailingest] section of an INI file, keyed by option name."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"bad config file {path}: {e.message.splitlines()[0]}") from None
+    if not parser.has_section(SECTION):
+        raise ConfigError(f"config file {path} has no [{SECTION}] section")
+    values = dict(parser.items(SECTION))
+    known = {o.name for o in ALL_OPTIONS} | {o.key for o in ALL_OPTIONS}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+    return {k.replace("_", "-"): v for k, v in values.items()}
+
+
+def _split(text: str) -> list[str]:
+    return [item for item in text.replace(",", " ").split() if item]
+
+
+def resolve(
+    options: tuple[Option, ...],
+    given: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+    config_path: str | None = None,
+) -> dict[str, Any]:
+    """
+    Settle every option's value by precedence: C{given} (the command line;
+    None or [] means not given), environment, config file, default.
+
+    Keys of the result are the option names with dashes as underscores.
+    """
+    if config_path is None:
+        config_path = environ.get("MAILINGEST_CONFIG") or None
+    from_file = read_config_file(config_path) if config_path else {}
+    settled = {}
+    for option in options:
+        value = given.get(option.key)
+        if value in (None, []):
+            text, origin = None, None
+            if environ.get(option.env, "") != "":
+                text, origin = environ[option.env], option.env
+            elif option.name in from_file:
+                text, origin = from_file[option.name], f"{config_path} [{SECTION}] {option.name}"
+            if text is None:
+                value = option.default
+            elif option.repeatable:
+                value = [_parse(option, item, origin) for item in _split(text)]
+            else:
+                value = _parse(option, text.strip(), origin)
+        elif option.repeatable:
+            value = [_parse(option, v, "--" + option.name) for v in value]
+        else:
+            value = _parse(option, value, "--" + option.name)
+        settled[option.key] = value
+    return settled
+
+
+def _parse(option: Option, text: Any, origin: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return option.parse(text)
+    except ValueError as e:
+        shown = "***" if option.secret else repr(text)
+        raise ConfigError(f"{origin}: invalid value {shown} ({e})") from None

@@ -1,0 +1,176 @@
+"""
+The daemon's service tree, assembled from settled options.
+
+Start-up order matters: the ops endpoint comes up at once (so /readyz can say
+what is wrong), the schema is migrated (retried while the database is
+unreachable), and only then do the SMTP listeners open, so a daemon never
+accepts mail it cannot store.
+"""
+
+import glob
+import os
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+
+from mailingest.delivery import IngestDelivery, OrgDirectory
+from mailingest.errors import ConfigError
+from mailingest.smtp_server import IngestSMTPFactory
+from mailingest.storage.urls import open_blobs, open_store, redact_url
+
+MIGRATE_RETRY_SECONDS = 5.0
+DEFAULT_SPOOL_DIR = os.path.join("mailingest-data", "spool")
+
+log = Logger(namespace="mailingest.daemon")
+
+
+class Listener(service.Service):
+    """Listens on one endpoint string; a port that cannot be opened stops the daemon."""
+
+    def __init__(self, reactor, description: str, factory, what: str):
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port = None
+        try:
+            self.endpoint = endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"bad {what} endpoint {description!r}: {e}") from None
+
+    def startService(self):
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port):
+            self.port = port
+            log.info("{what} listening on {address}", what=self.what, address=port.getHost())
+
+        return d.addCallback(listening)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class Daemon(service.MultiService):
+    """
+    Children in C{self.early} start with the daemon; the others only once the
+    schema is in place. Everything stops in reverse order, then the storage
+    connections close.
+    """
+
+    def __init__(self, reactor, store, blobs):
+        super().__init__()
+        self.reactor = reactor
+        self.store = store
+        self.blobs = blobs
+        self.early: list[service.IService] = []
+        self.ready = defer.Deferred()
+        self._starting = None
+
+    def startService(self):
+        service.Service.startService(self)
+        for child in self.early:
+            child.startService()
+        self._starting = defer.ensureDeferred(self._start())
+        self._starting.addErrback(self._failed_to_start)
+
+    async def _start(self):
+        while True:
+            try:
+                applied = await self.store.migrate()
+                break
+            except Exception as e:
+                log.error(
+                    "cannot prepare the database ({error}); retrying in {seconds:.0f} s",
+                    error=str(e),
+                    seconds=MIGRATE_RETRY_SECONDS,
+                )
+                await task.deferLater(self.reactor, MIGRATE_RETRY_SECONDS, lambda: None)
+        if applied:
+            log.info("database schema upgraded: applied {versions}", versions=applied)
+        for child in self:
+            if child not in self.early:
+                await defer.maybeDeferred(child.startService)
+        self.ready.callback(None)
+
+    def _failed_to_start(self, failure):
+        if failure.check(defer.CancelledError):
+            return
+        log.critical("mailingest could not start: {error}", error=failure.getErrorMessage())
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self):
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        for child in reversed(list(self)):
+            if child.running:
+                try:
+                    await defer.maybeDeferred(child.stopService)
+                except Exception as e:
+                    log.error("error while stopping {child}: {error}", child=child, error=str(e))
+        await self.store.close()
+        await self.blobs.close()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop())
+
+
+def clear_spool(directory: str) -> None:
+    """Spool files left by a crash were never acknowledged: the sender will retry."""
+    for path in glob.glob(os.path.join(directory, "spool-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def build_daemon(settings: dict, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    store = open_store(settings["database"])
+    blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"])
+    daemon = Daemon(reactor, store, blobs)
+
+    spool_dir = getattr(blobs, "spool_dir", DEFAULT_SPOOL_DIR)
+    os.makedirs(spool_dir, exist_ok=True)
+    clear_spool(spool_dir)
+
+    directory = OrgDirectory(store)
+    directory.setServiceParent(daemon)
+    delivery = IngestDelivery(store, blobs, directory, settings["domain"], settings["hostname"])
+
+    tls_context = None
+    if settings["tls_cert"]:
+        from mailingest.tls import load_tls
+
+        tls_context = load_tls(settings["tls_cert"], settings["tls_key"])
+
+    factory = IngestSMTPFactory(
+        delivery,
+        hostname=settings["hostname"],
+        spool_dir=spool_dir,
+        max_message_size=settings["max_message_size"],
+        max_recipients=settings["max_recipients"],
+        timeout=settings["timeout"],
+        max_connections=settings["max_connections"],
+        max_connections_per_ip=settings["max_connections_per_ip"],
+        tls_context=tls_context,
+    )
+    for description in settings["smtp"]:
+        Listener(reactor, description, factory, "SMTP").setServiceParent(daemon)
+
+    log.info(
+        "mailingest starting: database {database}, storage {storage}, domains {domains}",
+        database=redact_url(settings["database"]),
+        storage=settings["storage"],
+        domains=", ".join(settings["domain"]),
+    )
+    daemon.delivery = delivery
+    daemon.smtp_factory = factory
+    return daemon

@@ -1,0 +1,319 @@
+"""
+The delivery policy behind the SMTP dialogue: who we accept mail for, and how an
+accepted message is kept.
+
+At end of DATA the spool is made durable, the raw copy is stored in object
+storage, then the rows are committed in one transaction; only then does the
+protocol answer 250. Any failure on that path becomes a 451 and leaves no row;
+a blob written before the failure is removed unless a committed row might
+refer to it (an ambiguous commit), where an invisible orphan is the safe side.
+"""
+
+import email.header
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailingest import metrics
+from mailingest.interfaces import IIngestDelivery
+from mailingest.plus_address import normalise_domain, parse_recipient
+
+SOURCE = "smtp"
+MAX_MESSAGE_ID = 900
+MAX_SUBJECT = 998
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+log = Logger(namespace="mailingest.delivery")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    org_id: int
+    slug: str
+    address: str
+
+
+@dataclass
+class Envelope:
+    """One SMTP transaction as the protocol saw it."""
+
+    id: str
+    peer: str
+    helo: str
+    mail_from: str
+    recipients: list[Recipient] = field(default_factory=list)
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stored: list[tuple[Recipient, int]]
+    duplicates: list[Recipient]
+
+
+def new_transaction_id() -> str:
+    return uuid.uuid4().hex
+
+
+def message_id_of(headers) -> str | None:
+    """The Message-ID header, unfolded and trimmed, or None when missing or empty."""
+    value = headers.get("Message-ID")
+    if value is None:
+        return None
+    value = " ".join(str(value).split())
+    if not value:
+        return None
+    if len(value) > MAX_MESSAGE_ID:
+        return None
+    return value
+
+
+def synthetic_message_id(sent_sha256: str) -> str:
+    """Deterministic: the same bytes sent again get the same id."""
+    return f"<sha256-{sent_sha256}@mailingest.invalid>"
+
+
+def subject_of(headers) -> str | None:
+    raw = headers.get("Subject")
+    if raw is None:
+        return None
+    raw = str(raw)
+    try:
+        text = str(email.header.make_header(email.header.decode_header(raw)))
+    except Exception:
+        text = raw
+    return " ".join(text.split())[:MAX_SUBJECT]
+
+
+def raw_key(envelope: Envelope) -> str:
+    """Object storage key of a raw message: our date and transaction id only."""
+    return f"raw/{envelope.received_at:%Y/%m/%d}/{envelope.id}.eml"
+
+
+def _printable(text: str, limit: int = 255) -> str:
+    return _UNPRINTABLE.sub("?", text)[:limit] or "unknown"
+
+
+class OrgDirectory(service.Service):
+    """
+    Which organisations are active, answered without a database round trip for
+    known ones. The cache is refreshed every C{refresh} seconds (so disabling
+    takes effect within that), a slug missing from it is looked up at once (so
+    a new organisation is never refused), and the last good list keeps serving
+    while the database is down.
+    """
+
+    def __init__(self, store, refresh: float = 2.0, clock=None):
+        self.store = store
+        self.refresh_interval = refresh
+        self._clock = clock
+        self._active: dict[str, int] = {}
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self.refresh)
+        if self._clock is not None:
+            self._loop.clock = self._clock
+        self._loop.start(self.refresh_interval, now=True)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    @defer.inlineCallbacks
+    def refresh(self):
+        try:
+            self._active = yield self.store.active_orgs()
+        except Exception as e:
+            log.warn("organisation list refresh failed: {error}", error=str(e))
+
+    def lookup(self, slug: str) -> defer.Deferred:
+        """Fire with the organisation id when C{slug} is active, else None."""
+        if slug in self._active:
+            return defer.succeed(self._active[slug])
+        return self.store.get_org(slug).addCallback(self._found, slug)
+
+    def _found(self, org, slug):
+        if org is None or not org["active"]:
+            return None
+        self._active[slug] = org["id"]
+        return org["id"]
+
+
+@implementer(IIngestDelivery)
+class IngestDelivery:
+    def __init__(self, store, blobs, directory: OrgDirectory, domains, hostname: str):
+        self.store = store
+        self.blobs = blobs
+        self.directory = directory
+        self.domains = {normalise_domain(d) for d in domains}
+        self.hostname = hostname
+        self.on_stored = []
+
+    # Twisted's IMessageDelivery
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        local = user.dest.local.decode("utf-8", "replace")
+        domain = user.dest.domain.decode("utf-8", "replace")
+        route = parse_recipient(local, domain)
+        address = f"{local}@{domain}"
+        if route.domain not in self.domains:
+            metrics.REJECTED.labels("relay").inc()
+            raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied: we do not accept mail for " + _printable(route.domain))
+        if route.slug is None:
+            metrics.REJECTED.labels("unknown_org").inc()
+            raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: address must be LOCAL+ORGANISATION@" + route.domain)
+        d = self.directory.lookup(route.slug)
+
+        def decide(org_id):
+            if org_id is None:
+                metrics.REJECTED.labels("unknown_org").inc()
+                raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: unknown organisation")
+            recipient = Recipient(org_id, route.slug, address)
+            return lambda: recipient
+
+        def unavailable(failure):
+            failure.trap(Exception)
+            if failure.check(smtp.SMTPBadRcpt):
+                return failure
+            log.error("organisation lookup failed: {error}", error=failure.getErrorMessage())
+            metrics.REJECTED.labels("temporary_failure").inc()
+            raise smtp.SMTPBadRcpt(user, 451, "4.3.0 Temporary failure looking up the recipient, try again later")
+
+        return d.addCallback(decide).addErrback(unavailable)
+
+    def receivedHeader(self, helo, origin, recipients):
+        protocol = recipients[0].protocol if recipients else None
+        with_ = getattr(protocol, "received_with", lambda: "ESMTP")()
+        txid = getattr(protocol, "transaction_id", "")
+        helo_name = _printable((helo[0] or b"").decode("ascii", "replace")) if helo else "unknown"
+        peer = _printable(helo[1].decode("ascii", "replace")) if helo else "unknown"
+        lines = [
+            f"Received: from {helo_name} ([{peer}])",
+            f"\tby {self.hostname} (mailingest) with {with_} id {txid}",
+        ]
+        if len(recipients) == 1:
+            lines.append(f"\tfor <{_printable(str(recipients[0].dest), 320)}>;")
+        else:
+            lines[-1] += ";"
+        lines.append("\t" + format_datetime(datetime.now(timezone.utc)))
+        return "\r\n".join(lines).encode("ascii", "replace")
+
+    # keeping the message
+
+    def deliver(self, envelope, spool):
+        started = time.monotonic()
+        d = defer.ensureDeferred(self._deliver(envelope, spool))
+
+        def done(result):
+            spool.discard()
+            return result
+
+        def failed(failure: Failure):
+            log.error(
+                "message from {peer} not stored ({size} bytes, transaction {txid}): {error}",
+                peer=envelope.peer,
+                size=spool.size,
+                txid=envelope.id,
+                error=failure.getErrorMessage(),
+            )
+            metrics.REJECTED.labels("temporary_failure").inc()
+            raise smtp.SMTPServerError(
+                451, b"4.3.0 Temporary storage failure, message not accepted, try again later"
+            )
+
+        d.addBoth(done).addErrback(failed)
+        d.addCallback(self._log_outcome, envelope, spool, started)
+        return d
+
+    async def _deliver(self, envelope, spool) -> Outcome:
+        await spool.finish()
+        headers = spool.headers()
+        message_id = message_id_of(headers) or synthetic_message_id(spool.sent_sha256)
+        by_org: dict[int, list[Recipient]] = {}
+        for recipient in envelope.recipients:
+            by_org.setdefault(recipient.org_id, []).append(recipient)
+        existing = await self.store.find_existing(list(by_org), SOURCE, message_id)
+        fresh = [org_id for org_id in by_org if org_id not in existing]
+        duplicates = [by_org[org_id][0] for org_id in by_org if org_id in existing]
+        if not fresh:
+            return Outcome([], duplicates)
+
+        key = raw_key(envelope)
+        await self.blobs.put_file(key, spool.path, spool.raw_sha256, spool.raw_size)
+        rows = [
+            {
+                "org_id": org_id,
+                "source": SOURCE,
+                "source_message_id": message_id,
+                "mail_from": envelope.mail_from,
+                "rcpt_to": ", ".join(r.address for r in by_org[org_id]),
+                "subject": subject_of(headers),
+                "raw_key": key,
+                "raw_size": spool.raw_size,
+                "raw_sha256": spool.raw_sha256,
+                "received_at": envelope.received_at,
+            }
+            for org_id in fresh
+        ]
+        try:
+            ids = await self.store.insert_messages(rows)
+        except Exception:
+            await self._remove_unreferenced(key)
+            raise
+        if not any(ids):
+            await self._remove_unreferenced(key)
+        stored = [(by_org[org_id][0], new_id) for org_id, new_id in zip(fresh, ids) if new_id]
+        duplicates += [by_org[org_id][0] for org_id, new_id in zip(fresh, ids) if not new_id]
+        metrics.BYTES_RECEIVED.inc(spool.raw_size)
+        for hook in self.on_stored:
+            hook()
+        return Outcome(stored, duplicates)
+
+    async def _remove_unreferenced(self, key: str) -> None:
+        try:
+            if not await self.store.raw_key_in_use(key):
+                await self.blobs.delete(key)
+                return
+        except Exception as e:
+            log.warn("raw blob {key} left in storage, unreferenced: {error}", key=key, error=str(e))
+
+    def _log_outcome(self, outcome: Outcome, envelope, spool, started):
+        for recipient, message_id in outcome.stored:
+            metrics.MESSAGES_ACCEPTED.inc()
+            log.info(
+                "accepted message {message_id} for {org} from {peer} <{mail_from}> ({size} bytes, {ms:.0f} ms)",
+                message_id=message_id,
+                org=recipient.slug,
+                peer=envelope.peer,
+                mail_from=envelope.mail_from,
+                size=spool.raw_size,
+                ms=(time.monotonic() - started) * 1000,
+                event="accepted",
+            )
+        for recipient in outcome.duplicates:
+            metrics.DUPLICATES.inc()
+            log.warn(
+                "duplicate message for {org} from {peer} <{mail_from}> ({size} bytes): already stored, not stored again",
+                org=recipient.slug,
+                peer=envelope.peer,
+                mail_from=envelope.mail_from,
+                size=spool.size,
+                event="duplicate",
+            )
+        return outcome

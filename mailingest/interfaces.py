@@ -1,0 +1,218 @@
+"""
+The ports of mailingest: what the SMTP side and the extraction service need from
+storage, and what the SMTP protocol needs from its delivery policy.
+
+Every method that touches a database or object storage returns a Deferred, so
+each port can be implemented on a thread pool (SQLite, local disk) or natively
+asynchronous (txpostgres, treq) without the callers knowing which.
+"""
+
+from zope.interface import Attribute, Interface
+from twisted.mail.smtp import IMessageDelivery
+
+
+class IBlobStore(Interface):
+    """
+    Object storage for raw messages and extracted documents.
+
+    Keys are built by mailingest from ids and hashes only (never from
+    user-controlled text) and use C{/} as separator.
+    """
+
+    def put_file(key: str, path: str, sha256: str, size: int):
+        """
+        Store the whole content of the local file C{path} under C{key}.
+
+        C{sha256} (hex) and C{size} describe that content; implementations use
+        them to verify what was written. The Deferred fires only once the blob
+        is durable; on failure nothing readable is left under C{key}.
+        """
+
+    def read_to(key: str, fileobj):
+        """
+        Write the blob stored under C{key} into the binary file object
+        C{fileobj}, in chunks. Fails with L{mailingest.errors.BlobNotFound}
+        when there is no such blob.
+        """
+
+    def delete(key: str):
+        """
+        Remove the blob under C{key}; deleting a missing blob succeeds.
+        """
+
+    def check():
+        """
+        Fire with None when the store answers, fail otherwise (readiness).
+        """
+
+    def close():
+        """
+        Release connections and threads; fires when done.
+        """
+
+
+class IStore(Interface):
+    """
+    The database: organisations, inbound messages and documents.
+
+    Rows are returned as plain dicts keyed by the column names of SPEC section 5.
+    """
+
+    engine_name = Attribute("'sqlite' or 'postgresql'.")
+
+    def migrate():
+        """
+        Create or upgrade the schema; fires with the list of applied versions.
+        """
+
+    def check():
+        """
+        Fire with None when the database answers, fail otherwise (readiness).
+        """
+
+    def close():
+        """
+        Release connections; fires when done.
+        """
+
+    # organisations
+
+    def add_org(slug: str, name: str):
+        """
+        Create an active organisation; fails with L{mailingest.errors.OrgExists}.
+        """
+
+    def list_orgs():
+        """
+        Fire with every organisation, ordered by slug.
+        """
+
+    def get_org(slug: str):
+        """
+        Fire with the organisation row for C{slug} (case-insensitive) or None.
+        """
+
+    def set_org_active(slug: str, active: bool):
+        """
+        Enable or disable an organisation; fails with
+        L{mailingest.errors.NoSuchOrg}.
+        """
+
+    def active_orgs():
+        """
+        Fire with a dict mapping each active organisation's slug to its id.
+        """
+
+    # inbound messages
+
+    def find_existing(org_ids, source: str, source_message_id: str):
+        """
+        Fire with the set of those C{org_ids} that already hold a message with
+        this (source, source_message_id).
+        """
+
+    def insert_messages(rows):
+        """
+        Insert several C{inbound_message} rows (dicts without C{id}) in one
+        transaction, skipping any that would duplicate (org_id, source,
+        source_message_id). Fires with a list, parallel to C{rows}, of the new
+        ids, C{None} for a skipped duplicate.
+        """
+
+    def raw_key_in_use(key: str):
+        """
+        Fire with True when a committed message row refers to the raw blob C{key}.
+        """
+
+    def list_messages(org_slug=None, status=None, limit: int = 50):
+        """
+        Fire with messages, newest first, each with an extra C{org_slug}.
+        """
+
+    def get_message(message_id: int):
+        """
+        Fire with one message row (with C{org_slug}) or None.
+        """
+
+    def count_messages(status=None):
+        """
+        Fire with the number of messages, optionally only those in C{status}.
+        """
+
+    # documents and the extraction queue
+
+    def list_documents(org_slug=None, message_id=None, limit=None):
+        """
+        Fire with documents (each with an extra C{org_slug}), newest first.
+        """
+
+    def get_document(document_id: int):
+        """
+        Fire with one document row (with C{org_slug}) or None.
+        """
+
+    def reprocess(message_id: int):
+        """
+        Queue one message for extraction again (status C{received}, attempts
+        reset). Fires with the message row; fails with
+        L{mailingest.errors.NoSuchMessage}. Documents already extracted stay:
+        extraction is idempotent and does not duplicate them.
+        """
+
+    def reprocess_failed(org_slug=None):
+        """
+        Queue every C{failed} message (of one organisation) again; fires with
+        how many were queued.
+        """
+
+    def claim_next(lease_seconds: float):
+        """
+        Claim the oldest message due for extraction: status C{received}, due
+        (C{next_attempt_at} passed) and not claimed by a live lease. Fires with
+        the message row or None. The claim lasts C{lease_seconds}.
+        """
+
+    def add_document(row):
+        """
+        Record one document; a second call for the same (message, ordinal)
+        changes nothing. Fires with the document id.
+        """
+
+    def mark_parsed(message_id: int):
+        """
+        Move a message to C{parsed} and release its claim.
+        """
+
+    def mark_failed(message_id: int, error: str, attempts: int):
+        """
+        Move a message to C{failed} with the reason and release its claim.
+        """
+
+    def schedule_retry(message_id: int, error: str, attempts: int, delay: float):
+        """
+        Keep a message C{received}, record the error and attempts, and make it
+        due again after C{delay} seconds.
+        """
+
+
+class IIngestDelivery(IMessageDelivery):
+    """
+    The delivery policy behind the SMTP dialogue.
+
+    C{validateFrom}, C{validateTo} and C{receivedHeader} keep Twisted's
+    meaning, except that the callable returned by C{validateTo} yields a
+    L{mailingest.delivery.Recipient} (the routing decision) rather than an
+    C{IMessage}: the protocol streams DATA in bulk to one spool per transaction
+    and hands it to L{deliver}.
+    """
+
+    def deliver(envelope, spool):
+        """
+        Keep a received message durably.
+
+        @param envelope: a L{mailingest.delivery.Envelope}.
+        @param spool: a finished L{mailingest.spool.Spool}.
+        @return: a Deferred firing with a L{mailingest.delivery.Outcome}, or
+            failing with L{twisted.mail.smtp.SMTPServerError} carrying the
+            reply to send (451 when storage failed).
+        """

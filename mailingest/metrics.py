@@ -1,0 +1,46 @@
+"""
+Prometheus metrics: module-level, one set per process, exported by the ops
+endpoint. Names follow Prometheus conventions (C{_total} counters, base units).
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_ACCEPTED = Counter(
+    "mailingest_messages_accepted_total",
+    "Inbound messages stored (one per organisation).",
+)
+REJECTED = Counter(
+    "mailingest_rejected_total",
+    "SMTP commands or transactions refused, by reason.",
+    ["reason"],
+)
+DUPLICATES = Counter(
+    "mailingest_duplicates_total",
+    "Messages accepted with 250 but not stored again (same organisation and Message-ID).",
+)
+BYTES_RECEIVED = Counter(
+    "mailingest_received_bytes_total",
+    "Bytes of message data stored (the raw copies, counted once per transaction).",
+)
+OPEN_CONNECTIONS = Gauge(
+    "mailingest_smtp_connections",
+    "SMTP connections currently open.",
+)
+EXTRACTIONS = Counter(
+    "mailingest_extractions_total",
+    "Extraction attempts, by outcome (parsed, failed, retry).",
+    ["outcome"],
+)
+EXTRACTION_SECONDS = Histogram(
+    "mailingest_extraction_duration_seconds",
+    "Time to extract one message.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DOCUMENTS_CREATED = Counter(
+    "mailingest_documents_created_total",
+    "Document rows created by extraction.",
+)
+QUEUE_DEPTH = Gauge(
+    "mailingest_queue_depth",
+    "Messages received and not yet parsed or failed.",
+)

@@ -1,0 +1,440 @@
+"""
+The SMTP dialogue: Twisted's ESMTP, with what an Internet-facing ingest server
+needs and Twisted leaves out.
+
+- Commands are handled one at a time even when a client pipelines: while a
+  recipient lookup or the end-of-DATA storage is pending, input is buffered,
+  so replies come out in order and no recipient is dropped after its 250.
+- DATA is read in bulk (L{mailingest.dotstuffing}) into a spool file, with the
+  size limit enforced as it arrives.
+- The end of DATA is answered 250 only when the delivery policy has stored the
+  message, and 451 when it could not (Twisted would say 550).
+- Every reply carries an RFC 3463 enhanced status code.
+"""
+
+import ipaddress
+import re
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from mailingest import metrics
+from mailingest.delivery import Envelope, new_transaction_id
+from mailingest.dotstuffing import DotReader
+from mailingest.spool import Spool
+
+MAX_COMMAND_LINE = 2048
+PAUSE_BUFFER = 1 << 20
+
+_ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
+_DEFAULT_ENHANCED = {
+    211: b"2.0.0",
+    214: b"2.0.0",
+    220: b"2.0.0",
+    221: b"2.0.0",
+    250: b"2.0.0",
+    251: b"2.1.5",
+    252: b"2.5.0",
+    421: b"4.3.0",
+    450: b"4.2.0",
+    451: b"4.3.0",
+    452: b"4.3.1",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    502: b"5.5.1",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    550: b"5.0.0",
+    552: b"5.3.4",
+    553: b"5.1.3",
+    554: b"5.0.0",
+    555: b"5.5.4",
+}
+
+log = Logger(namespace="mailingest.smtp")
+
+
+class IngestSMTP(smtp.ESMTP):
+    """One SMTP session. Settings come from L{IngestSMTPFactory}."""
+
+    max_message_size = 52428800
+    max_recipients = 100
+    spool_dir = None
+    factory = None
+    peer_key = ""
+
+    def __init__(self, delivery, host: bytes, tls_context=None):
+        super().__init__(contextFactory=tls_context)
+        self.delivery = delivery
+        self.host = host
+        self._inbuf = bytearray()
+        self._paused = False
+        self._discarding_line = False
+        self._reader = None
+        self._envelope = None
+        self._spool = None
+        self._esmtp = False
+        self.transaction_id = ""
+
+    # replies
+
+    def sendCode(self, code, message=b""):
+        """Add the enhanced status code Twisted's own replies lack."""
+        if code not in (220, 354) and code in _DEFAULT_ENHANCED and not _ENHANCED.match(message):
+            message = _DEFAULT_ENHANCED[code] + b" " + message
+        super().sendCode(code, message)
+
+    def greeting(self):
+        return self.host + b" ESMTP mailingest"
+
+    def extensions(self):
+        ext = super().extensions()
+        ext.pop(b"AUTH", None)
+        ext[b"SIZE"] = [str(self.max_message_size).encode()]
+        ext[b"PIPELINING"] = None
+        ext[b"8BITMIME"] = None
+        ext[b"ENHANCEDSTATUSCODES"] = None
+        return ext
+
+    def received_with(self) -> str:
+        """The protocol name for our Received: header (RFC 3848)."""
+        name = "ESMTP" if self._esmtp else "SMTP"
+        return name + "S" if self.startedTLS else name
+
+    # input: one command at a time, DATA in bulk
+
+    def dataReceived(self, data):
+        self.resetTimeout()
+        self._inbuf += data
+        if self._paused and len(self._inbuf) > PAUSE_BUFFER:
+            self.transport.pauseProducing()
+        self._process()
+
+    def _process(self):
+        while self._inbuf and not self._paused and not self.transport.disconnecting:
+            if self._reader is not None:
+                consumed = self._reader.feed(bytes(self._inbuf))
+                if consumed is None:
+                    self._inbuf.clear()
+                    return
+                del self._inbuf[:consumed]
+                self._end_of_data()
+                continue
+            end = self._inbuf.find(b"\n")
+            if end < 0:
+                if len(self._inbuf) > MAX_COMMAND_LINE:
+                    self._inbuf.clear()
+                    if not self._discarding_line:
+                        self._discarding_line = True
+                        self.sendCode(500, b"5.5.2 Line too long")
+                return
+            line = bytes(self._inbuf[:end]).rstrip(b"\r")
+            del self._inbuf[: end + 1]
+            if self._discarding_line:
+                self._discarding_line = False
+                continue
+            if len(line) > MAX_COMMAND_LINE:
+                self.sendCode(500, b"5.5.2 Line too long")
+                continue
+            self.lineReceived(line)
+
+    def _wait_for(self, d: defer.Deferred) -> None:
+        """Hold further input until C{d} has fired (and its reply is sent)."""
+        if d.called:
+            return
+        self._paused = True
+
+        def resume(result):
+            self._paused = False
+            self.transport.resumeProducing()
+            self._process()
+            return result
+
+        d.addBoth(resume)
+
+    # commands
+
+    def do_HELO(self, rest):
+        self._esmtp = False
+        self._greeted(rest)
+        smtp.SMTP.sendCode(self, 250, self.host + b" Hello " + self._helo[1])
+
+    def do_EHLO(self, rest):
+        self._esmtp = True
+        self._greeted(rest)
+        smtp.SMTP.sendCode(
+            self, 250, self.host + b" Hello " + self._helo[1] + b"\n" + self.listExtensions()
+        )
+
+    def _greeted(self, rest: bytes) -> None:
+        peer = self.transport.getPeer().host
+        self._helo = (rest, peer.encode("idna") if isinstance(peer, str) else peer)
+        self._from = None
+        self._to = []
+
+    def do_NOOP(self, rest):
+        self.sendCode(250, b"2.0.0 OK")
+
+    def do_VRFY(self, rest):
+        self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_HELP(self, rest):
+        self.sendCode(214, b"2.0.0 See RFC 5321")
+
+    def do_RSET(self, rest):
+        self._from = None
+        self._to = []
+        self.sendCode(250, b"2.0.0 OK")
+
+    def do_QUIT(self, rest):
+        self.sendCode(221, b"2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def do_UNKNOWN(self, rest):
+        self.sendCode(500, b"5.5.2 Command not recognised")
+
+    def sendSyntaxError(self):
+        self.sendCode(500, b"5.5.2 Syntax error")
+
+    def do_MAIL(self, rest):
+        if self._from:
+            self.sendCode(503, b"5.5.1 Sender already given")
+            return
+        m = self.mail_re.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        error = self._check_mail_params(m.group("opts"))
+        if error:
+            self.sendCode(*error)
+            return
+        try:
+            sender = smtp.Address(m.group("path"), self.host)
+        except smtp.AddressError as e:
+            self.sendCode(553, b"5.1.7 Bad sender address: " + str(e).encode("ascii", "replace")[:200])
+            return
+        self._to = []
+        d = defer.maybeDeferred(self.validateFrom, self._helo, sender)
+        d.addCallbacks(self._sender_ok, self._ebFromValidate)
+        self._wait_for(d)
+
+    def _check_mail_params(self, opts: bytes | None):
+        for param in (opts or b"").split():
+            name, _, value = param.partition(b"=")
+            name = name.upper()
+            if name == b"SIZE":
+                if not value.isdigit():
+                    return 501, b"5.5.4 Bad SIZE parameter"
+                if int(value) > self.max_message_size:
+                    metrics.REJECTED.labels("size").inc()
+                    return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+            elif name == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return 501, b"5.5.4 Bad BODY parameter"
+            else:
+                return 555, b"5.5.4 Unsupported MAIL FROM parameter " + name[:64]
+        return None
+
+    def _sender_ok(self, sender):
+        self._from = sender
+        self.sendCode(250, b"2.1.0 Sender OK")
+
+    def do_RCPT(self, rest):
+        if not self._from:
+            self.sendCode(503, b"5.5.1 Need MAIL before RCPT")
+            return
+        m = self.rcpt_re.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if m.group("opts"):
+            self.sendCode(555, b"5.5.4 Unsupported RCPT TO parameter")
+            return
+        if len(self._to) >= self.max_recipients:
+            metrics.REJECTED.labels("recipients").inc()
+            self.sendCode(452, b"4.5.3 Too many recipients")
+            return
+        try:
+            user = smtp.User(m.group("path"), self._helo, self, self._from)
+        except smtp.AddressError as e:
+            self.sendCode(553, b"5.1.3 Bad recipient address: " + str(e).encode("ascii", "replace")[:200])
+            return
+        d = defer.maybeDeferred(self.validateTo, user)
+        d.addCallbacks(self._recipient_ok, self._ebToValidate, callbackArgs=(user,))
+        self._wait_for(d)
+
+    def _recipient_ok(self, message_factory, user):
+        self._to.append((user, message_factory))
+        self.sendCode(250, b"2.1.5 Recipient OK")
+
+    def _ebToValidate(self, failure):
+        if failure.check(smtp.SMTPServerError):
+            self.sendCode(failure.value.code, failure.value.resp.encode("utf-8", "replace"))
+            self._log_refused(failure.value)
+        else:
+            log.failure("recipient validation failed", failure)
+            self.sendCode(451, b"4.3.0 Temporary failure, try again later")
+
+    def _log_refused(self, error) -> None:
+        log.info(
+            "refused recipient {rcpt} from {peer}: {code} {reply}",
+            rcpt=str(error.addr),
+            peer=self._peer(),
+            code=error.code,
+            reply=error.resp,
+            event="rejected",
+        )
+
+    def _peer(self) -> str:
+        return str(self._helo[1].decode("ascii", "replace") if self._helo else "")
+
+    def do_DATA(self, rest):
+        if self._from is None or not self._to:
+            self.sendCode(503, b"5.5.1 Need MAIL and RCPT before DATA")
+            return
+        self.transaction_id = new_transaction_id()
+        users = [user for user, _ in self._to]
+        self._envelope = Envelope(
+            id=self.transaction_id,
+            peer=self._peer(),
+            helo=(self._helo[0] or b"").decode("ascii", "replace"),
+            mail_from=str(self._from),
+            recipients=[factory() for _, factory in self._to],
+        )
+        self._from = None
+        self._to = []
+        try:
+            received = self.delivery.receivedHeader(self._helo, self._envelope.mail_from, users)
+            self._spool = Spool(self.spool_dir, received + b"\r\n")
+        except OSError as e:
+            log.error("cannot open a spool file: {error}", error=str(e))
+            self._envelope = None
+            self.sendCode(451, b"4.3.0 Temporary local problem, try again later")
+            return
+        self._reader = DotReader(self._spool.write, self.max_message_size)
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _end_of_data(self):
+        reader, spool, envelope = self._reader, self._spool, self._envelope
+        self._reader = self._spool = self._envelope = None
+        if reader.overflow:
+            spool.discard()
+            metrics.REJECTED.labels("size").inc()
+            log.info(
+                "refused message from {peer}: larger than {limit} bytes",
+                peer=envelope.peer,
+                limit=self.max_message_size,
+                event="rejected",
+            )
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        d = self.delivery.deliver(envelope, spool)
+        d.addCallbacks(self._stored, self._not_stored)
+        self._wait_for(d)
+
+    def _stored(self, outcome):
+        ids = [str(message_id) for _, message_id in outcome.stored]
+        if ids:
+            text = "2.0.0 Ok: stored as message " + ", ".join(ids)
+        else:
+            text = "2.0.0 Ok: already stored (duplicate)"
+        self.sendCode(250, text.encode("ascii"))
+
+    def _not_stored(self, failure):
+        if failure.check(smtp.SMTPServerError):
+            self.sendCode(failure.value.code, failure.value.resp)
+        else:
+            log.failure("delivery failed", failure)
+            self.sendCode(451, b"4.3.0 Temporary failure, try again later")
+
+    def connectionLost(self, reason):
+        if self._spool is not None:
+            self._spool.discard()
+            log.info(
+                "client {peer} went away during DATA; nothing stored",
+                peer=self._envelope.peer if self._envelope else "",
+            )
+        self._reader = self._spool = self._envelope = None
+        super().connectionLost(reason)
+        if self.factory is not None:
+            self.factory.closed(self.peer_key)
+
+
+class IngestSMTPFactory(protocol.ServerFactory):
+    """Builds sessions and enforces the connection limits."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        delivery,
+        hostname: str,
+        spool_dir: str,
+        max_message_size: int,
+        max_recipients: int,
+        timeout: float,
+        max_connections: int,
+        max_connections_per_ip: int,
+        tls_context=None,
+    ):
+        self.delivery = delivery
+        self.hostname = hostname.encode("idna")
+        self.spool_dir = spool_dir
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.tls_context = tls_context
+        self.open = 0
+        self.by_peer: dict[str, int] = {}
+
+    def buildProtocol(self, addr):
+        peer = peer_key(getattr(addr, "host", str(addr)))
+        if self.open >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
+            metrics.REJECTED.labels("connections").inc()
+            log.warn("refused connection from {peer}: too many connections", peer=peer)
+            return TooManyConnections(self.hostname)
+        p = IngestSMTP(self.delivery, self.hostname, self.tls_context)
+        p.factory = self
+        p.timeout = self.timeout
+        p.max_message_size = self.max_message_size
+        p.max_recipients = self.max_recipients
+        p.spool_dir = self.spool_dir
+        p.noisy = False
+        p.peer_key = peer
+        self._opened(peer)
+        return p
+
+    def _opened(self, peer: str) -> None:
+        self.open += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        metrics.OPEN_CONNECTIONS.inc()
+
+    def closed(self, peer: str) -> None:
+        self.open -= 1
+        self.by_peer[peer] -= 1
+        if not self.by_peer[peer]:
+            del self.by_peer[peer]
+        metrics.OPEN_CONNECTIONS.dec()
+
+
+def peer_key(host: str) -> str:
+    """The unit a per-address limit counts: the address, or its /64 for IPv6."""
+    if ":" in host:
+        try:
+            return str(ipaddress.IPv6Network(host + "/64", strict=False))
+        except ValueError:
+            return host
+    return host
+
+
+class TooManyConnections(protocol.Protocol):
+    def __init__(self, hostname: bytes):
+        self.hostname = hostname
+
+    def connectionMade(self):
+        self.transport.write(b"421 4.7.0 " + self.hostname + b" Too many connections, try again later\r\n")
+        self.transport.loseConnection()

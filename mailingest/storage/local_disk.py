@@ -1,0 +1,135 @@
+"""
+Object storage in a directory on local disk: the embedded default.
+
+A blob is written to a temporary file, fsynced, renamed into place and its
+directory fsynced, so a blob is either absent or complete and durable. All
+file work runs in the reactor's thread pool.
+"""
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+import uuid
+
+from twisted.internet.defer import succeed
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from mailingest.errors import BlobNotFound, StorageError
+from mailingest.interfaces import IBlobStore
+
+CHUNK = 1 << 20
+_KEY = re.compile(r"\A[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*\Z")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store; ours are ids and hashes only."""
+    if not _KEY.match(key) or ".." in key:
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IBlobStore)
+class LocalDiskBlobStore:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self._tmp = os.path.join(self.root, ".tmp")
+        self.spool_dir = os.path.join(self.root, ".spool")
+        os.makedirs(self._tmp, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"<LocalDiskBlobStore {self.root}>"
+
+    def path_for(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def put_file(self, key, path, sha256, size):
+        return deferToThread(self._put_file, self.path_for(key), path, size)
+
+    def _put_file(self, final: str, source: str, size: int) -> None:
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = os.path.join(self._tmp, uuid.uuid4().hex)
+            try:
+                written = self._link_or_copy(source, tmp)
+                if written != size:
+                    raise StorageError(
+                        f"blob size mismatch: wrote {written}, expected {size}"
+                    )
+                os.rename(tmp, final)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            fsync_dir(os.path.dirname(final))
+        except OSError as e:
+            raise StorageError(f"local blob store: {e.strerror or e}") from e
+
+    def _link_or_copy(self, source: str, target: str) -> int:
+        """A hard link when the source is on our file system (the spool is), else a copy."""
+        try:
+            os.link(source, target)
+        except OSError:
+            with open(target, "xb") as out, open(source, "rb") as src:
+                shutil.copyfileobj(src, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+                return out.tell()
+        with open(target, "rb") as linked:
+            os.fsync(linked.fileno())
+            return os.fstat(linked.fileno()).st_size
+
+    def read_to(self, key, fileobj):
+        return deferToThread(self._read_to, key, fileobj)
+
+    def _read_to(self, key: str, fileobj) -> None:
+        try:
+            src = open(self.path_for(key), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {key}") from None
+        except OSError as e:
+            raise StorageError(f"local blob store: {e.strerror or e}") from e
+        with src:
+            shutil.copyfileobj(src, fileobj, CHUNK)
+
+    def delete(self, key):
+        return deferToThread(self._delete, key)
+
+    def _delete(self, key: str) -> None:
+        try:
+            os.unlink(self.path_for(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"local blob store: {e.strerror or e}") from e
+
+    def check(self):
+        return deferToThread(self._check)
+
+    def _check(self) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self._tmp)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise StorageError(f"local blob store {self.root}: {e.strerror or e}") from e
+
+    def close(self):
+        return succeed(None)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,409 @@
+"""
+The one store API over SQLite and PostgreSQL.
+
+Every query is written once here; the engine (L{mailingest.storage.engines})
+supplies the connection pool, the placeholder style and the few clauses the two
+databases spell differently.
+"""
+
+import importlib.resources
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
+from mailingest.interfaces import IStore
+
+MESSAGE_COLUMNS = (
+    "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
+    " raw_size, raw_sha256, status, attempts, last_error, received_at, parsed_at"
+)
+_MESSAGE_SELECT = (
+    "SELECT "
+    + ", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))
+    + ", o.slug AS org_slug FROM inbound_message m JOIN organization o ON o.id = m.org_id"
+)
+DOCUMENT_COLUMNS = (
+    "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
+    " storage_key, created_at"
+)
+_DOCUMENT_SELECT = (
+    "SELECT "
+    + ", ".join("d." + c.strip() for c in DOCUMENT_COLUMNS.split(","))
+    + ", o.slug AS org_slug FROM document d JOIN organization o ON o.id = d.org_id"
+)
+_ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _org(row: dict | None) -> dict | None:
+    if row is not None:
+        row["active"] = bool(row["active"])
+    return row
+
+
+def migrations(engine_name: str) -> list[tuple[int, str, str]]:
+    """The numbered schema files of one engine, in order: (version, name, sql)."""
+    folder = importlib.resources.files("mailingest.storage") / "schema" / engine_name
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+@implementer(IStore)
+class Store:
+    def __init__(self, engine, clock=utcnow):
+        self.engine = engine
+        self.engine_name = engine.name
+        self._now = clock
+
+    def __repr__(self) -> str:
+        return f"<Store {self.engine!r}>"
+
+    def _run(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.engine.interaction(fn, *args, **kwargs)
+
+    def close(self):
+        return self.engine.close()
+
+    # schema
+
+    def migrate(self):
+        return self._run(self._migrate)
+
+    @defer.inlineCallbacks
+    def _migrate(self, txn):
+        yield txn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        yield txn.execute("SELECT version FROM schema_version")
+        done = {row["version"] for row in txn.fetchall()}
+        applied = []
+        for version, name, sql in migrations(self.engine.name):
+            if version in done:
+                continue
+            for statement in self.engine.script(sql):
+                yield txn.execute(statement)
+            yield txn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, self._now().isoformat()),
+            )
+            applied.append(version)
+        return applied
+
+    def check(self):
+        return self._run(self._check)
+
+    @defer.inlineCallbacks
+    def _check(self, txn):
+        yield txn.execute("SELECT 1 AS ok FROM schema_version LIMIT 1")
+        txn.fetchall()
+
+    # organisations
+
+    def add_org(self, slug, name):
+        return self._run(self._add_org, slug.lower(), name)
+
+    @defer.inlineCallbacks
+    def _add_org(self, txn, slug, name):
+        yield txn.execute(_ORG_SELECT + " WHERE slug = ?", (slug,))
+        if txn.fetchone() is not None:
+            raise OrgExists(f"organisation {slug!r} already exists")
+        yield txn.execute(
+            "INSERT INTO organization (slug, name, active, created_at)"
+            " VALUES (?, ?, ?, ?) RETURNING id, slug, name, active, created_at",
+            (slug, name, True, self._now()),
+        )
+        return _org(txn.fetchone())
+
+    def list_orgs(self):
+        return self._run(self._list_orgs)
+
+    @defer.inlineCallbacks
+    def _list_orgs(self, txn):
+        yield txn.execute(_ORG_SELECT + " ORDER BY slug")
+        return [_org(row) for row in txn.fetchall()]
+
+    def get_org(self, slug):
+        return self._run(self._get_org, slug.lower())
+
+    @defer.inlineCallbacks
+    def _get_org(self, txn, slug):
+        yield txn.execute(_ORG_SELECT + " WHERE slug = ?", (slug,))
+        return _org(txn.fetchone())
+
+    def set_org_active(self, slug, active):
+        return self._run(self._set_org_active, slug.lower(), active)
+
+    @defer.inlineCallbacks
+    def _set_org_active(self, txn, slug, active):
+        yield txn.execute(
+            "UPDATE organization SET active = ? WHERE slug = ?"
+            " RETURNING id, slug, name, active, created_at",
+            (bool(active), slug),
+        )
+        row = txn.fetchone()
+        if row is None:
+            raise NoSuchOrg(f"no organisation {slug!r}")
+        return _org(row)
+
+    def active_orgs(self):
+        return self._run(self._active_orgs)
+
+    @defer.inlineCallbacks
+    def _active_orgs(self, txn):
+        yield txn.execute("SELECT id, slug FROM organization WHERE active = ?", (True,))
+        return {row["slug"]: row["id"] for row in txn.fetchall()}
+
+    # inbound messages
+
+    def find_existing(self, org_ids, source, source_message_id):
+        return self._run(self._find_existing, list(org_ids), source, source_message_id)
+
+    @defer.inlineCallbacks
+    def _find_existing(self, txn, org_ids, source, source_message_id):
+        if not org_ids:
+            return set()
+        marks = ", ".join("?" for _ in org_ids)
+        yield txn.execute(
+            f"SELECT org_id FROM inbound_message WHERE org_id IN ({marks})"
+            " AND source = ? AND source_message_id = ?",
+            (*org_ids, source, source_message_id),
+        )
+        return {row["org_id"] for row in txn.fetchall()}
+
+    def insert_messages(self, rows):
+        return self._run(self._insert_messages, rows)
+
+    @defer.inlineCallbacks
+    def _insert_messages(self, txn, rows):
+        ids = []
+        for row in rows:
+            yield txn.execute(
+                "INSERT INTO inbound_message (org_id, source, source_message_id,"
+                " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, status,"
+                " attempts, received_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
+                " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
+                (
+                    row["org_id"],
+                    row["source"],
+                    row["source_message_id"],
+                    row["mail_from"],
+                    row["rcpt_to"],
+                    row["subject"],
+                    row["raw_key"],
+                    row["raw_size"],
+                    row["raw_sha256"],
+                    row["received_at"],
+                    row["received_at"],
+                ),
+            )
+            inserted = txn.fetchone()
+            ids.append(None if inserted is None else inserted["id"])
+        return ids
+
+    def raw_key_in_use(self, key):
+        return self._run(self._raw_key_in_use, key)
+
+    @defer.inlineCallbacks
+    def _raw_key_in_use(self, txn, key):
+        yield txn.execute("SELECT 1 AS used FROM inbound_message WHERE raw_key = ? LIMIT 1", (key,))
+        return txn.fetchone() is not None
+
+    def list_messages(self, org_slug=None, status=None, limit=50):
+        return self._run(self._list_messages, org_slug, status, limit)
+
+    @defer.inlineCallbacks
+    def _list_messages(self, txn, org_slug, status, limit):
+        where, args = [], []
+        if org_slug is not None:
+            where.append("o.slug = ?")
+            args.append(org_slug.lower())
+        if status is not None:
+            where.append("m.status = ?")
+            args.append(status)
+        sql = _MESSAGE_SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.received_at DESC, m.id DESC LIMIT ?"
+        yield txn.execute(sql, (*args, int(limit)))
+        return txn.fetchall()
+
+    def get_message(self, message_id):
+        return self._run(self._get_message, int(message_id))
+
+    @defer.inlineCallbacks
+    def _get_message(self, txn, message_id):
+        yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
+        return txn.fetchone()
+
+    def count_messages(self, status=None):
+        return self._run(self._count_messages, status)
+
+    @defer.inlineCallbacks
+    def _count_messages(self, txn, status):
+        if status is None:
+            yield txn.execute("SELECT COUNT(*) AS n FROM inbound_message")
+        else:
+            yield txn.execute(
+                "SELECT COUNT(*) AS n FROM inbound_message WHERE status = ?", (status,)
+            )
+        return txn.fetchone()["n"]
+
+    # documents
+
+    def list_documents(self, org_slug=None, message_id=None, limit=None):
+        return self._run(self._list_documents, org_slug, message_id, limit)
+
+    @defer.inlineCallbacks
+    def _list_documents(self, txn, org_slug, message_id, limit):
+        where, args = [], []
+        if org_slug is not None:
+            where.append("o.slug = ?")
+            args.append(org_slug.lower())
+        if message_id is not None:
+            where.append("d.inbound_message_id = ?")
+            args.append(int(message_id))
+        sql = _DOCUMENT_SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if message_id is not None:
+            sql += " ORDER BY d.ordinal"
+        else:
+            sql += " ORDER BY d.created_at DESC, d.id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        yield txn.execute(sql, tuple(args))
+        return txn.fetchall()
+
+    def get_document(self, document_id):
+        return self._run(self._get_document, int(document_id))
+
+    @defer.inlineCallbacks
+    def _get_document(self, txn, document_id):
+        yield txn.execute(_DOCUMENT_SELECT + " WHERE d.id = ?", (document_id,))
+        return txn.fetchone()
+
+    def add_document(self, row):
+        return self._run(self._add_document, row)
+
+    @defer.inlineCallbacks
+    def _add_document(self, txn, row):
+        yield txn.execute(
+            "INSERT INTO document (org_id, inbound_message_id, ordinal, filename,"
+            " content_type, size, sha256, storage_key, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (inbound_message_id, ordinal) DO NOTHING RETURNING id",
+            (
+                row["org_id"],
+                row["inbound_message_id"],
+                row["ordinal"],
+                row["filename"],
+                row["content_type"],
+                row["size"],
+                row["sha256"],
+                row["storage_key"],
+                self._now(),
+            ),
+        )
+        inserted = txn.fetchone()
+        if inserted is not None:
+            return inserted["id"]
+        yield txn.execute(
+            "SELECT id FROM document WHERE inbound_message_id = ? AND ordinal = ?",
+            (row["inbound_message_id"], row["ordinal"]),
+        )
+        return txn.fetchone()["id"]
+
+    # the extraction queue
+
+    def reprocess(self, message_id):
+        return self._run(self._reprocess, int(message_id))
+
+    @defer.inlineCallbacks
+    def _reprocess(self, txn, message_id):
+        yield txn.execute(
+            "UPDATE inbound_message SET status = 'received', attempts = 0,"
+            " last_error = NULL, parsed_at = NULL, next_attempt_at = ?, claimed_until = NULL"
+            " WHERE id = ? RETURNING id",
+            (self._now(), message_id),
+        )
+        if txn.fetchone() is None:
+            raise NoSuchMessage(f"no message {message_id}")
+        yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
+        return txn.fetchone()
+
+    def reprocess_failed(self, org_slug=None):
+        return self._run(self._reprocess_failed, org_slug)
+
+    @defer.inlineCallbacks
+    def _reprocess_failed(self, txn, org_slug):
+        sql = (
+            "UPDATE inbound_message SET status = 'received', attempts = 0,"
+            " last_error = NULL, next_attempt_at = ?, claimed_until = NULL"
+            " WHERE status = 'failed'"
+        )
+        args = [self._now()]
+        if org_slug is not None:
+            sql += " AND org_id IN (SELECT id FROM organization WHERE slug = ?)"
+            args.append(org_slug.lower())
+        yield txn.execute(sql + " RETURNING id", tuple(args))
+        return len(txn.fetchall())
+
+    def claim_next(self, lease_seconds):
+        return self._run(self._claim_next, lease_seconds)
+
+    @defer.inlineCallbacks
+    def _claim_next(self, txn, lease_seconds):
+        now = self._now()
+        yield txn.execute(
+            "SELECT id FROM inbound_message WHERE status = 'received'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+            " AND (claimed_until IS NULL OR claimed_until < ?)"
+            " ORDER BY next_attempt_at, id LIMIT 1" + self.engine.skip_locked,
+            (now, now),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return None
+        yield txn.execute(
+            "UPDATE inbound_message SET claimed_until = ? WHERE id = ?",
+            (now + timedelta(seconds=lease_seconds), row["id"]),
+        )
+        yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (row["id"],))
+        return txn.fetchone()
+
+    def mark_parsed(self, message_id):
+        return self._run(self._finish, int(message_id), "parsed", None, None)
+
+    def mark_failed(self, message_id, error, attempts):
+        return self._run(self._finish, int(message_id), "failed", error, attempts)
+
+    @defer.inlineCallbacks
+    def _finish(self, txn, message_id, status, error, attempts):
+        yield txn.execute(
+            "UPDATE inbound_message SET status = ?, last_error = ?,"
+            " attempts = COALESCE(?, attempts + 1), parsed_at = ?, claimed_until = NULL"
+            " WHERE id = ?",
+            (status, error, attempts, self._now() if status == "parsed" else None, message_id),
+        )
+
+    def schedule_retry(self, message_id, error, attempts, delay):
+        return self._run(self._schedule_retry, int(message_id), error, attempts, delay)
+
+    @defer.inlineCallbacks
+    def _schedule_retry(self, txn, message_id, error, attempts, delay):
+        yield txn.execute(
+            "UPDATE inbound_message SET last_error = ?, attempts = ?,"
+            " next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
+            (error, attempts, self._now() + timedelta(seconds=delay), message_id),
+        )

@@ -1,0 +1,74 @@
+"""
+The twistd plugin: C{twistd mailingest [options]}.
+
+L{Options} is generated from L{mailingest.config.ALL_OPTIONS} so the plugin,
+the environment variables and the config file always agree; L{makeService}
+assembles the daemon's service tree.
+"""
+
+import os
+
+from twisted.python import usage
+
+from mailingest.config import ALL_OPTIONS, default_hostname, resolve
+from mailingest.errors import ConfigError
+
+
+def _option_tables():
+    parameters, handlers = [], {}
+    for option in ALL_OPTIONS:
+        if option.repeatable:
+            handlers[option.key] = option
+            continue
+        shown = option.default
+        doc = option.help + ("" if shown is None else f" [default: {shown}]")
+        parameters.append([option.name, None, None, doc])
+    return parameters, handlers
+
+
+_PARAMETERS, _REPEATABLE = _option_tables()
+
+
+class Options(usage.Options):
+    synopsis = "[twistd options] mailingest [options]"
+    longdesc = (
+        "Receive business mail over SMTP for known organisations, keep every "
+        "accepted message and extract its attachments. Every option can also be "
+        "set as MAILINGEST_<OPTION> in the environment or in the [mailingest] "
+        "section of a --config file; the command line wins, then the environment, "
+        "then the file."
+    )
+    optParameters = [["config", "c", None, "INI file with a [mailingest] section"]] + _PARAMETERS
+
+    def __init__(self):
+        super().__init__()
+        for key in _REPEATABLE:
+            self[key] = []
+
+    def opt_smtp(self, endpoint):
+        """SMTP listening endpoint, repeatable [default: tcp:2525]"""
+        self["smtp"].append(endpoint)
+
+    def opt_domain(self, domain):
+        """recipient domain we accept mail for, repeatable [default: localhost]"""
+        self["domain"].append(domain)
+
+    def postOptions(self):
+        given = {k.replace("-", "_"): v for k, v in self.items()}
+        try:
+            self.settings = resolve(ALL_OPTIONS, given, os.environ, self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+        if self.settings["hostname"] is None:
+            self.settings["hostname"] = default_hostname()
+        if bool(self.settings["tls_cert"]) != bool(self.settings["tls_key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+
+
+def makeService(options: Options):
+    from mailingest.daemon import build_daemon
+
+    try:
+        return build_daemon(options.settings)
+    except ConfigError as e:
+        raise SystemExit(f"mailingest: {e}")

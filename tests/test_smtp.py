@@ -1,0 +1,416 @@
+"""
+The SMTP contract of SPEC section 4, from a real smtplib client against a
+daemon listening on 127.0.0.1.
+"""
+
+import os
+import socket
+import smtplib
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from mailingest.errors import StorageError
+from tests.daemon import RunningDaemon, message, temp_dir
+
+
+class DaemonTestCase(unittest.TestCase):
+    overrides: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.daemon = RunningDaemon(self.directory, **self.overrides)
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        store = self.daemon.store
+        yield store.add_org("acme", "Acme Corp")
+        yield store.add_org("beta", "Beta Ltd")
+        yield store.add_org("gone", "Gone Ltd")
+        yield store.set_org_active("gone", False)
+
+    def rcpt_reply(self, address):
+        def attempt(client):
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            return client.rcpt(address)
+
+        return self.daemon.smtp(attempt)
+
+
+class RecipientTests(DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_ehlo_advertises_extensions(self):
+        code, reply = yield self.daemon.smtp(lambda c: c.ehlo("customer.test"))
+        self.assertEqual(code, 250)
+        for extension in (b"PIPELINING", b"8BITMIME", b"SIZE 52428800", b"ENHANCEDSTATUSCODES"):
+            self.assertIn(extension, reply)
+
+    @defer.inlineCallbacks
+    def test_active_org(self):
+        code, reply = yield self.rcpt_reply("orders+acme@example.com")
+        self.assertEqual((code, reply[:5]), (250, b"2.1.5"))
+
+    @defer.inlineCallbacks
+    def test_slug_and_domain_are_case_insensitive(self):
+        code, reply = yield self.rcpt_reply("Orders+ACME@Example.COM")
+        self.assertEqual((code, reply[:5]), (250, b"2.1.5"))
+
+    @defer.inlineCallbacks
+    def test_refused_recipients(self):
+        for address in (
+            "orders@example.com",
+            "orders+@example.com",
+            "orders+nosuchorg@example.com",
+            "orders+gone@example.com",
+        ):
+            code, reply = yield self.rcpt_reply(address)
+            self.assertEqual((code, reply[:5]), (550, b"5.1.1"), address)
+
+    @defer.inlineCallbacks
+    def test_foreign_domain_is_relaying(self):
+        code, reply = yield self.rcpt_reply("orders+acme@elsewhere.test")
+        self.assertEqual((code, reply[:5]), (550, b"5.7.1"))
+        self.assertIn(b"elay", reply)
+
+    @defer.inlineCallbacks
+    def test_org_added_while_running_is_accepted(self):
+        code, _ = yield self.rcpt_reply("orders+newco@example.com")
+        self.assertEqual(code, 550)
+        yield self.daemon.store.add_org("newco", "New Co")
+        code, _ = yield self.rcpt_reply("orders+newco@example.com")
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_org_disabled_while_running_is_refused_after_refresh(self):
+        code, _ = yield self.rcpt_reply("orders+beta@example.com")
+        self.assertEqual(code, 250)
+        yield self.daemon.store.set_org_active("beta", False)
+        directory = self.daemon.delivery.directory
+        self.assertLessEqual(directory.refresh_interval, 5)
+        yield directory.refresh()
+        code, reply = yield self.rcpt_reply("orders+beta@example.com")
+        self.assertEqual((code, reply[:5]), (550, b"5.1.1"))
+
+    @defer.inlineCallbacks
+    def test_commands_out_of_sequence(self):
+        def attempt(client):
+            client.ehlo("customer.test")
+            replies = [client.rcpt("orders+acme@example.com")]
+            replies.append(client.docmd("DATA"))
+            client.mail("a@customer.test")
+            replies.append(client.mail("b@customer.test"))
+            replies.append(client.docmd("NOOP"))
+            replies.append(client.docmd("BOGUS"))
+            replies.append(client.docmd("RSET"))
+            return replies
+
+        replies = yield self.daemon.smtp(attempt)
+        self.assertEqual(
+            [(code, reply[:5]) for code, reply in replies],
+            [(503, b"5.5.1"), (503, b"5.5.1"), (503, b"5.5.1"), (250, b"2.0.0"), (500, b"5.5.2"), (250, b"2.0.0")],
+        )
+
+
+class LimitTests(DaemonTestCase):
+    overrides = {"max_recipients": "3", "max_message_size": "10000"}
+
+    @defer.inlineCallbacks
+    def test_too_many_recipients(self):
+        def attempt(client):
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            return [client.rcpt(f"orders+acme@example.com") for _ in range(4)]
+
+        replies = yield self.daemon.smtp(attempt)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250, 452])
+        self.assertEqual(replies[-1][1][:5], b"4.5.3")
+
+    @defer.inlineCallbacks
+    def test_size_declared_too_large(self):
+        def attempt(client):
+            client.ehlo("customer.test")
+            return client.mail("buyer@customer.test", ["SIZE=10001"])
+
+        code, reply = yield self.daemon.smtp(attempt)
+        self.assertEqual((code, reply[:5]), (552, b"5.3.4"))
+
+    @defer.inlineCallbacks
+    def test_data_growing_past_the_limit(self):
+        big = message(body="x" * 70 + "\r\n") * 200
+
+        def attempt(client):
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            client.rcpt("orders+acme@example.com")
+            refused = client.data(big)
+            # the session stays usable
+            client.rset()
+            return refused, client.sendmail("b@customer.test", ["orders+acme@example.com"], message())
+
+        (code, reply), rejected = yield self.daemon.smtp(attempt)
+        self.assertEqual((code, reply[:5]), (552, b"5.3.4"))
+        self.assertEqual(rejected, {})
+        self.assertEqual((yield self.daemon.store.count_messages()), 1)
+        self.assertEqual(self.daemon.spool_files(), [])
+
+    @defer.inlineCallbacks
+    def test_message_exactly_at_the_limit_is_accepted(self):
+        body = message()
+        body += b"y" * (10000 - len(body) - 2) + b"\r\n"
+        self.assertEqual(len(body), 10000)
+        code, _ = yield self.daemon.send(body, ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+
+class AcceptanceTests(DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_accepted_names_the_stored_message(self):
+        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual((code, reply[:5]), (250, b"2.0.0"))
+        [row] = yield self.daemon.store.list_messages()
+        self.assertIn(str(row["id"]).encode(), reply)
+        self.assertEqual(row["status"], "received")
+        self.assertEqual(row["source"], "smtp")
+        self.assertEqual(row["source_message_id"], "<order-1@customer.test>")
+        self.assertEqual(row["mail_from"], "sender@customer.test")
+        self.assertEqual(row["rcpt_to"], "orders+acme@example.com")
+        self.assertEqual(row["subject"], "Order 1")
+
+    @defer.inlineCallbacks
+    def test_raw_bytes_round_trip(self):
+        body = (
+            b"From: buyer@customer.test\r\nSubject: dots\r\nMessage-ID: <dots@customer.test>\r\n\r\n"
+            b".leading dot\r\n..two dots\r\n.\r\n \r\nbare\nlf and bare\rcr stay\r\n\xff\xfe 8bit\r\nno final newline"
+        )
+
+        def attempt(client):
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            client.rcpt("orders+acme@example.com")
+            # smtplib dot-stuffs and normalises line endings; send DATA by hand
+            client.putcmd("DATA")
+            client.getreply()
+            stuffed = body.replace(b"\r\n.", b"\r\n..")
+            if stuffed.startswith(b"."):
+                stuffed = b"." + stuffed
+            client.send(stuffed + b"\r\n.\r\n")
+            return client.getreply()
+
+        code, _ = yield self.daemon.smtp(attempt)
+        self.assertEqual(code, 250)
+        [row] = yield self.daemon.store.list_messages()
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            stored = f.read()
+        received, sep, rest = stored.partition(b"\r\n" + body[:5])
+        self.assertTrue(received.startswith(b"Received: from customer.test ([127.0.0.1])\r\n\tby mx.test"))
+        self.assertEqual(body[:5] + rest, body + b"\r\n")
+        self.assertEqual(row["raw_size"], len(stored))
+        import hashlib
+
+        self.assertEqual(row["raw_sha256"], hashlib.sha256(stored).hexdigest())
+
+    @defer.inlineCallbacks
+    def test_one_message_to_several_orgs(self):
+        code, reply = yield self.daemon.send(
+            message(), ["orders+acme@example.com", "orders+beta@ingest.example.org", "other+ACME@example.com"]
+        )
+        self.assertEqual(code, 250)
+        rows = yield self.daemon.store.list_messages()
+        self.assertEqual(sorted(r["org_slug"] for r in rows), ["acme", "beta"])
+        for row in rows:
+            self.assertIn(str(row["id"]).encode(), reply)
+        acme = [r for r in rows if r["org_slug"] == "acme"][0]
+        self.assertEqual(acme["rcpt_to"], "orders+acme@example.com, other+ACME@example.com")
+
+    @defer.inlineCallbacks
+    def test_duplicate_message_id(self):
+        first = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        again = yield self.daemon.send(message(subject="resent"), ["orders+acme@example.com"])
+        self.assertEqual(first[0], 250)
+        self.assertEqual(again[0], 250)
+        self.assertIn(b"duplicate", again[1])
+        self.assertEqual((yield self.daemon.store.count_messages()), 1)
+        self.assertEqual(len(self.daemon.blob_files()), 1)
+
+    @defer.inlineCallbacks
+    def test_duplicate_without_message_id_is_deduplicated_by_content(self):
+        body = message(message_id=None)
+        yield self.daemon.send(body, ["orders+acme@example.com"])
+        yield self.daemon.send(body, ["orders+acme@example.com"])
+        yield self.daemon.send(body + b"changed\r\n", ["orders+acme@example.com"])
+        rows = yield self.daemon.store.list_messages()
+        self.assertEqual(len(rows), 2)
+        for row in rows:
+            self.assertTrue(row["source_message_id"].startswith("<sha256-"))
+        self.assertNotEqual(rows[0]["source_message_id"], rows[1]["source_message_id"])
+
+    @defer.inlineCallbacks
+    def test_duplicates_are_per_organisation(self):
+        yield self.daemon.send(message(), ["orders+acme@example.com"])
+        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com", "orders+beta@example.com"])
+        self.assertEqual(code, 250)
+        rows = yield self.daemon.store.list_messages()
+        self.assertEqual(sorted(r["org_slug"] for r in rows), ["acme", "beta"])
+        code, reply = yield self.daemon.send(message(), ["orders+beta@example.com", "orders+acme@example.com"])
+        self.assertEqual((code, b"duplicate" in reply), (250, True))
+        self.assertEqual((yield self.daemon.store.count_messages()), 2)
+        self.assertEqual(len(self.daemon.blob_files()), 2)
+
+    @defer.inlineCallbacks
+    def test_several_messages_in_one_session(self):
+        def session(client):
+            return [
+                client.sendmail("b@customer.test", ["orders+acme@example.com"], message(message_id=f"<m{i}@x>"))
+                for i in range(5)
+            ]
+
+        results = yield self.daemon.smtp(session)
+        self.assertEqual(results, [{}] * 5)
+        self.assertEqual((yield self.daemon.store.count_messages()), 5)
+
+
+class PipeliningTests(DaemonTestCase):
+    def converse(self, payload: bytes, replies: int) -> list[bytes]:
+        def run():
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(payload)
+                lines = []
+                while len(lines) < replies:
+                    line = f.readline()
+                    if not line:
+                        break
+                    if line[3:4] == b" ":
+                        lines.append(line.rstrip(b"\r\n"))
+                return lines
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_pipelined_transaction_replies_in_order(self):
+        data = message().replace(b"\r\n.", b"\r\n..")
+        payload = (
+            b"EHLO customer.test\r\n"
+            b"MAIL FROM:<buyer@customer.test>\r\n"
+            b"RCPT TO:<orders+nosuch@example.com>\r\n"
+            b"RCPT TO:<orders+acme@example.com>\r\n"
+            b"RCPT TO:<orders+newly@example.com>\r\n"
+            b"RCPT TO:<orders+beta@example.com>\r\n"
+            b"DATA\r\n" + data + b".\r\n"
+            b"MAIL FROM:<buyer@customer.test>\r\n"
+            b"RCPT TO:<orders+acme@example.com>\r\n"
+            b"DATA\r\n" + data.replace(b"order-1", b"order-2") + b".\r\n"
+            b"QUIT\r\n"
+        )
+        lines = yield self.converse(payload, 12)
+        codes = [line[:3] for line in lines]
+        self.assertEqual(
+            codes,
+            [b"250", b"250", b"550", b"250", b"550", b"250", b"354", b"250", b"250", b"250", b"354", b"250"],
+        )
+        rows = yield self.daemon.store.list_messages()
+        self.assertEqual(sorted(r["org_slug"] for r in rows), ["acme", "acme", "beta"])
+
+
+class FailingStorageTests(DaemonTestCase):
+    @defer.inlineCallbacks
+    def test_blob_store_failure_gives_451_and_nothing_stored(self):
+        def broken(*args):
+            return defer.fail(StorageError("disk on fire"))
+
+        self.patch(self.daemon.blobs, "put_file", broken)
+        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+        self.assertEqual(self.daemon.blob_files(), [])
+        self.assertEqual(self.daemon.spool_files(), [])
+
+    @defer.inlineCallbacks
+    def test_database_failure_gives_451_and_no_orphan_blob(self):
+        def broken(rows):
+            return defer.fail(RuntimeError("database gone"))
+
+        self.patch(self.daemon.store, "insert_messages", broken)
+        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com", "orders+beta@example.com"])
+        self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        self.patch(self.daemon.store, "insert_messages", type(self.daemon.store).insert_messages.__get__(self.daemon.store))
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+        self.assertEqual(self.daemon.blob_files(), [])
+        # once the database is back, the retried message is accepted
+        code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_database_failure_during_lookup_is_temporary(self):
+        yield self.daemon.delivery.directory.refresh()
+
+        def broken(slug):
+            return defer.fail(RuntimeError("database gone"))
+
+        self.patch(self.daemon.store, "get_org", broken)
+        code, reply = yield self.rcpt_reply("orders+unknown@example.com")
+        self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        # known organisations are still served from the last good list
+        code, _ = yield self.rcpt_reply("orders+acme@example.com")
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_client_vanishing_mid_data_leaves_nothing(self):
+        def vanish():
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(b"HELO customer.test\r\nMAIL FROM:<b@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+                for _ in range(4):
+                    f.readline()
+                s.sendall(message() + b"x" * 100000)
+
+        yield threads.deferToThread(vanish)
+        # let the daemon notice the close
+        for _ in range(50):
+            if not self.daemon.spool_files():
+                break
+            yield deferLater(0.05)
+        self.assertEqual(self.daemon.spool_files(), [])
+        self.assertEqual(self.daemon.blob_files(), [])
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+        code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+
+class ConnectionLimitTests(DaemonTestCase):
+    overrides = {"max_connections": "4", "max_connections_per_ip": "2"}
+
+    @defer.inlineCallbacks
+    def test_per_ip_and_total_limits(self):
+        def run():
+            open_ = [smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10) for _ in range(2)]
+            refused = []
+            try:
+                smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10)
+            except smtplib.SMTPConnectError as e:
+                refused.append((e.smtp_code, e.smtp_error[:5]))
+            # other source addresses in 127/8 count separately, up to the total
+            more = [smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10, source_address=(f"127.0.0.{i}", 0)) for i in (2, 3)]
+            try:
+                smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10, source_address=("127.0.0.4", 0))
+            except smtplib.SMTPConnectError as e:
+                refused.append((e.smtp_code, e.smtp_error[:5]))
+            for client in open_ + more:
+                client.quit()
+            return refused
+
+        refused = yield threads.deferToThread(run)
+        self.assertEqual(refused, [(421, b"4.7.0"), (421, b"4.7.0")])
+        yield deferLater(0.2)
+        code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+
+def deferLater(seconds: float):
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)

@@ -1,0 +1,10 @@
+"""twistd plugin registration: makes ``twistd mailingest`` available."""
+
+from twisted.application.service import ServiceMaker
+
+mailingest = ServiceMaker(
+    "mailingest",
+    "mailingest.tap",
+    "SMTP ingest daemon: keeps business mail and extracts attachments",
+    "mailingest",
+)
