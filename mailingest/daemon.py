@@ -16,11 +16,16 @@ from twisted.logger import Logger
 
 from mailingest.delivery import IngestDelivery, OrgDirectory
 from mailingest.errors import ConfigError
+from mailingest.extraction import ExtractionService
+from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.smtp_server import IngestSMTPFactory
 from mailingest.storage.urls import open_blobs, open_store, redact_url
 
 MIGRATE_RETRY_SECONDS = 5.0
-DEFAULT_SPOOL_DIR = os.path.join("mailingest-data", "spool")
+# SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.
+SHUTDOWN_GRACE_SECONDS = 10.0
+EXTRACTION_STOP_SECONDS = 3.0
+DEFAULT_SCRATCH_DIR = os.path.join("mailingest-data", "scratch")
 
 log = Logger(namespace="mailingest.daemon")
 
@@ -33,6 +38,9 @@ class Listener(service.Service):
         self.factory = factory
         self.what = what
         self.port = None
+        if description.startswith(ENDPOINT_PREFIX):
+            self.factory = ProxyHeaderFirstFactory(factory)
+            description = description[len(ENDPOINT_PREFIX):]
         try:
             self.endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
@@ -53,6 +61,19 @@ class Listener(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+class SessionDrain(service.Service):
+    """At stop, after the listeners closed: let transactions in progress finish, within a bound."""
+
+    def __init__(self, factory, grace: float, clock):
+        self.factory = factory
+        self.grace = grace
+        self.clock = clock
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self.factory.shutdown(self.grace, self.clock))
 
 
 class Daemon(service.MultiService):
@@ -137,13 +158,26 @@ def build_daemon(settings: dict, reactor=None):
     blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"])
     daemon = Daemon(reactor, store, blobs)
 
-    spool_dir = getattr(blobs, "spool_dir", DEFAULT_SPOOL_DIR)
+    # Spool and work files live beside the blobs when they are on local disk,
+    # so storing them is a hard link rather than a copy.
+    scratch = getattr(blobs, "scratch_dir", DEFAULT_SCRATCH_DIR)
+    spool_dir = os.path.join(scratch, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon)
     delivery = IngestDelivery(store, blobs, directory, settings["domain"], settings["hostname"])
+    extraction = ExtractionService(
+        store,
+        blobs,
+        work_dir=os.path.join(scratch, "work"),
+        poll_interval=settings["poll_interval"],
+        max_attempts=settings["max_attempts"],
+        stop_timeout=EXTRACTION_STOP_SECONDS,
+    )
+    extraction.setServiceParent(daemon)
+    delivery.on_stored.append(extraction.wake)
 
     tls_context = None
     if settings["tls_cert"]:
@@ -162,6 +196,7 @@ def build_daemon(settings: dict, reactor=None):
         max_connections_per_ip=settings["max_connections_per_ip"],
         tls_context=tls_context,
     )
+    SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon)
     for description in settings["smtp"]:
         Listener(reactor, description, factory, "SMTP").setServiceParent(daemon)
 
@@ -172,5 +207,6 @@ def build_daemon(settings: dict, reactor=None):
         domains=", ".join(settings["domain"]),
     )
     daemon.delivery = delivery
+    daemon.extraction = extraction
     daemon.smtp_factory = factory
     return daemon

@@ -172,6 +172,12 @@ class IStore(Interface):
         the message row or None. The claim lasts C{lease_seconds}.
         """
 
+    def release_claims():
+        """
+        Release every extraction claim: for a daemon that knows it is the only
+        one using this database, at start-up after a crash.
+        """
+
     def add_document(row):
         """
         Record one document; a second call for the same (message, ordinal)

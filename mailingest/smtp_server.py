@@ -15,7 +15,7 @@ needs and Twisted leaves out.
 import ipaddress
 import re
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -24,8 +24,12 @@ from mailingest.delivery import Envelope, new_transaction_id
 from mailingest.dotstuffing import DotReader
 from mailingest.spool import Spool
 
-MAX_COMMAND_LINE = 2048
+# RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
+MAX_COMMAND_LINE = 512
 PAUSE_BUFFER = 1 << 20
+# Like Postfix's smtpd_hard_error_limit: a client that only gets errors is a bot.
+ERROR_LIMIT = 20
+_BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
 _DEFAULT_ENHANCED = {
@@ -64,6 +68,7 @@ class IngestSMTP(smtp.ESMTP):
     spool_dir = None
     factory = None
     peer_key = ""
+    admitted = False
 
     def __init__(self, delivery, host: bytes, tls_context=None):
         super().__init__(contextFactory=tls_context)
@@ -76,7 +81,20 @@ class IngestSMTP(smtp.ESMTP):
         self._envelope = None
         self._spool = None
         self._esmtp = False
+        self._errors = 0
         self.transaction_id = ""
+
+    def connectionMade(self):
+        # After a PROXY header, getPeer() is the real client: limits count it.
+        self.peer_key = peer_key(getattr(self.transport.getPeer(), "host", "local"))
+        if self.factory is not None and not self.factory.admit(self):
+            smtp.SMTP.sendCode(
+                self, 421, b"4.7.0 " + self.host + b" Too many connections, try again later"
+            )
+            self.transport.loseConnection()
+            return
+        self.admitted = True
+        super().connectionMade()
 
     # replies
 
@@ -85,6 +103,15 @@ class IngestSMTP(smtp.ESMTP):
         if code not in (220, 354) and code in _DEFAULT_ENHANCED and not _ENHANCED.match(message):
             message = _DEFAULT_ENHANCED[code] + b" " + message
         super().sendCode(code, message)
+        if code < 400:
+            self._errors = 0
+        elif code != 421:
+            self._errors += 1
+            if self._errors >= ERROR_LIMIT:
+                metrics.REJECTED.labels("errors").inc()
+                log.info("disconnecting {peer}: too many errors", peer=self.peer_key)
+                super().sendCode(421, b"4.7.0 " + self.host + b" Too many errors, closing connection")
+                self.transport.loseConnection()
 
     def greeting(self):
         return self.host + b" ESMTP mailingest"
@@ -138,7 +165,22 @@ class IngestSMTP(smtp.ESMTP):
             if len(line) > MAX_COMMAND_LINE:
                 self.sendCode(500, b"5.5.2 Line too long")
                 continue
+            if _BAD_COMMAND_BYTES.search(line) or not line.isascii():
+                self.sendCode(500, b"5.5.2 Invalid characters in command")
+                continue
+            if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
+                self.goodbye()
+                return
             self.lineReceived(line)
+
+    @property
+    def busy(self) -> bool:
+        """In DATA, or waiting for a lookup or for storage: not to be cut off."""
+        return self._reader is not None or self._paused
+
+    def goodbye(self) -> None:
+        self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down, try again later")
+        self.transport.loseConnection()
 
     def _wait_for(self, d: defer.Deferred) -> None:
         """Hold further input until C{d} has fired (and its reply is sent)."""
@@ -350,6 +392,8 @@ class IngestSMTP(smtp.ESMTP):
             self.sendCode(451, b"4.3.0 Temporary failure, try again later")
 
     def connectionLost(self, reason):
+        if not self.admitted:
+            return
         if self._spool is not None:
             self._spool.discard()
             log.info(
@@ -359,7 +403,7 @@ class IngestSMTP(smtp.ESMTP):
         self._reader = self._spool = self._envelope = None
         super().connectionLost(reason)
         if self.factory is not None:
-            self.factory.closed(self.peer_key)
+            self.factory.closed(self)
 
 
 class IngestSMTPFactory(protocol.ServerFactory):
@@ -390,13 +434,10 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.tls_context = tls_context
         self.open = 0
         self.by_peer: dict[str, int] = {}
+        self.sessions: set[IngestSMTP] = set()
+        self.shutting_down = False
 
     def buildProtocol(self, addr):
-        peer = peer_key(getattr(addr, "host", str(addr)))
-        if self.open >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
-            metrics.REJECTED.labels("connections").inc()
-            log.warn("refused connection from {peer}: too many connections", peer=peer)
-            return TooManyConnections(self.hostname)
         p = IngestSMTP(self.delivery, self.hostname, self.tls_context)
         p.factory = self
         p.timeout = self.timeout
@@ -404,16 +445,40 @@ class IngestSMTPFactory(protocol.ServerFactory):
         p.max_recipients = self.max_recipients
         p.spool_dir = self.spool_dir
         p.noisy = False
-        p.peer_key = peer
-        self._opened(peer)
         return p
 
-    def _opened(self, peer: str) -> None:
+    def admit(self, session: IngestSMTP) -> bool:
+        """Count a new session, or refuse it when a connection limit is reached."""
+        peer = session.peer_key
+        if self.open >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
+            metrics.REJECTED.labels("connections").inc()
+            log.warn("refused connection from {peer}: too many connections", peer=peer)
+            return False
         self.open += 1
         self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        self.sessions.add(session)
         metrics.OPEN_CONNECTIONS.inc()
+        return True
 
-    def closed(self, peer: str) -> None:
+    async def shutdown(self, grace: float, clock) -> None:
+        """
+        Close idle sessions at once (421 4.3.2); give sessions in the middle
+        of a transaction up to C{grace} seconds to finish it, then cut them off.
+        """
+        self.shutting_down = True
+        deadline = clock.seconds() + grace
+        while self.sessions and clock.seconds() < deadline:
+            for session in list(self.sessions):
+                if not session.busy and not session.transport.disconnecting:
+                    session.goodbye()
+            await task.deferLater(clock, 0.05, lambda: None)
+        for session in list(self.sessions):
+            log.warn("cutting off {peer} at shutdown", peer=session.peer_key)
+            session.transport.abortConnection()
+
+    def closed(self, session: "IngestSMTP") -> None:
+        self.sessions.discard(session)
+        peer = session.peer_key
         self.open -= 1
         self.by_peer[peer] -= 1
         if not self.by_peer[peer]:
@@ -429,12 +494,3 @@ def peer_key(host: str) -> str:
         except ValueError:
             return host
     return host
-
-
-class TooManyConnections(protocol.Protocol):
-    def __init__(self, hostname: bytes):
-        self.hostname = hostname
-
-    def connectionMade(self):
-        self.transport.write(b"421 4.7.0 " + self.hostname + b" Too many connections, try again later\r\n")
-        self.transport.loseConnection()

@@ -95,7 +95,7 @@ class RunningDaemon:
         return sorted(found)
 
     def spool_files(self) -> list[str]:
-        spool = os.path.join(self.directory, "blobs", ".spool")
+        spool = os.path.join(self.directory, "blobs", ".scratch", "spool")
         return sorted(os.listdir(spool)) if os.path.isdir(spool) else []
 
 

@@ -44,7 +44,7 @@ class LocalDiskBlobStore:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self._tmp = os.path.join(self.root, ".tmp")
-        self.spool_dir = os.path.join(self.root, ".spool")
+        self.scratch_dir = os.path.join(self.root, ".scratch")
         os.makedirs(self._tmp, exist_ok=True)
 
     def __repr__(self) -> str:

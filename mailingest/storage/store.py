@@ -382,6 +382,16 @@ class Store:
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (row["id"],))
         return txn.fetchone()
 
+    def release_claims(self):
+        return self._run(self._release_claims)
+
+    @defer.inlineCallbacks
+    def _release_claims(self, txn):
+        yield txn.execute(
+            "UPDATE inbound_message SET claimed_until = NULL"
+            " WHERE status = 'received' AND claimed_until IS NOT NULL"
+        )
+
     def mark_parsed(self, message_id):
         return self._run(self._finish, int(message_id), "parsed", None, None)
 

@@ -1,0 +1,230 @@
+"""
+The extraction service: turns received messages into documents.
+
+It runs in the daemon's reactor, polls every C{poll_interval} seconds and is
+woken at once when a message is accepted. Each message is claimed with a lease
+(so with several daemons one works on it at a time, and a message whose daemon
+died is claimed again when the lease runs out), its raw copy fetched to a work
+directory, parsed in a thread (L{mailingest.attachments}), each attachment
+stored under a key made of ids only, and its document recorded. Every step is
+idempotent, so a message interrupted anywhere is simply extracted again.
+
+Failures that retrying cannot fix (the message cannot be parsed, its raw copy
+is gone) mark it C{failed} at once; anything else (storage, database) is
+retried with backoff (1 s, doubling) up to C{max_attempts}.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from mailingest import metrics
+from mailingest.attachments import UnparseableMessage, extract_attachments
+from mailingest.errors import BlobNotFound
+
+log = Logger(namespace="mailingest.extraction")
+
+FIRST_RETRY_SECONDS = 1.0
+
+
+def document_key(message: dict, ordinal: int) -> str:
+    """Deterministic, so extracting a message again overwrites, never duplicates."""
+    return f"documents/{message['org_id']}/{message['id']}/{ordinal}"
+
+
+class PermanentFailure(Exception):
+    """Retrying cannot help; the message goes to C{failed} at once."""
+
+
+class ExtractionService(service.Service):
+    name = "extraction"
+
+    def __init__(
+        self,
+        store,
+        blobs,
+        work_dir: str,
+        poll_interval: float = 1.0,
+        max_attempts: int = 5,
+        lease_seconds: float = 300.0,
+        concurrency: int = 2,
+        stop_timeout: float = 3.0,
+        clock=None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.store = store
+        self.blobs = blobs
+        self.work_dir = work_dir
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self.lease_seconds = lease_seconds
+        self.concurrency = concurrency
+        self.stop_timeout = stop_timeout
+        self.clock = clock
+        self._loop = None
+        self._workers: list[defer.Deferred] = []
+        self._woken = False
+
+    @defer.inlineCallbacks
+    def startService(self):
+        super().startService()
+        os.makedirs(self.work_dir, exist_ok=True)
+        if self.store.engine_name == "sqlite":
+            # One daemon per SQLite file: any claim left is from our own previous run.
+            yield self.store.release_claims()
+        self._loop = task.LoopingCall(self.wake)
+        self._loop.clock = self.clock
+        self._loop.start(self.poll_interval, now=True)
+
+    def stopService(self):
+        """
+        Stop claiming; fires when the messages in hand are finished, or after
+        C{stop_timeout} seconds (an unfinished message is claimed again later).
+        """
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d = defer.DeferredList(list(self._workers))
+        d.addTimeout(self.stop_timeout, self.clock, onTimeoutCancel=lambda *_: None)
+        return d
+
+    def wake(self) -> None:
+        """Work through due messages now (called on poll and on each accepted message)."""
+        if not self.running:
+            return
+        self._woken = True
+        while len(self._workers) < self.concurrency:
+            d = defer.ensureDeferred(self._work())
+            self._workers.append(d)
+            d.addBoth(self._worker_done, d)
+
+    def _worker_done(self, result, d):
+        self._workers.remove(d)
+        return None
+
+    async def _work(self) -> None:
+        while self.running:
+            self._woken = False
+            try:
+                message = await self.store.claim_next(self.lease_seconds)
+            except Exception as e:
+                log.error("cannot claim messages for extraction: {error}", error=str(e))
+                return
+            if message is None:
+                if self._woken:
+                    continue
+                return
+            await self.process(message)
+
+    async def process(self, message: dict) -> None:
+        started = time.monotonic()
+        work = await threads.deferToThread(tempfile.mkdtemp, dir=self.work_dir)
+        try:
+            result = await self._extract(message, work)
+        except (UnparseableMessage, PermanentFailure) as e:
+            await self._record(self.store.mark_failed(message["id"], str(e), message["attempts"] + 1))
+            metrics.EXTRACTIONS.labels("failed").inc()
+            log.error(
+                "message {message_id} for {org} failed: {error}",
+                message_id=message["id"],
+                org=message["org_slug"],
+                error=str(e),
+                event="failed",
+            )
+        except Exception as e:
+            await self._transient(message, e)
+        else:
+            await self._parsed(message, result, started)
+        finally:
+            await threads.deferToThread(shutil.rmtree, work, True)
+            metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
+
+    async def _extract(self, message: dict, work: str):
+        raw_path = os.path.join(work, "raw.eml")
+        with open(raw_path, "wb") as raw:
+            try:
+                await self.blobs.read_to(message["raw_key"], raw)
+            except BlobNotFound:
+                raise PermanentFailure(f"raw message {message['raw_key']} is missing from object storage")
+        out_dir = os.path.join(work, "parts")
+        os.mkdir(out_dir)
+        result = await threads.deferToThread(extract_attachments, raw_path, out_dir)
+        for ordinal, attachment in enumerate(result.attachments):
+            key = document_key(message, ordinal)
+            await self.blobs.put_file(key, attachment.path, attachment.sha256, attachment.size)
+            await self.store.add_document(
+                {
+                    "org_id": message["org_id"],
+                    "inbound_message_id": message["id"],
+                    "ordinal": ordinal,
+                    "filename": attachment.filename,
+                    "content_type": attachment.content_type,
+                    "size": attachment.size,
+                    "sha256": attachment.sha256,
+                    "storage_key": key,
+                }
+            )
+        return result
+
+    async def _parsed(self, message: dict, result, started: float) -> None:
+        if not await self._record(self.store.mark_parsed(message["id"])):
+            return
+        metrics.EXTRACTIONS.labels("parsed").inc()
+        metrics.DOCUMENTS_CREATED.inc(len(result.attachments))
+        fields = dict(
+            message_id=message["id"],
+            org=message["org_slug"],
+            count=len(result.attachments),
+            ms=(time.monotonic() - started) * 1000,
+            warnings="; ".join(result.warnings),
+            event="parsed",
+        )
+        if not result.attachments:
+            log.warn("message {message_id} for {org} parsed: no attachments ({warnings})", **fields)
+        elif result.warnings:
+            log.warn("message {message_id} for {org} parsed: {count} document(s), {ms:.0f} ms ({warnings})", **fields)
+        else:
+            log.info("message {message_id} for {org} parsed: {count} document(s), {ms:.0f} ms", **fields)
+
+    async def _transient(self, message: dict, error: Exception) -> None:
+        attempts = message["attempts"] + 1
+        reason = f"{type(error).__name__}: {error}"
+        if attempts >= self.max_attempts:
+            await self._record(self.store.mark_failed(message["id"], reason, attempts))
+            metrics.EXTRACTIONS.labels("failed").inc()
+            log.error(
+                "message {message_id} for {org} failed after {attempts} attempts: {error}",
+                message_id=message["id"],
+                org=message["org_slug"],
+                attempts=attempts,
+                error=reason,
+                event="failed",
+            )
+            return
+        delay = FIRST_RETRY_SECONDS * 2 ** (attempts - 1)
+        await self._record(self.store.schedule_retry(message["id"], reason, attempts, delay))
+        metrics.EXTRACTIONS.labels("retry").inc()
+        log.warn(
+            "message {message_id} for {org}: attempt {attempts} of {max} failed ({error}); retrying in {delay:.0f} s",
+            message_id=message["id"],
+            org=message["org_slug"],
+            attempts=attempts,
+            max=self.max_attempts,
+            error=reason,
+            delay=delay,
+        )
+
+    async def _record(self, d: defer.Deferred) -> bool:
+        """Record an outcome; if the database is down the lease expires and the message is claimed again."""
+        try:
+            await d
+            return True
+        except Exception as e:
+            log.error("cannot record extraction outcome: {error}", error=str(e))
+            return False

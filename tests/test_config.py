@@ -1,0 +1,108 @@
+"""Where option values come from: command line, environment, config file, default."""
+
+import os
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from mailingest.config import ALL_OPTIONS, resolve
+from mailingest.errors import ConfigError
+from mailingest.tap import Options
+from tests.daemon import temp_dir
+
+
+def write(directory: str, text: str) -> str:
+    path = os.path.join(directory, "mailingest.ini")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class PrecedenceTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.ini = write(
+            self.directory,
+            "[mailingest]\nmax-recipients = 7\ntimeout = 30\ndomain = a.test, b.test\nmax_attempts = 9\n",
+        )
+
+    def test_defaults(self):
+        settings = resolve(ALL_OPTIONS, {}, environ={})
+        self.assertEqual(settings["smtp"], ["tcp:2525"])
+        self.assertEqual(settings["http"], "tcp:8025:interface=127.0.0.1")
+        self.assertEqual(settings["database"], "sqlite:///mailingest-data/mailingest.db")
+        self.assertEqual(settings["storage"], "file:mailingest-data/blobs")
+        self.assertEqual(settings["domain"], ["localhost"])
+        self.assertEqual(settings["max_message_size"], 52428800)
+        self.assertEqual(settings["max_recipients"], 100)
+        self.assertEqual((settings["max_connections"], settings["max_connections_per_ip"]), (1000, 50))
+        self.assertEqual(settings["timeout"], 300)
+        self.assertEqual((settings["poll_interval"], settings["max_attempts"]), (1, 5))
+
+    def test_file_beats_default(self):
+        settings = resolve(ALL_OPTIONS, {}, environ={}, config_path=self.ini)
+        self.assertEqual(settings["max_recipients"], 7)
+        self.assertEqual(settings["domain"], ["a.test", "b.test"])
+        self.assertEqual(settings["max_attempts"], 9)
+
+    def test_environment_beats_file(self):
+        environ = {"MAILINGEST_MAX_RECIPIENTS": "8", "MAILINGEST_DOMAIN": "c.test d.test"}
+        settings = resolve(ALL_OPTIONS, {}, environ=environ, config_path=self.ini)
+        self.assertEqual(settings["max_recipients"], 8)
+        self.assertEqual(settings["domain"], ["c.test", "d.test"])
+        self.assertEqual(settings["timeout"], 30)
+
+    def test_command_line_beats_environment(self):
+        environ = {"MAILINGEST_MAX_RECIPIENTS": "8"}
+        given = {"max_recipients": "9", "domain": ["e.test"]}
+        settings = resolve(ALL_OPTIONS, given, environ=environ, config_path=self.ini)
+        self.assertEqual(settings["max_recipients"], 9)
+        self.assertEqual(settings["domain"], ["e.test"])
+
+    def test_config_file_from_environment(self):
+        settings = resolve(ALL_OPTIONS, {}, environ={"MAILINGEST_CONFIG": self.ini})
+        self.assertEqual(settings["max_recipients"], 7)
+
+    def test_bad_values_are_named(self):
+        with self.assertRaises(ConfigError) as e:
+            resolve(ALL_OPTIONS, {}, environ={"MAILINGEST_MAX_RECIPIENTS": "lots"})
+        self.assertIn("MAILINGEST_MAX_RECIPIENTS", str(e.exception))
+        with self.assertRaises(ConfigError) as e:
+            resolve(ALL_OPTIONS, {"timeout": "-1"}, environ={})
+        self.assertIn("--timeout", str(e.exception))
+
+    def test_secret_values_are_not_echoed(self):
+        bad = write(self.directory, "[mailingest]\nlog-format = xml\n")
+        with self.assertRaises(ConfigError):
+            resolve(ALL_OPTIONS, {}, environ={}, config_path=bad)
+
+    def test_config_file_errors(self):
+        for text, expected in (
+            ("[other]\nx = 1\n", "no [mailingest] section"),
+            ("[mailingest]\nno-such-option = 1\n", "unknown option"),
+            ("not ini at all", "bad config file"),
+        ):
+            with self.assertRaises(ConfigError) as e:
+                resolve(ALL_OPTIONS, {}, environ={}, config_path=write(self.directory, text))
+            self.assertIn(expected, str(e.exception))
+        with self.assertRaises(ConfigError) as e:
+            resolve(ALL_OPTIONS, {}, environ={}, config_path=os.path.join(self.directory, "missing.ini"))
+        self.assertIn("cannot read config file", str(e.exception))
+
+
+class PluginOptionsTests(unittest.SynchronousTestCase):
+    def test_help_lists_every_option(self):
+        text = str(Options())
+        for option in ALL_OPTIONS:
+            self.assertIn("--" + option.name, text)
+        self.assertIn("--config", text)
+
+    def test_repeatable_options(self):
+        options = Options()
+        options.parseOptions(["--smtp", "tcp:25", "--smtp", "tcp6:25", "--domain", "a.test", "--domain", "b.test"])
+        self.assertEqual(options.settings["smtp"], ["tcp:25", "tcp6:25"])
+        self.assertEqual(options.settings["domain"], ["a.test", "b.test"])
+
+    def test_usage_errors(self):
+        for argv in (["--max-recipients", "0"], ["--tls-cert", "x.pem"], ["--log-format", "xml"]):
+            self.assertRaises(usage.UsageError, Options().parseOptions, argv)
