@@ -9,6 +9,7 @@ accepts mail it cannot store.
 
 import glob
 import os
+import signal
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
@@ -19,6 +20,7 @@ from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.smtp_server import IngestSMTPFactory
+from mailingest.tls import load_tls
 from mailingest.storage.urls import open_blobs, open_store, redact_url
 
 MIGRATE_RETRY_SECONDS = 5.0
@@ -61,6 +63,37 @@ class Listener(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+class TLSReloader(service.Service):
+    """Reload the certificate on SIGHUP, so a renewed certificate needs no restart."""
+
+    def __init__(self, factory, cert: str, key: str, reactor):
+        self.factory = factory
+        self.cert = cert
+        self.key = key
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def _on_signal(self, signum, frame):
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            self.factory.tls_context = load_tls(self.cert, self.key)
+        except ConfigError as e:
+            log.error("TLS certificate not reloaded, keeping the previous one: {error}", error=str(e))
+            return
+        log.info("TLS certificate reloaded from {cert}", cert=self.cert)
 
 
 class SessionDrain(service.Service):
@@ -181,8 +214,6 @@ def build_daemon(settings: dict, reactor=None):
 
     tls_context = None
     if settings["tls_cert"]:
-        from mailingest.tls import load_tls
-
         tls_context = load_tls(settings["tls_cert"], settings["tls_key"])
 
     factory = IngestSMTPFactory(
@@ -196,6 +227,8 @@ def build_daemon(settings: dict, reactor=None):
         max_connections_per_ip=settings["max_connections_per_ip"],
         tls_context=tls_context,
     )
+    if tls_context is not None:
+        TLSReloader(factory, settings["tls_cert"], settings["tls_key"], reactor).setServiceParent(daemon)
     SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon)
     for description in settings["smtp"]:
         Listener(reactor, description, factory, "SMTP").setServiceParent(daemon)

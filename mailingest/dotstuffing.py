@@ -11,16 +11,27 @@ message text, not an end of data (SMTP smuggling).
 from typing import Callable
 
 
+MAX_LINE = 128 * 1024
+
+
 class DotReader:
-    def __init__(self, sink: Callable[[bytes], None], limit: int):
+    """
+    C{refusal} is None while the data is acceptable, else the reply to give at
+    the end of DATA: the rest is still read (to stay in step with the client)
+    but no longer passed to the sink.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], limit: int, max_line: int = MAX_LINE):
         # The CRLF that ended the DATA command: a "." at the very start of the
         # data is at the start of a line. It is not part of the message.
         self._carry = b"\r\n"
         self._skip = 2
         self._sink = sink
         self._limit = limit
+        self._max_line = max_line
+        self._line = 0
         self.size = 0
-        self.overflow = False
+        self.refusal: tuple[int, bytes] | None = None
 
     def feed(self, data: bytes) -> int | None:
         """
@@ -56,7 +67,29 @@ class DotReader:
         if not chunk:
             return
         self.size += len(chunk)
+        if self.refusal is not None:
+            return
         if self.size > self._limit:
-            self.overflow = True
-        if not self.overflow:
+            self.refuse(552, b"5.3.4 Message size exceeds fixed maximum message size")
+        elif self._too_long(chunk):
+            self.refuse(500, b"5.5.2 Message line longer than %d bytes" % self._max_line)
+        else:
             self._sink(chunk)
+
+    def refuse(self, code: int, reply: bytes) -> None:
+        if self.refusal is None:
+            self.refusal = (code, reply)
+
+    def _too_long(self, chunk: bytes) -> bool:
+        """Lines are counted across chunks; only bytes in a line are held, never the line."""
+        first = chunk.find(b"\n")
+        if first < 0:
+            self._line += len(chunk)
+            return self._line > self._max_line
+        if self._line + first > self._max_line:
+            return True
+        last = chunk.rfind(b"\n")
+        if last > first and max(map(len, chunk[first:last].split(b"\n"))) > self._max_line:
+            return True
+        self._line = len(chunk) - last - 1
+        return self._line > self._max_line

@@ -15,7 +15,7 @@ needs and Twisted leaves out.
 import ipaddress
 import re
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, interfaces, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -29,6 +29,12 @@ MAX_COMMAND_LINE = 512
 PAUSE_BUFFER = 1 << 20
 # Like Postfix's smtpd_hard_error_limit: a client that only gets errors is a bot.
 ERROR_LIMIT = 20
+# Slow-drip bounds: after a grace period DATA must average MIN_DATA_RATE
+# bytes/s, and never take longer than MAX_DATA_SECONDS in all.
+MIN_DATA_RATE = 500
+DATA_RATE_GRACE_SECONDS = 30.0
+MAX_DATA_SECONDS = 1800.0
+DATA_CHECK_SECONDS = 5.0
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
@@ -69,9 +75,16 @@ class IngestSMTP(smtp.ESMTP):
     factory = None
     peer_key = ""
     admitted = False
+    min_data_rate = MIN_DATA_RATE
+    max_data_seconds = MAX_DATA_SECONDS
+    _data_watch = None
 
-    def __init__(self, delivery, host: bytes, tls_context=None):
+    def __init__(self, delivery, host: bytes, tls_context=None, clock=None):
         super().__init__(contextFactory=tls_context)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.callLater = clock.callLater
         self.delivery = delivery
         self.host = host
         self._inbuf = bytearray()
@@ -126,9 +139,20 @@ class IngestSMTP(smtp.ESMTP):
         return ext
 
     def received_with(self) -> str:
-        """The protocol name for our Received: header (RFC 3848)."""
+        """The protocol for our Received: header (RFC 3848), with the TLS version and cipher."""
         name = "ESMTP" if self._esmtp else "SMTP"
-        return name + "S" if self.startedTLS else name
+        tls = self.tls_description()
+        return f"{name}S ({tls})" if tls else name
+
+    def tls_description(self) -> str | None:
+        """'TLSv1.3 TLS_AES_256_GCM_SHA384' on a TLS connection (STARTTLS or implicit), else None."""
+        if not interfaces.ISSLTransport.providedBy(self.transport):
+            return None
+        handle = self.transport.getHandle()
+        try:
+            return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+        except AttributeError:
+            return "TLS"
 
     # input: one command at a time, DATA in bulk
 
@@ -355,22 +379,54 @@ class IngestSMTP(smtp.ESMTP):
             self._envelope = None
             self.sendCode(451, b"4.3.0 Temporary local problem, try again later")
             return
-        self._reader = DotReader(self._spool.write, self.max_message_size)
+        self._reader = DotReader(self._write_data, self.max_message_size)
+        self._data_started = self.clock.seconds()
+        self._data_watch = self.clock.callLater(DATA_CHECK_SECONDS, self._check_data_pace)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
+    def _write_data(self, chunk: bytes) -> None:
+        self._spool.write(chunk)
+        if self._spool.header_too_large:
+            self._reader.refuse(552, b"5.3.4 Header section too large")
+
+    def _check_data_pace(self) -> None:
+        """Slow-drip clients must not hold a slot for hours (Postfix's smtpd_min_data_rate)."""
+        self._data_watch = None
+        elapsed = self.clock.seconds() - self._data_started
+        rate = self._reader.size / elapsed if elapsed else 0
+        if elapsed > self.max_data_seconds or (elapsed > DATA_RATE_GRACE_SECONDS and rate < self.min_data_rate):
+            metrics.REJECTED.labels("slow").inc()
+            log.info(
+                "disconnecting {peer}: DATA too slow ({size} bytes in {elapsed:.0f} s)",
+                peer=self.peer_key,
+                size=self._reader.size,
+                elapsed=elapsed,
+            )
+            smtp.SMTP.sendCode(self, 421, b"4.4.2 " + self.host + b" Data too slow, closing connection")
+            self.transport.loseConnection()
+            return
+        self._data_watch = self.clock.callLater(DATA_CHECK_SECONDS, self._check_data_pace)
+
+    def _stop_data_watch(self) -> None:
+        if self._data_watch is not None and self._data_watch.active():
+            self._data_watch.cancel()
+        self._data_watch = None
+
     def _end_of_data(self):
+        self._stop_data_watch()
         reader, spool, envelope = self._reader, self._spool, self._envelope
         self._reader = self._spool = self._envelope = None
-        if reader.overflow:
+        if reader.refusal is not None:
             spool.discard()
-            metrics.REJECTED.labels("size").inc()
+            code, reply = reader.refusal
+            metrics.REJECTED.labels("size" if code == 552 else "syntax").inc()
             log.info(
-                "refused message from {peer}: larger than {limit} bytes",
+                "refused message from {peer}: {reply}",
                 peer=envelope.peer,
-                limit=self.max_message_size,
+                reply=reply.decode(),
                 event="rejected",
             )
-            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            self.sendCode(code, reply)
             return
         d = self.delivery.deliver(envelope, spool)
         d.addCallbacks(self._stored, self._not_stored)
@@ -394,6 +450,7 @@ class IngestSMTP(smtp.ESMTP):
     def connectionLost(self, reason):
         if not self.admitted:
             return
+        self._stop_data_watch()
         if self._spool is not None:
             self._spool.discard()
             log.info(

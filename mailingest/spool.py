@@ -31,6 +31,7 @@ class Spool:
         self.size = 0
         self._header = bytearray()
         self._header_done = False
+        self.header_too_large = False
 
     @property
     def raw_size(self) -> int:
@@ -66,6 +67,7 @@ class Spool:
             self._header_done = True
         elif len(self._header) >= HEADER_LIMIT:
             self._header_done = True
+            self.header_too_large = True
 
     def headers(self) -> Message:
         """The header section as parsed by the email package (never raises)."""

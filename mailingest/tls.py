@@ -2,6 +2,7 @@
 
 import re
 
+from OpenSSL import crypto
 from twisted.internet import ssl
 
 from mailingest.errors import ConfigError
@@ -20,7 +21,7 @@ def load_tls(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     if not chain:
         raise ConfigError(f"{cert_path} holds no PEM certificate")
     try:
-        key = ssl.KeyPair.load(key_pem, ssl.FILETYPE_PEM)
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
         certs = [ssl.Certificate.loadPEM(pem) for pem in chain]
     except Exception as e:
         raise ConfigError(f"cannot load TLS certificate or key: {e}") from None

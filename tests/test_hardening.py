@@ -3,13 +3,18 @@ Hostile and broken clients, from raw sockets: each is answered as designed and
 the daemon keeps serving a normal client afterwards.
 """
 
+import os
+import signal
+import smtplib
 import socket
+import ssl
 import struct
 import time
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from mailingest import smtp_server
 from tests.daemon import RunningDaemon, message, temp_dir
 
 
@@ -247,3 +252,170 @@ class ProxyProtocolTests(HardeningCase):
         a, b, c = yield self.talk(run)
         self.assertTrue(a.startswith(b"220") and b.startswith(b"220"), (a, b))
         self.assertTrue(c.startswith(b"421 4.7.0"), c)
+
+
+class DataLimitTests(HardeningCase):
+    def open_data(self, c: Conversation) -> None:
+        c.command(b"EHLO customer.test")
+        c.command(b"MAIL FROM:<buyer@customer.test>")
+        c.command(b"RCPT TO:<orders+acme@example.com>")
+        c.command(b"DATA")
+
+    @defer.inlineCallbacks
+    def test_slow_drip_client_is_dropped(self):
+        self.patch(smtp_server, "DATA_RATE_GRACE_SECONDS", 0.3)
+        self.patch(smtp_server, "DATA_CHECK_SECONDS", 0.1)
+
+        def run():
+            c = Conversation(self.daemon.port)
+            self.open_data(c)
+            c.sock.sendall(b"Subject: drip\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    c.sock.sendall(b"x")
+                except OSError:
+                    break
+                time.sleep(0.05)
+            return c.reply()
+
+        reply = yield self.talk(run)
+        self.assertTrue(reply.startswith(b"421 4.4.2"), reply)
+        self.assertEqual(self.daemon.spool_files(), [])
+        yield self.assertStillServing()
+
+    @defer.inlineCallbacks
+    def test_header_section_too_large(self):
+        def run():
+            c = Conversation(self.daemon.port)
+            self.open_data(c)
+            c.sock.sendall(b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 100) for i in range(3000)) + b"\r\nbody\r\n.\r\n")
+            return c.reply(), c.command(b"NOOP")
+
+        reply, noop = yield self.talk(run)
+        self.assertTrue(reply.startswith(b"552 5.3.4"), reply)
+        self.assertTrue(noop.startswith(b"250"), noop)
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+
+    @defer.inlineCallbacks
+    def test_endless_data_line(self):
+        def run():
+            c = Conversation(self.daemon.port)
+            self.open_data(c)
+            c.sock.sendall(b"Subject: long\r\n\r\n" + b"z" * (400 * 1024) + b"\r\nend\r\n.\r\n")
+            return c.reply(), c.command(b"NOOP")
+
+        reply, noop = yield self.talk(run)
+        self.assertTrue(reply.startswith(b"500 5.5.2"), reply)
+        self.assertTrue(noop.startswith(b"250"), noop)
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+        yield self.assertStillServing()
+
+
+def make_certificate(directory: str, name: str = "mx.test") -> tuple[str, str]:
+    """A self-signed certificate and key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, f"{name}.crt")
+    key_path = os.path.join(directory, f"{name}.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def peer_certificate_name(client) -> str:
+    der = client.sock.getpeercert(binary_form=True)
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+class TLSTests(HardeningCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        directory = temp_dir(self)
+        self.cert, self.key = make_certificate(directory)
+        self.overrides = {"tls_cert": self.cert, "tls_key": self.key}
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_starttls_then_send(self):
+        def run():
+            client = smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10)
+            client.ehlo("customer.test")
+            offered = client.has_extn("starttls")
+            client.starttls(context=ssl._create_unverified_context())
+            client.ehlo("customer.test")
+            name = peer_certificate_name(client)
+            result = client.sendmail("b@customer.test", ["orders+acme@example.com"], message())
+            client.quit()
+            return offered, name, result
+
+        offered, name, result = yield self.talk(run)
+        self.assertTrue(offered)
+        self.assertEqual((name, result), ("CN=mx.test", {}))
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            received = f.read().split(b"\r\nFrom:")[0]
+        self.assertRegex(received, rb"with ESMTPS \(TLSv1\.[23] [A-Z0-9_-]+\)")
+
+    @defer.inlineCallbacks
+    def test_certificate_reloaded_on_sighup(self):
+        directory = temp_dir(self)
+        new_cert, new_key = make_certificate(directory, "renewed.test")
+        os.replace(new_cert, self.cert)
+        os.replace(new_key, self.key)
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+
+        def run():
+            client = smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10)
+            client.starttls(context=ssl._create_unverified_context())
+            name = peer_certificate_name(client)
+            client.quit()
+            return name
+
+        self.assertEqual((yield self.talk(run)), "CN=renewed.test")
+
+
+class ImplicitTLSTests(HardeningCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        directory = temp_dir(self)
+        cert, key = make_certificate(directory)
+        self.overrides = {"smtp": [f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]}
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self):
+        def run():
+            client = smtplib.SMTP_SSL("127.0.0.1", self.daemon.port, timeout=10, context=ssl._create_unverified_context())
+            result = client.sendmail("b@customer.test", ["orders+acme@example.com"], message())
+            client.quit()
+            return result
+
+        self.assertEqual((yield self.talk(run)), {})
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            self.assertRegex(f.read(), rb"with ESMTPS \(TLSv1")

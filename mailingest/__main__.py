@@ -1,0 +1,7 @@
+"""C{python -m mailingest}: the admin command, for when the console script is not on PATH."""
+
+import sys
+
+from mailingest.cli import main
+
+sys.exit(main())

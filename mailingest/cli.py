@@ -1,0 +1,551 @@
+"""
+The admin command, C{mailingest}: schema, organisations, messages, documents,
+reprocessing and test mail (SPEC section 7).
+
+It reads the same C{--config}, C{--database} and C{--storage} settings as the
+daemon, by the same precedence, and runs each command in one reactor run.
+Every failure an operator can cause or fix ends in one line on stderr and exit
+status 1; only a bug in mailingest shows a traceback.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import date, datetime, timezone
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, task
+
+from mailingest import __version__, send_test
+from mailingest.config import STORAGE_OPTIONS, resolve
+from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.plus_address import valid_slug
+from mailingest.storage.urls import open_blobs, open_store, redact_url
+
+PROG = "mailingest"
+STATUSES = ("received", "parsed", "failed")
+
+ORG_TABLE = ("slug", "name", "active", "created_at")
+MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
+MESSAGE_FIELDS = (
+    "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
+    "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
+    "received_at", "parsed_at",
+)
+DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
+MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
+CELL_WIDTH = 64
+
+
+class CommandError(MailingestError):
+    """A request the store cannot satisfy, phrased for the operator."""
+
+
+# output
+
+
+def _timestamp(value: Any, short: bool) -> str:
+    """The same ISO 8601 whether the database gave a datetime (PostgreSQL) or text (SQLite)."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if not short:
+        return value.isoformat()
+    if value.tzinfo is not None:
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(column: str, value: Any, short: bool = True) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if column.endswith("_at"):
+        text = _timestamp(value, short)
+    else:
+        text = str(value)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    if short and len(text) > CELL_WIDTH:
+        text = text[: CELL_WIDTH - 3] + "..."
+    return text
+
+
+def table(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """Aligned columns headed by the column names, for people reading a terminal."""
+    cells = [list(columns)] + [[_cell(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+        for line in cells
+    )
+
+
+def _json_value(value: Any, column: str = "") -> Any:
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v, k) for k, v in value.items()}
+    if isinstance(value, (datetime, date)) or (column.endswith("_at") and value is not None):
+        return _timestamp(value, short=False)
+    return value
+
+
+def to_json(value: Any) -> str:
+    """JSON keyed by the SPEC column names, timestamps as ISO 8601 strings."""
+    return json.dumps(_json_value(value), indent=2, ensure_ascii=False)
+
+
+# errors
+
+
+def _one_line(text: str, secrets: Iterable[str] = ()) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the database drivers loaded so far: an unloaded driver raises nothing."""
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is not None:
+        errors.append(psycopg2.Error)
+    return tuple(errors)
+
+
+def _describe_os_error(e: OSError) -> str:
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return e.strerror or str(e)
+
+
+def _user_message(error: BaseException, settings: dict[str, Any]) -> str | None:
+    """The one line for an error the operator can act on, None for a bug."""
+    if isinstance(error, MailingestError):
+        return str(error)
+    if isinstance(error, _database_errors()):
+        return f"database {redact_url(settings['database'])}: {error}"
+    if isinstance(error, OSError):
+        return _describe_os_error(error)
+    return None
+
+
+def _fail(message: str, secrets: Iterable[str] = ()) -> int:
+    print(f"{PROG}: {_one_line(message, secrets) or 'failed'}", file=sys.stderr)
+    return 1
+
+
+def _secrets(settings: dict[str, Any]) -> list[str]:
+    try:
+        password = urlsplit(settings.get("database") or "").password
+    except ValueError:
+        return []
+    return [password] if password else []
+
+
+# a command's storage
+
+
+class Session:
+    """The store of one command, and object storage for the commands that read blobs."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.store = None
+        self._blobs = None
+
+    def open_store(self) -> None:
+        url = self.settings["database"]
+        try:
+            self.store = open_store(url)
+        except ValueError as e:
+            raise CommandError(f"bad database URL: {e}") from None
+        except OSError as e:
+            raise CommandError(f"database {redact_url(url)}: {_describe_os_error(e)}") from None
+
+    @property
+    def blobs(self):
+        if self._blobs is None:
+            url = self.settings["storage"]
+            try:
+                self._blobs = open_blobs(url, self.settings["s3_endpoint"], self.settings["s3_region"])
+            except ValueError as e:
+                raise CommandError(f"bad storage URL: {e}") from None
+            except OSError as e:
+                raise CommandError(f"storage {redact_url(url)}: {_describe_os_error(e)}") from None
+        return self._blobs
+
+    async def close(self) -> None:
+        if self._blobs is not None:
+            await self._blobs.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def require_org(self, slug: str | None) -> None:
+        """Filtering by an organisation that does not exist is a typo, not an empty result."""
+        if slug is not None and await self.store.get_org(slug) is None:
+            raise NoSuchOrg(f"no organisation {slug.lower()!r}")
+
+    async def message(self, message_id: int) -> dict:
+        row = await self.store.get_message(message_id)
+        if row is None:
+            raise NoSuchMessage(f"no message {message_id}")
+        return row
+
+
+class _Verifying:
+    """Passes blob bytes through while hashing them, to check them against their row."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._fileobj = fileobj
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._fileobj.write(data)
+        self._sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._fileobj.flush()
+
+    def check(self, what: str, sha256: str | None, size: int | None) -> None:
+        if (sha256 and self._sha256.hexdigest() != sha256) or (size is not None and self.size != size):
+            raise CommandError(
+                f"{what}: object storage returned {self.size} bytes that do not match"
+                f" the recorded size {size} and sha256 {sha256}"
+            )
+
+
+async def _copy_blob(session: Session, key: str, out: BinaryIO, what: str, sha256, size) -> None:
+    verifying = _Verifying(out)
+    try:
+        await session.blobs.read_to(key, verifying)
+    except BlobNotFound:
+        raise CommandError(f"{what}: blob {key} is missing from object storage") from None
+    verifying.check(what, sha256, size)
+
+
+# commands
+
+
+async def cmd_migrate(session: Session, args: argparse.Namespace) -> None:
+    applied = await session.store.migrate()
+    if applied:
+        print("applied schema version(s) " + ", ".join(str(v) for v in applied))
+    else:
+        print("schema up to date")
+
+
+async def cmd_org_add(session: Session, args: argparse.Namespace) -> None:
+    slug = args.slug.lower()
+    if not valid_slug(slug):
+        raise CommandError(
+            f"invalid organisation slug {args.slug!r}: use 1 to 63 of a-z 0-9 . _ -,"
+            " starting with a letter or digit"
+        )
+    row = await session.store.add_org(slug, args.name)
+    print(f"added organisation {row['slug']} (id {row['id']})")
+
+
+async def cmd_org_list(session: Session, args: argparse.Namespace) -> None:
+    rows = await session.store.list_orgs()
+    print(to_json(rows) if args.json else table(rows, ORG_TABLE))
+
+
+async def cmd_org_disable(session: Session, args: argparse.Namespace) -> None:
+    row = await session.store.set_org_active(args.slug, False)
+    print(f"disabled organisation {row['slug']}")
+
+
+async def cmd_org_enable(session: Session, args: argparse.Namespace) -> None:
+    row = await session.store.set_org_active(args.slug, True)
+    print(f"enabled organisation {row['slug']}")
+
+
+async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
+    await session.require_org(args.org)
+    rows = await session.store.list_messages(org_slug=args.org, status=args.status, limit=args.limit)
+    print(to_json(rows) if args.json else table(rows, MESSAGE_TABLE))
+
+
+async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
+    row = await session.message(args.id)
+    documents = await session.store.list_documents(message_id=args.id)
+    if args.json:
+        print(to_json({**row, "documents": documents}))
+        return
+    width = max(len(name) for name in MESSAGE_FIELDS) + 1
+    for name in MESSAGE_FIELDS:
+        print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
+    print(f"\ndocuments ({len(documents)}):")
+    if documents:
+        print(table(documents, MESSAGE_DOCUMENT_TABLE))
+
+
+async def cmd_messages_raw(session: Session, args: argparse.Namespace) -> None:
+    row = await session.message(args.id)
+    out = sys.stdout.buffer
+    await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
+    out.flush()
+
+
+async def cmd_documents_list(session: Session, args: argparse.Namespace) -> None:
+    await session.require_org(args.org)
+    if args.message is not None:
+        await session.message(args.message)
+    rows = await session.store.list_documents(org_slug=args.org, message_id=args.message)
+    print(to_json(rows) if args.json else table(rows, DOCUMENT_TABLE))
+
+
+async def cmd_documents_get(session: Session, args: argparse.Namespace) -> None:
+    row = await session.store.get_document(args.id)
+    if row is None:
+        raise CommandError(f"no document {args.id}")
+    what = f"document {args.id}"
+    if args.output == "-":
+        await _copy_blob(session, row["storage_key"], sys.stdout.buffer, what, row["sha256"], row["size"])
+        sys.stdout.buffer.flush()
+        return
+    await _download(session, row, args.output, what)
+
+
+async def _download(session: Session, row: dict, path: str, what: str) -> None:
+    """Into a temporary file beside C{path}, renamed once complete: never a partial file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+    print(f"wrote {row['size']} bytes to {path}")
+
+
+async def cmd_reprocess(session: Session, args: argparse.Namespace) -> None:
+    if args.id is not None:
+        await session.store.reprocess(args.id)
+        print(f"queued message {args.id} for extraction again")
+        return
+    await session.require_org(args.org)
+    count = await session.store.reprocess_failed(org_slug=args.org)
+    print(f"queued {count} failed message{'' if count == 1 else 's'} for extraction again")
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    """Plain blocking SMTP: no database, no reactor."""
+    attachments = [send_test.Attachment.load(path) for path in args.attach]
+    messages = (
+        send_test.build_test_message(
+            args.sender, args.to, attachments, args.subject, index, args.count
+        ).as_bytes()
+        for index in range(1, args.count + 1)
+    )
+    replies = send_test.send(args.server, args.sender, args.to, messages, args.timeout)
+    for index, reply in enumerate(replies, 1):
+        print(f"sent {index}/{args.count}: {reply}", flush=True)
+    return 0
+
+
+# the parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _group(subparsers, name: str, help: str):
+    parser = subparsers.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest=name + "_command", metavar="COMMAND", required=True)
+
+
+def _command(subparsers, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Administer mailingest: schema, organisations, messages, documents, test mail.",
+        epilog=(
+            "Global options go before the command. Each can also be set as MAILINGEST_<OPTION>"
+            " in the environment or in the [mailingest] section of the --config file"
+            " (MAILINGEST_CONFIG also names it); the command line wins, then the environment,"
+            " then the file."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="INI file with a [mailingest] section")
+    for option in STORAGE_OPTIONS:
+        shown = "" if option.default is None or "[default" in option.help else f" [default: {option.default}]"
+        parser.add_argument("--" + option.name, metavar=option.metavar, help=option.help + shown)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _command(commands, "migrate", "create or upgrade the database schema", cmd_migrate)
+
+    org = _group(commands, "org", "manage organisations")
+    add = _command(org, "add", "create an active organisation", cmd_org_add)
+    add.add_argument("slug", metavar="SLUG", help="the +SLUG of its addresses")
+    add.add_argument("--name", default="", help="display name")
+    listing = _command(org, "list", "list organisations", cmd_org_list)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for name, handler, verb in (("disable", cmd_org_disable, "refuse"), ("enable", cmd_org_enable, "accept")):
+        toggle = _command(org, name, f"{name} an organisation: {verb} its mail", handler)
+        toggle.add_argument("slug", metavar="SLUG")
+
+    messages = _group(commands, "messages", "inspect inbound messages")
+    listing = _command(messages, "list", "list messages, newest first", cmd_messages_list)
+    listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
+    listing.add_argument("--status", choices=STATUSES, help="only messages in this status")
+    listing.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="at most N [default: 50]")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = _command(messages, "show", "one message: headers, status, error, documents", cmd_messages_show)
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    raw = _command(messages, "raw", "write the stored raw MIME to stdout", cmd_messages_raw)
+    raw.add_argument("id", type=int, metavar="ID")
+
+    documents = _group(commands, "documents", "inspect and download extracted documents")
+    listing = _command(documents, "list", "list documents, newest first", cmd_documents_list)
+    listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
+    listing.add_argument("--message", type=int, metavar="ID", help="only this message's, in message order")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    get = _command(documents, "get", "download a document", cmd_documents_get)
+    get.add_argument("id", type=int, metavar="ID")
+    get.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it; - for stdout")
+
+    reprocess = _command(commands, "reprocess", "queue messages for extraction again", cmd_reprocess)
+    reprocess.add_argument("id", type=int, nargs="?", metavar="ID", help="this message")
+    reprocess.add_argument("--failed", action="store_true", help="every failed message")
+    reprocess.add_argument("--org", metavar="SLUG", help="with --failed: only this organisation's")
+
+    send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
+    send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
+    send.add_argument(
+        "--server", default=send_test.DEFAULT_SERVER, metavar="HOST:PORT",
+        help=f"SMTP server [default: {send_test.DEFAULT_SERVER}]",
+    )
+    send.add_argument(
+        "--from", dest="sender", default=send_test.DEFAULT_SENDER, metavar="ADDR",
+        help=f"envelope and header sender [default: {send_test.DEFAULT_SENDER}]",
+    )
+    send.add_argument("--subject", metavar="TEXT", help="[default: mailingest test message]")
+    send.add_argument(
+        "--attach", action="extend", nargs="+", default=[], metavar="FILE",
+        help="attach these files (repeatable)",
+    )
+    send.add_argument("--count", type=_positive_int, default=1, metavar="N", help="send N messages [default: 1]")
+    send.add_argument(
+        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="SMTP timeout [default: 30]"
+    )
+    return parser
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "reprocess":
+        if args.id is None and not args.failed:
+            parser.error("reprocess: give a message ID or --failed")
+        if args.id is not None and args.failed:
+            parser.error("reprocess: give a message ID or --failed, not both")
+        if args.org is not None and not args.failed:
+            parser.error("reprocess: --org goes with --failed")
+
+
+# running
+
+
+def _react(run: Callable[[], Awaitable[int]]) -> int:
+    """One reactor run for one command; C{run} reports its own errors and returns the exit status."""
+    status: list[int] = []
+
+    async def recorded() -> None:
+        status.append(await run())
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(recorded()))
+    except SystemExit:
+        pass
+    return status[0] if status else 1
+
+
+async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    session = Session(settings)
+    try:
+        try:
+            session.open_store()
+            if handler is not cmd_migrate:
+                await session.store.migrate()
+            await handler(session, args)
+        finally:
+            await session.close()
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except Exception as e:
+        message = _user_message(e, settings)
+        if message is None:
+            traceback.print_exception(e)
+            message = f"unexpected error: {e!r}"
+        return _fail(message, _secrets(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse, settle the storage options, run one command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    try:
+        if args.handler is cmd_send_test:
+            return cmd_send_test(args)
+        given = {option.key: getattr(args, option.key) for option in STORAGE_OPTIONS}
+        settings = resolve(STORAGE_OPTIONS, given, os.environ, args.config)
+    except MailingestError as e:
+        return _fail(str(e))
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        return 130
+    return _react(lambda: _run_with_store(args.handler, args, settings))
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our stdout went away (C{| head}): nothing left to say to it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1

@@ -1,0 +1,76 @@
+"""The bulk end-of-DATA reader, against every way a stream can be split."""
+
+import random
+
+from twisted.trial import unittest
+
+from mailingest.dotstuffing import DotReader
+
+CASES = [
+    (b".\r\n", b""),
+    (b"hi\r\n.\r\n", b"hi\r\n"),
+    (b"..x\r\n.\r\n", b".x\r\n"),
+    (b"a\r\n..\r\n.\r\n", b"a\r\n.\r\n"),
+    (b"a\r\n...b\r\n.\r\n", b"a\r\n..b\r\n"),
+    (b"a\n.\nb\r\n.\r\n", b"a\n.\nb\r\n"),
+    (b"a\r\n.\rb\r\n.\r\n", b"a\r\n\rb\r\n"),
+    (b"a\r.\r\nb\r\n.\r\n", b"a\r.\r\nb\r\n"),
+    (b"a\r\n.\nb\r\n.\r\n", b"a\r\n\nb\r\n"),
+    (b"no final\r\n\r\n.\r\n", b"no final\r\n\r\n"),
+]
+
+
+def read(stream: bytes, cuts: list[int], limit: int = 10**9):
+    out = []
+    reader = DotReader(out.append, limit)
+    position = 0
+    for cut in cuts + [len(stream)]:
+        if cut <= position:
+            continue
+        consumed = reader.feed(stream[position:cut])
+        if consumed is not None:
+            return b"".join(out), position + consumed, reader
+        position = cut
+    return b"".join(out), None, reader
+
+
+class DotReaderTests(unittest.SynchronousTestCase):
+    def test_every_split(self):
+        rng = random.Random(1)
+        for data, expected in CASES:
+            stream = data + b"MAIL FROM:<next@x>\r\n"
+            splits = [[]] + [[i] for i in range(1, len(stream))]
+            splits += [sorted(rng.sample(range(1, len(stream)), min(4, len(stream) - 1))) for _ in range(50)]
+            for cuts in splits:
+                got, consumed, _ = read(stream, cuts)
+                self.assertEqual((got, consumed), (expected, len(data)), (data, cuts))
+
+    def test_incomplete_stream_waits(self):
+        got, consumed, _ = read(b"hello\r\n.\r", [])
+        self.assertEqual((got, consumed), (b"hello", None))
+
+    def test_size_limit(self):
+        got, consumed, reader = read(b"x" * 100 + b"\r\n.\r\n", [10, 50], limit=60)
+        self.assertEqual(consumed, 105)
+        self.assertEqual(reader.refusal[0], 552)
+        self.assertEqual(reader.size, 102)
+
+    def test_long_line_across_chunks(self):
+        stream = b"short\r\n" + b"y" * 300 + b"\r\n.\r\n"
+        for cuts in ([], [100], [7, 200], [50, 150, 250]):
+            out = []
+            reader = DotReader(out.append, 10**9, max_line=256)
+            reader.feed(stream[: cuts[0]] if cuts else stream)
+            position = cuts[0] if cuts else len(stream)
+            for cut in cuts[1:] + [len(stream)]:
+                if position < len(stream):
+                    reader.feed(stream[position:cut])
+                position = cut
+            self.assertEqual(reader.refusal[0], 500, cuts)
+
+    def test_lines_at_the_limit_pass(self):
+        stream = (b"y" * 256 + b"\r\n") * 3 + b".\r\n"
+        out = []
+        reader = DotReader(out.append, 10**9, max_line=257)
+        self.assertEqual(reader.feed(stream), len(stream))
+        self.assertIsNone(reader.refusal)
