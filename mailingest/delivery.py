@@ -65,12 +65,23 @@ def new_transaction_id() -> str:
     return uuid.uuid4().hex
 
 
+def raw_header(headers, name: str) -> str | None:
+    """
+    The first C{name} header as clean text. Raw values keep 8-bit bytes (UTF-8
+    headers, RFC 6532) as surrogates; they are decoded here as UTF-8.
+    """
+    for key, value in headers.raw_items():
+        if key.lower() == name.lower():
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
+
+
 def message_id_of(headers) -> str | None:
     """The Message-ID header, unfolded and trimmed, or None when missing or empty."""
-    value = headers.get("Message-ID")
+    value = raw_header(headers, "Message-ID")
     if value is None:
         return None
-    value = " ".join(str(value).split())
+    value = " ".join(value.split())
     if not value:
         return None
     if len(value) > MAX_MESSAGE_ID:
@@ -84,14 +95,14 @@ def synthetic_message_id(sent_sha256: str) -> str:
 
 
 def subject_of(headers) -> str | None:
-    raw = headers.get("Subject")
-    if raw is None:
+    text = raw_header(headers, "Subject")
+    if text is None:
         return None
-    raw = str(raw)
-    try:
-        text = str(email.header.make_header(email.header.decode_header(raw)))
-    except Exception:
-        text = raw
+    if "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except Exception:
+            pass
     return " ".join(text.split())[:MAX_SUBJECT]
 
 
@@ -208,7 +219,8 @@ class IngestDelivery:
             f"\tby {self.hostname} (mailingest) with {with_} id {txid}",
         ]
         if len(recipients) == 1:
-            lines.append(f"\tfor <{_printable(str(recipients[0].dest), 320)}>;")
+            dest = recipients[0].dest
+            lines.append(f"\tfor <{_printable((dest.local + b'@' + dest.domain).decode('utf-8', 'replace'), 320)}>;")
         else:
             lines[-1] += ";"
         lines.append("\t" + format_datetime(datetime.now(timezone.utc)))

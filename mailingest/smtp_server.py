@@ -35,6 +35,8 @@ MIN_DATA_RATE = 500
 DATA_RATE_GRACE_SECONDS = 30.0
 MAX_DATA_SECONDS = 1800.0
 DATA_CHECK_SECONDS = 5.0
+_UTF8_MAIL = re.compile(rb"\s*FROM:\s*(?P<path><[^<>\s]*>)(\s+(?P<opts>.*))?$", re.I)
+_UTF8_RCPT = re.compile(rb"\s*TO:\s*(?P<path><[^<>\s]+>)(\s+(?P<opts>.*))?$", re.I)
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
@@ -94,6 +96,7 @@ class IngestSMTP(smtp.ESMTP):
         self._envelope = None
         self._spool = None
         self._esmtp = False
+        self._smtputf8 = False
         self._errors = 0
         self.transaction_id = ""
 
@@ -136,6 +139,7 @@ class IngestSMTP(smtp.ESMTP):
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
+        ext[b"SMTPUTF8"] = None
         return ext
 
     def received_with(self) -> str:
@@ -189,7 +193,7 @@ class IngestSMTP(smtp.ESMTP):
             if len(line) > MAX_COMMAND_LINE:
                 self.sendCode(500, b"5.5.2 Line too long")
                 continue
-            if _BAD_COMMAND_BYTES.search(line) or not line.isascii():
+            if _BAD_COMMAND_BYTES.search(line) or not _acceptable_text(line):
                 self.sendCode(500, b"5.5.2 Invalid characters in command")
                 continue
             if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
@@ -268,16 +272,17 @@ class IngestSMTP(smtp.ESMTP):
         if self._from:
             self.sendCode(503, b"5.5.1 Sender already given")
             return
-        m = self.mail_re.match(rest)
+        m = self.mail_re.match(rest) or _UTF8_MAIL.match(rest)
         if not m:
             self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
+        self._smtputf8 = False
         error = self._check_mail_params(m.group("opts"))
         if error:
             self.sendCode(*error)
             return
         try:
-            sender = smtp.Address(m.group("path"), self.host)
+            sender = self._address(m.group("path"))
         except smtp.AddressError as e:
             self.sendCode(553, b"5.1.7 Bad sender address: " + str(e).encode("ascii", "replace")[:200])
             return
@@ -299,9 +304,24 @@ class IngestSMTP(smtp.ESMTP):
             elif name == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return 501, b"5.5.4 Bad BODY parameter"
+            elif name == b"SMTPUTF8" and not value:
+                self._smtputf8 = True
             else:
                 return 555, b"5.5.4 Unsupported MAIL FROM parameter " + name[:64]
         return None
+
+    def _address(self, path: bytes) -> smtp.Address:
+        """Twisted's parser for ASCII; an internationalised address (RFC 6531) needs SMTPUTF8."""
+        if path.isascii():
+            return smtp.Address(path, self.host)
+        if not self._smtputf8:
+            raise smtp.AddressError("non-ASCII address without SMTPUTF8")
+        local, at, domain = path.strip(b"<>").rpartition(b"@")
+        if not (at and local and domain):
+            raise smtp.AddressError("malformed address")
+        address = smtp.Address(b"placeholder@invalid")
+        address.local, address.domain, address.addrstr = local, domain, path
+        return address
 
     def _sender_ok(self, sender):
         self._from = sender
@@ -311,7 +331,7 @@ class IngestSMTP(smtp.ESMTP):
         if not self._from:
             self.sendCode(503, b"5.5.1 Need MAIL before RCPT")
             return
-        m = self.rcpt_re.match(rest)
+        m = self.rcpt_re.match(rest) or _UTF8_RCPT.match(rest)
         if not m:
             self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
             return
@@ -323,7 +343,7 @@ class IngestSMTP(smtp.ESMTP):
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
         try:
-            user = smtp.User(m.group("path"), self._helo, self, self._from)
+            user = smtp.User(self._address(m.group("path")), self._helo, self, self._from)
         except smtp.AddressError as e:
             self.sendCode(553, b"5.1.3 Bad recipient address: " + str(e).encode("ascii", "replace")[:200])
             return
@@ -346,7 +366,7 @@ class IngestSMTP(smtp.ESMTP):
     def _log_refused(self, error) -> None:
         log.info(
             "refused recipient {rcpt} from {peer}: {code} {reply}",
-            rcpt=str(error.addr),
+            rcpt=address_text(error.addr),
             peer=self._peer(),
             code=error.code,
             reply=error.resp,
@@ -366,7 +386,7 @@ class IngestSMTP(smtp.ESMTP):
             id=self.transaction_id,
             peer=self._peer(),
             helo=(self._helo[0] or b"").decode("ascii", "replace"),
-            mail_from=str(self._from),
+            mail_from=address_text(self._from),
             recipients=[factory() for _, factory in self._to],
         )
         self._from = None
@@ -541,6 +561,25 @@ class IngestSMTPFactory(protocol.ServerFactory):
         if not self.by_peer[peer]:
             del self.by_peer[peer]
         metrics.OPEN_CONNECTIONS.dec()
+
+
+def _acceptable_text(line: bytes) -> bool:
+    """ASCII, or UTF-8 in MAIL and RCPT (the addresses of SMTPUTF8)."""
+    if line.isascii():
+        return True
+    if line[:4].upper() not in (b"MAIL", b"RCPT"):
+        return False
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def address_text(address: smtp.Address) -> str:
+    """An address as text; internationalised addresses are UTF-8."""
+    raw = address.local + (b"@" + address.domain if address.domain else b"")
+    return raw.decode("utf-8", "replace")
 
 
 def peer_key(host: str) -> str:

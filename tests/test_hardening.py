@@ -419,3 +419,30 @@ class ImplicitTLSTests(HardeningCase):
         [path] = self.daemon.blob_files()
         with open(path, "rb") as f:
             self.assertRegex(f.read(), rb"with ESMTPS \(TLSv1")
+
+
+class SMTPUTF8Tests(HardeningCase):
+    @defer.inlineCallbacks
+    def test_internationalised_addresses_and_headers(self):
+        body = "From: Jürgen <jürgen@münchen.test>\r\nSubject: Bestellung für März\r\nMessage-ID: <ü@x>\r\n\r\nGrüße\r\n".encode()
+
+        def run():
+            client = smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10)
+            client.ehlo("customer.test")
+            offered = client.has_extn("smtputf8")
+            client.send("MAIL FROM:<jürgen@münchen.test>\r\n".encode())
+            refused_without = client.getreply()
+            client.rset()
+            result = client.sendmail("jürgen@münchen.test", ["bestellung+acme@example.com"], body, mail_options=["SMTPUTF8"])
+            client.quit()
+            return offered, refused_without, result
+
+        offered, refused_without, result = yield self.talk(run)
+        self.assertTrue(offered)
+        self.assertEqual(refused_without[0] // 100, 5)
+        self.assertEqual(result, {})
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["mail_from"], row["subject"]), ("jürgen@münchen.test", "Bestellung für März"))
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            self.assertTrue(f.read().endswith(body))

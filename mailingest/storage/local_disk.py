@@ -39,6 +39,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_durable(path: str) -> None:
+    """
+    Create C{path} and its missing parents, fsyncing each directory that gained
+    an entry: fsyncing only the blob's own directory would let a crash lose a
+    freshly created directory, and the acknowledged blob with it.
+    """
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            pass
+        fsync_dir(os.path.dirname(directory))
+
+
 @implementer(IBlobStore)
 class LocalDiskBlobStore:
     def __init__(self, root: str):
@@ -58,7 +76,7 @@ class LocalDiskBlobStore:
 
     def _put_file(self, final: str, source: str, size: int) -> None:
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            makedirs_durable(os.path.dirname(final))
             tmp = os.path.join(self._tmp, uuid.uuid4().hex)
             try:
                 written = self._link_or_copy(source, tmp)
