@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from mailingest.delivery import IngestDelivery, OrgDirectory
 from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
+from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.smtp_server import IngestSMTPFactory
 from mailingest.tls import load_tls
@@ -128,7 +129,7 @@ class Daemon(service.MultiService):
     def startService(self):
         service.Service.startService(self)
         for child in self.early:
-            child.startService()
+            defer.maybeDeferred(child.startService).addErrback(self._failed_to_start)
         self._starting = defer.ensureDeferred(self._start())
         self._starting.addErrback(self._failed_to_start)
 
@@ -197,6 +198,15 @@ def build_daemon(settings: dict, reactor=None):
     spool_dir = os.path.join(scratch, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)
+
+    if settings["http"] != "none":
+        site = make_ops_site(
+            {"database": store.check, "storage": blobs.check},
+            queue_depth=lambda: store.count_messages("received"),
+        )
+        ops = Listener(reactor, settings["http"], site, "ops HTTP")
+        ops.setServiceParent(daemon)
+        daemon.early.append(ops)
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon)

@@ -3,7 +3,10 @@ Prometheus metrics: module-level, one set per process, exported by the ops
 endpoint. Names follow Prometheus conventions (C{_total} counters, base units).
 """
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# One series per counter is enough for alerting; the *_created twins only add noise.
+disable_created_metrics()
 
 MESSAGES_ACCEPTED = Counter(
     "mailingest_messages_accepted_total",

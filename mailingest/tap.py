@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from mailingest.config import ALL_OPTIONS, default_hostname, resolve
 from mailingest.errors import ConfigError
+from mailingest.logs import install_twistd_logger
 
 
 def _option_tables():
@@ -63,6 +64,7 @@ class Options(usage.Options):
             self.settings["hostname"] = default_hostname()
         if bool(self.settings["tls_cert"]) != bool(self.settings["tls_key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
+        install_twistd_logger(self, self.settings)
 
 
 def makeService(options: Options):

@@ -1,0 +1,227 @@
+"""
+Log output of the daemon: a readable text format and JSON lines for log
+shippers, both scrubbed of secrets.
+
+Every line is masked as L{redact} does, so the database password and the S3
+secret key cannot reach the log even when a library puts them in a message.
+
+Under twistd, L{install_twistd_logger} makes these observers the daemon's only
+log output, twistd's own start and stop lines included.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any, TextIO
+from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
+from twisted.python import logfile, usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+FORMATS = ("text", "json")
+MASK = "***"
+JSON_KEYS = ("time", "level", "namespace", "message", "traceback")
+
+# The name twistd resolves (with namedAny) when install_twistd_logger has
+# chosen the log output; see twistd_observer.
+TWISTD_LOGGER = "mailingest.logs.twistd_observer"
+_twistd_observer_factory: Callable[[], ILogObserver] | None = None
+
+
+def _secret_pattern(secrets: Iterable[str]) -> re.Pattern | None:
+    forms = set()
+    for secret in secrets:
+        if secret:
+            forms.update((secret, quote(secret, safe=""), quote(secret), quote_plus(secret)))
+    if not forms:
+        return None
+    # Longest first, so a secret that contains another is masked whole.
+    return re.compile("|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True)))
+
+
+def _masker(secrets: Iterable[str]) -> Callable[[str], str]:
+    pattern = _secret_pattern(secrets)
+    if pattern is None:
+        return lambda text: text
+    return lambda text: pattern.sub(MASK, text)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every non-empty secret in C{text}, plain or URL-quoted, with C{***}."""
+    return _masker(secrets)(text)
+
+
+def secrets_from_settings(settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """
+    The secrets the daemon holds: the database password (as written in the URL
+    and decoded) and the AWS secret key and session token.
+    """
+    secrets = []
+    password = urlsplit(settings.get("database") or "").password
+    if password:
+        secrets += [password, unquote(password)]
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if environ.get(name):
+            secrets.append(environ[name])
+    return secrets
+
+
+def _utc(event: Mapping[str, Any]) -> datetime:
+    when = event.get("log_time")
+    return datetime.fromtimestamp(when, timezone.utc) if when is not None else datetime.now(timezone.utc)
+
+
+def _level(event: Mapping[str, Any]) -> str:
+    level = event.get("log_level")
+    return level.name if level is not None else "-"
+
+
+def _text_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str | None:
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if not text:
+        return None
+    stamp = _utc(event).strftime("%Y-%m-%dT%H:%M:%SZ")
+    namespace = event.get("log_namespace", "-")
+    # Continuation lines (tracebacks, multi-line messages) are indented, as in
+    # Twisted's classic format, so every record starts at column 0.
+    return mask(f"{stamp} [{namespace}#{_level(event)}] " + text.replace("\n", "\n\t"))
+
+
+def _json_value(value: Any, mask: Callable[[str], str]) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return mask(value if isinstance(value, str) else str(value))
+
+
+def _json_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str:
+    record = {
+        "time": _utc(event).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": _level(event),
+        "namespace": event.get("log_namespace", "-"),
+        "message": mask(formatEvent(event)),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = mask(failure.getTraceback())
+    for key, value in event.items():
+        # Legacy log.err events repeat the failure under "failure": it is
+        # already in "traceback".
+        if key.startswith("log_") or key in JSON_KEYS or isinstance(value, Failure):
+            continue
+        record[key] = _json_value(value, mask)
+    return json.dumps(record)
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """
+    Writes one record per event to a text stream. Debug events are dropped:
+    they are for development (the ops endpoint logs every probe at debug).
+    """
+
+    def __init__(
+        self,
+        render: Callable[[Mapping[str, Any], Callable[[str], str]], str | None],
+        stream: TextIO,
+        secrets: Iterable[str] = (),
+    ):
+        self._render = render
+        self._stream = stream
+        self._mask = _masker(secrets)
+        # Events arrive from thread pools too (adbapi); keep lines whole.
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("log_level") is LogLevel.debug:
+            return
+        line = self._render(event, self._mask)
+        if line is None:
+            return
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+def make_observer(log_format: str, stream: TextIO, secrets: Iterable[str] = ()) -> ILogObserver:
+    """
+    An observer writing C{text} (one readable line per event, UTC timestamps)
+    or C{json} (one JSON object per line) to C{stream}, with C{secrets} masked.
+    """
+    if log_format == "text":
+        return LineObserver(_text_line, stream, secrets)
+    if log_format == "json":
+        return LineObserver(_json_line, stream, secrets)
+    raise ValueError(f"unknown log format {log_format!r}: expected one of {', '.join(FORMATS)}")
+
+
+def _twistd_stream(server_options: Mapping[str, Any]) -> TextIO:
+    """The destination twistd itself would log to: stdout or C{--logfile}."""
+    name = server_options.get("logfile") or ""
+    nodaemon = server_options.get("nodaemon", False)
+    if name == "-" or (nodaemon and not name):
+        if not nodaemon:
+            sys.exit("Daemons cannot log to stdout, exiting!")
+        return sys.stdout
+    stream = logfile.LogFile.fromFullPath(name or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(stream.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return stream
+
+
+def twistd_logger_for(
+    server_options: Mapping[str, Any], log_format: str, secrets: Iterable[str] = ()
+) -> Callable[[], ILogObserver]:
+    """
+    A factory, as twistd's C{--logger} expects, for an observer writing to where
+    twistd would (stdout with C{--nodaemon}, else C{--logfile}, default
+    C{twistd.log}, reopened on SIGUSR1 like twistd's).
+    """
+    secrets = list(secrets)
+    return lambda: make_observer(log_format, _twistd_stream(server_options), secrets)
+
+
+def twistd_observer() -> ILogObserver:
+    """Called by twistd, which knows this function by the name L{TWISTD_LOGGER}."""
+    if _twistd_observer_factory is None:
+        return make_observer("text", sys.stdout)
+    return _twistd_observer_factory()
+
+
+def install_twistd_logger(
+    plugin_options: usage.Options,
+    settings: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+) -> None:
+    """
+    Make twistd log through L{make_observer} with C{settings["log_format"]} and
+    the daemon's secrets masked. Call it from the plugin's C{postOptions}.
+
+    twistd builds its log observer from its C{--logger} option (a dotted
+    name) after all options are parsed and before the application starts, so
+    this fills that option in. An operator's own C{--logger} or C{--syslog}
+    wins. Outside twistd (no parent options) it does nothing.
+    """
+    global _twistd_observer_factory
+    server_options = getattr(plugin_options, "parent", None)
+    if server_options is None or server_options.get("logger") or server_options.get("syslog"):
+        return
+    _twistd_observer_factory = twistd_logger_for(
+        server_options, settings["log_format"], secrets_from_settings(settings, environ)
+    )
+    server_options["logger"] = TWISTD_LOGGER

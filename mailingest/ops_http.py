@@ -1,0 +1,202 @@
+"""
+The ops HTTP endpoint: liveness (C{/healthz}), readiness (C{/readyz}) and
+Prometheus metrics (C{/metrics}).
+
+Every backend question is bounded by a deadline, so a hung database makes
+C{/readyz} answer 503 in bounded time instead of hanging the prober with it.
+Probes and scrapes arrive every few seconds: they are logged at debug level
+only, so they never flood the daemon's log.
+"""
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import prometheus_client
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import pages, resource, server
+from twisted.web.iweb import IRequest
+
+from mailingest import metrics
+
+log = Logger(namespace="mailingest.ops_http")
+
+MAX_REASON_LENGTH = 300
+
+Check = Callable[[], defer.Deferred]
+Response = tuple[int, bytes, bytes]
+
+
+class CheckTimedOut(Exception):
+    """A readiness check or queue-depth query did not answer within its deadline."""
+
+
+def _bounded(call: Check, timeout: float, clock: IReactorTime) -> defer.Deferred:
+    """Call C{call} and give up on its result after C{timeout} seconds."""
+
+    def timed_out(result: Any, timeout: float) -> None:
+        raise CheckTimedOut(f"timed out after {float(timeout)} s")
+
+    return defer.maybeDeferred(call).addTimeout(timeout, clock, onTimeoutCancel=timed_out)
+
+
+def describe_failure(failure: Failure) -> str:
+    """One line, at most L{MAX_REASON_LENGTH} characters, for a readiness report."""
+    reason = failure.getErrorMessage() or failure.type.__name__
+    return " ".join(reason.split())[:MAX_REASON_LENGTH]
+
+
+class _Endpoint(resource.Resource):
+    """
+    One path answering GET and HEAD asynchronously; anything below it is 404
+    and any other method 405 (Twisted would answer 501 to some of them).
+    """
+
+    allowedMethods = (b"GET", b"HEAD")
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.IResource:
+        return pages.notFound()
+
+    def answer(self) -> defer.Deferred | Response:
+        """Compute (status code, content type, body)."""
+        raise NotImplementedError
+
+    def render(self, request: server.Request) -> bytes | int:
+        if request.method not in self.allowedMethods:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b", ".join(self.allowedMethods))
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"method not allowed\n"
+        return self._respond(request)
+
+    def _respond(self, request: server.Request) -> int:
+        # The client may go away before the backends answer: then there is
+        # nothing to write to, and writing anyway would be an error.
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def send(response: Response) -> None:
+            if gone:
+                return
+            code, content_type, body = response
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def broken(failure: Failure) -> Response:
+            log.failure("ops endpoint {path} failed", failure, path=request.path)
+            return 500, b"text/plain; charset=utf-8", b"internal error\n"
+
+        d = defer.maybeDeferred(self.answer).addErrback(broken).addCallback(send)
+        d.addErrback(lambda failure: log.failure("cannot answer {path}", failure, path=request.path))
+        return server.NOT_DONE_YET
+
+
+class _Health(_Endpoint):
+    def answer(self) -> Response:
+        return 200, b"text/plain; charset=utf-8", b"ok\n"
+
+
+class _Readiness(_Endpoint):
+    def __init__(self, checks: Mapping[str, Check], timeout: float, clock: IReactorTime):
+        super().__init__()
+        self._checks = dict(checks)
+        self._timeout = timeout
+        self._clock = clock
+
+    def answer(self) -> defer.Deferred:
+        names = list(self._checks)
+        outcomes = [
+            _bounded(self._checks[name], self._timeout, self._clock).addCallbacks(
+                lambda _: "ok", lambda failure: "error: " + describe_failure(failure)
+            )
+            for name in names
+        ]
+
+        def report(results: list[str]) -> Response:
+            checks = dict(zip(names, results))
+            ready = all(result == "ok" for result in results)
+            body = {"status": "ready" if ready else "unavailable", "checks": checks}
+            return 200 if ready else 503, b"application/json", json.dumps(body).encode() + b"\n"
+
+        return defer.gatherResults(outcomes).addCallback(report)
+
+
+class _Metrics(_Endpoint):
+    def __init__(self, queue_depth: Check | None, timeout: float, clock: IReactorTime):
+        super().__init__()
+        self._queue_depth = queue_depth
+        self._timeout = timeout
+        self._clock = clock
+
+    def answer(self) -> defer.Deferred:
+        if self._queue_depth is None:
+            refreshed = defer.succeed(None)
+        else:
+            # A stale gauge is better than a failed scrape; /readyz already
+            # tells which backend is down.
+            refreshed = _bounded(self._queue_depth, self._timeout, self._clock).addCallbacks(
+                metrics.QUEUE_DEPTH.set,
+                lambda failure: log.debug(
+                    "queue depth unavailable: {reason}", reason=describe_failure(failure)
+                ),
+            )
+        return refreshed.addCallback(
+            lambda _: (
+                200,
+                prometheus_client.CONTENT_TYPE_LATEST.encode(),
+                prometheus_client.generate_latest(),
+            )
+        )
+
+
+class _Root(resource.Resource):
+    def getChild(self, path: bytes, request: IRequest) -> resource.IResource:
+        return pages.notFound()
+
+
+class OpsSite(server.Site):
+    """A Site that logs requests at debug level instead of writing an access log."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: server.Request) -> None:
+        log.debug(
+            "{method} {path} {code} from {client}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            code=request.code,
+            client=getattr(request.getClientAddress(), "host", "-"),
+        )
+
+
+def make_ops_site(
+    checks: Mapping[str, Check],
+    queue_depth: Check | None = None,
+    check_timeout: float = 2.0,
+    clock: IReactorTime | None = None,
+) -> server.Site:
+    """
+    Build the ops site.
+
+    @param checks: readiness checks by name (C{"database"}, C{"storage"}),
+        each returning a Deferred that fires when the backend answers.
+    @param queue_depth: returns a Deferred firing with the number of messages
+        waiting for extraction, refreshed into the gauge on every scrape.
+    @param check_timeout: seconds each check (and the queue depth) may take.
+    @param clock: for the deadlines; the global reactor by default.
+    """
+    if clock is None:
+        from twisted.internet import reactor as clock
+    root = _Root()
+    root.putChild(b"healthz", _Health())
+    root.putChild(b"readyz", _Readiness(checks, check_timeout, clock))
+    root.putChild(b"metrics", _Metrics(queue_depth, check_timeout, clock))
+    return OpsSite(root)

@@ -1,0 +1,469 @@
+"""
+The production database: PostgreSQL through txpostgres, shared by many daemons.
+
+Interactions run on a L{txpostgres.txpostgres.ConnectionPool} that starts
+with C{min_connections} and grows up to C{max_connections} while interactions
+wait for a connection. Every statement is really asynchronous: an interaction
+may hold a transaction (and its row locks) across other Deferreds.
+
+A daemon must outlive database restarts. Each connection carries its own
+reconnector: when its server goes away (noticed while idle, or by a failing
+statement) it is closed and reopened with backoff (at once, then 0.5 s doubling
+to 10 s), and meanwhile every interaction that picks it fails at once with
+L{DatabaseUnavailable} instead of waiting. The SMTP side turns that into a 451;
+nothing has to restart the daemon.
+
+The URL's password never leaves this module: representations, log events and
+L{DatabaseUnavailable} messages show the URL with C{***} in its place.
+"""
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from twisted.internet import defer
+from twisted.internet.error import ConnectionClosed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import txpostgres
+from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
+
+from mailingest.errors import ConfigError, MailingestError
+
+log = Logger()
+
+CONNECT_TIMEOUT = 10.0
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 10.0
+
+# Defaults an operator would want from a long-lived daemon; the URL overrides
+# them. Keepalives notice a server that vanished without closing the socket.
+DEFAULT_OPTIONS = {
+    "application_name": "mailingest",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
+class DatabaseUnavailable(MailingestError):
+    """The database cannot be reached now; retrying later may succeed."""
+
+
+def _backoff() -> Iterator[float]:
+    """Delays between reconnection attempts: at once (a single killed backend
+    comes back immediately), then 0.5 s doubling up to 10 s."""
+    yield 0.0
+    delay = FIRST_RETRY_DELAY
+    while True:
+        yield delay
+        delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+def _pyformat(sql: str) -> str:
+    """Our C{?} placeholders in psycopg2's style (a literal C{%} doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# libpq ends the userinfo of a URL at the first "@" or "/". A password can
+# also be a query parameter, or a keyword of a "key=value" connection string.
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):([^@/]*)@")
+_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&#\s]*)")
+
+
+def _redact(url: str) -> str:
+    """The URL with its password replaced by C{***}: readable, and never guessing."""
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def _secrets(url: str, params: dict) -> tuple[str, ...]:
+    """Every form of the password that could show up in a message, longest first."""
+    written = _QUERY_PASSWORD.findall(url)
+    match = _USERINFO_PASSWORD.match(url)
+    raw = [value for _, value in written] + ([match.group(2)] if match else [])
+    found = {form for value in raw for form in (value, unquote(value))}
+    found.add(params.get("password", ""))
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where to connect, and how to speak of it without the password."""
+
+    dsn: str
+    public: str
+    secrets: tuple[str, ...]
+    connect_timeout: float
+    options: dict
+
+    def reason(self, error: BaseException) -> str:
+        """Why C{error} made the database unavailable, in one line without the password."""
+        if isinstance(error, txpostgres.RollbackFailed):
+            error = error.originalFailure.value
+        if isinstance(error, ConnectionDead):
+            return "connection lost, reconnecting"
+        if isinstance(error, ConnectionClosed):
+            return "connection closed"
+        return _scrub(" ".join(str(error).split()) or type(error).__name__, self.secrets)
+
+    def unavailable(self, error: BaseException) -> DatabaseUnavailable:
+        return DatabaseUnavailable(f"database {self.public} unavailable: {self.reason(error)}")
+
+
+def _target(url: str) -> _Target:
+    public = _redact(url)
+    try:
+        params = psycopg2.extensions.parse_dsn(url)
+    except psycopg2.Error as e:
+        reason = _scrub(" ".join(str(e).split()), _secrets(url, {}))
+        raise ConfigError(f"bad database URL {public!r}: {reason}") from None
+    try:
+        connect_timeout = float(params.get("connect_timeout") or CONNECT_TIMEOUT)
+    except ValueError:
+        raise ConfigError(f"bad database URL {public!r}: connect_timeout is not a number") from None
+    return _Target(
+        dsn=url,
+        public=public,
+        secrets=_secrets(url, params),
+        connect_timeout=connect_timeout,
+        options={
+            "cursor_factory": psycopg2.extras.RealDictCursor,
+            **{k: v for k, v in DEFAULT_OPTIONS.items() if k not in params},
+        },
+    )
+
+
+class _Reconnector(DeadConnectionDetector):
+    """
+    Reopen one connection with backoff after it died; while it is dead, calls
+    on it fail at once with C{ConnectionDead}.
+
+    txpostgres's own detector cannot be stopped (its retry loop would outlive
+    L{PostgresqlEngine.close}) and treats every OperationalError (a deadlock, a
+    cancelled statement) as a dead connection; here a connection is dead when
+    psycopg2 closed it.
+    """
+
+    def __init__(self, reactor, target: _Target):
+        super().__init__(deathChecker=self._is_dead, reactor=reactor)
+        self._target = target
+        self._delays = _backoff()
+        self._pending = None
+        self._stopped = False
+
+    def _is_dead(self, failure: Failure) -> bool:
+        conn = self.reconnectable.pollable() if self.reconnectable else None
+        return conn is None or bool(conn.closed) or bool(failure.check(txpostgres.RollbackFailed))
+
+    def lost(self, failure: Failure) -> None:
+        """Treat the connection as dead although psycopg2 did not close it (a failed connect)."""
+        if not self.connectionIsDead:
+            self.connectionIsDead = True
+            self.startReconnecting(failure)
+
+    def startReconnecting(self, f: Failure) -> None:
+        if self._stopped:
+            return
+        log.warn(
+            "database {where} unavailable ({reason}); reconnecting",
+            where=self._target.public,
+            reason=self._target.reason(f.value),
+        )
+        self._delays = _backoff()
+        self._schedule()
+
+    def _schedule(self, _ignored=None) -> None:
+        if not self._stopped:
+            self._pending = self.reactor.callLater(next(self._delays), self._attempt)
+
+    def _attempt(self) -> None:
+        self._pending = None
+        d = self.reconnect()
+        d.addCallbacks(lambda _: self.connectionRecovered(), self._schedule)
+
+    def connectionRecovered(self):
+        log.info("database {where}: connection re-established", where=self._target.public)
+        return super().connectionRecovered()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+
+
+class _Connection(txpostgres.Connection):
+    """
+    A txpostgres connection that reconnects itself, gives up connecting after
+    a timeout (libpq ignores C{connect_timeout} for asynchronous connections),
+    and reports a lost server as L{DatabaseUnavailable}.
+    """
+
+    def __init__(self, reactor, cooperator, target: _Target):
+        super().__init__(reactor, cooperator, detector=_Reconnector(reactor, target))
+        self._target = target
+
+    def open(self) -> defer.Deferred:
+        return self.connect(self._target.dsn, **self._target.options)
+
+    def connect(self, *args, **kwargs) -> defer.Deferred:
+        d = super().connect(*args, **kwargs)
+        if d.called:
+            return d
+        timeout = self._target.connect_timeout
+        timer = self.reactor.callLater(timeout, self.close)
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+                return result
+            return Failure(TimeoutError(f"no answer within {timeout:g} s"))
+
+        return d.addBoth(settle)
+
+    def doRead(self):
+        # An idle connection whose server went away: hand the error to the
+        # reactor as the reason the connection was lost (which starts the
+        # reconnection) instead of raising, which it would log as unhandled.
+        try:
+            return super().doRead()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+            return e
+
+    def runInteraction(self, interaction, *args, **kwargs) -> defer.Deferred:
+        d = self.lock.run(
+            self.detector.callChecking, self._transaction, interaction, *args, **kwargs
+        )
+        return d.addErrback(self._unavailable_if_dead)
+
+    @defer.inlineCallbacks
+    def _transaction(self, interaction, *args, **kwargs):
+        # txpostgres's own version logs a failed ROLLBACK as an unhandled
+        # error, which is what happens whenever the server dies mid-transaction.
+        cursor = self.cursor()
+        yield cursor.execute("BEGIN")
+        try:
+            result = yield interaction(cursor, *args, **kwargs)
+        except Exception:
+            failed = Failure()
+            if not self.pollable().closed:
+                try:
+                    yield cursor.execute("ROLLBACK")
+                except Exception:
+                    raise txpostgres.RollbackFailed(self, failed) from None
+            failed.raiseException()
+        yield cursor.execute("COMMIT")
+        return result
+
+    def _unavailable_if_dead(self, failure: Failure):
+        if self.detector.connectionIsDead:
+            raise self._target.unavailable(failure.value) from failure.value
+        return failure
+
+    def shutdown(self) -> None:
+        """Close for good: no reconnection, pending work fails."""
+        self.detector.stop()
+        if self.pollable() is not None:
+            self.close()
+
+
+class _Pool(txpostgres.ConnectionPool):
+    """txpostgres's pool, building its first connections with our factory."""
+
+    def __init__(self, factory: Callable, size: int, reactor):
+        self.connectionFactory = factory
+        self.reactor = reactor
+        super().__init__(None, min=size)
+
+
+class _PostgresqlTransaction:
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def execute(self, sql: str, args: tuple = ()) -> defer.Deferred:
+        return self._cursor.execute(_pyformat(sql), tuple(args)).addCallback(lambda _: None)
+
+    def fetchall(self) -> list[dict]:
+        return [dict(row) for row in self._cursor.fetchall()]
+
+    def fetchone(self) -> dict | None:
+        row = self._cursor.fetchone()
+        return None if row is None else dict(row)
+
+
+class PostgresqlEngine:
+    name = "postgresql"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    integrity_errors = (psycopg2.IntegrityError,)
+
+    def __init__(self, url: str, min_connections: int = 1, max_connections: int = 4, reactor=None):
+        if not 1 <= min_connections <= max_connections:
+            raise ValueError("need 1 <= min_connections <= max_connections")
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._target = _target(url)
+        self._min = min_connections
+        self._max = max_connections
+        self._pool: _Pool | None = None
+        self._connections: list[_Connection] = []
+        self._size = 0
+        self._growing = 0
+        self._busy = 0
+        self._closed = False
+        self._start_lock = defer.DeferredLock()
+        self._listener: _Connection | None = None
+        self._listen_lock = defer.DeferredLock()
+        self._channels: dict[str, list[Callable[[str], object]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<PostgresqlEngine {self._target.public}>"
+
+    def _new_connection(self, reactor=None, cooperator=None) -> _Connection:
+        conn = _Connection(reactor or self._reactor, cooperator, self._target)
+        self._connections.append(conn)
+        return conn
+
+    def _open(self, conn: _Connection, retry: bool) -> defer.Deferred:
+        """Connect C{conn}; on failure keep retrying in the background if C{retry}."""
+
+        def failed(failure: Failure):
+            if retry:
+                conn.detector.lost(failure)
+            raise self._target.unavailable(failure.value) from failure.value
+
+        return conn.open().addErrback(failed)
+
+    def start(self) -> defer.Deferred:
+        """
+        Open the first C{min_connections} connections (the first interaction
+        does it anyway). Fails with L{DatabaseUnavailable} when none could be
+        opened; the pool then keeps reconnecting in the background.
+        """
+        return self._start_lock.run(self._start)
+
+    @defer.inlineCallbacks
+    def _start(self):
+        if self._closed:
+            raise DatabaseUnavailable(f"database {self._target.public} is closed")
+        if self._pool is not None:
+            return
+        self._pool = _Pool(self._new_connection, self._min, self._reactor)
+        self._size = self._min
+        results = yield defer.DeferredList(
+            [self._open(conn, retry=True) for conn in self._connections], consumeErrors=True
+        )
+        failures = [result for ok, result in results if not ok]
+        if len(failures) == len(results):
+            failures[0].raiseException()
+
+    def interaction(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """Run C{fn(txn, *args, **kwargs)} in one transaction on a pooled connection."""
+        return self._interaction(fn, args, kwargs)
+
+    @defer.inlineCallbacks
+    def _interaction(self, fn, args, kwargs):
+        yield self.start()
+        self._busy += 1
+        try:
+            self._grow_if_needed()
+            result = yield self._pool.runInteraction(
+                lambda cursor: fn(_PostgresqlTransaction(cursor), *args, **kwargs)
+            )
+        finally:
+            self._busy -= 1
+        return result
+
+    def _grow_if_needed(self) -> None:
+        planned = self._size + self._growing
+        if self._busy > planned and planned < self._max:
+            self._grow()
+
+    @defer.inlineCallbacks
+    def _grow(self):
+        conn = self._new_connection()
+        self._growing += 1
+        try:
+            yield self._open(conn, retry=False)
+        except DatabaseUnavailable:
+            conn.shutdown()
+            if conn in self._connections:
+                self._connections.remove(conn)
+        else:
+            if not self._closed:
+                self._pool.add(conn)
+                self._size += 1
+        finally:
+            self._growing -= 1
+
+    def script(self, sql: str) -> list[str]:
+        """Split a migration file into statements (ours hold no literal ';')."""
+        return [s.strip() for s in sql.split(";") if s.strip()]
+
+    def notify(
+        self, txn: _PostgresqlTransaction, channel: str, payload: str = ""
+    ) -> defer.Deferred:
+        """Wake the listeners of C{channel} (in every daemon) when C{txn} commits."""
+        return txn.execute("SELECT pg_notify(?, ?)", (channel, payload))
+
+    def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred:
+        """
+        Call C{callback(payload)} for each notification on C{channel}, on a
+        dedicated connection. Fires once listening. If the database is down it
+        fails with L{DatabaseUnavailable}, but the callback stays registered and
+        listening resumes by itself when the connection comes back.
+        Notifications sent while disconnected are lost: listeners must also poll.
+        """
+        self._channels.setdefault(channel, []).append(callback)
+        return self._listen_lock.run(self._listen, channel)
+
+    @defer.inlineCallbacks
+    def _listen(self, channel: str):
+        if self._closed:
+            raise DatabaseUnavailable(f"database {self._target.public} is closed")
+        if self._listener is None:
+            self._listener = _Connection(self._reactor, None, self._target)
+            self._listener.addNotifyObserver(self._dispatch)
+            self._listener.detector.addRecoveryHandler(self._listen_all)
+            yield self._open(self._listener, retry=True)
+            yield self._listen_all()
+        else:
+            yield self._listener.runInteraction(
+                lambda cursor: cursor.execute("LISTEN " + _quote_ident(channel))
+            )
+
+    def _listen_all(self) -> defer.Deferred:
+        @defer.inlineCallbacks
+        def listen(cursor):
+            for channel in list(self._channels):
+                yield cursor.execute("LISTEN " + _quote_ident(channel))
+
+        return self._listener.runInteraction(listen)
+
+    def _dispatch(self, notify) -> None:
+        for callback in list(self._channels.get(notify.channel, ())):
+            callback(notify.payload)
+
+    def close(self) -> defer.Deferred:
+        self._closed = True
+        for conn in self._connections + ([self._listener] if self._listener else []):
+            conn.shutdown()
+        self._connections = []
+        return defer.succeed(None)

@@ -1,0 +1,277 @@
+"""
+What every L{mailingest.interfaces.IStore} must do, whatever its database.
+
+L{StoreContract} is mixed into one TestCase per engine (see C{test_store}),
+so SQLite and PostgreSQL are held to the same behaviour by the same tests.
+"""
+
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from mailingest.errors import NoSuchOrg, OrgExists
+from mailingest.interfaces import IStore
+from mailingest.storage.store import migrations
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+# SPEC section 5: these tables and columns, these indexes (as column lists).
+TABLES = {
+    "organization": {"id", "slug", "name", "active", "created_at"},
+    "inbound_message": {
+        "id", "org_id", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
+        "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
+        "received_at", "parsed_at",
+    },
+    "document": {
+        "id", "org_id", "inbound_message_id", "filename", "content_type", "size", "sha256",
+        "storage_key", "created_at",
+    },
+}
+INDEXES = {
+    "organization": [("slug",)],
+    "inbound_message": [
+        ("org_id", "source", "source_message_id"),
+        ("org_id", "received_at"),
+        ("org_id", "status"),
+    ],
+}
+
+
+def message(org_id: int, message_id: str, minutes: int = 0, **fields) -> dict:
+    """An C{inbound_message} row as the SMTP side hands it to the store."""
+    row = {
+        "org_id": org_id,
+        "source": "smtp",
+        "source_message_id": message_id,
+        "mail_from": "buyer@example.net",
+        "rcpt_to": "orders+acme@example.com",
+        "subject": f"order {message_id}",
+        "raw_key": f"raw/{message_id}",
+        "raw_size": 123,
+        "raw_sha256": "ab" * 32,
+        "received_at": T0 + timedelta(minutes=minutes),
+    }
+    row.update(fields)
+    return row
+
+
+class StoreContract:
+    """
+    The contract tests. Subclasses provide L{make_store}, L{columns} and
+    L{indexes}; each test gets a fresh, migrated store.
+    """
+
+    def make_store(self):
+        """
+        A migrated L{mailingest.storage.store.Store} on an empty database (or
+        a Deferred of it), closed by a cleanup.
+        """
+        raise NotImplementedError
+
+    def columns(self, txn, table: str):
+        """In an interaction: a Deferred of the set of C{table}'s column names."""
+        raise NotImplementedError
+
+    def indexes(self, txn, table: str):
+        """In an interaction: a Deferred of the set of C{table}'s indexes, as column tuples."""
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.store = yield self.make_store()
+        verifyObject(IStore, self.store)
+
+    @defer.inlineCallbacks
+    def two_orgs(self):
+        acme = yield self.store.add_org("acme", "Acme Corp")
+        globex = yield self.store.add_org("globex", "Globex")
+        return acme["id"], globex["id"]
+
+    # schema
+
+    @defer.inlineCallbacks
+    def test_migrate_is_idempotent(self):
+        @defer.inlineCallbacks
+        def versions(txn):
+            yield txn.execute("SELECT version FROM schema_version ORDER BY version")
+            return [row["version"] for row in txn.fetchall()]
+
+        expected = [version for version, _, _ in migrations(self.store.engine_name)]
+        self.assertEqual((yield self.store.engine.interaction(versions)), expected)
+        self.assertEqual((yield self.store.migrate()), [])
+        self.assertEqual((yield self.store.engine.interaction(versions)), expected)
+
+    @defer.inlineCallbacks
+    def test_schema_has_the_spec_tables_and_indexes(self):
+        for table, wanted in TABLES.items():
+            found = yield self.store.engine.interaction(self.columns, table)
+            self.assertEqual(wanted - found, set(), table)
+        for table, wanted in INDEXES.items():
+            found = yield self.store.engine.interaction(self.indexes, table)
+            for columns in wanted:
+                self.assertIn(columns, found, table)
+
+    @defer.inlineCallbacks
+    def test_check(self):
+        self.assertIsNone((yield self.store.check()))
+
+    # organisations
+
+    @defer.inlineCallbacks
+    def test_add_and_get_org(self):
+        org = yield self.store.add_org("Acme", "Acme Corp")
+        self.assertEqual(
+            (org["slug"], org["name"], org["active"]), ("acme", "Acme Corp", True)
+        )
+        self.assertIsInstance(org["id"], int)
+        for slug in ("acme", "ACME", "aCmE"):
+            found = yield self.store.get_org(slug)
+            self.assertEqual(
+                (found["id"], found["slug"], found["active"]), (org["id"], "acme", True)
+            )
+        self.assertIsNone((yield self.store.get_org("nobody")))
+
+    @defer.inlineCallbacks
+    def test_add_existing_org_fails(self):
+        yield self.store.add_org("acme", "Acme Corp")
+        yield self.assertFailure(self.store.add_org("ACME", "Another"), OrgExists)
+        orgs = yield self.store.list_orgs()
+        self.assertEqual([(o["slug"], o["name"]) for o in orgs], [("acme", "Acme Corp")])
+
+    @defer.inlineCallbacks
+    def test_list_orgs_by_slug(self):
+        for slug in ("zeta", "acme", "mu"):
+            yield self.store.add_org(slug, slug.title())
+        orgs = yield self.store.list_orgs()
+        self.assertEqual([o["slug"] for o in orgs], ["acme", "mu", "zeta"])
+        self.assertEqual({o["active"] for o in orgs}, {True})
+
+    @defer.inlineCallbacks
+    def test_set_org_active_and_active_orgs(self):
+        acme, globex = yield self.two_orgs()
+        self.assertEqual((yield self.store.active_orgs()), {"acme": acme, "globex": globex})
+        row = yield self.store.set_org_active("GLOBEX", False)
+        self.assertEqual((row["slug"], row["active"]), ("globex", False))
+        self.assertEqual((yield self.store.active_orgs()), {"acme": acme})
+        self.assertFalse((yield self.store.get_org("globex"))["active"])
+        yield self.store.set_org_active("globex", True)
+        self.assertEqual((yield self.store.active_orgs()), {"acme": acme, "globex": globex})
+
+    @defer.inlineCallbacks
+    def test_set_unknown_org_active_fails(self):
+        yield self.assertFailure(self.store.set_org_active("nobody", False), NoSuchOrg)
+
+    # inbound messages
+
+    @defer.inlineCallbacks
+    def test_insert_messages_skips_duplicates(self):
+        acme, globex = yield self.two_orgs()
+        ids = yield self.store.insert_messages(
+            [message(acme, "<a@x>"), message(acme, "<a@x>", 1), message(globex, "<a@x>")]
+        )
+        self.assertIsInstance(ids[0], int)
+        self.assertIsNone(ids[1])
+        self.assertIsInstance(ids[2], int)
+        self.assertNotEqual(ids[0], ids[2])
+        again = yield self.store.insert_messages([message(globex, "<a@x>"), message(acme, "<b@x>")])
+        self.assertIsNone(again[0])
+        self.assertIsInstance(again[1], int)
+        self.assertEqual((yield self.store.count_messages()), 3)
+
+    @defer.inlineCallbacks
+    def test_insert_same_message_id_from_another_source(self):
+        acme, _ = yield self.two_orgs()
+        ids = yield self.store.insert_messages(
+            [message(acme, "<a@x>"), message(acme, "<a@x>", source="api")]
+        )
+        self.assertNotIn(None, ids)
+
+    @defer.inlineCallbacks
+    def test_unique_constraint_holds(self):
+        acme, _ = yield self.two_orgs()
+        yield self.store.insert_messages([message(acme, "<a@x>")])
+
+        def insert(txn):
+            row = message(acme, "<a@x>")
+            return txn.execute(
+                "INSERT INTO inbound_message (org_id, source, source_message_id, mail_from,"
+                " rcpt_to, raw_key, raw_size, raw_sha256, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(row[k] for k in (
+                    "org_id", "source", "source_message_id", "mail_from", "rcpt_to",
+                    "raw_key", "raw_size", "raw_sha256", "received_at",
+                )),
+            )
+
+        yield self.assertFailure(
+            self.store.engine.interaction(insert), *self.store.engine.integrity_errors
+        )
+        self.assertEqual((yield self.store.count_messages()), 1)
+
+    @defer.inlineCallbacks
+    def test_find_existing(self):
+        acme, globex = yield self.two_orgs()
+        yield self.store.insert_messages([message(acme, "<a@x>")])
+        self.assertEqual((yield self.store.find_existing([acme, globex], "smtp", "<a@x>")), {acme})
+        self.assertEqual((yield self.store.find_existing([globex], "smtp", "<a@x>")), set())
+        self.assertEqual((yield self.store.find_existing([acme], "api", "<a@x>")), set())
+        self.assertEqual((yield self.store.find_existing([], "smtp", "<a@x>")), set())
+
+    @defer.inlineCallbacks
+    def test_list_messages_newest_first_with_filters(self):
+        acme, globex = yield self.two_orgs()
+        first, second, third, other = yield self.store.insert_messages([
+            message(acme, "<1@x>", 1),
+            message(acme, "<2@x>", 3),
+            message(acme, "<3@x>", 2),
+            message(globex, "<4@x>", 4),
+        ])
+        yield self.store.mark_parsed(first)
+        yield self.store.mark_failed(third, "broken", 1)
+
+        def ids(rows):
+            return [row["id"] for row in rows]
+
+        self.assertEqual(ids((yield self.store.list_messages())), [other, second, third, first])
+        self.assertEqual(
+            ids((yield self.store.list_messages(org_slug="ACME"))), [second, third, first]
+        )
+        self.assertEqual(ids((yield self.store.list_messages(status="received"))), [other, second])
+        self.assertEqual(
+            ids((yield self.store.list_messages(org_slug="acme", status="failed"))), [third]
+        )
+        self.assertEqual(ids((yield self.store.list_messages(limit=2))), [other, second])
+        self.assertEqual((yield self.store.list_messages(org_slug="nobody")), [])
+        rows = yield self.store.list_messages(limit=1)
+        self.assertEqual(rows[0]["org_slug"], "globex")
+
+    @defer.inlineCallbacks
+    def test_get_message(self):
+        acme, _ = yield self.two_orgs()
+        [new] = yield self.store.insert_messages([message(acme, "<a@x>")])
+        row = yield self.store.get_message(new)
+        expected = message(acme, "<a@x>")
+        del expected["received_at"]
+        self.assertEqual({k: row[k] for k in expected}, expected)
+        self.assertEqual(
+            (row["id"], row["org_slug"], row["status"], row["attempts"], row["last_error"]),
+            (new, "acme", "received", 0, None),
+        )
+        self.assertIsNone(row["parsed_at"])
+        self.assertIsNotNone(row["received_at"])
+        self.assertIsNone((yield self.store.get_message(new + 1000)))
+
+    @defer.inlineCallbacks
+    def test_count_messages(self):
+        acme, globex = yield self.two_orgs()
+        self.assertEqual((yield self.store.count_messages()), 0)
+        ids = yield self.store.insert_messages(
+            [message(acme, "<a@x>"), message(acme, "<b@x>"), message(globex, "<a@x>")]
+        )
+        yield self.store.mark_failed(ids[0], "broken", 1)
+        self.assertEqual((yield self.store.count_messages()), 3)
+        self.assertEqual((yield self.store.count_messages("received")), 2)
+        self.assertEqual((yield self.store.count_messages("failed")), 1)
+        self.assertEqual((yield self.store.count_messages("parsed")), 0)

@@ -1,0 +1,312 @@
+"""
+Extraction end to end: mail goes in over SMTP, documents come out.
+"""
+
+import hashlib
+import os
+import signal
+import smtplib
+import sqlite3
+import time
+from email.message import EmailMessage
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailingest.errors import StorageError
+from tests.daemon import RunningDaemon, TwistdProcess, mailingest_cli, temp_dir
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+LOGO = b"\x89PNG\r\n\x1a\n" + b"\x00" * 300
+
+
+def order(subject="Order", attachments=(), message_id=None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "buyer@customer.test"
+    msg["To"] = "orders+acme@example.com"
+    msg["Subject"] = subject
+    if message_id:
+        msg["Message-ID"] = message_id
+    msg.set_content("Please find our order attached.\n")
+    for data, maintype, subtype, filename in attachments:
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    return msg
+
+
+def wait(seconds: float):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class ExtractionCase(unittest.TestCase):
+    overrides: dict = {"poll_interval": "0.2"}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.daemon = RunningDaemon(self.directory, **self.overrides)
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        yield self.daemon.store.add_org("acme", "Acme Corp")
+
+    @defer.inlineCallbacks
+    def deliver(self, msg, settle: bool = True):
+        """Send C{msg}; fire with its row once extraction is done (or its id at once)."""
+        data = msg.as_bytes() if isinstance(msg, EmailMessage) else msg
+        code, reply = yield self.daemon.send(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), ["orders+acme@example.com"])
+        self.assertEqual(code, 250, reply)
+        message_id = int(reply.split()[-1])
+        if not settle:
+            return message_id
+        row = yield self.settled(message_id)
+        return row
+
+    @defer.inlineCallbacks
+    def until(self, message_id: int, predicate, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = yield self.daemon.store.get_message(message_id)
+            if predicate(row):
+                return row
+            yield wait(0.05)
+        self.fail(f"message {message_id} never reached the expected state: {row}")
+
+    @defer.inlineCallbacks
+    def settled(self, message_id: int, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = yield self.daemon.store.get_message(message_id)
+            if row["status"] != "received":
+                return row
+            yield wait(0.05)
+        self.fail(f"message {message_id} still received after {timeout} s")
+
+    @defer.inlineCallbacks
+    def documents(self, message_id: int):
+        docs = yield self.daemon.store.list_documents(message_id=message_id)
+        for doc in docs:
+            path = self.daemon.blobs.path_for(doc["storage_key"])
+            with open(path, "rb") as f:
+                doc["bytes"] = f.read()
+        return docs
+
+
+class ExtractionTests(ExtractionCase):
+    @defer.inlineCallbacks
+    def test_pdf_order(self):
+        row = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "PO-1234.pdf")]))
+        self.assertEqual(row["status"], "parsed")
+        self.assertIsNotNone(row["parsed_at"])
+        [doc] = yield self.documents(row["id"])
+        self.assertEqual(
+            (doc["filename"], doc["content_type"], doc["size"], doc["sha256"], doc["bytes"]),
+            ("PO-1234.pdf", "application/pdf", len(PDF), hashlib.sha256(PDF).hexdigest(), PDF),
+        )
+        self.assertEqual(doc["org_id"], row["org_id"])
+        self.assertNotIn("PO-1234", doc["storage_key"])
+
+    @defer.inlineCallbacks
+    def test_spreadsheet_and_csv(self):
+        xlsx = b"PK\x03\x04" + os.urandom(2000)
+        csv = b"sku,qty\r\nA-1,3\r\n"
+        row = yield self.deliver(
+            order(
+                attachments=[
+                    (xlsx, "application", "vnd.openxmlformats-officedocument.spreadsheetml.sheet", "order.xlsx"),
+                    (csv, "text", "csv", "lines.csv"),
+                ]
+            )
+        )
+        docs = yield self.documents(row["id"])
+        self.assertEqual([(d["filename"], d["bytes"]) for d in docs], [("order.xlsx", xlsx), ("lines.csv", csv)])
+
+    @defer.inlineCallbacks
+    def test_forwarded_mail_with_pdf_inside(self):
+        inner = order(subject="Original", attachments=[(PDF, "application", "pdf", "inner.pdf")])
+        outer = order(subject="Fwd: Original")
+        outer.add_attachment(inner, filename="original.eml")
+        row = yield self.deliver(outer)
+        docs = yield self.documents(row["id"])
+        self.assertEqual([(d["filename"], d["bytes"]) for d in docs], [("inner.pdf", PDF)])
+
+    @defer.inlineCallbacks
+    def test_inline_logo_and_pdf(self):
+        msg = EmailMessage()
+        msg["From"] = "buyer@customer.test"
+        msg["Subject"] = "Order with logo"
+        msg.set_content("text body")
+        msg.add_alternative('<p>Order</p><img src="cid:logo@customer.test">', subtype="html")
+        html = msg.get_payload()[1]
+        html.add_related(LOGO, maintype="image", subtype="png", cid="<logo@customer.test>")
+        msg.add_attachment(PDF, maintype="application", subtype="pdf", filename="order.pdf")
+        row = yield self.deliver(msg)
+        docs = yield self.documents(row["id"])
+        self.assertEqual([d["filename"] for d in docs], ["order.pdf"])
+
+    @defer.inlineCallbacks
+    def test_no_attachment(self):
+        row = yield self.deliver(order())
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual((yield self.documents(row["id"])), [])
+
+    @defer.inlineCallbacks
+    def test_hostile_filename_is_metadata_only(self):
+        row = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "../../etc/passwd.pdf")]))
+        [doc] = yield self.documents(row["id"])
+        self.assertNotIn("/", doc["filename"])
+        self.assertFalse(doc["filename"].startswith("."))
+        self.assertTrue(doc["filename"].endswith(".pdf"))
+        self.assertEqual(doc["storage_key"], f"documents/{row['org_id']}/{row['id']}/0")
+
+    @defer.inlineCallbacks
+    def test_reprocess_does_not_duplicate_documents(self):
+        row = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "a.pdf"), (PDF, "application", "pdf", "b.pdf")]))
+        before = yield self.documents(row["id"])
+        yield self.daemon.store.reprocess(row["id"])
+        self.daemon.service.extraction.wake()
+        row = yield self.settled(row["id"])
+        after = yield self.documents(row["id"])
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual([d["id"] for d in after], [d["id"] for d in before])
+
+    @defer.inlineCallbacks
+    def test_storage_failure_during_extraction_is_retried(self):
+        real_put = self.daemon.blobs.put_file
+        calls = []
+
+        def flaky(key, *args):
+            calls.append(key)
+            if key.startswith("documents/") and len([c for c in calls if c.startswith("documents/")]) <= 1:
+                return defer.fail(StorageError("S3 said 503"))
+            return real_put(key, *args)
+
+        self.patch(self.daemon.blobs, "put_file", flaky)
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "retry.pdf")]), settle=False)
+        row = yield self.until(message_id, lambda r: r["attempts"] >= 1)
+        self.assertEqual(row["status"], "received")
+        self.assertIn("503", row["last_error"])
+        row = yield self.settled(row["id"], timeout=10)
+        self.assertEqual(row["status"], "parsed")
+        docs = yield self.documents(row["id"])
+        self.assertEqual([d["bytes"] for d in docs], [PDF])
+
+    @defer.inlineCallbacks
+    def test_persistent_storage_failure_ends_failed(self):
+        self.daemon.service.extraction.max_attempts = 2
+
+        def broken(key, *args):
+            return defer.fail(StorageError("bucket gone"))
+
+        real_put = self.daemon.blobs.put_file
+        self.patch(self.daemon.blobs, "put_file", lambda key, *a: broken(key) if key.startswith("documents/") else real_put(key, *a))
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "x.pdf")]), settle=False)
+        row = yield self.until(message_id, lambda r: r["status"] != "received")
+        self.assertEqual((row["status"], row["attempts"]), ("failed", 2))
+        self.assertIn("bucket gone", row["last_error"])
+
+
+class CorpusTests(ExtractionCase):
+    """Every sample message of shared/corpus ends parsed or failed, the daemon alive."""
+
+    @defer.inlineCallbacks
+    def test_corpus(self):
+        files = sorted(
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(CORPUS)
+            for name in names
+            if name not in ("LICENSE", "README.md") and os.path.dirname(folder) != ""
+        )
+        files = [f for f in files if os.path.dirname(f) != os.path.normpath(CORPUS)]
+        if not files:
+            raise unittest.SkipTest(f"no corpus at {CORPUS}")
+
+        def send_all(client):
+            client.ehlo("customer.test")
+            outcome = {}
+            for i, path in enumerate(files):
+                with open(path, "rb") as f:
+                    data = f.read()
+                data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                try:
+                    client.sendmail("buyer@customer.test", ["orders+acme@example.com"], data)
+                    outcome[path] = "accepted"
+                except smtplib.SMTPResponseException as e:
+                    outcome[path] = f"{e.smtp_code} {e.smtp_error.decode(errors='replace')}"
+                    client.rset()
+            return outcome
+
+        outcome = yield self.daemon.smtp(send_all)
+        refused = {p: o for p, o in outcome.items() if o != "accepted"}
+        for path, reply in refused.items():
+            self.assertTrue(reply.startswith("5"), f"{path}: {reply}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            waiting = yield self.daemon.store.count_messages("received")
+            if not waiting:
+                break
+            yield wait(0.2)
+        self.assertEqual(waiting, 0, "messages stuck in received")
+        rows = yield self.daemon.store.list_messages(limit=1000)
+        self.assertEqual({r["status"] for r in rows} - {"parsed", "failed"}, set())
+        docs = yield self.daemon.store.list_documents()
+        self.assertGreater(len(docs), 10)
+        self._report(rows, docs, refused)
+        # still serving
+        code, _ = yield self.daemon.send(order().as_bytes().replace(b"\n", b"\r\n"), ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+    def _report(self, rows, docs, refused):
+        """Written to _trial_temp for the issue note: outcome per corpus message."""
+        by_message = {}
+        for doc in docs:
+            by_message.setdefault(doc["inbound_message_id"], []).append(doc["filename"])
+        lines = [f"{r['id']}\t{r['status']}\t{r['subject']}\t{by_message.get(r['id'], [])}\t{r['last_error'] or ''}" for r in rows]
+        lines += [f"refused\t{p}\t{o}" for p, o in refused.items()]
+        with open("corpus-report.tsv", "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+class KillDuringExtractionTests(unittest.TestCase):
+    def test_kill_during_extraction_then_restart(self):
+        directory = temp_dir(self)
+        self.assertEqual(mailingest_cli(directory, "org", "add", "acme").returncode, 0)
+        parts = [(os.urandom(50000), "application", "pdf", f"part-{i:03}.pdf") for i in range(150)]
+        data = order(attachments=parts).as_bytes().replace(b"\n", b"\r\n")
+        daemon = TwistdProcess(directory, "--domain", "example.com").start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=60) as client:
+            client.sendmail("buyer@customer.test", ["orders+acme@example.com"], data)
+        db_path = os.path.join(directory, "mailingest-data", "mailingest.db")
+        killed_with = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            db = sqlite3.connect(db_path)
+            try:
+                count = db.execute("SELECT COUNT(*) FROM document").fetchone()[0]
+            finally:
+                db.close()
+            if count:
+                daemon.stop(signal.SIGKILL)
+                killed_with = count
+                break
+            time.sleep(0.005)
+        self.assertIsNotNone(killed_with, "extraction never started")
+        db = sqlite3.connect(db_path)
+        status = db.execute("SELECT status FROM inbound_message").fetchone()[0]
+        db.close()
+        daemon = TwistdProcess(directory, "--domain", "example.com").start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            db = sqlite3.connect(db_path)
+            try:
+                status = db.execute("SELECT status FROM inbound_message").fetchone()[0]
+                docs = db.execute("SELECT ordinal, filename, sha256 FROM document ORDER BY ordinal").fetchall()
+            finally:
+                db.close()
+            if status != "received":
+                break
+            time.sleep(0.1)
+        self.assertEqual(status, "parsed")
+        expected = [(i, p[3], hashlib.sha256(p[0]).hexdigest()) for i, p in enumerate(parts)]
+        self.assertEqual(docs, expected)

@@ -1,0 +1,268 @@
+"""
+Log output (SPEC section 8): the text and JSON-lines formats, secret
+redaction, and the twistd integration, including twistd's own lines.
+"""
+
+import calendar
+import io
+import json
+import os
+import signal
+import sys
+import textwrap
+
+from twisted.internet import utils
+from twisted.logger import Logger, LogLevel
+from twisted.python import usage
+from twisted.python.reflect import namedAny
+from twisted.scripts._twistd_unix import ServerOptions
+from twisted.trial import unittest
+
+from mailingest import logs
+
+NOV_24_0700 = calendar.timegm((2026, 11, 24, 7, 0, 0))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def capture(log_format, secrets=()):
+    stream = io.StringIO()
+    observer = logs.make_observer(log_format, stream, secrets)
+    return stream, Logger(namespace="mailingest.smtp", observer=observer), observer
+
+
+def a_failure(log):
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("extraction of message {id} crashed", id=9)
+
+
+class TextFormatTests(unittest.TestCase):
+    def test_one_line_per_event(self):
+        stream, log, observer = capture("text")
+        observer(
+            {
+                "log_format": "accepted message {id} for {org}",
+                "id": 17,
+                "org": "acme",
+                "log_time": NOV_24_0700,
+                "log_level": LogLevel.info,
+                "log_namespace": "mailingest.smtp",
+            }
+        )
+        log.warn("message {id} has no attachments", id=18)
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(lines[0], "2026-11-24T07:00:00Z [mailingest.smtp#info] accepted message 17 for acme")
+        self.assertRegex(
+            lines[1],
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[mailingest.smtp#warn\] message 18 has no attachments$",
+        )
+        self.assertEqual(len(lines), 2)
+
+    def test_failure_has_traceback(self):
+        stream, log, _ = capture("text")
+        a_failure(log)
+        first, *rest = stream.getvalue().splitlines()
+        self.assertIn("[mailingest.smtp#critical] extraction of message 9 crashed", first)
+        self.assertIn("ZeroDivisionError", stream.getvalue())
+        self.assertIn("Traceback", stream.getvalue())
+        self.assertTrue(rest)
+        # Continuation lines are indented: each record starts at column 0.
+        self.assertTrue(all(line.startswith("\t") for line in rest), rest)
+
+    def test_debug_is_dropped(self):
+        stream, log, _ = capture("text")
+        log.debug("GET /metrics 200")
+        self.assertEqual(stream.getvalue(), "")
+
+
+class JsonFormatTests(unittest.TestCase):
+    def test_one_object_per_line(self):
+        stream, log, observer = capture("json")
+        observer(
+            {
+                "log_format": "accepted message {id} for {org}",
+                "id": 17,
+                "org": "acme",
+                "log_time": NOV_24_0700 + 0.25,
+                "log_level": LogLevel.info,
+                "log_namespace": "mailingest.smtp",
+                "log_logger": object(),
+            }
+        )
+        log.info("multi\nline {thing}", thing=object(), size=1.5, ok=True, nothing=None)
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual(
+            first,
+            {
+                "time": "2026-11-24T07:00:00.250Z",
+                "level": "info",
+                "namespace": "mailingest.smtp",
+                "message": "accepted message 17 for acme",
+                "id": 17,
+                "org": "acme",
+            },
+        )
+        self.assertEqual(second["message"][:10], "multi\nline")
+        self.assertTrue(second["thing"].startswith("<object object at"))
+        self.assertEqual((second["size"], second["ok"], second["nothing"]), (1.5, True, None))
+        self.assertNotIn("traceback", second)
+
+    def test_failure_has_traceback(self):
+        stream, log, _ = capture("json")
+        a_failure(log)
+        (line,) = stream.getvalue().splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["level"], "critical")
+        self.assertEqual(record["message"], "extraction of message 9 crashed")
+        self.assertEqual(record["id"], 9)
+        self.assertIn("ZeroDivisionError", record["traceback"])
+
+    def test_unknown_format(self):
+        self.assertRaises(ValueError, logs.make_observer, "xml", io.StringIO())
+
+
+class RedactionTests(unittest.TestCase):
+    SECRET = "pa ss/w@rd"
+
+    def test_redact(self):
+        text = "plain pa ss/w@rd, quoted pa%20ss%2Fw%40rd, path pa%20ss/w%40rd, form pa+ss%2Fw%40rd"
+        self.assertEqual(
+            logs.redact(text, [self.SECRET, ""]),
+            "plain ***, quoted ***, path ***, form ***",
+        )
+        self.assertEqual(logs.redact("nothing secret", []), "nothing secret")
+
+    def test_text_lines(self):
+        stream, log, _ = capture("text", [self.SECRET])
+        log.error("cannot connect to postgresql://u:pa%20ss%2Fw%40rd@db/x ({why})", why="pa ss/w@rd")
+        self.assertNotIn("rd", stream.getvalue().replace("postgresql", ""))
+        self.assertEqual(stream.getvalue().count("***"), 2)
+
+    def test_json_lines(self):
+        stream, log, _ = capture("json", [self.SECRET])
+        log.error("login failed", password="pa ss/w@rd", url="s3://k:pa%20ss%2Fw%40rd@host/")
+        record = json.loads(stream.getvalue())
+        self.assertEqual((record["password"], record["url"]), ("***", "s3://k:***@host/"))
+
+    def test_secrets_from_settings(self):
+        settings = {"database": "postgresql://ingest:p%40ss@db.example.com:5432/mailingest"}
+        environ = {"AWS_SECRET_ACCESS_KEY": "wJalr/K7MDENG", "AWS_ACCESS_KEY_ID": "AKIA"}
+        self.assertEqual(
+            logs.secrets_from_settings(settings, environ),
+            ["p%40ss", "p@ss", "wJalr/K7MDENG"],
+        )
+        self.assertEqual(logs.secrets_from_settings({"database": "sqlite:///x.db"}, {}), [])
+
+
+class TwistdIntegrationTests(unittest.TestCase):
+    """What tap.py does: install_twistd_logger from the plugin's postOptions."""
+
+    settings = {"log_format": "json", "database": "postgresql://u:s3cret@db/x"}
+
+    def setUp(self):
+        self.patch(logs, "_twistd_observer_factory", None)
+
+    def plugin_options(self, *twistd_args):
+        server = ServerOptions()
+        server.parseOptions(list(twistd_args))
+        plugin = usage.Options()
+        plugin.parent = server
+        return server, plugin
+
+    def test_stdout_with_nodaemon(self):
+        server, plugin = self.plugin_options("--nodaemon")
+        logs.install_twistd_logger(plugin, self.settings, {})
+        self.assertEqual(server["logger"], logs.TWISTD_LOGGER)
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        observer = namedAny(server["logger"])()
+        Logger(namespace="probe", observer=observer).info("password {pw}", pw="s3cret")
+        self.assertEqual(json.loads(stdout.getvalue())["message"], "password ***")
+
+    def test_logfile(self):
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        path = os.path.abspath(self.mktemp())
+        server, _ = self.plugin_options("--logfile", path)
+        stream = logs._twistd_stream(server)
+        self.addCleanup(stream.close)
+        observer = logs.make_observer("text", stream)
+        Logger(namespace="probe", observer=observer).info("to the file")
+        with open(path) as f:
+            self.assertIn("[probe#info] to the file", f.read())
+        self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    def test_operator_choice_wins(self):
+        for args in (["--syslog"], ["--logger", "twisted.logger.textFileLogObserver"]):
+            server, plugin = self.plugin_options(*args)
+            before = server["logger"]
+            logs.install_twistd_logger(plugin, self.settings, {})
+            self.assertEqual(server["logger"], before)
+
+    def test_without_twistd(self):
+        logs.install_twistd_logger(usage.Options(), self.settings, {})
+        self.assertIsNone(logs._twistd_observer_factory)
+
+    def test_real_twistd(self):
+        """
+        A throwaway twistd plugin calling install_twistd_logger: everything,
+        twistd's own start and stop lines included, comes out as JSON lines.
+        """
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "twisted", "plugins"))
+        with open(os.path.join(root, "twisted", "plugins", "logprobe_plugin.py"), "w") as f:
+            f.write(
+                "from twisted.application.service import ServiceMaker\n"
+                "logprobe = ServiceMaker('logprobe', 'logprobe_tap', 'probe', 'logprobe')\n"
+            )
+        with open(os.path.join(root, "logprobe_tap.py"), "w") as f:
+            f.write(
+                textwrap.dedent(
+                    """
+                    from twisted.application import service
+                    from twisted.logger import Logger
+                    from twisted.python import usage
+                    from mailingest.logs import install_twistd_logger
+
+                    class Options(usage.Options):
+                        optParameters = [["log-format", None, "text", ""]]
+
+                        def postOptions(self):
+                            settings = {"log_format": self["log-format"],
+                                        "database": "postgresql://u:s3cret@db/x"}
+                            install_twistd_logger(self, settings, {"AWS_SECRET_ACCESS_KEY": "AWSsecret"})
+
+                    class Probe(service.Service):
+                        def startService(self):
+                            from twisted.internet import reactor
+                            Logger(namespace="probe").info(
+                                "keys {pw} {key}", pw="s3cret", key="AWSsecret", org="acme")
+                            print("printed")
+                            reactor.callLater(0, reactor.stop)
+
+                    def makeService(options):
+                        return Probe()
+                    """
+                )
+            )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, REPO]))
+        args = ["--nodaemon", "--pidfile=", "logprobe", "--log-format", "json"]
+        d = utils.getProcessOutputAndValue(TWISTD, args, env=env, path=root)
+
+        def check(result):
+            out, err, code = result
+            self.assertEqual(code, 0, err)
+            records = [json.loads(line) for line in out.decode().splitlines()]
+            messages = [r["message"] for r in records]
+            self.assertTrue(messages[0].startswith("twistd "), messages)
+            self.assertIn("keys *** ***", messages)
+            self.assertIn("printed", messages)
+            self.assertEqual(messages[-1], "Server Shut Down.")
+            self.assertEqual([r["org"] for r in records if "org" in r], ["acme"])
+            self.assertNotIn(b"secret", out)
+
+        return d.addCallback(check)

@@ -1,0 +1,395 @@
+"""
+The store on both databases (the shared contract), and what only the
+PostgreSQL engine does: parallel interactions, row claims that skip locked
+rows, surviving a lost server, keeping the password secret, LISTEN/NOTIFY.
+"""
+
+import time
+
+import psycopg2
+from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import portforward
+from twisted.trial.unittest import SkipTest, TestCase
+
+from mailingest.errors import ConfigError
+from mailingest.storage.engines.postgresql import DatabaseUnavailable, PostgresqlEngine
+from mailingest.storage.engines.sqlite import SqliteEngine
+from mailingest.storage.store import Store
+from tests import postgres
+from tests.store_contract import StoreContract, message
+
+
+class SqliteStoreTests(StoreContract, TestCase):
+    @defer.inlineCallbacks
+    def make_store(self):
+        store = Store(SqliteEngine(self.mktemp() + ".db"))
+        self.addCleanup(store.close)
+        yield store.migrate()
+        return store
+
+    @defer.inlineCallbacks
+    def columns(self, txn, table):
+        yield txn.execute("SELECT name FROM pragma_table_info(?)", (table,))
+        return {row["name"] for row in txn.fetchall()}
+
+    @defer.inlineCallbacks
+    def indexes(self, txn, table):
+        yield txn.execute(
+            "SELECT il.name AS idx, ii.name AS col FROM pragma_index_list(?) il,"
+            " pragma_index_info(il.name) ii ORDER BY il.name, ii.seqno",
+            (table,),
+        )
+        found = {}
+        for row in txn.fetchall():
+            found.setdefault(row["idx"], []).append(row["col"])
+        return {tuple(columns) for columns in found.values()}
+
+
+_class_databases: dict[type, str] = {}
+
+
+def empty_database(test: TestCase) -> str:
+    """
+    The URL of a database for C{test}, with nothing in it: one database per
+    test class (creating one can take 300 ms), its schema emptied per test.
+    """
+    cls = type(test)
+    if cls not in _class_databases:
+        _class_databases[cls] = postgres.create_database()
+    url = _class_databases[cls]
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        conn.close()
+    return url
+
+
+def postgresql_engine(test: TestCase, url: str | None = None, **kwargs) -> PostgresqlEngine:
+    """A PostgresqlEngine on an empty database (or C{url}), closed after C{test}."""
+    engine = PostgresqlEngine(url or empty_database(test), **kwargs)
+    test.addCleanup(engine.close)
+    return engine
+
+
+class PostgresqlStoreTests(StoreContract, TestCase):
+    @defer.inlineCallbacks
+    def make_store(self):
+        store = Store(postgresql_engine(self))
+        yield store.migrate()
+        return store
+
+    @defer.inlineCallbacks
+    def columns(self, txn, table):
+        yield txn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {row["column_name"] for row in txn.fetchall()}
+
+    @defer.inlineCallbacks
+    def indexes(self, txn, table):
+        yield txn.execute(
+            "SELECT array_agg(a.attname ORDER BY k.ord) AS cols"
+            " FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid"
+            " CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum"
+            " WHERE t.relname = ? AND t.relnamespace = current_schema()::regnamespace"
+            " GROUP BY x.indexrelid",
+            (table,),
+        )
+        return {tuple(row["cols"]) for row in txn.fetchall()}
+
+
+def backend_pid(txn) -> defer.Deferred:
+    d = txn.execute("SELECT pg_backend_pid() AS pid")
+    return d.addCallback(lambda _: txn.fetchone()["pid"])
+
+
+def sleeping_pid(seconds: float):
+    @defer.inlineCallbacks
+    def interaction(txn):
+        yield txn.execute("SELECT pg_backend_pid() AS pid, pg_sleep(?)", (seconds,))
+        return txn.fetchone()["pid"]
+
+    return interaction
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def eventually(attempt, timeout=8.0, interval=0.1):
+    """Call C{attempt} until it succeeds; its result, or its last failure after C{timeout}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = yield attempt()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            yield sleep(interval)
+        else:
+            return result
+
+
+def terminate(url: str, pid: int) -> None:
+    """Kill one backend from outside, as an administrator or a restart would."""
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    finally:
+        conn.close()
+
+
+class _ProxyServer(portforward.ProxyServer):
+    def connectionMade(self):
+        self.factory.open.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.factory.open.discard(self)
+        super().connectionLost(reason)
+
+
+class _Silent(protocol.Protocol):
+    """Accepts a connection and never answers, like a server that hangs."""
+
+    def connectionMade(self):
+        self.factory.open.add(self)
+
+    def connectionLost(self, reason):
+        self.factory.open.discard(self)
+
+
+@defer.inlineCallbacks
+def shut(listening, factory):
+    """Stop listening, cut every connection and wait until they are gone."""
+    if listening is not None:
+        yield listening.stopListening()
+    for server in list(factory.open):
+        server.transport.abortConnection()
+    while factory.open:
+        yield sleep(0.01)
+
+
+class Outage:
+    """
+    A TCP proxy in front of the PostgreSQL server that can go down (its
+    connections cut, its port closed) and come back on the same port.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.factory = portforward.ProxyFactory(host, port)
+        self.factory.protocol = _ProxyServer
+        self.factory.open = set()
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    def down(self) -> defer.Deferred:
+        listening, self.listening = self.listening, None
+        return shut(listening, self.factory)
+
+    def up(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+    @defer.inlineCallbacks
+    def stop(self):
+        yield self.down()
+        # Let the proxy's client side finish closing.
+        yield sleep(0.05)
+
+
+class PostgresqlEngineTests(TestCase):
+    def setUp(self):
+        self.url = empty_database(self)
+
+    def behind_proxy(self) -> tuple[Outage, str]:
+        """An L{Outage} proxy to the test database, and the URL through it."""
+        params = psycopg2.extensions.parse_dsn(self.url)
+        if params.get("host", "/").startswith("/"):
+            raise SkipTest("the proxy needs PostgreSQL over TCP")
+        outage = Outage(params["host"], int(params.get("port", 5432)))
+        self.addCleanup(outage.stop)
+        params["port"] = str(outage.port)
+        return outage, postgres.url_from_params(params)
+
+    @defer.inlineCallbacks
+    def test_interactions_run_in_parallel(self):
+        engine = postgresql_engine(self, self.url, min_connections=2, max_connections=2)
+        yield engine.start()
+        started = time.monotonic()
+        pids = yield defer.gatherResults(
+            [engine.interaction(sleeping_pid(0.4)) for _ in range(2)]
+        )
+        self.assertLess(time.monotonic() - started, 0.75)
+        self.assertEqual(len(set(pids)), 2)
+
+    @defer.inlineCallbacks
+    def test_pool_grows_up_to_max(self):
+        engine = postgresql_engine(self, self.url, min_connections=1, max_connections=3)
+        pids = yield defer.gatherResults(
+            [engine.interaction(sleeping_pid(0.3)) for _ in range(5)]
+        )
+        self.assertEqual(len(set(pids)), 3)
+
+    @defer.inlineCallbacks
+    def test_claims_skip_locked_rows(self):
+        engine = postgresql_engine(self, self.url, min_connections=2, max_connections=2)
+        store = Store(engine)
+        yield store.migrate()
+        org = yield store.add_org("acme", "Acme")
+        first, second = yield store.insert_messages(
+            [message(org["id"], "<1@x>", 1), message(org["id"], "<2@x>", 2)]
+        )
+        locked, release = defer.Deferred(), defer.Deferred()
+
+        @defer.inlineCallbacks
+        def hold(txn):
+            yield txn.execute("SELECT id FROM inbound_message WHERE id = ? FOR UPDATE", (first,))
+            locked.callback(None)
+            yield release
+
+        held = engine.interaction(hold)
+        yield locked
+        claimed = yield store.claim_next(60)
+        release.callback(None)
+        yield held
+        self.assertEqual(claimed["id"], second)
+
+    @defer.inlineCallbacks
+    def test_reconnects_after_backend_killed(self):
+        engine = postgresql_engine(self, self.url)
+        before = yield engine.interaction(backend_pid)
+        terminate(self.url, before)
+        try:
+            yield engine.interaction(backend_pid)
+        except DatabaseUnavailable:
+            pass
+        after = yield eventually(lambda: engine.interaction(backend_pid))
+        self.assertNotEqual(after, before)
+
+    @defer.inlineCallbacks
+    def test_backend_killed_during_interaction(self):
+        engine = postgresql_engine(self, self.url)
+        pid = yield engine.interaction(backend_pid)
+        running = engine.interaction(sleeping_pid(5))
+        yield sleep(0.1)
+        terminate(self.url, pid)
+        error = yield self.assertFailure(running, DatabaseUnavailable)
+        self.assertIn("terminating connection", str(error))
+        yield eventually(lambda: engine.interaction(backend_pid))
+
+    @defer.inlineCallbacks
+    def test_silent_server_times_out(self):
+        factory = protocol.Factory.forProtocol(_Silent)
+        factory.open = set()
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(shut, listening, factory)
+        number = listening.getHost().port
+        engine = postgresql_engine(
+            self, f"postgresql://postgres@127.0.0.1:{number}/db?connect_timeout=1"
+        )
+        started = time.monotonic()
+        error = yield self.assertFailure(engine.interaction(backend_pid), DatabaseUnavailable)
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn("no answer within 1 s", str(error))
+
+    @defer.inlineCallbacks
+    def test_outage_fails_fast_then_recovers(self):
+        outage, url = self.behind_proxy()
+        engine = postgresql_engine(self, url)
+        store = Store(engine)
+        yield store.migrate()
+        yield store.add_org("acme", "Acme")
+
+        yield outage.down()
+        yield sleep(0.1)
+        for _ in range(3):
+            started = time.monotonic()
+            yield self.assertFailure(store.get_org("acme"), DatabaseUnavailable)
+            self.assertLess(time.monotonic() - started, 0.5)
+
+        outage.up()
+        org = yield eventually(lambda: store.get_org("acme"))
+        self.assertEqual(org["slug"], "acme")
+
+    @defer.inlineCallbacks
+    def test_unreachable_server_fails_fast(self):
+        closed = protocol.Factory()
+        port = reactor.listenTCP(0, closed, interface="127.0.0.1")
+        number = port.getHost().port
+        yield port.stopListening()
+        engine = postgresql_engine(self, f"postgresql://postgres@127.0.0.1:{number}/db")
+        for _ in range(3):
+            started = time.monotonic()
+            error = yield self.assertFailure(engine.interaction(backend_pid), DatabaseUnavailable)
+            self.assertLess(time.monotonic() - started, 0.5)
+        self.assertIn(f"127.0.0.1:{number}", str(error))
+
+    @defer.inlineCallbacks
+    def test_password_never_shown(self):
+        secret = "s3cr3t-Pa55"
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        params = psycopg2.extensions.parse_dsn(self.url)
+        params.update(password=secret, dbname="mailingest_no_such_db")
+        engine = postgresql_engine(self, postgres.url_from_params(params))
+        store = Store(engine)
+        self.assertIn(":***@", repr(engine))
+        for shown in (repr(engine), repr(store)):
+            self.assertNotIn(secret, shown)
+        error = yield self.assertFailure(store.check(), DatabaseUnavailable)
+        self.assertIn("mailingest_no_such_db", str(error))
+        self.assertNotIn(secret, str(error))
+        self.assertNotIn(secret, repr(error.__cause__))
+        self.assertNotIn(secret, " ".join(formatEvent(event) for event in events))
+        for url in (
+            f"postgresql://u:{secret}@[h/db",
+            f"postgresql://u@h/db?password={secret}&nosuch=x",
+            f"postgresql://u:{secret}@h/db?connect_timeout=soon",
+        ):
+            config_error = self.assertRaises(ConfigError, PostgresqlEngine, url)
+            self.assertNotIn(secret, str(config_error))
+        for url in (
+            f"postgresql://u@h/db?sslmode=disable&password={secret}",
+            f"host=h user=u password={secret} dbname=db",
+            f"host=h password = '{secret} x' dbname=db",
+        ):
+            self.assertNotIn(secret, repr(PostgresqlEngine(url)))
+
+    @defer.inlineCallbacks
+    def test_listen_notify(self):
+        engine = postgresql_engine(self, self.url)
+        received = []
+        yield engine.listen("mailingest_test", received.append)
+        yield engine.listen("mailingest_other", lambda payload: received.append("other"))
+        yield engine.interaction(engine.notify, "mailingest_test", "hello")
+        yield eventually(lambda: self.assertEqual(received, ["hello"]), timeout=2)
+
+    @defer.inlineCallbacks
+    def test_listen_survives_outage(self):
+        outage, url = self.behind_proxy()
+        listener = postgresql_engine(self, url)
+        sender = postgresql_engine(self, self.url)
+        received = []
+        yield listener.listen("mailingest_test", received.append)
+        yield outage.down()
+        yield sleep(0.1)
+        outage.up()
+
+        @defer.inlineCallbacks
+        def delivered():
+            yield sender.interaction(sender.notify, "mailingest_test", "after")
+            yield sleep(0.05)
+            self.assertIn("after", received)
+
+        yield eventually(delivered)
