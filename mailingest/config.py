@@ -74,6 +74,7 @@ DAEMON_OPTIONS = (
     Option("tls-key", None, "PEM private key for --tls-cert", metavar="FILE"),
     Option("poll-interval", 1.0, "extraction poll period in seconds", _positive_float, metavar="SECONDS"),
     Option("max-attempts", 5, "attempts for transient extraction errors before 'failed'", _positive_int, metavar="N"),
+    Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", _positive_float, metavar="SECONDS"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
 )
 

@@ -217,6 +217,7 @@ def build_daemon(settings: dict, reactor=None):
         work_dir=os.path.join(scratch, "work"),
         poll_interval=settings["poll_interval"],
         max_attempts=settings["max_attempts"],
+        lease_seconds=settings["extraction_lease"],
         stop_timeout=EXTRACTION_STOP_SECONDS,
     )
     extraction.setServiceParent(daemon)

@@ -51,7 +51,7 @@ class ExtractionService(service.Service):
         work_dir: str,
         poll_interval: float = 1.0,
         max_attempts: int = 5,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 120.0,
         concurrency: int = 2,
         stop_timeout: float = 3.0,
         clock=None,
@@ -78,6 +78,10 @@ class ExtractionService(service.Service):
         if self.store.engine_name == "sqlite":
             # One daemon per SQLite file: any claim left is from our own previous run.
             yield self.store.release_claims()
+        try:
+            yield self.store.on_received(self.wake)
+        except Exception as e:
+            log.warn("no wake-ups from other daemons yet ({error}); polling", error=str(e))
         self._loop = task.LoopingCall(self.wake)
         self._loop.clock = self.clock
         self._loop.start(self.poll_interval, now=True)

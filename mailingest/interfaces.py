@@ -75,6 +75,12 @@ class IStore(Interface):
         Release connections; fires when done.
         """
 
+    def on_received(callback):
+        """
+        Call C{callback()} whenever a daemon sharing this database stores a
+        message (best effort: listeners still poll). Fires once listening.
+        """
+
     # organisations
 
     def add_org(slug: str, name: str):

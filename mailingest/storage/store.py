@@ -36,6 +36,10 @@ _DOCUMENT_SELECT = (
 _ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
 
 
+# Other daemons sharing the database are told of new messages on this channel.
+RECEIVED_CHANNEL = "mailingest_received"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -71,6 +75,10 @@ class Store:
 
     def close(self):
         return self.engine.close()
+
+    def on_received(self, callback) -> defer.Deferred:
+        """Call C{callback()} when any daemon sharing this database stores a message."""
+        return self.engine.listen(RECEIVED_CHANNEL, lambda payload: callback())
 
     # schema
 
@@ -208,6 +216,8 @@ class Store:
             )
             inserted = txn.fetchone()
             ids.append(None if inserted is None else inserted["id"])
+        if any(ids):
+            yield self.engine.notify(txn, RECEIVED_CHANNEL)
         return ids
 
     def raw_key_in_use(self, key):

@@ -91,6 +91,13 @@ class SqliteEngine:
 
         return self._pool.runInteraction(run)
 
+    def notify(self, txn, channel: str, payload: str = "") -> defer.Deferred:
+        """One daemon per SQLite file: its own wake-up is a direct call, nothing to send."""
+        return defer.succeed(None)
+
+    def listen(self, channel: str, callback) -> defer.Deferred:
+        return defer.succeed(None)
+
     def script(self, sql: str) -> list[str]:
         """Split a migration file into statements (ours hold no literal ';')."""
         return [s.strip() for s in sql.split(";") if s.strip()]

@@ -1,0 +1,107 @@
+"""
+The behaviour every L{mailingest.interfaces.IBlobStore} must have, written
+once and mixed into one trial TestCase per implementation.
+
+The TestCase sets C{self.store} in its C{setUp} (and closes it in a cleanup).
+"""
+
+import hashlib
+import io
+import os
+
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from mailingest.errors import BlobNotFound, StorageError
+from mailingest.interfaces import IBlobStore
+
+
+class ChunkRecorder(io.BytesIO):
+    """A binary file object that remembers how many writes built it."""
+
+    writes = 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+class BlobHelpers:
+    """Files and blobs for tests of C{self.store}."""
+
+    def source_file(self, data: bytes) -> tuple[str, str, int]:
+        """A file holding C{data}; returns the C{path, sha256, size} that put_file takes."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(data)
+        return path, hashlib.sha256(data).hexdigest(), len(data)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self.store.put_file(key, *self.source_file(data))
+
+    async def read(self, key: str) -> bytes:
+        out = io.BytesIO()
+        await self.store.read_to(key, out)
+        return out.getvalue()
+
+
+class BlobStoreContract(BlobHelpers):
+    def test_provides_interface(self):
+        self.assertTrue(verifyObject(IBlobStore, self.store))
+
+    async def round_trip(self, data: bytes) -> None:
+        await self.put("raw/0001/message.eml", data)
+        self.assertEqual(await self.read("raw/0001/message.eml"), data)
+
+    async def test_round_trip_empty(self):
+        await self.round_trip(b"")
+
+    async def test_round_trip_one_byte(self):
+        await self.round_trip(b"\x00")
+
+    async def test_round_trip_five_megabytes_in_chunks(self):
+        data = os.urandom(5 * 1024 * 1024)
+        await self.put("documents/big.bin", data)
+        out = ChunkRecorder()
+        await self.store.read_to("documents/big.bin", out)
+        self.assertEqual(out.getvalue(), data)
+        self.assertGreater(out.writes, 1)
+
+    async def test_put_replaces(self):
+        await self.put("raw/k", b"first version, longer")
+        await self.put("raw/k", b"second")
+        self.assertEqual(await self.read("raw/k"), b"second")
+
+    async def test_read_missing(self):
+        await self.assertFailure(self.store.read_to("raw/missing", io.BytesIO()), BlobNotFound)
+
+    async def test_delete_then_read(self):
+        await self.put("raw/gone", b"data")
+        await self.store.delete("raw/gone")
+        await self.assertFailure(self.store.read_to("raw/gone", io.BytesIO()), BlobNotFound)
+
+    async def test_delete_missing(self):
+        await self.store.delete("raw/never-stored")
+
+    async def test_check(self):
+        self.assertIsNone(await self.store.check())
+
+    async def test_nested_keys(self):
+        keys = ["a/b/c/d.eml", "a/b/c/e.eml", "a/b/f", "a/g"]
+        for key in keys:
+            await self.put(key, key.encode())
+        for key in keys:
+            self.assertEqual(await self.read(key), key.encode())
+
+    async def test_unsafe_keys_refused(self):
+        path, sha256, size = self.source_file(b"x")
+        for key in ["../escape", "a/../b", "a/..", "Upper", "a//b", "/abs", "a/", "", "sp ace", "a\\b", ".hidden"]:
+            # maybeDeferred: the local-disk put_file refuses synchronously.
+            await self.assertFailure(defer.maybeDeferred(self.store.put_file, key, path, sha256, size), ValueError)
+            await self.assertFailure(defer.maybeDeferred(self.store.read_to, key, io.BytesIO()), ValueError)
+            await self.assertFailure(defer.maybeDeferred(self.store.delete, key), ValueError)
+
+    async def test_size_mismatch_stores_nothing(self):
+        path, sha256, size = self.source_file(b"twelve bytes")
+        await self.assertFailure(self.store.put_file("raw/short", path, sha256, size + 1), StorageError)
+        await self.assertFailure(self.store.read_to("raw/short", io.BytesIO()), BlobNotFound)
