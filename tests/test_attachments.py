@@ -1,0 +1,638 @@
+"""Tests for L{mailingest.attachments}."""
+
+import base64
+import binascii
+import glob
+import hashlib
+import os
+import quopri
+import random
+from email import errors, message_from_bytes, policy
+from email.message import EmailMessage
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailingest import attachments
+from mailingest.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
+from mailingest.filenames import MAX_FILENAME_BYTES
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
+
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", b"\r\n").rstrip(b"\r\n")
+
+
+def entity(*headers: str, body: bytes = b"") -> bytes:
+    """One MIME entity: its headers, a blank line, its body (CRLF throughout)."""
+    return "".join(h + "\r\n" for h in headers).encode("utf-8", "surrogateescape") + b"\r\n" + body
+
+
+def multipart(*parts: bytes, subtype: str = "mixed", boundary: str = "b-mixed") -> bytes:
+    body = b"preamble\r\n"
+    for part in parts:
+        body += b"--" + boundary.encode() + b"\r\n" + part + b"\r\n"
+    body += b"--" + boundary.encode() + b"--\r\n"
+    return entity(f'Content-Type: multipart/{subtype}; boundary="{boundary}"', body=body)
+
+
+def message(body_entity: bytes) -> bytes:
+    """A complete message as the daemon stores it: our Received header first."""
+    return (
+        b"Received: from mx.example.net by ingest.example.com; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        b"From: Buyer <buyer@example.net>\r\n"
+        b"To: orders+acme@ingest.example.com\r\n"
+        b"Subject: order\r\n"
+        b"Message-ID: <1@example.net>\r\n"
+        b"MIME-Version: 1.0\r\n" + body_entity
+    )
+
+
+def text_body(text: str = "Please find the order attached.") -> bytes:
+    return entity("Content-Type: text/plain; charset=utf-8", body=text.encode())
+
+
+def pdf_part(filename: str | None = "order.pdf", data: bytes = PDF, disposition: str = "attachment") -> bytes:
+    if filename is None:
+        return entity(
+            "Content-Type: application/pdf",
+            f"Content-Disposition: {disposition}",
+            "Content-Transfer-Encoding: base64",
+            body=b64(data),
+        )
+    return entity(
+        f'Content-Type: application/pdf; name="{filename}"',
+        f'Content-Disposition: {disposition}; filename="{filename}"',
+        "Content-Transfer-Encoding: base64",
+        body=b64(data),
+    )
+
+
+def forwarded(inner: bytes, filename: str | None = "Fwd.eml") -> bytes:
+    disposition = (
+        f'Content-Disposition: attachment; filename="{filename}"' if filename else "Content-Disposition: inline"
+    )
+    return entity("Content-Type: message/rfc822", disposition, body=inner)
+
+
+class ExtractionTestCase(SynchronousTestCase):
+    def extract(self, raw: bytes, **kwargs) -> ExtractionResult:
+        raw_path = self.mktemp()
+        with open(raw_path, "wb") as f:
+            f.write(raw)
+        self.out_dir = self.mktemp()
+        os.makedirs(self.out_dir)
+        result = extract_attachments(raw_path, self.out_dir, **kwargs)
+        self.assertWellFormed(result)
+        return result
+
+    def assertWellFormed(self, result: ExtractionResult) -> None:
+        """Every document is a file named by its index in out_dir, described truthfully."""
+        self.assertIsInstance(result, ExtractionResult)
+        for index, attachment in enumerate(result.attachments):
+            self.assertIsInstance(attachment, Attachment)
+            self.assertEqual(attachment.path, os.path.join(self.out_dir, f"{index}.bin"))
+            with open(attachment.path, "rb") as f:
+                data = f.read()
+            self.assertEqual(attachment.size, len(data))
+            self.assertEqual(attachment.sha256, hashlib.sha256(data).hexdigest())
+            self.assertTrue(attachment.filename)
+            self.assertNotIn("/", attachment.filename)
+            self.assertNotIn("\\", attachment.filename)
+            self.assertFalse(attachment.filename.startswith("."))
+            self.assertLessEqual(len(attachment.filename.encode("utf-8")), MAX_FILENAME_BYTES)
+            self.assertEqual(attachment.content_type, attachment.content_type.lower())
+        self.assertEqual(sorted(os.listdir(self.out_dir)), sorted(f"{i}.bin" for i in range(len(result.attachments))))
+        if not result.attachments:
+            self.assertIn("no attachments", result.warnings)
+
+    def names(self, result: ExtractionResult) -> list[str]:
+        return [a.filename for a in result.attachments]
+
+    def data(self, attachment: Attachment) -> bytes:
+        with open(attachment.path, "rb") as f:
+            return f.read()
+
+
+class DocumentSelectionTests(ExtractionTestCase):
+    def test_pdf(self):
+        msg = EmailMessage()
+        msg["From"] = "buyer@example.net"
+        msg["To"] = "orders+acme@ingest.example.com"
+        msg.set_content("Order attached.")
+        msg.add_attachment(PDF, maintype="application", subtype="pdf", filename="PO-1042.pdf")
+        result = self.extract(msg.as_bytes(policy=policy.SMTP))
+        self.assertEqual(result.warnings, [])
+        [pdf] = result.attachments
+        self.assertEqual((pdf.filename, pdf.content_type, pdf.size), ("PO-1042.pdf", "application/pdf", len(PDF)))
+        self.assertEqual(pdf.sha256, hashlib.sha256(PDF).hexdigest())
+        self.assertEqual(self.data(pdf), PDF)
+
+    def test_spreadsheet(self):
+        xlsx = b"PK\x03\x04" + random.Random(1).randbytes(5000)
+        msg = EmailMessage()
+        msg.set_content("Prices.")
+        msg.add_attachment(xlsx, maintype="application", subtype=XLSX_TYPE.split("/")[1], filename="prices.xlsx")
+        [sheet] = self.extract(msg.as_bytes(policy=policy.SMTP)).attachments
+        self.assertEqual((sheet.filename, sheet.content_type), ("prices.xlsx", XLSX_TYPE))
+        self.assertEqual(self.data(sheet), xlsx)
+
+    def test_csv_attachment(self):
+        csv = b"sku;qty\n4711;12\n\xe9t\xe9;3\n"
+        msg = EmailMessage()
+        msg.set_content("Order attached.")
+        msg.add_attachment(csv, maintype="text", subtype="csv", filename="order.csv")
+        [doc] = self.extract(msg.as_bytes(policy=policy.SMTP)).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("order.csv", "text/csv"))
+        self.assertEqual(self.data(doc), csv)
+
+    def test_7bit_csv_without_filename(self):
+        """An attachment's bytes as sent, CRLF included; its name comes from its type."""
+        csv = b"sku,qty\r\n4711,12\r\n"
+        raw = message(
+            multipart(text_body(), entity("Content-Type: text/csv", "Content-Disposition: attachment", body=csv))
+        )
+        [doc] = self.extract(raw).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("attachment-1.csv", "text/csv"))
+        self.assertEqual(self.data(doc), csv)
+
+    def test_text_with_filename_keeps_its_bytes(self):
+        """Decoded from quoted-printable only, never re-encoded through its charset."""
+        raw = message(
+            multipart(
+                text_body(),
+                entity(
+                    'Content-Type: text/plain; charset="iso-8859-1"; name="notes.txt"',
+                    "Content-Transfer-Encoding: quoted-printable",
+                    body=b"caf=E9 cr=E8me=\r\n br=FBl=E9e\r\n",
+                ),
+            )
+        )
+        [doc] = self.extract(raw).attachments
+        self.assertEqual(doc.filename, "notes.txt")
+        self.assertEqual(self.data(doc), b"caf\xe9 cr\xe8me br\xfbl\xe9e\r\n")
+
+    def test_bodies_are_not_documents(self):
+        raw = message(
+            multipart(
+                text_body(),
+                entity("Content-Type: text/html; charset=utf-8", body=b"<p>Hello</p>"),
+                subtype="alternative",
+            )
+        )
+        result = self.extract(raw)
+        self.assertEqual(result.attachments, [])
+        self.assertEqual(result.warnings, ["no attachments"])
+
+    def test_garbage_disposition_is_ignored(self):
+        raw = message(entity("Content-Type: text/html", "Content-Disposition: =?utf-8?Q?invalid?=", body=b"<p>Hi</p>"))
+        self.assertEqual(self.extract(raw).attachments, [])
+
+    def test_inline_logo_in_related_is_skipped(self):
+        logo = entity(
+            "Content-Type: image/png",
+            "Content-ID: <logo@example.net>",
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\x89PNG logo"),
+        )
+        html = entity("Content-Type: text/html", body=b'<img src="cid:logo@example.net">')
+        raw = message(multipart(multipart(html, logo, subtype="related", boundary="b-rel"), pdf_part()))
+        result = self.extract(raw)
+        self.assertEqual(self.names(result), ["order.pdf"])
+
+    def test_related_image_marked_attachment_is_kept(self):
+        scan = entity(
+            "Content-Type: image/jpeg",
+            "Content-ID: <scan@example.net>",
+            'Content-Disposition: attachment; filename="scan.jpg"',
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\xff\xd8\xff scan"),
+        )
+        raw = message(multipart(entity("Content-Type: text/html", body=b"<p>scan</p>"), scan, subtype="related"))
+        self.assertEqual(self.names(self.extract(raw)), ["scan.jpg"])
+
+    def test_inline_image_is_skipped(self):
+        image = entity(
+            "Content-Type: image/jpeg",
+            'Content-Disposition: inline; filename="photo.jpg"',
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\xff\xd8\xff photo"),
+        )
+        result = self.extract(message(multipart(text_body(), image)))
+        self.assertEqual(result.attachments, [])
+
+    def test_image_without_disposition_is_a_document(self):
+        image = entity("Content-Type: image/tiff", "Content-Transfer-Encoding: base64", body=b64(b"II*\x00 fax"))
+        [doc] = self.extract(message(multipart(text_body(), image))).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("attachment-1.tiff", "image/tiff"))
+
+    def test_apple_mail_inline_pdf_is_kept(self):
+        raw = message(multipart(text_body(), pdf_part("x.pdf", disposition="inline"), text_body("Thanks")))
+        [doc] = self.extract(raw).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("x.pdf", "application/pdf"))
+        self.assertEqual(self.data(doc), PDF)
+
+    def test_tnef_is_a_document(self):
+        tnef = entity(
+            'Content-Type: application/ms-tnef; name="winmail.dat"',
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\x78\x9f\x3e\x22 tnef"),
+        )
+        [doc] = self.extract(message(multipart(text_body(), tnef))).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("winmail.dat", "application/ms-tnef"))
+
+    def test_single_part_message_that_is_a_document(self):
+        raw = message(entity("Content-Type: application/pdf", "Content-Transfer-Encoding: base64", body=b64(PDF)))
+        [doc] = self.extract(raw).attachments
+        self.assertEqual((doc.filename, self.data(doc)), ("attachment-1.pdf", PDF))
+
+    def test_message_order_and_generated_names(self):
+        raw = message(
+            multipart(
+                text_body(),
+                pdf_part("first.pdf"),
+                pdf_part(None),
+                entity(
+                    "Content-Type: application/octet-stream", "Content-Transfer-Encoding: base64", body=b64(b"\x00\x01")
+                ),
+                pdf_part("last.pdf"),
+            )
+        )
+        self.assertEqual(
+            self.names(self.extract(raw)), ["first.pdf", "attachment-2.pdf", "attachment-3.bin", "last.pdf"]
+        )
+
+    def test_no_attachments(self):
+        result = self.extract(message(text_body()))
+        self.assertEqual((result.attachments, result.warnings), ([], ["no attachments"]))
+
+    def test_empty_file(self):
+        result = self.extract(b"")
+        self.assertEqual((result.attachments, result.warnings), ([], ["no attachments"]))
+
+    def test_not_a_mime_message(self):
+        """An Outlook .msg sent as is, say: no headers, nothing to extract."""
+        result = self.extract(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + random.Random(2).randbytes(4096))
+        self.assertEqual(result.attachments, [])
+
+
+class ForwardedMessageTests(ExtractionTestCase):
+    def inner(self, *parts: bytes, subject: str = "inner") -> bytes:
+        return (f"From: supplier@example.org\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n").encode() + multipart(
+            text_body("forwarded text"), *parts, boundary=f"b-{subject}"
+        )
+
+    def test_attachments_inside_are_extracted(self):
+        raw = message(multipart(text_body(), forwarded(self.inner(pdf_part("inner.pdf")))))
+        result = self.extract(raw)
+        self.assertEqual(self.names(result), ["inner.pdf"])
+        self.assertEqual(self.data(result.attachments[0]), PDF)
+
+    def test_built_with_email_package(self):
+        inner = EmailMessage()
+        inner["Subject"] = "quote"
+        inner.set_content("see quote")
+        inner.add_attachment(PDF, maintype="application", subtype="pdf", filename="quote.pdf")
+        outer = EmailMessage()
+        outer.set_content("forwarding")
+        outer.add_attachment(inner, filename="quote.eml")
+        self.assertEqual(self.names(self.extract(outer.as_bytes(policy=policy.SMTP))), ["quote.pdf"])
+
+    def test_nested_two_deep(self):
+        deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
+        middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
+        raw = message(multipart(text_body(), pdf_part("zero.pdf"), forwarded(middle), pdf_part("after.pdf")))
+        self.assertEqual(self.names(self.extract(raw)), ["zero.pdf", "one.pdf", "two.pdf", "after.pdf"])
+
+    def test_depth_limit(self):
+        deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
+        middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
+        raw = message(multipart(text_body(), forwarded(middle)))
+        result = self.extract(raw, max_depth=1)
+        self.assertEqual(self.names(result), ["one.pdf"])
+        self.assertEqual(result.warnings, ["part 2.3: depth limit reached, skipped"])
+        result = self.extract(raw, max_depth=0)
+        self.assertEqual(result.warnings, ["part 2: depth limit reached, skipped", "no attachments"])
+
+    def test_base64_encoded_forward(self):
+        """Wrong (RFC 2046 allows no encoding there) but sent by some clients."""
+        inner = self.inner(pdf_part("inner.pdf"))
+        part = entity("Content-Type: message/rfc822", "Content-Transfer-Encoding: base64", body=b64(inner))
+        result = self.extract(message(multipart(text_body(), part)))
+        self.assertEqual(self.names(result), ["inner.pdf"])
+        self.assertEqual(self.data(result.attachments[0]), PDF)
+
+    def test_forward_that_is_not_a_message_is_kept(self):
+        body = b"this is not an email\r\n\x00\x01"
+        part = entity(
+            "Content-Type: message/rfc822", 'Content-Disposition: attachment; filename="broken.eml"', body=body
+        )
+        doc, pdf = self.extract(message(multipart(text_body(), part, pdf_part()))).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("broken.eml", "message/rfc822"))
+        self.assertEqual(self.data(doc), body)
+        self.assertEqual(pdf.filename, "order.pdf")
+
+    def test_reports_are_not_documents(self):
+        status = entity(
+            "Content-Type: message/delivery-status",
+            'Content-Disposition: attachment; filename="status.txt"',
+            body=b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\n",
+        )
+        raw = message(multipart(text_body(), status, subtype="report"))
+        self.assertEqual(self.extract(raw).attachments, [])
+
+
+class DecodingTests(ExtractionTestCase):
+    def test_every_byte_value_survives_base64(self):
+        data = bytes(range(256)) * 1000 + random.Random(3).randbytes(100000)
+        [doc] = self.extract(message(multipart(text_body(), pdf_part(data=data)))).attachments
+        self.assertEqual(self.data(doc), data)
+
+    def test_binary_transfer_encoding_keeps_line_endings(self):
+        """CR and LF inside a binary part are data: the parser must not translate them."""
+        data = b"\x00\r\x01\n\x02\r\n\x03\n\r\xff\r\rend"
+        part = entity("Content-Type: application/octet-stream", "Content-Transfer-Encoding: binary", body=data)
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(self.data(doc), data)
+
+    def test_quoted_printable(self):
+        data = b"line one\r\n\x00\xff=\tend"
+        part = entity(
+            "Content-Type: application/octet-stream",
+            "Content-Transfer-Encoding: quoted printable",
+            body=quopri.encodestring(data),
+        )
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(self.data(doc), data)
+
+    def test_uuencode(self):
+        data = random.Random(4).randbytes(1000)
+        lines = [b"begin 644 data.bin"]
+        lines += [binascii.b2a_uu(data[i : i + 45]).rstrip(b"\n") for i in range(0, len(data), 45)]
+        lines += [b"`", b"end"]
+        part = entity(
+            "Content-Type: application/octet-stream", "Content-Transfer-Encoding: x-uuencode", body=b"\r\n".join(lines)
+        )
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(self.data(doc), data)
+
+    def test_unknown_transfer_encoding_is_stored_as_is(self):
+        part = entity("Content-Type: application/pdf", "Content-Transfer-Encoding: x-gzip64", body=b"H4sIAAAA")
+        result = self.extract(message(multipart(text_body(), part)))
+        self.assertEqual(self.data(result.attachments[0]), b"H4sIAAAA")
+        self.assertEqual(result.warnings, ["part 2: unknown transfer encoding 'x-gzip64', stored undecoded"])
+
+    def test_base64_as_the_email_package_decodes_it(self):
+        """
+        Decoding in chunks gives the email package's bytes, for clean and damaged
+        base64 alike, wherever the chunks are cut.
+        """
+        data = random.Random(7).randbytes(3000)
+        clean = b64(data)
+        bodies = {
+            "clean": clean,
+            "missing padding": b64(data[:-1]).rstrip(b"="),
+            "one padding character missing": b64(data[:-2])[:-1],
+            "trailing spaces": clean.replace(b"\r\n", b" \t\r\n"),
+            "stray characters": clean[:100] + b"!*\xe9" + clean[100:],
+            "padding in the middle": b64(data[:10]) + b"\r\n" + clean,
+            "bare LF": clean.replace(b"\r\n", b"\n"),
+            "truncated by two": clean[:-6],
+            "truncated by one": clean[:-5],
+            "impossible length": clean[:-7],
+            "empty": b"",
+            "only whitespace": b" \r\n\t",
+            "only padding": b"====",
+        }
+        for chunk_chars in (5, 8, 77, 1 << 20):
+            self.patch(attachments, "DECODE_CHUNK_CHARS", chunk_chars)
+            for label, body in bodies.items():
+                part = entity("Content-Type: application/octet-stream", "Content-Transfer-Encoding: base64", body=body)
+                raw = message(multipart(text_body(), part))
+                stdlib_part = message_from_bytes(raw, policy=policy.compat32).get_payload(1)
+                expected = stdlib_part.get_payload(decode=True)
+                if any(isinstance(d, errors.InvalidBase64LengthDefect) for d in stdlib_part.defects):
+                    self.assertRaises(UnparseableMessage, self.extract, raw)
+                    continue
+                result = self.extract(raw)
+                self.assertEqual(self.data(result.attachments[0]), expected, f"{label}, chunks of {chunk_chars}")
+        self.assertEqual(len(b"".join(bodies["impossible length"].split())) % 4, 1)
+
+    def test_clean_base64_is_streamed(self):
+        """Large clean attachments never go through the whole-text decoder."""
+
+        def refuse(data):
+            raise AssertionError("decoded in one piece")
+
+        self.patch(attachments, "DECODE_CHUNK_CHARS", 1000)
+        self.patch(attachments, "_decode_base64_leniently", refuse)
+        data = random.Random(5).randbytes(50000)
+        [doc] = self.extract(message(multipart(text_body(), pdf_part(data=data)))).attachments
+        self.assertEqual(self.data(doc), data)
+
+    def test_repaired_base64_is_reported(self):
+        body = b64(PDF[:-1]).rstrip(b"=")
+        part = entity('Content-Type: application/pdf; name="a.pdf"', "Content-Transfer-Encoding: base64", body=body)
+        result = self.extract(message(multipart(text_body(), part)))
+        self.assertEqual(self.data(result.attachments[0]), PDF[:-1])
+        self.assertEqual(result.warnings, ["part 2: base64 padding repaired"])
+
+    def test_undecodable_base64_attachment(self):
+        body = b64(PDF[:3000]) + b"\r\nQ"  # 4n+1 base64 characters
+        part = entity('Content-Type: application/pdf; name="a.pdf"', "Content-Transfer-Encoding: base64", body=body)
+        error = self.assertRaises(UnparseableMessage, self.extract, message(multipart(text_body(), part)))
+        self.assertEqual(str(error), "part 2 (application/pdf): base64 content cannot be decoded at all")
+
+    def test_undecodable_base64_body_is_ignored(self):
+        """Only documents are decoded."""
+        body = entity("Content-Type: text/plain", "Content-Transfer-Encoding: base64", body=b"not base64 at all.")
+        result = self.extract(message(multipart(body, pdf_part())))
+        self.assertEqual(self.names(result), ["order.pdf"])
+
+    def test_uuencode_without_begin_line(self):
+        part = entity("Content-Type: application/pdf", "Content-Transfer-Encoding: x-uuencode", body=b"plain text")
+        self.assertRaises(UnparseableMessage, self.extract, message(multipart(text_body(), part)))
+
+
+class FilenameTests(ExtractionTestCase):
+    def extract_names(self, *dispositions: str) -> list[str]:
+        parts = [
+            entity("Content-Type: application/pdf", disposition, "Content-Transfer-Encoding: base64", body=b64(PDF))
+            for disposition in dispositions
+        ]
+        return self.names(self.extract(message(multipart(text_body(), *parts))))
+
+    def test_rfc2231_continuations_with_charset(self):
+        names = self.extract_names(
+            "Content-Disposition: attachment;\r\n"
+            " filename*0*=iso-8859-1''Bestellung%20f%FCr;\r\n"
+            " filename*1*=%20M%FCller.pdf"
+        )
+        self.assertEqual(names, ["Bestellung f\u00fcr M\u00fcller.pdf"])
+
+    def test_rfc2047_name(self):
+        part = entity(
+            'Content-Type: application/pdf;\r\n name="=?UTF-8?Q?Auftragsbest=C3=A4tigung?= =?UTF-8?Q?_Nr=2E_7.pdf?="',
+            "Content-Transfer-Encoding: base64",
+            body=b64(PDF),
+        )
+        self.assertEqual(
+            self.names(self.extract(message(multipart(text_body(), part)))), ["Auftragsbest\u00e4tigung Nr. 7.pdf"]
+        )
+
+    def test_encoded_words_inside_quoted_filename(self):
+        names = self.extract_names('Content-Disposition: attachment; filename="=?utf-8?B?5rOo5paH5pu4LnBkZg==?="')
+        self.assertEqual(names, ["\u6ce8\u6587\u66f8.pdf"])
+
+    def test_missing_filename(self):
+        self.assertEqual(
+            self.extract_names("Content-Disposition: attachment", "Content-Disposition: attachment"),
+            ["attachment-1.pdf", "attachment-2.pdf"],
+        )
+
+    def test_hostile_names(self):
+        hostile = [
+            'filename="../../etc/passwd"',
+            'filename="..\\\\..\\\\boot.ini"',
+            "filename*=utf-8''in%00vo%1Bi%7Fce%C2%9B.pdf",
+            'filename=".htaccess"',
+            'filename="' + "a" * 1000 + '.pdf"',
+            'filename=""',
+            "filename*=utf-8''%2E%2E%2F%2E%2E%2F",
+        ]
+        names = self.extract_names(*(f"Content-Disposition: attachment; {p}" for p in hostile))
+        self.assertEqual(
+            names,
+            [
+                "passwd",
+                "boot.ini",
+                "invoice.pdf",
+                "htaccess",
+                "a" * 251 + ".pdf",
+                "attachment-6.pdf",
+                "attachment-7.pdf",
+            ],
+        )
+        self.assertEqual(sorted(os.listdir(self.out_dir)), [f"{i}.bin" for i in range(7)])
+
+    def test_undecodable_charset_is_reported(self):
+        result = self.extract(
+            message(multipart(text_body(), pdf_part(None, disposition="attachment; filename*=x-klingon''%FCber.pdf")))
+        )
+        self.assertEqual(self.names(result), ["\u00fcber.pdf"])
+        self.assertEqual(result.warnings, ["part 2: undecodable charset in filename"])
+
+
+class MalformedStructureTests(ExtractionTestCase):
+    def test_deterministic(self):
+        raw = message(
+            multipart(
+                text_body(),
+                pdf_part("../a.pdf"),
+                pdf_part(None),
+                forwarded(b"From: x@example.org\r\n" + multipart(pdf_part("inner.pdf"), boundary="b-in")),
+                entity("Content-Type: application/octet-stream", "Content-Transfer-Encoding: base64", body=b"QUJD"),
+            )
+        )
+        first = self.extract(raw)
+        first_files = [(os.path.basename(a.path), self.data(a)) for a in first.attachments]
+        second = self.extract(raw)
+        self.assertEqual(
+            [(a.filename, a.content_type, a.size, a.sha256, os.path.basename(a.path)) for a in first.attachments],
+            [(a.filename, a.content_type, a.size, a.sha256, os.path.basename(a.path)) for a in second.attachments],
+        )
+        self.assertEqual(first.warnings, second.warnings)
+        self.assertEqual(first_files, [(os.path.basename(a.path), self.data(a)) for a in second.attachments])
+
+    def test_part_limit(self):
+        raw = message(multipart(*(pdf_part(f"{i}.pdf") for i in range(10))))
+        result = self.extract(raw, max_parts=5)
+        self.assertEqual(self.names(result), ["0.pdf", "1.pdf", "2.pdf", "3.pdf"])
+        self.assertEqual(result.warnings, ["more than 5 MIME parts, the rest skipped"])
+
+    def test_very_deep_nesting(self):
+        depth = 3000
+        raw = b"".join(
+            f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode() for i in range(depth)
+        )
+        raw = b"From: x@example.org\r\n" + raw + pdf_part()
+        result = self.extract(raw)
+        self.assertTrue(
+            {"more than 1000 MIME parts, the rest skipped", "MIME parts nested too deeply, the rest skipped"}
+            & set(result.warnings),
+            result.warnings,
+        )
+
+    def test_nested_multipart_reusing_the_boundary(self):
+        """The inner close ends the outer one too; the parts after it are recovered."""
+        inner = multipart(
+            text_body(), entity("Content-Type: text/html", body=b"<p>x</p>"), subtype="alternative", boundary="same"
+        )
+        raw = message(multipart(inner, pdf_part("after.pdf"), boundary="same"))
+        result = self.extract(raw)
+        self.assertEqual(self.names(result), ["after.pdf"])
+        self.assertEqual(self.data(result.attachments[0]), PDF)
+        self.assertIn("message: damaged boundary, 1 part(s) recovered", result.warnings)
+
+    def test_declared_boundary_never_used(self):
+        body = b"--actual\r\n" + text_body() + b"\r\n--actual\r\n" + pdf_part("found.pdf") + b"\r\n--actual--\r\n"
+        raw = message(entity('Content-Type: multipart/mixed; boundary="declared"', body=body))
+        result = self.extract(raw)
+        self.assertEqual(self.names(result), ["found.pdf"])
+        self.assertIn("part 1: damaged boundary, 2 part(s) recovered", result.warnings)
+
+    def test_missing_boundary_parameter(self):
+        body = b"--x\r\n" + pdf_part("found.pdf") + b"\r\n--x--\r\n"
+        result = self.extract(message(entity("Content-Type: multipart/mixed", body=body)))
+        self.assertEqual(self.names(result), ["found.pdf"])
+
+    def test_malformed_parts_are_reported(self):
+        raw = message(entity('Content-Type: multipart/mixed; boundary="never"', body=b"just text\r\n"))
+        result = self.extract(raw)
+        self.assertEqual(result.attachments, [])
+        self.assertIn(
+            "message: malformed MIME (StartBoundaryNotFoundDefect, MultipartInvariantViolationDefect)", result.warnings
+        )
+
+    def test_unreadable_boundary_parameter(self):
+        """The email package raises reading this boundary; it counts as missing, and the body shows the real one."""
+        raw = (
+            b"From: x@example.org\r\n"
+            b"Content-Type: multipart/mixed; boundary*0=a; boundary*=b\r\n"
+            b"\r\n--a\r\n" + pdf_part() + b"\r\n--a--\r\n"
+        )
+        self.assertEqual(self.names(self.extract(raw)), ["order.pdf"])
+
+    def test_parser_error(self):
+        """A parser that fails on the input fails the message, for good."""
+
+        class BrokenParser(attachments.BytesFeedParser):
+            def feed(self, data):
+                raise IndexError("parser bug")
+
+        self.patch(attachments, "BytesFeedParser", BrokenParser)
+        error = self.assertRaises(UnparseableMessage, self.extract, message(text_body()))
+        self.assertEqual(str(error), "the MIME structure cannot be parsed (IndexError: parser bug)")
+
+
+class CorpusTests(ExtractionTestCase):
+    def test_corpus(self):
+        """Every sample extracts (well formed, see assertWellFormed) or fails with L{UnparseableMessage}."""
+        if not os.path.isdir(CORPUS):
+            raise self.skipTest(f"sample corpus not found at {os.path.abspath(CORPUS)}")
+        samples = sorted(
+            path
+            for path in glob.glob(os.path.join(CORPUS, "*", "**", "*"), recursive=True)
+            if os.path.isfile(path) and os.path.basename(path) not in ("LICENSE", "README.md")
+        )
+        self.assertTrue(samples)
+        for path in samples:
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                self.extract(raw)
+            except UnparseableMessage:
+                pass
