@@ -185,11 +185,11 @@ def clear_spool(directory: str) -> None:
             pass
 
 
-def build_daemon(settings: dict, reactor=None):
+def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if reactor is None:
         from twisted.internet import reactor
     store = open_store(settings["database"])
-    blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"])
+    blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], environ)
     daemon = Daemon(reactor, store, blobs)
 
     # Spool and work files live beside the blobs when they are on local disk,

@@ -103,7 +103,7 @@ class ExtractionService(service.Service):
         if not self.running:
             return
         self._woken = True
-        while len(self._workers) < self.concurrency:
+        for _ in range(self.concurrency - len(self._workers)):
             d = defer.ensureDeferred(self._work())
             self._workers.append(d)
             d.addBoth(self._worker_done, d)

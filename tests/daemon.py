@@ -39,10 +39,10 @@ def settings_for(directory: str, **overrides) -> dict:
 class RunningDaemon:
     """A daemon started in-process; C{port} is its SMTP port."""
 
-    def __init__(self, directory: str, **overrides):
+    def __init__(self, directory: str, environ=os.environ, **overrides):
         self.directory = directory
         self.settings = settings_for(directory, **overrides)
-        self.service = build_daemon(self.settings, reactor)
+        self.service = build_daemon(self.settings, reactor, environ)
         self.store = self.service.store
         self.blobs = self.service.blobs
         self.delivery = self.service.delivery

@@ -242,9 +242,11 @@ class _Connection(txpostgres.Connection):
         # An idle connection whose server went away: hand the error to the
         # reactor as the reason the connection was lost (which starts the
         # reconnection) instead of raising, which it would log as unhandled.
+        # A connection libpq has given up on has no socket (fd -1): re-adding
+        # it as a reader raises ValueError, which means the same thing.
         try:
             return super().doRead()
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, ValueError) as e:
             return e
 
     def runInteraction(self, interaction, *args, **kwargs) -> defer.Deferred:
