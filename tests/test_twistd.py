@@ -4,15 +4,20 @@ configured by options, environment and a config file, restarted, and fed a
 50 MB message while its memory is watched.
 """
 
+import json
 import os
 import signal
 import smtplib
+import socket
 import sqlite3
 import subprocess
+import time
+import urllib.error
+import urllib.request
 
 from twisted.trial import unittest
 
-from tests.daemon import TWISTD, TwistdProcess, mailingest_cli, message, temp_dir
+from tests.daemon import TWISTD, TwistdProcess, free_port, mailingest_cli, message, temp_dir
 
 
 def send(port: int, body: bytes, rcpt="orders+acme@example.com"):
@@ -106,3 +111,115 @@ class TwistdTests(unittest.TestCase):
         self.assertGreater(raw_size, len(body))
         # the message never sits in memory whole: growth is a small fraction of 50 MB
         self.assertLess(growth_mib, 25, f"peak RSS grew by {growth_mib:.0f} MiB")
+
+
+class OperationsTests(unittest.TestCase):
+    def setUp(self):
+        self.directory = temp_dir(self)
+        result = mailingest_cli(self.directory, "org", "add", "acme")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def start(self, *args, env=None) -> TwistdProcess:
+        self.http_port = free_port()
+        daemon = TwistdProcess(self.directory, "--domain", "example.com", *args, env=env)
+        daemon.args[daemon.args.index("--http") + 1] = f"tcp:{self.http_port}:interface=127.0.0.1"
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        return daemon
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def test_sigterm_lets_data_in_progress_finish(self):
+        daemon = self.start()
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"HELO customer.test\r\nMAIL FROM:<b@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+            for _ in range(4):
+                f.readline()
+            s.sendall(message()[:40])
+            started = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            # new connections are refused while the transaction finishes
+            with self.assertRaises(OSError):
+                socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+            s.sendall(message()[40:] + b".\r\n")
+            reply = f.readline()
+            self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+            s.sendall(b"NOOP\r\n")
+            self.assertTrue(f.readline().startswith(b"421 4.3.2"))
+        status = daemon.process.wait(15)
+        self.assertLess(time.monotonic() - started, 15)
+        self.assertIn(status, (0, -signal.SIGTERM))
+        self.assertEqual(len(rows(self.directory)), 1)
+
+    def test_sigterm_with_an_idle_client_exits_quickly(self):
+        daemon = self.start()
+        client = smtplib.SMTP("127.0.0.1", daemon.port, timeout=10)
+        client.ehlo("customer.test")
+        started = time.monotonic()
+        status = daemon.stop()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn(status, (0, -signal.SIGTERM))
+        client.close()
+
+    def test_health_readiness_and_metrics(self):
+        daemon = self.start()
+        self.assertEqual(self.get("/healthz")[0], 200)
+        status, body = self.get("/readyz")
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ready"))
+        code, _ = send(daemon.port, message())
+        self.assertEqual(code, 250)
+        send(daemon.port, message(), rcpt="orders+nobody@example.com")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, metrics = self.get("/metrics")
+            if b"mailingest_extractions_total{outcome=\"parsed\"} 1.0" in metrics:
+                break
+            time.sleep(0.1)
+        self.assertIn(b"mailingest_messages_accepted_total 1.0", metrics)
+        self.assertIn(b'mailingest_rejected_total{reason="unknown_org"} 1.0', metrics)
+        self.assertIn(b"mailingest_queue_depth 0.0", metrics)
+        self.assertIn(b"mailingest_smtp_connections", metrics)
+        # object storage breaks: /readyz names it; it recovers by itself
+        scratch = os.path.join(self.directory, "mailingest-data", "blobs", ".tmp")
+        os.rename(scratch, scratch + ".gone")
+        with open(scratch, "w") as f:
+            f.write("not a directory")
+        status, body = self.get("/readyz")
+        report = json.loads(body)
+        self.assertEqual((status, report["checks"]["database"]), (503, "ok"))
+        self.assertTrue(report["checks"]["storage"].startswith("error"))
+        os.unlink(scratch)
+        os.rename(scratch + ".gone", scratch)
+        self.assertEqual(self.get("/readyz")[0], 200)
+
+    def test_one_log_line_per_message_and_no_secrets(self):
+        from tests import postgres
+
+        database = postgres.create_database()
+        secret_url = database.replace("postgresql://postgres@", "postgresql://postgres:hunter2-secret@", 1)
+        env = dict(os.environ, MAILINGEST_DATABASE=secret_url, AWS_SECRET_ACCESS_KEY="aws-secret-never-logged")
+        result = mailingest_cli(self.directory, "org", "add", "acme", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        daemon = self.start("--log-format", "json", env=env)
+        self.assertEqual(send(daemon.port, message())[0], 250)
+        send(daemon.port, message())
+        send(daemon.port, message(), rcpt="orders+nobody@example.com")
+        time.sleep(1.5)
+        daemon.stop()
+        log = daemon.log()
+        self.assertNotIn("hunter2-secret", log)
+        self.assertNotIn("aws-secret-never-logged", log)
+        events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        kinds = [e.get("event") for e in events if e.get("event")]
+        self.assertEqual(sorted(kinds), ["accepted", "duplicate", "parsed", "rejected"])
+        accepted = [e for e in events if e.get("event") == "accepted"][0]
+        self.assertEqual((accepted["org"], accepted["peer"]), ("acme", "127.0.0.1"))
+        self.assertIn("size", accepted)
