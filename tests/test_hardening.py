@@ -4,11 +4,13 @@ the daemon keeps serving a normal client afterwards.
 """
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import struct
+import subprocess
 import time
 
 from twisted.internet import defer, reactor, task, threads
@@ -446,3 +448,49 @@ class SMTPUTF8Tests(HardeningCase):
         [path] = self.daemon.blob_files()
         with open(path, "rb") as f:
             self.assertTrue(f.read().endswith(body))
+
+
+SWAKS = shutil.which("swaks")
+
+
+class SwaksTests(HardeningCase):
+    """A real external client: swaks, with an attachment and over STARTTLS."""
+
+    skip = None if SWAKS else "swaks is not installed (apt-get install swaks; .ci/run installs it)"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        directory = temp_dir(self)
+        cert, key = make_certificate(directory)
+        self.overrides = {"tls_cert": cert, "tls_key": key}
+        self.attachment = os.path.join(directory, "PO-77.pdf")
+        with open(self.attachment, "wb") as f:
+            f.write(b"%PDF-1.4\n" + os.urandom(3000) + b"\n%%EOF\n")
+        yield super().setUp()
+
+    def swaks(self, *args: str) -> defer.Deferred:
+        command = [SWAKS, "--server", f"127.0.0.1:{self.daemon.port}", "--to", "orders+acme@example.com",
+                   "--from", "buyer@customer.test", "--helo", "customer.test", *args]
+        return threads.deferToThread(subprocess.run, command, capture_output=True, timeout=60)
+
+    @defer.inlineCallbacks
+    def test_swaks_with_attachment_over_starttls(self):
+        result = yield self.swaks("--tls", "--attach", f"@{self.attachment}", "--attach-type", "application/pdf")
+        self.assertEqual(result.returncode, 0, result.stdout.decode(errors="replace")[-2000:])
+        self.assertIn(b"250 2.0.0", result.stdout)
+        [row] = yield self.daemon.store.list_messages()
+        for _ in range(100):
+            row = yield self.daemon.store.get_message(row["id"])
+            if row["status"] != "received":
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        [doc] = yield self.daemon.store.list_documents(message_id=row["id"])
+        with open(self.daemon.blobs.path_for(doc["storage_key"]), "rb") as stored, open(self.attachment, "rb") as original:
+            self.assertEqual(stored.read(), original.read())
+        self.assertEqual(doc["filename"], "PO-77.pdf")
+
+    @defer.inlineCallbacks
+    def test_swaks_refused_recipient(self):
+        result = yield self.swaks("--to", "orders+nobody@example.com")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"550 5.1.1", result.stdout)
