@@ -586,7 +586,10 @@ def peer_key(host: str) -> str:
     """The unit a per-address limit counts: the address, or its /64 for IPv6."""
     if ":" in host:
         try:
-            return str(ipaddress.IPv6Network(host + "/64", strict=False))
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
             return host
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
     return host

@@ -494,3 +494,12 @@ class SwaksTests(HardeningCase):
         result = yield self.swaks("--to", "orders+nobody@example.com")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(b"550 5.1.1", result.stdout)
+
+
+class PeerKeyTests(unittest.SynchronousTestCase):
+    def test_units_counted_by_the_per_address_limit(self):
+        self.assertEqual(smtp_server.peer_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(smtp_server.peer_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(smtp_server.peer_key("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64")
+        self.assertEqual(smtp_server.peer_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(smtp_server.peer_key("fe80::1%eth0"), "fe80::/64")
