@@ -10,6 +10,7 @@ import importlib.resources
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
@@ -60,12 +61,52 @@ def migrations(engine_name: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+class GroupCommit:
+    """
+    Requests that arrive while a commit is in flight wait and are committed
+    together in the next transaction: under load, many messages share one
+    transaction (one fsync); alone, a request is committed at once.
+    A failed transaction fails every request in it.
+    """
+
+    def __init__(self, commit):
+        self._commit = commit
+        self._pending: list[tuple[object, defer.Deferred]] = []
+        self._busy = False
+
+    def submit(self, request) -> defer.Deferred:
+        d = defer.Deferred()
+        self._pending.append((request, d))
+        if not self._busy:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._busy = True
+        committed = defer.maybeDeferred(self._commit, [request for request, _ in batch])
+
+        def answer(results):
+            self._busy = False
+            if isinstance(results, Failure):
+                for _, d in batch:
+                    d.errback(results)
+            else:
+                for (_, d), result in zip(batch, results):
+                    d.callback(result)
+            if self._pending and not self._busy:
+                self._flush()
+
+        committed.addBoth(answer)
+
+
 @implementer(IStore)
 class Store:
     def __init__(self, engine, clock=utcnow):
         self.engine = engine
         self.engine_name = engine.name
         self._now = clock
+        self._inserts = GroupCommit(lambda batches: self._run(self._insert_batches, batches))
 
     def __repr__(self) -> str:
         return f"<Store {self.engine!r}>"
@@ -188,37 +229,40 @@ class Store:
         return {row["org_id"] for row in txn.fetchall()}
 
     def insert_messages(self, rows):
-        return self._run(self._insert_messages, rows)
+        return self._inserts.submit(rows)
 
     @defer.inlineCallbacks
-    def _insert_messages(self, txn, rows):
-        ids = []
-        for row in rows:
-            yield txn.execute(
-                "INSERT INTO inbound_message (org_id, source, source_message_id,"
-                " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, status,"
-                " attempts, received_at, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
-                " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
-                (
-                    row["org_id"],
-                    row["source"],
-                    row["source_message_id"],
-                    row["mail_from"],
-                    row["rcpt_to"],
-                    row["subject"],
-                    row["raw_key"],
-                    row["raw_size"],
-                    row["raw_sha256"],
-                    row["received_at"],
-                    row["received_at"],
-                ),
-            )
-            inserted = txn.fetchone()
-            ids.append(None if inserted is None else inserted["id"])
-        if any(ids):
+    def _insert_batches(self, txn, batches):
+        results = []
+        for rows in batches:
+            ids = []
+            for row in rows:
+                yield txn.execute(
+                    "INSERT INTO inbound_message (org_id, source, source_message_id,"
+                    " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, status,"
+                    " attempts, received_at, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
+                    " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
+                    (
+                        row["org_id"],
+                        row["source"],
+                        row["source_message_id"],
+                        row["mail_from"],
+                        row["rcpt_to"],
+                        row["subject"],
+                        row["raw_key"],
+                        row["raw_size"],
+                        row["raw_sha256"],
+                        row["received_at"],
+                        row["received_at"],
+                    ),
+                )
+                inserted = txn.fetchone()
+                ids.append(None if inserted is None else inserted["id"])
+            results.append(ids)
+        if any(any(ids) for ids in results):
             yield self.engine.notify(txn, RECEIVED_CHANNEL)
-        return ids
+        return results
 
     def raw_key_in_use(self, key):
         return self._run(self._raw_key_in_use, key)
