@@ -132,15 +132,7 @@ class ExtractionService(service.Service):
         try:
             result = await self._extract(message, work)
         except (UnparseableMessage, PermanentFailure) as e:
-            await self._record(self.store.mark_failed(message["id"], str(e), message["attempts"] + 1))
-            metrics.EXTRACTIONS.labels("failed").inc()
-            log.error(
-                "message {message_id} for {org} failed: {error}",
-                message_id=message["id"],
-                org=message["org_slug"],
-                error=str(e),
-                event="failed",
-            )
+            await self._fail(message, str(e), message["attempts"] + 1)
         except Exception as e:
             await self._transient(message, e)
         else:
@@ -200,16 +192,7 @@ class ExtractionService(service.Service):
         attempts = message["attempts"] + 1
         reason = f"{type(error).__name__}: {error}"
         if attempts >= self.max_attempts:
-            await self._record(self.store.mark_failed(message["id"], reason, attempts))
-            metrics.EXTRACTIONS.labels("failed").inc()
-            log.error(
-                "message {message_id} for {org} failed after {attempts} attempts: {error}",
-                message_id=message["id"],
-                org=message["org_slug"],
-                attempts=attempts,
-                error=reason,
-                event="failed",
-            )
+            await self._fail(message, f"{reason} (after {attempts} attempts)", attempts)
             return
         delay = FIRST_RETRY_SECONDS * 2 ** (attempts - 1)
         await self._record(self.store.schedule_retry(message["id"], reason, attempts, delay))
@@ -222,6 +205,17 @@ class ExtractionService(service.Service):
             max=self.max_attempts,
             error=reason,
             delay=delay,
+        )
+
+    async def _fail(self, message: dict, reason: str, attempts: int) -> None:
+        await self._record(self.store.mark_failed(message["id"], reason, attempts))
+        metrics.EXTRACTIONS.labels("failed").inc()
+        log.error(
+            "message {message_id} for {org} failed: {error}",
+            message_id=message["id"],
+            org=message["org_slug"],
+            error=reason,
+            event="failed",
         )
 
     async def _record(self, d: defer.Deferred) -> bool:

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from twisted.internet import defer, reactor, threads
+from twisted.trial import unittest
 
 from mailingest.config import ALL_OPTIONS, resolve
 from mailingest.daemon import build_daemon
@@ -187,3 +188,17 @@ def temp_dir(test) -> str:
 
 def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class DaemonTestCase(unittest.TestCase):
+    """A fresh daemon on 127.0.0.1 for each test, with the active organisation C{acme}."""
+
+    overrides: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.daemon = RunningDaemon(self.directory, **self.overrides)
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        yield self.daemon.store.add_org("acme", "Acme Corp")

@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
-from tests.daemon import RunningDaemon, TwistdProcess, mailingest_cli, temp_dir
+from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, temp_dir
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
@@ -38,16 +38,8 @@ def wait(seconds: float):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-class ExtractionCase(unittest.TestCase):
+class ExtractionCase(DaemonTestCase):
     overrides: dict = {"poll_interval": "0.2"}
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.directory = temp_dir(self)
-        self.daemon = RunningDaemon(self.directory, **self.overrides)
-        yield self.daemon.start()
-        self.addCleanup(self.daemon.stop)
-        yield self.daemon.store.add_org("acme", "Acme Corp")
 
     @defer.inlineCallbacks
     def deliver(self, msg, settle: bool = True):

@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailingest import smtp_server
-from tests.daemon import RunningDaemon, message, temp_dir
+from tests.daemon import DaemonTestCase, message, temp_dir
 
 
 class Conversation:
@@ -54,17 +54,7 @@ class Conversation:
         self.sock.close()
 
 
-class HardeningCase(unittest.TestCase):
-    overrides: dict = {}
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.directory = temp_dir(self)
-        self.daemon = RunningDaemon(self.directory, **self.overrides)
-        yield self.daemon.start()
-        self.addCleanup(self.daemon.stop)
-        yield self.daemon.store.add_org("acme", "Acme Corp")
-
+class HardeningCase(DaemonTestCase):
     def talk(self, fn, *args):
         return threads.deferToThread(fn, *args)
 

@@ -3,28 +3,23 @@ The SMTP contract of SPEC section 4, from a real smtplib client against a
 daemon listening on 127.0.0.1.
 """
 
-import os
 import socket
 import smtplib
 
 from twisted.internet import defer, threads
-from twisted.trial import unittest
 
 from mailingest.errors import StorageError
-from tests.daemon import RunningDaemon, message, temp_dir
+from tests import daemon
+from tests.daemon import message
 
 
-class DaemonTestCase(unittest.TestCase):
-    overrides: dict = {}
+class DaemonTestCase(daemon.DaemonTestCase):
+    """Also organisations C{beta} (active) and C{gone} (disabled)."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.directory = temp_dir(self)
-        self.daemon = RunningDaemon(self.directory, **self.overrides)
-        yield self.daemon.start()
-        self.addCleanup(self.daemon.stop)
+        yield super().setUp()
         store = self.daemon.store
-        yield store.add_org("acme", "Acme Corp")
         yield store.add_org("beta", "Beta Ltd")
         yield store.add_org("gone", "Gone Ltd")
         yield store.set_org_active("gone", False)
@@ -120,7 +115,7 @@ class LimitTests(DaemonTestCase):
         def attempt(client):
             client.ehlo("customer.test")
             client.mail("buyer@customer.test")
-            return [client.rcpt(f"orders+acme@example.com") for _ in range(4)]
+            return [client.rcpt("orders+acme@example.com") for _ in range(4)]
 
         replies = yield self.daemon.smtp(attempt)
         self.assertEqual([code for code, _ in replies], [250, 250, 250, 452])

@@ -94,7 +94,7 @@ class TwistdTests(unittest.TestCase):
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
             client.ehlo("customer.test")
             client.mail("buyer@customer.test")
-            codes = [client.rcpt(f"orders+acme@example.com")[0] for _ in range(4)]
+            codes = [client.rcpt("orders+acme@example.com")[0] for _ in range(4)]
             # --domain on the command line wins over the file
             codes.append(client.rcpt("orders+acme@file.test")[0])
         self.assertEqual(codes, [250, 250, 250, 452, 452])
