@@ -244,6 +244,21 @@ class IngestSMTP(smtp.ESMTP):
         self._from = None
         self._to = []
 
+    def ext_STARTTLS(self, rest):
+        if self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport):
+            self.sendCode(503, b"5.5.1 TLS already active")
+        elif self.ctx is not None and self.canStartTLS:
+            smtp.SMTP.sendCode(self, 220, b"2.0.0 Ready to start TLS")
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+            # RFC 3207: forget what the client said before TLS.
+            self._helo = (None, self._helo[1])
+            self._esmtp = False
+            self._from = None
+            self._to = []
+        else:
+            self.sendCode(454, b"4.7.0 TLS not available")
+
     def do_NOOP(self, rest):
         self.sendCode(250, b"2.0.0 OK")
 
