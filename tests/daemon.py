@@ -162,12 +162,13 @@ class TwistdProcess:
             self.process.wait()
             raise
 
-    def peak_rss_kib(self) -> int:
+    def rss_kib(self) -> int:
+        """Resident memory of the daemon now."""
         with open(f"/proc/{self.process.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1])
-        raise RuntimeError("no VmHWM")
+        raise RuntimeError("no VmRSS")
 
 
 def mailingest_cli(directory: str, *args: str, env=None) -> subprocess.CompletedProcess:
