@@ -1,0 +1,153 @@
+"""
+One round of each kind of measurement, against a server started for it.
+
+  throughput  smtp-source at one size against any target
+  drain       100 KiB messages with a PDF each against mailingest: how long
+              the extraction queue takes to empty once the load has ended
+  big         four 50 MiB messages at once against mailingest: peak RSS
+
+Every round checks that what the load tool saw accepted was kept.
+"""
+
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from bench.load import send_threaded, smtp_source
+from bench.messages import large_message, pdf_messages
+from bench.targets import Mailingest, Target
+
+POLL_SECONDS = 0.01
+DRAIN_TIMEOUT = 120.0
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ThroughputSample:
+    size: int
+    sessions: int
+    target: str
+    role: str
+    sent: int
+    stored: int
+    seconds: float
+    peak_rss_mb: float
+    queued_at_end: int | None
+    errors: tuple[str, ...]
+
+    @property
+    def msg_per_s(self) -> float:
+        return self.sent / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.sent * self.size / self.seconds / MiB
+
+
+@dataclass(frozen=True)
+class DrainSample:
+    target: str
+    messages: int
+    size: int
+    sent: int
+    stored: int
+    send_seconds: float
+    queued_at_end: int
+    drain_seconds: float  # from the last 250 to an empty queue; inf on timeout
+    parsed: int
+    failed: int
+    documents: int
+    peak_rss_mb: float
+    errors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BigSample:
+    target: str
+    messages: int
+    size: int
+    sent: int
+    stored: int
+    seconds: float
+    peak_rss_received_mb: float
+    peak_rss_extracted_mb: float
+    extracted_seconds: float  # from the last 250 to an empty queue; inf on timeout
+    errors: tuple[str, ...]
+
+
+def throughput(target: Target, directory: str, size: int, messages: int, sessions: int) -> ThroughputSample:
+    with target.make(directory) as server:
+        load = smtp_source(server.port, size, messages, sessions)
+        server.check_alive()
+        queued = server.queued() if isinstance(server, Mailingest) else None
+        stored = server.stored()
+        peak = server.peak_rss_mb()
+    return ThroughputSample(
+        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors)
+    )
+
+
+def wait_until_drained(server: Mailingest, since: float) -> float:
+    """Seconds from C{since} (a monotonic time) until no message is left in C{received}."""
+    while server.queued():
+        if time.monotonic() - since > DRAIN_TIMEOUT:
+            return float("inf")
+        time.sleep(POLL_SECONDS)
+    return time.monotonic() - since
+
+
+def drain(target: Target, directory: str, messages: int, size: int, connections: int) -> DrainSample:
+    outgoing = pdf_messages(messages, size)
+    with target.make(directory) as server:
+        assert isinstance(server, Mailingest), "only mailingest extracts"
+        load = send_threaded(server.port, outgoing, connections)
+        queued = server.queued()
+        drained = wait_until_drained(server, load.ended_at)
+        server.check_alive()
+        count = server.count
+        return DrainSample(
+            target.name,
+            messages,
+            size,
+            load.sent,
+            server.stored(),
+            load.seconds,
+            queued,
+            drained,
+            count("SELECT COUNT(*) FROM inbound_message WHERE status = 'parsed'"),
+            count("SELECT COUNT(*) FROM inbound_message WHERE status = 'failed'"),
+            count("SELECT COUNT(*) FROM document"),
+            server.peak_rss_mb(),
+            tuple(load.errors),
+        )
+
+
+def big(target: Target, directory: str, messages: int, size: int) -> BigSample:
+    outgoing = [large_message(size) for _ in range(messages)]
+    with target.make(directory) as server:
+        assert isinstance(server, Mailingest), "only mailingest extracts"
+        load = send_threaded(server.port, outgoing, messages)
+        server.check_alive()
+        received_peak = server.peak_rss_mb()
+        extracted = wait_until_drained(server, load.ended_at)
+        server.check_alive()
+        return BigSample(
+            target.name,
+            messages,
+            size,
+            load.sent,
+            server.stored(),
+            load.seconds,
+            received_peak,
+            server.peak_rss_mb(),
+            extracted,
+            tuple(load.errors),
+        )
+
+
+def round_directory(workdir: str, label: str) -> str:
+    """A fresh directory per round, named so a kept work directory is easy to read."""
+    path = os.path.join(workdir, re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_"))
+    os.makedirs(path)
+    return path

@@ -1,0 +1,257 @@
+"""
+The SMTP servers under test, each a child process on a free loopback port.
+
+A server is started fresh for every round (and stopped after it), so each
+round begins with empty storage and the peak RSS it reports belongs to that
+round's load. A round only starts once the server has sent its 220 greeting.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+from bench.backends import Backend, Database
+
+HOST = "127.0.0.1"
+DOMAIN = "bench.test"
+ORG = "bench"
+RECIPIENT = f"orders+{ORG}@{DOMAIN}"
+SENDER = f"load@{DOMAIN}"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+VENV_BIN = os.path.dirname(sys.executable)
+BASELINE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aiosmtpd_baseline.py")
+
+
+class TargetError(RuntimeError):
+    """A server would not start, or died during a round."""
+
+
+def tool(name: str) -> str:
+    """A program from this virtualenv first (twistd, mailingest), else from PATH or /usr/sbin."""
+    candidate = os.path.join(VENV_BIN, name)
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
+    if found is None:
+        raise TargetError(f"{name} not found (see bench/README.md for how to install it)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def clean_environment() -> dict[str, str]:
+    """Our environment without MAILINGEST_* settings, which would change what is measured."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM, the process's peak resident set, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+class Server(ABC):
+    """One server process for one round; use as a context manager."""
+
+    role: str  # "sink", "baseline" or "mailingest": what the report compares
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = os.path.join(directory, "server.log")
+
+    @abstractmethod
+    def command(self) -> list[str]:
+        """The argv that serves SMTP on C{self.port}."""
+
+    @abstractmethod
+    def stored(self) -> int:
+        """How many messages this server kept (the sink: received)."""
+
+    def prepare(self) -> None:
+        """Set-up before the server starts."""
+
+    def start(self) -> None:
+        self.prepare()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_environment(),
+            )
+        self._wait_for_greeting()
+
+    def _wait_for_greeting(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TargetError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TargetError(f"{self.name} did not greet on port {self.port} within {START_TIMEOUT:.0f} s")
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb(self.process.pid)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise TargetError(f"{self.name} died with {self.process.returncode}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "Server":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class SmtpSink(Server):
+    """Postfix's smtp-sink: reads and discards, the practical limit of the load tool and the loopback."""
+
+    role = "sink"
+
+    def command(self) -> list[str]:
+        # -c prints "sess=N quit=N mesg=N" counters; smtp-sink refuses to run as
+        # root without -u.
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        return [tool("smtp-sink"), "-c", *user, f"{HOST}:{self.port}", "256"]
+
+    def stored(self) -> int:
+        with open(self.log_path, "rb") as log:
+            counts = re.findall(rb"mesg=(\d+)", log.read())
+        return int(counts[-1]) if counts else 0
+
+
+class AiosmtpdBaseline(Server):
+    """L{bench.aiosmtpd_baseline}: one fsynced file per message."""
+
+    role = "baseline"
+
+    def __init__(self, directory: str):
+        super().__init__(directory)
+        self.messages = os.path.join(directory, "messages")
+
+    def command(self) -> list[str]:
+        # Run as a script (it imports nothing from bench), so any cwd will do.
+        return [sys.executable, BASELINE_SCRIPT, str(self.port), self.messages]
+
+    def stored(self) -> int:
+        return sum(1 for name in os.listdir(self.messages) if name.endswith(".eml"))
+
+
+class Mailingest(Server):
+    """The daemon under test, as an operator runs it, on its own fresh storage."""
+
+    role = "mailingest"
+
+    def __init__(self, directory: str, backend: Backend):
+        super().__init__(directory)
+        self.backend = backend
+        self.database: Database | None = None
+
+    @property
+    def name(self) -> str:
+        return f"mailingest ({self.backend.label})"
+
+    def prepare(self) -> None:
+        self.database = self.backend.database(self.directory)
+        subprocess.run(
+            [tool("mailingest"), "--database", self.database.url, "org", "add", ORG],
+            cwd=self.directory,
+            env=clean_environment(),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def command(self) -> list[str]:
+        return [
+            tool("twistd"), "-n", "--pidfile=", "--logfile", self.log_path,
+            "mailingest",
+            "--smtp", f"tcp:{self.port}:interface={HOST}",
+            "--http", "none",
+            "--domain", DOMAIN,
+            "--hostname", "mailingest.bench",
+            "--max-connections-per-ip", "1000",
+            "--max-message-size", "60000000",
+            "--database", self.database.url,
+            *self.backend.storage_args(self.directory),
+        ]
+
+    def count(self, sql: str) -> int:
+        return self.database.scalar(sql)
+
+    def stored(self) -> int:
+        return self.count("SELECT COUNT(*) FROM inbound_message")
+
+    def queued(self) -> int:
+        """Messages the extraction service has not finished yet."""
+        return self.count("SELECT COUNT(*) FROM inbound_message WHERE status = 'received'")
+
+    def stop(self) -> None:
+        super().stop()
+        if self.database is not None:
+            self.database.close()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of server in the comparison, and how to start one for a round."""
+
+    name: str
+    role: str
+    make: Callable[[str], Server]
+
+
+def targets(backends: list[Backend]) -> list[Target]:
+    """The round-robin order: smtp-sink, aiosmtpd, then each mailingest backend."""
+    chosen = [
+        Target("smtp-sink", SmtpSink.role, SmtpSink),
+        Target("aiosmtpd", AiosmtpdBaseline.role, AiosmtpdBaseline),
+    ]
+    for backend in backends:
+        chosen.append(
+            Target(f"mailingest ({backend.label})", Mailingest.role, lambda d, b=backend: Mailingest(d, b))
+        )
+    return chosen
