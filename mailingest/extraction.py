@@ -130,13 +130,13 @@ class ExtractionService(service.Service):
         started = time.monotonic()
         work = await threads.deferToThread(tempfile.mkdtemp, dir=self.work_dir)
         try:
-            result = await self._extract(message, work)
+            result, documents = await self._extract(message, work)
         except (UnparseableMessage, PermanentFailure) as e:
             await self._fail(message, str(e), message["attempts"] + 1)
         except Exception as e:
             await self._transient(message, e)
         else:
-            await self._parsed(message, result, started)
+            await self._parsed(message, result, documents, started)
         finally:
             await threads.deferToThread(shutil.rmtree, work, True)
             metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
@@ -151,13 +151,13 @@ class ExtractionService(service.Service):
         out_dir = os.path.join(work, "parts")
         os.mkdir(out_dir)
         result = await threads.deferToThread(extract_attachments, raw_path, out_dir)
+        documents = []
         for ordinal, attachment in enumerate(result.attachments):
             key = document_key(message, ordinal)
             await self.blobs.put_file(key, attachment.path, attachment.sha256, attachment.size)
-            await self.store.add_document(
+            documents.append(
                 {
                     "org_id": message["org_id"],
-                    "inbound_message_id": message["id"],
                     "ordinal": ordinal,
                     "filename": attachment.filename,
                     "content_type": attachment.content_type,
@@ -166,10 +166,10 @@ class ExtractionService(service.Service):
                     "storage_key": key,
                 }
             )
-        return result
+        return result, documents
 
-    async def _parsed(self, message: dict, result, started: float) -> None:
-        if not await self._record(self.store.mark_parsed(message["id"])):
+    async def _parsed(self, message: dict, result, documents: list[dict], started: float) -> None:
+        if not await self._record(self.store.mark_parsed(message["id"], documents)):
             return
         metrics.EXTRACTIONS.labels("parsed").inc()
         metrics.DOCUMENTS_CREATED.inc(len(result.attachments))

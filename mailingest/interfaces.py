@@ -184,15 +184,13 @@ class IStore(Interface):
         one using this database, at start-up after a crash.
         """
 
-    def add_document(row):
+    def mark_parsed(message_id: int, documents=()):
         """
-        Record one document; a second call for the same (message, ordinal)
-        changes nothing. Fires with the document id.
-        """
-
-    def mark_parsed(message_id: int):
-        """
-        Move a message to C{parsed} and release its claim.
+        Record the message's documents (dicts with the C{document} columns but
+        C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}) and move
+        it to C{parsed}, in one transaction. A document already recorded for the
+        same (message, ordinal) is left as it is, so extracting again never
+        duplicates.
         """
 
     def mark_failed(message_id: int, error: str, attempts: int):

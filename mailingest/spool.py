@@ -1,11 +1,16 @@
 """
-The spool: one file per SMTP transaction, written while DATA arrives.
+The spool: what one SMTP transaction received, while DATA arrives.
 
-The message is never held whole in memory: each chunk goes to the file and to
-two running hashes, one over the stored copy (our C{Received:} header plus the
-message) and one over the message exactly as the sender sent it, which names
-a message that has no Message-ID. Only the header section is kept in memory,
-bounded, to read Message-ID and Subject.
+A message up to C{MEMORY_LIMIT} stays in memory and is written to its file in
+one worker-thread call at end of DATA, so small messages cost the reactor no
+file work; a larger one spills to its file as it arrives and is never held
+whole. Each chunk also feeds two running hashes: one over the stored copy (our
+C{Received:} header plus the message) and one over the message exactly as the
+sender sent it, which names a message that has no Message-ID. The header
+section is kept, bounded, to read Message-ID and Subject.
+
+The spool file is not fsynced: the blob store makes durable what it stores
+(on local disk, the same inode, hard-linked), and S3 needs no local copy.
 """
 
 import hashlib
@@ -18,15 +23,17 @@ from email import policy
 from twisted.internet.threads import deferToThread
 
 HEADER_LIMIT = 256 * 1024
+MEMORY_LIMIT = 128 * 1024
 
 
 class Spool:
     def __init__(self, directory: str, prefix: bytes = b""):
-        fd, self.path = tempfile.mkstemp(dir=directory, prefix="spool-", suffix=".eml")
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.directory = directory
+        self.path: str | None = None
+        self._file = None
+        self._memory = bytearray(prefix)
         self._raw_hash = hashlib.sha256(prefix)
         self._sent_hash = hashlib.sha256()
-        self._file.write(prefix)
         self.prefix_size = len(prefix)
         self.size = 0
         self._header = bytearray()
@@ -47,7 +54,12 @@ class Spool:
         return self._sent_hash.hexdigest()
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        if self._file is not None:
+            self._file.write(chunk)
+        else:
+            self._memory += chunk
+            if len(self._memory) > MEMORY_LIMIT:
+                self._spill()
         self._raw_hash.update(chunk)
         self._sent_hash.update(chunk)
         self.size += len(chunk)
@@ -73,19 +85,32 @@ class Spool:
         """The header section as parsed by the email package (never raises)."""
         return BytesHeaderParser(policy=policy.compat32).parsebytes(bytes(self._header))
 
+    def _open(self):
+        fd, self.path = tempfile.mkstemp(dir=self.directory, prefix="spool-", suffix=".eml")
+        return os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def _spill(self) -> None:
+        self._file = self._open()
+        self._file.write(self._memory)
+        self._memory = bytearray()
+
     def finish(self):
-        """Flush and fsync in a thread; fires when the spool file is durable."""
+        """Complete the spool file, in a thread; fires when C{path} holds the whole message."""
         return deferToThread(self._finish)
 
     def _finish(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is None:
+            self._file = self._open()
+            self._file.write(self._memory)
+            self._memory = bytearray()
         self._file.close()
 
     def discard(self) -> None:
-        if not self._file.closed:
+        self._memory = bytearray()
+        if self._file is not None and not self._file.closed:
             self._file.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

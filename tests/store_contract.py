@@ -275,3 +275,35 @@ class StoreContract:
         self.assertEqual((yield self.store.count_messages("received")), 2)
         self.assertEqual((yield self.store.count_messages("failed")), 1)
         self.assertEqual((yield self.store.count_messages("parsed")), 0)
+
+    @defer.inlineCallbacks
+    def test_extraction_queue(self):
+        acme, _ = yield self.two_orgs()
+        first, second = yield self.store.insert_messages([message(acme, "<a@x>"), message(acme, "<b@x>")])
+        claimed = yield self.store.claim_next(60)
+        self.assertEqual(claimed["id"], first)
+        again = yield self.store.claim_next(60)
+        self.assertEqual(again["id"], second)
+        self.assertIsNone((yield self.store.claim_next(60)))
+        documents = [
+            {"org_id": acme, "ordinal": n, "filename": f"po-{n}.pdf", "content_type": "application/pdf",
+             "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{first}/{n}"}
+            for n in range(2)
+        ]
+        yield self.store.mark_parsed(first, documents)
+        # extracting again (after a crash, or reprocess) never duplicates documents
+        yield self.store.reprocess(first)
+        self.assertEqual((yield self.store.claim_next(60))["id"], first)
+        yield self.store.mark_parsed(first, documents)
+        docs = yield self.store.list_documents(message_id=first)
+        self.assertEqual([(d["filename"], d["org_slug"]) for d in docs], [("po-0.pdf", "acme"), ("po-1.pdf", "acme")])
+        row = yield self.store.get_message(first)
+        self.assertEqual(row["status"], "parsed")
+        self.assertIsNotNone(row["parsed_at"])
+        yield self.store.schedule_retry(second, "S3 503", 1, 3600)
+        self.assertIsNone((yield self.store.claim_next(60)))
+        row = yield self.store.get_message(second)
+        self.assertEqual((row["status"], row["attempts"], row["last_error"]), ("received", 1, "S3 503"))
+        yield self.store.mark_failed(second, "gave up", 5)
+        self.assertEqual((yield self.store.reprocess_failed("acme")), 1)
+        self.assertEqual((yield self.store.claim_next(60))["id"], second)

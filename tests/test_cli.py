@@ -138,17 +138,18 @@ class FixtureTestCase(CommandTestCase):
             self.blob("raw/m2", RAW_2)
             documents = ((1, 1, "invoice.pdf", "application/pdf", PDF), (1, 2, "lines.csv", "text/csv", CSV),
                          (2, 1, "lost.bin", "application/octet-stream", b"never stored"))
+            extracted = {1: [], 2: []}
             for message_id, ordinal, filename, content_type, data in documents:
-                org_id = rows[message_id - 1]["org_id"]
                 key = f"doc/{message_id}-{ordinal}"
-                yield store.add_document({
-                    "org_id": org_id, "inbound_message_id": message_id, "ordinal": ordinal,
+                extracted[message_id].append({
+                    "org_id": rows[message_id - 1]["org_id"], "ordinal": ordinal,
                     "filename": filename, "content_type": content_type, "size": len(data),
                     "sha256": _sha256(data), "storage_key": key,
                 })
                 if message_id == 1:
                     self.blob(key, data)
-            yield store.mark_parsed(1)
+            yield store.mark_parsed(1, extracted[1])
+            yield store.mark_parsed(2, extracted[2])
             yield store.mark_failed(2, "cannot decode part 2", 1)
             yield store.mark_failed(3, "storage kept failing", 5)
         finally:

@@ -347,37 +347,6 @@ class Store:
         yield txn.execute(_DOCUMENT_SELECT + " WHERE d.id = ?", (document_id,))
         return txn.fetchone()
 
-    def add_document(self, row):
-        return self._run(self._add_document, row)
-
-    @defer.inlineCallbacks
-    def _add_document(self, txn, row):
-        yield txn.execute(
-            "INSERT INTO document (org_id, inbound_message_id, ordinal, filename,"
-            " content_type, size, sha256, storage_key, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (inbound_message_id, ordinal) DO NOTHING RETURNING id",
-            (
-                row["org_id"],
-                row["inbound_message_id"],
-                row["ordinal"],
-                row["filename"],
-                row["content_type"],
-                row["size"],
-                row["sha256"],
-                row["storage_key"],
-                self._now(),
-            ),
-        )
-        inserted = txn.fetchone()
-        if inserted is not None:
-            return inserted["id"]
-        yield txn.execute(
-            "SELECT id FROM document WHERE inbound_message_id = ? AND ordinal = ?",
-            (row["inbound_message_id"], row["ordinal"]),
-        )
-        return txn.fetchone()["id"]
-
     # the extraction queue
 
     def reprocess(self, message_id):
@@ -446,8 +415,30 @@ class Store:
             " WHERE status = 'received' AND claimed_until IS NOT NULL"
         )
 
-    def mark_parsed(self, message_id):
-        return self._run(self._finish, int(message_id), "parsed", None, None)
+    def mark_parsed(self, message_id, documents=()):
+        return self._run(self._mark_parsed, int(message_id), list(documents))
+
+    @defer.inlineCallbacks
+    def _mark_parsed(self, txn, message_id, documents):
+        for row in documents:
+            yield txn.execute(
+                "INSERT INTO document (org_id, inbound_message_id, ordinal, filename,"
+                " content_type, size, sha256, storage_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (inbound_message_id, ordinal) DO NOTHING",
+                (
+                    row["org_id"],
+                    message_id,
+                    row["ordinal"],
+                    row["filename"],
+                    row["content_type"],
+                    row["size"],
+                    row["sha256"],
+                    row["storage_key"],
+                    self._now(),
+                ),
+            )
+        yield self._finish(txn, message_id, "parsed", None, None)
 
     def mark_failed(self, message_id, error, attempts):
         return self._run(self._finish, int(message_id), "failed", error, attempts)
