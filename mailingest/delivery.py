@@ -260,14 +260,11 @@ class IngestDelivery:
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)
-        existing = await self.store.find_existing(list(by_org), SOURCE, message_id)
-        fresh = [org_id for org_id in by_org if org_id not in existing]
-        duplicates = [by_org[org_id][0] for org_id in by_org if org_id in existing]
-        if not fresh:
-            return Outcome([], duplicates)
-
+        # Duplicates are found by the insert itself (one round trip to the
+        # database, not two): a duplicate's raw copy is then removed again.
         key = raw_key(envelope)
         await self.blobs.put_file(key, spool.path, spool.raw_sha256, spool.raw_size)
+        orgs = list(by_org)
         rows = [
             {
                 "org_id": org_id,
@@ -281,17 +278,18 @@ class IngestDelivery:
                 "raw_sha256": spool.raw_sha256,
                 "received_at": envelope.received_at,
             }
-            for org_id in fresh
+            for org_id in orgs
         ]
         try:
             ids = await self.store.insert_messages(rows)
         except Exception:
             await self._remove_unreferenced(key)
             raise
-        if not any(ids):
+        stored = [(by_org[org_id][0], new_id) for org_id, new_id in zip(orgs, ids) if new_id]
+        duplicates = [by_org[org_id][0] for org_id, new_id in zip(orgs, ids) if not new_id]
+        if not stored:
             await self._remove_unreferenced(key)
-        stored = [(by_org[org_id][0], new_id) for org_id, new_id in zip(fresh, ids) if new_id]
-        duplicates += [by_org[org_id][0] for org_id, new_id in zip(fresh, ids) if not new_id]
+            return Outcome(stored, duplicates)
         metrics.BYTES_RECEIVED.inc(spool.raw_size)
         for hook in self.on_stored:
             hook()

@@ -111,12 +111,6 @@ class IStore(Interface):
 
     # inbound messages
 
-    def find_existing(org_ids, source: str, source_message_id: str):
-        """
-        Fire with the set of those C{org_ids} that already hold a message with
-        this (source, source_message_id).
-        """
-
     def insert_messages(rows):
         """
         Insert several C{inbound_message} rows (dicts without C{id}) in one

@@ -211,15 +211,6 @@ class StoreContract:
         self.assertEqual((yield self.store.count_messages()), 1)
 
     @defer.inlineCallbacks
-    def test_find_existing(self):
-        acme, globex = yield self.two_orgs()
-        yield self.store.insert_messages([message(acme, "<a@x>")])
-        self.assertEqual((yield self.store.find_existing([acme, globex], "smtp", "<a@x>")), {acme})
-        self.assertEqual((yield self.store.find_existing([globex], "smtp", "<a@x>")), set())
-        self.assertEqual((yield self.store.find_existing([acme], "api", "<a@x>")), set())
-        self.assertEqual((yield self.store.find_existing([], "smtp", "<a@x>")), set())
-
-    @defer.inlineCallbacks
     def test_list_messages_newest_first_with_filters(self):
         acme, globex = yield self.two_orgs()
         first, second, third, other = yield self.store.insert_messages([

@@ -6,6 +6,7 @@ directory fsynced, so a blob is either absent or complete and durable. All
 file work runs in the reactor's thread pool.
 """
 
+import ctypes
 import errno
 import os
 import re
@@ -13,14 +14,17 @@ import shutil
 import tempfile
 import uuid
 
+from twisted.internet import defer
 from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, StorageError
+from mailingest.group_commit import GroupCommit
 from mailingest.interfaces import IBlobStore
 
 CHUNK = 1 << 20
+_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
 _KEY = re.compile(r"\A[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*\Z")
 
 
@@ -57,6 +61,37 @@ def makedirs_durable(path: str) -> None:
         fsync_dir(os.path.dirname(directory))
 
 
+def flush(root: str, paths: list[str]) -> None:
+    """
+    Make the files C{paths} and their directory entries durable. One
+    C{syncfs} of the file system does it for a whole batch (group commit);
+    without it, each file and each directory is fsynced.
+    """
+    if _syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for directory in {os.path.dirname(path) for path in paths}:
+        fsync_dir(directory)
+
+
+def _raise_error(outcome):
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
 @implementer(IBlobStore)
 class LocalDiskBlobStore:
     def __init__(self, root: str):
@@ -64,6 +99,7 @@ class LocalDiskBlobStore:
         self._tmp = os.path.join(self.root, ".tmp")
         self.scratch_dir = os.path.join(self.root, ".scratch")
         os.makedirs(self._tmp, exist_ok=True)
+        self._durable = GroupCommit(self._store_batch)
 
     def __repr__(self) -> str:
         return f"<LocalDiskBlobStore {self.root}>"
@@ -72,9 +108,35 @@ class LocalDiskBlobStore:
         return os.path.join(self.root, *check_key(key).split("/"))
 
     def put_file(self, key, path, sha256, size):
-        return deferToThread(self._put_file, self.path_for(key), path, size)
+        try:
+            final = self.path_for(key)
+        except ValueError:
+            return defer.fail()
+        return self._durable.submit((final, path, size)).addCallback(_raise_error)
 
-    def _put_file(self, final: str, source: str, size: int) -> None:
+    def _store_batch(self, requests) -> defer.Deferred:
+        return deferToThread(self._store_all, requests)
+
+    def _store_all(self, requests) -> list:
+        """Place every blob, then make them all durable with one flush."""
+        outcomes, placed = [], []
+        for final, source, size in requests:
+            try:
+                self._place(final, source, size)
+            except StorageError as e:
+                outcomes.append(e)
+            else:
+                outcomes.append(None)
+                placed.append(final)
+        if placed:
+            try:
+                flush(self.root, placed)
+            except OSError as e:
+                failed = StorageError(f"local blob store: cannot flush to disk: {e.strerror or e}")
+                outcomes = [outcome or failed for outcome in outcomes]
+        return outcomes
+
+    def _place(self, final: str, source: str, size: int) -> None:
         try:
             makedirs_durable(os.path.dirname(final))
             tmp = os.path.join(self._tmp, uuid.uuid4().hex)
@@ -88,7 +150,6 @@ class LocalDiskBlobStore:
             except BaseException:
                 _unlink_quietly(tmp)
                 raise
-            fsync_dir(os.path.dirname(final))
         except OSError as e:
             raise StorageError(f"local blob store: {e.strerror or e}") from e
 
@@ -99,12 +160,8 @@ class LocalDiskBlobStore:
         except OSError:
             with open(target, "xb") as out, open(source, "rb") as src:
                 shutil.copyfileobj(src, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
                 return out.tell()
-        with open(target, "rb") as linked:
-            os.fsync(linked.fileno())
-            return os.fstat(linked.fileno()).st_size
+        return os.stat(target).st_size
 
     def read_to(self, key, fileobj):
         return deferToThread(self._read_to, key, fileobj)

@@ -10,10 +10,10 @@ import importlib.resources
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
+from mailingest.group_commit import GroupCommit
 from mailingest.interfaces import IStore
 
 MESSAGE_COLUMNS = (
@@ -61,45 +61,6 @@ def migrations(engine_name: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-class GroupCommit:
-    """
-    Requests that arrive while a commit is in flight wait and are committed
-    together in the next transaction: under load, many messages share one
-    transaction (one fsync); alone, a request is committed at once.
-    A failed transaction fails every request in it.
-    """
-
-    def __init__(self, commit):
-        self._commit = commit
-        self._pending: list[tuple[object, defer.Deferred]] = []
-        self._busy = False
-
-    def submit(self, request) -> defer.Deferred:
-        d = defer.Deferred()
-        self._pending.append((request, d))
-        if not self._busy:
-            self._flush()
-        return d
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self._busy = True
-        committed = defer.maybeDeferred(self._commit, [request for request, _ in batch])
-
-        def answer(results):
-            self._busy = False
-            if isinstance(results, Failure):
-                for _, d in batch:
-                    d.errback(results)
-            else:
-                for (_, d), result in zip(batch, results):
-                    d.callback(result)
-            if self._pending and not self._busy:
-                self._flush()
-
-        committed.addBoth(answer)
-
-
 @implementer(IStore)
 class Store:
     def __init__(self, engine, clock=utcnow):
@@ -107,6 +68,7 @@ class Store:
         self.engine_name = engine.name
         self._now = clock
         self._inserts = GroupCommit(lambda batches: self._run(self._insert_batches, batches))
+        self._parsed = GroupCommit(lambda batch: self._run(self._mark_parsed_batch, batch))
 
     def __repr__(self) -> str:
         return f"<Store {self.engine!r}>"
@@ -212,21 +174,6 @@ class Store:
         return {row["slug"]: row["id"] for row in txn.fetchall()}
 
     # inbound messages
-
-    def find_existing(self, org_ids, source, source_message_id):
-        return self._run(self._find_existing, list(org_ids), source, source_message_id)
-
-    @defer.inlineCallbacks
-    def _find_existing(self, txn, org_ids, source, source_message_id):
-        if not org_ids:
-            return set()
-        marks = ", ".join("?" for _ in org_ids)
-        yield txn.execute(
-            f"SELECT org_id FROM inbound_message WHERE org_id IN ({marks})"
-            " AND source = ? AND source_message_id = ?",
-            (*org_ids, source, source_message_id),
-        )
-        return {row["org_id"] for row in txn.fetchall()}
 
     def insert_messages(self, rows):
         return self._inserts.submit(rows)
@@ -416,7 +363,13 @@ class Store:
         )
 
     def mark_parsed(self, message_id, documents=()):
-        return self._run(self._mark_parsed, int(message_id), list(documents))
+        return self._parsed.submit((int(message_id), list(documents)))
+
+    @defer.inlineCallbacks
+    def _mark_parsed_batch(self, txn, batch):
+        for message_id, documents in batch:
+            yield self._mark_parsed(txn, message_id, documents)
+        return [None] * len(batch)
 
     @defer.inlineCallbacks
     def _mark_parsed(self, txn, message_id, documents):
