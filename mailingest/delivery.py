@@ -256,7 +256,7 @@ class IngestDelivery:
     async def _deliver(self, envelope, spool) -> Outcome:
         await spool.finish()
         headers = spool.headers()
-        message_id = message_id_of(headers) or synthetic_message_id(spool.sent_sha256)
+        message_id = message_id_of(headers) or synthetic_message_id(await spool.sent_sha256())
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)

@@ -4,10 +4,11 @@ The spool: what one SMTP transaction received, while DATA arrives.
 A message up to C{MEMORY_LIMIT} stays in memory and is written to its file in
 one worker-thread call at end of DATA, so small messages cost the reactor no
 file work; a larger one spills to its file as it arrives and is never held
-whole. Each chunk also feeds two running hashes: one over the stored copy (our
-C{Received:} header plus the message) and one over the message exactly as the
-sender sent it, which names a message that has no Message-ID. The header
-section is kept, bounded, to read Message-ID and Subject.
+whole. Each chunk also feeds the running hash of the stored copy (our
+C{Received:} header plus the message). The hash of the message exactly as the
+sender sent it, which names a message that has no Message-ID, is computed
+afterwards only for such a message. The header section is kept, bounded, to
+read Message-ID and Subject.
 
 The spool file is not fsynced: the blob store makes durable what it stores
 (on local disk, the same inode, hard-linked), and S3 needs no local copy.
@@ -33,7 +34,6 @@ class Spool:
         self._file = None
         self._memory = bytearray(prefix)
         self._raw_hash = hashlib.sha256(prefix)
-        self._sent_hash = hashlib.sha256()
         self.prefix_size = len(prefix)
         self.size = 0
         self._header = bytearray()
@@ -49,9 +49,21 @@ class Spool:
     def raw_sha256(self) -> str:
         return self._raw_hash.hexdigest()
 
-    @property
-    def sent_sha256(self) -> str:
-        return self._sent_hash.hexdigest()
+    def sent_sha256(self):
+        """
+        The sha256 of the message as the sender sent it (without our header),
+        from the finished spool file, in a thread: only a message without a
+        Message-ID needs it, so DATA is hashed once, not twice.
+        """
+        return deferToThread(self._hash_sent)
+
+    def _hash_sent(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            f.seek(self.prefix_size)
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def write(self, chunk: bytes) -> None:
         if self._file is not None:
@@ -61,7 +73,6 @@ class Spool:
             if len(self._memory) > MEMORY_LIMIT:
                 self._spill()
         self._raw_hash.update(chunk)
-        self._sent_hash.update(chunk)
         self.size += len(chunk)
         if not self._header_done:
             self._capture_header(chunk)
