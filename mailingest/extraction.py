@@ -128,6 +128,9 @@ class ExtractionService(service.Service):
 
     async def process(self, message: dict) -> None:
         started = time.monotonic()
+        renewal = task.LoopingCall(self._renew, message["id"])
+        renewal.clock = self.clock
+        renewal.start(self.lease_seconds / 3, now=False)
         work = await threads.deferToThread(tempfile.mkdtemp, dir=self.work_dir)
         try:
             result, documents = await self._extract(message, work)
@@ -138,8 +141,14 @@ class ExtractionService(service.Service):
         else:
             await self._parsed(message, result, documents, started)
         finally:
+            renewal.stop()
             await threads.deferToThread(shutil.rmtree, work, True)
             metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
+
+    def _renew(self, message_id: int) -> defer.Deferred:
+        """Keep the claim while the work goes on; a failure only means the lease may run out."""
+        d = self.store.renew_claim(message_id, self.lease_seconds)
+        return d.addErrback(lambda f: log.warn("cannot renew the claim on message {id}: {error}", id=message_id, error=f.getErrorMessage()))
 
     async def _extract(self, message: dict, work: str):
         raw_path = os.path.join(work, "raw.eml")

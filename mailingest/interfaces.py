@@ -172,6 +172,12 @@ class IStore(Interface):
         the message row or None. The claim lasts C{lease_seconds}.
         """
 
+    def renew_claim(message_id: int, lease_seconds: float):
+        """
+        Extend the claim on a message still being extracted by C{lease_seconds}
+        from now, so no other daemon takes it over.
+        """
+
     def release_claims():
         """
         Release every extraction claim: for a daemon that knows it is the only

@@ -297,4 +297,8 @@ class StoreContract:
         self.assertEqual((row["status"], row["attempts"], row["last_error"]), ("received", 1, "S3 503"))
         yield self.store.mark_failed(second, "gave up", 5)
         self.assertEqual((yield self.store.reprocess_failed("acme")), 1)
+        # a claim renewed while the work goes on is not taken over
+        yield self.store.renew_claim(second, 3600)
+        self.assertIsNone((yield self.store.claim_next(60)))
+        yield self.store.release_claims()
         self.assertEqual((yield self.store.claim_next(60))["id"], second)

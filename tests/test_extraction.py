@@ -302,3 +302,23 @@ class KillDuringExtractionTests(unittest.TestCase):
         self.assertEqual(status, "parsed")
         expected = [(i, p[3], hashlib.sha256(p[0]).hexdigest()) for i, p in enumerate(parts)]
         self.assertEqual(docs, expected)
+
+
+class LeaseTests(ExtractionCase):
+    @defer.inlineCallbacks
+    def test_claim_is_renewed_while_extraction_runs(self):
+        extraction = self.daemon.service.extraction
+        extraction.lease_seconds = 0.3
+        real_read = self.daemon.blobs.read_to
+
+        def slow_read(key, fileobj):
+            return task.deferLater(reactor, 1.2, lambda: None).addCallback(lambda _: real_read(key, fileobj))
+
+        self.patch(self.daemon.blobs, "read_to", slow_read)
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "slow.pdf")]), settle=False)
+        yield wait(0.8)
+        # another daemon polling now finds nothing to take over
+        self.assertIsNone((yield self.daemon.store.claim_next(60)))
+        row = yield self.settled(message_id)
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual(len((yield self.documents(message_id))), 1)

@@ -352,6 +352,16 @@ class Store:
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (row["id"],))
         return txn.fetchone()
 
+    def renew_claim(self, message_id, lease_seconds):
+        return self._run(self._renew_claim, int(message_id), lease_seconds)
+
+    @defer.inlineCallbacks
+    def _renew_claim(self, txn, message_id, lease_seconds):
+        yield txn.execute(
+            "UPDATE inbound_message SET claimed_until = ? WHERE id = ? AND status = 'received'",
+            (self._now() + timedelta(seconds=lease_seconds), message_id),
+        )
+
     def release_claims(self):
         return self._run(self._release_claims)
 
