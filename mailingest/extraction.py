@@ -53,6 +53,7 @@ class ExtractionService(service.Service):
         max_attempts: int = 5,
         lease_seconds: float = 120.0,
         concurrency: int = 2,
+        batch_size: int = 8,
         stop_timeout: float = 3.0,
         clock=None,
     ):
@@ -65,6 +66,7 @@ class ExtractionService(service.Service):
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.concurrency = concurrency
+        self.batch_size = batch_size
         self.stop_timeout = stop_timeout
         self.clock = clock
         self._loop = None
@@ -116,21 +118,35 @@ class ExtractionService(service.Service):
         while self.running:
             self._woken = False
             try:
-                message = await self.store.claim_next(self.lease_seconds)
+                batch = await self.store.claim(self.lease_seconds, self.batch_size)
             except Exception as e:
                 log.error("cannot claim messages for extraction: {error}", error=str(e))
                 return
-            if message is None:
+            if not batch:
                 if self._woken:
                     continue
                 return
-            await self.process(message)
+            await self._process_batch(batch)
+
+    async def _process_batch(self, batch: list[dict]) -> None:
+        """One claim transaction for several messages; their leases are renewed together."""
+        waiting = [message["id"] for message in batch]
+        renewal = task.LoopingCall(self._renew, waiting)
+        renewal.clock = self.clock
+        renewal.start(self.lease_seconds / 3, now=False)
+        try:
+            for message in batch:
+                if not self.running:
+                    break
+                await self.process(message)
+                waiting.remove(message["id"])
+        finally:
+            renewal.stop()
+            if waiting:
+                await self._record(self.store.release_claims(waiting))
 
     async def process(self, message: dict) -> None:
         started = time.monotonic()
-        renewal = task.LoopingCall(self._renew, message["id"])
-        renewal.clock = self.clock
-        renewal.start(self.lease_seconds / 3, now=False)
         work = await threads.deferToThread(tempfile.mkdtemp, dir=self.work_dir)
         try:
             result, documents = await self._extract(message, work)
@@ -141,14 +157,13 @@ class ExtractionService(service.Service):
         else:
             await self._parsed(message, result, documents, started)
         finally:
-            renewal.stop()
             await threads.deferToThread(shutil.rmtree, work, True)
             metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
 
-    def _renew(self, message_id: int) -> defer.Deferred:
-        """Keep the claim while the work goes on; a failure only means the lease may run out."""
-        d = self.store.renew_claim(message_id, self.lease_seconds)
-        return d.addErrback(lambda f: log.warn("cannot renew the claim on message {id}: {error}", id=message_id, error=f.getErrorMessage()))
+    def _renew(self, message_ids: list[int]) -> defer.Deferred:
+        """Keep the claims while the work goes on; a failure only means a lease may run out."""
+        d = self.store.renew_claims(list(message_ids), self.lease_seconds)
+        return d.addErrback(lambda f: log.warn("cannot renew extraction claims: {error}", error=f.getErrorMessage()))
 
     async def _extract(self, message: dict, work: str):
         raw_path = os.path.join(work, "raw.eml")

@@ -165,23 +165,25 @@ class IStore(Interface):
         how many were queued.
         """
 
-    def claim_next(lease_seconds: float):
+    def claim(lease_seconds: float, limit: int = 1):
         """
-        Claim the oldest message due for extraction: status C{received}, due
-        (C{next_attempt_at} passed) and not claimed by a live lease. Fires with
-        the message row or None. The claim lasts C{lease_seconds}.
-        """
-
-    def renew_claim(message_id: int, lease_seconds: float):
-        """
-        Extend the claim on a message still being extracted by C{lease_seconds}
-        from now, so no other daemon takes it over.
+        Claim up to C{limit} of the oldest messages due for extraction: status
+        C{received}, due (C{next_attempt_at} passed) and not claimed by a live
+        lease. Fires with their rows (possibly none). The claims last
+        C{lease_seconds}.
         """
 
-    def release_claims():
+    def renew_claims(message_ids, lease_seconds: float):
         """
-        Release every extraction claim: for a daemon that knows it is the only
-        one using this database, at start-up after a crash.
+        Extend the claims on messages still being extracted by C{lease_seconds}
+        from now, so no other daemon takes them over.
+        """
+
+    def release_claims(message_ids=None):
+        """
+        Release the claims on C{message_ids}, or on every message: for a daemon
+        that knows it is the only one using this database, at start-up after a
+        crash.
         """
 
     def mark_parsed(message_id: int, documents=()):

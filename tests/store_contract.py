@@ -268,14 +268,31 @@ class StoreContract:
         self.assertEqual((yield self.store.count_messages("parsed")), 0)
 
     @defer.inlineCallbacks
+    def claim_one(self):
+        claimed = yield self.store.claim(60)
+        return claimed[0] if claimed else None
+
+    @defer.inlineCallbacks
+    def test_claims_in_batches(self):
+        acme, _ = yield self.two_orgs()
+        ids = yield self.store.insert_messages([message(acme, f"<{n}@x>") for n in range(5)])
+        first = yield self.store.claim(60, 3)
+        second = yield self.store.claim(60, 3)
+        self.assertEqual([m["id"] for m in first], ids[:3])
+        self.assertEqual([m["id"] for m in second], ids[3:])
+        self.assertEqual((yield self.store.claim(60, 3)), [])
+        yield self.store.release_claims(ids[:2])
+        self.assertEqual([m["id"] for m in (yield self.store.claim(60, 3))], ids[:2])
+
+    @defer.inlineCallbacks
     def test_extraction_queue(self):
         acme, _ = yield self.two_orgs()
         first, second = yield self.store.insert_messages([message(acme, "<a@x>"), message(acme, "<b@x>")])
-        claimed = yield self.store.claim_next(60)
+        claimed = yield self.claim_one()
         self.assertEqual(claimed["id"], first)
-        again = yield self.store.claim_next(60)
+        again = yield self.claim_one()
         self.assertEqual(again["id"], second)
-        self.assertIsNone((yield self.store.claim_next(60)))
+        self.assertIsNone((yield self.claim_one()))
         documents = [
             {"org_id": acme, "ordinal": n, "filename": f"po-{n}.pdf", "content_type": "application/pdf",
              "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{first}/{n}"}
@@ -284,7 +301,7 @@ class StoreContract:
         yield self.store.mark_parsed(first, documents)
         # extracting again (after a crash, or reprocess) never duplicates documents
         yield self.store.reprocess(first)
-        self.assertEqual((yield self.store.claim_next(60))["id"], first)
+        self.assertEqual((yield self.claim_one())["id"], first)
         yield self.store.mark_parsed(first, documents)
         docs = yield self.store.list_documents(message_id=first)
         self.assertEqual([(d["filename"], d["org_slug"]) for d in docs], [("po-0.pdf", "acme"), ("po-1.pdf", "acme")])
@@ -292,13 +309,13 @@ class StoreContract:
         self.assertEqual(row["status"], "parsed")
         self.assertIsNotNone(row["parsed_at"])
         yield self.store.schedule_retry(second, "S3 503", 1, 3600)
-        self.assertIsNone((yield self.store.claim_next(60)))
+        self.assertIsNone((yield self.claim_one()))
         row = yield self.store.get_message(second)
         self.assertEqual((row["status"], row["attempts"], row["last_error"]), ("received", 1, "S3 503"))
         yield self.store.mark_failed(second, "gave up", 5)
         self.assertEqual((yield self.store.reprocess_failed("acme")), 1)
         # a claim renewed while the work goes on is not taken over
-        yield self.store.renew_claim(second, 3600)
-        self.assertIsNone((yield self.store.claim_next(60)))
+        yield self.store.renew_claims([second], 3600)
+        self.assertIsNone((yield self.claim_one()))
         yield self.store.release_claims()
-        self.assertEqual((yield self.store.claim_next(60))["id"], second)
+        self.assertEqual((yield self.claim_one())["id"], second)

@@ -318,7 +318,7 @@ class LeaseTests(ExtractionCase):
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "slow.pdf")]), settle=False)
         yield wait(0.8)
         # another daemon polling now finds nothing to take over
-        self.assertIsNone((yield self.daemon.store.claim_next(60)))
+        self.assertEqual((yield self.daemon.store.claim(60)), [])
         row = yield self.settled(message_id)
         self.assertEqual(row["status"], "parsed")
         self.assertEqual(len((yield self.documents(message_id))), 1)

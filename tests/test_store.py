@@ -259,7 +259,7 @@ class PostgresqlEngineTests(TestCase):
 
         held = engine.interaction(hold)
         yield locked
-        claimed = yield store.claim_next(60)
+        [claimed] = yield store.claim(60)
         release.callback(None)
         yield held
         self.assertEqual(claimed["id"], second)

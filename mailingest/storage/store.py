@@ -329,48 +329,47 @@ class Store:
         yield txn.execute(sql + " RETURNING id", tuple(args))
         return len(txn.fetchall())
 
-    def claim_next(self, lease_seconds):
-        return self._run(self._claim_next, lease_seconds)
+    def claim(self, lease_seconds, limit=1):
+        return self._run(self._claim, lease_seconds, int(limit))
 
     @defer.inlineCallbacks
-    def _claim_next(self, txn, lease_seconds):
+    def _claim(self, txn, lease_seconds, limit):
         now = self._now()
         yield txn.execute(
             "SELECT id FROM inbound_message WHERE status = 'received'"
             " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
             " AND (claimed_until IS NULL OR claimed_until < ?)"
-            " ORDER BY next_attempt_at, id LIMIT 1" + self.engine.skip_locked,
-            (now, now),
+            " ORDER BY next_attempt_at, id LIMIT ?" + self.engine.skip_locked,
+            (now, now, limit),
         )
-        row = txn.fetchone()
-        if row is None:
-            return None
+        ids = [row["id"] for row in txn.fetchall()]
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
         yield txn.execute(
-            "UPDATE inbound_message SET claimed_until = ? WHERE id = ?",
-            (now + timedelta(seconds=lease_seconds), row["id"]),
+            f"UPDATE inbound_message SET claimed_until = ? WHERE id IN ({marks})",
+            (now + timedelta(seconds=lease_seconds), *ids),
         )
-        yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (row["id"],))
-        return txn.fetchone()
+        yield txn.execute(_MESSAGE_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
+        return txn.fetchall()
 
-    def renew_claim(self, message_id, lease_seconds):
-        return self._run(self._renew_claim, int(message_id), lease_seconds)
+    def renew_claims(self, message_ids, lease_seconds):
+        return self._run(self._set_claims, list(message_ids), lease_seconds)
+
+    def release_claims(self, message_ids=None):
+        return self._run(self._set_claims, message_ids, None)
 
     @defer.inlineCallbacks
-    def _renew_claim(self, txn, message_id, lease_seconds):
-        yield txn.execute(
-            "UPDATE inbound_message SET claimed_until = ? WHERE id = ? AND status = 'received'",
-            (self._now() + timedelta(seconds=lease_seconds), message_id),
-        )
-
-    def release_claims(self):
-        return self._run(self._release_claims)
-
-    @defer.inlineCallbacks
-    def _release_claims(self, txn):
-        yield txn.execute(
-            "UPDATE inbound_message SET claimed_until = NULL"
-            " WHERE status = 'received' AND claimed_until IS NOT NULL"
-        )
+    def _set_claims(self, txn, message_ids, lease_seconds):
+        until = None if lease_seconds is None else self._now() + timedelta(seconds=lease_seconds)
+        sql = "UPDATE inbound_message SET claimed_until = ? WHERE status = 'received'"
+        args = [until]
+        if message_ids is not None:
+            if not message_ids:
+                return
+            sql += " AND id IN (" + ", ".join("?" for _ in message_ids) + ")"
+            args += [int(i) for i in message_ids]
+        yield txn.execute(sql, tuple(args))
 
     def mark_parsed(self, message_id, documents=()):
         return self._parsed.submit((int(message_id), list(documents)))
