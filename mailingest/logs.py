@@ -19,12 +19,14 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
-from urllib.parse import quote, quote_plus, unquote, urlsplit
+from urllib.parse import quote, quote_plus
 
 from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
 from twisted.python import logfile, usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mailingest.storage.urls import url_passwords
 
 FORMATS = ("text", "json")
 MASK = "***"
@@ -64,10 +66,7 @@ def secrets_from_settings(settings: Mapping[str, Any], environ: Mapping[str, str
     The secrets the daemon holds: the database password (as written in the URL
     and decoded) and the AWS secret key and session token.
     """
-    secrets = []
-    password = urlsplit(settings.get("database") or "").password
-    if password:
-        secrets += [password, unquote(password)]
+    secrets = list(url_passwords(settings.get("database") or ""))
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if environ.get(name):
             secrets.append(environ[name])

@@ -17,11 +17,9 @@ The URL's password never leaves this module: representations, log events and
 L{DatabaseUnavailable} messages show the URL with C{***} in its place.
 """
 
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 import psycopg2
 import psycopg2.extensions
@@ -34,6 +32,7 @@ from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
 from mailingest.errors import ConfigError, MailingestError
+from mailingest.storage.urls import redact_url, url_passwords
 
 log = Logger()
 
@@ -75,25 +74,9 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-# libpq ends the userinfo of a URL at the first "@" or "/". A password can
-# also be a query parameter, or a keyword of a "key=value" connection string.
-_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):([^@/]*)@")
-_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&#\s]*)")
-
-
-def _redact(url: str) -> str:
-    """The URL with its password replaced by C{***}: readable, and never guessing."""
-    url = _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
-
-
 def _secrets(url: str, params: dict) -> tuple[str, ...]:
     """Every form of the password that could show up in a message, longest first."""
-    written = _QUERY_PASSWORD.findall(url)
-    match = _USERINFO_PASSWORD.match(url)
-    raw = [value for _, value in written] + ([match.group(2)] if match else [])
-    found = {form for value in raw for form in (value, unquote(value))}
-    found.add(params.get("password", ""))
+    found = set(url_passwords(url)) | {params.get("password", "")}
     return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
@@ -128,7 +111,7 @@ class _Target:
 
 
 def _target(url: str) -> _Target:
-    public = _redact(url)
+    public = redact_url(url)
     try:
         params = psycopg2.extensions.parse_dsn(url)
     except psycopg2.Error as e:
