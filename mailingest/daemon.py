@@ -252,5 +252,4 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     )
     daemon.delivery = delivery
     daemon.extraction = extraction
-    daemon.smtp_factory = factory
     return daemon

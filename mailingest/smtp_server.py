@@ -43,7 +43,6 @@ _ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
 _DEFAULT_ENHANCED = {
     211: b"2.0.0",
     214: b"2.0.0",
-    220: b"2.0.0",
     221: b"2.0.0",
     250: b"2.0.0",
     251: b"2.1.5",
@@ -524,7 +523,6 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.tls_context = tls_context
-        self.open = 0
         self.by_peer: dict[str, int] = {}
         self.sessions: set[IngestSMTP] = set()
         self.shutting_down = False
@@ -542,11 +540,10 @@ class IngestSMTPFactory(protocol.ServerFactory):
     def admit(self, session: IngestSMTP) -> bool:
         """Count a new session, or refuse it when a connection limit is reached."""
         peer = session.peer_key
-        if self.open >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
+        if len(self.sessions) >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
             metrics.REJECTED.labels("connections").inc()
             log.warn("refused connection from {peer}: too many connections", peer=peer)
             return False
-        self.open += 1
         self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         self.sessions.add(session)
         metrics.OPEN_CONNECTIONS.inc()
@@ -571,7 +568,6 @@ class IngestSMTPFactory(protocol.ServerFactory):
     def closed(self, session: "IngestSMTP") -> None:
         self.sessions.discard(session)
         peer = session.peer_key
-        self.open -= 1
         self.by_peer[peer] -= 1
         if not self.by_peer[peer]:
             del self.by_peer[peer]
