@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailingest.config import ALL_OPTIONS, resolve
@@ -88,6 +88,22 @@ class RunningDaemon:
 
         return self.smtp(transaction)
 
+    @defer.inlineCallbacks
+    def until(self, message_id: int, predicate, timeout: float = 20.0):
+        """Poll a message's row until C{predicate(row)} holds; fire with that row."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = yield self.store.get_message(message_id)
+            if predicate(row):
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"message {message_id} never reached the expected state: {row}")
+            yield sleep(0.05)
+
+    def settled(self, message_id: int, timeout: float = 20.0):
+        """Fire with the message's row once extraction is done with it (parsed or failed)."""
+        return self.until(message_id, lambda row: row["status"] != "received", timeout)
+
     def blob_files(self) -> list[str]:
         root = os.path.join(self.directory, "blobs", "raw")
         found = []
@@ -98,6 +114,10 @@ class RunningDaemon:
     def spool_files(self) -> list[str]:
         spool = os.path.join(self.directory, "blobs", ".scratch", "spool")
         return sorted(os.listdir(spool)) if os.path.isdir(spool) else []
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def free_port() -> int:
@@ -116,10 +136,10 @@ def message(subject="Order 1", message_id="<order-1@customer.test>", body="Pleas
 class TwistdProcess:
     """C{twistd -n mailingest} as a subprocess, as an operator runs it."""
 
-    def __init__(self, directory: str, *args: str, env=None):
+    def __init__(self, directory: str, *args: str, env=None, http: str = "none"):
         self.directory = directory
         self.port = free_port()
-        self.args = ["--smtp", f"tcp:{self.port}:interface=127.0.0.1", "--http", "none", *args]
+        self.args = ["--smtp", f"tcp:{self.port}:interface=127.0.0.1", "--http", http, *args]
         self.env = dict(os.environ if env is None else env)
         self.log_path = os.path.join(directory, "daemon.log")
         self.process = None

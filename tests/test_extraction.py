@@ -10,11 +10,11 @@ import sqlite3
 import time
 from email.message import EmailMessage
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
-from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, temp_dir
+from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, sleep, temp_dir
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
@@ -34,10 +34,6 @@ def order(subject="Order", attachments=(), message_id=None) -> EmailMessage:
     return msg
 
 
-def wait(seconds: float):
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 class ExtractionCase(DaemonTestCase):
     overrides: dict = {"poll_interval": "0.2"}
 
@@ -50,28 +46,8 @@ class ExtractionCase(DaemonTestCase):
         message_id = int(reply.split()[-1])
         if not settle:
             return message_id
-        row = yield self.settled(message_id)
+        row = yield self.daemon.settled(message_id)
         return row
-
-    @defer.inlineCallbacks
-    def until(self, message_id: int, predicate, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = yield self.daemon.store.get_message(message_id)
-            if predicate(row):
-                return row
-            yield wait(0.05)
-        self.fail(f"message {message_id} never reached the expected state: {row}")
-
-    @defer.inlineCallbacks
-    def settled(self, message_id: int, timeout: float = 20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = yield self.daemon.store.get_message(message_id)
-            if row["status"] != "received":
-                return row
-            yield wait(0.05)
-        self.fail(f"message {message_id} still received after {timeout} s")
 
     @defer.inlineCallbacks
     def documents(self, message_id: int):
@@ -156,7 +132,7 @@ class ExtractionTests(ExtractionCase):
         before = yield self.documents(row["id"])
         yield self.daemon.store.reprocess(row["id"])
         self.daemon.service.extraction.wake()
-        row = yield self.settled(row["id"])
+        row = yield self.daemon.settled(row["id"])
         after = yield self.documents(row["id"])
         self.assertEqual(row["status"], "parsed")
         self.assertEqual([d["id"] for d in after], [d["id"] for d in before])
@@ -174,10 +150,10 @@ class ExtractionTests(ExtractionCase):
 
         self.patch(self.daemon.blobs, "put_file", flaky)
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "retry.pdf")]), settle=False)
-        row = yield self.until(message_id, lambda r: r["attempts"] >= 1)
+        row = yield self.daemon.until(message_id, lambda r: r["attempts"] >= 1, timeout=10)
         self.assertEqual(row["status"], "received")
         self.assertIn("503", row["last_error"])
-        row = yield self.settled(row["id"], timeout=10)
+        row = yield self.daemon.settled(row["id"], timeout=10)
         self.assertEqual(row["status"], "parsed")
         docs = yield self.documents(row["id"])
         self.assertEqual([d["bytes"] for d in docs], [PDF])
@@ -192,7 +168,7 @@ class ExtractionTests(ExtractionCase):
         real_put = self.daemon.blobs.put_file
         self.patch(self.daemon.blobs, "put_file", lambda key, *a: broken(key) if key.startswith("documents/") else real_put(key, *a))
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "x.pdf")]), settle=False)
-        row = yield self.until(message_id, lambda r: r["status"] != "received")
+        row = yield self.daemon.settled(message_id, timeout=10)
         self.assertEqual((row["status"], row["attempts"]), ("failed", 2))
         self.assertIn("bucket gone", row["last_error"])
 
@@ -236,7 +212,7 @@ class CorpusTests(ExtractionCase):
             waiting = yield self.daemon.store.count_messages("received")
             if not waiting:
                 break
-            yield wait(0.2)
+            yield sleep(0.2)
         self.assertEqual(waiting, 0, "messages stuck in received")
         rows = yield self.daemon.store.list_messages(limit=1000)
         self.assertEqual({r["status"] for r in rows} - {"parsed", "failed"}, set())
@@ -312,13 +288,13 @@ class LeaseTests(ExtractionCase):
         real_read = self.daemon.blobs.read_to
 
         def slow_read(key, fileobj):
-            return task.deferLater(reactor, 1.2, lambda: None).addCallback(lambda _: real_read(key, fileobj))
+            return sleep(1.2).addCallback(lambda _: real_read(key, fileobj))
 
         self.patch(self.daemon.blobs, "read_to", slow_read)
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "slow.pdf")]), settle=False)
-        yield wait(0.8)
+        yield sleep(0.8)
         # another daemon polling now finds nothing to take over
         self.assertEqual((yield self.daemon.store.claim(60)), [])
-        row = yield self.settled(message_id)
+        row = yield self.daemon.settled(message_id)
         self.assertEqual(row["status"], "parsed")
         self.assertEqual(len((yield self.documents(message_id))), 1)

@@ -13,11 +13,11 @@ import struct
 import subprocess
 import time
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest import smtp_server
-from tests.daemon import DaemonTestCase, message, temp_dir
+from tests.daemon import DaemonTestCase, message, sleep, temp_dir
 
 
 class Conversation:
@@ -379,7 +379,7 @@ class TLSTests(HardeningCase):
         os.replace(new_cert, self.cert)
         os.replace(new_key, self.key)
         os.kill(os.getpid(), signal.SIGHUP)
-        yield task.deferLater(reactor, 0.2, lambda: None)
+        yield sleep(0.2)
 
         def run():
             client = smtplib.SMTP("127.0.0.1", self.daemon.port, timeout=10)
@@ -473,7 +473,7 @@ class SwaksTests(HardeningCase):
             row = yield self.daemon.store.get_message(row["id"])
             if row["status"] != "received":
                 break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+            yield sleep(0.05)
         [doc] = yield self.daemon.store.list_documents(message_id=row["id"])
         with open(self.daemon.blobs.path_for(doc["storage_key"]), "rb") as stored, open(self.attachment, "rb") as original:
             self.assertEqual(stored.read(), original.read())

@@ -15,11 +15,11 @@ from collections import Counter
 from email.message import EmailMessage
 
 import psycopg2
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests import postgres
-from tests.daemon import RunningDaemon, TwistdProcess, free_port, mailingest_cli, temp_dir
+from tests.daemon import RunningDaemon, TwistdProcess, free_port, mailingest_cli, sleep, temp_dir
 from tests.moto import shared_server
 from tests.test_store import Outage
 
@@ -39,10 +39,6 @@ def order(number: int) -> bytes:
 
 def s3_environ(moto) -> dict:
     return {"AWS_ACCESS_KEY_ID": moto.access_key, "AWS_SECRET_ACCESS_KEY": moto.secret_key}
-
-
-def wait(seconds: float):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class ProductionDaemonTests(unittest.TestCase):
@@ -67,21 +63,12 @@ class ProductionDaemonTests(unittest.TestCase):
         self.database = postgres.create_database()
 
     @defer.inlineCallbacks
-    def settled(self, message_id: int):
-        for _ in range(200):
-            row = yield self.daemon.store.get_message(message_id)
-            if row["status"] != "received":
-                return row
-            yield wait(0.05)
-        self.fail(f"message {message_id} not extracted")
-
-    @defer.inlineCallbacks
     def test_receive_extract_and_deduplicate(self):
         yield self.start(self.database)
         sent = order(1)
         code, reply = yield self.daemon.send(sent, ["orders+acme@example.com"])
         self.assertEqual(code, 250, reply)
-        row = yield self.settled(int(reply.split()[-1]))
+        row = yield self.daemon.settled(int(reply.split()[-1]), timeout=10)
         self.assertEqual(row["status"], "parsed")
         [doc] = yield self.daemon.store.list_documents(message_id=row["id"])
         stored = io.BytesIO()
@@ -110,7 +97,7 @@ class ProductionDaemonTests(unittest.TestCase):
             code, reply = yield self.daemon.send(order(2), ["orders+acme@example.com"])
             if code == 250:
                 break
-            yield wait(0.1)
+            yield sleep(0.1)
         self.assertEqual(code, 250, reply)
         self.assertEqual((yield self.daemon.store.count_messages()), 1)
 

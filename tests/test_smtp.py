@@ -10,7 +10,7 @@ from twisted.internet import defer, threads
 
 from mailingest.errors import StorageError
 from tests import daemon
-from tests.daemon import message
+from tests.daemon import message, sleep
 
 
 class DaemonTestCase(daemon.DaemonTestCase):
@@ -368,7 +368,7 @@ class FailingStorageTests(DaemonTestCase):
         for _ in range(50):
             if not self.daemon.spool_files():
                 break
-            yield deferLater(0.05)
+            yield sleep(0.05)
         self.assertEqual(self.daemon.spool_files(), [])
         self.assertEqual(self.daemon.blob_files(), [])
         self.assertEqual((yield self.daemon.store.count_messages()), 0)
@@ -400,12 +400,6 @@ class ConnectionLimitTests(DaemonTestCase):
 
         refused = yield threads.deferToThread(run)
         self.assertEqual(refused, [(421, b"4.7.0"), (421, b"4.7.0")])
-        yield deferLater(0.2)
+        yield sleep(0.2)
         code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
         self.assertEqual(code, 250)
-
-
-def deferLater(seconds: float):
-    from twisted.internet import reactor, task
-
-    return task.deferLater(reactor, seconds, lambda: None)

@@ -7,7 +7,7 @@ rows, surviving a lost server, keeping the password secret, LISTEN/NOTIFY.
 import time
 
 import psycopg2
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, TestCase
@@ -17,6 +17,7 @@ from mailingest.storage.engines.postgresql import DatabaseUnavailable, Postgresq
 from mailingest.storage.engines.sqlite import SqliteEngine
 from mailingest.storage.store import Store
 from tests import postgres
+from tests.daemon import sleep
 from tests.store_contract import StoreContract, message
 
 
@@ -117,10 +118,6 @@ def sleeping_pid(seconds: float):
         return txn.fetchone()["pid"]
 
     return interaction
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 @defer.inlineCallbacks

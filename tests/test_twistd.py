@@ -39,18 +39,24 @@ def rows(directory: str) -> list[tuple]:
         db.close()
 
 
-class TwistdTests(unittest.TestCase):
+class TwistdCase(unittest.TestCase):
+    """A working directory with the organisation C{acme}, and daemons started in it."""
+
+    http: str = "none"
+
     def setUp(self):
         self.directory = temp_dir(self)
         result = mailingest_cli(self.directory, "org", "add", "acme")
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def start(self, *args, env=None) -> TwistdProcess:
-        daemon = TwistdProcess(self.directory, "--domain", "example.com", *args, env=env)
+        daemon = TwistdProcess(self.directory, "--domain", "example.com", *args, env=env, http=self.http)
         daemon.start()
         self.addCleanup(daemon.stop, signal.SIGKILL)
         return daemon
 
+
+class TwistdTests(TwistdCase):
     def test_help_lists_every_option(self):
         out = subprocess.run([TWISTD, "mailingest", "--help"], capture_output=True, text=True, timeout=60)
         self.assertEqual(out.returncode, 0, out.stderr)
@@ -128,19 +134,11 @@ class TwistdTests(unittest.TestCase):
         self.assertLess(growth_mib, 25, f"RSS grew by {growth_mib:.0f} MiB")
 
 
-class OperationsTests(unittest.TestCase):
+class OperationsTests(TwistdCase):
     def setUp(self):
-        self.directory = temp_dir(self)
-        result = mailingest_cli(self.directory, "org", "add", "acme")
-        self.assertEqual(result.returncode, 0, result.stderr)
-
-    def start(self, *args, env=None) -> TwistdProcess:
+        super().setUp()
         self.http_port = free_port()
-        daemon = TwistdProcess(self.directory, "--domain", "example.com", *args, env=env)
-        daemon.args[daemon.args.index("--http") + 1] = f"tcp:{self.http_port}:interface=127.0.0.1"
-        daemon.start()
-        self.addCleanup(daemon.stop, signal.SIGKILL)
-        return daemon
+        self.http = f"tcp:{self.http_port}:interface=127.0.0.1"
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
