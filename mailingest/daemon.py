@@ -37,7 +37,6 @@ class Listener(service.Service):
     """Listens on one endpoint string; a port that cannot be opened stops the daemon."""
 
     def __init__(self, reactor, description: str, factory, what: str):
-        self.description = description
         self.factory = factory
         self.what = what
         self.port = None

@@ -263,21 +263,21 @@ class IngestDelivery:
         # Duplicates are found by the insert itself (one round trip to the
         # database, not two): a duplicate's raw copy is then removed again.
         key = raw_key(envelope)
-        await self.blobs.put_file(key, spool.path, spool.raw_sha256, spool.raw_size)
+        digest = spool.raw_sha256
+        await self.blobs.put_file(key, spool.path, digest, spool.raw_size)
         orgs = list(by_org)
+        shared = {
+            "source": SOURCE,
+            "source_message_id": message_id,
+            "mail_from": envelope.mail_from,
+            "subject": subject_of(headers),
+            "raw_key": key,
+            "raw_size": spool.raw_size,
+            "raw_sha256": digest,
+            "received_at": envelope.received_at,
+        }
         rows = [
-            {
-                "org_id": org_id,
-                "source": SOURCE,
-                "source_message_id": message_id,
-                "mail_from": envelope.mail_from,
-                "rcpt_to": ", ".join(r.address for r in by_org[org_id]),
-                "subject": subject_of(headers),
-                "raw_key": key,
-                "raw_size": spool.raw_size,
-                "raw_sha256": spool.raw_sha256,
-                "received_at": envelope.received_at,
-            }
+            dict(shared, org_id=org_id, rcpt_to=", ".join(r.address for r in by_org[org_id]))
             for org_id in orgs
         ]
         try:

@@ -111,9 +111,7 @@ class Spool:
 
     def _finish(self) -> None:
         if self._file is None:
-            self._file = self._open()
-            self._file.write(self._memory)
-            self._memory = bytearray()
+            self._spill()
         self._file.close()
 
     def discard(self) -> None:

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
+from mailingest.storage import local_disk
 from mailingest.storage.local_disk import LocalDiskBlobStore
 from mailingest.storage.s3 import S3BlobStore, from_url
 from tests.blobstore_contract import BlobHelpers, BlobStoreContract
@@ -35,6 +36,14 @@ class LocalDiskBlobStoreTests(BlobStoreContract, unittest.TestCase):
         await self.assertFailure(self.store.put_file("raw/short", path, sha256, size - 1), StorageError)
         left = [name for _, _, names in os.walk(self.root) for name in names]
         self.assertEqual(left, [])
+
+
+class LocalDiskWithoutSyncfsTests(LocalDiskBlobStoreTests):
+    """The same contract where syncfs is missing: each file and directory is fsynced."""
+
+    def setUp(self):
+        self.patch(local_disk, "_syncfs", None)
+        super().setUp()
 
 
 def moto_store(test: unittest.TestCase, bucket: str | None = None, **options) -> S3BlobStore:

@@ -35,12 +35,16 @@ def check_key(key: str) -> str:
     return key
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def makedirs_durable(path: str) -> None:
@@ -77,11 +81,7 @@ def flush(root: str, paths: list[str]) -> None:
             os.close(fd)
         return
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
     for directory in {os.path.dirname(path) for path in paths}:
         fsync_dir(directory)
 
