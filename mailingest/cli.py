@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import date, datetime, timezone
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
@@ -27,7 +26,7 @@ from mailingest import __version__, send_test
 from mailingest.config import STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.plus_address import valid_slug
-from mailingest.storage.urls import open_blobs, open_store, redact_url
+from mailingest.storage.urls import open_blobs, open_store, redact_url, url_passwords
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
@@ -148,11 +147,7 @@ def _fail(message: str, secrets: Iterable[str] = ()) -> int:
 
 
 def _secrets(settings: dict[str, Any]) -> list[str]:
-    try:
-        password = urlsplit(settings.get("database") or "").password
-    except ValueError:
-        return []
-    return [password] if password else []
+    return list(url_passwords(settings.get("database") or ""))
 
 
 # a command's storage
