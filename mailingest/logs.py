@@ -137,8 +137,11 @@ class LineObserver:
         self._render = render
         self._stream = stream
         self._mask = _masker(secrets)
-        # Events arrive from thread pools too (adbapi); keep lines whole.
-        self._lock = threading.Lock()
+        # Events arrive from thread pools too (adbapi); keep lines whole. The
+        # lock is reentrant because a signal handler runs on the thread it
+        # interrupts, possibly mid-write, and logs too (twistd's "Received
+        # SIGTERM"): with a plain lock that wedged the daemon at shutdown.
+        self._lock = threading.RLock()
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         if event.get("log_level") is LogLevel.debug:

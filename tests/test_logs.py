@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 
 from twisted.internet import utils
 from twisted.logger import Logger, LogLevel
@@ -19,6 +20,7 @@ from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial import unittest
 
 from mailingest import logs
+from mailingest.logs import make_observer
 
 NOV_24_0700 = calendar.timegm((2026, 11, 24, 7, 0, 0))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -70,6 +72,29 @@ class TextFormatTests(unittest.TestCase):
         self.assertTrue(rest)
         # Continuation lines are indented: each record starts at column 0.
         self.assertTrue(all(line.startswith("\t") for line in rest), rest)
+
+    def test_event_logged_while_writing_a_line(self):
+        """What a signal handler does when it interrupts a write: the nested line is written, nothing hangs."""
+
+        class Interrupted(io.StringIO):
+            def write(self, text):
+                if "interrupts" in text:
+                    log.info("Received SIGTERM, shutting down.")
+                return super().write(text)
+
+        stream = Interrupted()
+        observer = make_observer("text", stream)
+        log = Logger(namespace="twisted.internet.base", observer=observer)
+        done = threading.Event()
+
+        def emit():
+            log.info("a line the signal interrupts")
+            done.set()
+
+        threading.Thread(target=emit, daemon=True).start()
+        self.assertTrue(done.wait(5), "the observer deadlocked on its own lock")
+        self.assertIn("Received SIGTERM", stream.getvalue())
+        self.assertIn("a line the signal interrupts", stream.getvalue())
 
     def test_debug_is_dropped(self):
         stream, log, _ = capture("text")
