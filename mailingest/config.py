@@ -75,6 +75,8 @@ DAEMON_OPTIONS = (
     Option("poll-interval", 1.0, "extraction poll period in seconds", _positive_float, metavar="SECONDS"),
     Option("max-attempts", 5, "attempts for transient extraction errors before 'failed'", _positive_int, metavar="N"),
     Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", _positive_float, metavar="SECONDS"),
+    Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
+    Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
 )
 

@@ -20,6 +20,7 @@ from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
 from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
+from mailingest.parse_pool import ParsePool
 from mailingest.smtp_server import IngestSMTPFactory
 from mailingest.tls import load_tls
 from mailingest.storage.urls import open_blobs, open_store, redact_url
@@ -213,7 +214,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     extraction = ExtractionService(
         store,
         blobs,
+        ParsePool(settings["extraction_processes"], settings["extraction_timeout"], reactor),
         work_dir=os.path.join(scratch, "work"),
+        concurrency=settings["extraction_processes"] + 1,
         poll_interval=settings["poll_interval"],
         max_attempts=settings["max_attempts"],
         lease_seconds=settings["extraction_lease"],

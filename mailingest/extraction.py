@@ -5,7 +5,7 @@ It runs in the daemon's reactor, polls every C{poll_interval} seconds and is
 woken at once when a message is accepted. Each message is claimed with a lease
 (so with several daemons one works on it at a time, and a message whose daemon
 died is claimed again when the lease runs out), its raw copy fetched to a work
-directory, parsed in a thread (L{mailingest.attachments}), each attachment
+directory, parsed in a worker process (L{mailingest.parse_pool}), each attachment
 stored under a key made of ids only, and its document recorded. Every step is
 idempotent, so a message interrupted anywhere is simply extracted again.
 
@@ -24,17 +24,27 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from mailingest import metrics
-from mailingest.attachments import UnparseableMessage, extract_attachments
+from mailingest.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
+from mailingest.parse_pool import ParserDied
 
 log = Logger(namespace="mailingest.extraction")
 
 FIRST_RETRY_SECONDS = 1.0
+# After a stop has killed the parsers: time to release the claims they held.
+RELEASE_SECONDS = 1.0
 
 
 def document_key(message: dict, ordinal: int) -> str:
     """Deterministic, so extracting a message again overwrites, never duplicates."""
     return f"documents/{message['org_id']}/{message['id']}/{ordinal}"
+
+
+def _make_work_dir(parent: str) -> str:
+    """A fresh directory for one message, with the empty C{parts} directory the parser writes to."""
+    work = tempfile.mkdtemp(dir=parent)
+    os.mkdir(os.path.join(work, "parts"))
+    return work
 
 
 class PermanentFailure(Exception):
@@ -48,6 +58,7 @@ class ExtractionService(service.Service):
         self,
         store,
         blobs,
+        parser,
         work_dir: str,
         poll_interval: float = 1.0,
         max_attempts: int = 5,
@@ -61,6 +72,7 @@ class ExtractionService(service.Service):
             from twisted.internet import reactor as clock
         self.store = store
         self.blobs = blobs
+        self.parser = parser
         self.work_dir = work_dir
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
@@ -96,8 +108,16 @@ class ExtractionService(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        d = self._in_hand(self.stop_timeout)
+        # Workers still parsing are killed; their messages' claims are released.
+        d.addCallback(lambda _: self.parser.close())
+        d.addCallback(lambda _: self._in_hand(RELEASE_SECONDS))
+        return d
+
+    def _in_hand(self, timeout: float) -> defer.Deferred:
+        """Fires when the messages in hand are done with, or after C{timeout} seconds."""
         d = defer.DeferredList(list(self._workers))
-        d.addTimeout(self.stop_timeout, self.clock, onTimeoutCancel=lambda *_: None)
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
         return d
 
     def wake(self) -> None:
@@ -147,12 +167,14 @@ class ExtractionService(service.Service):
 
     async def process(self, message: dict) -> None:
         started = time.monotonic()
-        work = await threads.deferToThread(tempfile.mkdtemp, dir=self.work_dir)
+        work = await threads.deferToThread(_make_work_dir, self.work_dir)
         try:
             result, documents = await self._extract(message, work)
         except (UnparseableMessage, PermanentFailure) as e:
             await self._fail(message, str(e), message["attempts"] + 1)
         except Exception as e:
+            if isinstance(e, ParserDied) and not self.running:
+                raise  # stopped, not failed: _process_batch releases the claim
             await self._transient(message, e)
         else:
             await self._parsed(message, result, documents, started)
@@ -173,8 +195,7 @@ class ExtractionService(service.Service):
             except BlobNotFound:
                 raise PermanentFailure(f"raw message {message['raw_key']} is missing from object storage")
         out_dir = os.path.join(work, "parts")
-        os.mkdir(out_dir)
-        result = await threads.deferToThread(extract_attachments, raw_path, out_dir)
+        result = await self.parser.parse(raw_path, out_dir)
         documents = []
         for ordinal, attachment in enumerate(result.attachments):
             key = document_key(message, ordinal)

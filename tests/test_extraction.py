@@ -234,6 +234,11 @@ class CorpusTests(ExtractionCase):
             f.write("\n".join(lines) + "\n")
 
 
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
 class KillDuringExtractionTests(unittest.TestCase):
     def test_kill_during_extraction_then_restart(self):
         directory = temp_dir(self)
@@ -254,11 +259,18 @@ class KillDuringExtractionTests(unittest.TestCase):
             finally:
                 db.close()
             if count:
+                workers = children(daemon.process.pid)
                 daemon.stop(signal.SIGKILL)
                 killed_with = count
                 break
             time.sleep(0.005)
         self.assertIsNotNone(killed_with, "extraction never started")
+        # The parser worker saw its pipe close and exited: none outlives its daemon.
+        self.assertTrue(workers, "no parser worker process found")
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse([pid for pid in workers if os.path.exists(f"/proc/{pid}")], "orphaned parser worker")
         db = sqlite3.connect(db_path)
         status = db.execute("SELECT status FROM inbound_message").fetchone()[0]
         db.close()

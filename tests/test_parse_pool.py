@@ -1,0 +1,87 @@
+"""
+The parser worker processes: results and errors come back as the parser gives
+them, and a worker that hangs or dies costs one attempt, never the daemon.
+"""
+
+import os
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mailingest.attachments import UnparseableMessage
+from mailingest.parse_pool import ParsePool, ParserDied, ParserError
+from tests.test_extraction import CORPUS, order
+
+HANG = [sys.executable, "-c", "import time; time.sleep(60)"]
+EXIT = [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+
+class ParsePoolTests(unittest.TestCase):
+    def pool(self, **kwargs) -> ParsePool:
+        pool = ParsePool(reactor=reactor, **kwargs)
+        self.addCleanup(pool.close)
+        return pool
+
+    def message(self, data: bytes) -> tuple[str, str]:
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(work, "parts"))
+        raw = os.path.join(work, "raw.eml")
+        with open(raw, "wb") as f:
+            f.write(data)
+        return raw, os.path.join(work, "parts")
+
+    async def test_documents_come_back(self):
+        pdf = b"%PDF-1.4 order 4711"
+        raw, parts = self.message(order(attachments=[(pdf, "application", "pdf", "Bestellung März.pdf")]).as_bytes())
+        result = await self.pool().parse(raw, parts)
+        [attachment] = result.attachments
+        self.assertEqual((attachment.filename, attachment.content_type, attachment.size), ("Bestellung März.pdf", "application/pdf", len(pdf)))
+        with open(attachment.path, "rb") as f:
+            self.assertEqual(f.read(), pdf)
+
+    async def test_one_worker_serves_one_message_at_a_time(self):
+        pool = self.pool()
+        jobs = [self.message(order(attachments=[(b"%d" % n, "application", "pdf", f"{n}.pdf")]).as_bytes()) for n in range(6)]
+        results = await defer.gatherResults([defer.Deferred.fromCoroutine(pool.parse(*job)) for job in jobs])
+        self.assertEqual([r.attachments[0].filename for r in results], [f"{n}.pdf" for n in range(6)])
+        self.assertEqual(len(pool._workers), 1)
+
+    async def test_unparseable_and_errors_are_told_apart(self):
+        pool = self.pool()
+        # A gif part whose "base64" is placeholder text that cannot be decoded at all.
+        sample = os.path.join(CORPUS, "cpython-email", "msg_15.txt")
+        if not os.path.exists(sample):
+            raise unittest.SkipTest(f"no corpus at {CORPUS}")
+        with open(sample, "rb") as f:
+            raw, parts = self.message(f.read())
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), UnparseableMessage)
+        self.assertIn("base64", str(error))
+        os.unlink(raw)  # a missing file is a plain error: retried, not 'failed' at once
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserError)
+        self.assertIn("FileNotFoundError", str(error))
+        self.assertEqual(len(pool._workers), 1)
+
+    async def test_hanging_parser_is_killed_and_replaced(self):
+        pool = self.pool(timeout=0.5, argv=HANG)
+        raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
+        self.assertIn("stopped after 0.5 s", str(error))
+        pool._argv = ParsePool(reactor=reactor)._argv
+        result = await pool.parse(raw, parts)
+        self.assertEqual(result.attachments, [])
+
+    async def test_dying_parser_is_a_transient_error(self):
+        pool = self.pool(argv=EXIT)
+        raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
+        self.assertIn("parser process ended", str(error))
+
+    async def test_close_stops_busy_and_idle_workers(self):
+        pool = ParsePool(size=2, reactor=reactor, argv=HANG)
+        raw, parts = self.message(b"x")
+        busy = defer.Deferred.fromCoroutine(pool.parse(raw, parts))
+        await pool.close()
+        await self.assertFailure(busy, ParserDied)
+        self.assertEqual(pool._workers, set())
+        await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
