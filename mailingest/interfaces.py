@@ -28,6 +28,12 @@ class IBlobStore(Interface):
         is durable; on failure nothing readable is left under C{key}.
         """
 
+    def put_bytes(key: str, data: bytes, sha256: str):
+        """
+        Store C{data} under C{key}, as L{put_file} does: a small message
+        received in memory is stored without a spool file.
+        """
+
     def read_to(key: str, fileobj):
         """
         Write the blob stored under C{key} into the binary file object

@@ -67,6 +67,24 @@ class BlobStoreContract(BlobHelpers):
         self.assertEqual(out.getvalue(), data)
         self.assertGreater(out.writes, 1)
 
+    async def test_put_bytes_round_trip(self):
+        for data in (b"", b"Subject: small\r\n\r\nin memory\r\n", os.urandom(128 * 1024)):
+            await self.store.put_bytes("raw/2026/11/24/mem.eml", data, hashlib.sha256(data).hexdigest())
+            self.assertEqual(await self.read("raw/2026/11/24/mem.eml"), data)
+
+    async def test_put_bytes_and_files_together(self):
+        """Concurrent puts of both kinds (one group commit on local disk) each keep their own bytes."""
+        puts = []
+        for n in range(6):
+            data = b"message %d\r\n" % n
+            if n % 2:
+                puts.append(self.store.put_bytes(f"raw/mix/{n}", data, hashlib.sha256(data).hexdigest()))
+            else:
+                puts.append(self.store.put_file(f"raw/mix/{n}", *self.source_file(data)))
+        await defer.gatherResults(puts, consumeErrors=True)
+        for n in range(6):
+            self.assertEqual(await self.read(f"raw/mix/{n}"), b"message %d\r\n" % n)
+
     async def test_put_replaces(self):
         await self.put("raw/k", b"first version, longer")
         await self.put("raw/k", b"second")
@@ -98,6 +116,7 @@ class BlobStoreContract(BlobHelpers):
         for key in ["../escape", "a/../b", "a/..", "Upper", "a//b", "/abs", "a/", "", "sp ace", "a\\b", ".hidden"]:
             # maybeDeferred: the local-disk put_file refuses synchronously.
             await self.assertFailure(defer.maybeDeferred(self.store.put_file, key, path, sha256, size), ValueError)
+            await self.assertFailure(defer.maybeDeferred(self.store.put_bytes, key, b"x", sha256), ValueError)
             await self.assertFailure(defer.maybeDeferred(self.store.read_to, key, io.BytesIO()), ValueError)
             await self.assertFailure(defer.maybeDeferred(self.store.delete, key), ValueError)
 

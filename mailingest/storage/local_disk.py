@@ -86,6 +86,11 @@ def flush(root: str, paths: list[str]) -> None:
         fsync_dir(directory)
 
 
+def _write_new(path: str, data: bytes) -> int:
+    with open(path, "xb") as f:
+        return f.write(data)
+
+
 def _raise_error(outcome):
     if isinstance(outcome, Exception):
         raise outcome
@@ -114,6 +119,13 @@ class LocalDiskBlobStore:
             return defer.fail()
         return self._durable.submit((final, path, size)).addCallback(_raise_error)
 
+    def put_bytes(self, key, data, sha256):
+        try:
+            final = self.path_for(key)
+        except ValueError:
+            return defer.fail()
+        return self._durable.submit((final, data, len(data))).addCallback(_raise_error)
+
     def _store_batch(self, requests) -> defer.Deferred:
         return deferToThread(self._store_all, requests)
 
@@ -141,7 +153,10 @@ class LocalDiskBlobStore:
             makedirs_durable(os.path.dirname(final))
             tmp = os.path.join(self._tmp, uuid.uuid4().hex)
             try:
-                written = self._link_or_copy(source, tmp)
+                if isinstance(source, bytes):
+                    written = _write_new(tmp, source)
+                else:
+                    written = self._link_or_copy(source, tmp)
                 if written != size:
                     raise StorageError(
                         f"blob size mismatch: wrote {written}, expected {size}"

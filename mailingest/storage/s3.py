@@ -19,6 +19,7 @@ L{StorageError} naming the S3 error code. No message ever contains the
 secret key or a signature.
 """
 
+import io
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -283,7 +284,7 @@ class S3BlobStore:
     def put_file(self, key: str, path: str, sha256: str, size: int) -> Deferred:
         return Deferred.fromCoroutine(self._put_file(key, path, sha256, size))
 
-    async def _put_file(self, key: str, path: str, sha256: str, size: int) -> None:
+    async def _put_file(self, key: str, path: str | bytes, sha256: str, size: int) -> None:
         object_key = self.object_key(key)
         what = self._what("PUT", object_key)
         reply = await self._request("PUT", what, self._object_url(object_key), body=(path, sha256, size))
@@ -291,6 +292,9 @@ class S3BlobStore:
             raise StorageError(f"S3 {what}: {reply.describe()}")
         if not reply.etag:
             raise StorageError(f"S3 {what}: HTTP 200 without an ETag, the object may not be stored")
+
+    def put_bytes(self, key: str, data: bytes, sha256: str) -> Deferred:
+        return Deferred.fromCoroutine(self._put_file(key, data, sha256, len(data)))
 
     def read_to(self, key: str, fileobj: BinaryIO) -> Deferred:
         return Deferred.fromCoroutine(self._read_to(key, fileobj))
@@ -347,7 +351,7 @@ class S3BlobStore:
         method: str,
         what: str,
         url: str,
-        body: tuple[str, str, int] | None = None,
+        body: tuple[str | bytes, str, int] | None = None,
         sink: _CountingSink | None = None,
         attempts: int | None = None,
     ) -> _Reply:
@@ -382,7 +386,7 @@ class S3BlobStore:
         self,
         method: str,
         url: str,
-        body: tuple[str, str, int] | None,
+        body: tuple[str | bytes, str, int] | None,
         sink: _CountingSink | None,
         progress: Callable[[], None],
     ) -> _Reply:
@@ -412,7 +416,10 @@ class S3BlobStore:
         etags = response.headers.getRawHeaders("etag")
         return _Reply(response.code, etags[0] if etags else None, bytes(error_body))
 
-    def _upload_body(self, path: str, size: int, progress: Callable[[], None]) -> _UploadBody:
+    def _upload_body(self, path: str | bytes, size: int, progress: Callable[[], None]) -> _UploadBody:
+        """The body from the file C{path}, or C{path} itself when it is the bytes to send."""
+        if isinstance(path, bytes):
+            return _UploadBody(io.BytesIO(path), progress)
         try:
             fileobj = open(path, "rb")
         except OSError as e:
