@@ -65,20 +65,8 @@ def new_transaction_id() -> str:
     return uuid.uuid4().hex
 
 
-def raw_header(headers, name: str) -> str | None:
-    """
-    The first C{name} header as clean text. Raw values keep 8-bit bytes (UTF-8
-    headers, RFC 6532) as surrogates; they are decoded here as UTF-8.
-    """
-    for key, value in headers.raw_items():
-        if key.lower() == name.lower():
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return None
-
-
-def message_id_of(headers) -> str | None:
-    """The Message-ID header, unfolded and trimmed, or None when missing or empty."""
-    value = raw_header(headers, "Message-ID")
+def message_id_of(value: str | None) -> str | None:
+    """The Message-ID header value, unfolded and trimmed, or None when missing or empty."""
     if value is None:
         return None
     value = " ".join(value.split())
@@ -94,8 +82,7 @@ def synthetic_message_id(sent_sha256: str) -> str:
     return f"<sha256-{sent_sha256}@mailingest.invalid>"
 
 
-def subject_of(headers) -> str | None:
-    text = raw_header(headers, "Subject")
+def subject_of(text: str | None) -> str | None:
     if text is None:
         return None
     if "=?" in text:
@@ -255,8 +242,7 @@ class IngestDelivery:
 
     async def _deliver(self, envelope, spool) -> Outcome:
         await spool.finish()
-        headers = spool.headers()
-        message_id = message_id_of(headers) or synthetic_message_id(await spool.sent_sha256())
+        message_id = message_id_of(spool.header("Message-ID")) or synthetic_message_id(await spool.sent_sha256())
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)
@@ -264,13 +250,16 @@ class IngestDelivery:
         # database, not two): a duplicate's raw copy is then removed again.
         key = raw_key(envelope)
         digest = spool.raw_sha256
-        await self.blobs.put_file(key, spool.path, digest, spool.raw_size)
+        if spool.in_memory:
+            await self.blobs.put_bytes(key, spool.data(), digest)
+        else:
+            await self.blobs.put_file(key, spool.path, digest, spool.raw_size)
         orgs = list(by_org)
         shared = {
             "source": SOURCE,
             "source_message_id": message_id,
             "mail_from": envelope.mail_from,
-            "subject": subject_of(headers),
+            "subject": subject_of(spool.header("Subject")),
             "raw_key": key,
             "raw_size": spool.raw_size,
             "raw_sha256": digest,

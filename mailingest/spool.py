@@ -1,10 +1,10 @@
 """
 The spool: what one SMTP transaction received, while DATA arrives.
 
-A message up to C{MEMORY_LIMIT} stays in memory and is written to its file in
-one worker-thread call at end of DATA, so small messages cost the reactor no
-file work; a larger one spills to its file as it arrives and is never held
-whole. Each chunk also feeds the running hash of the stored copy (our
+A message up to C{MEMORY_LIMIT} stays in memory and goes to the blob store
+from there (L{mailingest.interfaces.IBlobStore.put_bytes}): small messages cost
+no spool file and no extra thread round trip. A larger one spills to its file
+as it arrives and is never held whole. Each chunk also feeds the running hash of the stored copy (our
 C{Received:} header plus the message). The hash of the message exactly as the
 sender sent it, which names a message that has no Message-ID, is computed
 afterwards only for such a message. The header section is kept, bounded, to
@@ -17,13 +17,13 @@ The spool file is not fsynced: the blob store makes durable what it stores
 import hashlib
 import os
 import tempfile
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email import policy
+import re
 
+from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThread
 
 HEADER_LIMIT = 256 * 1024
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 MEMORY_LIMIT = 128 * 1024
 
 
@@ -55,6 +55,8 @@ class Spool:
         from the finished spool file, in a thread: only a message without a
         Message-ID needs it, so DATA is hashed once, not twice.
         """
+        if self._file is None:
+            return succeed(hashlib.sha256(memoryview(self._memory)[self.prefix_size :]).hexdigest())
         return deferToThread(self._hash_sent)
 
     def _hash_sent(self) -> str:
@@ -92,9 +94,35 @@ class Spool:
             self._header_done = True
             self.header_too_large = True
 
-    def headers(self) -> Message:
-        """The header section as parsed by the email package (never raises)."""
-        return BytesHeaderParser(policy=policy.compat32).parsebytes(bytes(self._header))
+    def header(self, name: str) -> str | None:
+        """
+        The raw value of the first C{name} header, continuation lines
+        included, as the email package's compat32 policy reads it; 8-bit
+        bytes (RFC 6532) decoded as UTF-8. None when absent. A plain scan,
+        since delivery needs two headers of every message, not a parse.
+        """
+        wanted = name.lower().encode("ascii")
+        value: list[bytes] | None = None
+        for number, line in enumerate(bytes(self._header).split(b"\n")):
+            line = line.rstrip(b"\r")
+            if line[:1] in (b" ", b"\t"):
+                if value is not None:
+                    value.append(b"\r\n" + line)
+                continue
+            if value is not None:
+                break
+            field, colon, rest = line.partition(b":")
+            if colon and not field:
+                continue  # ": value" has no name; the email package skips it too
+            if not colon or not _FIELD_NAME.fullmatch(field):
+                if number == 0 and line.startswith(b"From "):
+                    continue  # an mbox "From " line, as the email package skips it
+                break  # not a header line: the body starts here
+            if field.lower() == wanted:
+                value = [rest.lstrip(b" \t")]
+        if value is None:
+            return None
+        return b"".join(value).decode("utf-8", "replace")
 
     def _open(self):
         fd, self.path = tempfile.mkstemp(dir=self.directory, prefix="spool-", suffix=".eml")
@@ -105,14 +133,22 @@ class Spool:
         self._file.write(self._memory)
         self._memory = bytearray()
 
-    def finish(self):
-        """Complete the spool file, in a thread; fires when C{path} holds the whole message."""
-        return deferToThread(self._finish)
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
 
-    def _finish(self) -> None:
+    def data(self) -> bytes:
+        """The stored copy of a message kept L{in_memory}."""
+        return bytes(self._memory)
+
+    def finish(self):
+        """
+        Fires when the message is complete: at once for one in memory; for a
+        spilled one, when C{path} holds it all (the last write, in a thread).
+        """
         if self._file is None:
-            self._spill()
-        self._file.close()
+            return succeed(None)
+        return deferToThread(self._file.close)
 
     def discard(self) -> None:
         self._memory = bytearray()

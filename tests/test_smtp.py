@@ -317,8 +317,11 @@ class FailingStorageTests(DaemonTestCase):
             return defer.fail(StorageError("disk on fire"))
 
         self.patch(self.daemon.blobs, "put_file", broken)
-        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com"])
-        self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        self.patch(self.daemon.blobs, "put_bytes", broken)
+        # Small messages are stored from memory, large ones from the spool file.
+        for body in ("small\r\n", ("x" * 70 + "\r\n") * 3000):
+            code, reply = yield self.daemon.send(message(body=body), ["orders+acme@example.com"])
+            self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
         self.assertEqual((yield self.daemon.store.count_messages()), 0)
         self.assertEqual(self.daemon.blob_files(), [])
         self.assertEqual(self.daemon.spool_files(), [])

@@ -1,0 +1,71 @@
+"""
+The spool's header scan reads Message-ID and Subject as the email package
+would (its compat32 parse was used before the scan replaced it), on crafted
+edge cases and on every message of the sample corpus.
+"""
+
+import os
+from email import policy
+from email.parser import BytesHeaderParser
+
+from twisted.trial import unittest
+
+from mailingest.delivery import message_id_of, subject_of
+from mailingest.spool import Spool
+from tests.test_extraction import CORPUS
+
+
+def spool_of(data: bytes, directory: str) -> Spool:
+    spool = Spool(directory)
+    spool.write(data[:1000])
+    spool.write(data[1000:])
+    spool.discard()
+    return spool
+
+
+def email_package(data: bytes, name: str) -> str | None:
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(data)
+    for key, value in headers.raw_items():
+        if key.lower() == name.lower():
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
+
+
+class HeaderScanTests(unittest.TestCase):
+    def assertSameAsEmailPackage(self, data: bytes) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        spool = spool_of(data, directory)
+        for name, meaning in (("Message-ID", message_id_of), ("Subject", subject_of)):
+            self.assertEqual(meaning(spool.header(name)), meaning(email_package(data, name)), (name, data[:300]))
+
+    def test_cases(self):
+        for data in [
+            b"Subject: plain\r\nMessage-ID: <a@b>\r\n\r\nbody",
+            b"subject:   no space and case\r\nmessage-id:<a@b>\r\n\r\n",
+            b"Subject: folded\r\n  over\r\n\ttwo lines\r\nMessage-ID:\r\n <folded@id>\r\n\r\n",
+            b"Subject: =?utf-8?q?Bestellung_f=C3=BCr_M=C3=A4rz?=\r\n\r\n",
+            "Subject: Bestellung für März (8-bit)\r\n\r\n".encode("utf-8"),
+            b"Subject: bad \xff\xfe bytes\r\n\r\n",
+            b"Subject: first\r\nSubject: second\r\n\r\n",
+            b"From sender@example.com Mon Nov 24 07:00:00 2026\r\nSubject: mbox\r\n\r\n",
+            b"X-Other: 1\r\nthis is not a header\r\nSubject: in the body now\r\n\r\n",
+            b"Subject : space before colon\r\n\r\n",
+            b"X: 1\r\n: no name\r\nSubject: after a nameless line\r\n\r\n",
+            b"Subject: bare LF\nMessage-ID: <lf@id>\n\nbody",
+            b"\r\nSubject: after an empty line: body\r\n",
+            b"Subject: no body separator",
+            b"Message-ID: \r\n\r\n",
+            b"",
+        ]:
+            self.assertSameAsEmailPackage(data)
+
+    def test_corpus(self):
+        files = [os.path.join(folder, name) for folder, _, names in os.walk(CORPUS) for name in names]
+        files = [f for f in files if os.path.dirname(f) != os.path.normpath(CORPUS)]
+        if not files:
+            raise unittest.SkipTest(f"no corpus at {CORPUS}")
+        for path in files:
+            with open(path, "rb") as f:
+                data = f.read()
+            self.assertSameAsEmailPackage(data)
