@@ -40,11 +40,16 @@ def document_key(message: dict, ordinal: int) -> str:
     return f"documents/{message['org_id']}/{message['id']}/{ordinal}"
 
 
-def _make_work_dir(parent: str) -> str:
-    """A fresh directory for one message, with the empty C{parts} directory the parser writes to."""
+def _make_work_dir(parent: str):
+    """
+    A fresh directory for one message, with the empty C{parts} directory the
+    parser writes to, and its C{raw.eml} open (unbuffered: closing it on the
+    reactor is then just a close). File creation is slow enough to keep off
+    the reactor thread.
+    """
     work = tempfile.mkdtemp(dir=parent)
     os.mkdir(os.path.join(work, "parts"))
-    return work
+    return work, open(os.path.join(work, "raw.eml"), "wb", buffering=0)
 
 
 class PermanentFailure(Exception):
@@ -167,9 +172,9 @@ class ExtractionService(service.Service):
 
     async def process(self, message: dict) -> None:
         started = time.monotonic()
-        work = await threads.deferToThread(_make_work_dir, self.work_dir)
+        work, raw = await threads.deferToThread(_make_work_dir, self.work_dir)
         try:
-            result, documents = await self._extract(message, work)
+            result, documents = await self._extract(message, work, raw)
         except (UnparseableMessage, PermanentFailure) as e:
             await self._fail(message, str(e), message["attempts"] + 1)
         except Exception as e:
@@ -187,15 +192,14 @@ class ExtractionService(service.Service):
         d = self.store.renew_claims(list(message_ids), self.lease_seconds)
         return d.addErrback(lambda f: log.warn("cannot renew extraction claims: {error}", error=f.getErrorMessage()))
 
-    async def _extract(self, message: dict, work: str):
-        raw_path = os.path.join(work, "raw.eml")
-        with open(raw_path, "wb") as raw:
+    async def _extract(self, message: dict, work: str, raw):
+        with raw:
             try:
                 await self.blobs.read_to(message["raw_key"], raw)
             except BlobNotFound:
                 raise PermanentFailure(f"raw message {message['raw_key']} is missing from object storage")
         out_dir = os.path.join(work, "parts")
-        result = await self.parser.parse(raw_path, out_dir)
+        result = await self.parser.parse(raw.name, out_dir)
         documents = []
         for ordinal, attachment in enumerate(result.attachments):
             key = document_key(message, ordinal)
