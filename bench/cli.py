@@ -213,7 +213,8 @@ class Run:
             self.bigs.append(s)
             progress(
                 f"[{s.messages} × {report.human_size(s.size)}] {target.name}: {s.sent} sent in {s.seconds:.1f} s, "
-                f"peak RSS {s.peak_rss_received_mb:,.0f} MiB received, {s.peak_rss_extracted_mb:,.0f} MiB extracted"
+                f"peak RSS {s.peak_rss_received_mb:,.0f} MiB received, {s.peak_rss_extracted_mb:,.0f} MiB extracted, "
+                f"parser worker {s.workers_peak_rss_mb:,.0f} MiB"
             )
 
     @property

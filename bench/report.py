@@ -108,7 +108,8 @@ def big_lines(samples: Sequence[BigSample]) -> list[str]:
     return [
         f"- {s.messages} × {human_size(s.size)} at once, {s.target}: all received in {s.seconds:.1f} s, "
         f"stored/sent {s.stored}/{s.sent}; peak RSS **{s.peak_rss_received_mb:,.0f} MiB** after receiving, "
-        f"{s.peak_rss_extracted_mb:,.0f} MiB once extracted ({_seconds(s.extracted_seconds)} after the last 250)."
+        f"{s.peak_rss_extracted_mb:,.0f} MiB once extracted ({_seconds(s.extracted_seconds)} after the last 250); "
+        f"the parser worker process peaked at {s.workers_peak_rss_mb:,.0f} MiB."
         + _errors(s.errors)
         for s in samples
     ]
@@ -149,7 +150,7 @@ def target_lines(rows: Sequence[Row], drains: Sequence[DrainSample], bigs: Seque
             f"- Peak RSS after receiving {s.messages} × {human_size(s.size)} at once, {s.target}: "
             f"{s.peak_rss_received_mb:,.0f} MiB = {in_mb:,.0f} MB (target ≤ {TARGET_RSS_MB} MB): "
             f"{_verdict(in_mb <= TARGET_RSS_MB and s.stored == s.messages)}; after extracting them: "
-            f"{s.peak_rss_extracted_mb:,.0f} MiB"
+            f"{s.peak_rss_extracted_mb:,.0f} MiB (parser worker: {s.workers_peak_rss_mb:,.0f} MiB)"
         )
     for target in dict.fromkeys(s.target for s in drains):
         worst = max(s.drain_seconds for s in drains if s.target == target)

@@ -72,6 +72,7 @@ class BigSample:
     seconds: float
     peak_rss_received_mb: float
     peak_rss_extracted_mb: float
+    workers_peak_rss_mb: float
     extracted_seconds: float  # from the last 250 to an empty queue; inf on timeout
     errors: tuple[str, ...]
 
@@ -141,6 +142,7 @@ def big(target: Target, directory: str, messages: int, size: int) -> BigSample:
             load.seconds,
             received_peak,
             server.peak_rss_mb(),
+            server.workers_peak_rss_mb(),
             extracted,
             tuple(load.errors),
         )

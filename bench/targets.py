@@ -219,6 +219,18 @@ class Mailingest(Server):
             *self.backend.storage_args(self.directory),
         ]
 
+    def workers_peak_rss_mb(self) -> float:
+        """The highest VmHWM among the daemon's child processes (its parser workers); 0 without any."""
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        peaks = []
+        for pid in children:
+            try:
+                peaks.append(peak_rss_mb(pid))
+            except FileNotFoundError:
+                pass
+        return max(peaks, default=0.0)
+
     def count(self, sql: str) -> int:
         return self.database.scalar(sql)
 
