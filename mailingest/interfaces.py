@@ -34,6 +34,13 @@ class IBlobStore(Interface):
         received in memory is stored without a spool file.
         """
 
+    def local_path(key: str):
+        """
+        The path of a local file holding the blob under C{key}, for readers that
+        can open it in place (extraction parses raw messages so, without a
+        copy), or None when blobs are not local files.
+        """
+
     def read_to(key: str, fileobj):
         """
         Write the blob stored under C{key} into the binary file object

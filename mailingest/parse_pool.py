@@ -21,6 +21,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from mailingest.attachments import Attachment, ExtractionResult, UnparseableMessage
+from mailingest.errors import BlobNotFound
 
 log = Logger(namespace="mailingest.extraction")
 
@@ -116,7 +117,11 @@ class ParsePool:
         self._closed = False
 
     async def parse(self, raw_path: str, out_dir: str) -> ExtractionResult:
-        """What L{extract_attachments} returns or raises, computed in a worker."""
+        """
+        What L{extract_attachments} returns or raises, computed in a worker;
+        L{BlobNotFound} when there is no C{raw_path}. The worker empties
+        C{out_dir} first.
+        """
         await self._slots.acquire()
         try:
             worker = self._worker()
@@ -127,6 +132,8 @@ class ParsePool:
                     self._idle.append(worker)
         finally:
             self._slots.release()
+        if "missing" in reply:
+            raise BlobNotFound(f"no file {reply['missing']}")
         if "unparseable" in reply:
             raise UnparseableMessage(reply["unparseable"])
         if "error" in reply:

@@ -7,6 +7,7 @@ L{extract_attachments} on it and writes one JSON reply per line on stdout:
 
   - C{{"attachments": [...], "warnings": [...]}}: parsed;
   - C{{"unparseable": reason}}: the message can never be parsed;
+  - C{{"missing": path}}: there is no file at C{raw_path};
   - C{{"error": "Type: message"}}: anything else (retried by the daemon).
 
 It exits when stdin closes, which is also what happens when the daemon dies,
@@ -15,6 +16,7 @@ however it dies: no worker outlives its daemon.
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, BinaryIO
 
@@ -22,8 +24,17 @@ from mailingest.attachments import UnparseableMessage, extract_attachments
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
+    raw_path, out_dir = request["raw_path"], request["out_dir"]
+    # out_dir is reused message after message; the daemon has stored the
+    # previous message's documents before it sends the next request.
     try:
-        result = extract_attachments(request["raw_path"], request["out_dir"])
+        for name in os.listdir(out_dir):
+            os.unlink(os.path.join(out_dir, name))
+        result = extract_attachments(raw_path, out_dir)
+    except FileNotFoundError as e:
+        if e.filename != raw_path:
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"missing": raw_path}
     except UnparseableMessage as e:
         return {"unparseable": str(e)}
     except Exception as e:

@@ -85,6 +85,13 @@ class BlobStoreContract(BlobHelpers):
         for n in range(6):
             self.assertEqual(await self.read(f"raw/mix/{n}"), b"message %d\r\n" % n)
 
+    async def test_local_path_reads_the_blob_or_is_none(self):
+        await self.put("raw/2026/11/24/here.eml", b"in place")
+        path = self.store.local_path("raw/2026/11/24/here.eml")
+        if path is not None:
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), b"in place")
+
     async def test_put_replaces(self):
         await self.put("raw/k", b"first version, longer")
         await self.put("raw/k", b"second")

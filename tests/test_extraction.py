@@ -297,12 +297,13 @@ class LeaseTests(ExtractionCase):
     def test_claim_is_renewed_while_extraction_runs(self):
         extraction = self.daemon.service.extraction
         extraction.lease_seconds = 0.3
-        real_read = self.daemon.blobs.read_to
+        real_parse = extraction.parser.parse
 
-        def slow_read(key, fileobj):
-            return sleep(1.2).addCallback(lambda _: real_read(key, fileobj))
+        async def slow_parse(raw_path, out_dir):
+            await sleep(1.2)
+            return await real_parse(raw_path, out_dir)
 
-        self.patch(self.daemon.blobs, "read_to", slow_read)
+        self.patch(extraction.parser, "parse", slow_parse)
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "slow.pdf")]), settle=False)
         yield sleep(0.8)
         # another daemon polling now finds nothing to take over

@@ -4,12 +4,14 @@ them, and a worker that hangs or dies costs one attempt, never the daemon.
 """
 
 import os
+import shutil
 import sys
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailingest.attachments import UnparseableMessage
+from mailingest.errors import BlobNotFound
 from mailingest.parse_pool import ParsePool, ParserDied, ParserError
 from tests.test_extraction import CORPUS, order
 
@@ -34,6 +36,8 @@ class ParsePoolTests(unittest.TestCase):
     async def test_documents_come_back(self):
         pdf = b"%PDF-1.4 order 4711"
         raw, parts = self.message(order(attachments=[(pdf, "application", "pdf", "Bestellung März.pdf")]).as_bytes())
+        with open(os.path.join(parts, "0.bin"), "wb") as f:
+            f.write(b"the previous message's document, already stored")
         result = await self.pool().parse(raw, parts)
         [attachment] = result.attachments
         self.assertEqual((attachment.filename, attachment.content_type, attachment.size), ("Bestellung März.pdf", "application/pdf", len(pdf)))
@@ -57,9 +61,12 @@ class ParsePoolTests(unittest.TestCase):
             raw, parts = self.message(f.read())
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), UnparseableMessage)
         self.assertIn("base64", str(error))
-        os.unlink(raw)  # a missing file is a plain error: retried, not 'failed' at once
+        shutil.rmtree(parts)  # any other error is reported as such (and retried by the extraction service)
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserError)
         self.assertIn("FileNotFoundError", str(error))
+        os.mkdir(parts)
+        os.unlink(raw)  # the message itself is missing
+        await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), BlobNotFound)
         self.assertEqual(len(pool._workers), 1)
 
     async def test_hanging_parser_is_killed_and_replaced(self):

@@ -119,6 +119,9 @@ class LocalDiskBlobStore:
             return defer.fail()
         return self._durable.submit((final, path, size)).addCallback(_raise_error)
 
+    def local_path(self, key):
+        return self.path_for(key)
+
     def put_bytes(self, key, data, sha256):
         try:
             final = self.path_for(key)

@@ -296,6 +296,9 @@ class S3BlobStore:
     def put_bytes(self, key: str, data: bytes, sha256: str) -> Deferred:
         return Deferred.fromCoroutine(self._put_file(key, data, sha256, len(data)))
 
+    def local_path(self, key: str) -> None:
+        return None
+
     def read_to(self, key: str, fileobj: BinaryIO) -> Deferred:
         return Deferred.fromCoroutine(self._read_to(key, fileobj))
 
