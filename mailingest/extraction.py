@@ -43,16 +43,31 @@ def document_key(message: dict, ordinal: int) -> str:
 def make_slots(work_dir: str, count: int) -> list[str]:
     """
     One work directory per message extracted at a time, each with the
-    C{parts} directory the parser writes to; anything a previous run left is
-    removed. They are reused message after message: creating and deleting
-    files per message was the daemon's largest cost under load (ext4 searches
-    past recently deleted inodes for every new one).
+    C{parts} directory the parser writes to, under C{work_dir/<our pid>}.
+    They are reused message after message: creating and deleting files per
+    message was the daemon's largest cost under load (ext4 searches past
+    recently deleted inodes for every new one). What a daemon that is no
+    longer running left behind is removed; another live daemon's is not.
     """
-    shutil.rmtree(work_dir, ignore_errors=True)
-    slots = [os.path.join(work_dir, f"slot-{n}") for n in range(count)]
+    os.makedirs(work_dir, exist_ok=True)
+    for name in os.listdir(work_dir):
+        if not name.isdigit() or int(name) == os.getpid() or not _running(int(name)):
+            shutil.rmtree(os.path.join(work_dir, name), ignore_errors=True)
+    mine = os.path.join(work_dir, str(os.getpid()))
+    slots = [os.path.join(mine, f"slot-{n}") for n in range(count)]
     for slot in slots:
         os.makedirs(os.path.join(slot, "parts"))
     return slots
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class PermanentFailure(Exception):

@@ -7,6 +7,8 @@ import os
 import signal
 import smtplib
 import sqlite3
+import subprocess
+import sys
 import time
 from email.message import EmailMessage
 
@@ -311,3 +313,19 @@ class LeaseTests(ExtractionCase):
         row = yield self.daemon.settled(message_id)
         self.assertEqual(row["status"], "parsed")
         self.assertEqual(len((yield self.documents(message_id))), 1)
+
+
+class WorkSlotTests(unittest.TestCase):
+    def test_leftovers_of_dead_daemons_removed_live_ones_kept(self):
+        from mailingest.extraction import make_slots
+
+        work = os.path.abspath(self.mktemp())
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        for name in (str(dead.pid), str(os.getppid()), "tmpk2j4x_old-layout"):
+            os.makedirs(os.path.join(work, name, "slot-0", "parts"))
+        slots = make_slots(work, 2)
+        self.assertEqual(sorted(os.listdir(work)), sorted([str(os.getppid()), str(os.getpid())]))
+        self.assertEqual(len(slots), 2)
+        for slot in slots:
+            self.assertEqual(os.listdir(os.path.join(slot, "parts")), [])
