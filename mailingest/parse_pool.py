@@ -28,6 +28,14 @@ log = Logger(namespace="mailingest.extraction")
 WORKER_ARGV = [sys.executable, "-m", "mailingest.parse_worker"]
 
 
+def worker_environment(environ) -> dict[str, str]:
+    """
+    The daemon's environment without its settings and credentials: the worker
+    parses hostile input and needs neither the database URL nor S3 keys.
+    """
+    return {k: v for k, v in environ.items() if not k.startswith(("MAILINGEST_", "AWS_"))}
+
+
 class ParserDied(Exception):
     """The worker process ended, or was killed, before it replied."""
 
@@ -148,7 +156,7 @@ class ParsePool:
             if worker.alive:
                 return worker
         worker = _Worker(self._reactor, self._timeout)
-        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=os.environ)
+        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=worker_environment(os.environ))
         self._workers.add(worker)
         worker.ended.addCallback(lambda _: self._workers.discard(worker))
         return worker

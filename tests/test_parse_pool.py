@@ -17,6 +17,12 @@ from tests.test_extraction import CORPUS, order
 
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]
 EXIT = [sys.executable, "-c", "import sys; sys.exit(3)"]
+# Answers the first request with the names in its environment.
+ENVIRONMENT = [
+    sys.executable,
+    "-c",
+    "import json, os, sys; sys.stdin.readline(); print(json.dumps({'error': ' '.join(sorted(os.environ))}), flush=True)",
+]
 
 
 class ParsePoolTests(unittest.TestCase):
@@ -83,6 +89,15 @@ class ParsePoolTests(unittest.TestCase):
         raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
         self.assertIn("parser process ended", str(error))
+
+    async def test_worker_gets_no_credentials(self):
+        self.patch(os, "environ", dict(os.environ, MAILINGEST_DATABASE="postgresql://u:hunter2@db/m", AWS_SECRET_ACCESS_KEY="s3cr3t", LANG="C.UTF-8"))
+        raw, parts = self.message(b"x")
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(self.pool(argv=ENVIRONMENT).parse(raw, parts)), ParserError)
+        names = str(error).split()
+        self.assertIn("LANG", names)
+        self.assertNotIn("MAILINGEST_DATABASE", names)
+        self.assertNotIn("AWS_SECRET_ACCESS_KEY", names)
 
     async def test_close_stops_busy_and_idle_workers(self):
         pool = ParsePool(size=2, reactor=reactor, argv=HANG)
