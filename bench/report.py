@@ -109,7 +109,7 @@ def big_lines(samples: Sequence[BigSample]) -> list[str]:
         f"- {s.messages} × {human_size(s.size)} at once, {s.target}: all received in {s.seconds:.1f} s, "
         f"stored/sent {s.stored}/{s.sent}; peak RSS **{s.peak_rss_received_mb:,.0f} MiB** after receiving, "
         f"{s.peak_rss_extracted_mb:,.0f} MiB once extracted ({_seconds(s.extracted_seconds)} after the last 250); "
-        f"the parser worker process peaked at {s.workers_peak_rss_mb:,.0f} MiB."
+        f"the parser worker peaked at {s.workers_peak_rss_mb:,.0f} MiB."
         + _errors(s.errors)
         for s in samples
     ]

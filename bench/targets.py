@@ -190,6 +190,7 @@ class Mailingest(Server):
         super().__init__(directory)
         self.backend = backend
         self.database: Database | None = None
+        self._workers_peak = 0.0
 
     @property
     def name(self) -> str:
@@ -220,16 +221,23 @@ class Mailingest(Server):
         ]
 
     def workers_peak_rss_mb(self) -> float:
-        """The highest VmHWM among the daemon's child processes (its parser workers); 0 without any."""
+        """
+        The highest VmHWM seen among the daemon's child processes (its parser
+        workers), 0 without any: live workers' VmHWM, sampled on every
+        L{queued} poll too, and the peak each replaced worker logged.
+        """
         with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]
-        peaks = []
         for pid in children:
             try:
-                peaks.append(peak_rss_mb(pid))
-            except FileNotFoundError:
+                self._workers_peak = max(self._workers_peak, peak_rss_mb(pid))
+            except (FileNotFoundError, ProcessLookupError):
                 pass
-        return max(peaks, default=0.0)
+        # A worker replaced for holding much memory logged its exact peak.
+        with open(self.log_path, errors="replace") as log:
+            for peak in re.findall(r"parser worker \d+ replaced: .* \(peak (\d+) MiB\)", log.read()):
+                self._workers_peak = max(self._workers_peak, float(peak))
+        return self._workers_peak
 
     def count(self, sql: str) -> int:
         return self.database.scalar(sql)
@@ -239,6 +247,7 @@ class Mailingest(Server):
 
     def queued(self) -> int:
         """Messages the extraction service has not finished yet."""
+        self.workers_peak_rss_mb()
         return self.count("SELECT COUNT(*) FROM inbound_message WHERE status = 'received'")
 
     def stop(self) -> None:

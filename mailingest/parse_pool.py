@@ -25,7 +25,11 @@ from mailingest.errors import BlobNotFound
 
 log = Logger(namespace="mailingest.extraction")
 
-WORKER_ARGV = [sys.executable, "-m", "mailingest.parse_worker"]
+MiB = 1024 * 1024
+# A worker whose resident memory stays above this after a parse (a big message)
+# is replaced by a fresh one, so the memory goes back to the system.
+RETIRE_ABOVE_BYTES = 128 * MiB
+WORKER_ARGV = [sys.executable, "-m", "mailingest.parse_worker", str(RETIRE_ABOVE_BYTES)]
 
 
 def worker_environment(environ) -> dict[str, str]:
@@ -55,6 +59,7 @@ class _Worker(protocol.ProcessProtocol):
         self._buffer = b""
         self._killed_for_time = False
         self.alive = True
+        self.retiring = False
         self.ended = defer.Deferred()
 
     @property
@@ -71,6 +76,17 @@ class _Worker(protocol.ProcessProtocol):
         self._deadline = None
         self._killed_for_time = True
         self.kill()
+
+    def retire(self, memory: dict[str, int]) -> None:
+        """Take no more requests: the worker is exiting after its last reply."""
+        self.retiring = True
+        self.transport.closeStdin()
+        log.info(
+            "parser worker {pid} replaced: it kept {resident_mib:.0f} MiB after a message (peak {peak_mib:.0f} MiB)",
+            pid=self.transport.pid,
+            resident_mib=memory["resident"] / MiB,
+            peak_mib=memory["peak"] / MiB,
+        )
 
     def kill(self) -> None:
         try:
@@ -135,8 +151,10 @@ class ParsePool:
             worker = self._worker()
             try:
                 reply = await worker.ask({"raw_path": raw_path, "out_dir": out_dir})
+                if reply.get("retire"):
+                    worker.retire(reply["retire"])
             finally:
-                if worker.alive and not self._closed:
+                if worker.alive and not worker.retiring and not self._closed:
                     self._idle.append(worker)
         finally:
             self._slots.release()

@@ -1,7 +1,7 @@
 """
 The child side of L{mailingest.parse_pool}: a process that parses messages.
 
-Run as C{python -m mailingest.parse_worker}. It reads one JSON request per
+Run as C{python -m mailingest.parse_worker [RETIRE_ABOVE_BYTES]}. It reads one JSON request per
 line on stdin, C{{"raw_path": ..., "out_dir": ...}}, runs
 L{extract_attachments} on it and writes one JSON reply per line on stdout:
 
@@ -17,6 +17,7 @@ however it dies: no worker outlives its daemon.
 import dataclasses
 import json
 import os
+import resource
 import sys
 from typing import Any, BinaryIO
 
@@ -45,11 +46,32 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def serve(requests: BinaryIO, replies: BinaryIO, retire_above: int | None = None) -> None:
+    """
+    Answer requests until stdin closes, or until a parse has left this process
+    holding more than C{retire_above} bytes: Python keeps most of what a big
+    message took, so the worker says C{"retire": {"resident": ..., "peak":
+    ...}} (bytes) with that reply and exits, and the daemon starts a fresh one
+    for the next message.
+    """
     for line in requests:
-        replies.write(json.dumps(handle(json.loads(line))).encode("ascii") + b"\n")
+        reply = handle(json.loads(line))
+        resident = resident_bytes()
+        retire = retire_above is not None and resident > retire_above
+        if retire:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            reply["retire"] = {"resident": resident, "peak": peak}
+        replies.write(json.dumps(reply).encode("ascii") + b"\n")
         replies.flush()
+        if retire:
+            return
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    limit = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    serve(sys.stdin.buffer, sys.stdout.buffer, limit)

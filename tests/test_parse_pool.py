@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from mailingest.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
-from mailingest.parse_pool import ParsePool, ParserDied, ParserError
+from mailingest.parse_pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
 from tests.test_extraction import order
 
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -89,6 +89,19 @@ class ParsePoolTests(unittest.TestCase):
         raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
         self.assertIn("parser process ended", str(error))
+
+    async def test_worker_holding_much_memory_is_replaced(self):
+        pool = self.pool(argv=[*WORKER_ARGV[:-1], "1"])  # retire above one byte: after every message
+        used = []
+        choose = pool._worker
+        self.patch(pool, "_worker", lambda: used.append(choose()) or used[-1])
+        for n in range(3):
+            raw, parts = self.message(order(attachments=[(b"%d" % n, "application", "pdf", f"{n}.pdf")]).as_bytes())
+            result = await pool.parse(raw, parts)
+            self.assertEqual(result.attachments[0].filename, f"{n}.pdf")
+        self.assertEqual(len(set(map(id, used))), 3)  # a fresh worker each time, no request lost
+        await defer.gatherResults([worker.ended for worker in used])  # each exited by itself
+        self.assertEqual(pool._workers, set())
 
     async def test_worker_gets_no_credentials(self):
         self.patch(os, "environ", dict(os.environ, MAILINGEST_DATABASE="postgresql://u:hunter2@db/m", AWS_SECRET_ACCESS_KEY="s3cr3t", LANG="C.UTF-8"))
