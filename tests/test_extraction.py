@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
+from mailingest.parse_pool import WORKER_ARGV
 from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, sleep, temp_dir
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
@@ -159,6 +160,21 @@ class ExtractionTests(ExtractionCase):
         self.assertEqual(row["status"], "parsed")
         docs = yield self.documents(row["id"])
         self.assertEqual([d["bytes"] for d in docs], [PDF])
+
+    @defer.inlineCallbacks
+    def test_parser_that_hangs_is_killed_and_the_message_retried(self):
+        parser = self.daemon.service.extraction.parser
+        self.patch(parser, "_timeout", 0.5)
+        self.patch(parser, "_argv", [sys.executable, "-c", "import time; time.sleep(60)"])
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "stuck.pdf")]), settle=False)
+        row = yield self.daemon.until(message_id, lambda r: r["attempts"] >= 1, timeout=10)
+        self.assertEqual(row["status"], "received")
+        self.assertIn("ParserDied: the parser was stopped after 0.5 s", row["last_error"])
+        # The next worker is a healthy one: the retry parses the message.
+        self.patch(parser, "_argv", WORKER_ARGV)
+        row = yield self.daemon.settled(message_id, timeout=10)
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual([d["bytes"] for d in (yield self.documents(message_id))], [PDF])
 
     @defer.inlineCallbacks
     def test_persistent_storage_failure_ends_failed(self):
