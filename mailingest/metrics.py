@@ -39,6 +39,11 @@ EXTRACTION_SECONDS = Histogram(
     "Time to extract one message.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+PARSER_REPLACED = Counter(
+    "mailingest_parser_workers_replaced_total",
+    "Parser worker processes that ended before the daemon stopped, by reason (timeout, died, memory).",
+    ["reason"],
+)
 DOCUMENTS_CREATED = Counter(
     "mailingest_documents_created_total",
     "Document rows created by extraction.",

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
+from mailingest import metrics
 from mailingest.attachments import Attachment, ExtractionResult, UnparseableMessage
 from mailingest.errors import BlobNotFound
 
@@ -60,6 +61,7 @@ class _Worker(protocol.ProcessProtocol):
         self._killed_for_time = False
         self.alive = True
         self.retiring = False
+        self._closing = False
         self.ended = defer.Deferred()
 
     @property
@@ -80,6 +82,7 @@ class _Worker(protocol.ProcessProtocol):
     def retire(self, memory: dict[str, int]) -> None:
         """Take no more requests: the worker is exiting after its last reply."""
         self.retiring = True
+        metrics.PARSER_REPLACED.labels("memory").inc()
         self.transport.closeStdin()
         log.info(
             "parser worker {pid} replaced: it kept {resident_mib:.0f} MiB after a message (peak {peak_mib:.0f} MiB)",
@@ -87,6 +90,14 @@ class _Worker(protocol.ProcessProtocol):
             resident_mib=memory["resident"] / MiB,
             peak_mib=memory["peak"] / MiB,
         )
+
+    def stop(self) -> None:
+        """The pool is closing: end the worker, killing it if it is busy (not counted as replaced)."""
+        self._closing = True
+        if self.busy:
+            self.kill()
+        else:
+            self.transport.closeStdin()
 
     def kill(self) -> None:
         try:
@@ -107,6 +118,11 @@ class _Worker(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.alive = False
+        if self._killed_for_time:
+            metrics.PARSER_REPLACED.labels("timeout").inc()
+        elif not (self._closing or self.retiring):
+            metrics.PARSER_REPLACED.labels("died").inc()
+            log.warn("parser worker {pid} ended unexpectedly: {why}", pid=self.transport.pid, why=reason.getErrorMessage())
         if self._reply is not None:
             if self._killed_for_time:
                 why = f"the parser was stopped after {self._timeout:g} s"
@@ -186,8 +202,5 @@ class ParsePool:
         ended = []
         for worker in list(self._workers):
             ended.append(worker.ended)
-            if worker.busy:
-                worker.kill()
-            else:
-                worker.transport.closeStdin()
+            worker.stop()
         return defer.DeferredList(ended)

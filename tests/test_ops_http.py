@@ -3,6 +3,7 @@ The ops endpoint of SPEC section 8, over a real socket on 127.0.0.1.
 """
 
 import json
+import os
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer, endpoints, protocol, reactor, task
@@ -188,6 +189,17 @@ class OpsSiteTests(unittest.TestCase):
         self.assertEqual(self.header(response, b"content-type").decode(), CONTENT_TYPE_LATEST)
         self.assertIn(b"mailingest_messages_accepted_total", body)
         self.assertIn(b"\nmailingest_queue_depth 7.0\n", body)
+
+    def test_every_metric_is_in_the_readme(self):
+        from prometheus_client.metrics import MetricWrapperBase
+
+        readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        names = [m._name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+        self.assertIn("mailingest_parser_workers_replaced", names)
+        for name in names:
+            self.assertIn(f"`{name}", text)
 
     @defer.inlineCallbacks
     def test_metrics_queue_depth_failure_keeps_gauge(self):

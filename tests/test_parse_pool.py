@@ -10,6 +10,7 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from mailingest import metrics
 from mailingest.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
 from mailingest.parse_pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
@@ -23,6 +24,10 @@ ENVIRONMENT = [
     "-c",
     "import json, os, sys; sys.stdin.readline(); print(json.dumps({'error': ' '.join(sorted(os.environ))}), flush=True)",
 ]
+
+
+def replaced(reason: str) -> float:
+    return metrics.PARSER_REPLACED.labels(reason)._value.get()
 
 
 class ParsePoolTests(unittest.TestCase):
@@ -78,8 +83,10 @@ class ParsePoolTests(unittest.TestCase):
     async def test_hanging_parser_is_killed_and_replaced(self):
         pool = self.pool(timeout=0.5, argv=HANG)
         raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
+        before = replaced("timeout")
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
         self.assertIn("stopped after 0.5 s", str(error))
+        self.assertEqual(replaced("timeout"), before + 1)
         pool._argv = ParsePool(reactor=reactor)._argv
         result = await pool.parse(raw, parts)
         self.assertEqual(result.attachments, [])
@@ -87,11 +94,14 @@ class ParsePoolTests(unittest.TestCase):
     async def test_dying_parser_is_a_transient_error(self):
         pool = self.pool(argv=EXIT)
         raw, parts = self.message(b"Subject: x\r\n\r\nbody\r\n")
+        before = replaced("died")
         error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
         self.assertIn("parser process ended", str(error))
+        self.assertEqual(replaced("died"), before + 1)
 
     async def test_worker_holding_much_memory_is_replaced(self):
         pool = self.pool(argv=[*WORKER_ARGV[:-1], "1"])  # retire above one byte: after every message
+        died_before = replaced("died")
         used = []
         choose = pool._worker
         self.patch(pool, "_worker", lambda: used.append(choose()) or used[-1])
@@ -100,6 +110,7 @@ class ParsePoolTests(unittest.TestCase):
             result = await pool.parse(raw, parts)
             self.assertEqual(result.attachments[0].filename, f"{n}.pdf")
         self.assertEqual(len(set(map(id, used))), 3)  # a fresh worker each time, no request lost
+        self.assertEqual(replaced("died"), died_before)  # retiring is routine, not a death
         await defer.gatherResults([worker.ended for worker in used])  # each exited by itself
         self.assertEqual(pool._workers, set())
 
@@ -116,7 +127,9 @@ class ParsePoolTests(unittest.TestCase):
         pool = ParsePool(size=2, reactor=reactor, argv=HANG)
         raw, parts = self.message(b"x")
         busy = defer.Deferred.fromCoroutine(pool.parse(raw, parts))
+        before = replaced("died"), replaced("timeout")
         await pool.close()
+        self.assertEqual((replaced("died"), replaced("timeout")), before)  # stopping is not replacing
         await self.assertFailure(busy, ParserDied)
         self.assertEqual(pool._workers, set())
         await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), ParserDied)
