@@ -58,15 +58,19 @@ class _Worker(protocol.ProcessProtocol):
         self._reply: defer.Deferred | None = None
         self._deadline = None
         self._buffer = b""
-        self._killed_for_time = False
         self.alive = True
-        self.retiring = False
-        self._closing = False
+        # Why the pool is ending this worker: "timeout", "memory" or "stop";
+        # None while it may take requests (ending then means it died).
+        self.ending: str | None = None
         self.ended = defer.Deferred()
 
     @property
     def busy(self) -> bool:
         return self._reply is not None
+
+    @property
+    def reusable(self) -> bool:
+        return self.alive and self.ending is None
 
     def ask(self, request: dict[str, Any]) -> defer.Deferred:
         self._reply = defer.Deferred()
@@ -76,12 +80,12 @@ class _Worker(protocol.ProcessProtocol):
 
     def _overtime(self) -> None:
         self._deadline = None
-        self._killed_for_time = True
+        self.ending = "timeout"
         self.kill()
 
     def retire(self, memory: dict[str, int]) -> None:
         """Take no more requests: the worker is exiting after its last reply."""
-        self.retiring = True
+        self.ending = "memory"
         metrics.PARSER_REPLACED.labels("memory").inc()
         self.transport.closeStdin()
         log.info(
@@ -93,7 +97,8 @@ class _Worker(protocol.ProcessProtocol):
 
     def stop(self) -> None:
         """The pool is closing: end the worker, killing it if it is busy (not counted as replaced)."""
-        self._closing = True
+        if self.ending is None:
+            self.ending = "stop"
         if self.busy:
             self.kill()
         else:
@@ -118,13 +123,13 @@ class _Worker(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.alive = False
-        if self._killed_for_time:
+        if self.ending == "timeout":
             metrics.PARSER_REPLACED.labels("timeout").inc()
-        elif not (self._closing or self.retiring):
+        elif self.ending is None:
             metrics.PARSER_REPLACED.labels("died").inc()
             log.warn("parser worker {pid} ended unexpectedly: {why}", pid=self.transport.pid, why=reason.getErrorMessage())
         if self._reply is not None:
-            if self._killed_for_time:
+            if self.ending == "timeout":
                 why = f"the parser was stopped after {self._timeout:g} s"
             else:
                 why = f"the parser process ended ({reason.getErrorMessage()})"
@@ -170,7 +175,7 @@ class ParsePool:
                 if reply.get("retire"):
                     worker.retire(reply["retire"])
             finally:
-                if worker.alive and not worker.retiring and not self._closed:
+                if worker.reusable and not self._closed:
                     self._idle.append(worker)
         finally:
             self._slots.release()
@@ -187,7 +192,7 @@ class ParsePool:
             raise ParserDied("the parser pool is closed")
         while self._idle:
             worker = self._idle.pop()
-            if worker.alive:
+            if worker.reusable:
                 return worker
         worker = _Worker(self._reactor, self._timeout)
         self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=worker_environment(os.environ))

@@ -32,13 +32,11 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         for name in os.listdir(out_dir):
             os.unlink(os.path.join(out_dir, name))
         result = extract_attachments(raw_path, out_dir)
-    except FileNotFoundError as e:
-        if e.filename != raw_path:
-            return {"error": f"{type(e).__name__}: {e}"}
-        return {"missing": raw_path}
     except UnparseableMessage as e:
         return {"unparseable": str(e)}
     except Exception as e:
+        if isinstance(e, FileNotFoundError) and e.filename == raw_path:
+            return {"missing": raw_path}
         return {"error": f"{type(e).__name__}: {e}"}
     return {
         "attachments": [dataclasses.asdict(attachment) for attachment in result.attachments],

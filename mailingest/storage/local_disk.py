@@ -113,21 +113,21 @@ class LocalDiskBlobStore:
         return os.path.join(self.root, *check_key(key).split("/"))
 
     def put_file(self, key, path, sha256, size):
+        return self._put(key, path, size)
+
+    def put_bytes(self, key, data, sha256):
+        return self._put(key, data, len(data))
+
+    def _put(self, key: str, source: str | bytes, size: int) -> defer.Deferred:
+        """Queue C{source} (a file's path, or the bytes themselves) for the next durable batch."""
         try:
             final = self.path_for(key)
         except ValueError:
             return defer.fail()
-        return self._durable.submit((final, path, size)).addCallback(_raise_error)
+        return self._durable.submit((final, source, size)).addCallback(_raise_error)
 
     def local_path(self, key):
         return self.path_for(key)
-
-    def put_bytes(self, key, data, sha256):
-        try:
-            final = self.path_for(key)
-        except ValueError:
-            return defer.fail()
-        return self._durable.submit((final, data, len(data))).addCallback(_raise_error)
 
     def _store_batch(self, requests) -> defer.Deferred:
         return deferToThread(self._store_all, requests)

@@ -284,10 +284,11 @@ class S3BlobStore:
     def put_file(self, key: str, path: str, sha256: str, size: int) -> Deferred:
         return Deferred.fromCoroutine(self._put_file(key, path, sha256, size))
 
-    async def _put_file(self, key: str, path: str | bytes, sha256: str, size: int) -> None:
+    async def _put_file(self, key: str, source: str | bytes, sha256: str, size: int) -> None:
+        """Upload C{source}: a file's path, or the bytes themselves."""
         object_key = self.object_key(key)
         what = self._what("PUT", object_key)
-        reply = await self._request("PUT", what, self._object_url(object_key), body=(path, sha256, size))
+        reply = await self._request("PUT", what, self._object_url(object_key), body=(source, sha256, size))
         if reply.code != 200:
             raise StorageError(f"S3 {what}: {reply.describe()}")
         if not reply.etag:
@@ -419,18 +420,18 @@ class S3BlobStore:
         etags = response.headers.getRawHeaders("etag")
         return _Reply(response.code, etags[0] if etags else None, bytes(error_body))
 
-    def _upload_body(self, path: str | bytes, size: int, progress: Callable[[], None]) -> _UploadBody:
-        """The body from the file C{path}, or C{path} itself when it is the bytes to send."""
-        if isinstance(path, bytes):
-            return _UploadBody(io.BytesIO(path), progress)
+    def _upload_body(self, source: str | bytes, size: int, progress: Callable[[], None]) -> _UploadBody:
+        """The body from the file at C{source}, or C{source} itself when it is the bytes to send."""
+        if isinstance(source, bytes):
+            return _UploadBody(io.BytesIO(source), progress)
         try:
-            fileobj = open(path, "rb")
+            fileobj = open(source, "rb")
         except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot read {source}: {e.strerror or e}") from e
         producer = _UploadBody(fileobj, progress)
         if producer.length != size:
             fileobj.close()
-            raise StorageError(f"blob size mismatch: {path} holds {producer.length} bytes, expected {size}")
+            raise StorageError(f"blob size mismatch: {source} holds {producer.length} bytes, expected {size}")
         return producer
 
     @staticmethod
