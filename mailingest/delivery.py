@@ -242,7 +242,8 @@ class IngestDelivery:
 
     async def _deliver(self, envelope, spool) -> Outcome:
         await spool.finish()
-        message_id = message_id_of(spool.header("Message-ID")) or synthetic_message_id(await spool.sent_sha256())
+        headers = spool.headers("Message-ID", "Subject")
+        message_id = message_id_of(headers["Message-ID"]) or synthetic_message_id(await spool.sent_sha256())
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)
@@ -259,7 +260,7 @@ class IngestDelivery:
             "source": SOURCE,
             "source_message_id": message_id,
             "mail_from": envelope.mail_from,
-            "subject": subject_of(spool.header("Subject")),
+            "subject": subject_of(headers["Subject"]),
             "raw_key": key,
             "raw_size": spool.raw_size,
             "raw_sha256": digest,

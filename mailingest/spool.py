@@ -2,12 +2,12 @@
 The spool: what one SMTP transaction received, while DATA arrives.
 
 A message up to C{MEMORY_LIMIT} stays in memory and goes to the blob store
-from there (L{mailingest.interfaces.IBlobStore.put_bytes}): small messages cost
-no spool file and no extra thread round trip. A larger one spills to its file
-as it arrives and is never held whole. Each chunk also feeds the running hash of the stored copy (our
-C{Received:} header plus the message). The hash of the message exactly as the
-sender sent it, which names a message that has no Message-ID, is computed
-afterwards only for such a message. The header section is kept, bounded, to
+from there (L{mailingest.interfaces.IBlobStore.put_bytes}): small messages
+cost no spool file and no extra thread round trip. A larger one spills to its
+file as it arrives and is never held whole. Each chunk also feeds the running
+hash of the stored copy (our C{Received:} header plus the message). The hash
+of the message exactly as the sender sent it, which names a message that has
+no Message-ID, is computed afterwards only for such a message. The header section is kept, bounded, to
 read Message-ID and Subject.
 
 The spool file is not fsynced: the blob store makes durable what it stores
@@ -55,7 +55,7 @@ class Spool:
         from the finished spool file, in a thread: only a message without a
         Message-ID needs it, so DATA is hashed once, not twice.
         """
-        if self._file is None:
+        if self.in_memory:
             return succeed(hashlib.sha256(memoryview(self._memory)[self.prefix_size :]).hexdigest())
         return deferToThread(self._hash_sent)
 
@@ -94,22 +94,24 @@ class Spool:
             self._header_done = True
             self.header_too_large = True
 
-    def header(self, name: str) -> str | None:
+    def headers(self, *names: str) -> dict[str, str | None]:
         """
-        The raw value of the first C{name} header, continuation lines
-        included, as the email package's compat32 policy reads it; 8-bit
-        bytes (RFC 6532) decoded as UTF-8. None when absent. A plain scan,
-        since delivery needs two headers of every message, not a parse.
+        The raw value of the first header of each of C{names}, continuation
+        lines included, as the email package's compat32 policy reads it;
+        8-bit bytes (RFC 6532) decoded as UTF-8; None when absent. One plain
+        scan, since delivery needs two headers of every message, not a parse.
         """
-        wanted = name.lower().encode("ascii")
-        value: list[bytes] | None = None
+        wanted = {name.lower().encode("ascii"): name for name in names}
+        found: dict[str, list[bytes]] = {}
+        current: list[bytes] | None = None
         for number, line in enumerate(bytes(self._header).split(b"\n")):
             line = line.rstrip(b"\r")
             if line[:1] in (b" ", b"\t"):
-                if value is not None:
-                    value.append(b"\r\n" + line)
+                if current is not None:
+                    current.append(b"\r\n" + line)
                 continue
-            if value is not None:
+            current = None
+            if len(found) == len(wanted):
                 break
             field, colon, rest = line.partition(b":")
             if colon and not field:
@@ -118,11 +120,10 @@ class Spool:
                 if number == 0 and line.startswith(b"From "):
                     continue  # an mbox "From " line, as the email package skips it
                 break  # not a header line: the body starts here
-            if field.lower() == wanted:
-                value = [rest.lstrip(b" \t")]
-        if value is None:
-            return None
-        return b"".join(value).decode("utf-8", "replace")
+            name = wanted.get(field.lower())
+            if name is not None and name not in found:
+                current = found[name] = [rest.lstrip(b" \t")]
+        return {name: b"".join(found[name]).decode("utf-8", "replace") if name in found else None for name in names}
 
     def _open(self):
         fd, self.path = tempfile.mkstemp(dir=self.directory, prefix="spool-", suffix=".eml")
@@ -146,7 +147,7 @@ class Spool:
         Fires when the message is complete: at once for one in memory; for a
         spilled one, when C{path} holds it all (the last write, in a thread).
         """
-        if self._file is None:
+        if self.in_memory:
             return succeed(None)
         return deferToThread(self._file.close)
 
