@@ -190,7 +190,6 @@ class Mailingest(Server):
         super().__init__(directory)
         self.backend = backend
         self.database: Database | None = None
-        self._workers_peak = 0.0
 
     @property
     def name(self) -> str:
@@ -222,22 +221,21 @@ class Mailingest(Server):
 
     def workers_peak_rss_mb(self) -> float:
         """
-        The highest VmHWM seen among the daemon's child processes (its parser
-        workers), 0 without any: live workers' VmHWM, sampled on every
-        L{queued} poll too, and the peak each replaced worker logged.
+        The highest peak RSS of the daemon's parser workers, 0 without any:
+        the VmHWM of those alive now, and the peak each replaced worker logged
+        as it exited (a live worker's VmHWM only grows, so nothing is missed
+        by reading it once at the end).
         """
+        peaks = []
         with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
-            children = [int(pid) for pid in f.read().split()]
-        for pid in children:
-            try:
-                self._workers_peak = max(self._workers_peak, peak_rss_mb(pid))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-        # A worker replaced for holding much memory logged its exact peak.
+            for pid in f.read().split():
+                try:
+                    peaks.append(peak_rss_mb(int(pid)))
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
         with open(self.log_path, errors="replace") as log:
-            for peak in re.findall(r"parser worker \d+ replaced: .* \(peak (\d+) MiB\)", log.read()):
-                self._workers_peak = max(self._workers_peak, float(peak))
-        return self._workers_peak
+            peaks += map(float, re.findall(r"parser worker \d+ replaced: .* \(peak (\d+) MiB\)", log.read()))
+        return max(peaks, default=0.0)
 
     def count(self, sql: str) -> int:
         return self.database.scalar(sql)
@@ -247,7 +245,6 @@ class Mailingest(Server):
 
     def queued(self) -> int:
         """Messages the extraction service has not finished yet."""
-        self.workers_peak_rss_mb()
         return self.count("SELECT COUNT(*) FROM inbound_message WHERE status = 'received'")
 
     def stop(self) -> None:
