@@ -7,6 +7,7 @@ C{[mailingest]} section of the C{--config} INI file, else the default.
 """
 
 import configparser
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -30,6 +31,10 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise ValueError("must be greater than 0")
     return value
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -77,6 +82,7 @@ DAEMON_OPTIONS = (
     Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", _positive_float, metavar="SECONDS"),
     Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
     Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
+    Option("proxy-trusted", [], "network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint", _network, repeatable=True, metavar="CIDR"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
 )
 

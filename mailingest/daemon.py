@@ -22,7 +22,7 @@ from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
 from mailingest.smtp_server import IngestSMTPFactory
-from mailingest.tls import load_tls
+from mailingest.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
 from mailingest.storage.urls import open_blobs, open_store, redact_url
 
 MIGRATE_RETRY_SECONDS = 5.0
@@ -35,15 +35,23 @@ log = Logger(namespace="mailingest.daemon")
 
 
 class Listener(service.Service):
-    """Listens on one endpoint string; a port that cannot be opened stops the daemon."""
+    """
+    Listens on one endpoint string; a port that cannot be opened stops the
+    daemon. An C{ssl:} endpoint gets a reloadable certificate (C{self.tls});
+    a C{haproxy:} one reads PROXY headers from C{proxy_trusted} networks only.
+    """
 
-    def __init__(self, reactor, description: str, factory, what: str):
+    def __init__(self, reactor, description: str, factory, what: str, proxy_trusted=()):
         self.factory = factory
         self.what = what
         self.port = None
+        self.tls: ReloadableTLS | None = None
         if description.startswith(ENDPOINT_PREFIX):
-            self.factory = ProxyHeaderFirstFactory(factory)
+            self.factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
             description = description[len(ENDPOINT_PREFIX):]
+        if description.startswith(IMPLICIT_TLS_PREFIX):
+            self.endpoint, self.tls = implicit_tls_endpoint(reactor, description)
+            return
         try:
             self.endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
@@ -67,12 +75,10 @@ class Listener(service.Service):
 
 
 class TLSReloader(service.Service):
-    """Reload the certificate on SIGHUP, so a renewed certificate needs no restart."""
+    """Reload the certificates (STARTTLS and ssl: endpoints) on SIGHUP, so a renewed certificate needs no restart."""
 
-    def __init__(self, factory, cert: str, key: str, reactor):
-        self.factory = factory
-        self.cert = cert
-        self.key = key
+    def __init__(self, certificates: list[ReloadableTLS], reactor):
+        self.certificates = certificates
         self.reactor = reactor
         self._previous = None
 
@@ -89,12 +95,13 @@ class TLSReloader(service.Service):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        try:
-            self.factory.tls_context = load_tls(self.cert, self.key)
-        except ConfigError as e:
-            log.error("TLS certificate not reloaded, keeping the previous one: {error}", error=str(e))
-            return
-        log.info("TLS certificate reloaded from {cert}", cert=self.cert)
+        for tls in self.certificates:
+            try:
+                tls.reload()
+            except ConfigError as e:
+                log.error("TLS certificate not reloaded, keeping the previous one: {error}", error=str(e))
+                continue
+            log.info("TLS certificate reloaded from {cert}: {certificate}", cert=tls.cert_path, certificate=tls.describe())
 
 
 class SessionDrain(service.Service):
@@ -188,6 +195,11 @@ def clear_spool(directory: str) -> None:
 def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if reactor is None:
         from twisted.internet import reactor
+    if any(d.startswith(ENDPOINT_PREFIX) for d in settings["smtp"]) and not settings["proxy_trusted"]:
+        raise ConfigError(
+            "a haproxy: endpoint believes the client address its peer sends: "
+            "give --proxy-trusted with the networks of your load balancers (CIDR)"
+        )
     store = open_store(settings["database"])
     blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], environ)
     daemon = Daemon(reactor, store, blobs)
@@ -227,7 +239,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     tls_context = None
     if settings["tls_cert"]:
-        tls_context = load_tls(settings["tls_cert"], settings["tls_key"])
+        tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
 
     factory = IngestSMTPFactory(
         delivery,
@@ -240,11 +252,16 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         max_connections_per_ip=settings["max_connections_per_ip"],
         tls_context=tls_context,
     )
-    if tls_context is not None:
-        TLSReloader(factory, settings["tls_cert"], settings["tls_key"], reactor).setServiceParent(daemon)
+    listeners = [
+        Listener(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]
+    ]
+    certificates = [tls_context] if tls_context else []
+    certificates += [listener.tls for listener in listeners if listener.tls]
+    if certificates:
+        TLSReloader(certificates, reactor).setServiceParent(daemon)
     SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon)
-    for description in settings["smtp"]:
-        Listener(reactor, description, factory, "SMTP").setServiceParent(daemon)
+    for listener in listeners:
+        listener.setServiceParent(daemon)
 
     log.info(
         "mailingest starting: database {database}, storage {storage}, domains {domains}",

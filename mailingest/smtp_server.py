@@ -525,6 +525,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.tls_context = tls_context
         self.by_peer: dict[str, int] = {}
         self.sessions: set[IngestSMTP] = set()
+        self.awaiting_header: set = set()
         self.shutting_down = False
 
     def buildProtocol(self, addr):
@@ -537,17 +538,25 @@ class IngestSMTPFactory(protocol.ServerFactory):
         p.noisy = False
         return p
 
-    def admit(self, session: IngestSMTP) -> bool:
-        """Count a new session, or refuse it when a connection limit is reached."""
-        peer = session.peer_key
-        if len(self.sessions) >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
-            metrics.REJECTED.labels("connections").inc()
-            log.warn("refused connection from {peer}: too many connections", peer=peer)
-            return False
-        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
-        self.sessions.add(session)
-        metrics.OPEN_CONNECTIONS.inc()
-        return True
+    def admit(self, connection) -> bool:
+        """
+        Count a new connection, or refuse it when a connection limit is
+        reached. C{connection} is a session, or a connection still waiting for
+        its PROXY header (it has a C{peer_key} too: the proxy's address).
+        """
+        peer = connection.peer_key
+        if len(self.sessions) + len(self.awaiting_header) >= self.max_connections:
+            limit = f"--max-connections {self.max_connections} reached"
+        elif self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
+            limit = f"--max-connections-per-ip {self.max_connections_per_ip} reached for {peer}"
+        else:
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            (self.sessions if isinstance(connection, IngestSMTP) else self.awaiting_header).add(connection)
+            metrics.OPEN_CONNECTIONS.inc()
+            return True
+        metrics.REJECTED.labels("connections").inc()
+        log.warn("refused connection from {peer}: too many connections ({limit})", peer=peer, limit=limit)
+        return False
 
     async def shutdown(self, grace: float, clock) -> None:
         """
@@ -565,9 +574,10 @@ class IngestSMTPFactory(protocol.ServerFactory):
             log.warn("cutting off {peer} at shutdown", peer=session.peer_key)
             session.transport.abortConnection()
 
-    def closed(self, session: "IngestSMTP") -> None:
-        self.sessions.discard(session)
-        peer = session.peer_key
+    def closed(self, connection) -> None:
+        self.sessions.discard(connection)
+        self.awaiting_header.discard(connection)
+        peer = connection.peer_key
         self.by_peer[peer] -= 1
         if not self.by_peer[peer]:
             del self.by_peer[peer]

@@ -4,6 +4,7 @@ the daemon keeps serving a normal client afterwards.
 """
 
 import os
+import select
 import shutil
 import signal
 import smtplib
@@ -17,7 +18,9 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest import smtp_server
-from tests.daemon import DaemonTestCase, message, sleep, temp_dir
+from mailingest.daemon import build_daemon
+from mailingest.errors import ConfigError
+from tests.daemon import DaemonTestCase, message, settings_for, sleep, temp_dir
 
 
 class Conversation:
@@ -215,7 +218,11 @@ def proxy_v2(source: str, port: int) -> bytes:
 
 
 class ProxyProtocolTests(HardeningCase):
-    overrides = {"smtp": ["haproxy:tcp:0:interface=127.0.0.1"], "max_connections_per_ip": "1"}
+    overrides = {
+        "smtp": ["haproxy:tcp:0:interface=127.0.0.1"],
+        "max_connections_per_ip": "1",
+        "proxy_trusted": ["127.0.0.0/8"],
+    }
 
     @defer.inlineCallbacks
     def test_proxy_v1_and_v2_give_the_real_client(self):
@@ -244,6 +251,73 @@ class ProxyProtocolTests(HardeningCase):
         a, b, c = yield self.talk(run)
         self.assertTrue(a.startswith(b"220") and b.startswith(b"220"), (a, b))
         self.assertTrue(c.startswith(b"421 4.7.0"), c)
+
+
+class ProxyTrustTests(HardeningCase):
+    overrides = {
+        "smtp": ["haproxy:tcp:0:interface=127.0.0.1"],
+        "proxy_trusted": ["127.0.0.2"],
+        "max_connections": "10",
+        "max_connections_per_ip": "100",
+    }
+
+    @defer.inlineCallbacks
+    def test_header_believed_only_from_a_trusted_peer(self):
+        def run():
+            untrusted = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10, source_address=("127.0.0.1", 0))
+            untrusted.sendall(b"PROXY TCP4 6.6.6.0 127.0.0.1 40000 2525\r\nEHLO evil.test\r\n")
+            refused = untrusted.recv(100)
+            untrusted.close()
+            trusted = Conversation(self.daemon.port, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 2525\r\n", source="127.0.0.2")
+            ehlo = trusted.command(b"EHLO customer.test")
+            trusted.close()
+            return refused, trusted.greeting, ehlo
+
+        refused, greeting, ehlo = yield self.talk(run)
+        self.assertEqual(refused, b"")
+        self.assertTrue(greeting.startswith(b"220"), greeting)
+        self.assertIn(b"Hello 203.0.113.7", ehlo)
+
+    @defer.inlineCallbacks
+    def test_connections_without_a_header_count_against_max_connections(self):
+        def run():
+            sockets = [
+                socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10, source_address=("127.0.0.2", 0))
+                for _ in range(30)
+            ]
+            answers = {}
+            deadline = time.monotonic() + 10
+            # Wait for 20 answers, then 0.3 s more to see that no 21st comes.
+            while time.monotonic() < deadline:
+                waiting = [s for s in sockets if s not in answers]
+                readable, _, _ = select.select(waiting, [], [], 0.3)
+                if not readable and len(answers) >= 20:
+                    break
+                for s in readable:
+                    answers[s] = s.recv(100)
+            for s in sockets:
+                s.close()
+            return [answers.get(s, b"<open>") for s in sockets]
+
+        answers = yield self.talk(run)
+        self.assertEqual(answers.count(b"<open>"), 10, answers)
+        self.assertEqual(answers.count(b"421 4.7.0 mx.test Too many connections, try again later\r\n"), 20, answers)
+        yield sleep(0.2)
+
+        def later():
+            c = Conversation(self.daemon.port, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 2525\r\n", source="127.0.0.2")
+            c.close()
+            return c.greeting
+
+        self.assertTrue((yield self.talk(later)).startswith(b"220"))
+
+
+class ProxyTrustRequiredTests(unittest.TestCase):
+    def test_haproxy_endpoint_without_trusted_networks(self):
+        settings = settings_for(temp_dir(self), smtp=["haproxy:tcp:0:interface=127.0.0.1"])
+        with self.assertRaises(ConfigError) as raised:
+            build_daemon(settings)
+        self.assertIn("--proxy-trusted", str(raised.exception))
 
 
 class DataLimitTests(HardeningCase):
@@ -395,9 +469,30 @@ class ImplicitTLSTests(HardeningCase):
     @defer.inlineCallbacks
     def setUp(self):
         directory = temp_dir(self)
-        cert, key = make_certificate(directory)
-        self.overrides = {"smtp": [f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]}
+        self.cert, self.key = make_certificate(directory)
+        self.overrides = {"smtp": [f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"]}
         yield super().setUp()
+
+    def certificate_name(self):
+        def run():
+            client = smtplib.SMTP_SSL("127.0.0.1", self.daemon.port, timeout=10, context=ssl._create_unverified_context())
+            name = peer_certificate_name(client)
+            client.quit()
+            return name
+
+        return self.talk(run)
+
+    @defer.inlineCallbacks
+    def test_certificate_reloaded_on_sighup(self):
+        self.assertEqual((yield self.certificate_name()), "CN=mx.test")
+        new_cert, new_key = make_certificate(temp_dir(self), "renewed.test")
+        os.replace(new_cert, self.cert)
+        os.replace(new_key, self.key)
+        # Without the daemon's handler SIGHUP would end the test run.
+        self.assertNotIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, signal.SIG_IGN))
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield sleep(0.2)
+        self.assertEqual((yield self.certificate_name()), "CN=renewed.test")
 
     @defer.inlineCallbacks
     def test_implicit_tls(self):
