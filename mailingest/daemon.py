@@ -30,6 +30,7 @@ MIGRATE_RETRY_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 EXTRACTION_STOP_SECONDS = 3.0
 DEFAULT_SCRATCH_DIR = os.path.join("mailingest-data", "scratch")
+SMTP_LIMITS = ("max_message_size", "max_recipients", "max_connections", "max_connections_per_ip", "timeout")
 
 log = Logger(namespace="mailingest.daemon")
 
@@ -46,6 +47,7 @@ class Listener(service.Service):
         self.what = what
         self.port = None
         self.tls: ReloadableTLS | None = None
+        self.description = description
         if description.startswith(ENDPOINT_PREFIX):
             self.factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
             description = description[len(ENDPOINT_PREFIX):]
@@ -269,6 +271,30 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         storage=settings["storage"],
         domains=", ".join(settings["domain"]),
     )
+    log_smtp_policy(settings, tls_context, listeners)
     daemon.delivery = delivery
     daemon.extraction = extraction
     return daemon
+
+
+def log_smtp_policy(settings: dict, starttls: ReloadableTLS | None, listeners: list[Listener]) -> None:
+    """What a client of this daemon meets: limits and TLS, so the log answers 'what was running?'."""
+    log.info(
+        "SMTP limits: messages up to {max_message_size} bytes and {max_recipients} recipients, "
+        "{max_connections} connections ({max_connections_per_ip} per address), idle timeout {timeout:g} s",
+        **{key: settings[key] for key in SMTP_LIMITS},
+    )
+    if starttls is None:
+        log.info("STARTTLS off (no --tls-cert)")
+    else:
+        log.info("STARTTLS on, certificate {cert}: {certificate}", cert=starttls.cert_path, certificate=starttls.describe())
+    implicit = [listener for listener in listeners if listener.tls]
+    if not implicit:
+        log.info("implicit TLS: no ssl: endpoint")
+    for listener in implicit:
+        log.info(
+            "implicit TLS on {endpoint}, certificate {cert}: {certificate}",
+            endpoint=listener.description,
+            cert=listener.tls.cert_path,
+            certificate=listener.tls.describe(),
+        )
