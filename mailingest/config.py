@@ -83,6 +83,7 @@ DAEMON_OPTIONS = (
     Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
     Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
     Option("proxy-trusted", [], "network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint", _network, repeatable=True, metavar="CIDR"),
+    Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", _positive_int, metavar="BYTES"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
 )
 

@@ -16,6 +16,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from mailingest.delivery import IngestDelivery, OrgDirectory
+from mailingest.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
 from mailingest.ops_http import make_ops_site
@@ -23,7 +24,7 @@ from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
 from mailingest.smtp_server import IngestSMTPFactory
 from mailingest.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
-from mailingest.storage.urls import open_blobs, open_store, redact_url
+from mailingest.storage.urls import local_dir, open_blobs, open_store, redact_url, sqlite_path
 
 MIGRATE_RETRY_SECONDS = 5.0
 # SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.
@@ -194,6 +195,16 @@ def clear_spool(directory: str) -> None:
             pass
 
 
+def local_data_directories(settings: dict, spool_dir: str) -> list[str]:
+    """The local directories mail is written to: spool, and blobs and database when they are local."""
+    directories = [spool_dir]
+    if settings["storage"].lower().startswith("file:"):
+        directories.append(local_dir(settings["storage"]))
+    if settings["database"].lower().startswith("sqlite:"):
+        directories.append(os.path.dirname(os.path.abspath(sqlite_path(settings["database"]))))
+    return directories
+
+
 def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if reactor is None:
         from twisted.internet import reactor
@@ -214,8 +225,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     clear_spool(spool_dir)
 
     if settings["http"] != "none":
+        disk = DiskCheck(local_data_directories(settings, spool_dir), settings["min_free_space"])
         site = make_ops_site(
-            {"database": store.check, "storage": blobs.check},
+            {"database": store.check, "storage": blobs.check, "disk": disk},
             queue_depth=lambda: store.count_messages("received"),
         )
         ops = Listener(reactor, settings["http"], site, "ops HTTP")
