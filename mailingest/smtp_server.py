@@ -17,7 +17,6 @@ needs and Twisted leaves out.
 """
 
 import collections
-
 import ipaddress
 import re
 
