@@ -108,6 +108,8 @@ class InputLimitTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_too_many_errors_disconnects(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.01)
+
         def run():
             c = Conversation(self.daemon.port)
             replies = []
@@ -120,6 +122,36 @@ class InputLimitTests(HardeningCase):
         replies, closed = yield self.talk(run)
         self.assertTrue(any(r.startswith(b"421 4.7.0") for r in replies), replies[-3:])
         self.assertTrue(closed)
+        yield self.assertStillServing()
+
+
+class ProbingTests(HardeningCase):
+    """Guessing organisations (19 unknown ones, a NOOP, repeated) is slowed down and cut off."""
+
+    @defer.inlineCallbacks
+    def test_probing_is_slowed_and_cut_off(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.05)
+
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO prober.test")
+            c.command(b"MAIL FROM:<p@prober.test>")
+            replies, times = [], []
+            for n in range(200):
+                started = time.monotonic()
+                replies.append(c.command(b"RCPT TO:<orders+guess%d@example.com>" % n))
+                times.append(time.monotonic() - started)
+                if not replies[-1].startswith(b"550"):
+                    break
+                if n % 19 == 18:
+                    c.command(b"NOOP")
+            return replies, times, c.closed()
+
+        replies, times, closed = yield self.talk(run)
+        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertTrue(replies[-1].startswith(b"421 4.7.0"), replies[-1])
+        self.assertTrue(closed)
+        self.assertGreater(times[smtp_server.ERROR_LIMIT - 1], 0.2)
         yield self.assertStillServing()
 
 
@@ -190,6 +222,25 @@ class TimeoutTests(HardeningCase):
         reply, waited, closed = yield self.talk(run)
         self.assertTrue(reply.startswith(b"421"), reply)
         self.assertLess(waited, 5)
+        self.assertTrue(closed)
+
+    @defer.inlineCallbacks
+    def test_byte_at_a_time_client_is_dropped(self):
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO customer.test")
+            started = time.monotonic()
+            for byte in b"MAIL FROM:<slow@customer.test>" * 4:
+                try:
+                    c.sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+            return c.reply(), time.monotonic() - started, c.closed()
+
+        reply, waited, closed = yield self.talk(run)
+        self.assertTrue(reply.startswith(b"421 4.4.2"), reply)
+        self.assertLess(waited, 3)
         self.assertTrue(closed)
 
 
@@ -445,6 +496,47 @@ class TLSTests(HardeningCase):
         with open(path, "rb") as f:
             received = f.read().split(b"\r\nFrom:")[0]
         self.assertRegex(received, rb"with ESMTPS \(TLSv1\.[23] [A-Z0-9_-]+\)")
+
+    @defer.inlineCallbacks
+    def test_starttls_command_injection(self):
+        """
+        An on-path attacker appends commands to the victim's STARTTLS (CVE-2011-0411
+        class): they must not run inside TLS and move the victim's message to beta.
+        """
+        yield self.daemon.store.add_org("beta", "Beta Ltd")
+        body = message(subject="victim order", message_id="<victim@customer.test>")
+
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO victim")
+            c.sock.sendall(
+                b"STARTTLS\r\nEHLO mitm\r\nMAIL FROM:<mitm@evil.test>\r\n"
+                b"RCPT TO:<orders+beta@example.com>\r\nDATA\r\n"
+            )
+            starttls = c.reply()
+            c.sock = ssl._create_unverified_context().wrap_socket(c.sock, server_hostname="mx.test")
+            c.file = c.sock.makefile("rb")
+            c.sock.sendall(
+                b"EHLO victim\r\nMAIL FROM:<victim@customer.test>\r\n"
+                b"RCPT TO:<orders+acme@example.com>\r\nDATA\r\n"
+            )
+            replies = [c.reply() for _ in range(4)]
+            c.sock.sendall(body + b".\r\n")
+            replies.append(c.reply())
+            replies.append(c.command(b"QUIT"))
+            return starttls, replies
+
+        starttls, replies = yield self.talk(run)
+        self.assertTrue(starttls.startswith(b"220 2.0.0"), starttls)
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"250", b"354", b"250", b"221"])
+        self.assertIn(b"mx.test Hello", replies[0])
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["org_slug"], row["mail_from"], row["subject"]), ("acme", "victim@customer.test", "victim order"))
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertTrue(stored.endswith(b"\r\n" + body), stored[-300:])
+        self.assertNotIn(b"mitm", stored)
 
     @defer.inlineCallbacks
     def test_certificate_reloaded_on_sighup(self):
