@@ -41,6 +41,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _worker_memory(text: str) -> int:
+    """Bytes of address space for a parser worker: below 64 MiB, Python itself cannot start."""
+    value = int(text)
+    if value < 64 * 1024 * 1024:
+        raise ValueError("must be at least 67108864 (64 MiB)")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -78,6 +86,7 @@ DAEMON_OPTIONS = (
     Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
     Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
+    Option("extraction-memory-limit", 1073741824, "address space one parser worker may use, in bytes; a message that needs more goes to 'failed'", _worker_memory, metavar="BYTES"),
 )
 
 STORAGE_OPTIONS = (
