@@ -93,7 +93,7 @@ from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message
 from email.policy import Policy, compat32
 
-from mailingest.filenames import decode_filename, fallback_filename, sanitise_filename
+from mailingest.filenames import decode_filename, fallback_filename, header_parameter, sanitise_filename
 
 READ_CHUNK_BYTES = 1 << 20
 DECODE_CHUNK_CHARS = 1 << 20
@@ -357,12 +357,18 @@ class _Part(Message):
         """
         A parameter the email package cannot read counts as absent: it raises
         TypeError when one parameter has both numbered and unnumbered RFC 2231
-        sections, and that would stop the parse of the whole message.
+        sections, and that would stop the parse of the whole message. Read in
+        linear time: the stdlib's is quadratic in the semicolons inside quotes
+        (a 64 KB Content-Type took 6 s).
         """
+        value = self.get(header)
+        if value is None:
+            return failobj
         try:
-            return super().get_param(param, failobj, header, unquote)
+            found = header_parameter(str(value), param.lower(), unquote)
         except (TypeError, ValueError, LookupError, IndexError):
             return failobj
+        return failobj if found is None else found
 
     def encoded_body(self) -> str:
         """

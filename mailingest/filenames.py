@@ -133,7 +133,7 @@ def _parameter(raw: str, header: str, param: str, problems: list[str]) -> str | 
     # so the stdlib's compat32 parameter parser cannot lose any of them.
     text = raw.encode("utf-8", "surrogateescape").decode("latin-1")
     try:
-        value = _get_param(text, param)
+        value = header_parameter(text, param)
     except (TypeError, ValueError, LookupError, IndexError):
         # e.g. "filename*=" mixed with "filename*0=" makes the stdlib compare None with int.
         problems.append("unreadable filename parameter")
@@ -146,14 +146,19 @@ def _parameter(raw: str, header: str, param: str, problems: list[str]) -> str | 
     return _decode_encoded_words(value, problems)
 
 
-def _get_param(value: str, param: str) -> str | tuple | None:
-    """What compat32 C{Message.get_param(param)} returns for a header C{value}."""
+def header_parameter(value: str, param: str, unquote: bool = True) -> str | tuple | None:
+    """
+    What compat32 C{Message.get_param(param, None, header, unquote)} returns
+    for a header C{value}, in linear time (C{param} in lower case).
+    """
     params = []
     for item in _split_parameters(value):
         name, equals, text = item.partition("=")
         params.append((name.strip(), text.strip()) if equals else (item.strip(), ""))
     for name, text in utils.decode_params(params):
         if name.lower() == param:
+            if not unquote:
+                return text
             if isinstance(text, tuple):
                 return text[0], text[1], utils.unquote(text[2])
             return utils.unquote(text)

@@ -7,6 +7,7 @@ import hashlib
 import os
 import quopri
 import random
+import time
 import tracemalloc
 from email import errors, message_from_bytes, policy
 from email.message import EmailMessage
@@ -594,6 +595,15 @@ class MalformedStructureTests(ExtractionTestCase):
             return used
 
         self.assertLess(peak(120), 2.5 * peak(60))
+
+    def test_semicolons_inside_quoted_parameters_parse_quickly(self):
+        """The stdlib's parameter parser is quadratic in them (6 s for this one); the boundary is still read."""
+        header = 'Content-Type: multipart/mixed; x="' + ";" * 64_000 + '"; boundary="b-mixed"'
+        raw = message(entity(header, body=b"--b-mixed\r\n" + pdf_part() + b"\r\n--b-mixed--\r\n"))
+        started = time.monotonic()
+        result = self.extract(raw)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(self.names(result), ["order.pdf"])
 
     def test_declared_boundary_never_used(self):
         body = b"--actual\r\n" + text_body() + b"\r\n--actual\r\n" + pdf_part("found.pdf") + b"\r\n--actual--\r\n"
