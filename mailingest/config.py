@@ -46,6 +46,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _worker_memory(text: str) -> int:
+    """Bytes of address space for a parser worker: below 64 MiB, Python itself cannot start."""
+    value = int(text)
+    if value < 64 * 1024 * 1024:
+        raise ValueError("must be at least 67108864 (64 MiB)")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -85,6 +93,7 @@ DAEMON_OPTIONS = (
     Option("proxy-trusted", [], "network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint", _network, repeatable=True, metavar="CIDR"),
     Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", _positive_int, metavar="BYTES"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
+    Option("extraction-memory-limit", 1073741824, "address space one parser worker may use, in bytes; a message that needs more goes to 'failed'", _worker_memory, metavar="BYTES"),
 )
 
 STORAGE_OPTIONS = (

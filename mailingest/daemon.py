@@ -240,7 +240,12 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     extraction = ExtractionService(
         store,
         blobs,
-        ParsePool(settings["extraction_processes"], settings["extraction_timeout"], reactor),
+        ParsePool(
+            settings["extraction_processes"],
+            settings["extraction_timeout"],
+            reactor,
+            memory_limit=settings["extraction_memory_limit"],
+        ),
         work_dir=os.path.join(scratch, "work"),
         concurrency=settings["extraction_processes"] + 1,
         poll_interval=settings["poll_interval"],

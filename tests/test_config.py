@@ -71,6 +71,15 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             resolve(ALL_OPTIONS, {"timeout": "-1"}, environ={})
         self.assertIn("--timeout", str(e.exception))
 
+    def test_worker_memory_limit(self):
+        self.assertEqual(resolve(ALL_OPTIONS, {}, environ={})["extraction_memory_limit"], 1 << 30)
+        environ = {"MAILINGEST_EXTRACTION_MEMORY_LIMIT": str(256 << 20)}
+        self.assertEqual(resolve(ALL_OPTIONS, {}, environ=environ)["extraction_memory_limit"], 256 << 20)
+        with self.assertRaises(ConfigError) as e:
+            resolve(ALL_OPTIONS, {"extraction_memory_limit": "1000"}, environ={})
+        self.assertIn("--extraction-memory-limit", str(e.exception))
+        self.assertIn("at least 67108864 (64 MiB)", str(e.exception))
+
     def test_secret_values_are_not_echoed(self):
         bad = write(self.directory, "[mailingest]\nlog-format = xml\n")
         with self.assertRaises(ConfigError):
