@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -91,6 +92,19 @@ class S3MotoTests(BlobHelpers, unittest.TestCase):
         self.assertEqual([o["Key"] for o in listing["Contents"]], ["in box+1/raw/0001/m.eml"])
         await self.store.delete("raw/0001/m.eml")
         await self.assertFailure(self.store.read_to("raw/0001/m.eml", io.BytesIO()), BlobNotFound)
+
+    async def test_requests_log_no_factory_lines(self):
+        """Twisted's client factory logs two lines per connection by default; ours is quiet."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.store = moto_store(self, retries=0)
+        for n in range(3):
+            await self.put(f"raw/quiet/{n}", b"data")
+            self.assertEqual(await self.read(f"raw/quiet/{n}"), b"data")
+        await self.store.close()
+        lines = [formatEvent(event) for event in events]
+        self.assertFalse([line for line in lines if "factory" in line.lower()], lines)
 
     async def test_missing_bucket(self):
         """A missing bucket is a storage failure, never a missing blob."""

@@ -42,6 +42,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from treq.client import HTTPClient
@@ -77,6 +78,22 @@ class _PresetPayloadAuth(S3SigV4Auth):
 
     def payload(self, request: AWSRequest) -> str:
         return request.context["payload_sha256"]
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's HTTP client factory without a "Starting/Stopping factory" log line per connection."""
+
+    noisy = False
+
+
+class QuietHTTPConnectionPool(HTTPConnectionPool):
+    """
+    The connection pool of our S3 client. Twisted offers no public switch for
+    the factory's noise, and under load those two lines per connection were
+    most of the log; the pool's C{_factory} attribute is where it can be set.
+    """
+
+    _factory = _QuietClientFactory
 
 
 class _Transient(Exception):
@@ -268,7 +285,7 @@ class S3BlobStore:
         self._signer = _PresetPayloadAuth(Credentials(access_key, secret_key, session_token), "s3", region)
         self._own_pool = pool is None
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = QuietHTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self._pool = pool
         self._client = HTTPClient(Agent(reactor, pool=pool))
