@@ -7,6 +7,7 @@ databases spell differently.
 """
 
 import importlib.resources
+import re
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
@@ -41,6 +42,34 @@ _ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
 RECEIVED_CHANNEL = "mailingest_received"
 
 
+# PostgreSQL refuses NUL in text; neither driver can encode a lone surrogate.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value):
+    """A text value as both databases hold it: each NUL or lone surrogate becomes U+FFFD."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    return value
+
+
+class _StorableTransaction:
+    """
+    The one place where text meets the database: every value bound to a
+    statement goes through L{storable}, so sender-controlled text (a Subject
+    decoding to NUL, a Content-Type with one) is stored the same on both
+    engines instead of failing on PostgreSQL only.
+    """
+
+    def __init__(self, txn):
+        self._txn = txn
+        self.fetchall = txn.fetchall
+        self.fetchone = txn.fetchone
+
+    def execute(self, sql: str, args: tuple = ()):
+        return self._txn.execute(sql, tuple(storable(value) for value in args))
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -61,6 +90,10 @@ def migrations(engine_name: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _storable_interaction(txn, fn, *args, **kwargs):
+    return fn(_StorableTransaction(txn), *args, **kwargs)
+
+
 @implementer(IStore)
 class Store:
     def __init__(self, engine, clock=utcnow):
@@ -74,7 +107,7 @@ class Store:
         return f"<Store {self.engine!r}>"
 
     def _run(self, fn, *args, **kwargs) -> defer.Deferred:
-        return self.engine.interaction(fn, *args, **kwargs)
+        return self.engine.interaction(_storable_interaction, fn, *args, **kwargs)
 
     def close(self):
         return self.engine.close()
