@@ -32,6 +32,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -78,6 +85,9 @@ DAEMON_OPTIONS = (
     Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
     Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
+    Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", _positive_float, metavar="SECONDS"),
+    Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
+    Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", _positive_float, metavar="SECONDS"),
 )
 
 STORAGE_OPTIONS = (

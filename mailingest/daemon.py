@@ -210,7 +210,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon)
-    delivery = IngestDelivery(store, blobs, directory, settings["domain"], settings["hostname"])
+    delivery = IngestDelivery(
+        store, blobs, directory, settings["domain"], settings["hostname"], store_timeout=settings["store_timeout"]
+    )
     extraction = ExtractionService(
         store,
         blobs,

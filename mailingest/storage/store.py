@@ -109,6 +109,10 @@ class Store:
     def _run(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.engine.interaction(_storable_interaction, fn, *args, **kwargs)
 
+    def _background(self, fn, *args, **kwargs) -> defer.Deferred:
+        """For work nobody waits on: it gives way to message inserts (see the SQLite engine)."""
+        return self.engine.background(_storable_interaction, fn, *args, **kwargs)
+
     def close(self):
         return self.engine.close()
 
@@ -199,7 +203,7 @@ class Store:
         return _org(row)
 
     def active_orgs(self):
-        return self._run(self._active_orgs)
+        return self._background(self._active_orgs)
 
     @defer.inlineCallbacks
     def _active_orgs(self, txn):
@@ -363,7 +367,7 @@ class Store:
         return len(txn.fetchall())
 
     def claim(self, lease_seconds, limit=1):
-        return self._run(self._claim, lease_seconds, int(limit))
+        return self._background(self._claim, lease_seconds, int(limit))
 
     @defer.inlineCallbacks
     def _claim(self, txn, lease_seconds, limit):
@@ -387,7 +391,7 @@ class Store:
         return txn.fetchall()
 
     def renew_claims(self, message_ids, lease_seconds):
-        return self._run(self._set_claims, list(message_ids), lease_seconds)
+        return self._background(self._set_claims, list(message_ids), lease_seconds)
 
     def release_claims(self, message_ids=None):
         return self._run(self._set_claims, message_ids, None)
