@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from mailingest.delivery import IngestDelivery, OrgDirectory
 from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
+from mailingest.gc import GcService, check_min_age
 from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
@@ -226,6 +227,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     )
     extraction.setServiceParent(daemon)
     delivery.on_stored.append(extraction.wake)
+    if settings["gc_interval"]:
+        min_age = check_min_age(settings["gc_min_age"], settings)
+        GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon)
 
     tls_context = None
     if settings["tls_cert"]:

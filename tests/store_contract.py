@@ -344,3 +344,20 @@ class StoreContract:
         yield self.store.mark_failed(new, "bad \x00 byte", 1)
         self.assertEqual((yield self.store.get_message(new))["last_error"], "bad \ufffd byte")
         self.assertIsNone((yield self.store.get_org("ac\x00me")))
+
+    @defer.inlineCallbacks
+    def test_referenced_keys(self):
+        acme, _ = yield self.two_orgs()
+        [new] = yield self.store.insert_messages([message(acme, "<a@x>", raw_key="raw/a")])
+        document = {
+            "org_id": acme, "ordinal": 0, "filename": "po.pdf", "content_type": "application/pdf",
+            "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{new}/0",
+        }
+        yield self.store.mark_parsed(new, [document])
+        # more keys than one statement takes, the referenced ones in different batches
+        keys = [f"raw/orphan-{n}" for n in range(1200)]
+        keys.insert(3, "raw/a")
+        keys.insert(1100, f"documents/{acme}/{new}/0")
+        keys.append(f"documents/{acme}/{new}/1")
+        self.assertEqual((yield self.store.referenced_keys(keys)), {"raw/a", f"documents/{acme}/{new}/0"})
+        self.assertEqual((yield self.store.referenced_keys([])), set())

@@ -7,6 +7,7 @@ against tiny local servers that misbehave on purpose.
 
 import io
 import os
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -37,6 +38,20 @@ class LocalDiskBlobStoreTests(BlobStoreContract, unittest.TestCase):
         await self.assertFailure(self.store.put_file("raw/short", path, sha256, size - 1), StorageError)
         left = [name for _, _, names in os.walk(self.root) for name in names]
         self.assertEqual(left, [])
+
+
+    async def test_stale_temporaries_removed(self):
+        """A crash between writing a blob's temporary file and renaming it leaves the file in .tmp."""
+        tmp = os.path.join(self.root, ".tmp")
+        for name, age in (("stale", 7200), ("fresh", 10)):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(b"x" * 100)
+            os.utime(os.path.join(tmp, name), (time.time() - age, time.time() - age))
+        before = time.time() - 3600
+        self.assertEqual(await self.store.remove_temporaries(before, dry_run=True), (1, 100))
+        self.assertEqual(sorted(os.listdir(tmp)), ["fresh", "stale"])
+        self.assertEqual(await self.store.remove_temporaries(before), (1, 100))
+        self.assertEqual(os.listdir(tmp), ["fresh"])
 
 
 class LocalDiskWithoutSyncfsTests(LocalDiskBlobStoreTests):

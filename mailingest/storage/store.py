@@ -38,6 +38,10 @@ _DOCUMENT_SELECT = (
 _ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
 
 
+# Blob keys looked up per statement (twice: messages and documents), well
+# under SQLite's and PostgreSQL's limits on bound parameters.
+KEY_BATCH = 500
+
 # Other daemons sharing the database are told of new messages on this channel.
 RECEIVED_CHANNEL = "mailingest_received"
 
@@ -255,6 +259,23 @@ class Store:
     def _raw_key_in_use(self, txn, key):
         yield txn.execute("SELECT 1 AS used FROM inbound_message WHERE raw_key = ? LIMIT 1", (key,))
         return txn.fetchone() is not None
+
+    def referenced_keys(self, keys):
+        return self._background(self._referenced_keys, list(keys))
+
+    @defer.inlineCallbacks
+    def _referenced_keys(self, txn, keys):
+        found = set()
+        for start in range(0, len(keys), KEY_BATCH):
+            batch = keys[start:start + KEY_BATCH]
+            marks = ", ".join("?" for _ in batch)
+            yield txn.execute(
+                f"SELECT raw_key AS key FROM inbound_message WHERE raw_key IN ({marks})"
+                f" UNION SELECT storage_key AS key FROM document WHERE storage_key IN ({marks})",
+                (*batch, *batch),
+            )
+            found.update(row["key"] for row in txn.fetchall())
+        return found
 
     def list_messages(self, org_slug=None, status=None, limit=50):
         return self._run(self._list_messages, org_slug, status, limit)
