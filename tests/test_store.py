@@ -451,9 +451,10 @@ class SqliteLockedTests(DaemonTestCase):
 
     @defer.inlineCallbacks
     def test_background_work_gives_way_to_a_lock(self):
-        """Claims and the organisation refresh fail fast instead of queueing a 10 s wait before inserts."""
+        """Claims, the organisation refresh, readiness and metrics fail fast instead of queueing a 10 s wait before inserts."""
         self.lock(3)
-        for background in (lambda: self.daemon.store.claim(60), self.daemon.store.active_orgs):
+        store = self.daemon.store
+        for background in (lambda: store.claim(60), store.active_orgs, store.check, store.count_messages):
             started = time.monotonic()
             yield self.assertFailure(background(), sqlite3.OperationalError)
             self.assertLess(time.monotonic() - started, 1)

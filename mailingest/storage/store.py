@@ -151,7 +151,7 @@ class Store:
         return applied
 
     def check(self):
-        return self._run(self._check)
+        return self._background(self._check)
 
     @defer.inlineCallbacks
     def _check(self, txn):
@@ -305,7 +305,7 @@ class Store:
         return txn.fetchone()
 
     def count_messages(self, status=None):
-        return self._run(self._count_messages, status)
+        return self._background(self._count_messages, status)
 
     @defer.inlineCallbacks
     def _count_messages(self, txn, status):

@@ -8,7 +8,7 @@ that reads then writes is not overtaken by another process (the admin command).
 While another process holds the database locked, an interaction waits for it
 (SQLite's busy timeout), and interactions run one after another on the one
 connection. Background work (extraction claims, the organisation refresh, the
-blob sweeper) must not put its own long waits in front of the message inserts
+blob sweeper, readiness and metrics) must not put its own long waits in front of the message inserts
 an SMTP client is waiting for: it runs through L{SqliteEngine.background},
 which waits BACKGROUND_BUSY_TIMEOUT_MS at most and then fails (its callers
 poll again later), so a queued insert gets the connection next.
