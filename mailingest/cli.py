@@ -23,8 +23,10 @@ from typing import Any, BinaryIO
 from twisted.internet import defer, task
 
 from mailingest import __version__, send_test
-from mailingest.config import STORAGE_OPTIONS, resolve
+from mailingest.config import DAEMON_OPTIONS, STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.gc import check_min_age, sweep
+from mailingest.interfaces import BlobInfo
 from mailingest.plus_address import valid_slug
 from mailingest.storage.urls import open_blobs, open_store, redact_url, url_passwords
 
@@ -345,6 +347,23 @@ async def cmd_reprocess(session: Session, args: argparse.Namespace) -> None:
     print(f"queued {count} failed message{'' if count == 1 else 's'} for extraction again")
 
 
+async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
+    """The daemon's options (same environment and file) give the default margin and its floor."""
+    daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
+    min_age = check_min_age(daemon["gc_min_age"] if args.min_age is None else args.min_age, daemon)
+
+    def show(blob: BlobInfo) -> None:
+        print(f"orphan {blob.key} ({blob.size} bytes)")
+
+    found = await sweep(session.store, session.blobs, min_age, dry_run=args.dry_run, on_orphan=show)
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb} {found.orphans} orphaned blob(s) ({found.orphan_bytes} bytes) and {found.temporaries}"
+        f" stale temporary file(s) ({found.temporary_bytes} bytes); {found.scanned} blob(s) scanned,"
+        f" only those older than {min_age:g} s considered"
+    )
+
+
 def cmd_send_test(args: argparse.Namespace) -> int:
     """Plain blocking SMTP: no database, no reactor."""
     attachments = [send_test.Attachment.load(path) for path in args.attach]
@@ -468,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--count", type=_positive_int, default=1, metavar="N", help="send N messages [default: 1]")
     send.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="SMTP timeout [default: 30]"
+    )
+
+    gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument(
+        "--min-age", type=_positive_float, metavar="SECONDS",
+        help="only blobs older than this [default: the gc-min-age option, 86400]",
     )
     return parser
 

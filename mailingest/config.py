@@ -37,6 +37,13 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text)
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -94,6 +101,9 @@ DAEMON_OPTIONS = (
     Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", _positive_int, metavar="BYTES"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
     Option("extraction-memory-limit", 1073741824, "address space one parser worker may use, in bytes; a message that needs more goes to 'failed'", _worker_memory, metavar="BYTES"),
+    Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", _positive_float, metavar="SECONDS"),
+    Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
+    Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", _positive_float, metavar="SECONDS"),
 )
 
 STORAGE_OPTIONS = (

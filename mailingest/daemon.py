@@ -19,6 +19,7 @@ from mailingest.delivery import IngestDelivery, OrgDirectory
 from mailingest.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
+from mailingest.gc import GcService, check_min_age
 from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
@@ -236,7 +237,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon)
-    delivery = IngestDelivery(store, blobs, directory, settings["domain"], settings["hostname"])
+    delivery = IngestDelivery(
+        store, blobs, directory, settings["domain"], settings["hostname"], store_timeout=settings["store_timeout"]
+    )
     extraction = ExtractionService(
         store,
         blobs,
@@ -255,6 +258,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     )
     extraction.setServiceParent(daemon)
     delivery.on_stored.append(extraction.wake)
+    if settings["gc_interval"]:
+        min_age = check_min_age(settings["gc_min_age"], settings)
+        GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon)
 
     tls_context = None
     if settings["tls_cert"]:

@@ -31,6 +31,7 @@ from mailingest.plus_address import normalise_domain, parse_recipient
 SOURCE = "smtp"
 MAX_MESSAGE_ID = 900
 MAX_SUBJECT = 998
+STORE_TIMEOUT_SECONDS = 30.0
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 log = Logger(namespace="mailingest.delivery")
@@ -102,6 +103,31 @@ def _printable(text: str, limit: int = 255) -> str:
     return _UNPRINTABLE.sub("?", text)[:limit] or "unknown"
 
 
+def within(work: defer.Deferred, seconds: float, clock, what: str) -> defer.Deferred:
+    """
+    C{work}'s result, or a TimeoutError after C{seconds} while C{work} goes
+    on: a database insert cannot be called back, it may still commit (the
+    sender's retry is then a duplicate), and C{work} itself still decides
+    whether its raw blob is referenced before it removes it.
+    """
+    answer = defer.Deferred()
+    timer = clock.callLater(
+        seconds, lambda: answer.errback(TimeoutError(f"storage took longer than {seconds:g} s"))
+    )
+
+    def finished(result):
+        if timer.active():
+            timer.cancel()
+            answer.callback(result)
+        elif isinstance(result, Failure):
+            log.warn("{what} failed after its store timeout: {error}", what=what, error=result.getErrorMessage())
+        else:
+            log.warn("{what} stored after its store timeout (answered 451): its retry will be a duplicate", what=what)
+
+    work.addBoth(finished)
+    return answer
+
+
 class OrgDirectory(service.Service):
     """
     Which organisations are active, answered without a database round trip for
@@ -152,7 +178,14 @@ class OrgDirectory(service.Service):
 
 @implementer(IIngestDelivery)
 class IngestDelivery:
-    def __init__(self, store, blobs, directory: OrgDirectory, domains, hostname: str):
+    def __init__(
+        self, store, blobs, directory: OrgDirectory, domains, hostname: str,
+        store_timeout: float = STORE_TIMEOUT_SECONDS, clock=None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.store_timeout = store_timeout
+        self.clock = clock
         self.store = store
         self.blobs = blobs
         self.directory = directory
@@ -225,11 +258,14 @@ class IngestDelivery:
 
     def deliver(self, envelope, spool):
         started = time.monotonic()
-        d = defer.ensureDeferred(self._deliver(envelope, spool))
+        work = defer.ensureDeferred(self._deliver(envelope, spool))
 
         def done(result):
             spool.discard()
             return result
+
+        work.addBoth(done)
+        d = within(work, self.store_timeout, self.clock, f"transaction {envelope.id}")
 
         def failed(failure: Failure):
             log.error(
@@ -244,7 +280,7 @@ class IngestDelivery:
                 451, b"4.3.0 Temporary storage failure, message not accepted, try again later"
             )
 
-        d.addBoth(done).addErrback(failed)
+        d.addErrback(failed)
         d.addCallback(self._log_outcome, envelope, spool, started)
         return d
 

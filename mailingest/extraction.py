@@ -11,13 +11,16 @@ stored under a key made of ids only, and its document recorded. Every step is
 idempotent, so a message interrupted anywhere is simply extracted again.
 
 Failures that retrying cannot fix (the message cannot be parsed, its raw copy
-is gone) mark it C{failed} at once; anything else (storage, database) is
-retried with backoff (1 s, doubling) up to C{max_attempts}.
+is gone) mark it C{failed} at once; anything else (storage, database, even
+recording the documents) is retried with backoff (1 s, doubling) up to
+C{max_attempts}. An attempt that fails releases its claim when it is recorded,
+so a message is retried after its backoff, not after its lease.
 """
 
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -31,6 +34,9 @@ from mailingest.parse_pool import ParserDied
 log = Logger(namespace="mailingest.extraction")
 
 FIRST_RETRY_SECONDS = 1.0
+# Asking a refusing database again to record an outcome: 1 s, doubling to this.
+RECORD_RETRY_SECONDS = 1.0
+MAX_RECORD_RETRY_SECONDS = 8.0
 # After a stop has killed the parsers: time to release the claims they held.
 RELEASE_SECONDS = 1.0
 
@@ -72,6 +78,10 @@ def _running(pid: int) -> bool:
 
 class PermanentFailure(Exception):
     """Retrying cannot help; the message goes to C{failed} at once."""
+
+
+class OutcomeNotRecorded(Exception):
+    """The database refused a message's documents: a failed attempt like any other."""
 
 
 class ExtractionService(service.Service):
@@ -189,7 +199,10 @@ class ExtractionService(service.Service):
         finally:
             renewal.stop()
             if waiting:
-                await self._record(self.store.release_claims(waiting))
+                try:
+                    await self.store.release_claims(waiting)
+                except Exception as e:
+                    log.warn("cannot release extraction claims, they run out with their lease: {error}", error=str(e))
 
     async def process(self, message: dict, slot: str) -> None:
         started = time.monotonic()
@@ -202,7 +215,12 @@ class ExtractionService(service.Service):
                 raise  # stopped, not failed: _process_batch releases the claim
             await self._transient(message, e)
         else:
-            await self._parsed(message, result, documents, started)
+            try:
+                await self.store.mark_parsed(message["id"], documents)
+            except Exception as e:
+                await self._transient(message, OutcomeNotRecorded(f"cannot record the documents: {e}"))
+            else:
+                self._log_parsed(message, result, started)
         finally:
             metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
 
@@ -240,9 +258,7 @@ class ExtractionService(service.Service):
             )
         return result, documents
 
-    async def _parsed(self, message: dict, result, documents: list[dict], started: float) -> None:
-        if not await self._record(self.store.mark_parsed(message["id"], documents)):
-            return
+    def _log_parsed(self, message: dict, result, started: float) -> None:
         metrics.EXTRACTIONS.labels("parsed").inc()
         metrics.DOCUMENTS_CREATED.inc(len(result.attachments))
         fields = dict(
@@ -267,7 +283,12 @@ class ExtractionService(service.Service):
             await self._fail(message, f"{reason} (after {attempts} attempts)", attempts)
             return
         delay = FIRST_RETRY_SECONDS * 2 ** (attempts - 1)
-        await self._record(self.store.schedule_retry(message["id"], reason, attempts, delay))
+
+        def retry(waited: float) -> defer.Deferred:
+            return self.store.schedule_retry(message["id"], reason, attempts, max(0.0, delay - waited))
+
+        if not await self._record(message, retry):
+            return
         metrics.EXTRACTIONS.labels("retry").inc()
         log.warn(
             "message {message_id} for {org}: attempt {attempts} of {max} failed ({error}); retrying in {delay:.0f} s",
@@ -280,7 +301,8 @@ class ExtractionService(service.Service):
         )
 
     async def _fail(self, message: dict, reason: str, attempts: int) -> None:
-        await self._record(self.store.mark_failed(message["id"], reason, attempts))
+        if not await self._record(message, lambda waited: self.store.mark_failed(message["id"], reason, attempts)):
+            return
         metrics.EXTRACTIONS.labels("failed").inc()
         log.error(
             "message {message_id} for {org} failed: {error}",
@@ -290,11 +312,38 @@ class ExtractionService(service.Service):
             event="failed",
         )
 
-    async def _record(self, d: defer.Deferred) -> bool:
-        """Record an outcome; if the database is down the lease expires and the message is claimed again."""
-        try:
-            await d
-            return True
-        except Exception as e:
-            log.error("cannot record extraction outcome: {error}", error=str(e))
-            return False
+    async def _record(self, message: dict, write: Callable[[float], defer.Deferred]) -> bool:
+        """
+        Record an attempt's outcome with C{write(seconds waited so far)}. A
+        database that refuses (down, disk full, locked) is asked again with
+        backoff while the lease lasts, so the message is released as soon as
+        the database is back, not when its lease runs out. After that it is
+        left to its lease, and said so.
+        """
+        first = self.clock.seconds()
+        pause = RECORD_RETRY_SECONDS
+        while True:
+            waited = self.clock.seconds() - first
+            try:
+                await write(waited)
+                return True
+            except Exception as e:
+                error = str(e)
+            if not self.running or waited + pause >= self.lease_seconds:
+                log.error(
+                    "message {message_id} for {org}: cannot record the outcome of its extraction ({error});"
+                    " it is claimed again when its lease runs out",
+                    message_id=message["id"],
+                    org=message["org_slug"],
+                    error=error,
+                )
+                return False
+            log.warn(
+                "message {message_id} for {org}: cannot record the outcome of its extraction ({error}); trying again in {pause:.0f} s",
+                message_id=message["id"],
+                org=message["org_slug"],
+                error=error,
+                pause=pause,
+            )
+            await task.deferLater(self.clock, pause, lambda: None)
+            pause = min(pause * 2, MAX_RECORD_RETRY_SECONDS)

@@ -7,8 +7,18 @@ each port can be implemented on a thread pool (SQLite, local disk) or natively
 asynchronous (txpostgres, treq) without the callers knowing which.
 """
 
+from typing import NamedTuple
+
 from zope.interface import Attribute, Interface
 from twisted.mail.smtp import IMessageDelivery
+
+
+class BlobInfo(NamedTuple):
+    """One stored blob as a listing shows it; C{mtime} is in seconds since the epoch."""
+
+    key: str
+    size: int
+    mtime: float
 
 
 class IBlobStore(Interface):
@@ -53,6 +63,22 @@ class IBlobStore(Interface):
         Remove the blob under C{key}; deleting a missing blob succeeds.
         """
 
+    def list_keys(prefix: str):
+        """
+        The blobs whose keys start with C{prefix} (a key prefix ending in
+        C{/}, such as C{raw/}), as an asynchronous iterator of pages: lists
+        of L{BlobInfo}. For the blob sweeper, which must not hold a whole
+        bucket's listing in memory.
+        """
+
+    def remove_temporaries(before: float, dry_run: bool = False):
+        """
+        Delete the temporary files of writes that never finished (a crash
+        mid-write) last modified before C{before} (seconds since the epoch);
+        fire with (count, bytes) of what was (or, with C{dry_run}, would be)
+        removed. A store that leaves none fires with (0, 0).
+        """
+
     def check():
         """
         Fire with None when the store answers, fail otherwise (readiness).
@@ -69,6 +95,8 @@ class IStore(Interface):
     The database: organisations, inbound messages and documents.
 
     Rows are returned as plain dicts keyed by the column names of SPEC section 5.
+    Text is stored the same way on every engine: a NUL or a lone surrogate in
+    any value written becomes U+FFFD.
     """
 
     engine_name = Attribute("'sqlite' or 'postgresql'.")
@@ -135,6 +163,13 @@ class IStore(Interface):
     def raw_key_in_use(key: str):
         """
         Fire with True when a committed message row refers to the raw blob C{key}.
+        """
+
+    def referenced_keys(keys):
+        """
+        Fire with the set of those blob C{keys} that a row refers to (the
+        C{raw_key} of a message or the C{storage_key} of a document): what the
+        blob sweeper must keep.
         """
 
     def list_messages(org_slug=None, status=None, limit: int = 50):

@@ -52,3 +52,15 @@ QUEUE_DEPTH = Gauge(
     "mailingest_queue_depth",
     "Messages received and not yet parsed or failed.",
 )
+GC_ORPHANS = Counter(
+    "mailingest_gc_orphaned_blobs_total",
+    "Blobs found by the sweeper that no row references, older than its margin.",
+)
+GC_REMOVED = Counter(
+    "mailingest_gc_removed_blobs_total",
+    "Orphaned blobs and stale temporary files removed by the sweeper.",
+)
+GC_REMOVED_BYTES = Counter(
+    "mailingest_gc_removed_bytes_total",
+    "Bytes of the orphaned blobs and stale temporary files removed by the sweeper.",
+)

@@ -8,12 +8,14 @@ The TestCase sets C{self.store} in its C{setUp} (and closes it in a cleanup).
 import hashlib
 import io
 import os
+import time
 
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailingest.errors import BlobNotFound, StorageError
 from mailingest.interfaces import IBlobStore
+from mailingest.storage import local_disk, s3
 
 
 class ChunkRecorder(io.BytesIO):
@@ -38,6 +40,13 @@ class BlobHelpers:
 
     async def put(self, key: str, data: bytes) -> None:
         await self.store.put_file(key, *self.source_file(data))
+
+    async def listed(self, prefix: str) -> list:
+        found = []
+        async for page in self.store.list_keys(prefix):
+            self.assertTrue(page)
+            found += page
+        return sorted(found)
 
     async def read(self, key: str) -> bytes:
         out = io.BytesIO()
@@ -131,3 +140,27 @@ class BlobStoreContract(BlobHelpers):
         path, sha256, size = self.source_file(b"twelve bytes")
         await self.assertFailure(self.store.put_file("raw/short", path, sha256, size + 1), StorageError)
         await self.assertFailure(self.store.read_to("raw/short", io.BytesIO()), BlobNotFound)
+
+    async def test_list_keys_under_a_prefix_in_pages(self):
+        self.patch(local_disk, "LIST_PAGE", 2)
+        self.patch(s3, "LIST_PAGE", 2)
+        raw = [f"raw/2026/01/0{day}/m{day}.eml" for day in range(1, 6)]
+        started = time.time()
+        for key in raw + ["documents/1/2/0", "rawer/x"]:
+            await self.put(key, key.encode())
+        listed = await self.listed("raw/")
+        self.assertEqual([(blob.key, blob.size) for blob in listed], [(key, len(key)) for key in raw])
+        for blob in listed:
+            # S3 keeps whole seconds
+            self.assertTrue(started - 2 <= blob.mtime <= time.time() + 1, (started, blob))
+        self.assertEqual([blob.key for blob in await self.listed("documents/")], ["documents/1/2/0"])
+        self.assertEqual(await self.listed("documents/9/"), [])
+        for prefix in ("raw", "../", "/raw/", ""):
+            with self.assertRaises(ValueError):
+                await self.listed(prefix)
+
+    async def test_no_temporaries_left_by_finished_writes(self):
+        await self.put("raw/done.eml", b"complete")
+        self.assertEqual(await self.store.remove_temporaries(time.time() + 60, dry_run=True), (0, 0))
+        self.assertEqual(await self.store.remove_temporaries(time.time() + 60), (0, 0))
+        self.assertEqual(await self.read("raw/done.eml"), b"complete")

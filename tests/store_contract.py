@@ -319,3 +319,45 @@ class StoreContract:
         self.assertIsNone((yield self.claim_one()))
         yield self.store.release_claims()
         self.assertEqual((yield self.claim_one())["id"], second)
+
+    @defer.inlineCallbacks
+    def test_nul_and_lone_surrogates_stored_as_replacement_characters(self):
+        """PostgreSQL refuses NUL in text; both engines store U+FFFD instead, the same way."""
+        acme, _ = yield self.two_orgs()
+        [new] = yield self.store.insert_messages([
+            message(acme, "<a\x00b@x>", subject="AB\x00CD", mail_from="bad\udcffsender@x", rcpt_to="o\x00@x"),
+        ])
+        row = yield self.store.get_message(new)
+        self.assertEqual(
+            (row["source_message_id"], row["subject"], row["mail_from"], row["rcpt_to"]),
+            ("<a\ufffdb@x>", "AB\ufffdCD", "bad\ufffdsender@x", "o\ufffd@x"),
+        )
+        # a retry of the same message is a duplicate, as on the first delivery
+        self.assertEqual((yield self.store.insert_messages([message(acme, "<a\x00b@x>")])), [None])
+        document = {
+            "org_id": acme, "ordinal": 0, "filename": "po\udc80.pdf", "content_type": "application/x\x00evil",
+            "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{new}/0",
+        }
+        yield self.store.mark_parsed(new, [document])
+        [doc] = yield self.store.list_documents(message_id=new)
+        self.assertEqual((doc["filename"], doc["content_type"]), ("po\ufffd.pdf", "application/x\ufffdevil"))
+        yield self.store.mark_failed(new, "bad \x00 byte", 1)
+        self.assertEqual((yield self.store.get_message(new))["last_error"], "bad \ufffd byte")
+        self.assertIsNone((yield self.store.get_org("ac\x00me")))
+
+    @defer.inlineCallbacks
+    def test_referenced_keys(self):
+        acme, _ = yield self.two_orgs()
+        [new] = yield self.store.insert_messages([message(acme, "<a@x>", raw_key="raw/a")])
+        document = {
+            "org_id": acme, "ordinal": 0, "filename": "po.pdf", "content_type": "application/pdf",
+            "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{new}/0",
+        }
+        yield self.store.mark_parsed(new, [document])
+        # more keys than one statement takes, the referenced ones in different batches
+        keys = [f"raw/orphan-{n}" for n in range(1200)]
+        keys.insert(3, "raw/a")
+        keys.insert(1100, f"documents/{acme}/{new}/0")
+        keys.append(f"documents/{acme}/{new}/1")
+        self.assertEqual((yield self.store.referenced_keys(keys)), {"raw/a", f"documents/{acme}/{new}/0"})
+        self.assertEqual((yield self.store.referenced_keys([])), set())

@@ -7,11 +7,13 @@ against tiny local servers that misbehave on purpose.
 
 import io
 import os
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -36,6 +38,20 @@ class LocalDiskBlobStoreTests(BlobStoreContract, unittest.TestCase):
         await self.assertFailure(self.store.put_file("raw/short", path, sha256, size - 1), StorageError)
         left = [name for _, _, names in os.walk(self.root) for name in names]
         self.assertEqual(left, [])
+
+
+    async def test_stale_temporaries_removed(self):
+        """A crash between writing a blob's temporary file and renaming it leaves the file in .tmp."""
+        tmp = os.path.join(self.root, ".tmp")
+        for name, age in (("stale", 7200), ("fresh", 10)):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(b"x" * 100)
+            os.utime(os.path.join(tmp, name), (time.time() - age, time.time() - age))
+        before = time.time() - 3600
+        self.assertEqual(await self.store.remove_temporaries(before, dry_run=True), (1, 100))
+        self.assertEqual(sorted(os.listdir(tmp)), ["fresh", "stale"])
+        self.assertEqual(await self.store.remove_temporaries(before), (1, 100))
+        self.assertEqual(os.listdir(tmp), ["fresh"])
 
 
 class LocalDiskWithoutSyncfsTests(LocalDiskBlobStoreTests):
@@ -91,6 +107,19 @@ class S3MotoTests(BlobHelpers, unittest.TestCase):
         self.assertEqual([o["Key"] for o in listing["Contents"]], ["in box+1/raw/0001/m.eml"])
         await self.store.delete("raw/0001/m.eml")
         await self.assertFailure(self.store.read_to("raw/0001/m.eml", io.BytesIO()), BlobNotFound)
+
+    async def test_requests_log_no_factory_lines(self):
+        """Twisted's client factory logs two lines per connection by default; ours is quiet."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.store = moto_store(self, retries=0)
+        for n in range(3):
+            await self.put(f"raw/quiet/{n}", b"data")
+            self.assertEqual(await self.read(f"raw/quiet/{n}"), b"data")
+        await self.store.close()
+        lines = [formatEvent(event) for event in events]
+        self.assertFalse([line for line in lines if "factory" in line.lower()], lines)
 
     async def test_missing_bucket(self):
         """A missing bucket is a storage failure, never a missing blob."""

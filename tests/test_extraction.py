@@ -191,6 +191,52 @@ class ExtractionTests(ExtractionCase):
         self.assertIn("bucket gone", row["last_error"])
 
 
+class OutcomeErrorTests(ExtractionCase):
+    """Recording an outcome can fail too: that is an attempt, and the claim is not left held."""
+
+    @defer.inlineCallbacks
+    def test_documents_that_cannot_be_recorded_count_as_attempts(self):
+        self.daemon.service.extraction.max_attempts = 2
+        self.patch(self.daemon.store, "mark_parsed", lambda *a: defer.fail(ValueError("A string literal cannot contain NUL")))
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "x.pdf")]), settle=False)
+        row = yield self.daemon.settled(message_id, timeout=10)
+        self.assertEqual((row["status"], row["attempts"]), ("failed", 2))
+        self.assertIn("cannot record the documents: A string literal cannot contain NUL", row["last_error"])
+
+    @defer.inlineCallbacks
+    def test_storage_and_database_recovered_message_parsed_within_backoff_not_lease(self):
+        """A full disk: the document put fails, and so does recording the retry; then space is freed."""
+        extraction = self.daemon.service.extraction
+        extraction.lease_seconds = 60
+        full = [True]
+        refused = []
+        real_put = self.daemon.blobs.put_file
+        real_retry = self.daemon.store.schedule_retry
+
+        def put_file(key, *args):
+            if full[0] and key.startswith("documents/"):
+                return defer.fail(StorageError("No space left on device"))
+            return real_put(key, *args)
+
+        def schedule_retry(*args):
+            if full[0]:
+                refused.append(args)
+                return defer.fail(sqlite3.OperationalError("database or disk is full"))
+            return real_retry(*args)
+
+        self.patch(self.daemon.blobs, "put_file", put_file)
+        self.patch(self.daemon.store, "schedule_retry", schedule_retry)
+        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "full.pdf")]), settle=False)
+        while not refused:
+            yield sleep(0.05)
+        full[0] = False
+        recovered = time.monotonic()
+        row = yield self.daemon.settled(message_id, timeout=10)
+        self.assertEqual((row["status"], row["attempts"]), ("parsed", 2))
+        self.assertLess(time.monotonic() - recovered, 10)
+        self.assertEqual([d["bytes"] for d in (yield self.documents(message_id))], [PDF])
+
+
 class CorpusTests(ExtractionCase):
     """Every sample message of shared/corpus ends parsed or failed, the daemon alive."""
 

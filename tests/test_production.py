@@ -82,6 +82,36 @@ class ProductionDaemonTests(unittest.TestCase):
         self.assertEqual((yield self.daemon.store.count_messages()), 1)
 
     @defer.inlineCallbacks
+    def test_nul_in_subject_and_message_id_stored(self):
+        """PostgreSQL refuses NUL in text: the store writes U+FFFD, so the message is not refused forever."""
+        yield self.start(self.database)
+        for subject, message_id in ((b"=?utf-8?b?QUIAQ0Q=?=", b"<nul-1@customer.test>"), (b"AB\x00CD", b"<nul\x00-2@customer.test>")):
+            sent = b"From: buyer@customer.test\r\nSubject: " + subject + b"\r\nMessage-ID: " + message_id + b"\r\n\r\nbody\r\n"
+            code, reply = yield self.daemon.send(sent, ["orders+acme@example.com"])
+            self.assertEqual(code, 250, reply)
+            row = yield self.daemon.store.get_message(int(reply.split()[-1]))
+            self.assertEqual(row["subject"], "AB\ufffdCD")
+            self.assertEqual(row["source_message_id"], message_id.decode().replace("\x00", "\ufffd"))
+
+    @defer.inlineCallbacks
+    def test_nul_in_content_type_parsed(self):
+        """A document whose Content-Type holds a NUL is recorded, not retried every lease forever."""
+        yield self.start(self.database)
+        sent = (
+            b"From: buyer@customer.test\r\nSubject: evil\r\nMessage-ID: <evil@customer.test>\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n'
+            b"--b\r\nContent-Type: application/x\x00evil\r\nContent-Disposition: attachment; filename=evil.bin\r\n\r\n"
+            b"data\r\n--b--\r\n"
+        )
+        code, reply = yield self.daemon.send(sent, ["orders+acme@example.com"])
+        self.assertEqual(code, 250, reply)
+        row = yield self.daemon.settled(int(reply.split()[-1]), timeout=10)
+        self.assertEqual(row["status"], "parsed")
+        [doc] = yield self.daemon.store.list_documents(message_id=row["id"])
+        self.assertEqual(doc["filename"], "evil.bin")
+        self.assertNotIn("\x00", doc["content_type"])
+
+    @defer.inlineCallbacks
     def test_database_outage_gives_451_then_recovers(self):
         params = psycopg2.extensions.parse_dsn(self.database)
         outage = Outage(params.get("host", "127.0.0.1"), int(params.get("port", 5432)))

@@ -4,10 +4,13 @@ PostgreSQL engine does: parallel interactions, row claims that skip locked
 rows, surviving a lost server, keeping the password secret, LISTEN/NOTIFY.
 """
 
+import os
+import sqlite3
+import threading
 import time
 
 import psycopg2
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, TestCase
@@ -17,7 +20,8 @@ from mailingest.storage.engines.postgresql import DatabaseUnavailable, Postgresq
 from mailingest.storage.engines.sqlite import SqliteEngine
 from mailingest.storage.store import Store
 from tests import postgres
-from tests.daemon import sleep
+from tests.daemon import DaemonTestCase, sleep
+from tests.daemon import message as daemon_message
 from tests.store_contract import StoreContract, message
 
 
@@ -390,3 +394,67 @@ class PostgresqlEngineTests(TestCase):
             self.assertIn("after", received)
 
         yield eventually(delivered)
+
+
+class ExclusiveLock:
+    """Another process's connection (here a thread's) holding the SQLite database with BEGIN EXCLUSIVE."""
+
+    def __init__(self, path: str, seconds: float):
+        self._path = path
+        self._seconds = seconds
+        self.taken = threading.Event()
+        self.thread = threading.Thread(target=self._hold)
+        self.thread.start()
+        self.taken.wait(10)
+
+    def _hold(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            self.taken.set()
+            time.sleep(self._seconds)
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+
+    def released(self) -> defer.Deferred:
+        return threads.deferToThread(self.thread.join)
+
+
+class SqliteLockedTests(DaemonTestCase):
+    """A database locked by another process: the end of DATA still answers within --store-timeout."""
+
+    overrides = {"store_timeout": "1"}
+
+    def lock(self, seconds: float) -> ExclusiveLock:
+        held = ExclusiveLock(self.daemon.store.engine.path, seconds)
+        self.addCleanup(held.released)
+        return held
+
+    @defer.inlineCallbacks
+    def test_locked_database_answers_451_within_store_timeout_then_stores_retry(self):
+        yield self.daemon.delivery.directory.refresh()
+        held = self.lock(4)
+        started = time.monotonic()
+        code, reply = yield self.daemon.send(daemon_message(), ["orders+acme@example.com"])
+        elapsed = time.monotonic() - started
+        self.assertEqual((code, reply[:5]), (451, b"4.3.0"), (reply, elapsed))
+        self.assertLess(elapsed, 2.5)
+        yield held.released()
+        code, reply = yield self.daemon.send(daemon_message(), ["orders+acme@example.com"])
+        self.assertEqual(code, 250, reply)
+        # The timed-out insert committed once the lock was gone, so the retry
+        # was a duplicate, or it failed and the retry was stored: one row
+        # either way, and its raw copy kept.
+        [row] = yield self.daemon.store.list_messages()
+        self.assertTrue(os.path.exists(self.daemon.blobs.path_for(row["raw_key"])))
+
+    @defer.inlineCallbacks
+    def test_background_work_gives_way_to_a_lock(self):
+        """Claims, the organisation refresh, readiness and metrics fail fast instead of queueing a 10 s wait before inserts."""
+        self.lock(3)
+        store = self.daemon.store
+        for background in (lambda: store.claim(60), store.active_orgs, store.check, store.count_messages):
+            started = time.monotonic()
+            yield self.assertFailure(background(), sqlite3.OperationalError)
+            self.assertLess(time.monotonic() - started, 1)

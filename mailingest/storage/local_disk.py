@@ -8,6 +8,7 @@ file work runs in the reactor's thread pool.
 
 import ctypes
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -21,16 +22,22 @@ from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, StorageError
 from mailingest.group_commit import GroupCommit
-from mailingest.interfaces import IBlobStore
+from mailingest.interfaces import BlobInfo, IBlobStore
 
 CHUNK = 1 << 20
+LIST_PAGE = 1000
 _syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
 _KEY = re.compile(r"\A[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*\Z")
 
 
+def valid_key(key: str) -> bool:
+    """Whether C{key} is one mailingest could have made: ids and hashes only, nothing that could escape the store."""
+    return bool(_KEY.match(key)) and ".." not in key
+
+
 def check_key(key: str) -> str:
-    """Refuse keys that could escape the store; ours are ids and hashes only."""
-    if not _KEY.match(key) or ".." in key:
+    """Refuse keys that could escape the store."""
+    if not valid_key(key):
         raise ValueError(f"invalid blob key {key!r}")
     return key
 
@@ -84,6 +91,30 @@ def flush(root: str, paths: list[str]) -> None:
         fsync_path(path)
     for directory in {os.path.dirname(path) for path in paths}:
         fsync_dir(directory)
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: a valid key followed by C{/}."""
+    if not prefix.endswith("/"):
+        raise ValueError(f"invalid blob key prefix {prefix!r}")
+    check_key(prefix[:-1])
+    return prefix
+
+
+def _walk(root: str, prefix: str):
+    """Every blob under C{root/prefix}, as L{BlobInfo}; files gone meanwhile are skipped."""
+    for folder, _, names in os.walk(os.path.join(root, *prefix.rstrip("/").split("/"))):
+        relative = os.path.relpath(folder, root).replace(os.sep, "/")
+        for name in names:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            yield BlobInfo(f"{relative}/{name}", info.st_size, info.st_mtime)
+
+
+def _next_page(blobs) -> list[BlobInfo]:
+    return list(itertools.islice(blobs, LIST_PAGE))
 
 
 def _write_new(path: str, data: bytes) -> int:
@@ -204,6 +235,31 @@ class LocalDiskBlobStore:
             pass
         except OSError as e:
             raise StorageError(f"local blob store: {e.strerror or e}") from e
+
+    async def list_keys(self, prefix):
+        blobs = _walk(self.root, check_prefix(prefix))
+        while page := await deferToThread(_next_page, blobs):
+            yield page
+
+    def remove_temporaries(self, before, dry_run=False):
+        return deferToThread(self._remove_temporaries, before, dry_run)
+
+    def _remove_temporaries(self, before: float, dry_run: bool) -> tuple[int, int]:
+        """Files of C{.tmp} older than C{before}: a blob write a crash interrupted."""
+        count = size = 0
+        for name in os.listdir(self._tmp):
+            path = os.path.join(self._tmp, name)
+            try:
+                info = os.stat(path)
+                if info.st_mtime >= before:
+                    continue
+                if not dry_run:
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue
+            count += 1
+            size += info.st_size
+        return count, size
 
     def check(self):
         return deferToThread(self._check)

@@ -22,6 +22,8 @@ secret key or a signature.
 import io
 import os
 import re
+from datetime import datetime
+from xml.etree import ElementTree
 from collections.abc import Callable, Mapping
 from typing import BinaryIO, NamedTuple
 from urllib.parse import quote
@@ -42,17 +44,19 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from treq.client import HTTPClient
 from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
-from mailingest.interfaces import IBlobStore
-from mailingest.storage.local_disk import check_key
+from mailingest.interfaces import BlobInfo, IBlobStore
+from mailingest.storage.local_disk import check_key, check_prefix, valid_key
 
 BACKOFF_SECONDS = 0.2
 ERROR_BODY_LIMIT = 64 * 1024
+LIST_PAGE = 1000
 # Several SMTP sessions and the extraction service share one pool.
 MAX_PERSISTENT_PER_HOST = 8
 
@@ -77,6 +81,22 @@ class _PresetPayloadAuth(S3SigV4Auth):
 
     def payload(self, request: AWSRequest) -> str:
         return request.context["payload_sha256"]
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's HTTP client factory without a "Starting/Stopping factory" log line per connection."""
+
+    noisy = False
+
+
+class QuietHTTPConnectionPool(HTTPConnectionPool):
+    """
+    The connection pool of our S3 client. Twisted offers no public switch for
+    the factory's noise, and under load those two lines per connection were
+    most of the log; the pool's C{_factory} attribute is where it can be set.
+    """
+
+    _factory = _QuietClientFactory
 
 
 class _Transient(Exception):
@@ -221,6 +241,27 @@ class _CountingSink:
         self.written += len(data)
 
 
+def _listing_page(xml: bytes, strip: int) -> tuple[list[BlobInfo], str | None]:
+    """
+    The blobs of one ListObjectsV2 answer (object keys less the first
+    C{strip} characters, our prefix) and the continuation token, None on the
+    last page.
+    """
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as e:
+        raise StorageError(f"S3 listing is not XML: {e}") from None
+    page = []
+    for item in root.iterfind("{*}Contents"):
+        key = item.findtext("{*}Key", "")[strip:]
+        if not valid_key(key):
+            continue
+        modified = datetime.fromisoformat(item.findtext("{*}LastModified", "").replace("Z", "+00:00"))
+        page.append(BlobInfo(key, int(item.findtext("{*}Size", "0")), modified.timestamp()))
+    truncated = root.findtext("{*}IsTruncated", "false") == "true"
+    return page, root.findtext("{*}NextContinuationToken") if truncated else None
+
+
 def _describe_exception(e: BaseException) -> str:
     reasons = getattr(e, "reasons", None)
     if reasons:
@@ -268,7 +309,7 @@ class S3BlobStore:
         self._signer = _PresetPayloadAuth(Credentials(access_key, secret_key, session_token), "s3", region)
         self._own_pool = pool is None
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = QuietHTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self._pool = pool
         self._client = HTTPClient(Agent(reactor, pool=pool))
@@ -322,6 +363,30 @@ class S3BlobStore:
         if reply.code in (200, 204) or (reply.code == 404 and reply.error_code != "NoSuchBucket"):
             return
         raise StorageError(f"S3 {what}: {reply.describe()}")
+
+    async def list_keys(self, prefix: str):
+        """ListObjectsV2, a page (up to 1,000 keys) per request; objects outside our key syntax are not ours and skipped."""
+        object_prefix = self.object_key(check_prefix(prefix)[:-1]) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        what = self._what("list", object_prefix)
+        token = None
+        while True:
+            query = f"list-type=2&max-keys={LIST_PAGE}&prefix=" + quote(object_prefix, safe="")
+            if token is not None:
+                query += "&continuation-token=" + quote(token, safe="")
+            body = io.BytesIO()
+            reply = await self._request("GET", what, f"{self._bucket_url()}?{query}", sink=_CountingSink(body))
+            if reply.code != 200:
+                raise StorageError(f"S3 {what}: {reply.describe()}")
+            page, token = _listing_page(body.getvalue(), strip)
+            if page:
+                yield page
+            if token is None:
+                return
+
+    def remove_temporaries(self, before: float, dry_run: bool = False) -> Deferred:
+        """A PUT is all or nothing in S3: no temporary objects are ever left."""
+        return succeed((0, 0))
 
     def check(self) -> Deferred:
         return Deferred.fromCoroutine(self._check())

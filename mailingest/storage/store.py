@@ -7,6 +7,7 @@ databases spell differently.
 """
 
 import importlib.resources
+import re
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
@@ -37,8 +38,40 @@ _DOCUMENT_SELECT = (
 _ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
 
 
+# Blob keys looked up per statement (twice: messages and documents), well
+# under SQLite's and PostgreSQL's limits on bound parameters.
+KEY_BATCH = 500
+
 # Other daemons sharing the database are told of new messages on this channel.
 RECEIVED_CHANNEL = "mailingest_received"
+
+
+# PostgreSQL refuses NUL in text; neither driver can encode a lone surrogate.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value):
+    """A text value as both databases hold it: each NUL or lone surrogate becomes U+FFFD."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    return value
+
+
+class _StorableTransaction:
+    """
+    The one place where text meets the database: every value bound to a
+    statement goes through L{storable}, so sender-controlled text (a Subject
+    decoding to NUL, a Content-Type with one) is stored the same on both
+    engines instead of failing on PostgreSQL only.
+    """
+
+    def __init__(self, txn):
+        self._txn = txn
+        self.fetchall = txn.fetchall
+        self.fetchone = txn.fetchone
+
+    def execute(self, sql: str, args: tuple = ()):
+        return self._txn.execute(sql, tuple(storable(value) for value in args))
 
 
 def utcnow() -> datetime:
@@ -61,6 +94,10 @@ def migrations(engine_name: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _storable_interaction(txn, fn, *args, **kwargs):
+    return fn(_StorableTransaction(txn), *args, **kwargs)
+
+
 @implementer(IStore)
 class Store:
     def __init__(self, engine, clock=utcnow):
@@ -74,7 +111,11 @@ class Store:
         return f"<Store {self.engine!r}>"
 
     def _run(self, fn, *args, **kwargs) -> defer.Deferred:
-        return self.engine.interaction(fn, *args, **kwargs)
+        return self.engine.interaction(_storable_interaction, fn, *args, **kwargs)
+
+    def _background(self, fn, *args, **kwargs) -> defer.Deferred:
+        """For work nobody waits on: it gives way to message inserts (see the SQLite engine)."""
+        return self.engine.background(_storable_interaction, fn, *args, **kwargs)
 
     def close(self):
         return self.engine.close()
@@ -110,7 +151,7 @@ class Store:
         return applied
 
     def check(self):
-        return self._run(self._check)
+        return self._background(self._check)
 
     @defer.inlineCallbacks
     def _check(self, txn):
@@ -166,7 +207,7 @@ class Store:
         return _org(row)
 
     def active_orgs(self):
-        return self._run(self._active_orgs)
+        return self._background(self._active_orgs)
 
     @defer.inlineCallbacks
     def _active_orgs(self, txn):
@@ -219,6 +260,23 @@ class Store:
         yield txn.execute("SELECT 1 AS used FROM inbound_message WHERE raw_key = ? LIMIT 1", (key,))
         return txn.fetchone() is not None
 
+    def referenced_keys(self, keys):
+        return self._background(self._referenced_keys, list(keys))
+
+    @defer.inlineCallbacks
+    def _referenced_keys(self, txn, keys):
+        found = set()
+        for start in range(0, len(keys), KEY_BATCH):
+            batch = keys[start:start + KEY_BATCH]
+            marks = ", ".join("?" for _ in batch)
+            yield txn.execute(
+                f"SELECT raw_key AS key FROM inbound_message WHERE raw_key IN ({marks})"
+                f" UNION SELECT storage_key AS key FROM document WHERE storage_key IN ({marks})",
+                (*batch, *batch),
+            )
+            found.update(row["key"] for row in txn.fetchall())
+        return found
+
     def list_messages(self, org_slug=None, status=None, limit=50):
         return self._run(self._list_messages, org_slug, status, limit)
 
@@ -247,7 +305,7 @@ class Store:
         return txn.fetchone()
 
     def count_messages(self, status=None):
-        return self._run(self._count_messages, status)
+        return self._background(self._count_messages, status)
 
     @defer.inlineCallbacks
     def _count_messages(self, txn, status):
@@ -330,7 +388,7 @@ class Store:
         return len(txn.fetchall())
 
     def claim(self, lease_seconds, limit=1):
-        return self._run(self._claim, lease_seconds, int(limit))
+        return self._background(self._claim, lease_seconds, int(limit))
 
     @defer.inlineCallbacks
     def _claim(self, txn, lease_seconds, limit):
@@ -354,7 +412,7 @@ class Store:
         return txn.fetchall()
 
     def renew_claims(self, message_ids, lease_seconds):
-        return self._run(self._set_claims, list(message_ids), lease_seconds)
+        return self._background(self._set_claims, list(message_ids), lease_seconds)
 
     def release_claims(self, message_ids=None):
         return self._run(self._set_claims, message_ids, None)

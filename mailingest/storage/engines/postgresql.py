@@ -363,6 +363,10 @@ class PostgresqlEngine:
         """Run C{fn(txn, *args, **kwargs)} in one transaction on a pooled connection."""
         return self._interaction(fn, args, kwargs)
 
+    def background(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """The same as L{interaction}: rows are locked one by one here, nothing waits on a whole-database lock."""
+        return self._interaction(fn, args, kwargs)
+
     @defer.inlineCallbacks
     def _interaction(self, fn, args, kwargs):
         yield self.start()

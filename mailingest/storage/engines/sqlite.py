@@ -4,6 +4,14 @@ The embedded database: one SQLite file through L{twisted.enterprise.adbapi}.
 One connection (SQLite has one writer anyway), WAL with C{synchronous=FULL} so
 a commit is durable when it returns, and C{BEGIN IMMEDIATE} so an interaction
 that reads then writes is not overtaken by another process (the admin command).
+
+While another process holds the database locked, an interaction waits for it
+(SQLite's busy timeout), and interactions run one after another on the one
+connection. Background work (extraction claims, the organisation refresh, the
+blob sweeper, readiness and metrics) must not put its own long waits in front of the message inserts
+an SMTP client is waiting for: it runs through L{SqliteEngine.background},
+which waits BACKGROUND_BUSY_TIMEOUT_MS at most and then fails (its callers
+poll again later), so a queued insert gets the connection next.
 """
 
 import os
@@ -15,6 +23,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 BUSY_TIMEOUT_MS = 10000
+BACKGROUND_BUSY_TIMEOUT_MS = 50
 
 
 def _adapt_datetime(value: datetime) -> str:
@@ -28,7 +37,6 @@ sqlite3.register_adapter(datetime, _adapt_datetime)
 def _open(conn: sqlite3.Connection) -> None:
     conn.isolation_level = None
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -83,7 +91,15 @@ class SqliteEngine:
         return f"<SqliteEngine {self.path}>"
 
     def interaction(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs)
+
+    def background(self, fn, *args, **kwargs) -> defer.Deferred:
+        """An interaction that gives way: it fails rather than wait long for a lock held elsewhere."""
+        return self._interaction(BACKGROUND_BUSY_TIMEOUT_MS, fn, args, kwargs)
+
+    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs) -> defer.Deferred:
         def run(txn):
+            txn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             txn.execute("BEGIN IMMEDIATE")
             return _result_of(
                 defer.maybeDeferred(fn, _SqliteTransaction(txn), *args, **kwargs)

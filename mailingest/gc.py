@@ -1,0 +1,157 @@
+"""
+The blob sweeper: removes blobs that no row references.
+
+A raw copy is stored before its row is inserted and a document before its
+row, so a failure in between (a 451 during a database outage, a kill -9)
+leaves a blob nothing refers to. The sweeper lists C{raw/} and C{documents/}
+page by page, asks the database which of the blobs older than a margin are
+referenced, and deletes the others, with the temporary files of interrupted
+local-disk writes. The margin (C{--gc-min-age}, a day by default) must be far
+longer than the time between storing a blob and committing its row, which
+the store timeout, the extraction lease and the extraction timeout bound.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from mailingest import metrics
+from mailingest.errors import ConfigError
+from mailingest.interfaces import BlobInfo
+
+PREFIXES = ("raw/", "documents/")
+DEFAULT_MIN_AGE = 86400.0
+
+log = Logger(namespace="mailingest.gc")
+
+
+def check_min_age(min_age: float, settings: dict) -> float:
+    """Refuse a margin a blob written by a transaction still in progress could be older than."""
+    floor = settings["store_timeout"] + settings["extraction_lease"] + settings["extraction_timeout"]
+    if min_age < floor:
+        raise ConfigError(
+            f"gc minimum age {min_age:g} s is too short: a blob can wait for its row up to"
+            f" store-timeout + extraction-lease + extraction-timeout = {floor:g} s"
+        )
+    return min_age
+
+
+@dataclass
+class Sweep:
+    """What one sweep found and removed."""
+
+    scanned: int = 0
+    orphans: int = 0
+    orphan_bytes: int = 0
+    removed: int = 0
+    removed_bytes: int = 0
+    temporaries: int = 0
+    temporary_bytes: int = 0
+
+
+async def sweep(
+    store,
+    blobs,
+    min_age: float,
+    dry_run: bool = False,
+    now: Callable[[], float] = time.time,
+    keep_going: Callable[[], bool] = lambda: True,
+    on_orphan: Callable[[BlobInfo], None] = lambda blob: None,
+) -> Sweep:
+    """
+    Delete (or with C{dry_run} only find) unreferenced blobs older than
+    C{min_age} seconds, calling C{on_orphan} with each; stops early once
+    C{keep_going()} is false.
+    """
+    before = now() - min_age
+    found = Sweep()
+    for prefix in PREFIXES:
+        async for page in blobs.list_keys(prefix):
+            if not keep_going():
+                return found
+            found.scanned += len(page)
+            old = [blob for blob in page if blob.mtime < before]
+            if not old:
+                continue
+            referenced = await store.referenced_keys([blob.key for blob in old])
+            for blob in old:
+                if blob.key in referenced:
+                    continue
+                found.orphans += 1
+                found.orphan_bytes += blob.size
+                on_orphan(blob)
+                metrics.GC_ORPHANS.inc()
+                if dry_run:
+                    continue
+                await blobs.delete(blob.key)
+                found.removed += 1
+                found.removed_bytes += blob.size
+                metrics.GC_REMOVED.inc()
+                metrics.GC_REMOVED_BYTES.inc(blob.size)
+    found.temporaries, found.temporary_bytes = await blobs.remove_temporaries(before, dry_run)
+    if not dry_run:
+        metrics.GC_REMOVED.inc(found.temporaries)
+        metrics.GC_REMOVED_BYTES.inc(found.temporary_bytes)
+    return found
+
+
+class GcService(service.Service):
+    """Sweeps every C{interval} seconds, the first time one interval after start."""
+
+    name = "gc"
+
+    def __init__(self, store, blobs, interval: float, min_age: float, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.store = store
+        self.blobs = blobs
+        self.interval = interval
+        self.min_age = min_age
+        self.clock = clock
+        self._loop = None
+        self._sweeping = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self.run_once)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        """A sweep in progress stops after its current page."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._sweeping is not None:
+            return self._sweeping
+
+    def run_once(self) -> defer.Deferred:
+        self._sweeping = defer.ensureDeferred(self._run_once())
+        return self._sweeping
+
+    async def _run_once(self) -> None:
+        started = self.clock.seconds()
+        try:
+            found = await sweep(self.store, self.blobs, self.min_age, keep_going=lambda: self.running)
+        except Exception as e:
+            log.error("gc: sweep stopped, next one in {interval:.0f} s: {error}", interval=self.interval, error=str(e))
+            return
+        finally:
+            self._sweeping = None
+        log.info(
+            "gc: {scanned} blobs scanned, {orphans} orphaned ({orphan_bytes} bytes), {removed} removed"
+            " ({removed_bytes} bytes), {temporaries} stale temporary files removed ({temporary_bytes} bytes), {seconds:.1f} s",
+            scanned=found.scanned,
+            orphans=found.orphans,
+            orphan_bytes=found.orphan_bytes,
+            removed=found.removed,
+            removed_bytes=found.removed_bytes,
+            temporaries=found.temporaries,
+            temporary_bytes=found.temporary_bytes,
+            seconds=self.clock.seconds() - started,
+            event="gc",
+        )

@@ -1,0 +1,177 @@
+"""
+The blob sweeper: C{mailingest gc} on local disk with SQLite and on S3 (moto)
+with PostgreSQL, and the daemon's periodic sweep.
+"""
+
+import hashlib
+import os
+import time
+
+from twisted.internet import defer, threads
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from mailingest import metrics
+from mailingest.errors import ConfigError
+from mailingest.storage.urls import open_blobs, open_store
+from tests import postgres
+from tests.daemon import RunningDaemon, mailingest_cli, sleep, temp_dir
+from tests.moto import shared_server
+from tests.store_contract import message
+
+COUNT = 100
+OLD = time.time() - 2 * 86400
+
+
+async def populate(store, blobs, count: int = COUNT) -> tuple[list[str], list[str]]:
+    """C{count} messages each with a document, and C{count} blobs no row references: (live keys, orphan keys)."""
+    await store.migrate()
+    org = (await store.add_org("acme", "Acme"))["id"]
+    rows = [message(org, f"<{n}@x>", raw_key=f"raw/2026/01/01/live-{n}.eml") for n in range(count)]
+    ids = await store.insert_messages(rows)
+    live = []
+    for row, message_id in zip(rows, ids):
+        key = f"documents/{org}/{message_id}/0"
+        document = {
+            "org_id": org, "ordinal": 0, "filename": "po.pdf", "content_type": "application/pdf",
+            "size": len(key), "sha256": hashlib.sha256(key.encode()).hexdigest(), "storage_key": key,
+        }
+        await store.mark_parsed(message_id, [document])
+        live += [row["raw_key"], key]
+    orphans = [f"raw/2026/01/01/orphan-{n}.eml" for n in range(count // 2)]
+    orphans += [f"documents/{org}/{100000 + n}/0" for n in range(count - count // 2)]
+    await put(blobs, live + orphans)
+    return live, orphans
+
+
+def put(blobs, keys: list[str]) -> defer.Deferred:
+    return defer.gatherResults(
+        [blobs.put_bytes(key, key.encode(), hashlib.sha256(key.encode()).hexdigest()) for key in keys],
+        consumeErrors=True,
+    )
+
+
+async def stored_keys(blobs) -> set[str]:
+    found = set()
+    for prefix in ("raw/", "documents/"):
+        async for page in blobs.list_keys(prefix):
+            found.update(blob.key for blob in page)
+    return found
+
+
+class GcCommandTests(unittest.TestCase):
+    async def run_gc(self, directory: str, *args: str, env=None) -> str:
+        result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", *args, env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.decode()
+
+    def open(self, database: str, storage: str, environ=os.environ):
+        self.options = ("--database", database, "--storage", storage)
+        store = open_store(database)
+        blobs = open_blobs(storage, shared_server().endpoint, None, environ)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        return store, blobs
+
+    async def test_local_disk_removes_exactly_the_old_orphans(self):
+        directory = temp_dir(self)
+        blobs_dir = os.path.join(directory, "blobs")
+        store, blobs = self.open("sqlite:///" + os.path.join(directory, "m.db"), "file:" + blobs_dir)
+        live, orphans = await populate(store, blobs)
+        young = [f"raw/2026/01/02/young-{n}.eml" for n in range(10)]
+        await put(blobs, young)
+        for key in live + orphans:
+            os.utime(blobs.path_for(key), (OLD, OLD))
+        temporaries = {"stale": OLD, "fresh": time.time()}
+        for name, mtime in temporaries.items():
+            path = os.path.join(blobs_dir, ".tmp", name)
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            os.utime(path, (mtime, mtime))
+        everything = set(live + orphans + young)
+        self.assertEqual(await stored_keys(blobs), everything)
+
+        report = await self.run_gc(directory, "--dry-run")
+        self.assertEqual({line.split()[1] for line in report.splitlines() if line.startswith("orphan ")}, set(orphans))
+        self.assertIn("would remove 100 orphaned blob(s)", report)
+        self.assertIn("and 1 stale temporary file(s) (7 bytes); 310 blob(s) scanned", report)
+        self.assertEqual(await stored_keys(blobs), everything)
+        self.assertEqual(sorted(os.listdir(os.path.join(blobs_dir, ".tmp"))), ["fresh", "stale"])
+
+        report = await self.run_gc(directory)
+        self.assertIn("removed 100 orphaned blob(s)", report)
+        self.assertEqual(await stored_keys(blobs), set(live + young))
+        self.assertEqual(os.listdir(os.path.join(blobs_dir, ".tmp")), ["fresh"])
+        self.assertIn("removed 0 orphaned blob(s)", await self.run_gc(directory))
+
+    async def test_s3_and_postgresql_remove_exactly_the_old_orphans(self):
+        """S3 keeps its own LastModified, so "old" here is seconds, with a floor lowered to match."""
+        moto = shared_server()
+        environ = {"AWS_ACCESS_KEY_ID": moto.access_key, "AWS_SECRET_ACCESS_KEY": moto.secret_key}
+        store, blobs = self.open(postgres.create_database(), f"s3://{moto.create_bucket()}/mail", environ)
+        self.options += ("--s3-endpoint", moto.endpoint)
+        live, orphans = await populate(store, blobs)
+        old_done = time.time()
+        await sleep(6)
+        young = [f"raw/2026/01/02/young-{n}.eml" for n in range(10)]
+        await put(blobs, young)
+        everything = set(live + orphans + young)
+        self.assertEqual(await stored_keys(blobs), everything)
+        env = dict(
+            os.environ, **environ,
+            MAILINGEST_STORE_TIMEOUT="0.1", MAILINGEST_EXTRACTION_LEASE="0.1", MAILINGEST_EXTRACTION_TIMEOUT="0.1",
+        )
+
+        def margin() -> str:
+            """Seconds back to the middle of the quiet gap between the old blobs and the young ones."""
+            return str(time.time() - (old_done + 2.5))
+
+        report = await self.run_gc("/", "--dry-run", "--min-age", margin(), env=env)
+        self.assertIn("would remove 100 orphaned blob(s)", report)
+        self.assertEqual(await stored_keys(blobs), everything)
+        report = await self.run_gc("/", "--min-age", margin(), env=env)
+        self.assertIn("removed 100 orphaned blob(s)", report)
+        self.assertEqual(await stored_keys(blobs), set(live + young))
+
+    async def test_margin_below_a_transaction_refused(self):
+        directory = temp_dir(self)
+        self.open("sqlite:///" + os.path.join(directory, "m.db"), "file:" + os.path.join(directory, "blobs"))
+        result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", "--min-age", "60")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"gc minimum age 60 s is too short", result.stderr)
+
+
+class GcServiceTests(unittest.TestCase):
+    quick = {"store_timeout": "0.1", "extraction_lease": "0.1", "extraction_timeout": "0.1"}
+
+    async def test_daemon_sweeps_periodically(self):
+        sweeps = []
+
+        def observe(event):
+            if event.get("event") == "gc":
+                sweeps.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        directory = temp_dir(self)
+        daemon = RunningDaemon(directory, gc_interval="0.2", gc_min_age="1", **self.quick)
+        await daemon.start()
+        self.addCleanup(daemon.stop)
+        removed = metrics.GC_REMOVED._value.get()
+        await put(daemon.blobs, ["raw/2026/01/01/orphan.eml"])
+        path = daemon.blobs.path_for("raw/2026/01/01/orphan.eml")
+        self.assertTrue(os.path.exists(path))
+        await sleep(0.5)
+        self.assertTrue(os.path.exists(path), "removed while younger than --gc-min-age")
+        os.utime(path, (OLD, OLD))
+        # the summary line comes once the sweep is over, after the delete
+        deadline = time.monotonic() + 5
+        while not any(sweep["removed"] for sweep in sweeps) and time.monotonic() < deadline:
+            await sleep(0.05)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(metrics.GC_REMOVED._value.get(), removed + 1)
+        self.assertIn((1, 1), [(sweep["orphans"], sweep["removed"]) for sweep in sweeps])
+
+    def test_margin_below_a_transaction_refused(self):
+        error = self.assertRaises(ConfigError, RunningDaemon, temp_dir(self), gc_min_age="60")
+        self.assertIn("store-timeout + extraction-lease + extraction-timeout = 450 s", str(error))
