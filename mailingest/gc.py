@@ -9,6 +9,8 @@ referenced, and deletes the others, with the temporary files of interrupted
 local-disk writes. The margin (C{--gc-min-age}, a day by default) must be far
 longer than the time between storing a blob and committing its row, which
 the store timeout, the extraction lease and the extraction timeout bound.
+The documents of a message still to be extracted count as referenced (a
+reprocess may be putting them again before it records them).
 """
 
 import time

@@ -361,3 +361,14 @@ class StoreContract:
         keys.append(f"documents/{acme}/{new}/1")
         self.assertEqual((yield self.store.referenced_keys(keys)), {"raw/a", f"documents/{acme}/{new}/0"})
         self.assertEqual((yield self.store.referenced_keys([])), set())
+
+    @defer.inlineCallbacks
+    def test_documents_of_a_message_being_extracted_count_as_referenced(self):
+        acme, _ = yield self.two_orgs()
+        [pending] = yield self.store.insert_messages([message(acme, "<p@x>", raw_key="raw/p")])
+        [done] = yield self.store.insert_messages([message(acme, "<d@x>", raw_key="raw/d")])
+        yield self.store.mark_parsed(done, [])
+        keys = [f"documents/{acme}/{pending}/0", f"documents/{acme}/{done}/0", "documents/x/y/z"]
+        self.assertEqual((yield self.store.referenced_keys(keys)), {keys[0]})
+        yield self.store.mark_parsed(pending, [])
+        self.assertEqual((yield self.store.referenced_keys(keys)), set())

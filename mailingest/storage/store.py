@@ -275,6 +275,24 @@ class Store:
                 (*batch, *batch),
             )
             found.update(row["key"] for row in txn.fetchall())
+        # A message still to be extracted (a reprocess, a retry) may be
+        # putting its documents again right now, before recording them: its
+        # document keys count as referenced until it is parsed or failed.
+        pending = {}
+        for key in keys:
+            if key not in found and key.startswith("documents/"):
+                parts = key.split("/")
+                if len(parts) == 4 and parts[2].isdigit():
+                    pending.setdefault(int(parts[2]), []).append(key)
+        ids = list(pending)
+        for start in range(0, len(ids), KEY_BATCH):
+            batch = ids[start:start + KEY_BATCH]
+            marks = ", ".join("?" for _ in batch)
+            yield txn.execute(
+                f"SELECT id FROM inbound_message WHERE status = 'received' AND id IN ({marks})", batch
+            )
+            for row in txn.fetchall():
+                found.update(pending[row["id"]])
         return found
 
     def list_messages(self, org_slug=None, status=None, limit=50):
