@@ -26,7 +26,8 @@ from mailingest import __version__, send_test
 from mailingest.config import STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.plus_address import valid_slug
-from mailingest.storage.urls import open_blobs, open_store, redact_url, url_passwords
+from mailingest.secrets import masker, redact_url, url_passwords
+from mailingest.storage.urls import open_blobs, open_store
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
@@ -110,8 +111,7 @@ def to_json(value: Any) -> str:
 
 
 def _one_line(text: str, secrets: Iterable[str] = ()) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
+    text = masker(secrets)(text)
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 

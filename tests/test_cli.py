@@ -25,6 +25,7 @@ from mailingest import __version__
 from mailingest.cli import main, table, to_json
 from mailingest.send_test import SendError, parse_server
 from mailingest.storage.urls import open_store
+from tests.test_urls import HOSTILE_URLS, leaked
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")
 COMMAND = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "mailingest"]
@@ -380,6 +381,16 @@ class OptionTests(CommandTestCase):
             pass
         self.user_error("--database", f"sqlite:///{blocker}/x.db", "org", "list", storage=False,
                         expected="database sqlite:///")
+
+
+    def test_hostile_database_urls_never_shown(self):
+        """Issue 11 item 6: whatever shape the password has, the command does not print it."""
+        for url, passwords, _ in HOSTILE_URLS:
+            result = self.run_command("--database", url, "org", "list", storage=False)
+            output = (result.stdout + result.stderr).decode()
+            self.assertEqual(result.returncode, 1, output)
+            self.assertIn("***", output, url)
+            self.assertEqual(leaked(output, passwords), [], f"{url}: {output}")
 
 
 class PostgresTests(FixtureTestCase):
