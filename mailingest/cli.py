@@ -27,7 +27,7 @@ from mailingest.config import STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.plus_address import valid_slug
 from mailingest.secrets import masker, redact_url, url_passwords
-from mailingest.storage.urls import open_blobs, open_store
+from mailingest.storage.urls import open_blobs, open_store, sqlite_path
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
@@ -499,10 +499,18 @@ def _react(run: Callable[[], Awaitable[int]]) -> int:
     return status[0] if status else 1
 
 
+def _require_existing_database(url: str) -> None:
+    """Only C{migrate} creates a database: another command in the wrong directory must not make an empty one."""
+    if url.split(":", 1)[0].lower() == "sqlite" and not os.path.exists(sqlite_path(url)):
+        raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
+
+
 async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: dict[str, Any]) -> int:
     session = Session(settings)
     try:
         try:
+            if handler is not cmd_migrate:
+                _require_existing_database(settings["database"])
             session.open_store()
             if handler is not cmd_migrate:
                 await session.store.migrate()

@@ -186,6 +186,7 @@ class GeneralTests(CommandTestCase):
 
 class OrganisationTests(CommandTestCase):
     def test_lifecycle(self):
+        self.ok("migrate")
         self.assertEqual(self.ok("org", "add", "Acme", "--name", "Acme Corp"), "added organisation acme (id 1)\n")
         self.ok("org", "add", "beta")
         self.user_error("org", "add", "ACME", expected="organisation 'acme' already exists")
@@ -379,8 +380,27 @@ class OptionTests(CommandTestCase):
         blocker = os.path.join(self.directory, "a-file")
         with open(blocker, "w"):
             pass
-        self.user_error("--database", f"sqlite:///{blocker}/x.db", "org", "list", storage=False,
+        self.user_error("--database", f"sqlite:///{blocker}/x.db", "migrate", storage=False,
                         expected="database sqlite:///")
+
+    def test_no_database_here(self):
+        """Issue 12 item 9: only migrate creates a database; elsewhere nothing is made."""
+        empty = os.path.join(self.directory, "empty")
+        os.makedirs(empty)
+        data = os.path.join(empty, "mailingest-data")
+        for argv in (("org", "list"), ("org", "add", "acme"), ("messages", "list"), ("documents", "list"),
+                     ("reprocess", "--failed"), ("messages", "show", "1")):
+            self.assertFalse(os.path.exists(data))
+            self.user_error(*argv, cwd=empty, storage=False,
+                            expected="no database at sqlite:///mailingest-data/mailingest.db;"
+                                     " run from the daemon's directory or pass --database")
+            self.assertEqual(os.listdir(empty), [], argv)
+        self.user_error("--database", "sqlite:///elsewhere/x.db", "org", "list", cwd=empty, storage=False,
+                        expected="no database at sqlite:///elsewhere/x.db")
+        self.assertEqual(os.listdir(empty), [])
+        self.ok("migrate", cwd=empty, storage=False)
+        self.assertTrue(os.path.exists(os.path.join(data, "mailingest.db")))
+        self.assertIn("slug", self.ok("org", "list", cwd=empty, storage=False))
 
 
     def test_hostile_database_urls_never_shown(self):
