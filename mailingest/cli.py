@@ -25,14 +25,14 @@ from twisted.internet import defer, task
 from mailingest import __version__, send_test
 from mailingest.config import STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
-from mailingest.plus_address import valid_slug
+from mailingest.plus_address import POSTMASTER_SLUG, valid_slug
 from mailingest.secrets import masker, redact_url, url_passwords
 from mailingest.storage.urls import open_blobs, open_store, sqlite_path
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
 
-ORG_TABLE = ("slug", "name", "active", "created_at")
+ORG_TABLE = ("slug", "name", "active", "created_at", "reserved")
 MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
 MESSAGE_FIELDS = (
     "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
@@ -257,11 +257,15 @@ async def cmd_org_add(session: Session, args: argparse.Namespace) -> None:
 
 
 async def cmd_org_list(session: Session, args: argparse.Namespace) -> None:
-    rows = await session.store.list_orgs()
+    rows = [dict(row, reserved=row["slug"] == POSTMASTER_SLUG) for row in await session.store.list_orgs()]
     print(to_json(rows) if args.json else table(rows, ORG_TABLE))
 
 
 async def cmd_org_disable(session: Session, args: argparse.Namespace) -> None:
+    if args.slug.lower() == POSTMASTER_SLUG:
+        raise CommandError(
+            f"organisation {POSTMASTER_SLUG} is reserved: mail for postmaster is always accepted (RFC 5321 4.5.1)"
+        )
     row = await session.store.set_org_active(args.slug, False)
     print(f"disabled organisation {row['slug']}")
 

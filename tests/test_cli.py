@@ -30,7 +30,7 @@ from tests.test_urls import HOSTILE_URLS, leaked
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")
 COMMAND = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "mailingest"]
 
-ORG_KEYS = {"id", "slug", "name", "active", "created_at"}
+ORG_KEYS = {"id", "slug", "name", "active", "created_at", "reserved"}
 MESSAGE_KEYS = {
     "id", "org_id", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
@@ -170,7 +170,7 @@ class GeneralTests(CommandTestCase):
         self.assertEqual(result.stdout.decode().strip(), f"mailingest {__version__}")
 
     def test_migrate_twice(self):
-        self.assertEqual(self.ok("migrate"), "applied schema version(s) 1\n")
+        self.assertTrue(self.ok("migrate").startswith("applied schema version(s) 1, "))
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         self.assertTrue(os.path.exists(os.path.join(self.directory, "data", "mailingest.db")))
 
@@ -195,19 +195,25 @@ class OrganisationTests(CommandTestCase):
         self.user_error("org", "enable", "nope", expected="no organisation 'nope'")
 
         lines = self.ok("org", "list").splitlines()
-        self.assertEqual(lines[0].split(), ["slug", "name", "active", "created_at"])
-        self.assertEqual(lines[1].split()[:4], ["acme", "Acme", "Corp", "yes"])
-        self.assertEqual(lines[1].index("yes"), lines[0].index("active"))
+        self.assertEqual(lines[0].split(), ["slug", "name", "active", "created_at", "reserved"])
+        self.assertEqual(lines[1].split()[:4], ["_postmaster", "postmaster", "(reserved)", "yes"])
+        self.assertEqual(lines[1].split()[-1], "yes")
+        self.assertEqual(lines[2].split()[:4], ["acme", "Acme", "Corp", "yes"])
+        self.assertEqual(lines[2].split()[-1], "no")
+        self.assertEqual(lines[2].index("yes"), lines[0].index("active"))
 
         self.assertEqual(self.ok("org", "disable", "ACME"), "disabled organisation acme\n")
+        self.user_error("org", "disable", "_Postmaster", expected="organisation _postmaster is reserved")
+        self.user_error("org", "add", "_postmaster", expected="invalid organisation slug")
         orgs = self.json("org", "list")
-        self.assertEqual([(o["slug"], o["name"], o["active"]) for o in orgs],
-                         [("acme", "Acme Corp", False), ("beta", "", True)])
+        self.assertEqual([(o["slug"], o["name"], o["active"], o["reserved"]) for o in orgs],
+                         [("_postmaster", "postmaster (reserved)", True, True),
+                          ("acme", "Acme Corp", False, False), ("beta", "", True, False)])
         self.assertEqual(set(orgs[0]), ORG_KEYS)
         datetime.fromisoformat(orgs[0]["created_at"])
 
         self.assertEqual(self.ok("org", "enable", "acme"), "enabled organisation acme\n")
-        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, True])
+        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, True, True])
 
 
 class MessageTests(FixtureTestCase):
@@ -426,7 +432,8 @@ class PostgresTests(FixtureTestCase):
     def test_commands(self):
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         orgs = self.json("org", "list")
-        self.assertEqual([(o["slug"], o["active"]) for o in orgs], [("acme", True), ("beta", True)])
+        self.assertEqual({(o["slug"], o["active"], o["reserved"]) for o in orgs},
+                         {("_postmaster", True, True), ("acme", True, False), ("beta", True, False)})
         datetime.fromisoformat(orgs[0]["created_at"])
 
         lines = self.ok("messages", "list").splitlines()
@@ -448,7 +455,8 @@ class PostgresTests(FixtureTestCase):
 
         self.assertEqual(self.ok("reprocess", "--failed"), "queued 2 failed messages for extraction again\n")
         self.ok("org", "disable", "beta")
-        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, False])
+        self.assertEqual({o["slug"]: o["active"] for o in self.json("org", "list")},
+                         {"_postmaster": True, "acme": True, "beta": False})
 
 
 class FormattingTests(unittest.SynchronousTestCase):
