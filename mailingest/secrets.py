@@ -33,6 +33,8 @@ _SCHEME = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*:")
 _SPACE = " \t\n\r\f\v"
 _KEYWORD = re.compile(r"\A[A-Za-z_]+\Z")
 _UNESCAPE = re.compile(r"\\(.)", re.S)
+_QUOTED_VALUE = re.compile(r"'((?:[^'\\]|\\.)*)'", re.S)
+_BARE_VALUE = re.compile(r"(?:[^\\ \t\n\r\f\v]|\\.)*", re.S)
 
 
 class _Secret:
@@ -119,14 +121,14 @@ def _conninfo(text: str) -> Iterator[tuple[str, _Secret]]:
         while index < size and text[index] in _SPACE:
             index += 1
         if index < size and text[index] == "'":
-            match = re.compile(r"'((?:[^'\\]|\\.)*)'", re.S).match(text, index)
+            match = _QUOTED_VALUE.match(text, index)
             if match is None:
                 yield "", _Secret(text, index, size, text[index + 1:])
                 return
             yield keyword, _Secret(text, match.start(1), match.end(1), _UNESCAPE.sub(r"\1", match.group(1)))
             index = match.end()
         else:
-            match = re.compile(r"(?:[^\\ \t\n\r\f\v]|\\.)*", re.S).match(text, index)
+            match = _BARE_VALUE.match(text, index)
             yield keyword, _Secret(text, match.start(), match.end(), _UNESCAPE.sub(r"\1", match.group()))
             index = match.end()
 
