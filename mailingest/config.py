@@ -7,6 +7,7 @@ C{[mailingest]} section of the C{--config} INI file, else the default.
 """
 
 import configparser
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -32,6 +33,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -39,6 +44,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _worker_memory(text: str) -> int:
+    """Bytes of address space for a parser worker: below 64 MiB, Python itself cannot start."""
+    value = int(text)
+    if value < 64 * 1024 * 1024:
+        raise ValueError("must be at least 67108864 (64 MiB)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,10 @@ DAEMON_OPTIONS = (
     Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", _positive_float, metavar="SECONDS"),
     Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
     Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
+    Option("proxy-trusted", [], "network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint", _network, repeatable=True, metavar="CIDR"),
+    Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", _positive_int, metavar="BYTES"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
+    Option("extraction-memory-limit", 1073741824, "address space one parser worker may use, in bytes; a message that needs more goes to 'failed'", _worker_memory, metavar="BYTES"),
 )
 
 STORAGE_OPTIONS = (

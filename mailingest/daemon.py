@@ -16,34 +16,45 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from mailingest.delivery import IngestDelivery, OrgDirectory
+from mailingest.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction import ExtractionService
 from mailingest.ops_http import make_ops_site
 from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
 from mailingest.smtp_server import IngestSMTPFactory
-from mailingest.tls import load_tls
-from mailingest.storage.urls import open_blobs, open_store, redact_url
+from mailingest.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
+from mailingest.storage.urls import local_dir, open_blobs, open_store, redact_url, sqlite_path
 
 MIGRATE_RETRY_SECONDS = 5.0
 # SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.
 SHUTDOWN_GRACE_SECONDS = 10.0
 EXTRACTION_STOP_SECONDS = 3.0
 DEFAULT_SCRATCH_DIR = os.path.join("mailingest-data", "scratch")
+SMTP_LIMITS = ("max_message_size", "max_recipients", "max_connections", "max_connections_per_ip", "timeout")
 
 log = Logger(namespace="mailingest.daemon")
 
 
 class Listener(service.Service):
-    """Listens on one endpoint string; a port that cannot be opened stops the daemon."""
+    """
+    Listens on one endpoint string; a port that cannot be opened stops the
+    daemon. An C{ssl:} endpoint gets a reloadable certificate (C{self.tls});
+    a C{haproxy:} one reads PROXY headers from C{proxy_trusted} networks only.
+    """
 
-    def __init__(self, reactor, description: str, factory, what: str):
+    def __init__(self, reactor, description: str, factory, what: str, proxy_trusted=()):
         self.factory = factory
         self.what = what
         self.port = None
+        self.tls: ReloadableTLS | None = None
+        self.description = description
         if description.startswith(ENDPOINT_PREFIX):
-            self.factory = ProxyHeaderFirstFactory(factory)
+            self.factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
             description = description[len(ENDPOINT_PREFIX):]
+        if description.startswith(IMPLICIT_TLS_PREFIX):
+            self.endpoint, self.tls = implicit_tls_endpoint(reactor, description)
+            return
         try:
             self.endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
@@ -67,12 +78,10 @@ class Listener(service.Service):
 
 
 class TLSReloader(service.Service):
-    """Reload the certificate on SIGHUP, so a renewed certificate needs no restart."""
+    """Reload the certificates (STARTTLS and ssl: endpoints) on SIGHUP, so a renewed certificate needs no restart."""
 
-    def __init__(self, factory, cert: str, key: str, reactor):
-        self.factory = factory
-        self.cert = cert
-        self.key = key
+    def __init__(self, certificates: list[ReloadableTLS], reactor):
+        self.certificates = certificates
         self.reactor = reactor
         self._previous = None
 
@@ -89,12 +98,13 @@ class TLSReloader(service.Service):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        try:
-            self.factory.tls_context = load_tls(self.cert, self.key)
-        except ConfigError as e:
-            log.error("TLS certificate not reloaded, keeping the previous one: {error}", error=str(e))
-            return
-        log.info("TLS certificate reloaded from {cert}", cert=self.cert)
+        for tls in self.certificates:
+            try:
+                tls.reload()
+            except ConfigError as e:
+                log.error("TLS certificate not reloaded, keeping the previous one: {error}", error=str(e))
+                continue
+            log.info("TLS certificate reloaded from {cert}: {certificate}", cert=tls.cert_path, certificate=tls.describe())
 
 
 class SessionDrain(service.Service):
@@ -185,9 +195,24 @@ def clear_spool(directory: str) -> None:
             pass
 
 
+def local_data_directories(settings: dict, spool_dir: str) -> list[str]:
+    """The local directories mail is written to: spool, and blobs and database when they are local."""
+    directories = [spool_dir]
+    if settings["storage"].lower().startswith("file:"):
+        directories.append(local_dir(settings["storage"]))
+    if settings["database"].lower().startswith("sqlite:"):
+        directories.append(os.path.dirname(os.path.abspath(sqlite_path(settings["database"]))))
+    return directories
+
+
 def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if reactor is None:
         from twisted.internet import reactor
+    if any(d.startswith(ENDPOINT_PREFIX) for d in settings["smtp"]) and not settings["proxy_trusted"]:
+        raise ConfigError(
+            "a haproxy: endpoint believes the client address its peer sends: "
+            "give --proxy-trusted with the networks of your load balancers (CIDR)"
+        )
     store = open_store(settings["database"])
     blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], environ)
     daemon = Daemon(reactor, store, blobs)
@@ -200,8 +225,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     clear_spool(spool_dir)
 
     if settings["http"] != "none":
+        disk = DiskCheck(local_data_directories(settings, spool_dir), settings["min_free_space"])
         site = make_ops_site(
-            {"database": store.check, "storage": blobs.check},
+            {"database": store.check, "storage": blobs.check, "disk": disk},
             queue_depth=lambda: store.count_messages("received"),
         )
         ops = Listener(reactor, settings["http"], site, "ops HTTP")
@@ -214,7 +240,12 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     extraction = ExtractionService(
         store,
         blobs,
-        ParsePool(settings["extraction_processes"], settings["extraction_timeout"], reactor),
+        ParsePool(
+            settings["extraction_processes"],
+            settings["extraction_timeout"],
+            reactor,
+            memory_limit=settings["extraction_memory_limit"],
+        ),
         work_dir=os.path.join(scratch, "work"),
         concurrency=settings["extraction_processes"] + 1,
         poll_interval=settings["poll_interval"],
@@ -227,7 +258,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     tls_context = None
     if settings["tls_cert"]:
-        tls_context = load_tls(settings["tls_cert"], settings["tls_key"])
+        tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
 
     factory = IngestSMTPFactory(
         delivery,
@@ -240,11 +271,16 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         max_connections_per_ip=settings["max_connections_per_ip"],
         tls_context=tls_context,
     )
-    if tls_context is not None:
-        TLSReloader(factory, settings["tls_cert"], settings["tls_key"], reactor).setServiceParent(daemon)
+    listeners = [
+        Listener(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]
+    ]
+    certificates = [tls_context] if tls_context else []
+    certificates += [listener.tls for listener in listeners if listener.tls]
+    if certificates:
+        TLSReloader(certificates, reactor).setServiceParent(daemon)
     SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon)
-    for description in settings["smtp"]:
-        Listener(reactor, description, factory, "SMTP").setServiceParent(daemon)
+    for listener in listeners:
+        listener.setServiceParent(daemon)
 
     log.info(
         "mailingest starting: database {database}, storage {storage}, domains {domains}",
@@ -252,6 +288,30 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         storage=settings["storage"],
         domains=", ".join(settings["domain"]),
     )
+    log_smtp_policy(settings, tls_context, listeners)
     daemon.delivery = delivery
     daemon.extraction = extraction
     return daemon
+
+
+def log_smtp_policy(settings: dict, starttls: ReloadableTLS | None, listeners: list[Listener]) -> None:
+    """What a client of this daemon meets: limits and TLS, so the log answers 'what was running?'."""
+    log.info(
+        "SMTP limits: messages up to {max_message_size} bytes and {max_recipients} recipients, "
+        "{max_connections} connections ({max_connections_per_ip} per address), idle timeout {timeout:g} s",
+        **{key: settings[key] for key in SMTP_LIMITS},
+    )
+    if starttls is None:
+        log.info("STARTTLS off (no --tls-cert)")
+    else:
+        log.info("STARTTLS on, certificate {cert}: {certificate}", cert=starttls.cert_path, certificate=starttls.describe())
+    implicit = [listener for listener in listeners if listener.tls]
+    if not implicit:
+        log.info("implicit TLS: no ssl: endpoint")
+    for listener in implicit:
+        log.info(
+            "implicit TLS on {endpoint}, certificate {cert}: {certificate}",
+            endpoint=listener.description,
+            cert=listener.tls.cert_path,
+            certificate=listener.tls.describe(),
+        )

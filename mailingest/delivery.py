@@ -199,8 +199,14 @@ class IngestDelivery:
         return d.addCallback(decide).addErrback(unavailable)
 
     def receivedHeader(self, helo, origin, recipients):
+        """
+        Our trace header. After SMTPUTF8 (with UTF8SMTP...) the recipient stays
+        UTF-8, as RFC 6532 allows in the headers of such a message; otherwise
+        the header is ASCII.
+        """
         protocol = recipients[0].protocol if recipients else None
         with_ = getattr(protocol, "received_with", lambda: "ESMTP")()
+        utf8 = with_.startswith("UTF8")
         txid = getattr(protocol, "transaction_id", "")
         helo_name = _printable((helo[0] or b"").decode("ascii", "replace")) if helo else "unknown"
         peer = _printable(helo[1].decode("ascii", "replace")) if helo else "unknown"
@@ -210,11 +216,13 @@ class IngestDelivery:
         ]
         if len(recipients) == 1:
             dest = recipients[0].dest
-            lines.append(f"\tfor <{_printable((dest.local + b'@' + dest.domain).decode('utf-8', 'replace'), 320)}>;")
+            address = (dest.local + b"@" + dest.domain).decode("utf-8", "replace")
+            shown = (re.sub(r"[\x00-\x20\x7f-\x9f]", "?", address)[:320] or "unknown") if utf8 else _printable(address, 320)
+            lines.append(f"\tfor <{shown}>;")
         else:
             lines[-1] += ";"
         lines.append("\t" + format_datetime(datetime.now(timezone.utc)))
-        return "\r\n".join(lines).encode("ascii", "replace")
+        return "\r\n".join(lines).encode("utf-8" if utf8 else "ascii", "replace")
 
     # keeping the message
 

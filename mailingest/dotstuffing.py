@@ -14,6 +14,11 @@ from typing import Callable
 MAX_LINE = 128 * 1024
 
 
+def size_refusal(limit: int) -> bytes:
+    """The 552 text, stating the limit in bytes, for SIZE= and for DATA."""
+    return b"5.3.4 Message size exceeds fixed maximum message size of %d bytes" % limit
+
+
 class DotReader:
     """
     C{refusal} is None while the data is acceptable, else the reply to give at
@@ -70,7 +75,7 @@ class DotReader:
         if self.refusal is not None:
             return
         if self.size > self._limit:
-            self.refuse(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            self.refuse(552, size_refusal(self._limit))
         elif self._too_long(chunk):
             self.refuse(500, b"5.5.2 Message line longer than %d bytes" % self._max_line)
         else:

@@ -8,7 +8,9 @@ slower while extraction ran in threads, large ones worse. In worker processes
 the parser misbehave costs a worker, not the daemon: a worker that dies (out of
 memory, a crash) or is killed for taking longer than C{timeout} fails that
 attempt as a transient error (L{ParserDied}), and a new worker takes the next
-message. Workers read their requests from a pipe and exit when it closes, so
+message. A worker's address space is capped at C{memory_limit} bytes: a message
+that needs more fails for good (L{UnparseableMessage}: it would need as much
+again), and that worker is replaced. Workers read their requests from a pipe and exit when it closes, so
 none outlives the daemon, even one killed with SIGKILL.
 """
 
@@ -30,6 +32,7 @@ MiB = 1024 * 1024
 # A worker whose resident memory stays above this after a parse (a big message)
 # is replaced by a fresh one, so the memory goes back to the system.
 RETIRE_ABOVE_BYTES = 128 * MiB
+MEMORY_LIMIT_BYTES = 1024 * MiB
 WORKER_ARGV = [sys.executable, "-m", "mailingest.parse_worker", str(RETIRE_ABOVE_BYTES)]
 
 
@@ -150,11 +153,19 @@ class ParsePool:
     waits for a free one.
     """
 
-    def __init__(self, size: int = 1, timeout: float = 300.0, reactor=None, argv: list[str] = WORKER_ARGV):
+    def __init__(
+        self,
+        size: int = 1,
+        timeout: float = 300.0,
+        reactor=None,
+        argv: list[str] = WORKER_ARGV,
+        memory_limit: int = MEMORY_LIMIT_BYTES,
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._argv = argv
+        self._memory_limit = memory_limit
         self._timeout = timeout
         self._slots = defer.DeferredSemaphore(size)
         self._idle: list[_Worker] = []
@@ -195,7 +206,8 @@ class ParsePool:
             if worker.reusable:
                 return worker
         worker = _Worker(self._reactor, self._timeout)
-        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=worker_environment(os.environ))
+        argv = [*self._argv, str(self._memory_limit)]
+        self._reactor.spawnProcess(worker, argv[0], argv, env=worker_environment(os.environ))
         self._workers.add(worker)
         worker.ended.addCallback(lambda _: self._workers.discard(worker))
         return worker

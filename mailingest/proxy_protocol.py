@@ -6,9 +6,19 @@ connection opens, before the PROXY header is read, so the greeting and the
 connection limits would see the load balancer's address. This wrapper starts
 the session only once the header has been read: from its first moment the
 session sees the real client, for limits, logs and our Received: header.
+
+A PROXY header lets its sender claim any client address, so it is read only
+from the networks of C{--proxy-trusted}; any other peer is closed before a
+byte is read. A connection waiting for its header already holds a connection
+slot (counted under the proxy's own address), so connections that never send
+a header cannot exceed C{--max-connections}.
 """
 
+import ipaddress
+from collections.abc import Iterable
+
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -16,23 +26,54 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
 
+from mailingest import metrics
+from mailingest.smtp_server import peer_key
+
 HEADER_TIMEOUT = 10.0
 ENDPOINT_PREFIX = "haproxy:"
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = Logger(namespace="mailingest.proxy_protocol")
+
 
 class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
+    peer_key = ""
+    holds_slot = False
+
     def makeConnection(self, transport):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        host = getattr(transport.getPeer(), "host", None)
+        if not self.factory.trusts(host):
+            metrics.REJECTED.labels("proxy_untrusted").inc()
+            log.warn("refused connection from {peer}: not a trusted PROXY sender (--proxy-trusted)", peer=host)
+            transport.loseConnection()
+            return
+        self.peer_key = peer_key(host or "local")
+        sessions = self.factory.wrappedFactory
+        if not sessions.admit(self):
+            transport.write(b"421 4.7.0 " + sessions.hostname + b" Too many connections, try again later\r\n")
+            transport.loseConnection()
+            return
+        self.holds_slot = True
         self.setTimeout(HEADER_TIMEOUT)
 
     def timeoutConnection(self):
         self.transport.abortConnection()
 
+    def _release_slot(self) -> None:
+        """The session takes over (it counts the real client), or the connection ended."""
+        if self.holds_slot:
+            self.holds_slot = False
+            self.factory.wrappedFactory.closed(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self._proxyInfo is not None:
             return self.wrappedProtocol.dataReceived(data)
+        if not self.holds_slot:
+            return None
         if self._parser is None:
             if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
                 self._parser = V2Parser()
@@ -48,6 +89,7 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
             return None
         if self._proxyInfo is not None:
             self.setTimeout(None)
+            self._release_slot()
             self.wrappedProtocol.makeConnection(self)
             if remaining:
                 self.wrappedProtocol.dataReceived(remaining)
@@ -55,6 +97,7 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        self._release_slot()
         if self._proxyInfo is None:
             self.factory.unregisterProtocol(self)
             return
@@ -62,4 +105,29 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
 
 
 class ProxyHeaderFirstFactory(HAProxyWrappingFactory):
+    """
+    Wraps the SMTP factory (its C{admit}, C{closed} and C{hostname}) for a
+    C{haproxy:} listener that believes headers from C{trusted} networks only.
+    """
+
     protocol = ProxyHeaderFirst
+
+    def __init__(self, wrappedFactory, trusted: Iterable[Network]):
+        super().__init__(wrappedFactory)
+        self.trusted = tuple(trusted)
+
+    def trusts(self, host: str | None) -> bool:
+        """
+        Whether C{host} may send a PROXY header. A peer without an IP address
+        (a UNIX socket) is trusted: the socket's file permissions decide who
+        connects.
+        """
+        if host is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)

@@ -10,8 +10,13 @@ needs and Twisted leaves out.
 - The end of DATA is answered 250 only when the delivery policy has stored the
   message, and 451 when it could not (Twisted would say 550).
 - Every reply carries an RFC 3463 enhanced status code.
+- Errors are counted per session and refused recipients also per client
+  address over a window (L{IngestSMTPFactory}); past a few, error replies are
+  delayed (a tarpit, with input held, never blocking), and past a limit the
+  client is cut off: guessing organisations is slow and short.
 """
 
+import collections
 import ipaddress
 import re
 
@@ -21,14 +26,34 @@ from twisted.mail import smtp
 
 from mailingest import metrics, smtp_address
 from mailingest.delivery import Envelope, new_transaction_id
-from mailingest.dotstuffing import DotReader
+from mailingest.dotstuffing import DotReader, size_refusal
 from mailingest.spool import Spool
 
 # RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
 MAX_COMMAND_LINE = 512
 PAUSE_BUFFER = 1 << 20
-# Like Postfix's smtpd_hard_error_limit: a client that only gets errors is a bot.
+# Like Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time and
+# smtpd_hard_error_limit: errors (5xx replies) are counted over the session and
+# never forgiven by a later success; past SOFT_ERROR_LIMIT each further error
+# reply waits ERROR_SLEEP_SECONDS more than the last (up to
+# MAX_ERROR_SLEEP_SECONDS), and at ERROR_LIMIT the client is cut off.
+SOFT_ERROR_LIMIT = 5
+ERROR_SLEEP_SECONDS = 1.0
+MAX_ERROR_SLEEP_SECONDS = 5.0
 ERROR_LIMIT = 20
+# Like Postfix's smtpd_junk_command_limit: past this many of these commands
+# without a message stored, each one counts as an error.
+JUNK_COMMAND_LIMIT = 100
+JUNK_COMMANDS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"HELO", b"EHLO"})
+# Refused recipients from one client address (peer_key) within the window,
+# over all its sessions: they raise the tarpit delay of every session from
+# that address, and at the limit its RCPTs get 421 until the window moves on.
+REFUSED_RECIPIENT_LIMIT = 50
+REFUSED_RECIPIENT_WINDOW = 600.0
+# Verbs of RFC 5321 and older extensions we know but do not implement.
+NOT_IMPLEMENTED = frozenset(
+    {b"EXPN", b"ETRN", b"TURN", b"ATRN", b"BDAT", b"SEND", b"SOML", b"SAML", b"VERB", b"XCLIENT", b"XFORWARD"}
+)
 # Slow-drip bounds: after a grace period DATA must average MIN_DATA_RATE
 # bytes/s, and never take longer than MAX_DATA_SECONDS in all.
 MIN_DATA_RATE = 500
@@ -79,6 +104,7 @@ class IngestSMTP(smtp.ESMTP):
     min_data_rate = MIN_DATA_RATE
     max_data_seconds = MAX_DATA_SECONDS
     _data_watch = None
+    _tarpit = None
 
     def __init__(self, delivery, host: bytes, tls_context=None, clock=None):
         super().__init__(contextFactory=tls_context)
@@ -89,7 +115,7 @@ class IngestSMTP(smtp.ESMTP):
         self.delivery = delivery
         self.host = host
         self._inbuf = bytearray()
-        self._paused = False
+        self._holds = 0
         self._discarding_line = False
         self._reader = None
         self._envelope = None
@@ -97,6 +123,8 @@ class IngestSMTP(smtp.ESMTP):
         self._esmtp = False
         self._smtputf8 = False
         self._errors = 0
+        self._junk = 0
+        self._junk_penalty = False
         self.transaction_id = ""
 
     def connectionMade(self):
@@ -117,16 +145,64 @@ class IngestSMTP(smtp.ESMTP):
         """Add the enhanced status code Twisted's own replies lack."""
         if code not in (220, 354) and code in _DEFAULT_ENHANCED and not _ENHANCED.match(message):
             message = _DEFAULT_ENHANCED[code] + b" " + message
+        self._reply(code, message)
+
+    def _reply(self, code: int, message: bytes) -> None:
+        """
+        Send a reply; an error (a 5xx, or a junk command past its limit) is
+        counted, delayed when the tarpit applies, and may end the session.
+        A 4xx is not the client's error: 452 4.5.3 (too many recipients) is
+        how a long recipient list is split, 451 is our own trouble.
+        """
+        penalty, self._junk_penalty = self._junk_penalty, False
+        if code < 500 and not penalty:
+            super().sendCode(code, message)
+            return
+        self._errors += 1
+        delay = self._tarpit_delay()
+        if not delay:
+            self._error_sent(code, message)
+            return
+        self._hold()
+        self._tarpit = self.clock.callLater(delay, self._tarpit_over, code, message)
+
+    def _tarpit_delay(self) -> float:
+        level = self._errors
+        if self.factory is not None:
+            level = max(level, self.factory.refused_recipients(self.peer_key))
+        if level <= SOFT_ERROR_LIMIT:
+            return 0.0
+        return min(ERROR_SLEEP_SECONDS * (level - SOFT_ERROR_LIMIT), MAX_ERROR_SLEEP_SECONDS)
+
+    def _tarpit_over(self, code: int, message: bytes) -> None:
+        self._tarpit = None
+        self._error_sent(code, message)
+        self._release()
+
+    def _error_sent(self, code: int, message: bytes) -> None:
         super().sendCode(code, message)
-        if code < 400:
-            self._errors = 0
-        elif code != 421:
-            self._errors += 1
-            if self._errors >= ERROR_LIMIT:
-                metrics.REJECTED.labels("errors").inc()
-                log.info("disconnecting {peer}: too many errors", peer=self.peer_key)
-                super().sendCode(421, b"4.7.0 " + self.host + b" Too many errors, closing connection")
-                self.transport.loseConnection()
+        if self._errors >= ERROR_LIMIT:
+            self._cut_off("errors", b"Too many errors")
+        elif self._address_over_refusal_limit():
+            self._cut_off("refused_recipients", b"Too many refused recipients")
+
+    def _address_over_refusal_limit(self) -> bool:
+        return self.factory is not None and self.factory.refused_recipients(self.peer_key) >= REFUSED_RECIPIENT_LIMIT
+
+    def _cut_off(self, reason: str, text: bytes) -> None:
+        metrics.REJECTED.labels(reason).inc()
+        log.info("disconnecting {peer}: {reason}", peer=self.peer_key, reason=text.decode().lower(), event="rejected")
+        super().sendCode(421, b"4.7.0 " + self.host + b" " + text + b", closing connection")
+        self.transport.loseConnection()
+
+    def timeoutConnection(self):
+        """A command line must be complete within the timeout; a client waiting for us is not idle."""
+        if self._paused:
+            self.setTimeout(self.timeout)
+            return
+        log.info("disconnecting {peer}: timeout", peer=self.peer_key)
+        super().sendCode(421, b"4.4.2 " + self.host + b" Timeout, closing connection")
+        self.transport.loseConnection()
 
     def greeting(self):
         return self.host + b" ESMTP mailingest"
@@ -142,8 +218,12 @@ class IngestSMTP(smtp.ESMTP):
         return ext
 
     def received_with(self) -> str:
-        """The protocol for our Received: header (RFC 3848), with the TLS version and cipher."""
-        name = "ESMTP" if self._esmtp else "SMTP"
+        """
+        The protocol for our Received: header (RFC 3848; UTF8SMTP and
+        UTF8SMTPS of RFC 6531 for an SMTPUTF8 transaction), with the TLS
+        version and cipher.
+        """
+        name = "UTF8SMTP" if self._smtputf8 else "ESMTP" if self._esmtp else "SMTP"
         tls = self.tls_description()
         return f"{name}S ({tls})" if tls else name
 
@@ -160,7 +240,10 @@ class IngestSMTP(smtp.ESMTP):
     # input: one command at a time, DATA in bulk
 
     def dataReceived(self, data):
-        self.resetTimeout()
+        # Outside DATA only a complete command line counts as activity, so a
+        # byte-at-a-time client is timed out (DATA has its own pace check).
+        if self._reader is not None:
+            self.resetTimeout()
         self._inbuf += data
         if self._paused and len(self._inbuf) > PAUSE_BUFFER:
             self.transport.pauseProducing()
@@ -186,6 +269,7 @@ class IngestSMTP(smtp.ESMTP):
                 return
             line = bytes(self._inbuf[:end]).rstrip(b"\r")
             del self._inbuf[: end + 1]
+            self.resetTimeout()
             if self._discarding_line:
                 self._discarding_line = False
                 continue
@@ -201,6 +285,23 @@ class IngestSMTP(smtp.ESMTP):
             self.lineReceived(line)
 
     @property
+    def _paused(self) -> bool:
+        """Input is held while a lookup, storage or a tarpit delay is pending."""
+        return self._holds > 0
+
+    def _hold(self) -> None:
+        self._holds += 1
+
+    def _release(self) -> None:
+        """One reason to hold input is over: go on with what the client pipelined."""
+        self._holds -= 1
+        if self._holds or self.transport.disconnecting:
+            return
+        self.resetTimeout()
+        self.transport.resumeProducing()
+        self._process()
+
+    @property
     def busy(self) -> bool:
         """In DATA, or waiting for a lookup or for storage: not to be cut off."""
         return self._reader is not None or self._paused
@@ -213,29 +314,46 @@ class IngestSMTP(smtp.ESMTP):
         """Hold further input until C{d} has fired (and its reply is sent)."""
         if d.called:
             return
-        self._paused = True
+        self._hold()
 
         def resume(result):
-            self._paused = False
-            self.transport.resumeProducing()
-            self._process()
+            self._release()
             return result
 
         d.addBoth(resume)
 
     # commands
 
+    def state_COMMAND(self, line):
+        verb = line.split(None, 1)[0].upper() if line.strip() else b""
+        if verb in JUNK_COMMANDS:
+            self._junk += 1
+            self._junk_penalty = self._junk > JUNK_COMMAND_LIMIT
+        try:
+            super().state_COMMAND(line)
+        finally:
+            self._junk_penalty = False
+
+    def lookupMethod(self, command):
+        if command.upper() in NOT_IMPLEMENTED:
+            return self.do_not_implemented
+        return super().lookupMethod(command)
+
+    def do_not_implemented(self, rest):
+        self.sendCode(502, b"5.5.1 Command not implemented")
+
+    def ext_AUTH(self, rest):
+        self.sendCode(503, b"5.5.1 Authentication not enabled")
+
     def do_HELO(self, rest):
         self._esmtp = False
         self._greeted(rest)
-        smtp.SMTP.sendCode(self, 250, self.host + b" Hello " + self._helo[1])
+        self._reply(250, self.host + b" Hello " + self._helo[1])
 
     def do_EHLO(self, rest):
         self._esmtp = True
         self._greeted(rest)
-        smtp.SMTP.sendCode(
-            self, 250, self.host + b" Hello " + self._helo[1] + b"\n" + self.listExtensions()
-        )
+        self._reply(250, self.host + b" Hello " + self._helo[1] + b"\n" + self.listExtensions())
 
     def _greeted(self, rest: bytes) -> None:
         peer = self.transport.getPeer().host
@@ -246,8 +364,11 @@ class IngestSMTP(smtp.ESMTP):
     def ext_STARTTLS(self, rest):
         if self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport):
             self.sendCode(503, b"5.5.1 TLS already active")
+        elif rest:
+            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
         elif self.ctx is not None and self.canStartTLS:
             smtp.SMTP.sendCode(self, 220, b"2.0.0 Ready to start TLS")
+            self._discard_pipelined_plaintext()
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
             # RFC 3207: forget what the client said before TLS.
@@ -257,6 +378,24 @@ class IngestSMTP(smtp.ESMTP):
             self._to = []
         else:
             self.sendCode(454, b"4.7.0 TLS not available")
+
+    def _discard_pipelined_plaintext(self) -> None:
+        """
+        What came after STARTTLS in plaintext must not run inside TLS (the
+        CVE-2011-0411 class: an on-path attacker appends commands to the
+        client's STARTTLS). Like Postfix, we answer 220 and drop it.
+        """
+        if not self._inbuf:
+            return
+        metrics.REJECTED.labels("pipelining").inc()
+        log.warn(
+            "improper command pipelining after STARTTLS from {peer}: {size} bytes discarded",
+            peer=self.peer_key,
+            size=len(self._inbuf),
+            event="rejected",
+        )
+        self._inbuf.clear()
+        self._discarding_line = False
 
     def do_NOOP(self, rest):
         self.sendCode(250, b"2.0.0 OK")
@@ -314,7 +453,7 @@ class IngestSMTP(smtp.ESMTP):
                     return 501, b"5.5.4 Bad SIZE parameter"
                 if int(value) > self.max_message_size:
                     metrics.REJECTED.labels("size").inc()
-                    return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+                    return 552, size_refusal(self.max_message_size)
             elif name == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return 501, b"5.5.4 Bad BODY parameter"
@@ -345,6 +484,9 @@ class IngestSMTP(smtp.ESMTP):
         self.sendCode(250, b"2.1.0 Sender OK")
 
     def do_RCPT(self, rest):
+        if self._address_over_refusal_limit():
+            self._cut_off("refused_recipients", b"Too many refused recipients")
+            return
         if not self._from:
             self.sendCode(503, b"5.5.1 Need MAIL before RCPT")
             return
@@ -362,6 +504,7 @@ class IngestSMTP(smtp.ESMTP):
         try:
             user = smtp.User(self._address(m.group("path")), self._helo, self, self._from)
         except smtp.AddressError as e:
+            self._refused_recipient()
             self.sendCode(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
         d = defer.maybeDeferred(self.validateTo, user)
@@ -374,11 +517,17 @@ class IngestSMTP(smtp.ESMTP):
 
     def _ebToValidate(self, failure):
         if failure.check(smtp.SMTPServerError):
+            if failure.value.code >= 500:
+                self._refused_recipient()
             self.sendCode(failure.value.code, failure.value.resp.encode("utf-8", "replace"))
             self._log_refused(failure.value)
         else:
             log.failure("recipient validation failed", failure)
             self.sendCode(451, b"4.3.0 Temporary failure, try again later")
+
+    def _refused_recipient(self) -> None:
+        if self.factory is not None:
+            self.factory.refused_recipient(self.peer_key)
 
     def _log_refused(self, error) -> None:
         log.info(
@@ -391,7 +540,9 @@ class IngestSMTP(smtp.ESMTP):
         )
 
     def _peer(self) -> str:
-        return str(self._helo[1].decode("ascii", "replace") if self._helo else "")
+        """The client's address (before HELO, Twisted keeps it as text, after it as bytes)."""
+        peer = self._helo[1] if self._helo else ""
+        return peer.decode("ascii", "replace") if isinstance(peer, bytes) else str(peer)
 
     def do_DATA(self, rest):
         if self._from is None or not self._to:
@@ -475,6 +626,7 @@ class IngestSMTP(smtp.ESMTP):
             text = "2.0.0 Ok: stored as message " + ", ".join(ids)
         else:
             text = "2.0.0 Ok: already stored (duplicate)"
+        self._junk = 0
         self.sendCode(250, text.encode("ascii"))
 
     def _not_stored(self, failure):
@@ -488,6 +640,8 @@ class IngestSMTP(smtp.ESMTP):
         if not self.admitted:
             return
         self._stop_data_watch()
+        if self._tarpit is not None and self._tarpit.active():
+            self._tarpit.cancel()
         if self._spool is not None:
             self._spool.discard()
             log.info(
@@ -516,7 +670,11 @@ class IngestSMTPFactory(protocol.ServerFactory):
         max_connections: int,
         max_connections_per_ip: int,
         tls_context=None,
+        clock=None,
     ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.delivery = delivery
         self.hostname = hostname.encode("idna")
         self.spool_dir = spool_dir
@@ -528,10 +686,13 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.tls_context = tls_context
         self.by_peer: dict[str, int] = {}
         self.sessions: set[IngestSMTP] = set()
+        self.awaiting_header: set = set()
         self.shutting_down = False
+        self._refusals: dict[str, collections.deque] = {}
+        self._next_refusal_sweep = 0.0
 
     def buildProtocol(self, addr):
-        p = IngestSMTP(self.delivery, self.hostname, self.tls_context)
+        p = IngestSMTP(self.delivery, self.hostname, self.tls_context, self.clock)
         p.factory = self
         p.timeout = self.timeout
         p.max_message_size = self.max_message_size
@@ -540,17 +701,53 @@ class IngestSMTPFactory(protocol.ServerFactory):
         p.noisy = False
         return p
 
-    def admit(self, session: IngestSMTP) -> bool:
-        """Count a new session, or refuse it when a connection limit is reached."""
-        peer = session.peer_key
-        if len(self.sessions) >= self.max_connections or self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
-            metrics.REJECTED.labels("connections").inc()
-            log.warn("refused connection from {peer}: too many connections", peer=peer)
-            return False
-        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
-        self.sessions.add(session)
-        metrics.OPEN_CONNECTIONS.inc()
-        return True
+    def admit(self, connection) -> bool:
+        """
+        Count a new connection, or refuse it when a connection limit is
+        reached. C{connection} is a session, or a connection still waiting for
+        its PROXY header (it has a C{peer_key} too: the proxy's address).
+        """
+        peer = connection.peer_key
+        if len(self.sessions) + len(self.awaiting_header) >= self.max_connections:
+            limit = f"--max-connections {self.max_connections} reached"
+        elif self.by_peer.get(peer, 0) >= self.max_connections_per_ip:
+            limit = f"--max-connections-per-ip {self.max_connections_per_ip} reached for {peer}"
+        else:
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            (self.sessions if isinstance(connection, IngestSMTP) else self.awaiting_header).add(connection)
+            metrics.OPEN_CONNECTIONS.inc()
+            return True
+        metrics.REJECTED.labels("connections").inc()
+        log.warn("refused connection from {peer}: too many connections ({limit})", peer=peer, limit=limit)
+        return False
+
+    def refused_recipient(self, peer: str) -> None:
+        """Note a refused recipient from C{peer} (its times within the window, at most the limit, are kept)."""
+        now = self.clock.seconds()
+        self._forget_old_refusals(now)
+        times = self._refusals.get(peer)
+        if times is None:
+            times = self._refusals[peer] = collections.deque(maxlen=REFUSED_RECIPIENT_LIMIT)
+        times.append(now)
+
+    def refused_recipients(self, peer: str) -> int:
+        """Recipients refused to C{peer} within the window (capped at the limit)."""
+        times = self._refusals.get(peer)
+        if not times:
+            return 0
+        cutoff = self.clock.seconds() - REFUSED_RECIPIENT_WINDOW
+        while times and times[0] <= cutoff:
+            times.popleft()
+        return len(times)
+
+    def _forget_old_refusals(self, now: float) -> None:
+        """Once per window, drop the addresses with no refusal in it, so the table stays small."""
+        if now < self._next_refusal_sweep:
+            return
+        self._next_refusal_sweep = now + REFUSED_RECIPIENT_WINDOW
+        cutoff = now - REFUSED_RECIPIENT_WINDOW
+        for peer in [peer for peer, times in self._refusals.items() if times[-1] <= cutoff]:
+            del self._refusals[peer]
 
     async def shutdown(self, grace: float, clock) -> None:
         """
@@ -568,9 +765,10 @@ class IngestSMTPFactory(protocol.ServerFactory):
             log.warn("cutting off {peer} at shutdown", peer=session.peer_key)
             session.transport.abortConnection()
 
-    def closed(self, session: "IngestSMTP") -> None:
-        self.sessions.discard(session)
-        peer = session.peer_key
+    def closed(self, connection) -> None:
+        self.sessions.discard(connection)
+        self.awaiting_header.discard(connection)
+        peer = connection.peer_key
         self.by_peer[peer] -= 1
         if not self.by_peer[peer]:
             del self.by_peer[peer]

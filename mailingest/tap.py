@@ -54,6 +54,10 @@ class Options(usage.Options):
         """recipient domain we accept mail for, repeatable [default: localhost]"""
         self["domain"].append(domain)
 
+    def opt_proxy_trusted(self, networks):
+        """network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint"""
+        self["proxy_trusted"] += networks.replace(",", " ").split()
+
     def postOptions(self):
         given = {k.replace("-", "_"): v for k, v in self.items()}
         try:

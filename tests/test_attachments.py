@@ -7,6 +7,8 @@ import hashlib
 import os
 import quopri
 import random
+import time
+import tracemalloc
 from email import errors, message_from_bytes, policy
 from email.message import EmailMessage
 
@@ -576,6 +578,32 @@ class MalformedStructureTests(ExtractionTestCase):
         self.assertEqual(self.names(result), ["after.pdf"])
         self.assertEqual(self.data(result.attachments[0]), PDF)
         self.assertIn("message: damaged boundary, 1 part(s) recovered", result.warnings)
+
+    def test_many_parts_after_a_reused_boundary_take_linear_memory(self):
+        """Twice the parts after an early close take about twice the memory, not four times."""
+
+        def peak(count: int) -> int:
+            part = b"--same\r\n" + entity("Content-Type: text/plain", body=b"x" * 8000) + b"\r\n--same--\r\n"
+            raw = message(entity('Content-Type: multipart/mixed; boundary="same"', body=part * count))
+            tracemalloc.start()
+            try:
+                result = self.extract(raw)
+                used = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            self.assertIn(f"message: damaged boundary, {count - 1} part(s) recovered", result.warnings)
+            return used
+
+        self.assertLess(peak(120), 2.5 * peak(60))
+
+    def test_semicolons_inside_quoted_parameters_parse_quickly(self):
+        """The stdlib's parameter parser is quadratic in them (6 s for this one); the boundary is still read."""
+        header = 'Content-Type: multipart/mixed; x="' + ";" * 64_000 + '"; boundary="b-mixed"'
+        raw = message(entity(header, body=b"--b-mixed\r\n" + pdf_part() + b"\r\n--b-mixed--\r\n"))
+        started = time.monotonic()
+        result = self.extract(raw)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(self.names(result), ["order.pdf"])
 
     def test_declared_boundary_never_used(self):
         body = b"--actual\r\n" + text_body() + b"\r\n--actual\r\n" + pdf_part("found.pdf") + b"\r\n--actual--\r\n"

@@ -71,6 +71,15 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             resolve(ALL_OPTIONS, {"timeout": "-1"}, environ={})
         self.assertIn("--timeout", str(e.exception))
 
+    def test_worker_memory_limit(self):
+        self.assertEqual(resolve(ALL_OPTIONS, {}, environ={})["extraction_memory_limit"], 1 << 30)
+        environ = {"MAILINGEST_EXTRACTION_MEMORY_LIMIT": str(256 << 20)}
+        self.assertEqual(resolve(ALL_OPTIONS, {}, environ=environ)["extraction_memory_limit"], 256 << 20)
+        with self.assertRaises(ConfigError) as e:
+            resolve(ALL_OPTIONS, {"extraction_memory_limit": "1000"}, environ={})
+        self.assertIn("--extraction-memory-limit", str(e.exception))
+        self.assertIn("at least 67108864 (64 MiB)", str(e.exception))
+
     def test_secret_values_are_not_echoed(self):
         bad = write(self.directory, "[mailingest]\nlog-format = xml\n")
         with self.assertRaises(ConfigError):
@@ -103,6 +112,22 @@ class PluginOptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(options.settings["smtp"], ["tcp:25", "tcp6:25"])
         self.assertEqual(options.settings["domain"], ["a.test", "b.test"])
 
+    def test_proxy_trusted_networks(self):
+        options = Options()
+        options.parseOptions(["--proxy-trusted", "10.0.0.0/8,192.0.2.7", "--proxy-trusted", "2001:db8::/32"])
+        self.assertEqual(
+            [str(network) for network in options.settings["proxy_trusted"]],
+            ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
+        )
+        settings = resolve(ALL_OPTIONS, {}, environ={"MAILINGEST_PROXY_TRUSTED": "10.0.0.0/8, 172.16.0.0/12"})
+        self.assertEqual([str(network) for network in settings["proxy_trusted"]], ["10.0.0.0/8", "172.16.0.0/12"])
+
     def test_usage_errors(self):
-        for argv in (["--max-recipients", "0"], ["--tls-cert", "x.pem"], ["--log-format", "xml"]):
+        for argv in (
+            ["--max-recipients", "0"],
+            ["--tls-cert", "x.pem"],
+            ["--log-format", "xml"],
+            ["--proxy-trusted", "10.0.0.1/8"],
+            ["--proxy-trusted", "lb.example"],
+        ):
             self.assertRaises(usage.UsageError, Options().parseOptions, argv)

@@ -1,11 +1,20 @@
 """Tests for L{mailingest.filenames}."""
 
+import os
+import time
 import unicodedata
 from email import message_from_bytes, policy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailingest.filenames import MAX_FILENAME_BYTES, decode_filename, fallback_filename, sanitise_filename
+from mailingest.attachments import extract_attachments
+from mailingest.filenames import (
+    MAX_FILENAME_BYTES,
+    MAX_HEADER_CHARS,
+    decode_filename,
+    fallback_filename,
+    sanitise_filename,
+)
 
 
 def parsed_part(*headers: bytes):
@@ -138,6 +147,45 @@ class DecodeFilenameTests(SynchronousTestCase):
         )
         self.assertIsNone(name)
         self.assertEqual(warnings, ["unreadable filename parameter"])
+
+
+    def test_long_header_is_cut(self):
+        name, warnings = self.decode(b'Content-Disposition: attachment; filename="' + b"a" * 10_000 + b'.pdf"')
+        self.assertEqual(name, '"' + "a" * (MAX_HEADER_CHARS - len('attachment; filename="')))  # the quote never closes
+        self.assertEqual(warnings, [f"content-disposition header longer than {MAX_HEADER_CHARS} characters, the rest ignored"])
+
+    def test_names_still_decoded_after_a_semicolon_inside_quotes(self):
+        name, _ = self.decode(b'Content-Disposition: attachment; filename="a;b.pdf"; size=3')
+        self.assertEqual(name, "a;b.pdf")
+
+
+class HostileFilenameTimeTests(SynchronousTestCase):
+    """Headers that made the stdlib's parameter and RFC 2047 parsers quadratic."""
+
+    def assertParsedQuickly(self, *parts: bytes) -> list[str]:
+        body = b"".join(b"--B\r\n" + part + b"\r\n\r\n%PDF\r\n" for part in parts)
+        raw = os.path.abspath(self.mktemp())
+        with open(raw, "wb") as f:
+            f.write(b"Content-Type: multipart/mixed; boundary=B\r\n\r\n" + body + b"--B--\r\n")
+        self.assertLess(os.path.getsize(raw), 1_000_000)
+        out = os.path.abspath(self.mktemp())
+        os.mkdir(out)
+        started = time.monotonic()
+        result = extract_attachments(raw, out)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(len(result.attachments), len(parts))
+        return result.warnings
+
+    def test_unclosed_encoded_words(self):
+        """The attack message: three parts, 369 KB, 40 s in a worker before."""
+        part = b'Content-Type: application/pdf\r\nContent-Disposition: attachment; filename="' + b"=?a?q?x" * 17_554
+        self.assertParsedQuickly(part, part, part)
+
+    def test_semicolons_inside_quotes(self):
+        """A megabyte of parts whose names hold a semicolon every character."""
+        name = b'"' + b";" * 7000
+        part = b"Content-Type: application/pdf; name=" + name + b"\r\nContent-Disposition: attachment; filename=" + name
+        self.assertParsedQuickly(*[part] * 70)
 
 
 class SanitiseFilenameTests(SynchronousTestCase):

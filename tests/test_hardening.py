@@ -4,6 +4,7 @@ the daemon keeps serving a normal client afterwards.
 """
 
 import os
+import select
 import shutil
 import signal
 import smtplib
@@ -17,7 +18,9 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest import smtp_server
-from tests.daemon import DaemonTestCase, message, sleep, temp_dir
+from mailingest.daemon import build_daemon
+from mailingest.errors import ConfigError
+from tests.daemon import DaemonTestCase, message, settings_for, sleep, temp_dir
 
 
 class Conversation:
@@ -105,6 +108,8 @@ class InputLimitTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_too_many_errors_disconnects(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.01)
+
         def run():
             c = Conversation(self.daemon.port)
             replies = []
@@ -117,6 +122,36 @@ class InputLimitTests(HardeningCase):
         replies, closed = yield self.talk(run)
         self.assertTrue(any(r.startswith(b"421 4.7.0") for r in replies), replies[-3:])
         self.assertTrue(closed)
+        yield self.assertStillServing()
+
+
+class ProbingTests(HardeningCase):
+    """Guessing organisations (19 unknown ones, a NOOP, repeated) is slowed down and cut off."""
+
+    @defer.inlineCallbacks
+    def test_probing_is_slowed_and_cut_off(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.05)
+
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO prober.test")
+            c.command(b"MAIL FROM:<p@prober.test>")
+            replies, times = [], []
+            for n in range(200):
+                started = time.monotonic()
+                replies.append(c.command(b"RCPT TO:<orders+guess%d@example.com>" % n))
+                times.append(time.monotonic() - started)
+                if not replies[-1].startswith(b"550"):
+                    break
+                if n % 19 == 18:
+                    c.command(b"NOOP")
+            return replies, times, c.closed()
+
+        replies, times, closed = yield self.talk(run)
+        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertTrue(replies[-1].startswith(b"421 4.7.0"), replies[-1])
+        self.assertTrue(closed)
+        self.assertGreater(times[smtp_server.ERROR_LIMIT - 1], 0.2)
         yield self.assertStillServing()
 
 
@@ -189,6 +224,25 @@ class TimeoutTests(HardeningCase):
         self.assertLess(waited, 5)
         self.assertTrue(closed)
 
+    @defer.inlineCallbacks
+    def test_byte_at_a_time_client_is_dropped(self):
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO customer.test")
+            started = time.monotonic()
+            for byte in b"MAIL FROM:<slow@customer.test>" * 4:
+                try:
+                    c.sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+            return c.reply(), time.monotonic() - started, c.closed()
+
+        reply, waited, closed = yield self.talk(run)
+        self.assertTrue(reply.startswith(b"421 4.4.2"), reply)
+        self.assertLess(waited, 3)
+        self.assertTrue(closed)
+
 
 class ConnectionLimitTests(HardeningCase):
     overrides = {"max_connections_per_ip": "5"}
@@ -215,7 +269,11 @@ def proxy_v2(source: str, port: int) -> bytes:
 
 
 class ProxyProtocolTests(HardeningCase):
-    overrides = {"smtp": ["haproxy:tcp:0:interface=127.0.0.1"], "max_connections_per_ip": "1"}
+    overrides = {
+        "smtp": ["haproxy:tcp:0:interface=127.0.0.1"],
+        "max_connections_per_ip": "1",
+        "proxy_trusted": ["127.0.0.0/8"],
+    }
 
     @defer.inlineCallbacks
     def test_proxy_v1_and_v2_give_the_real_client(self):
@@ -244,6 +302,73 @@ class ProxyProtocolTests(HardeningCase):
         a, b, c = yield self.talk(run)
         self.assertTrue(a.startswith(b"220") and b.startswith(b"220"), (a, b))
         self.assertTrue(c.startswith(b"421 4.7.0"), c)
+
+
+class ProxyTrustTests(HardeningCase):
+    overrides = {
+        "smtp": ["haproxy:tcp:0:interface=127.0.0.1"],
+        "proxy_trusted": ["127.0.0.2"],
+        "max_connections": "10",
+        "max_connections_per_ip": "100",
+    }
+
+    @defer.inlineCallbacks
+    def test_header_believed_only_from_a_trusted_peer(self):
+        def run():
+            untrusted = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10, source_address=("127.0.0.1", 0))
+            untrusted.sendall(b"PROXY TCP4 6.6.6.0 127.0.0.1 40000 2525\r\nEHLO evil.test\r\n")
+            refused = untrusted.recv(100)
+            untrusted.close()
+            trusted = Conversation(self.daemon.port, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 2525\r\n", source="127.0.0.2")
+            ehlo = trusted.command(b"EHLO customer.test")
+            trusted.close()
+            return refused, trusted.greeting, ehlo
+
+        refused, greeting, ehlo = yield self.talk(run)
+        self.assertEqual(refused, b"")
+        self.assertTrue(greeting.startswith(b"220"), greeting)
+        self.assertIn(b"Hello 203.0.113.7", ehlo)
+
+    @defer.inlineCallbacks
+    def test_connections_without_a_header_count_against_max_connections(self):
+        def run():
+            sockets = [
+                socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10, source_address=("127.0.0.2", 0))
+                for _ in range(30)
+            ]
+            answers = {}
+            deadline = time.monotonic() + 10
+            # Wait for 20 answers, then 0.3 s more to see that no 21st comes.
+            while time.monotonic() < deadline:
+                waiting = [s for s in sockets if s not in answers]
+                readable, _, _ = select.select(waiting, [], [], 0.3)
+                if not readable and len(answers) >= 20:
+                    break
+                for s in readable:
+                    answers[s] = s.recv(100)
+            for s in sockets:
+                s.close()
+            return [answers.get(s, b"<open>") for s in sockets]
+
+        answers = yield self.talk(run)
+        self.assertEqual(answers.count(b"<open>"), 10, answers)
+        self.assertEqual(answers.count(b"421 4.7.0 mx.test Too many connections, try again later\r\n"), 20, answers)
+        yield sleep(0.2)
+
+        def later():
+            c = Conversation(self.daemon.port, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 2525\r\n", source="127.0.0.2")
+            c.close()
+            return c.greeting
+
+        self.assertTrue((yield self.talk(later)).startswith(b"220"))
+
+
+class ProxyTrustRequiredTests(unittest.TestCase):
+    def test_haproxy_endpoint_without_trusted_networks(self):
+        settings = settings_for(temp_dir(self), smtp=["haproxy:tcp:0:interface=127.0.0.1"])
+        with self.assertRaises(ConfigError) as raised:
+            build_daemon(settings)
+        self.assertIn("--proxy-trusted", str(raised.exception))
 
 
 class DataLimitTests(HardeningCase):
@@ -373,6 +498,47 @@ class TLSTests(HardeningCase):
         self.assertRegex(received, rb"with ESMTPS \(TLSv1\.[23] [A-Z0-9_-]+\)")
 
     @defer.inlineCallbacks
+    def test_starttls_command_injection(self):
+        """
+        An on-path attacker appends commands to the victim's STARTTLS (CVE-2011-0411
+        class): they must not run inside TLS and move the victim's message to beta.
+        """
+        yield self.daemon.store.add_org("beta", "Beta Ltd")
+        body = message(subject="victim order", message_id="<victim@customer.test>")
+
+        def run():
+            c = Conversation(self.daemon.port)
+            c.command(b"EHLO victim")
+            c.sock.sendall(
+                b"STARTTLS\r\nEHLO mitm\r\nMAIL FROM:<mitm@evil.test>\r\n"
+                b"RCPT TO:<orders+beta@example.com>\r\nDATA\r\n"
+            )
+            starttls = c.reply()
+            c.sock = ssl._create_unverified_context().wrap_socket(c.sock, server_hostname="mx.test")
+            c.file = c.sock.makefile("rb")
+            c.sock.sendall(
+                b"EHLO victim\r\nMAIL FROM:<victim@customer.test>\r\n"
+                b"RCPT TO:<orders+acme@example.com>\r\nDATA\r\n"
+            )
+            replies = [c.reply() for _ in range(4)]
+            c.sock.sendall(body + b".\r\n")
+            replies.append(c.reply())
+            replies.append(c.command(b"QUIT"))
+            return starttls, replies
+
+        starttls, replies = yield self.talk(run)
+        self.assertTrue(starttls.startswith(b"220 2.0.0"), starttls)
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"250", b"354", b"250", b"221"])
+        self.assertIn(b"mx.test Hello", replies[0])
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["org_slug"], row["mail_from"], row["subject"]), ("acme", "victim@customer.test", "victim order"))
+        [path] = self.daemon.blob_files()
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertTrue(stored.endswith(b"\r\n" + body), stored[-300:])
+        self.assertNotIn(b"mitm", stored)
+
+    @defer.inlineCallbacks
     def test_certificate_reloaded_on_sighup(self):
         directory = temp_dir(self)
         new_cert, new_key = make_certificate(directory, "renewed.test")
@@ -395,9 +561,30 @@ class ImplicitTLSTests(HardeningCase):
     @defer.inlineCallbacks
     def setUp(self):
         directory = temp_dir(self)
-        cert, key = make_certificate(directory)
-        self.overrides = {"smtp": [f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]}
+        self.cert, self.key = make_certificate(directory)
+        self.overrides = {"smtp": [f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"]}
         yield super().setUp()
+
+    def certificate_name(self):
+        def run():
+            client = smtplib.SMTP_SSL("127.0.0.1", self.daemon.port, timeout=10, context=ssl._create_unverified_context())
+            name = peer_certificate_name(client)
+            client.quit()
+            return name
+
+        return self.talk(run)
+
+    @defer.inlineCallbacks
+    def test_certificate_reloaded_on_sighup(self):
+        self.assertEqual((yield self.certificate_name()), "CN=mx.test")
+        new_cert, new_key = make_certificate(temp_dir(self), "renewed.test")
+        os.replace(new_cert, self.cert)
+        os.replace(new_key, self.key)
+        # Without the daemon's handler SIGHUP would end the test run.
+        self.assertNotIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, signal.SIG_IGN))
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield sleep(0.2)
+        self.assertEqual((yield self.certificate_name()), "CN=renewed.test")
 
     @defer.inlineCallbacks
     def test_implicit_tls(self):

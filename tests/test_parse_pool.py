@@ -114,6 +114,26 @@ class ParsePoolTests(unittest.TestCase):
         await defer.gatherResults([worker.ended for worker in used])  # each exited by itself
         self.assertEqual(pool._workers, set())
 
+    async def test_message_over_the_memory_limit_fails_and_its_worker_is_replaced(self):
+        pool = self.pool(memory_limit=64 * 1024 * 1024)
+        used = []
+        choose = pool._worker
+        self.patch(pool, "_worker", lambda: used.append(choose()) or used[-1])
+        big_text = b"Y" * 76 + b"\r\n"
+        raw, parts = self.message(
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n"
+            b"Content-Disposition: attachment\r\n\r\n" + big_text * 256_000 + b"\r\n--B--\r\n"
+        )
+        before = replaced("memory"), replaced("died")
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(pool.parse(raw, parts)), UnparseableMessage)
+        self.assertEqual(str(error), "the message needs more than 64 MiB of memory to parse")
+        self.assertEqual((replaced("memory"), replaced("died")), (before[0] + 1, before[1]))
+        await used[0].ended  # it exited by itself
+        raw, parts = self.message(order(attachments=[(b"%PDF-1.4", "application", "pdf", "next.pdf")]).as_bytes())
+        result = await pool.parse(raw, parts)
+        self.assertEqual([a.filename for a in result.attachments], ["next.pdf"])
+        self.assertIsNot(used[1], used[0])
+
     async def test_worker_gets_no_credentials(self):
         self.patch(os, "environ", dict(os.environ, MAILINGEST_DATABASE="postgresql://u:hunter2@db/m", AWS_SECRET_ACCESS_KEY="s3cr3t", LANG="C.UTF-8"))
         raw, parts = self.message(b"x")

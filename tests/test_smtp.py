@@ -434,17 +434,18 @@ class AddressProtocolTests(unittest.TestCase):
         self.delivery = IngestDelivery(None, None, directory, ["example.com", "ingest.example.org"], "mx.test")
         factory = IngestSMTPFactory(self.delivery, "mx.test", self.mktemp(), 1_000_000, 10, 300, 10, 10)
         self.protocol = factory.buildProtocol(None)
-        self.protocol.clock = clock = task.Clock()
-        self.protocol.callLater = clock.callLater
+        self.protocol.clock = self.clock = task.Clock()
+        self.protocol.callLater = self.clock.callLater
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(self.transport)
         self.addCleanup(self.protocol.connectionLost, Failure(ConnectionDone()))
         self.say(b"EHLO customer.test")
 
     def say(self, line: bytes) -> bytes:
-        """The final reply line to one command."""
+        """The final reply line to one command, after any tarpit delay."""
         self.transport.clear()
         self.protocol.dataReceived(line + b"\r\n")
+        self.clock.advance(30)
         return self.transport.value().rstrip(b"\r\n").split(b"\r\n")[-1]
 
     def rcpt(self, path: bytes, sender: bytes = b"<buyer@customer.test>") -> bytes:

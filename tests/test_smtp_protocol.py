@@ -1,0 +1,484 @@
+"""
+The SMTP dialogue at the protocol level: IngestSMTP on a StringTransport, time
+on a task.Clock, the real IngestDelivery on an in-memory store and blob store.
+No sockets, no sleeps.
+"""
+
+import itertools
+
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from zope.interface import alsoProvides, implementer
+
+from mailingest import metrics, smtp_server
+from mailingest.delivery import IngestDelivery, OrgDirectory
+from mailingest.smtp_server import IngestSMTPFactory
+from tests.daemon import temp_dir
+
+DOMAIN = "example.com"
+
+
+class MemoryStore:
+    """The few store calls the SMTP path makes, in memory."""
+
+    def __init__(self, orgs=("acme", "beta")):
+        self.orgs = {slug: number for number, slug in enumerate(orgs, 1)}
+        self.rows: list[dict] = []
+
+    def active_orgs(self):
+        return defer.succeed(dict(self.orgs))
+
+    def get_org(self, slug):
+        org_id = self.orgs.get(slug)
+        return defer.succeed(None if org_id is None else {"id": org_id, "slug": slug, "active": True})
+
+    def insert_messages(self, rows):
+        ids = []
+        for row in rows:
+            self.rows.append(dict(row, id=len(self.rows) + 1, org_slug=self.slug_of(row["org_id"])))
+            ids.append(len(self.rows))
+        return defer.succeed(ids)
+
+    def raw_key_in_use(self, key):
+        return defer.succeed(any(row["raw_key"] == key for row in self.rows))
+
+    def slug_of(self, org_id: int) -> str:
+        return next(slug for slug, number in self.orgs.items() if number == org_id)
+
+
+class MemoryBlobs:
+    def __init__(self):
+        self.blobs: dict[str, bytes] = {}
+
+    def put_bytes(self, key, data, sha256):
+        self.blobs[key] = data
+        return defer.succeed(None)
+
+    def put_file(self, key, path, sha256, size):
+        with open(path, "rb") as f:
+            self.blobs[key] = f.read()
+        return defer.succeed(None)
+
+    def delete(self, key):
+        self.blobs.pop(key, None)
+        return defer.succeed(None)
+
+
+@implementer(ITLSTransport)
+class StartTLSTransport(StringTransport):
+    """A StringTransport that can start TLS: afterwards it is an SSL transport, as a real one is."""
+
+    tls_context = None
+
+    def startTLS(self, contextFactory):
+        self.tls_context = contextFactory
+        alsoProvides(self, ISSLTransport)
+
+    def getHandle(self):
+        return FakeTLSConnection()
+
+
+class FakeTLSConnection:
+    def get_protocol_version_name(self):
+        return "TLSv1.3"
+
+    def get_cipher_name(self):
+        return "TLS_AES_256_GCM_SHA384"
+
+
+class Server:
+    """One daemon's SMTP side: a factory on a Clock, with its store and blobs."""
+
+    def __init__(self, test: unittest.TestCase, tls: bool = False, timeout: float = 300, max_message_size: int = 52428800, max_recipients: int = 100):
+        self.clock = task.Clock()
+        self.store = MemoryStore()
+        self.blobs = MemoryBlobs()
+        spool_dir = temp_dir(test)
+        self.delivery = IngestDelivery(self.store, self.blobs, OrgDirectory(self.store), [DOMAIN], "mx.test")
+        self.tls = tls
+        self.factory = IngestSMTPFactory(
+            self.delivery,
+            hostname="mx.test",
+            spool_dir=spool_dir,
+            max_message_size=max_message_size,
+            max_recipients=max_recipients,
+            timeout=timeout,
+            max_connections=1000,
+            max_connections_per_ip=50,
+            tls_context=object() if tls else None,
+            clock=self.clock,
+        )
+        self._ports = itertools.count(40000)
+
+    def connect(self, peer: str = "192.0.2.1") -> "Session":
+        transport_type = StartTLSTransport if self.tls else StringTransport
+        transport = transport_type(peerAddress=IPv4Address("TCP", peer, next(self._ports)))
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return Session(protocol, transport)
+
+
+class Session:
+    """A client's view of one connection: what it sends, the replies it got."""
+
+    def __init__(self, protocol, transport):
+        self.protocol = protocol
+        self.transport = transport
+        self.greeting = self.replies()[0]
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def replies(self) -> list[bytes]:
+        """The replies written since the last call, each as its lines joined by LF."""
+        written = self.transport.value()
+        self.transport.clear()
+        replies, lines = [], []
+        for line in written.split(b"\r\n")[:-1]:
+            lines.append(line)
+            if line[3:4] != b"-":
+                replies.append(b"\n".join(lines))
+                lines = []
+        return replies
+
+    def command(self, line: bytes) -> bytes:
+        """Send one command; its reply, which must have come at once."""
+        self.send(line + b"\r\n")
+        [reply] = self.replies()
+        return reply
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+def rejected(reason: str) -> float:
+    return metrics.REJECTED.labels(reason)._value.get()
+
+
+MESSAGE = b"From: buyer@customer.test\r\nSubject: Order\r\nMessage-ID: <order@customer.test>\r\n\r\nHello\r\n"
+
+
+class BasicsTests(unittest.TestCase):
+    def test_greeting(self):
+        session = Server(self).connect()
+        self.assertEqual(session.greeting, b"220 mx.test ESMTP mailingest")
+
+    def test_ehlo_extensions(self):
+        reply = Server(self).connect().command(b"EHLO customer.test")
+        lines = reply.split(b"\n")
+        self.assertEqual(lines[0], b"250-mx.test Hello 192.0.2.1")
+        self.assertEqual(
+            [line[4:] for line in lines[1:]],
+            [b"SIZE 52428800", b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8"],
+        )
+
+    def test_ehlo_offers_starttls_with_a_certificate(self):
+        reply = Server(self, tls=True).connect().command(b"EHLO customer.test")
+        self.assertIn(b"250-STARTTLS", reply)
+        self.assertNotIn(b"AUTH", reply)
+
+    def test_pipelined_transaction_replies_in_order(self):
+        server = Server(self)
+        session = server.connect()
+        session.send(
+            b"EHLO customer.test\r\nMAIL FROM:<buyer@customer.test>\r\nRCPT TO:<orders+nosuch@example.com>\r\n"
+            b"RCPT TO:<orders+acme@example.com>\r\nRCPT TO:<orders+beta@example.com>\r\nDATA\r\n"
+            + MESSAGE
+            + b".\r\nQUIT\r\n"
+        )
+        codes = [reply[:3] for reply in session.replies()]
+        self.assertEqual(codes, [b"250", b"250", b"550", b"250", b"250", b"354", b"250", b"221"])
+        self.assertEqual(sorted(row["org_slug"] for row in server.store.rows), ["acme", "beta"])
+        self.assertTrue(session.closed)
+
+
+class StartTLSInjectionTests(unittest.TestCase):
+    """CVE-2011-0411 class: plaintext pipelined after STARTTLS must not run inside TLS."""
+
+    INJECTED = (
+        b"STARTTLS\r\nEHLO mitm\r\nMAIL FROM:<mitm@evil.test>\r\nRCPT TO:<orders+beta@example.com>\r\nDATA\r\n"
+    )
+
+    def test_commands_pipelined_after_starttls_are_discarded(self):
+        server = Server(self, tls=True)
+        session = server.connect()
+        session.command(b"EHLO victim")
+        dropped = rejected("pipelining")
+        session.send(self.INJECTED)
+        self.assertEqual(session.replies(), [b"220 2.0.0 Ready to start TLS"])
+        self.assertIsNotNone(session.transport.tls_context)
+        self.assertEqual(rejected("pipelining"), dropped + 1)
+        session.send(
+            b"EHLO victim\r\nMAIL FROM:<victim@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n"
+        )
+        self.assertEqual([reply[:3] for reply in session.replies()], [b"250", b"250", b"250", b"354"])
+        session.send(MESSAGE + b".\r\n")
+        [stored] = session.replies()
+        self.assertTrue(stored.startswith(b"250 2.0.0 Ok: stored"), stored)
+        [row] = server.store.rows
+        self.assertEqual((row["org_slug"], row["mail_from"]), ("acme", "victim@customer.test"))
+        [blob] = server.blobs.blobs.values()
+        self.assertTrue(blob.endswith(b"\r\n" + MESSAGE), blob)
+        self.assertIn(b"with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384)", blob)
+
+    def test_a_half_line_after_starttls_is_discarded_too(self):
+        session = Server(self, tls=True).connect()
+        session.command(b"EHLO victim")
+        session.send(b"STARTTLS\r\nMAIL FROM:<mi")
+        self.assertEqual(session.replies(), [b"220 2.0.0 Ready to start TLS"])
+        session.send(b"EHLO victim\r\n")
+        [ehlo] = session.replies()
+        self.assertTrue(ehlo.startswith(b"250-mx.test"), ehlo)
+
+    def test_starttls_state_starts_afresh(self):
+        session = Server(self, tls=True).connect()
+        session.command(b"EHLO victim")
+        session.command(b"MAIL FROM:<a@customer.test>")
+        session.command(b"STARTTLS")
+        self.assertTrue(session.command(b"RCPT TO:<orders+acme@example.com>").startswith(b"503 5.5.1"))
+        self.assertTrue(session.command(b"STARTTLS").startswith(b"503 5.5.1"))
+
+    def test_starttls_with_an_argument(self):
+        session = Server(self, tls=True).connect()
+        self.assertEqual(session.command(b"STARTTLS now"), b"501 5.5.4 Syntax: STARTTLS")
+        self.assertIsNone(session.transport.tls_context)
+
+
+class RepliesTests(unittest.TestCase):
+    def test_known_but_unimplemented_verbs(self):
+        self.patch(smtp_server, "SOFT_ERROR_LIMIT", 100)
+        session = Server(self).connect()
+        session.command(b"EHLO customer.test")
+        for verb in (b"EXPN orders", b"ETRN example.com", b"TURN", b"ATRN", b"BDAT 10 LAST", b"SEND FROM:<a@b>", b"SOML FROM:<a@b>", b"SAML FROM:<a@b>", b"expn x"):
+            self.assertEqual(session.command(verb), b"502 5.5.1 Command not implemented", verb)
+        self.assertEqual(session.command(b"FROBNICATE"), b"500 5.5.2 Command not recognised")
+
+    def test_auth_is_not_offered(self):
+        session = Server(self).connect()
+        session.command(b"EHLO customer.test")
+        self.assertEqual(session.command(b"AUTH PLAIN AGFkbWluAHNlY3JldA=="), b"503 5.5.1 Authentication not enabled")
+
+    def test_declared_size_too_large_states_the_limit(self):
+        session = Server(self).connect()
+        session.command(b"EHLO customer.test")
+        self.assertEqual(
+            session.command(b"MAIL FROM:<a@customer.test> SIZE=52428801"),
+            b"552 5.3.4 Message size exceeds fixed maximum message size of 52428800 bytes",
+        )
+
+    def test_data_too_large_states_the_limit(self):
+        server = Server(self, max_message_size=1000)
+        session = server.connect()
+        session.send(b"EHLO customer.test\r\nMAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+        session.replies()
+        session.send(MESSAGE + b"x" * 2000 + b"\r\n.\r\n")
+        self.assertEqual(session.replies(), [b"552 5.3.4 Message size exceeds fixed maximum message size of 1000 bytes"])
+        self.assertEqual(server.store.rows, [])
+
+
+class ReceivedHeaderTests(unittest.TestCase):
+    def transaction(self, session, mail_from: bytes, rcpt: bytes, params: bytes = b"") -> None:
+        session.send(b"EHLO customer.test\r\nMAIL FROM:<" + mail_from + b">" + params + b"\r\nRCPT TO:<" + rcpt + b">\r\nDATA\r\n")
+        session.send(MESSAGE + b".\r\n")
+        self.assertTrue(session.replies()[-1].startswith(b"250 2.0.0 Ok: stored"))
+
+    def received(self, server) -> bytes:
+        [blob] = server.blobs.blobs.values()
+        return blob.split(b"\r\nFrom:")[0]
+
+    def test_smtputf8_transaction_keeps_the_utf8_address(self):
+        server = Server(self)
+        rcpt = "bestellung-für+acme@example.com".encode()
+        self.transaction(server.connect(), "jürgen@münchen.test".encode(), rcpt, b" SMTPUTF8")
+        received = self.received(server)
+        self.assertIn(b" with UTF8SMTP id ", received)
+        self.assertIn(b"\tfor <" + rcpt + b">;", received)
+        received.decode("utf-8")
+
+    def test_smtputf8_over_tls(self):
+        server = Server(self, tls=True)
+        session = server.connect()
+        session.command(b"STARTTLS")
+        self.transaction(session, b"a@customer.test", b"orders+acme@example.com", b" SMTPUTF8")
+        self.assertIn(b" with UTF8SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id ", self.received(server))
+
+    def test_ascii_transaction_is_esmtp(self):
+        server = Server(self)
+        self.transaction(server.connect(), b"a@customer.test", b"orders+acme@example.com")
+        received = self.received(server)
+        self.assertIn(b" with ESMTP id ", received)
+        self.assertIn(b"\tfor <orders+acme@example.com>;", received)
+
+
+class ProbingTests(unittest.TestCase):
+    """Guessing organisations: error replies slow down, then the client is cut off."""
+
+    def probe(self, session, clock, slug: bytes) -> tuple[bytes, float]:
+        """One RCPT for an unknown organisation; its reply and how long it took on the clock."""
+        session.send(b"RCPT TO:<orders+" + slug + b"@example.com>\r\n")
+        waited = 0.0
+        replies = session.replies()
+        while not replies:
+            clock.advance(0.25)
+            waited += 0.25
+            replies = session.replies()
+        return replies[0], waited
+
+    def test_delays_grow_and_noop_does_not_forgive(self):
+        server = Server(self)
+        session = server.connect()
+        session.command(b"EHLO prober.test")
+        session.command(b"MAIL FROM:<p@prober.test>")
+        cut = rejected("errors")
+        delays = []
+        for n in range(smtp_server.ERROR_LIMIT):
+            reply, waited = self.probe(session, server.clock, b"guess%d" % n)
+            self.assertTrue(reply.startswith(b"550 5.1.1"), reply)
+            delays.append(waited)
+            if not session.closed:
+                self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+        soft = smtp_server.SOFT_ERROR_LIMIT
+        self.assertEqual(delays[:soft], [0.0] * soft)
+        self.assertEqual(delays[soft : soft + 3], [1.0, 2.0, 3.0])
+        self.assertEqual(max(delays), smtp_server.MAX_ERROR_SLEEP_SECONDS)
+        self.assertTrue(session.closed)
+        self.assertEqual(session.replies(), [])
+        self.assertEqual(session.transport.value(), b"")
+        self.assertEqual(rejected("errors"), cut + 1)
+
+    def test_cut_off_reply(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
+        session = Server(self).connect()
+        session.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
+        session.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\nNOOP\r\n" % n for n in range(30)))
+        replies = session.replies()
+        self.assertEqual(replies[-1], b"421 4.7.0 mx.test Too many errors, closing connection")
+        self.assertEqual(sum(r.startswith(b"550") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertTrue(session.closed)
+
+    def test_input_is_held_during_a_delay(self):
+        server = Server(self)
+        session = server.connect()
+        session.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
+        session.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\n" % n for n in range(smtp_server.SOFT_ERROR_LIMIT + 1)))
+        session.send(b"RCPT TO:<orders+acme@example.com>\r\n")
+        replies = session.replies()
+        self.assertEqual(len(replies), 2 + smtp_server.SOFT_ERROR_LIMIT)
+        server.clock.advance(0.99)
+        self.assertEqual(session.replies(), [])
+        server.clock.advance(0.01)
+        self.assertEqual([r[:3] for r in session.replies()], [b"550", b"250"])
+
+    def test_refused_recipients_counted_per_address_across_sessions(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
+        self.patch(smtp_server, "REFUSED_RECIPIENT_LIMIT", 30)
+        server = Server(self)
+        cut = rejected("refused_recipients")
+        first = server.connect("198.51.100.7")
+        first.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
+        first.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\n" % n for n in range(20)))
+        self.assertTrue(first.closed)
+        second = server.connect("198.51.100.7")
+        second.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
+        second.send(b"".join(b"RCPT TO:<orders+h%d@example.com>\r\n" % n for n in range(15)))
+        replies = second.replies()
+        self.assertEqual(sum(r.startswith(b"550") for r in replies), 10)
+        self.assertEqual(replies[-1], b"421 4.7.0 mx.test Too many refused recipients, closing connection")
+        self.assertTrue(second.closed)
+        self.assertEqual(rejected("refused_recipients"), cut + 1)
+        # A new session from that address learns nothing, not even about a real organisation.
+        third = server.connect("198.51.100.7")
+        third.command(b"EHLO prober.test")
+        third.command(b"MAIL FROM:<p@prober.test>")
+        self.assertEqual(
+            third.command(b"RCPT TO:<orders+acme@example.com>"),
+            b"421 4.7.0 mx.test Too many refused recipients, closing connection",
+        )
+        # Another address is not affected, and the window moves on.
+        other = server.connect("198.51.100.8")
+        other.command(b"MAIL FROM:<b@customer.test>")
+        self.assertTrue(other.command(b"RCPT TO:<orders+acme@example.com>").startswith(b"250"))
+        server.clock.advance(smtp_server.REFUSED_RECIPIENT_WINDOW)
+        later = server.connect("198.51.100.7")
+        later.command(b"MAIL FROM:<p@prober.test>")
+        self.assertTrue(later.command(b"RCPT TO:<orders+acme@example.com>").startswith(b"250"))
+        self.assertEqual(server.factory.refused_recipients("198.51.100.7"), 0)
+
+    def test_address_history_slows_a_new_session_at_once(self):
+        server = Server(self)
+        for n in range(smtp_server.SOFT_ERROR_LIMIT + 2):
+            server.factory.refused_recipient("198.51.100.9")
+        session = server.connect("198.51.100.9")
+        session.command(b"MAIL FROM:<p@prober.test>")
+        self.assertEqual(self.probe(session, server.clock, b"again")[1], 3.0)
+
+    def test_table_of_addresses_is_swept(self):
+        server = Server(self)
+        server.factory.refused_recipient("198.51.100.1")
+        server.clock.advance(smtp_server.REFUSED_RECIPIENT_WINDOW + 1)
+        self.assertIn("198.51.100.1", server.factory._refusals)
+        server.factory.refused_recipient("198.51.100.2")
+        self.assertEqual(list(server.factory._refusals), ["198.51.100.2"])
+
+    def test_a_long_recipient_list_is_not_an_error(self):
+        server = Server(self)
+        session = server.connect()
+        session.send(b"EHLO relay.test\r\nMAIL FROM:<b@customer.test>\r\n")
+        session.send(b"".join(b"RCPT TO:<orders+acme@example.com>\r\n" for _ in range(120)))
+        session.send(b"DATA\r\n" + MESSAGE + b".\r\n")
+        codes = [r[:9] for r in session.replies()]
+        self.assertEqual(codes[2:102], [b"250 2.1.5"] * 100)
+        self.assertEqual(codes[102:122], [b"452 4.5.3"] * 20)
+        self.assertEqual(codes[122:], [b"354 End d", b"250 2.0.0"])
+        self.assertFalse(session.closed)
+        self.assertEqual(len(server.store.rows), 1)
+
+    def test_junk_commands_count_as_errors_past_their_limit(self):
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
+        session = Server(self).connect()
+        session.send(b"NOOP\r\n" * (smtp_server.JUNK_COMMAND_LIMIT + smtp_server.ERROR_LIMIT))
+        replies = session.replies()
+        self.assertEqual(replies[-1], b"421 4.7.0 mx.test Too many errors, closing connection")
+        self.assertEqual(len(replies), smtp_server.JUNK_COMMAND_LIMIT + smtp_server.ERROR_LIMIT + 1)
+
+
+class CommandPaceTests(unittest.TestCase):
+    def test_a_command_line_must_complete_within_the_timeout(self):
+        server = Server(self, timeout=10)
+        session = server.connect()
+        session.command(b"EHLO slow.test")
+        for byte in b"MAIL FROM:<slow@slow.test>":
+            session.send(bytes([byte]))
+            server.clock.advance(1)
+            if session.closed:
+                break
+        self.assertEqual(session.replies(), [b"421 4.4.2 mx.test Timeout, closing connection"])
+        self.assertTrue(session.closed)
+
+    def test_complete_lines_keep_the_session(self):
+        server = Server(self, timeout=10)
+        session = server.connect()
+        for _ in range(5):
+            server.clock.advance(9)
+            self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+        self.assertFalse(session.closed)
+
+    def test_a_client_waiting_for_us_is_not_timed_out(self):
+        self.patch(smtp_server, "SOFT_ERROR_LIMIT", 0)
+        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 20.0)
+        self.patch(smtp_server, "MAX_ERROR_SLEEP_SECONDS", 20.0)
+        server = Server(self, timeout=10)
+        session = server.connect()
+        session.send(b"BOGUS\r\n")
+        server.clock.advance(19)
+        self.assertEqual(session.replies(), [])
+        server.clock.advance(1)
+        self.assertEqual(session.replies(), [b"500 5.5.2 Command not recognised"])
+        server.clock.advance(9)
+        self.assertFalse(session.closed)
+        server.clock.advance(1)
+        self.assertTrue(session.closed)
