@@ -27,13 +27,14 @@ from mailingest.config import DAEMON_OPTIONS, STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.gc import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
-from mailingest.plus_address import valid_slug
-from mailingest.storage.urls import open_blobs, open_store, redact_url, url_passwords
+from mailingest.plus_address import POSTMASTER_SLUG, valid_slug
+from mailingest.secrets import masker, redact_url, url_passwords
+from mailingest.storage.urls import open_blobs, open_store, sqlite_path
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
 
-ORG_TABLE = ("slug", "name", "active", "created_at")
+ORG_TABLE = ("slug", "name", "active", "created_at", "reserved")
 MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
 MESSAGE_FIELDS = (
     "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
@@ -112,8 +113,7 @@ def to_json(value: Any) -> str:
 
 
 def _one_line(text: str, secrets: Iterable[str] = ()) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
+    text = masker(secrets)(text)
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
@@ -259,11 +259,15 @@ async def cmd_org_add(session: Session, args: argparse.Namespace) -> None:
 
 
 async def cmd_org_list(session: Session, args: argparse.Namespace) -> None:
-    rows = await session.store.list_orgs()
+    rows = [dict(row, reserved=row["slug"] == POSTMASTER_SLUG) for row in await session.store.list_orgs()]
     print(to_json(rows) if args.json else table(rows, ORG_TABLE))
 
 
 async def cmd_org_disable(session: Session, args: argparse.Namespace) -> None:
+    if args.slug.lower() == POSTMASTER_SLUG:
+        raise CommandError(
+            f"organisation {POSTMASTER_SLUG} is reserved: mail for postmaster is always accepted (RFC 5321 4.5.1)"
+        )
     row = await session.store.set_org_active(args.slug, False)
     print(f"disabled organisation {row['slug']}")
 
@@ -525,10 +529,18 @@ def _react(run: Callable[[], Awaitable[int]]) -> int:
     return status[0] if status else 1
 
 
+def _require_existing_database(url: str) -> None:
+    """Only C{migrate} creates a database: another command in the wrong directory must not make an empty one."""
+    if url.split(":", 1)[0].lower() == "sqlite" and not os.path.exists(sqlite_path(url)):
+        raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
+
+
 async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: dict[str, Any]) -> int:
     session = Session(settings)
     try:
         try:
+            if handler is not cmd_migrate:
+                _require_existing_database(settings["database"])
             session.open_store()
             if handler is not cmd_migrate:
                 await session.store.migrate()

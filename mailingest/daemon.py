@@ -25,7 +25,8 @@ from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.parse_pool import ParsePool
 from mailingest.smtp_server import IngestSMTPFactory
 from mailingest.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
-from mailingest.storage.urls import local_dir, open_blobs, open_store, redact_url, sqlite_path
+from mailingest.secrets import redact_url
+from mailingest.storage.urls import local_dir, open_blobs, open_store, sqlite_path
 
 MIGRATE_RETRY_SECONDS = 5.0
 # SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.

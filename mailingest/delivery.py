@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from mailingest import metrics
 from mailingest.interfaces import IIngestDelivery
-from mailingest.plus_address import normalise_domain, parse_recipient
+from mailingest.plus_address import normalise_domain, parse_recipient, valid_slug
 
 SOURCE = "smtp"
 MAX_MESSAGE_ID = 900
@@ -203,13 +203,16 @@ class IngestDelivery:
         domain = user.dest.domain.decode("utf-8", "replace")
         route = parse_recipient(local, domain)
         address = f"{local}@{domain}"
-        if route.domain not in self.domains:
+        # RFC 5321 4.5.1: postmaster at each of our domains, and <postmaster>
+        # without a domain, which the protocol gives our host name.
+        if route.domain not in self.domains and not (route.postmaster and route.domain == normalise_domain(self.hostname)):
             metrics.REJECTED.labels("relay").inc()
             raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied: we do not accept mail for " + _printable(route.domain))
         if route.slug is None:
             metrics.REJECTED.labels("unknown_org").inc()
             raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: address must be LOCAL+ORGANISATION@" + route.domain)
-        d = self.directory.lookup(route.slug)
+        # A tag that is no valid slug names no organisation (nor the reserved one).
+        d = self.directory.lookup(route.slug) if route.postmaster or valid_slug(route.slug) else defer.succeed(None)
 
         def decide(org_id):
             if org_id is None:

@@ -2,7 +2,7 @@
 Log output of the daemon: a readable text format and JSON lines for log
 shippers, both scrubbed of secrets.
 
-Every line is masked as L{redact} does, so the database password and the S3
+Every line is masked as L{mailingest.secrets.masker} does, so the database password and the S3
 secret key cannot reach the log even when a library puts them in a message.
 
 Under twistd, L{install_twistd_logger} makes these observers the daemon's only
@@ -12,53 +12,27 @@ log output, twistd's own start and stop lines included.
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
-from urllib.parse import quote, quote_plus
 
 from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
 from twisted.python import logfile, usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailingest.storage.urls import url_passwords
+from mailingest.secrets import masker, url_passwords
 
 FORMATS = ("text", "json")
-MASK = "***"
 JSON_KEYS = ("time", "level", "namespace", "message", "traceback")
 
 # The name twistd resolves (with namedAny) when install_twistd_logger has
 # chosen the log output; see twistd_observer.
 TWISTD_LOGGER = "mailingest.logs.twistd_observer"
 _twistd_observer_factory: Callable[[], ILogObserver] | None = None
-
-
-def _secret_pattern(secrets: Iterable[str]) -> re.Pattern | None:
-    forms = set()
-    for secret in secrets:
-        if secret:
-            forms.update((secret, quote(secret, safe=""), quote(secret), quote_plus(secret)))
-    if not forms:
-        return None
-    # Longest first, so a secret that contains another is masked whole.
-    return re.compile("|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True)))
-
-
-def _masker(secrets: Iterable[str]) -> Callable[[str], str]:
-    pattern = _secret_pattern(secrets)
-    if pattern is None:
-        return lambda text: text
-    return lambda text: pattern.sub(MASK, text)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every non-empty secret in C{text}, plain or URL-quoted, with C{***}."""
-    return _masker(secrets)(text)
 
 
 def secrets_from_settings(settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -136,7 +110,7 @@ class LineObserver:
     ):
         self._render = render
         self._stream = stream
-        self._mask = _masker(secrets)
+        self._mask = masker(secrets)
         # Events arrive from thread pools too (adbapi); keep lines whole. The
         # lock is reentrant because a signal handler runs on the thread it
         # interrupts, possibly mid-write, and logs too (twistd's "Received

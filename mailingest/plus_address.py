@@ -3,12 +3,22 @@ Plus-addressing: which organisation a recipient address is for.
 
 C{orders+acme@ingest.example.com} routes to organisation C{acme}: the tag is
 everything after the first C{+} of the local part, compared case-insensitively.
+A quoted local part names the same mailbox as its unquoted form.
+
+C{postmaster} (any case, with no tag; RFC 5321 section 4.5.1) routes to the
+reserved organisation L{POSTMASTER_SLUG}, made by schema migration 003. That
+slug is not a valid one (L{valid_slug}), so no organisation can be created with
+it and no plus address reaches it: C{orders+_postmaster@...} is refused.
 """
 
 import re
 from dataclasses import dataclass
 
+from mailingest.smtp_address import unquote_local
+
 SLUG = re.compile(r"\A[a-z0-9](?:[a-z0-9._-]{0,62})\Z")
+POSTMASTER = "postmaster"
+POSTMASTER_SLUG = "_postmaster"
 
 
 @dataclass(frozen=True)
@@ -16,6 +26,7 @@ class Route:
     local: str
     slug: str | None
     domain: str
+    postmaster: bool = False
 
 
 def normalise_domain(domain: str) -> str:
@@ -24,6 +35,9 @@ def normalise_domain(domain: str) -> str:
 
 def parse_recipient(local: str, domain: str) -> Route:
     """Split an address into its base local part, organisation tag and domain."""
+    local = unquote_local(local)
+    if local.lower() == POSTMASTER:
+        return Route(local, POSTMASTER_SLUG, normalise_domain(domain), postmaster=True)
     base, plus, tag = local.partition("+")
     slug = tag.strip().lower() if plus else None
     return Route(base, slug or None, normalise_domain(domain))

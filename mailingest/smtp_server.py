@@ -24,7 +24,7 @@ from twisted.internet import defer, interfaces, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from mailingest import metrics
+from mailingest import metrics, smtp_address
 from mailingest.delivery import Envelope, new_transaction_id
 from mailingest.dotstuffing import DotReader, size_refusal
 from mailingest.spool import Spool
@@ -437,7 +437,7 @@ class IngestSMTP(smtp.ESMTP):
         try:
             sender = self._address(m.group("path"))
         except smtp.AddressError as e:
-            self.sendCode(553, b"5.1.7 Bad sender address: " + str(e).encode("ascii", "replace")[:200])
+            self.sendCode(553, b"5.1.7 Bad sender address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
         self._to = []
         d = defer.maybeDeferred(self.validateFrom, self._helo, sender)
@@ -464,16 +464,19 @@ class IngestSMTP(smtp.ESMTP):
         return None
 
     def _address(self, path: bytes) -> smtp.Address:
-        """Twisted's parser for ASCII; an internationalised address (RFC 6531) needs SMTPUTF8."""
-        if path.isascii():
-            return smtp.Address(path, self.host)
-        if not self._smtputf8:
+        """
+        Read by L{smtp_address.split_path} (Twisted's parser refuses domain literals
+        and quoted-pairs); an internationalised address (RFC 6531) needs
+        SMTPUTF8, and a path without a domain is at our host, as Twisted has it.
+        """
+        if not path.isascii() and not self._smtputf8:
             raise smtp.AddressError("non-ASCII address without SMTPUTF8")
-        local, at, domain = path.strip(b"<>").rpartition(b"@")
-        if not (at and local and domain):
-            raise smtp.AddressError("malformed address")
+        try:
+            local, domain = smtp_address.split_path(path)
+        except smtp_address.MailboxSyntaxError:
+            raise smtp.AddressError() from None
         address = smtp.Address(b"placeholder@invalid")
-        address.local, address.domain, address.addrstr = local, domain, path
+        address.local, address.domain, address.addrstr = local, self.host if domain is None else domain, path
         return address
 
     def _sender_ok(self, sender):
@@ -502,7 +505,7 @@ class IngestSMTP(smtp.ESMTP):
             user = smtp.User(self._address(m.group("path")), self._helo, self, self._from)
         except smtp.AddressError as e:
             self._refused_recipient()
-            self.sendCode(553, b"5.1.3 Bad recipient address: " + str(e).encode("ascii", "replace")[:200])
+            self.sendCode(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallbacks(self._recipient_ok, self._ebToValidate, callbackArgs=(user,))

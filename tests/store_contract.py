@@ -12,6 +12,7 @@ from zope.interface.verify import verifyObject
 
 from mailingest.errors import NoSuchOrg, OrgExists
 from mailingest.interfaces import IStore
+from mailingest.plus_address import POSTMASTER_SLUG
 from mailingest.storage.store import migrations
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -84,6 +85,12 @@ class StoreContract:
         verifyObject(IStore, self.store)
 
     @defer.inlineCallbacks
+    def added_orgs(self):
+        """The organisations, without the reserved one every schema has."""
+        orgs = yield self.store.list_orgs()
+        return [o for o in orgs if o["slug"] != POSTMASTER_SLUG]
+
+    @defer.inlineCallbacks
     def two_orgs(self):
         acme = yield self.store.add_org("acme", "Acme Corp")
         globex = yield self.store.add_org("globex", "Globex")
@@ -137,27 +144,35 @@ class StoreContract:
     def test_add_existing_org_fails(self):
         yield self.store.add_org("acme", "Acme Corp")
         yield self.assertFailure(self.store.add_org("ACME", "Another"), OrgExists)
-        orgs = yield self.store.list_orgs()
+        orgs = yield self.added_orgs()
         self.assertEqual([(o["slug"], o["name"]) for o in orgs], [("acme", "Acme Corp")])
 
     @defer.inlineCallbacks
     def test_list_orgs_by_slug(self):
         for slug in ("zeta", "acme", "mu"):
             yield self.store.add_org(slug, slug.title())
-        orgs = yield self.store.list_orgs()
+        orgs = yield self.added_orgs()
         self.assertEqual([o["slug"] for o in orgs], ["acme", "mu", "zeta"])
         self.assertEqual({o["active"] for o in orgs}, {True})
 
     @defer.inlineCallbacks
     def test_set_org_active_and_active_orgs(self):
         acme, globex = yield self.two_orgs()
-        self.assertEqual((yield self.store.active_orgs()), {"acme": acme, "globex": globex})
+        reserved = {POSTMASTER_SLUG: 0}
+        self.assertEqual((yield self.store.active_orgs()), {**reserved, "acme": acme, "globex": globex})
         row = yield self.store.set_org_active("GLOBEX", False)
         self.assertEqual((row["slug"], row["active"]), ("globex", False))
-        self.assertEqual((yield self.store.active_orgs()), {"acme": acme})
+        self.assertEqual((yield self.store.active_orgs()), {**reserved, "acme": acme})
         self.assertFalse((yield self.store.get_org("globex"))["active"])
         yield self.store.set_org_active("globex", True)
-        self.assertEqual((yield self.store.active_orgs()), {"acme": acme, "globex": globex})
+        self.assertEqual((yield self.store.active_orgs()), {**reserved, "acme": acme, "globex": globex})
+
+    @defer.inlineCallbacks
+    def test_reserved_postmaster_organisation(self):
+        """Issue 12 item 3: migration 003 makes it, with id 0, so the first organisation added is still 1."""
+        org = yield self.store.get_org(POSTMASTER_SLUG)
+        self.assertEqual((org["id"], org["active"]), (0, True))
+        self.assertEqual((yield self.store.add_org("acme", ""))["id"], 1)
 
     @defer.inlineCallbacks
     def test_set_unknown_org_active_fails(self):

@@ -25,11 +25,12 @@ from mailingest import __version__
 from mailingest.cli import main, table, to_json
 from mailingest.send_test import SendError, parse_server
 from mailingest.storage.urls import open_store
+from tests.test_urls import HOSTILE_URLS, leaked
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")
 COMMAND = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "mailingest"]
 
-ORG_KEYS = {"id", "slug", "name", "active", "created_at"}
+ORG_KEYS = {"id", "slug", "name", "active", "created_at", "reserved"}
 MESSAGE_KEYS = {
     "id", "org_id", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
@@ -169,7 +170,7 @@ class GeneralTests(CommandTestCase):
         self.assertEqual(result.stdout.decode().strip(), f"mailingest {__version__}")
 
     def test_migrate_twice(self):
-        self.assertEqual(self.ok("migrate"), "applied schema version(s) 1\n")
+        self.assertTrue(self.ok("migrate").startswith("applied schema version(s) 1, "))
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         self.assertTrue(os.path.exists(os.path.join(self.directory, "data", "mailingest.db")))
 
@@ -185,6 +186,7 @@ class GeneralTests(CommandTestCase):
 
 class OrganisationTests(CommandTestCase):
     def test_lifecycle(self):
+        self.ok("migrate")
         self.assertEqual(self.ok("org", "add", "Acme", "--name", "Acme Corp"), "added organisation acme (id 1)\n")
         self.ok("org", "add", "beta")
         self.user_error("org", "add", "ACME", expected="organisation 'acme' already exists")
@@ -193,19 +195,25 @@ class OrganisationTests(CommandTestCase):
         self.user_error("org", "enable", "nope", expected="no organisation 'nope'")
 
         lines = self.ok("org", "list").splitlines()
-        self.assertEqual(lines[0].split(), ["slug", "name", "active", "created_at"])
-        self.assertEqual(lines[1].split()[:4], ["acme", "Acme", "Corp", "yes"])
-        self.assertEqual(lines[1].index("yes"), lines[0].index("active"))
+        self.assertEqual(lines[0].split(), ["slug", "name", "active", "created_at", "reserved"])
+        self.assertEqual(lines[1].split()[:4], ["_postmaster", "postmaster", "(reserved)", "yes"])
+        self.assertEqual(lines[1].split()[-1], "yes")
+        self.assertEqual(lines[2].split()[:4], ["acme", "Acme", "Corp", "yes"])
+        self.assertEqual(lines[2].split()[-1], "no")
+        self.assertEqual(lines[2].index("yes"), lines[0].index("active"))
 
         self.assertEqual(self.ok("org", "disable", "ACME"), "disabled organisation acme\n")
+        self.user_error("org", "disable", "_Postmaster", expected="organisation _postmaster is reserved")
+        self.user_error("org", "add", "_postmaster", expected="invalid organisation slug")
         orgs = self.json("org", "list")
-        self.assertEqual([(o["slug"], o["name"], o["active"]) for o in orgs],
-                         [("acme", "Acme Corp", False), ("beta", "", True)])
+        self.assertEqual([(o["slug"], o["name"], o["active"], o["reserved"]) for o in orgs],
+                         [("_postmaster", "postmaster (reserved)", True, True),
+                          ("acme", "Acme Corp", False, False), ("beta", "", True, False)])
         self.assertEqual(set(orgs[0]), ORG_KEYS)
         datetime.fromisoformat(orgs[0]["created_at"])
 
         self.assertEqual(self.ok("org", "enable", "acme"), "enabled organisation acme\n")
-        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, True])
+        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, True, True])
 
 
 class MessageTests(FixtureTestCase):
@@ -378,8 +386,37 @@ class OptionTests(CommandTestCase):
         blocker = os.path.join(self.directory, "a-file")
         with open(blocker, "w"):
             pass
-        self.user_error("--database", f"sqlite:///{blocker}/x.db", "org", "list", storage=False,
+        self.user_error("--database", f"sqlite:///{blocker}/x.db", "migrate", storage=False,
                         expected="database sqlite:///")
+
+    def test_no_database_here(self):
+        """Issue 12 item 9: only migrate creates a database; elsewhere nothing is made."""
+        empty = os.path.join(self.directory, "empty")
+        os.makedirs(empty)
+        data = os.path.join(empty, "mailingest-data")
+        for argv in (("org", "list"), ("org", "add", "acme"), ("messages", "list"), ("documents", "list"),
+                     ("reprocess", "--failed"), ("messages", "show", "1")):
+            self.assertFalse(os.path.exists(data))
+            self.user_error(*argv, cwd=empty, storage=False,
+                            expected="no database at sqlite:///mailingest-data/mailingest.db;"
+                                     " run from the daemon's directory or pass --database")
+            self.assertEqual(os.listdir(empty), [], argv)
+        self.user_error("--database", "sqlite:///elsewhere/x.db", "org", "list", cwd=empty, storage=False,
+                        expected="no database at sqlite:///elsewhere/x.db")
+        self.assertEqual(os.listdir(empty), [])
+        self.ok("migrate", cwd=empty, storage=False)
+        self.assertTrue(os.path.exists(os.path.join(data, "mailingest.db")))
+        self.assertIn("slug", self.ok("org", "list", cwd=empty, storage=False))
+
+
+    def test_hostile_database_urls_never_shown(self):
+        """Issue 11 item 6: whatever shape the password has, the command does not print it."""
+        for url, passwords, _ in HOSTILE_URLS:
+            result = self.run_command("--database", url, "org", "list", storage=False)
+            output = (result.stdout + result.stderr).decode()
+            self.assertEqual(result.returncode, 1, output)
+            self.assertIn("***", output, url)
+            self.assertEqual(leaked(output, passwords), [], f"{url}: {output}")
 
 
 class PostgresTests(FixtureTestCase):
@@ -395,7 +432,8 @@ class PostgresTests(FixtureTestCase):
     def test_commands(self):
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         orgs = self.json("org", "list")
-        self.assertEqual([(o["slug"], o["active"]) for o in orgs], [("acme", True), ("beta", True)])
+        self.assertEqual({(o["slug"], o["active"], o["reserved"]) for o in orgs},
+                         {("_postmaster", True, True), ("acme", True, False), ("beta", True, False)})
         datetime.fromisoformat(orgs[0]["created_at"])
 
         lines = self.ok("messages", "list").splitlines()
@@ -417,7 +455,8 @@ class PostgresTests(FixtureTestCase):
 
         self.assertEqual(self.ok("reprocess", "--failed"), "queued 2 failed messages for extraction again\n")
         self.ok("org", "disable", "beta")
-        self.assertEqual([o["active"] for o in self.json("org", "list")], [True, False])
+        self.assertEqual({o["slug"]: o["active"] for o in self.json("org", "list")},
+                         {"_postmaster": True, "acme": True, "beta": False})
 
 
 class FormattingTests(unittest.SynchronousTestCase):

@@ -306,6 +306,7 @@ def children(pid: int) -> list[int]:
 class KillDuringExtractionTests(unittest.TestCase):
     def test_kill_during_extraction_then_restart(self):
         directory = temp_dir(self)
+        self.assertEqual(mailingest_cli(directory, "migrate").returncode, 0)
         self.assertEqual(mailingest_cli(directory, "org", "add", "acme").returncode, 0)
         parts = [(os.urandom(50000), "application", "pdf", f"part-{i:03}.pdf") for i in range(150)]
         data = order(attachments=parts).as_bytes().replace(b"\n", b"\r\n")

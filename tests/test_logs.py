@@ -7,10 +7,12 @@ import calendar
 import io
 import json
 import os
+import subprocess
 import signal
 import sys
 import textwrap
 import threading
+import time
 
 from twisted.internet import utils
 from twisted.logger import Logger, LogLevel
@@ -19,7 +21,8 @@ from twisted.python.reflect import namedAny
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial import unittest
 
-from mailingest import logs
+from mailingest import logs, secrets
+from tests.test_urls import HOSTILE_URLS, leaked
 from mailingest.logs import make_observer
 
 NOV_24_0700 = calendar.timegm((2026, 11, 24, 7, 0, 0))
@@ -156,10 +159,10 @@ class RedactionTests(unittest.TestCase):
     def test_redact(self):
         text = "plain pa ss/w@rd, quoted pa%20ss%2Fw%40rd, path pa%20ss/w%40rd, form pa+ss%2Fw%40rd"
         self.assertEqual(
-            logs.redact(text, [self.SECRET, ""]),
+            secrets.redact(text, [self.SECRET, ""]),
             "plain ***, quoted ***, path ***, form ***",
         )
-        self.assertEqual(logs.redact("nothing secret", []), "nothing secret")
+        self.assertEqual(secrets.redact("nothing secret", []), "nothing secret")
 
     def test_text_lines(self):
         stream, log, _ = capture("text", [self.SECRET])
@@ -291,3 +294,47 @@ class TwistdIntegrationTests(unittest.TestCase):
             self.assertNotIn(b"secret", out)
 
         return d.addCallback(check)
+
+
+class DatabasePasswordInDaemonLogTests(unittest.TestCase):
+    """Issue 11 item 6: a real twistd given a database it cannot use never logs the password."""
+
+    def wait_for(self, process, log_path, done, timeout=40.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            with open(log_path, errors="replace") as f:
+                if done(f.read()):
+                    break
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.terminate()
+        process.wait(20)
+        with open(log_path, errors="replace") as f:
+            return f.read()
+
+    def test_hostile_database_urls(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        running = []
+        for index, (url, passwords, usable) in enumerate(HOSTILE_URLS):
+            log_path = os.path.join(directory, f"daemon-{index}.log")
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    [TWISTD, "-n", "--pidfile=", "mailingest", "--smtp", "tcp:0:interface=127.0.0.1",
+                     "--http", "none", "--database", url, "--storage", "file:" + directory],
+                    cwd=directory, stdout=log, stderr=subprocess.STDOUT,
+                    env={k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")},
+                )
+            self.addCleanup(lambda p=process: p.poll() is not None or p.kill())
+            running.append((url, passwords, usable, process, log_path))
+        for url, passwords, usable, process, log_path in running:
+            if usable and url.startswith("postgresql://"):
+                # the line repeated every 5 s while the database cannot be reached
+                text = self.wait_for(process, log_path, lambda t: t.count("cannot prepare the database") >= 2)
+                self.assertEqual(text.count("cannot prepare the database"), 2, text)
+            else:
+                # refused at start: libpq would misread it, or it is not a URL
+                text = self.wait_for(process, log_path, lambda t: False)
+                self.assertIn("database URL", text)
+            self.assertIn("***", text, url)
+            self.assertEqual(leaked(text, passwords), [], f"{url}: {text}")

@@ -6,9 +6,17 @@ daemon listening on 127.0.0.1.
 import socket
 import smtplib
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
 
+from mailingest.delivery import IngestDelivery
 from mailingest.errors import StorageError
+from mailingest.plus_address import POSTMASTER_SLUG
+from mailingest.smtp_server import IngestSMTPFactory
 from tests import daemon
 from tests.daemon import message, sleep
 
@@ -406,3 +414,101 @@ class ConnectionLimitTests(DaemonTestCase):
         yield sleep(0.2)
         code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
         self.assertEqual(code, 250)
+
+
+class _Directory:
+    """Active organisations by slug, without a database."""
+
+    def __init__(self, active):
+        self.active = active
+
+    def lookup(self, slug):
+        return defer.succeed(self.active.get(slug))
+
+
+class AddressProtocolTests(unittest.TestCase):
+    """Issue 12 items 3 and 4, in the dialogue: postmaster, quoted local parts, domain literals."""
+
+    def setUp(self):
+        directory = _Directory({"acme": 1, POSTMASTER_SLUG: 0})
+        self.delivery = IngestDelivery(None, None, directory, ["example.com", "ingest.example.org"], "mx.test")
+        factory = IngestSMTPFactory(self.delivery, "mx.test", self.mktemp(), 1_000_000, 10, 300, 10, 10)
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.clock = self.clock = task.Clock()
+        self.protocol.callLater = self.clock.callLater
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.protocol.makeConnection(self.transport)
+        self.addCleanup(self.protocol.connectionLost, Failure(ConnectionDone()))
+        self.say(b"EHLO customer.test")
+
+    def say(self, line: bytes) -> bytes:
+        """The final reply line to one command, after any tarpit delay."""
+        self.transport.clear()
+        self.protocol.dataReceived(line + b"\r\n")
+        self.clock.advance(30)
+        return self.transport.value().rstrip(b"\r\n").split(b"\r\n")[-1]
+
+    def rcpt(self, path: bytes, sender: bytes = b"<buyer@customer.test>") -> bytes:
+        self.say(b"RSET")
+        self.assertEqual(self.say(b"MAIL FROM:" + sender)[:3], b"250")
+        return self.say(b"RCPT TO:" + path)
+
+    def test_postmaster(self):
+        for path in (b"<postmaster>", b"<Postmaster>", b"<POSTMASTER@example.com>", b"<postmaster@Ingest.Example.ORG>",
+                     b"<postmaster@mx.test>", b'<"postmaster"@example.com>'):
+            self.assertEqual(self.rcpt(path), b"250 2.1.5 Recipient OK", path)
+        (user, factory), = self.protocol._to
+        self.assertEqual(factory().slug, POSTMASTER_SLUG)
+
+    def test_postmaster_elsewhere_and_the_reserved_slug_are_refused(self):
+        self.assertEqual(self.rcpt(b"<postmaster@elsewhere.test>")[:9], b"550 5.7.1")
+        for path in (b"<orders+_postmaster@example.com>", b"<orders+postmaster@example.com>",
+                     b'<"orders+_postmaster"@example.com>'):
+            self.assertEqual(self.rcpt(path), b"550 5.1.1 No such recipient: unknown organisation", path)
+
+    def test_quoted_local_part_is_the_same_mailbox(self):
+        for path in (b'<"orders+acme"@example.com>', b'<"orders\\+acme"@example.com>', b'"orders+acme"@example.com'):
+            self.assertEqual(self.rcpt(path), b"250 2.1.5 Recipient OK", path)
+        self.assertEqual(self.rcpt(b'<"orders+ac\\"me"@example.com>'),
+                         b"550 5.1.1 No such recipient: unknown organisation")
+
+    def test_domain_literal_is_relaying(self):
+        for path in (b"<orders+acme@[127.0.0.1]>", b"<orders+acme@[IPv6:::1]>"):
+            reply = self.rcpt(path)
+            self.assertTrue(reply.startswith(b"550 5.7.1 Relaying denied"), reply)
+
+    def test_unparseable_addresses_get_our_text(self):
+        for path in (b"<orders+acme@[127.0.0.1>", b"<a@b@example.com>", b'<"unterminated@example.com>',
+                     b"<orders+acme@exa(mple).com>", b"<@route:>"):
+            self.assertEqual(self.rcpt(path), b"553 5.1.3 Bad recipient address syntax", path)
+        for sender in (b"<a@b@customer.test>", b"<buyer@[127.0.0.1>", b'<"x@customer.test>'):
+            self.say(b"RSET")
+            self.assertEqual(self.say(b"MAIL FROM:" + sender), b"553 5.1.7 Bad sender address syntax", sender)
+
+    def test_source_route_and_null_sender_still_accepted(self):
+        self.assertEqual(self.rcpt(b"<@relay.test,@other.test:orders+acme@example.com>"), b"250 2.1.5 Recipient OK")
+        self.assertEqual(self.rcpt(b"<orders+acme@example.com>", sender=b"<>"), b"250 2.1.5 Recipient OK")
+
+
+class AddressSocketTests(DaemonTestCase):
+    """The same through a real socket: postmaster and a quoted local part are stored."""
+
+    @defer.inlineCallbacks
+    def test_postmaster_and_quoted_local_part_are_stored(self):
+        def transaction(client):
+            client.ehlo("customer.test")
+            replies = [client.mail("buyer@customer.test")]
+            for path in ("<postmaster>", "<postmaster@example.com>", '<"orders+acme"@example.com>'):
+                replies.append(client.docmd("RCPT TO:" + path))
+            replies.append(client.docmd("RCPT TO:<orders+acme@[127.0.0.1]>"))
+            replies.append(client.data(message()))
+            return replies
+
+        replies = yield self.daemon.smtp(transaction)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250, 250, 550, 250])
+        self.assertTrue(replies[4][1].startswith(b"5.7.1 Relaying denied"), replies[4])
+        messages = yield self.daemon.store.list_messages()
+        by_org = {m["org_slug"]: m for m in messages}
+        self.assertEqual(set(by_org), {POSTMASTER_SLUG, "acme"})
+        self.assertEqual(by_org[POSTMASTER_SLUG]["rcpt_to"], "postmaster@mx.test, postmaster@example.com")
+        self.assertEqual(by_org["acme"]["rcpt_to"], '"orders+acme"@example.com')

@@ -46,6 +46,7 @@ class TwistdCase(unittest.TestCase):
 
     def setUp(self):
         self.directory = temp_dir(self)
+        self.assertEqual(mailingest_cli(self.directory, "migrate").returncode, 0)
         result = mailingest_cli(self.directory, "org", "add", "acme")
         self.assertEqual(result.returncode, 0, result.stderr)
 

@@ -6,11 +6,11 @@ them expects.
 """
 
 import os
-import re
 from collections.abc import Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from mailingest.errors import ConfigError
+from mailingest.secrets import redact_url
 from mailingest.storage.store import Store
 
 
@@ -21,28 +21,6 @@ def sqlite_path(url: str) -> str:
             f"bad database URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
     return url[len("sqlite:///"):]
-
-
-# libpq ends the userinfo of a URL at the first "@" or "/". A password can
-# also be a query parameter, or a keyword of a "key=value" connection string.
-_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):([^@/]*)@")
-_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&#\s]*)")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by C{***}, fit for logs and error messages."""
-    url = _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
-
-
-def url_passwords(url: str) -> tuple[str, ...]:
-    """Every form of the URL's password that could show up in a message (as written and decoded), longest first."""
-    written = [value for _, value in _QUERY_PASSWORD.findall(url)]
-    match = _USERINFO_PASSWORD.match(url)
-    if match:
-        written.append(match.group(2))
-    found = {form for value in written for form in (value, unquote(value)) if form}
-    return tuple(sorted(found, key=len, reverse=True))
 
 
 def open_store(url: str) -> Store:

@@ -32,7 +32,7 @@ from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
 from mailingest.errors import ConfigError, MailingestError
-from mailingest.storage.urls import redact_url, url_passwords
+from mailingest.secrets import masker, redact_url, url_passwords, url_problem
 
 log = Logger()
 
@@ -74,25 +74,13 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _secrets(url: str, params: dict) -> tuple[str, ...]:
-    """Every form of the password that could show up in a message, longest first."""
-    found = set(url_passwords(url)) | {params.get("password", "")}
-    return tuple(sorted((s for s in found if s), key=len, reverse=True))
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 @dataclass(frozen=True)
 class _Target:
     """Where to connect, and how to speak of it without the password."""
 
     dsn: str
     public: str
-    secrets: tuple[str, ...]
+    mask: Callable[[str], str]
     connect_timeout: float
     options: dict
 
@@ -104,7 +92,7 @@ class _Target:
             return "connection lost, reconnecting"
         if isinstance(error, ConnectionClosed):
             return "connection closed"
-        return _scrub(" ".join(str(error).split()) or type(error).__name__, self.secrets)
+        return self.mask(" ".join(str(error).split()) or type(error).__name__)
 
     def unavailable(self, error: BaseException) -> DatabaseUnavailable:
         return DatabaseUnavailable(f"database {self.public} unavailable: {self.reason(error)}")
@@ -112,11 +100,14 @@ class _Target:
 
 def _target(url: str) -> _Target:
     public = redact_url(url)
+    mask = masker(url_passwords(url))
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"bad database URL {public!r}: {problem}")
     try:
         params = psycopg2.extensions.parse_dsn(url)
     except psycopg2.Error as e:
-        reason = _scrub(" ".join(str(e).split()), _secrets(url, {}))
-        raise ConfigError(f"bad database URL {public!r}: {reason}") from None
+        raise ConfigError(f"bad database URL {public!r}: {mask(' '.join(str(e).split()))}") from None
     try:
         connect_timeout = float(params.get("connect_timeout") or CONNECT_TIMEOUT)
     except ValueError:
@@ -124,7 +115,7 @@ def _target(url: str) -> _Target:
     return _Target(
         dsn=url,
         public=public,
-        secrets=_secrets(url, params),
+        mask=mask,
         connect_timeout=connect_timeout,
         options={
             "cursor_factory": psycopg2.extras.RealDictCursor,

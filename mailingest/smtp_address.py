@@ -1,0 +1,51 @@
+"""
+Mailboxes as clients write them in C{MAIL FROM} and C{RCPT TO} (RFC 5321
+section 4.1.2): the local part and the domain, and the local part as the
+mailbox it names.
+
+Twisted's C{smtp.Address} cannot read a domain literal (C{[127.0.0.1]}) or a
+quoted-pair inside a quoted local part, and its errors quote Python internals;
+this parser reads both, is as lenient as Twisted's about the rest (a path
+without angle brackets, a source route, any atom characters), and its errors
+are fixed texts. Input is one command line (at most 512 bytes), so the regular
+expression's cost is bounded.
+"""
+
+import re
+
+_ATOM = rb"[-A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\xff]"
+_QUOTED = rb'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e\x80-\xff])*"'
+_DOMAIN = rb"(?:\[[^\[\]\\\x00-\x20\x7f]*\]|" + _ATOM + rb"+)"
+_PATH = re.compile(
+    rb"\A(?P<open><)?"
+    rb"(?:@" + _DOMAIN + rb"(?:,@" + _DOMAIN + rb")*:)?"  # a source route, ignored (RFC 5321 4.1.2)
+    rb"(?P<local>" + _QUOTED + rb"|" + _ATOM + rb"+)"
+    rb"(?:@(?P<domain>" + _DOMAIN + rb"))?"
+    rb"(?(open)>)\Z"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+
+
+class MailboxSyntaxError(ValueError):
+    """Not a mailbox RFC 5321 (or Twisted's leniency) allows."""
+
+
+def split_path(path: bytes) -> tuple[bytes, bytes | None]:
+    """
+    C{<local@domain>} into the local part as written (quotes kept) and the
+    domain (a literal with its brackets), None when the path has no domain.
+    The null path C{<>} is C{(b"", b"")}.
+    """
+    if path == b"<>":
+        return b"", b""
+    match = _PATH.match(path)
+    if match is None:
+        raise MailboxSyntaxError("bad address syntax")
+    return match.group("local"), match.group("domain")
+
+
+def unquote_local(local: str) -> str:
+    """The mailbox a local part names: C{"orders+acme"} and C{orders+acme} are the same (RFC 5321 2.4)."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return local
