@@ -136,6 +136,8 @@ class GcCommandTests(unittest.TestCase):
     async def test_margin_below_a_transaction_refused(self):
         directory = temp_dir(self)
         self.open("sqlite:///" + os.path.join(directory, "m.db"), "file:" + os.path.join(directory, "blobs"))
+        migrated = await threads.deferToThread(mailingest_cli, directory, *self.options, "migrate")
+        self.assertEqual(migrated.returncode, 0, migrated.stderr)
         result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", "--min-age", "60")
         self.assertEqual(result.returncode, 1)
         self.assertIn(b"gc minimum age 60 s is too short", result.stderr)
