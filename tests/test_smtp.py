@@ -5,6 +5,9 @@ daemon listening on 127.0.0.1.
 
 import socket
 import smtplib
+import threading
+import time
+import urllib.request
 
 from twisted.internet import defer, threads
 
@@ -406,3 +409,55 @@ class ConnectionLimitTests(DaemonTestCase):
         yield sleep(0.2)
         code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
         self.assertEqual(code, 250)
+
+
+class HostileSubjectTests(DaemonTestCase):
+    """Issue 11: a crafted Subject froze every session and /healthz for 40 s."""
+
+    overrides = {"http": "tcp:0:interface=127.0.0.1"}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        ports = {c.what: c.port.getHost().port for c in self.daemon.service if getattr(c, "what", None)}
+        self.daemon.port = ports["SMTP"]
+        self.healthz = f"http://127.0.0.1:{ports['ops HTTP']}/healthz"
+
+    @defer.inlineCallbacks
+    def test_crafted_subject_answered_while_healthz_keeps_answering(self):
+        subject = "=?a?q?x" * 18432
+        body = f"From: a@customer.test\r\nSubject: {subject}\r\n {subject}\r\n\r\nbody\r\n".encode()
+        sending = threading.Event()
+        latencies = []
+
+        def poll_healthz():
+            while not sending.is_set():
+                time.sleep(0.001)
+            while sending.is_set():
+                started = time.monotonic()
+                with urllib.request.urlopen(self.healthz, timeout=120) as response:
+                    self.assertEqual(response.status, 200)
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.005)
+
+        def send(client):
+            client.ehlo("customer.test")
+            client.mail("a@customer.test")
+            client.rcpt("orders+acme@example.com")
+            sending.set()
+            started = time.monotonic()
+            try:
+                return client.data(body), time.monotonic() - started
+            finally:
+                sending.clear()
+
+        polled = threads.deferToThread(poll_healthz)
+        (code, reply), elapsed = yield self.daemon.smtp(send)
+        yield polled
+        self.assertEqual((code, reply[:24]), (250, b"2.0.0 Ok: stored as mess"))
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual(len(row["subject"]), 998)
+        # On main: the reply after about 40 s, /healthz as long.
+        self.assertLess(elapsed, 1.0)
+        self.assertTrue(latencies)
+        self.assertLess(max(latencies), 0.1, latencies)
