@@ -24,6 +24,9 @@ from twisted.internet.threads import deferToThread
 
 HEADER_LIMIT = 256 * 1024
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+# The email package ends the header section at the first empty line, lines
+# ending in CRLF, LF or CR alike: a line end followed by another.
+_BLANK_LINE = re.compile(rb"\n[\r\n]|\r\r")
 MEMORY_LIMIT = 128 * 1024
 
 
@@ -80,15 +83,15 @@ class Spool:
             self._capture_header(chunk)
 
     def _capture_header(self, chunk: bytes) -> None:
-        start = max(0, len(self._header) - 3)
+        start = max(0, len(self._header) - 1)
         self._header += chunk[: HEADER_LIMIT - len(self._header)]
-        if self._header.startswith(b"\r\n"):
-            del self._header[:]
-            self._header_done = True
-            return
-        end = self._header.find(b"\r\n\r\n", start)
+        if self._header[:1] in (b"\r", b"\n"):
+            end = 0
+        else:
+            blank = _BLANK_LINE.search(self._header, start)
+            end = -1 if blank is None else blank.start() + 1
         if end >= 0:
-            del self._header[end + 2 :]
+            del self._header[end:]
             self._header_done = True
         elif len(self._header) >= HEADER_LIMIT:
             self._header_done = True

@@ -461,3 +461,44 @@ class HostileSubjectTests(DaemonTestCase):
         self.assertLess(elapsed, 1.0)
         self.assertTrue(latencies)
         self.assertLess(max(latencies), 0.1, latencies)
+
+
+def lf_message(size: int, header: bytes = b"From: a@customer.test\nSubject: bare LF order\nMessage-ID: <lf@customer.test>\n\n") -> bytes:
+    """A message of C{size} bytes with bare LF line ends and no dot at a line start."""
+    line = b"x" * 63 + b"\n"
+    body = line * ((size - len(header)) // len(line))
+    return header + body + b"y" * (size - len(header) - len(body))
+
+
+class BareLineEndTests(DaemonTestCase):
+    """Issue 12: bare-LF messages over 256 KiB were refused as "Header section too large"."""
+
+    def send_raw(self, data: bytes) -> defer.Deferred:
+        def run():
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(b"HELO customer.test\r\nMAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+                for _ in range(4):
+                    f.readline()
+                s.sendall(data + b"\r\n.\r\n")
+                return f.readline()
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_large_lf_only_message(self):
+        data = lf_message(284048)
+        self.assertEqual(len(data), 284048)
+        reply = yield self.send_raw(data)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["subject"], row["source_message_id"]), ("bare LF order", "<lf@customer.test>"))
+
+    @defer.inlineCallbacks
+    def test_crlf_headers_ended_by_an_lf_blank_line(self):
+        data = lf_message(300000, b"Subject: mixed\r\nMessage-ID: <mixed@customer.test>\r\n\n")
+        reply = yield self.send_raw(data)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["subject"], row["source_message_id"]), ("mixed", "<mixed@customer.test>"))
