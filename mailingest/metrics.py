@@ -19,7 +19,7 @@ REJECTED = Counter(
 )
 DUPLICATES = Counter(
     "mailingest_duplicates_total",
-    "Messages accepted with 250 but not stored again (same organisation and Message-ID).",
+    "Messages accepted with 250 but not stored again (same organisation, Message-ID and content).",
 )
 BYTES_RECEIVED = Counter(
     "mailingest_received_bytes_total",
@@ -51,4 +51,8 @@ DOCUMENTS_CREATED = Counter(
 QUEUE_DEPTH = Gauge(
     "mailingest_queue_depth",
     "Messages received and not yet parsed or failed.",
+)
+MESSAGE_ID_COLLISIONS = Counter(
+    "mailingest_message_id_collisions_total",
+    "Messages stored under a suffixed Message-ID because a different message already held theirs.",
 )

@@ -8,7 +8,9 @@ file as it arrives and is never held whole. Each chunk also feeds the running
 hash of the stored copy (our C{Received:} header plus the message). The hash
 of the message exactly as the sender sent it, which names a message that has
 no Message-ID, is computed afterwards only for such a message. The header section is kept, bounded, to
-read Message-ID and Subject.
+read Message-ID, Subject and the originator headers; the body after it feeds
+a second running hash, so a message's content digest (which tells a retry
+from another message reusing its Message-ID) costs no second read.
 
 The spool file is not fsynced: the blob store makes durable what it stores
 (on local disk, the same inode, hard-linked), and S3 needs no local copy.
@@ -37,6 +39,7 @@ class Spool:
         self._file = None
         self._memory = bytearray(prefix)
         self._raw_hash = hashlib.sha256(prefix)
+        self._body_hash = hashlib.sha256()
         self.prefix_size = len(prefix)
         self.size = 0
         self._header = bytearray()
@@ -51,6 +54,11 @@ class Spool:
     @property
     def raw_sha256(self) -> str:
         return self._raw_hash.hexdigest()
+
+    @property
+    def body_sha256(self) -> str:
+        """The sha256 of what follows the header section (its empty line included)."""
+        return self._body_hash.hexdigest()
 
     def sent_sha256(self):
         """
@@ -78,9 +86,14 @@ class Spool:
             if len(self._memory) > MEMORY_LIMIT:
                 self._spill()
         self._raw_hash.update(chunk)
-        self.size += len(chunk)
-        if not self._header_done:
+        if self._header_done:
+            self._body_hash.update(chunk)
+        else:
             self._capture_header(chunk)
+            if self._header_done:
+                # The header section holds every byte before the body.
+                self._body_hash.update(memoryview(chunk)[len(self._header) - self.size :])
+        self.size += len(chunk)
 
     def _capture_header(self, chunk: bytes) -> None:
         start = max(0, len(self._header) - 1)

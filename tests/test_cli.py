@@ -169,7 +169,7 @@ class GeneralTests(CommandTestCase):
         self.assertEqual(result.stdout.decode().strip(), f"mailingest {__version__}")
 
     def test_migrate_twice(self):
-        self.assertEqual(self.ok("migrate"), "applied schema version(s) 1\n")
+        self.assertEqual(self.ok("migrate"), "applied schema version(s) 1, 2\n")
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         self.assertTrue(os.path.exists(os.path.join(self.directory, "data", "mailingest.db")))
 

@@ -14,6 +14,7 @@ from twisted.internet import defer, threads
 from mailingest.errors import StorageError
 from tests import daemon
 from tests.daemon import message, sleep
+from tests.test_extraction import PDF, order
 
 
 class DaemonTestCase(daemon.DaemonTestCase):
@@ -225,12 +226,45 @@ class AcceptanceTests(DaemonTestCase):
     @defer.inlineCallbacks
     def test_duplicate_message_id(self):
         first = yield self.daemon.send(message(), ["orders+acme@example.com"])
-        again = yield self.daemon.send(message(subject="resent"), ["orders+acme@example.com"])
-        self.assertEqual(first[0], 250)
-        self.assertEqual(again[0], 250)
-        self.assertIn(b"duplicate", again[1])
+        again = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual(first, (250, b"2.0.0 Ok: stored as message 1"))
+        self.assertEqual(again, first)
         self.assertEqual((yield self.daemon.store.count_messages()), 1)
         self.assertEqual(len(self.daemon.blob_files()), 1)
+
+    @defer.inlineCallbacks
+    def test_retry_through_another_relay_is_a_duplicate(self):
+        """Trace headers are not content: the same message with other Received headers is a retry."""
+        first = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        relayed = b"Received: from relay2.customer.test by mx2.customer.test; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+        relayed += b"DKIM-Signature: v=1; a=rsa-sha256; d=customer.test; b=abc\r\n" + message()
+        again = yield self.daemon.send(relayed, ["orders+acme@example.com"])
+        self.assertEqual(again, first)
+        self.assertEqual((yield self.daemon.store.count_messages()), 1)
+
+    @defer.inlineCallbacks
+    def test_taken_message_id_does_not_suppress_the_real_message(self):
+        """Issue 11: a fake order sent first with the real order's Message-ID."""
+        message_id = "<PO-778899@erp.partner.example>"
+        fake = order("PO 778899", message_id=message_id).as_bytes()
+        real = order("PO 778899", [(PDF, "application", "pdf", "PO-778899.pdf")], message_id=message_id).as_bytes()
+        code, reply = yield self.daemon.send(fake, ["orders+acme@example.com"])
+        self.assertEqual((code, reply), (250, b"2.0.0 Ok: stored as message 1"))
+        code, reply = yield self.daemon.send(real, ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+        self.assertRegex(reply, rb"^2\.0\.0 Ok: stored as message \d+$")
+        real_id = int(reply.split()[-1])
+        self.assertNotEqual(real_id, 1)
+        retried = yield self.daemon.send(real, ["orders+acme@example.com"])
+        self.assertEqual(retried, (code, reply))
+        self.assertEqual((yield self.daemon.store.count_messages()), 2)
+        row = yield self.daemon.settled(real_id)
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual(row["source_message_id"], message_id + "#collision-" + row["content_sha256"][:12])
+        self.assertIs(row["message_id_collision"], True)
+        [document] = yield self.daemon.store.list_documents(message_id=real_id)
+        self.assertEqual(document["filename"], "PO-778899.pdf")
+        self.assertEqual((yield self.daemon.store.get_message(1))["source_message_id"], message_id)
 
     @defer.inlineCallbacks
     def test_duplicate_without_message_id_is_deduplicated_by_content(self):
@@ -251,8 +285,9 @@ class AcceptanceTests(DaemonTestCase):
         self.assertEqual(code, 250)
         rows = yield self.daemon.store.list_messages()
         self.assertEqual(sorted(r["org_slug"] for r in rows), ["acme", "beta"])
+        ids = {row["org_slug"]: row["id"] for row in rows}
         code, reply = yield self.daemon.send(message(), ["orders+beta@example.com", "orders+acme@example.com"])
-        self.assertEqual((code, b"duplicate" in reply), (250, True))
+        self.assertEqual((code, reply), (250, b"2.0.0 Ok: stored as message %d, %d" % (ids["beta"], ids["acme"])))
         self.assertEqual((yield self.daemon.store.count_messages()), 2)
         self.assertEqual(len(self.daemon.blob_files()), 2)
 
