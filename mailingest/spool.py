@@ -115,7 +115,7 @@ class Spool:
         The raw value of the first header of each of C{names}, continuation
         lines included, as the email package's compat32 policy reads it;
         8-bit bytes (RFC 6532) decoded as UTF-8; None when absent. One plain
-        scan, since delivery needs two headers of every message, not a parse.
+        scan, since delivery needs a few headers of every message, not a parse.
         """
         wanted = {name.lower().encode("ascii"): name for name in names}
         found: dict[str, list[bytes]] = {}

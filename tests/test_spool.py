@@ -4,6 +4,7 @@ would (its compat32 parse was used before the scan replaced it), on crafted
 edge cases and on every message of the sample corpus.
 """
 
+import hashlib
 import os
 from email import policy
 from email.parser import BytesHeaderParser
@@ -89,3 +90,21 @@ class HeaderScanTests(unittest.TestCase):
             with open(path, "rb") as f:
                 data = f.read()
             self.assertSameAsEmailPackage(data)
+
+    def test_body_hash_whatever_the_chunks(self):
+        """The body (after the header section) is hashed while spooling, the same for any chunking."""
+        for data, body in [
+            (b"Subject: a\r\n\r\nbody\r\n", b"\r\nbody\r\n"),
+            (b"Subject: a\n\nbody\n", b"\nbody\n"),
+            (b"Subject: a\r\n\nbody", b"\nbody"),
+            (b"\r\nall body", b"\r\nall body"),
+            (b"Subject: no body", b""),
+        ]:
+            for size in (1, 2, 3, 7, len(data)):
+                directory = self.mktemp()
+                os.makedirs(directory)
+                spool = Spool(directory, b"Received: ours\r\n")
+                for start in range(0, len(data), size):
+                    spool.write(data[start : start + size])
+                spool.discard()
+                self.assertEqual(spool.body_sha256, hashlib.sha256(body).hexdigest(), (data, size))
