@@ -39,7 +39,7 @@ MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subjec
 MESSAGE_FIELDS = (
     "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
-    "received_at", "parsed_at",
+    "received_at", "parsed_at", "content_sha256",
 )
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")

@@ -10,6 +10,7 @@ refer to it (an ambiguous commit), where an invisible orphan is the safe side.
 """
 
 import email.header
+import hashlib
 import re
 import time
 import uuid
@@ -19,20 +20,25 @@ from email.utils import format_datetime
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest import metrics
-from mailingest.interfaces import IIngestDelivery
+from mailingest.encoded_words import decode_header
+from mailingest.interfaces import Collision, Duplicate, IIngestDelivery
 from mailingest.plus_address import normalise_domain, parse_recipient, valid_slug
 
 SOURCE = "smtp"
 MAX_MESSAGE_ID = 900
 MAX_SUBJECT = 998
 STORE_TIMEOUT_SECONDS = 30.0
+# Room for a 998-character subject in encoded words (base64 UTF-8 CJK).
+MAX_ENCODED_SUBJECT = 4096
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+# What the author wrote, as opposed to the trace headers relays add.
+ORIGINATOR_HEADERS = ("From", "To", "Cc", "Date", "Subject")
 
 log = Logger(namespace="mailingest.delivery")
 
@@ -58,8 +64,12 @@ class Envelope:
 
 @dataclass(frozen=True)
 class Outcome:
-    stored: list[tuple[Recipient, int]]
-    duplicates: list[Recipient]
+    """
+    The row of each organisation's copy, in recipient order: new ones, and
+    for a L{Duplicate} the row that already held it.
+    """
+
+    rows: list[tuple[Recipient, int]]
 
 
 def new_transaction_id() -> str:
@@ -83,12 +93,34 @@ def synthetic_message_id(sent_sha256: str) -> str:
     return f"<sha256-{sent_sha256}@mailingest.invalid>"
 
 
+def content_sha256(originators: dict[str, str | None], body_sha256: str) -> str:
+    """
+    What tells a retry from another message reusing its Message-ID: the
+    originator headers, unfolded and whitespace-collapsed, and the body.
+    Trace headers (Received, Return-Path, DKIM and ARC signatures, X-*) are
+    left out, so a copy that came by another relay is the same message.
+    """
+    digest = hashlib.sha256()
+    for name in ORIGINATOR_HEADERS:
+        value = originators[name]
+        if value is not None:
+            digest.update(f"{name.lower()}: {' '.join(value.split())}\n".encode("utf-8", "replace"))
+    digest.update(b"\n" + body_sha256.encode("ascii"))
+    return digest.hexdigest()
+
+
 def subject_of(text: str | None) -> str | None:
+    """
+    The decoded Subject, on the reactor thread: the raw value is cut to
+    C{MAX_ENCODED_SUBJECT} characters and decoded in linear time, so a hostile
+    one costs at most about 2 ms.
+    """
     if text is None:
         return None
+    text = text[:MAX_ENCODED_SUBJECT]
     if "=?" in text:
         try:
-            text = str(email.header.make_header(email.header.decode_header(text)))
+            text = str(email.header.make_header(decode_header(text)))
         except Exception:
             pass
     return " ".join(text.split())[:MAX_SUBJECT]
@@ -261,7 +293,9 @@ class IngestDelivery:
 
     def deliver(self, envelope, spool):
         started = time.monotonic()
-        work = defer.ensureDeferred(self._deliver(envelope, spool))
+        headers = spool.headers("Message-ID", *ORIGINATOR_HEADERS)
+        message_id = message_id_of(headers["Message-ID"])
+        work = defer.ensureDeferred(self._deliver(envelope, spool, headers, message_id))
 
         def done(result):
             spool.discard()
@@ -272,11 +306,16 @@ class IngestDelivery:
 
         def failed(failure: Failure):
             log.error(
-                "message from {peer} not stored ({size} bytes, transaction {txid}): {error}",
+                "message from {peer} for {recipients} not stored ({size} bytes, transaction {txid},"
+                " message-id={message_id_header}): {error}",
                 peer=envelope.peer,
-                size=spool.size,
+                org=", ".join(sorted({r.slug for r in envelope.recipients})),
+                recipients=", ".join(r.address for r in envelope.recipients),
+                message_id_header=message_id or "",
+                size=spool.raw_size,
                 txid=envelope.id,
                 error=failure.getErrorMessage(),
+                event="temporary_failure",
             )
             metrics.REJECTED.labels("temporary_failure").inc()
             raise smtp.SMTPServerError(
@@ -284,13 +323,13 @@ class IngestDelivery:
             )
 
         d.addErrback(failed)
-        d.addCallback(self._log_outcome, envelope, spool, started)
+        d.addCallback(self._log_outcome, envelope, spool, started, message_id or "")
         return d
 
-    async def _deliver(self, envelope, spool) -> Outcome:
+    async def _deliver(self, envelope, spool, headers, message_id) -> Outcome:
         await spool.finish()
-        headers = spool.headers("Message-ID", "Subject")
-        message_id = message_id_of(headers["Message-ID"]) or synthetic_message_id(await spool.sent_sha256())
+        if message_id is None:
+            message_id = synthetic_message_id(await spool.sent_sha256())
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)
@@ -311,6 +350,7 @@ class IngestDelivery:
             "raw_key": key,
             "raw_size": spool.raw_size,
             "raw_sha256": digest,
+            "content_sha256": content_sha256(headers, spool.body_sha256),
             "received_at": envelope.received_at,
         }
         rows = [
@@ -322,15 +362,14 @@ class IngestDelivery:
         except Exception:
             await self._remove_unreferenced(key)
             raise
-        stored = [(by_org[org_id][0], new_id) for org_id, new_id in zip(orgs, ids) if new_id]
-        duplicates = [by_org[org_id][0] for org_id, new_id in zip(orgs, ids) if not new_id]
-        if not stored:
+        outcome = Outcome([(by_org[org_id][0], row_id) for org_id, row_id in zip(orgs, ids)])
+        if all(isinstance(row_id, Duplicate) for row_id in ids):
             await self._remove_unreferenced(key)
-            return Outcome(stored, duplicates)
+            return outcome
         metrics.BYTES_RECEIVED.inc(spool.raw_size)
         for hook in self.on_stored:
             hook()
-        return Outcome(stored, duplicates)
+        return outcome
 
     async def _remove_unreferenced(self, key: str) -> None:
         try:
@@ -340,27 +379,50 @@ class IngestDelivery:
         except Exception as e:
             log.warn("raw blob {key} left in storage, unreferenced: {error}", key=key, error=str(e))
 
-    def _log_outcome(self, outcome: Outcome, envelope, spool, started):
-        for recipient, message_id in outcome.stored:
-            metrics.MESSAGES_ACCEPTED.inc()
-            log.info(
-                "accepted message {message_id} for {org} from {peer} <{mail_from}> ({size} bytes, {ms:.0f} ms)",
+    def _log_outcome(self, outcome: Outcome, envelope, spool, started, message_id_header: str):
+        for recipient, message_id in outcome.rows:
+            fields = dict(
                 message_id=message_id,
                 org=recipient.slug,
                 peer=envelope.peer,
                 mail_from=envelope.mail_from,
                 size=spool.raw_size,
                 ms=(time.monotonic() - started) * 1000,
-                event="accepted",
+                message_id_header=message_id_header,
             )
-        for recipient in outcome.duplicates:
-            metrics.DUPLICATES.inc()
-            log.warn(
-                "duplicate message for {org} from {peer} <{mail_from}> ({size} bytes): already stored, not stored again",
-                org=recipient.slug,
-                peer=envelope.peer,
-                mail_from=envelope.mail_from,
-                size=spool.size,
-                event="duplicate",
-            )
+            for counter, level, event, text in _outcome_lines(message_id):
+                counter.inc()
+                log.emit(level, text, event=event, **fields)
         return outcome
+
+
+_ACCEPTED = (
+    metrics.MESSAGES_ACCEPTED,
+    LogLevel.info,
+    "accepted",
+    "accepted message {message_id} for {org} from {peer} <{mail_from}> ({size} bytes, {ms:.0f} ms,"
+    " message-id={message_id_header})",
+)
+_COLLISION = (
+    metrics.MESSAGE_ID_COLLISIONS,
+    LogLevel.warn,
+    "message_id_collision",
+    "message {message_id} for {org} from {peer} <{mail_from}> reuses the Message-ID of a different"
+    " message (message-id={message_id_header}): stored under a suffixed id",
+)
+_DUPLICATE = (
+    metrics.DUPLICATES,
+    LogLevel.warn,
+    "duplicate",
+    "duplicate message for {org} from {peer} <{mail_from}> ({size} bytes, message-id={message_id_header}):"
+    " already stored as message {message_id}, not stored again",
+)
+
+
+def _outcome_lines(row_id: int) -> tuple:
+    """The counters to increment and lines to log for one organisation's copy."""
+    if isinstance(row_id, Duplicate):
+        return (_DUPLICATE,)
+    if isinstance(row_id, Collision):
+        return (_ACCEPTED, _COLLISION)
+    return (_ACCEPTED,)

@@ -261,17 +261,21 @@ class ExtractionService(service.Service):
     def _log_parsed(self, message: dict, result, started: float) -> None:
         metrics.EXTRACTIONS.labels("parsed").inc()
         metrics.DOCUMENTS_CREATED.inc(len(result.attachments))
+        # "no attachments" is the parser's note of a normal outcome, not a warning.
+        warnings = [w for w in result.warnings if w != "no attachments"]
         fields = dict(
             message_id=message["id"],
             org=message["org_slug"],
             count=len(result.attachments),
             ms=(time.monotonic() - started) * 1000,
-            warnings="; ".join(result.warnings),
+            warnings="; ".join(warnings),
             event="parsed",
         )
-        if not result.attachments:
+        if not result.attachments and warnings:
             log.warn("message {message_id} for {org} parsed: no attachments ({warnings})", **fields)
-        elif result.warnings:
+        elif not result.attachments:
+            log.info("message {message_id} for {org} parsed: no attachments", **fields)
+        elif warnings:
             log.warn("message {message_id} for {org} parsed: {count} document(s), {ms:.0f} ms ({warnings})", **fields)
         else:
             log.info("message {message_id} for {org} parsed: {count} document(s), {ms:.0f} ms", **fields)

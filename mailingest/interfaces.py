@@ -21,6 +21,14 @@ class BlobInfo(NamedTuple):
     mtime: float
 
 
+class Duplicate(int):
+    """The id of the row already holding an inserted message: same Message-ID, same content."""
+
+
+class Collision(int):
+    """The id of a new row stored under a suffixed Message-ID: a different message held the message's own."""
+
+
 class IBlobStore(Interface):
     """
     Object storage for raw messages and extracted documents.
@@ -155,9 +163,13 @@ class IStore(Interface):
     def insert_messages(rows):
         """
         Insert several C{inbound_message} rows (dicts without C{id}) in one
-        transaction, skipping any that would duplicate (org_id, source,
-        source_message_id). Fires with a list, parallel to C{rows}, of the new
-        ids, C{None} for a skipped duplicate.
+        transaction. A row whose (org_id, source, source_message_id) is taken
+        is a duplicate when its C{content_sha256} matches the holder's (or
+        either has none) and is skipped; otherwise it is stored under the
+        source_message_id suffixed with C{#collision-} and 12 hex digits of
+        its digest, flagged C{message_id_collision}. Fires with a list,
+        parallel to C{rows}, of row ids: an C{int} for a new row, a
+        L{Duplicate} (the holder's id) or a L{Collision}.
         """
 
     def raw_key_in_use(key: str):

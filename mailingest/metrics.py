@@ -19,7 +19,7 @@ REJECTED = Counter(
 )
 DUPLICATES = Counter(
     "mailingest_duplicates_total",
-    "Messages accepted with 250 but not stored again (same organisation and Message-ID).",
+    "Messages accepted with 250 but not stored again (same organisation, Message-ID and content).",
 )
 BYTES_RECEIVED = Counter(
     "mailingest_received_bytes_total",
@@ -63,4 +63,8 @@ GC_REMOVED = Counter(
 GC_REMOVED_BYTES = Counter(
     "mailingest_gc_removed_bytes_total",
     "Bytes of the orphaned blobs and stale temporary files removed by the sweeper.",
+)
+MESSAGE_ID_COLLISIONS = Counter(
+    "mailingest_message_id_collisions_total",
+    "Messages stored under a suffixed Message-ID because a different message already held theirs.",
 )

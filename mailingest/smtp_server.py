@@ -621,13 +621,11 @@ class IngestSMTP(smtp.ESMTP):
         self._wait_for(d)
 
     def _stored(self, outcome):
-        ids = [str(message_id) for _, message_id in outcome.stored]
-        if ids:
-            text = "2.0.0 Ok: stored as message " + ", ".join(ids)
-        else:
-            text = "2.0.0 Ok: already stored (duplicate)"
+        # A duplicate is answered like a new message (naming the row that holds
+        # it), so the reply tells a stranger nothing about which ids are taken.
+        ids = ", ".join(str(message_id) for _, message_id in outcome.rows)
         self._junk = 0
-        self.sendCode(250, text.encode("ascii"))
+        self.sendCode(250, b"2.0.0 Ok: stored as message " + ids.encode("ascii"))
 
     def _not_stored(self, failure):
         if failure.check(smtp.SMTPServerError):

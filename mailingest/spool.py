@@ -8,7 +8,9 @@ file as it arrives and is never held whole. Each chunk also feeds the running
 hash of the stored copy (our C{Received:} header plus the message). The hash
 of the message exactly as the sender sent it, which names a message that has
 no Message-ID, is computed afterwards only for such a message. The header section is kept, bounded, to
-read Message-ID and Subject.
+read Message-ID, Subject and the originator headers; the body after it feeds
+a second running hash, so a message's content digest (which tells a retry
+from another message reusing its Message-ID) costs no second read.
 
 The spool file is not fsynced: the blob store makes durable what it stores
 (on local disk, the same inode, hard-linked), and S3 needs no local copy.
@@ -24,6 +26,9 @@ from twisted.internet.threads import deferToThread
 
 HEADER_LIMIT = 256 * 1024
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+# The email package ends the header section at the first empty line, lines
+# ending in CRLF, LF or CR alike: a line end followed by another.
+_BLANK_LINE = re.compile(rb"\n[\r\n]|\r\r")
 MEMORY_LIMIT = 128 * 1024
 
 
@@ -34,6 +39,7 @@ class Spool:
         self._file = None
         self._memory = bytearray(prefix)
         self._raw_hash = hashlib.sha256(prefix)
+        self._body_hash = hashlib.sha256()
         self.prefix_size = len(prefix)
         self.size = 0
         self._header = bytearray()
@@ -48,6 +54,11 @@ class Spool:
     @property
     def raw_sha256(self) -> str:
         return self._raw_hash.hexdigest()
+
+    @property
+    def body_sha256(self) -> str:
+        """The sha256 of what follows the header section (its empty line included)."""
+        return self._body_hash.hexdigest()
 
     def sent_sha256(self):
         """
@@ -75,20 +86,25 @@ class Spool:
             if len(self._memory) > MEMORY_LIMIT:
                 self._spill()
         self._raw_hash.update(chunk)
-        self.size += len(chunk)
-        if not self._header_done:
+        if self._header_done:
+            self._body_hash.update(chunk)
+        else:
             self._capture_header(chunk)
+            if self._header_done:
+                # The header section holds every byte before the body.
+                self._body_hash.update(memoryview(chunk)[len(self._header) - self.size :])
+        self.size += len(chunk)
 
     def _capture_header(self, chunk: bytes) -> None:
-        start = max(0, len(self._header) - 3)
+        start = max(0, len(self._header) - 1)
         self._header += chunk[: HEADER_LIMIT - len(self._header)]
-        if self._header.startswith(b"\r\n"):
-            del self._header[:]
-            self._header_done = True
-            return
-        end = self._header.find(b"\r\n\r\n", start)
+        if self._header[:1] in (b"\r", b"\n"):
+            end = 0
+        else:
+            blank = _BLANK_LINE.search(self._header, start)
+            end = -1 if blank is None else blank.start() + 1
         if end >= 0:
-            del self._header[end + 2 :]
+            del self._header[end:]
             self._header_done = True
         elif len(self._header) >= HEADER_LIMIT:
             self._header_done = True
@@ -99,7 +115,7 @@ class Spool:
         The raw value of the first header of each of C{names}, continuation
         lines included, as the email package's compat32 policy reads it;
         8-bit bytes (RFC 6532) decoded as UTF-8; None when absent. One plain
-        scan, since delivery needs two headers of every message, not a parse.
+        scan, since delivery needs a few headers of every message, not a parse.
         """
         wanted = {name.lower().encode("ascii"): name for name in names}
         found: dict[str, list[bytes]] = {}

@@ -31,7 +31,6 @@ _PARAMETERS, _REPEATABLE = _option_tables()
 
 
 class Options(usage.Options):
-    synopsis = "[twistd options] mailingest [options]"
     longdesc = (
         "Receive business mail over SMTP for known organisations, keep every "
         "accepted message and extract its attachments. Every option can also be "
@@ -45,6 +44,10 @@ class Options(usage.Options):
         super().__init__()
         for key in _REPEATABLE:
             self[key] = []
+
+    def getSynopsis(self) -> str:
+        """twistd would print its own synopsis, the plugin name and ours: twistd's options come first."""
+        return "Usage: twistd [twistd options] mailingest [options]"
 
     def opt_smtp(self, endpoint):
         """SMTP listening endpoint, repeatable [default: tcp:2525]"""

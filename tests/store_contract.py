@@ -11,7 +11,7 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailingest.errors import NoSuchOrg, OrgExists
-from mailingest.interfaces import IStore
+from mailingest.interfaces import Collision, Duplicate, IStore
 from mailingest.plus_address import POSTMASTER_SLUG
 from mailingest.storage.store import migrations
 
@@ -23,7 +23,7 @@ TABLES = {
     "inbound_message": {
         "id", "org_id", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
         "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
-        "received_at", "parsed_at",
+        "received_at", "parsed_at", "content_sha256", "message_id_collision",
     },
     "document": {
         "id", "org_id", "inbound_message_id", "filename", "content_type", "size", "sha256",
@@ -186,14 +186,53 @@ class StoreContract:
         ids = yield self.store.insert_messages(
             [message(acme, "<a@x>"), message(acme, "<a@x>", 1), message(globex, "<a@x>")]
         )
-        self.assertIsInstance(ids[0], int)
-        self.assertIsNone(ids[1])
-        self.assertIsInstance(ids[2], int)
+        self.assertEqual([isinstance(i, Duplicate) for i in ids], [False, True, False])
+        self.assertEqual(ids[1], ids[0])
         self.assertNotEqual(ids[0], ids[2])
         again = yield self.store.insert_messages([message(globex, "<a@x>"), message(acme, "<b@x>")])
-        self.assertIsNone(again[0])
-        self.assertIsInstance(again[1], int)
+        self.assertEqual((again[0], type(again[0])), (ids[2], Duplicate))
+        self.assertIs(type(again[1]), int)
+        self.assertNotIn(again[1], ids)
         self.assertEqual((yield self.store.count_messages()), 3)
+
+    @defer.inlineCallbacks
+    def test_taken_message_id_with_other_content_is_stored_flagged(self):
+        """Issue 11: a fake message taking a Message-ID must not suppress the real one."""
+        acme, globex = yield self.two_orgs()
+        fake, real = "fa" * 32, "2e" * 32
+        [first] = yield self.store.insert_messages([message(acme, "<po@x>", content_sha256=fake)])
+        [second, other_org] = yield self.store.insert_messages(
+            [message(acme, "<po@x>", 1, content_sha256=real), message(globex, "<po@x>", 1, content_sha256=real)]
+        )
+        self.assertIs(type(second), Collision)
+        self.assertIs(type(other_org), int)
+        self.assertNotEqual(second, first)
+        rows = {row["id"]: row for row in (yield self.store.list_messages())}
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(
+            (rows[first]["source_message_id"], rows[first]["content_sha256"], rows[first]["message_id_collision"]),
+            ("<po@x>", fake, False),
+        )
+        self.assertEqual(
+            (rows[second]["source_message_id"], rows[second]["content_sha256"], rows[second]["message_id_collision"]),
+            ("<po@x>#collision-2e2e2e2e2e2e", real, True),
+        )
+        self.assertIs(rows[other_org]["message_id_collision"], False)
+        # Retries of either message are duplicates of their own row.
+        retries = yield self.store.insert_messages(
+            [message(acme, "<po@x>", 2, content_sha256=real), message(acme, "<po@x>", 2, content_sha256=fake)]
+        )
+        self.assertEqual([(i, type(i)) for i in retries], [(second, Duplicate), (first, Duplicate)])
+        self.assertEqual((yield self.store.count_messages()), 3)
+
+    @defer.inlineCallbacks
+    def test_taken_message_id_without_digest_is_a_duplicate(self):
+        """Rows stored before content digests existed keep deduplicating on the Message-ID alone."""
+        acme, _ = yield self.two_orgs()
+        [old] = yield self.store.insert_messages([message(acme, "<old@x>")])
+        [again] = yield self.store.insert_messages([message(acme, "<old@x>", 1, content_sha256="ab" * 32)])
+        self.assertEqual((again, type(again)), (old, Duplicate))
+        self.assertEqual((yield self.store.count_messages()), 1)
 
     @defer.inlineCallbacks
     def test_insert_same_message_id_from_another_source(self):

@@ -14,16 +14,18 @@ import textwrap
 import threading
 import time
 
-from twisted.internet import utils
-from twisted.logger import Logger, LogLevel
+from twisted.internet import defer, utils
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.reflect import namedAny
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial import unittest
 
 from mailingest import logs, secrets
+from mailingest.errors import StorageError
 from tests.test_urls import HOSTILE_URLS, leaked
 from mailingest.logs import make_observer
+from tests.daemon import DaemonTestCase, message
 
 NOV_24_0700 = calendar.timegm((2026, 11, 24, 7, 0, 0))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -338,3 +340,66 @@ class DatabasePasswordInDaemonLogTests(unittest.TestCase):
                 self.assertIn("database URL", text)
             self.assertIn("***", text, url)
             self.assertEqual(leaked(text, passwords), [], f"{url}: {text}")
+
+
+class UsageTests(unittest.TestCase):
+    def test_help_usage_line(self):
+        d = utils.getProcessOutputAndValue(TWISTD, ["mailingest", "--help"], env=dict(os.environ))
+
+        def check(result):
+            out, err, code = result
+            self.assertEqual(code, 0, err)
+            self.assertEqual(out.decode().splitlines()[0], "Usage: twistd [twistd options] mailingest [options]")
+
+        return d.addCallback(check)
+
+
+class DeliveryLogTests(DaemonTestCase):
+    """Issue 12: what the accepted, duplicate, 451 and parsed lines say."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.daemon.store.add_org("beta", "Beta Ltd")
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def logged(self, event: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == event]
+
+    @defer.inlineCallbacks
+    def test_accepted_and_duplicate_lines(self):
+        yield self.daemon.send(message(), ["orders+acme@example.com"])
+        yield self.daemon.send(message(), ["orders+acme@example.com"])
+        [row] = yield self.daemon.store.list_messages()
+        [accepted] = self.logged("accepted")
+        [duplicate] = self.logged("duplicate")
+        for line in (accepted, duplicate):
+            self.assertEqual(
+                (line["message_id"], line["message_id_header"], line["size"], line["org"]),
+                (row["id"], "<order-1@customer.test>", row["raw_size"], "acme"),
+            )
+            self.assertIn("message-id=<order-1@customer.test>", formatEvent(line))
+
+    @defer.inlineCallbacks
+    def test_temporary_failure_line(self):
+        self.patch(self.daemon.blobs, "put_bytes", lambda *args: defer.fail(StorageError("disk on fire")))
+        code, _ = yield self.daemon.send(message(), ["orders+beta@example.com", "orders+acme@example.com"])
+        self.assertEqual(code, 451)
+        [line] = self.logged("temporary_failure")
+        self.assertEqual(
+            (line["org"], line["recipients"], line["message_id_header"], line["log_level"]),
+            ("acme, beta", "orders+beta@example.com, orders+acme@example.com", "<order-1@customer.test>", LogLevel.error),
+        )
+        self.assertIn("disk on fire", formatEvent(line))
+        self.assertIn("message-id=<order-1@customer.test>", formatEvent(line))
+
+    @defer.inlineCallbacks
+    def test_message_without_attachments_is_info_once(self):
+        code, reply = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        row = yield self.daemon.settled(int(reply.split()[-1]))
+        self.assertEqual(row["status"], "parsed")
+        [line] = self.logged("parsed")
+        self.assertEqual(line["log_level"], LogLevel.info)
+        self.assertEqual(formatEvent(line), f"message {row['id']} for acme parsed: no attachments")

@@ -5,6 +5,9 @@ daemon listening on 127.0.0.1.
 
 import socket
 import smtplib
+import threading
+import time
+import urllib.request
 
 from twisted.internet import defer, task, threads
 from twisted.internet.address import IPv4Address
@@ -19,6 +22,7 @@ from mailingest.plus_address import POSTMASTER_SLUG
 from mailingest.smtp_server import IngestSMTPFactory
 from tests import daemon
 from tests.daemon import message, sleep
+from tests.test_extraction import PDF, order
 
 
 class DaemonTestCase(daemon.DaemonTestCase):
@@ -230,12 +234,45 @@ class AcceptanceTests(DaemonTestCase):
     @defer.inlineCallbacks
     def test_duplicate_message_id(self):
         first = yield self.daemon.send(message(), ["orders+acme@example.com"])
-        again = yield self.daemon.send(message(subject="resent"), ["orders+acme@example.com"])
-        self.assertEqual(first[0], 250)
-        self.assertEqual(again[0], 250)
-        self.assertIn(b"duplicate", again[1])
+        again = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        self.assertEqual(first, (250, b"2.0.0 Ok: stored as message 1"))
+        self.assertEqual(again, first)
         self.assertEqual((yield self.daemon.store.count_messages()), 1)
         self.assertEqual(len(self.daemon.blob_files()), 1)
+
+    @defer.inlineCallbacks
+    def test_retry_through_another_relay_is_a_duplicate(self):
+        """Trace headers are not content: the same message with other Received headers is a retry."""
+        first = yield self.daemon.send(message(), ["orders+acme@example.com"])
+        relayed = b"Received: from relay2.customer.test by mx2.customer.test; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+        relayed += b"DKIM-Signature: v=1; a=rsa-sha256; d=customer.test; b=abc\r\n" + message()
+        again = yield self.daemon.send(relayed, ["orders+acme@example.com"])
+        self.assertEqual(again, first)
+        self.assertEqual((yield self.daemon.store.count_messages()), 1)
+
+    @defer.inlineCallbacks
+    def test_taken_message_id_does_not_suppress_the_real_message(self):
+        """Issue 11: a fake order sent first with the real order's Message-ID."""
+        message_id = "<PO-778899@erp.partner.example>"
+        fake = order("PO 778899", message_id=message_id).as_bytes()
+        real = order("PO 778899", [(PDF, "application", "pdf", "PO-778899.pdf")], message_id=message_id).as_bytes()
+        code, reply = yield self.daemon.send(fake, ["orders+acme@example.com"])
+        self.assertEqual((code, reply), (250, b"2.0.0 Ok: stored as message 1"))
+        code, reply = yield self.daemon.send(real, ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+        self.assertRegex(reply, rb"^2\.0\.0 Ok: stored as message \d+$")
+        real_id = int(reply.split()[-1])
+        self.assertNotEqual(real_id, 1)
+        retried = yield self.daemon.send(real, ["orders+acme@example.com"])
+        self.assertEqual(retried, (code, reply))
+        self.assertEqual((yield self.daemon.store.count_messages()), 2)
+        row = yield self.daemon.settled(real_id)
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual(row["source_message_id"], message_id + "#collision-" + row["content_sha256"][:12])
+        self.assertIs(row["message_id_collision"], True)
+        [document] = yield self.daemon.store.list_documents(message_id=real_id)
+        self.assertEqual(document["filename"], "PO-778899.pdf")
+        self.assertEqual((yield self.daemon.store.get_message(1))["source_message_id"], message_id)
 
     @defer.inlineCallbacks
     def test_duplicate_without_message_id_is_deduplicated_by_content(self):
@@ -256,8 +293,9 @@ class AcceptanceTests(DaemonTestCase):
         self.assertEqual(code, 250)
         rows = yield self.daemon.store.list_messages()
         self.assertEqual(sorted(r["org_slug"] for r in rows), ["acme", "beta"])
+        ids = {row["org_slug"]: row["id"] for row in rows}
         code, reply = yield self.daemon.send(message(), ["orders+beta@example.com", "orders+acme@example.com"])
-        self.assertEqual((code, b"duplicate" in reply), (250, True))
+        self.assertEqual((code, reply), (250, b"2.0.0 Ok: stored as message %d, %d" % (ids["beta"], ids["acme"])))
         self.assertEqual((yield self.daemon.store.count_messages()), 2)
         self.assertEqual(len(self.daemon.blob_files()), 2)
 
@@ -512,3 +550,98 @@ class AddressSocketTests(DaemonTestCase):
         self.assertEqual(set(by_org), {POSTMASTER_SLUG, "acme"})
         self.assertEqual(by_org[POSTMASTER_SLUG]["rcpt_to"], "postmaster@mx.test, postmaster@example.com")
         self.assertEqual(by_org["acme"]["rcpt_to"], '"orders+acme"@example.com')
+
+
+class HostileSubjectTests(DaemonTestCase):
+    """Issue 11: a crafted Subject froze every session and /healthz for 40 s."""
+
+    overrides = {"http": "tcp:0:interface=127.0.0.1"}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        ports = {c.what: c.port.getHost().port for c in self.daemon.service if getattr(c, "what", None)}
+        self.daemon.port = ports["SMTP"]
+        self.healthz = f"http://127.0.0.1:{ports['ops HTTP']}/healthz"
+
+    @defer.inlineCallbacks
+    def test_crafted_subject_answered_while_healthz_keeps_answering(self):
+        subject = "=?a?q?x" * 18432
+        body = f"From: a@customer.test\r\nSubject: {subject}\r\n {subject}\r\n\r\nbody\r\n".encode()
+        sending = threading.Event()
+        latencies = []
+
+        def poll_healthz():
+            """From the start of DATA until the reply, and at least once."""
+            sending.wait(30)
+            while True:
+                started = time.monotonic()
+                with urllib.request.urlopen(self.healthz, timeout=120) as response:
+                    self.assertEqual(response.status, 200)
+                latencies.append(time.monotonic() - started)
+                if not sending.is_set():
+                    return
+                time.sleep(0.005)
+
+        def send(client):
+            client.ehlo("customer.test")
+            client.mail("a@customer.test")
+            client.rcpt("orders+acme@example.com")
+            sending.set()
+            started = time.monotonic()
+            try:
+                return client.data(body), time.monotonic() - started
+            finally:
+                sending.clear()
+
+        polled = threads.deferToThread(poll_healthz)
+        (code, reply), elapsed = yield self.daemon.smtp(send)
+        yield polled
+        self.assertEqual((code, reply[:24]), (250, b"2.0.0 Ok: stored as mess"))
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual(len(row["subject"]), 998)
+        # On main: the reply after about 40 s, /healthz as long.
+        self.assertLess(elapsed, 1.0)
+        self.assertTrue(latencies)
+        self.assertLess(max(latencies), 0.1, latencies)
+
+
+def lf_message(size: int, header: bytes = b"From: a@customer.test\nSubject: bare LF order\nMessage-ID: <lf@customer.test>\n\n") -> bytes:
+    """A message of C{size} bytes with bare LF line ends and no dot at a line start."""
+    line = b"x" * 63 + b"\n"
+    body = line * ((size - len(header)) // len(line))
+    return header + body + b"y" * (size - len(header) - len(body))
+
+
+class BareLineEndTests(DaemonTestCase):
+    """Issue 12: bare-LF messages over 256 KiB were refused as "Header section too large"."""
+
+    def send_raw(self, data: bytes) -> defer.Deferred:
+        def run():
+            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(b"HELO customer.test\r\nMAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+                for _ in range(4):
+                    f.readline()
+                s.sendall(data + b"\r\n.\r\n")
+                return f.readline()
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_large_lf_only_message(self):
+        data = lf_message(284048)
+        self.assertEqual(len(data), 284048)
+        reply = yield self.send_raw(data)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["subject"], row["source_message_id"]), ("bare LF order", "<lf@customer.test>"))
+
+    @defer.inlineCallbacks
+    def test_crlf_headers_ended_by_an_lf_blank_line(self):
+        data = lf_message(300000, b"Subject: mixed\r\nMessage-ID: <mixed@customer.test>\r\n\n")
+        reply = yield self.send_raw(data)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        [row] = yield self.daemon.store.list_messages()
+        self.assertEqual((row["subject"], row["source_message_id"]), ("mixed", "<mixed@customer.test>"))

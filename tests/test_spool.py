@@ -4,6 +4,7 @@ would (its compat32 parse was used before the scan replaced it), on crafted
 edge cases and on every message of the sample corpus.
 """
 
+import hashlib
 import os
 from email import policy
 from email.parser import BytesHeaderParser
@@ -11,7 +12,7 @@ from email.parser import BytesHeaderParser
 from twisted.trial import unittest
 
 from mailingest.delivery import message_id_of, subject_of
-from mailingest.spool import Spool
+from mailingest.spool import HEADER_LIMIT, Spool
 from tests.test_extraction import CORPUS
 
 
@@ -57,8 +58,28 @@ class HeaderScanTests(unittest.TestCase):
             b"Subject: no body separator",
             b"Message-ID: \r\n\r\n",
             b"",
+            b"Subject: bare CR\r\rMessage-ID: <in@body>\r\n\r\n",
+            b"Subject: LF then CR\n\rMessage-ID: <in@body>\n\n",
         ]:
             self.assertSameAsEmailPackage(data)
+
+    def test_end_of_header_section_as_the_email_package_finds_it(self):
+        """Issue 12: only CRLF CRLF ended it, so a large bare-LF message was refused as too large."""
+        body = b"x" * 63 + b"\n"
+        for header in (
+            b"Subject: bare LF\nMessage-ID: <lf@id>\n\n",
+            b"Subject: CRLF then LF\r\nMessage-ID: <mixed@id>\r\n\n",
+            b"Subject: LF then CRLF\nMessage-ID: <mixed@id>\n\r\n",
+            b"Subject: CRLF\r\nMessage-ID: <crlf@id>\r\n\r\n",
+        ):
+            data = header + body * 5000
+            self.assertGreater(len(data), HEADER_LIMIT)
+            directory = self.mktemp()
+            os.makedirs(directory)
+            spool = spool_of(data, directory)
+            self.assertFalse(spool.header_too_large, header)
+            self.assertSameAsEmailPackage(data)
+            self.assertIsNotNone(spool.headers("Message-ID")["Message-ID"])
 
     def test_corpus(self):
         files = [os.path.join(folder, name) for folder, _, names in os.walk(CORPUS) for name in names]
@@ -69,3 +90,21 @@ class HeaderScanTests(unittest.TestCase):
             with open(path, "rb") as f:
                 data = f.read()
             self.assertSameAsEmailPackage(data)
+
+    def test_body_hash_whatever_the_chunks(self):
+        """The body (after the header section) is hashed while spooling, the same for any chunking."""
+        for data, body in [
+            (b"Subject: a\r\n\r\nbody\r\n", b"\r\nbody\r\n"),
+            (b"Subject: a\n\nbody\n", b"\nbody\n"),
+            (b"Subject: a\r\n\nbody", b"\nbody"),
+            (b"\r\nall body", b"\r\nall body"),
+            (b"Subject: no body", b""),
+        ]:
+            for size in (1, 2, 3, 7, len(data)):
+                directory = self.mktemp()
+                os.makedirs(directory)
+                spool = Spool(directory, b"Received: ours\r\n")
+                for start in range(0, len(data), size):
+                    spool.write(data[start : start + size])
+                spool.discard()
+                self.assertEqual(spool.body_sha256, hashlib.sha256(body).hexdigest(), (data, size))

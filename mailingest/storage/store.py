@@ -15,11 +15,12 @@ from zope.interface import implementer
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
 from mailingest.group_commit import GroupCommit
-from mailingest.interfaces import IStore
+from mailingest.interfaces import Collision, Duplicate, IStore
 
 MESSAGE_COLUMNS = (
     "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
-    " raw_size, raw_sha256, status, attempts, last_error, received_at, parsed_at"
+    " raw_size, raw_sha256, status, attempts, last_error, received_at, parsed_at,"
+    " content_sha256, message_id_collision"
 )
 _MESSAGE_SELECT = (
     "SELECT "
@@ -81,6 +82,12 @@ def utcnow() -> datetime:
 def _org(row: dict | None) -> dict | None:
     if row is not None:
         row["active"] = bool(row["active"])
+    return row
+
+
+def _message(row: dict | None) -> dict | None:
+    if row is not None:
+        row["message_id_collision"] = bool(row["message_id_collision"])
     return row
 
 
@@ -225,32 +232,56 @@ class Store:
         for rows in batches:
             ids = []
             for row in rows:
-                yield txn.execute(
-                    "INSERT INTO inbound_message (org_id, source, source_message_id,"
-                    " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, status,"
-                    " attempts, received_at, next_attempt_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
-                    " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
-                    (
-                        row["org_id"],
-                        row["source"],
-                        row["source_message_id"],
-                        row["mail_from"],
-                        row["rcpt_to"],
-                        row["subject"],
-                        row["raw_key"],
-                        row["raw_size"],
-                        row["raw_sha256"],
-                        row["received_at"],
-                        row["received_at"],
-                    ),
-                )
-                inserted = txn.fetchone()
-                ids.append(None if inserted is None else inserted["id"])
+                ids.append((yield self._insert_message(txn, row)))
             results.append(ids)
-        if any(any(ids) for ids in results):
+        if any(not isinstance(row_id, Duplicate) for ids in results for row_id in ids):
             yield self.engine.notify(txn, RECEIVED_CHANNEL)
         return results
+
+    @defer.inlineCallbacks
+    def _insert_message(self, txn, row, collision=False):
+        """
+        One statement when the Message-ID is new. When it is taken, the row
+        holding it decides: same content digest (or none recorded), a
+        duplicate; else this message is stored under a suffixed id, itself
+        checked the same way, so a retry of it is a duplicate too.
+        """
+        yield txn.execute(
+            "INSERT INTO inbound_message (org_id, source, source_message_id,"
+            " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, content_sha256,"
+            " message_id_collision, status, attempts, received_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
+            " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
+            (
+                row["org_id"],
+                row["source"],
+                row["source_message_id"],
+                row["mail_from"],
+                row["rcpt_to"],
+                row["subject"],
+                row["raw_key"],
+                row["raw_size"],
+                row["raw_sha256"],
+                row.get("content_sha256"),
+                collision,
+                row["received_at"],
+                row["received_at"],
+            ),
+        )
+        inserted = txn.fetchone()
+        if inserted is not None:
+            return Collision(inserted["id"]) if collision else inserted["id"]
+        yield txn.execute(
+            "SELECT id, content_sha256 FROM inbound_message"
+            " WHERE org_id = ? AND source = ? AND source_message_id = ?",
+            (row["org_id"], row["source"], row["source_message_id"]),
+        )
+        holder = txn.fetchone()
+        digest = row.get("content_sha256")
+        if digest is None or holder["content_sha256"] in (None, digest):
+            return Duplicate(holder["id"])
+        suffixed = dict(row, source_message_id=f"{row['source_message_id']}#collision-{digest[:12]}")
+        return (yield self._insert_message(txn, suffixed, collision=True))
 
     def raw_key_in_use(self, key):
         return self._run(self._raw_key_in_use, key)
@@ -312,7 +343,7 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY m.received_at DESC, m.id DESC LIMIT ?"
         yield txn.execute(sql, (*args, int(limit)))
-        return txn.fetchall()
+        return [_message(row) for row in txn.fetchall()]
 
     def get_message(self, message_id):
         return self._run(self._get_message, int(message_id))
@@ -320,7 +351,7 @@ class Store:
     @defer.inlineCallbacks
     def _get_message(self, txn, message_id):
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
-        return txn.fetchone()
+        return _message(txn.fetchone())
 
     def count_messages(self, status=None):
         return self._background(self._count_messages, status)
@@ -386,7 +417,7 @@ class Store:
         if txn.fetchone() is None:
             raise NoSuchMessage(f"no message {message_id}")
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
-        return txn.fetchone()
+        return _message(txn.fetchone())
 
     def reprocess_failed(self, org_slug=None):
         return self._run(self._reprocess_failed, org_slug)
@@ -427,7 +458,7 @@ class Store:
             (now + timedelta(seconds=lease_seconds), *ids),
         )
         yield txn.execute(_MESSAGE_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
-        return txn.fetchall()
+        return [_message(row) for row in txn.fetchall()]
 
     def renew_claims(self, message_ids, lease_seconds):
         return self._background(self._set_claims, list(message_ids), lease_seconds)
