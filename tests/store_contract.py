@@ -387,7 +387,8 @@ class StoreContract:
             ("<a\ufffdb@x>", "AB\ufffdCD", "bad\ufffdsender@x", "o\ufffd@x"),
         )
         # a retry of the same message is a duplicate, as on the first delivery
-        self.assertEqual((yield self.store.insert_messages([message(acme, "<a\x00b@x>")])), [None])
+        [again] = yield self.store.insert_messages([message(acme, "<a\x00b@x>")])
+        self.assertEqual((type(again), again), (Duplicate, new))
         document = {
             "org_id": acme, "ordinal": 0, "filename": "po\udc80.pdf", "content_type": "application/x\x00evil",
             "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{new}/0",
