@@ -33,19 +33,16 @@ always stored under generated names.
 
 from __future__ import annotations
 
-import binascii
 import mimetypes
-import re
 import unicodedata
-from email import base64mime, quoprimime, utils
+from email import utils
 from email.errors import HeaderParseError
 from email.message import Message
 
+from mailingest.encoded_words import decode_header
+
 MAX_FILENAME_BYTES = 255
 MAX_HEADER_CHARS = 8192
-
-# The start of an RFC 2047 encoded word, "=?charset?q?"; its text runs to the next "?=".
-_ENCODED_WORD_START = re.compile(r"=\?([^?]*)\?([qQbB])\?")
 
 # Longest suffix still treated as an extension worth keeping when truncating.
 _MAX_EXTENSION_CHARS = 16
@@ -197,7 +194,7 @@ def _split_parameters(value: str) -> list[str]:
 def _decode_encoded_words(value: str, problems: list[str]) -> str:
     """RFC 2047 words wherever they are; text around them is raw bytes."""
     try:
-        chunks = _decode_header(value) if "=?" in value else [(value, None)]
+        chunks = decode_header(value) if "=?" in value else [(value, None)]
     except (HeaderParseError, ValueError):
         chunks = [(value, None)]
     decoded = []
@@ -205,73 +202,6 @@ def _decode_encoded_words(value: str, problems: list[str]) -> str:
         data = chunk if isinstance(chunk, bytes) else chunk.encode("latin-1")
         decoded.append(_decode_bytes(data, charset and charset.partition("*")[0], problems))
     return "".join(decoded)
-
-
-def _decode_header(value: str) -> list[tuple[bytes | str, str | None]]:
-    """What C{email.header.decode_header(value)} returns, in linear time."""
-    if len(_split_encoded_words(value)) == 1:
-        return [(value, None)]
-    words: list[tuple[str, str | None, str | None]] = []  # (text, encoding, charset)
-    for line in value.splitlines():
-        pieces = _split_encoded_words(line)
-        pieces[0] = pieces[0].lstrip()
-        for index in range(0, len(pieces), 4):
-            if pieces[index]:
-                words.append((pieces[index], None, None))
-            if index + 1 < len(pieces):
-                words.append((pieces[index + 3], pieces[index + 2].lower(), pieces[index + 1].lower()))
-    # Whitespace between two encoded words is dropped.
-    kept = [
-        word
-        for n, word in enumerate(words)
-        if not (0 < n < len(words) - 1 and words[n + 1][1] and words[n - 1][1] and word[0].isspace())
-    ]
-    collapsed: list[tuple[list[bytes], str | None]] = []
-    for text, encoding, charset in kept:
-        data = _decode_word(text, encoding)
-        if collapsed and collapsed[-1][1] == charset:
-            if charset is None:
-                collapsed[-1][0].append(b" ")
-            collapsed[-1][0].append(data)
-        else:
-            collapsed.append(([data], charset))
-    return [(b"".join(data), charset) for data, charset in collapsed]
-
-
-def _split_encoded_words(line: str) -> list[str]:
-    """
-    What C{email.header.ecre.split(line)} returns: text, then charset, encoding,
-    encoded text and the text after, per word. The stdlib's regex looks for
-    the closing C{?=} again from every word start, which is quadratic; the
-    next C{?=} is found once here and kept while it lies ahead.
-    """
-    pieces = []
-    done = 0
-    close = -1
-    start = _ENCODED_WORD_START.search(line)
-    while start:
-        if close < start.end():
-            close = line.find("?=", start.end())
-            if close < 0:
-                break
-        pieces += [line[done : start.start()], start.group(1), start.group(2), line[start.end() : close]]
-        done = close + 2
-        start = _ENCODED_WORD_START.search(line, done)
-    pieces.append(line[done:])
-    return pieces
-
-
-def _decode_word(text: str, encoding: str | None) -> bytes:
-    """One word of L{_decode_header}: unencoded text as it is, else undone as the stdlib undoes it."""
-    if encoding == "q":
-        text = quoprimime.header_decode(text)
-    elif encoding == "b":
-        try:
-            text = base64mime.decode(text + "==="[: -len(text) % 4])
-        except binascii.Error:
-            raise HeaderParseError("Base64 decoding error") from None
-        return text
-    return bytes(text, "raw-unicode-escape")
 
 
 def _decode_bytes(data: bytes, charset: str | None, problems: list[str]) -> str:
