@@ -1,7 +1,7 @@
 """
 Peak memory of one parser worker on a multipart message of K text parts of 50 KB.
 
-Each message is parsed by a fresh C{python -m mailingest.parse_worker}, started
+Each message is parsed by a fresh C{python -m mailingest.extraction.worker}, started
 as the daemon starts it; its peak RSS (C{VmHWM}) is read after it replied and
 before it exits. Two shapes: C{intact}, a well-formed multipart, and
 C{reused}, where every part is followed by a C{--boundary--} line (a nested
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from bench.targets import peak_rss_mb
-from mailingest.parse_pool import MEMORY_LIMIT_BYTES, WORKER_ARGV
+from mailingest.extraction.pool import MEMORY_LIMIT_BYTES, WORKER_ARGV
 
 PART_BYTES = 50 * 1024
 

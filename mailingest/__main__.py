@@ -2,6 +2,6 @@
 
 import sys
 
-from mailingest.cli import main
+from mailingest.app.cli import main
 
 sys.exit(main())

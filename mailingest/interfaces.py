@@ -273,7 +273,7 @@ class IIngestDelivery(IMessageDelivery):
 
     C{validateFrom}, C{validateTo} and C{receivedHeader} keep Twisted's
     meaning, except that the callable returned by C{validateTo} yields a
-    L{mailingest.delivery.Recipient} (the routing decision) rather than an
+    L{mailingest.delivery.ingest.Recipient} (the routing decision) rather than an
     C{IMessage}: the protocol streams DATA in bulk to one spool per transaction
     and hands it to L{deliver}.
     """
@@ -282,9 +282,9 @@ class IIngestDelivery(IMessageDelivery):
         """
         Keep a received message durably.
 
-        @param envelope: a L{mailingest.delivery.Envelope}.
-        @param spool: a finished L{mailingest.spool.Spool}.
-        @return: a Deferred firing with a L{mailingest.delivery.Outcome}, or
+        @param envelope: a L{mailingest.delivery.ingest.Envelope}.
+        @param spool: a finished L{mailingest.delivery.spool.Spool}.
+        @return: a Deferred firing with a L{mailingest.delivery.ingest.Outcome}, or
             failing with L{twisted.mail.smtp.SMTPServerError} carrying the
             reply to send (451 when storage failed).
         """

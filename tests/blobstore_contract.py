@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from mailingest.errors import BlobNotFound, StorageError
 from mailingest.interfaces import IBlobStore
-from mailingest.storage import local_disk, s3
+from mailingest.storage.blobs import local_disk, s3
 
 
 class ChunkRecorder(io.BytesIO):

@@ -17,8 +17,8 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from mailingest.config import ALL_OPTIONS, resolve
-from mailingest.daemon import build_daemon
+from mailingest.app.options import ALL_OPTIONS, resolve
+from mailingest.app.service import build_daemon
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MAILINGEST = os.path.join(os.path.dirname(sys.executable), "mailingest")

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from mailingest.errors import NoSuchOrg, OrgExists
 from mailingest.interfaces import Collision, Duplicate, IStore
-from mailingest.plus_address import POSTMASTER_SLUG
+from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.storage.store import migrations
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

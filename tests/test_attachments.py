@@ -1,4 +1,4 @@
-"""Tests for L{mailingest.attachments}."""
+"""Tests for L{mailingest.extraction.attachments}."""
 
 import base64
 import binascii
@@ -14,9 +14,9 @@ from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailingest import attachments
-from mailingest.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
-from mailingest.filenames import MAX_FILENAME_BYTES
+from mailingest.extraction import attachments
+from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
+from mailingest.extraction.filenames import MAX_FILENAME_BYTES
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
 

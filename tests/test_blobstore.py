@@ -20,9 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
-from mailingest.storage import local_disk
-from mailingest.storage.local_disk import LocalDiskBlobStore
-from mailingest.storage.s3 import S3BlobStore, from_url
+from mailingest.storage.blobs import local_disk
+from mailingest.storage.blobs.local_disk import LocalDiskBlobStore
+from mailingest.storage.blobs.s3 import S3BlobStore, from_url
 from tests.blobstore_contract import BlobHelpers, BlobStoreContract
 from tests.moto import free_port, shared_server
 

@@ -22,8 +22,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest import __version__
-from mailingest.cli import main, table, to_json
-from mailingest.send_test import SendError, parse_server
+from mailingest.app.cli import main, table, to_json
+from mailingest.app.mail_sender import SendError, parse_server
 from mailingest.storage.urls import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 

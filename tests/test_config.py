@@ -5,9 +5,9 @@ import os
 from twisted.python import usage
 from twisted.trial import unittest
 
-from mailingest.config import ALL_OPTIONS, resolve
+from mailingest.app.options import ALL_OPTIONS, resolve
 from mailingest.errors import ConfigError
-from mailingest.tap import Options
+from mailingest.app.tap import Options
 from tests.daemon import temp_dir
 
 

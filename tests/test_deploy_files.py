@@ -14,7 +14,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from mailingest.config import ALL_OPTIONS, read_config_file
+from mailingest.app.options import ALL_OPTIONS, read_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ETC = os.path.join(REPO, "etc")

@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from mailingest.disk_space import MIB, DiskCheck, DiskProblem
+from mailingest.ops.disk_space import MIB, DiskCheck, DiskProblem
 from tests.daemon import RunningDaemon, temp_dir
 
 

@@ -4,7 +4,7 @@ import random
 
 from twisted.trial import unittest
 
-from mailingest.dotstuffing import DotReader
+from mailingest.smtp.data_reader import DotReader
 
 CASES = [
     (b".\r\n", b""),

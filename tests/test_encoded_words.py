@@ -10,7 +10,7 @@ import time
 from twisted.trial import unittest
 
 from mailingest import encoded_words
-from mailingest.delivery import subject_of
+from mailingest.delivery.ingest import subject_of
 
 # The crafted Subject of issue 11: 40 s of decode_header on the reactor.
 HOSTILE_SUBJECT = "=?a?q?x" * 18432 + "\r\n " + "=?a?q?x" * 18432

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
-from mailingest.parse_pool import WORKER_ARGV
+from mailingest.extraction.pool import WORKER_ARGV
 from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, sleep, temp_dir
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
@@ -380,7 +380,7 @@ class LeaseTests(ExtractionCase):
 
 class WorkSlotTests(unittest.TestCase):
     def test_leftovers_of_dead_daemons_removed_live_ones_kept(self):
-        from mailingest.extraction import make_slots
+        from mailingest.extraction.service import make_slots
 
         work = os.path.abspath(self.mktemp())
         dead = subprocess.Popen([sys.executable, "-c", "pass"])

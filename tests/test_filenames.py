@@ -1,4 +1,4 @@
-"""Tests for L{mailingest.filenames}."""
+"""Tests for L{mailingest.extraction.filenames}."""
 
 import os
 import time
@@ -7,8 +7,8 @@ from email import message_from_bytes, policy
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailingest.attachments import extract_attachments
-from mailingest.filenames import (
+from mailingest.extraction.attachments import extract_attachments
+from mailingest.extraction.filenames import (
     MAX_FILENAME_BYTES,
     MAX_HEADER_CHARS,
     decode_filename,

@@ -11,7 +11,7 @@ from twisted.internet import defer, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailingest import metrics
+from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.storage.urls import open_blobs, open_store
 from tests import postgres

@@ -3,7 +3,7 @@
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from mailingest.group_commit import GroupCommit
+from mailingest.storage.group_commit import GroupCommit
 
 
 class GroupCommitTests(unittest.SynchronousTestCase):

@@ -17,8 +17,8 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailingest import smtp_server
-from mailingest.daemon import build_daemon
+from mailingest.smtp import protocol as smtp_server
+from mailingest.app.service import build_daemon
 from mailingest.errors import ConfigError
 from tests.daemon import DaemonTestCase, message, settings_for, sleep, temp_dir
 

@@ -21,10 +21,11 @@ from twisted.python.reflect import namedAny
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial import unittest
 
-from mailingest import logs, secrets
+from mailingest.ops import logs
+from mailingest.ops import secrets
 from mailingest.errors import StorageError
 from tests.test_urls import HOSTILE_URLS, leaked
-from mailingest.logs import make_observer
+from mailingest.ops.logs import make_observer
 from tests.daemon import DaemonTestCase, message
 
 NOV_24_0700 = calendar.timegm((2026, 11, 24, 7, 0, 0))
@@ -256,7 +257,7 @@ class TwistdIntegrationTests(unittest.TestCase):
                     from twisted.application import service
                     from twisted.logger import Logger
                     from twisted.python import usage
-                    from mailingest.logs import install_twistd_logger
+                    from mailingest.ops.logs import install_twistd_logger
 
                     class Options(usage.Options):
                         optParameters = [["log-format", None, "text", ""]]

@@ -11,8 +11,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from mailingest import metrics
-from mailingest.ops_http import MAX_REASON_LENGTH, make_ops_site
+from mailingest.ops import metrics
+from mailingest.ops.http import MAX_REASON_LENGTH, make_ops_site
 
 
 class _Client(protocol.Protocol):

@@ -10,10 +10,10 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailingest import metrics
-from mailingest.attachments import UnparseableMessage
+from mailingest.ops import metrics
+from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
-from mailingest.parse_pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
+from mailingest.extraction.pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
 from tests.test_extraction import order
 
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]

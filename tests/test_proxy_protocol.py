@@ -12,9 +12,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailingest import metrics
-from mailingest.proxy_protocol import HEADER_TIMEOUT, ProxyHeaderFirstFactory
-from mailingest.smtp_server import IngestSMTPFactory
+from mailingest.ops import metrics
+from mailingest.smtp.proxy import HEADER_TIMEOUT, ProxyHeaderFirstFactory
+from mailingest.smtp.protocol import IngestSMTPFactory
 from tests.daemon import temp_dir
 
 TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]

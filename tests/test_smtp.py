@@ -16,10 +16,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailingest.delivery import IngestDelivery
+from mailingest.delivery.ingest import IngestDelivery
 from mailingest.errors import StorageError
-from mailingest.plus_address import POSTMASTER_SLUG
-from mailingest.smtp_server import IngestSMTPFactory
+from mailingest.delivery.routing import POSTMASTER_SLUG
+from mailingest.smtp.protocol import IngestSMTPFactory
 from tests import daemon
 from tests.daemon import message, sleep
 from tests.test_extraction import PDF, order

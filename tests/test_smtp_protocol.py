@@ -13,9 +13,10 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
 
-from mailingest import metrics, smtp_server
-from mailingest.delivery import IngestDelivery, OrgDirectory
-from mailingest.smtp_server import IngestSMTPFactory
+from mailingest.ops import metrics
+from mailingest.smtp import protocol as smtp_server
+from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
+from mailingest.smtp.protocol import IngestSMTPFactory
 from tests.daemon import temp_dir
 
 DOMAIN = "example.com"

@@ -11,8 +11,8 @@ from email.parser import BytesHeaderParser
 
 from twisted.trial import unittest
 
-from mailingest.delivery import message_id_of, subject_of
-from mailingest.spool import HEADER_LIMIT, Spool
+from mailingest.delivery.ingest import message_id_of, subject_of
+from mailingest.delivery.spool import HEADER_LIMIT, Spool
 from tests.test_extraction import CORPUS
 
 

@@ -5,7 +5,7 @@ import io
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailingest import logs
+from mailingest.ops import logs
 from tests.daemon import RunningDaemon, temp_dir
 from tests.test_hardening import make_certificate
 

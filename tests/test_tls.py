@@ -4,7 +4,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from mailingest.errors import ConfigError
-from mailingest.tls import ReloadableTLS, implicit_tls_endpoint
+from mailingest.smtp.tls import ReloadableTLS, implicit_tls_endpoint
 from tests.daemon import temp_dir
 from tests.test_hardening import make_certificate
 

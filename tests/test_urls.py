@@ -8,7 +8,7 @@ import re
 from twisted.trial import unittest
 
 from mailingest.errors import ConfigError
-from mailingest.secrets import redact, redact_url, url_passwords, url_problem
+from mailingest.ops.secrets import redact, redact_url, url_passwords, url_problem
 
 # (--database string, the passwords its writer meant, whether libpq can use it).
 # The ports are closed, so a daemon or command given one fails to connect.

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
-from mailingest.group_commit import GroupCommit
+from mailingest.storage.group_commit import GroupCommit
 from mailingest.interfaces import Collision, Duplicate, IStore
 
 MESSAGE_COLUMNS = (

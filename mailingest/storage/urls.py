@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from mailingest.errors import ConfigError
-from mailingest.secrets import redact_url
+from mailingest.ops.secrets import redact_url
 from mailingest.storage.store import Store
 
 
@@ -65,12 +65,12 @@ def open_blobs(
 ):
     scheme = url.split(":", 1)[0].lower()
     if scheme == "file":
-        from mailingest.storage.local_disk import LocalDiskBlobStore
+        from mailingest.storage.blobs.local_disk import LocalDiskBlobStore
 
         return LocalDiskBlobStore(local_dir(url))
     if scheme == "s3":
         try:
-            from mailingest.storage.s3 import from_url
+            from mailingest.storage.blobs.s3 import from_url
         except ImportError:
             raise ConfigError("S3 storage is not available in this version") from None
         return from_url(url, s3_endpoint, s3_region, environ)

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 mailingest = ServiceMaker(
     "mailingest",
-    "mailingest.tap",
+    "mailingest.app.tap",
     "SMTP ingest daemon: keeps business mail and extracts attachments",
     "mailingest",
 )

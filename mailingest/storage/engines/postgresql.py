@@ -32,7 +32,7 @@ from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
 from mailingest.errors import ConfigError, MailingestError
-from mailingest.secrets import masker, redact_url, url_passwords, url_problem
+from mailingest.ops.secrets import masker, redact_url, url_passwords, url_problem
 
 log = Logger()
 

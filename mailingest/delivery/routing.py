@@ -14,7 +14,7 @@ it and no plus address reaches it: C{orders+_postmaster@...} is refused.
 import re
 from dataclasses import dataclass
 
-from mailingest.smtp_address import unquote_local
+from mailingest.smtp.address import unquote_local
 
 SLUG = re.compile(r"\A[a-z0-9](?:[a-z0-9._-]{0,62})\Z")
 POSTMASTER = "postmaster"

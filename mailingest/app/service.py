@@ -15,17 +15,17 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
-from mailingest.delivery import IngestDelivery, OrgDirectory
-from mailingest.disk_space import DiskCheck
+from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
+from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
-from mailingest.extraction import ExtractionService
-from mailingest.gc import GcService, check_min_age
-from mailingest.ops_http import make_ops_site
-from mailingest.proxy_protocol import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
-from mailingest.parse_pool import ParsePool
-from mailingest.smtp_server import IngestSMTPFactory
-from mailingest.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
-from mailingest.secrets import redact_url
+from mailingest.extraction.service import ExtractionService
+from mailingest.storage.sweeper import GcService, check_min_age
+from mailingest.ops.http import make_ops_site
+from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
+from mailingest.extraction.pool import ParsePool
+from mailingest.smtp.protocol import IngestSMTPFactory
+from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
+from mailingest.ops.secrets import redact_url
 from mailingest.storage.urls import local_dir, open_blobs, open_store, sqlite_path
 
 MIGRATE_RETRY_SECONDS = 5.0

@@ -26,8 +26,8 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
 
-from mailingest import metrics
-from mailingest.smtp_server import peer_key
+from mailingest.ops import metrics
+from mailingest.smtp.protocol import peer_key
 
 HEADER_TIMEOUT = 10.0
 ENDPOINT_PREFIX = "haproxy:"

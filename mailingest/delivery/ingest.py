@@ -25,10 +25,10 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailingest import metrics
+from mailingest.ops import metrics
 from mailingest.encoded_words import decode_header
 from mailingest.interfaces import Collision, Duplicate, IIngestDelivery
-from mailingest.plus_address import normalise_domain, parse_recipient, valid_slug
+from mailingest.delivery.routing import normalise_domain, parse_recipient, valid_slug
 
 SOURCE = "smtp"
 MAX_MESSAGE_ID = 900

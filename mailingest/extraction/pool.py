@@ -4,7 +4,7 @@ Worker processes that parse messages for the extraction service.
 MIME parsing is pure Python. In a thread of the daemon it holds the GIL the
 reactor needs to answer SMTP clients: a burst of small messages was taken 40%
 slower while extraction ran in threads, large ones worse. In worker processes
-(L{mailingest.parse_worker}) it runs on another core, and a message that makes
+(L{mailingest.extraction.worker}) it runs on another core, and a message that makes
 the parser misbehave costs a worker, not the daemon: a worker that dies (out of
 memory, a crash) or is killed for taking longer than C{timeout} fails that
 attempt as a transient error (L{ParserDied}), and a new worker takes the next
@@ -22,8 +22,8 @@ from typing import Any
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
-from mailingest import metrics
-from mailingest.attachments import Attachment, ExtractionResult, UnparseableMessage
+from mailingest.ops import metrics
+from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage
 from mailingest.errors import BlobNotFound
 
 log = Logger(namespace="mailingest.extraction")
@@ -33,7 +33,7 @@ MiB = 1024 * 1024
 # is replaced by a fresh one, so the memory goes back to the system.
 RETIRE_ABOVE_BYTES = 128 * MiB
 MEMORY_LIMIT_BYTES = 1024 * MiB
-WORKER_ARGV = [sys.executable, "-m", "mailingest.parse_worker", str(RETIRE_ABOVE_BYTES)]
+WORKER_ARGV = [sys.executable, "-m", "mailingest.extraction.worker", str(RETIRE_ABOVE_BYTES)]
 
 
 def worker_environment(environ) -> dict[str, str]:

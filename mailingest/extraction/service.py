@@ -5,7 +5,7 @@ It runs in the daemon's reactor, polls every C{poll_interval} seconds and is
 woken at once when a message is accepted. Each message is claimed with a lease
 (so with several daemons one works on it at a time, and a message whose daemon
 died is claimed again when the lease runs out), parsed in a worker process
-(L{mailingest.parse_pool}) from its raw copy (in place on local disk, else
+(L{mailingest.extraction.pool}) from its raw copy (in place on local disk, else
 fetched into a reused work directory), each attachment
 stored under a key made of ids only, and its document recorded. Every step is
 idempotent, so a message interrupted anywhere is simply extracted again.
@@ -26,10 +26,10 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-from mailingest import metrics
-from mailingest.attachments import UnparseableMessage
+from mailingest.ops import metrics
+from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
-from mailingest.parse_pool import ParserDied
+from mailingest.extraction.pool import ParserDied
 
 log = Logger(namespace="mailingest.extraction")
 

@@ -2,7 +2,7 @@
 Log output of the daemon: a readable text format and JSON lines for log
 shippers, both scrubbed of secrets.
 
-Every line is masked as L{mailingest.secrets.masker} does, so the database password and the S3
+Every line is masked as L{mailingest.ops.secrets.masker} does, so the database password and the S3
 secret key cannot reach the log even when a library puts them in a message.
 
 Under twistd, L{install_twistd_logger} makes these observers the daemon's only
@@ -24,14 +24,14 @@ from twisted.python import logfile, usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailingest.secrets import masker, url_passwords
+from mailingest.ops.secrets import masker, url_passwords
 
 FORMATS = ("text", "json")
 JSON_KEYS = ("time", "level", "namespace", "message", "traceback")
 
 # The name twistd resolves (with namedAny) when install_twistd_logger has
 # chosen the log output; see twistd_observer.
-TWISTD_LOGGER = "mailingest.logs.twistd_observer"
+TWISTD_LOGGER = "mailingest.ops.logs.twistd_observer"
 _twistd_observer_factory: Callable[[], ILogObserver] | None = None
 
 

@@ -5,7 +5,7 @@ needs and Twisted leaves out.
 - Commands are handled one at a time even when a client pipelines: while a
   recipient lookup or the end-of-DATA storage is pending, input is buffered,
   so replies come out in order and no recipient is dropped after its 250.
-- DATA is read in bulk (L{mailingest.dotstuffing}) into a spool file, with the
+- DATA is read in bulk (L{mailingest.smtp.data_reader}) into a spool file, with the
   size limit enforced as it arrives.
 - The end of DATA is answered 250 only when the delivery policy has stored the
   message, and 451 when it could not (Twisted would say 550).
@@ -24,10 +24,11 @@ from twisted.internet import defer, interfaces, protocol, task
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from mailingest import metrics, smtp_address
-from mailingest.delivery import Envelope, new_transaction_id
-from mailingest.dotstuffing import DotReader, size_refusal
-from mailingest.spool import Spool
+from mailingest.ops import metrics
+from mailingest.smtp import address as smtp_address
+from mailingest.delivery.ingest import Envelope, new_transaction_id
+from mailingest.smtp.data_reader import DotReader, size_refusal
+from mailingest.delivery.spool import Spool
 
 # RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
 MAX_COMMAND_LINE = 512

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
 from mailingest.interfaces import BlobInfo, IBlobStore
-from mailingest.storage.local_disk import check_key, check_prefix, valid_key
+from mailingest.storage.blobs.local_disk import check_key, check_prefix, valid_key
 
 BACKOFF_SECONDS = 0.2
 ERROR_BODY_LIMIT = 64 * 1024

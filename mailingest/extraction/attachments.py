@@ -4,7 +4,7 @@ Finding the file attachments of a raw MIME message and writing each one to disk.
 L{extract_attachments} runs in a worker thread, once per message. It writes the
 decoded bytes of each document to C{out_dir} as C{0.bin}, C{1.bin}, ... (names
 from their position only) and returns them in message order with their decoded
-and sanitised filenames (L{mailingest.filenames}). Its output depends on the
+and sanitised filenames (L{mailingest.extraction.filenames}). Its output depends on the
 input alone, so extraction can be re-run after a crash.
 
 What is a document (SPEC section 6):
@@ -93,7 +93,7 @@ from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message
 from email.policy import Policy, compat32
 
-from mailingest.filenames import decode_filename, fallback_filename, header_parameter, sanitise_filename
+from mailingest.extraction.filenames import decode_filename, fallback_filename, header_parameter, sanitise_filename
 
 READ_CHUNK_BYTES = 1 << 20
 DECODE_CHUNK_CHARS = 1 << 20

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
 from twisted.web.iweb import IRequest
 
-from mailingest import metrics
+from mailingest.ops import metrics
 
 log = Logger(namespace="mailingest.ops_http")
 

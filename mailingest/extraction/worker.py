@@ -1,7 +1,7 @@
 """
-The child side of L{mailingest.parse_pool}: a process that parses messages.
+The child side of L{mailingest.extraction.pool}: a process that parses messages.
 
-Run as C{python -m mailingest.parse_worker [RETIRE_ABOVE_BYTES [MEMORY_LIMIT_BYTES]]}. It reads
+Run as C{python -m mailingest.extraction.worker [RETIRE_ABOVE_BYTES [MEMORY_LIMIT_BYTES]]}. It reads
 one JSON request per line on stdin, C{{"raw_path": ..., "out_dir": ...}}, runs
 L{extract_attachments} on it and writes one JSON reply per line on stdout:
 
@@ -25,7 +25,7 @@ import resource
 import sys
 from typing import Any, BinaryIO
 
-from mailingest.attachments import UnparseableMessage, extract_attachments
+from mailingest.extraction.attachments import UnparseableMessage, extract_attachments
 
 
 MiB = 1024 * 1024

@@ -1,7 +1,7 @@
 """
 The twistd plugin: C{twistd mailingest [options]}.
 
-L{Options} is generated from L{mailingest.config.ALL_OPTIONS} so the plugin,
+L{Options} is generated from L{mailingest.app.options.ALL_OPTIONS} so the plugin,
 the environment variables and the config file always agree; L{makeService}
 assembles the daemon's service tree.
 """
@@ -10,9 +10,9 @@ import os
 
 from twisted.python import usage
 
-from mailingest.config import ALL_OPTIONS, default_hostname, resolve
+from mailingest.app.options import ALL_OPTIONS, default_hostname, resolve
 from mailingest.errors import ConfigError
-from mailingest.logs import install_twistd_logger
+from mailingest.ops.logs import install_twistd_logger
 
 
 def _option_tables():
@@ -75,7 +75,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
-    from mailingest.daemon import build_daemon
+    from mailingest.app.service import build_daemon
 
     try:
         return build_daemon(options.settings)

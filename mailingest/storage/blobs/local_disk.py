@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, StorageError
-from mailingest.group_commit import GroupCommit
+from mailingest.storage.group_commit import GroupCommit
 from mailingest.interfaces import BlobInfo, IBlobStore
 
 CHUNK = 1 << 20

@@ -21,7 +21,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from mailingest import metrics
+from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.interfaces import BlobInfo
 

@@ -22,13 +22,14 @@ from typing import Any, BinaryIO
 
 from twisted.internet import defer, task
 
-from mailingest import __version__, send_test
-from mailingest.config import DAEMON_OPTIONS, STORAGE_OPTIONS, resolve
+from mailingest import __version__
+from mailingest.app import mail_sender as send_test
+from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
-from mailingest.gc import check_min_age, sweep
+from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
-from mailingest.plus_address import POSTMASTER_SLUG, valid_slug
-from mailingest.secrets import masker, redact_url, url_passwords
+from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
+from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.urls import open_blobs, open_store, sqlite_path
 
 PROG = "mailingest"
