@@ -14,11 +14,10 @@ it and no plus address reaches it: C{orders+_postmaster@...} is refused.
 import re
 from dataclasses import dataclass
 
-from mailingest.smtp.address import unquote_local
-
 SLUG = re.compile(r"\A[a-z0-9](?:[a-z0-9._-]{0,62})\Z")
 POSTMASTER = "postmaster"
 POSTMASTER_SLUG = "_postmaster"
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,13 @@ class Route:
 
 def normalise_domain(domain: str) -> str:
     return domain.strip().rstrip(".").lower()
+
+
+def unquote_local(local: str) -> str:
+    """The mailbox a local part names: C{"orders+acme"} and C{orders+acme} are the same (RFC 5321 2.4)."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return local
 
 
 def parse_recipient(local: str, domain: str) -> Route:

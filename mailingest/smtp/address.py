@@ -1,7 +1,6 @@
 """
 Mailboxes as clients write them in C{MAIL FROM} and C{RCPT TO} (RFC 5321
-section 4.1.2): the local part and the domain, and the local part as the
-mailbox it names.
+section 4.1.2): the local part and the domain.
 
 Twisted's C{smtp.Address} cannot read a domain literal (C{[127.0.0.1]}) or a
 quoted-pair inside a quoted local part, and its errors quote Python internals;
@@ -23,7 +22,6 @@ _PATH = re.compile(
     rb"(?:@(?P<domain>" + _DOMAIN + rb"))?"
     rb"(?(open)>)\Z"
 )
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
 
 
 class MailboxSyntaxError(ValueError):
@@ -42,10 +40,3 @@ def split_path(path: bytes) -> tuple[bytes, bytes | None]:
     if match is None:
         raise MailboxSyntaxError("bad address syntax")
     return match.group("local"), match.group("domain")
-
-
-def unquote_local(local: str) -> str:
-    """The mailbox a local part names: C{"orders+acme"} and C{orders+acme} are the same (RFC 5321 2.4)."""
-    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
-        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
-    return local
