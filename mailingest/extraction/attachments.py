@@ -1,13 +1,14 @@
 """
 Finding the file attachments of a raw MIME message and writing each one to disk.
 
-L{extract_attachments} runs in a worker thread, once per message. It writes the
+L{extract_attachments} runs in a parser worker process (L{mailingest.extraction.worker}),
+once per message. It writes the
 decoded bytes of each document to C{out_dir} as C{0.bin}, C{1.bin}, ... (names
 from their position only) and returns them in message order with their decoded
 and sanitised filenames (L{mailingest.extraction.filenames}). Its output depends on the
 input alone, so extraction can be re-run after a crash.
 
-What is a document (SPEC section 6):
+What is a document:
   - a leaf part with C{Content-Disposition: attachment}, or with a filename, or
     of a non-text type, unless it is an inline image: an C{image/*} part that is
     C{Content-Disposition: inline}, or that has a C{Content-ID} inside a
@@ -136,15 +137,15 @@ class _Undecodable(Exception):
 
 def extract_attachments(raw_path: str, out_dir: str, *, max_depth: int = 5, max_parts: int = 1000) -> ExtractionResult:
     """Write the documents of the message in C{raw_path} to the empty C{out_dir}."""
-    extraction = _Extraction(out_dir, max_depth, max_parts)
-    extraction.walk(extraction.parse_file(raw_path))
-    if not extraction.attachments:
-        extraction.warn("no attachments")
-    return ExtractionResult(extraction.attachments, extraction.warnings)
+    walk = _AttachmentWalk(out_dir, max_depth, max_parts)
+    walk.walk(walk.parse_file(raw_path))
+    if not walk.attachments:
+        walk.warn("no attachments")
+    return ExtractionResult(walk.attachments, walk.warnings)
 
 
-class _Extraction:
-    """The state of one extraction: budget left, documents and warnings so far."""
+class _AttachmentWalk:
+    """The walk of one message's parts: budget left, documents and warnings so far."""
 
     def __init__(self, out_dir: str, max_depth: int, max_parts: int):
         self.out_dir = out_dir
@@ -304,7 +305,7 @@ class _Extraction:
                 os.remove(path)
                 stack.append((decoded, section, depth + 1, False, True))
                 return
-        self._record(path, size, digest, section, content_type, name, name_warnings)
+        self._add_document(path, size, digest, section, content_type, name, name_warnings)
 
     def _leaf(self, part: Message, section: str, content_type: str, related: bool) -> None:
         maintype = content_type.partition("/")[0]
@@ -317,7 +318,7 @@ class _Extraction:
         if maintype == "text" and disposition != "attachment" and name is None:
             return
         path, size, digest = self._write(_text(part), _transfer_encoding(part), section, content_type)
-        self._record(path, size, digest, section, content_type, name, name_warnings)
+        self._add_document(path, size, digest, section, content_type, name, name_warnings)
 
     def _write(self, text: str, encoding: str, section: str, content_type: str) -> tuple[str, int, str]:
         """Decode C{text} into the next document file: its path, size and SHA-256."""
@@ -333,7 +334,7 @@ class _Extraction:
             self.warn(f"{_label(section)}: {warning}")
         return path, sink.size, sink.digest.hexdigest()
 
-    def _record(
+    def _add_document(
         self,
         path: str,
         size: int,
@@ -358,8 +359,7 @@ class _Part(Message):
         A parameter the email package cannot read counts as absent: it raises
         TypeError when one parameter has both numbered and unnumbered RFC 2231
         sections, and that would stop the parse of the whole message. Read in
-        linear time: the stdlib's is quadratic in the semicolons inside quotes
-        (a 64 KB Content-Type took 6 s).
+        linear time: the stdlib's is quadratic in the semicolons inside quotes.
         """
         value = self.get(header)
         if value is None:
