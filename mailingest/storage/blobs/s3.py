@@ -34,7 +34,6 @@ from botocore.credentials import Credentials
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -52,9 +51,11 @@ from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
 from mailingest.interfaces import BlobInfo, IBlobStore
+from mailingest.retry import Backoff, retry
 from mailingest.storage.blobs.local_disk import check_key, check_prefix, valid_key
 
-BACKOFF_SECONDS = 0.2
+# The waits between the tries of one request: 0.2 s, doubling.
+REQUEST_BACKOFF = Backoff(0.2)
 ERROR_BODY_LIMIT = 64 * 1024
 LIST_PAGE = 1000
 # Several SMTP sessions and the extraction service share one pool.
@@ -431,25 +432,29 @@ class S3BlobStore:
         is never retried.
         """
         attempts = attempts or self.retries + 1
-        failure = ""
-        for attempt in range(attempts):
-            if attempt:
-                await deferLater(self._reactor, BACKOFF_SECONDS * 2 ** (attempt - 1), lambda: None)
+
+        async def once() -> _Reply:
             watchdog = _Watchdog(self._reactor, self.timeout)
             exchange = Deferred.fromCoroutine(self._exchange(method, url, body, sink, watchdog.touch))
             try:
                 reply = await watchdog.guard(exchange)
             except _Transient as e:
-                failure = str(e)
                 if sink is not None and sink.written:
-                    raise StorageError(f"S3 {what}: {failure} after {sink.written} bytes") from None
-                continue
-            if reply.code < 500:
-                return reply
-            failure = reply.describe()
-        if attempts == 1:
-            raise StorageError(f"S3 {what}: {failure}")
-        raise StorageError(f"S3 {what} failed {attempts} times: {failure}")
+                    raise StorageError(f"S3 {what}: {e} after {sink.written} bytes") from None
+                raise
+            if reply.code >= 500:
+                raise _Transient(reply.describe())
+            return reply
+
+        def should_retry(error: Exception, retry_number: int, delay: float) -> bool:
+            return isinstance(error, _Transient) and retry_number < attempts
+
+        try:
+            return await retry(once, REQUEST_BACKOFF, should_retry, self._reactor)
+        except _Transient as e:
+            if attempts == 1:
+                raise StorageError(f"S3 {what}: {e}") from None
+            raise StorageError(f"S3 {what} failed {attempts} times: {e}") from None
 
     async def _exchange(
         self,
