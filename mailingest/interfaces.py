@@ -107,7 +107,11 @@ class IStore(Interface):
     any value written becomes U+FFFD.
     """
 
-    engine_name = Attribute("'sqlite' or 'postgresql'.")
+    exclusive = Attribute(
+        "True when one daemon at a time uses this database (SQLite: one daemon per file): the"
+        " claims it finds at start-up are its own previous run's, which it may release at once."
+        " False when daemons share it (PostgreSQL): another daemon's claims run out with their lease."
+    )
 
     def migrate():
         """

@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
 from mailingest.app.mail_sender import SendError, parse_server
-from mailingest.storage.urls import open_store
+from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")

@@ -30,7 +30,9 @@ from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
-from mailingest.storage.urls import open_blobs, open_store, sqlite_path
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.store import open_store
+from mailingest.storage.urls import sqlite_path
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")

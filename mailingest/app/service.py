@@ -27,7 +27,9 @@ from mailingest.smtp.protocol import IngestSMTPFactory
 from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
 from mailingest.ops.secrets import redact_url
 from mailingest.retry import Backoff, retry
-from mailingest.storage.urls import local_dir, open_blobs, open_store, sqlite_path
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.store import open_store
+from mailingest.storage.urls import local_dir, sqlite_path
 
 MIGRATE_RETRY = Backoff(5.0, factor=1)
 # SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.

@@ -124,8 +124,8 @@ class ExtractionService(service.Service):
     def startService(self):
         super().startService()
         self._free_slots = make_slots(self.work_dir, self.concurrency)
-        if self.store.engine_name == "sqlite":
-            # One daemon per SQLite file: any claim left is from our own previous run.
+        if self.store.exclusive:
+            # Any claim left is from our own previous run.
             yield self.store.release_claims()
         try:
             yield self.store.on_received(self.wake)

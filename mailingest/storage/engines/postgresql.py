@@ -34,6 +34,7 @@ from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from mailingest.errors import ConfigError, MailingestError
 from mailingest.ops.secrets import masker, redact_url, url_passwords, url_problem
 from mailingest.retry import Backoff, retry
+from mailingest.storage.engines import CursorTransaction, Engine
 
 log = Logger()
 
@@ -265,25 +266,17 @@ class _Pool(txpostgres.ConnectionPool):
         super().__init__(None, min=size)
 
 
-class _PostgresqlTransaction:
-    def __init__(self, cursor):
-        self._cursor = cursor
-
+class _PostgresqlTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()) -> defer.Deferred:
         return self._cursor.execute(_pyformat(sql), tuple(args)).addCallback(lambda _: None)
 
-    def fetchall(self) -> list[dict]:
-        return [dict(row) for row in self._cursor.fetchall()]
 
-    def fetchone(self) -> dict | None:
-        row = self._cursor.fetchone()
-        return None if row is None else dict(row)
-
-
-class PostgresqlEngine:
-    name = "postgresql"
+class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg2.IntegrityError,)
+    schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()"}
+    # Shared by any number of daemons.
+    exclusive = False
 
     def __init__(self, url: str, min_connections: int = 1, max_connections: int = 4, reactor=None):
         if not 1 <= min_connections <= max_connections:
@@ -388,10 +381,6 @@ class PostgresqlEngine:
                 self._size += 1
         finally:
             self._growing -= 1
-
-    def script(self, sql: str) -> list[str]:
-        """Split a migration file into statements (ours hold no literal ';')."""
-        return [s.strip() for s in sql.split(";") if s.strip()]
 
     def notify(
         self, txn: _PostgresqlTransaction, channel: str, payload: str = ""
