@@ -220,7 +220,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     # Spool and work files live beside the blobs when they are on local disk,
     # so storing them is a hard link rather than a copy.
-    scratch = getattr(blobs, "scratch_dir", DEFAULT_SCRATCH_DIR)
+    scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
     spool_dir = os.path.join(scratch, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)

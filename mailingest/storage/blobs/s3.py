@@ -11,7 +11,8 @@ Integrity: a PUT signs the SHA-256 computed while spooling as the payload
 hash (C{X-Amz-Content-SHA256}). AWS S3 (and MinIO, Ceph) hash what they
 received and refuse a mismatch (C{XAmzContentSHA256Mismatch}), so a 200 with
 an ETag means the exact bytes are stored. The ETag (an MD5 for simple PUTs) is only required to
-be present: comparing it would mean reading the file a second time.
+be present: comparing it would mean reading the file a second time. Bytes
+handed over in memory are hashed here before sending, whatever the service checks.
 
 Failures: 5xx answers, connection errors and timeouts are retried with a
 short doubling backoff; any other answer fails at once with a
@@ -19,6 +20,7 @@ L{StorageError} naming the S3 error code. No message ever contains the
 secret key or a signature.
 """
 
+import hashlib
 import io
 import os
 import re
@@ -31,7 +33,7 @@ from urllib.parse import quote
 from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -315,6 +317,8 @@ class S3BlobStore:
         self._pool = pool
         self._client = HTTPClient(Agent(reactor, pool=pool))
 
+    scratch_dir = None
+
     def __repr__(self) -> str:
         return f"<S3BlobStore s3://{self.bucket}/{self.prefix} at {self.endpoint_url}>"
 
@@ -337,6 +341,9 @@ class S3BlobStore:
             raise StorageError(f"S3 {what}: HTTP 200 without an ETag, the object may not be stored")
 
     def put_bytes(self, key: str, data: bytes, sha256: str) -> Deferred:
+        """The bytes are in hand: their sha256 is checked here, not left to the service."""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return fail(StorageError(f"blob sha256 mismatch: {key} is not the content described"))
         return Deferred.fromCoroutine(self._put_file(key, data, sha256, len(data)))
 
     def local_path(self, key: str) -> None:
