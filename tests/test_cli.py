@@ -183,6 +183,13 @@ class GeneralTests(CommandTestCase):
                 self.assertEqual(e.exception.code, 2)
                 self.assertIn("usage:", stderr.getvalue())
 
+    def test_numeric_arguments_say_what_is_wrong(self):
+        for value, reason in (("x", "not a number: 'x'"), ("0", "must be at least 1: '0'")):
+            with self.subTest(value=value), contextlib.redirect_stderr(io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit):
+                    main(["messages", "list", "--limit", value])
+                self.assertIn(f"error: argument --limit: {reason}\n", stderr.getvalue())
+
 
 class OrganisationTests(CommandTestCase):
     def test_lifecycle(self):

@@ -215,11 +215,12 @@ class LocalDiskBlobStore:
         try:
             os.link(source, target)
         except OSError:
-            digest = hashlib.sha256()
-            with open(target, "xb") as out, open(source, "rb") as src:
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
+            digest, buffer = hashlib.sha256(), bytearray(CHUNK)
+            chunk = memoryview(buffer)
+            with open(target, "xb") as out, open(source, "rb", buffering=0) as src:
+                while length := src.readinto(buffer):
+                    digest.update(chunk[:length])
+                    out.write(chunk[:length])
                 return out.tell(), digest.hexdigest()
         return os.stat(target).st_size, None
 
