@@ -37,19 +37,32 @@ class IBlobStore(Interface):
     user-controlled text) and use C{/} as separator.
     """
 
+    scratch_dir = Attribute(
+        "A local directory on the blobs' own file system for spool and work files, so that"
+        " storing one is a hard link, not a copy; None when blobs are not local files."
+    )
+
     def put_file(key: str, path: str, sha256: str, size: int):
         """
         Store the whole content of the local file C{path} under C{key}.
 
-        C{sha256} (hex) and C{size} describe that content; implementations use
-        them to verify what was written. The Deferred fires only once the blob
-        is durable; on failure nothing readable is left under C{key}.
+        C{sha256} (hex) and C{size} describe that content, as the caller
+        computed it while writing the file. What is stored is verified
+        against both wherever the bytes pass through the store anyway: an
+        upload (the service checks the signed sha256), a copy (hashed while
+        copying). A hard link, where the file is already on the store's file
+        system (see C{scratch_dir}), is the caller's very file: only its size
+        is checked, as re-reading it to hash it would cost more than storing
+        it. A mismatch fails with L{mailingest.errors.StorageError}. The
+        Deferred fires only once the blob is durable; on failure nothing
+        readable is left under C{key}.
         """
 
     def put_bytes(key: str, data: bytes, sha256: str):
         """
         Store C{data} under C{key}, as L{put_file} does: a small message
-        received in memory is stored without a spool file.
+        received in memory is stored without a spool file. C{data} is
+        verified against C{sha256}.
         """
 
     def local_path(key: str):
@@ -107,7 +120,11 @@ class IStore(Interface):
     any value written becomes U+FFFD.
     """
 
-    engine_name = Attribute("'sqlite' or 'postgresql'.")
+    exclusive = Attribute(
+        "True when one daemon at a time uses this database (SQLite: one daemon per file): the"
+        " claims it finds at start-up are its own previous run's, which it may release at once."
+        " False when daemons share it (PostgreSQL): another daemon's claims run out with their lease."
+    )
 
     def migrate():
         """

@@ -141,6 +141,12 @@ class BlobStoreContract(BlobHelpers):
         await self.assertFailure(self.store.put_file("raw/short", path, sha256, size + 1), StorageError)
         await self.assertFailure(self.store.read_to("raw/short", io.BytesIO()), BlobNotFound)
 
+    async def test_sha256_mismatch_of_bytes_stores_nothing(self):
+        await self.assertFailure(
+            self.store.put_bytes("raw/wrong", b"these bytes", hashlib.sha256(b"other bytes").hexdigest()), StorageError
+        )
+        await self.assertFailure(self.store.read_to("raw/wrong", io.BytesIO()), BlobNotFound)
+
     async def test_list_keys_under_a_prefix_in_pages(self):
         self.patch(local_disk, "LIST_PAGE", 2)
         self.patch(s3, "LIST_PAGE", 2)

@@ -5,6 +5,7 @@ L{StoreContract} is mixed into one TestCase per engine (see C{test_store}),
 so SQLite and PostgreSQL are held to the same behaviour by the same tests.
 """
 
+import os
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
@@ -13,9 +14,13 @@ from zope.interface.verify import verifyObject
 from mailingest.errors import NoSuchOrg, OrgExists
 from mailingest.interfaces import Collision, Duplicate, IStore
 from mailingest.delivery.routing import POSTMASTER_SLUG
-from mailingest.storage.store import migrations
+from mailingest.storage.store import Store, migrations
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+# The schema files as they were until issue 13, one tree per engine, kept to
+# prove that a database they migrated is taken as it is.
+FORMER_SCHEMA = os.path.join(os.path.dirname(__file__), "data", "schema_before_issue13")
 
 # SPEC section 5: these tables and columns, these indexes (as column lists).
 TABLES = {
@@ -79,6 +84,22 @@ class StoreContract:
         """In an interaction: a Deferred of the set of C{table}'s indexes, as column tuples."""
         raise NotImplementedError
 
+    former_schema = ""
+    """The engine's folder in L{FORMER_SCHEMA}."""
+
+    def another_engine(self):
+        """An engine on another empty database (or a Deferred of it), closed by a cleanup."""
+        raise NotImplementedError
+
+    def describe_schema(self, txn):
+        """
+        In an interaction: a Deferred of what the schema is, comparable
+        between two databases: columns with their types as the engine treats
+        them, nullability and defaults; indexes; constraints; the rows the
+        migrations inserted.
+        """
+        raise NotImplementedError
+
     @defer.inlineCallbacks
     def setUp(self):
         self.store = yield self.make_store()
@@ -105,10 +126,42 @@ class StoreContract:
             yield txn.execute("SELECT version FROM schema_version ORDER BY version")
             return [row["version"] for row in txn.fetchall()]
 
-        expected = [version for version, _, _ in migrations(self.store.engine_name)]
+        expected = [version for version, _, _ in migrations(self.store.engine)]
         self.assertEqual((yield self.store.engine.interaction(versions)), expected)
         self.assertEqual((yield self.store.migrate()), [])
         self.assertEqual((yield self.store.engine.interaction(versions)), expected)
+
+    @defer.inlineCallbacks
+    def test_a_database_migrated_by_the_former_files_is_taken_as_it_is(self):
+        engine = yield self.another_engine()
+
+        @defer.inlineCallbacks
+        def migrate_as_before(txn):
+            yield txn.execute(
+                "CREATE TABLE schema_version"
+                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            folder = os.path.join(FORMER_SCHEMA, self.former_schema)
+            for name in sorted(os.listdir(folder)):
+                with open(os.path.join(folder, name)) as f:
+                    for statement in engine.script(f.read()):
+                        yield txn.execute(statement)
+                yield txn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (int(name.split("_")[0]), name, T0.isoformat()),
+                )
+
+        yield engine.interaction(migrate_as_before)
+        former = Store(engine)
+        self.assertEqual((yield former.migrate()), [])
+        self.assertEqual(
+            (yield engine.interaction(self.describe_schema)),
+            (yield self.store.engine.interaction(self.describe_schema)),
+        )
+        org = yield former.add_org("acme", "Acme Corp")
+        self.assertEqual(org["id"], 1)
+        [row_id] = yield former.insert_messages([message(org["id"], "<a@example.net>")])
+        self.assertEqual((yield former.get_message(row_id))["message_id_collision"], False)
 
     @defer.inlineCallbacks
     def test_schema_has_the_spec_tables_and_indexes(self):

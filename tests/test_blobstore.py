@@ -5,6 +5,8 @@ S3 has: signing, key encoding, configuration, and retries and timeouts
 against tiny local servers that misbehave on purpose.
 """
 
+import errno
+import hashlib
 import io
 import os
 import time
@@ -39,6 +41,33 @@ class LocalDiskBlobStoreTests(BlobStoreContract, unittest.TestCase):
         left = [name for _, _, names in os.walk(self.root) for name in names]
         self.assertEqual(left, [])
 
+    def scratch_file(self, data: bytes) -> str:
+        os.makedirs(self.store.scratch_dir, exist_ok=True)
+        path = os.path.join(self.store.scratch_dir, "spool-1")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    async def test_a_file_in_the_scratch_dir_is_stored_as_a_hard_link(self):
+        path = self.scratch_file(b"spooled message")
+        await self.store.put_file("raw/linked", path, hashlib.sha256(b"spooled message").hexdigest(), 15)
+        self.assertEqual(os.stat(path).st_ino, os.stat(self.store.local_path("raw/linked")).st_ino)
+
+    async def test_a_copy_is_verified_against_the_sha256(self):
+        """A file on another file system is copied: its bytes pass through, so they are hashed."""
+
+        def cross_device(source, target):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "link", cross_device)
+        path = self.scratch_file(b"spooled message")
+        wrong = hashlib.sha256(b"another message").hexdigest()
+        await self.assertFailure(self.store.put_file("raw/copied", path, wrong, 15), StorageError)
+        self.assertFalse(os.path.exists(self.store.local_path("raw/copied")))
+        self.assertEqual(os.listdir(os.path.join(self.root, ".tmp")), [])
+        await self.store.put_file("raw/copied", path, hashlib.sha256(b"spooled message").hexdigest(), 15)
+        self.assertNotEqual(os.stat(path).st_ino, os.stat(self.store.local_path("raw/copied")).st_ino)
+        self.assertEqual(await self.read("raw/copied"), b"spooled message")
 
     async def test_stale_temporaries_removed(self):
         """A crash between writing a blob's temporary file and renaming it leaves the file in .tmp."""

@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
 from mailingest.app.mail_sender import SendError, parse_server
-from mailingest.storage.urls import open_store
+from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")
@@ -182,6 +182,13 @@ class GeneralTests(CommandTestCase):
                     main(list(argv))
                 self.assertEqual(e.exception.code, 2)
                 self.assertIn("usage:", stderr.getvalue())
+
+    def test_numeric_arguments_say_what_is_wrong(self):
+        for value, reason in (("x", "not a number: 'x'"), ("0", "must be at least 1: '0'")):
+            with self.subTest(value=value), contextlib.redirect_stderr(io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit):
+                    main(["messages", "list", "--limit", value])
+                self.assertIn(f"error: argument --limit: {reason}\n", stderr.getvalue())
 
 
 class OrganisationTests(CommandTestCase):

@@ -71,6 +71,17 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             resolve(ALL_OPTIONS, {"timeout": "-1"}, environ={})
         self.assertIn("--timeout", str(e.exception))
 
+    def test_counts_and_seconds_say_what_is_wrong_in_our_words(self):
+        """The daemon's options and the admin command's arguments share these validators."""
+        for value, reason in (("lots", "not a number"), ("0", "must be at least 1")):
+            with self.assertRaises(ConfigError) as e:
+                resolve(ALL_OPTIONS, {"max_recipients": value}, environ={})
+            self.assertEqual(str(e.exception), f"--max-recipients: invalid value {value!r} ({reason})")
+        for value, reason in (("soon", "not a number"), ("0", "must be greater than 0")):
+            with self.assertRaises(ConfigError) as e:
+                resolve(ALL_OPTIONS, {"timeout": value}, environ={})
+            self.assertEqual(str(e.exception), f"--timeout: invalid value {value!r} ({reason})")
+
     def test_worker_memory_limit(self):
         self.assertEqual(resolve(ALL_OPTIONS, {}, environ={})["extraction_memory_limit"], 1 << 30)
         environ = {"MAILINGEST_EXTRACTION_MEMORY_LIMIT": str(256 << 20)}

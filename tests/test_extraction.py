@@ -392,3 +392,39 @@ class WorkSlotTests(unittest.TestCase):
         self.assertEqual(len(slots), 2)
         for slot in slots:
             self.assertEqual(os.listdir(os.path.join(slot, "parts")), [])
+
+
+class ClaimsLeftAtStartTests(unittest.TestCase):
+    """The service asks the store whether the claims it finds are its own (IStore.exclusive), not which engine it is."""
+
+    class Store:
+        def __init__(self, exclusive: bool):
+            self.exclusive = exclusive
+            self.released = []
+
+        def release_claims(self, message_ids=None):
+            self.released.append(message_ids)
+            return defer.succeed(None)
+
+        def on_received(self, callback):
+            return defer.succeed(None)
+
+        def claim(self, lease_seconds, limit=1):
+            return defer.succeed([])
+
+    def started(self, exclusive: bool) -> "ClaimsLeftAtStartTests.Store":
+        from twisted.internet import task
+
+        from mailingest.extraction.service import ExtractionService
+
+        store = self.Store(exclusive)
+        service = ExtractionService(store, None, None, os.path.abspath(self.mktemp()), clock=task.Clock())
+        self.successResultOf(defer.maybeDeferred(service.startService))
+        service._loop.stop()
+        return store
+
+    def test_an_exclusive_store_releases_every_claim(self):
+        self.assertEqual(self.started(exclusive=True).released, [None])
+
+    def test_a_shared_store_leaves_other_daemons_claims(self):
+        self.assertEqual(self.started(exclusive=False).released, [])

@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from mailingest.ops import metrics
 from mailingest.errors import ConfigError
-from mailingest.storage.urls import open_blobs, open_store
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.store import open_store
 from tests import postgres
 from tests.daemon import RunningDaemon, mailingest_cli, sleep, temp_dir
 from tests.moto import shared_server

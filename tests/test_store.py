@@ -5,6 +5,7 @@ rows, surviving a lost server, keeping the password secret, LISTEN/NOTIFY.
 """
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -25,13 +26,69 @@ from tests.daemon import message as daemon_message
 from tests.store_contract import StoreContract, message
 
 
+def sqlite_affinity(declared: str) -> str:
+    """The type affinity SQLite gives a column declared C{declared} (section 3.1 of its datatype page)."""
+    declared = declared.upper()
+    if "INT" in declared:
+        return "INTEGER"
+    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if "BLOB" in declared or not declared:
+        return "BLOB"
+    if any(word in declared for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
 class SqliteStoreTests(StoreContract, TestCase):
+    former_schema = "sqlite"
+
     @defer.inlineCallbacks
     def make_store(self):
-        store = Store(SqliteEngine(self.mktemp() + ".db"))
-        self.addCleanup(store.close)
+        store = Store(self.another_engine())
         yield store.migrate()
         return store
+
+    def another_engine(self):
+        engine = SqliteEngine(self.mktemp() + ".db")
+        self.addCleanup(engine.close)
+        return engine
+
+    @defer.inlineCallbacks
+    def describe_schema(self, txn):
+        yield txn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND name NOT IN ('sqlite_sequence', 'schema_version') ORDER BY name"
+        )
+        tables = [row["name"] for row in txn.fetchall()]
+        found = {}
+        for table in tables:
+            yield txn.execute("SELECT * FROM pragma_table_info(?) ORDER BY cid", (table,))
+            columns = txn.fetchall()
+            described = []
+            for column in columns:
+                default = column["dflt_value"]
+                if default is not None:
+                    yield txn.execute(f"SELECT {default} AS value")
+                    default = txn.fetchone()["value"]
+                # INTEGER PRIMARY KEY is the rowid: its declared type matters.
+                kind = column["type"] if column["pk"] else sqlite_affinity(column["type"])
+                described.append((column["name"], kind, column["notnull"], default, column["pk"]))
+            yield txn.execute(
+                "SELECT il.name AS idx, il.[unique] AS is_unique, ii.name AS col FROM pragma_index_list(?) il,"
+                " pragma_index_info(il.name) ii ORDER BY il.name, ii.seqno",
+                (table,),
+            )
+            indexes = {}
+            for row in txn.fetchall():
+                indexes.setdefault((row["idx"] if not row["idx"].startswith("sqlite_") else "", row["is_unique"]), []).append(row["col"])
+            yield txn.execute('SELECT "table", "from", "to" FROM pragma_foreign_key_list(?)', (table,))
+            keys = sorted(tuple(row.values()) for row in txn.fetchall())
+            yield txn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
+            checks = re.findall(r"CHECK \(.*\)\)", txn.fetchone()["sql"])
+            found[table] = (described, sorted((key, tuple(cols)) for key, cols in indexes.items()), keys, checks)
+        yield txn.execute("SELECT id, slug, name, active FROM organization ORDER BY id")
+        return found, txn.fetchall()
 
     @defer.inlineCallbacks
     def columns(self, txn, table):
@@ -81,11 +138,38 @@ def postgresql_engine(test: TestCase, url: str | None = None, **kwargs) -> Postg
 
 
 class PostgresqlStoreTests(StoreContract, TestCase):
+    former_schema = "postgresql"
+
     @defer.inlineCallbacks
     def make_store(self):
         store = Store(postgresql_engine(self))
         yield store.migrate()
         return store
+
+    def another_engine(self):
+        return postgresql_engine(self, postgres.create_database())
+
+    @defer.inlineCallbacks
+    def describe_schema(self, txn):
+        yield txn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name <> 'schema_version' ORDER BY table_name, ordinal_position"
+        )
+        columns = txn.fetchall()
+        yield txn.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND tablename <> 'schema_version' ORDER BY indexname"
+        )
+        indexes = txn.fetchall()
+        yield txn.execute(
+            "SELECT conrelid::regclass::text AS tbl, conname, pg_get_constraintdef(oid) AS def"
+            " FROM pg_constraint WHERE connamespace = current_schema()::regnamespace"
+            " AND conrelid::regclass::text <> 'schema_version' ORDER BY conname"
+        )
+        constraints = txn.fetchall()
+        yield txn.execute("SELECT id, slug, name, active FROM organization ORDER BY id")
+        return columns, indexes, constraints, txn.fetchall()
 
     @defer.inlineCallbacks
     def columns(self, txn, table):

@@ -24,13 +24,15 @@ from twisted.internet import defer, task
 
 from mailingest import __version__
 from mailingest.app import mail_sender as send_test
-from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, resolve
+from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
-from mailingest.storage.urls import open_blobs, open_store, sqlite_path
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.store import open_store
+from mailingest.storage.urls import sqlite_path
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed")
@@ -387,24 +389,20 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 # the parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option parser of the daemon's as an argparse type: its reason, then the text given."""
+
+    def argument(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}: {text!r}") from None
+
+    return argument
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-    return value
+_positive_int = _argument(positive_int)
+_positive_float = _argument(positive_float)
 
 
 def _group(subparsers, name: str, help: str):

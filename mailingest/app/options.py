@@ -19,15 +19,23 @@ from mailingest.errors import ConfigError
 SECTION = "mailingest"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """A count: a whole number of at least 1 (also for the admin command's arguments)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("not a number") from None
     if value < 1:
         raise ValueError("must be at least 1")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def positive_float(text: str) -> float:
+    """A number of seconds greater than 0 (also for the admin command's arguments)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
     if not value > 0:
         raise ValueError("must be greater than 0")
     return value
@@ -85,25 +93,25 @@ DAEMON_OPTIONS = (
     Option("http", "tcp:8025:interface=127.0.0.1", "ops HTTP endpoint, or 'none'", metavar="ENDPOINT"),
     Option("domain", ["localhost"], "recipient domain we accept mail for (repeatable)", repeatable=True, metavar="DOMAIN"),
     Option("hostname", None, "name in the greeting and Received: header [default: this machine's FQDN]", metavar="NAME"),
-    Option("max-message-size", 52428800, "largest message accepted, in bytes", _positive_int, metavar="BYTES"),
-    Option("max-recipients", 100, "recipients per message", _positive_int, metavar="N"),
-    Option("max-connections", 1000, "simultaneous SMTP connections in total", _positive_int, metavar="N"),
-    Option("max-connections-per-ip", 50, "simultaneous SMTP connections from one address", _positive_int, metavar="N"),
-    Option("timeout", 300.0, "idle client timeout in seconds", _positive_float, metavar="SECONDS"),
+    Option("max-message-size", 52428800, "largest message accepted, in bytes", positive_int, metavar="BYTES"),
+    Option("max-recipients", 100, "recipients per message", positive_int, metavar="N"),
+    Option("max-connections", 1000, "simultaneous SMTP connections in total", positive_int, metavar="N"),
+    Option("max-connections-per-ip", 50, "simultaneous SMTP connections from one address", positive_int, metavar="N"),
+    Option("timeout", 300.0, "idle client timeout in seconds", positive_float, metavar="SECONDS"),
     Option("tls-cert", None, "PEM certificate chain; with --tls-key, STARTTLS is offered", metavar="FILE"),
     Option("tls-key", None, "PEM private key for --tls-cert", metavar="FILE"),
-    Option("poll-interval", 1.0, "extraction poll period in seconds", _positive_float, metavar="SECONDS"),
-    Option("max-attempts", 5, "attempts for transient extraction errors before 'failed'", _positive_int, metavar="N"),
-    Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", _positive_float, metavar="SECONDS"),
-    Option("extraction-processes", 1, "worker processes parsing messages for extraction", _positive_int, metavar="N"),
-    Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", _positive_float, metavar="SECONDS"),
+    Option("poll-interval", 1.0, "extraction poll period in seconds", positive_float, metavar="SECONDS"),
+    Option("max-attempts", 5, "attempts for transient extraction errors before 'failed'", positive_int, metavar="N"),
+    Option("extraction-lease", 120.0, "seconds a daemon holds a message it extracts; after that another daemon may take it over", positive_float, metavar="SECONDS"),
+    Option("extraction-processes", 1, "worker processes parsing messages for extraction", positive_int, metavar="N"),
+    Option("extraction-timeout", 300.0, "seconds one message may take to parse before its worker is killed (the attempt is retried)", positive_float, metavar="SECONDS"),
     Option("proxy-trusted", [], "network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint", _network, repeatable=True, metavar="CIDR"),
-    Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", _positive_int, metavar="BYTES"),
+    Option("min-free-space", 104857600, "free bytes the local data directories need; below, /readyz answers 503", positive_int, metavar="BYTES"),
     Option("log-format", "text", "log format: text or json (JSON lines)", _choice("text", "json"), metavar="FORMAT"),
     Option("extraction-memory-limit", 1073741824, "address space one parser worker may use, in bytes; a message that needs more goes to 'failed'", _worker_memory, metavar="BYTES"),
-    Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", _positive_float, metavar="SECONDS"),
+    Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", positive_float, metavar="SECONDS"),
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
-    Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", _positive_float, metavar="SECONDS"),
+    Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
 )
 
 STORAGE_OPTIONS = (

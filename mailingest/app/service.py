@@ -12,7 +12,7 @@ import os
 import signal
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
@@ -26,9 +26,12 @@ from mailingest.extraction.pool import ParsePool
 from mailingest.smtp.protocol import IngestSMTPFactory
 from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
 from mailingest.ops.secrets import redact_url
-from mailingest.storage.urls import local_dir, open_blobs, open_store, sqlite_path
+from mailingest.retry import Backoff, retry
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.store import open_store
+from mailingest.storage.urls import local_dir, sqlite_path
 
-MIGRATE_RETRY_SECONDS = 5.0
+MIGRATE_RETRY = Backoff(5.0, factor=1)
 # SIGTERM to exit within 15 s: up to 10 s for DATA in progress, then the rest.
 SHUTDOWN_GRACE_SECONDS = 10.0
 EXTRACTION_STOP_SECONDS = 3.0
@@ -122,6 +125,12 @@ class SessionDrain(service.Service):
         return defer.ensureDeferred(self.factory.shutdown(self.grace, self.clock))
 
 
+def _migrate_failed(error: Exception, retry: int, delay: float) -> bool:
+    """An unreachable database is waited for: the daemon must come up when it does."""
+    log.error("cannot prepare the database ({error}); retrying in {seconds:.0f} s", error=str(error), seconds=delay)
+    return True
+
+
 class Daemon(service.MultiService):
     """
     Children in C{self.early} start with the daemon; the others only once the
@@ -146,17 +155,7 @@ class Daemon(service.MultiService):
         self._starting.addErrback(self._failed_to_start)
 
     async def _start(self):
-        while True:
-            try:
-                applied = await self.store.migrate()
-                break
-            except Exception as e:
-                log.error(
-                    "cannot prepare the database ({error}); retrying in {seconds:.0f} s",
-                    error=str(e),
-                    seconds=MIGRATE_RETRY_SECONDS,
-                )
-                await task.deferLater(self.reactor, MIGRATE_RETRY_SECONDS, lambda: None)
+        applied = await retry(self.store.migrate, MIGRATE_RETRY, _migrate_failed, self.reactor)
         if applied:
             log.info("database schema upgraded: applied {versions}", versions=applied)
         for child in self:
@@ -221,7 +220,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     # Spool and work files live beside the blobs when they are on local disk,
     # so storing them is a hard link rather than a copy.
-    scratch = getattr(blobs, "scratch_dir", DEFAULT_SCRATCH_DIR)
+    scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
     spool_dir = os.path.join(scratch, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)

@@ -30,13 +30,14 @@ from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
 from mailingest.extraction.pool import ParserDied
+from mailingest.retry import Backoff, retry
 
 log = Logger(namespace="mailingest.extraction")
 
-FIRST_RETRY_SECONDS = 1.0
-# Asking a refusing database again to record an outcome: 1 s, doubling to this.
-RECORD_RETRY_SECONDS = 1.0
-MAX_RECORD_RETRY_SECONDS = 8.0
+# A failed attempt is tried again after 1 s, doubling per attempt.
+ATTEMPT_BACKOFF = Backoff(1.0)
+# Asking a refusing database again to record an outcome: 1 s, doubling to 8 s.
+RECORD_BACKOFF = Backoff(1.0, maximum=8.0)
 # After a stop has killed the parsers: time to release the claims they held.
 RELEASE_SECONDS = 1.0
 
@@ -123,8 +124,8 @@ class ExtractionService(service.Service):
     def startService(self):
         super().startService()
         self._free_slots = make_slots(self.work_dir, self.concurrency)
-        if self.store.engine_name == "sqlite":
-            # One daemon per SQLite file: any claim left is from our own previous run.
+        if self.store.exclusive:
+            # Any claim left is from our own previous run.
             yield self.store.release_claims()
         try:
             yield self.store.on_received(self.wake)
@@ -286,7 +287,7 @@ class ExtractionService(service.Service):
         if attempts >= self.max_attempts:
             await self._fail(message, f"{reason} (after {attempts} attempts)", attempts)
             return
-        delay = FIRST_RETRY_SECONDS * 2 ** (attempts - 1)
+        delay = ATTEMPT_BACKOFF.delay(attempts)
 
         def retry(waited: float) -> defer.Deferred:
             return self.store.schedule_retry(message["id"], reason, attempts, max(0.0, delay - waited))
@@ -325,29 +326,34 @@ class ExtractionService(service.Service):
         left to its lease, and said so.
         """
         first = self.clock.seconds()
-        pause = RECORD_RETRY_SECONDS
-        while True:
-            waited = self.clock.seconds() - first
-            try:
-                await write(waited)
-                return True
-            except Exception as e:
-                error = str(e)
+        started = [first]
+
+        def attempt() -> defer.Deferred:
+            started.append(self.clock.seconds())
+            return write(started[-1] - first)
+
+        def should_retry(error: Exception, retry_number: int, pause: float) -> bool:
+            waited = started[-1] - first
             if not self.running or waited + pause >= self.lease_seconds:
                 log.error(
                     "message {message_id} for {org}: cannot record the outcome of its extraction ({error});"
                     " it is claimed again when its lease runs out",
                     message_id=message["id"],
                     org=message["org_slug"],
-                    error=error,
+                    error=str(error),
                 )
                 return False
             log.warn(
                 "message {message_id} for {org}: cannot record the outcome of its extraction ({error}); trying again in {pause:.0f} s",
                 message_id=message["id"],
                 org=message["org_slug"],
-                error=error,
+                error=str(error),
                 pause=pause,
             )
-            await task.deferLater(self.clock, pause, lambda: None)
-            pause = min(pause * 2, MAX_RECORD_RETRY_SECONDS)
+            return True
+
+        try:
+            await retry(attempt, RECORD_BACKOFF, should_retry, self.clock)
+        except Exception:
+            return False
+        return True

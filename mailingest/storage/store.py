@@ -14,6 +14,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
+from mailingest.storage.engines import Engine, create_engine
 from mailingest.storage.group_commit import GroupCommit
 from mailingest.interfaces import Collision, Duplicate, IStore
 
@@ -91,13 +92,29 @@ def _message(row: dict | None) -> dict | None:
     return row
 
 
-def migrations(engine_name: str) -> list[tuple[int, str, str]]:
-    """The numbered schema files of one engine, in order: (version, name, sql)."""
-    folder = importlib.resources.files("mailingest.storage") / "schema" / engine_name
+_SCHEMA_TERM = re.compile(r"\{(\w+)\}")
+
+
+def migrations(engine: Engine) -> list[tuple[int, str, str]]:
+    """
+    The schema deltas, in order, as C{engine} runs them: (version, name, sql).
+
+    Each delta is written once, in C{schema/NNN_name.sql}, numbered once for
+    both engines; its number and file name are what C{schema_version}
+    records, so a database keeps its history whatever the layout of the
+    files (until issue 13 each engine had its own tree of them). Where the
+    engines spell a thing differently the file holds a term in braces:
+    {id} (the primary key column), {timestamp} (a point in time) or {now}
+    (the current time), which the engine's C{schema_terms} fill in.
+    Everything else is SQL both engines read the same way; a delta that
+    cannot be written so needs a new term, not a second file.
+    """
+    folder = importlib.resources.files("mailingest.storage") / "schema"
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
+            sql = _SCHEMA_TERM.sub(lambda term: engine.schema_terms[term.group(1)], entry.read_text())
+            found.append((int(entry.name.split("_", 1)[0]), entry.name, sql))
     return sorted(found)
 
 
@@ -105,11 +122,16 @@ def _storable_interaction(txn, fn, *args, **kwargs):
     return fn(_StorableTransaction(txn), *args, **kwargs)
 
 
+def open_store(url: str) -> "Store":
+    """The store on the database of C{--database}."""
+    return Store(create_engine(url))
+
+
 @implementer(IStore)
 class Store:
-    def __init__(self, engine, clock=utcnow):
+    def __init__(self, engine: Engine, clock=utcnow):
         self.engine = engine
-        self.engine_name = engine.name
+        self.exclusive = engine.exclusive
         self._now = clock
         self._inserts = GroupCommit(lambda batches: self._run(self._insert_batches, batches))
         self._parsed = GroupCommit(lambda batch: self._run(self._mark_parsed_batch, batch))
@@ -145,7 +167,7 @@ class Store:
         yield txn.execute("SELECT version FROM schema_version")
         done = {row["version"] for row in txn.fetchall()}
         applied = []
-        for version, name, sql in migrations(self.engine.name):
+        for version, name, sql in migrations(self.engine):
             if version in done:
                 continue
             for statement in self.engine.script(sql):

@@ -8,6 +8,7 @@ file work runs in the reactor's thread pool.
 
 import ctypes
 import errno
+import hashlib
 import itertools
 import os
 import re
@@ -144,18 +145,18 @@ class LocalDiskBlobStore:
         return os.path.join(self.root, *check_key(key).split("/"))
 
     def put_file(self, key, path, sha256, size):
-        return self._put(key, path, size)
+        return self._put(key, path, sha256, size)
 
     def put_bytes(self, key, data, sha256):
-        return self._put(key, data, len(data))
+        return self._put(key, data, sha256, len(data))
 
-    def _put(self, key: str, source: str | bytes, size: int) -> defer.Deferred:
+    def _put(self, key: str, source: str | bytes, sha256: str, size: int) -> defer.Deferred:
         """Queue C{source} (a file's path, or the bytes themselves) for the next durable batch."""
         try:
             final = self.path_for(key)
         except ValueError:
             return defer.fail()
-        return self._durable.submit((final, source, size)).addCallback(_raise_error)
+        return self._durable.submit((final, source, sha256, size)).addCallback(_raise_error)
 
     def local_path(self, key):
         return self.path_for(key)
@@ -166,9 +167,9 @@ class LocalDiskBlobStore:
     def _store_all(self, requests) -> list:
         """Place every blob, then make them all durable with one flush."""
         outcomes, placed = [], []
-        for final, source, size in requests:
+        for final, source, sha256, size in requests:
             try:
-                self._place(final, source, size)
+                self._place(final, source, sha256, size)
             except StorageError as e:
                 outcomes.append(e)
             else:
@@ -182,19 +183,22 @@ class LocalDiskBlobStore:
                 outcomes = [outcome or failed for outcome in outcomes]
         return outcomes
 
-    def _place(self, final: str, source: str, size: int) -> None:
+    def _place(self, final: str, source: str | bytes, sha256: str, size: int) -> None:
+        """Write or link C{source} into place, verified as L{IBlobStore.put_file} says."""
         try:
             makedirs_durable(os.path.dirname(final))
             tmp = os.path.join(self._tmp, uuid.uuid4().hex)
             try:
                 if isinstance(source, bytes):
-                    written = _write_new(tmp, source)
+                    written, digest = _write_new(tmp, source), hashlib.sha256(source).hexdigest()
                 else:
-                    written = self._link_or_copy(source, tmp)
+                    written, digest = self._link_or_copy(source, tmp)
                 if written != size:
                     raise StorageError(
                         f"blob size mismatch: wrote {written}, expected {size}"
                     )
+                if digest not in (None, sha256):
+                    raise StorageError(f"blob sha256 mismatch: wrote {digest}, expected {sha256}")
                 os.rename(tmp, final)
             except BaseException:
                 _unlink_quietly(tmp)
@@ -202,15 +206,23 @@ class LocalDiskBlobStore:
         except OSError as e:
             raise StorageError(f"local blob store: {e.strerror or e}") from e
 
-    def _link_or_copy(self, source: str, target: str) -> int:
-        """A hard link when the source is on our file system (the spool is), else a copy."""
+    def _link_or_copy(self, source: str, target: str) -> tuple[int, str | None]:
+        """
+        A hard link when the source is on our file system (the spool is),
+        else a copy, hashed as it goes. The size, and the sha256 of a copy
+        (None for a link: no byte passed through).
+        """
         try:
             os.link(source, target)
         except OSError:
-            with open(target, "xb") as out, open(source, "rb") as src:
-                shutil.copyfileobj(src, out, CHUNK)
-                return out.tell()
-        return os.stat(target).st_size
+            digest, buffer = hashlib.sha256(), bytearray(CHUNK)
+            chunk = memoryview(buffer)
+            with open(target, "xb") as out, open(source, "rb", buffering=0) as src:
+                while length := src.readinto(buffer):
+                    digest.update(chunk[:length])
+                    out.write(chunk[:length])
+                return out.tell(), digest.hexdigest()
+        return os.stat(target).st_size, None
 
     def read_to(self, key, fileobj):
         return deferToThread(self._read_to, key, fileobj)

@@ -11,7 +11,8 @@ Integrity: a PUT signs the SHA-256 computed while spooling as the payload
 hash (C{X-Amz-Content-SHA256}). AWS S3 (and MinIO, Ceph) hash what they
 received and refuse a mismatch (C{XAmzContentSHA256Mismatch}), so a 200 with
 an ETag means the exact bytes are stored. The ETag (an MD5 for simple PUTs) is only required to
-be present: comparing it would mean reading the file a second time.
+be present: comparing it would mean reading the file a second time. Bytes
+handed over in memory are hashed here before sending, whatever the service checks.
 
 Failures: 5xx answers, connection errors and timeouts are retried with a
 short doubling backoff; any other answer fails at once with a
@@ -19,6 +20,7 @@ L{StorageError} naming the S3 error code. No message ever contains the
 secret key or a signature.
 """
 
+import hashlib
 import io
 import os
 import re
@@ -31,10 +33,9 @@ from urllib.parse import quote
 from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -52,9 +53,11 @@ from zope.interface import implementer
 
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
 from mailingest.interfaces import BlobInfo, IBlobStore
+from mailingest.retry import Backoff, retry
 from mailingest.storage.blobs.local_disk import check_key, check_prefix, valid_key
 
-BACKOFF_SECONDS = 0.2
+# The waits between the tries of one request: 0.2 s, doubling.
+REQUEST_BACKOFF = Backoff(0.2)
 ERROR_BODY_LIMIT = 64 * 1024
 LIST_PAGE = 1000
 # Several SMTP sessions and the extraction service share one pool.
@@ -314,6 +317,8 @@ class S3BlobStore:
         self._pool = pool
         self._client = HTTPClient(Agent(reactor, pool=pool))
 
+    scratch_dir = None
+
     def __repr__(self) -> str:
         return f"<S3BlobStore s3://{self.bucket}/{self.prefix} at {self.endpoint_url}>"
 
@@ -336,6 +341,9 @@ class S3BlobStore:
             raise StorageError(f"S3 {what}: HTTP 200 without an ETag, the object may not be stored")
 
     def put_bytes(self, key: str, data: bytes, sha256: str) -> Deferred:
+        """The bytes are in hand: their sha256 is checked here, not left to the service."""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return fail(StorageError(f"blob sha256 mismatch: {key} is not the content described"))
         return Deferred.fromCoroutine(self._put_file(key, data, sha256, len(data)))
 
     def local_path(self, key: str) -> None:
@@ -431,25 +439,29 @@ class S3BlobStore:
         is never retried.
         """
         attempts = attempts or self.retries + 1
-        failure = ""
-        for attempt in range(attempts):
-            if attempt:
-                await deferLater(self._reactor, BACKOFF_SECONDS * 2 ** (attempt - 1), lambda: None)
+
+        async def once() -> _Reply:
             watchdog = _Watchdog(self._reactor, self.timeout)
             exchange = Deferred.fromCoroutine(self._exchange(method, url, body, sink, watchdog.touch))
             try:
                 reply = await watchdog.guard(exchange)
             except _Transient as e:
-                failure = str(e)
                 if sink is not None and sink.written:
-                    raise StorageError(f"S3 {what}: {failure} after {sink.written} bytes") from None
-                continue
-            if reply.code < 500:
-                return reply
-            failure = reply.describe()
-        if attempts == 1:
-            raise StorageError(f"S3 {what}: {failure}")
-        raise StorageError(f"S3 {what} failed {attempts} times: {failure}")
+                    raise StorageError(f"S3 {what}: {e} after {sink.written} bytes") from None
+                raise
+            if reply.code >= 500:
+                raise _Transient(reply.describe())
+            return reply
+
+        def should_retry(error: Exception, retry_number: int, delay: float) -> bool:
+            return isinstance(error, _Transient) and retry_number < attempts
+
+        try:
+            return await retry(once, REQUEST_BACKOFF, should_retry, self._reactor)
+        except _Transient as e:
+            if attempts == 1:
+                raise StorageError(f"S3 {what}: {e}") from None
+            raise StorageError(f"S3 {what} failed {attempts} times: {e}") from None
 
     async def _exchange(
         self,

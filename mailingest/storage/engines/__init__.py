@@ -6,9 +6,21 @@ C{inlineCallbacks} style, that receives a L{Transaction} whose C{execute}
 returns a Deferred. On PostgreSQL those Deferreds are really asynchronous
 (txpostgres); on SQLite the whole interaction runs in the adbapi thread and
 every Deferred has already fired. SQL is written with C{?} placeholders.
+
+L{Engine} is the contract both engines fulfil, with what they share;
+L{create_engine} picks one from a C{--database} URL. The engine modules are
+imported only when chosen: PostgreSQL's driver need not be installed for SQLite.
 """
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
+
+from twisted.internet import defer
+
+from mailingest.errors import ConfigError
+from mailingest.ops.secrets import redact_url
+from mailingest.storage.urls import sqlite_path
 
 
 class Transaction(Protocol):
@@ -20,3 +32,77 @@ class Transaction(Protocol):
 
     def fetchone(self) -> dict | None:
         """The next row of the last statement, as a dict, or None."""
+
+
+class CursorTransaction:
+    """A L{Transaction} over a cursor whose rows map column names to values; engines add C{execute}."""
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def fetchall(self) -> list[dict]:
+        return [dict(row) for row in self._cursor.fetchall()]
+
+    def fetchone(self) -> dict | None:
+        row = self._cursor.fetchone()
+        return None if row is None else dict(row)
+
+
+class Engine(ABC):
+    """
+    A database the store runs on.
+
+    C{skip_locked} ends a claiming SELECT (row locks where the database has
+    them); C{integrity_errors} are what a violated constraint raises;
+    C{schema_terms} fills the placeholders of the schema files (see
+    L{mailingest.storage.store.migrations}); C{exclusive} is True when one
+    daemon at a time uses the database (SQLite: one daemon per file), so
+    what it finds claimed at start-up its own previous run left.
+    """
+
+    skip_locked: str
+    integrity_errors: tuple[type[BaseException], ...]
+    schema_terms: Mapping[str, str]
+    exclusive: bool
+
+    @abstractmethod
+    def interaction(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """Run C{fn(txn, *args, **kwargs)} in one transaction."""
+
+    @abstractmethod
+    def background(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """An interaction for work nobody waits on: it must not hold up L{interaction}s."""
+
+    @abstractmethod
+    def notify(self, txn: Transaction, channel: str, payload: str = "") -> defer.Deferred:
+        """Wake the listeners of C{channel} (in every daemon) when C{txn} commits."""
+
+    @abstractmethod
+    def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred:
+        """Call C{callback(payload)} for each notification on C{channel}; fires once listening."""
+
+    @abstractmethod
+    def close(self) -> defer.Deferred:
+        """Release connections and threads."""
+
+    def script(self, sql: str) -> list[str]:
+        """Split a migration file into statements (ours hold no literal ';')."""
+        return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def create_engine(url: str) -> Engine:
+    """The engine for C{--database}: C{sqlite:///path} or C{postgresql://...}."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from mailingest.storage.engines.sqlite import SqliteEngine
+
+        return SqliteEngine(sqlite_path(url))
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from mailingest.storage.engines.postgresql import PostgresqlEngine
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQL support is not available in this version (--database " + redact_url(url) + ")"
+            ) from None
+        return PostgresqlEngine(url)
+    raise ConfigError(f"unsupported database URL {redact_url(url)!r}: use sqlite:///... or postgresql://...")

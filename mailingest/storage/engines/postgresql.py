@@ -17,14 +17,14 @@ The URL's password never leaves this module: representations, log events and
 L{DatabaseUnavailable} messages show the URL with C{***} in its place.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionClosed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,12 +33,15 @@ from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 
 from mailingest.errors import ConfigError, MailingestError
 from mailingest.ops.secrets import masker, redact_url, url_passwords, url_problem
+from mailingest.retry import Backoff, retry
+from mailingest.storage.engines import CursorTransaction, Engine
 
 log = Logger()
 
 CONNECT_TIMEOUT = 10.0
-FIRST_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 10.0
+# Between reconnection attempts: the first at once (a single killed backend
+# comes back immediately), then 0.5 s doubling up to 10 s.
+RECONNECT_BACKOFF = Backoff(0.5, maximum=10.0)
 
 # Defaults an operator would want from a long-lived daemon; the URL overrides
 # them. Keepalives notice a server that vanished without closing the socket.
@@ -53,16 +56,6 @@ DEFAULT_OPTIONS = {
 
 class DatabaseUnavailable(MailingestError):
     """The database cannot be reached now; retrying later may succeed."""
-
-
-def _backoff() -> Iterator[float]:
-    """Delays between reconnection attempts: at once (a single killed backend
-    comes back immediately), then 0.5 s doubling up to 10 s."""
-    yield 0.0
-    delay = FIRST_RETRY_DELAY
-    while True:
-        yield delay
-        delay = min(delay * 2, MAX_RETRY_DELAY)
 
 
 def _pyformat(sql: str) -> str:
@@ -138,8 +131,8 @@ class _Reconnector(DeadConnectionDetector):
     def __init__(self, reactor, target: _Target):
         super().__init__(deathChecker=self._is_dead, reactor=reactor)
         self._target = target
-        self._delays = _backoff()
-        self._pending = None
+        self._reconnecting: defer.Deferred | None = None
+        self._waiting = False
         self._stopped = False
 
     def _is_dead(self, failure: Failure) -> bool:
@@ -160,27 +153,31 @@ class _Reconnector(DeadConnectionDetector):
             where=self._target.public,
             reason=self._target.reason(f.value),
         )
-        self._delays = _backoff()
-        self._schedule()
+        self._waiting = True
+        self._reconnecting = task.deferLater(self.reactor, 0, self._reconnect_with_backoff)
+        # It fails only when stopped: nothing to report then.
+        self._reconnecting.addCallbacks(lambda _: self.connectionRecovered(), lambda _: None)
 
-    def _schedule(self, _ignored=None) -> None:
-        if not self._stopped:
-            self._pending = self.reactor.callLater(next(self._delays), self._attempt)
+    def _reconnect_with_backoff(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(retry(self._attempt, RECONNECT_BACKOFF, self._try_again, self.reactor))
 
-    def _attempt(self) -> None:
-        self._pending = None
-        d = self.reconnect()
-        d.addCallbacks(lambda _: self.connectionRecovered(), self._schedule)
+    def _attempt(self) -> defer.Deferred:
+        self._waiting = False
+        return self.reconnect()
+
+    def _try_again(self, error: Exception, retry_number: int, delay: float) -> bool:
+        self._waiting = not self._stopped
+        return self._waiting
 
     def connectionRecovered(self):
         log.info("database {where}: connection re-established", where=self._target.public)
         return super().connectionRecovered()
 
     def stop(self) -> None:
+        """Reconnect no more: a wait for the next attempt is cancelled; an attempt under way (libpq must finish it) is the last."""
         self._stopped = True
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
+        if self._waiting:
+            self._reconnecting.cancel()
 
 
 class _Connection(txpostgres.Connection):
@@ -269,25 +266,17 @@ class _Pool(txpostgres.ConnectionPool):
         super().__init__(None, min=size)
 
 
-class _PostgresqlTransaction:
-    def __init__(self, cursor):
-        self._cursor = cursor
-
+class _PostgresqlTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()) -> defer.Deferred:
         return self._cursor.execute(_pyformat(sql), tuple(args)).addCallback(lambda _: None)
 
-    def fetchall(self) -> list[dict]:
-        return [dict(row) for row in self._cursor.fetchall()]
 
-    def fetchone(self) -> dict | None:
-        row = self._cursor.fetchone()
-        return None if row is None else dict(row)
-
-
-class PostgresqlEngine:
-    name = "postgresql"
+class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg2.IntegrityError,)
+    schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()"}
+    # Shared by any number of daemons.
+    exclusive = False
 
     def __init__(self, url: str, min_connections: int = 1, max_connections: int = 4, reactor=None):
         if not 1 <= min_connections <= max_connections:
@@ -392,10 +381,6 @@ class PostgresqlEngine:
                 self._size += 1
         finally:
             self._growing -= 1
-
-    def script(self, sql: str) -> list[str]:
-        """Split a migration file into statements (ours hold no literal ';')."""
-        return [s.strip() for s in sql.split(";") if s.strip()]
 
     def notify(
         self, txn: _PostgresqlTransaction, channel: str, payload: str = ""

@@ -22,6 +22,8 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from mailingest.storage.engines import CursorTransaction, Engine
+
 BUSY_TIMEOUT_MS = 10000
 BACKGROUND_BUSY_TIMEOUT_MS = 50
 
@@ -42,20 +44,10 @@ def _open(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
-class _SqliteTransaction:
-    def __init__(self, cursor):
-        self._cursor = cursor
-
+class _SqliteTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()):
         self._cursor.execute(sql, args)
         return defer.succeed(None)
-
-    def fetchall(self) -> list[dict]:
-        return [dict(row) for row in self._cursor.fetchall()]
-
-    def fetchone(self) -> dict | None:
-        row = self._cursor.fetchone()
-        return None if row is None else dict(row)
 
 
 def _result_of(d: defer.Deferred):
@@ -69,10 +61,16 @@ def _result_of(d: defer.Deferred):
     return box[0]
 
 
-class SqliteEngine:
-    name = "sqlite"
+class SqliteEngine(Engine):
     skip_locked = ""
     integrity_errors = (sqlite3.IntegrityError,)
+    # Timestamps are fixed-width ISO 8601 text (see _adapt_datetime).
+    schema_terms = {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "timestamp": "TEXT",
+        "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
+    }
+    exclusive = True
 
     def __init__(self, path: str):
         self.path = path
@@ -113,10 +111,6 @@ class SqliteEngine:
 
     def listen(self, channel: str, callback) -> defer.Deferred:
         return defer.succeed(None)
-
-    def script(self, sql: str) -> list[str]:
-        """Split a migration file into statements (ours hold no literal ';')."""
-        return [s.strip() for s in sql.split(";") if s.strip()]
 
     def close(self) -> defer.Deferred:
         self._pool.close()
