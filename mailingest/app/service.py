@@ -119,7 +119,7 @@ class SessionDrain(service.Service):
 
     def stopService(self):
         super().stopService()
-        return defer.ensureDeferred(self.factory.shutdown(self.grace, self.clock))
+        return self.factory.shutdown(self.grace, self.clock)
 
 
 class Daemon(service.MultiService):
