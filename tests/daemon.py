@@ -52,8 +52,7 @@ class RunningDaemon:
     def start(self):
         self.service.startService()
         yield self.service.ready
-        listeners = [c for c in self.service if hasattr(c, "port") and c.port is not None]
-        self.port = listeners[0].port.getHost().port
+        self.port = self.service.smtp_listeners[0].port.getHost().port
         return self
 
     def stop(self):

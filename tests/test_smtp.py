@@ -560,9 +560,8 @@ class HostileSubjectTests(DaemonTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         yield super().setUp()
-        ports = {c.what: c.port.getHost().port for c in self.daemon.service if getattr(c, "what", None)}
-        self.daemon.port = ports["SMTP"]
-        self.healthz = f"http://127.0.0.1:{ports['ops HTTP']}/healthz"
+        ops_port = self.daemon.service.ops_listener.port.getHost().port
+        self.healthz = f"http://127.0.0.1:{ops_port}/healthz"
 
     @defer.inlineCallbacks
     def test_crafted_subject_answered_while_healthz_keeps_answering(self):
