@@ -114,6 +114,16 @@ class RunningDaemon:
         spool = os.path.join(self.directory, "blobs", ".scratch", "spool")
         return sorted(os.listdir(spool)) if os.path.isdir(spool) else []
 
+    @defer.inlineCallbacks
+    def spooled(self, timeout: float = 10.0):
+        """Fire with the spool files once there is one (a message past the in-memory limit is being received)."""
+        deadline = time.monotonic() + timeout
+        while not self.spool_files():
+            if time.monotonic() > deadline:
+                raise AssertionError("no spool file appeared")
+            yield sleep(0.01)
+        return self.spool_files()
+
 
 def sleep(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
