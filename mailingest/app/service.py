@@ -151,7 +151,7 @@ class TLSReloader(service.Service):
 
 
 class SessionDrain(service.Service):
-    """At stop, after the listeners closed: let transactions in progress finish, within a bound."""
+    """At stop, after the listeners (added after it, so stopped before it): let transactions in progress finish, within a bound."""
 
     def __init__(self, factory, grace: float, clock):
         self.factory = factory
@@ -220,9 +220,10 @@ class Daemon(service.MultiService):
     """
     The service tree: the ops endpoint (if any) starts at once, so /readyz can
     say what is wrong; L{AfterMigration} (C{self.serving}) holds the rest, the
-    SMTP listeners last. MultiService stops children in reverse order: the
-    listeners first (no new sessions), then the session drain, extraction and
-    the rest; once all have stopped the storage connections close.
+    SMTP listeners last. MultiService stops its children in reverse order (it
+    starts each stop without waiting for the one before): the listeners first,
+    so no new session comes, then the session drain, extraction and the rest;
+    once all have stopped, the storage connections close.
     """
 
     def __init__(self, reactor, store, blobs):
