@@ -52,8 +52,7 @@ class RunningDaemon:
     def start(self):
         self.service.startService()
         yield self.service.ready
-        listeners = [c for c in self.service if hasattr(c, "port") and c.port is not None]
-        self.port = listeners[0].port.getHost().port
+        self.port = self.service.smtp_listeners[0].port.getHost().port
         return self
 
     def stop(self):
@@ -114,6 +113,16 @@ class RunningDaemon:
     def spool_files(self) -> list[str]:
         spool = os.path.join(self.directory, "blobs", ".scratch", "spool")
         return sorted(os.listdir(spool)) if os.path.isdir(spool) else []
+
+    @defer.inlineCallbacks
+    def spooled(self, timeout: float = 10.0):
+        """Fire with the spool files once there is one (a message past the in-memory limit is being received)."""
+        deadline = time.monotonic() + timeout
+        while not self.spool_files():
+            if time.monotonic() > deadline:
+                raise AssertionError("no spool file appeared")
+            yield sleep(0.01)
+        return self.spool_files()
 
 
 def sleep(seconds: float) -> defer.Deferred:

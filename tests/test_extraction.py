@@ -10,16 +10,22 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from email.message import EmailMessage
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
+from mailingest.extraction.attachments import ExtractionResult
 from mailingest.extraction.pool import WORKER_ARGV
+from mailingest.extraction.service import ExtractionService
+from mailingest.storage.engines.sqlite import SqliteEngine
+from mailingest.storage.store import Store
+from tests.corpus import sample_messages
 from tests.daemon import DaemonTestCase, TwistdProcess, mailingest_cli, sleep, temp_dir
+from tests.store_contract import message as stored_message
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus")
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 LOGO = b"\x89PNG\r\n\x1a\n" + b"\x00" * 300
 
@@ -238,19 +244,12 @@ class OutcomeErrorTests(ExtractionCase):
 
 
 class CorpusTests(ExtractionCase):
-    """Every sample message of shared/corpus ends parsed or failed, the daemon alive."""
+    """Every sample message of tests/samples ends parsed or failed, the daemon alive."""
 
     @defer.inlineCallbacks
     def test_corpus(self):
-        files = sorted(
-            os.path.join(folder, name)
-            for folder, _, names in os.walk(CORPUS)
-            for name in names
-            if name not in ("LICENSE", "README.md") and os.path.dirname(folder) != ""
-        )
-        files = [f for f in files if os.path.dirname(f) != os.path.normpath(CORPUS)]
-        if not files:
-            raise unittest.SkipTest(f"no corpus at {CORPUS}")
+        files = sample_messages()
+        self.assertGreater(len(files), 100)
 
         def send_all(client):
             client.ehlo("customer.test")
@@ -357,25 +356,76 @@ class KillDuringExtractionTests(unittest.TestCase):
         self.assertEqual(docs, expected)
 
 
-class LeaseTests(ExtractionCase):
+class HeldParser:
+    """A parser whose work ends when the test says so."""
+
+    def __init__(self):
+        self.started = defer.Deferred()
+        self.finish = defer.Deferred()
+
+    def parse(self, raw_path, out_dir):
+        self.started.callback(raw_path)
+        return self.finish
+
+    def close(self):
+        return defer.succeed(None)
+
+
+class RawOnDisk:
+    """Blobs whose raw messages are local files (so no read), and no documents to store."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def local_path(self, key):
+        return self.path
+
+
+class LeaseTests(unittest.TestCase):
+    """
+    A claim is renewed while its extraction runs. Time is a task.Clock that the
+    store reads too (its leases are clock time), advanced, not slept; the
+    store is a real SQLite one.
+    """
+
+    LEASE = 30.0
+
     @defer.inlineCallbacks
     def test_claim_is_renewed_while_extraction_runs(self):
-        extraction = self.daemon.service.extraction
-        extraction.lease_seconds = 0.3
-        real_parse = extraction.parser.parse
-
-        async def slow_parse(raw_path, out_dir):
-            await sleep(1.2)
-            return await real_parse(raw_path, out_dir)
-
-        self.patch(extraction.parser, "parse", slow_parse)
-        message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "slow.pdf")]), settle=False)
-        yield sleep(0.8)
+        directory = temp_dir(self)
+        clock = task.Clock()
+        clock.advance(time.time())
+        store = Store(
+            SqliteEngine(os.path.join(directory, "mailingest.db")),
+            clock=lambda: datetime.fromtimestamp(clock.seconds(), timezone.utc),
+        )
+        self.addCleanup(store.close)
+        yield store.migrate()
+        org = yield store.add_org("acme", "Acme Corp")
+        [message_id] = yield store.insert_messages([stored_message(org["id"], "<slow@x>")])
+        renewals = []
+        renew = store.renew_claims
+        self.patch(store, "renew_claims", lambda ids, lease: renewals.append(renew(ids, lease)) or renewals[-1])
+        parser = HeldParser()
+        extraction = ExtractionService(
+            store, RawOnDisk(os.path.join(directory, "raw.eml")), parser,
+            work_dir=os.path.join(directory, "work"), lease_seconds=self.LEASE, concurrency=1, clock=clock,
+        )
+        yield extraction.startService()
+        yield parser.started
+        # three lease lengths go by while the parser works
+        for _ in range(9):
+            clock.advance(self.LEASE / 3)
+            self.assertTrue(renewals, "no renewal")
+            yield renewals[-1]
+        self.assertEqual(len(renewals), 9)
         # another daemon polling now finds nothing to take over
-        self.assertEqual((yield self.daemon.store.claim(60)), [])
-        row = yield self.daemon.settled(message_id)
-        self.assertEqual(row["status"], "parsed")
-        self.assertEqual(len((yield self.documents(message_id))), 1)
+        self.assertEqual((yield store.claim(60)), [])
+        parser.finish.callback(ExtractionResult(attachments=[], warnings=[]))
+        yield extraction.stopService()
+        self.assertEqual((yield store.get_message(message_id))["status"], "parsed")
+        clock.advance(self.LEASE)
+        self.assertEqual(len(renewals), 9, "renewed after the work was done")
 
 
 class WorkSlotTests(unittest.TestCase):

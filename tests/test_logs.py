@@ -14,7 +14,7 @@ import textwrap
 import threading
 import time
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, reactor, task, utils
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.reflect import namedAny
@@ -214,18 +214,40 @@ class TwistdIntegrationTests(unittest.TestCase):
         Logger(namespace="probe", observer=observer).info("password {pw}", pw="s3cret")
         self.assertEqual(json.loads(stdout.getvalue())["message"], "password ***")
 
-    def test_logfile(self):
+    def logfile_observer(self, path: str):
+        """The observer twistd makes for C{--logfile path}, through install_twistd_logger, in text."""
         self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        server, plugin = self.plugin_options("--logfile", path)
+        logs.install_twistd_logger(plugin, dict(self.settings, log_format="text"), {})
+        observer = namedAny(server["logger"])()
+        return observer, Logger(namespace="probe", observer=observer)
+
+    def test_logfile(self):
         path = os.path.abspath(self.mktemp())
-        server, _ = self.plugin_options("--logfile", path)
-        stream = logs._twistd_stream(server)
-        self.addCleanup(stream.close)
-        observer = logs.make_observer("text", stream)
-        Logger(namespace="probe", observer=observer).info("to the file")
+        _, log = self.logfile_observer(path)
+        log.info("to the file, password {pw}", pw="s3cret")
         with open(path) as f:
-            self.assertIn("[probe#info] to the file", f.read())
+            self.assertIn("[probe#info] to the file, password ***\n", f.read())
         self.assertTrue(callable(signal.getsignal(signal.SIGUSR1)))
+
+    @defer.inlineCallbacks
+    def test_logfile_rotated_on_sigusr1(self):
+        """As twistd does it: SIGUSR1 moves the file to C{.1} (on the reactor) and logging goes on in a new one."""
+        path = os.path.abspath(self.mktemp())
+        _, log = self.logfile_observer(path)
+        log.info("before rotation")
+        self.assertFalse(os.path.exists(path + ".1"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):
+            if os.path.exists(path + ".1"):
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        log.info("after rotation")
+        with open(path + ".1") as f:
+            self.assertIn("before rotation", f.read())
+        with open(path) as f:
+            self.assertEqual([line.split("] ", 1)[1] for line in f], ["after rotation\n"])
 
     def test_operator_choice_wins(self):
         for args in (["--syslog"], ["--logger", "twisted.logger.textFileLogObserver"]):

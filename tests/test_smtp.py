@@ -3,6 +3,7 @@ The SMTP contract of SPEC section 4, from a real smtplib client against a
 daemon listening on 127.0.0.1.
 """
 
+import os
 import socket
 import smtplib
 import threading
@@ -19,6 +20,7 @@ from twisted.trial import unittest
 from mailingest.delivery.ingest import IngestDelivery
 from mailingest.errors import StorageError
 from mailingest.delivery.routing import POSTMASTER_SLUG
+from mailingest.delivery.spool import MEMORY_LIMIT
 from mailingest.smtp.protocol import IngestSMTPFactory
 from tests import daemon
 from tests.daemon import message, sleep
@@ -143,30 +145,85 @@ class LimitTests(DaemonTestCase):
         self.assertEqual((code, reply[:5]), (552, b"5.3.4"))
 
     @defer.inlineCallbacks
-    def test_data_growing_past_the_limit(self):
-        big = message(body="x" * 70 + "\r\n") * 200
+    def test_message_exactly_at_the_limit_is_accepted(self):
+        body = message()
+        body += b"y" * (10000 - len(body) - 2) + b"\r\n"
+        self.assertEqual(len(body), 10000)
+        code, _ = yield self.daemon.send(body, ["orders+acme@example.com"])
+        self.assertEqual(code, 250)
+
+
+class SpooledDataTests(DaemonTestCase):
+    """A message past the in-memory limit is received into a spool file: while DATA lasts, and never after."""
+
+    overrides = {"max_message_size": str(2 * MEMORY_LIMIT)}
+
+    @defer.inlineCallbacks
+    def send_in_two_parts(self, first: bytes, then):
+        """Open DATA and send C{first}; once the spool file exists, C{then(client)} goes on. Fires with (spool files, its result)."""
+        spooled = threading.Event()
 
         def attempt(client):
             client.ehlo("customer.test")
             client.mail("buyer@customer.test")
             client.rcpt("orders+acme@example.com")
-            refused = client.data(big)
+            code, _ = client.docmd("DATA")
+            assert code == 354, code
+            client.send(first)
+            spooled.wait(10)
+            return then(client)
+
+        sending = self.daemon.smtp(attempt)
+        try:
+            files = yield self.daemon.spooled()
+        finally:
+            spooled.set()
+        result = yield sending
+        return files, result
+
+    @defer.inlineCallbacks
+    def test_data_growing_past_the_limit(self):
+        lines = (b"x" * 70 + b"\r\n") * (MEMORY_LIMIT // 72)
+
+        def rest_too_large(client):
+            client.send(lines * 2 + b".\r\n")
+            refused = client.getreply()
             # the session stays usable
             client.rset()
             return refused, client.sendmail("b@customer.test", ["orders+acme@example.com"], message())
 
-        (code, reply), rejected = yield self.daemon.smtp(attempt)
+        files, ((code, reply), rejected) = yield self.send_in_two_parts(message() + lines * 2, rest_too_large)
+        self.assertEqual(len(files), 1)
         self.assertEqual((code, reply[:5]), (552, b"5.3.4"))
         self.assertEqual(rejected, {})
         self.assertEqual((yield self.daemon.store.count_messages()), 1)
         self.assertEqual(self.daemon.spool_files(), [])
 
     @defer.inlineCallbacks
-    def test_message_exactly_at_the_limit_is_accepted(self):
-        body = message()
-        body += b"y" * (10000 - len(body) - 2) + b"\r\n"
-        self.assertEqual(len(body), 10000)
-        code, _ = yield self.daemon.send(body, ["orders+acme@example.com"])
+    def test_stored_message_leaves_no_spool_file(self):
+        def end(client):
+            client.send(b"the end\r\n.\r\n")
+            return client.getreply()
+
+        files, (code, _) = yield self.send_in_two_parts(message(body=("x" * 70 + "\r\n") * 2000), end)
+        self.assertEqual(len(files), 1)
+        self.assertEqual(code, 250)
+        self.assertEqual((yield self.daemon.store.count_messages()), 1)
+        self.assertEqual(self.daemon.spool_files(), [])
+
+    @defer.inlineCallbacks
+    def test_client_vanishing_mid_data_leaves_nothing(self):
+        files, _ = yield self.send_in_two_parts(message() + b"x" * (MEMORY_LIMIT + 1000), lambda client: client.close())
+        self.assertEqual(len(files), 1)
+        # let the daemon notice the close
+        for _ in range(50):
+            if not self.daemon.spool_files():
+                break
+            yield sleep(0.05)
+        self.assertEqual(self.daemon.spool_files(), [])
+        self.assertEqual(self.daemon.blob_files(), [])
+        self.assertEqual((yield self.daemon.store.count_messages()), 0)
+        code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
         self.assertEqual(code, 250)
 
 
@@ -362,12 +419,19 @@ class FailingStorageTests(DaemonTestCase):
         def broken(*args):
             return defer.fail(StorageError("disk on fire"))
 
-        self.patch(self.daemon.blobs, "put_file", broken)
+        spool_existed = []
+
+        def broken_put_file(key, path, sha256, size):
+            spool_existed.append(os.path.exists(path))
+            return broken()
+
+        self.patch(self.daemon.blobs, "put_file", broken_put_file)
         self.patch(self.daemon.blobs, "put_bytes", broken)
         # Small messages are stored from memory, large ones from the spool file.
         for body in ("small\r\n", ("x" * 70 + "\r\n") * 3000):
             code, reply = yield self.daemon.send(message(body=body), ["orders+acme@example.com"])
             self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
+        self.assertEqual(spool_existed, [True])
         self.assertEqual((yield self.daemon.store.count_messages()), 0)
         self.assertEqual(self.daemon.blob_files(), [])
         self.assertEqual(self.daemon.spool_files(), [])
@@ -399,29 +463,6 @@ class FailingStorageTests(DaemonTestCase):
         self.assertEqual((code, reply[:5]), (451, b"4.3.0"))
         # known organisations are still served from the last good list
         code, _ = yield self.rcpt_reply("orders+acme@example.com")
-        self.assertEqual(code, 250)
-
-    @defer.inlineCallbacks
-    def test_client_vanishing_mid_data_leaves_nothing(self):
-        def vanish():
-            with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10) as s:
-                f = s.makefile("rb")
-                f.readline()
-                s.sendall(b"HELO customer.test\r\nMAIL FROM:<b@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
-                for _ in range(4):
-                    f.readline()
-                s.sendall(message() + b"x" * 100000)
-
-        yield threads.deferToThread(vanish)
-        # let the daemon notice the close
-        for _ in range(50):
-            if not self.daemon.spool_files():
-                break
-            yield sleep(0.05)
-        self.assertEqual(self.daemon.spool_files(), [])
-        self.assertEqual(self.daemon.blob_files(), [])
-        self.assertEqual((yield self.daemon.store.count_messages()), 0)
-        code, _ = yield self.daemon.send(message(), ["orders+acme@example.com"])
         self.assertEqual(code, 250)
 
 
@@ -560,9 +601,8 @@ class HostileSubjectTests(DaemonTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         yield super().setUp()
-        ports = {c.what: c.port.getHost().port for c in self.daemon.service if getattr(c, "what", None)}
-        self.daemon.port = ports["SMTP"]
-        self.healthz = f"http://127.0.0.1:{ports['ops HTTP']}/healthz"
+        ops_port = self.daemon.service.ops_listener.port.getHost().port
+        self.healthz = f"http://127.0.0.1:{ops_port}/healthz"
 
     @defer.inlineCallbacks
     def test_crafted_subject_answered_while_healthz_keeps_answering(self):

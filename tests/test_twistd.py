@@ -135,6 +135,31 @@ class TwistdTests(TwistdCase):
         self.assertLess(growth_mib, 25, f"RSS grew by {growth_mib:.0f} MiB")
 
 
+class PortInUseTests(TwistdCase):
+    """A port that cannot be opened stops the daemon with one critical line naming the endpoint."""
+
+    def run_with_port_taken(self, option: str) -> tuple[subprocess.CompletedProcess, str]:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+            args = {"--smtp": f"tcp:{free_port()}:interface=127.0.0.1", "--http": "none", option: endpoint}
+            out = subprocess.run(
+                [TWISTD, "-n", "--pidfile=", "mailingest", *(word for pair in args.items() for word in pair)],
+                capture_output=True, text=True, timeout=60, cwd=self.directory,
+            )
+        return out, endpoint
+
+    def test_smtp_port_in_use(self):
+        out, endpoint = self.run_with_port_taken("--smtp")
+        self.assertIn(f"#critical] mailingest could not start: cannot listen on {endpoint} for SMTP", out.stdout)
+        self.assertNotIn("SMTP listening on", out.stdout)
+
+    def test_ops_port_in_use(self):
+        out, endpoint = self.run_with_port_taken("--http")
+        self.assertIn(f"#critical] mailingest could not start: cannot listen on {endpoint} for ops HTTP", out.stdout)
+
+
 class OperationsTests(TwistdCase):
     def setUp(self):
         super().setUp()

@@ -11,9 +11,11 @@ import glob
 import os
 import signal
 
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
 from mailingest.ops.disk_space import DiskCheck
@@ -41,45 +43,84 @@ SMTP_LIMITS = ("max_message_size", "max_recipients", "max_connections", "max_con
 log = Logger(namespace="mailingest.daemon")
 
 
-class Listener(service.Service):
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
     """
-    Listens on one endpoint string; a port that cannot be opened stops the
-    daemon. An C{ssl:} endpoint gets a reloadable certificate (C{self.tls});
-    a C{haproxy:} one reads PROXY headers from C{proxy_trusted} networks only.
+    An endpoint that tells its L{Listener} how C{listen} went: the public way
+    to the port, since L{internet.StreamServerEndpointService} keeps the
+    Deferred of C{listen} in a private attribute.
     """
 
-    def __init__(self, reactor, description: str, factory, what: str, proxy_trusted=()):
-        self.factory = factory
+    def __init__(self, endpoint: IStreamServerEndpoint, listener: "Listener"):
+        self.endpoint = endpoint
+        self.listener = listener
+
+    def listen(self, factory) -> defer.Deferred:
+        return self.endpoint.listen(factory).addCallbacks(self.listener.listening, self.listener.cannot_listen)
+
+
+class Listener(internet.StreamServerEndpointService):
+    """
+    Twisted's service for one listening endpoint, plus what it leaves to us:
+    the port it listens on (C{port}, None until then), a log line saying
+    where, and a daemon that stops when the endpoint cannot be listened on
+    (the base class only logs that). C{tls} is the reloadable certificate of
+    an C{ssl:} endpoint.
+    """
+
+    def __init__(self, reactor, endpoint: IStreamServerEndpoint, factory, what: str, description: str, tls=None):
+        super().__init__(_ReportingEndpoint(endpoint, self), factory)
+        self.reactor = reactor
         self.what = what
-        self.port = None
-        self.tls: ReloadableTLS | None = None
         self.description = description
-        if description.startswith(ENDPOINT_PREFIX):
-            self.factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
-            description = description[len(ENDPOINT_PREFIX):]
-        if description.startswith(IMPLICIT_TLS_PREFIX):
-            self.endpoint, self.tls = implicit_tls_endpoint(reactor, description)
-            return
+        self.tls: ReloadableTLS | None = tls
+        self.port = None
+
+    def listening(self, port):
+        self.port = port
+        log.info("{what} listening on {address}", what=self.what, address=port.getHost())
+        return port
+
+    def cannot_listen(self, failure):
+        if failure.check(defer.CancelledError):
+            return failure
+        log.critical(
+            "mailingest could not start: cannot listen on {endpoint} for {what}: {error}",
+            endpoint=self.description,
+            what=self.what,
+            error=failure.getErrorMessage(),
+        )
+        stop_reactor(self.reactor)
+        return None
+
+
+def make_listener(reactor, description: str, factory, what: str, proxy_trusted=()) -> Listener:
+    """
+    A L{Listener} for an endpoint string: an C{ssl:} endpoint gets a
+    reloadable certificate; a C{haproxy:} one reads PROXY headers from
+    C{proxy_trusted} networks only.
+    """
+    endpoint_description = description
+    if endpoint_description.startswith(ENDPOINT_PREFIX):
+        factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
+        endpoint_description = endpoint_description[len(ENDPOINT_PREFIX):]
+    tls = None
+    if endpoint_description.startswith(IMPLICIT_TLS_PREFIX):
+        endpoint, tls = implicit_tls_endpoint(reactor, endpoint_description)
+    else:
         try:
-            self.endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = endpoints.serverFromString(reactor, endpoint_description)
         except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"bad {what} endpoint {description!r}: {e}") from None
+            raise ConfigError(f"bad {what} endpoint {endpoint_description!r}: {e}") from None
+    return Listener(reactor, endpoint, factory, what, description, tls)
 
-    def startService(self):
-        super().startService()
-        d = self.endpoint.listen(self.factory)
 
-        def listening(port):
-            self.port = port
-            log.info("{what} listening on {address}", what=self.what, address=port.getHost())
-
-        return d.addCallback(listening)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
+def stop_reactor(reactor) -> None:
+    """Stop the daemon: now, or as soon as the reactor runs (a failure in twistd's privileged start-up comes before)."""
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
 
 
 class TLSReloader(service.Service):
@@ -113,7 +154,7 @@ class TLSReloader(service.Service):
 
 
 class SessionDrain(service.Service):
-    """At stop, after the listeners closed: let transactions in progress finish, within a bound."""
+    """At stop, after the listeners (added after it, so stopped before it): let transactions in progress finish, within a bound."""
 
     def __init__(self, factory, grace: float, clock):
         self.factory = factory
@@ -122,7 +163,7 @@ class SessionDrain(service.Service):
 
     def stopService(self):
         super().stopService()
-        return defer.ensureDeferred(self.factory.shutdown(self.grace, self.clock))
+        return self.factory.shutdown(self.grace, self.clock)
 
 
 def _migrate_failed(error: Exception, retry: int, delay: float) -> bool:
@@ -131,26 +172,26 @@ def _migrate_failed(error: Exception, retry: int, delay: float) -> bool:
     return True
 
 
-class Daemon(service.MultiService):
+class AfterMigration(service.MultiService):
     """
-    Children in C{self.early} start with the daemon; the others only once the
-    schema is in place. Everything stops in reverse order, then the storage
-    connections close.
+    The services that need the schema: their start waits until the schema is
+    migrated (retried while the database is unreachable); then MultiService
+    starts them in order. C{ready} fires once they have started.
     """
 
-    def __init__(self, reactor, store, blobs):
+    def __init__(self, reactor, store):
         super().__init__()
         self.reactor = reactor
         self.store = store
-        self.blobs = blobs
-        self.early: list[service.IService] = []
         self.ready = defer.Deferred()
         self._starting = None
 
+    def privilegedStartService(self):
+        """The children start only after the migration (so no SMTP port is open before): nothing to do yet."""
+        service.Service.privilegedStartService(self)
+
     def startService(self):
         service.Service.startService(self)
-        for child in self.early:
-            defer.maybeDeferred(child.startService).addErrback(self._failed_to_start)
         self._starting = defer.ensureDeferred(self._start())
         self._starting.addErrback(self._failed_to_start)
 
@@ -158,33 +199,49 @@ class Daemon(service.MultiService):
         applied = await retry(self.store.migrate, MIGRATE_RETRY, _migrate_failed, self.reactor)
         if applied:
             log.info("database schema upgraded: applied {versions}", versions=applied)
-        for child in self:
-            if child not in self.early:
-                await defer.maybeDeferred(child.startService)
+        super().startService()
         self.ready.callback(None)
 
     def _failed_to_start(self, failure):
         if failure.check(defer.CancelledError):
             return
         log.critical("mailingest could not start: {error}", error=failure.getErrorMessage())
-        if self.reactor.running:
-            self.reactor.stop()
-
-    async def _stop(self):
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
-        for child in reversed(list(self)):
-            if child.running:
-                try:
-                    await defer.maybeDeferred(child.stopService)
-                except Exception as e:
-                    log.error("error while stopping {child}: {error}", child=child, error=str(e))
-        await self.store.close()
-        await self.blobs.close()
+        stop_reactor(self.reactor)
 
     def stopService(self):
-        service.Service.stopService(self)
-        return defer.ensureDeferred(self._stop())
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+            return service.Service.stopService(self)
+        return super().stopService()
+
+
+class Daemon(service.MultiService):
+    """
+    The service tree: the ops endpoint (if any) starts at once, so /readyz can
+    say what is wrong; L{AfterMigration} (C{self.serving}) holds the rest, the
+    SMTP listeners last. MultiService stops its children in reverse order (it
+    starts each stop without waiting for the one before): the listeners first,
+    so no new session comes, then the session drain, extraction and the rest;
+    once all have stopped, the storage connections close.
+    """
+
+    def __init__(self, reactor, store, blobs):
+        super().__init__()
+        self.store = store
+        self.blobs = blobs
+        self.serving = AfterMigration(reactor, store)
+        self.ready = self.serving.ready
+        self.ops_listener: Listener | None = None
+        self.smtp_listeners: list[Listener] = []
+
+    def stopService(self):
+        d = super().stopService()
+        d.addCallback(lambda _: defer.ensureDeferred(self._close_storage()))
+        return d
+
+    async def _close_storage(self):
+        await self.store.close()
+        await self.blobs.close()
 
 
 def clear_spool(directory: str) -> None:
@@ -231,12 +288,12 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
             {"database": store.check, "storage": blobs.check, "disk": disk},
             queue_depth=lambda: store.count_messages("received"),
         )
-        ops = Listener(reactor, settings["http"], site, "ops HTTP")
-        ops.setServiceParent(daemon)
-        daemon.early.append(ops)
+        daemon.ops_listener = make_listener(reactor, settings["http"], site, "ops HTTP")
+        daemon.ops_listener.setServiceParent(daemon)
+    daemon.serving.setServiceParent(daemon)
 
     directory = OrgDirectory(store)
-    directory.setServiceParent(daemon)
+    directory.setServiceParent(daemon.serving)
     delivery = IngestDelivery(
         store, blobs, directory, settings["domain"], settings["hostname"], store_timeout=settings["store_timeout"]
     )
@@ -256,11 +313,11 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         lease_seconds=settings["extraction_lease"],
         stop_timeout=EXTRACTION_STOP_SECONDS,
     )
-    extraction.setServiceParent(daemon)
+    extraction.setServiceParent(daemon.serving)
     delivery.on_stored.append(extraction.wake)
     if settings["gc_interval"]:
         min_age = check_min_age(settings["gc_min_age"], settings)
-        GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon)
+        GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon.serving)
 
     tls_context = None
     if settings["tls_cert"]:
@@ -278,15 +335,16 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         tls_context=tls_context,
     )
     listeners = [
-        Listener(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]
+        make_listener(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]
     ]
     certificates = [tls_context] if tls_context else []
     certificates += [listener.tls for listener in listeners if listener.tls]
     if certificates:
-        TLSReloader(certificates, reactor).setServiceParent(daemon)
-    SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon)
+        TLSReloader(certificates, reactor).setServiceParent(daemon.serving)
+    SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon.serving)
     for listener in listeners:
-        listener.setServiceParent(daemon)
+        listener.setServiceParent(daemon.serving)
+    daemon.smtp_listeners = listeners
 
     log.info(
         "mailingest starting: database {database}, storage {storage}, domains {domains}",

@@ -5,24 +5,24 @@ shippers, both scrubbed of secrets.
 Every line is masked as L{mailingest.ops.secrets.masker} does, so the database password and the S3
 secret key cannot reach the log even when a library puts them in a message.
 
-Under twistd, L{install_twistd_logger} makes these observers the daemon's only
-log output, twistd's own start and stop lines included.
+Under twistd, L{install_twistd_logger} gives these formats to the observer
+twistd itself makes (stdout with C{--nodaemon}, else C{--logfile}, rotated on
+SIGUSR1): the daemon's only log output, twistd's own start and stop lines
+included.
 """
 
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent
-from twisted.python import logfile, usage
+from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsText, formatEvent
+from twisted.python import usage
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.scripts._twistd_unix import UnixAppLogger
 
 from mailingest.ops.secrets import masker, url_passwords
 
@@ -95,81 +95,63 @@ def _json_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str:
     return json.dumps(record)
 
 
-@implementer(ILogObserver)
-class LineObserver:
+def _formatter(
+    render: Callable[[Mapping[str, Any], Callable[[str], str]], str | None], secrets: Iterable[str]
+) -> Callable[[Mapping[str, Any]], str | None]:
     """
-    Writes one record per event to a text stream. Debug events are dropped:
-    they are for development (the ops endpoint logs every probe at debug).
+    One record per event, secrets masked. Debug events are dropped: they are
+    for development (the ops endpoint logs every probe at debug).
     """
+    mask = masker(secrets)
 
-    def __init__(
-        self,
-        render: Callable[[Mapping[str, Any], Callable[[str], str]], str | None],
-        stream: TextIO,
-        secrets: Iterable[str] = (),
-    ):
-        self._render = render
-        self._stream = stream
-        self._mask = masker(secrets)
-        # Events arrive from thread pools too (adbapi); keep lines whole. The
-        # lock is reentrant because a signal handler runs on the thread it
-        # interrupts, possibly mid-write, and logs too (twistd's "Received
-        # SIGTERM"): with a plain lock that wedged the daemon at shutdown.
-        self._lock = threading.RLock()
-
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def format_event(event: Mapping[str, Any]) -> str | None:
         if event.get("log_level") is LogLevel.debug:
-            return
-        line = self._render(event, self._mask)
-        if line is None:
-            return
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            return None
+        line = render(event, mask)
+        return None if line is None else line + "\n"
+
+    return format_event
 
 
-def make_observer(log_format: str, stream: TextIO, secrets: Iterable[str] = ()) -> ILogObserver:
+def event_formatter(log_format: str, secrets: Iterable[str] = ()) -> Callable[[Mapping[str, Any]], str | None]:
     """
-    An observer writing C{text} (one readable line per event, UTC timestamps)
-    or C{json} (one JSON object per line) to C{stream}, with C{secrets} masked.
+    Formats an event as C{text} (one readable line, UTC timestamp) or C{json}
+    (one JSON object per line), with C{secrets} masked, for a L{FileLogObserver}.
     """
     if log_format == "text":
-        return LineObserver(_text_line, stream, secrets)
+        return _formatter(_text_line, secrets)
     if log_format == "json":
-        return LineObserver(_json_line, stream, secrets)
+        return _formatter(_json_line, secrets)
     raise ValueError(f"unknown log format {log_format!r}: expected one of {', '.join(FORMATS)}")
 
 
-def _twistd_stream(server_options: Mapping[str, Any]) -> TextIO:
-    """The destination twistd itself would log to: stdout or C{--logfile}."""
-    name = server_options.get("logfile") or ""
-    nodaemon = server_options.get("nodaemon", False)
-    if name == "-" or (nodaemon and not name):
-        if not nodaemon:
-            sys.exit("Daemons cannot log to stdout, exiting!")
-        return sys.stdout
-    stream = logfile.LogFile.fromFullPath(name or "twistd.log")
-    if not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
-            reactor.callFromThread(stream.rotate)
-
-        signal.signal(signal.SIGUSR1, rotate)
-    return stream
+def make_observer(log_format: str, stream: TextIO, secrets: Iterable[str] = ()) -> ILogObserver:
+    """An observer writing events to C{stream} as L{event_formatter} formats them."""
+    return FileLogObserver(stream, event_formatter(log_format, secrets))
 
 
 def twistd_logger_for(
     server_options: Mapping[str, Any], log_format: str, secrets: Iterable[str] = ()
 ) -> Callable[[], ILogObserver]:
     """
-    A factory, as twistd's C{--logger} expects, for an observer writing to where
-    twistd would (stdout with C{--nodaemon}, else C{--logfile}, default
-    C{twistd.log}, reopened on SIGUSR1 like twistd's).
+    A factory, as twistd's C{--logger} expects, for the observer twistd itself
+    would make (stdout with C{--nodaemon}, else C{--logfile}, default
+    C{twistd.log}, rotated on SIGUSR1), formatting with L{event_formatter}.
+
+    Twisted has no public way to get that observer with another format: a
+    C{--logger} replaces twistd's own choice of destination. So this is the
+    one place that calls twistd's private C{UnixAppLogger._getLogObserver}
+    and then sets the public C{formatEvent} of the L{FileLogObserver} it
+    returns.
     """
-    secrets = list(secrets)
-    return lambda: make_observer(log_format, _twistd_stream(server_options), secrets)
+    format_event = event_formatter(log_format, secrets)
+
+    def factory() -> ILogObserver:
+        observer = UnixAppLogger(server_options)._getLogObserver()
+        observer.formatEvent = format_event
+        return observer
+
+    return factory
 
 
 def twistd_observer() -> ILogObserver:
@@ -185,8 +167,8 @@ def install_twistd_logger(
     environ: Mapping[str, str] = os.environ,
 ) -> None:
     """
-    Make twistd log through L{make_observer} with C{settings["log_format"]} and
-    the daemon's secrets masked. Call it from the plugin's C{postOptions}.
+    Make twistd log through L{event_formatter} with C{settings["log_format"]}
+    and the daemon's secrets masked. Call it from the plugin's C{postOptions}.
 
     twistd builds its log observer from its C{--logger} option (a dotted
     name) after all options are parsed and before the application starts, so

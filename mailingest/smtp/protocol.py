@@ -20,7 +20,7 @@ import collections
 import ipaddress
 import re
 
-from twisted.internet import defer, interfaces, protocol, task
+from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -249,6 +249,7 @@ class IngestSMTP(smtp.ESMTP):
         if self._paused and len(self._inbuf) > PAUSE_BUFFER:
             self.transport.pauseProducing()
         self._process()
+        self._notify_if_idle()
 
     def _process(self):
         while self._inbuf and not self._paused and not self.transport.disconnecting:
@@ -301,11 +302,17 @@ class IngestSMTP(smtp.ESMTP):
         self.resetTimeout()
         self.transport.resumeProducing()
         self._process()
+        self._notify_if_idle()
 
     @property
     def busy(self) -> bool:
         """In DATA, or waiting for a lookup or for storage: not to be cut off."""
         return self._reader is not None or self._paused
+
+    def _notify_if_idle(self) -> None:
+        """Tell the factory when input has been handled and no transaction is left (it may be shutting down)."""
+        if self.factory is not None and not self.busy:
+            self.factory.idle(self)
 
     def goodbye(self) -> None:
         self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down, try again later")
@@ -687,6 +694,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.sessions: set[IngestSMTP] = set()
         self.awaiting_header: set = set()
         self.shutting_down = False
+        self._drained: defer.Deferred | None = None
         self._refusals: dict[str, collections.deque] = {}
         self._next_refusal_sweep = 0.0
 
@@ -748,21 +756,43 @@ class IngestSMTPFactory(protocol.ServerFactory):
         for peer in [peer for peer, times in self._refusals.items() if times[-1] <= cutoff]:
             del self._refusals[peer]
 
-    async def shutdown(self, grace: float, clock) -> None:
+    def shutdown(self, grace: float, clock) -> defer.Deferred:
         """
-        Close idle sessions at once (421 4.3.2); give sessions in the middle
-        of a transaction up to C{grace} seconds to finish it, then cut them off.
+        Close idle sessions at once (421 4.3.2) and each busy one as soon as
+        its transaction ends (L{idle}); cut off what is left after C{grace}
+        seconds. Fires when the last session has gone, or at the cut-off.
         """
         self.shutting_down = True
-        deadline = clock.seconds() + grace
-        while self.sessions and clock.seconds() < deadline:
-            for session in list(self.sessions):
-                if not session.busy and not session.transport.disconnecting:
-                    session.goodbye()
-            await task.deferLater(clock, 0.05, lambda: None)
+        for session in list(self.sessions):
+            if not session.busy:
+                self.idle(session)
+        if not self.sessions:
+            return defer.succeed(None)
+        self._drained = defer.Deferred()
+        cut_off = clock.callLater(grace, self._cut_off_at_shutdown)
+
+        def drained(result):
+            if cut_off.active():
+                cut_off.cancel()
+            return result
+
+        return self._drained.addBoth(drained)
+
+    def idle(self, session: IngestSMTP) -> None:
+        """C{session} is between transactions: at shutdown, now is the time to close it."""
+        if self.shutting_down and not session.transport.disconnecting:
+            session.goodbye()
+
+    def _cut_off_at_shutdown(self) -> None:
         for session in list(self.sessions):
             log.warn("cutting off {peer} at shutdown", peer=session.peer_key)
             session.transport.abortConnection()
+        self._fire_drained()
+
+    def _fire_drained(self) -> None:
+        if self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def closed(self, connection) -> None:
         self.sessions.discard(connection)
@@ -772,6 +802,8 @@ class IngestSMTPFactory(protocol.ServerFactory):
         if not self.by_peer[peer]:
             del self.by_peer[peer]
         metrics.OPEN_CONNECTIONS.dec()
+        if not self.sessions:
+            self._fire_drained()
 
 
 def _acceptable_text(line: bytes) -> bool:
