@@ -7,7 +7,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailingest.app.service import Daemon
+from mailingest.app.service import AfterMigration
 from mailingest.retry import Backoff, retry
 from mailingest.storage.engines import postgresql
 
@@ -125,7 +125,7 @@ class DaemonMigrateRetryTests(SynchronousTestCase):
     def test_waits_for_the_database_every_five_seconds(self):
         clock = task.Clock()
         store = RefusingStore(refusals=3)
-        daemon = Daemon(clock, store, blobs=None)
+        daemon = AfterMigration(clock, store)
         daemon.startService()
         self.assertEqual(store.calls, 1)
         self.assertNoResult(daemon.ready)
