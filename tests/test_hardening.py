@@ -17,6 +17,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from mailingest.smtp import limits as smtp_limits, replies as smtp_replies
 from mailingest.smtp import protocol as smtp_server
 from mailingest.app.service import build_daemon
 from mailingest.errors import ConfigError
@@ -108,7 +109,7 @@ class InputLimitTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_too_many_errors_disconnects(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.01)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.01)
 
         def run():
             c = Conversation(self.daemon.port)
@@ -130,7 +131,7 @@ class ProbingTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_probing_is_slowed_and_cut_off(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.05)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.05)
 
         def run():
             c = Conversation(self.daemon.port)
@@ -148,10 +149,10 @@ class ProbingTests(HardeningCase):
             return replies, times, c.closed()
 
         replies, times, closed = yield self.talk(run)
-        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_replies.ERROR_LIMIT)
         self.assertTrue(replies[-1].startswith(b"421 4.7.0"), replies[-1])
         self.assertTrue(closed)
-        self.assertGreater(times[smtp_server.ERROR_LIMIT - 1], 0.2)
+        self.assertGreater(times[smtp_replies.ERROR_LIMIT - 1], 0.2)
         yield self.assertStillServing()
 
 
@@ -380,8 +381,8 @@ class DataLimitTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_slow_drip_client_is_dropped(self):
-        self.patch(smtp_server, "DATA_RATE_GRACE_SECONDS", 0.3)
-        self.patch(smtp_server, "DATA_CHECK_SECONDS", 0.1)
+        self.patch(smtp_limits, "DATA_RATE_GRACE_SECONDS", 0.3)
+        self.patch(smtp_limits, "DATA_CHECK_SECONDS", 0.1)
 
         def run():
             c = Conversation(self.daemon.port)

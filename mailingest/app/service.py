@@ -15,7 +15,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
-from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
+from mailingest.delivery.directory import OrgDirectory
+from mailingest.delivery.ingest import Ingest
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction.service import ExtractionService
@@ -238,8 +239,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon)
-    delivery = IngestDelivery(
-        store, blobs, directory, settings["domain"], settings["hostname"], store_timeout=settings["store_timeout"]
+    ingest = Ingest(
+        store, blobs, directory, settings["domain"], settings["hostname"], spool_dir,
+        store_timeout=settings["store_timeout"],
     )
     extraction = ExtractionService(
         store,
@@ -258,7 +260,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         stop_timeout=EXTRACTION_STOP_SECONDS,
     )
     extraction.setServiceParent(daemon)
-    delivery.on_stored.append(extraction.wake)
+    ingest.on_stored.append(extraction.wake)
     if settings["gc_interval"]:
         min_age = check_min_age(settings["gc_min_age"], settings)
         GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon)
@@ -268,9 +270,8 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
 
     factory = IngestSMTPFactory(
-        delivery,
+        ingest,
         hostname=settings["hostname"],
-        spool_dir=spool_dir,
         max_message_size=settings["max_message_size"],
         max_recipients=settings["max_recipients"],
         timeout=settings["timeout"],
@@ -296,7 +297,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         domains=", ".join(settings["domain"]),
     )
     log_smtp_policy(settings, tls_context, listeners)
-    daemon.delivery = delivery
+    daemon.delivery = ingest
     daemon.extraction = extraction
     return daemon
 
