@@ -4,6 +4,7 @@ on a task.Clock, the real delivery (Ingest) on an in-memory store and blob store
 No sockets, no sleeps.
 """
 
+import ipaddress
 import itertools
 import os
 
@@ -11,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
@@ -24,6 +26,7 @@ from mailingest.delivery.ingest import Ingest
 from mailingest.smtp import limits as smtp_limits
 from mailingest.smtp import replies as smtp_replies
 from mailingest.smtp.protocol import IngestSMTPFactory
+from mailingest.smtp.proxy import ProxyHeaderFirstFactory
 from tests.daemon import temp_dir
 
 DOMAIN = "example.com"
@@ -342,6 +345,26 @@ class ReceivedHeaderTests(unittest.TestCase):
         session.command(b"STARTTLS")
         self.transaction(session, b"a@customer.test", b"orders+acme@example.com", b" SMTPUTF8")
         self.assertIn(b" with UTF8SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id ", self.received(server))
+
+    def test_header_text(self):
+        """The whole header, for one recipient and for several (then no "for" clause)."""
+        server = Server(self)
+        session = server.connect()
+        self.transaction(session, b"a@customer.test", b"orders+acme@example.com")
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nRCPT TO:<orders+beta@example.com>\r\n")
+        session.send(b"DATA\r\n" + MESSAGE.replace(b"<order@", b"<other@") + b".\r\n")
+        headers = [blob.split(b"\r\nFrom:")[0] for blob in server.blobs.blobs.values()]
+        ids = [row["raw_key"].rsplit("/", 1)[1][: -len(".eml")].encode() for row in server.store.rows]
+        self.assertRegex(
+            headers[0],
+            rb"\AReceived: from customer\.test \(\[192\.0\.2\.1\]\)\r\n\tby mx\.test \(mailingest\) with ESMTP id "
+            + ids[0] + rb"\r\n\tfor <orders\+acme@example\.com>;\r\n\t" + DATE + rb"\Z",
+        )
+        self.assertRegex(
+            headers[1],
+            rb"\AReceived: from customer\.test \(\[192\.0\.2\.1\]\)\r\n\tby mx\.test \(mailingest\) with ESMTP id "
+            + ids[1] + rb";\r\n\t" + DATE + rb"\Z",
+        )
 
     def test_ascii_transaction_is_esmtp(self):
         server = Server(self)
@@ -797,3 +820,39 @@ class DataPaceTests(unittest.TestCase):
         session.send(MESSAGE + b".\r\n")
         self.assertEqual(server.clock.getDelayedCalls()[0].getTime(), 300.0)
         self.assertEqual(len(server.clock.getDelayedCalls()), 1)
+
+
+class SessionTests(unittest.TestCase):
+    """The session's facts, as delivery and its log lines get them."""
+
+    def test_behind_a_proxy_header(self):
+        server = Server(self)
+        factory = ProxyHeaderFirstFactory(server.factory, [ipaddress.ip_network("10.0.0.0/8")])
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 40000))
+        wrapper = factory.buildProtocol(transport.getPeer())
+        wrapper.makeConnection(transport)
+        self.addCleanup(wrapper.connectionLost, None)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        wrapper.dataReceived(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n" + TRANSACTION + MESSAGE + b".\r\n")
+        self.assertTrue(transport.value().endswith(b"250 2.0.0 Ok: stored as message 1\r\n"), transport.value())
+        session = wrapper.wrappedProtocol.session
+        self.assertEqual((session.peer, session.proxy), ("203.0.113.7", "10.0.0.5"))
+        [accepted] = [e for e in events if e.get("event") == "accepted"]
+        self.assertEqual((accepted["peer"], accepted["proxy"]), ("203.0.113.7", "10.0.0.5"))
+
+    def test_no_proxy_and_starttls_forgets_the_helo(self):
+        server = Server(self, tls=True)
+        session = server.connect()
+        session.send(b"EHLO victim.test\r\nSTARTTLS\r\n")
+        session.replies()
+        self.assertEqual((session.protocol.session.helo, session.protocol.session.esmtp), (None, False))
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(session.replies()[-1], b"250 2.0.0 Ok: stored as message 1")
+        self.assertIsNone(session.protocol.session.proxy)
+        [blob] = server.blobs.blobs.values()
+        self.assertTrue(
+            blob.startswith(b"Received: from unknown ([192.0.2.1])\r\n\tby mx.test (mailingest) with SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id "),
+            blob[:200],
+        )

@@ -50,12 +50,13 @@ class Recipient:
 
 @dataclass
 class Envelope:
-    """One SMTP transaction as the protocol saw it."""
+    """One SMTP transaction as the session saw it; C{proxy} is the load balancer that relayed it, if any."""
 
     id: str
     peer: str
     helo: str
     mail_from: str
+    proxy: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -239,6 +240,7 @@ class Ingest:
                 "message from {peer} for {recipients} not stored ({size} bytes, transaction {txid},"
                 " message-id={message_id_header}): {error}",
                 peer=envelope.peer,
+                proxy=envelope.proxy,
                 org=", ".join(sorted({r.slug for r in envelope.recipients})),
                 recipients=", ".join(r.address for r in envelope.recipients),
                 message_id_header=message_id or "",
@@ -313,6 +315,7 @@ class Ingest:
                 message_id=message_id,
                 org=recipient.slug,
                 peer=envelope.peer,
+                proxy=envelope.proxy,
                 mail_from=envelope.mail_from,
                 size=spool.raw_size,
                 ms=(time.monotonic() - started) * 1000,

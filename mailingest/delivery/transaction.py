@@ -88,6 +88,7 @@ class Transaction:
             self.envelope = Envelope(
                 id=self.session.transaction_id,
                 peer=self.session.peer,
+                proxy=self.session.proxy,
                 helo=(self.session.helo or b"").decode("ascii", "replace"),
                 mail_from=address_text(self.origin),
                 received_at=datetime.now(timezone.utc),
