@@ -1,6 +1,7 @@
 """
 The ports of mailingest: what the SMTP side and the extraction service need from
-storage, and what the SMTP protocol needs from its delivery policy.
+storage, and what the SMTP protocol needs from a message beyond Twisted's
+C{IMessage}.
 
 Every method that touches a database or object storage returns a Deferred, so
 each port can be implemented on a thread pool (SQLite, local disk) or natively
@@ -10,7 +11,7 @@ asynchronous (txpostgres, treq) without the callers knowing which.
 from typing import NamedTuple
 
 from zope.interface import Attribute, Interface
-from twisted.mail.smtp import IMessageDelivery
+from twisted.mail.smtp import IMessage
 
 
 class BlobInfo(NamedTuple):
@@ -284,24 +285,23 @@ class IStore(Interface):
         """
 
 
-class IIngestDelivery(IMessageDelivery):
+class IIngestMessage(IMessage):
     """
-    The delivery policy behind the SMTP dialogue.
+    Twisted's C{IMessage} (one transaction's message, fed by the protocol),
+    with the data in bulk: our protocol reads DATA in whole buffers and hands
+    them to C{write}, not a call per line. C{lineReceived} still takes one
+    line (dot-stuffing undone, without its line end), as Twisted's own DATA
+    state feeds it; the first line a message receives before any data is the
+    protocol's trace header (Twisted's C{SMTP.do_DATA} writes
+    C{receivedHeader}'s result first).
 
-    C{validateFrom}, C{validateTo} and C{receivedHeader} keep Twisted's
-    meaning, except that the callable returned by C{validateTo} yields a
-    L{mailingest.delivery.ingest.Recipient} (the routing decision) rather than an
-    C{IMessage}: the protocol streams DATA in bulk to one spool per transaction
-    and hands it to L{deliver}.
+    C{write} and C{lineReceived} raise L{twisted.mail.smtp.SMTPServerError}
+    when the message cannot be taken (header section too large, no room to
+    spool it): the protocol reads the rest of DATA, discards it and sends
+    that reply. C{eomReceived} fires with a
+    L{mailingest.delivery.ingest.Outcome} once the message is durable, or
+    fails with an C{SMTPServerError} carrying the reply (451).
     """
 
-    def deliver(envelope, spool):
-        """
-        Keep a received message durably.
-
-        @param envelope: a L{mailingest.delivery.ingest.Envelope}.
-        @param spool: a finished L{mailingest.delivery.spool.Spool}.
-        @return: a Deferred firing with a L{mailingest.delivery.ingest.Outcome}, or
-            failing with L{twisted.mail.smtp.SMTPServerError} carrying the
-            reply to send (451 when storage failed).
-        """
+    def write(chunk: bytes):
+        """Take the next bytes of the message as sent (dot-stuffing undone)."""

@@ -17,6 +17,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from mailingest.smtp import limits as smtp_limits, replies as smtp_replies
 from mailingest.smtp import protocol as smtp_server
 from mailingest.app.service import build_daemon
 from mailingest.errors import ConfigError
@@ -111,7 +112,7 @@ class InputLimitTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_too_many_errors_disconnects(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.01)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.01)
 
         def run():
             c = Conversation(self.daemon.port)
@@ -133,7 +134,7 @@ class ProbingTests(HardeningCase):
 
     @defer.inlineCallbacks
     def test_probing_is_slowed_and_cut_off(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.05)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.05)
 
         def run():
             c = Conversation(self.daemon.port)
@@ -151,10 +152,10 @@ class ProbingTests(HardeningCase):
             return replies, times, c.closed()
 
         replies, times, closed = yield self.talk(run)
-        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertEqual(sum(r.startswith(b"550 5.1.1") for r in replies), smtp_replies.ERROR_LIMIT)
         self.assertTrue(replies[-1].startswith(b"421 4.7.0"), replies[-1])
         self.assertTrue(closed)
-        self.assertGreater(times[smtp_server.ERROR_LIMIT - 1], 0.2)
+        self.assertGreater(times[smtp_replies.ERROR_LIMIT - 1], 0.2)
         yield self.assertStillServing()
 
 
@@ -415,16 +416,16 @@ class DataPaceTests(unittest.TestCase):
         self.assertEqual(self.server.store.rows, [])
 
     def test_slow_start_is_allowed_within_the_grace_period(self):
-        self.drip(int(smtp_server.DATA_RATE_GRACE_SECONDS) - 1, b"x\r\n")
+        self.drip(int(smtp_limits.DATA_RATE_GRACE_SECONDS) - 1, b"x\r\n")
         self.session.send(b"\r\n".join([b"y" * 70] * 300) + b"\r\n")
-        self.server.clock.advance(smtp_server.DATA_CHECK_SECONDS)
+        self.server.clock.advance(smtp_limits.DATA_CHECK_SECONDS)
         self.session.send(b".\r\n")
         [reply] = self.session.replies()
         self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
 
     def test_data_may_not_last_longer_than_the_maximum(self):
         self.session.protocol.min_data_rate = 0
-        self.drip(int(smtp_server.MAX_DATA_SECONDS) - 10, b"x\r\n")
+        self.drip(int(smtp_limits.MAX_DATA_SECONDS) - 10, b"x\r\n")
         self.assertFalse(self.session.closed)
         self.drip(20, b"x\r\n")
         self.assertEqual(self.session.replies(), [b"421 4.4.2 mx.test Data too slow, closing connection"])

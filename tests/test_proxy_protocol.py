@@ -15,7 +15,6 @@ from twisted.trial import unittest
 from mailingest.ops import metrics
 from mailingest.smtp.proxy import HEADER_TIMEOUT, ProxyHeaderFirstFactory
 from mailingest.smtp.protocol import IngestSMTPFactory
-from tests.daemon import temp_dir
 
 TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
 HEADER = b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n"
@@ -29,9 +28,8 @@ class ProxyConnectionTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.sessions = IngestSMTPFactory(
-            delivery=None,
+            ingest=None,
             hostname="mx.test",
-            spool_dir=temp_dir(self),
             max_message_size=1000,
             max_recipients=10,
             timeout=300,

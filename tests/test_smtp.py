@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailingest.delivery.ingest import IngestDelivery
+from mailingest.delivery.ingest import Ingest
 from mailingest.errors import StorageError
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.delivery.spool import MEMORY_LIMIT
@@ -510,11 +510,10 @@ class AddressProtocolTests(unittest.TestCase):
 
     def setUp(self):
         directory = _Directory({"acme": 1, POSTMASTER_SLUG: 0})
-        self.delivery = IngestDelivery(None, None, directory, ["example.com", "ingest.example.org"], "mx.test")
-        factory = IngestSMTPFactory(self.delivery, "mx.test", self.mktemp(), 1_000_000, 10, 300, 10, 10)
+        ingest = Ingest(None, None, directory, ["example.com", "ingest.example.org"], "mx.test", self.mktemp())
+        self.clock = task.Clock()
+        factory = IngestSMTPFactory(ingest, "mx.test", 1_000_000, 10, 300, 10, 10, clock=self.clock)
         self.protocol = factory.buildProtocol(None)
-        self.protocol.clock = self.clock = task.Clock()
-        self.protocol.callLater = self.clock.callLater
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(self.transport)
         self.addCleanup(self.protocol.connectionLost, Failure(ConnectionDone()))
@@ -536,8 +535,8 @@ class AddressProtocolTests(unittest.TestCase):
         for path in (b"<postmaster>", b"<Postmaster>", b"<POSTMASTER@example.com>", b"<postmaster@Ingest.Example.ORG>",
                      b"<postmaster@mx.test>", b'<"postmaster"@example.com>'):
             self.assertEqual(self.rcpt(path), b"250 2.1.5 Recipient OK", path)
-        (user, factory), = self.protocol._to
-        self.assertEqual(factory().slug, POSTMASTER_SLUG)
+        (user, make_message), = self.protocol._recipients
+        self.assertEqual([r.slug for r in make_message().transaction.envelope.recipients], [POSTMASTER_SLUG])
 
     def test_postmaster_elsewhere_and_the_reserved_slug_are_refused(self):
         self.assertEqual(self.rcpt(b"<postmaster@elsewhere.test>")[:9], b"550 5.7.1")

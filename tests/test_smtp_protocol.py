@@ -1,22 +1,32 @@
 """
 The SMTP dialogue at the protocol level: IngestSMTP on a StringTransport, time
-on a task.Clock, the real IngestDelivery on an in-memory store and blob store.
+on a task.Clock, the real delivery (Ingest) on an in-memory store and blob store.
 No sockets, no sleeps.
 """
 
+import ipaddress
 import itertools
+import os
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
+from zope.interface.verify import verifyObject
 
+from mailingest.interfaces import Duplicate, IIngestMessage
 from mailingest.ops import metrics
-from mailingest.smtp import protocol as smtp_server
-from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
+from mailingest.delivery import spool as spool_module
+from mailingest.delivery.directory import OrgDirectory
+from mailingest.delivery.ingest import Ingest
+from mailingest.smtp import limits as smtp_limits
+from mailingest.smtp import replies as smtp_replies
 from mailingest.smtp.protocol import IngestSMTPFactory
+from mailingest.smtp.proxy import ProxyHeaderFirstFactory
 from tests.daemon import temp_dir
 
 DOMAIN = "example.com"
@@ -27,18 +37,32 @@ class MemoryStore:
 
     def __init__(self, orgs=("acme", "beta")):
         self.orgs = {slug: number for number, slug in enumerate(orgs, 1)}
+        self.disabled = {"gone": 99}
         self.rows: list[dict] = []
+        self.pending: dict[str, defer.Deferred] = {}
+        self.insert_result: defer.Deferred | None = None
 
     def active_orgs(self):
         return defer.succeed(dict(self.orgs))
 
     def get_org(self, slug):
+        """A slug in C{pending} is answered when the test fires its Deferred."""
+        if slug in self.pending:
+            return self.pending[slug]
+        if slug in self.disabled:
+            return defer.succeed({"id": self.disabled[slug], "slug": slug, "active": False})
         org_id = self.orgs.get(slug)
         return defer.succeed(None if org_id is None else {"id": org_id, "slug": slug, "active": True})
 
     def insert_messages(self, rows):
+        if self.insert_result is not None:
+            return self.insert_result
         ids = []
         for row in rows:
+            held = [r for r in self.rows if (r["org_id"], r["source_message_id"], r["content_sha256"]) == (row["org_id"], row["source_message_id"], row["content_sha256"])]
+            if held:
+                ids.append(Duplicate(held[0]["id"]))
+                continue
             self.rows.append(dict(row, id=len(self.rows) + 1, org_slug=self.slug_of(row["org_id"])))
             ids.append(len(self.rows))
         return defer.succeed(ids)
@@ -53,8 +77,11 @@ class MemoryStore:
 class MemoryBlobs:
     def __init__(self):
         self.blobs: dict[str, bytes] = {}
+        self.broken = False
 
     def put_bytes(self, key, data, sha256):
+        if self.broken:
+            return defer.fail(OSError("object storage unreachable"))
         self.blobs[key] = data
         return defer.succeed(None)
 
@@ -93,22 +120,26 @@ class FakeTLSConnection:
 class Server:
     """One daemon's SMTP side: a factory on a Clock, with its store and blobs."""
 
-    def __init__(self, test: unittest.TestCase, tls: bool = False, timeout: float = 300, max_message_size: int = 52428800, max_recipients: int = 100):
+    def __init__(
+        self, test: unittest.TestCase, tls: bool = False, timeout: float = 300, max_message_size: int = 52428800,
+        max_recipients: int = 100, max_connections_per_ip: int = 50, spool_dir: str | None = None,
+    ):
         self.clock = task.Clock()
         self.store = MemoryStore()
         self.blobs = MemoryBlobs()
-        spool_dir = temp_dir(test)
-        self.delivery = IngestDelivery(self.store, self.blobs, OrgDirectory(self.store), [DOMAIN], "mx.test")
+        self.spool_dir = spool_dir or temp_dir(test)
+        self.ingest = Ingest(
+            self.store, self.blobs, OrgDirectory(self.store), [DOMAIN], "mx.test", self.spool_dir, clock=self.clock
+        )
         self.tls = tls
         self.factory = IngestSMTPFactory(
-            self.delivery,
+            self.ingest,
             hostname="mx.test",
-            spool_dir=spool_dir,
             max_message_size=max_message_size,
             max_recipients=max_recipients,
             timeout=timeout,
             max_connections=1000,
-            max_connections_per_ip=50,
+            max_connections_per_ip=max_connections_per_ip,
             tls_context=object() if tls else None,
             clock=self.clock,
         )
@@ -161,6 +192,14 @@ def rejected(reason: str) -> float:
 
 
 MESSAGE = b"From: buyer@customer.test\r\nSubject: Order\r\nMessage-ID: <order@customer.test>\r\n\r\nHello\r\n"
+DATE = rb"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} [+-]0000"
+TRANSACTION = b"EHLO customer.test\r\nMAIL FROM:<buyer@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n"
+
+
+def open_data(session) -> None:
+    """EHLO, MAIL, RCPT for acme and DATA, answered."""
+    session.send(TRANSACTION)
+    assert [reply[:3] for reply in session.replies()] == [b"250", b"250", b"250", b"354"]
 
 
 class BasicsTests(unittest.TestCase):
@@ -251,7 +290,7 @@ class StartTLSInjectionTests(unittest.TestCase):
 
 class RepliesTests(unittest.TestCase):
     def test_known_but_unimplemented_verbs(self):
-        self.patch(smtp_server, "SOFT_ERROR_LIMIT", 100)
+        self.patch(smtp_replies, "SOFT_ERROR_LIMIT", 100)
         session = Server(self).connect()
         session.command(b"EHLO customer.test")
         for verb in (b"EXPN orders", b"ETRN example.com", b"TURN", b"ATRN", b"BDAT 10 LAST", b"SEND FROM:<a@b>", b"SOML FROM:<a@b>", b"SAML FROM:<a@b>", b"expn x"):
@@ -307,6 +346,26 @@ class ReceivedHeaderTests(unittest.TestCase):
         self.transaction(session, b"a@customer.test", b"orders+acme@example.com", b" SMTPUTF8")
         self.assertIn(b" with UTF8SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id ", self.received(server))
 
+    def test_header_text(self):
+        """The whole header, for one recipient and for several (then no "for" clause)."""
+        server = Server(self)
+        session = server.connect()
+        self.transaction(session, b"a@customer.test", b"orders+acme@example.com")
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nRCPT TO:<orders+beta@example.com>\r\n")
+        session.send(b"DATA\r\n" + MESSAGE.replace(b"<order@", b"<other@") + b".\r\n")
+        headers = [blob.split(b"\r\nFrom:")[0] for blob in server.blobs.blobs.values()]
+        ids = [row["raw_key"].rsplit("/", 1)[1][: -len(".eml")].encode() for row in server.store.rows]
+        self.assertRegex(
+            headers[0],
+            rb"\AReceived: from customer\.test \(\[192\.0\.2\.1\]\)\r\n\tby mx\.test \(mailingest\) with ESMTP id "
+            + ids[0] + rb"\r\n\tfor <orders\+acme@example\.com>;\r\n\t" + DATE + rb"\Z",
+        )
+        self.assertRegex(
+            headers[1],
+            rb"\AReceived: from customer\.test \(\[192\.0\.2\.1\]\)\r\n\tby mx\.test \(mailingest\) with ESMTP id "
+            + ids[1] + rb";\r\n\t" + DATE + rb"\Z",
+        )
+
     def test_ascii_transaction_is_esmtp(self):
         server = Server(self)
         self.transaction(server.connect(), b"a@customer.test", b"orders+acme@example.com")
@@ -336,47 +395,47 @@ class ProbingTests(unittest.TestCase):
         session.command(b"MAIL FROM:<p@prober.test>")
         cut = rejected("errors")
         delays = []
-        for n in range(smtp_server.ERROR_LIMIT):
+        for n in range(smtp_replies.ERROR_LIMIT):
             reply, waited = self.probe(session, server.clock, b"guess%d" % n)
             self.assertTrue(reply.startswith(b"550 5.1.1"), reply)
             delays.append(waited)
             if not session.closed:
                 self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
-        soft = smtp_server.SOFT_ERROR_LIMIT
+        soft = smtp_replies.SOFT_ERROR_LIMIT
         self.assertEqual(delays[:soft], [0.0] * soft)
         self.assertEqual(delays[soft : soft + 3], [1.0, 2.0, 3.0])
-        self.assertEqual(max(delays), smtp_server.MAX_ERROR_SLEEP_SECONDS)
+        self.assertEqual(max(delays), smtp_replies.MAX_ERROR_SLEEP_SECONDS)
         self.assertTrue(session.closed)
         self.assertEqual(session.replies(), [])
         self.assertEqual(session.transport.value(), b"")
         self.assertEqual(rejected("errors"), cut + 1)
 
     def test_cut_off_reply(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.0)
         session = Server(self).connect()
         session.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
         session.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\nNOOP\r\n" % n for n in range(30)))
         replies = session.replies()
         self.assertEqual(replies[-1], b"421 4.7.0 mx.test Too many errors, closing connection")
-        self.assertEqual(sum(r.startswith(b"550") for r in replies), smtp_server.ERROR_LIMIT)
+        self.assertEqual(sum(r.startswith(b"550") for r in replies), smtp_replies.ERROR_LIMIT)
         self.assertTrue(session.closed)
 
     def test_input_is_held_during_a_delay(self):
         server = Server(self)
         session = server.connect()
         session.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n")
-        session.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\n" % n for n in range(smtp_server.SOFT_ERROR_LIMIT + 1)))
+        session.send(b"".join(b"RCPT TO:<orders+g%d@example.com>\r\n" % n for n in range(smtp_replies.SOFT_ERROR_LIMIT + 1)))
         session.send(b"RCPT TO:<orders+acme@example.com>\r\n")
         replies = session.replies()
-        self.assertEqual(len(replies), 2 + smtp_server.SOFT_ERROR_LIMIT)
+        self.assertEqual(len(replies), 2 + smtp_replies.SOFT_ERROR_LIMIT)
         server.clock.advance(0.99)
         self.assertEqual(session.replies(), [])
         server.clock.advance(0.01)
         self.assertEqual([r[:3] for r in session.replies()], [b"550", b"250"])
 
     def test_refused_recipients_counted_per_address_across_sessions(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
-        self.patch(smtp_server, "REFUSED_RECIPIENT_LIMIT", 30)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.0)
+        self.patch(smtp_replies, "REFUSED_RECIPIENT_LIMIT", 30)
         server = Server(self)
         cut = rejected("refused_recipients")
         first = server.connect("198.51.100.7")
@@ -403,7 +462,7 @@ class ProbingTests(unittest.TestCase):
         other = server.connect("198.51.100.8")
         other.command(b"MAIL FROM:<b@customer.test>")
         self.assertTrue(other.command(b"RCPT TO:<orders+acme@example.com>").startswith(b"250"))
-        server.clock.advance(smtp_server.REFUSED_RECIPIENT_WINDOW)
+        server.clock.advance(smtp_replies.REFUSED_RECIPIENT_WINDOW)
         later = server.connect("198.51.100.7")
         later.command(b"MAIL FROM:<p@prober.test>")
         self.assertTrue(later.command(b"RCPT TO:<orders+acme@example.com>").startswith(b"250"))
@@ -411,7 +470,7 @@ class ProbingTests(unittest.TestCase):
 
     def test_address_history_slows_a_new_session_at_once(self):
         server = Server(self)
-        for n in range(smtp_server.SOFT_ERROR_LIMIT + 2):
+        for n in range(smtp_replies.SOFT_ERROR_LIMIT + 2):
             server.factory.refused_recipient("198.51.100.9")
         session = server.connect("198.51.100.9")
         session.command(b"MAIL FROM:<p@prober.test>")
@@ -420,7 +479,7 @@ class ProbingTests(unittest.TestCase):
     def test_table_of_addresses_is_swept(self):
         server = Server(self)
         server.factory.refused_recipient("198.51.100.1")
-        server.clock.advance(smtp_server.REFUSED_RECIPIENT_WINDOW + 1)
+        server.clock.advance(smtp_replies.REFUSED_RECIPIENT_WINDOW + 1)
         self.assertIn("198.51.100.1", server.factory._refusals)
         server.factory.refused_recipient("198.51.100.2")
         self.assertEqual(list(server.factory._refusals), ["198.51.100.2"])
@@ -439,12 +498,12 @@ class ProbingTests(unittest.TestCase):
         self.assertEqual(len(server.store.rows), 1)
 
     def test_junk_commands_count_as_errors_past_their_limit(self):
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 0.0)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.0)
         session = Server(self).connect()
-        session.send(b"NOOP\r\n" * (smtp_server.JUNK_COMMAND_LIMIT + smtp_server.ERROR_LIMIT))
+        session.send(b"NOOP\r\n" * (smtp_replies.JUNK_COMMAND_LIMIT + smtp_replies.ERROR_LIMIT))
         replies = session.replies()
         self.assertEqual(replies[-1], b"421 4.7.0 mx.test Too many errors, closing connection")
-        self.assertEqual(len(replies), smtp_server.JUNK_COMMAND_LIMIT + smtp_server.ERROR_LIMIT + 1)
+        self.assertEqual(len(replies), smtp_replies.JUNK_COMMAND_LIMIT + smtp_replies.ERROR_LIMIT + 1)
 
 
 class CommandPaceTests(unittest.TestCase):
@@ -469,9 +528,9 @@ class CommandPaceTests(unittest.TestCase):
         self.assertFalse(session.closed)
 
     def test_a_client_waiting_for_us_is_not_timed_out(self):
-        self.patch(smtp_server, "SOFT_ERROR_LIMIT", 0)
-        self.patch(smtp_server, "ERROR_SLEEP_SECONDS", 20.0)
-        self.patch(smtp_server, "MAX_ERROR_SLEEP_SECONDS", 20.0)
+        self.patch(smtp_replies, "SOFT_ERROR_LIMIT", 0)
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 20.0)
+        self.patch(smtp_replies, "MAX_ERROR_SLEEP_SECONDS", 20.0)
         server = Server(self, timeout=10)
         session = server.connect()
         session.send(b"BOGUS\r\n")
@@ -483,3 +542,317 @@ class CommandPaceTests(unittest.TestCase):
         self.assertFalse(session.closed)
         server.clock.advance(1)
         self.assertTrue(session.closed)
+
+
+class DeliverySeamTests(unittest.TestCase):
+    """Delivery through Twisted's own interfaces, as Twisted defines them."""
+
+    HELO = (b"customer.test", b"192.0.2.1")
+
+    def transaction(self, slugs):
+        server = Server(self)
+        protocol = server.connect().protocol
+        delivery = protocol.deliveryFactory.getMessageDelivery()
+        origin = smtp.Address(b"buyer@customer.test")
+        self.assertIs(delivery.validateFrom(self.HELO, origin), origin)
+        users = [smtp.User(b"orders+%s@example.com" % slug, self.HELO, protocol, origin) for slug in slugs]
+        factories = [self.successResultOf(defer.maybeDeferred(delivery.validateTo, user)) for user in users]
+        return server, delivery, origin, users, factories
+
+    def test_objects_provide_twisted_interfaces(self):
+        server, delivery, origin, users, factories = self.transaction([b"acme"])
+        factory = server.connect().protocol.deliveryFactory
+        verifyObject(smtp.IMessageDeliveryFactory, factory)
+        verifyObject(smtp.IMessageDelivery, delivery)
+        message = factories[0]()
+        verifyObject(smtp.IMessage, message)
+        verifyObject(IIngestMessage, message)
+
+    def test_refused_recipient_fails_with_twisted_error(self):
+        server, delivery, origin, users, factories = self.transaction([])
+        user = smtp.User(b"orders+nosuch@example.com", self.HELO, None, origin)
+        failure = self.failureResultOf(defer.maybeDeferred(delivery.validateTo, user), smtp.SMTPBadRcpt)
+        self.assertEqual((failure.value.code, failure.value.resp), (550, "5.1.1 No such recipient: unknown organisation"))
+
+    def test_fed_line_by_line_as_twisted_feeds_it(self):
+        """Twisted's SMTP.do_DATA: each recipient's message, its Received header, then every line to each."""
+        server, delivery, origin, users, factories = self.transaction([b"acme", b"beta"])
+        messages = []
+        for user, factory in zip(users, factories):
+            message = factory()
+            message.lineReceived(delivery.receivedHeader(self.HELO, origin, [user]))
+            messages.append(message)
+        for line in MESSAGE.split(b"\r\n")[:-1]:
+            for message in messages:
+                message.lineReceived(line)
+        outcomes = [self.successResultOf(message.eomReceived()) for message in messages]
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual([row["org_slug"] for row in server.store.rows], ["acme", "beta"])
+        [blob] = server.blobs.blobs.values()
+        header, sent = blob.split(b";\r\n\t", 1)
+        self.assertEqual(header.split(b"\r\n")[0], b"Received: from customer.test ([192.0.2.1])")
+        self.assertTrue(sent.endswith(b"\r\n" + MESSAGE), sent)
+        self.assertEqual(blob.count(b"Hello"), 1)
+
+    def test_connection_lost_discards_the_spool(self):
+        server, delivery, origin, users, factories = self.transaction([b"acme"])
+        message = factories[0]()
+        message.write(b"x" * 70 + b"\r\n")
+        message.write(b"y" * (200 * 1024))
+        spool = message.transaction.spool
+        self.assertTrue(os.path.exists(spool.path))
+        message.connectionLost()
+        self.assertFalse(os.path.exists(spool.path))
+        self.assertEqual(server.store.rows, [])
+
+
+class ReplyTableTests(unittest.TestCase):
+    """Each row of README's "Addresses and replies" table, at the protocol level."""
+
+    def setUp(self):
+        self.server = Server(self)
+        self.session = self.server.connect()
+        self.session.command(b"EHLO customer.test")
+        self.session.command(b"MAIL FROM:<buyer@customer.test>")
+
+    def rcpt(self, address: bytes) -> bytes:
+        return self.session.command(b"RCPT TO:<" + address + b">")
+
+    def data(self) -> list[bytes]:
+        self.session.send(b"DATA\r\n" + MESSAGE + b".\r\n")
+        return self.session.replies()
+
+    def test_recipients(self):
+        self.assertEqual(self.rcpt(b"orders+acme@example.com"), b"250 2.1.5 Recipient OK")
+        self.assertEqual(self.rcpt(b"orders+ACME@EXAMPLE.com"), b"250 2.1.5 Recipient OK")
+        self.assertEqual(
+            self.rcpt(b"orders@example.com"), b"550 5.1.1 No such recipient: address must be LOCAL+ORGANISATION@example.com"
+        )
+        self.assertEqual(self.rcpt(b"orders+nosuch@example.com"), b"550 5.1.1 No such recipient: unknown organisation")
+        self.assertEqual(self.rcpt(b"orders+gone@example.com"), b"550 5.1.1 No such recipient: unknown organisation")
+        self.assertEqual(
+            self.rcpt(b"orders+acme@elsewhere.test"), b"550 5.7.1 Relaying denied: we do not accept mail for elsewhere.test"
+        )
+        self.assertEqual(self.session.protocol.replies.errors, 4)
+
+    def test_lookup_failure_is_temporary_and_no_error(self):
+        self.server.store.pending["acme"] = defer.fail(ConnectionError("database down"))
+        self.assertEqual(
+            self.rcpt(b"orders+acme@example.com"), b"451 4.3.0 Temporary failure looking up the recipient, try again later"
+        )
+        self.assertEqual(self.session.protocol.replies.errors, 0)
+
+    def test_accepted_for_two_organisations(self):
+        self.rcpt(b"orders+acme@example.com")
+        self.rcpt(b"orders+beta@example.com")
+        self.assertEqual(self.data(), [b"354 End data with <CR><LF>.<CR><LF>", b"250 2.0.0 Ok: stored as message 1, 2"])
+
+    def test_duplicate_answered_like_accepted(self):
+        self.rcpt(b"orders+acme@example.com")
+        self.assertEqual(self.data()[-1], b"250 2.0.0 Ok: stored as message 1")
+        self.session.command(b"MAIL FROM:<buyer@customer.test>")
+        self.rcpt(b"orders+acme@example.com")
+        self.assertEqual(self.data()[-1], b"250 2.0.0 Ok: stored as message 1")
+        self.assertEqual(len(self.server.store.rows), 1)
+
+    def test_storage_failure_is_451_and_nothing_stored(self):
+        self.server.blobs.broken = True
+        self.rcpt(b"orders+acme@example.com")
+        self.assertEqual(self.data()[-1], b"451 4.3.0 Temporary storage failure, message not accepted, try again later")
+        self.assertEqual(self.server.store.rows, [])
+        self.assertEqual(self.session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_store_timeout_is_451_and_input_held_meanwhile(self):
+        self.server.store.insert_result = defer.Deferred()
+        self.rcpt(b"orders+acme@example.com")
+        self.session.send(b"DATA\r\n" + MESSAGE + b".\r\nNOOP\r\n")
+        self.assertEqual(self.session.replies(), [b"354 End data with <CR><LF>.<CR><LF>"])
+        self.server.clock.advance(self.server.ingest.store_timeout - 0.1)
+        self.assertEqual(self.session.replies(), [])
+        self.server.clock.advance(0.1)
+        self.assertEqual(
+            self.session.replies(),
+            [b"451 4.3.0 Temporary storage failure, message not accepted, try again later", b"250 2.0.0 OK"],
+        )
+
+    def test_commands(self):
+        self.patch(smtp_replies, "SOFT_ERROR_LIMIT", 100)
+        session = self.session
+        self.assertEqual(session.command(b"MAIL FROM:<other@customer.test>"), b"503 5.5.1 Sender already given")
+        self.assertEqual(session.command(b"DATA"), b"503 5.5.1 Need MAIL and RCPT before DATA")
+        self.assertEqual(session.command(b"RCPT TO:<orders+acme@example.com> NOTIFY=NEVER"), b"555 5.5.4 Unsupported RCPT TO parameter")
+        self.assertEqual(session.command(b"RCPT orders+acme@example.com"), b"501 5.5.4 Syntax: RCPT TO:<address>")
+        self.assertEqual(session.command(b"RSET"), b"250 2.0.0 OK")
+        self.assertEqual(session.command(b"RCPT TO:<orders+acme@example.com>"), b"503 5.5.1 Need MAIL before RCPT")
+        self.assertEqual(session.command(b"MAIL FROM:<a@customer.test> SIZE=x"), b"501 5.5.4 Bad SIZE parameter")
+        self.assertEqual(session.command(b"MAIL FROM:<a@customer.test> BODY=BINARYMIME"), b"501 5.5.4 Bad BODY parameter")
+        self.assertEqual(session.command(b"MAIL FROM:<a@customer.test> RET=HDRS"), b"555 5.5.4 Unsupported MAIL FROM parameter RET")
+        self.assertEqual(session.command(b"MAIL FROM <a@customer.test>"), b"501 5.5.4 Syntax: MAIL FROM:<address>")
+        self.assertEqual(session.command(b"VRFY orders"), b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self.assertEqual(session.command(b"HELP"), b"214 2.0.0 See RFC 5321")
+        self.assertEqual(session.command(b""), b"500 5.5.2 Syntax error")
+        self.assertEqual(session.command(b"HELO customer.test"), b"250 mx.test Hello 192.0.2.1")
+        self.assertEqual(session.command(b"STARTTLS"), b"454 4.7.0 TLS not available")
+        self.assertEqual(session.command(b"QUIT"), b"221 2.0.0 Bye")
+        self.assertTrue(session.closed)
+
+    def test_too_many_connections_from_one_address(self):
+        server = Server(self, max_connections_per_ip=1)
+        first = server.connect()
+        second = server.connect()
+        self.assertEqual(second.greeting, b"421 4.7.0 mx.test Too many connections, try again later")
+        self.assertTrue(second.closed)
+        self.assertFalse(first.closed)
+        self.assertTrue(server.connect("192.0.2.2").greeting.startswith(b"220 "))
+
+
+class LimitTests(unittest.TestCase):
+    def test_command_lines(self):
+        session = Server(self).connect()
+        self.assertEqual(session.command(b"NOOP " + b"x" * 508), b"500 5.5.2 Line too long")
+        session.send(b"NOOP " + b"x" * 2000)
+        self.assertEqual(session.replies(), [b"500 5.5.2 Line too long"])
+        session.send(b"x" * 2000 + b"\r\n")
+        self.assertEqual(session.replies(), [])
+        self.assertEqual(session.command(b"NOOP a\x00b"), b"500 5.5.2 Invalid characters in command")
+        self.assertEqual(session.command(b"NOOP \xc3\xa4"), b"500 5.5.2 Invalid characters in command")
+        self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_header_section_too_large(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        session.send(b"X-Filler: " + b"x" * 900 + b"\r\n")
+        session.send((b"X-Filler: " + b"x" * 900 + b"\r\n") * 300 + b"\r\nbody\r\n.\r\n")
+        self.assertEqual(session.replies(), [b"552 5.3.4 Header section too large"])
+        self.assertEqual(server.store.rows, [])
+        self.assertEqual(os.listdir(server.spool_dir), [])
+
+    def test_message_line_too_long(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        session.send(b"Subject: x\r\n\r\n" + b"y" * (128 * 1024 + 1) + b"\r\n.\r\n")
+        self.assertEqual(session.replies(), [b"500 5.5.2 Message line longer than 131072 bytes"])
+        self.assertEqual(server.store.rows, [])
+        self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_spool_that_cannot_be_written_is_451(self):
+        """On main the OSError escaped dataReceived: no reply, the connection dropped."""
+        server = Server(self, spool_dir=os.path.join(temp_dir(self), "missing"))
+        session = server.connect()
+        open_data(session)
+        dropped = rejected("temporary_failure")
+        session.send(MESSAGE + (b"x" * 70 + b"\r\n") * 3000 + b".\r\n")
+        self.assertEqual(session.replies(), [b"451 4.3.0 Temporary local problem, try again later"])
+        self.assertEqual(rejected("temporary_failure"), dropped + 1)
+        self.assertEqual(server.store.rows, [])
+        self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_big_message_spool_file_is_gone_after_storing(self):
+        self.patch(spool_module, "deferToThread", lambda f, *args: defer.maybeDeferred(f, *args))
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        body = (b"x" * 70 + b"\r\n") * 3000
+        session.send(MESSAGE + body)
+        self.assertEqual(len(os.listdir(server.spool_dir)), 1)
+        session.send(b".\r\n")
+        self.assertEqual(session.replies(), [b"250 2.0.0 Ok: stored as message 1"])
+        self.assertEqual(os.listdir(server.spool_dir), [])
+        [blob] = server.blobs.blobs.values()
+        self.assertTrue(blob.endswith(body), len(blob))
+
+    def test_transaction_without_helo(self):
+        """On main this crashed at DATA (Twisted's peer before HELO is text)."""
+        server = Server(self)
+        session = server.connect()
+        session.send(b"MAIL FROM:<buyer@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(session.replies()[-1], b"250 2.0.0 Ok: stored as message 1")
+        [blob] = server.blobs.blobs.values()
+        self.assertTrue(blob.startswith(b"Received: from unknown ([192.0.2.1])\r\n\tby mx.test (mailingest) with SMTP id "), blob)
+
+
+class DataPaceTests(unittest.TestCase):
+    """Slow DATA is cut off by the pace rules, on the clock."""
+
+    def drip(self, server, session, chunk: bytes, every: float, seconds: float) -> None:
+        waited = 0.0
+        while waited < seconds and not session.closed:
+            session.send(chunk)
+            server.clock.advance(every)
+            waited += every
+
+    def test_slow_drip_cut_off_after_the_grace_period(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        slow = rejected("slow")
+        self.drip(server, session, b"x" * 100 + b"\r\n", 1.0, smtp_limits.DATA_RATE_GRACE_SECONDS)
+        self.assertFalse(session.closed)
+        self.drip(server, session, b"x" * 100 + b"\r\n", 1.0, smtp_limits.DATA_CHECK_SECONDS)
+        self.assertEqual(session.replies(), [b"421 4.4.2 mx.test Data too slow, closing connection"])
+        self.assertTrue(session.closed)
+        self.assertEqual(rejected("slow"), slow + 1)
+        session.protocol.connectionLost(None)
+        self.assertEqual(server.store.rows, [])
+
+    def test_steady_data_passes(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        self.drip(server, session, b"x" * 600 + b"\r\n", 1.0, 120)
+        session.send(b".\r\n")
+        self.assertEqual(session.replies(), [b"250 2.0.0 Ok: stored as message 1"])
+
+    def test_data_may_not_take_longer_than_the_limit(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        self.drip(server, session, b"x" * 2998 + b"\r\n", smtp_limits.DATA_CHECK_SECONDS, smtp_limits.MAX_DATA_SECONDS + 10)
+        self.assertEqual(session.replies(), [b"421 4.4.2 mx.test Data too slow, closing connection"])
+        self.assertTrue(session.closed)
+
+    def test_pace_check_stops_with_the_data(self):
+        server = Server(self)
+        session = server.connect()
+        open_data(session)
+        session.send(MESSAGE + b".\r\n")
+        self.assertEqual(server.clock.getDelayedCalls()[0].getTime(), 300.0)
+        self.assertEqual(len(server.clock.getDelayedCalls()), 1)
+
+
+class SessionTests(unittest.TestCase):
+    """The session's facts, as delivery and its log lines get them."""
+
+    def test_behind_a_proxy_header(self):
+        server = Server(self)
+        factory = ProxyHeaderFirstFactory(server.factory, [ipaddress.ip_network("10.0.0.0/8")])
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 40000))
+        wrapper = factory.buildProtocol(transport.getPeer())
+        wrapper.makeConnection(transport)
+        self.addCleanup(wrapper.connectionLost, None)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        wrapper.dataReceived(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n" + TRANSACTION + MESSAGE + b".\r\n")
+        self.assertTrue(transport.value().endswith(b"250 2.0.0 Ok: stored as message 1\r\n"), transport.value())
+        session = wrapper.wrappedProtocol.session
+        self.assertEqual((session.peer, session.proxy), ("203.0.113.7", "10.0.0.5"))
+        [accepted] = [e for e in events if e.get("event") == "accepted"]
+        self.assertEqual((accepted["peer"], accepted["proxy"]), ("203.0.113.7", "10.0.0.5"))
+
+    def test_no_proxy_and_starttls_forgets_the_helo(self):
+        server = Server(self, tls=True)
+        session = server.connect()
+        session.send(b"EHLO victim.test\r\nSTARTTLS\r\n")
+        session.replies()
+        self.assertEqual((session.protocol.session.helo, session.protocol.session.esmtp), (None, False))
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(session.replies()[-1], b"250 2.0.0 Ok: stored as message 1")
+        self.assertIsNone(session.protocol.session.proxy)
+        [blob] = server.blobs.blobs.values()
+        self.assertTrue(
+            blob.startswith(b"Received: from unknown ([192.0.2.1])\r\n\tby mx.test (mailingest) with SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id "),
+            blob[:200],
+        )

@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailingest.delivery.ingest import IngestDelivery, OrgDirectory
+from mailingest.delivery.directory import OrgDirectory
+from mailingest.delivery.ingest import Ingest
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction.service import ExtractionService
@@ -294,8 +295,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
 
     directory = OrgDirectory(store)
     directory.setServiceParent(daemon.serving)
-    delivery = IngestDelivery(
-        store, blobs, directory, settings["domain"], settings["hostname"], store_timeout=settings["store_timeout"]
+    ingest = Ingest(
+        store, blobs, directory, settings["domain"], settings["hostname"], spool_dir,
+        store_timeout=settings["store_timeout"],
     )
     extraction = ExtractionService(
         store,
@@ -314,7 +316,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         stop_timeout=EXTRACTION_STOP_SECONDS,
     )
     extraction.setServiceParent(daemon.serving)
-    delivery.on_stored.append(extraction.wake)
+    ingest.on_stored.append(extraction.wake)
     if settings["gc_interval"]:
         min_age = check_min_age(settings["gc_min_age"], settings)
         GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon.serving)
@@ -324,9 +326,8 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
 
     factory = IngestSMTPFactory(
-        delivery,
+        ingest,
         hostname=settings["hostname"],
-        spool_dir=spool_dir,
         max_message_size=settings["max_message_size"],
         max_recipients=settings["max_recipients"],
         timeout=settings["timeout"],
@@ -353,7 +354,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         domains=", ".join(settings["domain"]),
     )
     log_smtp_policy(settings, tls_context, listeners)
-    daemon.delivery = delivery
+    daemon.delivery = ingest
     daemon.extraction = extraction
     return daemon
 

@@ -11,24 +11,23 @@ refer to it (an ambiguous commit), where an invisible orphan is the safe side.
 
 import email.header
 import hashlib
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from email.utils import format_datetime
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.mail import smtp
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailingest.ops import metrics
 from mailingest.encoded_words import decode_header
-from mailingest.interfaces import Collision, Duplicate, IIngestDelivery
+from mailingest.interfaces import Collision, Duplicate
+from mailingest.delivery.directory import OrgDirectory
+from mailingest.delivery.received import printable
 from mailingest.delivery.routing import normalise_domain, parse_recipient, valid_slug
+from mailingest.delivery.spool import Spool
 
 SOURCE = "smtp"
 MAX_MESSAGE_ID = 900
@@ -36,7 +35,6 @@ MAX_SUBJECT = 998
 STORE_TIMEOUT_SECONDS = 30.0
 # Room for a 998-character subject in encoded words (base64 UTF-8 CJK).
 MAX_ENCODED_SUBJECT = 4096
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 # What the author wrote, as opposed to the trace headers relays add.
 ORIGINATOR_HEADERS = ("From", "To", "Cc", "Date", "Subject")
 
@@ -52,12 +50,13 @@ class Recipient:
 
 @dataclass
 class Envelope:
-    """One SMTP transaction as the protocol saw it."""
+    """One SMTP transaction as the session saw it; C{proxy} is the load balancer that relayed it, if any."""
 
     id: str
     peer: str
     helo: str
     mail_from: str
+    proxy: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -131,10 +130,6 @@ def raw_key(envelope: Envelope) -> str:
     return f"raw/{envelope.received_at:%Y/%m/%d}/{envelope.id}.eml"
 
 
-def _printable(text: str, limit: int = 255) -> str:
-    return _UNPRINTABLE.sub("?", text)[:limit] or "unknown"
-
-
 def within(work: defer.Deferred, seconds: float, clock, what: str) -> defer.Deferred:
     """
     C{work}'s result, or a TimeoutError after C{seconds} while C{work} goes
@@ -160,58 +155,16 @@ def within(work: defer.Deferred, seconds: float, clock, what: str) -> defer.Defe
     return answer
 
 
-class OrgDirectory(service.Service):
+class Ingest:
     """
-    Which organisations are active, answered without a database round trip for
-    known ones. The cache is refreshed every C{refresh} seconds (so disabling
-    takes effect within that), a slug missing from it is looked up at once (so
-    a new organisation is never refused), and the last good list keeps serving
-    while the database is down.
+    Shared by every session: which recipients we accept (C{route}) and how an
+    accepted message is kept (C{deliver}). Twisted's delivery seam
+    (L{mailingest.delivery.transaction}) puts one transaction at a time in
+    front of it.
     """
 
-    def __init__(self, store, refresh: float = 2.0, clock=None):
-        self.store = store
-        self.refresh_interval = refresh
-        self._clock = clock
-        self._active: dict[str, int] = {}
-        self._loop = None
-
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self.refresh)
-        if self._clock is not None:
-            self._loop.clock = self._clock
-        self._loop.start(self.refresh_interval, now=True)
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-    @defer.inlineCallbacks
-    def refresh(self):
-        try:
-            self._active = yield self.store.active_orgs()
-        except Exception as e:
-            log.warn("organisation list refresh failed: {error}", error=str(e))
-
-    def lookup(self, slug: str) -> defer.Deferred:
-        """Fire with the organisation id when C{slug} is active, else None."""
-        if slug in self._active:
-            return defer.succeed(self._active[slug])
-        return self.store.get_org(slug).addCallback(self._found, slug)
-
-    def _found(self, org, slug):
-        if org is None or not org["active"]:
-            return None
-        self._active[slug] = org["id"]
-        return org["id"]
-
-
-@implementer(IIngestDelivery)
-class IngestDelivery:
     def __init__(
-        self, store, blobs, directory: OrgDirectory, domains, hostname: str,
+        self, store, blobs, directory: OrgDirectory, domains, hostname: str, spool_dir: str,
         store_timeout: float = STORE_TIMEOUT_SECONDS, clock=None,
     ):
         if clock is None:
@@ -223,14 +176,15 @@ class IngestDelivery:
         self.directory = directory
         self.domains = {normalise_domain(d) for d in domains}
         self.hostname = hostname
+        self.spool_dir = spool_dir
         self.on_stored = []
 
-    # Twisted's IMessageDelivery
-
-    def validateFrom(self, helo, origin):
-        return origin
-
-    def validateTo(self, user):
+    def route(self, user: smtp.User) -> defer.Deferred:
+        """
+        Fire with the L{Recipient} C{user} is delivered to, or fail with
+        L{smtp.SMTPBadRcpt} carrying the reply (550 refused, 451 when the
+        organisation cannot be looked up).
+        """
         local = user.dest.local.decode("utf-8", "replace")
         domain = user.dest.domain.decode("utf-8", "replace")
         route = parse_recipient(local, domain)
@@ -239,10 +193,10 @@ class IngestDelivery:
         # without a domain, which the protocol gives our host name.
         if route.domain not in self.domains and not (route.postmaster and route.domain == normalise_domain(self.hostname)):
             metrics.REJECTED.labels("relay").inc()
-            raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied: we do not accept mail for " + _printable(route.domain))
+            return defer.fail(smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied: we do not accept mail for " + printable(route.domain)))
         if route.slug is None:
             metrics.REJECTED.labels("unknown_org").inc()
-            raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: address must be LOCAL+ORGANISATION@" + route.domain)
+            return defer.fail(smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: address must be LOCAL+ORGANISATION@" + route.domain))
         # A tag that is no valid slug names no organisation (nor the reserved one).
         d = self.directory.lookup(route.slug) if route.postmaster or valid_slug(route.slug) else defer.succeed(None)
 
@@ -250,8 +204,7 @@ class IngestDelivery:
             if org_id is None:
                 metrics.REJECTED.labels("unknown_org").inc()
                 raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: unknown organisation")
-            recipient = Recipient(org_id, route.slug, address)
-            return lambda: recipient
+            return Recipient(org_id, route.slug, address)
 
         def unavailable(failure):
             failure.trap(Exception)
@@ -263,35 +216,13 @@ class IngestDelivery:
 
         return d.addCallback(decide).addErrback(unavailable)
 
-    def receivedHeader(self, helo, origin, recipients):
-        """
-        Our trace header. After SMTPUTF8 (with UTF8SMTP...) the recipient stays
-        UTF-8, as RFC 6532 allows in the headers of such a message; otherwise
-        the header is ASCII.
-        """
-        protocol = recipients[0].protocol if recipients else None
-        with_ = getattr(protocol, "received_with", lambda: "ESMTP")()
-        utf8 = with_.startswith("UTF8")
-        txid = getattr(protocol, "transaction_id", "")
-        helo_name = _printable((helo[0] or b"").decode("ascii", "replace")) if helo else "unknown"
-        peer = _printable(helo[1].decode("ascii", "replace")) if helo else "unknown"
-        lines = [
-            f"Received: from {helo_name} ([{peer}])",
-            f"\tby {self.hostname} (mailingest) with {with_} id {txid}",
-        ]
-        if len(recipients) == 1:
-            dest = recipients[0].dest
-            address = (dest.local + b"@" + dest.domain).decode("utf-8", "replace")
-            shown = (re.sub(r"[\x00-\x20\x7f-\x9f]", "?", address)[:320] or "unknown") if utf8 else _printable(address, 320)
-            lines.append(f"\tfor <{shown}>;")
-        else:
-            lines[-1] += ";"
-        lines.append("\t" + format_datetime(datetime.now(timezone.utc)))
-        return "\r\n".join(lines).encode("utf-8" if utf8 else "ascii", "replace")
-
     # keeping the message
 
-    def deliver(self, envelope, spool):
+    def deliver(self, envelope: "Envelope", spool: Spool) -> defer.Deferred:
+        """
+        Keep a received message durably: fire with an L{Outcome}, or fail
+        with L{smtp.SMTPServerError} carrying the 451 to send.
+        """
         started = time.monotonic()
         headers = spool.headers("Message-ID", *ORIGINATOR_HEADERS)
         message_id = message_id_of(headers["Message-ID"])
@@ -309,6 +240,7 @@ class IngestDelivery:
                 "message from {peer} for {recipients} not stored ({size} bytes, transaction {txid},"
                 " message-id={message_id_header}): {error}",
                 peer=envelope.peer,
+                proxy=envelope.proxy,
                 org=", ".join(sorted({r.slug for r in envelope.recipients})),
                 recipients=", ".join(r.address for r in envelope.recipients),
                 message_id_header=message_id or "",
@@ -318,9 +250,7 @@ class IngestDelivery:
                 event="temporary_failure",
             )
             metrics.REJECTED.labels("temporary_failure").inc()
-            raise smtp.SMTPServerError(
-                451, b"4.3.0 Temporary storage failure, message not accepted, try again later"
-            )
+            raise smtp.SMTPServerError(451, "4.3.0 Temporary storage failure, message not accepted, try again later")
 
         d.addErrback(failed)
         d.addCallback(self._log_outcome, envelope, spool, started, message_id or "")
@@ -385,6 +315,7 @@ class IngestDelivery:
                 message_id=message_id,
                 org=recipient.slug,
                 peer=envelope.peer,
+                proxy=envelope.proxy,
                 mail_from=envelope.mail_from,
                 size=spool.raw_size,
                 ms=(time.monotonic() - started) * 1000,

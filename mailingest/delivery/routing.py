@@ -52,3 +52,9 @@ def parse_recipient(local: str, domain: str) -> Route:
 def valid_slug(slug: str) -> bool:
     """Slugs an organisation may be created with: short, lower-case, URL- and address-safe."""
     return bool(SLUG.match(slug))
+
+
+def address_text(address) -> str:
+    """A C{twisted.mail.smtp.Address} as text; internationalised addresses are UTF-8."""
+    raw = address.local + (b"@" + address.domain if address.domain else b"")
+    return raw.decode("utf-8", "replace")

@@ -12,6 +12,8 @@ expression's cost is bounded.
 
 import re
 
+from twisted.mail import smtp
+
 _ATOM = rb"[-A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\xff]"
 _QUOTED = rb'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e\x80-\xff])*"'
 _DOMAIN = rb"(?:\[[^\[\]\\\x00-\x20\x7f]*\]|" + _ATOM + rb"+)"
@@ -40,3 +42,21 @@ def split_path(path: bytes) -> tuple[bytes, bytes | None]:
     if match is None:
         raise MailboxSyntaxError("bad address syntax")
     return match.group("local"), match.group("domain")
+
+
+def mailbox(path: bytes, host: bytes, smtputf8: bool):
+    """
+    A C{twisted.mail.smtp.Address} for C{path}, read by L{split_path};
+    an internationalised address (RFC 6531) needs SMTPUTF8, and a path
+    without a domain is at our C{host}, as Twisted has it. Raises Twisted's
+    C{AddressError}.
+    """
+    if not path.isascii() and not smtputf8:
+        raise smtp.AddressError("non-ASCII address without SMTPUTF8")
+    try:
+        local, domain = split_path(path)
+    except MailboxSyntaxError:
+        raise smtp.AddressError() from None
+    address = smtp.Address(b"placeholder@invalid")
+    address.local, address.domain, address.addrstr = local, host if domain is None else domain, path
+    return address

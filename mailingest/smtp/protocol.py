@@ -3,17 +3,47 @@ The SMTP dialogue: Twisted's ESMTP, with what an Internet-facing ingest server
 needs and Twisted leaves out.
 
 - Commands are handled one at a time even when a client pipelines: while a
-  recipient lookup or the end-of-DATA storage is pending, input is buffered,
-  so replies come out in order and no recipient is dropped after its 250.
-- DATA is read in bulk (L{mailingest.smtp.data_reader}) into a spool file, with the
-  size limit enforced as it arrives.
-- The end of DATA is answered 250 only when the delivery policy has stored the
-  message, and 451 when it could not (Twisted would say 550).
-- Every reply carries an RFC 3463 enhanced status code.
-- Errors are counted per session and refused recipients also per client
-  address over a window (L{IngestSMTPFactory}); past a few, error replies are
-  delayed (a tarpit, with input held, never blocking), and past a limit the
-  client is cut off: guessing organisations is slow and short.
+  recipient lookup, the end-of-DATA storage or a tarpit delay is pending,
+  input is held, so replies come out in order and no recipient is dropped
+  after its 250.
+- DATA is read in bulk (L{mailingest.smtp.data_reader}) and handed to the
+  transaction's messages a buffer at a time, with the size limit enforced as
+  it arrives; it is answered 250 only once the message is stored, 451 when it
+  could not be.
+- Every reply carries an RFC 3463 enhanced status code, and errors are
+  counted, delayed and finally cut off (L{mailingest.smtp.replies}).
+- Limits, the idle timeout and the DATA pace: L{mailingest.smtp.limits}.
+
+Delivery goes through Twisted's own seam: the protocol's C{deliveryFactory}
+(an C{IMessageDeliveryFactory}, L{mailingest.delivery.transaction}) gives one
+C{IMessageDelivery} per MAIL FROM, reached through Twisted's C{validateFrom},
+C{validateTo} and C{receivedHeader}; its recipients' factories make the
+C{IMessage}s DATA is written to. The session's facts (L{Session}) are handed to
+delivery with it.
+
+The ESMTP methods overridden, and why:
+
+- C{connectionMade}, C{connectionLost}: the factory's connection limits before
+  the greeting, the session's facts; nothing of an unfinished DATA is kept.
+- C{dataReceived} (C{LineOnlyReceiver}'s): command lines one at a time, held
+  while a reply is pending; DATA read in bulk, never a call per line; lines
+  over 512 bytes, NUL and control bytes refused with our reply. Twisted's DATA
+  state (C{do_DATA}'s C{state_DATA}, C{dataLineReceived}) is never entered.
+- C{timeoutConnection}: a client waiting for our reply is not idle; our 421.
+- C{greeting}, C{extensions}: our banner; SIZE, PIPELINING, 8BITMIME,
+  ENHANCEDSTATUSCODES, SMTPUTF8 offered, AUTH not.
+- C{lookupMethod}: verbs we know but do not implement get 502, not 500.
+- C{do_HELO}, C{do_EHLO}, C{do_MAIL}, C{do_RCPT}, C{do_DATA}, C{do_RSET},
+  C{do_QUIT}, C{do_UNKNOWN}, C{sendSyntaxError}, C{ext_STARTTLS},
+  C{ext_AUTH}: our reply texts with enhanced codes, through the error budget;
+  MAIL and RCPT read what Twisted's parser refuses (domain literals,
+  quoted-pairs, SMTPUTF8 addresses) and the SIZE, BODY and SMTPUTF8
+  parameters; the transaction is kept in our own attributes (Twisted's
+  C{_helo}, C{_from} and C{_to} are private); STARTTLS drops plaintext
+  pipelined after it and forgets the session's state (RFC 3207).
+
+C{do_NOOP}, C{do_VRFY} and C{do_HELP} are ours (Twisted has none). Twisted's
+C{sendCode} writes every reply, unchanged. No private Twisted name is used.
 """
 
 import collections
@@ -23,118 +53,64 @@ import re
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols import policies
 
 from mailingest.ops import metrics
-from mailingest.smtp import address as smtp_address
-from mailingest.delivery.ingest import Envelope, new_transaction_id
+from mailingest.delivery.ingest import Ingest
+from mailingest.delivery.routing import address_text
+from mailingest.delivery.session import Session
+from mailingest.delivery.transaction import IngestDeliveryFactory
+from mailingest.smtp import replies
+from mailingest.smtp.address import mailbox
 from mailingest.smtp.data_reader import DotReader, size_refusal
-from mailingest.delivery.spool import Spool
+from mailingest.smtp.limits import MAX_COMMAND_LINE, PAUSE_BUFFER, DataPace, Limits
+from mailingest.smtp.replies import Replies
 
-# RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
-MAX_COMMAND_LINE = 512
-PAUSE_BUFFER = 1 << 20
-# Like Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time and
-# smtpd_hard_error_limit: errors (5xx replies) are counted over the session and
-# never forgiven by a later success; past SOFT_ERROR_LIMIT each further error
-# reply waits ERROR_SLEEP_SECONDS more than the last (up to
-# MAX_ERROR_SLEEP_SECONDS), and at ERROR_LIMIT the client is cut off.
-SOFT_ERROR_LIMIT = 5
-ERROR_SLEEP_SECONDS = 1.0
-MAX_ERROR_SLEEP_SECONDS = 5.0
-ERROR_LIMIT = 20
-# Like Postfix's smtpd_junk_command_limit: past this many of these commands
-# without a message stored, each one counts as an error.
-JUNK_COMMAND_LIMIT = 100
-JUNK_COMMANDS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"HELO", b"EHLO"})
-# Refused recipients from one client address (peer_key) within the window,
-# over all its sessions: they raise the tarpit delay of every session from
-# that address, and at the limit its RCPTs get 421 until the window moves on.
-REFUSED_RECIPIENT_LIMIT = 50
-REFUSED_RECIPIENT_WINDOW = 600.0
 # Verbs of RFC 5321 and older extensions we know but do not implement.
 NOT_IMPLEMENTED = frozenset(
     {b"EXPN", b"ETRN", b"TURN", b"ATRN", b"BDAT", b"SEND", b"SOML", b"SAML", b"VERB", b"XCLIENT", b"XFORWARD"}
 )
-# Slow-drip bounds: after a grace period DATA must average MIN_DATA_RATE
-# bytes/s, and never take longer than MAX_DATA_SECONDS in all.
-MIN_DATA_RATE = 500
-DATA_RATE_GRACE_SECONDS = 30.0
-MAX_DATA_SECONDS = 1800.0
-DATA_CHECK_SECONDS = 5.0
 _UTF8_MAIL = re.compile(rb"\s*FROM:\s*(?P<path><[^<>\s]*>)(\s+(?P<opts>.*))?$", re.I)
 _UTF8_RCPT = re.compile(rb"\s*TO:\s*(?P<path><[^<>\s]+>)(\s+(?P<opts>.*))?$", re.I)
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-_ENHANCED = re.compile(rb"\A[245]\.\d{1,3}\.\d{1,3}( |\Z)")
-_DEFAULT_ENHANCED = {
-    211: b"2.0.0",
-    214: b"2.0.0",
-    221: b"2.0.0",
-    250: b"2.0.0",
-    251: b"2.1.5",
-    252: b"2.5.0",
-    421: b"4.3.0",
-    450: b"4.2.0",
-    451: b"4.3.0",
-    452: b"4.3.1",
-    454: b"4.7.0",
-    500: b"5.5.2",
-    501: b"5.5.4",
-    502: b"5.5.1",
-    503: b"5.5.1",
-    504: b"5.5.4",
-    550: b"5.0.0",
-    552: b"5.3.4",
-    553: b"5.1.3",
-    554: b"5.0.0",
-    555: b"5.5.4",
-}
 
 log = Logger(namespace="mailingest.smtp")
 
 
 class IngestSMTP(smtp.ESMTP):
-    """One SMTP session. Settings come from L{IngestSMTPFactory}."""
+    """One SMTP session. Built by L{IngestSMTPFactory}."""
 
-    max_message_size = 52428800
-    max_recipients = 100
-    spool_dir = None
     factory = None
     peer_key = ""
     admitted = False
-    min_data_rate = MIN_DATA_RATE
-    max_data_seconds = MAX_DATA_SECONDS
-    _data_watch = None
-    _tarpit = None
 
-    def __init__(self, delivery, host: bytes, tls_context=None, clock=None):
+    def __init__(self, deliveryFactory, session: Session, host: bytes, limits: Limits, tls_context=None, clock=None):
         super().__init__(contextFactory=tls_context)
         if clock is None:
             from twisted.internet import reactor as clock
-        self.clock = clock
         self.callLater = clock.callLater
-        self.delivery = delivery
+        self.deliveryFactory = deliveryFactory
+        self.session = session
         self.host = host
+        self.limits = limits
+        self.timeout = limits.timeout
+        self.replies = Replies(self, clock, self._address_refusals)
+        self.pace = DataPace(clock, limits, self._data_too_slow)
         self._inbuf = bytearray()
         self._holds = 0
         self._discarding_line = False
-        self._reader = None
-        self._envelope = None
-        self._spool = None
-        self._esmtp = False
-        self._smtputf8 = False
-        self._errors = 0
-        self._junk = 0
-        self._junk_penalty = False
-        self.transaction_id = ""
+        self._sender: smtp.Address | None = None
+        self._recipients: list[tuple[smtp.User, object]] = []
+        self._reader: DotReader | None = None
+        self._messages = ()
 
     def connectionMade(self):
         # After a PROXY header, getPeer() is the real client: limits count it.
-        self.peer_key = peer_key(getattr(self.transport.getPeer(), "host", "local"))
+        self.session.peer = getattr(self.transport.getPeer(), "host", None) or "local"
+        self.session.proxy = _proxy_of(self.transport, self.session.peer)
+        self.peer_key = peer_key(self.session.peer)
         if self.factory is not None and not self.factory.admit(self):
-            smtp.SMTP.sendCode(
-                self, 421, b"4.7.0 " + self.host + b" Too many connections, try again later"
-            )
+            self.sendCode(421, b"4.7.0 " + self.host + b" Too many connections, try again later")
             self.transport.loseConnection()
             return
         self.admitted = True
@@ -142,58 +118,17 @@ class IngestSMTP(smtp.ESMTP):
 
     # replies
 
-    def sendCode(self, code, message=b""):
-        """Add the enhanced status code Twisted's own replies lack."""
-        if code not in (220, 354) and code in _DEFAULT_ENHANCED and not _ENHANCED.match(message):
-            message = _DEFAULT_ENHANCED[code] + b" " + message
-        self._reply(code, message)
+    def reply(self, code: int, text: bytes, enhanced: bool = True) -> None:
+        """Every reply but the unconditional 421s and STARTTLS's 220 goes through the error budget."""
+        self.replies.reply(code, text, enhanced)
 
-    def _reply(self, code: int, message: bytes) -> None:
-        """
-        Send a reply; an error (a 5xx, or a junk command past its limit) is
-        counted, delayed when the tarpit applies, and may end the session.
-        A 4xx is not the client's error: 452 4.5.3 (too many recipients) is
-        how a long recipient list is split, 451 is our own trouble.
-        """
-        penalty, self._junk_penalty = self._junk_penalty, False
-        if code < 500 and not penalty:
-            super().sendCode(code, message)
-            return
-        self._errors += 1
-        delay = self._tarpit_delay()
-        if not delay:
-            self._error_sent(code, message)
-            return
-        self._hold()
-        self._tarpit = self.clock.callLater(delay, self._tarpit_over, code, message)
+    def _address_refusals(self) -> int:
+        return self.factory.refused_recipients(self.peer_key) if self.factory is not None else 0
 
-    def _tarpit_delay(self) -> float:
-        level = self._errors
-        if self.factory is not None:
-            level = max(level, self.factory.refused_recipients(self.peer_key))
-        if level <= SOFT_ERROR_LIMIT:
-            return 0.0
-        return min(ERROR_SLEEP_SECONDS * (level - SOFT_ERROR_LIMIT), MAX_ERROR_SLEEP_SECONDS)
-
-    def _tarpit_over(self, code: int, message: bytes) -> None:
-        self._tarpit = None
-        self._error_sent(code, message)
-        self._release()
-
-    def _error_sent(self, code: int, message: bytes) -> None:
-        super().sendCode(code, message)
-        if self._errors >= ERROR_LIMIT:
-            self._cut_off("errors", b"Too many errors")
-        elif self._address_over_refusal_limit():
-            self._cut_off("refused_recipients", b"Too many refused recipients")
-
-    def _address_over_refusal_limit(self) -> bool:
-        return self.factory is not None and self.factory.refused_recipients(self.peer_key) >= REFUSED_RECIPIENT_LIMIT
-
-    def _cut_off(self, reason: str, text: bytes) -> None:
+    def cut_off(self, reason: str, text: bytes) -> None:
         metrics.REJECTED.labels(reason).inc()
         log.info("disconnecting {peer}: {reason}", peer=self.peer_key, reason=text.decode().lower(), event="rejected")
-        super().sendCode(421, b"4.7.0 " + self.host + b" " + text + b", closing connection")
+        self.sendCode(421, b"4.7.0 " + self.host + b" " + text + b", closing connection")
         self.transport.loseConnection()
 
     def timeoutConnection(self):
@@ -202,7 +137,7 @@ class IngestSMTP(smtp.ESMTP):
             self.setTimeout(self.timeout)
             return
         log.info("disconnecting {peer}: timeout", peer=self.peer_key)
-        super().sendCode(421, b"4.4.2 " + self.host + b" Timeout, closing connection")
+        self.sendCode(421, b"4.4.2 " + self.host + b" Timeout, closing connection")
         self.transport.loseConnection()
 
     def greeting(self):
@@ -211,32 +146,12 @@ class IngestSMTP(smtp.ESMTP):
     def extensions(self):
         ext = super().extensions()
         ext.pop(b"AUTH", None)
-        ext[b"SIZE"] = [str(self.max_message_size).encode()]
+        ext[b"SIZE"] = [str(self.limits.max_message_size).encode()]
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
         ext[b"SMTPUTF8"] = None
         return ext
-
-    def received_with(self) -> str:
-        """
-        The protocol for our Received: header (RFC 3848; UTF8SMTP and
-        UTF8SMTPS of RFC 6531 for an SMTPUTF8 transaction), with the TLS
-        version and cipher.
-        """
-        name = "UTF8SMTP" if self._smtputf8 else "ESMTP" if self._esmtp else "SMTP"
-        tls = self.tls_description()
-        return f"{name}S ({tls})" if tls else name
-
-    def tls_description(self) -> str | None:
-        """'TLSv1.3 TLS_AES_256_GCM_SHA384' on a TLS connection (STARTTLS or implicit), else None."""
-        if not interfaces.ISSLTransport.providedBy(self.transport):
-            return None
-        handle = self.transport.getHandle()
-        try:
-            return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-        except AttributeError:
-            return "TLS"
 
     # input: one command at a time, DATA in bulk
 
@@ -267,7 +182,7 @@ class IngestSMTP(smtp.ESMTP):
                     self._inbuf.clear()
                     if not self._discarding_line:
                         self._discarding_line = True
-                        self.sendCode(500, b"5.5.2 Line too long")
+                        self.reply(500, b"5.5.2 Line too long")
                 return
             line = bytes(self._inbuf[:end]).rstrip(b"\r")
             del self._inbuf[: end + 1]
@@ -276,14 +191,15 @@ class IngestSMTP(smtp.ESMTP):
                 self._discarding_line = False
                 continue
             if len(line) > MAX_COMMAND_LINE:
-                self.sendCode(500, b"5.5.2 Line too long")
+                self.reply(500, b"5.5.2 Line too long")
                 continue
             if _BAD_COMMAND_BYTES.search(line) or not _acceptable_text(line):
-                self.sendCode(500, b"5.5.2 Invalid characters in command")
+                self.reply(500, b"5.5.2 Invalid characters in command")
                 continue
             if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
                 self.goodbye()
                 return
+            self.replies.command(line.split(None, 1)[0].upper() if line.strip() else b"")
             self.lineReceived(line)
 
     @property
@@ -291,10 +207,10 @@ class IngestSMTP(smtp.ESMTP):
         """Input is held while a lookup, storage or a tarpit delay is pending."""
         return self._holds > 0
 
-    def _hold(self) -> None:
+    def hold(self) -> None:
         self._holds += 1
 
-    def _release(self) -> None:
+    def release(self) -> None:
         """One reason to hold input is over: go on with what the client pipelined."""
         self._holds -= 1
         if self._holds or self.transport.disconnecting:
@@ -322,25 +238,15 @@ class IngestSMTP(smtp.ESMTP):
         """Hold further input until C{d} has fired (and its reply is sent)."""
         if d.called:
             return
-        self._hold()
+        self.hold()
 
         def resume(result):
-            self._release()
+            self.release()
             return result
 
         d.addBoth(resume)
 
     # commands
-
-    def state_COMMAND(self, line):
-        verb = line.split(None, 1)[0].upper() if line.strip() else b""
-        if verb in JUNK_COMMANDS:
-            self._junk += 1
-            self._junk_penalty = self._junk > JUNK_COMMAND_LIMIT
-        try:
-            super().state_COMMAND(line)
-        finally:
-            self._junk_penalty = False
 
     def lookupMethod(self, command):
         if command.upper() in NOT_IMPLEMENTED:
@@ -348,44 +254,44 @@ class IngestSMTP(smtp.ESMTP):
         return super().lookupMethod(command)
 
     def do_not_implemented(self, rest):
-        self.sendCode(502, b"5.5.1 Command not implemented")
+        self.reply(502, b"5.5.1 Command not implemented")
 
     def ext_AUTH(self, rest):
-        self.sendCode(503, b"5.5.1 Authentication not enabled")
+        self.reply(503, b"5.5.1 Authentication not enabled")
 
     def do_HELO(self, rest):
-        self._esmtp = False
-        self._greeted(rest)
-        self._reply(250, self.host + b" Hello " + self._helo[1])
+        self._greeted(rest, esmtp=False)
+        self.reply(250, self.host + b" Hello " + self.session.helo_pair[1], enhanced=False)
 
     def do_EHLO(self, rest):
-        self._esmtp = True
-        self._greeted(rest)
-        self._reply(250, self.host + b" Hello " + self._helo[1] + b"\n" + self.listExtensions())
+        self._greeted(rest, esmtp=True)
+        self.reply(250, self.host + b" Hello " + self.session.helo_pair[1] + b"\n" + self.listExtensions(), enhanced=False)
 
-    def _greeted(self, rest: bytes) -> None:
-        peer = self.transport.getPeer().host
-        self._helo = (rest, peer.encode("idna") if isinstance(peer, str) else peer)
-        self._from = None
-        self._to = []
+    def _greeted(self, rest: bytes, esmtp: bool) -> None:
+        self.session.helo = rest
+        self.session.esmtp = esmtp
+        self._forget_transaction()
+
+    def _forget_transaction(self) -> None:
+        self._sender = None
+        self._recipients = []
 
     def ext_STARTTLS(self, rest):
         if self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport):
-            self.sendCode(503, b"5.5.1 TLS already active")
+            self.reply(503, b"5.5.1 TLS already active")
         elif rest:
-            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
+            self.reply(501, b"5.5.4 Syntax: STARTTLS")
         elif self.ctx is not None and self.canStartTLS:
-            smtp.SMTP.sendCode(self, 220, b"2.0.0 Ready to start TLS")
+            self.sendCode(220, b"2.0.0 Ready to start TLS")
             self._discard_pipelined_plaintext()
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
             # RFC 3207: forget what the client said before TLS.
-            self._helo = (None, self._helo[1])
-            self._esmtp = False
-            self._from = None
-            self._to = []
+            self.session.helo = None
+            self.session.esmtp = False
+            self._forget_transaction()
         else:
-            self.sendCode(454, b"4.7.0 TLS not available")
+            self.reply(454, b"4.7.0 TLS not available")
 
     def _discard_pipelined_plaintext(self) -> None:
         """
@@ -406,50 +312,49 @@ class IngestSMTP(smtp.ESMTP):
         self._discarding_line = False
 
     def do_NOOP(self, rest):
-        self.sendCode(250, b"2.0.0 OK")
+        self.reply(250, b"2.0.0 OK")
 
     def do_VRFY(self, rest):
-        self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self.reply(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_HELP(self, rest):
-        self.sendCode(214, b"2.0.0 See RFC 5321")
+        self.reply(214, b"2.0.0 See RFC 5321")
 
     def do_RSET(self, rest):
-        self._from = None
-        self._to = []
-        self.sendCode(250, b"2.0.0 OK")
+        self._forget_transaction()
+        self.reply(250, b"2.0.0 OK")
 
     def do_QUIT(self, rest):
-        self.sendCode(221, b"2.0.0 Bye")
+        self.reply(221, b"2.0.0 Bye")
         self.transport.loseConnection()
 
     def do_UNKNOWN(self, rest):
-        self.sendCode(500, b"5.5.2 Command not recognised")
+        self.reply(500, b"5.5.2 Command not recognised")
 
     def sendSyntaxError(self):
-        self.sendCode(500, b"5.5.2 Syntax error")
+        self.reply(500, b"5.5.2 Syntax error")
 
     def do_MAIL(self, rest):
-        if self._from:
-            self.sendCode(503, b"5.5.1 Sender already given")
+        if self._sender:
+            self.reply(503, b"5.5.1 Sender already given")
             return
         m = self.mail_re.match(rest) or _UTF8_MAIL.match(rest)
         if not m:
-            self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            self.reply(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
-        self._smtputf8 = False
+        self.session.smtputf8 = False
         error = self._check_mail_params(m.group("opts"))
         if error:
-            self.sendCode(*error)
+            self.reply(*error)
             return
         try:
-            sender = self._address(m.group("path"))
+            sender = mailbox(m.group("path"), self.host, self.session.smtputf8)
         except smtp.AddressError as e:
-            self.sendCode(553, b"5.1.7 Bad sender address syntax" + (b": " + str(e).encode() if str(e) else b""))
+            self.reply(553, b"5.1.7 Bad sender address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
-        self._to = []
-        d = defer.maybeDeferred(self.validateFrom, self._helo, sender)
-        d.addCallbacks(self._sender_ok, self._ebFromValidate)
+        self._recipients = []
+        d = defer.maybeDeferred(self.validateFrom, self.session.helo_pair, sender)
+        d.addCallbacks(self._sender_ok, self._sender_refused)
         self._wait_for(d)
 
     def _check_mail_params(self, opts: bytes | None):
@@ -459,202 +364,160 @@ class IngestSMTP(smtp.ESMTP):
             if name == b"SIZE":
                 if not value.isdigit():
                     return 501, b"5.5.4 Bad SIZE parameter"
-                if int(value) > self.max_message_size:
+                if int(value) > self.limits.max_message_size:
                     metrics.REJECTED.labels("size").inc()
-                    return 552, size_refusal(self.max_message_size)
+                    return 552, size_refusal(self.limits.max_message_size)
             elif name == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return 501, b"5.5.4 Bad BODY parameter"
             elif name == b"SMTPUTF8" and not value:
-                self._smtputf8 = True
+                self.session.smtputf8 = True
             else:
                 return 555, b"5.5.4 Unsupported MAIL FROM parameter " + name[:64]
         return None
 
-    def _address(self, path: bytes) -> smtp.Address:
-        """
-        Read by L{smtp_address.split_path} (Twisted's parser refuses domain literals
-        and quoted-pairs); an internationalised address (RFC 6531) needs
-        SMTPUTF8, and a path without a domain is at our host, as Twisted has it.
-        """
-        if not path.isascii() and not self._smtputf8:
-            raise smtp.AddressError("non-ASCII address without SMTPUTF8")
-        try:
-            local, domain = smtp_address.split_path(path)
-        except smtp_address.MailboxSyntaxError:
-            raise smtp.AddressError() from None
-        address = smtp.Address(b"placeholder@invalid")
-        address.local, address.domain, address.addrstr = local, self.host if domain is None else domain, path
-        return address
-
     def _sender_ok(self, sender):
-        self._from = sender
-        self.sendCode(250, b"2.1.0 Sender OK")
+        self._sender = sender
+        self.reply(250, b"2.1.0 Sender OK")
+
+    def _sender_refused(self, failure):
+        if failure.check(smtp.SMTPServerError):
+            self.reply(failure.value.code, _reply_text(failure.value))
+        else:
+            log.failure("sender validation failed", failure)
+            self.reply(451, b"4.3.0 Temporary failure, try again later")
 
     def do_RCPT(self, rest):
-        if self._address_over_refusal_limit():
-            self._cut_off("refused_recipients", b"Too many refused recipients")
+        if self.replies.address_over_limit():
+            self.cut_off("refused_recipients", b"Too many refused recipients")
             return
-        if not self._from:
-            self.sendCode(503, b"5.5.1 Need MAIL before RCPT")
+        if not self._sender:
+            self.reply(503, b"5.5.1 Need MAIL before RCPT")
             return
         m = self.rcpt_re.match(rest) or _UTF8_RCPT.match(rest)
         if not m:
-            self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
+            self.reply(501, b"5.5.4 Syntax: RCPT TO:<address>")
             return
         if m.group("opts"):
-            self.sendCode(555, b"5.5.4 Unsupported RCPT TO parameter")
+            self.reply(555, b"5.5.4 Unsupported RCPT TO parameter")
             return
-        if len(self._to) >= self.max_recipients:
+        if len(self._recipients) >= self.limits.max_recipients:
             metrics.REJECTED.labels("recipients").inc()
-            self.sendCode(452, b"4.5.3 Too many recipients")
+            self.reply(452, b"4.5.3 Too many recipients")
             return
         try:
-            user = smtp.User(self._address(m.group("path")), self._helo, self, self._from)
+            address = mailbox(m.group("path"), self.host, self.session.smtputf8)
         except smtp.AddressError as e:
             self._refused_recipient()
-            self.sendCode(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
+            self.reply(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
+        user = smtp.User(address, self.session.helo_pair, self, self._sender)
         d = defer.maybeDeferred(self.validateTo, user)
-        d.addCallbacks(self._recipient_ok, self._ebToValidate, callbackArgs=(user,))
+        d.addCallbacks(self._recipient_ok, self._recipient_refused, callbackArgs=(user,))
         self._wait_for(d)
 
     def _recipient_ok(self, message_factory, user):
-        self._to.append((user, message_factory))
-        self.sendCode(250, b"2.1.5 Recipient OK")
+        self._recipients.append((user, message_factory))
+        self.reply(250, b"2.1.5 Recipient OK")
 
-    def _ebToValidate(self, failure):
+    def _recipient_refused(self, failure):
         if failure.check(smtp.SMTPServerError):
             if failure.value.code >= 500:
                 self._refused_recipient()
-            self.sendCode(failure.value.code, failure.value.resp.encode("utf-8", "replace"))
-            self._log_refused(failure.value)
+            self.reply(failure.value.code, _reply_text(failure.value))
+            log.info(
+                "refused recipient {rcpt} from {peer}: {code} {reply}",
+                rcpt=address_text(failure.value.addr) if isinstance(failure.value, smtp.SMTPAddressError) else "",
+                peer=self.session.peer,
+                code=failure.value.code,
+                reply=failure.value.resp,
+                event="rejected",
+            )
         else:
             log.failure("recipient validation failed", failure)
-            self.sendCode(451, b"4.3.0 Temporary failure, try again later")
+            self.reply(451, b"4.3.0 Temporary failure, try again later")
 
     def _refused_recipient(self) -> None:
         if self.factory is not None:
             self.factory.refused_recipient(self.peer_key)
 
-    def _log_refused(self, error) -> None:
-        log.info(
-            "refused recipient {rcpt} from {peer}: {code} {reply}",
-            rcpt=address_text(error.addr),
-            peer=self._peer(),
-            code=error.code,
-            reply=error.resp,
-            event="rejected",
-        )
-
-    def _peer(self) -> str:
-        """The client's address (before HELO, Twisted keeps it as text, after it as bytes)."""
-        peer = self._helo[1] if self._helo else ""
-        return peer.decode("ascii", "replace") if isinstance(peer, bytes) else str(peer)
-
     def do_DATA(self, rest):
-        if self._from is None or not self._to:
-            self.sendCode(503, b"5.5.1 Need MAIL and RCPT before DATA")
+        if self._sender is None or not self._recipients:
+            self.reply(503, b"5.5.1 Need MAIL and RCPT before DATA")
             return
-        self.transaction_id = new_transaction_id()
-        users = [user for user, _ in self._to]
-        self._envelope = Envelope(
-            id=self.transaction_id,
-            peer=self._peer(),
-            helo=(self._helo[0] or b"").decode("ascii", "replace"),
-            mail_from=address_text(self._from),
-            recipients=[factory() for _, factory in self._to],
-        )
-        self._from = None
-        self._to = []
+        sender, recipients = self._sender, self._recipients
+        self._forget_transaction()
+        self.session.tls = tls_description(self.transport)
+        # Twisted's order (SMTP.do_DATA): every recipient's message, then our
+        # trace header as each one's first line.
+        messages = [make_message() for _, make_message in recipients]
+        header = self.receivedHeader(self.session.helo_pair, sender, [user for user, _ in recipients])
+        for message in messages:
+            message.lineReceived(header)
+        self._messages = messages
+        self._reader = DotReader(self._write, self.limits.max_message_size)
+        self.pace.start(lambda: self._reader.size)
+        self.reply(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _write(self, chunk: bytes) -> None:
         try:
-            received = self.delivery.receivedHeader(self._helo, self._envelope.mail_from, users)
-            self._spool = Spool(self.spool_dir, received + b"\r\n")
-        except OSError as e:
-            log.error("cannot open a spool file: {error}", error=str(e))
-            self._envelope = None
-            self.sendCode(451, b"4.3.0 Temporary local problem, try again later")
-            return
-        self._reader = DotReader(self._write_data, self.max_message_size)
-        self._data_started = self.clock.seconds()
-        self._data_watch = self.clock.callLater(DATA_CHECK_SECONDS, self._check_data_pace)
-        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+            for message in self._messages:
+                message.write(chunk)
+        except smtp.SMTPServerError as e:
+            self._reader.refuse(e.code, _reply_text(e))
 
-    def _write_data(self, chunk: bytes) -> None:
-        self._spool.write(chunk)
-        if self._spool.header_too_large:
-            self._reader.refuse(552, b"5.3.4 Header section too large")
-
-    def _check_data_pace(self) -> None:
-        """Slow-drip clients must not hold a slot for hours (Postfix's smtpd_min_data_rate)."""
-        self._data_watch = None
-        elapsed = self.clock.seconds() - self._data_started
-        rate = self._reader.size / elapsed if elapsed else 0
-        if elapsed > self.max_data_seconds or (elapsed > DATA_RATE_GRACE_SECONDS and rate < self.min_data_rate):
-            metrics.REJECTED.labels("slow").inc()
-            log.info(
-                "disconnecting {peer}: DATA too slow ({size} bytes in {elapsed:.0f} s)",
-                peer=self.peer_key,
-                size=self._reader.size,
-                elapsed=elapsed,
-            )
-            smtp.SMTP.sendCode(self, 421, b"4.4.2 " + self.host + b" Data too slow, closing connection")
-            self.transport.loseConnection()
-            return
-        self._data_watch = self.clock.callLater(DATA_CHECK_SECONDS, self._check_data_pace)
-
-    def _stop_data_watch(self) -> None:
-        if self._data_watch is not None and self._data_watch.active():
-            self._data_watch.cancel()
-        self._data_watch = None
+    def _data_too_slow(self, size: int, elapsed: float) -> None:
+        metrics.REJECTED.labels("slow").inc()
+        log.info(
+            "disconnecting {peer}: DATA too slow ({size} bytes in {elapsed:.0f} s)",
+            peer=self.peer_key,
+            size=size,
+            elapsed=elapsed,
+        )
+        self.sendCode(421, b"4.4.2 " + self.host + b" Data too slow, closing connection")
+        self.transport.loseConnection()
 
     def _end_of_data(self):
-        self._stop_data_watch()
-        reader, spool, envelope = self._reader, self._spool, self._envelope
-        self._reader = self._spool = self._envelope = None
+        self.pace.stop()
+        reader, messages = self._reader, self._messages
+        self._reader, self._messages = None, ()
         if reader.refusal is not None:
-            spool.discard()
+            for message in messages:
+                message.connectionLost()
             code, reply = reader.refusal
-            metrics.REJECTED.labels("size" if code == 552 else "syntax").inc()
-            log.info(
-                "refused message from {peer}: {reply}",
-                peer=envelope.peer,
-                reply=reply.decode(),
-                event="rejected",
-            )
-            self.sendCode(code, reply)
+            metrics.REJECTED.labels(_REFUSAL_REASONS.get(code, "syntax")).inc()
+            log.info("refused message from {peer}: {reply}", peer=self.session.peer, reply=reply.decode(), event="rejected")
+            self.reply(code, reply)
             return
-        d = self.delivery.deliver(envelope, spool)
-        d.addCallbacks(self._stored, self._not_stored)
+        # One transaction, one outcome: every message of it answers alike.
+        d = defer.DeferredList([message.eomReceived() for message in messages], consumeErrors=True)
+        d.addCallback(self._delivered)
         self._wait_for(d)
 
-    def _stored(self, outcome):
-        # A duplicate is answered like a new message (naming the row that holds
-        # it), so the reply tells a stranger nothing about which ids are taken.
-        ids = ", ".join(str(message_id) for _, message_id in outcome.rows)
-        self._junk = 0
-        self.sendCode(250, b"2.0.0 Ok: stored as message " + ids.encode("ascii"))
-
-    def _not_stored(self, failure):
-        if failure.check(smtp.SMTPServerError):
-            self.sendCode(failure.value.code, failure.value.resp)
+    def _delivered(self, results) -> None:
+        failures = [result for ok, result in results if not ok]
+        if not failures:
+            # A duplicate is answered like a new message (naming the row that
+            # holds it), so the reply tells a stranger nothing about which ids are taken.
+            ids = ", ".join(str(row_id) for _, row_id in results[0][1].rows)
+            self.replies.message_stored()
+            self.reply(250, b"2.0.0 Ok: stored as message " + ids.encode("ascii"))
+        elif failures[0].check(smtp.SMTPServerError):
+            self.reply(failures[0].value.code, _reply_text(failures[0].value))
         else:
-            log.failure("delivery failed", failure)
-            self.sendCode(451, b"4.3.0 Temporary failure, try again later")
+            log.failure("delivery failed", failures[0])
+            self.reply(451, b"4.3.0 Temporary failure, try again later")
 
     def connectionLost(self, reason):
         if not self.admitted:
             return
-        self._stop_data_watch()
-        if self._tarpit is not None and self._tarpit.active():
-            self._tarpit.cancel()
-        if self._spool is not None:
-            self._spool.discard()
-            log.info(
-                "client {peer} went away during DATA; nothing stored",
-                peer=self._envelope.peer if self._envelope else "",
-            )
-        self._reader = self._spool = self._envelope = None
+        self.pace.stop()
+        self.replies.cancel()
+        if self._reader is not None:
+            for message in self._messages:
+                message.connectionLost()
+            log.info("client {peer} went away during DATA; nothing stored", peer=self.session.peer)
+        self._reader, self._messages = None, ()
         super().connectionLost(reason)
         if self.factory is not None:
             self.factory.closed(self)
@@ -667,9 +530,8 @@ class IngestSMTPFactory(protocol.ServerFactory):
 
     def __init__(
         self,
-        delivery,
+        ingest: Ingest,
         hostname: str,
-        spool_dir: str,
         max_message_size: int,
         max_recipients: int,
         timeout: float,
@@ -681,12 +543,9 @@ class IngestSMTPFactory(protocol.ServerFactory):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        self.delivery = delivery
+        self.ingest = ingest
         self.hostname = hostname.encode("idna")
-        self.spool_dir = spool_dir
-        self.max_message_size = max_message_size
-        self.max_recipients = max_recipients
-        self.timeout = timeout
+        self.limits = Limits(max_message_size, max_recipients, timeout)
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.tls_context = tls_context
@@ -699,12 +558,9 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self._next_refusal_sweep = 0.0
 
     def buildProtocol(self, addr):
-        p = IngestSMTP(self.delivery, self.hostname, self.tls_context, self.clock)
+        session = Session()
+        p = IngestSMTP(IngestDeliveryFactory(self.ingest, session), session, self.hostname, self.limits, self.tls_context, self.clock)
         p.factory = self
-        p.timeout = self.timeout
-        p.max_message_size = self.max_message_size
-        p.max_recipients = self.max_recipients
-        p.spool_dir = self.spool_dir
         p.noisy = False
         return p
 
@@ -734,7 +590,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self._forget_old_refusals(now)
         times = self._refusals.get(peer)
         if times is None:
-            times = self._refusals[peer] = collections.deque(maxlen=REFUSED_RECIPIENT_LIMIT)
+            times = self._refusals[peer] = collections.deque(maxlen=replies.REFUSED_RECIPIENT_LIMIT)
         times.append(now)
 
     def refused_recipients(self, peer: str) -> int:
@@ -742,7 +598,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
         times = self._refusals.get(peer)
         if not times:
             return 0
-        cutoff = self.clock.seconds() - REFUSED_RECIPIENT_WINDOW
+        cutoff = self.clock.seconds() - replies.REFUSED_RECIPIENT_WINDOW
         while times and times[0] <= cutoff:
             times.popleft()
         return len(times)
@@ -751,8 +607,8 @@ class IngestSMTPFactory(protocol.ServerFactory):
         """Once per window, drop the addresses with no refusal in it, so the table stays small."""
         if now < self._next_refusal_sweep:
             return
-        self._next_refusal_sweep = now + REFUSED_RECIPIENT_WINDOW
-        cutoff = now - REFUSED_RECIPIENT_WINDOW
+        self._next_refusal_sweep = now + replies.REFUSED_RECIPIENT_WINDOW
+        cutoff = now - replies.REFUSED_RECIPIENT_WINDOW
         for peer in [peer for peer, times in self._refusals.items() if times[-1] <= cutoff]:
             del self._refusals[peer]
 
@@ -806,6 +662,38 @@ class IngestSMTPFactory(protocol.ServerFactory):
             self._fire_drained()
 
 
+_REFUSAL_REASONS = {552: "size", 451: "temporary_failure"}
+
+
+def _reply_text(error: smtp.SMTPServerError) -> bytes:
+    """An C{SMTPServerError}'s reply text (Twisted's are text; bytes pass)."""
+    resp = error.resp
+    return resp if isinstance(resp, bytes) else resp.encode("utf-8", "replace")
+
+
+def tls_description(transport) -> str | None:
+    """'TLSv1.3 TLS_AES_256_GCM_SHA384' on a TLS connection (STARTTLS or implicit), else None."""
+    if not interfaces.ISSLTransport.providedBy(transport):
+        return None
+    handle = transport.getHandle()
+    try:
+        return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+    except AttributeError:
+        return "TLS"
+
+
+def _proxy_of(transport, peer: str) -> str | None:
+    """
+    The load balancer's address when a PROXY header named the client: the
+    session's transport is then a wrapper whose own transport's peer is not
+    the client (a TLS wrapper's is).
+    """
+    if not isinstance(transport, policies.ProtocolWrapper):
+        return None
+    outer = getattr(transport.transport.getPeer(), "host", None)
+    return outer if outer is not None and outer != peer else None
+
+
 def _acceptable_text(line: bytes) -> bool:
     """ASCII, or UTF-8 in MAIL and RCPT (the addresses of SMTPUTF8)."""
     if line.isascii():
@@ -817,12 +705,6 @@ def _acceptable_text(line: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def address_text(address: smtp.Address) -> str:
-    """An address as text; internationalised addresses are UTF-8."""
-    raw = address.local + (b"@" + address.domain if address.domain else b"")
-    return raw.decode("utf-8", "replace")
 
 
 def peer_key(host: str) -> str:

@@ -1,0 +1,57 @@
+"""
+Which organisations are active: the cache behind every RCPT TO.
+"""
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+log = Logger(namespace="mailingest.delivery")
+
+
+class OrgDirectory(service.Service):
+    """
+    Which organisations are active, answered without a database round trip for
+    known ones. The cache is refreshed every C{refresh} seconds (so disabling
+    takes effect within that), a slug missing from it is looked up at once (so
+    a new organisation is never refused), and the last good list keeps serving
+    while the database is down.
+    """
+
+    def __init__(self, store, refresh: float = 2.0, clock=None):
+        self.store = store
+        self.refresh_interval = refresh
+        self._clock = clock
+        self._active: dict[str, int] = {}
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self.refresh)
+        if self._clock is not None:
+            self._loop.clock = self._clock
+        self._loop.start(self.refresh_interval, now=True)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    @defer.inlineCallbacks
+    def refresh(self):
+        try:
+            self._active = yield self.store.active_orgs()
+        except Exception as e:
+            log.warn("organisation list refresh failed: {error}", error=str(e))
+
+    def lookup(self, slug: str) -> defer.Deferred:
+        """Fire with the organisation id when C{slug} is active, else None."""
+        if slug in self._active:
+            return defer.succeed(self._active[slug])
+        return self.store.get_org(slug).addCallback(self._found, slug)
+
+    def _found(self, org, slug):
+        if org is None or not org["active"]:
+            return None
+        self._active[slug] = org["id"]
+        return org["id"]

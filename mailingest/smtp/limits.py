@@ -1,0 +1,66 @@
+"""
+The limits of one session, and the DATA pace watchdog.
+
+A command line must be complete within C{Limits.timeout} of the previous one
+(Twisted's C{TimeoutMixin}, reset per complete line by the protocol). DATA has
+its own pace, like Postfix's smtpd_min_data_rate: after a grace period it must
+average C{min_data_rate} bytes/s, and it may never take longer than
+C{max_data_seconds}, so slow-drip clients cannot hold slots for hours.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+# RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
+MAX_COMMAND_LINE = 512
+# Input buffered while a command is pending; past it, the transport is paused.
+PAUSE_BUFFER = 1 << 20
+MIN_DATA_RATE = 500
+DATA_RATE_GRACE_SECONDS = 30.0
+MAX_DATA_SECONDS = 1800.0
+DATA_CHECK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 52428800
+    max_recipients: int = 100
+    timeout: float = 300.0
+    min_data_rate: float = MIN_DATA_RATE
+    max_data_seconds: float = MAX_DATA_SECONDS
+
+
+class DataPace:
+    """
+    Checks every C{DATA_CHECK_SECONDS} how much of a message has come, and
+    calls C{too_slow(size, elapsed)} once when the pace is broken.
+    """
+
+    def __init__(self, clock, limits: Limits, too_slow: Callable[[int, float], None]):
+        self._clock = clock
+        self._limits = limits
+        self._too_slow = too_slow
+        self._received: Callable[[], int] | None = None
+        self._started = 0.0
+        self._call = None
+
+    def start(self, received: Callable[[], int]) -> None:
+        """DATA has begun; C{received()} is how many bytes of it have come."""
+        self._received = received
+        self._started = self._clock.seconds()
+        self._call = self._clock.callLater(DATA_CHECK_SECONDS, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = None
+        elapsed = self._clock.seconds() - self._started
+        size = self._received()
+        rate = size / elapsed if elapsed else 0
+        if elapsed > self._limits.max_data_seconds or (elapsed > DATA_RATE_GRACE_SECONDS and rate < self._limits.min_data_rate):
+            self._too_slow(size, elapsed)
+            return
+        self._call = self._clock.callLater(DATA_CHECK_SECONDS, self._check)
