@@ -197,13 +197,14 @@ class Mailingest(Server):
 
     def prepare(self) -> None:
         self.database = self.backend.database(self.directory)
-        subprocess.run(
-            [tool("mailingest"), "--database", self.database.url, "org", "add", ORG],
-            cwd=self.directory,
-            env=clean_environment(),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        for command in (["migrate"], ["org", "add", ORG]):
+            subprocess.run(
+                [tool("mailingest"), "--database", self.database.url, *command],
+                cwd=self.directory,
+                env=clean_environment(),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
     def command(self) -> list[str]:
         return [
