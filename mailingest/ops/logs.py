@@ -22,9 +22,9 @@ from typing import Any, TextIO
 from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsText, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.scripts._twistd_unix import UnixAppLogger
 
 from mailingest.ops.secrets import masker, url_passwords
+from mailingest.twisted_private import twistd_log_observer
 
 FORMATS = ("text", "json")
 JSON_KEYS = ("time", "level", "namespace", "message", "traceback")
@@ -139,15 +139,14 @@ def twistd_logger_for(
     C{twistd.log}, rotated on SIGUSR1), formatting with L{event_formatter}.
 
     Twisted has no public way to get that observer with another format: a
-    C{--logger} replaces twistd's own choice of destination. So this is the
-    one place that calls twistd's private C{UnixAppLogger._getLogObserver}
-    and then sets the public C{formatEvent} of the L{FileLogObserver} it
-    returns.
+    C{--logger} replaces twistd's own choice of destination. So this asks
+    L{mailingest.twisted_private.twistd_log_observer} for it and sets the
+    public C{formatEvent} of the L{FileLogObserver} it returns.
     """
     format_event = event_formatter(log_format, secrets)
 
     def factory() -> ILogObserver:
-        observer = UnixAppLogger(server_options)._getLogObserver()
+        observer = twistd_log_observer(server_options)
         observer.formatEvent = format_event
         return observer
 

@@ -20,14 +20,11 @@ from collections.abc import Iterable
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols import policies
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 from mailingest.ops import metrics
 from mailingest.smtp.protocol import peer_key
+from mailingest.twisted_private import InvalidProxyHeader, ProxyHeaderParser
 
 HEADER_TIMEOUT = 10.0
 ENDPOINT_PREFIX = "haproxy:"
@@ -37,9 +34,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 log = Logger(namespace="mailingest.proxy_protocol")
 
 
-class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
+class ProxyHeaderFirst(policies.ProtocolWrapper, policies.TimeoutMixin):
+    """Reads the PROXY header, then runs the session with the header's client as its peer."""
+
     peer_key = ""
     holds_slot = False
+    header_done = False
+    source = None
+
+    def __init__(self, factory, wrappedProtocol):
+        super().__init__(factory, wrappedProtocol)
+        self._header = ProxyHeaderParser()
 
     def makeConnection(self, transport):
         directlyProvides(self, providedBy(transport))
@@ -70,24 +75,18 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
             self.factory.wrappedFactory.closed(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._proxyInfo is not None:
+        if self.header_done:
             return self.wrappedProtocol.dataReceived(data)
         if not self.holds_slot:
             return None
-        if self._parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
-                self._parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
-                self._parser = V1Parser()
-            else:
-                self.transport.loseConnection()
-                return None
         try:
-            self._proxyInfo, remaining = self._parser.feed(data)
+            header = self._header.feed(data)
         except InvalidProxyHeader:
             self.transport.loseConnection()
             return None
-        if self._proxyInfo is not None:
+        if header is not None:
+            self.source, remaining = header
+            self.header_done = True
             self.setTimeout(None)
             self._release_slot()
             self.wrappedProtocol.makeConnection(self)
@@ -95,16 +94,20 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper, policies.TimeoutMixin):
                 self.wrappedProtocol.dataReceived(remaining)
         return None
 
+    def getPeer(self):
+        """The client the header names (the load balancer's own address for a LOCAL header)."""
+        return self.source or self.transport.getPeer()
+
     def connectionLost(self, reason):
         self.setTimeout(None)
         self._release_slot()
-        if self._proxyInfo is None:
+        if not self.header_done:
             self.factory.unregisterProtocol(self)
             return
         super().connectionLost(reason)
 
 
-class ProxyHeaderFirstFactory(HAProxyWrappingFactory):
+class ProxyHeaderFirstFactory(policies.WrappingFactory):
     """
     Wraps the SMTP factory (its C{admit}, C{closed} and C{hostname}) for a
     C{haproxy:} listener that believes headers from C{trusted} networks only.

@@ -45,7 +45,6 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from treq.client import HTTPClient
@@ -54,6 +53,7 @@ from zope.interface import implementer
 from mailingest.errors import BlobNotFound, ConfigError, StorageError
 from mailingest.interfaces import BlobInfo, IBlobStore
 from mailingest.retry import Backoff, retry
+from mailingest.twisted_private import QuietHTTPConnectionPool
 from mailingest.storage.blobs.local_disk import check_key, check_prefix, valid_key
 
 # The waits between the tries of one request: 0.2 s, doubling.
@@ -84,22 +84,6 @@ class _PresetPayloadAuth(S3SigV4Auth):
 
     def payload(self, request: AWSRequest) -> str:
         return request.context["payload_sha256"]
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Twisted's HTTP client factory without a "Starting/Stopping factory" log line per connection."""
-
-    noisy = False
-
-
-class QuietHTTPConnectionPool(HTTPConnectionPool):
-    """
-    The connection pool of our S3 client. Twisted offers no public switch for
-    the factory's noise, and under load those two lines per connection were
-    most of the log; the pool's C{_factory} attribute is where it can be set.
-    """
-
-    _factory = _QuietClientFactory
 
 
 class _Transient(Exception):

@@ -1,0 +1,70 @@
+"""
+The private names of Twisted that mailingest uses, all in this one module,
+each with the reason no public hook serves. The rest of the code imports
+what it needs from here, so a Twisted upgrade is checked in one place (and
+the tests of each user fail if a name changes).
+
+- PROXY protocol: C{twisted.protocols.haproxy} exports only C{proxyEndpoint},
+  which starts the wrapped session before the header is read (so limits and
+  the greeting would see the load balancer) and believes any peer. Its v1 and
+  v2 header parsers are private; L{ProxyHeaderParser} wraps them.
+- twistd's log destination: a C{--logger} replaces twistd's own choice of
+  destination (stdout with C{--nodaemon}, else C{--logfile}, rotated on
+  SIGUSR1); the observer twistd would make is only returned by the private
+  C{UnixAppLogger._getLogObserver} (L{twistd_log_observer}).
+- The HTTP client's factory logs "Starting/Stopping factory" per connection;
+  L{twisted.web.client.HTTPConnectionPool} takes its factory class from the
+  private C{_factory} attribute, and the factory class itself is private
+  (L{QuietHTTPConnectionPool}).
+"""
+
+from twisted.internet.interfaces import IAddress
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.python import usage
+from twisted.scripts._twistd_unix import UnixAppLogger
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+__all__ = ["InvalidProxyHeader", "ProxyHeaderParser", "QuietHTTPConnectionPool", "twistd_log_observer"]
+
+
+class ProxyHeaderParser:
+    """
+    Reads one PROXY header, v1 or v2, from the first bytes of a connection.
+
+    L{feed} returns C{(None, b"")} until the header is complete, then the
+    header's source address (None for a LOCAL/UNKNOWN header) and the bytes
+    after it; it raises L{InvalidProxyHeader} for anything else.
+    """
+
+    def __init__(self) -> None:
+        self._parser: V1Parser | V2Parser | None = None
+
+    def feed(self, data: bytes) -> tuple[IAddress | None, bytes] | None:
+        if self._parser is None:
+            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
+                self._parser = V2Parser()
+            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+                self._parser = V1Parser()
+            else:
+                raise InvalidProxyHeader()
+        info, remaining = self._parser.feed(data)
+        if info is None:
+            return None
+        return info.source, remaining
+
+
+def twistd_log_observer(server_options: usage.Options):
+    """The log observer twistd itself would make from its options."""
+    return UnixAppLogger(server_options)._getLogObserver()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietHTTPConnectionPool(HTTPConnectionPool):
+    """An HTTP client connection pool whose connections log no "Starting/Stopping factory" lines."""
+
+    _factory = _QuietClientFactory
