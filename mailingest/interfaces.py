@@ -116,7 +116,7 @@ class IStore(Interface):
     """
     The database: organisations, inbound messages and documents.
 
-    Rows are returned as plain dicts keyed by the column names of SPEC section 5.
+    Rows are returned as plain dicts keyed by the column names of the README's Data section.
     Text is stored the same way on every engine: a NUL or a lone surrogate in
     any value written becomes U+FFFD.
     """

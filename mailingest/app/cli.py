@@ -1,6 +1,6 @@
 """
 The admin command, C{mailingest}: schema, organisations, messages, documents,
-reprocessing and test mail (SPEC section 7).
+reprocessing and test mail (README, "Admin command").
 
 It reads the same C{--config}, C{--database} and C{--storage} settings as the
 daemon, by the same precedence, and runs each command in one reactor run.
@@ -108,7 +108,7 @@ def _json_value(value: Any, column: str = "") -> Any:
 
 
 def to_json(value: Any) -> str:
-    """JSON keyed by the SPEC column names, timestamps as ISO 8601 strings."""
+    """JSON keyed by the column names of README's Data section, timestamps as ISO 8601 strings."""
     return json.dumps(_json_value(value), indent=2, ensure_ascii=False)
 
 
