@@ -2,8 +2,7 @@
 Worker processes that parse messages for the extraction service.
 
 MIME parsing is pure Python. In a thread of the daemon it holds the GIL the
-reactor needs to answer SMTP clients: a burst of small messages was taken 40%
-slower while extraction ran in threads, large ones worse. In worker processes
+reactor needs to answer SMTP clients. In worker processes
 (L{mailingest.extraction.worker}) it runs on another core, and a message that makes
 the parser misbehave costs a worker, not the daemon: a worker that dies (out of
 memory, a crash) or is killed for taking longer than C{timeout} fails that
