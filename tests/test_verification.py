@@ -283,7 +283,8 @@ class PolicyTests(unittest.TestCase):
         self.assertIsNone(violation(SenderPolicy(), self.verdicts()))
 
     def test_domain_not_allowed(self):
-        reason = violation(SenderPolicy(("other.example",)), self.verdicts())
+        kind, reason = violation(SenderPolicy(("other.example",)), self.verdicts())
+        self.assertEqual(kind, "domain")
         self.assertEqual(reason, "From: domain customer.example is not allowed (allowed: other.example)")
 
     def test_subdomain_of_allowed(self):
@@ -291,17 +292,17 @@ class PolicyTests(unittest.TestCase):
 
     def test_require_dmarc(self):
         policy = SenderPolicy((), "dmarc")
-        self.assertIn("DMARC did not pass", violation(policy, self.verdicts(dmarc=Check("fail", "customer.example", "x"))))
+        self.assertIn("DMARC did not pass", violation(policy, self.verdicts(dmarc=Check("fail", "customer.example", "x"))).reason)
         self.assertIsNone(violation(policy, self.verdicts(dmarc=Check("pass", "customer.example"))))
 
     def test_require_dkim_aligned(self):
         policy = SenderPolicy((), "dkim")
-        self.assertIn("no DKIM pass", violation(policy, self.verdicts(dkim=Check("pass", "attacker.example"))))
+        self.assertIn("no DKIM pass", violation(policy, self.verdicts(dkim=Check("pass", "attacker.example"))).reason)
         self.assertIsNone(violation(policy, self.verdicts(dkim=Check("pass", "mail.customer.example"))))
 
     def test_require_spf_aligned(self):
         policy = SenderPolicy((), "spf")
-        self.assertIn("no SPF pass", violation(policy, self.verdicts(spf=Check("pass", "attacker.example"))))
+        self.assertIn("no SPF pass", violation(policy, self.verdicts(spf=Check("pass", "attacker.example"))).reason)
         self.assertIsNone(violation(policy, self.verdicts(spf=Check("pass", "customer.example"))))
 
 

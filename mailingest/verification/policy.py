@@ -5,6 +5,7 @@ was already answered 250 and is kept.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from mailingest.verification.dmarc import aligned
 from mailingest.verification.results import Verdicts
@@ -41,18 +42,25 @@ def _within(domain: str, allowed: str) -> bool:
     return domain == allowed or domain.endswith("." + allowed)
 
 
-def violation(policy: SenderPolicy, verdicts: Verdicts) -> str | None:
+class Violation(NamedTuple):
+    """C{kind} names the rule broken (C{domain}, C{dmarc}, C{dkim}, C{spf}: a metric label); C{reason} says how."""
+
+    kind: str
+    reason: str
+
+
+def violation(policy: SenderPolicy, verdicts: Verdicts) -> Violation | None:
     """Why C{verdicts} break C{policy}, in the operator's words; None when they do not."""
     domain = verdicts.header_from
     if policy.allow_domains and not (domain and any(_within(domain, d) for d in policy.allow_domains)):
         shown = domain or "(none)"
-        return f"From: domain {shown} is not allowed (allowed: {', '.join(policy.allow_domains)})"
+        return Violation("domain", f"From: domain {shown} is not allowed (allowed: {', '.join(policy.allow_domains)})")
     if policy.require == "dmarc" and verdicts.dmarc.result != "pass":
-        return f"DMARC did not pass (dmarc={verdicts.dmarc.result}: {verdicts.dmarc.note})"
+        return Violation("dmarc", f"DMARC did not pass (dmarc={verdicts.dmarc.result}: {verdicts.dmarc.note})")
     if policy.require == "dkim" and not any(
         s.result == "pass" and aligned(s.domain, domain, strict=False) for s in verdicts.signatures
     ):
-        return f"no DKIM pass aligned with the From: domain (dkim={verdicts.dkim.result})"
+        return Violation("dkim", f"no DKIM pass aligned with the From: domain (dkim={verdicts.dkim.result})")
     if policy.require == "spf" and not (verdicts.spf.result == "pass" and aligned(verdicts.spf.domain, domain, strict=False)):
-        return f"no SPF pass aligned with the From: domain (spf={verdicts.spf.result})"
+        return Violation("spf", f"no SPF pass aligned with the From: domain (spf={verdicts.spf.result})")
     return None

@@ -109,3 +109,12 @@ def authentication_results(authserv_id: str, verdicts: Verdicts) -> str:
     )
     header = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
     return header.split(":", 1)[1].strip()
+
+
+def verdict_columns(verdicts: Verdicts) -> dict[str, str | None]:
+    """The C{inbound_message} columns the store keeps of them (L{mailingest.storage.store.VERDICT_COLUMNS})."""
+    columns = {"dmarc_policy": verdicts.dmarc_policy, "authentication_results": verdicts.authentication_results}
+    for name in ("spf", "dkim", "dmarc", "arc"):
+        check = getattr(verdicts, name)
+        columns[name], columns[name + "_domain"] = check.result, check.domain
+    return columns
