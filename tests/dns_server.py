@@ -32,20 +32,22 @@ class _Factory(server.DNSServerFactory):
 
 class Zone(authority.FileAuthority):
     """
-    Every name under C{example.}: C{records} maps a name to its Twisted Names
+    Every name under C{origin}: C{records} maps a name to its Twisted Names
     records; names in C{servfail} get SERVFAIL, names in C{silent} no answer.
     """
 
-    def __init__(self, records: dict[str, list], servfail=(), silent=()):
+    def __init__(self, records: dict[str, list], servfail=(), silent=(), origin: str = ORIGIN):
         self._given = records
+        self._origin = origin
         self.servfail = {name.lower() for name in servfail}
         self.silent = {name.lower() for name in silent}
         super().__init__(None)
 
     def loadFile(self, filename):
-        soa = dns.Record_SOA(mname="ns." + ORIGIN, rname="hostmaster." + ORIGIN, serial=1, minimum=60, expire=60, ttl=60)
-        self.soa = (ORIGIN.encode(), soa)
-        self.records = {ORIGIN.encode(): [soa]}
+        origin = self._origin
+        soa = dns.Record_SOA(mname="ns." + origin, rname="hostmaster." + origin, serial=1, minimum=60, expire=60, ttl=60)
+        self.soa = (origin.encode(), soa)
+        self.records = {origin.encode(): [soa]}
         for name, records in self._given.items():
             self.records.setdefault(name.lower().encode(), []).extend(records)
 
