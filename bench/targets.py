@@ -21,6 +21,8 @@ from typing import Callable
 from bench.backends import Backend, Database
 
 HOST = "127.0.0.1"
+# The checkout: bench.dns_stub imports the tests' DNS server from it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAIN = "bench.test"
 ORG = "bench"
 RECIPIENT = f"orders+{ORG}@{DOMAIN}"
@@ -190,12 +192,18 @@ class Mailingest(Server):
         super().__init__(directory)
         self.backend = backend
         self.database: Database | None = None
+        self.dns: subprocess.Popen | None = None
 
     @property
     def name(self) -> str:
         return f"mailingest ({self.backend.label})"
 
     def prepare(self) -> None:
+        # The sender checks ask a DNS server that answers at once (bench.dns_stub).
+        self.dns = subprocess.Popen(
+            [sys.executable, "-m", "bench.dns_stub"], stdout=subprocess.PIPE, env=clean_environment(), cwd=REPO
+        )
+        self.dns_port = int(self.dns.stdout.readline())
         self.database = self.backend.database(self.directory)
         for command in (["migrate"], ["org", "add", ORG]):
             subprocess.run(
@@ -217,6 +225,7 @@ class Mailingest(Server):
             "--max-connections-per-ip", "1000",
             "--max-message-size", "60000000",
             "--database", self.database.url,
+            "--dns-resolver", f"{HOST}:{self.dns_port}",
             *self.backend.storage_args(self.directory),
         ]
 
@@ -252,6 +261,9 @@ class Mailingest(Server):
         super().stop()
         if self.database is not None:
             self.database.close()
+        if self.dns is not None:
+            self.dns.kill()
+            self.dns.wait()
 
 
 @dataclass(frozen=True)

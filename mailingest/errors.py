@@ -27,3 +27,7 @@ class BlobNotFound(MailingestError):
 
 class StorageError(MailingestError):
     """Object storage failed; the operation may succeed if retried later."""
+
+
+class NotQuarantined(MailingestError):
+    """C{release} of a message that is not quarantined."""

@@ -264,24 +264,45 @@ class IStore(Interface):
         crash.
         """
 
-    def mark_parsed(message_id: int, documents=()):
+    def mark_parsed(message_id: int, documents=(), verdicts=None):
         """
         Record the message's documents (dicts with the C{document} columns but
-        C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}) and move
+        C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}) and
+        its sender C{verdicts} (a dict of C{VERDICT_COLUMNS}, or None) and move
         it to C{parsed}, in one transaction. A document already recorded for the
         same (message, ordinal) is left as it is, so extracting again never
         duplicates.
         """
 
-    def mark_failed(message_id: int, error: str, attempts: int):
+    def mark_failed(message_id: int, error: str, attempts: int, verdicts=None):
         """
-        Move a message to C{failed} with the reason and release its claim.
+        Move a message to C{failed} with the reason (and its sender
+        C{verdicts}, if any) and release its claim.
         """
 
     def schedule_retry(message_id: int, error: str, attempts: int, delay: float):
         """
         Keep a message C{received}, record the error and attempts, and make it
         due again after C{delay} seconds.
+        """
+
+    def mark_quarantined(message_id: int, reason: str, verdicts=None):
+        """
+        Move a message that breaks its organisation's sender policy to
+        C{quarantined} with the reason and its C{verdicts}; its documents are
+        not extracted until L{release}. The one place this status is set.
+        """
+
+    def release(message_id: int):
+        """
+        Queue a C{quarantined} message for extraction past its policy; the
+        message row. L{NoSuchMessage}, or L{NotQuarantined} for any other status.
+        """
+
+    def set_sender_policy(slug: str, allow_domains=None, require=None):
+        """
+        Set an organisation's sender policy (None keeps a part as it is): the
+        organisation row with C{sender_allow_domains} and C{sender_require}.
         """
 
 

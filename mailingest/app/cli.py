@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import traceback
@@ -33,9 +34,10 @@ from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 from mailingest.storage.urls import sqlite_path
+from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
 
 PROG = "mailingest"
-STATUSES = ("received", "parsed", "failed")
+STATUSES = ("received", "parsed", "failed", "quarantined")
 
 ORG_TABLE = ("slug", "name", "active", "created_at", "reserved")
 MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
@@ -44,6 +46,12 @@ MESSAGE_FIELDS = (
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
     "received_at", "parsed_at", "content_sha256",
 )
+SENDER_FIELDS = (
+    "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
+    "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
+)
+QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
 CELL_WIDTH = 64
@@ -283,7 +291,8 @@ async def cmd_org_enable(session: Session, args: argparse.Namespace) -> None:
 async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
     await session.require_org(args.org)
     rows = await session.store.list_messages(org_slug=args.org, status=args.status, limit=args.limit)
-    print(to_json(rows) if args.json else table(rows, MESSAGE_TABLE))
+    columns = QUARANTINE_TABLE if args.status == "quarantined" else MESSAGE_TABLE
+    print(to_json(rows) if args.json else table(rows, columns))
 
 
 async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
@@ -292,9 +301,12 @@ async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
     if args.json:
         print(to_json({**row, "documents": documents}))
         return
-    width = max(len(name) for name in MESSAGE_FIELDS) + 1
-    for name in MESSAGE_FIELDS:
-        print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
+    for fields in (MESSAGE_FIELDS, SENDER_FIELDS):
+        if fields is SENDER_FIELDS:
+            print("\nsender:")
+        width = max(len(name) for name in fields) + 1
+        for name in fields:
+            print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
     print(f"\ndocuments ({len(documents)}):")
     if documents:
         print(table(documents, MESSAGE_DOCUMENT_TABLE))
@@ -342,6 +354,25 @@ async def _download(session: Session, row: dict, path: str, what: str) -> None:
         os.unlink(partial)
         raise
     print(f"wrote {row['size']} bytes to {path}")
+
+
+async def cmd_org_policy(session: Session, args: argparse.Namespace) -> None:
+    domains = None
+    if args.any_domain:
+        domains = []
+    elif args.allow_domain:
+        domains = [domain.lower().rstrip(".") for domain in args.allow_domain]
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise CommandError(f"invalid domain {domain!r} for --allow-domain")
+    row = await session.store.set_sender_policy(args.slug, domains, args.require)
+    policy = SenderPolicy.from_columns(row["sender_allow_domains"], row["sender_require"])
+    print(f"sender policy of {row['slug']}: {policy.describe()}")
+
+
+async def cmd_release(session: Session, args: argparse.Namespace) -> None:
+    await session.store.release(args.id)
+    print(f"released message {args.id}: queued for extraction")
 
 
 async def cmd_reprocess(session: Session, args: argparse.Namespace) -> None:
@@ -446,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
         toggle = _command(org, name, f"{name} an organisation: {verb} its mail", handler)
         toggle.add_argument("slug", metavar="SLUG")
 
+    policy = _command(org, "policy", "show or set which senders an organisation takes orders from", cmd_org_policy)
+    policy.add_argument("slug", metavar="SLUG")
+    policy.add_argument(
+        "--allow-domain", action="append", metavar="DOMAIN",
+        help="accept From: this domain and its subdomains (repeatable; replaces the list)",
+    )
+    policy.add_argument("--any-domain", action="store_true", help="accept any From: domain again")
+    policy.add_argument(
+        "--require", choices=REQUIREMENTS,
+        help="the check that must pass: dmarc, dkim or spf (aligned with From:), or none",
+    )
+
     messages = _group(commands, "messages", "inspect inbound messages")
     listing = _command(messages, "list", "list messages, newest first", cmd_messages_list)
     listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
@@ -471,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     reprocess.add_argument("id", type=int, nargs="?", metavar="ID", help="this message")
     reprocess.add_argument("--failed", action="store_true", help="every failed message")
     reprocess.add_argument("--org", metavar="SLUG", help="with --failed: only this organisation's")
+
+    release = _command(commands, "release", "extract a quarantined message, past its organisation's sender policy", cmd_release)
+    release.add_argument("id", type=int, metavar="ID")
 
     send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
@@ -502,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
+        parser.error("org policy: --allow-domain or --any-domain, not both")
     if args.command == "reprocess":
         if args.id is None and not args.failed:
             parser.error("reprocess: give a message ID or --failed")

@@ -26,6 +26,7 @@ from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.extraction.pool import ParsePool
+from mailingest.verification.settings import CheckSettings
 from mailingest.smtp.protocol import IngestSMTPFactory
 from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
 from mailingest.ops.secrets import redact_url
@@ -314,6 +315,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         max_attempts=settings["max_attempts"],
         lease_seconds=settings["extraction_lease"],
         stop_timeout=EXTRACTION_STOP_SECONDS,
+        checks=CheckSettings(settings["hostname"], settings["dns_resolver"], settings["dns_budget"]),
     )
     extraction.setServiceParent(daemon.serving)
     ingest.on_stored.append(extraction.wake)

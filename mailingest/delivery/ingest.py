@@ -11,6 +11,7 @@ refer to it (an ambiguous commit), where an invisible orphan is the safe side.
 
 import email.header
 import hashlib
+import ipaddress
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Envelope:
     helo: str
     mail_from: str
     proxy: str | None = None
+    tls: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -69,6 +71,14 @@ class Outcome:
     """
 
     rows: list[tuple[Recipient, int]]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def new_transaction_id() -> str:
@@ -282,6 +292,9 @@ class Ingest:
             "raw_sha256": digest,
             "content_sha256": content_sha256(headers, spool.body_sha256),
             "received_at": envelope.received_at,
+            "client_ip": envelope.peer if _is_ip(envelope.peer) else None,
+            "helo": envelope.helo or None,
+            "tls": envelope.tls,
         }
         rows = [
             dict(shared, org_id=org_id, rcpt_to=", ".join(r.address for r in by_org[org_id]))

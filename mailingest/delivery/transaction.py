@@ -89,6 +89,7 @@ class Transaction:
                 id=self.session.transaction_id,
                 peer=self.session.peer,
                 proxy=self.session.proxy,
+                tls=self.session.tls,
                 helo=(self.session.helo or b"").decode("ascii", "replace"),
                 mail_from=address_text(self.origin),
                 received_at=datetime.now(timezone.utc),

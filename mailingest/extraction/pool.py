@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage
 from mailingest.errors import BlobNotFound
+from mailingest.verification.results import Verdicts
 
 log = Logger(namespace="mailingest.extraction")
 
@@ -177,11 +178,25 @@ class ParsePool:
         L{BlobNotFound} when there is no C{raw_path}. The worker empties
         C{out_dir} first.
         """
+        reply = await self._ask({"raw_path": raw_path, "out_dir": out_dir})
+        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"])
+
+    async def verify(self, request: dict[str, Any]) -> Verdicts:
+        """
+        The sender checks of the message at C{request["raw_path"]} (with the
+        SMTP facts and DNS settings of L{mailingest.extraction.worker.verify}),
+        computed in a worker: their DNS lookups block.
+        """
+        reply = await self._ask({"verify": request})
+        return Verdicts.from_dict(reply["verdicts"])
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A free worker's reply to C{request}; its failures as exceptions."""
         await self._slots.acquire()
         try:
             worker = self._worker()
             try:
-                reply = await worker.ask({"raw_path": raw_path, "out_dir": out_dir})
+                reply = await worker.ask(request)
                 if reply.get("retire"):
                     worker.retire(reply["retire"])
             finally:
@@ -195,7 +210,7 @@ class ParsePool:
             raise UnparseableMessage(reply["unparseable"])
         if "error" in reply:
             raise ParserError(reply["error"])
-        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"])
+        return reply
 
     def _worker(self) -> _Worker:
         if self._closed:

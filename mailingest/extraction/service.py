@@ -31,6 +31,9 @@ from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
 from mailingest.extraction.pool import ParserDied
 from mailingest.retry import Backoff, retry
+from mailingest.verification.policy import SenderPolicy, Violation, violation
+from mailingest.verification.results import Verdicts, verdict_columns
+from mailingest.verification.settings import CheckSettings
 
 log = Logger(namespace="mailingest.extraction")
 
@@ -101,6 +104,7 @@ class ExtractionService(service.Service):
         batch_size: int = 8,
         stop_timeout: float = 3.0,
         clock=None,
+        checks: CheckSettings | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -115,6 +119,7 @@ class ExtractionService(service.Service):
         self.batch_size = batch_size
         self.stop_timeout = stop_timeout
         self.clock = clock
+        self.checks = checks
         self._loop = None
         self._workers: list[defer.Deferred] = []
         self._free_slots: list[str] = []
@@ -207,17 +212,25 @@ class ExtractionService(service.Service):
 
     async def process(self, message: dict, slot: str) -> None:
         started = time.monotonic()
+        verdicts = None
         try:
-            result, documents = await self._extract(message, slot)
+            raw_path = await self._raw_path(message, slot)
+            verdicts = await self._check_sender(message, raw_path)
+            broken = self._policy_broken(message, verdicts)
+            if broken is None:
+                result, documents = await self._extract(message, raw_path, slot)
         except (UnparseableMessage, PermanentFailure) as e:
-            await self._fail(message, str(e), message["attempts"] + 1)
+            await self._fail(message, str(e), message["attempts"] + 1, verdicts)
         except Exception as e:
             if isinstance(e, ParserDied) and not self.running:
                 raise  # stopped, not failed: _process_batch releases the claim
             await self._transient(message, e)
         else:
+            if broken is not None:
+                await self._quarantine(message, broken, verdicts)
+                return
             try:
-                await self.store.mark_parsed(message["id"], documents)
+                await self.store.mark_parsed(message["id"], documents, verdicts and verdict_columns(verdicts))
             except Exception as e:
                 await self._transient(message, OutcomeNotRecorded(f"cannot record the documents: {e}"))
             else:
@@ -230,7 +243,8 @@ class ExtractionService(service.Service):
         d = self.store.renew_claims(list(message_ids), self.lease_seconds)
         return d.addErrback(lambda f: log.warn("cannot renew extraction claims: {error}", error=f.getErrorMessage()))
 
-    async def _extract(self, message: dict, slot: str):
+    async def _raw_path(self, message: dict, slot: str) -> str:
+        """The raw copy on local disk: in place, or fetched into the slot."""
         raw_key = message["raw_key"]
         try:
             raw_path = self.blobs.local_path(raw_key)
@@ -239,9 +253,15 @@ class ExtractionService(service.Service):
                 # The slot's file, truncated: no new inode per message.
                 with await threads.deferToThread(open, raw_path, "wb", 0) as raw:
                     await self.blobs.read_to(raw_key, raw)
-            result = await self.parser.parse(raw_path, os.path.join(slot, "parts"))
         except BlobNotFound:
             raise PermanentFailure(f"raw message {raw_key} is missing from object storage")
+        return raw_path
+
+    async def _extract(self, message: dict, raw_path: str, slot: str):
+        try:
+            result = await self.parser.parse(raw_path, os.path.join(slot, "parts"))
+        except BlobNotFound:
+            raise PermanentFailure(f"raw message {message['raw_key']} is missing from object storage")
         documents = []
         for ordinal, attachment in enumerate(result.attachments):
             key = document_key(message, ordinal)
@@ -305,8 +325,9 @@ class ExtractionService(service.Service):
             delay=delay,
         )
 
-    async def _fail(self, message: dict, reason: str, attempts: int) -> None:
-        if not await self._record(message, lambda waited: self.store.mark_failed(message["id"], reason, attempts)):
+    async def _fail(self, message: dict, reason: str, attempts: int, verdicts: Verdicts | None = None) -> None:
+        columns = verdicts and verdict_columns(verdicts)
+        if not await self._record(message, lambda waited: self.store.mark_failed(message["id"], reason, attempts, columns)):
             return
         metrics.EXTRACTIONS.labels("failed").inc()
         log.error(
@@ -357,3 +378,39 @@ class ExtractionService(service.Service):
         except Exception:
             return False
         return True
+
+    async def _check_sender(self, message: dict, raw_path: str) -> Verdicts | None:
+        """
+        The sender checks, on the first extraction of a message: a message
+        reprocessed or released keeps the verdicts of its arrival (DNS
+        records change; what counted is what was published then).
+        """
+        if self.checks is None or message.get("authentication_results") is not None:
+            return None
+        verdicts = await self.parser.verify(self.checks.request(message, raw_path))
+        for name in ("spf", "dkim", "dmarc", "arc"):
+            metrics.SENDER_VERDICTS.labels(name, getattr(verdicts, name).result).inc()
+        return verdicts
+
+    def _policy_broken(self, message: dict, verdicts: Verdicts | None) -> Violation | None:
+        """What the organisation's sender policy says of fresh verdicts (a released message passes)."""
+        if verdicts is None or message.get("released_at") is not None:
+            return None
+        policy = SenderPolicy.from_columns(message.get("sender_allow_domains"), message.get("sender_require"))
+        return None if policy.is_default else violation(policy, verdicts)
+
+    async def _quarantine(self, message: dict, broken: Violation, verdicts: Verdicts) -> None:
+        columns = verdict_columns(verdicts)
+        if not await self._record(
+            message, lambda waited: self.store.mark_quarantined(message["id"], broken.reason, columns)
+        ):
+            return
+        metrics.QUARANTINES.labels(broken.kind).inc()
+        log.warn(
+            "message {message_id} for {org} quarantined: {reason}",
+            message_id=message["id"],
+            org=message["org_slug"],
+            reason=broken.reason,
+            kind=broken.kind,
+            event="quarantined",
+        )

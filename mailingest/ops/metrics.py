@@ -68,3 +68,13 @@ MESSAGE_ID_COLLISIONS = Counter(
     "mailingest_message_id_collisions_total",
     "Messages stored under a suffixed Message-ID because a different message already held theirs.",
 )
+SENDER_VERDICTS = Counter(
+    "mailingest_sender_verdicts_total",
+    "Sender check results of extracted messages, by check (spf, dkim, dmarc, arc) and result.",
+    ["check", "result"],
+)
+QUARANTINES = Counter(
+    "mailingest_quarantined_total",
+    "Messages quarantined by their organisation's sender policy, by the rule broken (domain, dmarc, dkim, spf).",
+    ["reason"],
+)

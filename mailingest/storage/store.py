@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailingest.errors import NoSuchMessage, NoSuchOrg, OrgExists
+from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
 from mailingest.storage.engines import Engine, create_engine
 from mailingest.storage.group_commit import GroupCommit
 from mailingest.interfaces import Collision, Duplicate, IStore
@@ -22,6 +22,8 @@ MESSAGE_COLUMNS = (
     "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
     " raw_size, raw_sha256, status, attempts, last_error, received_at, parsed_at,"
     " content_sha256, message_id_collision"
+    ", client_ip, helo, tls, spf, spf_domain, dkim, dkim_domain, dmarc, dmarc_domain,"
+    " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
 )
 _MESSAGE_SELECT = (
     "SELECT "
@@ -38,6 +40,15 @@ _DOCUMENT_SELECT = (
     + ", o.slug AS org_slug FROM document d JOIN organization o ON o.id = d.org_id"
 )
 _ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
+# A claimed message comes with its organisation's sender policy.
+_CLAIM_SELECT = _MESSAGE_SELECT.replace(
+    " FROM inbound_message", ", o.sender_allow_domains, o.sender_require FROM inbound_message", 1
+)
+# What the sender checks give (L{mailingest.verification.results.verdict_columns}).
+VERDICT_COLUMNS = (
+    "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain", "dmarc_policy",
+    "arc", "arc_domain", "authentication_results",
+)
 
 
 # Blob keys looked up per statement (twice: messages and documents), well
@@ -271,8 +282,9 @@ class Store:
         yield txn.execute(
             "INSERT INTO inbound_message (org_id, source, source_message_id,"
             " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, content_sha256,"
-            " message_id_collision, status, attempts, received_at, next_attempt_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?)"
+            " message_id_collision, status, attempts, received_at, next_attempt_at,"
+            " client_ip, helo, tls)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?, ?, ?, ?)"
             " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
             (
                 row["org_id"],
@@ -288,6 +300,9 @@ class Store:
                 collision,
                 row["received_at"],
                 row["received_at"],
+                row.get("client_ip"),
+                row.get("helo"),
+                row.get("tls"),
             ),
         )
         inserted = txn.fetchone()
@@ -479,7 +494,7 @@ class Store:
             f"UPDATE inbound_message SET claimed_until = ? WHERE id IN ({marks})",
             (now + timedelta(seconds=lease_seconds), *ids),
         )
-        yield txn.execute(_MESSAGE_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
+        yield txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
         return [_message(row) for row in txn.fetchall()]
 
     def renew_claims(self, message_ids, lease_seconds):
@@ -500,17 +515,18 @@ class Store:
             args += [int(i) for i in message_ids]
         yield txn.execute(sql, tuple(args))
 
-    def mark_parsed(self, message_id, documents=()):
-        return self._parsed.submit((int(message_id), list(documents)))
+    def mark_parsed(self, message_id, documents=(), verdicts=None):
+        return self._parsed.submit((int(message_id), list(documents), verdicts))
 
     @defer.inlineCallbacks
     def _mark_parsed_batch(self, txn, batch):
-        for message_id, documents in batch:
-            yield self._mark_parsed(txn, message_id, documents)
+        for message_id, documents, verdicts in batch:
+            yield self._mark_parsed(txn, message_id, documents, verdicts)
         return [None] * len(batch)
 
     @defer.inlineCallbacks
-    def _mark_parsed(self, txn, message_id, documents):
+    def _mark_parsed(self, txn, message_id, documents, verdicts=None):
+        yield self._record_verdicts(txn, message_id, verdicts)
         for row in documents:
             yield txn.execute(
                 "INSERT INTO document (org_id, inbound_message_id, ordinal, filename,"
@@ -531,8 +547,13 @@ class Store:
             )
         yield self._finish(txn, message_id, "parsed", None, None)
 
-    def mark_failed(self, message_id, error, attempts):
-        return self._run(self._finish, int(message_id), "failed", error, attempts)
+    def mark_failed(self, message_id, error, attempts, verdicts=None):
+        return self._run(self._mark_failed, int(message_id), error, attempts, verdicts)
+
+    @defer.inlineCallbacks
+    def _mark_failed(self, txn, message_id, error, attempts, verdicts):
+        yield self._record_verdicts(txn, message_id, verdicts)
+        yield self._finish(txn, message_id, "failed", error, attempts)
 
     @defer.inlineCallbacks
     def _finish(self, txn, message_id, status, error, attempts):
@@ -553,3 +574,76 @@ class Store:
             " next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
             (error, attempts, self._now() + timedelta(seconds=delay), message_id),
         )
+
+    # sender verdicts, policy and quarantine (issue 15)
+
+    @defer.inlineCallbacks
+    def _record_verdicts(self, txn, message_id, verdicts):
+        """Store the sender checks' columns (L{VERDICT_COLUMNS}); None: nothing to record."""
+        if verdicts is None:
+            return
+        assignments = ", ".join(f"{name} = ?" for name in VERDICT_COLUMNS)
+        yield txn.execute(
+            f"UPDATE inbound_message SET {assignments} WHERE id = ?",
+            (*(verdicts.get(name) for name in VERDICT_COLUMNS), message_id),
+        )
+
+    def mark_quarantined(self, message_id, reason, verdicts=None):
+        return self._run(self._mark_quarantined, int(message_id), reason, verdicts)
+
+    @defer.inlineCallbacks
+    def _mark_quarantined(self, txn, message_id, reason, verdicts):
+        """
+        The one status change to C{quarantined}: what else must happen with
+        it (an event for the application, say) belongs in this transaction.
+        """
+        yield self._record_verdicts(txn, message_id, verdicts)
+        yield txn.execute(
+            "UPDATE inbound_message SET status = 'quarantined', quarantine_reason = ?,"
+            " last_error = NULL, attempts = attempts + 1, claimed_until = NULL WHERE id = ?",
+            (reason, message_id),
+        )
+
+    def release(self, message_id):
+        return self._run(self._release, int(message_id))
+
+    @defer.inlineCallbacks
+    def _release(self, txn, message_id):
+        """Queue a quarantined message for extraction, past its policy (its verdicts are kept)."""
+        now = self._now()
+        yield txn.execute(
+            "UPDATE inbound_message SET status = 'received', released_at = ?, attempts = 0,"
+            " next_attempt_at = ?, claimed_until = NULL WHERE id = ? AND status = 'quarantined' RETURNING id",
+            (now, now, message_id),
+        )
+        if txn.fetchone() is None:
+            yield txn.execute("SELECT status FROM inbound_message WHERE id = ?", (message_id,))
+            row = txn.fetchone()
+            if row is None:
+                raise NoSuchMessage(f"no message {message_id}")
+            raise NotQuarantined(f"message {message_id} is {row['status']}, not quarantined")
+        yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
+        return _message(txn.fetchone())
+
+    def set_sender_policy(self, slug, allow_domains=None, require=None):
+        return self._run(self._set_sender_policy, slug.lower(), allow_domains, require)
+
+    @defer.inlineCallbacks
+    def _set_sender_policy(self, txn, slug, allow_domains, require):
+        """Change what is given (None: keep); the organisation with its policy."""
+        if allow_domains is not None:
+            yield txn.execute(
+                "UPDATE organization SET sender_allow_domains = ? WHERE slug = ?",
+                (" ".join(allow_domains), slug),
+            )
+        if require is not None:
+            yield txn.execute("UPDATE organization SET sender_require = ? WHERE slug = ?", (require, slug))
+        yield txn.execute(
+            "SELECT id, slug, name, active, created_at, sender_allow_domains, sender_require"
+            " FROM organization WHERE slug = ?",
+            (slug,),
+        )
+        row = txn.fetchone()
+        if row is None:
+            raise NoSuchOrg(f"no organisation {slug!r}")
+        return _org(row)

@@ -1,0 +1,146 @@
+"""
+DKIM (RFC 6376) and ARC (RFC 8617) with dkimpy, keys asked through our
+L{BudgetResolver}.
+
+Bounded for hostile messages: at most L{MAX_SIGNATURES} signatures are
+verified (each one hashes the whole body again), the rest are noted and not
+verified; a key record above the resolver's size cap is a permerror; every
+lookup draws on the message's DNS budget, and no signature is started once
+it is spent.
+"""
+
+import dkim
+
+from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
+from mailingest.verification.results import Check, Signature
+
+MAX_SIGNATURES = 10
+# RFC 8617 5.1.1.1: a chain longer than this is invalid anyway.
+MAX_ARC_SETS = 50
+
+# Results ranked for the message's one DKIM verdict: any pass wins; a
+# temperror may pass later, so it outranks the failures.
+_RANK = ("pass", "temperror", "fail", "permerror", "neutral", "none")
+
+
+class _KeyLookup:
+    """
+    dkimpy's C{dnsfunc(name, timeout)}: the TXT record as bytes, or None.
+    It remembers what it found: dkimpy reports a key that could not be had
+    (no answer, none published, malformed) as a plain failed signature, and
+    RFC 6376 calls these temperror and permerror.
+    """
+
+    def __init__(self, resolver: BudgetResolver):
+        self._resolver = resolver
+        self.temporary: str | None = None
+        self.permanent: str | None = None
+
+    def __call__(self, name, timeout=None):
+        self.temporary = self.permanent = None
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        try:
+            records = self._resolver.txt(name)
+        except DnsTemporaryError as e:
+            self.temporary = str(e)
+            raise dkim.DnsTimeoutError(str(e)) from None
+        except DnsRecordTooLarge as e:
+            self.permanent = str(e)
+            raise dkim.KeyFormatError(str(e)) from None
+        if not records:
+            self.permanent = f"no key published at {name}"
+            return None
+        try:
+            dkim.evaluate_pk(name, records[0])
+        except Exception as e:
+            self.permanent = f"unusable key at {name}: {e}"
+        return records[0]
+
+
+def _text(value) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+
+
+def _tags(header_value: bytes) -> dict[bytes, bytes]:
+    """The d= and s= of a signature header, read leniently (for the record, not for trust)."""
+    tags = {}
+    for part in header_value.split(b";"):
+        name, _, value = part.partition(b"=")
+        tags[name.strip().lower()] = b"".join(value.split())
+    return tags
+
+
+def check_dkim(message: bytes, resolver: BudgetResolver, limit: int = MAX_SIGNATURES) -> tuple[Check, list[Signature]]:
+    """Every signature's result, and the message's verdict (the best of them)."""
+    try:
+        verifier = dkim.DKIM(message, minkey=1024)
+    except Exception as e:
+        return Check("permerror", None, f"message cannot be read for DKIM: {type(e).__name__}"), []
+    headers = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    if not headers:
+        return Check("none", None, "no DKIM signature"), []
+    lookup = _KeyLookup(resolver)
+    signatures = []
+    for index, value in enumerate(headers[:limit]):
+        tags = _tags(value)
+        signature = Signature("neutral", _text(tags.get(b"d")), _text(tags.get(b"s")))
+        if resolver.remaining() <= 0:
+            signature.result, signature.note = "temperror", "DNS time budget exhausted"
+        else:
+            signature.result, signature.note = _verify_one(verifier, index, lookup)
+        signatures.append(signature)
+    verdict = min(signatures, key=lambda s: _RANK.index(s.result))
+    note = verdict.note
+    if len(headers) > limit:
+        note = f"{note}; {len(headers) - limit} more signatures not verified (limit {limit})".lstrip("; ")
+    return Check(verdict.result, verdict.domain or None, note), signatures
+
+
+def _verify_one(verifier: dkim.DKIM, index: int, lookup: _KeyLookup) -> tuple[str, str]:
+    try:
+        if verifier.verify(idx=index, dnsfunc=lookup):
+            return "pass", ""
+        if lookup.temporary:
+            return "temperror", lookup.temporary
+        if lookup.permanent:
+            return "permerror", lookup.permanent
+        return "fail", "signature did not verify"
+    except dkim.DnsTimeoutError as e:
+        return "temperror", str(e)
+    except dkim.ValidationError as e:
+        return "fail", str(e)
+    except dkim.DKIMException as e:
+        return "permerror", str(e)
+    except Exception as e:
+        return "permerror", f"signature cannot be checked: {type(e).__name__}"
+
+
+def _instance(seal: bytes) -> int:
+    value = _tags(seal).get(b"i", b"")
+    return int(value) if value.isdigit() and len(value) < 4 else 0
+
+
+def check_arc(message: bytes, resolver: BudgetResolver) -> Check:
+    """The chain's validation (pass, fail, none) and the domain of its newest seal."""
+    try:
+        verifier = dkim.ARC(message, minkey=1024)
+        seals = [value for name, value in verifier.headers if name.lower() == b"arc-seal"]
+        if not seals:
+            return Check("none", None, "")
+        if len(seals) > MAX_ARC_SETS:
+            return Check("fail", None, f"more than {MAX_ARC_SETS} ARC sets")
+        if resolver.remaining() <= 0:
+            return Check("temperror", None, "DNS time budget exhausted")
+        newest = max(seals, key=_instance)
+        domain = _text(_tags(newest).get(b"d")) or None
+        lookup = _KeyLookup(resolver)
+        cv, _, reason = verifier.verify(dnsfunc=lookup)
+    except dkim.DnsTimeoutError as e:
+        return Check("temperror", None, str(e))
+    except Exception as e:
+        return Check("fail", None, f"ARC chain cannot be checked: {type(e).__name__}: {e}")
+    result = _text(cv) or "fail"
+    if result == "fail" and lookup.temporary:
+        return Check("temperror", domain, lookup.temporary)
+    return Check(result, domain, "" if result == "pass" else _text(reason))

@@ -1,0 +1,108 @@
+"""
+DNS for the sender checks: one resolver, one time budget per message.
+
+The checks run in a parser worker with blocking lookups (pyspf and dkimpy
+are synchronous). Every lookup of one message draws on the same deadline, so
+a server that never answers costs the message C{budget} seconds at most and
+gives C{temperror}, never a stuck worker. Answers are cached for the life of
+the worker (dnspython's LRU cache, by TTL): a sender's records are asked once,
+not per message.
+"""
+
+import time
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+# Bigger TXT answers than this are no SPF, DKIM key or DMARC record anyone
+# publishes (a 4096-bit RSA key is about 800 bytes): refused unread.
+MAX_TXT_BYTES = 4096
+DEFAULT_BUDGET_SECONDS = 5.0
+
+
+class DnsTemporaryError(Exception):
+    """A timeout, SERVFAIL or an exhausted budget: the check's result is C{temperror}."""
+
+
+class DnsRecordTooLarge(Exception):
+    """A TXT answer above L{MAX_TXT_BYTES}: the check's result is C{permerror}."""
+
+
+def parse_resolver_address(text: str) -> tuple[str, int]:
+    """C{HOST[:PORT]} (an IPv6 address in brackets when a port follows) as (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError("no host")
+    try:
+        number = int(port) if port else 53
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    if not 0 < number < 65536:
+        raise ValueError("the port must be 1 to 65535")
+    return host, number
+
+
+_resolvers: dict[tuple, dns.resolver.Resolver] = {}
+
+
+def _resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
+    """One dnspython resolver (and its cache) per server, kept for the life of the worker."""
+    if address not in _resolvers:
+        if address is None:
+            resolver = dns.resolver.Resolver()
+        else:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [address[0]]
+            resolver.port = address[1]
+        resolver.cache = dns.resolver.LRUCache(4096)
+        _resolvers[address] = resolver
+    return _resolvers[address]
+
+
+class BudgetResolver:
+    """Lookups against C{address} (None: /etc/resolv.conf) until C{budget} seconds have passed."""
+
+    def __init__(self, address: tuple[str, int] | None, budget: float = DEFAULT_BUDGET_SECONDS, clock=time.monotonic):
+        self._resolver = _resolver(address)
+        self._clock = clock
+        self.deadline = clock() + budget
+
+    def remaining(self) -> float:
+        return self.deadline - self._clock()
+
+    def query(self, name: str, rdtype: str) -> list:
+        """The answer's records; [] for NXDOMAIN or no records of that type."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise DnsTemporaryError("DNS time budget exhausted")
+        try:
+            answer = self._resolver.resolve(
+                name, rdtype, lifetime=remaining, search=False, raise_on_no_answer=False
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.resolver.NoNameservers:
+            raise DnsTemporaryError(f"DNS server failure for {name}") from None
+        except dns.exception.Timeout:
+            raise DnsTemporaryError(f"DNS timeout for {name}") from None
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
+            return []  # a name nobody can publish at: nothing is published there
+        except dns.exception.DNSException as e:
+            raise DnsTemporaryError(f"DNS error for {name}: {type(e).__name__}") from None
+        return list(answer.rrset or ())
+
+    def txt(self, name: str) -> list[bytes]:
+        """Each TXT record's strings joined, as RFC 7208 and 6376 read them."""
+        records = [b"".join(record.strings) for record in self.query(name, "TXT")]
+        if sum(len(record) for record in records) > MAX_TXT_BYTES:
+            raise DnsRecordTooLarge(f"TXT records at {name} larger than {MAX_TXT_BYTES} bytes")
+        return records

@@ -1,0 +1,83 @@
+"""SPF (RFC 7208) with pyspf, its DNS asked through our L{BudgetResolver}."""
+
+import contextlib
+import ipaddress
+
+import spf
+
+from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
+from mailingest.verification.results import Check
+
+
+def _lookup(resolver: BudgetResolver):
+    """pyspf's DNSLookup signature: [((name, type), value)], TempError when DNS fails."""
+
+    def lookup(name, qtype, strict=True, timeout=None):
+        try:
+            if qtype in ("TXT", "SPF"):
+                return [((name, qtype), (record,)) for record in resolver.txt(name)]
+            answers = []
+            for record in resolver.query(name, qtype):
+                if qtype in ("A", "AAAA"):
+                    answers.append(((name, qtype), record.address))
+                elif qtype == "MX":
+                    answers.append(((name, qtype), (record.preference, record.exchange)))
+                elif qtype == "PTR":
+                    answers.append(((name, qtype), record.target.to_text(True)))
+            return answers
+        except DnsTemporaryError as e:
+            raise spf.TempError(str(e)) from None
+        except DnsRecordTooLarge as e:
+            raise spf.PermError(str(e)) from None
+
+    return lookup
+
+
+@contextlib.contextmanager
+def _dns_through(resolver: BudgetResolver):
+    """
+    pyspf has no resolver hook, only its module's C{DNSLookup}: it is ours for
+    one check (the worker checks one message at a time, on one thread).
+    """
+    original = spf.DNSLookup
+    spf.DNSLookup = _lookup(resolver)
+    try:
+        yield
+    finally:
+        spf.DNSLookup = original
+
+
+def client_ip(peer: str | None) -> str | None:
+    """The client address as SPF reads it (an IPv4-mapped IPv6 address as IPv4); None if not an IP."""
+    try:
+        address = ipaddress.ip_address((peer or "").strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def check_spf(peer: str | None, mail_from: str, helo: str, resolver: BudgetResolver) -> Check:
+    """
+    The MAIL FROM identity, or postmaster@HELO for the null sender
+    (RFC 7208 2.4). pyspf stops at 10 DNS-querying terms (permerror) and
+    follows includes only as far as that, so a loop ends there too.
+    """
+    sender = mail_from or (f"postmaster@{helo}" if helo else "")
+    domain = sender.rpartition("@")[2] or None
+    ip = client_ip(peer)
+    if ip is None:
+        return Check("none", domain, "no client IP address")
+    if not domain:
+        return Check("none", None, "no sender domain and no HELO name")
+    if resolver.remaining() <= 0:
+        return Check("temperror", domain, "DNS time budget exhausted")
+    try:
+        with _dns_through(resolver):
+            result, explanation = spf.check2(
+                i=ip, s=sender, h=helo or domain, timeout=max(resolver.remaining(), 0.001), querytime=0
+            )
+    except Exception as e:
+        return Check("permerror", domain, f"SPF check failed: {type(e).__name__}")
+    return Check(result, domain, explanation if result != "pass" else "")

@@ -1,0 +1,39 @@
+"""
+All the sender checks of one message, as the parser worker runs them: SPF,
+DKIM, ARC, then DMARC from their results, within one DNS time budget.
+"""
+
+from mailingest.verification.dkim_check import check_arc, check_dkim
+from mailingest.verification.dmarc import check_dmarc
+from mailingest.verification.resolver import BudgetResolver
+from mailingest.verification.results import Verdicts, authentication_results
+from mailingest.verification.spf_check import check_spf
+
+
+def verify_message(
+    message: bytes,
+    peer: str | None,
+    helo: str,
+    mail_from: str,
+    authserv_id: str,
+    resolver_address: tuple[str, int] | None,
+    budget: float,
+) -> Verdicts:
+    resolver = BudgetResolver(resolver_address, budget)
+    spf = check_spf(peer, mail_from, helo, resolver)
+    dkim, signatures = check_dkim(message, resolver)
+    arc = check_arc(message, resolver)
+    dmarc, policy = check_dmarc(message, spf, signatures, resolver)
+    verdicts = Verdicts(
+        spf=spf,
+        dkim=dkim,
+        dmarc=dmarc,
+        arc=arc,
+        signatures=signatures,
+        mail_from=mail_from,
+        helo=helo,
+        header_from=dmarc.domain,
+        dmarc_policy=policy,
+    )
+    verdicts.authentication_results = authentication_results(authserv_id, verdicts)
+    return verdicts

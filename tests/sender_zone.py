@@ -1,0 +1,95 @@
+"""
+The test zone and signed messages for the sender checks: a DKIM key made in
+the test (cryptography), SPF, DKIM key and DMARC records for the outcomes
+each check can have, and messages signed with dkimpy.
+"""
+
+import base64
+from functools import lru_cache
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.dns_server import Zone, txt
+
+# The sending server's address in the tests: SPF passes it for sender.example.
+GOOD_IP = "127.0.0.1"
+OTHER_IP = "192.0.2.1"
+
+
+@lru_cache(maxsize=1)
+def key_pair() -> tuple[bytes, str]:
+    """(PKCS#1 PEM private key for dkimpy, base64 public key for p=)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, base64.b64encode(public).decode("ascii")
+
+
+def dkim_key_record() -> str:
+    return "v=DKIM1; k=rsa; p=" + key_pair()[1]
+
+
+def includes(count: int) -> str:
+    return "v=spf1 " + " ".join(f"include:n{i}.many.example" for i in range(count)) + " -all"
+
+
+def zone(**extra) -> Zone:
+    """The sender domains of the tests; C{extra} is passed to L{Zone} (servfail, silent)."""
+    key = dkim_key_record()
+    records = {
+        # SPF
+        "sender.example": [txt("v=spf1 ip4:127.0.0.1 -all")],
+        "soft.example": [txt("v=spf1 ~all")],
+        "neutral.example": [txt("v=spf1 ?all")],
+        "loop.example": [txt("v=spf1 include:loop2.example -all")],
+        "loop2.example": [txt("v=spf1 include:loop.example -all")],
+        "many.example": [txt(includes(11))],
+        "helo.sender.example": [txt("v=spf1 ip4:127.0.0.1 -all")],
+        # DKIM keys
+        "sel._domainkey.sender.example": [txt(key)],
+        "sel._domainkey.forwarder.example": [txt(key)],
+        "sel._domainkey.bigkey.example": [txt("v=DKIM1; k=rsa; p=" + "A" * 6000)],
+        "sel._domainkey.badkey.example": [txt("v=DKIM1; k=rsa; p=notbase64!!")],
+        # DMARC
+        "_dmarc.sender.example": [txt("v=DMARC1; p=reject; sp=quarantine")],
+        "_dmarc.forwarder.example": [txt("v=DMARC1; p=none")],
+        "_dmarc.strict.example": [txt("v=DMARC1; p=reject; adkim=s; aspf=s")],
+        "strict.example": [txt("v=spf1 ip4:127.0.0.1 -all")],
+        "_dmarc.badpolicy.example": [txt("v=DMARC1; p=maybe")],
+    }
+    for i in range(11):
+        records[f"n{i}.many.example"] = [txt("v=spf1 ip4:198.51.100.1 -all")]
+    return Zone(records, **extra)
+
+
+def message(from_domain: str = "sender.example", body: bytes = b"Please find our order.\r\n", extra: bytes = b"") -> bytes:
+    return (
+        b"From: Buyer <buyer@" + from_domain.encode() + b">\r\n"
+        b"To: orders+acme@ingest.test\r\n"
+        b"Subject: Order 1\r\n"
+        b"Message-ID: <order-1@" + from_domain.encode() + b">\r\n"
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+def signed(text: bytes, domain: str = "sender.example", selector: str = "sel") -> bytes:
+    signature = dkim.sign(
+        text, selector.encode(), domain.encode(), key_pair()[0], include_headers=[b"from", b"to", b"subject", b"message-id"]
+    )
+    return signature + text
+
+
+def arc_forwarded(text: bytes, forwarder: str = "forwarder.example") -> bytes:
+    """C{text} as a list or forwarder passes it on: its footer breaks the DKIM signature, its ARC set vouches for it."""
+    separator = text.index(b"\r\n\r\n")
+    forwarded = text[:separator] + text[separator:] + b"-- \r\nsent through the list\r\n"
+    results = f"Authentication-Results: {forwarder}; dkim=pass header.d=sender.example; spf=pass; dmarc=pass\r\n".encode()
+    forwarded = results + forwarded
+    arc_set = dkim.arc_sign(forwarded, b"sel", forwarder.encode(), key_pair()[0], forwarder.encode())
+    return b"".join(arc_set) + forwarded

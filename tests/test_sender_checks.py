@@ -1,0 +1,110 @@
+"""
+Sender checks end to end: a daemon on 127.0.0.1 whose parser workers ask a
+real DNS server (Twisted Names, L{tests.sender_zone}) through
+C{--dns-resolver}; verdicts recorded after the 250, a sender policy
+quarantining a message, and the admin command releasing it.
+"""
+
+import json
+from email.message import EmailMessage
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from tests import sender_zone
+from tests.daemon import RunningDaemon, mailingest_cli, temp_dir
+from tests.dns_server import DnsServer
+from tests.sender_zone import signed
+
+
+def order(from_domain: str = "sender.example") -> bytes:
+    """A signed purchase order with one CSV attachment."""
+    mail = EmailMessage()
+    mail["From"] = f"Buyer <buyer@{from_domain}>"
+    mail["To"] = "orders+acme@example.com"
+    mail["Subject"] = "Order 7"
+    mail["Message-ID"] = f"<order-7@{from_domain}>"
+    mail.set_content("Please find our order.\n")
+    mail.add_attachment(b"item,qty\nwidget,12\n", maintype="text", subtype="csv", filename="order.csv")
+    return signed(mail.as_bytes(policy=mail.policy.clone(linesep="\r\n")), domain=from_domain)
+
+
+class SenderChecksTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = DnsServer(sender_zone.zone(silent=["quiet.example", "_dmarc.quiet.example", "sel._domainkey.quiet.example"]))
+        self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.directory = temp_dir(self)
+        self.daemon = RunningDaemon(self.directory, dns_resolver=self.dns.spec, dns_budget="1")
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        yield self.daemon.store.add_org("acme", "Acme Corp")
+
+    @defer.inlineCallbacks
+    def deliver(self, text: bytes, mail_from: str = "bounce@sender.example") -> dict:
+        code, reply = yield self.daemon.send(text, ["orders+acme@example.com"], mail_from=mail_from)
+        self.assertEqual(code, 250, reply)
+        message_id = int(reply.decode().rsplit(" ", 1)[1])
+        return (yield self.daemon.settled(message_id))
+
+    def cli(self, *args: str) -> defer.Deferred:
+        database = "--database=" + self.daemon.settings["database"]
+        storage = "--storage=" + self.daemon.settings["storage"]
+        return threads.deferToThread(mailingest_cli, self.directory, database, storage, *args)
+
+    @defer.inlineCallbacks
+    def test_verdicts_recorded_with_the_smtp_facts(self):
+        row = yield self.deliver(order())
+        self.assertEqual(row["status"], "parsed")
+        self.assertEqual(
+            (row["client_ip"], row["helo"], row["tls"]), ("127.0.0.1", "customer.test", None)
+        )
+        self.assertEqual(
+            (row["spf"], row["spf_domain"], row["dkim"], row["dkim_domain"], row["dmarc"], row["dmarc_domain"], row["arc"]),
+            ("pass", "sender.example", "pass", "sender.example", "pass", "sender.example", "none"),
+        )
+        self.assertEqual(row["dmarc_policy"], "reject")
+        self.assertTrue(row["authentication_results"].startswith("mx.test; spf=pass smtp.mailfrom=bounce@sender.example;"))
+        raw = yield self.cli("messages", "raw", str(row["id"]))
+        self.assertNotIn(b"Authentication-Results", raw.stdout, "the stored raw message is not changed")
+        shown = yield self.cli("messages", "show", str(row["id"]))
+        self.assertIn(b"dmarc:", shown.stdout)
+        self.assertIn(b"authentication_results: mx.test; spf=pass", shown.stdout)
+
+    @defer.inlineCallbacks
+    def test_dns_never_answering_gives_temperror_and_the_worker_stays_healthy(self):
+        slow = yield self.deliver(order("quiet.example"), mail_from="b@quiet.example")
+        self.assertEqual((slow["status"], slow["spf"], slow["dkim"], slow["dmarc"]), ("parsed", "temperror", "temperror", "temperror"))
+        after = yield self.deliver(order())
+        self.assertEqual((after["status"], after["dmarc"]), ("parsed", "pass"))
+
+    @defer.inlineCallbacks
+    def test_quarantined_message_released_and_extracted_once(self):
+        policy = yield self.cli("org", "policy", "acme", "--allow-domain", "customer.example", "--require", "dmarc")
+        self.assertEqual(policy.returncode, 0, policy.stderr)
+        self.assertIn(b"from: customer.example; require: dmarc", policy.stdout)
+        row = yield self.deliver(order())
+        self.assertEqual(row["status"], "quarantined")
+        self.assertEqual(row["quarantine_reason"], "From: domain sender.example is not allowed (allowed: customer.example)")
+        self.assertEqual(row["dmarc"], "pass", "verdicts are kept with the quarantine")
+        self.assertEqual((yield self.daemon.store.list_documents(message_id=row["id"])), [])
+        listed = yield self.cli("messages", "list", "--status", "quarantined")
+        self.assertIn(b"From: domain sender.example is not allowed", listed.stdout)
+        released = yield self.cli("release", str(row["id"]))
+        self.assertEqual(released.returncode, 0, released.stderr)
+        self.assertIn(f"released message {row['id']}".encode(), released.stdout)
+        row = yield self.daemon.settled(row["id"])
+        self.assertEqual(row["status"], "parsed")
+        documents = yield self.daemon.store.list_documents(message_id=row["id"])
+        self.assertEqual([d["filename"] for d in documents], ["order.csv"])
+        again = yield self.cli("release", str(row["id"]))
+        self.assertEqual(again.returncode, 1)
+        self.assertIn(b"is parsed, not quarantined", again.stderr)
+        shown = yield self.cli("messages", "show", "--json", str(row["id"]))
+        self.assertEqual(len(json.loads(shown.stdout)["documents"]), 1)
+
+    @defer.inlineCallbacks
+    def test_default_policy_quarantines_nothing(self):
+        row = yield self.deliver(order("quiet.example"), mail_from="b@quiet.example")
+        self.assertEqual(row["status"], "parsed")

@@ -1,0 +1,316 @@
+"""
+The sender checks against a real DNS server on 127.0.0.1 (Twisted Names,
+the zone of L{tests.sender_zone}). The checks use blocking DNS, as in the
+parser worker, so they run in a thread while the reactor serves the zone.
+"""
+
+import dkim
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from mailingest.verification.dkim_check import check_arc, check_dkim
+from mailingest.verification.dmarc import check_dmarc, organisational_domain
+from mailingest.verification.policy import SenderPolicy, violation
+from mailingest.verification.resolver import BudgetResolver, parse_resolver_address
+from mailingest.verification.results import Check
+from mailingest.verification.spf_check import check_spf
+from mailingest.verification.verify import verify_message
+from tests import sender_zone
+from tests.dns_server import DnsServer
+from tests.sender_zone import GOOD_IP, OTHER_IP, arc_forwarded, message, signed
+
+SILENT = ["quiet.example", "sel._domainkey.quiet.example", "_dmarc.quiet.example"]
+SERVFAIL = ["broken.example", "sel._domainkey.broken.example", "_dmarc.broken.example"]
+
+
+class ZoneTestCase(unittest.TestCase):
+    budget = 5.0
+
+    def setUp(self):
+        self.server = DnsServer(sender_zone.zone(silent=SILENT, servfail=SERVFAIL))
+        self.address = self.server.start()
+        self.addCleanup(self.server.stop)
+
+    def resolver(self, budget=None) -> BudgetResolver:
+        return BudgetResolver(self.address, self.budget if budget is None else budget)
+
+    def run_check(self, fn, *args, budget=None):
+        """C{fn(*args, resolver)} in a thread, so the reactor can answer its lookups."""
+        return threads.deferToThread(lambda: fn(*args, self.resolver(budget)))
+
+
+class SpfTests(ZoneTestCase):
+    @defer.inlineCallbacks
+    def assertSpf(self, expected, mail_from, ip=GOOD_IP, helo="mx.sender.example", budget=None):
+        check = yield self.run_check(check_spf, ip, mail_from, helo, budget=budget)
+        self.assertEqual(check.result, expected, check)
+        return check
+
+    @defer.inlineCallbacks
+    def test_pass(self):
+        check = yield self.assertSpf("pass", "buyer@sender.example")
+        self.assertEqual(check.domain, "sender.example")
+
+    def test_pass_ipv4_mapped(self):
+        return self.assertSpf("pass", "buyer@sender.example", ip="::ffff:127.0.0.1")
+
+    def test_fail(self):
+        return self.assertSpf("fail", "buyer@sender.example", ip=OTHER_IP)
+
+    def test_softfail(self):
+        return self.assertSpf("softfail", "buyer@soft.example")
+
+    def test_neutral(self):
+        return self.assertSpf("neutral", "buyer@neutral.example")
+
+    def test_none(self):
+        return self.assertSpf("none", "buyer@nospf.example")
+
+    @defer.inlineCallbacks
+    def test_null_sender_checks_helo(self):
+        check = yield self.assertSpf("pass", "", helo="helo.sender.example")
+        self.assertEqual(check.domain, "helo.sender.example")
+
+    def test_temperror_no_answer(self):
+        return self.assertSpf("temperror", "buyer@quiet.example", budget=0.5)
+
+    def test_temperror_servfail(self):
+        return self.assertSpf("temperror", "buyer@broken.example")
+
+    def test_permerror_include_loop(self):
+        return self.assertSpf("permerror", "buyer@loop.example")
+
+    @defer.inlineCallbacks
+    def test_permerror_more_than_ten_lookups(self):
+        check = yield self.assertSpf("permerror", "buyer@many.example")
+        self.assertIn("Too many DNS lookups", check.note)
+
+    def test_no_client_address(self):
+        return self.assertSpf("none", "buyer@sender.example", ip="local")
+
+
+class DkimTests(ZoneTestCase):
+    @defer.inlineCallbacks
+    def assertDkim(self, expected, text, budget=None):
+        check, signatures = yield self.run_check(check_dkim, text, budget=budget)
+        self.assertEqual(check.result, expected, (check, signatures))
+        return check, signatures
+
+    @defer.inlineCallbacks
+    def test_pass(self):
+        check, signatures = yield self.assertDkim("pass", signed(message()))
+        self.assertEqual(check.domain, "sender.example")
+        self.assertEqual([(s.domain, s.selector) for s in signatures], [("sender.example", "sel")])
+
+    def test_fail_body_changed(self):
+        text = signed(message()).replace(b"Please", b"Kindly")
+        return self.assertDkim("fail", text)
+
+    def test_none_unsigned(self):
+        return self.assertDkim("none", message())
+
+    def test_temperror_key_not_answered(self):
+        return self.assertDkim("temperror", signed(message(), domain="quiet.example"), budget=0.5)
+
+    def test_temperror_servfail(self):
+        return self.assertDkim("temperror", signed(message(), domain="broken.example"))
+
+    def test_permerror_no_key(self):
+        return self.assertDkim("permerror", signed(message(), domain="nokey.example"))
+
+    def test_permerror_bad_key(self):
+        return self.assertDkim("permerror", signed(message(), domain="badkey.example"))
+
+    @defer.inlineCallbacks
+    def test_permerror_absurd_key_record(self):
+        check, _ = yield self.assertDkim("permerror", signed(message(), domain="bigkey.example"))
+        self.assertIn("larger than", check.note)
+
+    @defer.inlineCallbacks
+    def test_fifty_signatures_ten_verified(self):
+        """Each signature hashes the body again: only the first ten are verified, the rest noted."""
+        text = signed(message())
+        for _ in range(50):
+            text = signed(text, domain="nokey.example")
+        check, signatures = yield self.assertDkim("permerror", text)
+        self.assertEqual(len(signatures), 10)
+        self.assertIn("41 more signatures not verified (limit 10)", check.note)
+
+    def test_any_pass_wins(self):
+        return self.assertDkim("pass", signed(signed(message(), domain="nokey.example")))
+
+
+class ArcTests(ZoneTestCase):
+    @defer.inlineCallbacks
+    def test_forwarded_with_valid_chain(self):
+        text = arc_forwarded(signed(message()))
+        arc = yield self.run_check(check_arc, text)
+        self.assertEqual((arc.result, arc.domain), ("pass", "forwarder.example"), arc)
+        dkim_check, _ = yield self.run_check(check_dkim, text)
+        self.assertEqual(dkim_check.result, "fail", "the footer broke the original signature")
+
+    @defer.inlineCallbacks
+    def test_tampered_chain_fails(self):
+        text = arc_forwarded(signed(message())).replace(b"sent through the list", b"sent through a thief")
+        arc = yield self.run_check(check_arc, text)
+        self.assertEqual(arc.result, "fail")
+
+    @defer.inlineCallbacks
+    def test_none(self):
+        arc = yield self.run_check(check_arc, signed(message()))
+        self.assertEqual(arc.result, "none")
+
+    @defer.inlineCallbacks
+    def test_temperror(self):
+        text = arc_forwarded(signed(message()), forwarder="quiet.example")
+        arc = yield self.run_check(check_arc, text, budget=0.5)
+        self.assertEqual(arc.result, "temperror", arc)
+
+
+class DmarcTests(ZoneTestCase):
+    @defer.inlineCallbacks
+    def dmarc(self, text, ip=GOOD_IP, mail_from="bounce@sender.example", budget=None):
+        def run(resolver):
+            spf = check_spf(ip, mail_from, "mx.sender.example", resolver)
+            _, signatures = check_dkim(text, resolver)
+            return check_dmarc(text, spf, signatures, resolver)
+
+        return (yield threads.deferToThread(run, self.resolver(budget)))
+
+    @defer.inlineCallbacks
+    def test_pass_aligned_dkim_only(self):
+        check, policy = yield self.dmarc(signed(message()), ip=OTHER_IP)
+        self.assertEqual((check.result, check.domain, policy), ("pass", "sender.example", "reject"))
+        self.assertEqual(check.note, "aligned DKIM pass")
+
+    @defer.inlineCallbacks
+    def test_pass_aligned_spf_only(self):
+        check, policy = yield self.dmarc(message())
+        self.assertEqual((check.result, policy), ("pass", "reject"))
+        self.assertEqual(check.note, "aligned SPF pass")
+
+    @defer.inlineCallbacks
+    def test_fail_neither_aligned(self):
+        """SPF passes for another domain, DKIM signs for another domain: a forged From:."""
+        check, policy = yield self.dmarc(signed(message(), domain="forwarder.example"), mail_from="x@strict.example")
+        self.assertEqual((check.result, policy), ("fail", "reject"))
+
+    @defer.inlineCallbacks
+    def test_subdomain_uses_organisational_record(self):
+        check, policy = yield self.dmarc(message(from_domain="orders.sender.example"), ip=OTHER_IP)
+        self.assertEqual((check.result, check.domain, policy), ("fail", "orders.sender.example", "quarantine"))
+
+    @defer.inlineCallbacks
+    def test_relaxed_alignment_subdomain_passes(self):
+        check, _ = yield self.dmarc(message(from_domain="orders.sender.example"))
+        self.assertEqual(check.result, "pass")
+
+    @defer.inlineCallbacks
+    def test_strict_alignment(self):
+        check, _ = yield self.dmarc(message(from_domain="orders.strict.example"), mail_from="b@strict.example")
+        self.assertEqual(check.result, "fail")
+
+    @defer.inlineCallbacks
+    def test_none_without_record(self):
+        check, policy = yield self.dmarc(message(from_domain="nospf.example"))
+        self.assertEqual((check.result, policy), ("none", None))
+
+    @defer.inlineCallbacks
+    def test_temperror(self):
+        check, _ = yield self.dmarc(message(from_domain="quiet.example"), mail_from="b@sender.example", budget=0.5)
+        self.assertEqual(check.result, "temperror")
+
+    @defer.inlineCallbacks
+    def test_permerror_invalid_policy(self):
+        check, _ = yield self.dmarc(message(from_domain="badpolicy.example"))
+        self.assertEqual(check.result, "permerror")
+
+    @defer.inlineCallbacks
+    def test_permerror_several_from_domains(self):
+        text = message(extra=b"From: other@forwarder.example\r\n")
+        check, _ = yield self.dmarc(text)
+        self.assertEqual(check.result, "permerror")
+
+    def test_organisational_domain(self):
+        self.assertEqual(organisational_domain("mail.customer.co.uk"), "customer.co.uk")
+        self.assertEqual(organisational_domain("a.b.sender.example"), "sender.example")
+
+
+class VerifyMessageTests(ZoneTestCase):
+    @defer.inlineCallbacks
+    def test_authentication_results(self):
+        text = signed(message())
+        verdicts = yield threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx.sender.example", "bounce@sender.example", "mx.ingest.test", self.address, 5.0
+        )
+        self.assertEqual(
+            verdicts.authentication_results,
+            "mx.ingest.test; spf=pass smtp.mailfrom=bounce@sender.example;"
+            " dkim=pass header.d=sender.example header.s=sel;"
+            " dmarc=pass reason=\"aligned DKIM pass\" header.from=sender.example policy.dmarc=reject; arc=none",
+        )
+        self.assertEqual(verdicts.header_from, "sender.example")
+
+    @defer.inlineCallbacks
+    def test_server_never_answers_whole_message_bounded(self):
+        """Every check of a message whose DNS never answers: temperror, within the one budget."""
+        text = signed(message(from_domain="quiet.example"), domain="quiet.example")
+        verdicts = yield threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx", "b@quiet.example", "mx.ingest.test", self.address, 0.5
+        )
+        self.assertEqual(
+            [verdicts.spf.result, verdicts.dkim.result, verdicts.dmarc.result], ["temperror"] * 3
+        )
+
+    def test_hostile_domains_kept_out_of_header_syntax(self):
+        text = signed(message())
+        text = text.replace(b"d=sender.example", b"d=evil; dmarc=pass")
+        verdicts = verify_message(text, None, "", "", "mx", ("127.0.0.1", 9), 0.01)
+        self.assertNotIn("dmarc=pass", verdicts.authentication_results.split("dkim=")[1].split(";")[0])
+
+
+class PolicyTests(unittest.TestCase):
+    def verdicts(self, **checks):
+        from mailingest.verification.results import Signature, Verdicts
+
+        base = dict(spf=Check("none"), dkim=Check("none"), dmarc=Check("none"), arc=Check("none"))
+        base.update(checks)
+        signatures = [Signature("pass", checks["dkim"].domain, "s")] if "dkim" in checks and checks["dkim"].result == "pass" else []
+        return Verdicts(**base, signatures=signatures, header_from="customer.example")
+
+    def test_default_allows_everything(self):
+        self.assertTrue(SenderPolicy().is_default)
+        self.assertIsNone(violation(SenderPolicy(), self.verdicts()))
+
+    def test_domain_not_allowed(self):
+        kind, reason = violation(SenderPolicy(("other.example",)), self.verdicts())
+        self.assertEqual(kind, "domain")
+        self.assertEqual(reason, "From: domain customer.example is not allowed (allowed: other.example)")
+
+    def test_subdomain_of_allowed(self):
+        self.assertIsNone(violation(SenderPolicy(("example",)), self.verdicts()))
+
+    def test_require_dmarc(self):
+        policy = SenderPolicy((), "dmarc")
+        self.assertIn("DMARC did not pass", violation(policy, self.verdicts(dmarc=Check("fail", "customer.example", "x"))).reason)
+        self.assertIsNone(violation(policy, self.verdicts(dmarc=Check("pass", "customer.example"))))
+
+    def test_require_dkim_aligned(self):
+        policy = SenderPolicy((), "dkim")
+        self.assertIn("no DKIM pass", violation(policy, self.verdicts(dkim=Check("pass", "attacker.example"))).reason)
+        self.assertIsNone(violation(policy, self.verdicts(dkim=Check("pass", "mail.customer.example"))))
+
+    def test_require_spf_aligned(self):
+        policy = SenderPolicy((), "spf")
+        self.assertIn("no SPF pass", violation(policy, self.verdicts(spf=Check("pass", "attacker.example"))).reason)
+        self.assertIsNone(violation(policy, self.verdicts(spf=Check("pass", "customer.example"))))
+
+
+class ResolverAddressTests(unittest.TestCase):
+    def test_forms(self):
+        self.assertEqual(parse_resolver_address("10.0.0.2"), ("10.0.0.2", 53))
+        self.assertEqual(parse_resolver_address("127.0.0.1:5353"), ("127.0.0.1", 5353))
+        self.assertEqual(parse_resolver_address("[::1]:5353"), ("::1", 5353))
+        self.assertEqual(parse_resolver_address("::1"), ("::1", 53))
+        for bad in ("", "host:x", "host:0", "[::1]:99999"):
+            self.assertRaises(ValueError, parse_resolver_address, bad)
