@@ -27,3 +27,7 @@ class BlobNotFound(MailingestError):
 
 class StorageError(MailingestError):
     """Object storage failed; the operation may succeed if retried later."""
+
+
+class NoSuchEvent(MailingestError):
+    """No webhook event has this id."""

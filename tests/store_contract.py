@@ -153,7 +153,9 @@ class StoreContract:
 
         yield engine.interaction(migrate_as_before)
         former = Store(engine)
-        self.assertEqual((yield former.migrate()), [])
+        taken = {int(name.split("_")[0]) for name in os.listdir(os.path.join(FORMER_SCHEMA, self.former_schema))}
+        newer = [version for version, _, _ in migrations(engine) if version not in taken]
+        self.assertEqual((yield former.migrate()), newer)
         self.assertEqual(
             (yield engine.interaction(self.describe_schema)),
             (yield self.store.engine.interaction(self.describe_schema)),
