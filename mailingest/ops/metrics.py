@@ -68,3 +68,12 @@ MESSAGE_ID_COLLISIONS = Counter(
     "mailingest_message_id_collisions_total",
     "Messages stored under a suffixed Message-ID because a different message already held theirs.",
 )
+WEBHOOK_DELIVERIES = Counter(
+    "mailingest_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome (delivered, retry, dead).",
+    ["outcome"],
+)
+WEBHOOK_OUTBOX_DEPTH = Gauge(
+    "mailingest_webhook_outbox_depth",
+    "Webhook events pending delivery.",
+)
