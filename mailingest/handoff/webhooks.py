@@ -21,7 +21,7 @@ from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseNeverReceived
 
 from mailingest.handoff.events import as_datetime, event_body, signature_headers
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
@@ -205,9 +205,15 @@ class WebhookService(service.Service):
         body = event_body(event, self.api_url)
         headers = {"Content-Type": "application/json", "User-Agent": "mailingest"}
         headers.update(signature_headers(event["secret"], event["event_id"], body, datetime.now(timezone.utc)))
-        response = await self._client.post(
-            event["url"], data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-        )
+
+        def post() -> defer.Deferred:
+            return self._client.post(event["url"], data=body, headers=headers, timeout=self.timeout, allow_redirects=False)
+
+        try:
+            response = await post()
+        except ResponseNeverReceived:
+            # Most often a kept-alive connection the receiver had closed: once more, on a new one.
+            response = await post()
         discard = _Discard()
         reading = treq.collect(response, discard)
         reading.addTimeout(self.timeout, self.reactor)
