@@ -31,3 +31,7 @@ class StorageError(MailingestError):
 
 class NotQuarantined(MailingestError):
     """C{release} of a message that is not quarantined."""
+
+
+class NoSuchEvent(MailingestError):
+    """No webhook event has this id."""

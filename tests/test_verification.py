@@ -4,7 +4,6 @@ the zone of L{tests.sender_zone}). The checks use blocking DNS, as in the
 parser worker, so they run in a thread while the reactor serves the zone.
 """
 
-import dkim
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 

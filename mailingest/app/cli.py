@@ -27,12 +27,15 @@ from mailingest import __version__
 from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.handoff.api import new_token, token_hash
+from mailingest.handoff.events import check_secret, new_secret
+from mailingest.handoff.targets import TargetPolicy, check_target
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.blobs import open_blobs
-from mailingest.storage.store import open_store
+from mailingest.storage.store import EVENT_STATUSES, open_store
 from mailingest.storage.urls import sqlite_path
 from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
 
@@ -54,6 +57,7 @@ QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
+EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
 
 
@@ -402,6 +406,47 @@ async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
     )
 
 
+async def cmd_org_webhook(session: Session, args: argparse.Namespace) -> None:
+    """The daemon's target policy (same environment and file) decides which URLs are allowed."""
+    if args.remove:
+        removed = await session.store.remove_webhook(args.slug)
+        print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
+        return
+    daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
+    await check_target(TargetPolicy(daemon["webhook_allow_http"], daemon["webhook_allow_private"]), args.url)
+    if args.secret_file:
+        with open(args.secret_file, encoding="utf-8") as f:
+            secret = check_secret(f.readline())
+    else:
+        secret = new_secret()
+    await session.store.set_webhook(args.slug, args.url, secret)
+    print(f"webhook of {args.slug.lower()}: {args.url}")
+    if not args.secret_file:
+        print(f"signing secret (shown once, give it to the receiver): {secret}")
+
+
+async def cmd_org_token(session: Session, args: argparse.Namespace) -> None:
+    if args.revoke:
+        count = await session.store.revoke_tokens(args.slug)
+        print(f"revoked {count} API token(s) of {args.slug.lower()}")
+        return
+    token = new_token()
+    await session.store.add_token(args.slug, token_hash(token))
+    print(f"API token of {args.slug.lower()} (shown once, only its hash is kept):")
+    print(token)
+
+
+async def cmd_events_list(session: Session, args: argparse.Namespace) -> None:
+    await session.require_org(args.org)
+    rows = await session.store.list_events(org_slug=args.org, status=args.status, limit=args.limit)
+    print(to_json(rows) if args.json else table(rows, EVENT_TABLE))
+
+
+async def cmd_events_redeliver(session: Session, args: argparse.Namespace) -> None:
+    row = await session.store.redeliver(args.id)
+    print(f"event {row['id']} ({row['event_id']}) queued for delivery again")
+
+
 def cmd_send_test(args: argparse.Namespace) -> int:
     """Plain blocking SMTP: no database, no reactor."""
     attachments = [send_test.Attachment.load(path) for path in args.attach]
@@ -447,6 +492,14 @@ def _command(subparsers, name: str, help: str, handler: Callable) -> argparse.Ar
     return parser
 
 
+def _listing(subparsers, help: str, handler: Callable, statuses: Sequence[str], what: str) -> None:
+    listing = _command(subparsers, "list", help, handler)
+    listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
+    listing.add_argument("--status", choices=statuses, help=f"only {what} in this status")
+    listing.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="at most N [default: 50]")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -488,13 +541,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--require", choices=REQUIREMENTS,
         help="the check that must pass: dmarc, dkim or spf (aligned with From:), or none",
     )
+    webhook = _command(org, "webhook", "set (or --remove) the URL an organisation's events are POSTed to", cmd_org_webhook)
+    webhook.add_argument("slug", metavar="SLUG")
+    webhook.add_argument("--url", metavar="URL", help="https:// URL of the application's receiver")
+    webhook.add_argument("--secret-file", metavar="FILE", help="whsec_ signing secret to use [default: a new one, printed once]")
+    webhook.add_argument("--remove", action="store_true", help="stop sending this organisation's events")
+    token = _command(org, "token", "create (printed once) or revoke an organisation's API tokens", cmd_org_token)
+    token.add_argument("slug", metavar="SLUG")
+    token.add_argument("--create", action="store_true", help="create a token")
+    token.add_argument("--revoke", action="store_true", help="revoke all the organisation's tokens")
+
+    events = _group(commands, "events", "inspect and redeliver webhook events")
+    _listing(events, "list webhook events, newest first", cmd_events_list, EVENT_STATUSES, "events")
+    redeliver = _command(events, "redeliver", "send an event again now, with a fresh retry horizon", cmd_events_redeliver)
+    redeliver.add_argument("id", type=int, metavar="ID")
 
     messages = _group(commands, "messages", "inspect inbound messages")
-    listing = _command(messages, "list", "list messages, newest first", cmd_messages_list)
-    listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
-    listing.add_argument("--status", choices=STATUSES, help="only messages in this status")
-    listing.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="at most N [default: 50]")
-    listing.add_argument("--json", action="store_true", help="print JSON")
+    _listing(messages, "list messages, newest first", cmd_messages_list, STATUSES, "messages")
     show = _command(messages, "show", "one message: headers, status, error, documents", cmd_messages_show)
     show.add_argument("id", type=int, metavar="ID")
     show.add_argument("--json", action="store_true", help="print JSON")
@@ -550,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
         parser.error("org policy: --allow-domain or --any-domain, not both")
+    if args.command == "org" and args.org_command == "webhook" and args.remove == bool(args.url):
+        parser.error("org webhook: give --url or --remove")
+    if args.command == "org" and args.org_command == "token" and args.create == args.revoke:
+        parser.error("org token: give --create or --revoke")
     if args.command == "reprocess":
         if args.id is None and not args.failed:
             parser.error("reprocess: give a message ID or --failed")

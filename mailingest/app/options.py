@@ -62,6 +62,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def boolean(text: str) -> bool:
+    """A yes/no setting from the environment or the config file (on the command line: a flag)."""
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}.get(text.lower())
+    if value is None:
+        raise ValueError("must be yes or no")
+    return value
+
+
 def _worker_memory(text: str) -> int:
     """Bytes of address space for a parser worker: below 64 MiB, Python itself cannot start."""
     value = int(text)
@@ -79,6 +87,7 @@ class Option:
     repeatable: bool = False
     secret: bool = False
     metavar: str = "VALUE"
+    flag: bool = False
 
     @property
     def env(self) -> str:
@@ -115,6 +124,12 @@ DAEMON_OPTIONS = (
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
     Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", parse_resolver_address, metavar="HOST[:PORT]"),
     Option("dns-budget", 5.0, "seconds of DNS lookups the sender checks of one message may take; past it a check gives temperror", positive_float, metavar="SECONDS"),
+    Option("api", "none", "JSON API endpoint (e.g. tcp:8026:interface=127.0.0.1 or ssl:...), or 'none'", metavar="ENDPOINT"),
+    Option("api-admin-token-file", None, "file holding the API's admin token, which sees every organisation [default: no admin token]", metavar="FILE"),
+    Option("api-public-url", None, "the API's base URL as the application reaches it, for the document URLs in webhooks [default: paths only]", metavar="URL"),
+    Option("webhook-allow-http", False, "allow plain http:// webhook URLs", boolean, flag=True),
+    Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
+    Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
 )
 
 STORAGE_OPTIONS = (

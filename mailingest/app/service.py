@@ -22,6 +22,9 @@ from mailingest.delivery.ingest import Ingest
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction.service import ExtractionService
+from mailingest.handoff.api import make_api_site, read_admin_token
+from mailingest.handoff.targets import TargetPolicy
+from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -319,6 +322,20 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     )
     extraction.setServiceParent(daemon.serving)
     ingest.on_stored.append(extraction.wake)
+    webhooks = WebhookService(
+        store,
+        TargetPolicy(settings["webhook_allow_http"], settings["webhook_allow_private"]),
+        reactor,
+        horizon=settings["webhook_retry_horizon"],
+        api_url=settings["api_public_url"],
+    )
+    webhooks.setServiceParent(daemon.serving)
+    daemon.webhooks = webhooks
+    daemon.api_listener = None
+    if settings["api"] != "none":
+        site = make_api_site(store, blobs, read_admin_token(settings["api_admin_token_file"]), settings["api_public_url"])
+        daemon.api_listener = make_listener(reactor, settings["api"], site, "API")
+        daemon.api_listener.setServiceParent(daemon.serving)
     if settings["gc_interval"]:
         min_age = check_min_age(settings["gc_min_age"], settings)
         GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon.serving)

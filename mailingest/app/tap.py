@@ -16,18 +16,21 @@ from mailingest.ops.logs import install_twistd_logger
 
 
 def _option_tables():
-    parameters, handlers = [], {}
+    parameters, handlers, flags = [], {}, []
     for option in ALL_OPTIONS:
         if option.repeatable:
             handlers[option.key] = option
             continue
+        if option.flag:
+            flags.append([option.name, None, option.help])
+            continue
         shown = option.default
         doc = option.help + ("" if shown is None else f" [default: {shown}]")
         parameters.append([option.name, None, None, doc])
-    return parameters, handlers
+    return parameters, handlers, flags
 
 
-_PARAMETERS, _REPEATABLE = _option_tables()
+_PARAMETERS, _REPEATABLE, _FLAGS = _option_tables()
 
 
 class Options(usage.Options):
@@ -39,6 +42,7 @@ class Options(usage.Options):
         "then the file."
     )
     optParameters = [["config", "c", None, "INI file with a [mailingest] section"]] + _PARAMETERS
+    optFlags = _FLAGS
 
     def __init__(self):
         super().__init__()
@@ -63,6 +67,9 @@ class Options(usage.Options):
 
     def postOptions(self):
         given = {k.replace("-", "_"): v for k, v in self.items()}
+        for flag in _FLAGS:
+            # An absent flag is not given: the environment or the file may still set it.
+            given[flag[0].replace("-", "_")] = True if given.get(flag[0].replace("-", "_")) else None
         try:
             self.settings = resolve(ALL_OPTIONS, given, os.environ, self["config"])
         except ConfigError as e:

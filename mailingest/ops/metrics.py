@@ -78,3 +78,12 @@ QUARANTINES = Counter(
     "Messages quarantined by their organisation's sender policy, by the rule broken (domain, dmarc, dkim, spf).",
     ["reason"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "mailingest_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome (delivered, retry, dead).",
+    ["outcome"],
+)
+WEBHOOK_OUTBOX_DEPTH = Gauge(
+    "mailingest_webhook_outbox_depth",
+    "Webhook events pending delivery.",
+)

@@ -8,12 +8,13 @@ databases spell differently.
 
 import importlib.resources
 import re
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
+from mailingest.errors import NoSuchEvent, NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
 from mailingest.storage.engines import Engine, create_engine
 from mailingest.storage.group_commit import GroupCommit
 from mailingest.interfaces import Collision, Duplicate, IStore
@@ -57,6 +58,25 @@ KEY_BATCH = 500
 
 # Other daemons sharing the database are told of new messages on this channel.
 RECEIVED_CHANNEL = "mailingest_received"
+# ... and of new webhook events on this one.
+EVENTS_CHANNEL = "mailingest_events"
+
+# The message statuses that raise a webhook event, and the event's type.
+EVENT_TYPES = {
+    "parsed": "message.parsed",
+    "failed": "message.failed",
+    "quarantined": "message.quarantined",
+}
+EVENT_STATUSES = ("pending", "delivered", "dead")
+EVENT_COLUMNS = (
+    "id, event_id, event_type, org_id, inbound_message_id, message_status, message_error,"
+    " status, attempts, last_status, last_error, created_at, retry_from, next_attempt_at, delivered_at"
+)
+_EVENT_SELECT = (
+    "SELECT "
+    + ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
+    + ", o.slug AS org_slug FROM webhook_event e JOIN organization o ON o.id = e.org_id"
+)
 
 
 # PostgreSQL refuses NUL in text; neither driver can encode a lone surrogate.
@@ -146,6 +166,7 @@ class Store:
         self._now = clock
         self._inserts = GroupCommit(lambda batches: self._run(self._insert_batches, batches))
         self._parsed = GroupCommit(lambda batch: self._run(self._mark_parsed_batch, batch))
+        self._event_listeners = []
 
     def __repr__(self) -> str:
         return f"<Store {self.engine!r}>"
@@ -478,24 +499,40 @@ class Store:
 
     @defer.inlineCallbacks
     def _claim(self, txn, lease_seconds, limit):
+        ids = yield self._lease(
+            txn,
+            "inbound_message",
+            "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+            lease_seconds,
+            limit,
+        )
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        yield txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
+        return [_message(row) for row in txn.fetchall()]
+
+    @defer.inlineCallbacks
+    def _lease(self, txn, table, due, lease_seconds, limit):
+        """
+        The ids of up to C{limit} rows of C{table} that are C{due} (a
+        condition on the current time, one C{?}) and unclaimed, now claimed
+        for C{lease_seconds}; rows another daemon is claiming are skipped.
+        """
         now = self._now()
         yield txn.execute(
-            "SELECT id FROM inbound_message WHERE status = 'received'"
-            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-            " AND (claimed_until IS NULL OR claimed_until < ?)"
+            f"SELECT id FROM {table} e WHERE {due} AND (claimed_until IS NULL OR claimed_until < ?)"
             " ORDER BY next_attempt_at, id LIMIT ?" + self.engine.skip_locked,
             (now, now, limit),
         )
         ids = [row["id"] for row in txn.fetchall()]
-        if not ids:
-            return []
-        marks = ", ".join("?" for _ in ids)
-        yield txn.execute(
-            f"UPDATE inbound_message SET claimed_until = ? WHERE id IN ({marks})",
-            (now + timedelta(seconds=lease_seconds), *ids),
-        )
-        yield txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
-        return [_message(row) for row in txn.fetchall()]
+        if ids:
+            marks = ", ".join("?" for _ in ids)
+            yield txn.execute(
+                f"UPDATE {table} SET claimed_until = ? WHERE id IN ({marks})",
+                (now + timedelta(seconds=lease_seconds), *ids),
+            )
+        return ids
 
     def renew_claims(self, message_ids, lease_seconds):
         return self._background(self._set_claims, list(message_ids), lease_seconds)
@@ -516,7 +553,7 @@ class Store:
         yield txn.execute(sql, tuple(args))
 
     def mark_parsed(self, message_id, documents=(), verdicts=None):
-        return self._parsed.submit((int(message_id), list(documents), verdicts))
+        return self._parsed.submit((int(message_id), list(documents), verdicts)).addCallback(self._events_written)
 
     @defer.inlineCallbacks
     def _mark_parsed_batch(self, txn, batch):
@@ -548,7 +585,7 @@ class Store:
         yield self._finish(txn, message_id, "parsed", None, None)
 
     def mark_failed(self, message_id, error, attempts, verdicts=None):
-        return self._run(self._mark_failed, int(message_id), error, attempts, verdicts)
+        return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)
 
     @defer.inlineCallbacks
     def _mark_failed(self, txn, message_id, error, attempts, verdicts):
@@ -563,6 +600,7 @@ class Store:
             " WHERE id = ?",
             (status, error, attempts, self._now() if status == "parsed" else None, message_id),
         )
+        yield self._write_event(txn, message_id, status, error)
 
     def schedule_retry(self, message_id, error, attempts, delay):
         return self._run(self._schedule_retry, int(message_id), error, attempts, delay)
@@ -589,7 +627,7 @@ class Store:
         )
 
     def mark_quarantined(self, message_id, reason, verdicts=None):
-        return self._run(self._mark_quarantined, int(message_id), reason, verdicts)
+        return self._run(self._mark_quarantined, int(message_id), reason, verdicts).addCallback(self._events_written)
 
     @defer.inlineCallbacks
     def _mark_quarantined(self, txn, message_id, reason, verdicts):
@@ -603,6 +641,7 @@ class Store:
             " last_error = NULL, attempts = attempts + 1, claimed_until = NULL WHERE id = ?",
             (reason, message_id),
         )
+        yield self._write_event(txn, message_id, "quarantined", reason)
 
     def release(self, message_id):
         return self._run(self._release, int(message_id))
@@ -647,3 +686,255 @@ class Store:
         if row is None:
             raise NoSuchOrg(f"no organisation {slug!r}")
         return _org(row)
+
+    # the webhook outbox
+
+    def on_event(self, callback) -> defer.Deferred:
+        """Call C{callback()} when this store, or any daemon sharing the database, may have written an event."""
+        self._event_listeners.append(callback)
+        return self.engine.listen(EVENTS_CHANNEL, lambda payload: callback())
+
+    def _events_written(self, result):
+        for callback in self._event_listeners:
+            callback()
+        return result
+
+    @defer.inlineCallbacks
+    def _write_event(self, txn, message_id, status, error):
+        """The event of a status change, in its transaction: only for organisations with a webhook."""
+        if status not in EVENT_TYPES:
+            return
+        now = self._now()
+        yield txn.execute(
+            "INSERT INTO webhook_event (event_id, event_type, org_id, inbound_message_id,"
+            " message_status, message_error, status, attempts, created_at, retry_from, next_attempt_at)"
+            " SELECT ?, ?, m.org_id, m.id, ?, ?, 'pending', 0, ?, ?, ?"
+            " FROM inbound_message m JOIN org_webhook w ON w.org_id = m.org_id WHERE m.id = ?"
+            " RETURNING id",
+            ("evt_" + uuid.uuid4().hex, EVENT_TYPES[status], status, error, now, now, now, message_id),
+        )
+        if txn.fetchall():
+            yield self.engine.notify(txn, EVENTS_CHANNEL)
+
+    def set_webhook(self, slug, url, secret):
+        return self._run(self._set_webhook, slug.lower(), url, secret)
+
+    @defer.inlineCallbacks
+    def _set_webhook(self, txn, slug, url, secret):
+        org = yield self._require_org(txn, slug)
+        yield txn.execute(
+            "INSERT INTO org_webhook (org_id, url, secret, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (org_id) DO UPDATE SET url = excluded.url, secret = excluded.secret",
+            (org["id"], url, secret, self._now()),
+        )
+
+    def remove_webhook(self, slug):
+        return self._run(self._remove_webhook, slug.lower())
+
+    @defer.inlineCallbacks
+    def _remove_webhook(self, txn, slug):
+        org = yield self._require_org(txn, slug)
+        yield txn.execute("DELETE FROM org_webhook WHERE org_id = ? RETURNING org_id", (org["id"],))
+        return bool(txn.fetchall())
+
+    def get_webhook(self, slug):
+        return self._run(self._get_webhook, slug.lower())
+
+    @defer.inlineCallbacks
+    def _get_webhook(self, txn, slug):
+        yield txn.execute(
+            "SELECT w.url, w.secret, w.created_at FROM org_webhook w JOIN organization o ON o.id = w.org_id"
+            " WHERE o.slug = ?",
+            (slug,),
+        )
+        return txn.fetchone()
+
+    @defer.inlineCallbacks
+    def _require_org(self, txn, slug):
+        yield txn.execute(_ORG_SELECT + " WHERE slug = ?", (slug,))
+        org = txn.fetchone()
+        if org is None:
+            raise NoSuchOrg(f"no organisation {slug!r}")
+        return org
+
+    def claim_events(self, lease_seconds, limit=8):
+        """
+        Due events, each with its webhook, message and documents, claimed for
+        C{lease_seconds}. An event waits while an earlier event of its message
+        is pending: events reach the application in order per message.
+        """
+        return self._background(self._claim_events, lease_seconds, int(limit))
+
+    @defer.inlineCallbacks
+    def _claim_events(self, txn, lease_seconds, limit):
+        ids = yield self._lease(
+            txn,
+            "webhook_event",
+            "status = 'pending' AND next_attempt_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM webhook_event p WHERE p.inbound_message_id = e.inbound_message_id"
+            " AND p.status = 'pending' AND p.id < e.id)",
+            lease_seconds,
+            limit,
+        )
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        yield txn.execute(
+            "SELECT e.id, e.event_id, e.event_type, e.message_status, e.message_error, e.attempts,"
+            " e.retry_from, o.slug AS org_slug, w.url, w.secret,"
+            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.subject, m.received_at"
+            " FROM webhook_event e JOIN organization o ON o.id = e.org_id"
+            " JOIN inbound_message m ON m.id = e.inbound_message_id"
+            " LEFT JOIN org_webhook w ON w.org_id = e.org_id"
+            f" WHERE e.id IN ({marks}) ORDER BY e.id",
+            tuple(ids),
+        )
+        events = txn.fetchall()
+        for event in events:
+            yield txn.execute(
+                "SELECT id, filename, content_type, size, sha256 FROM document"
+                " WHERE inbound_message_id = ? ORDER BY ordinal",
+                (event["message_id"],),
+            )
+            event["documents"] = txn.fetchall()
+        return events
+
+    def event_delivered(self, event_id, http_status):
+        return self._run(self._event_delivered, int(event_id), http_status)
+
+    @defer.inlineCallbacks
+    def _event_delivered(self, txn, event_id, http_status):
+        yield txn.execute(
+            "UPDATE webhook_event SET status = 'delivered', attempts = attempts + 1, last_status = ?,"
+            " last_error = NULL, delivered_at = ?, claimed_until = NULL WHERE id = ?",
+            (http_status, self._now(), event_id),
+        )
+
+    def event_failed(self, event_id, http_status, error, delay):
+        """One failed attempt: retried after C{delay} seconds, or C{dead} when C{delay} is None."""
+        return self._run(self._event_failed, int(event_id), http_status, error, delay)
+
+    @defer.inlineCallbacks
+    def _event_failed(self, txn, event_id, http_status, error, delay):
+        now = self._now()
+        yield txn.execute(
+            "UPDATE webhook_event SET status = ?, attempts = attempts + 1, last_status = ?,"
+            " last_error = ?, next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
+            (
+                "dead" if delay is None else "pending",
+                http_status,
+                error,
+                now if delay is None else now + timedelta(seconds=delay),
+                event_id,
+            ),
+        )
+
+    def release_event_claims(self, event_ids=None):
+        """Give up claims: these events', or (None) every event's."""
+        return self._run(self._release_event_claims, None if event_ids is None else [int(i) for i in event_ids])
+
+    @defer.inlineCallbacks
+    def _release_event_claims(self, txn, event_ids):
+        sql, args = "UPDATE webhook_event SET claimed_until = NULL WHERE status = 'pending'", ()
+        if event_ids is not None:
+            if not event_ids:
+                return
+            sql += " AND id IN (" + ", ".join("?" for _ in event_ids) + ")"
+            args = tuple(event_ids)
+        yield txn.execute(sql, args)
+
+    def list_events(self, org_slug=None, status=None, limit=50):
+        return self._run(self._list_events, org_slug, status, limit)
+
+    @defer.inlineCallbacks
+    def _list_events(self, txn, org_slug, status, limit):
+        where, args = [], []
+        if org_slug is not None:
+            where.append("o.slug = ?")
+            args.append(org_slug.lower())
+        if status is not None:
+            where.append("e.status = ?")
+            args.append(status)
+        sql = _EVENT_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY e.id DESC LIMIT ?"
+        yield txn.execute(sql, (*args, int(limit)))
+        return txn.fetchall()
+
+    def redeliver(self, event_id):
+        """Send an event again, now, with a fresh retry horizon (a dead one, or a delivered one the application lost)."""
+        return self._run(self._redeliver, int(event_id))
+
+    @defer.inlineCallbacks
+    def _redeliver(self, txn, event_id):
+        now = self._now()
+        yield txn.execute(
+            "UPDATE webhook_event SET status = 'pending', attempts = 0, retry_from = ?, next_attempt_at = ?,"
+            " claimed_until = NULL, delivered_at = NULL WHERE id = ? RETURNING id",
+            (now, now, event_id),
+        )
+        if txn.fetchone() is None:
+            raise NoSuchEvent(f"no event {event_id}")
+        yield self.engine.notify(txn, EVENTS_CHANNEL)
+        yield txn.execute(_EVENT_SELECT + " WHERE e.id = ?", (event_id,))
+        return txn.fetchone()
+
+    def count_events(self, status="pending"):
+        return self._background(self._count_events, status)
+
+    @defer.inlineCallbacks
+    def _count_events(self, txn, status):
+        yield txn.execute("SELECT COUNT(*) AS n FROM webhook_event WHERE status = ?", (status,))
+        return txn.fetchone()["n"]
+
+    # API tokens and the API's reads
+
+    def add_token(self, slug, sha256):
+        return self._run(self._add_token, slug.lower(), sha256)
+
+    @defer.inlineCallbacks
+    def _add_token(self, txn, slug, sha256):
+        org = yield self._require_org(txn, slug)
+        yield txn.execute(
+            "INSERT INTO api_token (org_id, sha256, created_at) VALUES (?, ?, ?) RETURNING id",
+            (org["id"], sha256, self._now()),
+        )
+        return txn.fetchone()["id"]
+
+    def revoke_tokens(self, slug):
+        return self._run(self._revoke_tokens, slug.lower())
+
+    @defer.inlineCallbacks
+    def _revoke_tokens(self, txn, slug):
+        org = yield self._require_org(txn, slug)
+        yield txn.execute(
+            "UPDATE api_token SET revoked_at = ? WHERE org_id = ? AND revoked_at IS NULL RETURNING id",
+            (self._now(), org["id"]),
+        )
+        return len(txn.fetchall())
+
+    def token_org(self, sha256):
+        """The organisation (id, slug) of a live token by its hash, or None."""
+        return self._run(self._token_org, sha256)
+
+    @defer.inlineCallbacks
+    def _token_org(self, txn, sha256):
+        yield txn.execute(
+            "SELECT o.id, o.slug FROM api_token t JOIN organization o ON o.id = t.org_id"
+            " WHERE t.sha256 = ? AND t.revoked_at IS NULL",
+            (sha256,),
+        )
+        return txn.fetchone()
+
+    def page_messages(self, org_id=None, status=None, since=None, before_id=None, limit=50):
+        """Newest first by id, for cursor pagination: the messages with ids below C{before_id}."""
+        return self._run(self._page_messages, org_id, status, since, before_id, int(limit))
+
+    @defer.inlineCallbacks
+    def _page_messages(self, txn, org_id, status, since, before_id, limit):
+        where, args = [], []
+        for clause, value in (("m.org_id = ?", org_id), ("m.status = ?", status), ("m.received_at >= ?", since), ("m.id < ?", before_id)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = _MESSAGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.id DESC LIMIT ?"
+        yield txn.execute(sql, (*args, limit))
+        return [_message(row) for row in txn.fetchall()]

@@ -1,0 +1,305 @@
+"""
+The read-only JSON API (C{--api}), served by twisted.web in the daemon's reactor.
+
+Each request carries a bearer token: an organisation's token sees only its
+own rows (another organisation's id answers 404, as a missing one does, so
+ids cannot be probed); the admin token (from a file) sees all. Tokens are
+kept as SHA-256 hashes. Errors are JSON with a stable C{error} code.
+Message and document contents are streamed from the blob store: from local
+disk by a producer that reads a chunk when the client has taken the last
+one, so a 50 MB document never sits in memory.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server, static
+
+from mailingest.errors import BlobNotFound, ConfigError
+from mailingest.handoff import openapi
+from mailingest.handoff.events import document_url, iso
+from mailingest.ops.http import OpsSite
+
+log = Logger(namespace="mailingest.api")
+
+TOKEN_PREFIX = "mit_"
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+_SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+def new_token() -> str:
+    """A new API token: shown once, kept only as its L{token_hash}."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"no such {what}")
+
+
+def safe_content_type(value: str) -> str:
+    """A document's type as its sender declared it, if it is a plain type/subtype; else octet-stream."""
+    value = (value or "").strip().lower()
+    return value if _SAFE_CONTENT_TYPE.match(value) else "application/octet-stream"
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header no filename can break out of: an ASCII fallback and the RFC 5987 UTF-8 name."""
+    fallback = _UNSAFE_FILENAME.sub("_", filename)[:200] or "document"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _encode_cursor(message_id: int) -> str:
+    return base64.urlsafe_b64encode(f"m{message_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text.startswith("m") and text[1:].isdigit():
+            return int(text[1:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise ApiError(400, "bad_cursor", "cursor is not one this API gave")
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(400, "bad_parameter", "since must be an ISO 8601 time, e.g. 2025-01-31T00:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _parse_limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise ApiError(400, "bad_parameter", f"limit must be 1 to {MAX_PAGE}")
+    return int(text)
+
+
+class _RequestSink:
+    """A file object over a request, for blob stores that write what they read (S3)."""
+
+    def __init__(self, request: server.Request):
+        self.request = request
+
+    def write(self, data: bytes) -> None:
+        self.request.write(data)
+
+
+class ApiResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None):
+        super().__init__()
+        self.store = store
+        self.blobs = blobs
+        self.admin_hash = token_hash(admin_token) if admin_token else None
+        self.api_url = api_url
+        self.routes = [
+            ("/v1/messages", self.messages),
+            ("/v1/messages/{id}", self.message),
+            ("/v1/messages/{id}/raw", self.message_raw),
+            ("/v1/documents/{id}", self.document),
+            ("/v1/documents/{id}/content", self.document_content),
+            ("/v1/openapi.json", self.openapi),
+        ]
+        self._patterns = [
+            (re.compile("^" + template.replace(".", r"\.").replace("{id}", r"(?P<id>[0-9]{1,18})") + "$"), handler)
+            for template, handler in self.routes
+        ]
+
+    def render(self, request: server.Request):
+        d = defer.ensureDeferred(self._handle(request))
+        d.addErrback(self._unexpected, request)
+        return server.NOT_DONE_YET
+
+    async def _handle(self, request: server.Request) -> None:
+        try:
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
+            path = request.path.decode("utf-8", "replace")
+            for pattern, handler in self._patterns:
+                match = pattern.match(path)
+                if match:
+                    break
+            else:
+                raise ApiError(404, "no_route", "no such endpoint; see /v1/openapi.json")
+            scope = None if handler == self.openapi else await self._authorize(request)
+            await handler(request, scope, **{k: int(v) for k, v in match.groupdict().items()})
+        except ApiError as e:
+            self._json(request, {"error": e.code, "message": str(e)}, e.status)
+
+    def _unexpected(self, failure, request: server.Request) -> None:
+        log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
+        if not request.startedWriting and not request.finished:
+            self._json(request, {"error": "internal", "message": "internal error; see the daemon's log"}, 500)
+
+    def _json(self, request: server.Request, body, status: int = 200) -> None:
+        if request.finished or request._disconnected:
+            return
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", str(len(data)).encode())
+        if request.method != b"HEAD":
+            request.write(data)
+        request.finish()
+
+    async def _authorize(self, request: server.Request) -> int | None:
+        """The organisation id the token sees, None for the admin token; 401 otherwise."""
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1").strip()
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            request.setHeader(b"www-authenticate", b'Bearer realm="mailingest"')
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        digest = token_hash(token.strip())
+        if self.admin_hash is not None and hmac.compare_digest(digest, self.admin_hash):
+            return None
+        org = await self.store.token_org(digest)
+        if org is None:
+            request.setHeader(b"www-authenticate", b'Bearer realm="mailingest", error="invalid_token"')
+            raise ApiError(401, "unauthorized", "unknown or revoked token")
+        return org["id"]
+
+    async def _row(self, fetch, row_id: int, scope: int | None, what: str) -> dict:
+        row = await fetch(row_id)
+        if row is None or (scope is not None and row["org_id"] != scope):
+            raise _not_found(what)
+        return row
+
+    def _message_json(self, row: dict) -> dict:
+        return {
+            "id": row["id"],
+            "organization": row["org_slug"],
+            "message_id": row["source_message_id"],
+            "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
+            "subject": row["subject"],
+            "received_at": iso(row["received_at"]),
+            "parsed_at": iso(row["parsed_at"]),
+            "status": row["status"],
+            "error": row["last_error"],
+            "raw_size": row["raw_size"],
+            "raw_sha256": row["raw_sha256"],
+            "raw_url": f"/v1/messages/{row['id']}/raw",
+        }
+
+    def _document_json(self, row: dict) -> dict:
+        return {
+            "id": row["id"],
+            "message_id": row["inbound_message_id"],
+            "filename": row["filename"],
+            "content_type": row["content_type"],
+            "size": row["size"],
+            "sha256": row["sha256"],
+            "created_at": iso(row["created_at"]),
+            "url": document_url(self.api_url, row["id"]),
+        }
+
+    # the routes
+
+    async def messages(self, request: server.Request, scope: int | None) -> None:
+        args = {k.decode(): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
+        limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
+        rows = await self.store.page_messages(
+            org_id=scope,
+            status=args.get("status") or None,
+            since=_parse_since(args["since"]) if args.get("since") else None,
+            before_id=_decode_cursor(args["cursor"]) if args.get("cursor") else None,
+            limit=limit + 1,
+        )
+        page = rows[:limit]
+        cursor = _encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+        self._json(request, {"messages": [self._message_json(row) for row in page], "next_cursor": cursor})
+
+    async def message(self, request: server.Request, scope: int | None, id: int) -> None:
+        row = await self._row(self.store.get_message, id, scope, "message")
+        documents = await self.store.list_documents(message_id=id)
+        self._json(request, dict(self._message_json(row), documents=[self._document_json(d) for d in documents]))
+
+    async def message_raw(self, request: server.Request, scope: int | None, id: int) -> None:
+        row = await self._row(self.store.get_message, id, scope, "message")
+        await self._stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{id}.eml")
+
+    async def document(self, request: server.Request, scope: int | None, id: int) -> None:
+        row = await self._row(self.store.get_document, id, scope, "document")
+        self._json(request, self._document_json(row))
+
+    async def document_content(self, request: server.Request, scope: int | None, id: int) -> None:
+        row = await self._row(self.store.get_document, id, scope, "document")
+        await self._stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
+
+    async def openapi(self, request: server.Request, scope: None) -> None:
+        self._json(request, openapi.DOCUMENT)
+
+    async def _stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
+        path = self.blobs.local_path(key)
+        blob = None
+        if path is not None:
+            try:
+                blob = open(path, "rb")
+            except FileNotFoundError:
+                raise ApiError(404, "content_missing", "the stored content is missing; see the daemon's log") from None
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"content-length", str(size).encode())
+        request.setHeader(b"content-disposition", content_disposition(filename).encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        if request.method == b"HEAD":
+            if blob is not None:
+                blob.close()
+            request.finish()
+            return
+        if blob is not None:
+            static.NoRangeStaticProducer(request, blob).start()
+            return
+        try:
+            await self.blobs.read_to(key, _RequestSink(request))
+        except BlobNotFound:
+            raise ApiError(404, "content_missing", "the stored content is missing; see the daemon's log") from None
+        except Exception:
+            if request.startedWriting:
+                request.loseConnection()  # a short body must not pass for a whole one
+                return
+            raise
+        if not request.finished and not request._disconnected:
+            request.finish()
+
+
+def make_api_site(store, blobs, admin_token: str | None = None, api_url: str | None = None) -> server.Site:
+    return OpsSite(ApiResource(store, blobs, admin_token, api_url))
+
+
+def read_admin_token(path: str | None) -> str | None:
+    """The admin token of C{--api-admin-token-file}: its first line."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read --api-admin-token-file {path}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"--api-admin-token-file {path} is empty")
+    return token
