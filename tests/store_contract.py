@@ -485,6 +485,19 @@ class StoreContract:
         self.assertEqual((yield self.store.referenced_keys(keys)), set())
 
     @defer.inlineCallbacks
+    def test_quarantine_writes_its_event_in_the_same_transaction(self):
+        """Issues 15 and 16: an organisation with a webhook hears of a quarantine like of a parsed message."""
+        acme, _ = yield self.two_orgs()
+        yield self.store.set_webhook("acme", "https://app.example/hooks", "whsec_x")
+        [first] = yield self.store.insert_messages([message(acme, "<e@x>")])
+        self.assertEqual((yield self.store.list_events()), [])
+        yield self.store.mark_quarantined(first, "DMARC did not pass", None)
+        [event] = yield self.store.list_events()
+        self.assertEqual(
+            (event["event_type"], event["status"]), ("message.quarantined", "pending")
+        )
+
+    @defer.inlineCallbacks
     def test_smtp_facts_verdicts_policy_quarantine_release(self):
         """Issue 15: what the session saw, the sender verdicts, and a quarantined message released once."""
         acme, _ = yield self.two_orgs()
