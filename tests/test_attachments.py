@@ -215,15 +215,16 @@ class DocumentSelectionTests(ExtractionTestCase):
         raw = message(multipart(entity("Content-Type: text/html", body=b"<p>scan</p>"), scan, subtype="related"))
         self.assertEqual(self.names(self.extract(raw)), ["scan.jpg"])
 
-    def test_inline_image_is_skipped(self):
+    def test_inline_image_beside_text_is_a_document(self):
+        """A mail client shows it as an attachment: nothing in the message displays it."""
         image = entity(
             "Content-Type: image/jpeg",
             'Content-Disposition: inline; filename="photo.jpg"',
             "Content-Transfer-Encoding: base64",
             body=b64(b"\xff\xd8\xff photo"),
         )
-        result = self.extract(message(multipart(text_body(), image)))
-        self.assertEqual(result.attachments, [])
+        [doc] = self.extract(message(multipart(text_body(), image))).attachments
+        self.assertEqual((doc.filename, doc.disposition), ("photo.jpg", "inline"))
 
     def test_image_without_disposition_is_a_document(self):
         image = entity("Content-Type: image/tiff", "Content-Transfer-Encoding: base64", body=b64(b"II*\x00 fax"))
@@ -289,8 +290,14 @@ class ForwardedMessageTests(ExtractionTestCase):
     def test_attachments_inside_are_extracted(self):
         raw = message(multipart(text_body(), forwarded(self.inner(pdf_part("inner.pdf")))))
         result = self.extract(raw)
-        self.assertEqual(self.names(result), ["inner.pdf"])
-        self.assertEqual(self.data(result.attachments[0]), PDF)
+        self.assertEqual(self.names(result), ["Fwd.eml", "inner.pdf"])
+        self.assertEqual(result.attachments[0].content_type, "message/rfc822")
+        self.assertEqual(self.data(result.attachments[1]), PDF)
+        self.assertIn(b"Subject: inner\r\n", self.data(result.attachments[0]))
+
+    def test_inline_forward_is_walked_only(self):
+        raw = message(multipart(text_body(), forwarded(self.inner(pdf_part("inner.pdf")), filename=None)))
+        self.assertEqual(self.names(self.extract(raw)), ["inner.pdf"])
 
     def test_built_with_email_package(self):
         inner = EmailMessage()
@@ -300,23 +307,26 @@ class ForwardedMessageTests(ExtractionTestCase):
         outer = EmailMessage()
         outer.set_content("forwarding")
         outer.add_attachment(inner, filename="quote.eml")
-        self.assertEqual(self.names(self.extract(outer.as_bytes(policy=policy.SMTP))), ["quote.pdf"])
+        self.assertEqual(self.names(self.extract(outer.as_bytes(policy=policy.SMTP))), ["quote.eml", "quote.pdf"])
 
     def test_nested_two_deep(self):
         deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
         middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
         raw = message(multipart(text_body(), pdf_part("zero.pdf"), forwarded(middle), pdf_part("after.pdf")))
-        self.assertEqual(self.names(self.extract(raw)), ["zero.pdf", "one.pdf", "two.pdf", "after.pdf"])
+        self.assertEqual(
+            self.names(self.extract(raw)), ["zero.pdf", "Fwd.eml", "one.pdf", "Fwd.eml", "two.pdf", "after.pdf"]
+        )
 
     def test_depth_limit(self):
         deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
         middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
         raw = message(multipart(text_body(), forwarded(middle)))
         result = self.extract(raw, max_depth=1)
-        self.assertEqual(self.names(result), ["one.pdf"])
+        self.assertEqual(self.names(result), ["Fwd.eml", "one.pdf", "Fwd.eml"])
         self.assertEqual(result.warnings, ["part 2.3: depth limit reached, skipped"])
         result = self.extract(raw, max_depth=0)
-        self.assertEqual(result.warnings, ["part 2: depth limit reached, skipped", "no attachments"])
+        self.assertEqual(self.names(result), ["Fwd.eml"])
+        self.assertEqual(result.warnings, ["part 2: depth limit reached, skipped"])
 
     def test_base64_encoded_forward(self):
         """Wrong (RFC 2046 allows no encoding there) but sent by some clients."""
@@ -336,14 +346,25 @@ class ForwardedMessageTests(ExtractionTestCase):
         self.assertEqual(self.data(doc), body)
         self.assertEqual(pdf.filename, "order.pdf")
 
-    def test_reports_are_not_documents(self):
+    def test_unnamed_reports_are_not_documents(self):
         status = entity(
             "Content-Type: message/delivery-status",
-            'Content-Disposition: attachment; filename="status.txt"',
             body=b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\n",
         )
         raw = message(multipart(text_body(), status, subtype="report"))
         self.assertEqual(self.extract(raw).attachments, [])
+
+    def test_attached_report_is_a_document(self):
+        """Issue 14, defect 6: an attached delivery report C{DSN57BAC498.txt}."""
+        report = b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\n"
+        status = entity(
+            "Content-Type: message/delivery-status",
+            'Content-Disposition: attachment; filename="DSN57BAC498.txt"',
+            body=report,
+        )
+        [doc] = self.extract(message(multipart(text_body(), status, subtype="report"))).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("DSN57BAC498.txt", "message/delivery-status"))
+        self.assertIn(b"Final-Recipient: rfc822; a@example.org", self.data(doc))
 
 
 class DecodingTests(ExtractionTestCase):
@@ -442,10 +463,25 @@ class DecodingTests(ExtractionTestCase):
         self.assertEqual(result.warnings, ["part 2: base64 padding repaired"])
 
     def test_undecodable_base64_attachment(self):
+        """The only document cannot be read: nothing of the message can, it fails."""
         body = b64(PDF[:3000]) + b"\r\nQ"  # 4n+1 base64 characters
         part = entity('Content-Type: application/pdf; name="a.pdf"', "Content-Transfer-Encoding: base64", body=body)
         error = self.assertRaises(UnparseableMessage, self.extract, message(multipart(text_body(), part)))
-        self.assertEqual(str(error), "part 2 (application/pdf): base64 content cannot be decoded at all")
+        self.assertEqual(str(error), "part 2 (application/pdf, 'a.pdf'): base64 content cannot be decoded, skipped")
+
+    def test_undecodable_part_beside_a_good_one(self):
+        """Issue 14, defect 4: a GIF whose base64 is a placeholder sentence, a good PDF beside it."""
+        gif = entity(
+            'Content-Type: image/gif; name="spacer.gif"',
+            "Content-Transfer-Encoding: base64",
+            body=b"The file was removed",  # 17 base64 characters: 4n+1
+        )
+        result = self.extract(message(multipart(text_body(), gif, pdf_part())))
+        self.assertEqual(self.names(result), ["order.pdf"])
+        self.assertEqual(self.data(result.attachments[0]), PDF)
+        reason = "part 2 (image/gif, 'spacer.gif'): base64 content cannot be decoded, skipped"
+        self.assertEqual(result.skipped, [reason])
+        self.assertIn(reason, result.warnings)
 
     def test_undecodable_base64_body_is_ignored(self):
         """Only documents are decoded."""
