@@ -112,6 +112,7 @@ DAEMON_OPTIONS = (
     Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", positive_float, metavar="SECONDS"),
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
+    Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
 )
 
 STORAGE_OPTIONS = (

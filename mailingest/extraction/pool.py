@@ -160,12 +160,14 @@ class ParsePool:
         reactor=None,
         argv: list[str] = WORKER_ARGV,
         memory_limit: int = MEMORY_LIMIT_BYTES,
+        inline_images: str = "skip",
     ):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._argv = argv
         self._memory_limit = memory_limit
+        self._inline_images = inline_images
         self._timeout = timeout
         self._slots = defer.DeferredSemaphore(size)
         self._idle: list[_Worker] = []
@@ -182,7 +184,8 @@ class ParsePool:
         try:
             worker = self._worker()
             try:
-                reply = await worker.ask({"raw_path": raw_path, "out_dir": out_dir})
+                request = {"raw_path": raw_path, "out_dir": out_dir, "inline_images": self._inline_images}
+                reply = await worker.ask(request)
                 if reply.get("retire"):
                     worker.retire(reply["retire"])
             finally:
@@ -196,7 +199,7 @@ class ParsePool:
             raise UnparseableMessage(reply["unparseable"])
         if "error" in reply:
             raise ParserError(reply["error"])
-        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"])
+        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"], reply["skipped"])
 
     def _worker(self) -> _Worker:
         if self._closed:

@@ -68,3 +68,7 @@ MESSAGE_ID_COLLISIONS = Counter(
     "mailingest_message_id_collisions_total",
     "Messages stored under a suffixed Message-ID because a different message already held theirs.",
 )
+PARTS_SKIPPED = Counter(
+    "mailingest_extraction_skipped_parts_total",
+    "Parts of parsed messages that could not be decoded and were left out (named in the message's warnings).",
+)
