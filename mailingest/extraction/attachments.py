@@ -8,25 +8,37 @@ from their position only) and returns them in message order with their decoded
 and sanitised filenames (L{mailingest.extraction.filenames}). Its output depends on the
 input alone, so extraction can be re-run after a crash.
 
-What is a document:
+What is a document (every file a mail client would show as an attachment):
   - a leaf part with C{Content-Disposition: attachment}, or with a filename, or
-    of a non-text type, unless it is an inline image: an C{image/*} part that is
-    C{Content-Disposition: inline}, or that has a C{Content-ID} inside a
-    C{multipart/related} (an image marked C{attachment} is always kept). So
-    Apple Mail's C{inline; filename=x.pdf} PDFs are kept, a C{text/csv} is kept
-    when it has a name or is an attachment, and the text and HTML bodies are not.
-    C{application/ms-tnef} (winmail.dat) is an ordinary document.
+    of a non-text type, images included (an iPhone's C{inline;
+    filename=IMG_0412.jpeg}), except the images an HTML body shows: those it
+    references by C{cid:} or C{Content-Location} (signature logos), and those
+    with a C{Content-ID} inside C{multipart/related} and no C{attachment}
+    disposition (C{inline_images="keep"} keeps both). Shown images are found
+    once the whole message is walked, so they are written and then dropped.
+    The text and HTML bodies are not documents; a C{text/csv} is when it has a
+    name or is an attachment.
+  - C{application/ms-tnef} (or any part named winmail.dat): each file inside it
+    (L{mailingest.extraction.tnef}); the TNEF part itself only when none could
+    be taken out.
+  - the signature of C{multipart/signed} is not; encrypted data
+    (C{multipart/encrypted}, S/MIME C{pkcs7-mime}) is one document, with a warning.
   - Disposition values other than C{attachment} and C{inline} are treated as
     absent: in practice they are damage, and would turn bodies into documents.
   - C{multipart/*} containers are walked. C{message/rfc822} and
     C{message/global} parts (forwarded mail, attached or inline) are walked as
     messages of their own, up to C{max_depth} levels of nesting: the files inside
-    them become documents, the C{.eml} itself does not. Beyond C{max_depth}: a
+    them become documents, and the C{.eml} itself too when it is named or an
+    attachment (as the email package writes it back). Beyond C{max_depth}: a
     warning, and nothing inside is extracted. A forwarded part that holds no
     message (not one header, even after undoing a base64 or quoted-printable
     transfer encoding, which some clients wrongly apply) is kept as a C{.eml}
     document. Other C{message/*} types (delivery and read reports,
-    C{message/partial}, C{message/external-body}) carry no file and are skipped.
+    C{message/partial}, C{message/external-body}) are documents only when named
+    or an attachment (an attached C{DSN57BAC498.txt}).
+  - Content types are read with the email package's header registry (bounded
+    to the 8 KiB L{raw_header} gives) and stored as C{type/subtype}; one that
+    cannot be read is C{application/octet-stream}, the raw value kept.
 
 Warnings name parts by IMAP section number (C{part 2.1}), so an operator can
 find them; generated names count documents from 1 (C{attachment-1.pdf}).
@@ -42,9 +54,12 @@ the identity ones, with common misspellings (C{quoted printable}, C{7-bit},
 C{base64;}); a document in any other is stored undecoded, as RFC 2045 section
 6.4 says, with a warning.
 
+A document part that cannot be decoded is skipped: its reason is in
+C{skipped} and in the warnings, and the other parts are still extracted.
 L{UnparseableMessage} (the message is marked failed at once) is raised only
-when a retry can never help:
-  - a document's base64 body cannot be decoded at all: once the characters
+when a retry can never help and nothing of the message can be read:
+  - every document part was skipped, each because its base64 body cannot be
+    decoded at all: once the characters
     outside the base64 alphabet are dropped (RFC 2045 says to ignore them),
     4n+1 remain, which no padding can complete. This is where the email package
     gives up (C{InvalidBase64LengthDefect}) and hands back the encoded text.
