@@ -264,14 +264,16 @@ class IStore(Interface):
         crash.
         """
 
-    def mark_parsed(message_id: int, documents=(), verdicts=None):
+    def mark_parsed(message_id: int, documents=(), warnings: str | None = None, verdicts=None):
         """
         Record the message's documents (dicts with the C{document} columns but
-        C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}) and
-        its sender C{verdicts} (a dict of C{VERDICT_COLUMNS}, or None) and move
-        it to C{parsed}, in one transaction. A document already recorded for the
-        same (message, ordinal) is left as it is, so extracting again never
-        duplicates.
+        C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}), its
+        C{warnings} (the parts it skipped) and its sender C{verdicts} (a dict
+        of C{VERDICT_COLUMNS}, or None) and move it to C{parsed}, in one
+        transaction. A document already recorded for the same (message,
+        ordinal) is updated in place (same id and blob key), and those past
+        the new count are removed, so extracting again (C{reprocess} under
+        new rules) never duplicates.
         """
 
     def mark_failed(message_id: int, error: str, attempts: int, verdicts=None):

@@ -153,10 +153,11 @@ class StoreContract:
 
         yield engine.interaction(migrate_as_before)
         former = Store(engine)
-        # Only the deltas written after issue 13 are applied to it.
-        last_former = max(int(name.split("_")[0]) for name in os.listdir(os.path.join(FORMER_SCHEMA, self.former_schema)))
-        later = [version for version, _, _ in migrations(engine) if version > last_former]
-        self.assertEqual((yield former.migrate()), later)
+        # Only the deltas written since the former layout are applied.
+        former_versions = {int(name.split("_")[0]) for name in os.listdir(os.path.join(FORMER_SCHEMA, self.former_schema))}
+        newer = [version for version, _, _ in migrations(engine) if version not in former_versions]
+        self.assertTrue(newer)
+        self.assertEqual((yield former.migrate()), newer)
         self.assertEqual(
             (yield engine.interaction(self.describe_schema)),
             (yield self.store.engine.interaction(self.describe_schema)),
@@ -395,6 +396,41 @@ class StoreContract:
         self.assertEqual([m["id"] for m in (yield self.store.claim(60, 3))], ids[:2])
 
     @defer.inlineCallbacks
+    def test_reprocess_under_new_rules(self):
+        """
+        Issue 14: a message extracted under the old rules (one winmail.dat) is
+        brought up to the new ones (the files inside it) without a duplicate:
+        the same (message, ordinal) keeps its id, the new columns are filled in,
+        and the parts it skipped are its warnings.
+        """
+        acme, _ = yield self.two_orgs()
+        [first] = yield self.store.insert_messages([message(acme, "<tnef@x>")])
+        yield self.claim_one()
+
+        def document(n, filename, **more):
+            return {"org_id": acme, "ordinal": n, "filename": filename, "content_type": "application/pdf",
+                    "size": 3, "sha256": "ab" * 32, "storage_key": f"documents/{acme}/{first}/{n}", **more}
+
+        yield self.store.mark_parsed(first, [document(0, "winmail.dat"), document(1, "old.pdf")])
+        [old, _] = yield self.store.list_documents(message_id=first)
+        self.assertIsNone(old["original_filename"])
+        yield self.store.reprocess(first)
+        yield self.claim_one()
+        new = document(0, "order.pdf", original_filename="/tmp/order.pdf", disposition="attachment",
+                       content_id="x@y", content_type_raw="application/PDF")
+        yield self.store.mark_parsed(first, [new], "part 3 (image/gif): base64 content cannot be decoded, skipped")
+        [doc] = yield self.store.list_documents(message_id=first)
+        self.assertEqual(doc["id"], old["id"])
+        self.assertEqual(
+            (doc["filename"], doc["original_filename"], doc["disposition"], doc["content_id"], doc["content_type_raw"]),
+            ("order.pdf", "/tmp/order.pdf", "attachment", "x@y", "application/PDF"),
+        )
+        row = yield self.store.get_message(first)
+        self.assertEqual(row["warnings"], "part 3 (image/gif): base64 content cannot be decoded, skipped")
+        yield self.store.reprocess(first)
+        self.assertIsNone((yield self.store.get_message(first))["warnings"])
+
+    @defer.inlineCallbacks
     def test_extraction_queue(self):
         acme, _ = yield self.two_orgs()
         first, second = yield self.store.insert_messages([message(acme, "<a@x>"), message(acme, "<b@x>")])
@@ -418,6 +454,7 @@ class StoreContract:
         row = yield self.store.get_message(first)
         self.assertEqual(row["status"], "parsed")
         self.assertIsNotNone(row["parsed_at"])
+        self.assertIsNone(row["warnings"])
         yield self.store.schedule_retry(second, "S3 503", 1, 3600)
         self.assertIsNone((yield self.claim_one()))
         row = yield self.store.get_message(second)
@@ -532,6 +569,6 @@ class StoreContract:
         yield self.assertFailure(self.store.release(first), NotQuarantined)
         yield self.assertFailure(self.store.release(first + 100), NoSuchMessage)
         self.assertEqual((yield self.claim_one())["id"], first)
-        yield self.store.mark_parsed(first, [], {"spf": "fail", "dmarc": "fail", "authentication_results": "mx; spf=fail"})
+        yield self.store.mark_parsed(first, [], verdicts={"spf": "fail", "dmarc": "fail", "authentication_results": "mx; spf=fail"})
         row = yield self.store.get_message(first)
         self.assertEqual((row["status"], row["spf"]), ("parsed", "fail"))

@@ -6,6 +6,7 @@ import hashlib
 import os
 import quopri
 import random
+import struct
 import time
 import tracemalloc
 from email import errors, message_from_bytes, policy
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailingest.extraction import attachments
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
 from mailingest.extraction.filenames import MAX_FILENAME_BYTES
+from tests import tnef_builder
 from tests.corpus import sample_messages
 
 
@@ -215,15 +217,16 @@ class DocumentSelectionTests(ExtractionTestCase):
         raw = message(multipart(entity("Content-Type: text/html", body=b"<p>scan</p>"), scan, subtype="related"))
         self.assertEqual(self.names(self.extract(raw)), ["scan.jpg"])
 
-    def test_inline_image_is_skipped(self):
+    def test_inline_image_beside_text_is_a_document(self):
+        """A mail client shows it as an attachment: nothing in the message displays it."""
         image = entity(
             "Content-Type: image/jpeg",
             'Content-Disposition: inline; filename="photo.jpg"',
             "Content-Transfer-Encoding: base64",
             body=b64(b"\xff\xd8\xff photo"),
         )
-        result = self.extract(message(multipart(text_body(), image)))
-        self.assertEqual(result.attachments, [])
+        [doc] = self.extract(message(multipart(text_body(), image))).attachments
+        self.assertEqual((doc.filename, doc.disposition), ("photo.jpg", "inline"))
 
     def test_image_without_disposition_is_a_document(self):
         image = entity("Content-Type: image/tiff", "Content-Transfer-Encoding: base64", body=b64(b"II*\x00 fax"))
@@ -289,8 +292,14 @@ class ForwardedMessageTests(ExtractionTestCase):
     def test_attachments_inside_are_extracted(self):
         raw = message(multipart(text_body(), forwarded(self.inner(pdf_part("inner.pdf")))))
         result = self.extract(raw)
-        self.assertEqual(self.names(result), ["inner.pdf"])
-        self.assertEqual(self.data(result.attachments[0]), PDF)
+        self.assertEqual(self.names(result), ["Fwd.eml", "inner.pdf"])
+        self.assertEqual(result.attachments[0].content_type, "message/rfc822")
+        self.assertEqual(self.data(result.attachments[1]), PDF)
+        self.assertIn(b"Subject: inner\r\n", self.data(result.attachments[0]))
+
+    def test_inline_forward_is_walked_only(self):
+        raw = message(multipart(text_body(), forwarded(self.inner(pdf_part("inner.pdf")), filename=None)))
+        self.assertEqual(self.names(self.extract(raw)), ["inner.pdf"])
 
     def test_built_with_email_package(self):
         inner = EmailMessage()
@@ -300,23 +309,26 @@ class ForwardedMessageTests(ExtractionTestCase):
         outer = EmailMessage()
         outer.set_content("forwarding")
         outer.add_attachment(inner, filename="quote.eml")
-        self.assertEqual(self.names(self.extract(outer.as_bytes(policy=policy.SMTP))), ["quote.pdf"])
+        self.assertEqual(self.names(self.extract(outer.as_bytes(policy=policy.SMTP))), ["quote.eml", "quote.pdf"])
 
     def test_nested_two_deep(self):
         deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
         middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
         raw = message(multipart(text_body(), pdf_part("zero.pdf"), forwarded(middle), pdf_part("after.pdf")))
-        self.assertEqual(self.names(self.extract(raw)), ["zero.pdf", "one.pdf", "two.pdf", "after.pdf"])
+        self.assertEqual(
+            self.names(self.extract(raw)), ["zero.pdf", "Fwd.eml", "one.pdf", "Fwd.eml", "two.pdf", "after.pdf"]
+        )
 
     def test_depth_limit(self):
         deepest = self.inner(pdf_part("two.pdf"), subject="deepest")
         middle = self.inner(pdf_part("one.pdf"), forwarded(deepest), subject="middle")
         raw = message(multipart(text_body(), forwarded(middle)))
         result = self.extract(raw, max_depth=1)
-        self.assertEqual(self.names(result), ["one.pdf"])
+        self.assertEqual(self.names(result), ["Fwd.eml", "one.pdf", "Fwd.eml"])
         self.assertEqual(result.warnings, ["part 2.3: depth limit reached, skipped"])
         result = self.extract(raw, max_depth=0)
-        self.assertEqual(result.warnings, ["part 2: depth limit reached, skipped", "no attachments"])
+        self.assertEqual(self.names(result), ["Fwd.eml"])
+        self.assertEqual(result.warnings, ["part 2: depth limit reached, skipped"])
 
     def test_base64_encoded_forward(self):
         """Wrong (RFC 2046 allows no encoding there) but sent by some clients."""
@@ -336,14 +348,25 @@ class ForwardedMessageTests(ExtractionTestCase):
         self.assertEqual(self.data(doc), body)
         self.assertEqual(pdf.filename, "order.pdf")
 
-    def test_reports_are_not_documents(self):
+    def test_unnamed_reports_are_not_documents(self):
         status = entity(
             "Content-Type: message/delivery-status",
-            'Content-Disposition: attachment; filename="status.txt"',
             body=b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\n",
         )
         raw = message(multipart(text_body(), status, subtype="report"))
         self.assertEqual(self.extract(raw).attachments, [])
+
+    def test_attached_report_is_a_document(self):
+        """Issue 14, defect 6: an attached delivery report C{DSN57BAC498.txt}."""
+        report = b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\n"
+        status = entity(
+            "Content-Type: message/delivery-status",
+            'Content-Disposition: attachment; filename="DSN57BAC498.txt"',
+            body=report,
+        )
+        [doc] = self.extract(message(multipart(text_body(), status, subtype="report"))).attachments
+        self.assertEqual((doc.filename, doc.content_type), ("DSN57BAC498.txt", "message/delivery-status"))
+        self.assertIn(b"Final-Recipient: rfc822; a@example.org", self.data(doc))
 
 
 class DecodingTests(ExtractionTestCase):
@@ -442,10 +465,25 @@ class DecodingTests(ExtractionTestCase):
         self.assertEqual(result.warnings, ["part 2: base64 padding repaired"])
 
     def test_undecodable_base64_attachment(self):
+        """The only document cannot be read: nothing of the message can, it fails."""
         body = b64(PDF[:3000]) + b"\r\nQ"  # 4n+1 base64 characters
         part = entity('Content-Type: application/pdf; name="a.pdf"', "Content-Transfer-Encoding: base64", body=body)
         error = self.assertRaises(UnparseableMessage, self.extract, message(multipart(text_body(), part)))
-        self.assertEqual(str(error), "part 2 (application/pdf): base64 content cannot be decoded at all")
+        self.assertEqual(str(error), "part 2 (application/pdf, 'a.pdf'): base64 content cannot be decoded, skipped")
+
+    def test_undecodable_part_beside_a_good_one(self):
+        """Issue 14, defect 4: a GIF whose base64 is a placeholder sentence, a good PDF beside it."""
+        gif = entity(
+            'Content-Type: image/gif; name="spacer.gif"',
+            "Content-Transfer-Encoding: base64",
+            body=b"The file was removed",  # 17 base64 characters: 4n+1
+        )
+        result = self.extract(message(multipart(text_body(), gif, pdf_part())))
+        self.assertEqual(self.names(result), ["order.pdf"])
+        self.assertEqual(self.data(result.attachments[0]), PDF)
+        reason = "part 2 (image/gif, 'spacer.gif'): base64 content cannot be decoded, skipped"
+        self.assertEqual(result.skipped, [reason])
+        self.assertIn(reason, result.warnings)
 
     def test_undecodable_base64_body_is_ignored(self):
         """Only documents are decoded."""
@@ -657,3 +695,189 @@ class CorpusTests(ExtractionTestCase):
                 self.extract(raw)
             except UnparseableMessage:
                 pass
+
+
+def tnef_part(data: bytes, name: str | None = "winmail.dat", content_type: str = "application/ms-tnef") -> bytes:
+    headers = [f'Content-Type: {content_type}; name="{name}"' if name else f"Content-Type: {content_type}"]
+    return entity(*headers, "Content-Transfer-Encoding: base64", body=b64(data))
+
+
+class TnefTests(ExtractionTestCase):
+    """Issue 14, defect 1: the files inside Outlook's winmail.dat, built by L{tests.tnef_builder}."""
+
+    def extract_tnef(self, sample: str, **part) -> ExtractionResult:
+        return self.extract(message(multipart(text_body(), tnef_part(tnef_builder.samples()[sample], **part))))
+
+    def test_one_file(self):
+        [doc] = self.extract_tnef("one-file.dat").attachments
+        self.assertEqual((doc.filename, doc.content_type), ("Order 2024-117.pdf", "application/pdf"))
+        self.assertTrue(self.data(doc).startswith(b"%PDF-1.4\n"))
+
+    def test_two_files(self):
+        result = self.extract_tnef("two-files.dat")
+        self.assertEqual(self.names(result), ["Order 2024-117.pdf", "NOTES.TXT"])
+        self.assertEqual(result.attachments[1].content_type, "text/plain")
+        self.assertEqual(self.data(result.attachments[1]), b"deliver to gate 4\r\n")
+
+    def test_long_filename_over_the_8_3_title(self):
+        [doc] = self.extract_tnef("long-filename.dat").attachments
+        self.assertEqual(doc.filename, "Quarterly order forecast for all warehouses.docx")
+        self.assertEqual(doc.content_type, "application/vnd.openxmlformats-officedocument.wordprocessingml.document")
+
+    def test_umlaut_name(self):
+        [doc] = self.extract_tnef("umlaut-name.dat").attachments
+        self.assertEqual((doc.filename, doc.original_filename), ("Bestellübersicht.txt", "Bestellübersicht.txt"))
+        self.assertEqual(self.data(doc), "Bestellung über 5 Stück\r\n".encode("cp1252"))
+
+    def test_rtf_body_only_keeps_the_tnef_part(self):
+        [doc] = self.extract_tnef("rtf-body-only.dat").attachments
+        self.assertEqual((doc.filename, doc.content_type), ("winmail.dat", "application/ms-tnef"))
+
+    def test_truncated_keeps_what_was_read(self):
+        result = self.extract_tnef("truncated.dat")
+        self.assertEqual(self.names(result), ["ORDER.PDF"])
+        self.assertIn("part 2: TNEF: truncated, the rest skipped", result.warnings)
+
+    def test_found_by_name_whatever_its_type(self):
+        result = self.extract_tnef("two-files.dat", content_type="application/octet-stream")
+        self.assertEqual(self.names(result), ["Order 2024-117.pdf", "NOTES.TXT"])
+
+    def test_not_tnef_is_kept_as_it_is(self):
+        result = self.extract(message(multipart(text_body(), tnef_part(b"not a TNEF stream"))))
+        self.assertEqual(self.names(result), ["winmail.dat"])
+        self.assertIn("part 2: not TNEF, kept as it is", result.warnings)
+
+    def test_absurd_counts_are_bounded(self):
+        """A property count of 2**32 over a few bytes, and 5,000 files: read in linear time, bounded."""
+        absurd = struct.pack("<IH", tnef_builder.SIGNATURE, 1) + tnef_builder.attribute(
+            2, tnef_builder.ATT_ATTACH_REND_DATA, bytes(14)
+        )
+        absurd += tnef_builder.attribute(2, tnef_builder.ATT_ATTACH_DATA, b"data")
+        absurd += tnef_builder.attribute(
+            2, tnef_builder.ATT_ATTACHMENT, struct.pack("<IHHI", 0xFFFFFFFF, 0x1002, 0x3707, 0xFFFFFFFF) + bytes(8)
+        )
+        many = struct.pack("<IH", tnef_builder.SIGNATURE, 1) + 5000 * (
+            tnef_builder.attribute(2, tnef_builder.ATT_ATTACH_REND_DATA, bytes(14))
+            + tnef_builder.attribute(2, tnef_builder.ATT_ATTACH_DATA, b"x")
+        )
+        started = time.monotonic()
+        result = self.extract(message(multipart(text_body(), tnef_part(absurd), tnef_part(many), pdf_part())), max_parts=100)
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn("part 2: TNEF: an attachment's MAPI properties are damaged, ignored", result.warnings)
+        # The TNEF files count against max_parts like MIME parts.
+        self.assertTrue(any(w.startswith("part 3: TNEF: more than ") for w in result.warnings), result.warnings)
+        self.assertLessEqual(len(result.attachments), 100)
+        self.assertEqual(result.attachments[0].filename, "attachment-1.bin")
+        self.assertEqual(result.attachments[-1].filename, "order.pdf")
+
+
+class InlineImageTests(ExtractionTestCase):
+    """Issue 14, defect 2: images are documents unless the HTML body shows them."""
+
+    def test_iphone_photo_alone(self):
+        photo = entity(
+            "Content-Type: image/jpeg",
+            'Content-Disposition: inline; filename="IMG_0412.jpeg"',
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\xff\xd8\xff photographed paper order"),
+        )
+        [doc] = self.extract(message(photo)).attachments
+        self.assertEqual((doc.filename, doc.content_type, doc.disposition), ("IMG_0412.jpeg", "image/jpeg", "inline"))
+
+    def outlook_logo_message(self) -> bytes:
+        """Outlook's signature logo: inline, named, referenced by cid: from the HTML body, not in multipart/related."""
+        logo = entity(
+            'Content-Type: image/png; name="image001.png"',
+            'Content-Disposition: inline; filename="image001.png"',
+            "Content-ID: <image001.png@01DA0000.12345670>",
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"\x89PNG logo"),
+        )
+        html = entity(
+            "Content-Type: text/html; charset=utf-8",
+            "Content-Transfer-Encoding: quoted-printable",
+            body=b'<p>Regards</p><img width=3D"120" src=3D"cid:image001.png@01DA0000.12345670">',
+        )
+        return message(multipart(multipart(text_body(), html, subtype="alternative", boundary="b-alt"), logo, pdf_part()))
+
+    def test_outlook_signature_logo_stays_skipped(self):
+        self.assertEqual(self.names(self.extract(self.outlook_logo_message())), ["order.pdf"])
+
+    def test_keep_stores_the_logo_too(self):
+        result = self.extract(self.outlook_logo_message(), inline_images="keep")
+        self.assertEqual(self.names(result), ["image001.png", "order.pdf"])
+        self.assertEqual(result.attachments[0].content_id, "image001.png@01DA0000.12345670")
+
+    def test_referenced_by_content_location(self):
+        logo = entity("Content-Type: image/gif", "Content-Location: http://example.net/logo.gif", body=b"GIF89a")
+        html = entity("Content-Type: text/html", body=b'<img src="http://example.net/logo.gif">')
+        self.assertEqual(self.names(self.extract(message(multipart(html, logo, pdf_part())))), ["order.pdf"])
+
+
+class HeaderRepairTests(ExtractionTestCase):
+    def test_malformed_content_type(self):
+        """Issue 14, defect 3: a missing ';' is no content type."""
+        part = entity(
+            'Content-Type: application/pdfname="invoice.pdf"',
+            "Content-Disposition: attachment",
+            "Content-Transfer-Encoding: base64",
+            body=b64(PDF),
+        )
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(doc.content_type, "application/octet-stream")
+        self.assertEqual(doc.content_type_raw, 'application/pdfname="invoice.pdf"')
+
+    def test_content_type_is_normalised(self):
+        part = entity('Content-Type: Application/PDF ; name="a.pdf"', "Content-Transfer-Encoding: base64", body=b64(PDF))
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(doc.content_type, "application/pdf")
+
+    def test_original_filename_is_kept(self):
+        """Issue 14, defect 5."""
+        [doc] = self.extract(message(multipart(text_body(), pdf_part("/tmp/whoa")))).attachments
+        self.assertEqual((doc.filename, doc.original_filename), ("whoa", "/tmp/whoa"))
+
+    def test_old_file_parameter_and_description(self):
+        old = entity("Content-Type: application/pdf", "Content-Disposition: attachment; file=old.pdf", body=b"%PDF")
+        described = entity("Content-Type: application/pdf", "Content-Description: =?utf-8?q?Rechnung_M=C3=A4rz.pdf?=", body=b"%PDF")
+        result = self.extract(message(multipart(text_body(), old, described)))
+        self.assertEqual(self.names(result), ["old.pdf", "Rechnung März.pdf"])
+
+    def test_rfc2231_bytes_invalid_in_charset_keep_the_raw_value(self):
+        """Issue 14, defect 7: replacement characters, the raw header kept."""
+        part = entity("Content-Type: application/octet-stream; name*=iso-2022-jp'ja'Dij%8aat.mp3", body=b"x")
+        [doc] = self.extract(message(multipart(text_body(), part))).attachments
+        self.assertEqual(doc.filename, "Dij\ufffdat.mp3")
+        self.assertEqual(doc.original_filename, "application/octet-stream; name*=iso-2022-jp'ja'Dij%8aat.mp3")
+
+
+class SignedAndEncryptedTests(ExtractionTestCase):
+    def test_signatures_are_not_documents(self):
+        signed = multipart(
+            multipart(text_body(), pdf_part(), boundary="b-inner"),
+            entity('Content-Type: application/pkcs7-signature; name="smime.p7s"', body=b"MIIsig"),
+            subtype='signed; protocol="application/pkcs7-signature"',
+            boundary="b-signed",
+        )
+        self.assertEqual(self.names(self.extract(message(signed))), ["order.pdf"])
+
+    def test_encrypted_message_is_one_document_with_a_warning(self):
+        enveloped = entity(
+            'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"',
+            "Content-Transfer-Encoding: base64",
+            body=b64(b"0\x80\x06\x09enveloped"),
+        )
+        result = self.extract(message(enveloped))
+        self.assertEqual(self.names(result), ["smime.p7m"])
+        self.assertIn("part 1: S/MIME encrypted, kept as one document", result.warnings)
+
+    def test_pgp_encrypted(self):
+        encrypted = multipart(
+            entity("Content-Type: application/pgp-encrypted", body=b"Version: 1"),
+            entity('Content-Type: application/octet-stream; name="encrypted.asc"', body=b"-----BEGIN PGP MESSAGE-----"),
+            subtype='encrypted; protocol="application/pgp-encrypted"',
+            boundary="b-enc",
+        )
+        result = self.extract(message(encrypted))
+        self.assertEqual(self.names(result), ["encrypted.asc"])
+        self.assertIn("message: encrypted, kept as one document", result.warnings)

@@ -302,6 +302,16 @@ class DocumentTests(FixtureTestCase):
         self.user_error("documents", "list", "--org", "nope", expected="no organisation 'nope'")
         self.user_error("documents", "list", "--message", "999", expected="no message 999")
 
+    def test_show(self):
+        """Issue 14: the columns of migration 005 are shown (NULL for documents extracted before it)."""
+        document = self.json("documents", "show", "1")
+        self.assertEqual((document["id"], document["filename"]), (1, "invoice.pdf"))
+        for column in ("original_filename", "content_type_raw", "disposition", "content_id"):
+            self.assertIn(column, document)
+            self.assertIsNone(document[column])
+        self.assertIn("original_filename:", self.ok("documents", "show", "1"))
+        self.user_error("documents", "show", "999", expected="no document 999")
+
     def test_get(self):
         target = os.path.join(self.directory, "out", "invoice.pdf")
         os.makedirs(os.path.dirname(target))

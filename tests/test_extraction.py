@@ -2,6 +2,7 @@
 Extraction end to end: mail goes in over SMTP, documents come out.
 """
 
+import base64
 import hashlib
 import os
 import signal
@@ -17,6 +18,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
+from mailingest.ops import metrics
 from mailingest.extraction.attachments import ExtractionResult
 from mailingest.extraction.pool import WORKER_ARGV
 from mailingest.extraction.service import ExtractionService
@@ -104,7 +106,23 @@ class ExtractionTests(ExtractionCase):
         outer.add_attachment(inner, filename="original.eml")
         row = yield self.deliver(outer)
         docs = yield self.documents(row["id"])
-        self.assertEqual([(d["filename"], d["bytes"]) for d in docs], [("inner.pdf", PDF)])
+        self.assertEqual([d["filename"] for d in docs], ["original.eml", "inner.pdf"])
+        self.assertEqual(docs[1]["bytes"], PDF)
+        self.assertIn(b"Subject: Original", docs[0]["bytes"])
+
+    @defer.inlineCallbacks
+    def test_undecodable_part_leaves_the_message_parsed_with_warnings(self):
+        """Issue 14, defect 4: the good attachment is extracted, the bad part named in warnings and counted."""
+        msg = order(subject="Partial", attachments=[(PDF, "application", "pdf", "order.pdf")])
+        msg.add_attachment(b"gif", maintype="image", subtype="gif", filename="spacer.gif")
+        raw = msg.as_bytes().replace(base64.b64encode(b"gif"), b"The file was removed")
+        skipped = metrics.PARTS_SKIPPED._value.get()
+        row = yield self.deliver(raw)
+        self.assertEqual(row["status"], "parsed")
+        self.assertIn("'spacer.gif'): base64 content cannot be decoded, skipped", row["warnings"])
+        docs = yield self.documents(row["id"])
+        self.assertEqual([d["filename"] for d in docs], ["order.pdf"])
+        self.assertEqual(metrics.PARTS_SKIPPED._value.get(), skipped + 1)
 
     @defer.inlineCallbacks
     def test_inline_logo_and_pdf(self):

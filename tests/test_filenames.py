@@ -96,8 +96,8 @@ class DecodeFilenameTests(SynchronousTestCase):
 
     def test_rfc2231_bytes_invalid_in_charset(self):
         name, warnings = self.decode(b"Content-Type: application/octet-stream; name*=iso-2022-jp'ja'Dij%8aat.mp3")
-        self.assertEqual(name, "Dij\u0160at.mp3")
-        self.assertEqual(warnings, ["undecodable charset in filename"])
+        self.assertEqual(name, "Dij\ufffdat.mp3")
+        self.assertEqual(warnings, ["filename bytes invalid in their charset, replaced"])
 
     def test_rfc2047_unquoted(self):
         self.assertEqual(

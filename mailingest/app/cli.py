@@ -331,6 +331,18 @@ async def cmd_documents_list(session: Session, args: argparse.Namespace) -> None
     print(to_json(rows) if args.json else table(rows, DOCUMENT_TABLE))
 
 
+async def cmd_documents_show(session: Session, args: argparse.Namespace) -> None:
+    row = await session.store.get_document(args.id)
+    if row is None:
+        raise CommandError(f"no document {args.id}")
+    if args.json:
+        print(to_json(row))
+        return
+    width = max(len(name) for name in row) + 1
+    for name, value in row.items():
+        print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
+
+
 async def cmd_documents_get(session: Session, args: argparse.Namespace) -> None:
     row = await session.store.get_document(args.id)
     if row is None:
@@ -569,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--org", metavar="SLUG", help="only this organisation's")
     listing.add_argument("--message", type=int, metavar="ID", help="only this message's, in message order")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    show = _command(documents, "show", "one document: names, types, how it was attached", cmd_documents_show)
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
     get = _command(documents, "get", "download a document", cmd_documents_get)
     get.add_argument("id", type=int, metavar="ID")
     get.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it; - for stdout")

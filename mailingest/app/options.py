@@ -130,6 +130,7 @@ DAEMON_OPTIONS = (
     Option("webhook-allow-http", False, "allow plain http:// webhook URLs", boolean, flag=True),
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
+    Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
 )
 
 STORAGE_OPTIONS = (

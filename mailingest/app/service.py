@@ -311,6 +311,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
             settings["extraction_timeout"],
             reactor,
             memory_limit=settings["extraction_memory_limit"],
+            inline_images=settings["inline_images"],
         ),
         work_dir=os.path.join(scratch, "work"),
         concurrency=settings["extraction_processes"] + 1,

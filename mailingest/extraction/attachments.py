@@ -8,25 +8,37 @@ from their position only) and returns them in message order with their decoded
 and sanitised filenames (L{mailingest.extraction.filenames}). Its output depends on the
 input alone, so extraction can be re-run after a crash.
 
-What is a document:
+What is a document (every file a mail client would show as an attachment):
   - a leaf part with C{Content-Disposition: attachment}, or with a filename, or
-    of a non-text type, unless it is an inline image: an C{image/*} part that is
-    C{Content-Disposition: inline}, or that has a C{Content-ID} inside a
-    C{multipart/related} (an image marked C{attachment} is always kept). So
-    Apple Mail's C{inline; filename=x.pdf} PDFs are kept, a C{text/csv} is kept
-    when it has a name or is an attachment, and the text and HTML bodies are not.
-    C{application/ms-tnef} (winmail.dat) is an ordinary document.
+    of a non-text type, images included (an iPhone's C{inline;
+    filename=IMG_0412.jpeg}), except the images an HTML body shows: those it
+    references by C{cid:} or C{Content-Location} (signature logos), and those
+    with a C{Content-ID} inside C{multipart/related} and no C{attachment}
+    disposition (C{inline_images="keep"} keeps both). Shown images are found
+    once the whole message is walked, so they are written and then dropped.
+    The text and HTML bodies are not documents; a C{text/csv} is when it has a
+    name or is an attachment.
+  - C{application/ms-tnef} (or any part named winmail.dat): each file inside it
+    (L{mailingest.extraction.tnef}); the TNEF part itself only when none could
+    be taken out.
+  - the signature of C{multipart/signed} is not; encrypted data
+    (C{multipart/encrypted}, S/MIME C{pkcs7-mime}) is one document, with a warning.
   - Disposition values other than C{attachment} and C{inline} are treated as
     absent: in practice they are damage, and would turn bodies into documents.
   - C{multipart/*} containers are walked. C{message/rfc822} and
     C{message/global} parts (forwarded mail, attached or inline) are walked as
     messages of their own, up to C{max_depth} levels of nesting: the files inside
-    them become documents, the C{.eml} itself does not. Beyond C{max_depth}: a
+    them become documents, and the C{.eml} itself too when it is named or an
+    attachment (as the email package writes it back). Beyond C{max_depth}: a
     warning, and nothing inside is extracted. A forwarded part that holds no
     message (not one header, even after undoing a base64 or quoted-printable
     transfer encoding, which some clients wrongly apply) is kept as a C{.eml}
     document. Other C{message/*} types (delivery and read reports,
-    C{message/partial}, C{message/external-body}) carry no file and are skipped.
+    C{message/partial}, C{message/external-body}) are documents only when named
+    or an attachment (an attached C{DSN57BAC498.txt}).
+  - Content types are read with the email package's header registry (bounded
+    to the 8 KiB L{raw_header} gives) and stored as C{type/subtype}; one that
+    cannot be read is C{application/octet-stream}, the raw value kept.
 
 Warnings name parts by IMAP section number (C{part 2.1}), so an operator can
 find them; generated names count documents from 1 (C{attachment-1.pdf}).
@@ -42,9 +54,12 @@ the identity ones, with common misspellings (C{quoted printable}, C{7-bit},
 C{base64;}); a document in any other is stored undecoded, as RFC 2045 section
 6.4 says, with a warning.
 
+A document part that cannot be decoded is skipped: its reason is in
+C{skipped} and in the warnings, and the other parts are still extracted.
 L{UnparseableMessage} (the message is marked failed at once) is raised only
-when a retry can never help:
-  - a document's base64 body cannot be decoded at all: once the characters
+when a retry can never help and nothing of the message can be read:
+  - every document part was skipped, each because its base64 body cannot be
+    decoded at all: once the characters
     outside the base64 alphabet are dropped (RFC 2045 says to ignore them),
     4n+1 remain, which no padding can complete. This is where the email package
     gives up (C{InvalidBase64LengthDefect}) and hands back the encoded text.
@@ -78,18 +93,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import os
 import quopri
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import field
 from email.errors import MultipartInvariantViolationDefect
 from email.feedparser import BytesFeedParser, FeedParser
+from email.generator import BytesGenerator
+from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.policy import Policy, compat32
+from io import BytesIO
 
-from mailingest.extraction.filenames import decode_filename, fallback_filename, header_parameter, sanitise_filename
+from mailingest.extraction.filenames import (
+    BYTES_REPLACED,
+    decode_filename,
+    described_filename,
+    fallback_filename,
+    header_parameter,
+    raw_header,
+    sanitise_filename,
+)
+from mailingest.extraction.tnef import NotTnef, tnef_files
 
 READ_CHUNK_BYTES = 1 << 20
 DECODE_CHUNK_CHARS = 1 << 20
@@ -101,21 +130,38 @@ _BASE64_IGNORED = b"\r\n\t "
 # A delimiter line followed by a MIME header: "--boundary\r\nContent-Type: ...".
 _DELIMITER_LINE = re.compile(r"^--(\S[^\r\n]{0,69}?)[ \t]*\r?\n(?i:content-)", re.MULTILINE)
 _PART_LIMIT_WARNING = "more than {} MIME parts, the rest skipped"
+_TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+_SIGNATURE_TYPES = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature", "application/pgp-signature"})
+_SMIME_TYPES = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
+_CONTENT_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
+# What an HTML body shows from the message: src="cid:logo@x", also url(cid:...).
+_CID_REFERENCE = re.compile(r"cid:([^\s\"'<>()]+)", re.IGNORECASE)
+# HTML bodies are searched for references in their first 4 MiB.
+HTML_SCAN_BYTES = 4 << 20
+_HEADER_REGISTRY = HeaderRegistry()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Attachment:
     filename: str
     content_type: str
     size: int
     sha256: str
     path: str
+    # The name as the sender wrote it, decoded (the raw header when its bytes did not fit its charset).
+    original_filename: str | None = None
+    disposition: str | None = None
+    content_id: str | None = None
+    # The Content-Type header as received, when it says more than content_type.
+    content_type_raw: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ExtractionResult:
     attachments: list[Attachment]
     warnings: list[str]
+    # The parts that could not be read, each named with its reason (also in warnings).
+    skipped: list[str] = field(default_factory=list)
 
 
 class UnparseableMessage(Exception):
@@ -130,25 +176,41 @@ class _Undecodable(Exception):
     pass
 
 
-def extract_attachments(raw_path: str, out_dir: str, *, max_depth: int = 5, max_parts: int = 1000) -> ExtractionResult:
-    """Write the documents of the message in C{raw_path} to the empty C{out_dir}."""
-    walk = _AttachmentWalk(out_dir, max_depth, max_parts)
+def extract_attachments(
+    raw_path: str, out_dir: str, *, max_depth: int = 5, max_parts: int = 1000, inline_images: str = "skip"
+) -> ExtractionResult:
+    """
+    Write the documents of the message in C{raw_path} to the empty C{out_dir}.
+    C{inline_images="keep"} also keeps the images the HTML body shows.
+    """
+    walk = _AttachmentWalk(out_dir, max_depth, max_parts, keep_inline_images=inline_images == "keep")
     walk.walk(walk.parse_file(raw_path))
+    if not walk.keep_inline_images:
+        walk.drop_shown_images()
+    if walk.skipped and not walk.attachments:
+        raise UnparseableMessage("; ".join(walk.skipped))
     if not walk.attachments:
         walk.warn("no attachments")
-    return ExtractionResult(walk.attachments, walk.warnings)
+    return ExtractionResult(walk.attachments, walk.warnings, walk.skipped)
 
 
 class _AttachmentWalk:
     """The walk of one message's parts: budget left, documents and warnings so far."""
 
-    def __init__(self, out_dir: str, max_depth: int, max_parts: int):
+    def __init__(self, out_dir: str, max_depth: int, max_parts: int, keep_inline_images: bool = False):
         self.out_dir = out_dir
+        self.keep_inline_images = keep_inline_images
         self.max_depth = max_depth
         self.max_parts = max_parts
         self.parts_left = max_parts
         self.attachments: list[Attachment] = []
         self.warnings: list[str] = []
+        self.skipped: list[str] = []
+        # What the HTML bodies show: Content-IDs (from cid: URLs) and the text to find Content-Locations in.
+        self.shown_ids: set[str] = set()
+        self.html: list[str] = []
+        # Images the HTML bodies may show, by their index in attachments: (Content-ID, Content-Location).
+        self.images: dict[int, tuple[str | None, str | None]] = {}
 
     def warn(self, warning: str) -> None:
         if warning not in self.warnings:
@@ -188,28 +250,49 @@ class _AttachmentWalk:
 
     def walk(self, root: Message) -> None:
         """Depth first, in message order, without recursion (nesting is the sender's choice)."""
-        # (part, IMAP section, forwarding depth, inside multipart/related, is a message)
-        stack: list[tuple[Message, str, int, bool, bool]] = [(root, "", 0, False, True)]
+        # (part, IMAP section, forwarding depth, subtypes of the multiparts around it, is a message)
+        stack: list[tuple[Message, str, int, frozenset, bool]] = [(root, "", 0, frozenset(), True)]
         while stack:
-            part, section, depth, related, is_message = stack.pop()
+            part, section, depth, within, is_message = stack.pop()
             if part.defects:
                 names = ", ".join(dict.fromkeys(type(d).__name__ for d in part.defects))
                 self.warn(f"{_label(section)}: malformed MIME ({names})")
             if is_message and not part.is_multipart():
                 section = _child(section, 1)
             content_type = _content_type(part)
-            if content_type in _FORWARDED_TYPES:
-                self._forwarded(part, section, content_type, depth, stack)
+            if content_type.startswith("message/"):
+                self._message_part(part, section, content_type, depth, stack)
             elif content_type.startswith("multipart/"):
-                related = related or content_type == "multipart/related"
+                if content_type == "multipart/encrypted":
+                    self.warn(f"{_label(section)}: encrypted, kept as one document")
+                inner = within | {content_type.partition("/")[2]}
                 children = self._children(part, section)
                 stack.extend(
-                    reversed(
-                        [(child, _child(section, i), depth, related, False) for i, child in enumerate(children, 1)]
-                    )
+                    reversed([(child, _child(section, i), depth, inner, False) for i, child in enumerate(children, 1)])
                 )
-            elif not content_type.startswith("message/") and not part.is_multipart():
-                self._leaf(part, section, content_type, related)
+            elif not part.is_multipart():
+                self._leaf(part, section, within)
+
+    def drop_shown_images(self) -> None:
+        """Leave out the images an HTML body shows (by cid: or Content-Location): logos, not files."""
+        html = "\n".join(self.html)
+        shown = {
+            index
+            for index, (content_id, location) in self.images.items()
+            if (content_id and content_id in self.shown_ids) or (location and location in html)
+        }
+        if not shown:
+            return
+        kept = []
+        for index, attachment in enumerate(self.attachments):
+            if index in shown:
+                os.remove(attachment.path)
+                continue
+            path = os.path.join(self.out_dir, f"{len(kept)}.bin")
+            if path != attachment.path:
+                os.rename(attachment.path, path)
+            kept.append(dataclasses.replace(attachment, path=path))
+        self.attachments = kept
 
     def _children(self, part: Message, section: str) -> list[Message]:
         """The parts of a multipart, with those that a damaged boundary hid from the parser."""
@@ -279,7 +362,28 @@ class _AttachmentWalk:
         header = f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
         return self.parse([header, body], FeedParser)
 
-    def _forwarded(self, part: Message, section: str, content_type: str, depth: int, stack: list) -> None:
+    def _message_part(self, part: Message, section: str, content_type: str, depth: int, stack: list) -> None:
+        """
+        A C{message/*} part: a document when it is named or an attachment
+        (an attached C{.eml}, a delivery report C{DSN....txt}); forwarded
+        messages are walked as well.
+        """
+        name_warnings: list[str] = []
+        name = decode_filename(part, name_warnings)
+        named = name is not None or _disposition(part) == "attachment"
+        payload = part.get_payload()
+        if content_type in _FORWARDED_TYPES:
+            inner = payload[0] if isinstance(payload, list) and payload else None
+            if named and isinstance(inner, Message) and inner.keys():
+                self._store_bytes(part, section, content_type, _body_bytes(part), name, name_warnings)
+            self._forwarded(part, section, content_type, depth, stack, named)
+        elif named and isinstance(payload, list):
+            self._store_bytes(part, section, content_type, _body_bytes(part), name, name_warnings)
+        elif named:
+            self._store_part(part, section, content_type, name, name_warnings)
+
+    def _forwarded(self, part: Message, section: str, content_type: str, depth: int, stack: list, named: bool) -> None:
+        """Walk a forwarded message; one that holds no message is kept as a C{.eml}, as is a named one decoded."""
         if depth >= self.max_depth:
             self.warn(f"{_label(section)}: depth limit reached, skipped")
             return
@@ -288,49 +392,138 @@ class _AttachmentWalk:
         if not isinstance(inner, Message):
             return
         if inner.keys():
-            stack.append((inner, section, depth + 1, False, True))
+            stack.append((inner, section, depth + 1, frozenset(), True))
             return
         encoding = _transfer_encoding(part)
         name_warnings: list[str] = []
         name = decode_filename(part, name_warnings)
-        path, size, digest = self._write(_text(inner), encoding, section, content_type)
+        written = self._write(_text(inner), encoding, section, content_type, name)
+        if written is None:
+            return
+        path, size, digest = written
         if encoding in ("base64", "quoted-printable"):
             decoded = self.parse_file(path)
             if decoded.keys():
-                os.remove(path)
-                stack.append((decoded, section, depth + 1, False, True))
-                return
-        self._add_document(path, size, digest, section, content_type, name, name_warnings)
+                stack.append((decoded, section, depth + 1, frozenset(), True))
+                if not named:
+                    os.remove(path)
+                    return
+        self._add_document(part, path, size, digest, section, content_type, name, name_warnings)
 
-    def _leaf(self, part: Message, section: str, content_type: str, related: bool) -> None:
+    def _leaf(self, part: Message, section: str, within: frozenset) -> None:
+        content_type = _normalised_type(part)
         maintype = content_type.partition("/")[0]
-        disposition = part.get_content_disposition()
+        disposition = _disposition(part)
         name_warnings: list[str] = []
         name = decode_filename(part, name_warnings)
-        if maintype == "image" and disposition != "attachment":
-            if disposition == "inline" or (related and str(part.get("content-id", "")).strip()):
+        content_id = _content_id(part)
+        if content_type == "text/html" and disposition != "attachment":
+            self._read_html(part)
+        if "signed" in within and content_type in _SIGNATURE_TYPES:
+            return
+        if "encrypted" in within and content_type == "application/pgp-encrypted":
+            return
+        if maintype == "image" and disposition != "attachment" and "related" in within and content_id:
+            if not self.keep_inline_images:
                 return
         if maintype == "text" and disposition != "attachment" and name is None:
             return
-        path, size, digest = self._write(_text(part), _transfer_encoding(part), section, content_type)
-        self._add_document(path, size, digest, section, content_type, name, name_warnings)
+        if content_type in _SMIME_TYPES:
+            smime_type = str(part.get_param("smime-type", "") or "").lower()
+            opaque = "signed, not readable here" if smime_type == "signed-data" else "encrypted"
+            self.warn(f"{_label(section)}: S/MIME {opaque}, kept as one document")
+        if content_type in _TNEF_TYPES or (name or "").strip().lower() == "winmail.dat":
+            self._tnef(part, section, content_type, name, name_warnings)
+            return
+        index = len(self.attachments)
+        self._store_part(part, section, content_type, name, name_warnings)
+        if maintype == "image" and len(self.attachments) > index:
+            self.images[index] = (content_id, _content_location(part))
 
-    def _write(self, text: str, encoding: str, section: str, content_type: str) -> tuple[str, int, str]:
-        """Decode C{text} into the next document file: its path, size and SHA-256."""
+    def _read_html(self, part: Message) -> None:
+        """Note what an HTML body shows: the Content-IDs it names, and its text for Content-Locations."""
+        sink = _MemorySink(HTML_SCAN_BYTES)
+        try:
+            _decode(_text(part)[: HTML_SCAN_BYTES * 2], _transfer_encoding(part), sink)
+        except _Undecodable:
+            return
+        html = sink.getvalue().decode("latin-1")
+        self.html.append(html)
+        self.shown_ids.update(urllib.parse.unquote(m.group(1)).strip("<>") for m in _CID_REFERENCE.finditer(html))
+
+    def _tnef(self, part: Message, section: str, content_type: str, name: str | None, name_warnings: list[str]) -> None:
+        """Each file inside a winmail.dat is a document; the TNEF part itself only when none could be taken out."""
+        sink = _MemorySink(None)
+        try:
+            _decode(_text(part), _transfer_encoding(part), sink)
+            files, warnings = tnef_files(sink.getvalue(), max(self.parts_left, 1))
+        except (_Undecodable, NotTnef):
+            files, warnings = [], ["not TNEF, kept as it is"]
+        for warning in warnings:
+            self.warn(f"{_label(section)}: {warning}")
+        if not files:
+            self._store_part(part, section, content_type, name, name_warnings)
+            return
+        self.parts_left -= len(files)
+        for number, file in enumerate(files, 1):
+            path = os.path.join(self.out_dir, f"{len(self.attachments)}.bin")
+            with _Sink(path) as out:
+                out.write(file.data)
+            self.attachments.append(
+                Attachment(
+                    sanitise_filename(file.name, self._fallback(file.content_type)) if file.name else self._fallback(file.content_type),
+                    file.content_type,
+                    out.size,
+                    out.digest.hexdigest(),
+                    path,
+                    original_filename=file.name,
+                    disposition="attachment",
+                )
+            )
+
+    def _store_part(self, part: Message, section: str, content_type: str, name: str | None, name_warnings: list[str]) -> None:
+        written = self._write(_text(part), _transfer_encoding(part), section, content_type, name)
+        if written is not None:
+            self._add_document(part, *written, section, content_type, name, name_warnings)
+
+    def _store_bytes(
+        self, part: Message, section: str, content_type: str, data: bytes, name: str | None, name_warnings: list[str]
+    ) -> None:
+        path = os.path.join(self.out_dir, f"{len(self.attachments)}.bin")
+        with _Sink(path) as sink:
+            sink.write(data)
+        self._add_document(part, path, sink.size, sink.digest.hexdigest(), section, content_type, name, name_warnings)
+
+    def _write(self, text: str, encoding: str, section: str, content_type: str, name: str | None) -> tuple[str, int, str] | None:
+        """
+        Decode C{text} into the next document file: its path, size and
+        SHA-256; None when it cannot be decoded (the part is skipped, with
+        its reason).
+        """
         path = os.path.join(self.out_dir, f"{len(self.attachments)}.bin")
         with _Sink(path) as sink:
             try:
                 warning = _decode(text, encoding, sink)
+                decoded = True
             except _Undecodable:
-                raise UnparseableMessage(
-                    f"{_label(section)} ({content_type}): {encoding} content cannot be decoded at all"
-                ) from None
+                decoded = False
+        if not decoded:
+            os.remove(path)
+            described = f"{content_type}, {name!r}" if name else content_type
+            reason = f"{_label(section)} ({described}): {encoding} content cannot be decoded, skipped"
+            self.skipped.append(reason)
+            self.warn(reason)
+            return None
         if warning:
             self.warn(f"{_label(section)}: {warning}")
         return path, sink.size, sink.digest.hexdigest()
 
+    def _fallback(self, content_type: str) -> str:
+        return fallback_filename(len(self.attachments) + 1, content_type)
+
     def _add_document(
         self,
+        part: Message,
         path: str,
         size: int,
         digest: str,
@@ -341,10 +534,27 @@ class _AttachmentWalk:
     ) -> None:
         for warning in name_warnings:
             self.warn(f"{_label(section)}: {warning}")
-        fallback = fallback_filename(len(self.attachments) + 1, content_type)
+        original = name
+        if BYTES_REPLACED in name_warnings:
+            original = raw_header(part, "content-disposition") or raw_header(part, "content-type")
+        if name is None:
+            name = described_filename(part, [])
+        fallback = self._fallback(content_type)
         filename = sanitise_filename(name, fallback) if name is not None else fallback
-        self.attachments.append(Attachment(filename, content_type, size, digest, path))
-
+        raw_type = raw_header(part, "content-type")
+        self.attachments.append(
+            Attachment(
+                filename,
+                content_type,
+                size,
+                digest,
+                path,
+                original_filename=original,
+                disposition=_disposition(part),
+                content_id=_content_id(part),
+                content_type_raw=raw_type.strip() if raw_type and raw_type.strip() != content_type else None,
+            )
+        )
 
 class _Part(Message):
     """A parsed part whose encoded body can be read as received, and whose parameters can always be read."""
@@ -372,6 +582,24 @@ class _Part(Message):
         body through C{_payload}, so that is what is read here.
         """
         return self._payload if isinstance(self._payload, str) else ""
+
+
+class _MemorySink:
+    """Decoded bytes kept in memory, at most C{limit} of them (None: all)."""
+
+    def __init__(self, limit: int | None):
+        self._buffer = BytesIO()
+        self._limit = limit
+
+    def write(self, data: bytes) -> None:
+        if self._limit is None or self._buffer.tell() < self._limit:
+            self._buffer.write(data)
+
+    def restart(self) -> None:
+        self._buffer = BytesIO()
+
+    def getvalue(self) -> bytes:
+        return self._buffer.getvalue()
 
 
 class _Sink:
@@ -511,7 +739,52 @@ def _transfer_encoding(part: Message) -> str:
 
 
 def _content_type(part: Message) -> str:
+    """The type the parser went by, for the structure: multiparts and messages."""
     return "".join(part.get_content_type().split())
+
+
+def _normalised_type(part: Message) -> str:
+    """
+    C{type/subtype} in lower case as the email package's header registry
+    reads the Content-Type (the default of C{part} when it has none);
+    C{application/octet-stream} when the value cannot be read (a missing
+    C{;}: C{application/pdfname="x.pdf"}).
+    """
+    raw = raw_header(part, "content-type")
+    if raw is None or not raw.strip():
+        return _content_type(part)
+    try:
+        parsed = _HEADER_REGISTRY("content-type", raw).content_type
+    except Exception:
+        return "application/octet-stream"
+    declared = re.sub(r"\s+", "", raw.partition(";")[0]).lower()
+    if declared != parsed or not _CONTENT_TYPE.fullmatch(parsed):
+        return "application/octet-stream"
+    return parsed
+
+
+def _disposition(part: Message) -> str | None:
+    """C{attachment} or C{inline}; other values are damage and count as absent."""
+    value = part.get_content_disposition()
+    return value if value in ("attachment", "inline") else None
+
+
+def _content_id(part: Message) -> str | None:
+    value = str(part.get("content-id", "") or "").strip()[:998].strip("<>").strip()
+    return value or None
+
+
+def _content_location(part: Message) -> str | None:
+    value = "".join(str(part.get("content-location", "") or "").split())[:998]
+    return value or None
+
+
+def _body_bytes(part: Message) -> bytes:
+    """A C{message/*} part's body (the attached message), as the email package writes it back."""
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(linesep="\r\n")).flatten(part)
+    data = out.getvalue()
+    return data.partition(b"\r\n\r\n")[2]
 
 
 def _text(part: Message) -> str:

@@ -2,7 +2,9 @@
 Attachment filenames: decoding what senders put in headers, and making it safe.
 
 Decoding (L{decode_filename}) takes the C{filename} parameter of
-Content-Disposition, else the C{name} parameter of Content-Type, and handles
+Content-Disposition, else the C{name} parameter of Content-Type, else the old
+C{file} parameter of either (L{described_filename} reads Content-Description,
+the last resort for naming a part, never a reason to make it a document), and handles
 RFC 2231 (C{filename*=}, continuations C{filename*0*=}, any charset), RFC 2047
 encoded words (also inside a quoted string, which many clients send although
 the RFC forbids it) and raw 8-bit bytes (RFC 6532 UTF-8, or a legacy charset).
@@ -17,9 +19,11 @@ It works on the raw header text rather than through C{policy.default}'s header
 parser, because that parser cuts an unquoted name at its first space
 (C{filename=This is a test.txt} gives C{This}) and replaces undecodable bytes
 with U+FFFD before another charset can be tried. Bytes that are not valid in
-their declared charset (or whose charset is unknown, or that carry none) are
-tried as UTF-8, then windows-1252, then latin-1, which cannot fail; anything
-but a clean decode is reported as C{"undecodable charset in filename"}.
+their declared charset are decoded in it with U+FFFD for the invalid ones,
+reported as L{BYTES_REPLACED} (the caller keeps the raw header then). Bytes
+whose charset is unknown, or that carry none, are tried as UTF-8, then
+windows-1252, then latin-1, which cannot fail; anything but a clean decode is
+reported as C{"undecodable charset in filename"}.
 
 Sanitising (L{sanitise_filename}) makes a name safe to show and to save: NFC,
 only the last path component (C{../../etc/passwd} gives C{passwd},
@@ -69,6 +73,14 @@ _EXTENSIONS = {
     "application/vnd.openxmlformats-officedocument.presentationml.presentation": ".pptx",
 }
 
+BYTES_REPLACED = "filename bytes invalid in their charset, replaced"
+_NAME_PARAMETERS = (
+    ("content-disposition", "filename"),
+    ("content-type", "name"),
+    ("content-disposition", "file"),
+    ("content-type", "file"),
+)
+
 # Python's built-in table only: the host's /etc/mime.types would make the
 # generated names differ from one machine to another.
 _BUILTIN_TYPES = mimetypes.MimeTypes()
@@ -82,8 +94,8 @@ def decode_filename(part: Message, warnings: list[str] | None = None) -> str | N
     (an unknown charset, a garbled parameter) are appended to C{warnings}.
     """
     problems: list[str] = []
-    for header, param in (("content-disposition", "filename"), ("content-type", "name")):
-        raw = _raw_header(part, header)
+    for header, param in _NAME_PARAMETERS:
+        raw = raw_header(part, header)
         if raw is None:
             continue
         value = _parameter(raw, header, param, problems)
@@ -94,6 +106,15 @@ def decode_filename(part: Message, warnings: list[str] | None = None) -> str | N
     if warnings is not None:
         warnings.extend(dict.fromkeys(problems))
     return value
+
+
+def described_filename(part: Message, warnings: list[str]) -> str | None:
+    """The Content-Description of C{part}, decoded, as a name for a part that has no other."""
+    raw = raw_header(part, "content-description")
+    if raw is None or not raw.strip():
+        return None
+    text = raw.encode("utf-8", "surrogateescape").decode("latin-1")
+    return _decode_encoded_words(text, warnings).strip() or None
 
 
 def sanitise_filename(name: str, fallback: str = "attachment") -> str:
@@ -114,7 +135,7 @@ def fallback_filename(index: int, content_type: str) -> str:
     return f"attachment-{index}{extension}"
 
 
-def _raw_header(part: Message, name: str) -> str | None:
+def raw_header(part: Message, name: str) -> str | None:
     """The first C{name} header as received, unfolded, cut at MAX_HEADER_CHARS."""
     for key, value in part.raw_items():
         if key.lower() == name:
@@ -209,6 +230,9 @@ def _decode_bytes(data: bytes, charset: str | None, problems: list[str]) -> str:
     if charset:
         try:
             return data.decode(charset)
+        except UnicodeDecodeError:
+            problems.append(BYTES_REPLACED)
+            return data.decode(charset, "replace")
         except (LookupError, ValueError):
             problems.append("undecodable charset in filename")
     try:

@@ -160,12 +160,14 @@ class ParsePool:
         reactor=None,
         argv: list[str] = WORKER_ARGV,
         memory_limit: int = MEMORY_LIMIT_BYTES,
+        inline_images: str = "skip",
     ):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._argv = argv
         self._memory_limit = memory_limit
+        self._inline_images = inline_images
         self._timeout = timeout
         self._slots = defer.DeferredSemaphore(size)
         self._idle: list[_Worker] = []
@@ -178,8 +180,8 @@ class ParsePool:
         L{BlobNotFound} when there is no C{raw_path}. The worker empties
         C{out_dir} first.
         """
-        reply = await self._ask({"raw_path": raw_path, "out_dir": out_dir})
-        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"])
+        reply = await self._ask({"raw_path": raw_path, "out_dir": out_dir, "inline_images": self._inline_images})
+        return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"], reply["skipped"])
 
     async def verify(self, request: dict[str, Any]) -> Verdicts:
         """

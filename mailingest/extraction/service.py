@@ -230,7 +230,9 @@ class ExtractionService(service.Service):
                 await self._quarantine(message, broken, verdicts)
                 return
             try:
-                await self.store.mark_parsed(message["id"], documents, verdicts and verdict_columns(verdicts))
+                await self.store.mark_parsed(
+                    message["id"], documents, "\n".join(result.skipped) or None, verdicts and verdict_columns(verdicts)
+                )
             except Exception as e:
                 await self._transient(message, OutcomeNotRecorded(f"cannot record the documents: {e}"))
             else:
@@ -275,6 +277,10 @@ class ExtractionService(service.Service):
                     "size": attachment.size,
                     "sha256": attachment.sha256,
                     "storage_key": key,
+                    "original_filename": attachment.original_filename,
+                    "content_type_raw": attachment.content_type_raw,
+                    "disposition": attachment.disposition,
+                    "content_id": attachment.content_id,
                 }
             )
         return result, documents
@@ -282,6 +288,7 @@ class ExtractionService(service.Service):
     def _log_parsed(self, message: dict, result, started: float) -> None:
         metrics.EXTRACTIONS.labels("parsed").inc()
         metrics.DOCUMENTS_CREATED.inc(len(result.attachments))
+        metrics.PARTS_SKIPPED.inc(len(result.skipped))
         # "no attachments" is the parser's note of a normal outcome, not a warning.
         warnings = [w for w in result.warnings if w != "no attachments"]
         fields = dict(

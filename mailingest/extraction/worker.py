@@ -2,10 +2,10 @@
 The child side of L{mailingest.extraction.pool}: a process that parses messages.
 
 Run as C{python -m mailingest.extraction.worker [RETIRE_ABOVE_BYTES [MEMORY_LIMIT_BYTES]]}. It reads
-one JSON request per line on stdin, C{{"raw_path": ..., "out_dir": ...}}, runs
+one JSON request per line on stdin, C{{"raw_path": ..., "out_dir": ..., "inline_images": "skip"}}, runs
 L{extract_attachments} on it and writes one JSON reply per line on stdout:
 
-  - C{{"attachments": [...], "warnings": [...]}}: parsed;
+  - C{{"attachments": [...], "warnings": [...], "skipped": [...]}}: parsed;
   - C{{"unparseable": reason}}: the message can never be parsed, also when it
     needs more memory than MEMORY_LIMIT_BYTES (the worker's address space is
     capped with RLIMIT_AS at start, so a parse that would need more raises
@@ -73,7 +73,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     try:
         for name in os.listdir(out_dir):
             os.unlink(os.path.join(out_dir, name))
-        result = extract_attachments(raw_path, out_dir)
+        result = extract_attachments(raw_path, out_dir, inline_images=request.get("inline_images", "skip"))
     except UnparseableMessage as e:
         return {"unparseable": str(e)}
     except MemoryError:
@@ -85,6 +85,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     return {
         "attachments": [dataclasses.asdict(attachment) for attachment in result.attachments],
         "warnings": result.warnings,
+        "skipped": result.skipped,
     }
 
 

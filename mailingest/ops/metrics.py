@@ -87,3 +87,7 @@ WEBHOOK_OUTBOX_DEPTH = Gauge(
     "mailingest_webhook_outbox_depth",
     "Webhook events pending delivery.",
 )
+PARTS_SKIPPED = Counter(
+    "mailingest_extraction_skipped_parts_total",
+    "Parts of parsed messages that could not be decoded and were left out (named in the message's warnings).",
+)

@@ -25,6 +25,7 @@ MESSAGE_COLUMNS = (
     " content_sha256, message_id_collision"
     ", client_ip, helo, tls, spf, spf_domain, dkim, dkim_domain, dmarc, dmarc_domain,"
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
+    ", warnings"
 )
 _MESSAGE_SELECT = (
     "SELECT "
@@ -34,6 +35,12 @@ _MESSAGE_SELECT = (
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
     " storage_key, created_at"
+    ", original_filename, content_type_raw, disposition, content_id"
+)
+# What extraction records per document, beside the message, ordinal and time.
+_EXTRACTED_COLUMNS = (
+    "org_id", "filename", "content_type", "size", "sha256", "storage_key",
+    "original_filename", "content_type_raw", "disposition", "content_id",
 )
 _DOCUMENT_SELECT = (
     "SELECT "
@@ -468,7 +475,7 @@ class Store:
     def _reprocess(self, txn, message_id):
         yield txn.execute(
             "UPDATE inbound_message SET status = 'received', attempts = 0,"
-            " last_error = NULL, parsed_at = NULL, next_attempt_at = ?, claimed_until = NULL"
+            " last_error = NULL, parsed_at = NULL, next_attempt_at = ?, claimed_until = NULL, warnings = NULL"
             " WHERE id = ? RETURNING id",
             (self._now(), message_id),
         )
@@ -552,37 +559,37 @@ class Store:
             args += [int(i) for i in message_ids]
         yield txn.execute(sql, tuple(args))
 
-    def mark_parsed(self, message_id, documents=(), verdicts=None):
-        return self._parsed.submit((int(message_id), list(documents), verdicts)).addCallback(self._events_written)
+    def mark_parsed(self, message_id, documents=(), warnings=None, verdicts=None):
+        return self._parsed.submit((int(message_id), list(documents), warnings, verdicts)).addCallback(self._events_written)
 
     @defer.inlineCallbacks
     def _mark_parsed_batch(self, txn, batch):
-        for message_id, documents, verdicts in batch:
-            yield self._mark_parsed(txn, message_id, documents, verdicts)
+        for message_id, documents, warnings, verdicts in batch:
+            yield self._mark_parsed(txn, message_id, documents, warnings, verdicts)
         return [None] * len(batch)
 
     @defer.inlineCallbacks
-    def _mark_parsed(self, txn, message_id, documents, verdicts=None):
+    def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None):
         yield self._record_verdicts(txn, message_id, verdicts)
+        # A document of the same (message, ordinal) is the same blob key: it is
+        # brought up to this extraction, keeping its id; the ordinals this
+        # extraction no longer has are removed (their blobs are swept).
+        columns = ", ".join(_EXTRACTED_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _EXTRACTED_COLUMNS)
         for row in documents:
             yield txn.execute(
-                "INSERT INTO document (org_id, inbound_message_id, ordinal, filename,"
-                " content_type, size, sha256, storage_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (inbound_message_id, ordinal) DO NOTHING",
-                (
-                    row["org_id"],
-                    message_id,
-                    row["ordinal"],
-                    row["filename"],
-                    row["content_type"],
-                    row["size"],
-                    row["sha256"],
-                    row["storage_key"],
-                    self._now(),
-                ),
+                f"INSERT INTO document (inbound_message_id, ordinal, created_at, {columns})"
+                f" VALUES (?, ?, ?, {', '.join('?' for _ in _EXTRACTED_COLUMNS)})"
+                f" ON CONFLICT (inbound_message_id, ordinal) DO UPDATE SET {updates}",
+                (message_id, row["ordinal"], self._now(), *(row.get(c) for c in _EXTRACTED_COLUMNS)),
             )
+        ordinals = [row["ordinal"] for row in documents]
+        sql = "DELETE FROM document WHERE inbound_message_id = ?"
+        if ordinals:
+            sql += " AND ordinal NOT IN (" + ", ".join("?" for _ in ordinals) + ")"
+        yield txn.execute(sql, (message_id, *ordinals))
         yield self._finish(txn, message_id, "parsed", None, None)
+        yield txn.execute("UPDATE inbound_message SET warnings = ? WHERE id = ?", (warnings or None, message_id))
 
     def mark_failed(self, message_id, error, attempts, verdicts=None):
         return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)
