@@ -69,6 +69,13 @@ def _worker_memory(text: str) -> int:
     return value
 
 
+def process_count(text: str) -> int:
+    """A number of intake processes, or C{auto}: one per CPU."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return positive_int(text)
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -112,6 +119,7 @@ DAEMON_OPTIONS = (
     Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", positive_float, metavar="SECONDS"),
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
+    Option("processes", 1, "SMTP intake processes sharing the listening sockets, or 'auto' (one per CPU)", process_count, metavar="N"),
 )
 
 STORAGE_OPTIONS = (
