@@ -1,7 +1,8 @@
 """
 C{--processes N}: one port served by N intake processes of a real twistd,
-global limits, a child killed under load, SIGTERM reaching every child, and
-metrics summed over the processes.
+global limits, a child killed under load, SIGTERM and SIGHUP reaching every
+child, metrics summed over the processes; SQLite through the parent, the one
+writer, and PostgreSQL with a connection per process.
 """
 
 import os
@@ -11,11 +12,13 @@ import socket
 import threading
 import urllib.request
 
+import psycopg2
 from twisted.trial import unittest
 
 from mailingest.app.intake import share
 from mailingest.app.options import process_count
-from tests.daemon import free_port, message, temp_dir
+from tests import postgres
+from tests.daemon import free_port, mailingest_cli, message, temp_dir
 from tests.test_hardening import make_certificate
 from tests.test_production import _children, _wait_for
 from tests.test_twistd import TwistdCase, rows, sigterm_during_data
@@ -153,6 +156,32 @@ class ProcessesTests(TwistdCase):
         for index in range(2):
             _wait_for(lambda: f"@intake-{index}#info] TLS certificate reloaded" in daemon.log(), 10, f"intake-{index} reloaded")
         self.assertIsNone(daemon.process.poll())
+
+
+class PostgresqlProcessesTests(TwistdCase):
+    """On PostgreSQL each intake process writes with its own connection; NOTIFY wakes the parent's extraction."""
+
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.env = dict(os.environ, MAILINGEST_DATABASE=postgres.create_database())
+        result = mailingest_cli(self.directory, "org", "add", "acme", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_every_message_stored_and_parsed(self):
+        daemon = self.start("--processes", "2", env=self.env)
+        for number in range(6):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("buyer@customer.test", ["orders+acme@example.com"], message(message_id=f"<pg-{number}@customer.test>"))
+        conn = psycopg2.connect(self.env["MAILINGEST_DATABASE"])
+        conn.autocommit = True
+        self.addCleanup(conn.close)
+
+        def statuses():
+            with conn.cursor() as cur:
+                cur.execute("SELECT status FROM inbound_message")
+                return [row[0] for row in cur.fetchall()]
+
+        _wait_for(lambda: statuses() == ["parsed"] * 6, 20, "six messages parsed")
 
 
 def _zombie(pid: int) -> bool:

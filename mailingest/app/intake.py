@@ -3,22 +3,23 @@ One intake process of C{--processes N}: the SMTP side alone, on listening
 sockets its parent (L{mailingest.app.processes}) opened.
 
 Run as C{python -m mailingest.app.intake INDEX FD...}: it reads its settings
-from stdin (one netstring holding a pickle, from the parent only), serves the
-inherited sockets with its own reactor, store connection and blob store, tells
-the parent of each stored message with a C{stored} line on stdout (the parent's
-extraction is woken), and logs JSON events to stderr, which the parent relays
-into its own log. The end of stdin means the parent is gone: it stops, as on
-SIGTERM (sessions in progress finish within the grace period): this is how
-the parent passes its SIGTERM on.
+from stdin (netstrings holding pickles, from the parent only) and serves the
+inherited sockets with its own reactor and blob store. On PostgreSQL it has its
+own store connection (the parent's extraction is woken by NOTIFY); on SQLite
+the parent is the one writer and answers its store calls (L{ParentStore}) over
+stdin/stdout. It logs JSON events to stderr, which the parent relays into its
+own log. It stops (draining its sessions within the grace period) on SIGTERM,
+on the parent's C{stop} frame, or when its stdin ends (the parent is gone).
 """
 
 import os
 import pickle
+import signal
 import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import stdio
+from twisted.internet import defer, stdio
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import NetstringReceiver
 
@@ -26,8 +27,8 @@ from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 
 log = Logger(namespace="mailingest.intake")
 
-# Settings are a few KB; anything larger is not our parent speaking.
-MAX_SETTINGS_BYTES = 1024 * 1024
+# Settings, a store call or its reply: a few KB; anything larger is not our parent speaking.
+MAX_FRAME = 1024 * 1024
 
 
 def share(total: int, count: int, index: int) -> int:
@@ -80,20 +81,65 @@ def adopting(fds: list[int]):
     return listen
 
 
-def build_intake(settings: dict, fds: list[int], reactor, on_stored) -> service.MultiService:
+def build_intake(settings: dict, fds: list[int], reactor, store) -> service.MultiService:
     """The SMTP side of the daemon on inherited sockets; the schema is the parent's business."""
     from mailingest.app.service import DEFAULT_SCRATCH_DIR, add_smtp_side, make_ingest
     from mailingest.storage.blobs import open_blobs
-    from mailingest.storage.store import open_store
 
-    store = open_store(settings["database"])
     blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], os.environ)
     root = _Intake(store, blobs)
     spool_dir = os.path.join(blobs.scratch_dir or DEFAULT_SCRATCH_DIR, "spool")
     ingest = make_ingest(settings, store, blobs, spool_dir, root)
-    ingest.on_stored.append(on_stored)
     add_smtp_side(settings, reactor, ingest, root, adopting(fds))
     return root
+
+
+class StoreCallFailed(Exception):
+    """The parent's store refused a call (the database is locked, full, gone): the sender gets a 451."""
+
+
+class ParentStore:
+    """
+    The store calls of the SMTP side, answered by the parent, the one writer
+    (SQLite): message inserts from every intake process share its group
+    commits instead of contending for the database's write lock.
+    """
+
+    def __init__(self, parent: "_Parent"):
+        self.parent = parent
+        self.waiting: dict[int, defer.Deferred] = {}
+        self.next_request = 0
+
+    def _call(self, method: str, *args) -> defer.Deferred:
+        self.next_request += 1
+        d = self.waiting[self.next_request] = defer.Deferred()
+        self.parent.send("call", self.next_request, method, args)
+        return d
+
+    def insert_messages(self, rows):
+        return self._call("insert_messages", rows)
+
+    def raw_key_in_use(self, key):
+        return self._call("raw_key_in_use", key)
+
+    def active_orgs(self):
+        return self._call("active_orgs")
+
+    def get_org(self, slug):
+        return self._call("get_org", slug)
+
+    def answered(self, request: int, ok: bool, value) -> None:
+        d = self.waiting.pop(request)
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(StoreCallFailed(value))
+
+    def close(self) -> defer.Deferred:
+        for d in self.waiting.values():
+            d.errback(StoreCallFailed("the intake process is stopping"))
+        self.waiting.clear()
+        return defer.succeed(None)
 
 
 class _Intake(service.MultiService):
@@ -112,15 +158,16 @@ class _Intake(service.MultiService):
 
 
 class _Parent(NetstringReceiver):
-    """stdin/stdout with the parent: settings in, C{stored} lines out; the end of stdin stops us."""
+    """stdin/stdout with the parent: pickled frames (settings, store calls and their replies); the end of stdin stops us."""
 
-    MAX_LENGTH = MAX_SETTINGS_BYTES
+    MAX_LENGTH = MAX_FRAME
 
     def __init__(self, reactor, index: int, fds: list[int]):
         self.reactor = reactor
         self.index = index
         self.fds = fds
         self.intake: service.MultiService | None = None
+        self.store = None
 
     def connectionMade(self) -> None:
         self.stopping = False
@@ -131,20 +178,35 @@ class _Parent(NetstringReceiver):
         if self.intake is not None:
             return self.intake.stopService()
 
-    def stringReceived(self, data: bytes) -> None:
-        if self.intake is not None:
-            return
-        settings = child_settings(pickle.loads(data), self.index)
-        self.intake = build_intake(settings, self.fds, self.reactor, self.stored)
-        self.intake.startService()
+    def send(self, *frame) -> None:
+        self.sendString(pickle.dumps(frame))
 
-    def stored(self) -> None:
-        self.transport.write(b"stored\n")
+    def stringReceived(self, data: bytes) -> None:
+        kind, *rest = pickle.loads(data)
+        if kind == "reply":
+            self.store.answered(*rest)
+        elif kind == "stop":
+            self.stop()
+        elif kind == "settings" and self.intake is None:
+            settings, through_parent = rest
+            if through_parent:
+                self.store = ParentStore(self)
+            else:
+                from mailingest.storage.store import open_store
+
+                self.store = open_store(settings["database"])
+            self.intake = build_intake(child_settings(settings, self.index), self.fds, self.reactor, self.store)
+            self.intake.startService()
+
+    def stop(self) -> None:
+        """Stop once, however many of SIGTERM, SIGINT, the parent's C{stop} and the end of stdin come."""
+        if not self.stopping:
+            self.stopping = True
+            self.reactor.stop()
 
     def connectionLost(self, reason=None) -> None:
-        """The parent closed our stdin (its SIGTERM) or died: stop as on SIGTERM, unless already stopping."""
-        if not self.stopping:
-            self.reactor.stop()
+        """The parent is gone (even killed): stop as on SIGTERM."""
+        self.stop()
 
 
 def main(argv: list[str]) -> None:
@@ -152,8 +214,13 @@ def main(argv: list[str]) -> None:
 
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stderr)], redirectStandardIO=False)
     index, fds = int(argv[1]), [int(fd) for fd in argv[2:]]
-    stdio.StandardIO(_Parent(reactor, index, fds))
-    reactor.run()
+    parent = _Parent(reactor, index, fds)
+    stdio.StandardIO(parent)
+    # systemd (KillMode=control-group) or a terminal signals every process of
+    # the daemon, and the parent passes its SIGTERM on: one stop for all.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: reactor.callFromThread(parent.stop))
+    reactor.run(installSignalHandlers=False)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ round trip to the parent per connection; the price is that one address can be
 refused before its total when the kernel hands its connections unevenly.
 
 A child that dies is started again after C{RESTART_SECONDS}; its senders saw
-no 250 for what it had not stored, and retry. SIGTERM stops every child (the
-parent closes their stdin; each drains its sessions, as one daemon does) and
-then the parent; SIGHUP (with
+no 250 for what it had not stored, and retry. SIGTERM stops every child (each
+drains its sessions, as one daemon does) and then the parent; SIGHUP (with
 TLS) is passed on, so every child reloads its certificate. Extraction, the
 ops endpoint and the sweeper run in the parent only; metrics are the sum over
 the processes (L{mailingest.ops.metrics.aggregate_children}); each relayed
@@ -27,6 +26,7 @@ log line carries its process.
 
 import os
 import pickle
+import shutil
 import signal
 import sys
 import tempfile
@@ -34,6 +34,7 @@ import tempfile
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols.basic import NetstringReceiver
 
 from mailingest.errors import ConfigError
 from mailingest.ops import metrics
@@ -47,6 +48,8 @@ RESTART_SECONDS = 1.0
 STOP_SECONDS = 15.0
 # A child's log record is a JSON object; one longer than this is cut off.
 MAX_LOG_RECORD = 1024 * 1024
+# Settings, a store call or its reply: a few KB (a message's rows, without its content).
+MAX_FRAME = 1024 * 1024
 
 
 def plain_tcp(description: str) -> str:
@@ -66,27 +69,60 @@ class _Nobody(protocol.ServerFactory):
 _NOBODY = _Nobody()
 
 
+# What an intake process may ask of the parent's store when the parent is the
+# one writer (SQLite): what the SMTP side uses, nothing else.
+STORE_CALLS = frozenset({"insert_messages", "raw_key_in_use", "active_orgs", "get_org"})
+
+
+class _Frames(NetstringReceiver):
+    """Netstrings of pickled tuples to and from one intake process (its stdin and stdout)."""
+
+    MAX_LENGTH = MAX_FRAME
+
+    def __init__(self, child: "_Child"):
+        self.child = child
+
+    def send(self, *frame) -> None:
+        self.sendString(pickle.dumps(frame))
+
+    def stringReceived(self, data: bytes) -> None:
+        self.child.frame_received(pickle.loads(data))
+
+
 class _Child(protocol.ProcessProtocol):
-    """One intake process: settings go in on its stdin, C{stored} lines and JSON log records come out."""
+    """One intake process: settings and store replies go in on its stdin; store calls come out on stdout, log records on stderr."""
 
     def __init__(self, parent: "IntakeProcesses", index: int):
         self.parent = parent
         self.index = index
         self.ended = defer.Deferred()
-        self._out = b""
+        self.frames = _Frames(self)
         self._log = b""
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        settings = pickle.dumps(self.parent.settings)
-        # One netstring (what the child's NetstringReceiver reads).
-        self.transport.write(b"%d:%s," % (len(settings), settings))
+        self.frames.makeConnection(self.transport)
+        self.frames.send("settings", self.parent.settings, self.parent.writer is not None)
 
     def outReceived(self, data: bytes):
-        self._out += data
-        *lines, self._out = self._out.split(b"\n")
-        if lines:
-            self.parent.on_stored()
+        self.frames.dataReceived(data)
+
+    def frame_received(self, frame: tuple) -> None:
+        """A store call from the child (the parent is the one writer): answered with its result or error message."""
+        kind, request, method, args = frame
+        if kind != "call" or method not in STORE_CALLS or self.parent.writer is None:
+            log.error("intake process {index} asked for {method}: not a store call; stopping it", index=self.index, method=method)
+            self.transport.signalProcess("KILL")
+            return
+        d = defer.maybeDeferred(getattr(self.parent.writer, method), *args)
+        if method == "insert_messages":
+            d.addCallback(self._stored)
+        d.addCallbacks(lambda result: (request, True, result), lambda f: (request, False, f.getErrorMessage()))
+        d.addCallback(lambda reply: self.frames.send("reply", *reply) if self.transport.pid else None)
+
+    def _stored(self, result):
+        self.parent.on_stored()
+        return result
 
     def errReceived(self, data: bytes):
         self._log = (self._log + data)[-MAX_LOG_RECORD:]
@@ -112,9 +148,11 @@ class _Child(protocol.ProcessProtocol):
 class IntakeProcesses(service.Service):
     """Listening sockets opened here, served by C{settings['processes']} children, restarted when they die."""
 
-    def __init__(self, reactor, settings: dict, on_stored):
+    def __init__(self, reactor, settings: dict, store, on_stored):
         self.reactor = reactor
         self.settings = settings
+        # One writer: with SQLite the children's store calls come here.
+        self.writer = store if store.exclusive else None
         self.on_stored = on_stored
         self.endpoints = [plain_tcp(description) for description in settings["smtp"]]
         self.tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"]) if settings["tls_cert"] else None
@@ -190,16 +228,17 @@ class IntakeProcesses(service.Service):
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         ended = [child.ended for child in self.children.values()]
-        # The end of its stdin stops a child as SIGTERM does (a child that got
-        # the signal too, from a terminal's process group, stops once).
+        # A child stops as on SIGTERM (once, if it got the signal too); its
+        # stdin stays open for the replies to its last store calls.
         for child in self.children.values():
-            child.transport.closeStdin()
+            child.frames.send("stop")
         kill = self.reactor.callLater(STOP_SECONDS, self.signal_children, signal.SIGKILL)
         d = defer.DeferredList(ended)
 
         def stopped(_):
             if kill.active():
                 kill.cancel()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             return defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in self.ports])
 
         return d.addCallback(stopped)

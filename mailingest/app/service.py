@@ -354,7 +354,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         from mailingest.app.processes import IntakeProcesses
 
         ingest = None
-        intake = IntakeProcesses(reactor, settings, extraction.wake)
+        intake = IntakeProcesses(reactor, settings, store, extraction.wake)
     else:
         ingest = make_ingest(settings, store, blobs, spool_dir, daemon.serving)
         ingest.on_stored.append(extraction.wake)
