@@ -82,10 +82,14 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--postgres", metavar="DSN", help="also run mailingest on PostgreSQL (a fresh database per round is created on this server)")
     parser.add_argument("--s3", metavar="s3://BUCKET[/PREFIX]", help="also run mailingest on S3 storage (existing bucket; AWS_* credentials)")
     parser.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for --s3 (MinIO, Ceph...)")
+    parser.add_argument("--processes", default="1", help="mailingest --processes values to compare, e.g. 1,2,auto [1]")
     parser.add_argument("--workdir", help="where to create the run's scratch directory [system temp dir]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (server logs, stored data)")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.processes = [p.strip() for p in args.processes.split(",") if p.strip()]
+    if any(p != "auto" and not (p.isdigit() and int(p) >= 1) for p in args.processes):
+        parser.error("--processes takes counts of at least 1 or 'auto', e.g. 1,2,auto")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = plan_of(args)
     workdir = tempfile.mkdtemp(prefix="mailingest-bench-", dir=args.workdir)
-    run = Run(plan, targets(backends_of(args)), workdir)
+    run = Run(plan, targets(backends_of(args), args.processes), workdir)
     started = time.monotonic()
     failure = None
     try:

@@ -188,15 +188,16 @@ class Mailingest(Server):
 
     role = "mailingest"
 
-    def __init__(self, directory: str, backend: Backend):
+    def __init__(self, directory: str, backend: Backend, processes: str = "1"):
         super().__init__(directory)
         self.backend = backend
+        self.processes = processes
         self.database: Database | None = None
         self.dns: subprocess.Popen | None = None
 
     @property
     def name(self) -> str:
-        return f"mailingest ({self.backend.label})"
+        return mailingest_name(self.backend, self.processes)
 
     def prepare(self) -> None:
         # The sender checks ask a DNS server that answers at once (bench.dns_stub).
@@ -226,8 +227,32 @@ class Mailingest(Server):
             "--max-message-size", "60000000",
             "--database", self.database.url,
             "--dns-resolver", f"{HOST}:{self.dns_port}",
+            "--processes", self.processes,
             *self.backend.storage_args(self.directory),
         ]
+
+    def _children(self, module: str) -> list[int]:
+        """The daemon's child processes running C{module} (parser workers, intake processes)."""
+        found = []
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                        if module.encode() in cmdline.read():
+                            found.append(int(pid))
+                except FileNotFoundError:
+                    pass
+        return found
+
+    def peak_rss_mb(self) -> float:
+        """The highest peak RSS of the intake: the daemon itself, or its largest intake process."""
+        peaks = [super().peak_rss_mb()]
+        for pid in self._children("mailingest.app.intake"):
+            try:
+                peaks.append(peak_rss_mb(pid))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return max(peaks)
 
     def workers_peak_rss_mb(self) -> float:
         """
@@ -237,12 +262,11 @@ class Mailingest(Server):
         by reading it once at the end).
         """
         peaks = []
-        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
-            for pid in f.read().split():
-                try:
-                    peaks.append(peak_rss_mb(int(pid)))
-                except (FileNotFoundError, ProcessLookupError):
-                    pass
+        for pid in self._children("mailingest.extraction.worker"):
+            try:
+                peaks.append(peak_rss_mb(pid))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
         with open(self.log_path, errors="replace") as log:
             peaks += map(float, re.findall(r"parser worker \d+ replaced: .* \(peak (\d+) MiB\)", log.read()))
         return max(peaks, default=0.0)
@@ -275,14 +299,19 @@ class Target:
     make: Callable[[str], Server]
 
 
-def targets(backends: list[Backend]) -> list[Target]:
-    """The round-robin order: smtp-sink, aiosmtpd, then each mailingest backend."""
+def mailingest_name(backend: Backend, processes: str) -> str:
+    return f"mailingest ({backend.label})" + ("" if processes == "1" else f" --processes {processes}")
+
+
+def targets(backends: list[Backend], processes: list[str] = ("1",)) -> list[Target]:
+    """The round-robin order: smtp-sink, aiosmtpd, then each mailingest backend with each number of intake processes."""
     chosen = [
         Target("smtp-sink", SmtpSink.role, SmtpSink),
         Target("aiosmtpd", AiosmtpdBaseline.role, AiosmtpdBaseline),
     ]
     for backend in backends:
-        chosen.append(
-            Target(f"mailingest ({backend.label})", Mailingest.role, lambda d, b=backend: Mailingest(d, b))
-        )
+        for count in processes:
+            chosen.append(
+                Target(mailingest_name(backend, count), Mailingest.role, lambda d, b=backend, n=count: Mailingest(d, b, n))
+            )
     return chosen

@@ -248,7 +248,18 @@ class IStore(Interface):
         Claim up to C{limit} of the oldest messages due for extraction: status
         C{received}, due (C{next_attempt_at} passed) and not claimed by a live
         lease. Fires with their rows (possibly none). The claims last
-        C{lease_seconds}.
+        C{lease_seconds}. On a database shared by daemons each claim is also
+        held by this daemon's database session (see L{unlock_claims}): a
+        claim whose session ended (its daemon died) is taken over at once;
+        the lease stays the backstop for a daemon that lives but stopped
+        renewing.
+        """
+
+    def unlock_claims(message_ids):
+        """
+        Let go of this daemon's session hold on the claims of C{message_ids}
+        once their outcome is recorded or released (nothing to do where
+        claims have no session hold: SQLite).
         """
 
     def renew_claims(message_ids, lease_seconds: float):

@@ -235,6 +235,112 @@ class ScaleOutTests(unittest.TestCase):
             f.write(f"{len(accepted)} accepted of {self.MESSAGES} in {elapsed:.1f} s\n")
 
 
+class TakeoverTests(unittest.TestCase):
+    """A daemon killed while it holds claims: the other parses them within seconds, not after the lease."""
+
+    def test_claims_of_a_killed_daemon_are_parsed_by_the_other_within_five_seconds(self):
+        database = postgres.create_database()
+        directory = temp_dir(self)
+        env = dict(os.environ, MAILINGEST_DATABASE=database)
+        result = mailingest_cli(directory, "org", "add", "acme", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        args = (
+            "--domain", "example.com", "--storage", "file:" + os.path.join(directory, "blobs"),
+            "--log-format", "json", "--poll-interval", "0.5",
+        )
+        a, b = [], []
+        for name, daemons in (("a", a), ("b", b)):
+            os.mkdir(os.path.join(directory, name))
+            daemon = TwistdProcess(os.path.join(directory, name), *args, env=env).start()
+            self.addCleanup(daemon.stop, signal.SIGKILL)
+            daemons.append(daemon)
+        a, b = a[0], b[0]
+        conn = psycopg2.connect(database)
+        conn.autocommit = True
+        self.addCleanup(conn.close)
+
+        def query(sql: str) -> list[tuple]:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall()
+
+        # B sleeps while A claims; A's parser is stopped, so A holds its claims for sure.
+        b.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(_continue, b)
+        send_order(a.port, 0)
+        _wait_for(lambda: query("SELECT status FROM inbound_message") == [("parsed",)], 20, "first message parsed")
+        parsers = _children(a.process.pid)
+        self.assertTrue(parsers)
+        for pid in parsers:
+            os.kill(pid, signal.SIGSTOP)
+            self.addCleanup(_kill, pid)
+        for number in range(1, 11):
+            send_order(a.port, number)
+        claimed_now = "SELECT id FROM inbound_message WHERE status = 'received' AND claimed_until > now()"
+        _wait_for(lambda: len(query(claimed_now)) >= 2, 20, "A claims")
+        a.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        claimed = {row[0] for row in query(claimed_now)}
+        self.assertGreaterEqual(len(claimed), 2)
+
+        b.process.send_signal(signal.SIGCONT)
+        ids = ", ".join(str(i) for i in claimed)
+        _wait_for(lambda: query(f"SELECT COUNT(*) FROM inbound_message WHERE id IN ({ids}) AND status = 'parsed'")[0][0] == len(claimed), 30, "A's claims parsed by B")
+        took = time.monotonic() - killed
+        _wait_for(lambda: query("SELECT COUNT(*) FROM inbound_message WHERE status <> 'parsed'") == [(0,)], 60, "every message parsed")
+        rows = query("SELECT id FROM inbound_message")
+        documents = query("SELECT inbound_message_id, ordinal FROM document")
+        self.assertEqual(len(rows), 11)
+        self.assertEqual(sorted(d[0] for d in documents), sorted(row[0] for row in rows))
+        parsed = Counter()
+        for daemon in (a, b):
+            for line in daemon.log().splitlines():
+                if line.startswith("{"):
+                    event = json.loads(line)
+                    if event.get("event") == "parsed":
+                        parsed[event["message_id"]] += 1
+        self.assertEqual(parsed, Counter({row[0]: 1 for row in rows}))
+        self.assertLessEqual(took, 5.0, f"{len(claimed)} claimed messages parsed {took:.1f} s after the kill")
+
+
+def send_order(port: int, number: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("buyer@customer.test", ["orders+acme@example.com"], order(number))
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def _continue(daemon) -> None:
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGCONT)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _list_objects(moto, bucket: str, prefix: str) -> list[dict]:
     client = moto.client("s3")
     found, token = [], None

@@ -194,6 +194,58 @@ class PostgresqlStoreTests(StoreContract, TestCase):
         return {tuple(row["cols"]) for row in txn.fetchall()}
 
 
+class PostgresqlClaimTakeoverTests(TestCase):
+    """A claim is held by its daemon's database session: taken over the moment that session ends, not when the lease runs out."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        url = empty_database(self)
+        self.first = Store(postgresql_engine(self, url))
+        yield self.first.migrate()
+        self.second = Store(postgresql_engine(self, url))
+        acme = yield self.first.add_org("acme", "Acme Corp")
+        self.ids = yield self.first.insert_messages([message(acme["id"], f"<{n}@x>") for n in range(3)])
+
+    @defer.inlineCallbacks
+    def test_claims_of_an_ended_session_are_taken_over_at_once(self):
+        claimed = yield self.first.claim(3600, 2)
+        self.assertEqual([m["id"] for m in claimed], self.ids[:2])
+        # A live session keeps its claims: the other daemon gets only the rest.
+        self.assertEqual([m["id"] for m in (yield self.second.claim(3600, 3))], self.ids[2:])
+        self.assertEqual((yield self.second.claim(3600, 3)), [])
+        yield self.first.close()
+        taken = yield self.claim_after_session_end(3600, 3)
+        self.assertEqual([m["id"] for m in taken], self.ids[:2])
+
+    @defer.inlineCallbacks
+    def claim_after_session_end(self, lease_seconds, limit):
+        """The second store's claim once the server has ended the first's session (it notices the closed socket a moment later)."""
+        for _ in range(100):
+            taken = yield self.second.claim(lease_seconds, limit)
+            if taken:
+                return taken
+            yield sleep(0.02)
+        return []
+
+    @defer.inlineCallbacks
+    def test_a_claim_let_go_of_is_free(self):
+        """The service lets go once the outcome is recorded: a message still received is then free at once, a parsed one stays parsed."""
+        yield self.first.claim(3600, 3)
+        yield self.first.unlock_claims(self.ids[:1])
+        self.assertEqual([m["id"] for m in (yield self.second.claim(3600, 3))], self.ids[:1])
+        yield self.first.mark_parsed(self.ids[1])
+        yield self.first.unlock_claims(self.ids[1:2])
+        yield self.first.close()
+        self.assertEqual([m["id"] for m in (yield self.claim_after_session_end(3600, 3))], self.ids[2:])
+
+    @defer.inlineCallbacks
+    def test_lease_run_out_is_still_taken_over(self):
+        """The lease stays the backstop for a daemon that lives but stopped renewing."""
+        yield self.first.claim(0.001, 1)
+        yield sleep(0.01)
+        self.assertEqual([m["id"] for m in (yield self.second.claim(3600, 1))], self.ids[:1])
+
+
 def backend_pid(txn) -> defer.Deferred:
     d = txn.execute("SELECT pg_backend_pid() AS pid")
     return d.addCallback(lambda _: txn.fetchone()["pid"])

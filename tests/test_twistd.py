@@ -39,6 +39,28 @@ def rows(directory: str) -> list[tuple]:
         db.close()
 
 
+def sigterm_during_data(daemon, during=lambda: None) -> tuple[bytes, bytes]:
+    """
+    SIGTERM the daemon in the middle of a message's DATA, call C{during()} a
+    second later, then finish the message: the reply to its end, and to a
+    NOOP after it.
+    """
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"HELO customer.test\r\nMAIL FROM:<b@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
+        for _ in range(4):
+            f.readline()
+        s.sendall(message()[:40])
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        during()
+        s.sendall(message()[40:] + b".\r\n")
+        reply = f.readline()
+        s.sendall(b"NOOP\r\n")
+        return reply, f.readline()
+
+
 class TwistdCase(unittest.TestCase):
     """A working directory with the organisation C{acme}, and daemons started in it."""
 
@@ -175,24 +197,15 @@ class OperationsTests(TwistdCase):
 
     def test_sigterm_lets_data_in_progress_finish(self):
         daemon = self.start()
-        with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as s:
-            f = s.makefile("rb")
-            f.readline()
-            s.sendall(b"HELO customer.test\r\nMAIL FROM:<b@customer.test>\r\nRCPT TO:<orders+acme@example.com>\r\nDATA\r\n")
-            for _ in range(4):
-                f.readline()
-            s.sendall(message()[:40])
-            started = time.monotonic()
-            daemon.process.send_signal(signal.SIGTERM)
-            time.sleep(1.0)
-            # new connections are refused while the transaction finishes
+        started = time.monotonic()
+
+        def new_connections_refused():
             with self.assertRaises(OSError):
                 socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
-            s.sendall(message()[40:] + b".\r\n")
-            reply = f.readline()
-            self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
-            s.sendall(b"NOOP\r\n")
-            self.assertTrue(f.readline().startswith(b"421 4.3.2"))
+
+        reply, after = sigterm_during_data(daemon, new_connections_refused)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        self.assertTrue(after.startswith(b"421 4.3.2"), after)
         status = daemon.process.wait(15)
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn(status, (0, -signal.SIGTERM))

@@ -78,6 +78,13 @@ def _worker_memory(text: str) -> int:
     return value
 
 
+def process_count(text: str) -> int:
+    """A number of intake processes, or C{auto}: one per CPU."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return positive_int(text)
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -131,6 +138,7 @@ DAEMON_OPTIONS = (
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
     Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
+    Option("processes", 1, "SMTP intake processes sharing the listening sockets, or 'auto' (one per CPU)", process_count, metavar="N"),
 )
 
 STORAGE_OPTIONS = (

@@ -268,6 +268,47 @@ def local_data_directories(settings: dict, spool_dir: str) -> list[str]:
     return directories
 
 
+def make_ingest(settings: dict, store, blobs, spool_dir: str, parent: service.MultiService) -> Ingest:
+    """What stores an accepted message, with the organisation directory it looks recipients up in."""
+    directory = OrgDirectory(store)
+    directory.setServiceParent(parent)
+    return Ingest(
+        store, blobs, directory, settings["domain"], settings["hostname"], spool_dir,
+        store_timeout=settings["store_timeout"],
+    )
+
+
+def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.MultiService, listen) -> tuple:
+    """
+    The SMTP factory and its listeners (C{listen(reactor, description,
+    factory, what, proxy_trusted)} makes each), the certificate reloader and
+    the session drain, added to C{parent} listeners last. Returns (the
+    STARTTLS certificate or None, the listeners).
+    """
+    tls_context = None
+    if settings["tls_cert"]:
+        tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
+    factory = IngestSMTPFactory(
+        ingest,
+        hostname=settings["hostname"],
+        max_message_size=settings["max_message_size"],
+        max_recipients=settings["max_recipients"],
+        timeout=settings["timeout"],
+        max_connections=settings["max_connections"],
+        max_connections_per_ip=settings["max_connections_per_ip"],
+        tls_context=tls_context,
+    )
+    listeners = [listen(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]]
+    certificates = [tls_context] if tls_context else []
+    certificates += [listener.tls for listener in listeners if listener.tls]
+    if certificates:
+        TLSReloader(certificates, reactor).setServiceParent(parent)
+    SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(parent)
+    for listener in listeners:
+        listener.setServiceParent(parent)
+    return tls_context, listeners
+
+
 def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if reactor is None:
         from twisted.internet import reactor
@@ -297,12 +338,6 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         daemon.ops_listener.setServiceParent(daemon)
     daemon.serving.setServiceParent(daemon)
 
-    directory = OrgDirectory(store)
-    directory.setServiceParent(daemon.serving)
-    ingest = Ingest(
-        store, blobs, directory, settings["domain"], settings["hostname"], spool_dir,
-        store_timeout=settings["store_timeout"],
-    )
     extraction = ExtractionService(
         store,
         blobs,
@@ -321,8 +356,15 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         stop_timeout=EXTRACTION_STOP_SECONDS,
         checks=CheckSettings(settings["hostname"], settings["dns_resolver"], settings["dns_budget"]),
     )
+    if settings["processes"] > 1:
+        from mailingest.app.processes import IntakeProcesses
+
+        ingest = None
+        intake = IntakeProcesses(reactor, settings, store, extraction.wake)
+    else:
+        ingest = make_ingest(settings, store, blobs, spool_dir, daemon.serving)
+        ingest.on_stored.append(extraction.wake)
     extraction.setServiceParent(daemon.serving)
-    ingest.on_stored.append(extraction.wake)
     webhooks = WebhookService(
         store,
         TargetPolicy(settings["webhook_allow_http"], settings["webhook_allow_private"]),
@@ -340,31 +382,11 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     if settings["gc_interval"]:
         min_age = check_min_age(settings["gc_min_age"], settings)
         GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon.serving)
-
-    tls_context = None
-    if settings["tls_cert"]:
-        tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
-
-    factory = IngestSMTPFactory(
-        ingest,
-        hostname=settings["hostname"],
-        max_message_size=settings["max_message_size"],
-        max_recipients=settings["max_recipients"],
-        timeout=settings["timeout"],
-        max_connections=settings["max_connections"],
-        max_connections_per_ip=settings["max_connections_per_ip"],
-        tls_context=tls_context,
-    )
-    listeners = [
-        make_listener(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]
-    ]
-    certificates = [tls_context] if tls_context else []
-    certificates += [listener.tls for listener in listeners if listener.tls]
-    if certificates:
-        TLSReloader(certificates, reactor).setServiceParent(daemon.serving)
-    SessionDrain(factory, SHUTDOWN_GRACE_SECONDS, reactor).setServiceParent(daemon.serving)
-    for listener in listeners:
-        listener.setServiceParent(daemon.serving)
+    if ingest is None:
+        intake.setServiceParent(daemon.serving)
+        tls_context, listeners = intake.tls_context, []
+    else:
+        tls_context, listeners = add_smtp_side(settings, reactor, ingest, daemon.serving, make_listener)
     daemon.smtp_listeners = listeners
 
     log.info(

@@ -4,7 +4,8 @@ The extraction service: turns received messages into documents.
 It runs in the daemon's reactor, polls every C{poll_interval} seconds and is
 woken at once when a message is accepted. Each message is claimed with a lease
 (so with several daemons one works on it at a time, and a message whose daemon
-died is claimed again when the lease runs out), parsed in a worker process
+died is claimed again when the lease runs out; on PostgreSQL at once, as the
+claim is also held by the daemon's database session), parsed in a worker process
 (L{mailingest.extraction.pool}) from its raw copy (in place on local disk, else
 fetched into a reused work directory), each attachment
 stored under a key made of ids only, and its document recorded. Every step is
@@ -202,6 +203,7 @@ class ExtractionService(service.Service):
                     break
                 await self.process(message, slot)
                 waiting.remove(message["id"])
+                await self._unlock([message["id"]])
         finally:
             renewal.stop()
             if waiting:
@@ -209,6 +211,14 @@ class ExtractionService(service.Service):
                     await self.store.release_claims(waiting)
                 except Exception as e:
                     log.warn("cannot release extraction claims, they run out with their lease: {error}", error=str(e))
+                await self._unlock(waiting)
+
+    async def _unlock(self, message_ids: list[int]) -> None:
+        """Let go of the session hold on finished claims; if that fails, the hold ends with our database session."""
+        try:
+            await self.store.unlock_claims(message_ids)
+        except Exception as e:
+            log.warn("cannot let go of extraction claims: {error}", error=str(e))
 
     async def process(self, message: dict, slot: str) -> None:
         started = time.monotonic()

@@ -151,7 +151,7 @@ class _Metrics(_Endpoint):
             lambda _: (
                 200,
                 prometheus_client.CONTENT_TYPE_LATEST.encode(),
-                prometheus_client.generate_latest(),
+                metrics.exposition(),
             )
         )
 

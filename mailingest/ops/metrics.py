@@ -1,9 +1,23 @@
 """
 Prometheus metrics: module-level, one set per process, exported by the ops
 endpoint. Names follow Prometheus conventions (C{_total} counters, base units).
+
+With C{--processes N} the intake processes keep theirs in prometheus_client's
+multiprocess files (C{PROMETHEUS_MULTIPROC_DIR}, set by their parent) and the
+parent's endpoint serves the sum of its own and theirs (L{exposition}).
 """
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics_core import Metric
 
 # One series per counter is enough for alerting; the *_created twins only add noise.
 disable_created_metrics()
@@ -28,6 +42,8 @@ BYTES_RECEIVED = Counter(
 OPEN_CONNECTIONS = Gauge(
     "mailingest_smtp_connections",
     "SMTP connections currently open.",
+    # Summed over the live intake processes (a dead one's connections are gone).
+    multiprocess_mode="livesum",
 )
 EXTRACTIONS = Counter(
     "mailingest_extractions_total",
@@ -91,3 +107,50 @@ PARTS_SKIPPED = Counter(
     "mailingest_extraction_skipped_parts_total",
     "Parts of parsed messages that could not be decoded and were left out (named in the message's warnings).",
 )
+
+
+_children_dir: str | None = None
+
+
+def aggregate_children(directory: str) -> None:
+    """From now on L{exposition} adds the metrics of the processes writing to C{directory}."""
+    global _children_dir
+    _children_dir = directory
+
+
+def process_ended(pid: int) -> None:
+    """An intake process ended: its live gauges go (its counters stay in the sums)."""
+    if _children_dir is not None:
+        multiprocess.mark_process_dead(pid, _children_dir)
+
+
+def exposition() -> bytes:
+    """The text the ops endpoint serves: this process's metrics, plus its intake processes' when there are any."""
+    if _children_dir is None:
+        return generate_latest()
+    registry = CollectorRegistry()
+    registry.register(_Sum([REGISTRY, multiprocess.MultiProcessCollector(None, path=_children_dir)]))
+    return generate_latest(registry)
+
+
+class _Sum:
+    """The families of several collectors as one: samples with the same name and labels (but C{pid}) added up."""
+
+    def __init__(self, collectors):
+        self.collectors = collectors
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        values: dict[str, dict] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                samples = values.setdefault(family.name, {})
+                for sample in family.samples:
+                    labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid"))
+                    key = (sample.name, labels)
+                    samples[key] = samples.get(key, 0.0) + sample.value
+        for name, family in families.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family

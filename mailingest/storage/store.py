@@ -86,6 +86,18 @@ _EVENT_SELECT = (
 )
 
 
+# On PostgreSQL a claim is also a session-level advisory lock (this first key,
+# the message id modulo 2^31 the second) held on the engine's claiming
+# connection: when a daemon dies its session ends, the server drops its locks,
+# and its messages are claimed again at once instead of when their lease runs out.
+CLAIM_LOCKS = 1835100524
+_CLAIM_LOCK_KEY = "(id % 2147483648)::int"
+_HELD_CLAIM_LOCKS = (
+    "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND classid = ?"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
 # PostgreSQL refuses NUL in text; neither driver can encode a lone surrogate.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -502,7 +514,7 @@ class Store:
         return len(txn.fetchall())
 
     def claim(self, lease_seconds, limit=1):
-        return self._background(self._claim, lease_seconds, int(limit))
+        return self.engine.claiming(_storable_interaction, self._claim, lease_seconds, int(limit))
 
     @defer.inlineCallbacks
     def _claim(self, txn, lease_seconds, limit):
@@ -512,6 +524,7 @@ class Store:
             "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
             lease_seconds,
             limit,
+            session_locks=True,
         )
         if not ids:
             return []
@@ -520,26 +533,57 @@ class Store:
         return [_message(row) for row in txn.fetchall()]
 
     @defer.inlineCallbacks
-    def _lease(self, txn, table, due, lease_seconds, limit):
+    def _lease(self, txn, table, due, lease_seconds, limit, session_locks=False):
         """
         The ids of up to C{limit} rows of C{table} that are C{due} (a
         condition on the current time, one C{?}) and unclaimed, now claimed
         for C{lease_seconds}; rows another daemon is claiming are skipped.
+        With C{session_locks} (message claims, on an engine that has them)
+        each claim is also a session-level lock on the claiming connection,
+        and a live lease whose lock no session holds is a dead daemon's.
         """
         now = self._now()
+        free = "claimed_until IS NULL OR claimed_until < ?"
+        args = [now, now]
+        locks = session_locks and self.engine.session_locks
+        if locks:
+            free += f" OR {_CLAIM_LOCK_KEY} NOT IN ({_HELD_CLAIM_LOCKS})"
+            args.append(CLAIM_LOCKS)
         yield txn.execute(
-            f"SELECT id FROM {table} e WHERE {due} AND (claimed_until IS NULL OR claimed_until < ?)"
+            f"SELECT id FROM {table} e WHERE {due} AND ({free})"
             " ORDER BY next_attempt_at, id LIMIT ?" + self.engine.skip_locked,
-            (now, now, limit),
+            (*args, limit),
         )
         ids = [row["id"] for row in txn.fetchall()]
-        if ids:
-            marks = ", ".join("?" for _ in ids)
+        if not ids:
+            return ids
+        marks = ", ".join("?" for _ in ids)
+        if locks:
+            # Held until the outcome is recorded (unlock_claims). A lock another
+            # session still holds means that daemon recorded the outcome and has
+            # not let go yet, or its lease ran out: the lease decides, as before.
             yield txn.execute(
-                f"UPDATE {table} SET claimed_until = ? WHERE id IN ({marks})",
-                (now + timedelta(seconds=lease_seconds), *ids),
+                f"SELECT pg_try_advisory_lock(?, {_CLAIM_LOCK_KEY}) AS locked FROM {table} WHERE id IN ({marks})",
+                (CLAIM_LOCKS, *ids),
             )
+        yield txn.execute(
+            f"UPDATE {table} SET claimed_until = ? WHERE id IN ({marks})",
+            (now + timedelta(seconds=lease_seconds), *ids),
+        )
         return ids
+
+    def unlock_claims(self, message_ids):
+        if not self.engine.session_locks or not message_ids:
+            return defer.succeed(None)
+        return self.engine.claiming(_storable_interaction, self._unlock_claims, [int(i) for i in message_ids])
+
+    @defer.inlineCallbacks
+    def _unlock_claims(self, txn, message_ids):
+        marks = ", ".join("(?)" for _ in message_ids)
+        yield txn.execute(
+            f"SELECT pg_advisory_unlock(?, {_CLAIM_LOCK_KEY}) AS unlocked FROM (VALUES {marks}) AS claimed (id)",
+            (CLAIM_LOCKS, *message_ids),
+        )
 
     def renew_claims(self, message_ids, lease_seconds):
         return self._background(self._set_claims, list(message_ids), lease_seconds)

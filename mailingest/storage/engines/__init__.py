@@ -57,13 +57,17 @@ class Engine(ABC):
     C{schema_terms} fills the placeholders of the schema files (see
     L{mailingest.storage.store.migrations}); C{exclusive} is True when one
     daemon at a time uses the database (SQLite: one daemon per file), so
-    what it finds claimed at start-up its own previous run left.
+    what it finds claimed at start-up its own previous run left;
+    C{session_locks} is True when L{claiming} runs on one connection that
+    lives as long as the engine, so locks held by its session end when the
+    daemon's connection does (PostgreSQL's advisory locks).
     """
 
     skip_locked: str
     integrity_errors: tuple[type[BaseException], ...]
     schema_terms: Mapping[str, str]
     exclusive: bool
+    session_locks: bool = False
 
     @abstractmethod
     def interaction(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
@@ -80,6 +84,10 @@ class Engine(ABC):
     @abstractmethod
     def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred:
         """Call C{callback(payload)} for each notification on C{channel}; fires once listening."""
+
+    def claiming(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """Run an interaction that claims work, or lets go of claims: a L{background} one unless the engine has L{session_locks}."""
+        return self.background(fn, *args, **kwargs)
 
     @abstractmethod
     def close(self) -> defer.Deferred:

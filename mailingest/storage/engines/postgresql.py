@@ -277,6 +277,7 @@ class PostgresqlEngine(Engine):
     schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()"}
     # Shared by any number of daemons.
     exclusive = False
+    session_locks = True
 
     def __init__(self, url: str, min_connections: int = 1, max_connections: int = 4, reactor=None):
         if not 1 <= min_connections <= max_connections:
@@ -297,6 +298,8 @@ class PostgresqlEngine(Engine):
         self._listener: _Connection | None = None
         self._listen_lock = defer.DeferredLock()
         self._channels: dict[str, list[Callable[[str], object]]] = {}
+        self._claimer: _Connection | None = None
+        self._claim_lock = defer.DeferredLock()
 
     def __repr__(self) -> str:
         return f"<PostgresqlEngine {self._target.public}>"
@@ -382,6 +385,26 @@ class PostgresqlEngine(Engine):
         finally:
             self._growing -= 1
 
+    def claiming(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """
+        Run C{fn(txn, ...)} in one transaction on the claiming connection: not
+        a pooled one but a dedicated connection opened on first use and kept
+        as long as the engine, one interaction at a time. Session-level
+        advisory locks taken and released there are held exactly as long as
+        this daemon's session: when the daemon dies (or loses that
+        connection), the server lets go of them at once.
+        """
+        return self._claim_lock.run(self._claiming, fn, args, kwargs)
+
+    @defer.inlineCallbacks
+    def _claiming(self, fn, args, kwargs):
+        if self._closed:
+            raise DatabaseUnavailable(f"database {self._target.public} is closed")
+        if self._claimer is None:
+            self._claimer = _Connection(self._reactor, None, self._target)
+            yield self._open(self._claimer, retry=True)
+        return (yield self._claimer.runInteraction(lambda cursor: fn(_PostgresqlTransaction(cursor), *args, **kwargs)))
+
     def notify(
         self, txn: _PostgresqlTransaction, channel: str, payload: str = ""
     ) -> defer.Deferred:
@@ -428,7 +451,7 @@ class PostgresqlEngine(Engine):
 
     def close(self) -> defer.Deferred:
         self._closed = True
-        for conn in self._connections + ([self._listener] if self._listener else []):
+        for conn in self._connections + [c for c in (self._listener, self._claimer) if c is not None]:
             conn.shutdown()
         self._connections = []
         return defer.succeed(None)

@@ -1,0 +1,192 @@
+"""
+C{--processes N}: one port served by N intake processes of a real twistd,
+global limits, a child killed under load, SIGTERM and SIGHUP reaching every
+child, metrics summed over the processes; SQLite through the parent, the one
+writer, and PostgreSQL with a connection per process.
+"""
+
+import os
+import signal
+import smtplib
+import socket
+import threading
+import urllib.request
+
+import psycopg2
+from twisted.trial import unittest
+
+from mailingest.app.intake import share
+from mailingest.app.options import process_count
+from tests import postgres
+from tests.daemon import free_port, mailingest_cli, message, temp_dir
+from tests.test_hardening import make_certificate
+from tests.test_production import _children, _wait_for
+from tests.test_twistd import TwistdCase, rows, sigterm_during_data
+
+
+class ShareTests(unittest.SynchronousTestCase):
+    def test_parts_add_up_to_the_total(self):
+        for total in (1, 2, 3, 50, 1000, 1001):
+            for count in (1, 2, 3, 7):
+                parts = [share(total, count, index) for index in range(count)]
+                self.assertEqual(sum(parts), total)
+                self.assertLessEqual(max(parts) - min(parts), 1)
+
+    def test_auto_is_one_per_cpu(self):
+        self.assertEqual(process_count("auto"), os.cpu_count())
+        self.assertEqual(process_count("3"), 3)
+        self.assertRaises(ValueError, process_count, "0")
+
+
+def intake_processes(daemon) -> list[int]:
+    return [pid for pid in _children(daemon.process.pid) if b"mailingest.app.intake" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+class ProcessesTests(TwistdCase):
+    def start_processes(self, *args):
+        self.http_port = free_port()
+        self.http = f"tcp:{self.http_port}:interface=127.0.0.1"
+        daemon = self.start("--processes", "2", *args)
+        _wait_for(lambda: len(intake_processes(daemon)) == 2, 20, "two intake processes")
+        for index in range(2):
+            _wait_for(lambda: f"@intake-{index}#info] SMTP serving" in daemon.log(), 20, f"intake-{index} serving")
+        return daemon
+
+    def send(self, port: int, number: int) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            client.rcpt("orders+acme@example.com")
+            return client.data(message(subject=f"Order {number}", message_id=f"<order-{number}@customer.test>"))
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise AssertionError(f"no {name}")
+
+    def test_one_port_served_by_two_processes_and_metrics_summed(self):
+        daemon = self.start_processes()
+        for number in range(10):
+            code, reply = self.send(daemon.port, number)
+            self.assertEqual(code, 250, reply)
+        self.assertEqual(len(rows(self.directory)), 10)
+        self.assertEqual(self.metric("mailingest_messages_accepted_total"), 10.0)
+        log = daemon.log()
+        self.assertIn("@intake-", log)
+        self.assertIn("intake process 1 started", log)
+
+    def test_connection_limit_holds_across_processes(self):
+        daemon = self.start_processes("--max-connections", "2")
+        greetings = []
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            self.addCleanup(s.close)
+            greetings.append(s.recv(200)[:3])
+        # Each process has its share (1 of 2): never more than the total, at
+        # least one, however the kernel spread the connections.
+        self.assertIn(greetings.count(b"220"), (1, 2), greetings)
+        self.assertEqual(greetings.count(b"220") + greetings.count(b"421"), 8, greetings)
+
+    def test_a_child_killed_under_load_loses_nothing(self):
+        daemon = self.start_processes()
+        accepted, lock = [], threading.Lock()
+        numbers = iter(range(120))
+
+        def sender():
+            for number in numbers:
+                try:
+                    code, reply = self.send(daemon.port, number)
+                except (smtplib.SMTPException, OSError):
+                    continue
+                if code == 250:
+                    with lock:
+                        accepted.append(number)
+
+        threads = [threading.Thread(target=sender) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        _wait_for(lambda: len(accepted) >= 30, 60, "30 messages accepted")
+        victim = intake_processes(daemon)[0]
+        os.kill(victim, signal.SIGKILL)
+        for thread in threads:
+            thread.join()
+        stored = {row[1] for row in rows(self.directory)}
+        for number in accepted:
+            self.assertIn(f"<order-{number}@customer.test>", stored)
+        self.assertGreater(len(accepted), 60)
+        _wait_for(lambda: len(intake_processes(daemon)) == 2, 20, "the killed intake process replaced")
+        self.assertNotIn(victim, intake_processes(daemon))
+        self.assertIn("ended", daemon.log())
+
+    def test_sigterm_stops_every_process(self):
+        daemon = self.start_processes()
+        children = intake_processes(daemon)
+        self.assertEqual(len(children), 2)
+        self.assertIn(daemon.stop(signal.SIGTERM), (0, -signal.SIGTERM))
+        for pid in children:
+            _wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 10, f"intake process {pid} gone")
+        self.assertNotIn("Traceback", daemon.log())
+
+
+    def test_sigterm_lets_data_in_progress_finish(self):
+        daemon = self.start_processes()
+        reply, after = sigterm_during_data(daemon)
+        self.assertTrue(reply.startswith(b"250 2.0.0"), reply)
+        self.assertTrue(after.startswith(b"421 4.3.2"), after)
+        self.assertIn(daemon.process.wait(15), (0, -signal.SIGTERM))
+        self.assertEqual(len(rows(self.directory)), 1)
+
+    def test_sighup_reloads_the_certificate_in_every_process(self):
+        cert, key = make_certificate(self.directory)
+        daemon = self.start_processes("--tls-cert", cert, "--tls-key", key)
+        new_cert, new_key = make_certificate(temp_dir(self), "renewed.test")
+        os.replace(new_cert, cert)
+        os.replace(new_key, key)
+        daemon.process.send_signal(signal.SIGHUP)
+        for index in range(2):
+            _wait_for(lambda: f"@intake-{index}#info] TLS certificate reloaded" in daemon.log(), 10, f"intake-{index} reloaded")
+        self.assertIsNone(daemon.process.poll())
+
+
+class PostgresqlProcessesTests(TwistdCase):
+    """On PostgreSQL each intake process writes with its own connection; NOTIFY wakes the parent's extraction."""
+
+    def setUp(self):
+        self.directory = temp_dir(self)
+        self.env = dict(os.environ, MAILINGEST_DATABASE=postgres.create_database())
+        result = mailingest_cli(self.directory, "org", "add", "acme", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_every_message_stored_and_parsed(self):
+        daemon = self.start("--processes", "2", env=self.env)
+        for number in range(6):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("buyer@customer.test", ["orders+acme@example.com"], message(message_id=f"<pg-{number}@customer.test>"))
+        conn = psycopg2.connect(self.env["MAILINGEST_DATABASE"])
+        conn.autocommit = True
+        self.addCleanup(conn.close)
+
+        def statuses():
+            with conn.cursor() as cur:
+                cur.execute("SELECT status FROM inbound_message")
+                return [row[0] for row in cur.fetchall()]
+
+        _wait_for(lambda: statuses() == ["parsed"] * 6, 20, "six messages parsed")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
