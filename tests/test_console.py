@@ -293,3 +293,40 @@ class ConsoleHttpTests(ConsoleCase):
     def test_api_still_answers_beside_the_console(self):
         status, _, _ = yield self.get("/v1/messages")
         self.assertEqual(status, 200)
+
+
+class ConsoleActionTests(ConsoleCase):
+    @defer.inlineCallbacks
+    def test_release_a_quarantined_message(self):
+        message_id = yield self.deliver("acme", 1)
+        yield self.daemon.store.mark_quarantined(message_id, "sender not allowed")
+        admin = yield self.sign_in("admin")
+        path = f"/console/messages/{message_id}"
+        token = yield self.csrf(admin, path)
+        response, _ = yield self.request("POST", path + "/release", admin, form={"csrf": token})
+        self.assertEqual(response.code, 303)
+        _, body = yield self.request("GET", path, admin)
+        self.assertIn("released from quarantine", body)
+        row = yield self.daemon.settled(message_id)
+        self.assertEqual(row["status"], "parsed")
+        self.assertIsNotNone(row["released_at"])
+
+    @defer.inlineCallbacks
+    def test_redeliver_an_event(self):
+        yield self.daemon.store.set_webhook("acme", "https://hooks.invalid/mail", "whsec_" + "a" * 32)
+        message_id = yield self.deliver("acme", 1)
+        yield self.daemon.store.mark_failed(message_id, "broken", 3)
+        events = yield self.daemon.store.message_events(message_id)
+        self.assertEqual([e["message_status"] for e in events], ["parsed", "failed"])  # oldest first
+        event = events[-1]
+        admin = yield self.sign_in("admin")
+        path = f"/console/messages/{message_id}"
+        _, body = yield self.request("GET", path, admin)
+        self.assertIn(f'action="/console/events/{event["id"]}/redeliver"', body)
+        token = yield self.csrf(admin, path)
+        response, _ = yield self.request("POST", f"/console/events/{event['id']}/redeliver", admin, form={"csrf": token})
+        self.assertEqual(response.headers.getRawHeaders("location"), [path])
+        _, body = yield self.request("GET", path, admin)
+        self.assertIn(f"Webhook event {event['event_id']} will be delivered again now.", body)
+        again = yield self.daemon.store.get_event(event["id"])
+        self.assertGreater(str(again["retry_from"]), str(event["retry_from"]))
