@@ -22,7 +22,9 @@ from mailingest.delivery.ingest import Ingest
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.extraction.service import ExtractionService
-from mailingest.handoff.api import make_api_site, read_admin_token
+from mailingest.console.rejections import SAMPLE_SECONDS, RejectionHistory
+from mailingest.console.resource import make_site
+from mailingest.handoff.api import read_admin_token
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.sweeper import GcService, check_min_age
@@ -376,7 +378,11 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     daemon.webhooks = webhooks
     daemon.api_listener = None
     if settings["api"] != "none":
-        site = make_api_site(store, blobs, read_admin_token(settings["api_admin_token_file"]), settings["api_public_url"])
+        rejections = RejectionHistory(reactor)
+        internet.TimerService(SAMPLE_SECONDS, rejections.sample).setServiceParent(daemon.serving)
+        site = make_site(
+            store, blobs, reactor, rejections, read_admin_token(settings["api_admin_token_file"]), settings["api_public_url"]
+        )
         daemon.api_listener = make_listener(reactor, settings["api"], site, "API")
         daemon.api_listener.setServiceParent(daemon.serving)
     if settings["gc_interval"]:

@@ -27,7 +27,6 @@ from twisted.web import resource, server, static
 from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
 from mailingest.handoff.events import document_url, iso
-from mailingest.ops.http import OpsSite
 
 log = Logger(namespace="mailingest.api")
 
@@ -45,6 +44,21 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class UnknownToken(Exception):
+    """A token that is neither the admin token nor a live organisation token."""
+
+
+async def token_scope(store, admin_hash: str | None, token: str) -> int | None:
+    """The organisation id a token sees, None for the admin token (the API's and the console's one check)."""
+    digest = token_hash(token.strip())
+    if admin_hash is not None and hmac.compare_digest(digest, admin_hash):
+        return None
+    org = await store.token_org(digest)
+    if org is None:
+        raise UnknownToken()
+    return org["id"]
 
 
 class ApiError(Exception):
@@ -175,14 +189,11 @@ class ApiResource(resource.Resource):
         if scheme.lower() != "bearer" or not token.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest"')
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-        digest = token_hash(token.strip())
-        if self.admin_hash is not None and hmac.compare_digest(digest, self.admin_hash):
-            return None
-        org = await self.store.token_org(digest)
-        if org is None:
+        try:
+            return await token_scope(self.store, self.admin_hash, token)
+        except UnknownToken:
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest", error="invalid_token"')
-            raise ApiError(401, "unauthorized", "unknown or revoked token")
-        return org["id"]
+            raise ApiError(401, "unauthorized", "unknown or revoked token") from None
 
     async def _row(self, fetch, row_id: int, scope: int | None, what: str) -> dict:
         row = await fetch(row_id)
@@ -285,10 +296,6 @@ class ApiResource(resource.Resource):
             raise
         if not request.finished and not request._disconnected:
             request.finish()
-
-
-def make_api_site(store, blobs, admin_token: str | None = None, api_url: str | None = None) -> server.Site:
-    return OpsSite(ApiResource(store, blobs, admin_token, api_url))
 
 
 def read_admin_token(path: str | None) -> str | None:

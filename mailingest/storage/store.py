@@ -989,3 +989,80 @@ class Store:
         sql = _MESSAGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.id DESC LIMIT ?"
         yield txn.execute(sql, (*args, limit))
         return [_message(row) for row in txn.fetchall()]
+
+    # the console's reads
+
+    def org_summaries(self, since, org_id=None):
+        """Each organisation (or the one C{org_id}) with its messages by status since C{since} and its last message time."""
+        return self._run(self._org_summaries, since, org_id)
+
+    @defer.inlineCallbacks
+    def _org_summaries(self, txn, since, org_id):
+        sql, args = _ORG_SELECT, ()
+        if org_id is not None:
+            sql, args = sql + " WHERE id = ?", (org_id,)
+        yield txn.execute(sql + " ORDER BY slug", args)
+        orgs = [_org(row) for row in txn.fetchall()]
+        for org in orgs:
+            # Per organisation, so each count walks the (org_id, received_at) index.
+            yield txn.execute(
+                "SELECT status, COUNT(*) AS n FROM inbound_message WHERE org_id = ? AND received_at >= ? GROUP BY status",
+                (org["id"], since),
+            )
+            org["counts"] = {row["status"]: row["n"] for row in txn.fetchall()}
+            yield txn.execute("SELECT MAX(received_at) AS last FROM inbound_message WHERE org_id = ?", (org["id"],))
+            org["last_received_at"] = txn.fetchone()["last"]
+        return orgs
+
+    def search_messages(self, org_id, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit=50):
+        """
+        One page of an organisation's messages, newest first by id (C{before_id}
+        is the cursor), each with its number of documents. C{text} matches
+        subject, sender or Message-ID anywhere, case-insensitively.
+        """
+        return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
+
+    @defer.inlineCallbacks
+    def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
+        where, args = ["m.org_id = ?"], [org_id]
+        for clause, value in (
+            ("m.status = ?", status),
+            ("m.received_at >= ?", since),
+            ("m.received_at < ?", until),
+            ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
+            ("m.id < ?", before_id),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        if text:
+            pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append(
+                "(LOWER(m.subject) LIKE ? ESCAPE '\\' OR LOWER(m.mail_from) LIKE ? ESCAPE '\\'"
+                " OR LOWER(m.source_message_id) LIKE ? ESCAPE '\\')"
+            )
+            args += [pattern] * 3
+        yield txn.execute(
+            "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
+            " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
+            " FROM inbound_message m WHERE " + " AND ".join(where) + " ORDER BY m.id DESC LIMIT ?",
+            (*args, limit),
+        )
+        return txn.fetchall()
+
+    def message_events(self, message_id):
+        """A message's webhook events, oldest first, with their attempts."""
+        return self._run(self._message_events, int(message_id))
+
+    @defer.inlineCallbacks
+    def _message_events(self, txn, message_id):
+        yield txn.execute(_EVENT_SELECT + " WHERE e.inbound_message_id = ? ORDER BY e.id", (message_id,))
+        return txn.fetchall()
+
+    def get_event(self, event_id):
+        return self._run(self._get_event, int(event_id))
+
+    @defer.inlineCallbacks
+    def _get_event(self, txn, event_id):
+        yield txn.execute(_EVENT_SELECT + " WHERE e.id = ?", (event_id,))
+        return txn.fetchone()

@@ -1,0 +1,240 @@
+"""
+The console's pages as twisted.web.template tag trees: every value from mail
+(subjects, senders, filenames, headers) goes in as text, so the flattener
+escapes it; no page carries a script, and mail bodies are never shown.
+"""
+
+from collections.abc import Iterable
+from urllib.parse import urlencode
+
+from twisted.web.template import Tag, tags
+
+from mailingest.handoff.events import iso
+
+STATUSES = ("received", "parsed", "failed", "quarantined")
+VERDICTS = ("spf", "dkim", "dmarc", "arc")
+
+
+def when(value) -> str:
+    """A timestamp to the second, in UTC."""
+    text = iso(value)
+    return "" if text is None else text.replace("T", " ")[:19] + " UTC"
+
+
+def layout(title: str, body: Iterable, session=None, notice: str | None = None) -> Tag:
+    """The frame of every page: the stylesheet, the navigation and the sign-out form."""
+    nav = tags.nav()
+    if session is not None:
+        nav(
+            tags.a("Organisations", href="/console/orgs"),
+            " ",
+            tags.a("Status", href="/console/status"),
+            " ",
+            action_form("/console/sign-out", "Sign out", session),
+        )
+    return tags.html(lang="en")(
+        tags.head(
+            tags.meta(charset="utf-8"),
+            tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+            tags.title(f"{title} · mailingest"),
+            tags.link(rel="stylesheet", href="/console/static/console.css"),
+        ),
+        tags.body(
+            tags.header(tags.strong("mailingest"), nav),
+            Tag("main")(
+                tags.h1(title),
+                tags.p(notice, class_="notice", role="status") if notice else "",
+                *body,
+            ),
+        ),
+    )
+
+
+def action_form(url: str, label: str, session, **hidden: str) -> Tag:
+    """A POST button carrying the session's CSRF token."""
+    form = tags.form(method="post", action=url, class_="action")(tags.input(type="hidden", name="csrf", value=session.csrf))
+    for name, value in hidden.items():
+        form(tags.input(type="hidden", name=name, value=value))
+    return form(tags.button(label, type="submit"))
+
+
+def sign_in(error: str | None = None) -> Tag:
+    return layout(
+        "Sign in",
+        [
+            tags.p(error, class_="error", role="alert") if error else "",
+            tags.form(method="post", action="/console/sign-in")(
+                tags.label("API token ", tags.input(type="password", name="token", autocomplete="off", required="")),
+                tags.button("Sign in", type="submit"),
+            ),
+        ],
+    )
+
+
+def table(headings: Iterable[str], rows: Iterable[Iterable]) -> Tag:
+    return tags.div(class_="scroll")(
+        tags.table(tags.thead(tags.tr(*[tags.th(h) for h in headings])), tags.tbody(*[tags.tr(*[tags.td(c) for c in row]) for row in rows]))
+    )
+
+
+def organisations(orgs: list[dict], session) -> Tag:
+    rows = [
+        (
+            tags.a(org["slug"], href=f"/console/orgs/{org['id']}/messages"),
+            org["name"],
+            "yes" if org["active"] else "no",
+            *[str(org["counts"].get(status, 0)) for status in STATUSES],
+            when(org["last_received_at"]),
+        )
+        for org in orgs
+    ]
+    headings = ("Slug", "Name", "Active", *[s.capitalize() + " today" for s in STATUSES], "Last message")
+    return layout("Organisations", [table(headings, rows)], session)
+
+
+def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session) -> Tag:
+    form = tags.form(method="get", action=f"/console/orgs/{org['id']}/messages", class_="filters")(
+        tags.label("Search ", tags.input(type="search", name="q", value=filters.get("q", ""), placeholder="subject, sender or Message-ID")),
+        tags.label(
+            "Status ",
+            tags.select(name="status")(
+                tags.option("any", value=""),
+                *[
+                    tags.option(s, value=s, selected="") if filters.get("status") == s else tags.option(s, value=s)
+                    for s in STATUSES
+                ],
+            ),
+        ),
+        tags.label("Sender ", tags.input(type="email", name="sender", value=filters.get("sender", ""))),
+        tags.label("From ", tags.input(type="date", name="from", value=filters.get("from", ""))),
+        tags.label("To ", tags.input(type="date", name="to", value=filters.get("to", ""))),
+        tags.button("Filter", type="submit"),
+    )
+    table_rows = [
+        (
+            tags.span(row["status"], class_=f"status {row['status']}"),
+            row["mail_from"],
+            tags.a(row["subject"] or "(no subject)", href=f"/console/messages/{row['id']}"),
+            when(row["received_at"]),
+            str(row["documents"]),
+        )
+        for row in rows
+    ]
+    more = ""
+    if next_cursor:
+        query = {k: v for k, v in filters.items() if v}
+        query["cursor"] = next_cursor
+        more = tags.p(tags.a("Older messages →", href=f"/console/orgs/{org['id']}/messages?{urlencode(query)}", rel="next"))
+    empty = tags.p("No messages match.") if not rows else ""
+    return layout(
+        f"Messages of {org['slug']}",
+        [form, table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows), empty, more],
+        session,
+    )
+
+
+def definitions(pairs: Iterable[tuple[str, object]]) -> Tag:
+    dl = tags.dl()
+    for term, value in pairs:
+        dl(tags.dt(term), tags.dd("" if value is None else str(value)))
+    return dl
+
+
+def message(row: dict, headers: list[tuple[str, str]], truncated: bool, documents: list[dict], events: list[dict], session) -> Tag:
+    mid = row["id"]
+    actions = []
+    if session.admin and row["status"] == "failed":
+        actions.append(action_form(f"/console/messages/{mid}/reprocess", "Reprocess", session))
+    if session.admin and row["status"] == "quarantined":
+        actions.append(action_form(f"/console/messages/{mid}/release", "Release", session))
+    document_rows = [
+        (
+            tags.a(doc["filename"], href=f"/console/documents/{doc['id']}/content", download=""),
+            doc["content_type"],
+            str(doc["size"]),
+            tags.code(doc["sha256"]),
+        )
+        for doc in documents
+    ]
+    event_rows = [
+        (
+            event["event_type"],
+            event["status"],
+            str(event["attempts"]),
+            "" if event["last_status"] is None else str(event["last_status"]),
+            event["last_error"] or "",
+            when(event["created_at"]),
+            when(event["delivered_at"]),
+            action_form(f"/console/events/{event['id']}/redeliver", "Redeliver", session) if session.admin else "",
+        )
+        for event in events
+    ]
+    body = [
+        tags.p(
+            tags.span(row["status"], class_=f"status {row['status']}"),
+            " ",
+            tags.a("Download raw message", href=f"/console/messages/{mid}/raw", download=""),
+            " ",
+            *actions,
+        ),
+        tags.h2("Envelope"),
+        definitions(
+            [
+                ("Organisation", row["org_slug"]),
+                ("MAIL FROM", row["mail_from"]),
+                ("RCPT TO", row["rcpt_to"]),
+                ("Message-ID", row["source_message_id"]),
+                ("Client", row["client_ip"]),
+                ("HELO", row["helo"]),
+                ("TLS", row["tls"]),
+                ("Received", when(row["received_at"])),
+                ("Parsed", when(row["parsed_at"])),
+                ("Released", when(row["released_at"])),
+                ("Size", f"{row['raw_size']} bytes"),
+                ("SHA-256", row["raw_sha256"]),
+            ]
+        ),
+        tags.h2("Status"),
+        definitions(
+            [
+                ("Status", row["status"]),
+                ("Attempts", row["attempts"]),
+                ("Error", row["last_error"]),
+                ("Quarantine reason", row["quarantine_reason"]),
+            ]
+        ),
+        tags.h2("Sender verdicts"),
+        definitions([(v.upper(), " ".join(filter(None, (row[v], row.get(f"{v}_domain"))))) for v in VERDICTS]),
+        tags.h2("Documents"),
+        table(("File", "Type", "Bytes", "SHA-256"), document_rows) if documents else tags.p("No documents."),
+        tags.h2("Webhook events"),
+        table(("Event", "Status", "Attempts", "Last HTTP status", "Last error", "Written", "Delivered", ""), event_rows)
+        if events
+        else tags.p("No webhook events."),
+        tags.h2("Headers"),
+        tags.pre(class_="headers")("".join(f"{name}: {value}\n" for name, value in headers)),
+        tags.p("(headers cut short)") if truncated else "",
+    ]
+    return layout(row["subject"] or f"Message {mid}", body, session, session.notice)
+
+
+def status(queue_depth: int, outbox_depth: int, rejected: dict[str, int], readiness: dict[str, str], session) -> Tag:
+    return layout(
+        "Status",
+        [
+            definitions([("Queue depth (received, not yet parsed)", queue_depth), ("Webhook outbox (pending events)", outbox_depth)]),
+            tags.h2("Rejected in the last hour"),
+            table(("Reason", "Count"), [(reason, str(n)) for reason, n in rejected.items()]) if rejected else tags.p("None."),
+            tags.h2("Readiness"),
+            table(("Check", "Result"), [(name, result) for name, result in readiness.items()]),
+        ],
+        session,
+    )
+
+
+def not_found(session=None) -> Tag:
+    return layout("Not found", [tags.p("There is no such page, or it is not yours to see.")], session)
+
+
+def forbidden(session) -> Tag:
+    return layout("Not allowed", [tags.p("Only the admin token may do this.")], session)
