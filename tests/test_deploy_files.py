@@ -194,3 +194,18 @@ class DockerTests(unittest.TestCase):
         self.assertIn("healthcheck", services["minio"])
         self.assertEqual(services["minio-init"]["image"], "minio/mc")
         self.assertIn("mc mb --ignore-existing store/mailingest", services["minio-init"]["command"][0])
+
+
+class PackagingTests(unittest.TestCase):
+    def test_every_package_is_installed(self):
+        """A plain `pip install .` takes only the packages setup.cfg lists: a new folder must be listed."""
+        config = configparser.ConfigParser()
+        config.read(os.path.join(REPO, "setup.cfg"))
+        listed = set(config["options"]["packages"].split())
+        found = {
+            os.path.relpath(directory, REPO).replace(os.sep, ".")
+            for directory, _, files in os.walk(os.path.join(REPO, "mailingest"))
+            if "__init__.py" in files
+        }
+        self.assertIn("mailingest.storage.engines", found)
+        self.assertEqual(found - listed, set())
