@@ -103,11 +103,11 @@ class BrowserTests(ConsoleCase):
         acme = yield self.daemon.store.get_org("acme")
 
         def open_and_download(driver):
-            driver.find_element(By.LINK_TEXT, "acme").click()
-            assert driver.find_element(By.TAG_NAME, "h1").text == "Messages of acme"
-            driver.find_element(By.LINK_TEXT, "Order 1").click()
-            assert driver.current_url.endswith(f"/console/messages/{message_id}")
-            driver.find_element(By.LINK_TEXT, "order.pdf").click()
+            loaded(driver, By.LINK_TEXT, "acme").click()
+            heading(driver, "Messages of acme")
+            loaded(driver, By.LINK_TEXT, "Order 1").click()
+            _wait(driver, lambda d: d.current_url.endswith(f"/console/messages/{message_id}"))
+            loaded(driver, By.LINK_TEXT, "order.pdf").click()
             path = os.path.join(self.downloads, "order.pdf")
             deadline = time.monotonic() + 15
             while not os.path.exists(path) or os.path.exists(path + ".crdownload"):
@@ -122,9 +122,9 @@ class BrowserTests(ConsoleCase):
 
         def reprocess(driver):
             driver.get(f"{self.base}/console/orgs/{acme['id']}/messages?status=failed")
-            driver.find_element(By.LINK_TEXT, "Order 2").click()
-            driver.find_element(By.XPATH, "//button[text()='Reprocess']").click()
-            return driver.find_element(By.CLASS_NAME, "notice").text
+            loaded(driver, By.LINK_TEXT, "Order 2").click()
+            loaded(driver, By.XPATH, "//button[text()='Reprocess']").click()
+            return loaded(driver, By.CLASS_NAME, "notice").text
 
         notice = yield self.browse(reprocess)
         self.assertIn("queued for reprocessing", notice)
@@ -134,12 +134,13 @@ class BrowserTests(ConsoleCase):
             driver.refresh()
             status = driver.find_element(By.CSS_SELECTOR, "main .status").text
             driver.find_element(By.XPATH, "//button[text()='Sign out']").click()
+            heading(driver, "Sign in")
             driver.get(self.base + "/console/orgs")
-            return status, driver.find_element(By.TAG_NAME, "h1").text
+            return status, heading(driver)
 
-        status, heading = yield self.browse(parsed_then_sign_out)
+        status, page = yield self.browse(parsed_then_sign_out)
         self.assertEqual(status, "parsed")
-        self.assertEqual(heading, "Sign in")
+        self.assertEqual(page, "Sign in")
 
     @defer.inlineCallbacks
     def test_organisation_cannot_open_another_organisations_message(self):
@@ -201,14 +202,28 @@ class BrowserTests(ConsoleCase):
         self.assertEqual(documents[0]["filename"], HOSTILE_FILENAME)
 
 
+def _wait(driver, until):
+    """Wait up to 10 s for C{until(driver)}: after a click the old page may still be there, or be going."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # While a page is replaced, an element lookup can fail in several ways
+    # (no such element, stale element, a node no longer in the document).
+    return WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(until)
+
+
+def loaded(driver, by, value):
+    """The element once the page holding it has loaded."""
+    return _wait(driver, lambda d: d.find_element(by, value))
+
+
 def heading(driver, expected: str | None = None) -> str:
     """The page's h1 once the page showing it has loaded (a click returns before the next page is there)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     if expected is not None:
-        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == expected)
-    return driver.find_element(By.TAG_NAME, "h1").text
+        _wait(driver, lambda d: d.find_element(By.TAG_NAME, "h1").text == expected)
+    return _wait(driver, lambda d: d.find_element(By.TAG_NAME, "h1").text)
 
 
 def temp_dir_for_class() -> str:
