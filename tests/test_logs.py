@@ -356,7 +356,7 @@ class DatabasePasswordInDaemonLogTests(unittest.TestCase):
             if usable and url.startswith("postgresql://"):
                 # the line repeated every 5 s while the database cannot be reached
                 text = self.wait_for(process, log_path, lambda t: t.count("cannot prepare the database") >= 2)
-                self.assertEqual(text.count("cannot prepare the database"), 2, text)
+                self.assertGreaterEqual(text.count("cannot prepare the database"), 2, text)
             else:
                 # refused at start: libpq would misread it, or it is not a URL
                 text = self.wait_for(process, log_path, lambda t: False)
