@@ -43,6 +43,14 @@ from mailingest.smtp.tls import ReloadableTLS
 
 log = Logger(namespace="mailingest.daemon")
 
+
+def stop_reactor(reactor) -> None:
+    """Stop the daemon: now, or as soon as the reactor runs (a failure in twistd's privileged start-up comes before)."""
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
 RESTART_SECONDS = 1.0
 # A child drains its sessions within the daemon's grace (10 s); then it is killed.
 STOP_SECONDS = 15.0
@@ -184,8 +192,6 @@ class IntakeProcesses(service.Service):
             log.info("SMTP listening on {address} ({count} intake processes)", address=port.getHost(), count=self.settings["processes"])
 
     def _cannot_listen(self, failure):
-        from mailingest.app.service import stop_reactor
-
         log.critical("mailingest could not start: cannot listen for SMTP: {error}", error=failure.getErrorMessage())
         stop_reactor(self.reactor)
 

@@ -21,6 +21,7 @@ from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
+from mailingest.app.processes import IntakeProcesses, stop_reactor
 from mailingest.extraction.service import ExtractionService
 from mailingest.console.rejections import SAMPLE_SECONDS, RejectionHistory
 from mailingest.console.resource import make_site
@@ -120,14 +121,6 @@ def make_listener(reactor, description: str, factory, what: str, proxy_trusted=(
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad {what} endpoint {endpoint_description!r}: {e}") from None
     return Listener(reactor, endpoint, factory, what, description, tls)
-
-
-def stop_reactor(reactor) -> None:
-    """Stop the daemon: now, or as soon as the reactor runs (a failure in twistd's privileged start-up comes before)."""
-    if reactor.running:
-        reactor.stop()
-    else:
-        reactor.callWhenRunning(reactor.stop)
 
 
 class TLSReloader(service.Service):
@@ -359,8 +352,6 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         checks=CheckSettings(settings["hostname"], settings["dns_resolver"], settings["dns_budget"]),
     )
     if settings["processes"] > 1:
-        from mailingest.app.processes import IntakeProcesses
-
         ingest = None
         intake = IntakeProcesses(reactor, settings, store, extraction.wake)
     else:
