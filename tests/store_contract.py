@@ -572,3 +572,36 @@ class StoreContract:
         yield self.store.mark_parsed(first, [], verdicts={"spf": "fail", "dmarc": "fail", "authentication_results": "mx; spf=fail"})
         row = yield self.store.get_message(first)
         self.assertEqual((row["status"], row["spf"]), ("parsed", "fail"))
+
+    @defer.inlineCallbacks
+    def test_status_history_of_every_change(self):
+        """Issue 18: each status change of a message leaves a history row, its error with it."""
+        acme, _ = yield self.two_orgs()
+        [first] = yield self.store.insert_messages([message(acme, "<h@x>")])
+        yield self.store.insert_messages([message(acme, "<h@x>")])  # a duplicate changes nothing
+        yield self.claim_one()
+        yield self.store.schedule_retry(first, "worker crashed", 1, 0)
+        yield self.claim_one()
+        yield self.store.mark_failed(first, "not a PDF", 2)
+        self.assertEqual((yield self.store.reprocess_failed("acme")), 1)
+        yield self.store.reprocess(first)
+        yield self.claim_one()
+        yield self.store.mark_parsed(first, [])
+        yield self.store.mark_quarantined(first, "DMARC did not pass")
+        yield self.store.release(first)
+        history = yield self.store.status_history(first)
+        self.assertEqual(
+            [(row["status"], row["error"]) for row in history],
+            [
+                ("received", None),
+                ("retrying", "worker crashed"),
+                ("failed", "not a PDF"),
+                ("received", None),
+                ("received", None),
+                ("parsed", None),
+                ("quarantined", "DMARC did not pass"),
+                ("received", None),
+            ],
+        )
+        self.assertTrue(all(row["at"] is not None for row in history))
+        self.assertEqual((yield self.store.status_history(first + 100)), [])

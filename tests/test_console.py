@@ -52,6 +52,18 @@ class TemplateTests(unittest.TestCase):
         self.assertIn("&lt;script&gt;document.title=\"pwned\"&lt;/script&gt;", html)
         self.assertIn('href="/console/documents/3/content"', html)
 
+    def test_message_page_shows_the_status_history_escaped(self):
+        history = [
+            {"status": "received", "error": None, "at": "2025-01-31 10:00:00+00:00"},
+            {"status": "retrying", "error": HOSTILE, "at": "2025-01-31 10:00:05+00:00"},
+            {"status": "failed", "error": "not a PDF", "at": "2025-01-31 10:01:00+00:00"},
+        ]
+        html = render(pages.message(self.message_row(), [], False, [], [], self.session, history))
+        self.assertIn("<h3>History</h3>", html)
+        self.assertIn("<tr><td>2025-01-31 10:00:05 UTC</td><td>retrying</td><td>&lt;script&gt;", html)
+        self.assertNotIn("<script", html)
+        self.assertLess(html.index("<td>received</td>"), html.index("<td>failed</td>"))
+
     def test_admin_sees_the_action_for_the_status(self):
         html = render(pages.message(self.message_row(), [], False, [], [], self.session))
         self.assertIn('action="/console/messages/7/reprocess"', html)
@@ -247,6 +259,7 @@ class ConsoleHttpTests(ConsoleCase):
         _, body = yield self.request("GET", f"/console/messages/{message_id}", cookie)
         self.assertIn("Message-ID: &lt;acme-1@customer.test&gt;", body)
         self.assertIn("orders+acme@example.com", body)
+        self.assertRegex(body, r"<td>[-0-9: ]+UTC</td><td>received</td><td></td>.*<td>[-0-9: ]+UTC</td><td>parsed</td>")
 
     @defer.inlineCallbacks
     def test_actions_need_admin_and_the_csrf_token(self):

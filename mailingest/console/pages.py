@@ -140,7 +140,9 @@ def definitions(pairs: Iterable[tuple[str, object]]) -> Tag:
     return dl
 
 
-def message(row: dict, headers: list[tuple[str, str]], truncated: bool, documents: list[dict], events: list[dict], session) -> Tag:
+def message(
+    row: dict, headers: list[tuple[str, str]], truncated: bool, documents: list[dict], events: list[dict], session, history: Iterable[dict] = ()
+) -> Tag:
     mid = row["id"]
     actions = []
     if session.admin and row["status"] == "failed":
@@ -203,6 +205,8 @@ def message(row: dict, headers: list[tuple[str, str]], truncated: bool, document
                 ("Quarantine reason", row["quarantine_reason"]),
             ]
         ),
+        tags.h3("History"),
+        table(("Time", "Status", "Error"), [(when(change["at"]), change["status"], change["error"] or "") for change in history]),
         tags.h2("Sender verdicts"),
         definitions([(v.upper(), " ".join(filter(None, (row[v], row.get(f"{v}_domain"))))) for v in VERDICTS]),
         tags.h2("Documents"),

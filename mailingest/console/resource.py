@@ -256,8 +256,9 @@ class ConsoleResource(resource.Resource):
         row = self._scoped(await self.store.get_message(id), session)
         documents = await self.store.list_documents(message_id=id)
         events = await self.store.message_events(id)
+        history = await self.store.status_history(id)
         headers, truncated = read_headers(await self._head_of(row["raw_key"]))
-        await self._page(request, pages.message(row, headers, truncated, documents, events, session))
+        await self._page(request, pages.message(row, headers, truncated, documents, events, session, history))
         session.notice = None
 
     async def _head_of(self, key: str) -> bytes:

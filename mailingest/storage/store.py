@@ -347,6 +347,7 @@ class Store:
         )
         inserted = txn.fetchone()
         if inserted is not None:
+            yield self._record_status(txn, [inserted["id"]], "received")
             return Collision(inserted["id"]) if collision else inserted["id"]
         yield txn.execute(
             "SELECT id, content_sha256 FROM inbound_message"
@@ -493,6 +494,7 @@ class Store:
         )
         if txn.fetchone() is None:
             raise NoSuchMessage(f"no message {message_id}")
+        yield self._record_status(txn, [message_id], "received")
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return _message(txn.fetchone())
 
@@ -511,7 +513,9 @@ class Store:
             sql += " AND org_id IN (SELECT id FROM organization WHERE slug = ?)"
             args.append(org_slug.lower())
         yield txn.execute(sql + " RETURNING id", tuple(args))
-        return len(txn.fetchall())
+        requeued = [row["id"] for row in txn.fetchall()]
+        yield self._record_status(txn, requeued, "received")
+        return len(requeued)
 
     def claim(self, lease_seconds, limit=1):
         return self.engine.claiming(_storable_interaction, self._claim, lease_seconds, int(limit))
@@ -651,6 +655,7 @@ class Store:
             " WHERE id = ?",
             (status, error, attempts, self._now() if status == "parsed" else None, message_id),
         )
+        yield self._record_status(txn, [message_id], status, error)
         yield self._write_event(txn, message_id, status, error)
 
     def schedule_retry(self, message_id, error, attempts, delay):
@@ -663,6 +668,29 @@ class Store:
             " next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
             (error, attempts, self._now() + timedelta(seconds=delay), message_id),
         )
+        yield self._record_status(txn, [message_id], "retrying", error)
+
+    @defer.inlineCallbacks
+    def _record_status(self, txn, message_ids, status, error=None):
+        """A history row per message whose status changed, in the transaction of the change."""
+        now = self._now()
+        for message_id in message_ids:
+            yield txn.execute(
+                "INSERT INTO message_status_history (inbound_message_id, status, error, at) VALUES (?, ?, ?, ?)",
+                (message_id, status, error, now),
+            )
+
+    def status_history(self, message_id):
+        """A message's status changes, oldest first: (status, error, at)."""
+        return self._run(self._status_history, int(message_id))
+
+    @defer.inlineCallbacks
+    def _status_history(self, txn, message_id):
+        yield txn.execute(
+            "SELECT status, error, at FROM message_status_history WHERE inbound_message_id = ? ORDER BY id",
+            (message_id,),
+        )
+        return txn.fetchall()
 
     # sender verdicts, policy and quarantine (issue 15)
 
@@ -692,6 +720,7 @@ class Store:
             " last_error = NULL, attempts = attempts + 1, claimed_until = NULL WHERE id = ?",
             (reason, message_id),
         )
+        yield self._record_status(txn, [message_id], "quarantined", reason)
         yield self._write_event(txn, message_id, "quarantined", reason)
 
     def release(self, message_id):
@@ -712,6 +741,7 @@ class Store:
             if row is None:
                 raise NoSuchMessage(f"no message {message_id}")
             raise NotQuarantined(f"message {message_id} is {row['status']}, not quarantined")
+        yield self._record_status(txn, [message_id], "received")
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return _message(txn.fetchone())
 
