@@ -12,11 +12,13 @@ from urllib.parse import urlencode
 import treq
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from twisted.web import server
 from twisted.web.template import flattenString
+from twisted.web.test.requesthelper import DummyChannel
 
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.resource import COOKIE, HEADER_BYTES, read_headers
+from mailingest.console.resource import COOKIE, HEADER_BYTES, ConsoleResource, read_headers
 from mailingest.console.sessions import Sessions
 from tests.test_api import PDF, ApiCase
 
@@ -144,6 +146,40 @@ class RejectionTests(unittest.TestCase):
             totals["bad_rcpt"] += 1
             history.sample()
         self.assertEqual(history.last_hour(), {"bad_rcpt": 60})
+
+
+class _HungStore:
+    """A store whose queue depth answers and whose outbox depth never does."""
+
+    def count_messages(self, status):
+        return defer.succeed(4)
+
+    def count_events(self, status):
+        return defer.Deferred()
+
+
+class StatusPageDeadlineTests(unittest.TestCase):
+    def test_a_check_that_never_answers_times_out(self):
+        """The status page answers within the checks' deadline and says which check timed out."""
+        clock = task.Clock()
+        sessions = Sessions(clock)
+        checks = {"database": lambda: defer.succeed(None), "disk": defer.Deferred}
+        console = ConsoleResource(_HungStore(), None, None, sessions, RejectionHistory(clock), checks, clock, check_timeout=2)
+        channel = DummyChannel()
+        request = server.Request(channel, False)
+        request.method, request.path, request.args = b"GET", b"/console/status", {}
+        request.received_cookies = {COOKIE: sessions.open(None).id.encode()}
+        console.render(request)
+        clock.advance(1.9)
+        self.assertFalse(request.finished)
+        clock.advance(0.1)
+        self.assertTrue(request.finished)
+        page = channel.transport.written.getvalue().decode()
+        self.assertIn("200 OK", page.splitlines()[0])
+        self.assertIn("<td>database</td><td>ok</td>", page)
+        self.assertIn("<td>disk</td><td>error: timed out after 2.0 s</td>", page)
+        self.assertIn("<dd>4</dd>", page)
+        self.assertIn("<dd>unknown: timed out after 2.0 s</dd>", page)
 
 
 class ConsoleCase(ApiCase):
@@ -301,6 +337,7 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertEqual(response.code, 200)
         self.assertIn("Queue depth", body)
         self.assertIn("<td>database</td><td>ok</td>", body)
+        self.assertIn("<td>disk</td><td>ok</td>", body)
 
     @defer.inlineCallbacks
     def test_api_still_answers_beside_the_console(self):

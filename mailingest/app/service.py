@@ -323,10 +323,11 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)
 
+    disk = DiskCheck(local_data_directories(settings, spool_dir), settings["min_free_space"])
+    readiness_checks = {"database": store.check, "storage": blobs.check, "disk": disk}
     if settings["http"] != "none":
-        disk = DiskCheck(local_data_directories(settings, spool_dir), settings["min_free_space"])
         site = make_ops_site(
-            {"database": store.check, "storage": blobs.check, "disk": disk},
+            readiness_checks,
             queue_depth=lambda: store.count_messages("received"),
         )
         daemon.ops_listener = make_listener(reactor, settings["http"], site, "ops HTTP")
@@ -372,7 +373,13 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         rejections = RejectionHistory(reactor)
         internet.TimerService(SAMPLE_SECONDS, rejections.sample).setServiceParent(daemon.serving)
         site = make_site(
-            store, blobs, reactor, rejections, read_admin_token(settings["api_admin_token_file"]), settings["api_public_url"]
+            store,
+            blobs,
+            reactor,
+            rejections,
+            read_admin_token(settings["api_admin_token_file"]),
+            settings["api_public_url"],
+            checks=readiness_checks,
         )
         daemon.api_listener = make_listener(reactor, settings["api"], site, "API")
         daemon.api_listener.setServiceParent(daemon.serving)

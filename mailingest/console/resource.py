@@ -12,9 +12,11 @@ import email.policy
 import hmac
 import os
 import re
+from collections.abc import Mapping
 from datetime import datetime, time, timedelta, timezone
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.template import flattenString
@@ -23,7 +25,7 @@ from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import Session, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
-from mailingest.ops.http import OpsSite
+from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, _decode_cursor, _encode_cursor, token_scope
 
 log = Logger(namespace="mailingest.console")
@@ -86,8 +88,21 @@ def _day(text: str) -> datetime | None:
 class ConsoleResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, store, blobs, api: ApiResource, sessions: Sessions, rejections: RejectionHistory):
+    def __init__(
+        self,
+        store,
+        blobs,
+        api: ApiResource,
+        sessions: Sessions,
+        rejections: RejectionHistory,
+        checks: Mapping[str, Check],
+        clock: IReactorTime,
+        check_timeout: float = CHECK_TIMEOUT,
+    ):
         super().__init__()
+        self.checks = dict(checks)
+        self.clock = clock
+        self.check_timeout = check_timeout
         self.store = store
         self.blobs = blobs
         self.api = api
@@ -288,16 +303,15 @@ class ConsoleResource(resource.Resource):
             raise NotFound() from None
 
     async def status(self, request: server.Request, session: Session) -> None:
-        queue = await self.store.count_messages("received")
-        outbox = await self.store.count_events("pending")
-        readiness = {}
-        for name, check in (("database", self.store.check), ("storage", self.blobs.check)):
-            try:
-                await check()
-                readiness[name] = "ok"
-            except Exception as e:
-                readiness[name] = "error: " + (str(e) or type(e).__name__)[:300]
-        await self._page(request, pages.status(queue, outbox, self.rejections.last_hour(), readiness, session))
+        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page."""
+        readiness = run_checks(self.checks, self.check_timeout, self.clock)
+        queue = self._bounded_count(lambda: self.store.count_messages("received"))
+        outbox = self._bounded_count(lambda: self.store.count_events("pending"))
+        depths = await defer.gatherResults([queue, outbox])
+        await self._page(request, pages.status(*depths, self.rejections.last_hour(), await readiness, session))
+
+    def _bounded_count(self, count: Check) -> defer.Deferred:
+        return bounded(count, self.check_timeout, self.clock).addErrback(lambda failure: "unknown: " + describe_failure(failure))
 
     # the admin's actions
 
@@ -344,7 +358,16 @@ class _Root(resource.Resource):
         return self.console if path == b"console" else self.api
 
 
-def make_site(store, blobs, clock, rejections: RejectionHistory, admin_token: str | None = None, api_url: str | None = None) -> server.Site:
-    """The site of C{--api}: the JSON API and the console."""
+def make_site(
+    store,
+    blobs,
+    clock,
+    rejections: RejectionHistory,
+    admin_token: str | None = None,
+    api_url: str | None = None,
+    checks: Mapping[str, Check] | None = None,
+) -> server.Site:
+    """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
     api = ApiResource(store, blobs, admin_token, api_url)
-    return OpsSite(_Root(api, ConsoleResource(store, blobs, api, Sessions(clock), rejections)))
+    checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
+    return OpsSite(_Root(api, ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock)))

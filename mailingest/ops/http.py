@@ -30,11 +30,14 @@ Check = Callable[[], defer.Deferred]
 Response = tuple[int, bytes, bytes]
 
 
+CHECK_TIMEOUT = 2.0  # seconds a readiness check may take before it counts as failed
+
+
 class CheckTimedOut(Exception):
     """A readiness check or queue-depth query did not answer within its deadline."""
 
 
-def _bounded(call: Check, timeout: float, clock: IReactorTime) -> defer.Deferred:
+def bounded(call: Check, timeout: float, clock: IReactorTime) -> defer.Deferred:
     """Call C{call} and give up on its result after C{timeout} seconds."""
 
     def timed_out(result: Any, timeout: float) -> None:
@@ -47,6 +50,19 @@ def describe_failure(failure: Failure) -> str:
     """One line, at most L{MAX_REASON_LENGTH} characters, for a readiness report."""
     reason = failure.getErrorMessage() or failure.type.__name__
     return " ".join(reason.split())[:MAX_REASON_LENGTH]
+
+
+def run_checks(checks: Mapping[str, Check], timeout: float, clock: IReactorTime) -> defer.Deferred:
+    """
+    Fire with each check's outcome by name, C{"ok"} or C{"error: ..."}, each
+    bounded by C{timeout}: what C{/readyz} and the console's status page show.
+    """
+    names = list(checks)
+    outcomes = [
+        bounded(checks[name], timeout, clock).addCallbacks(lambda _: "ok", lambda failure: "error: " + describe_failure(failure))
+        for name in names
+    ]
+    return defer.gatherResults(outcomes).addCallback(lambda results: dict(zip(names, results)))
 
 
 class _Endpoint(resource.Resource):
@@ -111,21 +127,12 @@ class _Readiness(_Endpoint):
         self._clock = clock
 
     def answer(self) -> defer.Deferred:
-        names = list(self._checks)
-        outcomes = [
-            _bounded(self._checks[name], self._timeout, self._clock).addCallbacks(
-                lambda _: "ok", lambda failure: "error: " + describe_failure(failure)
-            )
-            for name in names
-        ]
-
-        def report(results: list[str]) -> Response:
-            checks = dict(zip(names, results))
-            ready = all(result == "ok" for result in results)
+        def report(checks: dict[str, str]) -> Response:
+            ready = all(result == "ok" for result in checks.values())
             body = {"status": "ready" if ready else "unavailable", "checks": checks}
             return 200 if ready else 503, b"application/json", json.dumps(body).encode() + b"\n"
 
-        return defer.gatherResults(outcomes).addCallback(report)
+        return run_checks(self._checks, self._timeout, self._clock).addCallback(report)
 
 
 class _Metrics(_Endpoint):
@@ -141,7 +148,7 @@ class _Metrics(_Endpoint):
         else:
             # A stale gauge is better than a failed scrape; /readyz already
             # tells which backend is down.
-            refreshed = _bounded(self._queue_depth, self._timeout, self._clock).addCallbacks(
+            refreshed = bounded(self._queue_depth, self._timeout, self._clock).addCallbacks(
                 metrics.QUEUE_DEPTH.set,
                 lambda failure: log.debug(
                     "queue depth unavailable: {reason}", reason=describe_failure(failure)
@@ -180,7 +187,7 @@ class OpsSite(server.Site):
 def make_ops_site(
     checks: Mapping[str, Check],
     queue_depth: Check | None = None,
-    check_timeout: float = 2.0,
+    check_timeout: float = CHECK_TIMEOUT,
     clock: IReactorTime | None = None,
 ) -> server.Site:
     """
