@@ -13,6 +13,7 @@ p50/max per page; the target is under 300 ms.
 
 import argparse
 import re
+import secrets
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import treq
 from twisted.internet import defer, task
 
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.resource import COOKIE, make_site
+from mailingest.console.resource import COOKIE, SIGN_IN_COOKIE, make_site
 from mailingest.handoff.api import _encode_cursor, new_token, token_hash
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
@@ -68,7 +69,14 @@ async def main(reactor, options) -> None:
     print(f"filled {len(ids)} messages in {time.monotonic() - began:.1f} s", file=sys.stderr)
     port = reactor.listenTCP(0, make_site(store, blobs, reactor, RejectionHistory(reactor)), interface="127.0.0.1")
     base = f"http://127.0.0.1:{port.getHost().port}"
-    response = await treq.post(base + "/console/sign-in", data={"token": token}, allow_redirects=False, persistent=False)
+    form_token = secrets.token_urlsafe(32)  # the sign-in form's token, in its cookie and its field
+    response = await treq.post(
+        base + "/console/sign-in",
+        data={"token": token, "csrf": form_token},
+        headers={"Cookie": f"{SIGN_IN_COOKIE.decode()}={form_token}"},
+        allow_redirects=False,
+        persistent=False,
+    )
     cookie = re.match(rf"{COOKIE.decode()}=([^;]+)", response.headers.getRawHeaders("set-cookie")[0]).group(1)
     today = datetime.now(timezone.utc).date()
     pages = {

@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.resource import COOKIE, HEADER_BYTES, ConsoleResource, read_headers
+from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
 from mailingest.console.sessions import Sessions
 from tests.test_api import PDF, ApiCase
 
@@ -80,7 +80,7 @@ class TemplateTests(unittest.TestCase):
         self.assertNotIn("/reprocess", html)
 
     def test_no_page_carries_a_script_or_inline_style(self):
-        html = render(pages.sign_in("no")) + render(pages.status(1, 2, {"bad_rcpt": 3}, {"database": "ok"}, self.session))
+        html = render(pages.sign_in("t" * 43, "no")) + render(pages.status(1, 2, {"bad_rcpt": 3}, {"database": "ok"}, self.session))
         self.assertIn("bad_rcpt", html)
         self.assertNotIn("<script", html)
         self.assertNotIn("style=", html)
@@ -186,8 +186,9 @@ class ConsoleCase(ApiCase):
     """A daemon with the API (and so the console) on; helpers for a browser-less client with a cookie."""
 
     @defer.inlineCallbacks
-    def request(self, method: str, path: str, cookie: str | None = None, form: dict | None = None):
-        headers = {"Cookie": f"{COOKIE.decode()}={cookie}"} if cookie else {}
+    def request(self, method: str, path: str, cookie: str | None = None, form: dict | None = None, sign_in: str | None = None):
+        cookies = [f"{name.decode()}={value}" for name, value in ((COOKIE, cookie), (SIGN_IN_COOKIE, sign_in)) if value]
+        headers = {"Cookie": "; ".join(cookies)} if cookies else {}
         data = None
         if form is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
@@ -197,8 +198,24 @@ class ConsoleCase(ApiCase):
         return response, body.decode("utf-8", "replace")
 
     @defer.inlineCallbacks
+    def sign_in_form(self):
+        """The sign-in page's pre-session token: in its cookie and, the same, in its form."""
+        response, body = yield self.request("GET", "/console/sign-in")
+        cookie = response.headers.getRawHeaders("set-cookie")[0]
+        self.assertIn("SameSite=strict", cookie)
+        token = re.match(rf"{SIGN_IN_COOKIE.decode()}=([^;]+)", cookie).group(1)
+        self.assertIn(f'name="csrf" value="{token}"', body)
+        return token
+
+    @defer.inlineCallbacks
+    def post_sign_in(self, token: str):
+        form_token = yield self.sign_in_form()
+        response, body = yield self.request("POST", "/console/sign-in", form={"token": token, "csrf": form_token}, sign_in=form_token)
+        return response, body
+
+    @defer.inlineCallbacks
     def sign_in(self, who: str):
-        response, _ = yield self.request("POST", "/console/sign-in", form={"token": self.tokens[who]})
+        response, _ = yield self.post_sign_in(self.tokens[who])
         self.assertEqual(response.code, 303)
         cookie = response.headers.getRawHeaders("set-cookie")[0]
         return re.match(rf"{COOKIE.decode()}=([^;]+)", cookie).group(1)
@@ -212,7 +229,7 @@ class ConsoleCase(ApiCase):
 class ConsoleHttpTests(ConsoleCase):
     @defer.inlineCallbacks
     def test_sign_in_sets_a_strict_http_only_cookie(self):
-        response, _ = yield self.request("POST", "/console/sign-in", form={"token": self.tokens["acme"]})
+        response, _ = yield self.post_sign_in(self.tokens["acme"])
         self.assertEqual(response.code, 303)
         cookie = response.headers.getRawHeaders("set-cookie")[0]
         self.assertIn("HttpOnly", cookie)
@@ -223,13 +240,34 @@ class ConsoleHttpTests(ConsoleCase):
 
     @defer.inlineCallbacks
     def test_bad_token_and_no_session(self):
-        response, body = yield self.request("POST", "/console/sign-in", form={"token": "mit_nope"})
+        response, body = yield self.post_sign_in("mit_nope")
         self.assertEqual(response.code, 401)
         self.assertIn("not known", body)
         self.assertIsNone(response.headers.getRawHeaders("set-cookie"))
         response, _ = yield self.request("GET", "/console/orgs", cookie="forged")
         self.assertEqual(response.code, 303)
         self.assertEqual(response.headers.getRawHeaders("location"), ["/console/sign-in"])
+
+    @defer.inlineCallbacks
+    def test_sign_in_needs_its_forms_token(self):
+        """Login CSRF: a sign-in POST without the form's token in both cookie and field is refused, whatever the token."""
+        form_token = yield self.sign_in_form()
+        other_token = yield self.sign_in_form()
+        self.assertNotEqual(form_token, other_token)
+        for field, cookie in ((None, None), (form_token, None), (None, form_token), (other_token, form_token), ("", "")):
+            form = {"token": self.tokens["admin"]} if field is None else {"token": self.tokens["admin"], "csrf": field}
+            response, body = yield self.request("POST", "/console/sign-in", form=form, sign_in=cookie)
+            self.assertEqual(response.code, 403, (field, cookie))
+            self.assertIn("The form expired", body)
+            cookies = response.headers.getRawHeaders("set-cookie", [])
+            self.assertFalse([c for c in cookies if c.startswith(f"{COOKIE.decode()}=")], "no session")
+        response, _ = yield self.request(
+            "POST", "/console/sign-in", form={"token": self.tokens["admin"], "csrf": form_token}, sign_in=form_token
+        )
+        self.assertEqual(response.code, 303)
+        expired = response.headers.getRawHeaders("set-cookie")[1]
+        self.assertTrue(expired.startswith(f"{SIGN_IN_COOKIE.decode()}=;"), expired)
+        self.assertIn("Max-Age=0", expired)
 
     @defer.inlineCallbacks
     def test_organisation_sees_only_its_own(self):

@@ -58,12 +58,14 @@ def action_form(url: str, label: str, session, **hidden: str) -> Tag:
     return form(tags.button(label, type="submit"))
 
 
-def sign_in(error: str | None = None) -> Tag:
+def sign_in(csrf: str, error: str | None = None) -> Tag:
+    """The sign-in form, carrying the pre-session token that its cookie must match."""
     return layout(
         "Sign in",
         [
             tags.p(error, class_="error", role="alert") if error else "",
             tags.form(method="post", action="/console/sign-in")(
+                tags.input(type="hidden", name="csrf", value=csrf),
                 tags.label("API token ", tags.input(type="password", name="token", autocomplete="off", required="")),
                 tags.button("Sign in", type="submit"),
             ),

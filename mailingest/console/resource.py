@@ -12,6 +12,7 @@ import email.policy
 import hmac
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from datetime import datetime, time, timedelta, timezone
 
@@ -31,6 +32,12 @@ from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, _decode_
 log = Logger(namespace="mailingest.console")
 
 COOKIE = b"mailingest_console"
+# Login CSRF (double submit): the sign-in form's token is also in this cookie,
+# which another site can neither read nor set, so it cannot sign a visitor's
+# browser in with the other site's token.
+SIGN_IN_COOKIE = b"mailingest_console_sign_in"
+SIGN_IN_PATH = b"/console/sign-in"
+_SIGN_IN_TOKEN = re.compile(rb"^[A-Za-z0-9_-]{43}$")
 PAGE_SIZE = 50
 HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
@@ -204,9 +211,23 @@ class ConsoleResource(resource.Resource):
         self._redirect(request, "/console/orgs")
 
     async def sign_in_page(self, request: server.Request) -> None:
-        await self._page(request, pages.sign_in())
+        await self._page(request, pages.sign_in(self._sign_in_token(request)))
+
+    @staticmethod
+    def _sign_in_token(request: server.Request) -> str:
+        """The pre-session token of the sign-in form: its cookie's, or a new one set now."""
+        token = request.getCookie(SIGN_IN_COOKIE) or b""
+        if not _SIGN_IN_TOKEN.match(token):
+            token = secrets.token_urlsafe(32).encode()
+            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict")
+        return token.decode()
 
     async def sign_in(self, request: server.Request) -> None:
+        expected = request.getCookie(SIGN_IN_COOKIE) or b""
+        if not expected or not hmac.compare_digest(self._arg(request, "csrf").encode(), expected):
+            log.info("console sign-in without its form's token from {client}", client=request.getClientAddress())
+            page = pages.sign_in(self._sign_in_token(request), "The form expired; sign in again.")
+            return await self._page(request, page, 403)
         token = self._arg(request, "token").strip()
         try:
             if not token:
@@ -214,10 +235,13 @@ class ConsoleResource(resource.Resource):
             scope = await token_scope(self.store, self.api.admin_hash, token)
         except UnknownToken:
             log.info("console sign-in refused from {client}", client=request.getClientAddress())
-            return await self._page(request, pages.sign_in("That token is not known, or it was revoked."), 401)
+            return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
         session = self.sessions.open(scope)
         request.addCookie(
             COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict"
+        )
+        request.addCookie(
+            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0"
         )
         log.info("console sign-in: {who}", who=session.who)
         self._redirect(request, "/console/orgs")
