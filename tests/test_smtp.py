@@ -213,7 +213,9 @@ class SpooledDataTests(DaemonTestCase):
 
     @defer.inlineCallbacks
     def test_client_vanishing_mid_data_leaves_nothing(self):
-        files, _ = yield self.send_in_two_parts(message() + b"x" * (MEMORY_LIMIT + 1000), lambda client: client.close())
+        # lines of 1 KB past the in-memory limit (one line that long would pass the line limit too)
+        past_memory = (b"x" * 1000 + b"\r\n") * (MEMORY_LIMIT // 1000 + 10)
+        files, _ = yield self.send_in_two_parts(message() + past_memory, lambda client: client.close())
         self.assertEqual(len(files), 1)
         # let the daemon notice the close
         for _ in range(50):
