@@ -827,6 +827,11 @@ class HeaderRepairTests(ExtractionTestCase):
         self.assertEqual(doc.content_type, "application/octet-stream")
         self.assertEqual(doc.content_type_raw, 'application/pdfname="invoice.pdf"')
 
+    def test_unreadable_content_type_of_a_body_is_text(self):
+        """A body whose Content-Type has no subtype is read as text/plain (RFC 2045 5.2), not a file."""
+        body = entity("Content-Type: text; charset=us-ascii", body=b"Please find our order below.\r\n")
+        self.assertEqual(self.extract(message(body)).attachments, [])
+
     def test_content_type_is_normalised(self):
         part = entity('Content-Type: Application/PDF ; name="a.pdf"', "Content-Transfer-Encoding: base64", body=b64(PDF))
         [doc] = self.extract(message(multipart(text_body(), part))).attachments

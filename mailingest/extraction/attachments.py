@@ -412,7 +412,11 @@ class _AttachmentWalk:
 
     def _leaf(self, part: Message, section: str, within: frozenset) -> None:
         content_type = _normalised_type(part)
-        maintype = content_type.partition("/")[0]
+        # Whether a part is a body or a file goes by the type the parser read:
+        # an unreadable Content-Type is text/plain there (RFC 2045 5.2), a body
+        # a person reads, even though a file of that part would be stored as
+        # application/octet-stream.
+        maintype = _content_type(part).partition("/")[0]
         disposition = _disposition(part)
         name_warnings: list[str] = []
         name = decode_filename(part, name_warnings)
