@@ -313,3 +313,27 @@ class ResolverAddressTests(unittest.TestCase):
         self.assertEqual(parse_resolver_address("::1"), ("::1", 53))
         for bad in ("", "host:x", "host:0", "[::1]:99999"):
             self.assertRaises(ValueError, parse_resolver_address, bad)
+
+
+class MessageForChecksTests(unittest.TestCase):
+    """The worker reads a big unsigned message's header section only: its body is never held whole."""
+
+    def read(self, data: bytes) -> bytes:
+        import io
+
+        from mailingest.extraction.worker import message_for_checks
+
+        return message_for_checks(io.BytesIO(data))
+
+    def test_unsigned_message_gives_its_header_section(self):
+        header = b"Received: from x\r\n by y\r\nFrom: a@customer.example\r\nSubject: order\r\n\r\n"
+        self.assertEqual(self.read(header + b"x" * 100000), header)
+
+    def test_signed_message_is_read_whole(self):
+        for field in (b"DKIM-Signature: v=1; d=customer.example\r\n", b"ARC-Seal: i=1; cv=none\r\n"):
+            message = b"From: a@customer.example\r\n" + field + b"\r\n" + b"body\r\n" * 1000
+            self.assertEqual(self.read(message), message)
+
+    def test_a_folded_line_is_no_field(self):
+        header = b"Subject: order\r\n dkim-signature: not a field\r\n\r\n"
+        self.assertEqual(self.read(header + b"body"), header)

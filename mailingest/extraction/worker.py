@@ -37,12 +37,37 @@ from mailingest.verification.verify import verify_message
 MiB = 1024 * 1024
 
 
+HEADER_SECTION_LIMIT = 256 * 1024
+_SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
+
+
+def message_for_checks(raw: BinaryIO) -> bytes:
+    """
+    What the sender checks need of a message: the header section alone when it
+    carries no DKIM or ARC header (SPF and DMARC read no body), else the whole
+    message (a signature covers the body). A 50 MB unsigned message is then
+    never held whole in the worker.
+    """
+    header = bytearray()
+    for line in raw:
+        header += line
+        if line in (b"\r\n", b"\n") or len(header) > HEADER_SECTION_LIMIT:
+            break
+        if line[:1] not in (b" ", b"\t") and line.lower().startswith(_SIGNATURE_FIELDS):
+            return bytes(header) + raw.read()
+    else:
+        return bytes(header)
+    if len(header) > HEADER_SECTION_LIMIT:
+        return bytes(header) + raw.read()
+    return bytes(header)
+
+
 def verify(request: dict[str, Any]) -> dict[str, Any]:
     """The sender checks of the message at C{raw_path}, with the SMTP facts and DNS settings given."""
     raw_path = request["raw_path"]
     try:
         with open(raw_path, "rb") as raw:
-            message = raw.read()
+            message = message_for_checks(raw)
         resolver = request["resolver"]
         verdicts = verify_message(
             message,
