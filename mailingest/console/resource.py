@@ -27,7 +27,7 @@ from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import Session, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
-from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, _decode_cursor, _encode_cursor, token_scope
+from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_scope
 
 log = Logger(namespace="mailingest.console")
 
@@ -275,7 +275,7 @@ class ConsoleResource(resource.Resource):
         filters = {name: self._arg(request, name) for name in ("q", "status", "sender", "from", "to")}
         until = _day(filters["to"])
         try:
-            before = _decode_cursor(self._arg(request, "cursor")) if self._arg(request, "cursor") else None
+            before = decode_cursor(self._arg(request, "cursor")) if self._arg(request, "cursor") else None
         except ApiError:
             before = None
         rows = await self.store.search_messages(
@@ -288,7 +288,7 @@ class ConsoleResource(resource.Resource):
             before_id=before,
             limit=PAGE_SIZE + 1,
         )
-        cursor = _encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
+        cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
         await self._page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
 
     async def message(self, request: server.Request, session: Session, id: int) -> None:
@@ -322,7 +322,7 @@ class ConsoleResource(resource.Resource):
 
     async def _stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
         try:
-            await self.api._stream(request, key, size, content_type, filename)
+            await self.api.stream(request, key, size, content_type, filename)
         except ApiError:
             raise NotFound() from None
 

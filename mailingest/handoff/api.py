@@ -84,11 +84,12 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def _encode_cursor(message_id: int) -> str:
+def encode_cursor(message_id: int) -> str:
+    """An opaque page cursor (the API and the console page the same way): newest first, below this id."""
     return base64.urlsafe_b64encode(f"m{message_id}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if text.startswith("m") and text[1:].isdigit():
@@ -238,11 +239,11 @@ class ApiResource(resource.Resource):
             org_id=scope,
             status=args.get("status") or None,
             since=_parse_since(args["since"]) if args.get("since") else None,
-            before_id=_decode_cursor(args["cursor"]) if args.get("cursor") else None,
+            before_id=decode_cursor(args["cursor"]) if args.get("cursor") else None,
             limit=limit + 1,
         )
         page = rows[:limit]
-        cursor = _encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+        cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
         self._json(request, {"messages": [self._message_json(row) for row in page], "next_cursor": cursor})
 
     async def message(self, request: server.Request, scope: int | None, id: int) -> None:
@@ -252,7 +253,7 @@ class ApiResource(resource.Resource):
 
     async def message_raw(self, request: server.Request, scope: int | None, id: int) -> None:
         row = await self._row(self.store.get_message, id, scope, "message")
-        await self._stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{id}.eml")
+        await self.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{id}.eml")
 
     async def document(self, request: server.Request, scope: int | None, id: int) -> None:
         row = await self._row(self.store.get_document, id, scope, "document")
@@ -260,12 +261,13 @@ class ApiResource(resource.Resource):
 
     async def document_content(self, request: server.Request, scope: int | None, id: int) -> None:
         row = await self._row(self.store.get_document, id, scope, "document")
-        await self._stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
+        await self.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
 
     async def openapi(self, request: server.Request, scope: None) -> None:
         self._json(request, openapi.DOCUMENT)
 
-    async def _stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
+    async def stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
+        """Send a blob as a download, streamed (the console's downloads use it too)."""
         path = self.blobs.local_path(key)
         blob = None
         if path is not None:

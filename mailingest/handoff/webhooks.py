@@ -27,7 +27,7 @@ from mailingest.handoff.events import as_datetime, event_body, signature_headers
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
 from mailingest.ops import metrics
 from mailingest.retry import Backoff
-from mailingest.storage.blobs.s3 import QuietHTTPConnectionPool
+from mailingest.twisted_private import QuietHTTPConnectionPool
 
 log = Logger(namespace="mailingest.webhooks")
 
