@@ -16,9 +16,14 @@ the tests of each user fail if a name changes).
   L{twisted.web.client.HTTPConnectionPool} takes its factory class from the
   private C{_factory} attribute, and the factory class itself is private
   (L{QuietHTTPConnectionPool}).
+- Several SO_REUSEPORT sockets for one C{tcp:} description (C{--processes}):
+  a TCP server endpoint keeps its port, interface and backlog in private
+  attributes, and the description parser is private too
+  (L{tcp_listen_arguments}).
 """
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IAddress, IStreamServerEndpoint
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -26,7 +31,9 @@ from twisted.python import usage
 from twisted.scripts._twistd_unix import UnixAppLogger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-__all__ = ["InvalidProxyHeader", "ProxyHeaderParser", "QuietHTTPConnectionPool", "twistd_log_observer"]
+__all__ = [
+    "InvalidProxyHeader", "ProxyHeaderParser", "QuietHTTPConnectionPool", "tcp_listen_arguments", "twistd_log_observer",
+]
 
 
 class ProxyHeaderParser:
@@ -68,3 +75,10 @@ class QuietHTTPConnectionPool(HTTPConnectionPool):
     """An HTTP client connection pool whose connections log no "Starting/Stopping factory" lines."""
 
     _factory = _QuietClientFactory
+
+
+def tcp_listen_arguments(endpoint: IStreamServerEndpoint) -> tuple[int, str, int]:
+    """The port, interface and backlog a C{tcp:} or C{tcp6:} server endpoint would listen with."""
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        raise TypeError(f"not a TCP server endpoint: {endpoint!r}")
+    return endpoint._port, endpoint._interface, endpoint._backlog

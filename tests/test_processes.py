@@ -6,6 +6,7 @@ writer, and PostgreSQL with a connection per process.
 """
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -81,9 +82,49 @@ class ProcessesTests(TwistdCase):
             self.assertEqual(code, 250, reply)
         self.assertEqual(len(rows(self.directory)), 10)
         self.assertEqual(self.metric("mailingest_messages_accepted_total"), 10.0)
+        # The child's message keeps its format ({ms:.0f}) through the relay.
+        pattern = r"@intake-\d#info\] accepted message .*\(\d+ bytes, ([^ ]+) ms"
+        _wait_for(lambda: len(re.findall(pattern, daemon.log())) == 10, 10, "ten accepted lines")
         log = daemon.log()
-        self.assertIn("@intake-", log)
         self.assertIn("intake process 1 started", log)
+        accepted = re.findall(pattern, log)
+        for ms in accepted:
+            self.assertRegex(ms, r"\A\d+\Z")
+
+    def test_connections_are_spread_over_the_processes(self):
+        daemon = self.start_processes()
+        # Twenty connections at once, as a relay opens them, all waiting to be
+        # accepted before the first is served: each process takes some (with
+        # one shared socket, the first process to wake took them all).
+        sockets = [socket.create_connection(("127.0.0.1", daemon.port), timeout=30) for _ in range(20)]
+        for number, s in enumerate(sockets):
+            self.addCleanup(s.close)
+            replies = s.makefile("rb")
+            self.addCleanup(replies.close)
+            body = message(subject=f"Order {number}", message_id=f"<spread-{number}@customer.test>")
+            for command in (b"EHLO customer.test", b"MAIL FROM:<buyer@customer.test>", b"RCPT TO:<orders+acme@example.com>", b"DATA"):
+                s.sendall(command + b"\r\n")
+            s.sendall(body + b".\r\n")
+            codes = []
+            while len(codes) < 6:
+                line = replies.readline()
+                if line[3:4] == b" ":
+                    codes.append(line[:3])
+            self.assertEqual(codes, [b"220", b"250", b"250", b"250", b"354", b"250"])
+        # A child's log lines reach the daemon's log through the parent, a little later.
+        accepted = lambda: re.findall(r"@intake-(\d)#info\] accepted message", daemon.log())
+        _wait_for(lambda: len(accepted()) == 20, 10, "twenty accepted lines")
+        served = accepted()
+        self.assertEqual(set(served), {"0", "1"}, served)
+        # What spreads them: a listening socket per process, on the one port
+        # (SO_REUSEPORT), each held by the parent too.
+        listening = set()
+        for pid in intake_processes(daemon):
+            fd = _cmdline(pid).split(b"\0")[4]
+            listening.add(os.readlink(f"/proc/{pid}/fd/{fd.decode()}"))
+        self.assertEqual(len(listening), 2, listening)
+        held = {os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon.process.pid}/fd")}
+        self.assertLessEqual(listening, held)
 
     def test_connection_limit_holds_across_processes(self):
         daemon = self.start_processes("--max-connections", "2")

@@ -20,7 +20,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, stdio
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, formatEvent, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import NetstringReceiver
 
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -209,10 +209,24 @@ class _Parent(NetstringReceiver):
         self.stop()
 
 
+def preformatted(observer):
+    """
+    An observer passing each event on with its message already formatted:
+    Twisted's JSON form of an event keeps a field's value but not its format
+    spec, so C{{ms:.0f}} would reach the parent's log as a long float.
+    """
+
+    def observe(event):
+        text = formatEvent(event).replace("{", "{{").replace("}", "}}")
+        observer(dict(event, log_format=text))
+
+    return observe
+
+
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([preformatted(jsonFileLogObserver(sys.stderr))], redirectStandardIO=False)
     index, fds = int(argv[1]), [int(fd) for fd in argv[2:]]
     parent = _Parent(reactor, index, fds)
     stdio.StandardIO(parent)

@@ -3,11 +3,15 @@ Several intake processes (C{--processes N}): the parent opens the SMTP
 listening sockets and hands them to N children (L{mailingest.app.intake}),
 each serving them with its own reactor.
 
-Why inherited sockets (Twisted's C{adoptStreamPort}) and not C{SO_REUSEPORT}:
-one socket means one port (also C{tcp:0}), a connection waiting in its backlog
-is taken by whichever child accepts first, so a child that dies loses only the
-connections it had accepted; with C{SO_REUSEPORT} the kernel hashes each
-connection to one child's own queue, and the queue of a dead child is reset.
+Each child has a listening socket of its own, bound with C{SO_REUSEPORT} to
+the one address: the kernel spreads new connections evenly among the
+sockets. One shared socket (Twisted's C{adoptStreamPort} on a single
+descriptor) was tried first: whichever child woke first accepted nearly every
+connection, so with long-lived client sessions one child did all the work.
+The parent opens the sockets and keeps them open, so the backlog of a child
+that dies is not reset: its waiting connections are served by its
+replacement. C{tcp:0} is bound once and the other sockets take the port it
+got.
 
 The connection limits are divided: child i of N gets its share of
 C{--max-connections} and C{--max-connections-per-ip}
@@ -28,11 +32,12 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, tcp
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import NetstringReceiver
 
@@ -40,6 +45,7 @@ from mailingest.errors import ConfigError
 from mailingest.ops import metrics
 from mailingest.smtp.proxy import ENDPOINT_PREFIX
 from mailingest.smtp.tls import ReloadableTLS
+from mailingest.twisted_private import tcp_listen_arguments
 
 log = Logger(namespace="mailingest.daemon")
 
@@ -75,6 +81,15 @@ class _Nobody(protocol.ServerFactory):
 
 
 _NOBODY = _Nobody()
+
+
+class _SharedPort(tcp.Port):
+    """A listening socket one of several bound to the same address (C{SO_REUSEPORT})."""
+
+    def createInternetSocket(self):
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return skt
 
 
 # What an intake process may ask of the parent's store when the parent is the
@@ -180,16 +195,23 @@ class IntakeProcesses(service.Service):
             self._previous_hup = signal.signal(signal.SIGHUP, self._forward_hup)
 
     async def _listen(self):
+        """For each SMTP endpoint, one listening socket per child, all on the same address."""
         for description in self.endpoints:
             try:
                 endpoint = endpoints.serverFromString(self.reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise ConfigError(f"bad SMTP endpoint {description!r}: {e}") from None
-            port = await endpoint.listen(_NOBODY)
-            # The children accept; here the socket only has to stay open.
-            port.stopReading()
-            self.ports.append(port)
-            log.info("SMTP listening on {address} ({count} intake processes)", address=port.getHost(), count=self.settings["processes"])
+            number, interface, backlog = tcp_listen_arguments(endpoint)
+            sockets = []
+            self.ports.append(sockets)
+            for _ in range(self.settings["processes"]):
+                port = _SharedPort(number, _NOBODY, backlog, interface, self.reactor)
+                sockets.append(port)
+                port.startListening()
+                # The children accept; here the socket only has to stay open.
+                port.stopReading()
+                number = port.getHost().port
+            log.info("SMTP listening on {address} ({count} intake processes)", address=sockets[0].getHost(), count=len(sockets))
 
     def _cannot_listen(self, failure):
         log.critical("mailingest could not start: cannot listen for SMTP: {error}", error=failure.getErrorMessage())
@@ -198,7 +220,7 @@ class IntakeProcesses(service.Service):
     def _spawn(self, index: int) -> None:
         if not self.running:
             return
-        fds = [port.fileno() for port in self.ports]
+        fds = [sockets[index].fileno() for sockets in self.ports]
         child = _Child(self, index)
         argv = [sys.executable, "-m", "mailingest.app.intake", str(index), *map(str, fds)]
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
@@ -245,6 +267,6 @@ class IntakeProcesses(service.Service):
             if kill.active():
                 kill.cancel()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            return defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in self.ports])
+            return defer.DeferredList([defer.maybeDeferred(port.stopListening) for sockets in self.ports for port in sockets])
 
         return d.addCallback(stopped)
