@@ -14,6 +14,7 @@ from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
 from mailingest.extraction.pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
+from mailingest.extraction.worker import NICENESS
 from tests.test_extraction import order
 
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -54,6 +55,17 @@ class ParsePoolTests(unittest.TestCase):
         self.assertEqual((attachment.filename, attachment.content_type, attachment.size), ("Bestellung März.pdf", "application/pdf", len(pdf)))
         with open(attachment.path, "rb") as f:
             self.assertEqual(f.read(), pdf)
+
+    async def test_workers_run_below_the_daemon_in_cpu_priority(self):
+        """Parsing is background work: under CPU pressure the SMTP side goes first."""
+        pool = self.pool()
+        raw, parts = self.message(order().as_bytes())
+        await pool.parse(raw, parts)
+        [worker] = pool._workers
+        niceness = os.getpriority(os.PRIO_PROCESS, worker.transport.pid)
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertGreater(niceness, own)
+        self.assertEqual(niceness, min(19, own + NICENESS))
 
     async def test_one_worker_serves_one_message_at_a_time(self):
         pool = self.pool()

@@ -37,6 +37,8 @@ from mailingest.verification.verify import verify_message
 MiB = 1024 * 1024
 
 
+# Added to the niceness of a parser worker (see the end of this module).
+NICENESS = 10
 HEADER_SECTION_LIMIT = 256 * 1024
 _SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
 
@@ -158,6 +160,8 @@ def serve(requests: BinaryIO, replies: BinaryIO, retire_above: int | None = None
 
 
 if __name__ == "__main__":
+    # Parsing is background work: when the CPUs are busy, taking mail in goes first.
+    os.nice(NICENESS)
     if len(sys.argv) > 2:
         limit_memory(int(sys.argv[2]))
     serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]) if len(sys.argv) > 1 else None)
