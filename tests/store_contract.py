@@ -522,6 +522,23 @@ class StoreContract:
         self.assertEqual((yield self.store.referenced_keys(keys)), set())
 
     @defer.inlineCallbacks
+    def test_event_listeners_hear_only_of_events_written(self):
+        """A status change wakes the webhook senders only when it wrote an event (only webhook organisations get one)."""
+        acme, globex = yield self.two_orgs()
+        yield self.store.set_webhook("acme", "https://app.example/hooks", "whsec_x")
+        heard = []
+        yield self.store.on_event(lambda: heard.append(True))
+        quiet = yield self.store.insert_messages([message(globex, f"<q{n}@x>") for n in range(3)])
+        yield self.store.mark_parsed(quiet[0], [])
+        yield self.store.mark_failed(quiet[1], "unparseable", 1)
+        yield self.store.mark_quarantined(quiet[2], "DMARC did not pass")
+        self.assertEqual(heard, [])
+        [loud] = yield self.store.insert_messages([message(acme, "<loud@x>")])
+        yield self.store.mark_parsed(loud, [])
+        self.assertTrue(heard)
+        self.assertEqual(len((yield self.store.list_events())), 1)
+
+    @defer.inlineCallbacks
     def test_quarantine_writes_its_event_in_the_same_transaction(self):
         """Issues 15 and 16: an organisation with a webhook hears of a quarantine like of a parsed message."""
         acme, _ = yield self.two_orgs()

@@ -612,9 +612,10 @@ class Store:
 
     @defer.inlineCallbacks
     def _mark_parsed_batch(self, txn, batch):
+        wrote = []
         for message_id, documents, warnings, verdicts in batch:
-            yield self._mark_parsed(txn, message_id, documents, warnings, verdicts)
-        return [None] * len(batch)
+            wrote.append((yield self._mark_parsed(txn, message_id, documents, warnings, verdicts)))
+        return wrote
 
     @defer.inlineCallbacks
     def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None):
@@ -636,8 +637,9 @@ class Store:
         if ordinals:
             sql += " AND ordinal NOT IN (" + ", ".join("?" for _ in ordinals) + ")"
         yield txn.execute(sql, (message_id, *ordinals))
-        yield self._finish(txn, message_id, "parsed", None, None)
+        wrote = yield self._finish(txn, message_id, "parsed", None, None)
         yield txn.execute("UPDATE inbound_message SET warnings = ? WHERE id = ?", (warnings or None, message_id))
+        return wrote
 
     def mark_failed(self, message_id, error, attempts, verdicts=None):
         return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)
@@ -645,7 +647,7 @@ class Store:
     @defer.inlineCallbacks
     def _mark_failed(self, txn, message_id, error, attempts, verdicts):
         yield self._record_verdicts(txn, message_id, verdicts)
-        yield self._finish(txn, message_id, "failed", error, attempts)
+        return (yield self._finish(txn, message_id, "failed", error, attempts))
 
     @defer.inlineCallbacks
     def _finish(self, txn, message_id, status, error, attempts):
@@ -656,7 +658,7 @@ class Store:
             (status, error, attempts, self._now() if status == "parsed" else None, message_id),
         )
         yield self._record_status(txn, [message_id], status, error)
-        yield self._write_event(txn, message_id, status, error)
+        return (yield self._write_event(txn, message_id, status, error))
 
     def schedule_retry(self, message_id, error, attempts, delay):
         return self._run(self._schedule_retry, int(message_id), error, attempts, delay)
@@ -721,7 +723,7 @@ class Store:
             (reason, message_id),
         )
         yield self._record_status(txn, [message_id], "quarantined", reason)
-        yield self._write_event(txn, message_id, "quarantined", reason)
+        return (yield self._write_event(txn, message_id, "quarantined", reason))
 
     def release(self, message_id):
         return self._run(self._release, int(message_id))
@@ -775,16 +777,17 @@ class Store:
         self._event_listeners.append(callback)
         return self.engine.listen(EVENTS_CHANNEL, lambda payload: callback())
 
-    def _events_written(self, result):
-        for callback in self._event_listeners:
-            callback()
-        return result
+    def _events_written(self, wrote: bool) -> None:
+        """After a status change: wake the webhook senders if it wrote an event (most organisations have no webhook)."""
+        if wrote:
+            for callback in self._event_listeners:
+                callback()
 
     @defer.inlineCallbacks
     def _write_event(self, txn, message_id, status, error):
-        """The event of a status change, in its transaction: only for organisations with a webhook."""
+        """The event of a status change, in its transaction: only for organisations with a webhook. Whether it wrote one."""
         if status not in EVENT_TYPES:
-            return
+            return False
         now = self._now()
         yield txn.execute(
             "INSERT INTO webhook_event (event_id, event_type, org_id, inbound_message_id,"
@@ -794,8 +797,10 @@ class Store:
             " RETURNING id",
             ("evt_" + uuid.uuid4().hex, EVENT_TYPES[status], status, error, now, now, now, message_id),
         )
-        if txn.fetchall():
-            yield self.engine.notify(txn, EVENTS_CHANNEL)
+        if not txn.fetchall():
+            return False
+        yield self.engine.notify(txn, EVENTS_CHANNEL)
+        return True
 
     def set_webhook(self, slug, url, secret):
         return self._run(self._set_webhook, slug.lower(), url, secret)
