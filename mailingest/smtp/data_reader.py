@@ -94,7 +94,8 @@ class DotReader:
         if self._line + first > self._max_line:
             return True
         last = chunk.rfind(b"\n")
-        if last > first and max(map(len, chunk[first:last].split(b"\n"))) > self._max_line:
+        # Only a chunk whose whole lines span more than the limit can hold a line over it.
+        if last - first > self._max_line and max(map(len, chunk[first:last].split(b"\n"))) > self._max_line:
             return True
         self._line = len(chunk) - last - 1
         return self._line > self._max_line

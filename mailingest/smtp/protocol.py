@@ -160,6 +160,13 @@ class IngestSMTP(smtp.ESMTP):
         # byte-at-a-time client is timed out (DATA has its own pace check).
         if self._reader is not None:
             self.resetTimeout()
+            if not self._inbuf and not self._paused and not self.transport.disconnecting:
+                # The bulk of DATA: straight to the reader, not copied through the buffer.
+                consumed = self._reader.feed(data)
+                if consumed is None:
+                    return
+                data = data[consumed:]
+                self._end_of_data()
         self._inbuf += data
         if self._paused and len(self._inbuf) > PAUSE_BUFFER:
             self.transport.pauseProducing()
