@@ -16,7 +16,11 @@ import urllib.request
 import psycopg2
 from twisted.trial import unittest
 
-from mailingest.app.intake import share
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailingest.app.intake import log_record, share
+from mailingest.app.processes import _Child
 from mailingest.app.options import process_count
 from tests import postgres
 from tests.daemon import free_port, mailingest_cli, message, temp_dir
@@ -37,6 +41,48 @@ class ShareTests(unittest.SynchronousTestCase):
         self.assertEqual(process_count("auto"), os.cpu_count())
         self.assertEqual(process_count("3"), 3)
         self.assertRaises(ValueError, process_count, "0")
+
+
+class LogRelayTests(unittest.SynchronousTestCase):
+    """A child's log events, as the parent puts them in its log."""
+
+    def relayed(self, *reads: bytes) -> list[dict]:
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        child = _Child(parent=None, index=1)
+        child.pid = 4242
+        for data in reads:
+            child.errReceived(data)
+        return [e for e in events if "process" in e]
+
+    def test_message_fields_and_process(self):
+        record = log_record({
+            "log_format": "accepted message {message_id} ({ms:.0f} ms) for {org}",
+            "log_level": LogLevel.info, "log_namespace": "mailingest.delivery", "log_time": 1000.5,
+            "message_id": 7, "ms": 17.2034, "org": "acme {x}", "session": object(),
+        })
+        # A record may come in several reads.
+        [event] = self.relayed(record.encode()[:10], record.encode()[10:])
+        self.assertEqual(formatEvent(event), "accepted message 7 (17 ms) for acme {x}")
+        self.assertEqual((event["log_level"], event["log_time"], event["ms"]), (LogLevel.info, 1000.5, 17.2034))
+        self.assertEqual(event["log_namespace"], "mailingest.delivery@intake-1")
+        self.assertEqual(event["process"], "intake-1 pid 4242")
+        self.assertNotIn("session", event)
+
+    def test_a_failure_keeps_its_traceback(self):
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        [event] = self.relayed(log_record({"log_format": "boom", "log_level": LogLevel.error, "log_failure": failure}).encode())
+        self.assertIn("ZeroDivisionError", formatEvent(event))
+        self.assertEqual(event["log_level"], LogLevel.error)
+
+    def test_a_line_that_is_no_record_is_a_warning(self):
+        [event] = self.relayed(b"Traceback (most recent call last): ImportError\n")
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn("ImportError", formatEvent(event))
 
 
 def intake_processes(daemon) -> list[int]:

@@ -12,6 +12,7 @@ own log. It stops (draining its sessions within the grace period) on SIGTERM,
 on the parent's C{stop} frame, or when its stdin ends (the parent is gone).
 """
 
+import json
 import os
 import pickle
 import signal
@@ -20,7 +21,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, stdio
-from twisted.logger import Logger, formatEvent, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.protocols.basic import NetstringReceiver
 
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -209,16 +210,37 @@ class _Parent(NetstringReceiver):
         self.stop()
 
 
-def preformatted(observer):
+def log_record(event: dict) -> str:
     """
-    An observer passing each event on with its message already formatted:
-    Twisted's JSON form of an event keeps a field's value but not its format
-    spec, so C{{ms:.0f}} would reach the parent's log as a long float.
+    One log event as the line the parent relays (L{mailingest.app.processes}):
+    the message formatted here, with the event's plain fields for a JSON log.
+    Twisted's own JSON form of an event would keep a field's value but drop
+    its format spec ({ms:.0f} reached the log as a long float) and costs
+    twice as much per message.
     """
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    level = event.get("log_level")
+    record = {
+        "log_text": text,
+        "log_level": level.name if level is not None else None,
+        "log_namespace": event.get("log_namespace"),
+        "log_time": event.get("log_time"),
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and (value is None or isinstance(value, (str, int, float))):
+            record[key] = value
+    return json.dumps(record) + "\n"
+
+
+def relay_observer(stream):
+    """Write each event to C{stream} as a L{log_record} line."""
 
     def observe(event):
-        text = formatEvent(event).replace("{", "{{").replace("}", "}}")
-        observer(dict(event, log_format=text))
+        stream.write(log_record(event))
+        stream.flush()
 
     return observe
 
@@ -226,7 +248,7 @@ def preformatted(observer):
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([preformatted(jsonFileLogObserver(sys.stderr))], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([relay_observer(sys.stderr)], redirectStandardIO=False)
     index, fds = int(argv[1]), [int(fd) for fd in argv[2:]]
     parent = _Parent(reactor, index, fds)
     stdio.StandardIO(parent)

@@ -28,6 +28,7 @@ the processes (L{mailingest.ops.metrics.aggregate_children}); each relayed
 log line carries its process.
 """
 
+import json
 import os
 import pickle
 import shutil
@@ -35,10 +36,11 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol, tcp
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
 from twisted.protocols.basic import NetstringReceiver
 
 from mailingest.errors import ConfigError
@@ -149,18 +151,27 @@ class _Child(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes):
         self._log = (self._log + data)[-MAX_LOG_RECORD:]
-        # Each record is "\x1e" + JSON (newlines escaped) + "\n".
+        # Each record is one line of JSON (L{mailingest.app.intake.log_record}).
         *records, self._log = self._log.split(b"\n")
         for record in records:
-            self._relay(record.lstrip(b"\x1e"))
+            if record:
+                self._relay(record)
 
     def _relay(self, record: bytes) -> None:
+        """One record into the daemon's log; a line that is not one (Python dying early, say) as a warning."""
         try:
-            event = eventFromJSON(record.decode("utf-8", "replace"))
-        except ValueError:
-            return
+            event = json.loads(record)
+            level = LogLevel.levelWithName(event["log_level"])
+            str(event["log_text"])
+        except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+            event = {"log_text": record.decode("utf-8", "replace"), "log_namespace": "mailingest.intake"}
+            level = LogLevel.warn
+        if not isinstance(event.get("log_time"), (int, float)):
+            event["log_time"] = time.time()
+        event["log_level"] = level
+        event["log_format"] = "{log_text}"
         event["process"] = f"intake-{self.index} pid {self.pid}"
-        event["log_namespace"] = f"{event.get('log_namespace', '-')}@intake-{self.index}"
+        event["log_namespace"] = f"{event.get('log_namespace') or '-'}@intake-{self.index}"
         globalLogPublisher(event)
 
     def processEnded(self, reason):
