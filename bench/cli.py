@@ -49,6 +49,9 @@ class Plan:
     drain_connections: int = 10
     big_messages: int = 4
     big_size: int = 50 * MiB
+    sustained_messages: int = 30000
+    sustained_size: int = KiB
+    sustained_sessions: int = 20
 
 
 def parse_size(text: str) -> int:
@@ -82,6 +85,10 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--postgres", metavar="DSN", help="also run mailingest on PostgreSQL (a fresh database per round is created on this server)")
     parser.add_argument("--s3", metavar="s3://BUCKET[/PREFIX]", help="also run mailingest on S3 storage (existing bucket; AWS_* credentials)")
     parser.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for --s3 (MinIO, Ceph...)")
+    parser.add_argument(
+        "--sustained", type=int, metavar="N",
+        help="messages of the one long 1 KiB round per mailingest target, whose count of stored messages must match; 0 skips it [30000, --quick: 3000]",
+    )
     parser.add_argument("--processes", default="1", help="mailingest --processes values to compare, e.g. 1,2,auto [1]")
     parser.add_argument("--workdir", help="where to create the run's scratch directory [system temp dir]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (server logs, stored data)")
@@ -94,6 +101,10 @@ def arguments(argv: list[str]) -> argparse.Namespace:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.sustained is None:
+        args.sustained = 3000 if args.quick else 30000
+    if args.sustained < 0:
+        parser.error("--sustained must be 0 or more")
     return args
 
 
@@ -102,6 +113,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         sizes=[size_plan(size, args.quick) for size in args.sizes],
         rounds=args.rounds,
         drain_messages=60 if args.quick else 300,
+        sustained_messages=args.sustained,
     )
 
 
@@ -178,9 +190,11 @@ class Run:
         self.samples: list[rounds.ThroughputSample] = []
         self.drains: list[rounds.DrainSample] = []
         self.bigs: list[rounds.BigSample] = []
+        self.sustained_samples: list[rounds.ThroughputSample] = []
 
     def _directory(self, label: str) -> str:
-        return rounds.round_directory(self.workdir, f"{len(self.samples) + len(self.drains) + len(self.bigs):03d} {label}")
+        done = len(self.samples) + len(self.drains) + len(self.bigs) + len(self.sustained_samples)
+        return rounds.round_directory(self.workdir, f"{done:03d} {label}")
 
     def throughput(self) -> None:
         for sizing in self.plan.sizes:
@@ -221,10 +235,24 @@ class Run:
                 f"parser worker {s.workers_peak_rss_mb:,.0f} MiB"
             )
 
+    def sustained(self) -> None:
+        """One long round per mailingest target: every message smtp-source saw accepted must be stored."""
+        plan = self.plan
+        if not plan.sustained_messages:
+            return
+        for target in (t for t in self.targets if t.role == "mailingest"):
+            directory = self._directory(f"sustained {target.name}")
+            s = rounds.throughput(target, directory, plan.sustained_size, plan.sustained_messages, plan.sustained_sessions)
+            self.sustained_samples.append(s)
+            progress(
+                f"[{s.sent:,} × {report.human_size(s.size)}] {target.name}: {s.msg_per_s:,.0f} msg/s, stored {s.stored}"
+                + "".join(f"\n    error: {e}" for e in s.errors)
+            )
+
     @property
     def complete(self) -> bool:
         """Every message the load tools saw accepted was kept, and no round saw an error."""
-        throughput_ok = all(s.stored == s.sent and not s.errors for s in self.samples)
+        throughput_ok = all(s.stored == s.sent and not s.errors for s in self.samples + self.sustained_samples)
         drains_ok = all(s.stored == s.sent == s.messages and not s.errors for s in self.drains)
         bigs_ok = all(s.stored == s.sent == s.messages and not s.errors for s in self.bigs)
         return throughput_ok and drains_ok and bigs_ok
@@ -248,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         run.throughput()
         run.extraction()
         run.large()
+        run.sustained()
     except (TargetError, OSError, subprocess.CalledProcessError) as e:
         failure = e
     finally:
         title = f"mailingest benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')}, {time.monotonic() - started:.0f} s)"
-        print(report.render(title, notes(argv, plan, workdir), run.samples, run.drains, run.bigs))
+        print(report.render(title, notes(argv, plan, workdir), run.samples, run.drains, run.bigs, run.sustained_samples))
         if args.keep or failure is not None:
             progress(f"bench: scratch directory kept: {workdir}")
         else:

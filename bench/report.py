@@ -124,8 +124,18 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
-def target_lines(rows: Sequence[Row], drains: Sequence[DrainSample], bigs: Sequence[BigSample]) -> list[str]:
-    """The issue's four targets, for each mailingest backend that was measured."""
+def sustained_lines(sustained: Sequence[ThroughputSample]) -> list[str]:
+    return [
+        f"- Sustained, {s.target}: {s.asked:,} × {human_size(s.size)} over {s.sessions} sessions in one round, "
+        f"{s.msg_per_s:,.0f} msg/s; stored/sent {s.stored}/{s.sent}; peak RSS {s.peak_rss_mb:,.0f} MiB" + _errors(s.errors)
+        for s in sustained
+    ]
+
+
+def target_lines(
+    rows: Sequence[Row], drains: Sequence[DrainSample], bigs: Sequence[BigSample], sustained: Sequence[ThroughputSample] = ()
+) -> list[str]:
+    """The issue's targets, for each mailingest backend that was measured."""
     lines = []
     for row in rows:
         if row.role != "mailingest":
@@ -152,6 +162,12 @@ def target_lines(rows: Sequence[Row], drains: Sequence[DrainSample], bigs: Seque
             f"{_verdict(in_mb <= TARGET_RSS_MB and s.stored == s.messages)}; after extracting them: "
             f"{s.peak_rss_extracted_mb:,.0f} MiB (parser worker: {s.workers_peak_rss_mb:,.0f} MiB)"
         )
+    for s in sustained:
+        exact = s.stored == s.sent == s.asked and not s.errors
+        lines.append(
+            f"- {s.asked:,} × {human_size(s.size)} in one round, {s.target}: stored {s.stored} of {s.sent} "
+            f"accepted (target: exactly what was sent): {_verdict(exact)}"
+        )
     for target in dict.fromkeys(s.target for s in drains):
         worst = max(s.drain_seconds for s in drains if s.target == target)
         lines.append(
@@ -167,14 +183,15 @@ def render(
     samples: Sequence[ThroughputSample],
     drains: Sequence[DrainSample],
     bigs: Sequence[BigSample],
+    sustained: Sequence[ThroughputSample] = (),
 ) -> str:
     rows = rows_of(samples)
     parts = [f"## {title}", "", *notes, ""]
     if rows:
         parts += throughput_table(rows) + [""]
-    if drains or bigs:
-        parts += drain_lines(drains) + big_lines(bigs) + [""]
-    checks = target_lines(rows, drains, bigs)
+    if drains or bigs or sustained:
+        parts += drain_lines(drains) + big_lines(bigs) + sustained_lines(sustained) + [""]
+    checks = target_lines(rows, drains, bigs, sustained)
     if checks:
         parts += ["Targets (issue):", "", *checks, ""]
     return "\n".join(parts)

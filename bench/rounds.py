@@ -35,6 +35,7 @@ class ThroughputSample:
     peak_rss_mb: float
     queued_at_end: int | None
     errors: tuple[str, ...]
+    asked: int = 0  # messages the load tool was asked to send
 
     @property
     def msg_per_s(self) -> float:
@@ -85,7 +86,7 @@ def throughput(target: Target, directory: str, size: int, messages: int, session
         stored = server.stored()
         peak = server.peak_rss_mb()
     return ThroughputSample(
-        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors)
+        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages
     )
 
 
