@@ -12,7 +12,7 @@ from email.parser import BytesHeaderParser
 from twisted.trial import unittest
 
 from mailingest.delivery.ingest import message_id_of, subject_of
-from mailingest.delivery.spool import HEADER_LIMIT, Spool
+from mailingest.delivery.spool import HEADER_LIMIT, MEMORY_LIMIT, Spool
 from tests.corpus import sample_messages
 
 
@@ -88,6 +88,28 @@ class HeaderScanTests(unittest.TestCase):
             with open(path, "rb") as f:
                 data = f.read()
             self.assertSameAsEmailPackage(data)
+
+    async def test_digests_of_a_spilled_message_are_taken_from_its_file(self):
+        """Past the memory limit the digests come from the file, in a thread: the same as for a message in memory."""
+        prefix = b"Received: ours\r\n"
+        lines = b"0123456789abcdef\r\n" * (MEMORY_LIMIT // 9)
+        for data, body in [
+            (b"Subject: big\r\n" + b"\r\n" + lines, b"\r\n" + lines),
+            (b"Subject: big\n" + b"\n" + lines.replace(b"\r\n", b"\n"), b"\n" + lines.replace(b"\r\n", b"\n")),
+            (b"x" * (MEMORY_LIMIT + 7), b""),
+        ]:
+            directory = self.mktemp()
+            os.makedirs(directory)
+            spool = Spool(directory, prefix)
+            self.addCleanup(spool.discard)
+            for start in range(0, len(data), 65536):
+                spool.write(data[start : start + 65536])
+            self.assertFalse(spool.in_memory)
+            await spool.finish()
+            self.assertEqual(spool.raw_sha256, hashlib.sha256(prefix + data).hexdigest())
+            self.assertEqual(spool.body_sha256, hashlib.sha256(body).hexdigest())
+            with open(spool.path, "rb") as f:
+                self.assertEqual(f.read(), prefix + data)
 
     def test_body_hash_whatever_the_chunks(self):
         """The body (after the header section) is hashed while spooling, the same for any chunking."""

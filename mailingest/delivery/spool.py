@@ -4,13 +4,18 @@ The spool: what one SMTP transaction received, while DATA arrives.
 A message up to C{MEMORY_LIMIT} stays in memory and goes to the blob store
 from there (L{mailingest.interfaces.IBlobStore.put_bytes}): small messages
 cost no spool file and no extra thread round trip. A larger one spills to its
-file as it arrives and is never held whole. Each chunk also feeds the running
-hash of the stored copy (our C{Received:} header plus the message). The hash
-of the message exactly as the sender sent it, which names a message that has
-no Message-ID, is computed afterwards only for such a message. The header section is kept, bounded, to
-read Message-ID, Subject and the originator headers; the body after it feeds
-a second running hash, so a message's content digest (which tells a retry
-from another message reusing its Message-ID) costs no second read.
+file as it arrives and is never held whole.
+
+Two digests are kept: of the stored copy (our C{Received:} header plus the
+message), and of the body after the header section, which with the
+originator headers tells a retry from another message reusing its
+Message-ID. A message in memory is hashed chunk by chunk as it arrives; a
+spilled one is hashed from its file once complete, in a thread, in one read
+for both digests: hashlib releases the GIL, so the reactor goes on serving
+other sessions meanwhile. The hash of the message exactly as the sender sent
+it, which names a message that has no Message-ID, is computed afterwards only
+for such a message. The header section is kept, bounded, to read Message-ID,
+Subject and the originator headers.
 
 The spool file is not fsynced: the blob store makes durable what it stores
 (on local disk, the same inode, hard-linked), and S3 needs no local copy.
@@ -64,7 +69,7 @@ class Spool:
         """
         The sha256 of the message as the sender sent it (without our header),
         from the finished spool file, in a thread: only a message without a
-        Message-ID needs it, so DATA is hashed once, not twice.
+        Message-ID needs it.
         """
         if self.in_memory:
             return succeed(hashlib.sha256(memoryview(self._memory)[self.prefix_size :]).hexdigest())
@@ -80,11 +85,14 @@ class Spool:
 
     def write(self, chunk: bytes) -> None:
         if self._file is not None:
+            # Spilled: the digests are taken from the file at the end, in a
+            # thread (L{finish}), not chunk by chunk on the reactor.
             self._file.write(chunk)
-        else:
-            self._memory += chunk
-            if len(self._memory) > MEMORY_LIMIT:
-                self._spill()
+            if not self._header_done:
+                self._capture_header(chunk)
+            self.size += len(chunk)
+            return
+        self._memory += chunk
         self._raw_hash.update(chunk)
         if self._header_done:
             self._body_hash.update(chunk)
@@ -94,6 +102,8 @@ class Spool:
                 # The header section holds every byte before the body.
                 self._body_hash.update(memoryview(chunk)[len(self._header) - self.size :])
         self.size += len(chunk)
+        if len(self._memory) > MEMORY_LIMIT:
+            self._spill()
 
     def _capture_header(self, chunk: bytes) -> None:
         start = max(0, len(self._header) - 1)
@@ -161,11 +171,26 @@ class Spool:
     def finish(self):
         """
         Fires when the message is complete: at once for one in memory; for a
-        spilled one, when C{path} holds it all (the last write, in a thread).
+        spilled one, when C{path} holds it all (the last write) and its
+        digests are taken from it, in a thread: hashlib lets go of the GIL, so
+        a large message is hashed beside the reactor rather than on it.
         """
         if self.in_memory:
             return succeed(None)
-        return deferToThread(self._file.close)
+        return deferToThread(self._close_and_hash)
+
+    def _close_and_hash(self) -> None:
+        self._file.close()
+        body_start = self.prefix_size + (len(self._header) if self._header_done else self.size)
+        raw, body = hashlib.sha256(), hashlib.sha256()
+        offset = 0
+        with open(self.path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                raw.update(chunk)
+                if offset + len(chunk) > body_start:
+                    body.update(memoryview(chunk)[max(0, body_start - offset) :])
+                offset += len(chunk)
+        self._raw_hash, self._body_hash = raw, body
 
     def discard(self) -> None:
         self._memory = bytearray()
