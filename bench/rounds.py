@@ -36,6 +36,11 @@ class ThroughputSample:
     queued_at_end: int | None
     errors: tuple[str, ...]
     asked: int = 0  # messages the load tool was asked to send
+    cpu_seconds: float = 0.0  # the server's CPU time (all its processes) during the load
+
+    @property
+    def cpu_ms_per_message(self) -> float:
+        return self.cpu_seconds * 1000 / self.sent if self.sent else float("nan")
 
     @property
     def msg_per_s(self) -> float:
@@ -80,13 +85,15 @@ class BigSample:
 
 def throughput(target: Target, directory: str, size: int, messages: int, sessions: int) -> ThroughputSample:
     with target.make(directory) as server:
+        cpu_before = server.cpu_seconds()
         load = smtp_source(server.port, size, messages, sessions)
+        cpu = server.cpu_seconds() - cpu_before
         server.check_alive()
         queued = server.queued() if isinstance(server, Mailingest) else None
         stored = server.stored()
         peak = server.peak_rss_mb()
     return ThroughputSample(
-        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages
+        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages, cpu
     )
 
 

@@ -59,6 +59,31 @@ def clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MAILINGEST_")}
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    CPU time (user + system) of C{pid} and every live descendant, with what
+    each has collected from children it already reaped (a replaced parser
+    worker, say).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the command.
+    total = sum(int(value) for value in fields[11:15]) / _TICKS
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                total += sum(cpu_seconds(int(child)) for child in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM, the process's peak resident set, in MiB."""
     with open(f"/proc/{pid}/status") as status:
@@ -122,6 +147,10 @@ class Server(ABC):
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its child processes."""
+        return cpu_seconds(self.process.pid)
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
