@@ -86,7 +86,7 @@ _NOBODY = _Nobody()
 
 
 class _SharedPort(tcp.Port):
-    """A listening socket one of several bound to the same address (C{SO_REUSEPORT})."""
+    """One of several listening sockets bound to the same address (C{SO_REUSEPORT})."""
 
     def createInternetSocket(self):
         skt = super().createInternetSocket()
@@ -162,7 +162,8 @@ class _Child(protocol.ProcessProtocol):
         try:
             event = json.loads(record)
             level = LogLevel.levelWithName(event["log_level"])
-            str(event["log_text"])
+            if not isinstance(event["log_text"], str):
+                raise TypeError("log_text is not text")
         except (ValueError, KeyError, TypeError, InvalidLogLevelError):
             event = {"log_text": record.decode("utf-8", "replace"), "log_namespace": "mailingest.intake"}
             level = LogLevel.warn
