@@ -619,7 +619,6 @@ class Store:
 
     @defer.inlineCallbacks
     def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None):
-        yield self._record_verdicts(txn, message_id, verdicts)
         # A document of the same (message, ordinal) is the same blob key: it is
         # brought up to this extraction, keeping its id; the ordinals this
         # extraction no longer has are removed (their blobs are swept).
@@ -637,25 +636,30 @@ class Store:
         if ordinals:
             sql += " AND ordinal NOT IN (" + ", ".join("?" for _ in ordinals) + ")"
         yield txn.execute(sql, (message_id, *ordinals))
-        wrote = yield self._finish(txn, message_id, "parsed", None, None)
-        yield txn.execute("UPDATE inbound_message SET warnings = ? WHERE id = ?", (warnings or None, message_id))
-        return wrote
+        return (yield self._finish(txn, message_id, "parsed", None, None, verdicts, warnings=warnings or None))
 
     def mark_failed(self, message_id, error, attempts, verdicts=None):
         return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)
 
     @defer.inlineCallbacks
     def _mark_failed(self, txn, message_id, error, attempts, verdicts):
-        yield self._record_verdicts(txn, message_id, verdicts)
-        return (yield self._finish(txn, message_id, "failed", error, attempts))
+        return (yield self._finish(txn, message_id, "failed", error, attempts, verdicts))
 
     @defer.inlineCallbacks
-    def _finish(self, txn, message_id, status, error, attempts):
+    def _finish(self, txn, message_id, status, error, attempts, verdicts=None, **columns):
+        """
+        The end of an extraction, in one statement: its status, the sender
+        checks' columns (L{VERDICT_COLUMNS}; None: nothing to record) and
+        C{columns}; then its history row and event.
+        """
+        if verdicts is not None:
+            columns.update((name, verdicts.get(name)) for name in VERDICT_COLUMNS)
+        extra = "".join(f", {name} = ?" for name in columns)
         yield txn.execute(
             "UPDATE inbound_message SET status = ?, last_error = ?,"
-            " attempts = COALESCE(?, attempts + 1), parsed_at = ?, claimed_until = NULL"
+            " attempts = COALESCE(?, attempts + 1), parsed_at = ?, claimed_until = NULL" + extra +
             " WHERE id = ?",
-            (status, error, attempts, self._now() if status == "parsed" else None, message_id),
+            (status, error, attempts, self._now() if status == "parsed" else None, *columns.values(), message_id),
         )
         yield self._record_status(txn, [message_id], status, error)
         return (yield self._write_event(txn, message_id, status, error))
