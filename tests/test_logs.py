@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor, task, utils
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.reflect import namedAny
-from twisted.scripts._twistd_unix import ServerOptions
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
 from mailingest.ops import logs
