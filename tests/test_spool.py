@@ -105,8 +105,9 @@ class HeaderScanTests(unittest.TestCase):
             for start in range(0, len(data), 65536):
                 spool.write(data[start : start + 65536])
             self.assertFalse(spool.in_memory)
-            await spool.finish()
+            await spool.finish(sent=True)
             self.assertEqual(spool.raw_sha256, hashlib.sha256(prefix + data).hexdigest())
+            self.assertEqual(spool.sent_sha256, hashlib.sha256(data).hexdigest())
             self.assertEqual(spool.body_sha256, hashlib.sha256(body).hexdigest())
             with open(spool.path, "rb") as f:
                 self.assertEqual(f.read(), prefix + data)

@@ -267,9 +267,9 @@ class Ingest:
         return d
 
     async def _deliver(self, envelope, spool, headers, message_id) -> Outcome:
-        await spool.finish()
+        await spool.finish(sent=message_id is None)
         if message_id is None:
-            message_id = synthetic_message_id(await spool.sent_sha256())
+            message_id = synthetic_message_id(spool.sent_sha256)
         by_org: dict[int, list[Recipient]] = {}
         for recipient in envelope.recipients:
             by_org.setdefault(recipient.org_id, []).append(recipient)

@@ -11,10 +11,10 @@ message), and of the body after the header section, which with the
 originator headers tells a retry from another message reusing its
 Message-ID. A message in memory is hashed chunk by chunk as it arrives; a
 spilled one is hashed from its file once complete, in a thread, in one read
-for both digests: hashlib releases the GIL, so the reactor goes on serving
+for every digest: hashlib releases the GIL, so the reactor goes on serving
 other sessions meanwhile. The hash of the message exactly as the sender sent
-it, which names a message that has no Message-ID, is computed afterwards only
-for such a message. The header section is kept, bounded, to read Message-ID,
+it, which names a message that has no Message-ID, is computed at the end
+only for such a message (in that same read). The header section is kept, bounded, to read Message-ID,
 Subject and the originator headers.
 
 The spool file is not fsynced: the blob store makes durable what it stores
@@ -45,6 +45,7 @@ class Spool:
         self._memory = bytearray(prefix)
         self._raw_hash = hashlib.sha256(prefix)
         self._body_hash = hashlib.sha256()
+        self._sent_sha256: str | None = None
         self.prefix_size = len(prefix)
         self.size = 0
         self._header = bytearray()
@@ -65,23 +66,14 @@ class Spool:
         """The sha256 of what follows the header section (its empty line included)."""
         return self._body_hash.hexdigest()
 
-    def sent_sha256(self):
+    @property
+    def sent_sha256(self) -> str | None:
         """
         The sha256 of the message as the sender sent it (without our header),
-        from the finished spool file, in a thread: only a message without a
-        Message-ID needs it.
+        which names a message that has no Message-ID: None unless L{finish}
+        was asked for it.
         """
-        if self.in_memory:
-            return succeed(hashlib.sha256(memoryview(self._memory)[self.prefix_size :]).hexdigest())
-        return deferToThread(self._hash_sent)
-
-    def _hash_sent(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            f.seek(self.prefix_size)
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return self._sent_sha256
 
     def write(self, chunk: bytes) -> None:
         if self._file is not None:
@@ -168,29 +160,37 @@ class Spool:
         """The stored copy of a message kept L{in_memory}."""
         return bytes(self._memory)
 
-    def finish(self):
+    def finish(self, sent: bool = False):
         """
         Fires when the message is complete: at once for one in memory; for a
         spilled one, when C{path} holds it all (the last write) and its
         digests are taken from it, in a thread: hashlib lets go of the GIL, so
-        a large message is hashed beside the reactor rather than on it.
+        a large message is hashed beside the reactor rather than on it. With
+        C{sent}, L{sent_sha256} is taken too, in the same pass.
         """
         if self.in_memory:
+            if sent:
+                self._sent_sha256 = hashlib.sha256(memoryview(self._memory)[self.prefix_size :]).hexdigest()
             return succeed(None)
-        return deferToThread(self._close_and_hash)
+        return deferToThread(self._close_and_hash, sent)
 
-    def _close_and_hash(self) -> None:
+    def _close_and_hash(self, sent: bool) -> None:
+        """One read of the file for every digest, each from where its part starts."""
         self._file.close()
         body_start = self.prefix_size + (len(self._header) if self._header_done else self.size)
-        raw, body = hashlib.sha256(), hashlib.sha256()
+        parts = [(hashlib.sha256(), 0), (hashlib.sha256(), body_start)]
+        if sent:
+            parts.append((hashlib.sha256(), self.prefix_size))
         offset = 0
         with open(self.path, "rb", buffering=0) as f:
             while chunk := f.read(1 << 20):
-                raw.update(chunk)
-                if offset + len(chunk) > body_start:
-                    body.update(memoryview(chunk)[max(0, body_start - offset) :])
+                for digest, start in parts:
+                    if offset + len(chunk) > start:
+                        digest.update(memoryview(chunk)[max(0, start - offset) :])
                 offset += len(chunk)
-        self._raw_hash, self._body_hash = raw, body
+        self._raw_hash, self._body_hash = parts[0][0], parts[1][0]
+        if sent:
+            self._sent_sha256 = parts[2][0].hexdigest()
 
     def discard(self) -> None:
         self._memory = bytearray()
