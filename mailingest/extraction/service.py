@@ -27,6 +27,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from mailingest.claiming import ClaimWorkers
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
@@ -122,14 +123,18 @@ class ExtractionService(service.Service):
         self.clock = clock
         self.checks = checks
         self._loop = None
-        self._workers: list[defer.Deferred] = []
-        self._free_slots: list[str] = []
-        self._woken = False
+        self._claims: ClaimWorkers | None = None
 
     @defer.inlineCallbacks
     def startService(self):
         super().startService()
-        self._free_slots = make_slots(self.work_dir, self.concurrency)
+        self._claims = ClaimWorkers(
+            make_slots(self.work_dir, self.concurrency),
+            lambda: self.store.claim(self.lease_seconds, self.batch_size),
+            self._process_batch,
+            lambda e: log.error("cannot claim messages for extraction: {error}", error=str(e)),
+            lambda: self.running,
+        )
         if self.store.exclusive:
             # Any claim left is from our own previous run.
             yield self.store.release_claims()
@@ -157,39 +162,14 @@ class ExtractionService(service.Service):
 
     def _in_hand(self, timeout: float) -> defer.Deferred:
         """Fires when the messages in hand are done with, or after C{timeout} seconds."""
-        d = defer.DeferredList(list(self._workers))
-        d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
-        return d
+        if self._claims is None:
+            return defer.succeed(None)
+        return self._claims.in_hand(timeout, self.clock)
 
     def wake(self) -> None:
         """Work through due messages now (called on poll and on each accepted message)."""
-        if not self.running:
-            return
-        self._woken = True
-        for _ in range(self.concurrency - len(self._workers)):
-            slot = self._free_slots.pop()
-            d = defer.ensureDeferred(self._work(slot))
-            self._workers.append(d)
-            d.addBoth(self._worker_done, d, slot)
-
-    def _worker_done(self, result, d, slot):
-        self._workers.remove(d)
-        self._free_slots.append(slot)
-        return None
-
-    async def _work(self, slot: str) -> None:
-        while self.running:
-            self._woken = False
-            try:
-                batch = await self.store.claim(self.lease_seconds, self.batch_size)
-            except Exception as e:
-                log.error("cannot claim messages for extraction: {error}", error=str(e))
-                return
-            if not batch:
-                if self._woken:
-                    continue
-                return
-            await self._process_batch(batch, slot)
+        if self._claims is not None:
+            self._claims.wake()
 
     async def _process_batch(self, batch: list[dict], slot: str) -> None:
         """One claim transaction for several messages; their leases are renewed together."""

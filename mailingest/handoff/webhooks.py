@@ -23,6 +23,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.client import Agent, ResponseNeverReceived
 
+from mailingest.claiming import ClaimWorkers
 from mailingest.handoff.events import as_datetime, event_body, signature_headers
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
 from mailingest.ops import metrics
@@ -97,8 +98,13 @@ class WebhookService(service.Service):
         self.pool = None
         self._client = None
         self._loop = None
-        self._workers: list[defer.Deferred] = []
-        self._woken = False
+        self._claims = ClaimWorkers(
+            [None] * concurrency,
+            lambda: self.store.claim_events(self.lease_seconds, self.batch_size),
+            self._send,
+            lambda e: log.warn("cannot claim webhook events: {error}", error=str(e)),
+            lambda: self.running,
+        )
 
     @defer.inlineCallbacks
     def startService(self):
@@ -123,9 +129,7 @@ class WebhookService(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        in_hand = defer.DeferredList(list(self._workers))
-        in_hand.addTimeout(self.timeout + 1, self.reactor, onTimeoutCancel=lambda *_: None)
-        yield in_hand
+        yield self._claims.in_hand(self.timeout + 1, self.reactor)
         if self.pool is not None:
             yield self.pool.closeCachedConnections()
 
@@ -138,31 +142,14 @@ class WebhookService(service.Service):
 
     def wake(self) -> None:
         """Send due events now (on poll, and when an event is written)."""
-        if not self.running:
-            return
-        self._woken = True
-        for _ in range(self.concurrency - len(self._workers)):
-            d = defer.ensureDeferred(self._work())
-            self._workers.append(d)
-            d.addBoth(lambda _, d=d: self._workers.remove(d))
+        self._claims.wake()
 
-    async def _work(self) -> None:
-        while self.running:
-            self._woken = False
-            try:
-                events = await self.store.claim_events(self.lease_seconds, self.batch_size)
-            except Exception as e:
-                log.warn("cannot claim webhook events: {error}", error=str(e))
+    async def _send(self, events: list[dict], slot=None) -> None:
+        for index, event in enumerate(events):
+            if not self.running:
+                await self._release(events[index:])
                 return
-            if not events:
-                if self._woken:
-                    continue
-                return
-            for index, event in enumerate(events):
-                if not self.running:
-                    await self._release(events[index:])
-                    return
-                await self.deliver(event)
+            await self.deliver(event)
 
     async def _release(self, events: list[dict]) -> None:
         try:
