@@ -103,6 +103,10 @@ WEBHOOK_OUTBOX_DEPTH = Gauge(
     "mailingest_webhook_outbox_depth",
     "Webhook events pending delivery.",
 )
+WEBHOOK_RECEIVERS_PAUSED = Gauge(
+    "mailingest_webhook_receivers_paused",
+    "Webhook receivers paused after failing again and again (none of their events is tried meanwhile).",
+)
 PARTS_SKIPPED = Counter(
     "mailingest_extraction_skipped_parts_total",
     "Parts of parsed messages that could not be decoded and were left out (named in the message's warnings).",
