@@ -198,13 +198,23 @@ class Fairness(DaemonTestCase):
         yield send_orders(self.daemon, "refused", 200)
         yield event_rows(store, lambda rows: len(rows) == 240 and silent.held, timeout=60, limit=1000)
         yield self.delivered_within(healthy, 0, 5.0)
-        # Once the silent receiver's first attempts have timed out, and the refusing one is paused.
-        yield event_rows(store, lambda rows: any(r["org_slug"] == "hang" and r["attempts"] for r in rows), timeout=30, limit=1000)
-        self.assertEqual((yield store.count_paused_receivers()), 1)
-        yield self.delivered_within(healthy, 1, 5.0)
+        # (before any of its attempts has ended)
         self.assertEqual(silent.most_at_once, 4, "one organisation has at most 4 attempts at a time")
+        # Again once the silent receiver's first attempts have timed out, and the refusing one is paused.
+        yield event_rows(store, lambda rows: any(r["org_slug"] == "hang" and r["attempts"] for r in rows), timeout=30, limit=1000)
+        yield self.paused(1)
+        yield self.delivered_within(healthy, 1, 5.0)
         rows = yield store.list_events(org_slug="hang", limit=1000)
         self.assertIn("no answer within 10 s", {r["last_error"] for r in rows})
+
+    @defer.inlineCallbacks
+    def paused(self, count: int, timeout: float = 5.0):
+        """Wait until C{count} receivers are paused (one that is tried again at the end of its pause is not, for a moment)."""
+        deadline = time.monotonic() + timeout
+        while (yield self.daemon.store.count_paused_receivers()) != count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never {count} receivers paused")
+            yield sleep(0.05)
 
 
 class _FakeStore:
