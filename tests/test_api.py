@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from mailingest.extraction.service import document_key
 from mailingest.handoff import openapi
-from mailingest.handoff.api import ApiResource, content_disposition, new_token, safe_content_type, token_hash
+from mailingest.handoff.api import ApiResource, content_disposition, encode_cursor, new_token, safe_content_type, token_hash
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 from tests.daemon import DaemonTestCase, TwistdProcess, free_port, temp_dir
@@ -126,6 +126,27 @@ class Scoping(ApiCase):
         self.assertEqual((yield self.get_json("/v1/messages?cursor=%25%25", status=400))["error"], "bad_cursor")
         code, headers, body = yield self.get("/v1/messages", method="POST")
         self.assertEqual((code, json.loads(body)["error"]), (405, "method_not_allowed"))
+
+    @defer.inlineCallbacks
+    def test_every_bad_query_value_is_a_400(self):
+        """Values that pass a first look but break later (int(), UTC conversion, the database's integer) are 400s too."""
+        yield self.deliver("acme", 1)
+        self.assertEqual(len((yield self.get_json("/v1/messages?limit=200&since=2000-01-01T00:00:00%2B14:00"))["messages"]), 1)
+        overflowing = encode_cursor(10**30)
+        for query, code in (
+            ("limit=%C2%B2", "bad_parameter"),  # "²".isdigit() is True, int("²") raises
+            ("limit=%D9%A3", "bad_parameter"),  # an Arabic-Indic 3
+            (f"cursor={overflowing}", "bad_cursor"),
+            (f"cursor={encode_cursor(2**63)}", "bad_cursor"),
+            ("since=0001-01-01T00:00:00%2B14:00", "bad_parameter"),
+            ("since=9999-12-31T23:59:59-14:00", "bad_parameter"),
+            ("status=nonsense", "bad_parameter"),
+            ("status=%00", "bad_parameter"),
+        ):
+            body = yield self.get_json(f"/v1/messages?{query}", status=400)
+            self.assertEqual(body["error"], code, query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual((yield self.get_json(f"/v1/messages?cursor={encode_cursor(2**63 - 1)}"))["next_cursor"], None)
 
 
 class Pagination(ApiCase):

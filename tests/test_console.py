@@ -20,6 +20,7 @@ from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
 from mailingest.console.sessions import Sessions
+from mailingest.handoff.api import encode_cursor
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -418,3 +419,39 @@ class ConsoleActionTests(ConsoleCase):
         self.assertIn(f"Webhook event {event['event_id']} will be delivered again now.", body)
         again = yield self.daemon.store.get_event(event["id"])
         self.assertGreater(str(again["retry_from"]), str(event["retry_from"]))
+
+
+class ConsoleQueryTests(ConsoleCase):
+    """Every query value a person can type or edit in the URL is a page: 400 with the reason when it is bad, never a 500."""
+
+    @defer.inlineCallbacks
+    def test_bad_filters_are_400_pages(self):
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        path = f"/console/orgs/{acme['id']}/messages?"
+        for query, reason in (
+            ("cursor=" + encode_cursor(10**30), "cursor"),
+            ("cursor=%25%25", "cursor"),
+            ("from=2025-02-30", "From"),
+            ("to=31.12.2025", "To"),
+            ("status=nonsense", "Status"),
+        ):
+            response, body = yield self.request("GET", path + query, cookie)
+            self.assertEqual(response.code, 400, (query, body))
+            self.assertIn(reason, re.search(r'<p class="error" role="alert">([^<]*)</p>', body).group(1), query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_the_calendars_ends_are_days_like_any_other(self):
+        """A date picker offers 0001-01-01 to 9999-12-31: the day after the last one is past the calendar, not an error."""
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?from=0001-01-01&to=9999-12-31", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("Order 1", body)
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?to=2000-01-01", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertNotIn("Order 1", body)
+

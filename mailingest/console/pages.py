@@ -10,8 +10,7 @@ from urllib.parse import urlencode
 from twisted.web.template import Tag, tags
 
 from mailingest.handoff.events import iso
-
-STATUSES = ("received", "parsed", "failed", "quarantined")
+from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
 
 
@@ -94,7 +93,7 @@ def organisations(orgs: list[dict], session) -> Tag:
     return layout("Organisations", [table(headings, rows)], session)
 
 
-def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session) -> Tag:
+def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session, error: str | None = None) -> Tag:
     form = tags.form(method="get", action=f"/console/orgs/{org['id']}/messages", class_="filters")(
         tags.label("Search ", tags.input(type="search", name="q", value=filters.get("q", ""), placeholder="subject, sender or Message-ID")),
         tags.label(
@@ -124,13 +123,19 @@ def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None
     ]
     more = ""
     if next_cursor:
-        query = {k: v for k, v in filters.items() if v}
+        query = {k: v for k, v in filters.items() if v and k != "cursor"}
         query["cursor"] = next_cursor
         more = tags.p(tags.a("Older messages →", href=f"/console/orgs/{org['id']}/messages?{urlencode(query)}", rel="next"))
-    empty = tags.p("No messages match.") if not rows else ""
+    empty = tags.p("No messages match.") if not rows and not error else ""
     return layout(
         f"Messages of {org['slug']}",
-        [form, table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows), empty, more],
+        [
+            tags.p(error, class_="error", role="alert") if error else "",
+            form,
+            table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows),
+            empty,
+            more,
+        ],
         session,
     )
 

@@ -1,5 +1,7 @@
 """The OpenAPI 3.1 description of the JSON API, served at C{/v1/openapi.json}."""
 
+from mailingest.storage.store import MESSAGE_STATUSES
+
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
 _ERRORS = {
     "401": {"description": "no or unknown bearer token (error: unauthorized)"},
@@ -27,7 +29,7 @@ DOCUMENT = {
             "Messages, newest first; follow next_cursor for the next page",
             "a page of messages",
             [
-                {"name": "status", "in": "query", "schema": {"type": "string"}},
+                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(MESSAGE_STATUSES)}},
                 {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"}},
