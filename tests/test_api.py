@@ -11,6 +11,8 @@ import re
 import time
 from email.message import EmailMessage
 
+import jsonschema
+import openapi_spec_validator
 import treq
 from twisted.internet import defer, threads
 from twisted.trial import unittest
@@ -176,7 +178,7 @@ class Content(ApiCase):
         document = detail["documents"][0]
         self.assertEqual(document["sha256"], hashlib.sha256(PDF).hexdigest())
         self.assertEqual((yield self.get_json(f"/v1/documents/{document['id']}")), document)
-        code, headers, body = yield self.get(document["url"])
+        code, headers, body = yield self.get(document["content_url"])
         self.assertEqual((code, body), (200, PDF))
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/pdf"])
         self.assertEqual(headers.getRawHeaders("content-length"), [str(len(PDF))])
@@ -206,6 +208,30 @@ class OpenApi(ApiCase):
             path = template.replace("{id}", str(document_id if "documents" in template else message_id))
             code, _, body = yield self.get(path)
             self.assertEqual(code, 200, (template, body))
+
+    @defer.inlineCallbacks
+    def test_objects_match_their_schemas(self):
+        """The schemas name every field the API sends, and nothing else (each object's properties are all required)."""
+        openapi_spec_validator.validate(openapi.DOCUMENT)
+        message_id = yield self.deliver("acme", 1)
+        message = yield self.get_json(f"/v1/messages/{message_id}")
+        error = yield self.get_json("/v1/messages?limit=0", status=400)
+        for instance, schema in (
+            ((yield self.get_json("/v1/messages")), "MessagePage"),
+            (message, "MessageWithDocuments"),
+            ((yield self.get_json(f"/v1/documents/{message['documents'][0]['id']}")), "Document"),
+            (error, "Error"),
+        ):
+            properties = openapi.SCHEMAS[schema]["properties"]
+            jsonschema.validate(instance, {**openapi.DOCUMENT, "$ref": f"#/components/schemas/{schema}"})
+            self.assertEqual(sorted(instance), sorted(properties), schema)
+            self.assertEqual(sorted(properties), sorted(openapi.SCHEMAS[schema]["required"]))
+        self.assertRaises(
+            jsonschema.ValidationError,
+            jsonschema.validate,
+            dict(message, status="unheard-of"),
+            {**openapi.DOCUMENT, "$ref": "#/components/schemas/Message"},
+        )
 
 
 class FlatMemory(unittest.TestCase):

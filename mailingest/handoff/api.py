@@ -26,7 +26,7 @@ from twisted.web import resource, server, static
 
 from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
-from mailingest.handoff.events import document_url, iso
+from mailingest.handoff.events import document_object, iso, message_object
 from mailingest.storage.store import MESSAGE_STATUSES
 
 log = Logger(namespace="mailingest.api")
@@ -218,31 +218,15 @@ class ApiResource(resource.Resource):
 
     def _message_json(self, row: dict) -> dict:
         return {
-            "id": row["id"],
+            **message_object(row["id"], row, row["status"], row["last_error"], self.api_url),
             "organization": row["org_slug"],
-            "message_id": row["source_message_id"],
-            "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
-            "subject": row["subject"],
-            "received_at": iso(row["received_at"]),
             "parsed_at": iso(row["parsed_at"]),
-            "status": row["status"],
-            "error": row["last_error"],
             "raw_size": row["raw_size"],
             "raw_sha256": row["raw_sha256"],
-            "raw_url": f"/v1/messages/{row['id']}/raw",
         }
 
     def _document_json(self, row: dict) -> dict:
-        return {
-            "id": row["id"],
-            "message_id": row["inbound_message_id"],
-            "filename": row["filename"],
-            "content_type": row["content_type"],
-            "size": row["size"],
-            "sha256": row["sha256"],
-            "created_at": iso(row["created_at"]),
-            "url": document_url(self.api_url, row["id"]),
-        }
+        return {**document_object(row, self.api_url), "message_id": row["inbound_message_id"], "created_at": iso(row["created_at"])}
 
     # the routes
 
