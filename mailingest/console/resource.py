@@ -61,6 +61,10 @@ class Forbidden(Exception):
     """An organisation's token asked for an admin action."""
 
 
+class Inapplicable(Exception):
+    """An action asked of a message in another status than the one it applies to."""
+
+
 def read_headers(raw: bytes) -> tuple[list[tuple[str, str]], bool]:
     """The header section of the first L{HEADER_BYTES} of a message: (name, value) pairs, and whether it was cut."""
     end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
@@ -156,7 +160,9 @@ class ConsoleResource(resource.Resource):
             ("GET", r"/console/messages/(?P<id>\d{1,18})", self.message, True),
             ("GET", r"/console/messages/(?P<id>\d{1,18})/raw", self.raw, True),
             ("GET", r"/console/documents/(?P<id>\d{1,18})/content", self.document, True),
+            ("GET", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.confirm_reprocess, True),
             ("POST", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.reprocess, True),
+            ("GET", r"/console/messages/(?P<id>\d{1,18})/release", self.confirm_release, True),
             ("POST", r"/console/messages/(?P<id>\d{1,18})/release", self.release, True),
             ("POST", r"/console/events/(?P<id>\d{1,18})/redeliver", self.redeliver, True),
             ("GET", r"/console/status", self.status, True),
@@ -368,16 +374,36 @@ class ConsoleResource(resource.Resource):
             await change()
         except (NoSuchMessage, NoSuchEvent):
             raise NotFound() from None
-        except NotQuarantined as e:
+        except (NotQuarantined, Inapplicable) as e:
             session.notice = str(e)
         else:
             session.notice = notice
             log.info("console: {who}: {notice}", who=session.who, notice=notice)
         self._redirect(request, f"/console/messages/{page}")
 
+    async def _confirm(self, request: server.Request, session: Session, id: int, action: str) -> None:
+        """The page that asks before an action (GET, so a link reaches it; the action itself is its form's POST)."""
+        if not session.admin:
+            raise Forbidden()
+        row = self._scoped(await self.store.get_message(id), session)
+        await self._page(request, pages.confirm(row, action, session), 409 if pages.inapplicable(row, action) else 200)
+
+    async def confirm_reprocess(self, request: server.Request, session: Session, id: int) -> None:
+        await self._confirm(request, session, id, "reprocess")
+
+    async def confirm_release(self, request: server.Request, session: Session, id: int) -> None:
+        await self._confirm(request, session, id, "release")
+
     async def reprocess(self, request: server.Request, session: Session, id: int) -> None:
         row = await self.store.get_message(id)
-        await self._act(request, session, row, lambda: self.store.reprocess(id), f"Message {id} is queued for reprocessing.", id)
+
+        async def change() -> None:
+            reason = pages.inapplicable(row, "reprocess")
+            if reason:
+                raise Inapplicable(reason)
+            await self.store.reprocess(id)
+
+        await self._act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
 
     async def release(self, request: server.Request, session: Session, id: int) -> None:
         row = await self.store.get_message(id)
