@@ -11,13 +11,15 @@ import re
 import time
 from email.message import EmailMessage
 
+import jsonschema
+import openapi_spec_validator
 import treq
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest.extraction.service import document_key
 from mailingest.handoff import openapi
-from mailingest.handoff.api import ApiResource, content_disposition, new_token, safe_content_type, token_hash
+from mailingest.handoff.api import ApiResource, content_disposition, encode_cursor, new_token, safe_content_type, token_hash
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 from tests.daemon import DaemonTestCase, TwistdProcess, free_port, temp_dir
@@ -127,6 +129,27 @@ class Scoping(ApiCase):
         code, headers, body = yield self.get("/v1/messages", method="POST")
         self.assertEqual((code, json.loads(body)["error"]), (405, "method_not_allowed"))
 
+    @defer.inlineCallbacks
+    def test_every_bad_query_value_is_a_400(self):
+        """Values that pass a first look but break later (int(), UTC conversion, the database's integer) are 400s too."""
+        yield self.deliver("acme", 1)
+        self.assertEqual(len((yield self.get_json("/v1/messages?limit=200&since=2000-01-01T00:00:00%2B14:00"))["messages"]), 1)
+        overflowing = encode_cursor(10**30)
+        for query, code in (
+            ("limit=%C2%B2", "bad_parameter"),  # "²".isdigit() is True, int("²") raises
+            ("limit=%D9%A3", "bad_parameter"),  # an Arabic-Indic 3
+            (f"cursor={overflowing}", "bad_cursor"),
+            (f"cursor={encode_cursor(2**63)}", "bad_cursor"),
+            ("since=0001-01-01T00:00:00%2B14:00", "bad_parameter"),
+            ("since=9999-12-31T23:59:59-14:00", "bad_parameter"),
+            ("status=nonsense", "bad_parameter"),
+            ("status=%00", "bad_parameter"),
+        ):
+            body = yield self.get_json(f"/v1/messages?{query}", status=400)
+            self.assertEqual(body["error"], code, query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual((yield self.get_json(f"/v1/messages?cursor={encode_cursor(2**63 - 1)}"))["next_cursor"], None)
+
 
 class Pagination(ApiCase):
     @defer.inlineCallbacks
@@ -155,7 +178,7 @@ class Content(ApiCase):
         document = detail["documents"][0]
         self.assertEqual(document["sha256"], hashlib.sha256(PDF).hexdigest())
         self.assertEqual((yield self.get_json(f"/v1/documents/{document['id']}")), document)
-        code, headers, body = yield self.get(document["url"])
+        code, headers, body = yield self.get(document["content_url"])
         self.assertEqual((code, body), (200, PDF))
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/pdf"])
         self.assertEqual(headers.getRawHeaders("content-length"), [str(len(PDF))])
@@ -185,6 +208,30 @@ class OpenApi(ApiCase):
             path = template.replace("{id}", str(document_id if "documents" in template else message_id))
             code, _, body = yield self.get(path)
             self.assertEqual(code, 200, (template, body))
+
+    @defer.inlineCallbacks
+    def test_objects_match_their_schemas(self):
+        """The schemas name every field the API sends, and nothing else (each object's properties are all required)."""
+        openapi_spec_validator.validate(openapi.DOCUMENT)
+        message_id = yield self.deliver("acme", 1)
+        message = yield self.get_json(f"/v1/messages/{message_id}")
+        error = yield self.get_json("/v1/messages?limit=0", status=400)
+        for instance, schema in (
+            ((yield self.get_json("/v1/messages")), "MessagePage"),
+            (message, "MessageWithDocuments"),
+            ((yield self.get_json(f"/v1/documents/{message['documents'][0]['id']}")), "Document"),
+            (error, "Error"),
+        ):
+            properties = openapi.SCHEMAS[schema]["properties"]
+            jsonschema.validate(instance, {**openapi.DOCUMENT, "$ref": f"#/components/schemas/{schema}"})
+            self.assertEqual(sorted(instance), sorted(properties), schema)
+            self.assertEqual(sorted(properties), sorted(openapi.SCHEMAS[schema]["required"]))
+        self.assertRaises(
+            jsonschema.ValidationError,
+            jsonschema.validate,
+            dict(message, status="unheard-of"),
+            {**openapi.DOCUMENT, "$ref": "#/components/schemas/Message"},
+        )
 
 
 class FlatMemory(unittest.TestCase):

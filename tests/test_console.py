@@ -20,6 +20,7 @@ from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
 from mailingest.console.sessions import Sessions
+from mailingest.handoff.api import encode_cursor
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -67,12 +68,36 @@ class TemplateTests(unittest.TestCase):
         self.assertLess(html.index("<td>received</td>"), html.index("<td>failed</td>"))
 
     def test_admin_sees_the_action_for_the_status(self):
+        """A link to the action's confirmation page: the message page itself has no one-click form for it."""
         html = render(pages.message(self.message_row(), [], False, [], [], self.session))
-        self.assertIn('action="/console/messages/7/reprocess"', html)
-        self.assertIn(f'name="csrf" value="{self.session.csrf}"', html)
+        self.assertIn('href="/console/messages/7/reprocess"', html)
+        self.assertNotIn('action="/console/messages/7/reprocess"', html)
         self.assertNotIn("/release", html)
         html = render(pages.message(self.message_row(status="quarantined"), [], False, [], [], self.session))
-        self.assertIn('action="/console/messages/7/release"', html)
+        self.assertIn('href="/console/messages/7/release"', html)
+        self.assertNotIn('action="/console/messages/7/release"', html)
+
+    def test_confirmation_is_a_form_without_script(self):
+        for name, status in (("reprocess", "failed"), ("release", "quarantined")):
+            html = render(pages.confirm(self.message_row(status=status), name, self.session))
+            form = re.search(rf'<form method="post" action="/console/messages/7/{name}" class="action">(.*?)</form>', html).group(1)
+            self.assertIn(f'<input type="hidden" name="csrf" value="{self.session.csrf}" />', form)
+            self.assertIn(f'<button type="submit">{name.capitalize()}</button>', form)
+            self.assertIn('href="/console/messages/7"', html)
+            self.assertIn("&lt;script&gt;", html)  # the subject, escaped
+            self.assertNotIn("<script", html)
+        html = render(pages.confirm(self.message_row(status="parsed"), "release", self.session))
+        self.assertIn("Message 7 is parsed: only a quarantined message can be released.", html)
+        self.assertNotIn("/release", html)
+
+    def test_organisations_page_counts_arrivals_and_labels_statuses(self):
+        org = {"id": 1, "slug": "acme", "name": "Acme", "active": True, "counts": {"received": 1, "parsed": 3}, "last_received_at": None}
+        html = render(pages.organisations([org], self.session))
+        headings = re.findall(r"<th>([^<]*)</th>", html)
+        self.assertEqual(headings[3:8], ["Arrived today", "Status received", "Status parsed", "Status failed", "Status quarantined"])
+        self.assertNotIn("Received today", html)
+        cells = re.findall(r"<td>([^<]*)</td>", html)
+        self.assertEqual(cells[2:7], ["4", "1", "3", "0", "0"])
 
     def test_organisation_token_sees_no_actions(self):
         org_session = Sessions(task.Clock()).open(1)
@@ -385,6 +410,42 @@ class ConsoleHttpTests(ConsoleCase):
 
 class ConsoleActionTests(ConsoleCase):
     @defer.inlineCallbacks
+    def test_reprocess_and_release_are_confirmed_on_their_own_page(self):
+        failed = yield self.deliver("acme", 1)
+        yield self.daemon.store.mark_failed(failed, "broken", 3)
+        quarantined = yield self.deliver("acme", 2)
+        yield self.daemon.store.mark_quarantined(quarantined, "sender not allowed")
+        admin = yield self.sign_in("admin")
+        for message_id, name, status in ((failed, "reprocess", "failed"), (quarantined, "release", "quarantined")):
+            path = f"/console/messages/{message_id}"
+            _, body = yield self.request("GET", path, admin)
+            self.assertIn(f'href="{path}/{name}"', body)
+            response, body = yield self.request("GET", f"{path}/{name}", admin)
+            self.assertEqual(response.code, 200)
+            self.assertIn(f'<form method="post" action="{path}/{name}" class="action">', body)
+            self.assertEqual((yield self.daemon.store.get_message(message_id))["status"], status, "asking changes nothing")
+            token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+            response, _ = yield self.request("POST", f"{path}/{name}", admin, form={"csrf": token})
+            self.assertEqual(response.headers.getRawHeaders("location"), [path])
+            row = yield self.daemon.settled(message_id)
+            self.assertEqual(row["status"], "parsed")
+            response, body = yield self.request("GET", f"{path}/{name}", admin)
+            self.assertEqual(response.code, 409)
+            self.assertIn(f"is parsed: only a {status} message", body)
+            self.assertNotIn(f'action="{path}/{name}"', body)
+            _, body = yield self.request("GET", path, admin)  # the notice of the action, shown once
+            response, body = yield self.request("POST", f"{path}/{name}", admin, form={"csrf": token})  # the form sent again
+            self.assertEqual(response.code, 303)
+            _, body = yield self.request("GET", path, admin)
+            self.assertIn(f"{message_id} is parsed", re.search(r'<p class="notice" role="status">([^<]*)</p>', body).group(1))
+            self.assertEqual((yield self.daemon.store.status_history(message_id))[-1]["status"], "parsed", "nothing done")
+        acme = yield self.sign_in("acme")
+        response, _ = yield self.request("GET", f"/console/messages/{failed}/reprocess", acme)
+        self.assertEqual(response.code, 403)
+        response, _ = yield self.request("GET", "/console/messages/999999/release", admin)
+        self.assertEqual(response.code, 404)
+
+    @defer.inlineCallbacks
     def test_release_a_quarantined_message(self):
         message_id = yield self.deliver("acme", 1)
         yield self.daemon.store.mark_quarantined(message_id, "sender not allowed")
@@ -418,3 +479,39 @@ class ConsoleActionTests(ConsoleCase):
         self.assertIn(f"Webhook event {event['event_id']} will be delivered again now.", body)
         again = yield self.daemon.store.get_event(event["id"])
         self.assertGreater(str(again["retry_from"]), str(event["retry_from"]))
+
+
+class ConsoleQueryTests(ConsoleCase):
+    """Every query value a person can type or edit in the URL is a page: 400 with the reason when it is bad, never a 500."""
+
+    @defer.inlineCallbacks
+    def test_bad_filters_are_400_pages(self):
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        path = f"/console/orgs/{acme['id']}/messages?"
+        for query, reason in (
+            ("cursor=" + encode_cursor(10**30), "cursor"),
+            ("cursor=%25%25", "cursor"),
+            ("from=2025-02-30", "From"),
+            ("to=31.12.2025", "To"),
+            ("status=nonsense", "Status"),
+        ):
+            response, body = yield self.request("GET", path + query, cookie)
+            self.assertEqual(response.code, 400, (query, body))
+            self.assertIn(reason, re.search(r'<p class="error" role="alert">([^<]*)</p>', body).group(1), query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_the_calendars_ends_are_days_like_any_other(self):
+        """A date picker offers 0001-01-01 to 9999-12-31: the day after the last one is past the calendar, not an error."""
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?from=0001-01-01&to=9999-12-31", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("Order 1", body)
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?to=2000-01-01", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertNotIn("Order 1", body)
+

@@ -26,13 +26,17 @@ from twisted.web import resource, server, static
 
 from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
-from mailingest.handoff.events import document_url, iso
+from mailingest.handoff.events import document_object, iso, message_object
+from mailingest.storage.store import MESSAGE_STATUSES
 
 log = Logger(namespace="mailingest.api")
 
 TOKEN_PREFIX = "mit_"
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
+MAX_ID = 2**63 - 1  # the largest id a database integer holds
+_LIMIT = re.compile(r"^[0-9]{1,3}$")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+_CURSOR = re.compile(r"^m[0-9]{1,19}$")
 _SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
 
@@ -90,9 +94,10 @@ def encode_cursor(message_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
+    """The message id of a cursor; only ids a database integer holds, so a forged one is a 400, not the database's error."""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith("m") and text[1:].isdigit():
+        if _CURSOR.match(text) and int(text[1:]) <= MAX_ID:
             return int(text[1:])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
@@ -100,17 +105,26 @@ def decode_cursor(cursor: str) -> int:
 
 
 def _parse_since(text: str) -> datetime:
+    """A time as UTC: one whose UTC form is outside the calendar (year 1 at +14:00) is refused here, not by the database."""
     try:
         value = datetime.fromisoformat(text)
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     except ValueError:
         raise ApiError(400, "bad_parameter", "since must be an ISO 8601 time, e.g. 2025-01-31T00:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    except OverflowError:
+        raise ApiError(400, "bad_parameter", "since is out of range: its UTC time must be within years 1 to 9999") from None
 
 
 def _parse_limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+    if not _LIMIT.match(text) or not 1 <= int(text) <= MAX_PAGE:
         raise ApiError(400, "bad_parameter", f"limit must be 1 to {MAX_PAGE}")
     return int(text)
+
+
+def _parse_status(text: str) -> str:
+    if text not in MESSAGE_STATUSES:
+        raise ApiError(400, "bad_parameter", "status must be one of " + ", ".join(MESSAGE_STATUSES))
+    return text
 
 
 class _RequestSink:
@@ -204,31 +218,15 @@ class ApiResource(resource.Resource):
 
     def _message_json(self, row: dict) -> dict:
         return {
-            "id": row["id"],
+            **message_object(row["id"], row, row["status"], row["last_error"], self.api_url),
             "organization": row["org_slug"],
-            "message_id": row["source_message_id"],
-            "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
-            "subject": row["subject"],
-            "received_at": iso(row["received_at"]),
             "parsed_at": iso(row["parsed_at"]),
-            "status": row["status"],
-            "error": row["last_error"],
             "raw_size": row["raw_size"],
             "raw_sha256": row["raw_sha256"],
-            "raw_url": f"/v1/messages/{row['id']}/raw",
         }
 
     def _document_json(self, row: dict) -> dict:
-        return {
-            "id": row["id"],
-            "message_id": row["inbound_message_id"],
-            "filename": row["filename"],
-            "content_type": row["content_type"],
-            "size": row["size"],
-            "sha256": row["sha256"],
-            "created_at": iso(row["created_at"]),
-            "url": document_url(self.api_url, row["id"]),
-        }
+        return {**document_object(row, self.api_url), "message_id": row["inbound_message_id"], "created_at": iso(row["created_at"])}
 
     # the routes
 
@@ -237,7 +235,7 @@ class ApiResource(resource.Resource):
         limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
         rows = await self.store.page_messages(
             org_id=scope,
-            status=args.get("status") or None,
+            status=_parse_status(args["status"]) if args.get("status") else None,
             since=_parse_since(args["since"]) if args.get("since") else None,
             before_id=decode_cursor(args["cursor"]) if args.get("cursor") else None,
             limit=limit + 1,

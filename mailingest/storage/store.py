@@ -75,6 +75,7 @@ EVENT_TYPES = {
     "quarantined": "message.quarantined",
 }
 EVENT_STATUSES = ("pending", "delivered", "dead")
+MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined")
 EVENT_COLUMNS = (
     "id, event_id, event_type, org_id, inbound_message_id, message_status, message_error,"
     " status, attempts, last_status, last_error, created_at, retry_from, next_attempt_at, delivered_at"
