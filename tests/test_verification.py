@@ -326,6 +326,13 @@ class DmarcTests(ZoneTestCase):
         self.assertEqual((check.result, check.domain), ("pass", "sender.example"))
 
     @defer.inlineCallbacks
+    def test_8bit_display_name_leaves_the_address_certain(self):
+        check, _ = yield self.with_from(b"From: M\xfcller \x01 <buyer@sender.example>")
+        self.assertEqual((check.result, check.domain), ("pass", "sender.example"))
+        check, _ = yield self.with_from(b"From: buyer@sender\xfc.example")
+        self.assertEqual((check.result, check.note), ("permerror", "From: address without a domain name"))
+
+    @defer.inlineCallbacks
     def test_permerror_unreadable_header_section(self):
         check, _ = yield self.dmarc(message(extra=b"no colon on this line\r\n"))
         self.assertEqual((check.result, check.note), ("permerror", "message header cannot be read"))

@@ -15,6 +15,9 @@ from mailingest.verification.results import Check, Signature
 # A From: field longer than this is no sender's address: permerror, unread.
 MAX_FROM_BYTES = 2048
 _ADDRESSES = headerregistry.HeaderRegistry()
+# Defects that leave the address itself certain: obsolete syntax and stray
+# bytes (8-bit or control) in the display name; a domain holding them is refused.
+_HARMLESS = (errors.ObsoleteHeaderDefect, errors.UndecodableBytesDefect, errors.NonPrintableDefect)
 
 
 @lru_cache(maxsize=1)
@@ -54,19 +57,18 @@ def header_from_domain(headers: list) -> str | None:
     if len(value) > MAX_FROM_BYTES:
         raise UnreadableFrom(f"From: field longer than {MAX_FROM_BYTES} bytes")
     try:
-        field = _ADDRESSES("from", value.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UnreadableFrom("From: field is not UTF-8") from None
+        field = _ADDRESSES("from", value.decode("utf-8", "surrogateescape"))
     except Exception as e:  # the parser's own failures on hostile input
         raise UnreadableFrom(f"From: field cannot be parsed ({type(e).__name__})") from None
-    invalid = [d for d in field.defects if not isinstance(d, errors.ObsoleteHeaderDefect)]
+    invalid = [d for d in field.defects if not isinstance(d, _HARMLESS)]
     if invalid:
         raise UnreadableFrom(f"From: field cannot be parsed ({invalid[0]})")
     domains = {address.domain.lower().rstrip(".") for address in field.addresses}
     if len(domains) != 1:
         raise UnreadableFrom("several From: domains" if domains else "From: field without an address")
     (domain,) = domains
-    if not domain or domain.startswith("["):
+    # not printable: a control, or a byte that was no UTF-8 (a surrogate escape)
+    if not domain or domain.startswith("[") or not domain.isprintable():
         raise UnreadableFrom("From: address without a domain name")
     return domain
 
