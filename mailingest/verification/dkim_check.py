@@ -125,7 +125,7 @@ def check_arc(message: bytes, resolver: BudgetResolver) -> Check:
     """
     The chain's validation (pass, fail, none) as dkimpy gives it, an
     incomplete set included (RFC 8617 5.2: fail), and the domain of the
-    newest seal as dkimpy verified it.
+    newest seal as dkimpy read it.
     """
     try:
         verifier = dkim.ARC(message, minkey=1024)
