@@ -460,7 +460,7 @@ class _AttachmentWalk:
         sink = _MemorySink(None)
         try:
             _decode(_text(part), _transfer_encoding(part), sink)
-            files, warnings = tnef_files(sink.getvalue(), max(self.parts_left, 1))
+            files, warnings = tnef_files(sink.getvalue(), max(self.parts_left, 1), self.max_depth)
         except (_Undecodable, NotTnef):
             files, warnings = [], ["not TNEF, kept as it is"]
         for warning in warnings:
