@@ -10,6 +10,7 @@ import struct
 import time
 import tracemalloc
 from email import errors, message_from_bytes, policy
+from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -676,11 +677,11 @@ class MalformedStructureTests(ExtractionTestCase):
     def test_parser_error(self):
         """A parser that fails on the input fails the message, for good."""
 
-        class BrokenParser(attachments.BytesFeedParser):
+        class BrokenParser(attachments._BytesFeedParser):
             def feed(self, data):
                 raise IndexError("parser bug")
 
-        self.patch(attachments, "BytesFeedParser", BrokenParser)
+        self.patch(attachments, "_BytesFeedParser", BrokenParser)
         error = self.assertRaises(UnparseableMessage, self.extract, message(text_body()))
         self.assertEqual(str(error), "the MIME structure cannot be parsed (IndexError: parser bug)")
 
@@ -982,6 +983,64 @@ class RealTnefFileTests(ExtractionTestCase):
         [doc] = self.extract(message(multipart(text_body(), tnef_part(data)))).attachments
         self.assertEqual((doc.filename, doc.size), ("winmail.dat", len(data)))
 
+
+
+def parse_dump(raw: bytes, parser_class: type, chunk: int) -> list:
+    """What the feed parser made of C{raw}, fed C{chunk} bytes at a time: every part's headers, texts and defects."""
+    parser = parser_class(policy=policy.compat32)
+    for start in range(0, len(raw), chunk):
+        parser.feed(raw[start : start + chunk])
+    dump = []
+    for part in parser.close().walk():
+        payload = None if part.is_multipart() else part.get_payload()
+        defects = [type(d).__name__ for d in part.defects]
+        dump.append((part.get_unixfrom(), part.items(), part.preamble, part.epilogue, payload, defects))
+    return dump
+
+
+class LineShapeTests(ExtractionTestCase):
+    """Issue 22, item 15: the parser's memory whatever the line shape."""
+
+    def test_one_character_per_line(self):
+        """Valid base64, one character per line: about 60 bytes per line on main, a few bytes now."""
+        data = random.Random(15).randbytes(300_000)
+        body = b"\r\n".join(bytes([c]) for c in base64.b64encode(data))
+        part = entity(
+            'Content-Type: application/pdf; name="order.pdf"', "Content-Transfer-Encoding: base64", body=body
+        )
+        raw = message(multipart(text_body(), part))
+        tracemalloc.start()
+        try:
+            [doc] = self.extract(raw).attachments
+            used = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(self.data(doc), data)
+        self.assertLess(used, 6 * len(raw))
+
+    def test_the_parse_is_the_same(self):
+        """Lines handed over in runs change nothing the parser makes, fed whole or in odd chunks."""
+        crafted = [
+            message(multipart(text_body("Hi\r\nJohn\r\n!\r\n x\r\nFrom here\r\na: b"), pdf_part())),
+            message(entity("Content-Type: text/plain", body=b"=\r\nabc=\r\ndef\r\n-\r\n\r\nend")),
+            b"From sender Mon Jan 1\r\nSubject: x\r\nnot a header\r\nTo: y\r\n\r\nbody\r\n",
+            b"Subject: x\rTo: y\r\rA\rB\r--b\rC\n",
+            message(
+                entity(
+                    'Content-Type: multipart/report; report-type=delivery-status; boundary="r"',
+                    body=b"--r\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n"
+                    b"junk\r\nmore\r\n\r\nFinal-Recipient: rfc822; a@b\r\n\r\n--r\r\n"
+                    b"Content-Type: message/rfc822\r\n\r\nnot a header\r\nSubject: in body\r\n\r\nx\r\n--r--\r\nepi\r\nlogue\r\n",
+                )
+            ),
+            message(entity('Content-Type: multipart/mixed; boundary="q"', body=b"pre\r\namble\r\n--q\r\n\r\nA\r\nB\r\n--q--")),
+        ]
+        samples = crafted + [open(path, "rb").read() for path in sample_messages()]
+        for raw in samples:
+            for chunk in (7, 1 << 20):
+                self.assertEqual(
+                    parse_dump(raw, attachments._BytesFeedParser, chunk), parse_dump(raw, BytesFeedParser, chunk), raw[:200]
+                )
 
 class InlineImageTests(ExtractionTestCase):
     """Issue 14, defect 2: images are documents unless the HTML body shows them."""
