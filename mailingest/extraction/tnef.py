@@ -149,7 +149,7 @@ class _File:
                 if span is not None and self.attached is None:
                     self.attached = (prop_type, value[span[0] : span[0] + span[1]])
             for prop in decode_mapi(bytes(value), self.codepage):
-                # Its copy of the data (padded) is dropped here; self.attached has the exact bytes.
+                # tnefparse's copy of the data (padded) is dropped here; self.attached has the exact bytes.
                 if prop.name != _ATTACH_DATA:
                     self.mapi.setdefault(prop.name, prop)
 
