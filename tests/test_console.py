@@ -317,6 +317,7 @@ class ConsoleHttpTests(ConsoleCase):
         response, _ = yield self.request("GET", f"/console/messages/{message_id}/raw", cookie)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/octet-stream"])
         self.assertTrue(response.headers.getRawHeaders("content-disposition")[0].startswith("attachment;"))
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
         response = yield treq.get(
             f"{self.base}/console/documents/{documents[0]['id']}/content",
             headers={"Cookie": f"{COOKIE.decode()}={cookie}"},
@@ -325,6 +326,7 @@ class ConsoleHttpTests(ConsoleCase):
         body = yield treq.content(response)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(PDF).hexdigest())
         self.assertIn('filename="a_b.pdf"', response.headers.getRawHeaders("content-disposition")[0])
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
 
     @defer.inlineCallbacks
     def test_message_page_shows_headers_and_events(self):

@@ -35,6 +35,9 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 200
 _SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
+# A download is the sender's bytes: should a browser ever display one (an HTML
+# or SVG document) instead of saving it, it runs in an opaque origin, no script.
+DOWNLOAD_CSP = b"sandbox; default-src 'none'; frame-ancestors 'none'"
 
 
 def new_token() -> str:
@@ -279,6 +282,7 @@ class ApiResource(resource.Resource):
         request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-disposition", content_disposition(filename).encode("ascii"))
         request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", DOWNLOAD_CSP)
         if request.method == b"HEAD":
             if blob is not None:
                 blob.close()
