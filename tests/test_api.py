@@ -39,12 +39,14 @@ def order(org: str, n: int, filename: str = "order.pdf") -> bytes:
 
 
 class ApiCase(DaemonTestCase):
+    extra: dict = {}  # more daemon settings of a test class
+
     @defer.inlineCallbacks
     def setUp(self):
         token_file = os.path.join(temp_dir(self), "admin-token")
         with open(token_file, "w") as f:
             f.write(ADMIN_TOKEN + "\n")
-        self.overrides = {"poll_interval": "0.2", "api": "tcp:0:interface=127.0.0.1", "api_admin_token_file": token_file}
+        self.overrides = {"poll_interval": "0.2", "api": "tcp:0:interface=127.0.0.1", "api_admin_token_file": token_file, **self.extra}
         yield super().setUp()
         yield self.daemon.store.add_org("beta", "Beta")
         self.base = f"http://127.0.0.1:{self.daemon.service.api_listener.port.getHost().port}"

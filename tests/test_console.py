@@ -235,6 +235,10 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=strict", cookie)
         self.assertNotIn("Secure", cookie)  # plain HTTP here
+        response = yield treq.get(self.base + "/console/sign-in", headers={"X-Forwarded-Proto": "https", "Forwarded": "proto=https"}, persistent=False)
+        yield treq.content(response)
+        cookie = response.headers.getRawHeaders("set-cookie")[0]
+        self.assertNotIn("Secure", cookie)  # a peer's header is not the operator's word
         csp = response.headers.getRawHeaders("content-security-policy")[0]
         self.assertIn("script-src 'self'", csp)
 
@@ -383,6 +387,25 @@ class ConsoleHttpTests(ConsoleCase):
     def test_api_still_answers_beside_the_console(self):
         status, _, _ = yield self.get("/v1/messages")
         self.assertEqual(status, 200)
+
+
+class PublicHttpsUrlTests(ConsoleCase):
+    """Behind a TLS proxy the daemon speaks plain HTTP; the operator's https public URL makes the cookies Secure."""
+
+    extra = {"api_public_url": "https://mail.example.com/"}
+
+    @defer.inlineCallbacks
+    def test_cookies_are_secure(self):
+        response, _ = yield self.request("GET", "/console/sign-in")
+        self.assertIn("Secure", response.headers.getRawHeaders("set-cookie")[0])
+        response, _ = yield self.post_sign_in(self.tokens["admin"])
+        self.assertEqual(response.code, 303)
+        cookies = response.headers.getRawHeaders("set-cookie")
+        self.assertTrue(cookies[0].startswith(f"{COOKIE.decode()}="), cookies)
+        self.assertTrue(all("Secure" in cookie for cookie in cookies), cookies)
+        message_id = yield self.deliver("acme", 1)
+        document = (yield self.get_json(f"/v1/messages/{message_id}"))["documents"][0]
+        self.assertEqual(document["url"], f"https://mail.example.com/v1/documents/{document['id']}/content")
 
 
 class ConsoleActionTests(ConsoleCase):

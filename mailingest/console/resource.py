@@ -105,8 +105,11 @@ class ConsoleResource(resource.Resource):
         checks: Mapping[str, Check],
         clock: IReactorTime,
         check_timeout: float = CHECK_TIMEOUT,
+        https: bool = False,
     ):
+        """C{https}: the operator's C{--api-public-url} is https, so cookies are Secure even when a proxy speaks plain HTTP to us."""
         super().__init__()
+        self.https = https
         self.checks = dict(checks)
         self.clock = clock
         self.check_timeout = check_timeout
@@ -213,13 +216,16 @@ class ConsoleResource(resource.Resource):
     async def sign_in_page(self, request: server.Request) -> None:
         await self._page(request, pages.sign_in(self._sign_in_token(request)))
 
-    @staticmethod
-    def _sign_in_token(request: server.Request) -> str:
+    def _secure(self, request: server.Request) -> bool:
+        """Whether cookies get C{Secure}: from the operator's setting or our own TLS, never from a request header."""
+        return self.https or request.isSecure()
+
+    def _sign_in_token(self, request: server.Request) -> str:
         """The pre-session token of the sign-in form: its cookie's, or a new one set now."""
         token = request.getCookie(SIGN_IN_COOKIE) or b""
         if not _SIGN_IN_TOKEN.match(token):
             token = secrets.token_urlsafe(32).encode()
-            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict")
+            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict")
         return token.decode()
 
     async def sign_in(self, request: server.Request) -> None:
@@ -238,17 +244,17 @@ class ConsoleResource(resource.Resource):
             return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
         session = self.sessions.open(scope)
         request.addCookie(
-            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict"
+            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict"
         )
         request.addCookie(
-            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0"
+            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0"
         )
         log.info("console sign-in: {who}", who=session.who)
         self._redirect(request, "/console/orgs")
 
     async def sign_out(self, request: server.Request, session: Session) -> None:
         self.sessions.close(session.id)
-        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0")
+        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0")
         self._redirect(request, "/console/sign-in")
 
     async def stylesheet(self, request: server.Request) -> None:
@@ -394,4 +400,6 @@ def make_site(
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
     api = ApiResource(store, blobs, admin_token, api_url)
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
-    return OpsSite(_Root(api, ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock)))
+    https = api_url is not None and api_url.startswith("https://")
+    console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)
+    return OpsSite(_Root(api, console))
