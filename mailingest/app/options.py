@@ -76,20 +76,12 @@ def public_url(text: str) -> str:
         raise ValueError("must start with https:// (or http://)")
     if "@" in url.netloc or url.path not in ("", "/") or url.query or url.fragment or text.endswith(("?", "#")):
         raise ValueError("must be only a scheme, a host and an optional port, e.g. https://mail.example.com")
-    if not (_HOST_NAME.match(host) or (url.netloc.startswith("[") and _is_ipv6(host))):
+    if not (_HOST_NAME.match(host) or (url.netloc.startswith("[") and ":" in host)):  # urlsplit checked a bracketed address
         raise ValueError(f"bad host {host!r}")
     if port == 0:
         raise ValueError("port 0 is not a port a client can reach")
     bracketed = f"[{host}]" if ":" in host else host
     return f"{scheme}://{bracketed}" + (f":{port}" if port is not None else "")
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
