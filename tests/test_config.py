@@ -111,6 +111,7 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             ("https://mail.example.com:99999", "not a URL"),
             ("https://", "bad host"),
             ("https://mail_example.com", "bad host"),
+            ("https://[v1.x]", "bad host"),
             ("https://mail.example.com\r\nX-Evil: 1", "without spaces or control characters"),
             ("https://b\u00fccher.de", "xn--"),
         ):

@@ -76,7 +76,7 @@ def public_url(text: str) -> str:
         raise ValueError("must start with https:// (or http://)")
     if "@" in url.netloc or url.path not in ("", "/") or url.query or url.fragment or text.endswith(("?", "#")):
         raise ValueError("must be only a scheme, a host and an optional port, e.g. https://mail.example.com")
-    if not (_HOST_NAME.match(host) or (url.netloc.startswith("[") and ":" in host)):  # urlsplit checked a bracketed address
+    if not (":" in host if url.netloc.startswith("[") else _HOST_NAME.match(host)):  # urlsplit checked a bracketed address
         raise ValueError(f"bad host {host!r}")
     if port == 0:
         raise ValueError("port 0 is not a port a client can reach")
