@@ -151,11 +151,61 @@ class RejectionTests(unittest.TestCase):
 class _HungStore:
     """A store whose queue depth answers and whose outbox depth never does."""
 
-    def count_messages(self, status):
+    def count_messages(self, status, org_id=None):
         return defer.succeed(4)
 
-    def count_events(self, status):
+    def count_events(self, status, org_id=None):
         return defer.Deferred()
+
+
+def render_console(console: ConsoleResource, session_id: str, path: bytes) -> tuple[server.Request, DummyChannel]:
+    channel = DummyChannel()
+    request = server.Request(channel, False)
+    request.method, request.path, request.args = b"GET", path, {}
+    request.received_cookies = {COOKIE: session_id.encode()}
+    console.render(request)
+    return request, channel
+
+
+class _TwoTenantStore:
+    """Depths of everyone (org_id None) and of organisation 1."""
+
+    def count_messages(self, status, org_id=None):
+        return defer.succeed({None: 700, 1: 2}[org_id])
+
+    def count_events(self, status, org_id=None):
+        return defer.succeed({None: 900, 1: 1}[org_id])
+
+
+class StatusPageScopeTests(unittest.TestCase):
+    def setUp(self):
+        clock = task.Clock()
+        self.sessions = Sessions(clock)
+        checks = {"database": lambda: defer.succeed(None), "storage": lambda: defer.fail(OSError("cannot write /srv/mail/blobs/.probe"))}
+        rejections = RejectionHistory(clock, read=lambda: {"bad_recipient": 3.0})
+        self.console = ConsoleResource(_TwoTenantStore(), None, None, self.sessions, rejections, checks, clock)
+
+    def page(self, scope) -> str:
+        request, channel = render_console(self.console, self.sessions.open(scope).id, b"/console/status")
+        self.assertTrue(request.finished)
+        return channel.transport.written.getvalue().decode()
+
+    def test_the_admin_sees_everything(self):
+        page = self.page(None)
+        self.assertIn("<dd>700</dd>", page)
+        self.assertIn("<dd>900</dd>", page)
+        self.assertIn("<td>bad_recipient</td><td>3</td>", page)
+        self.assertIn("<td>storage</td><td>error: cannot write /srv/mail/blobs/.probe</td>", page)
+
+    def test_an_organisation_sees_only_its_own_figures(self):
+        """Issue 22.9: its own depths, no one's rejections, no check's error text (paths, hosts)."""
+        page = self.page(1)
+        self.assertIn("<dd>2</dd>", page)
+        self.assertIn("<dd>1</dd>", page)
+        for everyones in ("700", "900", "bad_recipient", "/srv/mail", "error:"):
+            self.assertNotIn(everyones, page)
+        self.assertIn("<td>database</td><td>ok</td>", page)
+        self.assertIn("<td>storage</td><td>unavailable</td>", page)
 
 
 class StatusPageDeadlineTests(unittest.TestCase):
@@ -165,11 +215,7 @@ class StatusPageDeadlineTests(unittest.TestCase):
         sessions = Sessions(clock)
         checks = {"database": lambda: defer.succeed(None), "disk": defer.Deferred}
         console = ConsoleResource(_HungStore(), None, None, sessions, RejectionHistory(clock), checks, clock, check_timeout=2)
-        channel = DummyChannel()
-        request = server.Request(channel, False)
-        request.method, request.path, request.args = b"GET", b"/console/status", {}
-        request.received_cookies = {COOKIE: sessions.open(None).id.encode()}
-        console.render(request)
+        request, channel = render_console(console, sessions.open(None).id, b"/console/status")
         clock.advance(1.9)
         self.assertFalse(request.finished)
         clock.advance(0.1)

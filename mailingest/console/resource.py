@@ -333,10 +333,10 @@ class ConsoleResource(resource.Resource):
             raise NotFound() from None
 
     async def status(self, request: server.Request, session: Session) -> None:
-        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page."""
+        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
         readiness = run_checks(self.checks, self.check_timeout, self.clock)
-        queue = self._bounded_count(lambda: self.store.count_messages("received"))
-        outbox = self._bounded_count(lambda: self.store.count_events("pending"))
+        queue = self._bounded_count(lambda: self.store.count_messages("received", org_id=session.scope))
+        outbox = self._bounded_count(lambda: self.store.count_events("pending", org_id=session.scope))
         depths = await defer.gatherResults([queue, outbox])
         await self._page(request, pages.status(*depths, self.rejections.last_hour(), await readiness, session))
 
