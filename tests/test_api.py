@@ -24,7 +24,7 @@ from tests.daemon import DaemonTestCase, TwistdProcess, free_port, temp_dir
 from tests.store_contract import message as stored_message
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
-ADMIN_TOKEN = "admin-" + "x" * 40
+ADMIN_TOKEN = "adm_Jq7vR2xWc9LpT4sKe8NbZ1yHg6Ud3Mf"  # 128 bits in form, as the daemon requires
 
 
 def order(org: str, n: int, filename: str = "order.pdf") -> bytes:

@@ -19,7 +19,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
-from mailingest.console.sessions import Sessions
+from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -31,7 +31,7 @@ def render(tag) -> str:
 
 class TemplateTests(unittest.TestCase):
     def setUp(self):
-        self.session = Sessions(task.Clock()).open(None)
+        self.session = Sessions(task.Clock()).open(None, "admin")
 
     def message_row(self, **changes) -> dict:
         row = {
@@ -75,7 +75,7 @@ class TemplateTests(unittest.TestCase):
         self.assertIn('action="/console/messages/7/release"', html)
 
     def test_organisation_token_sees_no_actions(self):
-        org_session = Sessions(task.Clock()).open(1)
+        org_session = Sessions(task.Clock()).open(1, "acme")
         html = render(pages.message(self.message_row(), [], False, [], [], org_session))
         self.assertNotIn("/reprocess", html)
 
@@ -109,7 +109,7 @@ class SessionTests(unittest.TestCase):
     def test_expires_after_idle(self):
         clock = task.Clock()
         sessions = Sessions(clock, lifetime=60)
-        session = sessions.open(4)
+        session = sessions.open(4, "acme")
         clock.advance(59)
         self.assertIs(sessions.get(session.id), session)
         clock.advance(59)
@@ -120,15 +120,35 @@ class SessionTests(unittest.TestCase):
 
     def test_bounded(self):
         sessions = Sessions(task.Clock(), limit=2)
-        first = sessions.open(None)
-        sessions.open(None)
-        sessions.open(None)
+        first = sessions.open(None, "admin")
+        sessions.open(None, "admin")
+        sessions.open(None, "admin")
         self.assertEqual(len(sessions), 2)
         self.assertIsNone(sessions.get(first.id))
 
+    def test_one_tokens_sign_ins_never_evict_anothers_session(self):
+        """Issue 22.5: 10,050 sign-ins with an organisation's token leave the admin's session alone."""
+        sessions = Sessions(task.Clock())
+        admin = sessions.open(None, "admin-sha256")
+        acme = [sessions.open(1, "acme-sha256") for _ in range(10_050)]
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertEqual(len(sessions), 1 + MAX_SESSIONS_PER_TOKEN)
+        self.assertIs(sessions.get(acme[-1].id), acme[-1])
+        self.assertIsNone(sessions.get(acme[-1 - MAX_SESSIONS_PER_TOKEN].id))  # that token's oldest went
+
+    def test_the_overall_bound_evicts_from_the_token_with_the_most(self):
+        sessions = Sessions(task.Clock(), limit=8, per_token=6)
+        admin = sessions.open(None, "admin")
+        beta = [sessions.open(2, "beta") for _ in range(3)]
+        acme = [sessions.open(1, "acme") for _ in range(8)]  # under its own bound; from the fifth on, past the overall one
+        self.assertEqual(len(sessions), 8)
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertTrue(all(sessions.get(s.id) is s for s in beta))
+        self.assertEqual([sessions.get(s.id) is s for s in acme], [False] * 4 + [True] * 4)
+
     def test_ids_and_csrf_tokens_are_random(self):
         sessions = Sessions(task.Clock())
-        a, b = sessions.open(None), sessions.open(None)
+        a, b = sessions.open(None, "admin"), sessions.open(None, "admin")
         self.assertNotEqual(a.id, b.id)
         self.assertNotEqual(a.csrf, b.csrf)
         self.assertGreaterEqual(len(a.csrf), 40)
@@ -186,7 +206,7 @@ class StatusPageScopeTests(unittest.TestCase):
         self.console = ConsoleResource(_TwoTenantStore(), None, None, self.sessions, rejections, checks, clock)
 
     def page(self, scope) -> str:
-        request, channel = render_console(self.console, self.sessions.open(scope).id, b"/console/status")
+        request, channel = render_console(self.console, self.sessions.open(scope, str(scope)).id, b"/console/status")
         self.assertTrue(request.finished)
         return channel.transport.written.getvalue().decode()
 
@@ -215,7 +235,7 @@ class StatusPageDeadlineTests(unittest.TestCase):
         sessions = Sessions(clock)
         checks = {"database": lambda: defer.succeed(None), "disk": defer.Deferred}
         console = ConsoleResource(_HungStore(), None, None, sessions, RejectionHistory(clock), checks, clock, check_timeout=2)
-        request, channel = render_console(console, sessions.open(None).id, b"/console/status")
+        request, channel = render_console(console, sessions.open(None, "admin").id, b"/console/status")
         clock.advance(1.9)
         self.assertFalse(request.finished)
         clock.advance(0.1)

@@ -27,7 +27,8 @@ from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import Session, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
-from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_scope
+from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
+from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 
 log = Logger(namespace="mailingest.console")
 
@@ -229,9 +230,15 @@ class ConsoleResource(resource.Resource):
         return token.decode()
 
     async def sign_in(self, request: server.Request) -> None:
+        client = client_key(request)
+        try:
+            self.api.throttle.sign_in(client)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return await self._page(request, pages.sign_in(self._sign_in_token(request), str(e).capitalize() + "."), 429)
         expected = request.getCookie(SIGN_IN_COOKIE) or b""
         if not expected or not hmac.compare_digest(self._arg(request, "csrf").encode(), expected):
-            log.info("console sign-in without its form's token from {client}", client=request.getClientAddress())
+            self.api.throttle.log("console: sign-in without its form's token from {client}", client=client)
             page = pages.sign_in(self._sign_in_token(request), "The form expired; sign in again.")
             return await self._page(request, page, 403)
         token = self._arg(request, "token").strip()
@@ -240,9 +247,9 @@ class ConsoleResource(resource.Resource):
                 raise UnknownToken()
             scope = await token_scope(self.store, self.api.admin_hash, token)
         except UnknownToken:
-            log.info("console sign-in refused from {client}", client=request.getClientAddress())
+            self.api.throttle.failed(client, "console")
             return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
-        session = self.sessions.open(scope)
+        session = self.sessions.open(scope, token_hash(token))
         request.addCookie(
             COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict"
         )
@@ -398,7 +405,7 @@ def make_site(
     checks: Mapping[str, Check] | None = None,
 ) -> server.Site:
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
-    api = ApiResource(store, blobs, admin_token, api_url)
+    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock))
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
     https = api_url is not None and api_url.startswith("https://")
     console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)

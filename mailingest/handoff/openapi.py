@@ -4,6 +4,7 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer
 _ERRORS = {
     "401": {"description": "no or unknown bearer token (error: unauthorized)"},
     "404": {"description": "no such id, or another organisation's (error: not_found)"},
+    "429": {"description": "too many wrong tokens from this address: try again after Retry-After seconds (error: too_many_failures)"},
 }
 
 
