@@ -4,9 +4,10 @@ address or an IPv6 /64, as the SMTP limits count them) like the SMTP error
 budget counts refused recipients: past L{FAILURE_LIMIT} wrong tokens within
 L{WINDOW} seconds, or L{SIGN_IN_LIMIT} sign-in attempts of any outcome, the
 address is answered 429 until the window moves on, without its token being
-looked at. Each failure counts in C{mailingest_auth_failures_total}; the log
-lines about them are on a budget of L{LOG_LINES_PER_MINUTE}, so an attacker
-cannot flood the log (the metric stays exact).
+looked at. Each failure counts in C{mailingest_auth_failures_total}; an
+address's first failure in the window and the one that stops it are logged,
+those lines on a budget of L{LOG_LINES_PER_MINUTE}, so an attacker cannot
+flood the log from many addresses either (the metric stays exact).
 """
 
 import collections
@@ -130,9 +131,11 @@ class AuthThrottle:
         self.sign_ins.add(key)
 
     def failed(self, key: str, site: str) -> None:
-        """A wrong token from C{key}: counted, and logged within the log's budget."""
+        """A wrong token from C{key}: counted; the address's first in the window and the one that stops it are logged."""
         metrics.AUTH_FAILURES.labels(site, "unknown_token").inc()
         count = self.failures.add(key)
+        if count not in (1, FAILURE_LIMIT):
+            return
         self.log(
             "{site}: wrong token from {client}, {count} in {minutes:g} min from this address{throttled}",
             site=site,
