@@ -19,7 +19,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
-from mailingest.console.sessions import Sessions
+from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
 from mailingest.handoff.api import encode_cursor
 from tests.test_api import PDF, ApiCase
 
@@ -32,7 +32,7 @@ def render(tag) -> str:
 
 class TemplateTests(unittest.TestCase):
     def setUp(self):
-        self.session = Sessions(task.Clock()).open(None)
+        self.session = Sessions(task.Clock()).open(None, "admin")
 
     def message_row(self, **changes) -> dict:
         row = {
@@ -100,7 +100,7 @@ class TemplateTests(unittest.TestCase):
         self.assertEqual(cells[2:7], ["4", "1", "3", "0", "0"])
 
     def test_organisation_token_sees_no_actions(self):
-        org_session = Sessions(task.Clock()).open(1)
+        org_session = Sessions(task.Clock()).open(1, "acme")
         html = render(pages.message(self.message_row(), [], False, [], [], org_session))
         self.assertNotIn("/reprocess", html)
 
@@ -134,7 +134,7 @@ class SessionTests(unittest.TestCase):
     def test_expires_after_idle(self):
         clock = task.Clock()
         sessions = Sessions(clock, lifetime=60)
-        session = sessions.open(4)
+        session = sessions.open(4, "acme")
         clock.advance(59)
         self.assertIs(sessions.get(session.id), session)
         clock.advance(59)
@@ -145,15 +145,35 @@ class SessionTests(unittest.TestCase):
 
     def test_bounded(self):
         sessions = Sessions(task.Clock(), limit=2)
-        first = sessions.open(None)
-        sessions.open(None)
-        sessions.open(None)
+        first = sessions.open(None, "admin")
+        sessions.open(None, "admin")
+        sessions.open(None, "admin")
         self.assertEqual(len(sessions), 2)
         self.assertIsNone(sessions.get(first.id))
 
+    def test_one_tokens_sign_ins_never_evict_anothers_session(self):
+        """Issue 22.5: 10,050 sign-ins with an organisation's token leave the admin's session alone."""
+        sessions = Sessions(task.Clock())
+        admin = sessions.open(None, "admin-sha256")
+        acme = [sessions.open(1, "acme-sha256") for _ in range(10_050)]
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertEqual(len(sessions), 1 + MAX_SESSIONS_PER_TOKEN)
+        self.assertIs(sessions.get(acme[-1].id), acme[-1])
+        self.assertIsNone(sessions.get(acme[-1 - MAX_SESSIONS_PER_TOKEN].id))  # that token's oldest went
+
+    def test_the_overall_bound_evicts_from_the_token_with_the_most(self):
+        sessions = Sessions(task.Clock(), limit=8, per_token=6)
+        admin = sessions.open(None, "admin")
+        beta = [sessions.open(2, "beta") for _ in range(3)]
+        acme = [sessions.open(1, "acme") for _ in range(8)]  # under its own bound; from the fifth on, past the overall one
+        self.assertEqual(len(sessions), 8)
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertTrue(all(sessions.get(s.id) is s for s in beta))
+        self.assertEqual([sessions.get(s.id) is s for s in acme], [False] * 4 + [True] * 4)
+
     def test_ids_and_csrf_tokens_are_random(self):
         sessions = Sessions(task.Clock())
-        a, b = sessions.open(None), sessions.open(None)
+        a, b = sessions.open(None, "admin"), sessions.open(None, "admin")
         self.assertNotEqual(a.id, b.id)
         self.assertNotEqual(a.csrf, b.csrf)
         self.assertGreaterEqual(len(a.csrf), 40)
@@ -176,11 +196,61 @@ class RejectionTests(unittest.TestCase):
 class _HungStore:
     """A store whose queue depth answers and whose outbox depth never does."""
 
-    def count_messages(self, status):
+    def count_messages(self, status, org_id=None):
         return defer.succeed(4)
 
-    def count_events(self, status):
+    def count_events(self, status, org_id=None):
         return defer.Deferred()
+
+
+def render_console(console: ConsoleResource, session_id: str, path: bytes) -> tuple[server.Request, DummyChannel]:
+    channel = DummyChannel()
+    request = server.Request(channel, False)
+    request.method, request.path, request.args = b"GET", path, {}
+    request.received_cookies = {COOKIE: session_id.encode()}
+    console.render(request)
+    return request, channel
+
+
+class _TwoTenantStore:
+    """Depths of everyone (org_id None) and of organisation 1."""
+
+    def count_messages(self, status, org_id=None):
+        return defer.succeed({None: 700, 1: 2}[org_id])
+
+    def count_events(self, status, org_id=None):
+        return defer.succeed({None: 900, 1: 1}[org_id])
+
+
+class StatusPageScopeTests(unittest.TestCase):
+    def setUp(self):
+        clock = task.Clock()
+        self.sessions = Sessions(clock)
+        checks = {"database": lambda: defer.succeed(None), "storage": lambda: defer.fail(OSError("cannot write /srv/mail/blobs/.probe"))}
+        rejections = RejectionHistory(clock, read=lambda: {"bad_recipient": 3.0})
+        self.console = ConsoleResource(_TwoTenantStore(), None, None, self.sessions, rejections, checks, clock)
+
+    def page(self, scope) -> str:
+        request, channel = render_console(self.console, self.sessions.open(scope, str(scope)).id, b"/console/status")
+        self.assertTrue(request.finished)
+        return channel.transport.written.getvalue().decode()
+
+    def test_the_admin_sees_everything(self):
+        page = self.page(None)
+        self.assertIn("<dd>700</dd>", page)
+        self.assertIn("<dd>900</dd>", page)
+        self.assertIn("<td>bad_recipient</td><td>3</td>", page)
+        self.assertIn("<td>storage</td><td>error: cannot write /srv/mail/blobs/.probe</td>", page)
+
+    def test_an_organisation_sees_only_its_own_figures(self):
+        """Issue 22.9: its own depths, no one's rejections, no check's error text (paths, hosts)."""
+        page = self.page(1)
+        self.assertIn("<dd>2</dd>", page)
+        self.assertIn("<dd>1</dd>", page)
+        for everyones in ("700", "900", "bad_recipient", "/srv/mail", "error:"):
+            self.assertNotIn(everyones, page)
+        self.assertIn("<td>database</td><td>ok</td>", page)
+        self.assertIn("<td>storage</td><td>unavailable</td>", page)
 
 
 class StatusPageDeadlineTests(unittest.TestCase):
@@ -190,11 +260,7 @@ class StatusPageDeadlineTests(unittest.TestCase):
         sessions = Sessions(clock)
         checks = {"database": lambda: defer.succeed(None), "disk": defer.Deferred}
         console = ConsoleResource(_HungStore(), None, None, sessions, RejectionHistory(clock), checks, clock, check_timeout=2)
-        channel = DummyChannel()
-        request = server.Request(channel, False)
-        request.method, request.path, request.args = b"GET", b"/console/status", {}
-        request.received_cookies = {COOKIE: sessions.open(None).id.encode()}
-        console.render(request)
+        request, channel = render_console(console, sessions.open(None, "admin").id, b"/console/status")
         clock.advance(1.9)
         self.assertFalse(request.finished)
         clock.advance(0.1)
@@ -260,6 +326,10 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=strict", cookie)
         self.assertNotIn("Secure", cookie)  # plain HTTP here
+        response = yield treq.get(self.base + "/console/sign-in", headers={"X-Forwarded-Proto": "https", "Forwarded": "proto=https"}, persistent=False)
+        yield treq.content(response)
+        cookie = response.headers.getRawHeaders("set-cookie")[0]
+        self.assertNotIn("Secure", cookie)  # a peer's header is not the operator's word
         csp = response.headers.getRawHeaders("content-security-policy")[0]
         self.assertIn("script-src 'self'", csp)
 
@@ -342,6 +412,7 @@ class ConsoleHttpTests(ConsoleCase):
         response, _ = yield self.request("GET", f"/console/messages/{message_id}/raw", cookie)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/octet-stream"])
         self.assertTrue(response.headers.getRawHeaders("content-disposition")[0].startswith("attachment;"))
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
         response = yield treq.get(
             f"{self.base}/console/documents/{documents[0]['id']}/content",
             headers={"Cookie": f"{COOKIE.decode()}={cookie}"},
@@ -350,6 +421,7 @@ class ConsoleHttpTests(ConsoleCase):
         body = yield treq.content(response)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(PDF).hexdigest())
         self.assertIn('filename="a_b.pdf"', response.headers.getRawHeaders("content-disposition")[0])
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
 
     @defer.inlineCallbacks
     def test_message_page_shows_headers_and_events(self):
@@ -406,6 +478,25 @@ class ConsoleHttpTests(ConsoleCase):
     def test_api_still_answers_beside_the_console(self):
         status, _, _ = yield self.get("/v1/messages")
         self.assertEqual(status, 200)
+
+
+class PublicHttpsUrlTests(ConsoleCase):
+    """Behind a TLS proxy the daemon speaks plain HTTP; the operator's https public URL makes the cookies Secure."""
+
+    extra = {"api_public_url": "https://mail.example.com/"}
+
+    @defer.inlineCallbacks
+    def test_cookies_are_secure(self):
+        response, _ = yield self.request("GET", "/console/sign-in")
+        self.assertIn("Secure", response.headers.getRawHeaders("set-cookie")[0])
+        response, _ = yield self.post_sign_in(self.tokens["admin"])
+        self.assertEqual(response.code, 303)
+        cookies = response.headers.getRawHeaders("set-cookie")
+        self.assertTrue(cookies[0].startswith(f"{COOKIE.decode()}="), cookies)
+        self.assertTrue(all("Secure" in cookie for cookie in cookies), cookies)
+        message_id = yield self.deliver("acme", 1)
+        document = (yield self.get_json(f"/v1/messages/{message_id}"))["documents"][0]
+        self.assertEqual(document["content_url"], f"https://mail.example.com/v1/documents/{document['id']}/content")
 
 
 class ConsoleActionTests(ConsoleCase):

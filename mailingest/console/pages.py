@@ -282,17 +282,26 @@ def confirm(row: dict, name: str, session) -> Tag:
 
 
 def status(queue_depth: int, outbox_depth: int, rejected: dict[str, int], readiness: dict[str, str], session) -> Tag:
-    return layout(
-        "Status",
-        [
-            definitions([("Queue depth (received, not yet parsed)", queue_depth), ("Webhook outbox (pending events)", outbox_depth)]),
+    """
+    The admin's page has every figure. An organisation's has its own depths
+    and only whether each check is ok: the SMTP rejections are nobody's in
+    particular, and a check's error text may name our paths and hosts.
+    """
+    whose = "" if session.admin else " of this organisation"
+    body = [
+        definitions(
+            [(f"Queue depth{whose} (received, not yet parsed)", queue_depth), (f"Webhook outbox{whose} (pending events)", outbox_depth)]
+        )
+    ]
+    if session.admin:
+        body += [
             tags.h2("Rejected in the last hour"),
             table(("Reason", "Count"), [(reason, str(n)) for reason, n in rejected.items()]) if rejected else tags.p("None."),
-            tags.h2("Readiness"),
-            table(("Check", "Result"), [(name, result) for name, result in readiness.items()]),
-        ],
-        session,
-    )
+        ]
+    else:
+        readiness = {name: "ok" if result == "ok" else "unavailable" for name, result in readiness.items()}
+    body += [tags.h2("Readiness"), table(("Check", "Result"), [(name, result) for name, result in readiness.items()])]
+    return layout("Status", body, session)
 
 
 def not_found(session=None) -> Tag:

@@ -27,7 +27,8 @@ from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import Session, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
-from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_scope
+from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
+from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 
 log = Logger(namespace="mailingest.console")
 
@@ -139,8 +140,11 @@ class ConsoleResource(resource.Resource):
         checks: Mapping[str, Check],
         clock: IReactorTime,
         check_timeout: float = CHECK_TIMEOUT,
+        https: bool = False,
     ):
+        """C{https}: the operator's C{--api-public-url} is https, so cookies are Secure even when a proxy speaks plain HTTP to us."""
         super().__init__()
+        self.https = https
         self.checks = dict(checks)
         self.clock = clock
         self.check_timeout = check_timeout
@@ -249,19 +253,28 @@ class ConsoleResource(resource.Resource):
     async def sign_in_page(self, request: server.Request) -> None:
         await self._page(request, pages.sign_in(self._sign_in_token(request)))
 
-    @staticmethod
-    def _sign_in_token(request: server.Request) -> str:
+    def _secure(self, request: server.Request) -> bool:
+        """Whether cookies get C{Secure}: from the operator's setting or our own TLS, never from a request header."""
+        return self.https or request.isSecure()
+
+    def _sign_in_token(self, request: server.Request) -> str:
         """The pre-session token of the sign-in form: its cookie's, or a new one set now."""
         token = request.getCookie(SIGN_IN_COOKIE) or b""
         if not _SIGN_IN_TOKEN.match(token):
             token = secrets.token_urlsafe(32).encode()
-            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict")
+            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict")
         return token.decode()
 
     async def sign_in(self, request: server.Request) -> None:
+        client = client_key(request)
+        try:
+            self.api.throttle.sign_in(client)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return await self._page(request, pages.sign_in(self._sign_in_token(request), str(e).capitalize() + "."), 429)
         expected = request.getCookie(SIGN_IN_COOKIE) or b""
         if not expected or not hmac.compare_digest(self._arg(request, "csrf").encode(), expected):
-            log.info("console sign-in without its form's token from {client}", client=request.getClientAddress())
+            self.api.throttle.log("console: sign-in without its form's token from {client}", client=client)
             page = pages.sign_in(self._sign_in_token(request), "The form expired; sign in again.")
             return await self._page(request, page, 403)
         token = self._arg(request, "token").strip()
@@ -270,21 +283,21 @@ class ConsoleResource(resource.Resource):
                 raise UnknownToken()
             scope = await token_scope(self.store, self.api.admin_hash, token)
         except UnknownToken:
-            log.info("console sign-in refused from {client}", client=request.getClientAddress())
+            self.api.throttle.failed(client, "console")
             return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
-        session = self.sessions.open(scope)
+        session = self.sessions.open(scope, token_hash(token))
         request.addCookie(
-            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict"
+            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict"
         )
         request.addCookie(
-            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0"
+            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0"
         )
         log.info("console sign-in: {who}", who=session.who)
         self._redirect(request, "/console/orgs")
 
     async def sign_out(self, request: server.Request, session: Session) -> None:
         self.sessions.close(session.id)
-        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0")
+        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0")
         self._redirect(request, "/console/sign-in")
 
     async def stylesheet(self, request: server.Request) -> None:
@@ -353,10 +366,10 @@ class ConsoleResource(resource.Resource):
             raise NotFound() from None
 
     async def status(self, request: server.Request, session: Session) -> None:
-        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page."""
+        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
         readiness = run_checks(self.checks, self.check_timeout, self.clock)
-        queue = self._bounded_count(lambda: self.store.count_messages("received"))
-        outbox = self._bounded_count(lambda: self.store.count_events("pending"))
+        queue = self._bounded_count(lambda: self.store.count_messages("received", org_id=session.scope))
+        outbox = self._bounded_count(lambda: self.store.count_events("pending", org_id=session.scope))
         depths = await defer.gatherResults([queue, outbox])
         await self._page(request, pages.status(*depths, self.rejections.last_hour(), await readiness, session))
 
@@ -438,6 +451,8 @@ def make_site(
     checks: Mapping[str, Check] | None = None,
 ) -> server.Site:
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
-    api = ApiResource(store, blobs, admin_token, api_url)
+    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock))
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
-    return OpsSite(_Root(api, ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock)))
+    https = api_url is not None and api_url.startswith("https://")
+    console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)
+    return OpsSite(_Root(api, console))

@@ -27,6 +27,7 @@ from twisted.web import resource, server, static
 from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
 from mailingest.handoff.events import document_object, iso, message_object
+from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.storage.store import MESSAGE_STATUSES
 
 log = Logger(namespace="mailingest.api")
@@ -39,6 +40,15 @@ _LIMIT = re.compile(r"^[0-9]{1,3}$")  # ASCII digits only: str.isdigit() also ta
 _CURSOR = re.compile(r"^m[0-9]{1,19}$")
 _SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*$")
+# The admin token's minimum, 128 bits in form: base64 carries 6 bits a character, hex 4.
+MIN_TOKEN_BASE64 = 22
+MIN_TOKEN_HEX = 32
+MIN_TOKEN_DISTINCT = 8
+# A download is the sender's bytes: should a browser ever display one (an HTML
+# or SVG document) instead of saving it, it runs in an opaque origin, no script.
+DOWNLOAD_CSP = b"sandbox; default-src 'none'; frame-ancestors 'none'"
 
 
 def new_token() -> str:
@@ -140,8 +150,13 @@ class _RequestSink:
 class ApiResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None):
+    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
         super().__init__()
+        if throttle is None:
+            from twisted.internet import reactor
+
+            throttle = AuthThrottle(reactor)
+        self.throttle = throttle
         self.store = store
         self.blobs = blobs
         self.admin_hash = token_hash(admin_token) if admin_token else None
@@ -180,6 +195,9 @@ class ApiResource(resource.Resource):
             await handler(request, scope, **{k: int(v) for k, v in match.groupdict().items()})
         except ApiError as e:
             self._json(request, {"error": e.code, "message": str(e)}, e.status)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            self._json(request, {"error": e.code, "message": str(e)}, 429)
 
     def _unexpected(self, failure, request: server.Request) -> None:
         log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
@@ -204,9 +222,12 @@ class ApiResource(resource.Resource):
         if scheme.lower() != "bearer" or not token.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest"')
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        client = client_key(request)
+        self.throttle.check(client, "api")
         try:
             return await token_scope(self.store, self.admin_hash, token)
         except UnknownToken:
+            self.throttle.failed(client, "api")
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest", error="invalid_token"')
             raise ApiError(401, "unauthorized", "unknown or revoked token") from None
 
@@ -277,6 +298,7 @@ class ApiResource(resource.Resource):
         request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-disposition", content_disposition(filename).encode("ascii"))
         request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", DOWNLOAD_CSP)
         if request.method == b"HEAD":
             if blob is not None:
                 blob.close()
@@ -309,4 +331,24 @@ def read_admin_token(path: str | None) -> str | None:
         raise ConfigError(f"cannot read --api-admin-token-file {path}: {e.strerror}") from None
     if not token:
         raise ConfigError(f"--api-admin-token-file {path} is empty")
+    if not strong_enough(token):
+        raise ConfigError(
+            f"--api-admin-token-file {path}: the admin token is too weak ({len(token)} characters); it needs 128 bits of "
+            f"randomness: at least {MIN_TOKEN_BASE64} base64 characters (A-Z a-z 0-9 + / - _) or {MIN_TOKEN_HEX} hex digits, with at least "
+            f"{MIN_TOKEN_DISTINCT} different characters. Make one with: mailingest admin-token --write {path}"
+        )
     return token
+
+
+def strong_enough(token: str) -> bool:
+    """
+    Whether a token can hold 128 random bits by its form: 32 hex digits, or 22
+    characters of base64 (standard or URL-safe: 6 bits each), not a few
+    characters repeated. The form cannot prove randomness, only refuse what
+    cannot be (a word, a short password, "xxxx...").
+    """
+    text = token.rstrip("=")
+    if not _BASE64.match(text):
+        return False
+    needed = MIN_TOKEN_HEX if _HEX.match(text) else MIN_TOKEN_BASE64
+    return len(text) >= needed and len(set(text)) >= MIN_TOKEN_DISTINCT

@@ -61,6 +61,7 @@ def _error(description: str) -> dict:
 _ERRORS = {
     "401": _error("no or unknown bearer token (error: unauthorized)"),
     "404": _error("no such id, or another organisation's (error: not_found)"),
+    "429": _error("too many wrong tokens from this address: try again after Retry-After seconds (error: too_many_failures)"),
 }
 
 
