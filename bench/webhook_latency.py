@@ -49,7 +49,7 @@ class Receiver(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         arrived = time.time()
-        Receiver.arrivals.setdefault(json.loads(body)["message"]["message_id"], arrived)
+        Receiver.arrivals.setdefault(json.loads(body)["message"]["message_id_header"], arrived)
         self.send_response(204)
         self.end_headers()
 

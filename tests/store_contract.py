@@ -377,6 +377,9 @@ class StoreContract:
         self.assertEqual((yield self.store.count_messages("received")), 2)
         self.assertEqual((yield self.store.count_messages("failed")), 1)
         self.assertEqual((yield self.store.count_messages("parsed")), 0)
+        self.assertEqual((yield self.store.count_messages("received", org_id=acme)), 1)
+        self.assertEqual((yield self.store.count_messages("received", org_id=globex)), 1)
+        self.assertEqual((yield self.store.count_messages(org_id=acme)), 2)
 
     @defer.inlineCallbacks
     def claim_one(self):
@@ -537,6 +540,9 @@ class StoreContract:
         yield self.store.mark_parsed(loud, [])
         self.assertTrue(heard)
         self.assertEqual(len((yield self.store.list_events())), 1)
+        self.assertEqual((yield self.store.count_events("pending")), 1)
+        self.assertEqual((yield self.store.count_events("pending", org_id=acme)), 1)
+        self.assertEqual((yield self.store.count_events("pending", org_id=globex)), 0)
 
     @defer.inlineCallbacks
     def test_quarantine_writes_its_event_in_the_same_transaction(self):

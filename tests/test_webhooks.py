@@ -11,16 +11,19 @@ import sqlite3
 import time
 from datetime import datetime, timezone
 
+import treq
 from standardwebhooks import Webhook
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import URI
 
+from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import as_datetime, new_secret
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
 from mailingest.handoff.webhooks import WebhookService, jittered, request_url
 from mailingest.retry import Backoff
 from tests.daemon import DaemonTestCase, RunningDaemon, free_port, message, sleep, temp_dir
+from tests.test_api import order
 from tests.webhook_receiver import Receiver, SilentReceiver
 
 FAST = Backoff(0.05, maximum=0.2)
@@ -94,7 +97,7 @@ class SignedEvents(WebhookCase):
         self.assertEqual({b["type"] for b in bodies}, {"message.parsed"})
         self.assertEqual({b["organization"] for b in bodies}, {"acme"})
         first = next(b for b in bodies if b["message"]["id"] == ids[0])
-        self.assertEqual(first["message"]["message_id"], "<order-0@customer.test>")
+        self.assertEqual(first["message"]["message_id_header"], "<order-0@customer.test>")
         self.assertEqual(first["message"]["envelope"], {"from": "sender@customer.test", "to": ["orders+acme@example.com"]})
         self.assertEqual(first["message"]["subject"], "Order 0")
         self.assertEqual(first["message"]["status"], "parsed")
@@ -113,6 +116,32 @@ class SignedEvents(WebhookCase):
             self.assertRaises(Exception, Webhook(self.secret).verify, body.replace(b"acme", b"acmf"), headers)
 
         return d.addCallback(tamper)
+
+
+class SameObjectsAsTheApi(WebhookCase):
+    """A webhook's message and documents are the API's objects: same names, same values, the same absolute links."""
+
+    overrides = dict(WebhookCase.overrides, api="tcp:0:interface=127.0.0.1", api_public_url="https://mail-api.example/")
+
+    @defer.inlineCallbacks
+    def test_event_fields_are_the_api_objects_fields(self):
+        token = new_token()
+        yield self.daemon.store.add_token("acme", token_hash(token))
+        code, reply = yield self.daemon.send(order("acme", 1), ["orders+acme@example.com"])
+        self.assertEqual(code, 250, reply)
+        (headers, body, _), = yield self.receiver.received(1)
+        event = Webhook(self.secret).verify(body, headers)
+        api = f"http://127.0.0.1:{self.daemon.service.api_listener.port.getHost().port}"
+        response = yield treq.get(f"{api}/v1/messages/{event['message']['id']}", headers={"Authorization": f"Bearer {token}"}, persistent=False)
+        message = yield treq.json_content(response)
+        documents = message.pop("documents")
+        self.assertEqual(message["message_id_header"], "<acme-1@customer.test>")
+        self.assertEqual(message["raw_url"], f"https://mail-api.example/v1/messages/{message['id']}/raw")
+        self.assertEqual({k: message[k] for k in event["message"]}, event["message"])
+        self.assertEqual(len(event["documents"]), 1)
+        self.assertEqual(documents[0]["content_url"], f"https://mail-api.example/v1/documents/{documents[0]['id']}/content")
+        self.assertEqual(documents[0]["message_id"], message["id"])  # our row id, as in the log lines
+        self.assertEqual({k: documents[0][k] for k in event["documents"][0]}, event["documents"][0])
 
 
 class NoWebhookNoEvent(DaemonTestCase):

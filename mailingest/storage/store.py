@@ -75,6 +75,7 @@ EVENT_TYPES = {
     "quarantined": "message.quarantined",
 }
 EVENT_STATUSES = ("pending", "delivered", "dead")
+MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined")
 EVENT_COLUMNS = (
     "id, event_id, event_type, org_id, inbound_message_id, message_status, message_error,"
     " status, attempts, last_status, last_error, created_at, retry_from, next_attempt_at, delivered_at"
@@ -143,6 +144,12 @@ def _message(row: dict | None) -> dict | None:
 
 
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
+
+
+def _conditions(**equal) -> tuple[str, tuple]:
+    """A WHERE clause (or nothing) of C{column = ?} for each column given a value other than None."""
+    given = {column: value for column, value in equal.items() if value is not None}
+    return (" WHERE " + " AND ".join(f"{column} = ?" for column in given) if given else ""), tuple(given.values())
 
 
 def migrations(engine: Engine) -> list[tuple[int, str, str]]:
@@ -431,17 +438,13 @@ class Store:
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return _message(txn.fetchone())
 
-    def count_messages(self, status=None):
-        return self._background(self._count_messages, status)
+    def count_messages(self, status=None, org_id=None):
+        return self._background(self._count_messages, status, org_id)
 
     @defer.inlineCallbacks
-    def _count_messages(self, txn, status):
-        if status is None:
-            yield txn.execute("SELECT COUNT(*) AS n FROM inbound_message")
-        else:
-            yield txn.execute(
-                "SELECT COUNT(*) AS n FROM inbound_message WHERE status = ?", (status,)
-            )
+    def _count_messages(self, txn, status, org_id):
+        where, args = _conditions(status=status, org_id=org_id)
+        yield txn.execute("SELECT COUNT(*) AS n FROM inbound_message" + where, args)
         return txn.fetchone()["n"]
 
     # documents
@@ -1029,12 +1032,13 @@ class Store:
         yield txn.execute(_EVENT_SELECT + " WHERE e.id = ?", (event_id,))
         return txn.fetchone()
 
-    def count_events(self, status="pending"):
-        return self._background(self._count_events, status)
+    def count_events(self, status="pending", org_id=None):
+        return self._background(self._count_events, status, org_id)
 
     @defer.inlineCallbacks
-    def _count_events(self, txn, status):
-        yield txn.execute("SELECT COUNT(*) AS n FROM webhook_event WHERE status = ?", (status,))
+    def _count_events(self, txn, status, org_id):
+        where, args = _conditions(status=status, org_id=org_id)
+        yield txn.execute("SELECT COUNT(*) AS n FROM webhook_event" + where, args)
         return txn.fetchone()["n"]
 
     # API tokens and the API's reads
