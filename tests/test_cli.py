@@ -383,6 +383,24 @@ class OptionTests(CommandTestCase):
             ["from-flag.db"],
         )
 
+    def test_global_options_after_the_command(self):
+        """Issue 23 item 5: on main, C{org list --database URL} was "unrecognized arguments"."""
+        self.assertEqual(self.databases_after(), ["mailingest-data/mailingest.db"])
+        case = self.mktemp()
+        os.makedirs(case)
+        with open(os.path.join(case, "mailingest.ini"), "w") as f:
+            f.write("[mailingest]\ndatabase = sqlite:///from-file.db\n")
+        self.ok("migrate", "--config", "mailingest.ini", cwd=case, storage=False)
+        self.ok("migrate", "--database", "sqlite:///after.db", cwd=case, storage=False)
+        self.ok("--database", "sqlite:///before.db", "migrate", cwd=case, storage=False)
+        self.assertEqual(sorted(glob.glob("*.db", root_dir=case)), ["after.db", "before.db", "from-file.db"])
+        self.assertIn("acme", self.ok("--database", "sqlite:///before.db", "org", "add", "acme", cwd=case, storage=False))
+        # Given before the command and not after it: the value before stands.
+        self.assertIn("acme", self.ok("--database", "sqlite:///before.db", "org", "list", "--json", cwd=case, storage=False))
+        self.assertNotIn("acme", self.ok("--database", "sqlite:///before.db", "org", "list", "--database", "sqlite:///after.db",
+                                         cwd=case, storage=False))
+        self.assertIn("--database URL", self.ok("org", "list", "--help", storage=False))
+
     def test_configuration_errors(self):
         self.user_error("--config", "missing.ini", "org", "list", storage=False,
                         expected="cannot read config file missing.ini")
@@ -434,6 +452,47 @@ class OptionTests(CommandTestCase):
             self.assertEqual(result.returncode, 1, output)
             self.assertIn("***", output, url)
             self.assertEqual(leaked(output, passwords), [], f"{url}: {output}")
+
+
+class WebhookPolicyTests(CommandTestCase):
+    """Issue 23 item 5: each refusal names an option that works, on this command too."""
+
+    def setUp(self):
+        super().setUp()
+        self.ok("migrate")
+        self.ok("org", "add", "acme")
+
+    def test_refusals_name_options_this_command_takes(self):
+        url = "http://127.0.0.1:9/hooks"
+        self.user_error("org", "webhook", "acme", "--url", url, expected="(or run with --webhook-allow-http)")
+        self.user_error("org", "webhook", "acme", "--url", url, "--webhook-allow-http",
+                        expected="refused (run with --webhook-allow-private to allow internal targets)")
+        out = self.ok("org", "webhook", "acme", "--url", url, "--webhook-allow-http", "--webhook-allow-private")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], f"webhook of acme: {url}")
+        self.assertEqual(lines[1:3], [
+            f"note: the daemon checks the URL again before every delivery: run it with --{name} too"
+            f" ({name} = yes in its --config file, or MAILINGEST_{name.upper().replace('-', '_')}=yes)"
+            for name in ("webhook-allow-http", "webhook-allow-private")
+        ])
+        self.assertTrue(lines[3].startswith("signing secret (shown once, give it to the receiver): whsec_"))
+
+    def test_the_daemons_configuration_needs_no_note(self):
+        config = os.path.join(self.directory, "mailingest.ini")
+        with open(config, "w") as f:
+            f.write("[mailingest]\nwebhook-allow-private = yes\n")
+        out = self.ok("org", "webhook", "acme", "--url", "http://127.0.0.1:9/hooks", "--config", config,
+                      environ=clean_environ(MAILINGEST_WEBHOOK_ALLOW_HTTP="1"))
+        self.assertNotIn("note:", out)
+        self.assertIn("webhook of acme: http://127.0.0.1:9/hooks", out)
+
+    def test_a_bad_secret_file_says_what_to_do(self):
+        secret_file = os.path.join(self.directory, "secret")
+        with open(secret_file, "w") as f:
+            f.write("not-a-secret\n")
+        self.user_error("org", "webhook", "acme", "--url", "https://127.0.0.1/hooks", "--webhook-allow-private", "--secret-file", secret_file,
+                        expected=f"--secret-file {secret_file}: a webhook secret starts with whsec_ followed by base64;"
+                                 " without --secret-file a new secret is made")
 
 
 class PostgresTests(FixtureTestCase):

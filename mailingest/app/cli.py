@@ -28,7 +28,7 @@ from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.handoff.api import new_token, token_hash
-from mailingest.handoff.events import check_secret, new_secret
+from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
@@ -59,6 +59,8 @@ DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_t
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
+# The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
+_WEBHOOK_POLICY_KEYS = ("webhook_allow_http", "webhook_allow_private")
 
 
 class CommandError(MailingestError):
@@ -419,20 +421,34 @@ async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
 
 
 async def cmd_org_webhook(session: Session, args: argparse.Namespace) -> None:
-    """The daemon's target policy (same environment and file) decides which URLs are allowed."""
+    """
+    The daemon's target policy decides which URLs are allowed: its options
+    here, else the same environment and file as the daemon's.
+    """
     if args.remove:
         removed = await session.store.remove_webhook(args.slug)
         print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
         return
     daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
-    await check_target(TargetPolicy(daemon["webhook_allow_http"], daemon["webhook_allow_private"]), args.url)
+    allowed = {key: daemon[key] or bool(getattr(args, key)) for key in _WEBHOOK_POLICY_KEYS}
+    await check_target(TargetPolicy(allowed["webhook_allow_http"], allowed["webhook_allow_private"]), args.url)
     if args.secret_file:
         with open(args.secret_file, encoding="utf-8") as f:
-            secret = check_secret(f.readline())
+            try:
+                secret = check_secret(f.readline())
+            except BadSecret as e:
+                raise CommandError(f"--secret-file {args.secret_file}: {e}; without --secret-file a new secret is made") from None
     else:
         secret = new_secret()
     await session.store.set_webhook(args.slug, args.url, secret)
     print(f"webhook of {args.slug.lower()}: {args.url}")
+    for key in _WEBHOOK_POLICY_KEYS:
+        if allowed[key] and not daemon[key]:
+            name = key.replace("_", "-")
+            print(
+                f"note: the daemon checks the URL again before every delivery: run it with --{name} too"
+                f" ({name} = yes in its --config file, or MAILINGEST_{key.upper()}=yes)"
+            )
     if not args.secret_file:
         print(f"signing secret (shown once, give it to the receiver): {secret}")
 
@@ -498,8 +514,24 @@ def _group(subparsers, name: str, help: str):
     return parser.add_subparsers(dest=name + "_command", metavar="COMMAND", required=True)
 
 
+def _global_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """
+    C{--config} and the storage options: before the command, and after it too
+    (where a value is kept only when given, so it never hides one given before).
+    """
+    suppress = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--config", metavar="FILE", help="INI file with a [mailingest] section", **suppress)
+    for option in STORAGE_OPTIONS:
+        shown = "" if option.default is None or "[default" in option.help else f" [default: {option.default}]"
+        parser.add_argument("--" + option.name, metavar=option.metavar, help=option.help + shown, **suppress)
+
+
+_AFTER_COMMAND = argparse.ArgumentParser(add_help=False)
+_global_options(_AFTER_COMMAND, after_command=True)
+
+
 def _command(subparsers, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help, description=help)
+    parser = subparsers.add_parser(name, help=help, description=help, parents=[_AFTER_COMMAND])
     parser.set_defaults(handler=handler)
     return parser
 
@@ -517,17 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Administer mailingest: schema, organisations, messages, documents, test mail.",
         epilog=(
-            "Global options go before the command. Each can also be set as MAILINGEST_<OPTION>"
+            "Global options go before or after the command. Each can also be set as MAILINGEST_<OPTION>"
             " in the environment or in the [mailingest] section of the --config file"
             " (MAILINGEST_CONFIG also names it); the command line wins, then the environment,"
             " then the file."
         ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="INI file with a [mailingest] section")
-    for option in STORAGE_OPTIONS:
-        shown = "" if option.default is None or "[default" in option.help else f" [default: {option.default}]"
-        parser.add_argument("--" + option.name, metavar=option.metavar, help=option.help + shown)
+    _global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _command(commands, "migrate", "create or upgrade the database schema", cmd_migrate)
@@ -558,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     webhook.add_argument("--url", metavar="URL", help="https:// URL of the application's receiver")
     webhook.add_argument("--secret-file", metavar="FILE", help="whsec_ signing secret to use [default: a new one, printed once]")
     webhook.add_argument("--remove", action="store_true", help="stop sending this organisation's events")
+    for option in DAEMON_OPTIONS:
+        if option.key in _WEBHOOK_POLICY_KEYS:
+            webhook.add_argument(
+                "--" + option.name, action="store_true", default=None,
+                help=f"{option.help}, as the daemon's --{option.name} [default: {option.env} or the --config file]",
+            )
     token = _command(org, "token", "create (printed once) or revoke an organisation's API tokens", cmd_org_token)
     token.add_argument("slug", metavar="SLUG")
     token.add_argument("--create", action="store_true", help="create a token")
