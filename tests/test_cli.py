@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
 from mailingest.app.mail_sender import SendError, parse_server
+from mailingest.handoff.api import read_admin_token
 from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 
@@ -333,7 +334,7 @@ class DocumentTests(FixtureTestCase):
         self.blob("doc/1-1", PDF[:100])
         self.user_error("documents", "get", "1", "-o", "out/invoice.pdf", expected="do not match")
         self.assertEqual(os.listdir(out), [])
-        self.user_error("documents", "get", "1", "-o", "no/such/dir/x.pdf", expected="No such file or directory")
+        self.user_error("documents", "get", "1", "-o", "no/such/dir/x.pdf", expected=f"mailingest: cannot write {path}: No such file or directory")
 
 
 class ReprocessTests(FixtureTestCase):
@@ -493,6 +494,42 @@ class WebhookPolicyTests(CommandTestCase):
         self.user_error("org", "webhook", "acme", "--url", "https://127.0.0.1/hooks", "--webhook-allow-private", "--secret-file", secret_file,
                         expected=f"--secret-file {secret_file}: a webhook secret starts with whsec_ followed by base64;"
                                  " without --secret-file a new secret is made")
+
+
+class AdminTokenTests(CommandTestCase):
+    """Issue 23 item 7, issue 22 item 6: a strong admin token in a private file, never shown."""
+
+    def test_write_refuse_force(self):
+        path = os.path.join(self.directory, "api-admin-token")
+        out = self.ok("admin-token", "--write", path, storage=False)
+        with open(path) as f:
+            token = f.read()
+        self.assertRegex(token, r"^mit_[A-Za-z0-9_-]{43}\n$")
+        self.assertEqual(read_admin_token(path), token.strip())
+        self.assertNotIn(token.strip(), out)
+        self.assertEqual(
+            out, f"wrote a new admin token to {path} (mode 0600): give it to the daemon as --api-admin-token-file {path}\n"
+        )
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+        self.user_error("admin-token", "--write", path, storage=False,
+                        expected=f"{path} exists: --force replaces it (the daemon reads its token file at start)")
+        with open(path) as f:
+            self.assertEqual(f.read(), token)
+
+        os.chmod(path, 0o644)
+        self.ok("admin-token", "--write", path, "--force", storage=False)
+        with open(path) as f:
+            replaced = f.read()
+        self.assertRegex(replaced, r"^mit_[A-Za-z0-9_-]{43}\n$")
+        self.assertNotEqual(replaced, token)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(sorted(os.listdir(self.directory)), ["api-admin-token"])
+
+    def test_needs_no_database_and_says_what_failed(self):
+        path = os.path.join(self.directory, "missing", "token")
+        self.user_error("admin-token", "--write", path, storage=False, expected=f"mailingest: cannot write {path}: No such file or directory")
+        self.assertEqual(os.listdir(self.directory), [])
 
 
 class PostgresTests(FixtureTestCase):

@@ -9,6 +9,7 @@ status 1; only a bug in mailingest shows a traceback.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import sqlite3
 import sys
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
 from typing import Any, BinaryIO
 
@@ -357,20 +358,34 @@ async def cmd_documents_get(session: Session, args: argparse.Namespace) -> None:
     await _download(session, row, args.output, what)
 
 
-async def _download(session: Session, row: dict, path: str, what: str) -> None:
-    """Into a temporary file beside C{path}, renamed once complete: never a partial file."""
+@contextlib.contextmanager
+def _complete_or_nothing(path: str, mode: int, replace: bool = True) -> Iterator[BinaryIO]:
+    """
+    A temporary file beside C{path} (created with C{mode}), renamed to it once
+    complete: never a partial file. Without C{replace} an existing C{path}
+    is left alone (L{FileExistsError}).
+    """
     directory, name = os.path.split(os.path.abspath(path))
     partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
-            await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
+            yield out
             out.flush()
             os.fsync(out.fileno())
-        os.replace(partial, path)
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)
+            os.unlink(partial)
     except BaseException:
         os.unlink(partial)
         raise
+
+
+async def _download(session: Session, row: dict, path: str, what: str) -> None:
+    with _complete_or_nothing(path, 0o666) as out:
+        await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
     print(f"wrote {row['size']} bytes to {path}")
 
 
@@ -473,6 +488,25 @@ async def cmd_events_list(session: Session, args: argparse.Namespace) -> None:
 async def cmd_events_redeliver(session: Session, args: argparse.Namespace) -> None:
     row = await session.store.redeliver(args.id)
     print(f"event {row['id']} ({row['event_id']}) queued for delivery again")
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    """
+    A new admin token straight into its file, mode 0600: never on a terminal,
+    in shell history or in a process list.
+    """
+    exists = f"{args.write} exists: --force replaces it (the daemon reads its token file at start)"
+    if not args.force and os.path.lexists(args.write):
+        raise CommandError(exists)
+    try:
+        with _complete_or_nothing(args.write, 0o600, replace=args.force) as out:
+            out.write(new_token().encode("ascii") + b"\n")
+    except FileExistsError:
+        raise CommandError(exists) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {args.write}: {e.strerror}") from None
+    print(f"wrote a new admin token to {args.write} (mode 0600): give it to the daemon as --api-admin-token-file {args.write}")
+    return 0
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
@@ -651,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="SMTP timeout [default: 30]"
     )
 
+    admin_token = _command(
+        commands, "admin-token", "write a new API admin token to a file, mode 0600 (no database needed)", cmd_admin_token
+    )
+    admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
+    admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
     gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument(
@@ -728,8 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
     try:
-        if args.handler is cmd_send_test:
-            return cmd_send_test(args)
+        if args.handler in (cmd_send_test, cmd_admin_token):
+            return args.handler(args)
         given = {option.key: getattr(args, option.key) for option in STORAGE_OPTIONS}
         settings = resolve(STORAGE_OPTIONS, given, os.environ, args.config)
     except MailingestError as e:
