@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
-from mailingest.app.mail_sender import SendError, parse_server
+from mailingest.app.mail_sender import SendError, daemon_server, parse_server
 from mailingest.handoff.api import read_admin_token
 from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
@@ -645,7 +645,7 @@ class SendTestTests(CommandTestCase):
     def test_console_script_sends_attachments(self):
         out = self.ok("send-test", "--server", self.server, "--to", "orders+acme@example.com",
                       "--attach", self.pdf, self.csv, "--count", "3", storage=False)
-        self.assertEqual(out.splitlines(), [f"sent {n}/3: 250 2.0.0 Ok: stored as message {n}" for n in (1, 2, 3)])
+        self.assertEqual(out.splitlines(), [f"sent {n}/3 to {self.server}: 250 2.0.0 Ok: stored as message {n}" for n in (1, 2, 3)])
         self.assertEqual(len(self.sink.messages), 3)
         parsed = [email.message_from_bytes(raw, policy=email.policy.default) for raw in self.sink.messages]
         self.assertEqual(len({m["Message-ID"] for m in parsed}), 3)
@@ -662,7 +662,7 @@ class SendTestTests(CommandTestCase):
     def test_options(self):
         status, out, err = self.send("--to", "a+x@example.com", "--to", "b+y@example.com",
                                      "--from", "ops@corp.test", "--subject", "Hello", "--attach", self.csv)
-        self.assertEqual((status, out, err), (0, "sent 1/1: 250 2.0.0 Ok: stored as message 1\n", ""))
+        self.assertEqual((status, out, err), (0, f"sent 1/1 to {self.server}: 250 2.0.0 Ok: stored as message 1\n", ""))
         message = email.message_from_bytes(self.sink.messages[0], policy=email.policy.default)
         self.assertEqual((message["From"], message["To"], message["Subject"]),
                          ("ops@corp.test", "a+x@example.com, b+y@example.com", "Hello"))
@@ -679,6 +679,47 @@ class SendTestTests(CommandTestCase):
                                   "--subject", "try later", storage=False)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.decode(), "mailingest: message refused after DATA: 451 4.3.0 Try again later\n")
+
+    def test_finds_the_daemon_as_the_daemon_does(self):
+        """Issue 23 item 6: on main send-test always went to 127.0.0.1:2525, whatever the daemon's --smtp."""
+        port = self.server.rsplit(":", 1)[1]
+        config = os.path.join(self.directory, "mailingest.ini")
+        with open(config, "w") as f:
+            f.write(f"[mailingest]\nsmtp = haproxy:tcp:{free_port()}, tcp:{port}\n")
+        sent = f"sent 1/1 to 127.0.0.1:{port}: 250 2.0.0 Ok: stored as message"
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", storage=False,
+                                 environ=clean_environ(MAILINGEST_SMTP=f"tcp:{port}:interface=127.0.0.1")),
+                         sent + " 1\n")
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", "--config", config, storage=False), sent + " 2\n")
+        self.assertEqual(self.ok("--config", config, "send-test", "--to", "a+x@example.com", storage=False), sent + " 3\n")
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", "--smtp", f"tcp:{port}", storage=False,
+                                 environ=clean_environ(MAILINGEST_SMTP=f"tcp:{free_port()}")), sent + " 4\n")
+        self.assertEqual(len(self.sink.messages), 4)
+
+    def test_says_where_it_tried_and_what_works(self):
+        port = free_port()
+        self.user_error("send-test", "--to", "a+x@example.com", storage=False,
+                        environ=clean_environ(MAILINGEST_SMTP=f"tcp6:{port}"),
+                        expected=f"cannot talk to [::1]:{port} (the daemon's SMTP endpoint tcp6:{port};"
+                                 " --server HOST:PORT sends elsewhere): ")
+        self.user_error("send-test", "--to", "a+x@example.com", storage=False,
+                        environ=clean_environ(MAILINGEST_SMTP="haproxy:tcp:25 systemd:domain=INET:index=0"),
+                        expected="none of the daemon's SMTP endpoints (haproxy:tcp:25, systemd:domain=INET:index=0)"
+                                 " takes plain SMTP here: give --server HOST:PORT")
+        self.assertEqual(self.sink.messages, [])
+
+    def test_the_daemons_endpoints(self):
+        for descriptions, server in (
+            (["tcp:2525"], "127.0.0.1:2525"),
+            (["tcp:25:interface=0.0.0.0"], "127.0.0.1:25"),
+            (["tcp6:25"], "[::1]:25"),
+            (["ssl:465:privateKey=k.pem", "tcp:port=587:interface=192.0.2.5"], "192.0.2.5:587"),
+            (["tcp6:25:interface=2001\\:db8\\:\\:5"], "[2001:db8::5]:25"),
+        ):
+            self.assertEqual(daemon_server(descriptions), (server, descriptions[-1]))
+        with self.assertRaises(SendError) as e:
+            daemon_server(["tcp:smtp"])
+        self.assertIn("bad SMTP endpoint 'tcp:smtp'", str(e.exception))
 
     def test_no_server_or_no_file(self):
         status, out, err = self.send("--to", "a+x@example.com", "--server", f"127.0.0.1:{free_port()}")

@@ -510,7 +510,17 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
-    """Plain blocking SMTP: no database, no reactor."""
+    """
+    Plain blocking SMTP, no database: to C{--server}, else to the daemon's
+    SMTP endpoint, found as the daemon finds it (C{--smtp}, environment, file).
+    """
+    if args.server:
+        server, found_as = args.server, ""
+    else:
+        smtp = next(option for option in DAEMON_OPTIONS if option.key == "smtp")
+        descriptions = resolve((smtp,), {"smtp": args.smtp}, os.environ, args.config)["smtp"]
+        server, endpoint = send_test.daemon_server(descriptions)
+        found_as = f" (the daemon's SMTP endpoint {endpoint}; --server HOST:PORT sends elsewhere)"
     attachments = [send_test.Attachment.load(path) for path in args.attach]
     messages = (
         send_test.build_test_message(
@@ -518,9 +528,9 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         ).as_bytes()
         for index in range(1, args.count + 1)
     )
-    replies = send_test.send(args.server, args.sender, args.to, messages, args.timeout)
+    replies = send_test.send(server, args.sender, args.to, messages, args.timeout, found_as)
     for index, reply in enumerate(replies, 1):
-        print(f"sent {index}/{args.count}: {reply}", flush=True)
+        print(f"sent {index}/{args.count} to {server}: {reply}", flush=True)
     return 0
 
 
@@ -668,8 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
     send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
     send.add_argument(
-        "--server", default=send_test.DEFAULT_SERVER, metavar="HOST:PORT",
-        help=f"SMTP server [default: {send_test.DEFAULT_SERVER}]",
+        "--server", metavar="HOST:PORT",
+        help="SMTP server [default: the daemon's, from --smtp (as the daemon's), MAILINGEST_SMTP or the --config file, else 127.0.0.1:2525]",
+    )
+    send.add_argument(
+        "--smtp", action="append", default=[], metavar="ENDPOINT",
+        help="the daemon's --smtp endpoint (e.g. tcp:25): send to it on this machine",
     )
     send.add_argument(
         "--from", dest="sender", default=send_test.DEFAULT_SENDER, metavar="ADDR",
