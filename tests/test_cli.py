@@ -45,7 +45,7 @@ DOCUMENT_KEYS = {
 RAW_1 = (
     b"Received: from customer.test by mx.test; Mon, 6 Jan 2025 10:00:00 +0000\r\n"
     b"From: Buyer <buyer@customer.test>\r\nTo: orders+acme@example.com\r\n"
-    b"Subject: Order 1\r\nMessage-ID: <one@customer.test>\r\n\r\n"
+    b"Subject: Order 1\r\nDate: Mon, 6 Jan 2025 09:59:00 +0000\r\nMessage-ID: <one@customer.test>\r\n\r\n"
     b"Line one\r\n.leading dot\r\nbare LF stays\n\r\n"
 )
 RAW_2 = b"From: b@beta.test\r\nSubject: broken\r\n\r\n\x00\xff not mime\r\n"
@@ -261,6 +261,35 @@ class MessageTests(FixtureTestCase):
         self.assertEqual([d["filename"] for d in shown["documents"]], ["invoice.pdf", "lines.csv"])
         self.assertLessEqual(DOCUMENT_KEYS, set(shown["documents"][0]))
         self.user_error("messages", "show", "999", expected="no message 999")
+
+    def test_show_headers_of_the_stored_copy(self):
+        """Issue 23 item 10: on main no header of the message was shown."""
+        lines = self.ok("messages", "show", "1").splitlines()
+        self.assertEqual(lines[:7], [
+            "headers:",
+            "From:       Buyer <buyer@customer.test>",
+            "To:         orders+acme@example.com",
+            "Date:       Mon, 6 Jan 2025 09:59:00 +0000",
+            "Subject:    Order 1",
+            "Message-ID: <one@customer.test>",
+            "",
+        ])
+        self.assertEqual(self.json("messages", "show", "1")["headers"], {
+            "From": "Buyer <buyer@customer.test>", "To": "orders+acme@example.com",
+            "Date": "Mon, 6 Jan 2025 09:59:00 +0000", "Subject": "Order 1", "Message-ID": "<one@customer.test>",
+        })
+        self.assertEqual(self.ok("messages", "show", "2").splitlines()[:3],
+                         ["headers:", "From:       b@beta.test", "Subject:    broken"])
+        text = self.ok("messages", "show", "3")
+        self.assertTrue(text.startswith("headers: none in the stored copy\n"), text)
+        self.assertIn("status:            failed", text)
+
+        blocker = os.path.join(self.directory, "a-file")
+        with open(blocker, "w"):
+            pass
+        text = self.ok("--storage", f"file:{blocker}/blobs", "messages", "show", "1", "--database", self.database, storage=False)
+        self.assertTrue(text.startswith(f"headers: cannot read the stored copy: storage file:{blocker}/blobs: "), text)
+        self.assertIn("source_message_id: <m1@customer.test>", text)
 
     def test_raw(self):
         result = self.run_command("messages", "raw", "1")

@@ -28,6 +28,7 @@ from mailingest import __version__
 from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
@@ -55,6 +56,7 @@ SENDER_FIELDS = (
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
 )
 QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
+SHOWN_HEADERS = ("From", "To", "Date", "Subject", "Message-ID")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
@@ -302,12 +304,31 @@ async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
     print(to_json(rows) if args.json else table(rows, columns))
 
 
+async def _shown_headers(session: Session, raw_key: str) -> dict[str, str]:
+    """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them."""
+    headers, _ = read_headers(await head_of(session.blobs, raw_key))
+    first: dict[str, str] = {}
+    for name, value in headers:
+        first.setdefault(name.lower(), value)
+    return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
+
+
 async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
+    """The row is shown even when object storage cannot give the headers: the reason takes their place."""
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
+    try:
+        headers, unread = await _shown_headers(session, row["raw_key"]), None
+    except (MailingestError, OSError) as e:
+        headers, unread = {}, _user_message(e, session.settings)
     if args.json:
-        print(to_json({**row, "documents": documents}))
+        print(to_json({**row, "headers": headers, "documents": documents}))
         return
+    print(f"headers: cannot read the stored copy: {unread}" if unread else "headers:" if headers else "headers: none in the stored copy")
+    width = max(len(name) for name in SHOWN_HEADERS) + 1
+    for name, value in headers.items():
+        print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
+    print()
     for fields in (MESSAGE_FIELDS, SENDER_FIELDS):
         if fields is SENDER_FIELDS:
             print("\nsender:")
