@@ -561,6 +561,16 @@ class AdminTokenTests(CommandTestCase):
         self.assertEqual(os.listdir(self.directory), [])
 
 
+class ReadmeTests(unittest.SynchronousTestCase):
+    def test_ids_are_said_to_have_gaps(self):
+        """Issue 23 item 12: a user seeing message 15 and 16 missing is told why, and that nothing was lost."""
+        with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+            data = f.read().split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("`inbound_message` | `id`", data)
+        self.assertIn("Ids are unique but not dense", " ".join(data.split()))
+        self.assertIn("mean nothing was lost", " ".join(data.split()))
+
+
 class PostgresTests(FixtureTestCase):
     """The same commands on PostgreSQL, whose driver gives datetimes and booleans, not text."""
 
