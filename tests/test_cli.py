@@ -45,7 +45,7 @@ DOCUMENT_KEYS = {
 RAW_1 = (
     b"Received: from customer.test by mx.test; Mon, 6 Jan 2025 10:00:00 +0000\r\n"
     b"From: Buyer <buyer@customer.test>\r\nTo: orders+acme@example.com\r\n"
-    b"Subject: Order 1\r\nDate: Mon, 6 Jan 2025 09:59:00 +0000\r\nMessage-ID: <one@customer.test>\r\n\r\n"
+    b"Subject: Order 1\r\nDate: Mon, 6 Jan 2025 09:59:00 +0000\r\nMessage-ID:\r\n <one@customer.test>\r\n\r\n"
     b"Line one\r\n.leading dot\r\nbare LF stays\n\r\n"
 )
 RAW_2 = b"From: b@beta.test\r\nSubject: broken\r\n\r\n\x00\xff not mime\r\n"

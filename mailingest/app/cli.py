@@ -305,11 +305,11 @@ async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
 
 
 async def _shown_headers(session: Session, raw_key: str) -> dict[str, str]:
-    """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them."""
+    """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them, unfolded."""
     headers, _ = read_headers(await head_of(session.blobs, raw_key))
     first: dict[str, str] = {}
     for name, value in headers:
-        first.setdefault(name.lower(), value)
+        first.setdefault(name.lower(), value.replace("\n", "").strip())
     return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
 
 
