@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
     send.add_argument(
         "--server", metavar="HOST:PORT",
-        help="SMTP server [default: the daemon's, from --smtp (as the daemon's), MAILINGEST_SMTP or the --config file, else 127.0.0.1:2525]",
+        help="SMTP server [default: the daemon's SMTP endpoint on this machine: --smtp, else MAILINGEST_SMTP, else the --config file, else tcp:2525]",
     )
     send.add_argument(
         "--smtp", action="append", default=[], metavar="ENDPOINT",
