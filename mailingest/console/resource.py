@@ -88,6 +88,20 @@ class _CappedSink:
             self.data += data[: self.cap - len(self.data)]
 
 
+async def head_of(blobs, key: str) -> bytes:
+    """The first L{HEADER_BYTES} of a stored message, for L{read_headers}; empty when the blob is gone."""
+    path = blobs.local_path(key)
+    try:
+        if path is not None:
+            with open(path, "rb") as f:
+                return f.read(HEADER_BYTES)
+        sink = _CappedSink(HEADER_BYTES)
+        await blobs.read_to(key, sink)
+        return bytes(sink.data)
+    except (FileNotFoundError, BlobNotFound):
+        return b""
+
+
 class BadFilter(Exception):
     """A query value the messages page cannot use: answered 400 with this reason beside the form."""
 
@@ -335,21 +349,9 @@ class ConsoleResource(resource.Resource):
         documents = await self.store.list_documents(message_id=id)
         events = await self.store.message_events(id)
         history = await self.store.status_history(id)
-        headers, truncated = read_headers(await self._head_of(row["raw_key"]))
+        headers, truncated = read_headers(await head_of(self.blobs, row["raw_key"]))
         await self._page(request, pages.message(row, headers, truncated, documents, events, session, history))
         session.notice = None
-
-    async def _head_of(self, key: str) -> bytes:
-        path = self.blobs.local_path(key)
-        try:
-            if path is not None:
-                with open(path, "rb") as f:
-                    return f.read(HEADER_BYTES)
-            sink = _CappedSink(HEADER_BYTES)
-            await self.blobs.read_to(key, sink)
-            return bytes(sink.data)
-        except (FileNotFoundError, BlobNotFound):
-            return b""
 
     async def raw(self, request: server.Request, session: Session, id: int) -> None:
         row = self._scoped(await self.store.get_message(id), session)
