@@ -196,7 +196,8 @@ class ExtractionTests(ExtractionCase):
         self.assertIn("ParserDied: the parser was stopped after 0.5 s", row["last_error"])
         # The next worker is a healthy one: the retry parses the message.
         self.patch(parser, "_argv", WORKER_ARGV)
-        row = yield self.daemon.settled(message_id, timeout=10)
+        self.patch(parser, "_timeout", 30)  # a new worker may take over 0.5 s to start on a loaded machine
+        row = yield self.daemon.settled(message_id, timeout=30)
         self.assertEqual(row["status"], "parsed")
         self.assertEqual([d["bytes"] for d in (yield self.documents(message_id))], [PDF])
 

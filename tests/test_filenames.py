@@ -170,9 +170,9 @@ class HostileFilenameTimeTests(SynchronousTestCase):
         self.assertLess(os.path.getsize(raw), 1_000_000)
         out = os.path.abspath(self.mktemp())
         os.mkdir(out)
-        started = time.monotonic()
+        started = time.process_time()  # CPU time: a loaded machine must not fail the test, only a quadratic parse
         result = extract_attachments(raw, out)
-        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertLess(time.process_time() - started, 2.0)
         self.assertEqual(len(result.attachments), len(parts))
         return result.warnings
 
