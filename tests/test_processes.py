@@ -104,7 +104,7 @@ class ProcessesTests(TwistdCase):
         daemon = self.start("--processes", "2", *args)
         _wait_for(lambda: len(intake_processes(daemon)) == 2, 20, "two intake processes")
         for index in range(2):
-            _wait_for(lambda: f"@intake-{index}#info] SMTP serving" in daemon.log(), 20, f"intake-{index} serving")
+            _wait_for(lambda: re.search(rf"@intake-{index}#info\] intake process {index} \(pid \d+\) serving SMTP on", daemon.log()), 20, f"intake-{index} serving")
         return daemon
 
     def send(self, port: int, number: int) -> tuple[int, bytes]:
