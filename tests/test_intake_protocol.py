@@ -134,7 +134,8 @@ class ProtocolTests(unittest.TestCase):
         self.processes = IntakeProcesses(task.Clock(), settings(), self.writer, lambda: self.stored.append(1))
         self.pipes = [self.connect(index) for index in range(2)]
         self.child, self.pipe = self.pipes[0]
-        self.store = ip.ParentStore(self.pipe.child_end)
+        self.clock = task.Clock()
+        self.store = ip.ParentStore(self.pipe.child_end, self.clock)
         self.errors = []
         observer = lambda event: self.errors.append(event) if event.get("log_namespace") == "mailingest.daemon" else None
         globalLogPublisher.addObserver(observer)
@@ -147,18 +148,20 @@ class ProtocolTests(unittest.TestCase):
         return child, Pipe(ChildEnd(), child.amp)
 
     def result(self, d):
+        self.clock.advance(0)
         self.pipe.pump()
         return self.successResultOf(d)
 
     def failure(self, d, *errors):
         d = ip.answer(d)
+        self.clock.advance(0)
         self.pipe.pump()
         return self.failureResultOf(d, *errors)
 
     def test_messages_of_a_busy_moment_share_one_call(self):
-        self.writer.answers = [[11], [Duplicate(5), Collision(12)], [13]]
+        self.writer.answers = [[11], [Duplicate(5), Collision(12)], [13], [14]]
+        # Stored in the same turn of the reactor: one call.
         first = self.store.insert_messages([row()])
-        # Sent at once; the next two wait for its answer, then go together.
         second = self.store.insert_messages([row(org_id=2), row(org_id=3, subject=None, client_ip=None)])
         third = self.store.insert_messages([row(source_message_id="<order-3@customer.test>")])
         self.assertEqual(self.result(first), [11])
@@ -166,12 +169,22 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(ids, [5, 12])
         self.assertEqual([type(i) for i in ids], [Duplicate, Collision])
         self.assertEqual(self.successResultOf(third), [13])
-        self.assertEqual(len(self.pipe.sent_by_child), 2)
-        self.assertEqual([len(batch) for batch in self.writer.inserted], [1, 2, 1])
+        self.assertEqual(len(self.pipe.sent_by_child), 1)
+        # Each later turn: a call of its own, sent without waiting for the previous answer.
+        fourth = self.store.insert_messages([row(org_id=4)])
+        self.clock.advance(0)
+        fifth = self.store.insert_messages([row(org_id=5)])
+        self.clock.advance(0)
+        self.assertEqual(self.pipe.child_transport.value().count(b"InsertMessages"), 2)
+        self.writer.answers.append([15])
+        self.assertEqual(self.result(fourth), [14])
+        self.assertEqual(self.successResultOf(fifth), [15])
+        self.assertEqual([len(batch) for batch in self.writer.inserted], [1, 2, 1, 1, 1])
         # Every field arrives as it was, typed; absent ones as None.
         self.assertEqual(self.writer.inserted[0], [row()])
         self.assertEqual(self.writer.inserted[1][1], row(org_id=3, subject=None, client_ip=None))
-        self.assertEqual(len(self.stored), 2)
+        # The parent's extraction is woken once per call.
+        self.assertEqual(len(self.stored), 3)
 
     def test_a_failed_batch_fails_its_message_only(self):
         self.writer.answers = [[1], RuntimeError("disk I/O error"), [3]]

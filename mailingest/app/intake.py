@@ -162,7 +162,7 @@ class _Parent(QuietAMP):
             raise amp.RemoteAmpError(b"STARTED", "this intake process has started already")
         settings["proxy_trusted"] = [ipaddress.ip_network(network) for network in settings["proxy_trusted"]]
         if through_parent:
-            store = ParentStore(self)
+            store = ParentStore(self, self.reactor)
         else:
             from mailingest.storage.store import open_store
 

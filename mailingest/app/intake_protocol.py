@@ -15,10 +15,10 @@ L{RecipientRefused}, and when the parent is the one writer (SQLite) the
 intake's store calls L{InsertMessages}, L{RawKeyInUse}, L{LookupOrg} and
 L{ActiveOrgs}.
 
-Message rows travel in batches: a child sends the rows of every message that
-ended DATA while its previous L{InsertMessages} was in flight in one call
-(L{ParentStore}), as the parent's group commit does for its transactions, so
-the cost of a call is shared by the messages of a busy moment. Records are
+Message rows travel in batches: a child sends the rows of every message stored
+in the same turn of its reactor in one L{InsertMessages} call
+(L{ParentStore}), so the cost of a call is shared by the messages of a busy
+moment. Records are
 packed by hand in AMP's own box format (L{pack}, L{unpack}): the generic
 L{amp.AmpList} costs several times more per row and holds at most 64 KiB.
 """
@@ -26,6 +26,7 @@ L{amp.AmpList} costs several times more per row and holds at most 64 KiB.
 from datetime import datetime
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
 from mailingest.interfaces import Collision, Duplicate
@@ -357,35 +358,37 @@ class ParentStore:
     commits instead of contending for the database's write lock.
     """
 
-    def __init__(self, parent: amp.AMP):
+    def __init__(self, parent: amp.AMP, clock: IReactorTime):
         self.parent = parent
+        self.clock = clock
         self._queued: list[tuple[list[bytes], defer.Deferred]] = []
-        self._in_flight = False
         self._next_batch = 0
 
     def insert_messages(self, rows: list[dict]) -> defer.Deferred:
-        """Rows sent with the other messages that come while a call is in flight (refused at once if a row cannot be sent)."""
+        """
+        The rows go with those of every other message stored in the same turn
+        of the reactor, in one call; each call is sent at once, so the
+        parent's group commit takes them with the other processes' (waiting
+        for the answer to the previous call would make the commits alternate
+        between the processes). A row that cannot be sent is refused at once.
+        """
         self._next_batch += 1
         try:
             packed = [pack(dict(row, batch=self._next_batch), ROW_FIELDS) for row in rows]
         except (BadRecords, KeyError, AttributeError, TypeError) as e:
             return defer.fail(StoreCallFailed(f"message row not sendable: {e}"))
         d = defer.Deferred()
+        if not self._queued:
+            self.clock.callLater(0, self._send)
         self._queued.append((packed, d))
-        if not self._in_flight:
-            self._send()
         return d
 
     def _send(self) -> None:
         batches, self._queued = self._queued, []
-        self._in_flight = True
         d = self.parent.callRemote(InsertMessages, rows=[row for packed, _ in batches for row in packed])
         d.addBoth(self._answered, batches)
 
     def _answered(self, answer, batches) -> None:
-        self._in_flight = False
-        if self._queued:
-            self._send()
         if not isinstance(answer, dict):
             error = StoreCallFailed(answer.getErrorMessage())
             for _, d in batches:
