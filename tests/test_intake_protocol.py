@@ -169,22 +169,29 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(ids, [5, 12])
         self.assertEqual([type(i) for i in ids], [Duplicate, Collision])
         self.assertEqual(self.successResultOf(third), [13])
-        self.assertEqual(len(self.pipe.sent_by_child), 1)
-        # Each later turn: a call of its own, sent without waiting for the previous answer.
+        self.assertEqual(b"".join(self.pipe.sent_by_child).count(b"InsertMessages"), 1)
+        # Later turns: two calls may wait for their answers; what comes
+        # meanwhile goes together when the first is answered.
         fourth = self.store.insert_messages([row(org_id=4)])
         self.clock.advance(0)
         fifth = self.store.insert_messages([row(org_id=5)])
         self.clock.advance(0)
         self.assertEqual(self.pipe.child_transport.value().count(b"InsertMessages"), 2)
-        self.writer.answers.append([15])
+        sixth = self.store.insert_messages([row(org_id=6)])
+        seventh = self.store.insert_messages([row(org_id=7)])
+        self.clock.advance(0)
+        self.assertEqual(self.pipe.child_transport.value().count(b"InsertMessages"), 2)
+        self.writer.answers += [[15], [16], [17]]
         self.assertEqual(self.result(fourth), [14])
         self.assertEqual(self.successResultOf(fifth), [15])
-        self.assertEqual([len(batch) for batch in self.writer.inserted], [1, 2, 1, 1, 1])
+        self.assertEqual((self.successResultOf(sixth), self.successResultOf(seventh)), ([16], [17]))
+        self.assertEqual(b"".join(self.pipe.sent_by_child).count(b"InsertMessages"), 4)
+        self.assertEqual([len(batch) for batch in self.writer.inserted], [1, 2, 1, 1, 1, 1, 1])
         # Every field arrives as it was, typed; absent ones as None.
         self.assertEqual(self.writer.inserted[0], [row()])
         self.assertEqual(self.writer.inserted[1][1], row(org_id=3, subject=None, client_ip=None))
         # The parent's extraction is woken once per call.
-        self.assertEqual(len(self.stored), 3)
+        self.assertEqual(len(self.stored), 4)
 
     def test_a_failed_batch_fails_its_message_only(self):
         self.writer.answers = [[1], RuntimeError("disk I/O error"), [3]]
@@ -230,7 +237,7 @@ class ProtocolTests(unittest.TestCase):
     def test_bad_rows_are_refused_and_the_connection_keeps_serving(self):
         good = ip.pack(dict(row(), batch=1), ip.ROW_FIELDS)
         self.writer.answers = [[1]]
-        self.assertEqual(self.successResultOf(self.send_rows(good))["results"][0]["id"], 1)
+        self.assertEqual(self.successResultOf(self.send_rows(good))["ids"], [1])
         extra_key = good[:-2] + b"\x00\x06pickle\x00\x01x" + b"\x00\x00"
         missing = ip.pack(dict(row(), batch=1), {k: v for k, v in ip.ROW_FIELDS.items() if k != "raw_key"})
         repeated = good[:-2] + b"\x00\x05batch\x00\x011\x00\x00"

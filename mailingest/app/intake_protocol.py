@@ -23,6 +23,7 @@ packed by hand in AMP's own box format (L{pack}, L{unpack}): the generic
 L{amp.AmpList} costs several times more per row and holds at most 64 KiB.
 """
 
+import struct
 from datetime import datetime
 
 from twisted.internet import defer
@@ -94,6 +95,9 @@ DIGEST = (lambda v: v.encode("ascii"), _digest)
 RAW_KEY = (lambda v: v.encode("ascii"), _raw_key)
 
 
+_LENGTH = struct.Struct(">H")
+
+
 class Field:
     """One field of a record: its kind, and whether it may be absent (None)."""
 
@@ -114,8 +118,7 @@ def pack(record: dict, fields: dict[str, Field]) -> bytes:
         data = field.encode(value)
         if len(data) > MAX_VALUE:
             raise BadRecords(f"{name} is longer than {MAX_VALUE} bytes")
-        key = name.encode("ascii")
-        parts.append(len(key).to_bytes(2, "big") + key + len(data).to_bytes(2, "big") + data)
+        parts += (_LENGTH.pack(len(name)), name.encode("ascii"), _LENGTH.pack(len(data)), data)
     parts.append(b"\0\0")
     return b"".join(parts)
 
@@ -123,23 +126,20 @@ def pack(record: dict, fields: dict[str, Field]) -> bytes:
 def unpack(data: bytes, fields: dict[str, Field]) -> list[dict]:
     """The records packed in C{data}, each checked against C{fields}; L{BadRecords} for anything else."""
     records, record, at, end = [], {}, 0, len(data)
+    length_at = _LENGTH.unpack_from
     try:
         while at < end:
-            if at + 2 > end:
-                raise BadRecords("truncated")
-            length = int.from_bytes(data[at:at + 2], "big")
+            (length,) = length_at(data, at)
             at += 2
             if not length:
                 records.append(_checked(record, fields))
                 record = {}
                 continue
             key = data[at:at + length].decode("ascii")
-            at += length
-            if at + 2 > end:
-                raise BadRecords("truncated")
-            size = int.from_bytes(data[at:at + 2], "big")
-            value = data[at + 2:at + 2 + size]
-            at += 2 + size
+            (size,) = length_at(data, at + length)
+            at += length + 2
+            value = data[at:at + size]
+            at += size
             if len(value) != size:
                 raise BadRecords("truncated")
             field = fields.get(key)
@@ -148,6 +148,8 @@ def unpack(data: bytes, fields: dict[str, Field]) -> list[dict]:
             if key in record:
                 raise BadRecords(f"field {key!r} repeated")
             record[key] = field.decode(value)
+    except struct.error:
+        raise BadRecords("truncated") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise BadRecords(str(e)) from None
     if record:
@@ -227,13 +229,6 @@ ROW_FIELDS = {
     "helo": Field(TEXT, optional=True),
     "tls": Field(TEXT, optional=True),
 }
-# What became of each row, in the order of the rows: a new row, a duplicate
-# or a collision (with its id), or the store's error for the row's batch.
-RESULT_FIELDS = {
-    "kind": Field(TEXT),
-    "id": Field(COUNT, optional=True),
-    "error": Field(TEXT, optional=True),
-}
 ORG_FIELDS = {"slug": Field(TEXT), "id": Field(COUNT)}
 REFUSAL_FIELDS = {"peer": Field(TEXT), "at": Field(NUMBER)}
 
@@ -294,7 +289,10 @@ class InsertMessages(amp.Command):
     """Child to parent (the one writer): the rows of one or more messages, C{batch} telling whose."""
 
     arguments = [(b"rows", Records(ROW_FIELDS))]
-    response = [(b"results", Records(RESULT_FIELDS))]
+    # What became of each row, in the order of the rows: C{kinds} has a letter
+    # per row (L{KINDS}: new, duplicate, collision; C{f}: its batch failed),
+    # C{ids} its id (0 when failed), C{errors} the store's error for each failed row.
+    response = [(b"kinds", amp.String()), (b"ids", amp.ListOf(amp.Integer())), (b"errors", amp.ListOf(amp.Unicode()))]
     errors = {**_STORE_ERRORS, BadRecords: BAD_RECORDS}
 
 
@@ -331,13 +329,13 @@ class QuietAMP(amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
 
 
-_KINDS = {"new": int, "duplicate": Duplicate, "collision": Collision}
+KINDS = {ord("n"): int, ord("d"): Duplicate, ord("c"): Collision}
+FAILED = b"f"
 
 
-def result_record(row_id: int) -> dict:
-    """An id from the store's C{insert_messages} as a result record."""
-    kind = "duplicate" if isinstance(row_id, Duplicate) else "collision" if isinstance(row_id, Collision) else "new"
-    return {"kind": kind, "id": int(row_id), "error": None}
+def kind_of(row_id: int) -> bytes:
+    """The letter of an id from the store's C{insert_messages} in L{InsertMessages}' C{kinds}."""
+    return b"d" if isinstance(row_id, Duplicate) else b"c" if isinstance(row_id, Collision) else b"n"
 
 
 def answer(d: defer.Deferred) -> defer.Deferred:
@@ -358,19 +356,24 @@ class ParentStore:
     commits instead of contending for the database's write lock.
     """
 
+    # Calls in flight at once: with two, the parent's group commit always has
+    # the next call of each process waiting, so a commit takes every
+    # process's rows (with one, commits would alternate between processes).
+    MAX_IN_FLIGHT = 2
+
     def __init__(self, parent: amp.AMP, clock: IReactorTime):
         self.parent = parent
         self.clock = clock
         self._queued: list[tuple[list[bytes], defer.Deferred]] = []
         self._next_batch = 0
+        self._in_flight = 0
+        self._scheduled = False
 
     def insert_messages(self, rows: list[dict]) -> defer.Deferred:
         """
-        The rows go with those of every other message stored in the same turn
-        of the reactor, in one call; each call is sent at once, so the
-        parent's group commit takes them with the other processes' (waiting
-        for the answer to the previous call would make the commits alternate
-        between the processes). A row that cannot be sent is refused at once.
+        The rows go in one call with those of every other message stored in
+        the same turn of the reactor, or while L{MAX_IN_FLIGHT} calls wait
+        for their answers. A row that cannot be sent is refused at once.
         """
         self._next_batch += 1
         try:
@@ -378,30 +381,44 @@ class ParentStore:
         except (BadRecords, KeyError, AttributeError, TypeError) as e:
             return defer.fail(StoreCallFailed(f"message row not sendable: {e}"))
         d = defer.Deferred()
-        if not self._queued:
-            self.clock.callLater(0, self._send)
         self._queued.append((packed, d))
+        if not self._scheduled and self._in_flight < self.MAX_IN_FLIGHT:
+            self._scheduled = True
+            self.clock.callLater(0, self._send)
         return d
 
     def _send(self) -> None:
+        self._scheduled = False
         batches, self._queued = self._queued, []
+        self._in_flight += 1
         d = self.parent.callRemote(InsertMessages, rows=[row for packed, _ in batches for row in packed])
         d.addBoth(self._answered, batches)
 
     def _answered(self, answer, batches) -> None:
+        self._in_flight -= 1
+        if self._queued and not self._scheduled:
+            self._send()
         if not isinstance(answer, dict):
             error = StoreCallFailed(answer.getErrorMessage())
             for _, d in batches:
                 d.errback(error)
             return
-        results = iter(answer["results"])
+        kinds, ids, errors = answer["kinds"], answer["ids"], iter(answer["errors"])
+        if len(kinds) != len(ids) or len(ids) != sum(len(packed) for packed, _ in batches):
+            error = StoreCallFailed("the parent's answer does not match the rows sent")
+            for _, d in batches:
+                d.errback(error)
+            return
+        at = 0
         for packed, d in batches:
-            mine = [next(results) for _ in packed]
-            failed = [r["error"] for r in mine if r["kind"] not in _KINDS]
-            if failed:
-                d.errback(StoreCallFailed(failed[0] or "not stored"))
+            mine = range(at, at + len(packed))
+            at += len(packed)
+            if any(kinds[i] not in KINDS for i in mine):
+                d.errback(StoreCallFailed(next(errors, "not stored")))
+                for i in mine[1:]:
+                    next(errors, None)
             else:
-                d.callback([_KINDS[r["kind"]](r["id"]) for r in mine])
+                d.callback([KINDS[kinds[i]](ids[i]) for i in mine])
 
     def raw_key_in_use(self, key: str) -> defer.Deferred:
         return self._call(RawKeyInUse, key=key).addCallback(lambda answer: answer["used"])

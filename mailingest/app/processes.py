@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from itertools import groupby
+from operator import itemgetter
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
@@ -54,7 +55,7 @@ from zope.interface import implementer
 
 from mailingest.app.intake_protocol import (
     BAD_RECORDS, INTAKE_SETTINGS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused,
-    QuietAMP, StartIntake, StopIntake, StoreCallFailed, result_record,
+    QuietAMP, StartIntake, StopIntake, StoreCallFailed, FAILED, kind_of,
 )
 from mailingest.errors import ConfigError
 from mailingest.ops import metrics
@@ -184,23 +185,25 @@ class ChildConnection(QuietAMP):
     @InsertMessages.responder
     def insert_messages(self, rows: list[dict]) -> defer.Deferred:
         writer = self._writer()
-        batches = [[dict(row) for row in rows] for _, rows in groupby(rows, key=lambda row: row["batch"])]
-        for batch in batches:
-            for row in batch:
-                del row["batch"]
+        batches = [list(batch) for _, batch in groupby(rows, key=itemgetter("batch"))]
+        for row in rows:
+            del row["batch"]
         calls = [defer.maybeDeferred(writer.insert_messages, batch) for batch in batches]
         return defer.DeferredList(calls, consumeErrors=True).addCallback(self._inserted, batches)
 
     def _inserted(self, outcomes, batches) -> dict:
-        results = []
+        kinds, ids, errors = [], [], []
         for (ok, value), batch in zip(outcomes, batches):
             if ok:
-                results += [result_record(row_id) for row_id in value]
+                kinds += [kind_of(row_id) for row_id in value]
+                ids += [int(row_id) for row_id in value]
             else:
-                results += [{"kind": "failed", "id": None, "error": value.getErrorMessage() or "not stored"}] * len(batch)
+                kinds.append(FAILED * len(batch))
+                ids += [0] * len(batch)
+                errors += [value.getErrorMessage() or "not stored"] * len(batch)
         if any(ok for ok, _ in outcomes):
             self.child.parent.on_stored()
-        return {"results": results}
+        return {"kinds": b"".join(kinds), "ids": ids, "errors": errors}
 
     @RawKeyInUse.responder
     def raw_key_in_use(self, key: str) -> defer.Deferred:
