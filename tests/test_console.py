@@ -5,7 +5,10 @@ against a real daemon with --api on 127.0.0.1.
 """
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
@@ -17,10 +20,11 @@ from twisted.web.template import flattenString
 from twisted.web.test.requesthelper import DummyChannel
 
 from mailingest.console import pages
-from mailingest.console.rejections import RejectionHistory
+from mailingest.console.rejections import RejectionHistory, rejected_totals
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
 from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
 from mailingest.handoff.api import encode_cursor
+from mailingest.ops import metrics
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -191,6 +195,22 @@ class RejectionTests(unittest.TestCase):
             totals["bad_rcpt"] += 1
             history.sample()
         self.assertEqual(history.last_hour(), {"bad_rcpt": 60})
+
+
+    def test_the_intake_processes_rejections_count(self):
+        # With --processes the rejections happen in the intake processes,
+        # which keep their counters in prometheus_client's multiprocess files.
+        directory = self.mktemp()
+        os.mkdir(directory)
+        child = subprocess.run(
+            [sys.executable, "-c", "from mailingest.ops import metrics; metrics.REJECTED.labels('refused_recipients').inc(3)"],
+            env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=directory), capture_output=True,
+        )
+        self.assertEqual(child.returncode, 0, child.stderr)
+        before = rejected_totals().get("refused_recipients", 0)
+        self.patch(metrics, "_children_dir", None)
+        metrics.aggregate_children(directory)
+        self.assertEqual(rejected_totals()["refused_recipients"], before + 3)
 
 
 class _HungStore:

@@ -104,7 +104,7 @@ class ProcessesTests(TwistdCase):
         daemon = self.start("--processes", "2", *args)
         _wait_for(lambda: len(intake_processes(daemon)) == 2, 20, "two intake processes")
         for index in range(2):
-            _wait_for(lambda: f"@intake-{index}#info] SMTP serving" in daemon.log(), 20, f"intake-{index} serving")
+            _wait_for(lambda: re.search(rf"@intake-{index}#info\] intake process {index} \(pid \d+\) serving SMTP on", daemon.log()), 20, f"intake-{index} serving")
         return daemon
 
     def send(self, port: int, number: int) -> tuple[int, bytes]:
@@ -136,6 +136,57 @@ class ProcessesTests(TwistdCase):
         accepted = re.findall(pattern, log)
         for ms in accepted:
             self.assertRegex(ms, r"\A\d+\Z")
+
+    def test_start_up_says_which_process_serves_where(self):
+        daemon = self.start_processes()
+        log = daemon.log()
+        pids = sorted(intake_processes(daemon))
+        served = re.findall(r"@intake-(\d)#info\] intake process \1 \(pid (\d+)\) serving SMTP on 127\.0\.0\.1:(\d+)", log)
+        self.assertEqual(sorted(int(pid) for _, pid, _ in served), pids)
+        self.assertEqual({port for _, _, port in served}, {str(daemon.port)})
+        # Twisted's own lines about the SMTP ports and AMP connections are not there.
+        self.assertNotRegex(log, r"(_Nobody|IngestSMTPFactory|ProxyHeaderFirstFactory) starting on|connection established")
+
+    def test_refused_recipient_limit_holds_across_processes(self):
+        daemon = self.start_processes("--max-connections-per-ip", "200")
+        # 25 sessions at once, spread over both processes, each refused two
+        # recipients: 50 from this address in all, the documented limit.
+        sessions = []
+        for _ in range(25):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
+            self.addCleanup(s.close)
+            sessions.append((s, s.makefile("rb")))
+        for s, _ in sessions:
+            s.sendall(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\n"
+                      b"RCPT TO:<orders+nosuchorg@example.com>\r\nRCPT TO:<orders+other@example.com>\r\n")
+        for _, replies in sessions:
+            codes = []
+            while len(codes) < 5:
+                line = replies.readline()
+                self.assertTrue(line, codes)
+                if line[3:4] == b" ":
+                    codes.append(line[:3])
+                    if line[:3] == b"421":
+                        break
+            self.assertEqual(codes[:4], [b"220", b"250", b"250", b"550"])
+        refused_by = re.findall(r"@intake-(\d)#info\] refused recipient", daemon.log())
+        self.assertEqual(len(refused_by), 50)
+        self.assertEqual(set(refused_by), {"0", "1"}, "both processes refused some")
+        # Each process counted fewer than 50 itself; a new session is cut
+        # off at its first RCPT by whichever process takes it.
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
+                s.sendall(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\nRCPT TO:<orders+acme@example.com>\r\n")
+                replies = s.makefile("rb")
+                codes = []
+                while len(codes) < 4:
+                    line = replies.readline()
+                    if not line:
+                        break
+                    if line[3:4] == b" ":
+                        codes.append(line[:3])
+                self.assertEqual(codes[-1], b"421", codes)
+        _wait_for(lambda: len(re.findall(r"@intake-\d#info\] disconnecting 127\.0\.0\.1: too many refused recipients", daemon.log())) >= 6, 10, "six cut off")
 
     def test_connections_are_spread_over_the_processes(self):
         daemon = self.start_processes()

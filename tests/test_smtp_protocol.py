@@ -482,9 +482,9 @@ class ProbingTests(unittest.TestCase):
         server = Server(self)
         server.factory.refused_recipient("198.51.100.1")
         server.clock.advance(smtp_replies.REFUSED_RECIPIENT_WINDOW + 1)
-        self.assertIn("198.51.100.1", server.factory._refusals)
+        self.assertIn("198.51.100.1", server.factory.refusals._times)
         server.factory.refused_recipient("198.51.100.2")
-        self.assertEqual(list(server.factory._refusals), ["198.51.100.2"])
+        self.assertEqual(list(server.factory.refusals._times), ["198.51.100.2"])
 
     def test_a_long_recipient_list_is_not_an_error(self):
         server = Server(self)

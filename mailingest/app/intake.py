@@ -2,34 +2,38 @@
 One intake process of C{--processes N}: the SMTP side alone, on listening
 sockets its parent (L{mailingest.app.processes}) opened.
 
-Run as C{python -m mailingest.app.intake INDEX FD...}: it reads its settings
-from stdin (netstrings holding pickles, from the parent only) and serves the
-inherited sockets with its own reactor and blob store. On PostgreSQL it has its
-own store connection (the parent's extraction is woken by NOTIFY); on SQLite
-the parent is the one writer and answers its store calls (L{ParentStore}) over
-stdin/stdout. It logs JSON events to stderr, which the parent relays into its
-own log. It stops (draining its sessions within the grace period) on SIGTERM,
-on the parent's C{stop} frame, or when its stdin ends (the parent is gone).
+Run as C{python -m mailingest.app.intake INDEX FD...}: it speaks AMP with the
+parent on stdin/stdout (L{mailingest.app.intake_protocol}), takes its settings
+from the parent's L{StartIntake} and serves the inherited sockets with its own
+reactor and blob store. On PostgreSQL it has its own store connection (the
+parent's extraction is woken by NOTIFY); on SQLite the parent is the one writer
+and answers its store calls (L{ParentStore}). Recipients refused to a client
+address are counted with the other processes through the parent
+(L{SharedRefusals}). It logs JSON events to stderr, which the parent relays
+into its own log. It stops (draining its sessions within the grace period) on
+SIGTERM, on the parent's L{StopIntake}, or when its stdin ends (the parent is
+gone).
 """
 
+import ipaddress
 import json
 import os
-import pickle
+import re
 import signal
 import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, stdio
+from twisted.internet import stdio
 from twisted.logger import Logger, formatEvent, globalLogBeginner
-from twisted.protocols.basic import NetstringReceiver
+from twisted.protocols import amp
 
+from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
+from mailingest.smtp import replies
+from mailingest.smtp.limits import RefusalCounter
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 
 log = Logger(namespace="mailingest.intake")
-
-# Settings, a store call or its reply: a few KB; anything larger is not our parent speaking.
-MAX_FRAME = 1024 * 1024
 
 
 def share(total: int, count: int, index: int) -> int:
@@ -50,8 +54,9 @@ def child_settings(settings: dict, index: int) -> dict:
 class AdoptedListener(service.Service):
     """A listening socket inherited from the parent (by descriptor), served while the service runs."""
 
-    def __init__(self, reactor, fd: int, factory, description: str):
+    def __init__(self, reactor, fd: int, factory, description: str, index: int = 0):
         self.reactor = reactor
+        self.index = index
         self.fd = fd
         self.factory = factory
         self.description = description
@@ -63,26 +68,46 @@ class AdoptedListener(service.Service):
         with socket.socket(fileno=os.dup(self.fd)) as inherited:
             family = inherited.family
         self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
-        log.info("SMTP serving {address}", address=self.port.getHost())
+        address = self.port.getHost()
+        log.info(
+            "intake process {index} (pid {pid}) serving SMTP on {host}:{port}",
+            index=self.index, pid=os.getpid(), host=address.host, port=address.port,
+        )
 
     def stopService(self):
         super().stopService()
         return self.port.stopListening()
 
 
-def adopting(fds: list[int]):
+def adopting(fds: list[int], index: int):
     """A C{listen} for L{mailingest.app.service.add_smtp_side} that takes the inherited sockets in order."""
     remaining = list(fds)
 
     def listen(reactor, description: str, factory, what: str, proxy_trusted=()) -> AdoptedListener:
         if description.startswith(ENDPOINT_PREFIX):
             factory = ProxyHeaderFirstFactory(factory, proxy_trusted)
-        return AdoptedListener(reactor, remaining.pop(0), factory, description)
+        return AdoptedListener(reactor, remaining.pop(0), factory, description, index)
 
     return listen
 
 
-def build_intake(settings: dict, fds: list[int], reactor, store) -> service.MultiService:
+class SharedRefusals(RefusalCounter):
+    """This process's count of refused recipients, kept equal to the others' through the parent."""
+
+    def __init__(self, clock, parent: amp.AMP):
+        super().__init__(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
+        self.parent = parent
+
+    def refused(self, peer: str, when: float | None = None) -> None:
+        super().refused(peer, when)
+        self.parent.callRemote(RecipientRefused, peer=peer)
+
+    def refused_elsewhere(self, peer: str, when: float | None = None) -> None:
+        """Another process refused a recipient to C{peer}: counted here, not sent back."""
+        RefusalCounter.refused(self, peer, when)
+
+
+def build_intake(settings: dict, fds: list[int], reactor, store, index: int = 0, refusals=None) -> service.MultiService:
     """The SMTP side of the daemon on inherited sockets; the schema is the parent's business."""
     from mailingest.app.service import DEFAULT_SCRATCH_DIR, add_smtp_side, make_ingest
     from mailingest.storage.blobs import open_blobs
@@ -91,56 +116,8 @@ def build_intake(settings: dict, fds: list[int], reactor, store) -> service.Mult
     root = _Intake(store, blobs)
     spool_dir = os.path.join(blobs.scratch_dir or DEFAULT_SCRATCH_DIR, "spool")
     ingest = make_ingest(settings, store, blobs, spool_dir, root)
-    add_smtp_side(settings, reactor, ingest, root, adopting(fds))
+    add_smtp_side(settings, reactor, ingest, root, adopting(fds, index), refusals)
     return root
-
-
-class StoreCallFailed(Exception):
-    """The parent's store refused a call (the database is locked, full, gone): the sender gets a 451."""
-
-
-class ParentStore:
-    """
-    The store calls of the SMTP side, answered by the parent, the one writer
-    (SQLite): message inserts from every intake process share its group
-    commits instead of contending for the database's write lock.
-    """
-
-    def __init__(self, parent: "_Parent"):
-        self.parent = parent
-        self.waiting: dict[int, defer.Deferred] = {}
-        self.next_request = 0
-
-    def _call(self, method: str, *args) -> defer.Deferred:
-        self.next_request += 1
-        d = self.waiting[self.next_request] = defer.Deferred()
-        self.parent.send("call", self.next_request, method, args)
-        return d
-
-    def insert_messages(self, rows):
-        return self._call("insert_messages", rows)
-
-    def raw_key_in_use(self, key):
-        return self._call("raw_key_in_use", key)
-
-    def active_orgs(self):
-        return self._call("active_orgs")
-
-    def get_org(self, slug):
-        return self._call("get_org", slug)
-
-    def answered(self, request: int, ok: bool, value) -> None:
-        d = self.waiting.pop(request)
-        if ok:
-            d.callback(value)
-        else:
-            d.errback(StoreCallFailed(value))
-
-    def close(self) -> defer.Deferred:
-        for d in self.waiting.values():
-            d.errback(StoreCallFailed("the intake process is stopping"))
-        self.waiting.clear()
-        return defer.succeed(None)
 
 
 class _Intake(service.MultiService):
@@ -158,20 +135,20 @@ class _Intake(service.MultiService):
         return d
 
 
-class _Parent(NetstringReceiver):
-    """stdin/stdout with the parent: pickled frames (settings, store calls and their replies); the end of stdin stops us."""
-
-    MAX_LENGTH = MAX_FRAME
+class _Parent(QuietAMP):
+    """AMP with the parent on stdin/stdout: its settings start the intake; the end of stdin stops us."""
 
     def __init__(self, reactor, index: int, fds: list[int]):
+        super().__init__()
         self.reactor = reactor
         self.index = index
         self.fds = fds
         self.intake: service.MultiService | None = None
-        self.store = None
+        self.refusals: SharedRefusals | None = None
+        self.stopping = False
 
     def connectionMade(self) -> None:
-        self.stopping = False
+        super().connectionMade()
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
 
     def _stopping(self):
@@ -179,35 +156,50 @@ class _Parent(NetstringReceiver):
         if self.intake is not None:
             return self.intake.stopService()
 
-    def send(self, *frame) -> None:
-        self.sendString(pickle.dumps(frame))
+    @StartIntake.responder
+    def start_intake(self, through_parent: bool, refusals: list[dict], **settings) -> dict:
+        if self.intake is not None:
+            raise amp.RemoteAmpError(b"STARTED", "this intake process has started already")
+        settings["proxy_trusted"] = [ipaddress.ip_network(network) for network in settings["proxy_trusted"]]
+        if through_parent:
+            store = ParentStore(self, self.reactor)
+        else:
+            from mailingest.storage.store import open_store
 
-    def stringReceived(self, data: bytes) -> None:
-        kind, *rest = pickle.loads(data)
-        if kind == "reply":
-            self.store.answered(*rest)
-        elif kind == "stop":
-            self.stop()
-        elif kind == "settings" and self.intake is None:
-            settings, through_parent = rest
-            if through_parent:
-                self.store = ParentStore(self)
-            else:
-                from mailingest.storage.store import open_store
+            store = open_store(settings["database"])
+        self.refusals = SharedRefusals(self.reactor, self)
+        for refusal in refusals:
+            self.refusals.refused_elsewhere(refusal["peer"], refusal["at"])
+        self.intake = build_intake(child_settings(settings, self.index), self.fds, self.reactor, store, self.index, self.refusals)
+        self.intake.startService()
+        return {}
 
-                self.store = open_store(settings["database"])
-            self.intake = build_intake(child_settings(settings, self.index), self.fds, self.reactor, self.store)
-            self.intake.startService()
+    @StopIntake.responder
+    def stop_intake(self) -> dict:
+        self.stop()
+        return {}
+
+    @RecipientRefused.responder
+    def refused_elsewhere(self, peer: str) -> dict:
+        if self.refusals is not None:
+            self.refusals.refused_elsewhere(peer)
+        return {}
 
     def stop(self) -> None:
-        """Stop once, however many of SIGTERM, SIGINT, the parent's C{stop} and the end of stdin come."""
+        """Stop once, however many of SIGTERM, SIGINT, the parent's L{StopIntake} and the end of stdin come."""
         if not self.stopping:
             self.stopping = True
             self.reactor.stop()
 
     def connectionLost(self, reason=None) -> None:
         """The parent is gone (even killed): stop as on SIGTERM."""
+        super().connectionLost(reason)
         self.stop()
+
+
+# What Twisted's ports log about themselves: which process serves where is
+# logged by L{AdoptedListener} instead.
+_PORT_NOISE = re.compile(r".* starting on \d+|\(\w+ Port \d+ Closed\)")
 
 
 def log_record(event: dict) -> str:
@@ -239,6 +231,8 @@ def relay_observer(stream):
     """Write each event to C{stream} as a L{log_record} line."""
 
     def observe(event):
+        if event.get("log_namespace") == "log_legacy" and _PORT_NOISE.fullmatch(event.get("log_text") or ""):
+            return
         stream.write(log_record(event))
         stream.flush()
 

@@ -26,25 +26,41 @@ TLS) is passed on, so every child reloads its certificate. Extraction, the
 ops endpoint and the sweeper run in the parent only; metrics are the sum over
 the processes (L{mailingest.ops.metrics.aggregate_children}); each relayed
 log line carries its process.
+
+Parent and children speak AMP (L{mailingest.app.intake_protocol}) on the
+children's stdin and stdout. The parent answers the store calls of the SMTP
+side when it is the one writer (SQLite), and keeps the count of recipients
+refused per client address for all of them: each refusal a child reports is
+passed on to the others, and a child that starts gets the count so far.
 """
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol, tcp
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IAddress
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
-from twisted.protocols.basic import NetstringReceiver
+from twisted.protocols import amp
+from zope.interface import implementer
 
+from mailingest.app.intake_protocol import (
+    BAD_RECORDS, INTAKE_SETTINGS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused,
+    QuietAMP, StartIntake, StopIntake, StoreCallFailed, FAILED, kind_of,
+)
 from mailingest.errors import ConfigError
 from mailingest.ops import metrics
+from mailingest.smtp import replies
+from mailingest.smtp.limits import RefusalCounter
 from mailingest.smtp.proxy import ENDPOINT_PREFIX
 from mailingest.smtp.tls import ReloadableTLS
 from mailingest.twisted_private import tcp_listen_arguments
@@ -64,8 +80,8 @@ RESTART_SECONDS = 1.0
 STOP_SECONDS = 15.0
 # A child's log record is a JSON object; one longer than this is cut off.
 MAX_LOG_RECORD = 1024 * 1024
-# Settings, a store call or its reply: a few KB (a message's rows, without its content).
-MAX_FRAME = 1024 * 1024
+# A client address as a child reports it (an IPv6 /64 is the longest).
+MAX_PEER = 64
 
 
 def plain_tcp(description: str) -> str:
@@ -76,78 +92,160 @@ def plain_tcp(description: str) -> str:
     return plain
 
 
-class _Nobody(protocol.ServerFactory):
-    """The parent's factory on the SMTP sockets: it never accepts (the children do)."""
-
-    noisy = False
-
-
-_NOBODY = _Nobody()
-
-
-class _SharedPort(tcp.Port):
-    """One of several listening sockets bound to the same address (C{SO_REUSEPORT})."""
-
-    def createInternetSocket(self):
-        skt = super().createInternetSocket()
+def shared_socket(number: int, interface: str, backlog: int) -> socket.socket:
+    """
+    A listening socket bound with C{SO_REUSEPORT}, one of several on the same
+    address: a plain socket, since the parent never accepts on it (a Twisted
+    port would only log that it starts and stops).
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    skt = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return skt
+        skt.bind((interface, number))
+        skt.listen(backlog)
+        skt.setblocking(False)
+    except OSError:
+        skt.close()
+        raise
+    return skt
 
 
-# What an intake process may ask of the parent's store when the parent is the
-# one writer (SQLite): what the SMTP side uses, nothing else.
-STORE_CALLS = frozenset({"insert_messages", "raw_key_in_use", "active_orgs", "get_org"})
+@implementer(IAddress)
+@dataclass(frozen=True)
+class IntakeAddress:
+    """The other end of the AMP connection with an intake process."""
+
+    index: int
+    pid: int
 
 
-class _Frames(NetstringReceiver):
-    """Netstrings of pickled tuples to and from one intake process (its stdin and stdout)."""
+class _StdioTransport:
+    """
+    What AMP needs of a transport, on a child's pipes: writes go to its stdin,
+    and losing the connection closes it (the child then stops). A process
+    transport has no C{getPeer}, which AMP calls.
+    """
 
-    MAX_LENGTH = MAX_FRAME
+    def __init__(self, process, address: IntakeAddress):
+        self.process = process
+        self.address = address
+
+    def write(self, data: bytes) -> None:
+        self.process.write(data)
+
+    def writeSequence(self, data) -> None:
+        self.process.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        self.process.closeStdin()
+
+    def getPeer(self) -> IntakeAddress:
+        return self.address
+
+    def getHost(self) -> IntakeAddress:
+        return self.address
+
+
+def _store_failure(failure):
+    """Any error of the store reaches the child as the declared L{StoreCallFailed}, with its message."""
+    if failure.check(StoreCallFailed):
+        return failure
+    raise StoreCallFailed(failure.getErrorMessage())
+
+
+class ChildConnection(QuietAMP):
+    """The parent's end of the AMP connection with one intake process: what a child may ask, and nothing else."""
 
     def __init__(self, child: "_Child"):
+        super().__init__()
         self.child = child
 
-    def send(self, *frame) -> None:
-        self.sendString(pickle.dumps(frame))
+    def dispatchCommand(self, box):
+        d = super().dispatchCommand(box)
+        d.addErrback(self._refused, box)
+        return d
 
-    def stringReceived(self, data: bytes) -> None:
-        self.child.frame_received(pickle.loads(data))
+    def _refused(self, failure, box):
+        if failure.check(amp.RemoteAmpError) and failure.value.errorCode == BAD_RECORDS:
+            log.error(
+                "intake process {index} sent a bad {command}: {error}",
+                index=self.child.index, command=box.get(amp.COMMAND, b"?").decode("ascii", "replace"),
+                error=failure.value.description,
+            )
+        return failure
+
+    def _writer(self):
+        writer = self.child.parent.writer
+        if writer is None:
+            raise StoreCallFailed("the intake processes write to the database themselves")
+        return writer
+
+    @InsertMessages.responder
+    def insert_messages(self, rows: list[dict]) -> defer.Deferred:
+        writer = self._writer()
+        batches = [list(batch) for _, batch in groupby(rows, key=itemgetter("batch"))]
+        for row in rows:
+            del row["batch"]
+        calls = [defer.maybeDeferred(writer.insert_messages, batch) for batch in batches]
+        return defer.DeferredList(calls, consumeErrors=True).addCallback(self._inserted, batches)
+
+    def _inserted(self, outcomes, batches) -> dict:
+        kinds, ids, errors = [], [], []
+        for (ok, value), batch in zip(outcomes, batches):
+            if ok:
+                kinds += [kind_of(row_id) for row_id in value]
+                ids += [int(row_id) for row_id in value]
+            else:
+                kinds.append(FAILED * len(batch))
+                ids += [0] * len(batch)
+                errors += [value.getErrorMessage() or "not stored"] * len(batch)
+        if any(ok for ok, _ in outcomes):
+            self.child.parent.on_stored()
+        return {"kinds": b"".join(kinds), "ids": ids, "errors": errors}
+
+    @RawKeyInUse.responder
+    def raw_key_in_use(self, key: str) -> defer.Deferred:
+        d = defer.maybeDeferred(self._writer().raw_key_in_use, key)
+        return d.addCallbacks(lambda used: {"used": bool(used)}, _store_failure)
+
+    @LookupOrg.responder
+    def lookup_org(self, slug: str) -> defer.Deferred:
+        d = defer.maybeDeferred(self._writer().get_org, slug)
+        found = lambda org: {"id": None, "active": False} if org is None else {"id": org["id"], "active": bool(org["active"])}
+        return d.addCallbacks(found, _store_failure)
+
+    @ActiveOrgs.responder
+    def active_orgs(self) -> defer.Deferred:
+        d = defer.maybeDeferred(self._writer().active_orgs)
+        return d.addCallbacks(lambda orgs: {"orgs": [{"slug": slug, "id": org_id} for slug, org_id in orgs.items()]}, _store_failure)
+
+    @RecipientRefused.responder
+    def recipient_refused(self, peer: str) -> dict:
+        if len(peer) <= MAX_PEER:
+            self.child.parent.recipient_refused(peer, self.child)
+        return {}
 
 
 class _Child(protocol.ProcessProtocol):
-    """One intake process: settings and store replies go in on its stdin; store calls come out on stdout, log records on stderr."""
+    """One intake process: AMP on its stdin and stdout (L{ChildConnection}), log records on stderr."""
 
     def __init__(self, parent: "IntakeProcesses", index: int):
         self.parent = parent
         self.index = index
         self.ended = defer.Deferred()
-        self.frames = _Frames(self)
+        self.amp = ChildConnection(self)
         self._log = b""
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        self.frames.makeConnection(self.transport)
-        self.frames.send("settings", self.parent.settings, self.parent.writer is not None)
+        self.amp.makeConnection(_StdioTransport(self.transport, IntakeAddress(self.index, self.pid)))
+        d = self.amp.callRemote(StartIntake, **self.parent.start_arguments())
+        d.addErrback(lambda f: log.error("intake process {index} did not start: {error}", index=self.index, error=f.getErrorMessage()))
 
     def outReceived(self, data: bytes):
-        self.frames.dataReceived(data)
-
-    def frame_received(self, frame: tuple) -> None:
-        """A store call from the child (the parent is the one writer): answered with its result or error message."""
-        kind, request, method, args = frame
-        if kind != "call" or method not in STORE_CALLS or self.parent.writer is None:
-            log.error("intake process {index} asked for {method}: not a store call; stopping it", index=self.index, method=method)
-            self.transport.signalProcess("KILL")
-            return
-        d = defer.maybeDeferred(getattr(self.parent.writer, method), *args)
-        if method == "insert_messages":
-            d.addCallback(self._stored)
-        d.addCallbacks(lambda result: (request, True, result), lambda f: (request, False, f.getErrorMessage()))
-        d.addCallback(lambda reply: self.frames.send("reply", *reply) if self.transport.pid else None)
-
-    def _stored(self, result):
-        self.parent.on_stored()
-        return result
+        self.amp.dataReceived(data)
 
     def errReceived(self, data: bytes):
         self._log = (self._log + data)[-MAX_LOG_RECORD:]
@@ -176,8 +274,14 @@ class _Child(protocol.ProcessProtocol):
         globalLogPublisher(event)
 
     def processEnded(self, reason):
+        self.amp.connectionLost(reason)
         self.parent.child_ended(self, reason)
         self.ended.callback(None)
+
+
+def endpoint_address(skt: socket.socket) -> str:
+    host, port = skt.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class IntakeProcesses(service.Service):
@@ -189,6 +293,7 @@ class IntakeProcesses(service.Service):
         # One writer: with SQLite the children's store calls come here.
         self.writer = store if store.exclusive else None
         self.on_stored = on_stored
+        self.refusals = RefusalCounter(reactor, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
         self.endpoints = [plain_tcp(description) for description in settings["smtp"]]
         self.tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"]) if settings["tls_cert"] else None
         self.ports = []
@@ -217,13 +322,12 @@ class IntakeProcesses(service.Service):
             sockets = []
             self.ports.append(sockets)
             for _ in range(self.settings["processes"]):
-                port = _SharedPort(number, _NOBODY, backlog, interface, self.reactor)
-                sockets.append(port)
-                port.startListening()
-                # The children accept; here the socket only has to stay open.
-                port.stopReading()
-                number = port.getHost().port
-            log.info("SMTP listening on {address} ({count} intake processes)", address=sockets[0].getHost(), count=len(sockets))
+                sockets.append(shared_socket(number, interface, backlog))
+                number = sockets[-1].getsockname()[1]
+            log.info(
+                "SMTP listening on {address} ({count} intake processes)",
+                address=endpoint_address(sockets[0]), count=len(sockets),
+            )
 
     def _cannot_listen(self, failure):
         log.critical("mailingest could not start: cannot listen for SMTP: {error}", error=failure.getErrorMessage())
@@ -240,6 +344,21 @@ class IntakeProcesses(service.Service):
         self.reactor.spawnProcess(child, sys.executable, argv, env=env, childFDs=child_fds)
         self.children[index] = child
         log.info("intake process {index} started, pid {pid}", index=index, pid=child.pid)
+
+    def start_arguments(self) -> dict:
+        """L{StartIntake}'s arguments: the settings of the SMTP side, and the refused recipients counted so far."""
+        arguments = {key: self.settings[key] for key in INTAKE_SETTINGS}
+        arguments["proxy_trusted"] = [str(network) for network in arguments["proxy_trusted"]]
+        arguments["through_parent"] = self.writer is not None
+        arguments["refusals"] = self.refusals.snapshot()
+        return arguments
+
+    def recipient_refused(self, peer: str, reported_by: _Child) -> None:
+        """A child refused a recipient to C{peer}: counted here for the children to come, and told to the others."""
+        self.refusals.refused(peer)
+        for child in list(self.children.values()):
+            if child is not reported_by:
+                child.amp.callRemote(RecipientRefused, peer=peer)
 
     def child_ended(self, child: _Child, reason) -> None:
         if self.children.get(child.index) is child:
@@ -271,7 +390,7 @@ class IntakeProcesses(service.Service):
         # A child stops as on SIGTERM (once, if it got the signal too); its
         # stdin stays open for the replies to its last store calls.
         for child in self.children.values():
-            child.frames.send("stop")
+            child.amp.callRemote(StopIntake)
         kill = self.reactor.callLater(STOP_SECONDS, self.signal_children, signal.SIGKILL)
         d = defer.DeferredList(ended)
 
@@ -279,6 +398,8 @@ class IntakeProcesses(service.Service):
             if kill.active():
                 kill.cancel()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            return defer.DeferredList([defer.maybeDeferred(port.stopListening) for sockets in self.ports for port in sockets])
+            for sockets in self.ports:
+                for skt in sockets:
+                    skt.close()
 
         return d.addCallback(stopped)

@@ -273,12 +273,13 @@ def make_ingest(settings: dict, store, blobs, spool_dir: str, parent: service.Mu
     )
 
 
-def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.MultiService, listen) -> tuple:
+def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.MultiService, listen, refusals=None) -> tuple:
     """
     The SMTP factory and its listeners (C{listen(reactor, description,
     factory, what, proxy_trusted)} makes each), the certificate reloader and
-    the session drain, added to C{parent} listeners last. Returns (the
-    STARTTLS certificate or None, the listeners).
+    the session drain, added to C{parent} listeners last; C{refusals} is the
+    refused-recipient count an intake process shares with the others.
+    Returns (the STARTTLS certificate or None, the listeners).
     """
     tls_context = None
     if settings["tls_cert"]:
@@ -292,6 +293,7 @@ def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.Multi
         max_connections=settings["max_connections"],
         max_connections_per_ip=settings["max_connections_per_ip"],
         tls_context=tls_context,
+        refusals=refusals,
     )
     listeners = [listen(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]]
     certificates = [tls_context] if tls_context else []

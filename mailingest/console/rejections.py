@@ -15,9 +15,9 @@ WINDOW_SECONDS = 3600.0
 
 
 def rejected_totals() -> dict[str, float]:
-    """The current C{mailingest_rejected_total} by reason."""
+    """The current C{mailingest_rejected_total} by reason (with C{--processes}, the intake processes' too)."""
     totals = {}
-    for family in metrics.REJECTED.collect():
+    for family in metrics.families(metrics.REJECTED):
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 totals[sample.labels["reason"]] = sample.value

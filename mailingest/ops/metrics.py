@@ -142,6 +142,16 @@ def exposition() -> bytes:
     return generate_latest(registry)
 
 
+def families(metric) -> list[Metric]:
+    """C{metric}'s families as the ops endpoint serves them: summed over the intake processes when there are any."""
+    own = list(metric.collect())
+    if _children_dir is None:
+        return own
+    names = {family.name for family in own}
+    summed = _Sum([REGISTRY, multiprocess.MultiProcessCollector(None, path=_children_dir)])
+    return [family for family in summed.collect() if family.name in names]
+
+
 class _Sum:
     """The families of several collectors as one: samples with the same name and labels (but C{pid}) added up."""
 

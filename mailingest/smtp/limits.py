@@ -8,8 +8,11 @@ average C{min_data_rate} bytes/s, and it may never take longer than
 C{max_data_seconds}, so slow-drip clients cannot hold slots for hours.
 """
 
+import collections
 from dataclasses import dataclass
 from typing import Callable
+
+from twisted.internet.interfaces import IReactorTime
 
 # RFC 5321 4.5.3.1.4: 512 octets including CRLF (we allow 512 without it).
 MAX_COMMAND_LINE = 512
@@ -64,3 +67,52 @@ class DataPace:
             self._too_slow(size, elapsed)
             return
         self._call = self._clock.callLater(DATA_CHECK_SECONDS, self._check)
+
+
+class RefusalCounter:
+    """
+    Recipients refused per client address over a sliding window: the times
+    within it are kept, at most C{limit} per address (enough to say the limit
+    is reached). With C{--processes} every intake process keeps a copy, fed
+    by the others through the parent (L{mailingest.app.intake_protocol.RecipientRefused}).
+    """
+
+    def __init__(self, clock: IReactorTime, limit: int, window: float):
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self._times: dict[str, collections.deque] = {}
+        self._next_sweep = 0.0
+
+    def refused(self, peer: str, when: float | None = None) -> None:
+        """Note a recipient refused to C{peer}, now or at C{when}."""
+        now = self.clock.seconds()
+        self._forget_old(now)
+        times = self._times.get(peer)
+        if times is None:
+            times = self._times[peer] = collections.deque(maxlen=self.limit)
+        times.append(now if when is None else when)
+
+    def count(self, peer: str) -> int:
+        """Recipients refused to C{peer} within the window (capped at the limit)."""
+        times = self._times.get(peer)
+        if not times:
+            return 0
+        cutoff = self.clock.seconds() - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        return len(times)
+
+    def snapshot(self) -> list[dict]:
+        """Every refusal still within the window, for a process that starts."""
+        cutoff = self.clock.seconds() - self.window
+        return [{"peer": peer, "at": at} for peer, times in self._times.items() for at in times if at > cutoff]
+
+    def _forget_old(self, now: float) -> None:
+        """Once per window, drop the addresses with no refusal in it, so the table stays small."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.window
+        cutoff = now - self.window
+        for peer in [peer for peer, times in self._times.items() if times[-1] <= cutoff]:
+            del self._times[peer]

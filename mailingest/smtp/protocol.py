@@ -46,7 +46,6 @@ C{do_NOOP}, C{do_VRFY} and C{do_HELP} are ours (Twisted has none). Twisted's
 C{sendCode} writes every reply, unchanged. No private Twisted name is used.
 """
 
-import collections
 import ipaddress
 import re
 
@@ -63,7 +62,7 @@ from mailingest.delivery.transaction import IngestDeliveryFactory
 from mailingest.smtp import replies
 from mailingest.smtp.address import mailbox
 from mailingest.smtp.data_reader import DotReader, size_refusal
-from mailingest.smtp.limits import MAX_COMMAND_LINE, PAUSE_BUFFER, DataPace, Limits
+from mailingest.smtp.limits import MAX_COMMAND_LINE, PAUSE_BUFFER, DataPace, Limits, RefusalCounter
 from mailingest.smtp.replies import Replies
 
 # Verbs of RFC 5321 and older extensions we know but do not implement.
@@ -546,10 +545,13 @@ class IngestSMTPFactory(protocol.ServerFactory):
         max_connections_per_ip: int,
         tls_context=None,
         clock=None,
+        refusals: RefusalCounter | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        # Shared by the intake processes when there are several.
+        self.refusals = refusals or RefusalCounter(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
         self.ingest = ingest
         self.hostname = hostname.encode("idna")
         self.limits = Limits(max_message_size, max_recipients, timeout)
@@ -561,8 +563,6 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.awaiting_header: set = set()
         self.shutting_down = False
         self._drained: defer.Deferred | None = None
-        self._refusals: dict[str, collections.deque] = {}
-        self._next_refusal_sweep = 0.0
 
     def buildProtocol(self, addr):
         session = Session()
@@ -592,32 +592,12 @@ class IngestSMTPFactory(protocol.ServerFactory):
         return False
 
     def refused_recipient(self, peer: str) -> None:
-        """Note a refused recipient from C{peer} (its times within the window, at most the limit, are kept)."""
-        now = self.clock.seconds()
-        self._forget_old_refusals(now)
-        times = self._refusals.get(peer)
-        if times is None:
-            times = self._refusals[peer] = collections.deque(maxlen=replies.REFUSED_RECIPIENT_LIMIT)
-        times.append(now)
+        """Note a refused recipient from C{peer}."""
+        self.refusals.refused(peer)
 
     def refused_recipients(self, peer: str) -> int:
         """Recipients refused to C{peer} within the window (capped at the limit)."""
-        times = self._refusals.get(peer)
-        if not times:
-            return 0
-        cutoff = self.clock.seconds() - replies.REFUSED_RECIPIENT_WINDOW
-        while times and times[0] <= cutoff:
-            times.popleft()
-        return len(times)
-
-    def _forget_old_refusals(self, now: float) -> None:
-        """Once per window, drop the addresses with no refusal in it, so the table stays small."""
-        if now < self._next_refusal_sweep:
-            return
-        self._next_refusal_sweep = now + replies.REFUSED_RECIPIENT_WINDOW
-        cutoff = now - replies.REFUSED_RECIPIENT_WINDOW
-        for peer in [peer for peer, times in self._refusals.items() if times[-1] <= cutoff]:
-            del self._refusals[peer]
+        return self.refusals.count(peer)
 
     def shutdown(self, grace: float, clock) -> defer.Deferred:
         """
