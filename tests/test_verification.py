@@ -378,7 +378,7 @@ class MessageForChecksTests(unittest.TestCase):
     def read(self, data: bytes) -> bytes:
         import io
 
-        from mailingest.extraction.worker import message_for_checks
+        from mailingest.extraction.checker import message_for_checks
 
         return message_for_checks(io.BytesIO(data))
 
