@@ -1,11 +1,11 @@
 """
 DNS for the sender checks: one resolver, one time budget per message.
 
-The checks run in a parser worker with blocking lookups (pyspf and dkimpy
-are synchronous). Every lookup of one message draws on the same deadline, so
-a server that never answers costs the message C{budget} seconds at most and
-gives C{temperror}, never a stuck worker. Answers are cached for the life of
-the worker (dnspython's LRU cache, by TTL): a sender's records are asked once,
+The checks run in threads of the sender check process with blocking lookups
+(pyspf and dkimpy are synchronous). Every lookup of one message draws on the
+same deadline, so a server that never answers costs the message C{budget}
+seconds at most and gives C{temperror}, never a stuck thread. Answers are
+cached for the life of the process (dnspython's LRU cache, by TTL): a sender's records are asked once,
 not per message. A name whose server did not answer is remembered as dead
 (L{DeadNames}) for a minute, with the names under it: a silent DNS server
 costs the budget once a minute, not once per message of its domain.
@@ -104,7 +104,7 @@ _dead_names: dict[tuple, DeadNames] = {}
 
 
 def _resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
-    """One dnspython resolver (and its cache) per server, kept for the life of the worker."""
+    """One dnspython resolver (and its cache) per server, kept for the life of the process."""
     if address not in _resolvers:
         if address is None:
             resolver = dns.resolver.Resolver()
