@@ -12,9 +12,10 @@ stored under a key made of ids only, and its document recorded. Every step is
 idempotent, so a message interrupted anywhere is simply extracted again.
 
 Organisations take turns: a claim takes at most L{CHECKS_PER_ORG} messages of
-one organisation, and none of an organisation whose messages are in hand in
-all work slots but one, so one organisation's backlog (say, mail whose DNS
-never answers) always leaves a slot to the others. The messages of a claim are
+one organisation. There is one work slot more than C{concurrency}, and an
+organisation whose messages are in hand in C{concurrency} slots is not claimed
+for, so one organisation's backlog (say, mail whose DNS never answers) always
+leaves a slot to the others. The messages of a claim are
 sender-checked at once (L{mailingest.extraction.checks}), then parsed one at
 a time in their slot, in the order their checks end.
 
@@ -143,7 +144,7 @@ class ExtractionService(service.Service):
     def startService(self):
         super().startService()
         self._claims = ClaimWorkers(
-            make_slots(self.work_dir, self.concurrency),
+            make_slots(self.work_dir, self.concurrency + 1),
             self._claim,
             self._process_batch,
             lambda e: log.error("cannot claim messages for extraction: {error}", error=str(e)),
@@ -194,7 +195,7 @@ class ExtractionService(service.Service):
         claim at a time, so each sees the slots the one before filled.
         """
         async with self._claiming:
-            crowded = [org for org, slots in self._busy_slots.items() if slots >= max(1, self.concurrency - 1)]
+            crowded = [org for org, slots in self._busy_slots.items() if slots >= self.concurrency]
             batch = await self.store.claim(self.lease_seconds, self.batch_size, CHECKS_PER_ORG, crowded)
             self._busy_slots.update({message["org_id"] for message in batch})
             return batch
