@@ -8,11 +8,15 @@ C{reused}, where every part is followed by a C{--boundary--} line (a nested
 multipart that reused its parent's boundary, as far as the parser can tell),
 which leaves all parts but the first to boundary recovery. C{--8bit} puts one
 8-bit byte in every line, which doubles the size of the parser's strings.
+C{--base64-mb} adds one message per size given, one base64 attachment written
+one character per line (valid base64: line breaks are ignored), the line
+shape that costs the parser most per byte.
 
-    python -m bench.parser_memory [--parts 100,200,300,1000] [--8bit]
+    python -m bench.parser_memory [--parts 100,200,300,1000] [--8bit] [--base64-mb 12,48]
 """
 
 import argparse
+import base64
 import json
 import os
 import subprocess
@@ -33,6 +37,22 @@ def message(parts: int, reused: bool, eight_bit: bool) -> bytes:
         part += b"--B--\r\n"
     head = b"From: load@bench.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
     return head + part * parts + b"--B--\r\n"
+
+
+def one_char_lines(size: int) -> bytes:
+    """A message of about C{size} bytes: one attachment in base64, one character per line."""
+    encoded = base64.b64encode(os.urandom(size // 4))
+    # Built in place, so that this process stays small: a worker's peak (ru_maxrss) includes its parent's at fork.
+    body = bytearray(len(encoded) * 3)
+    body[0::3] = encoded
+    body[1::3] = b"\r" * len(encoded)
+    body[2::3] = b"\n" * len(encoded)
+    body = bytes(body[:-2])
+    head = (
+        b"From: load@bench.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        b"--B\r\nContent-Type: application/pdf; name=order.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    )
+    return head + body + b"\r\n--B--\r\n"
 
 
 def measure(directory: str, data: bytes) -> tuple[float, float, dict]:
@@ -59,6 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--parts", default="100,200,300,1000", help="part counts, comma-separated")
     parser.add_argument("--8bit", dest="eight_bit", action="store_true", help="one 8-bit byte in every line")
+    parser.add_argument("--base64-mb", default="", help="message sizes (MB) of one base64 attachment, one character per line")
     options = parser.parse_args()
     print("| shape | parts | message MB | worker peak MiB | seconds | result |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -70,6 +91,11 @@ def main() -> int:
                 result = reply.get("unparseable") or reply.get("error") or f"{len(reply['warnings'])} warning(s)"
                 shape = "reused" if reused else "intact"
                 print(f"| {shape} | {parts} | {len(data) / 1e6:.0f} | {peak:,.0f} | {seconds:.2f} | {result} |", flush=True)
+        for megabytes in filter(None, options.base64_mb.split(",")):
+            data = one_char_lines(int(megabytes) * 10**6)
+            peak, seconds, reply = measure(directory, data)
+            result = reply.get("unparseable") or reply.get("error") or f"{len(reply['attachments'])} document(s)"
+            print(f"| base64, 1 char/line | 1 | {len(data) / 1e6:.0f} | {peak:,.0f} | {seconds:.2f} | {result} |", flush=True)
     return 0
 
 

@@ -212,9 +212,10 @@ class IStore(Interface):
         Fire with one message row (with C{org_slug}) or None.
         """
 
-    def count_messages(status=None):
+    def count_messages(status=None, org_id=None):
         """
-        Fire with the number of messages, optionally only those in C{status}.
+        Fire with the number of messages, optionally only those in C{status}
+        and of one organisation.
         """
 
     # documents and the extraction queue

@@ -40,22 +40,36 @@ class ProxyHeaderParser:
     """
     Reads one PROXY header, v1 or v2, from the first bytes of a connection.
 
-    L{feed} returns C{(None, b"")} until the header is complete, then the
-    header's source address (None for a LOCAL/UNKNOWN header) and the bytes
-    after it; it raises L{InvalidProxyHeader} for anything else.
+    L{feed} returns None until the header is complete, then the header's
+    source address (None for a LOCAL/UNKNOWN header) and the bytes after it;
+    it raises L{InvalidProxyHeader} at the first byte that cannot start a
+    header. TCP may split the header anywhere, so the bytes that choose the
+    version are gathered first: Twisted's V2Parser refuses a first feed
+    shorter than its 16-byte fixed part.
     """
 
     def __init__(self) -> None:
         self._parser: V1Parser | V2Parser | None = None
+        self._start = b""
 
     def feed(self, data: bytes) -> tuple[IAddress | None, bytes] | None:
         if self._parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
+            start = self._start + data
+            if V2Parser.PREFIX.startswith(start[:12]):
+                if len(start) > 12 and start[12] & 0xF0 != 0x20:
+                    raise InvalidProxyHeader()
+                if len(start) < 16:
+                    self._start = start
+                    return None
                 self._parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+            elif V1Parser.PROXYSTR.startswith(start[:5]):
+                if len(start) < 5:
+                    self._start = start
+                    return None
                 self._parser = V1Parser()
             else:
                 raise InvalidProxyHeader()
+            data, self._start = start, b""
         info, remaining = self._parser.feed(data)
         if info is None:
             return None

@@ -71,14 +71,15 @@ class Zone(authority.FileAuthority):
 
 
 class DnsServer:
-    """The zone served on one free port of 127.0.0.1, UDP and TCP (for answers above 512 bytes)."""
+    """The zones served on one free port of 127.0.0.1, UDP and TCP (for answers above 512 bytes)."""
 
-    def __init__(self, zone: Zone):
+    def __init__(self, zone: Zone, *more: Zone):
         self.zone = zone
+        self.zones = [zone, *more]
         self._ports = []
 
     def start(self) -> tuple[str, int]:
-        factory = _Factory(authorities=[self.zone])
+        factory = _Factory(authorities=self.zones)
         for _ in range(20):
             udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
             port = udp.getHost().port

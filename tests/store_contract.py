@@ -377,6 +377,9 @@ class StoreContract:
         self.assertEqual((yield self.store.count_messages("received")), 2)
         self.assertEqual((yield self.store.count_messages("failed")), 1)
         self.assertEqual((yield self.store.count_messages("parsed")), 0)
+        self.assertEqual((yield self.store.count_messages("received", org_id=acme)), 1)
+        self.assertEqual((yield self.store.count_messages("received", org_id=globex)), 1)
+        self.assertEqual((yield self.store.count_messages(org_id=acme)), 2)
 
     @defer.inlineCallbacks
     def claim_one(self):
@@ -552,6 +555,9 @@ class StoreContract:
         yield self.store.mark_parsed(loud, [])
         self.assertTrue(heard)
         self.assertEqual(len((yield self.store.list_events())), 1)
+        self.assertEqual((yield self.store.count_events("pending")), 1)
+        self.assertEqual((yield self.store.count_events("pending", org_id=acme)), 1)
+        self.assertEqual((yield self.store.count_events("pending", org_id=globex)), 0)
 
     @defer.inlineCallbacks
     def test_quarantine_writes_its_event_in_the_same_transaction(self):
@@ -565,6 +571,69 @@ class StoreContract:
         self.assertEqual(
             (event["event_type"], event["status"]), ("message.quarantined", "pending")
         )
+
+    @defer.inlineCallbacks
+    def two_webhook_orgs(self):
+        acme, globex = yield self.two_orgs()
+        for slug in ("acme", "globex"):
+            yield self.store.set_webhook(slug, f"https://{slug}.example/hooks", "whsec_x")
+        return acme, globex
+
+    @defer.inlineCallbacks
+    def pending_events(self, org_id: int, count: int, tag: str) -> list[int]:
+        """C{count} parsed messages of C{org_id}, each with its pending event; their event ids, oldest first."""
+        ids = yield self.store.insert_messages([message(org_id, f"<{tag}-{n}@x>") for n in range(count)])
+        for message_id in ids:
+            yield self.store.mark_parsed(message_id, [])
+        events = yield self.store.list_events(limit=1000)
+        return sorted(e["id"] for e in events if e["inbound_message_id"] in ids)
+
+    @defer.inlineCallbacks
+    def test_event_claims_take_organisations_in_turns_up_to_a_cap(self):
+        """Issue 22: one organisation's backlog takes at most per_org claims, the others get their turn first."""
+        acme, globex = yield self.two_webhook_orgs()
+        busy = yield self.pending_events(acme, 10, "busy")
+        [quiet] = yield self.pending_events(globex, 1, "quiet")
+        first = yield self.store.claim_events(60, limit=2, per_org=3)
+        self.assertEqual([e["id"] for e in first], [busy[0], quiet])
+        self.assertEqual({e["org_id"] for e in first}, {acme, globex})
+        second = yield self.store.claim_events(60, limit=10, per_org=3)
+        # acme has one claimed already: two more, then none while three are out
+        self.assertEqual([e["id"] for e in second], busy[1:3])
+        self.assertEqual((yield self.store.claim_events(60, limit=10, per_org=3)), [])
+        yield self.store.event_delivered(busy[0], 200)
+        self.assertEqual([e["id"] for e in (yield self.store.claim_events(60, limit=10, per_org=3))], [busy[3]])
+
+    @defer.inlineCallbacks
+    def test_a_failing_receiver_is_counted_paused_and_cleared(self):
+        """Issue 22: failures in a row are counted per receiver, a paused one's events wait, a delivery starts afresh."""
+        acme, globex = yield self.two_webhook_orgs()
+        events = yield self.pending_events(acme, 3, "a")
+        [other] = yield self.pending_events(globex, 1, "g")
+        claimed = yield self.store.claim_events(60, limit=10)
+        self.assertEqual(len(claimed), 4)
+        self.assertEqual((yield self.store.event_failed(events[0], 500, "HTTP 500", 0)), 1)
+        self.assertEqual((yield self.store.event_failed(events[1], None, "refused", 0)), 2)
+        self.assertEqual((yield self.store.count_paused_receivers()), 0)
+        yield self.store.pause_receiver(acme, 5)
+        self.assertEqual((yield self.store.count_paused_receivers()), 1)
+        # an attempt begun before the pause is not counted
+        self.assertIsNone((yield self.store.event_failed(events[2], None, "timeout", 0)))
+        yield self.store.event_failed(other, 500, "HTTP 500", 0)
+        self.assertEqual([e["id"] for e in (yield self.store.claim_events(60, limit=10))], [other])
+        later = self.store._now() + timedelta(seconds=6)
+        self.patch(self.store, "_now", lambda: later)
+        self.assertEqual((yield self.store.count_paused_receivers()), 0)
+        again = yield self.store.claim_events(60, limit=10)
+        self.assertEqual(sorted(e["id"] for e in again), events)
+        self.assertEqual((yield self.store.event_failed(events[0], 500, "HTTP 500", 0)), 3)
+        yield self.store.event_delivered(events[1], 204)
+        self.assertEqual((yield self.store.event_failed(events[2], 500, "HTTP 500", 0)), 1)
+        # a new URL starts afresh too
+        yield self.store.pause_receiver(acme, 5)
+        yield self.store.set_webhook("acme", "https://acme.example/new", "whsec_x")
+        self.assertEqual((yield self.store.count_paused_receivers()), 0)
+        self.assertEqual((yield self.store.event_failed(events[0], 500, "HTTP 500", 0)), 1)
 
     @defer.inlineCallbacks
     def test_smtp_facts_verdicts_policy_quarantine_release(self):

@@ -11,20 +11,22 @@ import re
 import time
 from email.message import EmailMessage
 
+import jsonschema
+import openapi_spec_validator
 import treq
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest.extraction.service import document_key
 from mailingest.handoff import openapi
-from mailingest.handoff.api import ApiResource, content_disposition, new_token, safe_content_type, token_hash
+from mailingest.handoff.api import ApiResource, content_disposition, encode_cursor, new_token, safe_content_type, token_hash
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 from tests.daemon import DaemonTestCase, TwistdProcess, free_port, temp_dir
 from tests.store_contract import message as stored_message
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
-ADMIN_TOKEN = "admin-" + "x" * 40
+ADMIN_TOKEN = "adm_Jq7vR2xWc9LpT4sKe8NbZ1yHg6Ud3Mf"  # 128 bits in form, as the daemon requires
 
 
 def order(org: str, n: int, filename: str = "order.pdf") -> bytes:
@@ -39,12 +41,14 @@ def order(org: str, n: int, filename: str = "order.pdf") -> bytes:
 
 
 class ApiCase(DaemonTestCase):
+    extra: dict = {}  # more daemon settings of a test class
+
     @defer.inlineCallbacks
     def setUp(self):
         token_file = os.path.join(temp_dir(self), "admin-token")
         with open(token_file, "w") as f:
             f.write(ADMIN_TOKEN + "\n")
-        self.overrides = {"poll_interval": "0.2", "api": "tcp:0:interface=127.0.0.1", "api_admin_token_file": token_file}
+        self.overrides = {"poll_interval": "0.2", "api": "tcp:0:interface=127.0.0.1", "api_admin_token_file": token_file, **self.extra}
         yield super().setUp()
         yield self.daemon.store.add_org("beta", "Beta")
         self.base = f"http://127.0.0.1:{self.daemon.service.api_listener.port.getHost().port}"
@@ -127,6 +131,27 @@ class Scoping(ApiCase):
         code, headers, body = yield self.get("/v1/messages", method="POST")
         self.assertEqual((code, json.loads(body)["error"]), (405, "method_not_allowed"))
 
+    @defer.inlineCallbacks
+    def test_every_bad_query_value_is_a_400(self):
+        """Values that pass a first look but break later (int(), UTC conversion, the database's integer) are 400s too."""
+        yield self.deliver("acme", 1)
+        self.assertEqual(len((yield self.get_json("/v1/messages?limit=200&since=2000-01-01T00:00:00%2B14:00"))["messages"]), 1)
+        overflowing = encode_cursor(10**30)
+        for query, code in (
+            ("limit=%C2%B2", "bad_parameter"),  # "²".isdigit() is True, int("²") raises
+            ("limit=%D9%A3", "bad_parameter"),  # an Arabic-Indic 3
+            (f"cursor={overflowing}", "bad_cursor"),
+            (f"cursor={encode_cursor(2**63)}", "bad_cursor"),
+            ("since=0001-01-01T00:00:00%2B14:00", "bad_parameter"),
+            ("since=9999-12-31T23:59:59-14:00", "bad_parameter"),
+            ("status=nonsense", "bad_parameter"),
+            ("status=%00", "bad_parameter"),
+        ):
+            body = yield self.get_json(f"/v1/messages?{query}", status=400)
+            self.assertEqual(body["error"], code, query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual((yield self.get_json(f"/v1/messages?cursor={encode_cursor(2**63 - 1)}"))["next_cursor"], None)
+
 
 class Pagination(ApiCase):
     @defer.inlineCallbacks
@@ -155,7 +180,7 @@ class Content(ApiCase):
         document = detail["documents"][0]
         self.assertEqual(document["sha256"], hashlib.sha256(PDF).hexdigest())
         self.assertEqual((yield self.get_json(f"/v1/documents/{document['id']}")), document)
-        code, headers, body = yield self.get(document["url"])
+        code, headers, body = yield self.get(document["content_url"])
         self.assertEqual((code, body), (200, PDF))
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/pdf"])
         self.assertEqual(headers.getRawHeaders("content-length"), [str(len(PDF))])
@@ -185,6 +210,30 @@ class OpenApi(ApiCase):
             path = template.replace("{id}", str(document_id if "documents" in template else message_id))
             code, _, body = yield self.get(path)
             self.assertEqual(code, 200, (template, body))
+
+    @defer.inlineCallbacks
+    def test_objects_match_their_schemas(self):
+        """The schemas name every field the API sends, and nothing else (each object's properties are all required)."""
+        openapi_spec_validator.validate(openapi.DOCUMENT)
+        message_id = yield self.deliver("acme", 1)
+        message = yield self.get_json(f"/v1/messages/{message_id}")
+        error = yield self.get_json("/v1/messages?limit=0", status=400)
+        for instance, schema in (
+            ((yield self.get_json("/v1/messages")), "MessagePage"),
+            (message, "MessageWithDocuments"),
+            ((yield self.get_json(f"/v1/documents/{message['documents'][0]['id']}")), "Document"),
+            (error, "Error"),
+        ):
+            properties = openapi.SCHEMAS[schema]["properties"]
+            jsonschema.validate(instance, {**openapi.DOCUMENT, "$ref": f"#/components/schemas/{schema}"})
+            self.assertEqual(sorted(instance), sorted(properties), schema)
+            self.assertEqual(sorted(properties), sorted(openapi.SCHEMAS[schema]["required"]))
+        self.assertRaises(
+            jsonschema.ValidationError,
+            jsonschema.validate,
+            dict(message, status="unheard-of"),
+            {**openapi.DOCUMENT, "$ref": "#/components/schemas/Message"},
+        )
 
 
 class FlatMemory(unittest.TestCase):
@@ -257,3 +306,28 @@ class FlatMemory(unittest.TestCase):
             self.assertLess(growth_mib, 20, f"daemon RSS grew {growth_mib:.1f} MiB while serving 50 MiB")
 
         return threads.deferToThread(download).addCallback(check)
+
+
+class ActiveContentDownloads(ApiCase):
+    @defer.inlineCallbacks
+    def test_every_download_is_sandboxed(self):
+        """A sender's HTML or SVG document, and the raw message, download with a sandbox CSP, attachment and nosniff."""
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "buyer@customer.test", "orders+acme@example.com", "Active content"
+        msg["Message-ID"] = "<active@customer.test>"
+        msg.set_content("See the attachments.\n")
+        msg.add_attachment(b"<html><script>alert(document.cookie)</script></html>", maintype="text", subtype="html", filename="order.html")
+        msg.add_attachment(b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', maintype="image", subtype="svg+xml", filename="logo.svg")
+        code, reply = yield self.daemon.send(msg.as_bytes().replace(b"\n", b"\r\n"), ["orders+acme@example.com"])
+        self.assertEqual(code, 250, reply)
+        message_id = int(reply.split()[-1])
+        self.assertEqual((yield self.daemon.settled(message_id))["status"], "parsed")
+        documents = (yield self.get_json(f"/v1/messages/{message_id}"))["documents"]
+        self.assertEqual(sorted(d["content_type"] for d in documents), ["image/svg+xml", "text/html"])
+        for path in [d["content_url"] for d in documents] + [f"/v1/messages/{message_id}/raw"]:
+            for method in ("GET", "HEAD"):
+                code, headers, _ = yield self.get(path, method=method)
+                self.assertEqual(code, 200, path)
+                self.assertEqual(headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"], path)
+                self.assertTrue(headers.getRawHeaders("content-disposition")[0].startswith("attachment;"), path)
+                self.assertEqual(headers.getRawHeaders("x-content-type-options"), ["nosniff"], path)

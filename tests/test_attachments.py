@@ -10,6 +10,7 @@ import struct
 import time
 import tracemalloc
 from email import errors, message_from_bytes, policy
+from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,6 +19,8 @@ from mailingest.extraction import attachments
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
 from mailingest.extraction.filenames import MAX_FILENAME_BYTES
 from tests import tnef_builder
+from tnefparse.mapi import IMESSAGE_SIG, decode_mapi
+from tnefparse.tnef import TNEF
 from tests.corpus import sample_messages
 
 
@@ -674,11 +677,11 @@ class MalformedStructureTests(ExtractionTestCase):
     def test_parser_error(self):
         """A parser that fails on the input fails the message, for good."""
 
-        class BrokenParser(attachments.BytesFeedParser):
+        class BrokenParser(attachments._BytesFeedParser):
             def feed(self, data):
                 raise IndexError("parser bug")
 
-        self.patch(attachments, "BytesFeedParser", BrokenParser)
+        self.patch(attachments, "_BytesFeedParser", BrokenParser)
         error = self.assertRaises(UnparseableMessage, self.extract, message(text_body()))
         self.assertEqual(str(error), "the MIME structure cannot be parsed (IndexError: parser bug)")
 
@@ -747,6 +750,44 @@ class TnefTests(ExtractionTestCase):
         self.assertEqual(self.names(result), ["winmail.dat"])
         self.assertIn("part 2: not TNEF, kept as it is", result.warnings)
 
+    def test_attach_data_property_wins_over_attribute(self):
+        """Issue 23, item 1: PR_ATTACH_DATA_BIN is the file, cut to its size (not its 4-byte padding)."""
+        pdf = b"%PDF-1.4\n" + bytes(range(200)) + b"%%EOF\r"
+        data = tnef_builder.tnef(tnef_builder.File("ORDER.PDF", b"an older copy", "Order.pdf", data_bin=pdf))
+        self.assertTrue(pdf + b"\0" in data and len(pdf) % 4)
+        [doc] = self.extract(message(multipart(text_body(), tnef_part(data)))).attachments
+        self.assertEqual((doc.filename, doc.size, self.data(doc)), ("Order.pdf", len(pdf), pdf))
+
+    def test_embedded_message_gives_its_attachments(self):
+        """Issue 23, item 1: an embedded message (ATTACH_EMBEDDED_MSG) gives its files, not Outlook's placeholder."""
+        inner = tnef_builder.tnef(
+            tnef_builder.File("ORDER.PDF", None, "Order 7.pdf", data_bin=PDF),
+            tnef_builder.File("NOTES.TXT", b"gate 4\r\n"),
+        )
+        outer = tnef_builder.tnef(
+            tnef_builder.File("INVOICE.TXT", b"invoice\r\n"),
+            tnef_builder.File("Untitled Attachment", tnef_builder.PLACEHOLDER, embedded=inner),
+        )
+        result = self.extract(message(multipart(text_body(), tnef_part(outer))))
+        self.assertEqual(self.names(result), ["INVOICE.TXT", "Order 7.pdf", "NOTES.TXT"])
+        self.assertEqual(self.data(result.attachments[1]), PDF)
+        self.assertNotIn(tnef_builder.PLACEHOLDER, [self.data(a) for a in result.attachments])
+
+    def test_embedded_messages_within_the_depth_and_part_budgets(self):
+        data = tnef_builder.tnef(tnef_builder.File("L6.TXT", b"6"))
+        for level in range(5, -1, -1):
+            data = tnef_builder.tnef(
+                tnef_builder.File(f"L{level}.TXT", str(level).encode()),
+                tnef_builder.File("Untitled Attachment", tnef_builder.PLACEHOLDER, embedded=data),
+            )
+        result = self.extract(message(multipart(text_body(), tnef_part(data))))
+        self.assertEqual(self.names(result), [f"L{level}.TXT" for level in range(6)])
+        self.assertIn("part 2: TNEF: messages embedded more than 5 deep, skipped", result.warnings)
+        result = self.extract(message(multipart(text_body(), tnef_part(data))), max_parts=6)
+        # The message, the multipart, the text body: three parts, three files left.
+        self.assertEqual(self.names(result), ["L0.TXT", "L1.TXT", "L2.TXT"])
+        self.assertTrue(any(w.startswith("part 2: TNEF: more than 1 files") for w in result.warnings), result.warnings)
+
     def test_absurd_counts_are_bounded(self):
         """A property count of 2**32 over a few bytes, and 5,000 files: read in linear time, bounded."""
         absurd = struct.pack("<IH", tnef_builder.SIGNATURE, 1) + tnef_builder.attribute(
@@ -770,6 +811,236 @@ class TnefTests(ExtractionTestCase):
         self.assertEqual(result.attachments[0].filename, "attachment-1.bin")
         self.assertEqual(result.attachments[-1].filename, "order.pdf")
 
+
+TNEF_DATA = os.path.join(os.path.dirname(__file__), "data", "tnef")
+# Every document of each real winmail.dat in tests/data/tnef (see its LICENSES): name, type, size, sha256.
+# A winmail.dat with no file inside (only a body, a distribution list) is kept whole.
+REAL_TNEF_DOCUMENTS = {
+    'IPM-DistList.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 28629, 'ec54bb032c3062078193ed4fd5d23c904ef5dd4fbe2b2bd57b9b8d3c11c66ee5'),
+    ],
+    'MAPI_ATTACH_DATA_OBJ.tnef': [
+        ('VIA_Nytt_1402.doc', 'application/msword', 61952, '9955935516d1407e0f833d91242f7416c68a66eae69e73d855ae17724e04fe60'),
+        ('VIA_Nytt_1402.pdf', 'application/pdf', 213685, '968c9c4a8a6a02ff9a6c4e2621d5f5d512593a30d57379f704c4274ead48d72e'),
+        ('VIA_Nytt_14021.htm', 'text/html', 68919, 'c2ee04f99e59079afa8661913dbd8b9002ea005c7540aaec85a67ed113e9a7b8'),
+    ],
+    'MAPI_OBJECT.tnef': [
+        ('Untitled_Attachment', 'application/octet-stream', 628224, 'f89a1afbdfb2fc38b8888b8e0fd84509a801fa6d5491306f6f8d34a3d62931e3'),
+    ],
+    'bad_checksum.tnef': [
+        ('image001.png', 'image/png', 1533127, 'b9bdadaf568ade343cbe80e04412a4d5bde780133311c8f7e14ca456e7371a2e'),
+    ],
+    'body.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 7769, '4b359d052533280415538bcc807a73bcf4363a816a10d6ab05fe9c9975f352ea'),
+    ],
+    'data-before-name.tnef': [
+        ('AUTOEXEC.BAT', 'text/plain', 0, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'),
+        ('CONFIG.SYS', 'application/octet-stream', 0, 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'),
+        ('boot.ini', 'application/octet-stream', 289, 'a815374e31481bbb939d99e73ecfe1de7914363ecd5c670c60a9022474251bce'),
+    ],
+    'duplicate_filename.tnef': [
+        ('file_abcdefgh.txt', 'text/plain', 61952, '9955935516d1407e0f833d91242f7416c68a66eae69e73d855ae17724e04fe60'),
+        ('file_abcdefgh.txt', 'text/plain', 213685, '968c9c4a8a6a02ff9a6c4e2621d5f5d512593a30d57379f704c4274ead48d72e'),
+        ('VIA_Nytt_14021.htm', 'text/html', 68919, 'c2ee04f99e59079afa8661913dbd8b9002ea005c7540aaec85a67ed113e9a7b8'),
+    ],
+    'garbage-at-end.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 4184, 'b9ed22cb9635d979f9e95eb93e8deb490d5f8e855438fc2eacfc4d89a9dfc311'),
+    ],
+    'long-filename.tnef': [
+        ('allproductsmar2000.dat', 'application/octet-stream', 279, 'de2ad5d4e20a2456ad12808dee82af2d0d1236ddf5bd55832581a7886cdcd807'),
+    ],
+    'missing-filenames.tnef': [
+        ('generpts.src', 'application/x-wais-source', 61210, '69ebd0e9c298f62d1bcced07a66fce16c43f0e6e0228336e1a56d8df8874b3b9'),
+        ('TechlibDEC99.doc', 'application/msword', 33792, 'd1a592c2e3729270860ec3dcac357799e2667fa9859febd1b258c6ca3612f532'),
+        ('TechlibDEC99-JAN00.doc', 'application/msword', 34304, '360db5c11b1f21c60ffbf7aa040a91f48fdef402663c303cfeddd4ef4a3dc9cd'),
+        ('TechlibNOV99.doc', 'application/msword', 33792, 'b1e6b103cc5a9b759dd0a436d45bba131e69ca06a8b4c99d9beebf76d95cde93'),
+    ],
+    'multi-name-property.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 3039, 'd329eb40b34ae25f6da9a7a392004bdccab90c0d5bc4113383a767aa32a154c6'),
+    ],
+    'multi-value-attribute.tnef': [
+        ('208225__5_seconds__Voice_Mail.mp3', 'audio/mp3', 10656, 'cf2e3cd4175a3acd5cd193623cd8f79fda1c22f4823560213e561851c3fdd4e8'),
+    ],
+    'node-tnef-attachments.dat': [
+        ('zappa_av1.jpg', 'image/jpeg', 2937, 'bea844f30e0fcc20fad419a0d11032a6465da93c1da185a1196949955994409a'),
+        ('bookmark.htm', 'text/html', 85805, '1e08d6e23c75ff80ac992eebc24c2943c7843b7dfee235966b37de5eb4362599'),
+    ],
+    'node-tnef-badchecksum.dat': [
+        ('winmail.dat', 'application/ms-tnef', 98184, '232cc6d3ada0ef45a955abf336ddeefd2ad75ce00c69515f4949ed68cb9d38bb'),
+    ],
+    'node-tnef-panic.dat': [
+        ('image001.jpg', 'image/jpeg', 11250, 'ee9bec688ebc6b535fa1c06b3c7f388510f501509a2d6ae17e964a3eda92f8db'),
+        ('image002.jpg', 'image/jpeg', 9583, 'a497dd22b4a1f2de15da0929f17429edb502f94d767a0fa2ce67da35162cc62f'),
+        ('image003.png', 'image/png', 7147, '7c65885b27f3cd66501fdb7a4711c22ba8b6f64e51ea6c2a3ec9db6fa968a7b8'),
+    ],
+    'one-file.tnef': [
+        ('AUTHORS', 'application/octet-stream', 244, '36c47da7d11846caf0474a4b3df83bb4eba9ea01d2bca500c288fa108e123d28'),
+    ],
+    'rtf.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 2445, '4b9a7deed17028f0ccb853441824a9f444f24c59f31402e00bb529f719ee66e6'),
+    ],
+    'triples.tnef': [
+        ('winmail.dat', 'application/ms-tnef', 3270, 'decd9776fd45155f1827e7a6d01e2d7a89f1d091faf24a62621e6bd1b7302c8a'),
+    ],
+    'two-files.tnef': [
+        ('AUTHORS', 'application/octet-stream', 244, '36c47da7d11846caf0474a4b3df83bb4eba9ea01d2bca500c288fa108e123d28'),
+        ('README', 'application/octet-stream', 893, 'd0f163180d6ad5d8d3b4e7c6bc0cc948d05888bff0f69dba375b946ea4c6b0fa'),
+    ],
+    'umlaut.tnef': [
+        ('TBZ PARIV GmbH.jpg', 'image/jpeg', 44764, '67597116a0dbb64f7576edbf4285183441536529aa5643b4127de7d4e0097822'),
+        ('image003.jpg', 'image/jpeg', 1001, '49b597682736b44a6ce499a05bcadf60d996244b5679d46cfe37ad5cc820fb00'),
+        ('UmlautAnhang-äüö.txt', 'text/plain', 14, '9b34b140af86a7de1be22a13fd6bc8abf03abb8094c0e65751b2f221188a3b41'),
+    ],
+    'unicode-mapi-attr-name.tnef': [
+        ('spaconsole2.cfg', 'application/octet-stream', 8387, '4d9639506fa4bf42ede43ffbaa8ed5a8f8fe2338bc2562f9b9aef7970bc4a25e'),
+        ('image001.png', 'image/png', 3815, '037f9d1fa06bccd31878332853814a43e6ed86b3893770b42b057597b49d19c9'),
+        ('image002.png', 'image/png', 3573, 'ea179fb97a7e850e58b830f51a1fe411d5a4e5ffb1620c895abe9788cfac6f07'),
+        ('image003.png', 'image/png', 3792, '20c51557b9c7ec0a5da9ccfd4c2efb0ff7be72d15b05e1ddecc3d1c69fc8eaa9'),
+    ],
+    'unicode-mapi-attr.tnef': [
+        ('example.dat', 'application/octet-stream', 1024, 'b188960490adc65828dc99f6183137bd9951725ed739982920c9814bc842ccb5'),
+    ],
+}
+
+
+def tnefparse_files(data: bytes, sizes: list[int]) -> list[tuple[str, bytes]]:
+    """
+    The files tnefparse reads from C{data}, each with its bytes: those of
+    property 0x3701 cut to the declared size given in C{sizes} (tnefparse
+    keeps the padding; what is cut off must be padding), else attAttachData.
+    An embedded message gives its own files.
+    """
+    parsed = TNEF(data)
+    found: list[tuple[str, bytes]] = []
+    attachments = iter(parsed.attachments)
+    attachment = None
+    for obj in parsed.objects:
+        if obj.name == TNEF.ATTATTACHRENDDATA:
+            attachment = next(attachments)
+            found.append((attachment.long_filename(), obj))
+        elif obj.name == TNEF.ATTATTACHDATA:
+            found[-1] = (found[-1][0], obj.data)
+        elif obj.name == TNEF.ATTATTACHMENT:
+            for prop in decode_mapi(obj.data):
+                if prop.name != 0x3701:
+                    continue
+                raw = prop.raw_data[0]
+                if prop.attr_type == 0x000D and raw.startswith(IMESSAGE_SIG):
+                    found[-1:] = tnefparse_files(raw[len(IMESSAGE_SIG) :], sizes)
+                    break
+                if prop.attr_type == 0x000D:
+                    raw = raw[16:]
+                size = sizes[len(found) - 1]
+                assert raw[size:] == bytes(len(raw) - size) and len(raw) - size < 4, "more than padding cut off"
+                found[-1] = (found[-1][0], raw[:size])
+    return [(name, data) for name, data in found if isinstance(data, bytes)]
+
+
+class RealTnefFileTests(ExtractionTestCase):
+    """
+    Issue 23, item 1: real winmail.dat files from tnefparse's and node-tnef's
+    test data; each document is exactly the sender's file, as tnefparse reads it.
+    """
+
+    def test_documents_are_the_attached_files(self):
+        samples = [name for name in os.listdir(TNEF_DATA) if name.endswith((".tnef", ".dat"))]
+        self.assertEqual(sorted(REAL_TNEF_DOCUMENTS), sorted(samples))
+        for file_name, expected in REAL_TNEF_DOCUMENTS.items():
+            with open(os.path.join(TNEF_DATA, file_name), "rb") as f:
+                data = f.read()
+            result = self.extract(message(multipart(text_body(), tnef_part(data))))
+            found = [(a.filename, a.content_type, a.size, a.sha256) for a in result.attachments]
+            self.assertEqual(found, expected, file_name)
+
+    def test_tnefparse_reads_the_same_files(self):
+        """The table above, checked against tnefparse: same names, same bytes (less the MAPI padding only)."""
+        compared = 0
+        for file_name, expected in REAL_TNEF_DOCUMENTS.items():
+            if expected[0][1] == "application/ms-tnef":
+                continue
+            with open(os.path.join(TNEF_DATA, file_name), "rb") as f:
+                data = f.read()
+            sizes = [size for _name, _type, size, _digest in expected]
+            theirs = [(name, len(d), hashlib.sha256(d).hexdigest()) for name, d in tnefparse_files(data, sizes)]
+            self.assertEqual(theirs, [(name, size, digest) for name, _type, size, digest in expected], file_name)
+            compared += len(theirs)
+        self.assertEqual(compared, 33)
+
+    def test_padding_is_not_content(self):
+        """The PDF ended %%EOF\r and three NULs, the HTML file had one NUL appended."""
+        with open(os.path.join(TNEF_DATA, "MAPI_ATTACH_DATA_OBJ.tnef"), "rb") as f:
+            result = self.extract(message(multipart(text_body(), tnef_part(f.read()))))
+        doc, pdf, html = (self.data(a) for a in result.attachments)
+        self.assertTrue(pdf.endswith(b"%%EOF\r"), pdf[-8:])
+        self.assertTrue(html.rstrip().endswith(b"</html>"), html[-8:])
+        # The Word file's own trailing NULs are content: its declared size is kept.
+        self.assertEqual((doc[:4], len(doc)), (b"\xd0\xcf\x11\xe0", 61952))
+
+    def test_embedded_distribution_list_is_not_its_placeholder(self):
+        with open(os.path.join(TNEF_DATA, "IPM-DistList.tnef"), "rb") as f:
+            data = f.read()
+        self.assertTrue(b"This attachment is a MAPI 1.0 embedded message" in data)
+        [doc] = self.extract(message(multipart(text_body(), tnef_part(data)))).attachments
+        self.assertEqual((doc.filename, doc.size), ("winmail.dat", len(data)))
+
+
+
+def parse_dump(raw: bytes, parser_class: type, chunk: int) -> list:
+    """What the feed parser made of C{raw}, fed C{chunk} bytes at a time: every part's headers, texts and defects."""
+    parser = parser_class(policy=policy.compat32)
+    for start in range(0, len(raw), chunk):
+        parser.feed(raw[start : start + chunk])
+    dump = []
+    for part in parser.close().walk():
+        payload = None if part.is_multipart() else part.get_payload()
+        defects = [type(d).__name__ for d in part.defects]
+        dump.append((part.get_unixfrom(), part.items(), part.preamble, part.epilogue, payload, defects))
+    return dump
+
+
+class LineShapeTests(ExtractionTestCase):
+    """Issue 22, item 15: the parser's memory whatever the line shape."""
+
+    def test_one_character_per_line(self):
+        """Valid base64, one character per line: about 60 bytes per line on main, a few bytes now."""
+        data = random.Random(15).randbytes(300_000)
+        body = b"\r\n".join(bytes([c]) for c in base64.b64encode(data))
+        part = entity(
+            'Content-Type: application/pdf; name="order.pdf"', "Content-Transfer-Encoding: base64", body=body
+        )
+        raw = message(multipart(text_body(), part))
+        tracemalloc.start()
+        try:
+            [doc] = self.extract(raw).attachments
+            used = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(self.data(doc), data)
+        self.assertLess(used, 6 * len(raw))
+
+    def test_the_parse_is_the_same(self):
+        """Lines handed over in runs change nothing the parser makes, fed whole or in odd chunks."""
+        crafted = [
+            message(multipart(text_body("Hi\r\nJohn\r\n!\r\n x\r\nFrom here\r\na: b"), pdf_part())),
+            message(entity("Content-Type: text/plain", body=b"=\r\nabc=\r\ndef\r\n-\r\n\r\nend")),
+            b"From sender Mon Jan 1\r\nSubject: x\r\nnot a header\r\nTo: y\r\n\r\nbody\r\n",
+            b"Subject: x\rTo: y\r\rA\rB\r--b\rC\n",
+            message(
+                entity(
+                    'Content-Type: multipart/report; report-type=delivery-status; boundary="r"',
+                    body=b"--r\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n"
+                    b"junk\r\nmore\r\n\r\nFinal-Recipient: rfc822; a@b\r\n\r\n--r\r\n"
+                    b"Content-Type: message/rfc822\r\n\r\nnot a header\r\nSubject: in body\r\n\r\nx\r\n--r--\r\nepi\r\nlogue\r\n",
+                )
+            ),
+            message(entity('Content-Type: multipart/mixed; boundary="q"', body=b"pre\r\namble\r\n--q\r\n\r\nA\r\nB\r\n--q--")),
+        ]
+        samples = crafted + [open(path, "rb").read() for path in sample_messages()]
+        for raw in samples:
+            for chunk in (7, 1 << 20):
+                self.assertEqual(
+                    parse_dump(raw, attachments._BytesFeedParser, chunk), parse_dump(raw, BytesFeedParser, chunk), raw[:200]
+                )
 
 class InlineImageTests(ExtractionTestCase):
     """Issue 14, defect 2: images are documents unless the HTML body shows them."""

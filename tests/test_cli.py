@@ -23,7 +23,8 @@ from twisted.trial import unittest
 
 from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
-from mailingest.app.mail_sender import SendError, parse_server
+from mailingest.app.mail_sender import SendError, daemon_server, parse_server
+from mailingest.handoff.api import read_admin_token
 from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 
@@ -44,7 +45,7 @@ DOCUMENT_KEYS = {
 RAW_1 = (
     b"Received: from customer.test by mx.test; Mon, 6 Jan 2025 10:00:00 +0000\r\n"
     b"From: Buyer <buyer@customer.test>\r\nTo: orders+acme@example.com\r\n"
-    b"Subject: Order 1\r\nMessage-ID: <one@customer.test>\r\n\r\n"
+    b"Subject: Order 1\r\nDate: Mon, 6 Jan 2025 09:59:00 +0000\r\nMessage-ID:\r\n <one@customer.test>\r\n\r\n"
     b"Line one\r\n.leading dot\r\nbare LF stays\n\r\n"
 )
 RAW_2 = b"From: b@beta.test\r\nSubject: broken\r\n\r\n\x00\xff not mime\r\n"
@@ -261,6 +262,35 @@ class MessageTests(FixtureTestCase):
         self.assertLessEqual(DOCUMENT_KEYS, set(shown["documents"][0]))
         self.user_error("messages", "show", "999", expected="no message 999")
 
+    def test_show_headers_of_the_stored_copy(self):
+        """Issue 23 item 10: on main no header of the message was shown."""
+        lines = self.ok("messages", "show", "1").splitlines()
+        self.assertEqual(lines[:7], [
+            "headers:",
+            "From:       Buyer <buyer@customer.test>",
+            "To:         orders+acme@example.com",
+            "Date:       Mon, 6 Jan 2025 09:59:00 +0000",
+            "Subject:    Order 1",
+            "Message-ID: <one@customer.test>",
+            "",
+        ])
+        self.assertEqual(self.json("messages", "show", "1")["headers"], {
+            "From": "Buyer <buyer@customer.test>", "To": "orders+acme@example.com",
+            "Date": "Mon, 6 Jan 2025 09:59:00 +0000", "Subject": "Order 1", "Message-ID": "<one@customer.test>",
+        })
+        self.assertEqual(self.ok("messages", "show", "2").splitlines()[:3],
+                         ["headers:", "From:       b@beta.test", "Subject:    broken"])
+        text = self.ok("messages", "show", "3")
+        self.assertTrue(text.startswith("headers: none in the stored copy\n"), text)
+        self.assertIn("status:            failed", text)
+
+        blocker = os.path.join(self.directory, "a-file")
+        with open(blocker, "w"):
+            pass
+        text = self.ok("--storage", f"file:{blocker}/blobs", "messages", "show", "1", "--database", self.database, storage=False)
+        self.assertTrue(text.startswith(f"headers: cannot read the stored copy: storage file:{blocker}/blobs: "), text)
+        self.assertIn("source_message_id: <m1@customer.test>", text)
+
     def test_raw(self):
         result = self.run_command("messages", "raw", "1")
         self.assertEqual((result.returncode, result.stderr), (0, b""))
@@ -383,6 +413,24 @@ class OptionTests(CommandTestCase):
             ["from-flag.db"],
         )
 
+    def test_global_options_after_the_command(self):
+        """Issue 23 item 5: on main, C{org list --database URL} was "unrecognized arguments"."""
+        self.assertEqual(self.databases_after(), ["mailingest-data/mailingest.db"])
+        case = self.mktemp()
+        os.makedirs(case)
+        with open(os.path.join(case, "mailingest.ini"), "w") as f:
+            f.write("[mailingest]\ndatabase = sqlite:///from-file.db\n")
+        self.ok("migrate", "--config", "mailingest.ini", cwd=case, storage=False)
+        self.ok("migrate", "--database", "sqlite:///after.db", cwd=case, storage=False)
+        self.ok("--database", "sqlite:///before.db", "migrate", cwd=case, storage=False)
+        self.assertEqual(sorted(glob.glob("*.db", root_dir=case)), ["after.db", "before.db", "from-file.db"])
+        self.assertIn("acme", self.ok("--database", "sqlite:///before.db", "org", "add", "acme", cwd=case, storage=False))
+        # Given before the command and not after it: the value before stands.
+        self.assertIn("acme", self.ok("--database", "sqlite:///before.db", "org", "list", "--json", cwd=case, storage=False))
+        self.assertNotIn("acme", self.ok("--database", "sqlite:///before.db", "org", "list", "--database", "sqlite:///after.db",
+                                         cwd=case, storage=False))
+        self.assertIn("--database URL", self.ok("org", "list", "--help", storage=False))
+
     def test_configuration_errors(self):
         self.user_error("--config", "missing.ini", "org", "list", storage=False,
                         expected="cannot read config file missing.ini")
@@ -434,6 +482,93 @@ class OptionTests(CommandTestCase):
             self.assertEqual(result.returncode, 1, output)
             self.assertIn("***", output, url)
             self.assertEqual(leaked(output, passwords), [], f"{url}: {output}")
+
+
+class WebhookPolicyTests(CommandTestCase):
+    """Issue 23 item 5: each refusal names an option that works, on this command too."""
+
+    def setUp(self):
+        super().setUp()
+        self.ok("migrate")
+        self.ok("org", "add", "acme")
+
+    def test_refusals_name_options_this_command_takes(self):
+        url = "http://127.0.0.1:9/hooks"
+        self.user_error("org", "webhook", "acme", "--url", url, expected="(or run with --webhook-allow-http)")
+        self.user_error("org", "webhook", "acme", "--url", url, "--webhook-allow-http",
+                        expected="refused (run with --webhook-allow-private to allow internal targets)")
+        out = self.ok("org", "webhook", "acme", "--url", url, "--webhook-allow-http", "--webhook-allow-private")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], f"webhook of acme: {url}")
+        self.assertEqual(lines[1:3], [
+            f"note: the daemon checks the URL again before every delivery: run it with --{name} too"
+            f" ({name} = yes in its --config file, or MAILINGEST_{name.upper().replace('-', '_')}=yes)"
+            for name in ("webhook-allow-http", "webhook-allow-private")
+        ])
+        self.assertTrue(lines[3].startswith("signing secret (shown once, give it to the receiver): whsec_"))
+
+    def test_the_daemons_configuration_needs_no_note(self):
+        config = os.path.join(self.directory, "mailingest.ini")
+        with open(config, "w") as f:
+            f.write("[mailingest]\nwebhook-allow-private = yes\n")
+        out = self.ok("org", "webhook", "acme", "--url", "http://127.0.0.1:9/hooks", "--config", config,
+                      environ=clean_environ(MAILINGEST_WEBHOOK_ALLOW_HTTP="1"))
+        self.assertNotIn("note:", out)
+        self.assertIn("webhook of acme: http://127.0.0.1:9/hooks", out)
+
+    def test_a_bad_secret_file_says_what_to_do(self):
+        secret_file = os.path.join(self.directory, "secret")
+        with open(secret_file, "w") as f:
+            f.write("not-a-secret\n")
+        self.user_error("org", "webhook", "acme", "--url", "https://127.0.0.1/hooks", "--webhook-allow-private", "--secret-file", secret_file,
+                        expected=f"--secret-file {secret_file}: a webhook secret starts with whsec_ followed by base64;"
+                                 " without --secret-file a new secret is made")
+
+
+class AdminTokenTests(CommandTestCase):
+    """Issue 23 item 7, issue 22 item 6: a strong admin token in a private file, never shown."""
+
+    def test_write_refuse_force(self):
+        path = os.path.join(self.directory, "api-admin-token")
+        out = self.ok("admin-token", "--write", path, storage=False)
+        with open(path) as f:
+            token = f.read()
+        self.assertRegex(token, r"^mit_[A-Za-z0-9_-]{43}\n$")
+        self.assertEqual(read_admin_token(path), token.strip())
+        self.assertNotIn(token.strip(), out)
+        self.assertEqual(
+            out, f"wrote a new admin token to {path} (mode 0600): give it to the daemon as --api-admin-token-file {path}\n"
+        )
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+        self.user_error("admin-token", "--write", path, storage=False,
+                        expected=f"{path} exists: --force replaces it (the daemon reads its token file at start)")
+        with open(path) as f:
+            self.assertEqual(f.read(), token)
+
+        os.chmod(path, 0o644)
+        self.ok("admin-token", "--write", path, "--force", storage=False)
+        with open(path) as f:
+            replaced = f.read()
+        self.assertRegex(replaced, r"^mit_[A-Za-z0-9_-]{43}\n$")
+        self.assertNotEqual(replaced, token)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(sorted(os.listdir(self.directory)), ["api-admin-token"])
+
+    def test_needs_no_database_and_says_what_failed(self):
+        path = os.path.join(self.directory, "missing", "token")
+        self.user_error("admin-token", "--write", path, storage=False, expected=f"mailingest: cannot write {path}: No such file or directory")
+        self.assertEqual(os.listdir(self.directory), [])
+
+
+class ReadmeTests(unittest.SynchronousTestCase):
+    def test_ids_are_said_to_have_gaps(self):
+        """Issue 23 item 12: a user seeing message 15 and 16 missing is told why, and that nothing was lost."""
+        with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+            data = f.read().split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("`inbound_message` | `id`", data)
+        self.assertIn("Ids are unique but not dense", " ".join(data.split()))
+        self.assertIn("mean nothing was lost", " ".join(data.split()))
 
 
 class PostgresTests(FixtureTestCase):
@@ -549,7 +684,7 @@ class SendTestTests(CommandTestCase):
     def test_console_script_sends_attachments(self):
         out = self.ok("send-test", "--server", self.server, "--to", "orders+acme@example.com",
                       "--attach", self.pdf, self.csv, "--count", "3", storage=False)
-        self.assertEqual(out.splitlines(), [f"sent {n}/3: 250 2.0.0 Ok: stored as message {n}" for n in (1, 2, 3)])
+        self.assertEqual(out.splitlines(), [f"sent {n}/3 to {self.server}: 250 2.0.0 Ok: stored as message {n}" for n in (1, 2, 3)])
         self.assertEqual(len(self.sink.messages), 3)
         parsed = [email.message_from_bytes(raw, policy=email.policy.default) for raw in self.sink.messages]
         self.assertEqual(len({m["Message-ID"] for m in parsed}), 3)
@@ -566,7 +701,7 @@ class SendTestTests(CommandTestCase):
     def test_options(self):
         status, out, err = self.send("--to", "a+x@example.com", "--to", "b+y@example.com",
                                      "--from", "ops@corp.test", "--subject", "Hello", "--attach", self.csv)
-        self.assertEqual((status, out, err), (0, "sent 1/1: 250 2.0.0 Ok: stored as message 1\n", ""))
+        self.assertEqual((status, out, err), (0, f"sent 1/1 to {self.server}: 250 2.0.0 Ok: stored as message 1\n", ""))
         message = email.message_from_bytes(self.sink.messages[0], policy=email.policy.default)
         self.assertEqual((message["From"], message["To"], message["Subject"]),
                          ("ops@corp.test", "a+x@example.com, b+y@example.com", "Hello"))
@@ -583,6 +718,47 @@ class SendTestTests(CommandTestCase):
                                   "--subject", "try later", storage=False)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.decode(), "mailingest: message refused after DATA: 451 4.3.0 Try again later\n")
+
+    def test_finds_the_daemon_as_the_daemon_does(self):
+        """Issue 23 item 6: on main send-test always went to 127.0.0.1:2525, whatever the daemon's --smtp."""
+        port = self.server.rsplit(":", 1)[1]
+        config = os.path.join(self.directory, "mailingest.ini")
+        with open(config, "w") as f:
+            f.write(f"[mailingest]\nsmtp = haproxy:tcp:{free_port()}, tcp:{port}\n")
+        sent = f"sent 1/1 to 127.0.0.1:{port}: 250 2.0.0 Ok: stored as message"
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", storage=False,
+                                 environ=clean_environ(MAILINGEST_SMTP=f"tcp:{port}:interface=127.0.0.1")),
+                         sent + " 1\n")
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", "--config", config, storage=False), sent + " 2\n")
+        self.assertEqual(self.ok("--config", config, "send-test", "--to", "a+x@example.com", storage=False), sent + " 3\n")
+        self.assertEqual(self.ok("send-test", "--to", "a+x@example.com", "--smtp", f"tcp:{port}", storage=False,
+                                 environ=clean_environ(MAILINGEST_SMTP=f"tcp:{free_port()}")), sent + " 4\n")
+        self.assertEqual(len(self.sink.messages), 4)
+
+    def test_says_where_it_tried_and_what_works(self):
+        port = free_port()
+        self.user_error("send-test", "--to", "a+x@example.com", storage=False,
+                        environ=clean_environ(MAILINGEST_SMTP=f"tcp6:{port}"),
+                        expected=f"cannot talk to [::1]:{port} (the daemon's SMTP endpoint tcp6:{port};"
+                                 " --server HOST:PORT sends elsewhere): ")
+        self.user_error("send-test", "--to", "a+x@example.com", storage=False,
+                        environ=clean_environ(MAILINGEST_SMTP="haproxy:tcp:25 systemd:domain=INET:index=0"),
+                        expected="none of the daemon's SMTP endpoints (haproxy:tcp:25, systemd:domain=INET:index=0)"
+                                 " takes plain SMTP here: give --server HOST:PORT")
+        self.assertEqual(self.sink.messages, [])
+
+    def test_the_daemons_endpoints(self):
+        for descriptions, server in (
+            (["tcp:2525"], "127.0.0.1:2525"),
+            (["tcp:25:interface=0.0.0.0"], "127.0.0.1:25"),
+            (["tcp6:25"], "[::1]:25"),
+            (["ssl:465:privateKey=k.pem", "tcp:port=587:interface=192.0.2.5"], "192.0.2.5:587"),
+            (["tcp6:25:interface=2001\\:db8\\:\\:5"], "[2001:db8::5]:25"),
+        ):
+            self.assertEqual(daemon_server(descriptions), (server, descriptions[-1]))
+        with self.assertRaises(SendError) as e:
+            daemon_server(["tcp:smtp"])
+        self.assertIn("bad SMTP endpoint 'tcp:smtp'", str(e.exception))
 
     def test_no_server_or_no_file(self):
         status, out, err = self.send("--to", "a+x@example.com", "--server", f"127.0.0.1:{free_port()}")

@@ -91,6 +91,35 @@ class PrecedenceTests(unittest.SynchronousTestCase):
         self.assertIn("--extraction-memory-limit", str(e.exception))
         self.assertIn("at least 67108864 (64 MiB)", str(e.exception))
 
+    def test_public_url(self):
+        """--api-public-url: a scheme, host and port; anything a link or the cookies' Secure flag could go wrong on is refused."""
+        for text, value in (
+            ("https://Mail.Example.com/", "https://mail.example.com"),
+            ("http://127.0.0.1:8026", "http://127.0.0.1:8026"),
+            ("https://[2001:db8::1]:8443", "https://[2001:db8::1]:8443"),
+        ):
+            self.assertEqual(resolve(ALL_OPTIONS, {"api_public_url": text}, environ={})["api_public_url"], value)
+        environ = {"MAILINGEST_API_PUBLIC_URL": "https://mail.example.com"}
+        self.assertEqual(resolve(ALL_OPTIONS, {}, environ=environ)["api_public_url"], "https://mail.example.com")
+        for text, reason in (
+            ("mail.example.com", "must start with https://"),
+            ("ftp://mail.example.com", "must start with https://"),
+            ("https://mail.example.com/api/", "only a scheme, a host and an optional port"),
+            ("https://mail.example.com?x=1", "only a scheme, a host and an optional port"),
+            ("https://mail.example.com#top", "only a scheme, a host and an optional port"),
+            ("https://user@mail.example.com", "only a scheme, a host and an optional port"),
+            ("https://mail.example.com:99999", "not a URL"),
+            ("https://", "bad host"),
+            ("https://mail_example.com", "bad host"),
+            ("https://[v1.x]", "bad host"),
+            ("https://mail.example.com\r\nX-Evil: 1", "without spaces or control characters"),
+            ("https://b\u00fccher.de", "xn--"),
+        ):
+            with self.assertRaises(ConfigError, msg=text) as e:
+                resolve(ALL_OPTIONS, {"api_public_url": text}, environ={})
+            self.assertIn("--api-public-url: invalid value", str(e.exception))
+            self.assertIn(reason, str(e.exception))
+
     def test_secret_values_are_not_echoed(self):
         bad = write(self.directory, "[mailingest]\nlog-format = xml\n")
         with self.assertRaises(ConfigError):

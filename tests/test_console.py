@@ -19,7 +19,8 @@ from twisted.web.test.requesthelper import DummyChannel
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, ConsoleResource, read_headers
-from mailingest.console.sessions import Sessions
+from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
+from mailingest.handoff.api import encode_cursor
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -31,7 +32,7 @@ def render(tag) -> str:
 
 class TemplateTests(unittest.TestCase):
     def setUp(self):
-        self.session = Sessions(task.Clock()).open(None)
+        self.session = Sessions(task.Clock()).open(None, "admin")
 
     def message_row(self, **changes) -> dict:
         row = {
@@ -67,15 +68,39 @@ class TemplateTests(unittest.TestCase):
         self.assertLess(html.index("<td>received</td>"), html.index("<td>failed</td>"))
 
     def test_admin_sees_the_action_for_the_status(self):
+        """A link to the action's confirmation page: the message page itself has no one-click form for it."""
         html = render(pages.message(self.message_row(), [], False, [], [], self.session))
-        self.assertIn('action="/console/messages/7/reprocess"', html)
-        self.assertIn(f'name="csrf" value="{self.session.csrf}"', html)
+        self.assertIn('href="/console/messages/7/reprocess"', html)
+        self.assertNotIn('action="/console/messages/7/reprocess"', html)
         self.assertNotIn("/release", html)
         html = render(pages.message(self.message_row(status="quarantined"), [], False, [], [], self.session))
-        self.assertIn('action="/console/messages/7/release"', html)
+        self.assertIn('href="/console/messages/7/release"', html)
+        self.assertNotIn('action="/console/messages/7/release"', html)
+
+    def test_confirmation_is_a_form_without_script(self):
+        for name, status in (("reprocess", "failed"), ("release", "quarantined")):
+            html = render(pages.confirm(self.message_row(status=status), name, self.session))
+            form = re.search(rf'<form method="post" action="/console/messages/7/{name}" class="action">(.*?)</form>', html).group(1)
+            self.assertIn(f'<input type="hidden" name="csrf" value="{self.session.csrf}" />', form)
+            self.assertIn(f'<button type="submit">{name.capitalize()}</button>', form)
+            self.assertIn('href="/console/messages/7"', html)
+            self.assertIn("&lt;script&gt;", html)  # the subject, escaped
+            self.assertNotIn("<script", html)
+        html = render(pages.confirm(self.message_row(status="parsed"), "release", self.session))
+        self.assertIn("Message 7 is parsed: only a quarantined message can be released.", html)
+        self.assertNotIn("/release", html)
+
+    def test_organisations_page_counts_arrivals_and_labels_statuses(self):
+        org = {"id": 1, "slug": "acme", "name": "Acme", "active": True, "counts": {"received": 1, "parsed": 3}, "last_received_at": None}
+        html = render(pages.organisations([org], self.session))
+        headings = re.findall(r"<th>([^<]*)</th>", html)
+        self.assertEqual(headings[3:8], ["Arrived today", "Status received", "Status parsed", "Status failed", "Status quarantined"])
+        self.assertNotIn("Received today", html)
+        cells = re.findall(r"<td>([^<]*)</td>", html)
+        self.assertEqual(cells[2:7], ["4", "1", "3", "0", "0"])
 
     def test_organisation_token_sees_no_actions(self):
-        org_session = Sessions(task.Clock()).open(1)
+        org_session = Sessions(task.Clock()).open(1, "acme")
         html = render(pages.message(self.message_row(), [], False, [], [], org_session))
         self.assertNotIn("/reprocess", html)
 
@@ -109,7 +134,7 @@ class SessionTests(unittest.TestCase):
     def test_expires_after_idle(self):
         clock = task.Clock()
         sessions = Sessions(clock, lifetime=60)
-        session = sessions.open(4)
+        session = sessions.open(4, "acme")
         clock.advance(59)
         self.assertIs(sessions.get(session.id), session)
         clock.advance(59)
@@ -120,15 +145,35 @@ class SessionTests(unittest.TestCase):
 
     def test_bounded(self):
         sessions = Sessions(task.Clock(), limit=2)
-        first = sessions.open(None)
-        sessions.open(None)
-        sessions.open(None)
+        first = sessions.open(None, "admin")
+        sessions.open(None, "admin")
+        sessions.open(None, "admin")
         self.assertEqual(len(sessions), 2)
         self.assertIsNone(sessions.get(first.id))
 
+    def test_one_tokens_sign_ins_never_evict_anothers_session(self):
+        """Issue 22.5: 10,050 sign-ins with an organisation's token leave the admin's session alone."""
+        sessions = Sessions(task.Clock())
+        admin = sessions.open(None, "admin-sha256")
+        acme = [sessions.open(1, "acme-sha256") for _ in range(10_050)]
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertEqual(len(sessions), 1 + MAX_SESSIONS_PER_TOKEN)
+        self.assertIs(sessions.get(acme[-1].id), acme[-1])
+        self.assertIsNone(sessions.get(acme[-1 - MAX_SESSIONS_PER_TOKEN].id))  # that token's oldest went
+
+    def test_the_overall_bound_evicts_from_the_token_with_the_most(self):
+        sessions = Sessions(task.Clock(), limit=8, per_token=6)
+        admin = sessions.open(None, "admin")
+        beta = [sessions.open(2, "beta") for _ in range(3)]
+        acme = [sessions.open(1, "acme") for _ in range(8)]  # under its own bound; from the fifth on, past the overall one
+        self.assertEqual(len(sessions), 8)
+        self.assertIs(sessions.get(admin.id), admin)
+        self.assertTrue(all(sessions.get(s.id) is s for s in beta))
+        self.assertEqual([sessions.get(s.id) is s for s in acme], [False] * 4 + [True] * 4)
+
     def test_ids_and_csrf_tokens_are_random(self):
         sessions = Sessions(task.Clock())
-        a, b = sessions.open(None), sessions.open(None)
+        a, b = sessions.open(None, "admin"), sessions.open(None, "admin")
         self.assertNotEqual(a.id, b.id)
         self.assertNotEqual(a.csrf, b.csrf)
         self.assertGreaterEqual(len(a.csrf), 40)
@@ -151,11 +196,61 @@ class RejectionTests(unittest.TestCase):
 class _HungStore:
     """A store whose queue depth answers and whose outbox depth never does."""
 
-    def count_messages(self, status):
+    def count_messages(self, status, org_id=None):
         return defer.succeed(4)
 
-    def count_events(self, status):
+    def count_events(self, status, org_id=None):
         return defer.Deferred()
+
+
+def render_console(console: ConsoleResource, session_id: str, path: bytes) -> tuple[server.Request, DummyChannel]:
+    channel = DummyChannel()
+    request = server.Request(channel, False)
+    request.method, request.path, request.args = b"GET", path, {}
+    request.received_cookies = {COOKIE: session_id.encode()}
+    console.render(request)
+    return request, channel
+
+
+class _TwoTenantStore:
+    """Depths of everyone (org_id None) and of organisation 1."""
+
+    def count_messages(self, status, org_id=None):
+        return defer.succeed({None: 700, 1: 2}[org_id])
+
+    def count_events(self, status, org_id=None):
+        return defer.succeed({None: 900, 1: 1}[org_id])
+
+
+class StatusPageScopeTests(unittest.TestCase):
+    def setUp(self):
+        clock = task.Clock()
+        self.sessions = Sessions(clock)
+        checks = {"database": lambda: defer.succeed(None), "storage": lambda: defer.fail(OSError("cannot write /srv/mail/blobs/.probe"))}
+        rejections = RejectionHistory(clock, read=lambda: {"bad_recipient": 3.0})
+        self.console = ConsoleResource(_TwoTenantStore(), None, None, self.sessions, rejections, checks, clock)
+
+    def page(self, scope) -> str:
+        request, channel = render_console(self.console, self.sessions.open(scope, str(scope)).id, b"/console/status")
+        self.assertTrue(request.finished)
+        return channel.transport.written.getvalue().decode()
+
+    def test_the_admin_sees_everything(self):
+        page = self.page(None)
+        self.assertIn("<dd>700</dd>", page)
+        self.assertIn("<dd>900</dd>", page)
+        self.assertIn("<td>bad_recipient</td><td>3</td>", page)
+        self.assertIn("<td>storage</td><td>error: cannot write /srv/mail/blobs/.probe</td>", page)
+
+    def test_an_organisation_sees_only_its_own_figures(self):
+        """Issue 22.9: its own depths, no one's rejections, no check's error text (paths, hosts)."""
+        page = self.page(1)
+        self.assertIn("<dd>2</dd>", page)
+        self.assertIn("<dd>1</dd>", page)
+        for everyones in ("700", "900", "bad_recipient", "/srv/mail", "error:"):
+            self.assertNotIn(everyones, page)
+        self.assertIn("<td>database</td><td>ok</td>", page)
+        self.assertIn("<td>storage</td><td>unavailable</td>", page)
 
 
 class StatusPageDeadlineTests(unittest.TestCase):
@@ -165,11 +260,7 @@ class StatusPageDeadlineTests(unittest.TestCase):
         sessions = Sessions(clock)
         checks = {"database": lambda: defer.succeed(None), "disk": defer.Deferred}
         console = ConsoleResource(_HungStore(), None, None, sessions, RejectionHistory(clock), checks, clock, check_timeout=2)
-        channel = DummyChannel()
-        request = server.Request(channel, False)
-        request.method, request.path, request.args = b"GET", b"/console/status", {}
-        request.received_cookies = {COOKIE: sessions.open(None).id.encode()}
-        console.render(request)
+        request, channel = render_console(console, sessions.open(None, "admin").id, b"/console/status")
         clock.advance(1.9)
         self.assertFalse(request.finished)
         clock.advance(0.1)
@@ -235,6 +326,10 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=strict", cookie)
         self.assertNotIn("Secure", cookie)  # plain HTTP here
+        response = yield treq.get(self.base + "/console/sign-in", headers={"X-Forwarded-Proto": "https", "Forwarded": "proto=https"}, persistent=False)
+        yield treq.content(response)
+        cookie = response.headers.getRawHeaders("set-cookie")[0]
+        self.assertNotIn("Secure", cookie)  # a peer's header is not the operator's word
         csp = response.headers.getRawHeaders("content-security-policy")[0]
         self.assertIn("script-src 'self'", csp)
 
@@ -317,6 +412,7 @@ class ConsoleHttpTests(ConsoleCase):
         response, _ = yield self.request("GET", f"/console/messages/{message_id}/raw", cookie)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/octet-stream"])
         self.assertTrue(response.headers.getRawHeaders("content-disposition")[0].startswith("attachment;"))
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
         response = yield treq.get(
             f"{self.base}/console/documents/{documents[0]['id']}/content",
             headers={"Cookie": f"{COOKIE.decode()}={cookie}"},
@@ -325,6 +421,7 @@ class ConsoleHttpTests(ConsoleCase):
         body = yield treq.content(response)
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(PDF).hexdigest())
         self.assertIn('filename="a_b.pdf"', response.headers.getRawHeaders("content-disposition")[0])
+        self.assertEqual(response.headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"])
 
     @defer.inlineCallbacks
     def test_message_page_shows_headers_and_events(self):
@@ -383,7 +480,62 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertEqual(status, 200)
 
 
+class PublicHttpsUrlTests(ConsoleCase):
+    """Behind a TLS proxy the daemon speaks plain HTTP; the operator's https public URL makes the cookies Secure."""
+
+    extra = {"api_public_url": "https://mail.example.com/"}
+
+    @defer.inlineCallbacks
+    def test_cookies_are_secure(self):
+        response, _ = yield self.request("GET", "/console/sign-in")
+        self.assertIn("Secure", response.headers.getRawHeaders("set-cookie")[0])
+        response, _ = yield self.post_sign_in(self.tokens["admin"])
+        self.assertEqual(response.code, 303)
+        cookies = response.headers.getRawHeaders("set-cookie")
+        self.assertTrue(cookies[0].startswith(f"{COOKIE.decode()}="), cookies)
+        self.assertTrue(all("Secure" in cookie for cookie in cookies), cookies)
+        message_id = yield self.deliver("acme", 1)
+        document = (yield self.get_json(f"/v1/messages/{message_id}"))["documents"][0]
+        self.assertEqual(document["content_url"], f"https://mail.example.com/v1/documents/{document['id']}/content")
+
+
 class ConsoleActionTests(ConsoleCase):
+    @defer.inlineCallbacks
+    def test_reprocess_and_release_are_confirmed_on_their_own_page(self):
+        failed = yield self.deliver("acme", 1)
+        yield self.daemon.store.mark_failed(failed, "broken", 3)
+        quarantined = yield self.deliver("acme", 2)
+        yield self.daemon.store.mark_quarantined(quarantined, "sender not allowed")
+        admin = yield self.sign_in("admin")
+        for message_id, name, status in ((failed, "reprocess", "failed"), (quarantined, "release", "quarantined")):
+            path = f"/console/messages/{message_id}"
+            _, body = yield self.request("GET", path, admin)
+            self.assertIn(f'href="{path}/{name}"', body)
+            response, body = yield self.request("GET", f"{path}/{name}", admin)
+            self.assertEqual(response.code, 200)
+            self.assertIn(f'<form method="post" action="{path}/{name}" class="action">', body)
+            self.assertEqual((yield self.daemon.store.get_message(message_id))["status"], status, "asking changes nothing")
+            token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+            response, _ = yield self.request("POST", f"{path}/{name}", admin, form={"csrf": token})
+            self.assertEqual(response.headers.getRawHeaders("location"), [path])
+            row = yield self.daemon.settled(message_id)
+            self.assertEqual(row["status"], "parsed")
+            response, body = yield self.request("GET", f"{path}/{name}", admin)
+            self.assertEqual(response.code, 409)
+            self.assertIn(f"is parsed: only a {status} message", body)
+            self.assertNotIn(f'action="{path}/{name}"', body)
+            _, body = yield self.request("GET", path, admin)  # the notice of the action, shown once
+            response, body = yield self.request("POST", f"{path}/{name}", admin, form={"csrf": token})  # the form sent again
+            self.assertEqual(response.code, 303)
+            _, body = yield self.request("GET", path, admin)
+            self.assertIn(f"{message_id} is parsed", re.search(r'<p class="notice" role="status">([^<]*)</p>', body).group(1))
+            self.assertEqual((yield self.daemon.store.status_history(message_id))[-1]["status"], "parsed", "nothing done")
+        acme = yield self.sign_in("acme")
+        response, _ = yield self.request("GET", f"/console/messages/{failed}/reprocess", acme)
+        self.assertEqual(response.code, 403)
+        response, _ = yield self.request("GET", "/console/messages/999999/release", admin)
+        self.assertEqual(response.code, 404)
+
     @defer.inlineCallbacks
     def test_release_a_quarantined_message(self):
         message_id = yield self.deliver("acme", 1)
@@ -418,3 +570,39 @@ class ConsoleActionTests(ConsoleCase):
         self.assertIn(f"Webhook event {event['event_id']} will be delivered again now.", body)
         again = yield self.daemon.store.get_event(event["id"])
         self.assertGreater(str(again["retry_from"]), str(event["retry_from"]))
+
+
+class ConsoleQueryTests(ConsoleCase):
+    """Every query value a person can type or edit in the URL is a page: 400 with the reason when it is bad, never a 500."""
+
+    @defer.inlineCallbacks
+    def test_bad_filters_are_400_pages(self):
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        path = f"/console/orgs/{acme['id']}/messages?"
+        for query, reason in (
+            ("cursor=" + encode_cursor(10**30), "cursor"),
+            ("cursor=%25%25", "cursor"),
+            ("from=2025-02-30", "From"),
+            ("to=31.12.2025", "To"),
+            ("status=nonsense", "Status"),
+        ):
+            response, body = yield self.request("GET", path + query, cookie)
+            self.assertEqual(response.code, 400, (query, body))
+            self.assertIn(reason, re.search(r'<p class="error" role="alert">([^<]*)</p>', body).group(1), query)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_the_calendars_ends_are_days_like_any_other(self):
+        """A date picker offers 0001-01-01 to 9999-12-31: the day after the last one is past the calendar, not an error."""
+        yield self.deliver("acme", 1)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?from=0001-01-01&to=9999-12-31", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertIn("Order 1", body)
+        response, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?to=2000-01-01", cookie)
+        self.assertEqual(response.code, 200, body)
+        self.assertNotIn("Order 1", body)
+

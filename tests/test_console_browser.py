@@ -123,7 +123,9 @@ class BrowserTests(ConsoleCase):
         def reprocess(driver):
             driver.get(f"{self.base}/console/orgs/{acme['id']}/messages?status=failed")
             loaded(driver, By.LINK_TEXT, "Order 2").click()
-            loaded(driver, By.XPATH, "//button[text()='Reprocess']").click()
+            loaded(driver, By.LINK_TEXT, "Reprocess…").click()
+            heading(driver, f"Reprocess message {failed_id}?")
+            loaded(driver, By.XPATH, "//main//button[text()='Reprocess']").click()
             return loaded(driver, By.CLASS_NAME, "notice").text
 
         notice = yield self.browse(reprocess)

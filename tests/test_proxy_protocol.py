@@ -132,3 +132,33 @@ class ProxyConnectionTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
         self.lose(protocol)
         self.assertEqual((self.sessions.awaiting_header, self.sessions.by_peer), (set(), {}))
+
+    def test_a_header_read_however_it_is_segmented(self):
+        """On main a first segment shorter than 8 bytes (v1) or 16 (v2) was taken as no PROXY header: disconnected."""
+        v2 = (
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+            + bytes([203, 0, 113, 8]) + bytes([192, 0, 2, 1]) + (40001).to_bytes(2, "big") + (25).to_bytes(2, "big")
+        )
+        for header, client in ((HEADER, "203.0.113.7"), (v2, "203.0.113.8")):
+            protocol, transport = self.connect("10.0.0.1")
+            for index in range(len(header)):
+                protocol.dataReceived(header[index : index + 1])
+                self.assertFalse(transport.disconnecting, (header, index))
+                if index < len(header) - 1:
+                    self.assertEqual(transport.value(), b"")
+            self.assertTrue(transport.value().startswith(b"220 mx.test"), transport.value())
+            for byte in b"EHLO client.test\r\n":
+                protocol.dataReceived(bytes([byte]))
+            self.assertIn(f"250-mx.test Hello {client}\r\n".encode(), transport.value())
+            self.lose(protocol)
+
+    def test_what_cannot_start_a_header_is_refused_at_its_first_wrong_byte(self):
+        for junk in (b"E", b"PROX\r", b"\r\n\r\n\x00\r\nQUIT\n\x11", b"\r\n\r\nX"):
+            protocol, transport = self.connect("10.0.0.1")
+            for index in range(len(junk) - 1):
+                protocol.dataReceived(junk[index : index + 1])
+                self.assertFalse(transport.disconnecting, (junk, index))
+            protocol.dataReceived(junk[-1:])
+            self.assertTrue(transport.disconnecting, junk)
+            self.assertEqual(transport.value(), b"")
+            self.lose(protocol)

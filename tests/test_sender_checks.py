@@ -18,8 +18,8 @@ from tests.dns_server import DnsServer
 from tests.sender_zone import signed
 
 
-def order(from_domain: str = "sender.example") -> bytes:
-    """A signed purchase order with one CSV attachment."""
+def order(from_domain: str = "sender.example", signer: str | None = None, extra_tags: dict[str, str] | None = None) -> bytes:
+    """A purchase order with one CSV attachment, signed by C{signer} (default the From: domain)."""
     mail = EmailMessage()
     mail["From"] = f"Buyer <buyer@{from_domain}>"
     mail["To"] = "orders+acme@example.com"
@@ -27,7 +27,8 @@ def order(from_domain: str = "sender.example") -> bytes:
     mail["Message-ID"] = f"<order-7@{from_domain}>"
     mail.set_content("Please find our order.\n")
     mail.add_attachment(b"item,qty\nwidget,12\n", maintype="text", subtype="csv", filename="order.csv")
-    return signed(mail.as_bytes(policy=mail.policy.clone(linesep="\r\n")), domain=from_domain)
+    text = mail.as_bytes(policy=mail.policy.clone(linesep="\r\n"))
+    return signed(text, domain=signer or from_domain, extra_tags=extra_tags)
 
 
 class SenderChecksTests(unittest.TestCase):
@@ -104,6 +105,29 @@ class SenderChecksTests(unittest.TestCase):
         self.assertIn(b"is parsed, not quarantined", again.stderr)
         shown = yield self.cli("messages", "show", "--json", str(row["id"]))
         self.assertEqual(len(json.loads(shown.stdout)["documents"]), 1)
+
+    @defer.inlineCallbacks
+    def test_forged_signing_domain_in_an_extra_tag_is_quarantined(self):
+        """
+        The attacker signs with their own key (d=attacker.example) and adds a
+        signed tag D=customer.example, which DKIM does not read (tag names are
+        case-sensitive): the verified domain is attacker.example, so DMARC
+        for customer.example fails.
+        """
+        policy = yield self.cli("org", "policy", "acme", "--allow-domain", "customer.example", "--require", "dmarc")
+        self.assertEqual(policy.returncode, 0, policy.stderr)
+        forged = order("customer.example", signer="attacker.example", extra_tags={"D": "customer.example"})
+        self.assertIn(b"D=customer.example", forged)
+        row = yield self.deliver(forged, mail_from="bounce@attacker.example")
+        results = row["authentication_results"]
+        self.assertEqual(row["status"], "quarantined", results)
+        self.assertEqual((row["dkim"], row["dkim_domain"], row["dmarc"]), ("pass", "attacker.example", "fail"))
+        self.assertIn("dkim=pass header.d=attacker.example header.s=sel;", results)
+        self.assertIn("dmarc=fail", results)
+        self.assertNotIn("customer.example;", results.split("dmarc=")[0])
+        self.assertEqual(row["quarantine_reason"], "DMARC did not pass (dmarc=fail: no aligned SPF or DKIM pass)")
+        genuine = yield self.deliver(order("customer.example"), mail_from="bounce@attacker.example")
+        self.assertEqual((genuine["status"], genuine["dkim_domain"]), ("parsed", "customer.example"), "the customer's own signature passes")
 
     @defer.inlineCallbacks
     def test_default_policy_quarantines_nothing(self):

@@ -4,6 +4,8 @@ on a task.Clock, the real delivery (Ingest) on an in-memory store and blob store
 No sockets, no sleeps.
 """
 
+import errno
+import io
 import ipaddress
 import itertools
 import os
@@ -12,7 +14,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
@@ -748,6 +750,55 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(rejected("temporary_failure"), dropped + 1)
         self.assertEqual(server.store.rows, [])
         self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_full_disk_is_451_and_leaves_no_spool_file(self):
+        """
+        On main, a write that failed with ENOSPC left its bytes in the file's
+        buffer: discarding the spool closed the file, the close failed the
+        same way before the unlink, and the error escaped the reactor
+        ("Unhandled Error"), a 0-byte spool-*.eml left per try.
+        """
+
+        class FullDisk(io.FileIO):
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        real_open = spool_module.Spool._open
+        opened = []
+
+        def full_open(spool):
+            real = real_open(spool)
+            opened.append(spool.path)
+            fd = os.dup(real.fileno())
+            real.close()
+            return io.BufferedWriter(FullDisk(fd, "wb"), 1 << 20)
+
+        self.patch(spool_module.Spool, "_open", full_open)
+        self.patch(spool_module, "deferToThread", lambda f, *args: defer.maybeDeferred(f, *args))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        server = Server(self)
+        session = server.connect()
+        # Past the write buffer the failure comes during DATA; within it, at the
+        # close before the message is stored.
+        for lines in (20000, 3000):
+            del events[:]
+            open_data(session)
+            data = MESSAGE + (b"x" * 70 + b"\r\n") * lines
+            for start in range(0, len(data), 65536):
+                session.send(data[start : start + 65536])
+            self.assertTrue(os.path.exists(opened[-1]))
+            session.send(b".\r\n")
+            self.assertEqual(session.replies()[-1][:10], b"451 4.3.0 ", lines)
+            self.assertEqual(os.listdir(server.spool_dir), [], lines)
+            errors = [formatEvent(e) for e in events if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+            self.assertEqual(len(errors), 1, errors)
+            self.assertIn("No space left on device", errors[0])
+            self.assertEqual(session.command(b"RSET"), b"250 2.0.0 OK")
+        self.assertEqual(len(opened), 2)
+        self.assertEqual(server.store.rows, [])
+        self.assertFalse(session.closed)
 
     def test_big_message_spool_file_is_gone_after_storing(self):
         self.patch(spool_module, "deferToThread", lambda f, *args: defer.maybeDeferred(f, *args))

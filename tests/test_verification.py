@@ -9,7 +9,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailingest.verification.dkim_check import check_arc, check_dkim
+from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
 from mailingest.verification.dmarc import check_dmarc, organisational_domain
 from mailingest.verification.policy import SenderPolicy, violation
 from mailingest.verification.resolver import BudgetResolver, DeadNames, parse_resolver_address
@@ -18,7 +18,7 @@ from mailingest.verification.spf_check import check_spf
 from mailingest.verification.verify import verify_message
 from tests import sender_zone
 from tests.dns_server import DnsServer
-from tests.sender_zone import GOOD_IP, OTHER_IP, arc_forwarded, message, signed
+from tests.sender_zone import GOOD_IP, LOOP_IP, OTHER_IP, PTR_IP, arc_forwarded, message, signed
 
 SILENT = ["quiet.example", "sel._domainkey.quiet.example", "_dmarc.quiet.example"]
 SERVFAIL = ["broken.example", "sel._domainkey.broken.example", "_dmarc.broken.example"]
@@ -89,11 +89,48 @@ class SpfTests(ZoneTestCase):
     def test_no_client_address(self):
         return self.assertSpf("none", "buyer@sender.example", ip="local")
 
+    @defer.inlineCallbacks
+    def test_domain_is_the_one_pyspf_checked(self):
+        """pyspf checks what follows the first @: that is the domain recorded (and aligned), not the last one."""
+        check = yield self.assertSpf("none", "x@nospf.example@sender.example")
+        self.assertEqual(check.domain, "nospf.example@sender.example")
+
+
+class SpfPtrTests(ZoneTestCase):
+    """RFC 7208 5.5: DNS errors inside the ptr mechanism skip a name or match nothing; they are no temperror."""
+
+    def setUp(self):
+        zones = (
+            sender_zone.zone(servfail=["broken.ptr.example"], silent=["quiet.ptr.example"]),
+            sender_zone.reverse_zone(servfail=["6.2.0.192.in-addr.arpa"]),
+        )
+        self.server = DnsServer(*zones)
+        self.address = self.server.start()
+        self.addCleanup(self.server.stop)
+
+    @defer.inlineCallbacks
+    def assertSpf(self, expected, mail_from, ip, budget=None):
+        check = yield self.run_check(check_spf, ip, mail_from, "mx.ptr.example", budget=budget)
+        self.assertEqual(check.result, expected, check)
+
+    def test_name_whose_address_lookup_fails_is_skipped(self):
+        """broken.ptr.example answers SERVFAIL: skipped, and mail.ptr.example, the next PTR name, validates."""
+        return self.assertSpf("pass", "b@ptr.example", PTR_IP)
+
+    def test_suite_ptr_cname_loop(self):
+        return self.assertSpf("neutral", "postmaster@loop.example.com", LOOP_IP)
+
+    def test_reverse_lookup_failure_matches_nothing(self):
+        return self.assertSpf("fail", "b@ptr.example", "192.0.2.6")
+
+    def test_budget_spent_on_a_ptr_name_is_temperror(self):
+        return self.assertSpf("temperror", "b@ptr.example", "192.0.2.7", budget=0.5)
+
 
 class DkimTests(ZoneTestCase):
     @defer.inlineCallbacks
     def assertDkim(self, expected, text, budget=None):
-        check, signatures = yield self.run_check(check_dkim, text, budget=budget)
+        check, signatures = yield self.run_check(check_dkim, read_message(text), budget=budget)
         self.assertEqual(check.result, expected, (check, signatures))
         return check, signatures
 
@@ -140,6 +177,32 @@ class DkimTests(ZoneTestCase):
     def test_any_pass_wins(self):
         return self.assertDkim("pass", signed(signed(message(), domain="nokey.example")))
 
+    @defer.inlineCallbacks
+    def test_signed_tag_D_lends_no_domain(self):
+        """Tag names are case-sensitive: dkimpy verifies d=attacker.example, and that is the domain recorded."""
+        text = signed(message("customer.example"), domain="attacker.example", extra_tags={"D": "customer.example"})
+        check, signatures = yield self.assertDkim("pass", text)
+        self.assertEqual(check.domain, "attacker.example")
+        self.assertEqual([(s.result, s.domain, s.selector) for s in signatures], [("pass", "attacker.example", "sel")])
+
+    @defer.inlineCallbacks
+    def test_repeated_d_tag_is_permerror_without_a_domain(self):
+        """
+        dkimpy refuses a repeated tag; the signature before it passed, and its
+        domain is not carried over to this one.
+        """
+        bad = signed(message("customer.example"), domain="attacker.example", extra_tags={"d": "customer.example"})
+        self.assertEqual(bad.count(b"d=customer.example"), 1)
+        check, signatures = yield self.assertDkim("pass", signed(bad))
+        self.assertEqual([(s.result, s.domain) for s in signatures], [("pass", "sender.example"), ("permerror", "")])
+        self.assertEqual(check.domain, "sender.example")
+
+    @defer.inlineCallbacks
+    def test_unreadable_header_section(self):
+        text = signed(message()).replace(b"To: ", b"no colon on this line\r\nTo: ")
+        check, signatures = yield self.assertDkim("permerror", text)
+        self.assertEqual((check.note, signatures), ("message header cannot be read", []))
+
 
 class ArcTests(ZoneTestCase):
     @defer.inlineCallbacks
@@ -147,7 +210,7 @@ class ArcTests(ZoneTestCase):
         text = arc_forwarded(signed(message()))
         arc = yield self.run_check(check_arc, text)
         self.assertEqual((arc.result, arc.domain), ("pass", "forwarder.example"), arc)
-        dkim_check, _ = yield self.run_check(check_dkim, text)
+        dkim_check, _ = yield self.run_check(check_dkim, read_message(text))
         self.assertEqual(dkim_check.result, "fail", "the footer broke the original signature")
 
     @defer.inlineCallbacks
@@ -162,6 +225,16 @@ class ArcTests(ZoneTestCase):
         self.assertEqual(arc.result, "none")
 
     @defer.inlineCallbacks
+    def test_set_without_seal_fails(self):
+        """RFC 8617 5.2: an ARC-Message-Signature and ARC-Authentication-Results without their ARC-Seal."""
+        text = arc_forwarded(signed(message()), seal=False)
+        self.assertIn(b"ARC-Message-Signature: i=1", text)
+        self.assertIn(b"ARC-Authentication-Results: i=1", text)
+        arc = yield self.run_check(check_arc, text)
+        self.assertEqual((arc.result, arc.domain), ("fail", None), arc)
+        self.assertIn("Incomplete ARC set", arc.note)
+
+    @defer.inlineCallbacks
     def test_temperror(self):
         text = arc_forwarded(signed(message()), forwarder="quiet.example")
         arc = yield self.run_check(check_arc, text, budget=0.5)
@@ -173,8 +246,9 @@ class DmarcTests(ZoneTestCase):
     def dmarc(self, text, ip=GOOD_IP, mail_from="bounce@sender.example", budget=None):
         def run(resolver):
             spf = check_spf(ip, mail_from, "mx.sender.example", resolver)
-            _, signatures = check_dkim(text, resolver)
-            return check_dmarc(text, spf, signatures, resolver)
+            verifier = read_message(text)
+            _, signatures = check_dkim(verifier, resolver)
+            return check_dmarc(None if verifier is None else verifier.headers, spf, signatures, resolver)
 
         return (yield threads.deferToThread(run, self.resolver(budget)))
 
@@ -230,7 +304,40 @@ class DmarcTests(ZoneTestCase):
     def test_permerror_several_from_domains(self):
         text = message(extra=b"From: other@forwarder.example\r\n")
         check, _ = yield self.dmarc(text)
-        self.assertEqual(check.result, "permerror")
+        self.assertEqual((check.result, check.note), ("permerror", "several From: fields"))
+
+    def with_from(self, field: bytes):
+        """The DMARC check of the test message with C{field} as its From: line."""
+        return self.dmarc(message().replace(b"From: Buyer <buyer@sender.example>", field))
+
+    @defer.inlineCallbacks
+    def test_permerror_from_not_an_address(self):
+        """A From: a reader could take for sender.example, but that is no address: no guess at its domain."""
+        check, policy = yield self.with_from(b"From: Macro Error@sender.example")
+        self.assertEqual((check.result, check.domain, policy), ("permerror", None, None))
+        self.assertIn("From: field cannot be parsed", check.note)
+
+    @defer.inlineCallbacks
+    def test_permerror_absurdly_long_from(self):
+        check, _ = yield self.with_from(b"From: Buyer" + b" x" * 1500 + b" <buyer@sender.example>")
+        self.assertEqual((check.result, check.note), ("permerror", "From: field longer than 2048 bytes"))
+
+    @defer.inlineCallbacks
+    def test_folded_from_with_a_display_name_holding_an_address(self):
+        check, _ = yield self.with_from(b'From: "buyer@customer.example"\r\n <buyer@sender.example>')
+        self.assertEqual((check.result, check.domain), ("pass", "sender.example"))
+
+    @defer.inlineCallbacks
+    def test_8bit_display_name_leaves_the_address_certain(self):
+        check, _ = yield self.with_from(b"From: M\xfcller \x01 <buyer@sender.example>")
+        self.assertEqual((check.result, check.domain), ("pass", "sender.example"))
+        check, _ = yield self.with_from(b"From: buyer@sender\xfc.example")
+        self.assertEqual((check.result, check.note), ("permerror", "From: address without a domain name"))
+
+    @defer.inlineCallbacks
+    def test_permerror_unreadable_header_section(self):
+        check, _ = yield self.dmarc(message(extra=b"no colon on this line\r\n"))
+        self.assertEqual((check.result, check.note), ("permerror", "message header cannot be read"))
 
     def test_organisational_domain(self):
         self.assertEqual(organisational_domain("mail.customer.co.uk"), "customer.co.uk")
@@ -238,12 +345,13 @@ class DmarcTests(ZoneTestCase):
 
 
 class VerifyMessageTests(ZoneTestCase):
+    def verify(self, text: bytes, mail_from: str):
+        """All the checks of C{text} from GOOD_IP, in a thread."""
+        return threads.deferToThread(verify_message, text, GOOD_IP, "mx", mail_from, "mx.ingest.test", self.address, 5.0)
+
     @defer.inlineCallbacks
     def test_authentication_results(self):
-        text = signed(message())
-        verdicts = yield threads.deferToThread(
-            verify_message, text, GOOD_IP, "mx.sender.example", "bounce@sender.example", "mx.ingest.test", self.address, 5.0
-        )
+        verdicts = yield self.verify(signed(message()), "bounce@sender.example")
         self.assertEqual(
             verdicts.authentication_results,
             "mx.ingest.test; spf=pass smtp.mailfrom=bounce@sender.example;"
@@ -261,6 +369,17 @@ class VerifyMessageTests(ZoneTestCase):
         )
         self.assertEqual(
             [verdicts.spf.result, verdicts.dkim.result, verdicts.dmarc.result], ["temperror"] * 3
+        )
+
+    @defer.inlineCallbacks
+    def test_forged_domain_in_extra_tag(self):
+        text = signed(message("customer.example"), domain="attacker.example", extra_tags={"D": "customer.example"})
+        verdicts = yield self.verify(text, "bounce@attacker.example")
+        self.assertEqual(
+            verdicts.authentication_results,
+            "mx.ingest.test; spf=none smtp.mailfrom=bounce@attacker.example;"
+            " dkim=pass header.d=attacker.example header.s=sel;"
+            ' dmarc=fail reason="no aligned SPF or DKIM pass" header.from=customer.example policy.dmarc=reject; arc=none',
         )
 
     def test_hostile_domains_kept_out_of_header_syntax(self):
@@ -323,6 +442,46 @@ class SilentDomainTests(unittest.TestCase):
         # Another domain of the same server is asked as before.
         other, _ = yield self.check("sender.example")
         self.assertEqual(other.spf.result, "pass")
+
+
+class AuthenticationResultsTests(unittest.TestCase):
+    """Every property value is an RFC 8601 token, a plain local@domain or a quoted string with the original characters."""
+
+    def header(self, **fields) -> str:
+        from mailingest.verification.results import Signature, Verdicts, authentication_results
+
+        base = dict(spf=Check("none"), dkim=Check("none"), dmarc=Check("none"), arc=Check("none"))
+        base.update(fields)
+        return authentication_results("mx.test", Verdicts(**base))
+
+    def test_helo_address_literal_quoted(self):
+        header = self.header(helo="[1.2.3.5]")
+        self.assertIn('spf=none smtp.helo="[1.2.3.5]";', header)
+
+    def test_mail_from_with_a_space_quoted(self):
+        header = self.header(mail_from="Macro Error@e8.example.com")
+        self.assertIn('smtp.mailfrom="Macro Error@e8.example.com";', header)
+
+    def test_plain_address_and_domain_as_they_are(self):
+        header = self.header(mail_from="a.b+c@e8.example.com", header_from="e8.example.com", dmarc=Check("none", "e8.example.com"))
+        self.assertIn("smtp.mailfrom=a.b+c@e8.example.com;", header)
+        self.assertIn("header.from=e8.example.com;", header)
+
+    def test_values_cannot_add_results(self):
+        from mailingest.verification.results import Signature
+
+        header = self.header(
+            mail_from='x@y.example; dkim=pass header.d="customer.example"',
+            spf=Check("fail", None, "see postmaster@y.example; dmarc=pass"),
+            signatures=[Signature("fail", "evil.example;dkim=pass", 'a"b\\c', "")],
+            dkim=Check("fail"),
+        )
+        self.assertEqual(
+            header,
+            'mx.test; spf=fail reason="see postmaster@y.example; dmarc=pass"'
+            ' smtp.mailfrom="x@y.example; dkim=pass header.d=\\"customer.example\\"";'
+            ' dkim=fail header.d="evil.example;dkim=pass" header.s="a\\"b\\\\c"; dmarc=none; arc=none',
+        )
 
 
 class PolicyTests(unittest.TestCase):

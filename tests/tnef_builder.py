@@ -31,6 +31,14 @@ PT_LONG = 0x0003
 PT_STRING8 = 0x001E
 PT_UNICODE = 0x001F
 PT_BINARY = 0x0102
+PT_OBJECT = 0x000D
+
+PR_ATTACH_DATA = 0x3701  # PR_ATTACH_DATA_BIN as PT_BINARY, PR_ATTACH_DATA_OBJ as PT_OBJECT
+ATTACH_BY_VALUE = 1
+ATTACH_EMBEDDED_MSG = 5
+IID_IMESSAGE = bytes.fromhex("0703020000000000c000000000000046")
+# What Outlook writes in attAttachData for an embedded message.
+PLACEHOLDER = b"This attachment is a MAPI 1.0 embedded object and is not supported by this mail system."
 
 PR_ATTACH_METHOD = 0x3705
 PR_ATTACH_LONG_FILENAME = 0x3707
@@ -42,9 +50,11 @@ PR_RTF_COMPRESSED = 0x1009
 @dataclass
 class File:
     title: str  # the 8.3 name of attAttachTitle
-    data: bytes
+    data: bytes | None  # attAttachData (None: no such attribute)
     long_filename: str | None = None
     mime_tag: str | None = None
+    data_bin: bytes | None = None  # PR_ATTACH_DATA_BIN in attAttachment
+    embedded: bytes | None = None  # a TNEF message, as PR_ATTACH_DATA_OBJ with ATTACH_EMBEDDED_MSG
 
 
 def attribute(level: int, attribute_id: int, data: bytes) -> bytes:
@@ -83,8 +93,14 @@ def tnef(*files: File, codepage: int = 1252, rtf_body: bytes | None = None) -> b
     for file in files:
         out += attribute(LEVEL_ATTACHMENT, ATT_ATTACH_REND_DATA, struct.pack("<HIHHI", 1, 0xFFFFFFFF, 0, 0, 0))
         out += attribute(LEVEL_ATTACHMENT, ATT_ATTACH_TITLE, file.title.encode("cp1252") + b"\0")
-        out += attribute(LEVEL_ATTACHMENT, ATT_ATTACH_DATA, file.data)
-        properties: list[tuple[int, int, object]] = [(PT_LONG, PR_ATTACH_METHOD, 1)]
+        if file.data is not None:
+            out += attribute(LEVEL_ATTACHMENT, ATT_ATTACH_DATA, file.data)
+        method = ATTACH_BY_VALUE if file.embedded is None else ATTACH_EMBEDDED_MSG
+        properties: list[tuple[int, int, object]] = [(PT_LONG, PR_ATTACH_METHOD, method)]
+        if file.data_bin is not None:
+            properties.append((PT_BINARY, PR_ATTACH_DATA, file.data_bin))
+        if file.embedded is not None:
+            properties.append((PT_OBJECT, PR_ATTACH_DATA, IID_IMESSAGE + file.embedded))
         if file.long_filename is not None:
             properties.append((PT_UNICODE, PR_ATTACH_LONG_FILENAME, file.long_filename))
         if file.mime_tag is not None:

@@ -9,6 +9,7 @@ status 1; only a bug in mailingest shows a traceback.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import sqlite3
 import sys
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
 from typing import Any, BinaryIO
 
@@ -27,8 +28,9 @@ from mailingest import __version__
 from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
-from mailingest.handoff.events import check_secret, new_secret
+from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
@@ -54,11 +56,14 @@ SENDER_FIELDS = (
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
 )
 QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
+SHOWN_HEADERS = ("From", "To", "Date", "Subject", "Message-ID")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
+# The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
+_WEBHOOK_POLICY_KEYS = ("webhook_allow_http", "webhook_allow_private")
 
 
 class CommandError(MailingestError):
@@ -299,12 +304,31 @@ async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
     print(to_json(rows) if args.json else table(rows, columns))
 
 
+async def _shown_headers(session: Session, raw_key: str) -> dict[str, str]:
+    """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them, unfolded."""
+    headers, _ = read_headers(await head_of(session.blobs, raw_key))
+    first: dict[str, str] = {}
+    for name, value in headers:
+        first.setdefault(name.lower(), value.replace("\n", "").strip())
+    return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
+
+
 async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
+    """The row is shown even when object storage cannot give the headers: the reason takes their place."""
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
+    try:
+        headers, unread = await _shown_headers(session, row["raw_key"]), None
+    except (MailingestError, OSError) as e:
+        headers, unread = {}, _user_message(e, session.settings)
     if args.json:
-        print(to_json({**row, "documents": documents}))
+        print(to_json({**row, "headers": headers, "documents": documents}))
         return
+    print(f"headers: cannot read the stored copy: {unread}" if unread else "headers:" if headers else "headers: none in the stored copy")
+    width = max(len(name) for name in SHOWN_HEADERS) + 1
+    for name, value in headers.items():
+        print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
+    print()
     for fields in (MESSAGE_FIELDS, SENDER_FIELDS):
         if fields is SENDER_FIELDS:
             print("\nsender:")
@@ -355,20 +379,34 @@ async def cmd_documents_get(session: Session, args: argparse.Namespace) -> None:
     await _download(session, row, args.output, what)
 
 
-async def _download(session: Session, row: dict, path: str, what: str) -> None:
-    """Into a temporary file beside C{path}, renamed once complete: never a partial file."""
+@contextlib.contextmanager
+def _complete_or_nothing(path: str, mode: int, replace: bool = True) -> Iterator[BinaryIO]:
+    """
+    A temporary file beside C{path} (created with C{mode}), renamed to it once
+    complete: never a partial file. Without C{replace} an existing C{path}
+    is left alone (L{FileExistsError}).
+    """
     directory, name = os.path.split(os.path.abspath(path))
     partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
-            await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
+            yield out
             out.flush()
             os.fsync(out.fileno())
-        os.replace(partial, path)
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)
+            os.unlink(partial)
     except BaseException:
         os.unlink(partial)
         raise
+
+
+async def _download(session: Session, row: dict, path: str, what: str) -> None:
+    with _complete_or_nothing(path, 0o666) as out:
+        await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
     print(f"wrote {row['size']} bytes to {path}")
 
 
@@ -419,20 +457,34 @@ async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
 
 
 async def cmd_org_webhook(session: Session, args: argparse.Namespace) -> None:
-    """The daemon's target policy (same environment and file) decides which URLs are allowed."""
+    """
+    The daemon's target policy decides which URLs are allowed: its options
+    here, else the same environment and file as the daemon's.
+    """
     if args.remove:
         removed = await session.store.remove_webhook(args.slug)
         print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
         return
     daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
-    await check_target(TargetPolicy(daemon["webhook_allow_http"], daemon["webhook_allow_private"]), args.url)
+    allowed = {key: daemon[key] or bool(getattr(args, key)) for key in _WEBHOOK_POLICY_KEYS}
+    await check_target(TargetPolicy(allowed["webhook_allow_http"], allowed["webhook_allow_private"]), args.url)
     if args.secret_file:
         with open(args.secret_file, encoding="utf-8") as f:
-            secret = check_secret(f.readline())
+            try:
+                secret = check_secret(f.readline())
+            except BadSecret as e:
+                raise CommandError(f"--secret-file {args.secret_file}: {e}; without --secret-file a new secret is made") from None
     else:
         secret = new_secret()
     await session.store.set_webhook(args.slug, args.url, secret)
     print(f"webhook of {args.slug.lower()}: {args.url}")
+    for key in _WEBHOOK_POLICY_KEYS:
+        if allowed[key] and not daemon[key]:
+            name = key.replace("_", "-")
+            print(
+                f"note: the daemon checks the URL again before every delivery: run it with --{name} too"
+                f" ({name} = yes in its --config file, or MAILINGEST_{key.upper()}=yes)"
+            )
     if not args.secret_file:
         print(f"signing secret (shown once, give it to the receiver): {secret}")
 
@@ -459,8 +511,37 @@ async def cmd_events_redeliver(session: Session, args: argparse.Namespace) -> No
     print(f"event {row['id']} ({row['event_id']}) queued for delivery again")
 
 
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    """
+    A new admin token straight into its file, mode 0600: never on a terminal,
+    in shell history or in a process list.
+    """
+    exists = f"{args.write} exists: --force replaces it (the daemon reads its token file at start)"
+    if not args.force and os.path.lexists(args.write):
+        raise CommandError(exists)
+    try:
+        with _complete_or_nothing(args.write, 0o600, replace=args.force) as out:
+            out.write(new_token().encode("ascii") + b"\n")
+    except FileExistsError:
+        raise CommandError(exists) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {args.write}: {e.strerror}") from None
+    print(f"wrote a new admin token to {args.write} (mode 0600): give it to the daemon as --api-admin-token-file {args.write}")
+    return 0
+
+
 def cmd_send_test(args: argparse.Namespace) -> int:
-    """Plain blocking SMTP: no database, no reactor."""
+    """
+    Plain blocking SMTP, no database: to C{--server}, else to the daemon's
+    SMTP endpoint, found as the daemon finds it (C{--smtp}, environment, file).
+    """
+    if args.server:
+        server, found_as = args.server, ""
+    else:
+        smtp = next(option for option in DAEMON_OPTIONS if option.key == "smtp")
+        descriptions = resolve((smtp,), {"smtp": args.smtp}, os.environ, args.config)["smtp"]
+        server, endpoint = send_test.daemon_server(descriptions)
+        found_as = f" (the daemon's SMTP endpoint {endpoint}; --server HOST:PORT sends elsewhere)"
     attachments = [send_test.Attachment.load(path) for path in args.attach]
     messages = (
         send_test.build_test_message(
@@ -468,9 +549,9 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         ).as_bytes()
         for index in range(1, args.count + 1)
     )
-    replies = send_test.send(args.server, args.sender, args.to, messages, args.timeout)
+    replies = send_test.send(server, args.sender, args.to, messages, args.timeout, found_as)
     for index, reply in enumerate(replies, 1):
-        print(f"sent {index}/{args.count}: {reply}", flush=True)
+        print(f"sent {index}/{args.count} to {server}: {reply}", flush=True)
     return 0
 
 
@@ -498,8 +579,24 @@ def _group(subparsers, name: str, help: str):
     return parser.add_subparsers(dest=name + "_command", metavar="COMMAND", required=True)
 
 
+def _global_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """
+    C{--config} and the storage options: before the command, and after it too
+    (where a value is kept only when given, so it never hides one given before).
+    """
+    suppress = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--config", metavar="FILE", help="INI file with a [mailingest] section", **suppress)
+    for option in STORAGE_OPTIONS:
+        shown = "" if option.default is None or "[default" in option.help else f" [default: {option.default}]"
+        parser.add_argument("--" + option.name, metavar=option.metavar, help=option.help + shown, **suppress)
+
+
+_AFTER_COMMAND = argparse.ArgumentParser(add_help=False)
+_global_options(_AFTER_COMMAND, after_command=True)
+
+
 def _command(subparsers, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(name, help=help, description=help)
+    parser = subparsers.add_parser(name, help=help, description=help, parents=[_AFTER_COMMAND])
     parser.set_defaults(handler=handler)
     return parser
 
@@ -517,17 +614,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Administer mailingest: schema, organisations, messages, documents, test mail.",
         epilog=(
-            "Global options go before the command. Each can also be set as MAILINGEST_<OPTION>"
+            "Global options go before or after the command. Each can also be set as MAILINGEST_<OPTION>"
             " in the environment or in the [mailingest] section of the --config file"
             " (MAILINGEST_CONFIG also names it); the command line wins, then the environment,"
             " then the file."
         ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="INI file with a [mailingest] section")
-    for option in STORAGE_OPTIONS:
-        shown = "" if option.default is None or "[default" in option.help else f" [default: {option.default}]"
-        parser.add_argument("--" + option.name, metavar=option.metavar, help=option.help + shown)
+    _global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _command(commands, "migrate", "create or upgrade the database schema", cmd_migrate)
@@ -558,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     webhook.add_argument("--url", metavar="URL", help="https:// URL of the application's receiver")
     webhook.add_argument("--secret-file", metavar="FILE", help="whsec_ signing secret to use [default: a new one, printed once]")
     webhook.add_argument("--remove", action="store_true", help="stop sending this organisation's events")
+    for option in DAEMON_OPTIONS:
+        if option.key in _WEBHOOK_POLICY_KEYS:
+            webhook.add_argument(
+                "--" + option.name, action="store_true", default=None,
+                help=f"{option.help}, as the daemon's --{option.name} [default: {option.env} or the --config file]",
+            )
     token = _command(org, "token", "create (printed once) or revoke an organisation's API tokens", cmd_org_token)
     token.add_argument("slug", metavar="SLUG")
     token.add_argument("--create", action="store_true", help="create a token")
@@ -599,8 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
     send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
     send.add_argument(
-        "--server", default=send_test.DEFAULT_SERVER, metavar="HOST:PORT",
-        help=f"SMTP server [default: {send_test.DEFAULT_SERVER}]",
+        "--server", metavar="HOST:PORT",
+        help="SMTP server [default: the daemon's SMTP endpoint on this machine: --smtp, else MAILINGEST_SMTP, else the --config file, else tcp:2525]",
+    )
+    send.add_argument(
+        "--smtp", action="append", default=[], metavar="ENDPOINT",
+        help="the daemon's --smtp endpoint (e.g. tcp:25): send to it on this machine",
     )
     send.add_argument(
         "--from", dest="sender", default=send_test.DEFAULT_SENDER, metavar="ADDR",
@@ -615,6 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS", help="SMTP timeout [default: 30]"
     )
+
+    admin_token = _command(
+        commands, "admin-token", "write a new API admin token to a file, mode 0600 (no database needed)", cmd_admin_token
+    )
+    admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
+    admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -693,8 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
     try:
-        if args.handler is cmd_send_test:
-            return cmd_send_test(args)
+        if args.handler in (cmd_send_test, cmd_admin_token):
+            return args.handler(args)
         given = {option.key: getattr(args, option.key) for option in STORAGE_OPTIONS}
         settings = resolve(STORAGE_OPTIONS, given, os.environ, args.config)
     except MailingestError as e:

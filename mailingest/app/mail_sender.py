@@ -14,11 +14,15 @@ from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate, make_msgid
 
+from twisted.internet import endpoints
+
 from mailingest import __version__
 from mailingest.errors import MailingestError
+from mailingest.twisted_private import tcp_listen_arguments
 
-DEFAULT_SERVER = "127.0.0.1:2525"
 DEFAULT_SENDER = "mailingest-test@localhost"
+# A daemon listening on every address of a family is reached on its loopback address.
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class SendError(MailingestError):
@@ -59,6 +63,31 @@ def parse_server(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SendError(f"bad --server {text!r}: use HOST:PORT")
     return host, int(port)
+
+
+def daemon_server(descriptions: Iterable[str]) -> tuple[str, str]:
+    """
+    C{HOST:PORT} of the first of the daemon's SMTP endpoints (C{--smtp}) that
+    takes plain SMTP from this machine, and that endpoint: C{tcp:} and
+    C{tcp6:} do; C{haproxy:} wants a PROXY header first, C{ssl:} TLS from the
+    first byte, and a C{systemd:} socket has no port written in it.
+    """
+    from twisted.internet import reactor
+
+    descriptions = list(descriptions)
+    for description in descriptions:
+        if description.split(":", 1)[0] not in ("tcp", "tcp6"):
+            continue
+        try:
+            port, interface, _ = tcp_listen_arguments(endpoints.serverFromString(reactor, description))
+        except (ValueError, TypeError) as e:
+            raise SendError(f"bad SMTP endpoint {description!r}: {e}") from None
+        host = _LOOPBACK.get(interface, interface)
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), description
+    raise SendError(
+        f"none of the daemon's SMTP endpoints ({', '.join(descriptions)}) takes plain SMTP here:"
+        " give --server HOST:PORT"
+    )
 
 
 def _domain_of(address: str) -> str:
@@ -108,10 +137,12 @@ def send(
     recipients: list[str],
     messages: Iterable[bytes],
     timeout: float = 30.0,
+    found_as: str = "",
 ) -> Iterator[str]:
     """
     Send each message in its own transaction over one connection, yielding the
     server's final reply to each (e.g. C{250 2.0.0 Ok: stored as message 17}).
+    C{found_as} says where C{server} came from, for a connection that fails.
 
     Any refusal (greeting, MAIL, a single RCPT, DATA) raises L{SendError}
     naming the reply: a test message half-delivered would mislead.
@@ -134,7 +165,7 @@ def send(
     except smtplib.SMTPResponseException as e:
         raise SendError(f"{server}: {_reply(e.smtp_code, e.smtp_error)}") from None
     except OSError as e:
-        raise SendError(f"cannot talk to {server}: {e.strerror or e}") from None
+        raise SendError(f"cannot talk to {server}{found_as}: {e.strerror or e}") from None
 
 
 def _transaction(client: smtplib.SMTP, sender: str, recipients: list[str], raw: bytes) -> str:

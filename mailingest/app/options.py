@@ -9,7 +9,9 @@ C{[mailingest]} section of the C{--config} INI file, else the default.
 import configparser
 import ipaddress
 import os
+import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,6 +53,35 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+_HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
+
+
+def public_url(text: str) -> str:
+    """
+    The site's public base URL (C{--api-public-url}): C{http} or C{https}, a
+    host and an optional port, nothing else, since links are built on it and
+    C{https} makes the console's cookies C{Secure}. Given without a trailing slash.
+    """
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("must be ASCII without spaces or control characters (an IDN host in its xn-- form)")
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError as e:
+        raise ValueError(f"not a URL: {e}") from None
+    scheme, host = url.scheme.lower(), (url.hostname or "")
+    if scheme not in ("http", "https"):
+        raise ValueError("must start with https:// (or http://)")
+    if "@" in url.netloc or url.path not in ("", "/") or url.query or url.fragment or text.endswith(("?", "#")):
+        raise ValueError("must be only a scheme, a host and an optional port, e.g. https://mail.example.com")
+    if not (":" in host if url.netloc.startswith("[") else _HOST_NAME.match(host)):  # urlsplit checked a bracketed address
+        raise ValueError(f"bad host {host!r}")
+    if port == 0:
+        raise ValueError("port 0 is not a port a client can reach")
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{bracketed}" + (f":{port}" if port is not None else "")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -133,7 +164,7 @@ DAEMON_OPTIONS = (
     Option("dns-budget", 5.0, "seconds of DNS lookups the sender checks of one message may take; past it a check gives temperror", positive_float, metavar="SECONDS"),
     Option("api", "none", "JSON API endpoint (e.g. tcp:8026:interface=127.0.0.1 or ssl:...), or 'none'", metavar="ENDPOINT"),
     Option("api-admin-token-file", None, "file holding the API's admin token, which sees every organisation [default: no admin token]", metavar="FILE"),
-    Option("api-public-url", None, "the API's base URL as the application reaches it, for the document URLs in webhooks [default: paths only]", metavar="URL"),
+    Option("api-public-url", None, "the site's public base URL (https://host[:port]) as clients reach it: full document URLs in webhooks, and https:// makes the console's cookies Secure behind a TLS proxy [default: paths only]", public_url, metavar="URL"),
     Option("webhook-allow-http", False, "allow plain http:// webhook URLs", boolean, flag=True),
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),

@@ -5,13 +5,13 @@ escapes it; no page carries a script, and mail bodies are never shown.
 """
 
 from collections.abc import Iterable
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 from twisted.web.template import Tag, tags
 
 from mailingest.handoff.events import iso
-
-STATUSES = ("received", "parsed", "failed", "quarantined")
+from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
 
 
@@ -80,21 +80,26 @@ def table(headings: Iterable[str], rows: Iterable[Iterable]) -> Tag:
 
 
 def organisations(orgs: list[dict], session) -> Tag:
+    """Today's arrivals per organisation, then the same messages counted by their status now (a status, not an arrival)."""
     rows = [
         (
             tags.a(org["slug"], href=f"/console/orgs/{org['id']}/messages"),
             org["name"],
             "yes" if org["active"] else "no",
+            str(sum(org["counts"].values())),
             *[str(org["counts"].get(status, 0)) for status in STATUSES],
             when(org["last_received_at"]),
         )
         for org in orgs
     ]
-    headings = ("Slug", "Name", "Active", *[s.capitalize() + " today" for s in STATUSES], "Last message")
-    return layout("Organisations", [table(headings, rows)], session)
+    headings = ("Slug", "Name", "Active", "Arrived today", *[f"Status {s}" for s in STATUSES], "Last message")
+    note = tags.p(
+        "Arrived today: messages received since 00:00 UTC. The status columns count those same messages by their status now."
+    )
+    return layout("Organisations", [note, table(headings, rows)], session)
 
 
-def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session) -> Tag:
+def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session, error: str | None = None) -> Tag:
     form = tags.form(method="get", action=f"/console/orgs/{org['id']}/messages", class_="filters")(
         tags.label("Search ", tags.input(type="search", name="q", value=filters.get("q", ""), placeholder="subject, sender or Message-ID")),
         tags.label(
@@ -124,13 +129,19 @@ def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None
     ]
     more = ""
     if next_cursor:
-        query = {k: v for k, v in filters.items() if v}
+        query = {k: v for k, v in filters.items() if v and k != "cursor"}
         query["cursor"] = next_cursor
         more = tags.p(tags.a("Older messages →", href=f"/console/orgs/{org['id']}/messages?{urlencode(query)}", rel="next"))
-    empty = tags.p("No messages match.") if not rows else ""
+    empty = tags.p("No messages match.") if not rows and not error else ""
     return layout(
         f"Messages of {org['slug']}",
-        [form, table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows), empty, more],
+        [
+            tags.p(error, class_="error", role="alert") if error else "",
+            form,
+            table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows),
+            empty,
+            more,
+        ],
         session,
     )
 
@@ -146,11 +157,11 @@ def message(
     row: dict, headers: list[tuple[str, str]], truncated: bool, documents: list[dict], events: list[dict], session, history: Iterable[dict] = ()
 ) -> Tag:
     mid = row["id"]
-    actions = []
-    if session.admin and row["status"] == "failed":
-        actions.append(action_form(f"/console/messages/{mid}/reprocess", "Reprocess", session))
-    if session.admin and row["status"] == "quarantined":
-        actions.append(action_form(f"/console/messages/{mid}/release", "Release", session))
+    actions = [
+        tags.a(action.label + "…", href=f"/console/messages/{mid}/{name}", class_="action")
+        for name, action in ACTIONS.items()
+        if session.admin and row["status"] == action.status
+    ]
     document_rows = [
         (
             tags.a(doc["filename"], href=f"/console/documents/{doc['id']}/content", download=""),
@@ -224,18 +235,73 @@ def message(
     return layout(row["subject"] or f"Message {mid}", body, session, session.notice)
 
 
-def status(queue_depth: int, outbox_depth: int, rejected: dict[str, int], readiness: dict[str, str], session) -> Tag:
+class Action(NamedTuple):
+    status: str  # the only status it applies to
+    label: str
+    effect: str
+
+
+# The admin's actions on a message that are confirmed on a page of their own first.
+ACTIONS = {
+    "reprocess": Action(
+        "failed",
+        "Reprocess",
+        "It goes back to received: its documents are extracted again from the stored message, and your"
+        " application gets a webhook event when that ends.",
+    ),
+    "release": Action(
+        "quarantined",
+        "Release",
+        "It is extracted past its organisation's sender policy (its sender verdicts are kept), and its"
+        " documents are handed to your application like any other message's.",
+    ),
+}
+
+
+def inapplicable(row: dict, name: str) -> str | None:
+    """Why an action does not apply to this message now (a form answered twice, a stale page); None when it does."""
+    status = ACTIONS[name].status
+    return None if row["status"] == status else f"Message {row['id']} is {row['status']}: only a {status} message can be {name}d."
+
+
+def confirm(row: dict, name: str, session) -> Tag:
+    """An action's confirmation: a plain POST form (no script), or why it does not apply to this message now."""
+    action, mid = ACTIONS[name], row["id"]
+    summary = definitions(
+        [("Subject", row["subject"]), ("MAIL FROM", row["mail_from"]), ("Received", when(row["received_at"])), ("Status", row["status"]), ("Error", row["last_error"])]
+    )
+    back = tags.a("Back to the message", href=f"/console/messages/{mid}")
+    reason = inapplicable(row, name)
+    if reason:
+        return layout(f"{action.label} message {mid}", [tags.p(reason, class_="error", role="alert"), summary, tags.p(back)], session)
     return layout(
-        "Status",
-        [
-            definitions([("Queue depth (received, not yet parsed)", queue_depth), ("Webhook outbox (pending events)", outbox_depth)]),
-            tags.h2("Rejected in the last hour"),
-            table(("Reason", "Count"), [(reason, str(n)) for reason, n in rejected.items()]) if rejected else tags.p("None."),
-            tags.h2("Readiness"),
-            table(("Check", "Result"), [(name, result) for name, result in readiness.items()]),
-        ],
+        f"{action.label} message {mid}?",
+        [summary, tags.p(action.effect), tags.p(action_form(f"/console/messages/{mid}/{name}", action.label, session), " ", back)],
         session,
     )
+
+
+def status(queue_depth: int, outbox_depth: int, rejected: dict[str, int], readiness: dict[str, str], session) -> Tag:
+    """
+    The admin's page has every figure. An organisation's has its own depths
+    and only whether each check is ok: the SMTP rejections are nobody's in
+    particular, and a check's error text may name our paths and hosts.
+    """
+    whose = "" if session.admin else " of this organisation"
+    body = [
+        definitions(
+            [(f"Queue depth{whose} (received, not yet parsed)", queue_depth), (f"Webhook outbox{whose} (pending events)", outbox_depth)]
+        )
+    ]
+    if session.admin:
+        body += [
+            tags.h2("Rejected in the last hour"),
+            table(("Reason", "Count"), [(reason, str(n)) for reason, n in rejected.items()]) if rejected else tags.p("None."),
+        ]
+    else:
+        readiness = {name: "ok" if result == "ok" else "unavailable" for name, result in readiness.items()}
+    body += [tags.h2("Readiness"), table(("Check", "Result"), [(name, result) for name, result in readiness.items()])]
+    return layout("Status", body, session)
 
 
 def not_found(session=None) -> Tag:

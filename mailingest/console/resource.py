@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -27,7 +27,8 @@ from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import Session, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
-from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_scope
+from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
+from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 
 log = Logger(namespace="mailingest.console")
 
@@ -61,6 +62,10 @@ class Forbidden(Exception):
     """An organisation's token asked for an admin action."""
 
 
+class Inapplicable(Exception):
+    """An action asked of a message in another status than the one it applies to."""
+
+
 def read_headers(raw: bytes) -> tuple[list[tuple[str, str]], bool]:
     """The header section of the first L{HEADER_BYTES} of a message: (name, value) pairs, and whether it was cut."""
     end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
@@ -83,13 +88,57 @@ class _CappedSink:
             self.data += data[: self.cap - len(self.data)]
 
 
-def _day(text: str) -> datetime | None:
-    if not _DATE.match(text or ""):
+async def head_of(blobs, key: str) -> bytes:
+    """The first L{HEADER_BYTES} of a stored message, for L{read_headers}; empty when the blob is gone."""
+    path = blobs.local_path(key)
+    try:
+        if path is not None:
+            with open(path, "rb") as f:
+                return f.read(HEADER_BYTES)
+        sink = _CappedSink(HEADER_BYTES)
+        await blobs.read_to(key, sink)
+        return bytes(sink.data)
+    except (FileNotFoundError, BlobNotFound):
+        return b""
+
+
+class BadFilter(Exception):
+    """A query value the messages page cannot use: answered 400 with this reason beside the form."""
+
+
+def _day(text: str, label: str) -> datetime | None:
+    """The UTC midnight starting a C{YYYY-MM-DD} filter day; None when the field is empty."""
+    if not text:
         return None
     try:
-        return datetime.combine(datetime.strptime(text, "%Y-%m-%d").date(), time(), timezone.utc)
+        if _DATE.match(text):
+            return datetime.combine(datetime.strptime(text, "%Y-%m-%d").date(), time(), timezone.utc)
     except ValueError:
-        return None
+        pass
+    raise BadFilter(f"{label} must be a day as YYYY-MM-DD, e.g. 2025-01-31.")
+
+
+def _day_after(day: datetime | None) -> datetime | None:
+    """The end of a C{to} day; None (no bound) after 9999-12-31, the calendar's last, which a date picker offers."""
+    return None if day is None or day.date() == date.max else day + timedelta(days=1)
+
+
+def _search_arguments(filters: dict[str, str]) -> dict:
+    """The store's search arguments from the page's filters; L{BadFilter} for a value they cannot be made from."""
+    if filters["status"] and filters["status"] not in pages.STATUSES:
+        raise BadFilter("Status must be one of " + ", ".join(pages.STATUSES) + ".")
+    try:
+        before = decode_cursor(filters["cursor"]) if filters["cursor"] else None
+    except ApiError:
+        raise BadFilter("That cursor is not one this console gave; start again from the first page.") from None
+    return {
+        "status": filters["status"] or None,
+        "since": _day(filters["from"], "From"),
+        "until": _day_after(_day(filters["to"], "To")),
+        "sender": filters["sender"] or None,
+        "text": filters["q"] or None,
+        "before_id": before,
+    }
 
 
 class ConsoleResource(resource.Resource):
@@ -105,8 +154,11 @@ class ConsoleResource(resource.Resource):
         checks: Mapping[str, Check],
         clock: IReactorTime,
         check_timeout: float = CHECK_TIMEOUT,
+        https: bool = False,
     ):
+        """C{https}: the operator's C{--api-public-url} is https, so cookies are Secure even when a proxy speaks plain HTTP to us."""
         super().__init__()
+        self.https = https
         self.checks = dict(checks)
         self.clock = clock
         self.check_timeout = check_timeout
@@ -126,7 +178,9 @@ class ConsoleResource(resource.Resource):
             ("GET", r"/console/messages/(?P<id>\d{1,18})", self.message, True),
             ("GET", r"/console/messages/(?P<id>\d{1,18})/raw", self.raw, True),
             ("GET", r"/console/documents/(?P<id>\d{1,18})/content", self.document, True),
+            ("GET", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.confirm_reprocess, True),
             ("POST", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.reprocess, True),
+            ("GET", r"/console/messages/(?P<id>\d{1,18})/release", self.confirm_release, True),
             ("POST", r"/console/messages/(?P<id>\d{1,18})/release", self.release, True),
             ("POST", r"/console/events/(?P<id>\d{1,18})/redeliver", self.redeliver, True),
             ("GET", r"/console/status", self.status, True),
@@ -213,19 +267,28 @@ class ConsoleResource(resource.Resource):
     async def sign_in_page(self, request: server.Request) -> None:
         await self._page(request, pages.sign_in(self._sign_in_token(request)))
 
-    @staticmethod
-    def _sign_in_token(request: server.Request) -> str:
+    def _secure(self, request: server.Request) -> bool:
+        """Whether cookies get C{Secure}: from the operator's setting or our own TLS, never from a request header."""
+        return self.https or request.isSecure()
+
+    def _sign_in_token(self, request: server.Request) -> str:
         """The pre-session token of the sign-in form: its cookie's, or a new one set now."""
         token = request.getCookie(SIGN_IN_COOKIE) or b""
         if not _SIGN_IN_TOKEN.match(token):
             token = secrets.token_urlsafe(32).encode()
-            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict")
+            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict")
         return token.decode()
 
     async def sign_in(self, request: server.Request) -> None:
+        client = client_key(request)
+        try:
+            self.api.throttle.sign_in(client)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return await self._page(request, pages.sign_in(self._sign_in_token(request), str(e).capitalize() + "."), 429)
         expected = request.getCookie(SIGN_IN_COOKIE) or b""
         if not expected or not hmac.compare_digest(self._arg(request, "csrf").encode(), expected):
-            log.info("console sign-in without its form's token from {client}", client=request.getClientAddress())
+            self.api.throttle.log("console: sign-in without its form's token from {client}", client=client)
             page = pages.sign_in(self._sign_in_token(request), "The form expired; sign in again.")
             return await self._page(request, page, 403)
         token = self._arg(request, "token").strip()
@@ -234,21 +297,21 @@ class ConsoleResource(resource.Resource):
                 raise UnknownToken()
             scope = await token_scope(self.store, self.api.admin_hash, token)
         except UnknownToken:
-            log.info("console sign-in refused from {client}", client=request.getClientAddress())
+            self.api.throttle.failed(client, "console")
             return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
-        session = self.sessions.open(scope)
+        session = self.sessions.open(scope, token_hash(token))
         request.addCookie(
-            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict"
+            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict"
         )
         request.addCookie(
-            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0"
+            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0"
         )
         log.info("console sign-in: {who}", who=session.who)
         self._redirect(request, "/console/orgs")
 
     async def sign_out(self, request: server.Request, session: Session) -> None:
         self.sessions.close(session.id)
-        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=request.isSecure(), sameSite="strict", max_age=b"0")
+        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0")
         self._redirect(request, "/console/sign-in")
 
     async def stylesheet(self, request: server.Request) -> None:
@@ -272,22 +335,12 @@ class ConsoleResource(resource.Resource):
         orgs = await self.store.org_summaries(datetime.now(timezone.utc), id)
         if not orgs or (session.scope is not None and session.scope != id):
             raise NotFound()
-        filters = {name: self._arg(request, name) for name in ("q", "status", "sender", "from", "to")}
-        until = _day(filters["to"])
+        filters = {name: self._arg(request, name) for name in ("q", "status", "sender", "from", "to", "cursor")}
         try:
-            before = decode_cursor(self._arg(request, "cursor")) if self._arg(request, "cursor") else None
-        except ApiError:
-            before = None
-        rows = await self.store.search_messages(
-            id,
-            status=filters["status"] if filters["status"] in pages.STATUSES else None,
-            since=_day(filters["from"]),
-            until=until + timedelta(days=1) if until else None,
-            sender=filters["sender"] or None,
-            text=filters["q"] or None,
-            before_id=before,
-            limit=PAGE_SIZE + 1,
-        )
+            search = _search_arguments(filters)
+        except BadFilter as e:
+            return await self._page(request, pages.messages(orgs[0], [], filters, None, session, str(e)), 400)
+        rows = await self.store.search_messages(id, limit=PAGE_SIZE + 1, **search)
         cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
         await self._page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
 
@@ -296,21 +349,9 @@ class ConsoleResource(resource.Resource):
         documents = await self.store.list_documents(message_id=id)
         events = await self.store.message_events(id)
         history = await self.store.status_history(id)
-        headers, truncated = read_headers(await self._head_of(row["raw_key"]))
+        headers, truncated = read_headers(await head_of(self.blobs, row["raw_key"]))
         await self._page(request, pages.message(row, headers, truncated, documents, events, session, history))
         session.notice = None
-
-    async def _head_of(self, key: str) -> bytes:
-        path = self.blobs.local_path(key)
-        try:
-            if path is not None:
-                with open(path, "rb") as f:
-                    return f.read(HEADER_BYTES)
-            sink = _CappedSink(HEADER_BYTES)
-            await self.blobs.read_to(key, sink)
-            return bytes(sink.data)
-        except (FileNotFoundError, BlobNotFound):
-            return b""
 
     async def raw(self, request: server.Request, session: Session, id: int) -> None:
         row = self._scoped(await self.store.get_message(id), session)
@@ -327,10 +368,10 @@ class ConsoleResource(resource.Resource):
             raise NotFound() from None
 
     async def status(self, request: server.Request, session: Session) -> None:
-        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page."""
+        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
         readiness = run_checks(self.checks, self.check_timeout, self.clock)
-        queue = self._bounded_count(lambda: self.store.count_messages("received"))
-        outbox = self._bounded_count(lambda: self.store.count_events("pending"))
+        queue = self._bounded_count(lambda: self.store.count_messages("received", org_id=session.scope))
+        outbox = self._bounded_count(lambda: self.store.count_events("pending", org_id=session.scope))
         depths = await defer.gatherResults([queue, outbox])
         await self._page(request, pages.status(*depths, self.rejections.last_hour(), await readiness, session))
 
@@ -348,16 +389,36 @@ class ConsoleResource(resource.Resource):
             await change()
         except (NoSuchMessage, NoSuchEvent):
             raise NotFound() from None
-        except NotQuarantined as e:
+        except (NotQuarantined, Inapplicable) as e:
             session.notice = str(e)
         else:
             session.notice = notice
             log.info("console: {who}: {notice}", who=session.who, notice=notice)
         self._redirect(request, f"/console/messages/{page}")
 
+    async def _confirm(self, request: server.Request, session: Session, id: int, action: str) -> None:
+        """The page that asks before an action (GET, so a link reaches it; the action itself is its form's POST)."""
+        if not session.admin:
+            raise Forbidden()
+        row = self._scoped(await self.store.get_message(id), session)
+        await self._page(request, pages.confirm(row, action, session), 409 if pages.inapplicable(row, action) else 200)
+
+    async def confirm_reprocess(self, request: server.Request, session: Session, id: int) -> None:
+        await self._confirm(request, session, id, "reprocess")
+
+    async def confirm_release(self, request: server.Request, session: Session, id: int) -> None:
+        await self._confirm(request, session, id, "release")
+
     async def reprocess(self, request: server.Request, session: Session, id: int) -> None:
         row = await self.store.get_message(id)
-        await self._act(request, session, row, lambda: self.store.reprocess(id), f"Message {id} is queued for reprocessing.", id)
+
+        async def change() -> None:
+            reason = pages.inapplicable(row, "reprocess")
+            if reason:
+                raise Inapplicable(reason)
+            await self.store.reprocess(id)
+
+        await self._act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
 
     async def release(self, request: server.Request, session: Session, id: int) -> None:
         row = await self.store.get_message(id)
@@ -392,6 +453,8 @@ def make_site(
     checks: Mapping[str, Check] | None = None,
 ) -> server.Site:
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
-    api = ApiResource(store, blobs, admin_token, api_url)
+    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock))
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
-    return OpsSite(_Root(api, ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock)))
+    https = api_url is not None and api_url.startswith("https://")
+    console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)
+    return OpsSite(_Root(api, console))

@@ -193,9 +193,17 @@ class Spool:
             self._sent_sha256 = parts[2][0].hexdigest()
 
     def discard(self) -> None:
+        """
+        Throw the message away. A file whose write failed (a full disk) still
+        holds buffered bytes its close fails to flush: those are being thrown
+        away too, so the close's error is not one, and the file goes anyway.
+        """
         self._memory = bytearray()
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
         if self.path is not None:
             try:
                 os.unlink(self.path)

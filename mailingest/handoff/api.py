@@ -26,15 +26,29 @@ from twisted.web import resource, server, static
 
 from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
-from mailingest.handoff.events import document_url, iso
+from mailingest.handoff.events import document_object, iso, message_object
+from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
+from mailingest.storage.store import MESSAGE_STATUSES
 
 log = Logger(namespace="mailingest.api")
 
 TOKEN_PREFIX = "mit_"
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
+MAX_ID = 2**63 - 1  # the largest id a database integer holds
+_LIMIT = re.compile(r"^[0-9]{1,3}$")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+_CURSOR = re.compile(r"^m[0-9]{1,19}$")
 _SAFE_CONTENT_TYPE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*$")
+# The admin token's minimum, 128 bits in form: base64 carries 6 bits a character, hex 4.
+MIN_TOKEN_BASE64 = 22
+MIN_TOKEN_HEX = 32
+MIN_TOKEN_DISTINCT = 8
+# A download is the sender's bytes: should a browser ever display one (an HTML
+# or SVG document) instead of saving it, it runs in an opaque origin, no script.
+DOWNLOAD_CSP = b"sandbox; default-src 'none'; frame-ancestors 'none'"
 
 
 def new_token() -> str:
@@ -90,9 +104,10 @@ def encode_cursor(message_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
+    """The message id of a cursor; only ids a database integer holds, so a forged one is a 400, not the database's error."""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith("m") and text[1:].isdigit():
+        if _CURSOR.match(text) and int(text[1:]) <= MAX_ID:
             return int(text[1:])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
@@ -100,17 +115,26 @@ def decode_cursor(cursor: str) -> int:
 
 
 def _parse_since(text: str) -> datetime:
+    """A time as UTC: one whose UTC form is outside the calendar (year 1 at +14:00) is refused here, not by the database."""
     try:
         value = datetime.fromisoformat(text)
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     except ValueError:
         raise ApiError(400, "bad_parameter", "since must be an ISO 8601 time, e.g. 2025-01-31T00:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    except OverflowError:
+        raise ApiError(400, "bad_parameter", "since is out of range: its UTC time must be within years 1 to 9999") from None
 
 
 def _parse_limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+    if not _LIMIT.match(text) or not 1 <= int(text) <= MAX_PAGE:
         raise ApiError(400, "bad_parameter", f"limit must be 1 to {MAX_PAGE}")
     return int(text)
+
+
+def _parse_status(text: str) -> str:
+    if text not in MESSAGE_STATUSES:
+        raise ApiError(400, "bad_parameter", "status must be one of " + ", ".join(MESSAGE_STATUSES))
+    return text
 
 
 class _RequestSink:
@@ -126,8 +150,13 @@ class _RequestSink:
 class ApiResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None):
+    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
         super().__init__()
+        if throttle is None:
+            from twisted.internet import reactor
+
+            throttle = AuthThrottle(reactor)
+        self.throttle = throttle
         self.store = store
         self.blobs = blobs
         self.admin_hash = token_hash(admin_token) if admin_token else None
@@ -166,6 +195,9 @@ class ApiResource(resource.Resource):
             await handler(request, scope, **{k: int(v) for k, v in match.groupdict().items()})
         except ApiError as e:
             self._json(request, {"error": e.code, "message": str(e)}, e.status)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            self._json(request, {"error": e.code, "message": str(e)}, 429)
 
     def _unexpected(self, failure, request: server.Request) -> None:
         log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
@@ -190,9 +222,12 @@ class ApiResource(resource.Resource):
         if scheme.lower() != "bearer" or not token.strip():
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest"')
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        client = client_key(request)
+        self.throttle.check(client, "api")
         try:
             return await token_scope(self.store, self.admin_hash, token)
         except UnknownToken:
+            self.throttle.failed(client, "api")
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest", error="invalid_token"')
             raise ApiError(401, "unauthorized", "unknown or revoked token") from None
 
@@ -204,31 +239,15 @@ class ApiResource(resource.Resource):
 
     def _message_json(self, row: dict) -> dict:
         return {
-            "id": row["id"],
+            **message_object(row["id"], row, row["status"], row["last_error"], self.api_url),
             "organization": row["org_slug"],
-            "message_id": row["source_message_id"],
-            "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
-            "subject": row["subject"],
-            "received_at": iso(row["received_at"]),
             "parsed_at": iso(row["parsed_at"]),
-            "status": row["status"],
-            "error": row["last_error"],
             "raw_size": row["raw_size"],
             "raw_sha256": row["raw_sha256"],
-            "raw_url": f"/v1/messages/{row['id']}/raw",
         }
 
     def _document_json(self, row: dict) -> dict:
-        return {
-            "id": row["id"],
-            "message_id": row["inbound_message_id"],
-            "filename": row["filename"],
-            "content_type": row["content_type"],
-            "size": row["size"],
-            "sha256": row["sha256"],
-            "created_at": iso(row["created_at"]),
-            "url": document_url(self.api_url, row["id"]),
-        }
+        return {**document_object(row, self.api_url), "message_id": row["inbound_message_id"], "created_at": iso(row["created_at"])}
 
     # the routes
 
@@ -237,7 +256,7 @@ class ApiResource(resource.Resource):
         limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
         rows = await self.store.page_messages(
             org_id=scope,
-            status=args.get("status") or None,
+            status=_parse_status(args["status"]) if args.get("status") else None,
             since=_parse_since(args["since"]) if args.get("since") else None,
             before_id=decode_cursor(args["cursor"]) if args.get("cursor") else None,
             limit=limit + 1,
@@ -279,6 +298,7 @@ class ApiResource(resource.Resource):
         request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-disposition", content_disposition(filename).encode("ascii"))
         request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", DOWNLOAD_CSP)
         if request.method == b"HEAD":
             if blob is not None:
                 blob.close()
@@ -311,4 +331,24 @@ def read_admin_token(path: str | None) -> str | None:
         raise ConfigError(f"cannot read --api-admin-token-file {path}: {e.strerror}") from None
     if not token:
         raise ConfigError(f"--api-admin-token-file {path} is empty")
+    if not strong_enough(token):
+        raise ConfigError(
+            f"--api-admin-token-file {path}: the admin token is too weak ({len(token)} characters); it needs 128 bits of "
+            f"randomness: at least {MIN_TOKEN_BASE64} base64 characters (A-Z a-z 0-9 + / - _) or {MIN_TOKEN_HEX} hex digits, with at least "
+            f"{MIN_TOKEN_DISTINCT} different characters. Make one with: mailingest admin-token --write {path}"
+        )
     return token
+
+
+def strong_enough(token: str) -> bool:
+    """
+    Whether a token can hold 128 random bits by its form: 32 hex digits, or 22
+    characters of base64 (standard or URL-safe: 6 bits each), not a few
+    characters repeated. The form cannot prove randomness, only refuse what
+    cannot be (a word, a short password, "xxxx...").
+    """
+    text = token.rstrip("=")
+    if not _BASE64.match(text):
+        return False
+    needed = MIN_TOKEN_HEX if _HEX.match(text) else MIN_TOKEN_BASE64
+    return len(text) >= needed and len(set(text)) >= MIN_TOKEN_DISTINCT

@@ -51,10 +51,38 @@ def as_datetime(value: Any) -> datetime:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def document_url(api_url: str | None, document_id: int) -> str:
-    """Where the API serves a document's content: a path, or a full URL with C{--api-public-url}."""
-    path = f"/v1/documents/{document_id}/content"
+def api_link(api_url: str | None, path: str) -> str:
+    """A link into the API: absolute under C{--api-public-url}, else the path from the API's root (never from a request's Host)."""
     return path if not api_url else api_url.rstrip("/") + path
+
+
+def message_object(message_id: int, row: dict, status: str, error: str | None, api_url: str | None) -> dict:
+    """
+    The fields a message has in the API and in a webhook alike, by the same
+    names: C{id} is our row id, C{message_id_header} the sender's Message-ID.
+    """
+    return {
+        "id": message_id,
+        "message_id_header": row["source_message_id"],
+        "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
+        "subject": row["subject"],
+        "received_at": iso(row["received_at"]),
+        "status": status,
+        "error": error,
+        "raw_url": api_link(api_url, f"/v1/messages/{message_id}/raw"),
+    }
+
+
+def document_object(row: dict, api_url: str | None) -> dict:
+    """The fields a document has in the API and in a webhook alike."""
+    return {
+        "id": row["id"],
+        "filename": row["filename"],
+        "content_type": row["content_type"],
+        "size": row["size"],
+        "sha256": row["sha256"],
+        "content_url": api_link(api_url, f"/v1/documents/{row['id']}/content"),
+    }
 
 
 def event_body(event: dict, api_url: str | None = None) -> bytes:
@@ -63,26 +91,8 @@ def event_body(event: dict, api_url: str | None = None) -> bytes:
         "type": event["event_type"],
         "id": event["event_id"],
         "organization": event["org_slug"],
-        "message": {
-            "id": event["message_id"],
-            "message_id": event["source_message_id"],
-            "envelope": {"from": event["mail_from"], "to": event["rcpt_to"].split(", ")},
-            "subject": event["subject"],
-            "received_at": iso(event["received_at"]),
-            "status": event["message_status"],
-            "error": event["message_error"],
-        },
-        "documents": [
-            {
-                "id": document["id"],
-                "filename": document["filename"],
-                "content_type": document["content_type"],
-                "size": document["size"],
-                "sha256": document["sha256"],
-                "url": document_url(api_url, document["id"]),
-            }
-            for document in event["documents"]
-        ],
+        "message": message_object(event["message_id"], event, event["message_status"], event["message_error"], api_url),
+        "documents": [document_object(document, api_url) for document in event["documents"]],
     }
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
 

@@ -56,19 +56,50 @@ class TargetPolicy:
         return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
 
     def check_address(self, host: str, address: str) -> None:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if self.allow_private or (ip.is_global and not ip.is_multicast):
+        """Refuse an address that is not public, looking through the IPv6 forms that carry an IPv4 address."""
+        if self.allow_private:
             return
-        kind = next(
-            (name for name in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved") if getattr(ip, "is_" + name)),
-            "not public",
-        )
-        raise TargetRefused(
-            f"webhook host {host} resolves to {address} ({kind.replace('_', '-')}):"
-            " refused (run with --webhook-allow-private to allow internal targets)"
-        )
+        problem = not_public(ipaddress.ip_address(address.split("%", 1)[0]))
+        if problem is not None:
+            raise TargetRefused(
+                f"webhook host {host} resolves to {address} ({problem}):"
+                " refused (run with --webhook-allow-private to allow internal targets)"
+            )
+
+
+# IPv6 forms that stand for an IPv4 address (the address is checked through
+# them) and forms no Internet route reaches. Python's ipaddress calls several
+# of these "global", so they are looked at before its own verdict.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_UNROUTED_V6 = (
+    (ipaddress.ip_network("64:ff9b:1::/48"), "local-use NAT64"),
+    (ipaddress.ip_network("2001::/32"), "Teredo"),
+    (ipaddress.ip_network("::/96"), "IPv4-compatible"),
+    (ipaddress.ip_network("fec0::/10"), "site-local"),
+)
+
+
+def not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why C{ip} is no public Internet address (e.g. C{"NAT64 of 169.254.169.254, link-local"}), or None if it is."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        for form, carried in (
+            ("IPv4-mapped", ip.ipv4_mapped),
+            ("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None),
+            ("6to4", ip.sixtofour),
+        ):
+            if carried is not None:
+                problem = not_public(carried)
+                return None if problem is None else f"{form} of {carried}, {problem}"
+        for network, name in _UNROUTED_V6:
+            if ip in network and not (ip.is_loopback or ip.is_unspecified):
+                return name
+    if ip.is_global and not ip.is_multicast:
+        return None
+    kind = next(
+        (name for name in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved") if getattr(ip, "is_" + name)),
+        "not public",
+    )
+    return kind.replace("_", "-")
 
 
 async def resolve_checked(policy: TargetPolicy, host: str, port: int) -> list[str]:

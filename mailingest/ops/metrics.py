@@ -103,6 +103,15 @@ WEBHOOK_OUTBOX_DEPTH = Gauge(
     "mailingest_webhook_outbox_depth",
     "Webhook events pending delivery.",
 )
+WEBHOOK_RECEIVERS_PAUSED = Gauge(
+    "mailingest_webhook_receivers_paused",
+    "Webhook receivers paused after failing again and again (none of their events is tried meanwhile).",
+)
+AUTH_FAILURES = Counter(
+    "mailingest_auth_failures_total",
+    "API and console requests with a wrong token (reason unknown_token), and those refused 429 because their address is past its budget (reason throttled), by site (api, console).",
+    ["site", "reason"],
+)
 PARTS_SKIPPED = Counter(
     "mailingest_extraction_skipped_parts_total",
     "Parts of parsed messages that could not be decoded and were left out (named in the message's warnings).",

@@ -75,6 +75,7 @@ EVENT_TYPES = {
     "quarantined": "message.quarantined",
 }
 EVENT_STATUSES = ("pending", "delivered", "dead")
+MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined")
 EVENT_COLUMNS = (
     "id, event_id, event_type, org_id, inbound_message_id, message_status, message_error,"
     " status, attempts, last_status, last_error, created_at, retry_from, next_attempt_at, delivered_at"
@@ -143,6 +144,12 @@ def _message(row: dict | None) -> dict | None:
 
 
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
+
+
+def _conditions(**equal) -> tuple[str, tuple]:
+    """A WHERE clause (or nothing) of C{column = ?} for each column given a value other than None."""
+    given = {column: value for column, value in equal.items() if value is not None}
+    return (" WHERE " + " AND ".join(f"{column} = ?" for column in given) if given else ""), tuple(given.values())
 
 
 def migrations(engine: Engine) -> list[tuple[int, str, str]]:
@@ -431,17 +438,13 @@ class Store:
         yield txn.execute(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return _message(txn.fetchone())
 
-    def count_messages(self, status=None):
-        return self._background(self._count_messages, status)
+    def count_messages(self, status=None, org_id=None):
+        return self._background(self._count_messages, status, org_id)
 
     @defer.inlineCallbacks
-    def _count_messages(self, txn, status):
-        if status is None:
-            yield txn.execute("SELECT COUNT(*) AS n FROM inbound_message")
-        else:
-            yield txn.execute(
-                "SELECT COUNT(*) AS n FROM inbound_message WHERE status = ?", (status,)
-            )
+    def _count_messages(self, txn, status, org_id):
+        where, args = _conditions(status=status, org_id=org_id)
+        yield txn.execute("SELECT COUNT(*) AS n FROM inbound_message" + where, args)
         return txn.fetchone()["n"]
 
     # documents
@@ -846,7 +849,8 @@ class Store:
         org = yield self._require_org(txn, slug)
         yield txn.execute(
             "INSERT INTO org_webhook (org_id, url, secret, created_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (org_id) DO UPDATE SET url = excluded.url, secret = excluded.secret",
+            " ON CONFLICT (org_id) DO UPDATE SET url = excluded.url, secret = excluded.secret,"
+            " failures = 0, paused_until = NULL",
             (org["id"], url, secret, self._now()),
         )
 
@@ -879,31 +883,51 @@ class Store:
             raise NoSuchOrg(f"no organisation {slug!r}")
         return org
 
-    def claim_events(self, lease_seconds, limit=8):
+    def claim_events(self, lease_seconds, limit=8, per_org=4):
         """
         Due events, each with its webhook, message and documents, claimed for
         C{lease_seconds}. An event waits while an earlier event of its message
-        is pending: events reach the application in order per message.
+        is pending: events reach the application in order per message. At most
+        C{per_org} events of an organisation are claimed at a time (counting
+        those still claimed), taken in turns across organisations, and none
+        while its receiver is paused (L{pause_receiver}): one organisation's
+        backlog or dead receiver cannot take every attempt.
         """
-        return self._background(self._claim_events, lease_seconds, int(limit))
+        return self._background(self._claim_events, lease_seconds, int(limit), int(per_org))
 
     @defer.inlineCallbacks
-    def _claim_events(self, txn, lease_seconds, limit):
-        ids = yield self._lease(
-            txn,
-            "webhook_event",
-            "status = 'pending' AND next_attempt_at <= ?"
-            " AND NOT EXISTS (SELECT 1 FROM webhook_event p WHERE p.inbound_message_id = e.inbound_message_id"
-            " AND p.status = 'pending' AND p.id < e.id)",
-            lease_seconds,
-            limit,
+    def _claim_events(self, txn, lease_seconds, limit, per_org):
+        now = self._now()
+        # Each organisation's due events numbered by turn; the locking SELECT
+        # around it (row locks cannot go with a window function) checks the
+        # claim again, for a row another daemon claimed meanwhile.
+        yield txn.execute(
+            "SELECT id FROM webhook_event WHERE (claimed_until IS NULL OR claimed_until < ?) AND id IN ("
+            " SELECT id FROM ("
+            "  SELECT e.id, e.org_id, e.next_attempt_at,"
+            "   ROW_NUMBER() OVER (PARTITION BY e.org_id ORDER BY e.next_attempt_at, e.id) AS turn"
+            "  FROM webhook_event e LEFT JOIN org_webhook w ON w.org_id = e.org_id"
+            "  WHERE e.status = 'pending' AND e.next_attempt_at <= ? AND (e.claimed_until IS NULL OR e.claimed_until < ?)"
+            "  AND (w.paused_until IS NULL OR w.paused_until <= ?)"
+            "  AND NOT EXISTS (SELECT 1 FROM webhook_event p WHERE p.inbound_message_id = e.inbound_message_id"
+            "  AND p.status = 'pending' AND p.id < e.id)"
+            " ) due WHERE turn <= ? - (SELECT COUNT(*) FROM webhook_event c WHERE c.org_id = due.org_id"
+            "  AND c.status = 'pending' AND c.claimed_until >= ?)"
+            " ORDER BY turn, next_attempt_at, id LIMIT ?"
+            ")" + self.engine.skip_locked,
+            (now, now, now, now, per_org, now, limit),
         )
+        ids = [row["id"] for row in txn.fetchall()]
         if not ids:
             return []
         marks = ", ".join("?" for _ in ids)
         yield txn.execute(
+            f"UPDATE webhook_event SET claimed_until = ? WHERE id IN ({marks})",
+            (now + timedelta(seconds=lease_seconds), *ids),
+        )
+        yield txn.execute(
             "SELECT e.id, e.event_id, e.event_type, e.message_status, e.message_error, e.attempts,"
-            " e.retry_from, o.slug AS org_slug, w.url, w.secret,"
+            " e.retry_from, e.org_id, o.slug AS org_slug, w.url, w.secret,"
             " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.subject, m.received_at"
             " FROM webhook_event e JOIN organization o ON o.id = e.org_id"
             " JOIN inbound_message m ON m.id = e.inbound_message_id"
@@ -928,12 +952,24 @@ class Store:
     def _event_delivered(self, txn, event_id, http_status):
         yield txn.execute(
             "UPDATE webhook_event SET status = 'delivered', attempts = attempts + 1, last_status = ?,"
-            " last_error = NULL, delivered_at = ?, claimed_until = NULL WHERE id = ?",
+            " last_error = NULL, delivered_at = ?, claimed_until = NULL WHERE id = ? RETURNING org_id",
             (http_status, self._now(), event_id),
         )
+        delivered = txn.fetchone()
+        if delivered is not None:
+            # The receiver answers again: it starts afresh (a write only when it had failed).
+            yield txn.execute(
+                "UPDATE org_webhook SET failures = 0, paused_until = NULL WHERE org_id = ? AND failures > 0",
+                (delivered["org_id"],),
+            )
 
     def event_failed(self, event_id, http_status, error, delay):
-        """One failed attempt: retried after C{delay} seconds, or C{dead} when C{delay} is None."""
+        """
+        One failed attempt: retried after C{delay} seconds, or C{dead} when
+        C{delay} is None. Fires with the failures in a row of the event's
+        receiver, this one counted, or None when it is not counted: the
+        receiver was paused (the attempt began before the pause) or is gone.
+        """
         return self._run(self._event_failed, int(event_id), http_status, error, delay)
 
     @defer.inlineCallbacks
@@ -941,7 +977,7 @@ class Store:
         now = self._now()
         yield txn.execute(
             "UPDATE webhook_event SET status = ?, attempts = attempts + 1, last_status = ?,"
-            " last_error = ?, next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
+            " last_error = ?, next_attempt_at = ?, claimed_until = NULL WHERE id = ? RETURNING org_id",
             (
                 "dead" if delay is None else "pending",
                 http_status,
@@ -950,6 +986,35 @@ class Store:
                 event_id,
             ),
         )
+        failed = txn.fetchone()
+        if failed is None:
+            return None
+        yield txn.execute(
+            "UPDATE org_webhook SET failures = failures + 1"
+            " WHERE org_id = ? AND (paused_until IS NULL OR paused_until <= ?) RETURNING failures",
+            (failed["org_id"], now),
+        )
+        counted = txn.fetchone()
+        return None if counted is None else counted["failures"]
+
+    def pause_receiver(self, org_id, seconds):
+        """Try none of the organisation's events for C{seconds}: its receiver keeps failing."""
+        return self._run(self._pause_receiver, int(org_id), float(seconds))
+
+    @defer.inlineCallbacks
+    def _pause_receiver(self, txn, org_id, seconds):
+        yield txn.execute(
+            "UPDATE org_webhook SET paused_until = ? WHERE org_id = ?",
+            (self._now() + timedelta(seconds=seconds), org_id),
+        )
+
+    def count_paused_receivers(self):
+        return self._background(self._count_paused_receivers)
+
+    @defer.inlineCallbacks
+    def _count_paused_receivers(self, txn):
+        yield txn.execute("SELECT COUNT(*) AS n FROM org_webhook WHERE paused_until > ?", (self._now(),))
+        return txn.fetchone()["n"]
 
     def release_event_claims(self, event_ids=None):
         """Give up claims: these events', or (None) every event's."""
@@ -999,12 +1064,13 @@ class Store:
         yield txn.execute(_EVENT_SELECT + " WHERE e.id = ?", (event_id,))
         return txn.fetchone()
 
-    def count_events(self, status="pending"):
-        return self._background(self._count_events, status)
+    def count_events(self, status="pending", org_id=None):
+        return self._background(self._count_events, status, org_id)
 
     @defer.inlineCallbacks
-    def _count_events(self, txn, status):
-        yield txn.execute("SELECT COUNT(*) AS n FROM webhook_event WHERE status = ?", (status,))
+    def _count_events(self, txn, status, org_id):
+        where, args = _conditions(status=status, org_id=org_id)
+        yield txn.execute("SELECT COUNT(*) AS n FROM webhook_event" + where, args)
         return txn.fetchone()["n"]
 
     # API tokens and the API's reads

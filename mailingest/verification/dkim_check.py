@@ -59,41 +59,46 @@ class _KeyLookup:
 
 
 def _text(value) -> str:
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
 
 
-def _tags(header_value: bytes) -> dict[bytes, bytes]:
-    """The d= and s= of a signature header, read leniently (for the record, not for trust)."""
-    tags = {}
-    for part in header_value.split(b";"):
-        name, _, value = part.partition(b"=")
-        tags[name.strip().lower()] = b"".join(value.split())
-    return tags
-
-
-def check_dkim(message: bytes, resolver: BudgetResolver, limit: int = MAX_SIGNATURES) -> tuple[Check, list[Signature]]:
-    """Every signature's result, and the message's verdict (the best of them)."""
+def read_message(message: bytes) -> dkim.DKIM | None:
+    """
+    dkimpy's reading of the message (its header list serves DKIM and DMARC
+    alike); None when it cannot be read: then DKIM and DMARC are C{permerror}.
+    """
     try:
-        verifier = dkim.DKIM(message, minkey=1024)
-    except Exception as e:
-        return Check("permerror", None, f"message cannot be read for DKIM: {type(e).__name__}"), []
-    headers = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
-    if not headers:
+        return dkim.DKIM(message, minkey=1024)
+    except Exception:
+        return None
+
+
+def check_dkim(verifier: dkim.DKIM | None, resolver: BudgetResolver, limit: int = MAX_SIGNATURES) -> tuple[Check, list[Signature]]:
+    """
+    Every signature's result, and the message's verdict (the best of them).
+    Each signature's C{d=} and C{s=} are the fields dkimpy parsed and
+    verified, never a reading of our own: a tag C{D=} or a repeated C{d=}
+    must not lend a verified signature another domain.
+    """
+    if verifier is None:
+        return Check("permerror", None, "message header cannot be read"), []
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    if not count:
         return Check("none", None, "no DKIM signature"), []
     lookup = _KeyLookup(resolver)
     signatures = []
-    for index, value in enumerate(headers[:limit]):
-        tags = _tags(value)
-        signature = Signature("neutral", _text(tags.get(b"d")), _text(tags.get(b"s")))
+    for index in range(min(count, limit)):
         if resolver.remaining() <= 0:
-            signature.result, signature.note = "temperror", "DNS time budget exhausted"
-        else:
-            signature.result, signature.note = _verify_one(verifier, index, lookup)
-        signatures.append(signature)
+            signatures.append(Signature("temperror", "", "", "DNS time budget exhausted"))
+            continue
+        verifier.signature_fields = {}  # dkimpy keeps the previous signature's when this one cannot be parsed
+        result, note = _verify_one(verifier, index, lookup)
+        fields = verifier.signature_fields
+        signatures.append(Signature(result, _text(fields.get(b"d")), _text(fields.get(b"s")), note))
     verdict = min(signatures, key=lambda s: _RANK.index(s.result))
     note = verdict.note
-    if len(headers) > limit:
-        note = f"{note}; {len(headers) - limit} more signatures not verified (limit {limit})".lstrip("; ")
+    if count > limit:
+        note = f"{note}; {count - limit} more signatures not verified (limit {limit})".lstrip("; ")
     return Check(verdict.result, verdict.domain or None, note), signatures
 
 
@@ -116,30 +121,28 @@ def _verify_one(verifier: dkim.DKIM, index: int, lookup: _KeyLookup) -> tuple[st
         return "permerror", f"signature cannot be checked: {type(e).__name__}"
 
 
-def _instance(seal: bytes) -> int:
-    value = _tags(seal).get(b"i", b"")
-    return int(value) if value.isdigit() and len(value) < 4 else 0
-
-
 def check_arc(message: bytes, resolver: BudgetResolver) -> Check:
-    """The chain's validation (pass, fail, none) and the domain of its newest seal."""
+    """
+    The chain's validation (pass, fail, none) as dkimpy gives it, an
+    incomplete set included (RFC 8617 5.2: fail), and the domain of the
+    newest seal as dkimpy read it.
+    """
     try:
         verifier = dkim.ARC(message, minkey=1024)
-        seals = [value for name, value in verifier.headers if name.lower() == b"arc-seal"]
-        if not seals:
+        newest, _ = verifier.sorted_arc_headers()
+        if newest == 0:
             return Check("none", None, "")
-        if len(seals) > MAX_ARC_SETS:
+        if newest > MAX_ARC_SETS:
             return Check("fail", None, f"more than {MAX_ARC_SETS} ARC sets")
         if resolver.remaining() <= 0:
             return Check("temperror", None, "DNS time budget exhausted")
-        newest = max(seals, key=_instance)
-        domain = _text(_tags(newest).get(b"d")) or None
         lookup = _KeyLookup(resolver)
-        cv, _, reason = verifier.verify(dnsfunc=lookup)
+        cv, sets, reason = verifier.verify(dnsfunc=lookup)
     except dkim.DnsTimeoutError as e:
         return Check("temperror", None, str(e))
     except Exception as e:
         return Check("fail", None, f"ARC chain cannot be checked: {type(e).__name__}: {e}")
+    domain = (_text(sets[0].get("as-domain")) or None) if sets else None  # sets[0]: the newest instance
     result = _text(cv) or "fail"
     if result == "fail" and lookup.temporary:
         return Check("temperror", domain, lookup.temporary)

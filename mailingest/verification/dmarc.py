@@ -4,8 +4,7 @@ organisational domain's, found with the public suffix list), and identifier
 alignment against the SPF and DKIM passes.
 """
 
-import email.utils
-import re
+from email import errors, headerregistry
 from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
@@ -13,8 +12,12 @@ from publicsuffixlist import PublicSuffixList
 from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
 from mailingest.verification.results import Check, Signature
 
-# Only the first From: fields and this much of each are read.
+# A From: field longer than this is no sender's address: permerror, unread.
 MAX_FROM_BYTES = 2048
+_ADDRESSES = headerregistry.HeaderRegistry()
+# Defects that leave the address itself certain: obsolete syntax and stray
+# bytes (8-bit or control) in the display name; a domain holding them is refused.
+_HARMLESS = (errors.ObsoleteHeaderDefect, errors.UndecodableBytesDefect, errors.NonPrintableDefect)
 
 
 @lru_cache(maxsize=1)
@@ -35,22 +38,39 @@ def aligned(a: str | None, b: str | None, strict: bool) -> bool:
     return a == b if strict else organisational_domain(a) == organisational_domain(b)
 
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_FROM = re.compile(rb"^from[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+class UnreadableFrom(Exception):
+    """A From: field DMARC cannot read one domain from: the result is C{permerror}, never a guess."""
 
 
-def header_from_domains(message: bytes) -> list[str]:
-    """The domains of the From: field(s) in the header section (one expected)."""
-    end = _HEADER_END.search(message)
-    header = message if end is None else message[: end.start() + 1]
-    domains = []
-    for match in _FROM.finditer(header):
-        value = match.group(1)[:MAX_FROM_BYTES].decode("utf-8", "replace")
-        for _, address in email.utils.getaddresses([" ".join(value.split())]):
-            domain = address.rpartition("@")[2].strip().lower().rstrip(".")
-            if domain and "@" in address:
-                domains.append(domain)
-    return domains
+def header_from_domain(headers: list) -> str | None:
+    """
+    The one domain of the From: field in dkimpy's header list (name, value
+    pairs), read with the standard library's strict address parser; None
+    when there is no From: field.
+    """
+    values = [value for name, value in headers if name.lower() == b"from"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise UnreadableFrom("several From: fields")
+    value = values[0].replace(b"\r\n", b"").strip()
+    if len(value) > MAX_FROM_BYTES:
+        raise UnreadableFrom(f"From: field longer than {MAX_FROM_BYTES} bytes")
+    try:
+        field = _ADDRESSES("from", value.decode("utf-8", "surrogateescape"))
+    except Exception as e:  # the parser's own failures on hostile input
+        raise UnreadableFrom(f"From: field cannot be parsed ({type(e).__name__})") from None
+    invalid = [d for d in field.defects if not isinstance(d, _HARMLESS)]
+    if invalid:
+        raise UnreadableFrom(f"From: field cannot be parsed ({invalid[0]})")
+    domains = {address.domain.lower().rstrip(".") for address in field.addresses}
+    if len(domains) != 1:
+        raise UnreadableFrom("several From: domains" if domains else "From: field without an address")
+    (domain,) = domains
+    # not printable: a control, or a byte that was no UTF-8 (a surrogate escape)
+    if not domain or domain.startswith("[") or not domain.isprintable():
+        raise UnreadableFrom("From: address without a domain name")
+    return domain
 
 
 def _record(resolver: BudgetResolver, domain: str) -> dict[str, str] | None:
@@ -65,15 +85,21 @@ def _record(resolver: BudgetResolver, domain: str) -> dict[str, str] | None:
 
 
 def check_dmarc(
-    message: bytes, spf: Check, signatures: list[Signature], resolver: BudgetResolver
+    headers: list | None, spf: Check, signatures: list[Signature], resolver: BudgetResolver
 ) -> tuple[Check, str | None]:
-    """The DMARC result for the From: domain, and the policy that applies (p=, or sp= for a subdomain)."""
-    domains = set(header_from_domains(message))
-    if not domains:
-        return Check("none", None, "no From: domain"), None
-    if len(domains) > 1:
-        return Check("permerror", None, "several From: domains"), None
-    (domain,) = domains
+    """
+    The DMARC result for the From: domain, and the policy that applies (p=,
+    or sp= for a subdomain). C{headers} is dkimpy's header list, None when
+    dkimpy could not read the header section (no From: to trust either).
+    """
+    if headers is None:
+        return Check("permerror", None, "message header cannot be read"), None
+    try:
+        domain = header_from_domain(headers)
+    except UnreadableFrom as e:
+        return Check("permerror", None, str(e)), None
+    if domain is None:
+        return Check("none", None, "no From: field"), None
     organisation = organisational_domain(domain)
     try:
         record = _record(resolver, domain)

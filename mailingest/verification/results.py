@@ -25,7 +25,7 @@ class Check:
 
 @dataclass
 class Signature:
-    """One DKIM signature's result (C{d=} and C{s=} as signed)."""
+    """One DKIM signature's result (C{d=} and C{s=} as dkimpy parsed them; empty when it could not)."""
 
     result: str
     domain: str
@@ -58,18 +58,28 @@ class Verdicts:
         return cls(**data)
 
 
-_NOT_TOKEN = re.compile(r"[^A-Za-z0-9._-]")
-_NOT_TEXT = re.compile(r'[^\x20-\x7e]|["\\]')
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
-def _reason(note: str) -> str | None:
-    """A note as a quoted string can hold it (no quotes, backslashes or controls)."""
-    return _NOT_TEXT.sub("?", note[:200]) or None
-
-
-def token(value: str | None) -> str | None:
-    """A sender-controlled domain as a header token: anything else becomes "?"."""
-    return _NOT_TOKEN.sub("?", value[:255]) if value else None
+def value(text: str | None, limit: int = 255) -> str | None:
+    """
+    A sender-controlled value as L{authres} writes it validly (RFC 8601
+    C{pvalue}): authres makes a token or a quoted string of a value without
+    C{@}, but writes any value with one as it is, so such a value that is not
+    a plain C{local@domain} is quoted here. The characters are kept; only
+    controls, which no quoted string can hold, become C{?}.
+    """
+    if not text:
+        return None
+    text = _CONTROL.sub("?", text[:limit])
+    if "@" not in text:
+        return text
+    local, _, domain = text.rpartition("@")
+    if _DOT_ATOM.fullmatch(local) and _DOMAIN.fullmatch(domain):
+        return text
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
 
 
 def authentication_results(authserv_id: str, verdicts: Verdicts) -> str:
@@ -77,9 +87,9 @@ def authentication_results(authserv_id: str, verdicts: Verdicts) -> str:
     results: list = [
         authres.SPFAuthenticationResult(
             result=verdicts.spf.result,
-            reason=_reason(verdicts.spf.note),
-            smtp_mailfrom=_reason(verdicts.mail_from),
-            smtp_helo=None if verdicts.mail_from else token(verdicts.helo),
+            reason=value(verdicts.spf.note, 200),
+            smtp_mailfrom=value(verdicts.mail_from),
+            smtp_helo=None if verdicts.mail_from else value(verdicts.helo),
         )
     ]
     if verdicts.signatures:
@@ -87,24 +97,24 @@ def authentication_results(authserv_id: str, verdicts: Verdicts) -> str:
             results.append(
                 authres.DKIMAuthenticationResult(
                     result=signature.result,
-                    reason=_reason(signature.note),
-                    header_d=token(signature.domain),
-                    header_s=token(signature.selector),
+                    reason=value(signature.note, 200),
+                    header_d=value(signature.domain),
+                    header_s=value(signature.selector),
                 )
             )
     else:
-        results.append(authres.DKIMAuthenticationResult(result=verdicts.dkim.result, reason=_reason(verdicts.dkim.note)))
+        results.append(authres.DKIMAuthenticationResult(result=verdicts.dkim.result, reason=value(verdicts.dkim.note, 200)))
     results.append(
         authres.dmarc.DMARCAuthenticationResult(
             result=verdicts.dmarc.result,
-            reason=_reason(verdicts.dmarc.note),
-            header_from=token(verdicts.header_from),
+            reason=value(verdicts.dmarc.note, 200),
+            header_from=value(verdicts.header_from),
             policy=verdicts.dmarc_policy,
         )
     )
     results.append(
         authres.arc.ARCAuthenticationResult(
-            result=verdicts.arc.result, reason=_reason(verdicts.arc.note), header_as_d=token(verdicts.arc.domain)
+            result=verdicts.arc.result, reason=value(verdicts.arc.note, 200), header_as_d=value(verdicts.arc.domain)
         )
     )
     header = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results))

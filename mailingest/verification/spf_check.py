@@ -58,6 +58,35 @@ def _dns_through(resolver: BudgetResolver):
         _checking.lookup = None
 
 
+class _Query(spf.query):
+    """
+    pyspf's query with RFC 7208 5.5's rule for C{ptr} (and the C{p} macro),
+    which pyspf turns into temperror: a DNS error on the PTR lookup matches
+    nothing, one on the address lookup of a PTR name skips that name. Our
+    budget running out is still temperror: the check did not finish.
+    """
+
+    def __init__(self, resolver: BudgetResolver, **kwargs):
+        super().__init__(**kwargs)
+        self._resolver = resolver
+        self._validating_ptrs = False
+
+    def validated_ptrs(self):
+        self._validating_ptrs = True
+        try:
+            return super().validated_ptrs()
+        finally:
+            self._validating_ptrs = False
+
+    def dns(self, name, qtype, cnames=None, ignore_void=False):
+        try:
+            return super().dns(name, qtype, cnames=cnames, ignore_void=ignore_void)
+        except spf.TempError:
+            if not self._validating_ptrs or self._resolver.remaining() <= 0:
+                raise
+            return []
+
+
 def client_ip(peer: str | None) -> str | None:
     """The client address as SPF reads it (an IPv4-mapped IPv6 address as IPv4); None if not an IP."""
     try:
@@ -72,12 +101,13 @@ def client_ip(peer: str | None) -> str | None:
 def check_spf(peer: str | None, mail_from: str, helo: str, resolver: BudgetResolver) -> Check:
     """
     The MAIL FROM identity, or postmaster@HELO for the null sender
-    (RFC 7208 2.4). pyspf stops at 10 DNS-querying terms (permerror) and
-    follows includes only as far as that, so a loop ends there too.
+    (RFC 7208 2.4); the domain recorded is the one pyspf checked. pyspf stops
+    at 10 DNS-querying terms (permerror) and follows includes only as far as
+    that, so a loop ends there too.
     """
-    sender = mail_from or (f"postmaster@{helo}" if helo else "")
-    domain = sender.rpartition("@")[2] or None
     ip = client_ip(peer)
+    query = _Query(resolver, i=ip or "", s=mail_from, h=helo, timeout=max(resolver.remaining(), 0.001), querytime=0)
+    domain = query.o or None
     if ip is None:
         return Check("none", domain, "no client IP address")
     if not domain:
@@ -86,9 +116,7 @@ def check_spf(peer: str | None, mail_from: str, helo: str, resolver: BudgetResol
         return Check("temperror", domain, "DNS time budget exhausted")
     try:
         with _dns_through(resolver):
-            result, explanation = spf.check2(
-                i=ip, s=sender, h=helo or domain, timeout=max(resolver.remaining(), 0.001), querytime=0
-            )
+            result, _, explanation = query.check()
     except Exception as e:
         return Check("permerror", domain, f"SPF check failed: {type(e).__name__}")
     return Check(result, domain, explanation if result != "pass" else "")

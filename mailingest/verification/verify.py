@@ -3,7 +3,7 @@ All the sender checks of one message, as the sender check process runs them: SPF
 DKIM, ARC, then DMARC from their results, within one DNS time budget.
 """
 
-from mailingest.verification.dkim_check import check_arc, check_dkim
+from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
 from mailingest.verification.dmarc import check_dmarc
 from mailingest.verification.resolver import BudgetResolver
 from mailingest.verification.results import Verdicts, authentication_results
@@ -21,9 +21,10 @@ def verify_message(
 ) -> Verdicts:
     resolver = BudgetResolver(resolver_address, budget)
     spf = check_spf(peer, mail_from, helo, resolver)
-    dkim, signatures = check_dkim(message, resolver)
+    verifier = read_message(message)
+    dkim, signatures = check_dkim(verifier, resolver)
     arc = check_arc(message, resolver)
-    dmarc, policy = check_dmarc(message, spf, signatures, resolver)
+    dmarc, policy = check_dmarc(None if verifier is None else verifier.headers, spf, signatures, resolver)
     verdicts = Verdicts(
         spf=spf,
         dkim=dkim,
