@@ -2,9 +2,12 @@
 The bench's DNS server: the load's sender domain with SPF and DMARC records,
 answered at once from 127.0.0.1, so the daemon's sender checks measure their
 own cost rather than a resolver's. Prints its port, then serves until killed.
+Names in or under a C{--silent-zone} domain are never answered.
 
-    python -m bench.dns_stub
+    python -m bench.dns_stub [--silent-zone DOMAIN ...]
 """
+
+import argparse
 
 from twisted.internet import reactor
 
@@ -13,9 +16,13 @@ from tests.dns_server import DnsServer, Zone, txt
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.dns_stub")
+    parser.add_argument("--silent-zone", action="append", default=[], metavar="DOMAIN")
+    args = parser.parse_args()
     zone = Zone(
         {DOMAIN: [txt("v=spf1 ip4:127.0.0.1 -all")], f"_dmarc.{DOMAIN}": [txt("v=DMARC1; p=none")]},
         origin=DOMAIN,
+        silent_zones=args.silent_zone,
     )
     _, port = DnsServer(zone).start()
     print(port, flush=True)

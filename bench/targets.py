@@ -216,6 +216,8 @@ class Mailingest(Server):
     """The daemon under test, as an operator runs it, on its own fresh storage."""
 
     role = "mailingest"
+    # Given to bench.dns_stub.
+    dns_args: tuple[str, ...] = ()
 
     def __init__(self, directory: str, backend: Backend, processes: str = "1"):
         super().__init__(directory)
@@ -231,7 +233,7 @@ class Mailingest(Server):
     def prepare(self) -> None:
         # The sender checks ask a DNS server that answers at once (bench.dns_stub).
         self.dns = subprocess.Popen(
-            [sys.executable, "-m", "bench.dns_stub"], stdout=subprocess.PIPE, env=clean_environment(), cwd=REPO
+            [sys.executable, "-m", "bench.dns_stub", *self.dns_args], stdout=subprocess.PIPE, env=clean_environment(), cwd=REPO
         )
         self.dns_port = int(self.dns.stdout.readline())
         self.database = self.backend.database(self.directory)

@@ -33,15 +33,24 @@ class _Factory(server.DNSServerFactory):
 class Zone(authority.FileAuthority):
     """
     Every name under C{origin}: C{records} maps a name to its Twisted Names
-    records; names in C{servfail} get SERVFAIL, names in C{silent} no answer.
+    records; names in C{servfail} get SERVFAIL, names in C{silent} no answer,
+    and no name in or under a domain of C{silent_zones} either (a domain
+    whose nameservers never answer). C{asked} lists every (name, type) asked,
+    in order, silent ones included.
     """
 
-    def __init__(self, records: dict[str, list], servfail=(), silent=(), origin: str = ORIGIN):
+    def __init__(self, records: dict[str, list], servfail=(), silent=(), origin: str = ORIGIN, silent_zones=()):
         self._given = records
         self._origin = origin
         self.servfail = {name.lower() for name in servfail}
         self.silent = {name.lower() for name in silent}
+        self.silent_zones = {name.lower() for name in silent_zones}
+        self.asked: list[tuple[str, str]] = []
         super().__init__(None)
+
+    def is_silent(self, name: str) -> bool:
+        name = name.lower()
+        return name in self.silent or any(name == z or name.endswith("." + z) for z in self.silent_zones)
 
     def loadFile(self, filename):
         origin = self._origin
@@ -53,7 +62,8 @@ class Zone(authority.FileAuthority):
 
     def _lookup(self, name, cls, type, timeout=None):
         key = name.decode("ascii") if isinstance(name, bytes) else str(name)
-        if key.lower() in self.silent:
+        self.asked.append((key.lower(), dns.QUERY_TYPES.get(type, str(type))))
+        if self.is_silent(key):
             return defer.Deferred()
         if key.lower() in self.servfail:
             return defer.fail(ServerFailure(key))

@@ -399,6 +399,21 @@ class StoreContract:
         self.assertEqual([m["id"] for m in (yield self.store.claim(60, 3))], ids[:2])
 
     @defer.inlineCallbacks
+    def test_claim_takes_organisations_in_turn(self):
+        """A backlog of one organisation does not fill a batch while another's message is due."""
+        acme, globex = yield self.two_orgs()
+        flood = yield self.store.insert_messages([message(acme, f"<{n}@x>") for n in range(6)])
+        [other] = yield self.store.insert_messages([message(globex, "<late@x>")])
+        self.assertEqual([m["id"] for m in (yield self.store.claim(60, 3))], flood[:3])
+        yield self.store.release_claims(flood[:3])
+        fair = yield self.store.claim(60, 3, per_org=2)
+        self.assertEqual([m["id"] for m in fair], [flood[0], flood[1], other])
+        self.assertEqual([m["org_id"] for m in fair], [acme, acme, globex])
+        # Organisations already at their cap are skipped: nothing else is due.
+        self.assertEqual((yield self.store.claim(60, 3, per_org=2, skip_orgs=[acme])), [])
+        self.assertEqual([m["id"] for m in (yield self.store.claim(60, 3, per_org=2))], flood[2:4])
+
+    @defer.inlineCallbacks
     def test_reprocess_under_new_rules(self):
         """
         Issue 14: a message extracted under the old rules (one winmail.dat) is

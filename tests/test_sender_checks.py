@@ -6,6 +6,7 @@ quarantining a message, and the admin command releasing it.
 """
 
 import json
+import time
 from email.message import EmailMessage
 
 from twisted.internet import defer, threads
@@ -132,3 +133,46 @@ class SenderChecksTests(unittest.TestCase):
     def test_default_policy_quarantines_nothing(self):
         row = yield self.deliver(order("quiet.example"), mail_from="b@quiet.example")
         self.assertEqual(row["status"], "parsed")
+
+
+class SilentDnsFairnessTests(unittest.TestCase):
+    """One organisation's mail from a domain whose DNS never answers does not hold up another's."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dns = DnsServer(sender_zone.zone(silent_zones=["silent.example"]))
+        self.dns.start()
+        self.addCleanup(self.dns.stop)
+        self.daemon = RunningDaemon(temp_dir(self), dns_resolver=self.dns.spec, dns_budget="5")
+        yield self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        yield self.daemon.store.add_org("acme", "Acme Corp")
+        yield self.daemon.store.add_org("globex", "Globex")
+
+    def flood(self, client, first: int, step: int, count: int) -> list[int]:
+        """Mails from a@yN.silent.example to acme on one connection; their message ids."""
+        client.ehlo("customer.test")
+        ids = []
+        for n in range(first, count, step):
+            mail_from = f"a@y{n}.silent.example"
+            text = f"From: {mail_from}\r\nTo: orders+acme@example.com\r\nSubject: {n}\r\nMessage-ID: <s{n}@x>\r\n\r\nhi\r\n"
+            client.sendmail(mail_from, ["orders+acme@example.com"], text)
+            ids.append(n)
+        return ids
+
+    @defer.inlineCallbacks
+    def test_other_organisation_parsed_within_5_seconds(self):
+        yield defer.gatherResults([self.daemon.smtp(self.flood, n, 6, 60) for n in range(6)])
+        text = order().replace(b"orders+acme@", b"orders+globex@")
+        code, reply = yield self.daemon.send(text, ["orders+globex@example.com"], mail_from="bounce@sender.example")
+        replied = time.monotonic()
+        self.assertEqual(code, 250, reply)
+        message_id = int(reply.decode().rsplit(" ", 1)[1])
+        row = yield self.daemon.settled(message_id, timeout=30)
+        waited = time.monotonic() - replied
+        self.assertEqual((row["status"], row["dmarc"]), ("parsed", "pass"))
+        self.assertLess(waited, 5.0, f"parsed {waited:.1f} s after its 250")
+        flooded = yield self.daemon.store.count_messages("received")
+        self.assertGreater(flooded, 40, "the silent domain's mails were still waiting on their DNS")
+        asked = [name for name, _ in self.dns.zone.asked if name.endswith(".silent.example")]
+        self.assertTrue(asked, "the silent zone was asked")

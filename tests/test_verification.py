@@ -4,13 +4,15 @@ the zone of L{tests.sender_zone}). The checks use blocking DNS, as in the
 parser worker, so they run in a thread while the reactor serves the zone.
 """
 
+import time
+
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
 from mailingest.verification.dmarc import check_dmarc, organisational_domain
 from mailingest.verification.policy import SenderPolicy, violation
-from mailingest.verification.resolver import BudgetResolver, parse_resolver_address
+from mailingest.verification.resolver import BudgetResolver, DeadNames, parse_resolver_address
 from mailingest.verification.results import Check
 from mailingest.verification.spf_check import check_spf
 from mailingest.verification.verify import verify_message
@@ -387,6 +389,61 @@ class VerifyMessageTests(ZoneTestCase):
         self.assertNotIn("dmarc=pass", verdicts.authentication_results.split("dkim=")[1].split(";")[0])
 
 
+class DeadNamesTests(unittest.TestCase):
+    def test_a_name_and_the_names_under_it_for_a_minute(self):
+        dead = DeadNames(ttl=60, size=10)
+        self.assertIsNone(dead.covering("y1.silent.example", 0))
+        dead.add("Y1.silent.example.", 0)
+        self.assertEqual(dead.covering("_dmarc.y1.SILENT.example", 59), "y1.silent.example")
+        self.assertEqual(dead.covering("y1.silent.example", 59), "y1.silent.example")
+        self.assertIsNone(dead.covering("silent.example", 59))
+        self.assertIsNone(dead.covering("y1.silent.example", 60))
+
+    def test_bounded(self):
+        dead = DeadNames(ttl=60, size=3)
+        for n in range(4):
+            dead.add(f"y{n}.silent.example", n)
+        self.assertIsNone(dead.covering("y0.silent.example", 5))
+        self.assertEqual([dead.covering(f"y{n}.silent.example", 5) for n in (1, 2, 3)],
+                         [f"y{n}.silent.example" for n in (1, 2, 3)])
+
+
+class SilentDomainTests(unittest.TestCase):
+    """A domain whose nameservers never answer costs the DNS budget once, not once per message."""
+
+    def setUp(self):
+        self.zone = sender_zone.zone(silent_zones=["silent.example"])
+        self.server = DnsServer(self.zone)
+        self.address = self.server.start()
+        self.addCleanup(self.server.stop)
+
+    def check(self, domain: str):
+        text = message(from_domain=domain)
+        started = time.monotonic()
+        d = threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx", f"a@{domain}", "mx.ingest.test", self.address, 1.0
+        )
+        return d.addCallback(lambda verdicts: (verdicts, time.monotonic() - started))
+
+    def asked_under(self, domain: str) -> list:
+        return [name for name, _ in self.zone.asked if name == domain or name.endswith("." + domain)]
+
+    @defer.inlineCallbacks
+    def test_second_message_asks_nothing(self):
+        first, first_seconds = yield self.check("y1.silent.example")
+        self.assertEqual([first.spf.result, first.dmarc.result], ["temperror", "temperror"])
+        self.assertGreaterEqual(first_seconds, 0.9)
+        asked = self.asked_under("y1.silent.example")
+        self.assertIn("y1.silent.example", asked)
+        second, second_seconds = yield self.check("y1.silent.example")
+        self.assertEqual([second.spf.result, second.dmarc.result], ["temperror", "temperror"])
+        self.assertLess(second_seconds, 0.5)
+        self.assertEqual(self.asked_under("y1.silent.example"), asked)
+        # Another domain of the same server is asked as before.
+        other, _ = yield self.check("sender.example")
+        self.assertEqual(other.spf.result, "pass")
+
+
 class AuthenticationResultsTests(unittest.TestCase):
     """Every property value is an RFC 8601 token, a plain local@domain or a quoted string with the original characters."""
 
@@ -480,7 +537,7 @@ class MessageForChecksTests(unittest.TestCase):
     def read(self, data: bytes) -> bytes:
         import io
 
-        from mailingest.extraction.worker import message_for_checks
+        from mailingest.extraction.checker import message_for_checks
 
         return message_for_checks(io.BytesIO(data))
 

@@ -31,6 +31,7 @@ from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
+from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.pool import ParsePool
 from mailingest.verification.settings import CheckSettings
 from mailingest.smtp.protocol import IngestSMTPFactory
@@ -353,6 +354,9 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
         lease_seconds=settings["extraction_lease"],
         stop_timeout=EXTRACTION_STOP_SECONDS,
         checks=CheckSettings(settings["hostname"], settings["dns_resolver"], settings["dns_budget"]),
+        checker=CheckPool(
+            timeout=settings["extraction_timeout"], reactor=reactor, memory_limit=settings["extraction_memory_limit"]
+        ),
     )
     if settings["processes"] > 1:
         ingest = None

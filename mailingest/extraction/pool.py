@@ -24,7 +24,6 @@ from twisted.logger import Logger
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage
 from mailingest.errors import BlobNotFound
-from mailingest.verification.results import Verdicts
 
 log = Logger(namespace="mailingest.extraction")
 
@@ -52,7 +51,23 @@ class ParserError(Exception):
     """The parser raised something other than L{UnparseableMessage} (a bug): retried."""
 
 
-class _Worker(protocol.ProcessProtocol):
+class ChildProcess(protocol.ProcessProtocol):
+    """A child of the daemon that can be killed and whose stderr is logged as C{label}."""
+
+    label = "parser worker"
+
+    def kill(self) -> None:
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            log.warn("{label} {pid}: {line}", label=self.label, pid=self.transport.pid, line=line)
+
+
+class _Worker(ChildProcess):
     """One child process; it answers one request at a time."""
 
     def __init__(self, reactor, timeout: float):
@@ -107,22 +122,12 @@ class _Worker(protocol.ProcessProtocol):
         else:
             self.transport.closeStdin()
 
-    def kill(self) -> None:
-        try:
-            self.transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
-
     def outReceived(self, data: bytes) -> None:
         self._buffer += data
         if b"\n" not in self._buffer or self._reply is None:
             return
         line, self._buffer = self._buffer.split(b"\n", 1)
         self._answer().callback(json.loads(line))
-
-    def errReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            log.warn("parser worker {pid}: {line}", pid=self.transport.pid, line=line)
 
     def processEnded(self, reason) -> None:
         self.alive = False
@@ -182,15 +187,6 @@ class ParsePool:
         """
         reply = await self._ask({"raw_path": raw_path, "out_dir": out_dir, "inline_images": self._inline_images})
         return ExtractionResult([Attachment(**a) for a in reply["attachments"]], reply["warnings"], reply["skipped"])
-
-    async def verify(self, request: dict[str, Any]) -> Verdicts:
-        """
-        The sender checks of the message at C{request["raw_path"]} (with the
-        SMTP facts and DNS settings of L{mailingest.extraction.worker.verify}),
-        computed in a worker: their DNS lookups block.
-        """
-        reply = await self._ask({"verify": request})
-        return Verdicts.from_dict(reply["verdicts"])
 
     async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """A free worker's reply to C{request}; its failures as exceptions."""

@@ -11,6 +11,14 @@ fetched into a reused work directory), each attachment
 stored under a key made of ids only, and its document recorded. Every step is
 idempotent, so a message interrupted anywhere is simply extracted again.
 
+Organisations take turns: a claim takes at most L{CHECKS_PER_ORG} messages of
+one organisation. There is one work slot more than C{concurrency}, and an
+organisation whose messages are in hand in C{concurrency} slots is not claimed
+for, so one organisation's backlog (say, mail whose DNS never answers) always
+leaves a slot to the others. The messages of a claim are
+sender-checked at once (L{mailingest.extraction.checks}), then parsed one at
+a time in their slot, in the order their checks end.
+
 Failures that retrying cannot fix (the message cannot be parsed, its raw copy
 is gone) mark it C{failed} at once; anything else (storage, database, even
 recording the documents) is retried with backoff (1 s, doubling) up to
@@ -21,6 +29,7 @@ so a message is retried after its backoff, not after its lease.
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.application import service
@@ -31,6 +40,7 @@ from mailingest.claiming import ClaimWorkers
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
+from mailingest.extraction.checks import CHECKS_PER_ORG, CheckPool
 from mailingest.extraction.pool import ParserDied
 from mailingest.retry import Backoff, retry
 from mailingest.verification.policy import SenderPolicy, Violation, violation
@@ -107,6 +117,7 @@ class ExtractionService(service.Service):
         stop_timeout: float = 3.0,
         clock=None,
         checks: CheckSettings | None = None,
+        checker: CheckPool | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -122,15 +133,19 @@ class ExtractionService(service.Service):
         self.stop_timeout = stop_timeout
         self.clock = clock
         self.checks = checks
+        self.checker = checker
         self._loop = None
         self._claims: ClaimWorkers | None = None
+        self._claiming = defer.DeferredLock()
+        # Per organisation: how many slots hold some of its messages.
+        self._busy_slots: Counter = Counter()
 
     @defer.inlineCallbacks
     def startService(self):
         super().startService()
         self._claims = ClaimWorkers(
-            make_slots(self.work_dir, self.concurrency),
-            lambda: self.store.claim(self.lease_seconds, self.batch_size),
+            make_slots(self.work_dir, self.concurrency + 1),
+            self._claim,
             self._process_batch,
             lambda e: log.error("cannot claim messages for extraction: {error}", error=str(e)),
             lambda: self.running,
@@ -155,10 +170,13 @@ class ExtractionService(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         d = self._in_hand(self.stop_timeout)
-        # Workers still parsing are killed; their messages' claims are released.
-        d.addCallback(lambda _: self.parser.close())
+        # Workers still parsing or checking are killed; their messages' claims are released.
+        d.addCallback(lambda _: defer.DeferredList([self.parser.close(), *self._close_checker()]))
         d.addCallback(lambda _: self._in_hand(RELEASE_SECONDS))
         return d
+
+    def _close_checker(self) -> list[defer.Deferred]:
+        return [] if self.checker is None else [self.checker.close()]
 
     def _in_hand(self, timeout: float) -> defer.Deferred:
         """Fires when the messages in hand are done with, or after C{timeout} seconds."""
@@ -171,20 +189,40 @@ class ExtractionService(service.Service):
         if self._claims is not None:
             self._claims.wake()
 
+    async def _claim(self) -> list[dict]:
+        """
+        The next batch, organisations in turn (see the module's docstring); one
+        claim at a time, so each sees the slots the one before filled.
+        """
+        async with self._claiming:
+            crowded = [org for org, slots in self._busy_slots.items() if slots >= self.concurrency]
+            batch = await self.store.claim(self.lease_seconds, self.batch_size, CHECKS_PER_ORG, crowded)
+            self._busy_slots.update({message["org_id"] for message in batch})
+            return batch
+
     async def _process_batch(self, batch: list[dict], slot: str) -> None:
-        """One claim transaction for several messages; their leases are renewed together."""
+        """
+        One claim transaction for several messages, checked at once and
+        parsed one at a time; their leases are renewed together.
+        """
         waiting = [message["id"] for message in batch]
         renewal = task.LoopingCall(self._renew, waiting)
         renewal.clock = self.clock
         renewal.start(self.lease_seconds / 3, now=False)
+        parsing = defer.DeferredLock()
+
+        async def one(message: dict, ordinal: int) -> None:
+            await self.process(message, slot, ordinal, parsing)
+            waiting.remove(message["id"])
+            await self._unlock([message["id"]])
+
         try:
-            for message in batch:
-                if not self.running:
-                    break
-                await self.process(message, slot)
-                waiting.remove(message["id"])
-                await self._unlock([message["id"]])
+            await defer.DeferredList(
+                [defer.ensureDeferred(one(message, n)) for n, message in enumerate(batch)], consumeErrors=True
+            )
         finally:
+            self._busy_slots.subtract({message["org_id"] for message in batch})
+            self._busy_slots += Counter()  # drop the organisations at zero
             renewal.stop()
             if waiting:
                 try:
@@ -200,15 +238,21 @@ class ExtractionService(service.Service):
         except Exception as e:
             log.warn("cannot let go of extraction claims: {error}", error=str(e))
 
-    async def process(self, message: dict, slot: str) -> None:
+    async def process(self, message: dict, slot: str, ordinal: int, parsing: defer.DeferredLock) -> None:
+        """
+        Check, then parse and store C{message} in C{slot}; C{ordinal}, its
+        place in its batch, names its raw copy there, and C{parsing} is the
+        slot's turn to parse (its C{parts} directory is one).
+        """
         started = time.monotonic()
         verdicts = None
         try:
-            raw_path = await self._raw_path(message, slot)
+            raw_path = await self._raw_path(message, slot, ordinal)
             verdicts = await self._check_sender(message, raw_path)
             broken = self._policy_broken(message, verdicts)
             if broken is None:
-                result, documents = await self._extract(message, raw_path, slot)
+                async with parsing:
+                    result, documents = await self._extract(message, raw_path, slot)
         except (UnparseableMessage, PermanentFailure) as e:
             await self._fail(message, str(e), message["attempts"] + 1, verdicts)
         except Exception as e:
@@ -235,13 +279,13 @@ class ExtractionService(service.Service):
         d = self.store.renew_claims(list(message_ids), self.lease_seconds)
         return d.addErrback(lambda f: log.warn("cannot renew extraction claims: {error}", error=f.getErrorMessage()))
 
-    async def _raw_path(self, message: dict, slot: str) -> str:
-        """The raw copy on local disk: in place, or fetched into the slot."""
+    async def _raw_path(self, message: dict, slot: str, ordinal: int) -> str:
+        """The raw copy on local disk: in place, or fetched into the slot (the batch's C{ordinal}th file)."""
         raw_key = message["raw_key"]
         try:
             raw_path = self.blobs.local_path(raw_key)
             if raw_path is None:
-                raw_path = os.path.join(slot, "raw.eml")
+                raw_path = os.path.join(slot, f"raw-{ordinal}.eml")
                 # The slot's file, truncated: no new inode per message.
                 with await threads.deferToThread(open, raw_path, "wb", 0) as raw:
                     await self.blobs.read_to(raw_key, raw)
@@ -384,7 +428,7 @@ class ExtractionService(service.Service):
         """
         if self.checks is None or message.get("authentication_results") is not None:
             return None
-        verdicts = await self.parser.verify(self.checks.request(message, raw_path))
+        verdicts = await self.checker.verify(message["org_id"], self.checks.request(message, raw_path))
         for name in ("spf", "dkim", "dmarc", "arc"):
             metrics.SENDER_VERDICTS.labels(name, getattr(verdicts, name).result).inc()
         return verdicts

@@ -14,11 +14,6 @@ L{extract_attachments} on it and writes one JSON reply per line on stdout:
   - C{{"missing": path}}: there is no file at C{raw_path};
   - C{{"error": "Type: message"}}: anything else (retried by the daemon).
 
-A request C{{"verify": {"raw_path": ..., "client_ip": ..., ...}}} runs the
-sender checks instead (L{mailingest.verification}) and is answered
-C{{"verdicts": {...}}} (or C{missing}/C{error} as above): their DNS lookups
-block, so they run here, never in the daemon.
-
 It exits when stdin closes, which is also what happens when the daemon dies,
 however it dies: no worker outlives its daemon.
 """
@@ -31,7 +26,6 @@ import sys
 from typing import Any, BinaryIO
 
 from mailingest.extraction.attachments import UnparseableMessage, extract_attachments
-from mailingest.verification.verify import verify_message
 
 
 MiB = 1024 * 1024
@@ -39,61 +33,7 @@ MiB = 1024 * 1024
 
 # Added to the niceness of a parser worker (see the end of this module).
 NICENESS = 10
-HEADER_SECTION_LIMIT = 256 * 1024
-_SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
-
-
-def message_for_checks(raw: BinaryIO) -> bytes:
-    """
-    What the sender checks need of a message: the header section alone when it
-    carries no DKIM or ARC header (SPF and DMARC read no body), else the whole
-    message (a signature covers the body). A 50 MB unsigned message is then
-    never held whole in the worker.
-    """
-    header = bytearray()
-    for line in raw:
-        header += line
-        if line in (b"\r\n", b"\n") or len(header) > HEADER_SECTION_LIMIT:
-            break
-        if line[:1] not in (b" ", b"\t") and line.lower().startswith(_SIGNATURE_FIELDS):
-            return bytes(header) + raw.read()
-    else:
-        return bytes(header)
-    if len(header) > HEADER_SECTION_LIMIT:
-        return bytes(header) + raw.read()
-    return bytes(header)
-
-
-def verify(request: dict[str, Any]) -> dict[str, Any]:
-    """The sender checks of the message at C{raw_path}, with the SMTP facts and DNS settings given."""
-    raw_path = request["raw_path"]
-    try:
-        with open(raw_path, "rb") as raw:
-            message = message_for_checks(raw)
-        resolver = request["resolver"]
-        verdicts = verify_message(
-            message,
-            request["client_ip"],
-            request["helo"],
-            request["mail_from"],
-            request["authserv_id"],
-            tuple(resolver) if resolver else None,
-            request["budget"],
-        )
-    except FileNotFoundError as e:
-        if e.filename == raw_path:
-            return {"missing": raw_path}
-        return {"error": f"FileNotFoundError: {e}"}
-    except MemoryError:
-        raise
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"verdicts": verdicts.as_dict()}
-
-
 def handle(request: dict[str, Any]) -> dict[str, Any]:
-    if "verify" in request:
-        return verify(request["verify"])
     raw_path, out_dir = request["raw_path"], request["out_dir"]
     # out_dir is reused message after message; the daemon has stored the
     # previous message's documents before it sends the next request.

@@ -520,24 +520,59 @@ class Store:
         yield self._record_status(txn, requeued, "received")
         return len(requeued)
 
-    def claim(self, lease_seconds, limit=1):
-        return self.engine.claiming(_storable_interaction, self._claim, lease_seconds, int(limit))
+    def claim(self, lease_seconds, limit=1, per_org=None, skip_orgs=()):
+        """
+        Up to C{limit} due messages claimed for C{lease_seconds}. With
+        C{per_org}, at most that many of one organisation, the organisations
+        taking turns (each one's first due message, then each one's second...),
+        and none of the organisations in C{skip_orgs} (ids, e.g. those whose
+        messages the caller already has in hand): one organisation's backlog
+        cannot fill the batch while another's message waits.
+        """
+        return self.engine.claiming(
+            _storable_interaction, self._claim, lease_seconds, int(limit), per_org, [int(o) for o in skip_orgs]
+        )
 
     @defer.inlineCallbacks
-    def _claim(self, txn, lease_seconds, limit):
-        ids = yield self._lease(
-            txn,
-            "inbound_message",
-            "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
-            lease_seconds,
-            limit,
-            session_locks=True,
-        )
+    def _claim(self, txn, lease_seconds, limit, per_org=None, skip_orgs=()):
+        due = "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+        if per_org is not None or skip_orgs:
+            turns = yield self._turns(txn, due, limit, per_org, skip_orgs)
+            if not turns:
+                return []
+            due += " AND id IN (" + ", ".join(str(int(i)) for i in turns) + ")"
+        ids = yield self._lease(txn, "inbound_message", due, lease_seconds, limit, session_locks=True)
         if not ids:
             return []
         marks = ", ".join("?" for _ in ids)
         yield txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
         return [_message(row) for row in txn.fetchall()]
+
+    @defer.inlineCallbacks
+    def _turns(self, txn, due, limit, per_org, skip_orgs):
+        """The ids of the due, unclaimed messages to claim next, organisations in turn (see L{claim})."""
+        now = self._now()
+        free, args = self._free(now, True)
+        skip = ""
+        if skip_orgs:
+            skip = " AND org_id NOT IN (" + ", ".join("?" for _ in skip_orgs) + ")"
+        yield txn.execute(
+            "SELECT id FROM (SELECT id, next_attempt_at,"
+            " ROW_NUMBER() OVER (PARTITION BY org_id ORDER BY next_attempt_at, id) AS turn"
+            f" FROM inbound_message e WHERE {due} AND ({free}){skip}) turns"
+            " WHERE turn <= ? ORDER BY turn, next_attempt_at, id LIMIT ?",
+            (now, *args, *skip_orgs, limit if per_org is None else per_org, limit),
+        )
+        return [row["id"] for row in txn.fetchall()]
+
+    def _free(self, now, session_locks):
+        """The condition (and its arguments) of a row no live claim holds."""
+        free = "claimed_until IS NULL OR claimed_until < ?"
+        args = [now]
+        if session_locks and self.engine.session_locks:
+            free += f" OR {_CLAIM_LOCK_KEY} NOT IN ({_HELD_CLAIM_LOCKS})"
+            args.append(CLAIM_LOCKS)
+        return free, args
 
     @defer.inlineCallbacks
     def _lease(self, txn, table, due, lease_seconds, limit, session_locks=False):
@@ -550,12 +585,9 @@ class Store:
         and a live lease whose lock no session holds is a dead daemon's.
         """
         now = self._now()
-        free = "claimed_until IS NULL OR claimed_until < ?"
-        args = [now, now]
+        free, args = self._free(now, session_locks)
+        args = [now, *args]
         locks = session_locks and self.engine.session_locks
-        if locks:
-            free += f" OR {_CLAIM_LOCK_KEY} NOT IN ({_HELD_CLAIM_LOCKS})"
-            args.append(CLAIM_LOCKS)
         yield txn.execute(
             f"SELECT id FROM {table} e WHERE {due} AND ({free})"
             " ORDER BY next_attempt_at, id LIMIT ?" + self.engine.skip_locked,

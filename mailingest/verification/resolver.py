@@ -1,15 +1,19 @@
 """
 DNS for the sender checks: one resolver, one time budget per message.
 
-The checks run in a parser worker with blocking lookups (pyspf and dkimpy
-are synchronous). Every lookup of one message draws on the same deadline, so
-a server that never answers costs the message C{budget} seconds at most and
-gives C{temperror}, never a stuck worker. Answers are cached for the life of
-the worker (dnspython's LRU cache, by TTL): a sender's records are asked once,
-not per message.
+The checks run in threads of the sender check process with blocking lookups
+(pyspf and dkimpy are synchronous). Every lookup of one message draws on the
+same deadline, so a server that never answers costs the message C{budget}
+seconds at most and gives C{temperror}, never a stuck thread. Answers are
+cached for the life of the process (dnspython's LRU cache, by TTL): a sender's records are asked once,
+not per message. A name whose server did not answer is remembered as dead
+(L{DeadNames}) for a minute, with the names under it: a silent DNS server
+costs the budget once a minute, not once per message of its domain.
 """
 
+import threading
 import time
+from collections import OrderedDict
 
 import dns.exception
 import dns.name
@@ -51,11 +55,56 @@ def parse_resolver_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+# A lookup that had at least this long (or half the budget) and got no answer
+# marks its name dead; a shorter one only says the budget was nearly spent.
+DEAD_AFTER_SECONDS = 1.0
+DEAD_FOR_SECONDS = 60.0
+DEAD_NAMES_MAX = 10_000
+
+
+class DeadNames:
+    """
+    Names whose DNS server did not answer within a lookup's time, each kept
+    for C{ttl} seconds, at most C{size} (the oldest forgotten first). A name
+    under a dead one is dead too: its records are served by the same servers
+    or delegated by them. Shared by the threads of a checking process.
+    """
+
+    def __init__(self, ttl: float = DEAD_FOR_SECONDS, size: int = DEAD_NAMES_MAX):
+        self._ttl = ttl
+        self._size = size
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, now: float) -> None:
+        key = name.lower().rstrip(".")
+        with self._lock:
+            self._until.pop(key, None)
+            self._until[key] = now + self._ttl
+            while len(self._until) > self._size:
+                self._until.popitem(last=False)
+
+    def covering(self, name: str, now: float) -> str | None:
+        """The dead name C{name} is, or is under; None when there is none."""
+        labels = name.lower().rstrip(".").split(".")
+        with self._lock:
+            for start in range(len(labels)):
+                key = ".".join(labels[start:])
+                until = self._until.get(key)
+                if until is not None and until <= now:
+                    del self._until[key]
+                elif until is not None:
+                    return key
+        return None
+
+
 _resolvers: dict[tuple, dns.resolver.Resolver] = {}
+# Per server, like the answers: another server may well answer.
+_dead_names: dict[tuple, DeadNames] = {}
 
 
 def _resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
-    """One dnspython resolver (and its cache) per server, kept for the life of the worker."""
+    """One dnspython resolver (and its cache) per server, kept for the life of the process."""
     if address not in _resolvers:
         if address is None:
             resolver = dns.resolver.Resolver()
@@ -71,9 +120,17 @@ def _resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
 class BudgetResolver:
     """Lookups against C{address} (None: /etc/resolv.conf) until C{budget} seconds have passed."""
 
-    def __init__(self, address: tuple[str, int] | None, budget: float = DEFAULT_BUDGET_SECONDS, clock=time.monotonic):
+    def __init__(
+        self,
+        address: tuple[str, int] | None,
+        budget: float = DEFAULT_BUDGET_SECONDS,
+        clock=time.monotonic,
+        dead: DeadNames | None = None,
+    ):
         self._resolver = _resolver(address)
         self._clock = clock
+        self._dead = _dead_names.setdefault(address, DeadNames()) if dead is None else dead
+        self._dead_after = min(budget / 2, DEAD_AFTER_SECONDS)
         self.deadline = clock() + budget
 
     def remaining(self) -> float:
@@ -84,6 +141,9 @@ class BudgetResolver:
         remaining = self.remaining()
         if remaining <= 0:
             raise DnsTemporaryError("DNS time budget exhausted")
+        dead = self._dead.covering(name, self._clock())
+        if dead is not None:
+            raise DnsTemporaryError(f"DNS timeout for {dead} within the last {DEAD_FOR_SECONDS:g} s")
         try:
             answer = self._resolver.resolve(
                 name, rdtype, lifetime=remaining, search=False, raise_on_no_answer=False
@@ -93,6 +153,8 @@ class BudgetResolver:
         except dns.resolver.NoNameservers:
             raise DnsTemporaryError(f"DNS server failure for {name}") from None
         except dns.exception.Timeout:
+            if remaining >= self._dead_after:
+                self._dead.add(name, self._clock())
             raise DnsTemporaryError(f"DNS timeout for {name}") from None
         except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
             return []  # a name nobody can publish at: nothing is published there

@@ -1,4 +1,4 @@
-"""How the daemon asks a parser worker for a message's sender checks."""
+"""How the daemon asks the sender check process for a message's checks."""
 
 from dataclasses import dataclass
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import ipaddress
+import threading
 
 import spf
 
@@ -33,18 +34,28 @@ def _lookup(resolver: BudgetResolver):
     return lookup
 
 
+# pyspf has no resolver hook, only its module's C{DNSLookup}, which all
+# threads share: ours sends each thread's lookups to that thread's check.
+_checking = threading.local()
+_pyspf_lookup = spf.DNSLookup
+
+
+def _thread_lookup(name, qtype, strict=True, timeout=None):
+    lookup = getattr(_checking, "lookup", None) or _pyspf_lookup
+    return lookup(name, qtype, strict, timeout)
+
+
+spf.DNSLookup = _thread_lookup
+
+
 @contextlib.contextmanager
 def _dns_through(resolver: BudgetResolver):
-    """
-    pyspf has no resolver hook, only its module's C{DNSLookup}: it is ours for
-    one check (the worker checks one message at a time, on one thread).
-    """
-    original = spf.DNSLookup
-    spf.DNSLookup = _lookup(resolver)
+    """This thread's SPF lookups go to C{resolver} for one check."""
+    _checking.lookup = _lookup(resolver)
     try:
         yield
     finally:
-        spf.DNSLookup = original
+        _checking.lookup = None
 
 
 class _Query(spf.query):

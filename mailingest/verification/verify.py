@@ -1,5 +1,5 @@
 """
-All the sender checks of one message, as the parser worker runs them: SPF,
+All the sender checks of one message, as the sender check process runs them: SPF,
 DKIM, ARC, then DMARC from their results, within one DNS time budget.
 """
 

@@ -1,0 +1,98 @@
+"""
+The child side of L{mailingest.extraction.checks}: a process that runs the
+sender checks (L{mailingest.verification}) of several messages at once.
+
+Run as C{python -m mailingest.extraction.checker THREADS [MEMORY_LIMIT_BYTES]}.
+It reads one JSON request per line on stdin, C{{"id": n, "verify": {"raw_path":
+..., "client_ip": ..., ...}}}, and writes one JSON reply per line on stdout as
+each check ends, in any order: C{{"id": n, "verdicts": {...}}}, C{{"id": n,
+"missing": path}} when there is no file at C{raw_path}, or C{{"id": n,
+"error": "Type: message"}} (retried by the daemon). The checks wait on DNS
+servers the sender chooses, with blocking libraries (pyspf, dkimpy): each
+runs in one of THREADS threads, so a silent server holds one thread for its
+DNS budget, not the others' messages.
+
+It exits when stdin closes, which is also what happens when the daemon dies.
+"""
+
+import json
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from mailingest.extraction.worker import NICENESS, limit_memory
+from mailingest.verification.verify import verify_message
+
+HEADER_SECTION_LIMIT = 256 * 1024
+_SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
+
+
+def message_for_checks(raw: BinaryIO) -> bytes:
+    """
+    What the sender checks need of a message: the header section alone when it
+    carries no DKIM or ARC header (SPF and DMARC read no body), else the whole
+    message (a signature covers the body). A 50 MB unsigned message is then
+    never held whole here.
+    """
+    header = bytearray()
+    for line in raw:
+        header += line
+        if line in (b"\r\n", b"\n") or len(header) > HEADER_SECTION_LIMIT:
+            break
+        if line[:1] not in (b" ", b"\t") and line.lower().startswith(_SIGNATURE_FIELDS):
+            return bytes(header) + raw.read()
+    else:
+        return bytes(header)
+    if len(header) > HEADER_SECTION_LIMIT:
+        return bytes(header) + raw.read()
+    return bytes(header)
+
+
+def verify(request: dict[str, Any]) -> dict[str, Any]:
+    """The sender checks of the message at C{raw_path}, with the SMTP facts and DNS settings given."""
+    raw_path = request["raw_path"]
+    try:
+        with open(raw_path, "rb") as raw:
+            message = message_for_checks(raw)
+        resolver = request["resolver"]
+        verdicts = verify_message(
+            message,
+            request["client_ip"],
+            request["helo"],
+            request["mail_from"],
+            request["authserv_id"],
+            tuple(resolver) if resolver else None,
+            request["budget"],
+        )
+    except FileNotFoundError as e:
+        if e.filename == raw_path:
+            return {"missing": raw_path}
+        return {"error": f"FileNotFoundError: {e}"}
+    except Exception as e:  # MemoryError too: other checks in hand may need the memory, retried
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"verdicts": verdicts.as_dict()}
+
+
+def serve(requests: BinaryIO, replies: BinaryIO, threads: int) -> None:
+    """Answer requests, C{threads} at a time, until stdin closes and the checks in hand are answered."""
+    lock = threading.Lock()
+
+    def answer(request: dict[str, Any]) -> None:
+        line = json.dumps({"id": request["id"], **verify(request["verify"])}).encode("ascii") + b"\n"
+        with lock:
+            replies.write(line)
+            replies.flush()
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="check") as pool:
+        for line in requests:
+            pool.submit(answer, json.loads(line))
+
+
+if __name__ == "__main__":
+    # Like parsing, checking is background work: taking mail in goes first.
+    os.nice(NICENESS)
+    if len(sys.argv) > 2:
+        limit_memory(int(sys.argv[2]))
+    serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]))
