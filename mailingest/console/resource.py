@@ -1,7 +1,9 @@
 """
 The console's HTTP side: sign-in with an API token, a session cookie, the
 pages, the downloads (streamed by the API's code) and the admin's POST
-actions, each checked against the session's CSRF token and logged.
+actions, each checked against the session's CSRF token and logged. Each page
+is a small resource of a twisted.web tree (L{mailingest.ops.web}) rooted at
+L{ConsoleResource}, which L{make_site} puts at C{/console} below the API's root.
 
 Every answer carries a Content-Security-Policy that allows no inline script,
 style or frame, so even a mistake in escaping could not run mail's script.

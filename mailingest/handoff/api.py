@@ -7,7 +7,8 @@ ids cannot be probed); the admin token (from a file) sees all. Tokens are
 kept as SHA-256 hashes. Errors are JSON with a stable C{error} code.
 Message and document contents are streamed from the blob store: from local
 disk by a producer that reads a chunk when the client has taken the last
-one, so a 50 MB document never sits in memory.
+one, so a 50 MB document never sits in memory. Each endpoint is a small
+resource of a twisted.web tree (L{mailingest.ops.web}) rooted at L{ApiResource}.
 """
 
 import base64
