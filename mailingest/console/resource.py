@@ -24,7 +24,7 @@ from twisted.web.template import flattenString
 
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.sessions import Session, Sessions
+from mailingest.console.sessions import ConsoleSession, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
@@ -254,7 +254,7 @@ class ConsoleResource(resource.Resource):
         request.setHeader(b"content-length", b"0")
         request.finish()
 
-    def _scoped(self, row: dict | None, session: Session, key: str = "org_id") -> dict:
+    def _scoped(self, row: dict | None, session: ConsoleSession, key: str = "org_id") -> dict:
         if row is None or (session.scope is not None and row[key] != session.scope):
             raise NotFound()
         return row
@@ -309,7 +309,7 @@ class ConsoleResource(resource.Resource):
         log.info("console sign-in: {who}", who=session.who)
         self._redirect(request, "/console/orgs")
 
-    async def sign_out(self, request: server.Request, session: Session) -> None:
+    async def sign_out(self, request: server.Request, session: ConsoleSession) -> None:
         self.sessions.close(session.id)
         request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0")
         self._redirect(request, "/console/sign-in")
@@ -326,12 +326,12 @@ class ConsoleResource(resource.Resource):
 
     # the pages
 
-    async def organisations(self, request: server.Request, session: Session) -> None:
+    async def organisations(self, request: server.Request, session: ConsoleSession) -> None:
         today = datetime.combine(datetime.now(timezone.utc).date(), time(), timezone.utc)
         orgs = await self.store.org_summaries(today, session.scope)
         await self._page(request, pages.organisations(orgs, session))
 
-    async def messages(self, request: server.Request, session: Session, id: int) -> None:
+    async def messages(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         orgs = await self.store.org_summaries(datetime.now(timezone.utc), id)
         if not orgs or (session.scope is not None and session.scope != id):
             raise NotFound()
@@ -344,7 +344,7 @@ class ConsoleResource(resource.Resource):
         cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
         await self._page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
 
-    async def message(self, request: server.Request, session: Session, id: int) -> None:
+    async def message(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         row = self._scoped(await self.store.get_message(id), session)
         documents = await self.store.list_documents(message_id=id)
         events = await self.store.message_events(id)
@@ -353,11 +353,11 @@ class ConsoleResource(resource.Resource):
         await self._page(request, pages.message(row, headers, truncated, documents, events, session, history))
         session.notice = None
 
-    async def raw(self, request: server.Request, session: Session, id: int) -> None:
+    async def raw(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         row = self._scoped(await self.store.get_message(id), session)
         await self._stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{id}.eml")
 
-    async def document(self, request: server.Request, session: Session, id: int) -> None:
+    async def document(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         row = self._scoped(await self.store.get_document(id), session)
         await self._stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
 
@@ -367,7 +367,7 @@ class ConsoleResource(resource.Resource):
         except ApiError:
             raise NotFound() from None
 
-    async def status(self, request: server.Request, session: Session) -> None:
+    async def status(self, request: server.Request, session: ConsoleSession) -> None:
         """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
         readiness = run_checks(self.checks, self.check_timeout, self.clock)
         queue = self._bounded_count(lambda: self.store.count_messages("received", org_id=session.scope))
@@ -380,7 +380,7 @@ class ConsoleResource(resource.Resource):
 
     # the admin's actions
 
-    async def _act(self, request: server.Request, session: Session, row: dict | None, change, notice: str, page: int) -> None:
+    async def _act(self, request: server.Request, session: ConsoleSession, row: dict | None, change, notice: str, page: int) -> None:
         """An admin's action on a row the session may see: done, logged, confirmed on the message's page."""
         if not session.admin:
             raise Forbidden()
@@ -396,20 +396,20 @@ class ConsoleResource(resource.Resource):
             log.info("console: {who}: {notice}", who=session.who, notice=notice)
         self._redirect(request, f"/console/messages/{page}")
 
-    async def _confirm(self, request: server.Request, session: Session, id: int, action: str) -> None:
+    async def _confirm(self, request: server.Request, session: ConsoleSession, id: int, action: str) -> None:
         """The page that asks before an action (GET, so a link reaches it; the action itself is its form's POST)."""
         if not session.admin:
             raise Forbidden()
         row = self._scoped(await self.store.get_message(id), session)
         await self._page(request, pages.confirm(row, action, session), 409 if pages.inapplicable(row, action) else 200)
 
-    async def confirm_reprocess(self, request: server.Request, session: Session, id: int) -> None:
+    async def confirm_reprocess(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         await self._confirm(request, session, id, "reprocess")
 
-    async def confirm_release(self, request: server.Request, session: Session, id: int) -> None:
+    async def confirm_release(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         await self._confirm(request, session, id, "release")
 
-    async def reprocess(self, request: server.Request, session: Session, id: int) -> None:
+    async def reprocess(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         row = await self.store.get_message(id)
 
         async def change() -> None:
@@ -420,12 +420,12 @@ class ConsoleResource(resource.Resource):
 
         await self._act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
 
-    async def release(self, request: server.Request, session: Session, id: int) -> None:
+    async def release(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         row = await self.store.get_message(id)
         notice = f"Message {id} is released from quarantine and queued for extraction."
         await self._act(request, session, row, lambda: self.store.release(id), notice, id)
 
-    async def redeliver(self, request: server.Request, session: Session, id: int) -> None:
+    async def redeliver(self, request: server.Request, session: ConsoleSession, id: int) -> None:
         event = self._scoped(await self.store.get_event(id), session)
         notice = f"Webhook event {event['event_id']} will be delivered again now."
         await self._act(request, session, event, lambda: self.store.redeliver(id), notice, event["inbound_message_id"])

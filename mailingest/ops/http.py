@@ -163,7 +163,7 @@ class _Metrics(_Endpoint):
         )
 
 
-class _Root(resource.Resource):
+class _OpsRoot(resource.Resource):
     def getChild(self, path: bytes, request: IRequest) -> resource.IResource:
         return pages.notFound()
 
@@ -202,7 +202,7 @@ def make_ops_site(
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    root = _Root()
+    root = _OpsRoot()
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Readiness(checks, check_timeout, clock))
     root.putChild(b"metrics", _Metrics(queue_depth, check_timeout, clock))
