@@ -916,6 +916,7 @@ class SessionTests(unittest.TestCase):
         )
 
 
+@implementer(smtp.IMessage)
 class RecordedMessage:
     """A message that provides Twisted's IMessage and nothing more."""
 
@@ -935,7 +936,7 @@ class RecordedMessage:
         self.delivery.lost += 1
 
 
-@implementer(smtp.IMessage, IIngestMessage)
+@implementer(IIngestMessage)
 class BulkMessage(RecordedMessage):
     """An IIngestMessage of another delivery: its data in bulk, its outcome its own IDeliveryOutcome."""
 
@@ -952,8 +953,6 @@ class Stored:
     def __init__(self, ids):
         self.ids = ids
 
-
-implementer(smtp.IMessage)(RecordedMessage)
 
 
 @implementer(ISMTPDelivery, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
