@@ -27,7 +27,7 @@ from twisted.web.template import flattenString
 
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.sessions import Session, Sessions
+from mailingest.console.sessions import ConsoleSession, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
@@ -160,8 +160,8 @@ class _Page(Node):
     """
 
     signed = False
-    get: Callable[[server.Request, Session | None], Awaitable[None]] | None = None
-    post: Callable[[server.Request, Session | None], Awaitable[None]] | None = None
+    get: Callable[[server.Request, ConsoleSession | None], Awaitable[None]] | None = None
+    post: Callable[[server.Request, ConsoleSession | None], Awaitable[None]] | None = None
 
     def missing(self) -> resource.IResource:
         return _Page(self.site)
@@ -209,15 +209,15 @@ class _Page(Node):
 
 
 class _Home(_Page):
-    async def get(self, request: server.Request, session: Session | None) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
         self.site.redirect(request, "/console/orgs")
 
 
 class _SignIn(_Page):
-    async def get(self, request: server.Request, session: Session | None) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
         await self.site.page(request, pages.sign_in(self.site.sign_in_token(request)))
 
-    async def post(self, request: server.Request, session: Session | None) -> None:
+    async def post(self, request: server.Request, session: ConsoleSession | None) -> None:
         site = self.site
         client = client_key(request)
         try:
@@ -252,14 +252,14 @@ class _SignIn(_Page):
 class _SignOut(_Page):
     signed = True
 
-    async def post(self, request: server.Request, session: Session) -> None:
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
         self.site.sessions.close(session.id)
         request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self.site.secure(request), sameSite="strict", max_age=b"0")
         self.site.redirect(request, "/console/sign-in")
 
 
 class _Stylesheet(_Page):
-    async def get(self, request: server.Request, session: Session | None) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
         with open(os.path.join(STATIC, "console.css"), "rb") as f:
             body = f.read()
         request.setHeader(b"content-type", b"text/css; charset=utf-8")
@@ -280,7 +280,7 @@ class _Static(_Page):
 class _OrgMessages(_Page):
     signed = True
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         site, id = self.site, self.id
         orgs = await site.store.org_summaries(datetime.now(timezone.utc), id)
         if not orgs or (session.scope is not None and session.scope != id):
@@ -303,7 +303,7 @@ class _Orgs(_Page):
     signed = True
     item = _Org
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         today = datetime.combine(datetime.now(timezone.utc).date(), time(), timezone.utc)
         orgs = await self.site.store.org_summaries(today, session.scope)
         await self.site.page(request, pages.organisations(orgs, session))
@@ -312,7 +312,7 @@ class _Orgs(_Page):
 class _Raw(_Page):
     signed = True
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_message(self.id), session)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{self.id}.eml")
 
@@ -323,14 +323,14 @@ class _Action(_Page):
     signed = True
     action = ""
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         await self.site.confirm(request, session, self.id, self.action)
 
 
 class _Reprocess(_Action):
     action = "reprocess"
 
-    async def post(self, request: server.Request, session: Session) -> None:
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
         id = self.id
         row = await self.site.store.get_message(id)
 
@@ -346,18 +346,18 @@ class _Reprocess(_Action):
 class _Release(_Action):
     action = "release"
 
-    async def post(self, request: server.Request, session: Session) -> None:
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
         id = self.id
         row = await self.site.store.get_message(id)
         notice = f"Message {id} is released from quarantine and queued for extraction."
         await self.site.act(request, session, row, lambda: self.site.store.release(id), notice, id)
 
 
-class _Message(_Page):
+class _MessagePage(_Page):
     signed = True
     below = {b"raw": _Raw, b"reprocess": _Reprocess, b"release": _Release}
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         site, id = self.site, self.id
         row = site.scoped(await site.store.get_message(id), session)
         documents = await site.store.list_documents(message_id=id)
@@ -368,14 +368,14 @@ class _Message(_Page):
         session.notice = None
 
 
-class _Messages(_Page):
-    item = _Message
+class _MessagesPage(_Page):
+    item = _MessagePage
 
 
-class _DocumentContent(_Page):
+class _DocumentDownload(_Page):
     signed = True
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_document(self.id), session)
         await self.site.stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
 
@@ -383,7 +383,7 @@ class _DocumentContent(_Page):
 class _Redeliver(_Page):
     signed = True
 
-    async def post(self, request: server.Request, session: Session) -> None:
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
         site, id = self.site, self.id
         event = site.scoped(await site.store.get_event(id), session)
         notice = f"Webhook event {event['event_id']} will be delivered again now."
@@ -393,7 +393,7 @@ class _Redeliver(_Page):
 class _Status(_Page):
     signed = True
 
-    async def get(self, request: server.Request, session: Session) -> None:
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
         """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
         site = self.site
         readiness = run_checks(site.checks, site.check_timeout, site.clock)
@@ -412,8 +412,8 @@ class ConsoleResource(_Home):
         b"sign-out": _SignOut,
         b"static": _Static,
         b"orgs": _Orgs,
-        b"messages": _Messages,
-        b"documents": numbered(_Page, {b"content": _DocumentContent}),
+        b"messages": _MessagesPage,
+        b"documents": numbered(_Page, {b"content": _DocumentDownload}),
         b"events": numbered(_Page, {b"redeliver": _Redeliver}),
         b"status": _Status,
     }
@@ -459,7 +459,7 @@ class ConsoleResource(_Home):
         request.setHeader(b"content-length", b"0")
         request.finish()
 
-    def scoped(self, row: dict | None, session: Session, key: str = "org_id") -> dict:
+    def scoped(self, row: dict | None, session: ConsoleSession, key: str = "org_id") -> dict:
         if row is None or (session.scope is not None and row[key] != session.scope):
             raise NotFound()
         return row
@@ -485,7 +485,7 @@ class ConsoleResource(_Home):
     def bounded_count(self, count: Check) -> defer.Deferred:
         return bounded(count, self.check_timeout, self.clock).addErrback(lambda failure: "unknown: " + describe_failure(failure))
 
-    async def act(self, request: server.Request, session: Session, row: dict | None, change, notice: str, page: int) -> None:
+    async def act(self, request: server.Request, session: ConsoleSession, row: dict | None, change, notice: str, page: int) -> None:
         """An admin's action on a row the session may see: done, logged, confirmed on the message's page."""
         if not session.admin:
             raise Forbidden()
@@ -501,7 +501,7 @@ class ConsoleResource(_Home):
             log.info("console: {who}: {notice}", who=session.who, notice=notice)
         self.redirect(request, f"/console/messages/{page}")
 
-    async def confirm(self, request: server.Request, session: Session, id: int, action: str) -> None:
+    async def confirm(self, request: server.Request, session: ConsoleSession, id: int, action: str) -> None:
         """The page that asks before an admin's action on a message."""
         if not session.admin:
             raise Forbidden()

@@ -65,7 +65,7 @@ def run_checks(checks: Mapping[str, Check], timeout: float, clock: IReactorTime)
     return defer.gatherResults(outcomes).addCallback(lambda results: dict(zip(names, results)))
 
 
-class _Endpoint(Node):
+class _OpsEndpoint(Node):
     """
     One path answering GET and HEAD; anything below it is 404 and any other
     method 405 (Twisted would answer 501 to some of them).
@@ -111,12 +111,12 @@ class _Endpoint(Node):
         log.failure("cannot answer {path}", failure, path=request.path)
 
 
-class _Health(_Endpoint):
+class _Health(_OpsEndpoint):
     async def response(self) -> Response:
         return 200, b"text/plain; charset=utf-8", b"ok\n"
 
 
-class _Readiness(_Endpoint):
+class _Readiness(_OpsEndpoint):
     async def response(self) -> Response:
         checks = await run_checks(self.site.checks, self.site.timeout, self.site.clock)
         ready = all(result == "ok" for result in checks.values())
@@ -124,7 +124,7 @@ class _Readiness(_Endpoint):
         return 200 if ready else 503, b"application/json", json.dumps(body).encode() + b"\n"
 
 
-class _Metrics(_Endpoint):
+class _Metrics(_OpsEndpoint):
     async def response(self) -> Response:
         if self.site.queue_depth is not None:
             try:
@@ -136,7 +136,7 @@ class _Metrics(_Endpoint):
         return 200, prometheus_client.CONTENT_TYPE_LATEST.encode(), metrics.exposition()
 
 
-class _Root(Node):
+class _OpsRoot(Node):
     """The ops site's root, holding what its endpoints share."""
 
     below = {b"healthz": _Health, b"readyz": _Readiness, b"metrics": _Metrics}
@@ -186,4 +186,4 @@ def make_ops_site(
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    return OpsSite(_Root(checks, queue_depth, check_timeout, clock))
+    return OpsSite(_OpsRoot(checks, queue_depth, check_timeout, clock))
