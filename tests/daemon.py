@@ -17,14 +17,14 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from mailingest.app.options import ALL_OPTIONS, resolve
+from mailingest.app.settings import Settings
 from mailingest.app.service import build_daemon
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MAILINGEST = os.path.join(os.path.dirname(sys.executable), "mailingest")
 
 
-def settings_for(directory: str, **overrides) -> dict:
+def settings_for(directory: str, **overrides) -> Settings:
     given = {
         "smtp": ["tcp:0:interface=127.0.0.1"],
         "http": "none",
@@ -34,7 +34,7 @@ def settings_for(directory: str, **overrides) -> dict:
         "storage": "file:" + os.path.join(directory, "blobs"),
     }
     given.update(overrides)
-    return resolve(ALL_OPTIONS, given, environ={})
+    return Settings.settle(given, environ={})
 
 
 class RunningDaemon:

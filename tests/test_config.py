@@ -6,6 +6,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from mailingest.app.options import ALL_OPTIONS, resolve
+from mailingest.app.settings import Settings
 from mailingest.errors import ConfigError
 from mailingest.app.tap import Options
 from tests.daemon import temp_dir
@@ -27,41 +28,41 @@ class PrecedenceTests(unittest.SynchronousTestCase):
         )
 
     def test_defaults(self):
-        settings = resolve(ALL_OPTIONS, {}, environ={})
-        self.assertEqual(settings["smtp"], ["tcp:2525"])
-        self.assertEqual(settings["http"], "tcp:8025:interface=127.0.0.1")
-        self.assertEqual(settings["database"], "sqlite:///mailingest-data/mailingest.db")
-        self.assertEqual(settings["storage"], "file:mailingest-data/blobs")
-        self.assertEqual(settings["domain"], ["localhost"])
-        self.assertEqual(settings["max_message_size"], 52428800)
-        self.assertEqual(settings["max_recipients"], 100)
-        self.assertEqual((settings["max_connections"], settings["max_connections_per_ip"]), (1000, 50))
-        self.assertEqual(settings["timeout"], 300)
-        self.assertEqual((settings["poll_interval"], settings["max_attempts"]), (1, 5))
+        settings = Settings.settle({}, environ={})
+        self.assertEqual(settings.smtp, ("tcp:2525",))
+        self.assertEqual(settings.http, "tcp:8025:interface=127.0.0.1")
+        self.assertEqual(settings.database, "sqlite:///mailingest-data/mailingest.db")
+        self.assertEqual(settings.storage, "file:mailingest-data/blobs")
+        self.assertEqual(settings.domain, ("localhost",))
+        self.assertEqual(settings.max_message_size, 52428800)
+        self.assertEqual(settings.max_recipients, 100)
+        self.assertEqual((settings.max_connections, settings.max_connections_per_ip), (1000, 50))
+        self.assertEqual(settings.timeout, 300)
+        self.assertEqual((settings.poll_interval, settings.max_attempts), (1, 5))
 
     def test_file_beats_default(self):
-        settings = resolve(ALL_OPTIONS, {}, environ={}, config_path=self.ini)
-        self.assertEqual(settings["max_recipients"], 7)
-        self.assertEqual(settings["domain"], ["a.test", "b.test"])
-        self.assertEqual(settings["max_attempts"], 9)
+        settings = Settings.settle({}, environ={}, config_path=self.ini)
+        self.assertEqual(settings.max_recipients, 7)
+        self.assertEqual(settings.domain, ("a.test", "b.test"))
+        self.assertEqual(settings.max_attempts, 9)
 
     def test_environment_beats_file(self):
         environ = {"MAILINGEST_MAX_RECIPIENTS": "8", "MAILINGEST_DOMAIN": "c.test d.test"}
-        settings = resolve(ALL_OPTIONS, {}, environ=environ, config_path=self.ini)
-        self.assertEqual(settings["max_recipients"], 8)
-        self.assertEqual(settings["domain"], ["c.test", "d.test"])
-        self.assertEqual(settings["timeout"], 30)
+        settings = Settings.settle({}, environ=environ, config_path=self.ini)
+        self.assertEqual(settings.max_recipients, 8)
+        self.assertEqual(settings.domain, ("c.test", "d.test"))
+        self.assertEqual(settings.timeout, 30)
 
     def test_command_line_beats_environment(self):
         environ = {"MAILINGEST_MAX_RECIPIENTS": "8"}
         given = {"max_recipients": "9", "domain": ["e.test"]}
-        settings = resolve(ALL_OPTIONS, given, environ=environ, config_path=self.ini)
-        self.assertEqual(settings["max_recipients"], 9)
-        self.assertEqual(settings["domain"], ["e.test"])
+        settings = Settings.settle(given, environ=environ, config_path=self.ini)
+        self.assertEqual(settings.max_recipients, 9)
+        self.assertEqual(settings.domain, ("e.test",))
 
     def test_config_file_from_environment(self):
-        settings = resolve(ALL_OPTIONS, {}, environ={"MAILINGEST_CONFIG": self.ini})
-        self.assertEqual(settings["max_recipients"], 7)
+        settings = Settings.settle({}, environ={"MAILINGEST_CONFIG": self.ini})
+        self.assertEqual(settings.max_recipients, 7)
 
     def test_bad_values_are_named(self):
         with self.assertRaises(ConfigError) as e:
@@ -83,9 +84,9 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             self.assertEqual(str(e.exception), f"--timeout: invalid value {value!r} ({reason})")
 
     def test_worker_memory_limit(self):
-        self.assertEqual(resolve(ALL_OPTIONS, {}, environ={})["extraction_memory_limit"], 1 << 30)
+        self.assertEqual(Settings.settle({}, environ={}).extraction_memory_limit, 1 << 30)
         environ = {"MAILINGEST_EXTRACTION_MEMORY_LIMIT": str(256 << 20)}
-        self.assertEqual(resolve(ALL_OPTIONS, {}, environ=environ)["extraction_memory_limit"], 256 << 20)
+        self.assertEqual(Settings.settle({}, environ=environ).extraction_memory_limit, 256 << 20)
         with self.assertRaises(ConfigError) as e:
             resolve(ALL_OPTIONS, {"extraction_memory_limit": "1000"}, environ={})
         self.assertIn("--extraction-memory-limit", str(e.exception))
@@ -98,9 +99,9 @@ class PrecedenceTests(unittest.SynchronousTestCase):
             ("http://127.0.0.1:8026", "http://127.0.0.1:8026"),
             ("https://[2001:db8::1]:8443", "https://[2001:db8::1]:8443"),
         ):
-            self.assertEqual(resolve(ALL_OPTIONS, {"api_public_url": text}, environ={})["api_public_url"], value)
+            self.assertEqual(Settings.settle({"api_public_url": text}, environ={}).api_public_url, value)
         environ = {"MAILINGEST_API_PUBLIC_URL": "https://mail.example.com"}
-        self.assertEqual(resolve(ALL_OPTIONS, {}, environ=environ)["api_public_url"], "https://mail.example.com")
+        self.assertEqual(Settings.settle({}, environ=environ).api_public_url, "https://mail.example.com")
         for text, reason in (
             ("mail.example.com", "must start with https://"),
             ("ftp://mail.example.com", "must start with https://"),
@@ -149,18 +150,18 @@ class PluginOptionsTests(unittest.SynchronousTestCase):
     def test_repeatable_options(self):
         options = Options()
         options.parseOptions(["--smtp", "tcp:25", "--smtp", "tcp6:25", "--domain", "a.test", "--domain", "b.test"])
-        self.assertEqual(options.settings["smtp"], ["tcp:25", "tcp6:25"])
-        self.assertEqual(options.settings["domain"], ["a.test", "b.test"])
+        self.assertEqual(options.settings.smtp, ("tcp:25", "tcp6:25"))
+        self.assertEqual(options.settings.domain, ("a.test", "b.test"))
 
     def test_proxy_trusted_networks(self):
         options = Options()
         options.parseOptions(["--proxy-trusted", "10.0.0.0/8,192.0.2.7", "--proxy-trusted", "2001:db8::/32"])
         self.assertEqual(
-            [str(network) for network in options.settings["proxy_trusted"]],
+            [str(network) for network in options.settings.proxy_trusted],
             ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"],
         )
-        settings = resolve(ALL_OPTIONS, {}, environ={"MAILINGEST_PROXY_TRUSTED": "10.0.0.0/8, 172.16.0.0/12"})
-        self.assertEqual([str(network) for network in settings["proxy_trusted"]], ["10.0.0.0/8", "172.16.0.0/12"])
+        settings = Settings.settle({}, environ={"MAILINGEST_PROXY_TRUSTED": "10.0.0.0/8, 172.16.0.0/12"})
+        self.assertEqual([str(network) for network in settings.proxy_trusted], ["10.0.0.0/8", "172.16.0.0/12"])
 
     def test_usage_errors(self):
         for argv in (

@@ -108,10 +108,10 @@ class ExampleConfigTests(unittest.TestCase):
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(self.path, encoding="utf-8")
         self.assertEqual(parser.sections(), ["mailingest"])
-        settings = read_config_file(self.path)
-        self.assertEqual(settings["smtp"], "tcp:25")
-        self.assertEqual(settings["domain"], "ingest.example.com")
-        self.assertEqual(settings["database"], "sqlite:////var/lib/mailingest/mailingest.db")
+        section = read_config_file(self.path)
+        self.assertEqual(section["smtp"], "tcp:25")
+        self.assertEqual(section["domain"], "ingest.example.com")
+        self.assertEqual(section["database"], "sqlite:////var/lib/mailingest/mailingest.db")
 
     def test_every_option_and_nothing_else(self):
         keys = set()

@@ -369,9 +369,8 @@ class ProxyTrustTests(HardeningCase):
 
 class ProxyTrustRequiredTests(unittest.TestCase):
     def test_haproxy_endpoint_without_trusted_networks(self):
-        settings = settings_for(temp_dir(self), smtp=["haproxy:tcp:0:interface=127.0.0.1"])
         with self.assertRaises(ConfigError) as raised:
-            build_daemon(settings)
+            build_daemon(settings_for(temp_dir(self), smtp=["haproxy:tcp:0:interface=127.0.0.1"]))
         self.assertIn("--proxy-trusted", str(raised.exception))
 
 

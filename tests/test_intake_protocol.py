@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from mailingest.app import intake_protocol as ip
 from mailingest.app.intake import SharedRefusals
-from mailingest.app.options import ALL_OPTIONS, resolve
+from mailingest.app.settings import Settings
 from mailingest.app.processes import ChildConnection, IntakeProcesses, _Child
 from mailingest.interfaces import Collision, Duplicate
 from mailingest.smtp import replies
@@ -64,10 +64,9 @@ class FakeWriter:
         return defer.succeed({f"org{n}": n for n in range(3000)})
 
 
-def settings() -> dict:
-    resolved = resolve(ALL_OPTIONS, {"smtp": ["tcp:0"], "processes": "2"}, environ={})
-    resolved["hostname"] = "mx.example.com"
-    return resolved
+def settings(**overrides) -> Settings:
+    given = {"smtp": ["tcp:0"], "processes": "2", "hostname": "mx.example.com", **overrides}
+    return Settings.settle(given, environ={})
 
 
 class RawInsert(amp.Command):
@@ -270,8 +269,8 @@ class ProtocolTests(unittest.TestCase):
         d = self.pipe.child_end.callRemote(Pickled, data=b"\x80\x04.")
         self.failure(d, amp.UnhandledCommand)
 
-    def test_start_carries_the_smtp_settings_and_the_refusals_so_far(self):
-        self.processes.settings["proxy_trusted"] = [__import__("ipaddress").ip_network("10.0.0.0/8")]
+    def test_start_carries_the_settings_and_the_refusals_so_far(self):
+        self.processes.settings = settings(proxy_trusted=["10.0.0.0/8"], dns_resolver="[2001:db8::53]:5353")
         self.processes.refusals.refused("198.51.100.9")
         arguments = self.processes.start_arguments()
         d = self.child.amp.callRemote(ip.StartIntake, **arguments)
@@ -281,11 +280,14 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(started["smtp"], ["tcp:0"])
         self.assertEqual(started["hostname"], "mx.example.com")
         self.assertEqual(started["max_connections_per_ip"], 50)
-        self.assertEqual(started["proxy_trusted"], ["10.0.0.0/8"])
+        self.assertEqual([str(network) for network in started["proxy_trusted"]], ["10.0.0.0/8"])
         self.assertIsNone(started["tls_cert"])
         self.assertTrue(started["through_parent"])
         self.assertEqual([r["peer"] for r in started["refusals"]], ["198.51.100.9"])
-        self.assertEqual(set(ip.INTAKE_SETTINGS) - set(self.processes.settings), set())
+        # Every setting arrives typed as the parent has it.
+        values = {key: value for key, value in started.items() if key not in ("through_parent", "refusals")}
+        self.assertEqual(Settings.from_values(values), self.processes.settings)
+        self.assertEqual(values["dns_resolver"], ("2001:db8::53", 5353))
 
     def test_stop(self):
         self.child.amp.callRemote(ip.StopIntake)

@@ -179,20 +179,20 @@ class RedactionTests(unittest.TestCase):
         record = json.loads(stream.getvalue())
         self.assertEqual((record["password"], record["url"]), ("***", "s3://k:***@host/"))
 
-    def test_secrets_from_settings(self):
-        settings = {"database": "postgresql://ingest:p%40ss@db.example.com:5432/mailingest"}
+    def test_daemon_secrets(self):
+        database = "postgresql://ingest:p%40ss@db.example.com:5432/mailingest"
         environ = {"AWS_SECRET_ACCESS_KEY": "wJalr/K7MDENG", "AWS_ACCESS_KEY_ID": "AKIA"}
         self.assertEqual(
-            logs.secrets_from_settings(settings, environ),
+            logs.daemon_secrets(database, environ),
             ["p%40ss", "p@ss", "wJalr/K7MDENG"],
         )
-        self.assertEqual(logs.secrets_from_settings({"database": "sqlite:///x.db"}, {}), [])
+        self.assertEqual(logs.daemon_secrets("sqlite:///x.db", {}), [])
 
 
 class TwistdIntegrationTests(unittest.TestCase):
     """What tap.py does: install_twistd_logger from the plugin's postOptions."""
 
-    settings = {"log_format": "json", "database": "postgresql://u:s3cret@db/x"}
+    database = "postgresql://u:s3cret@db/x"
 
     def setUp(self):
         self.patch(logs, "_twistd_observer_factory", None)
@@ -206,7 +206,7 @@ class TwistdIntegrationTests(unittest.TestCase):
 
     def test_stdout_with_nodaemon(self):
         server, plugin = self.plugin_options("--nodaemon")
-        logs.install_twistd_logger(plugin, self.settings, {})
+        logs.install_twistd_logger(plugin, "json", self.database, {})
         self.assertEqual(server["logger"], logs.TWISTD_LOGGER)
         stdout = io.StringIO()
         self.patch(sys, "stdout", stdout)
@@ -219,7 +219,7 @@ class TwistdIntegrationTests(unittest.TestCase):
         self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         server, plugin = self.plugin_options("--logfile", path)
-        logs.install_twistd_logger(plugin, dict(self.settings, log_format="text"), {})
+        logs.install_twistd_logger(plugin, "text", self.database, {})
         observer = namedAny(server["logger"])()
         return observer, Logger(namespace="probe", observer=observer)
 
@@ -253,11 +253,11 @@ class TwistdIntegrationTests(unittest.TestCase):
         for args in (["--syslog"], ["--logger", "twisted.logger.textFileLogObserver"]):
             server, plugin = self.plugin_options(*args)
             before = server["logger"]
-            logs.install_twistd_logger(plugin, self.settings, {})
+            logs.install_twistd_logger(plugin, "json", self.database, {})
             self.assertEqual(server["logger"], before)
 
     def test_without_twistd(self):
-        logs.install_twistd_logger(usage.Options(), self.settings, {})
+        logs.install_twistd_logger(usage.Options(), "json", self.database, {})
         self.assertIsNone(logs._twistd_observer_factory)
 
     def test_real_twistd(self):
@@ -285,9 +285,8 @@ class TwistdIntegrationTests(unittest.TestCase):
                         optParameters = [["log-format", None, "text", ""]]
 
                         def postOptions(self):
-                            settings = {"log_format": self["log-format"],
-                                        "database": "postgresql://u:s3cret@db/x"}
-                            install_twistd_logger(self, settings, {"AWS_SECRET_ACCESS_KEY": "AWSsecret"})
+                            install_twistd_logger(self, self["log-format"], "postgresql://u:s3cret@db/x",
+                                                  {"AWS_SECRET_ACCESS_KEY": "AWSsecret"})
 
                     class Probe(service.Service):
                         def startService(self):

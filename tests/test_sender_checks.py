@@ -51,8 +51,8 @@ class SenderChecksTests(unittest.TestCase):
         return (yield self.daemon.settled(message_id))
 
     def cli(self, *args: str) -> defer.Deferred:
-        database = "--database=" + self.daemon.settings["database"]
-        storage = "--storage=" + self.daemon.settings["storage"]
+        database = "--database=" + self.daemon.settings.database
+        storage = "--storage=" + self.daemon.settings.storage
         return threads.deferToThread(mailingest_cli, self.directory, database, storage, *args)
 
     @defer.inlineCallbacks

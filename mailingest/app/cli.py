@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from mailingest import __version__
 from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
+from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
@@ -152,12 +153,12 @@ def _describe_os_error(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def _user_message(error: BaseException, settings: dict[str, Any]) -> str | None:
+def _user_message(error: BaseException, settings: StorageSettings) -> str | None:
     """The one line for an error the operator can act on, None for a bug."""
     if isinstance(error, MailingestError):
         return str(error)
     if isinstance(error, _database_errors()):
-        return f"database {redact_url(settings['database'])}: {error}"
+        return f"database {redact_url(settings.database)}: {error}"
     if isinstance(error, OSError):
         return _describe_os_error(error)
     return None
@@ -168,8 +169,8 @@ def _fail(message: str, secrets: Iterable[str] = ()) -> int:
     return 1
 
 
-def _secrets(settings: dict[str, Any]) -> list[str]:
-    return list(url_passwords(settings.get("database") or ""))
+def _secrets(settings: StorageSettings) -> list[str]:
+    return list(url_passwords(settings.database or ""))
 
 
 # a command's storage
@@ -178,13 +179,13 @@ def _secrets(settings: dict[str, Any]) -> list[str]:
 class CommandBackends:
     """The store of one command, and object storage for the commands that read blobs."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: StorageSettings):
         self.settings = settings
         self.store = None
         self._blobs = None
 
     def open_store(self) -> None:
-        url = self.settings["database"]
+        url = self.settings.database
         try:
             self.store = open_store(url)
         except ValueError as e:
@@ -195,9 +196,9 @@ class CommandBackends:
     @property
     def blobs(self):
         if self._blobs is None:
-            url = self.settings["storage"]
+            url = self.settings.storage
             try:
-                self._blobs = open_blobs(url, self.settings["s3_endpoint"], self.settings["s3_region"])
+                self._blobs = open_blobs(url, self.settings.s3_endpoint, self.settings.s3_region)
             except ValueError as e:
                 raise CommandError(f"bad storage URL: {e}") from None
             except OSError as e:
@@ -441,8 +442,8 @@ async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> N
 
 async def cmd_gc(session: CommandBackends, args: argparse.Namespace) -> None:
     """The daemon's options (same environment and file) give the default margin and its floor."""
-    daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
-    min_age = check_min_age(daemon["gc_min_age"] if args.min_age is None else args.min_age, daemon)
+    daemon = Settings.settle(environ=os.environ, config_path=args.config)
+    min_age = check_min_age(daemon.gc_min_age if args.min_age is None else args.min_age, daemon.gc_floor)
 
     def show(blob: BlobInfo) -> None:
         print(f"orphan {blob.key} ({blob.size} bytes)")
@@ -465,8 +466,8 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
         removed = await session.store.remove_webhook(args.slug)
         print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
         return
-    daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
-    allowed = {key: daemon[key] or bool(getattr(args, key)) for key in _WEBHOOK_POLICY_KEYS}
+    daemon = Settings.settle(environ=os.environ, config_path=args.config)
+    allowed = {key: getattr(daemon, key) or bool(getattr(args, key)) for key in _WEBHOOK_POLICY_KEYS}
     await check_target(TargetPolicy(allowed["webhook_allow_http"], allowed["webhook_allow_private"]), args.url)
     if args.secret_file:
         with open(args.secret_file, encoding="utf-8") as f:
@@ -479,7 +480,7 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
     await session.store.set_webhook(args.slug, args.url, secret)
     print(f"webhook of {args.slug.lower()}: {args.url}")
     for key in _WEBHOOK_POLICY_KEYS:
-        if allowed[key] and not daemon[key]:
+        if allowed[key] and not getattr(daemon, key):
             name = key.replace("_", "-")
             print(
                 f"note: the daemon checks the URL again before every delivery: run it with --{name} too"
@@ -774,12 +775,12 @@ def _require_existing_database(url: str) -> None:
         raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
 
 
-async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: dict[str, Any]) -> int:
+async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: StorageSettings) -> int:
     session = CommandBackends(settings)
     try:
         try:
             if handler is not cmd_migrate:
-                _require_existing_database(settings["database"])
+                _require_existing_database(settings.database)
             session.open_store()
             if handler is not cmd_migrate:
                 await session.store.migrate()
@@ -806,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.handler in (cmd_send_test, cmd_admin_token):
             return args.handler(args)
         given = {option.key: getattr(args, option.key) for option in STORAGE_OPTIONS}
-        settings = resolve(STORAGE_OPTIONS, given, os.environ, args.config)
+        settings = StorageSettings.settle(given, os.environ, args.config)
     except MailingestError as e:
         return _fail(str(e))
     except BrokenPipeError:

@@ -15,19 +15,20 @@ SIGTERM, on the parent's L{StopIntake}, or when its stdin ends (the parent is
 gone).
 """
 
-import ipaddress
 import json
 import os
 import re
 import signal
 import socket
 import sys
+from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import stdio
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.protocols import amp
 
+from mailingest.app.settings import Settings
 from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
 from mailingest.smtp import replies
 from mailingest.smtp.limits import RefusalCounter
@@ -41,13 +42,13 @@ def share(total: int, count: int, index: int) -> int:
     return total // count + (1 if index < total % count else 0)
 
 
-def child_settings(settings: dict, index: int) -> dict:
+def child_settings(settings: Settings, index: int) -> Settings:
     """C{settings} for intake process C{index}: its share of the connection limits."""
-    count = settings["processes"]
-    return dict(
+    count = settings.processes
+    return replace(
         settings,
-        max_connections=share(settings["max_connections"], count, index),
-        max_connections_per_ip=share(settings["max_connections_per_ip"], count, index),
+        max_connections=share(settings.max_connections, count, index),
+        max_connections_per_ip=share(settings.max_connections_per_ip, count, index),
     )
 
 
@@ -107,12 +108,12 @@ class SharedRefusals(RefusalCounter):
         RefusalCounter.refused(self, peer, when)
 
 
-def build_intake(settings: dict, fds: list[int], reactor, store, index: int = 0, refusals=None) -> service.MultiService:
+def build_intake(settings: Settings, fds: list[int], reactor, store, index: int = 0, refusals=None) -> service.MultiService:
     """The SMTP side of the daemon on inherited sockets; the schema is the parent's business."""
     from mailingest.app.service import DEFAULT_SCRATCH_DIR, add_smtp_side, make_ingest
     from mailingest.storage.blobs import open_blobs
 
-    blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], os.environ)
+    blobs = open_blobs(settings.storage, settings.s3_endpoint, settings.s3_region, os.environ)
     root = _Intake(store, blobs)
     spool_dir = os.path.join(blobs.scratch_dir or DEFAULT_SCRATCH_DIR, "spool")
     ingest = make_ingest(settings, store, blobs, spool_dir, root)
@@ -157,16 +158,16 @@ class _Parent(QuietAMP):
             return self.intake.stopService()
 
     @StartIntake.responder
-    def start_intake(self, through_parent: bool, refusals: list[dict], **settings) -> dict:
+    def start_intake(self, through_parent: bool, refusals: list[dict], **values) -> dict:
         if self.intake is not None:
             raise amp.RemoteAmpError(b"STARTED", "this intake process has started already")
-        settings["proxy_trusted"] = [ipaddress.ip_network(network) for network in settings["proxy_trusted"]]
+        settings = Settings.from_values(values)
         if through_parent:
             store = ParentStore(self, self.reactor)
         else:
             from mailingest.storage.store import open_store
 
-            store = open_store(settings["database"])
+            store = open_store(settings.database)
         self.refusals = SharedRefusals(self.reactor, self)
         for refusal in refusals:
             self.refusals.refused_elsewhere(refusal["peer"], refusal["at"])

@@ -9,7 +9,7 @@ a message row is a fixed set of typed fields (a missing, unknown, repeated or
 malformed one refuses the whole call with L{BadRecords}) and a command the
 parent does not declare is refused by AMP itself.
 
-Parent to child: L{StartIntake} (the SMTP side's settings), L{StopIntake},
+Parent to child: L{StartIntake} (the daemon's settings), L{StopIntake},
 L{RecipientRefused} (another process refused a recipient). Child to parent:
 L{RecipientRefused}, and when the parent is the one writer (SQLite) the
 intake's store calls L{InsertMessages}, L{RawKeyInUse}, L{LookupOrg} and
@@ -23,13 +23,17 @@ packed by hand in AMP's own box format (L{pack}, L{unpack}): the generic
 L{amp.AmpList} costs several times more per row and holds at most 64 KiB.
 """
 
+import dataclasses
+import ipaddress
 import struct
+import typing
 from datetime import datetime
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
+from mailingest.app.settings import Network, Settings, StorageSettings
 from mailingest.interfaces import Collision, Duplicate
 
 # Values longer than this do not fit in one AMP value; records are packed
@@ -235,35 +239,59 @@ REFUSAL_FIELDS = {"peer": Field(TEXT), "at": Field(NUMBER)}
 _STORE_ERRORS = {StoreCallFailed: b"STORE_CALL_FAILED"}
 
 
-class StartIntake(amp.Command):
-    """Parent to child, once: the SMTP side's settings, and the refused recipients counted so far."""
+class _Network(amp.Argument):
+    """An IP network (C{--proxy-trusted}), as its CIDR text."""
 
-    arguments = [
-        (b"smtp", amp.ListOf(amp.Unicode())),
-        (b"domain", amp.ListOf(amp.Unicode())),
-        (b"hostname", amp.Unicode()),
-        (b"max_message_size", amp.Integer()),
-        (b"max_recipients", amp.Integer()),
-        (b"max_connections", amp.Integer()),
-        (b"max_connections_per_ip", amp.Integer()),
-        (b"timeout", amp.Float()),
-        (b"tls_cert", amp.Unicode(optional=True)),
-        (b"tls_key", amp.Unicode(optional=True)),
-        (b"proxy_trusted", amp.ListOf(amp.Unicode())),
-        (b"store_timeout", amp.Float()),
-        (b"storage", amp.Unicode()),
-        (b"s3_endpoint", amp.Unicode(optional=True)),
-        (b"s3_region", amp.Unicode(optional=True)),
-        (b"database", amp.Unicode()),
-        (b"processes", amp.Integer()),
+    def toString(self, inObject: Network) -> bytes:
+        return str(inObject).encode("ascii")
+
+    def fromString(self, inString: bytes) -> Network:
+        return ipaddress.ip_network(inString.decode("ascii"))
+
+
+class _HostPort(amp.Argument):
+    """A (host, port) pair (C{--dns-resolver}); the port, last, has no colon."""
+
+    def toString(self, inObject: tuple[str, int]) -> bytes:
+        return f"{inObject[0]}:{inObject[1]}".encode()
+
+    def fromString(self, inString: bytes) -> tuple[str, int]:
+        host, _, port = inString.decode().rpartition(":")
+        return host, int(port)
+
+
+_ARGUMENTS = {str: amp.Unicode, int: amp.Integer, float: amp.Float, bool: amp.Boolean, Network: _Network, tuple[str, int]: _HostPort}
+
+
+def _argument(hint) -> amp.Argument:
+    """The AMP argument for a settings field of type C{hint}: optional for C{X | None}, a list for C{tuple[X, ...]}."""
+    if hint in _ARGUMENTS:
+        return _ARGUMENTS[hint]()
+    parts = typing.get_args(hint)
+    if type(None) in parts:
+        [inner] = [part for part in parts if part is not type(None)]
+        argument = _argument(inner)
+        argument.optional = True
+        return argument
+    if typing.get_origin(hint) is tuple and parts[1:] == (Ellipsis,):
+        return amp.ListOf(_argument(parts[0]))
+    raise TypeError(f"no AMP argument for a setting of type {hint}")
+
+
+def settings_arguments(cls: type[StorageSettings]) -> list[tuple[bytes, amp.Argument]]:
+    """AMP arguments carrying every field of C{cls}, typed as the field is."""
+    hints = typing.get_type_hints(cls)
+    return [(field.name.encode(), _argument(hints[field.name])) for field in dataclasses.fields(cls)]
+
+
+class StartIntake(amp.Command):
+    """Parent to child, once: the daemon's settings (every field of L{Settings}) and the refused recipients counted so far."""
+
+    arguments = settings_arguments(Settings) + [
         (b"through_parent", amp.Boolean()),
         (b"refusals", Records(REFUSAL_FIELDS)),
     ]
     response = []
-
-
-# The settings StartIntake carries (the rest of its arguments are not settings).
-INTAKE_SETTINGS = tuple(name.decode() for name, _ in StartIntake.arguments if name not in (b"through_parent", b"refusals"))
 
 
 class StopIntake(amp.Command):

@@ -42,7 +42,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import groupby
 from operator import itemgetter
 
@@ -54,9 +54,10 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from mailingest.app.intake_protocol import (
-    BAD_RECORDS, INTAKE_SETTINGS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused,
+    BAD_RECORDS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused,
     QuietAMP, StartIntake, StopIntake, StoreCallFailed, FAILED, kind_of,
 )
+from mailingest.app.settings import Settings
 from mailingest.errors import ConfigError
 from mailingest.ops import metrics
 from mailingest.smtp import replies
@@ -285,17 +286,17 @@ def endpoint_address(skt: socket.socket) -> str:
 
 
 class IntakeProcesses(service.Service):
-    """Listening sockets opened here, served by C{settings['processes']} children, restarted when they die."""
+    """Listening sockets opened here, served by C{settings.processes} children, restarted when they die."""
 
-    def __init__(self, reactor, settings: dict, store, on_stored):
+    def __init__(self, reactor, settings: Settings, store, on_stored):
         self.reactor = reactor
         self.settings = settings
         # One writer: with SQLite the children's store calls come here.
         self.writer = store if store.exclusive else None
         self.on_stored = on_stored
         self.refusals = RefusalCounter(reactor, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
-        self.endpoints = [plain_tcp(description) for description in settings["smtp"]]
-        self.tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"]) if settings["tls_cert"] else None
+        self.endpoints = [plain_tcp(description) for description in settings.smtp]
+        self.tls_context = ReloadableTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         self.ports = []
         self.children: dict[int, _Child] = {}
         self.metrics_dir: str | None = None
@@ -306,7 +307,7 @@ class IntakeProcesses(service.Service):
         self.metrics_dir = tempfile.mkdtemp(prefix="mailingest-metrics-")
         metrics.aggregate_children(self.metrics_dir)
         d = defer.ensureDeferred(self._listen())
-        d.addCallback(lambda _: [self._spawn(index) for index in range(self.settings["processes"])])
+        d.addCallback(lambda _: [self._spawn(index) for index in range(self.settings.processes)])
         d.addErrback(self._cannot_listen)
         if self.tls_context is not None:
             self._previous_hup = signal.signal(signal.SIGHUP, self._forward_hup)
@@ -321,7 +322,7 @@ class IntakeProcesses(service.Service):
             number, interface, backlog = tcp_listen_arguments(endpoint)
             sockets = []
             self.ports.append(sockets)
-            for _ in range(self.settings["processes"]):
+            for _ in range(self.settings.processes):
                 sockets.append(shared_socket(number, interface, backlog))
                 number = sockets[-1].getsockname()[1]
             log.info(
@@ -346,9 +347,8 @@ class IntakeProcesses(service.Service):
         log.info("intake process {index} started, pid {pid}", index=index, pid=child.pid)
 
     def start_arguments(self) -> dict:
-        """L{StartIntake}'s arguments: the settings of the SMTP side, and the refused recipients counted so far."""
-        arguments = {key: self.settings[key] for key in INTAKE_SETTINGS}
-        arguments["proxy_trusted"] = [str(network) for network in arguments["proxy_trusted"]]
+        """L{StartIntake}'s arguments: the daemon's settings, and the refused recipients counted so far."""
+        arguments = asdict(self.settings)
         arguments["through_parent"] = self.writer is not None
         arguments["refusals"] = self.refusals.snapshot()
         return arguments

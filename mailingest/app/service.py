@@ -23,6 +23,7 @@ from mailingest.delivery.transaction import IngestDeliveries
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
+from mailingest.app.settings import Settings, StorageSettings
 from mailingest.extraction.service import ExtractionService
 from mailingest.console.rejections import SAMPLE_SECONDS, RejectionHistory
 from mailingest.console.resource import make_site
@@ -225,16 +226,32 @@ class Daemon(service.MultiService):
     starts each stop without waiting for the one before): the listeners first,
     so no new session comes, then the session drain, extraction and the rest;
     once all have stopped, the storage connections close.
+
+    The parts a test or an operator's tool looks into are given at
+    construction and kept as they are: C{ops_listener}, C{api_listener} (None
+    when off), C{smtp_listeners} (empty when intake processes serve SMTP),
+    C{delivery} (the in-process L{Ingest}, None then too), C{extraction} and
+    C{webhooks}.
     """
 
-    def __init__(self, reactor, store, blobs):
+    def __init__(
+        self, store, blobs, serving: AfterMigration, *, ops_listener: Listener | None, api_listener: Listener | None,
+        smtp_listeners: list[Listener], delivery: Ingest | None, extraction: ExtractionService, webhooks: WebhookService,
+    ):
         super().__init__()
         self.store = store
         self.blobs = blobs
-        self.serving = AfterMigration(reactor, store)
-        self.ready = self.serving.ready
-        self.ops_listener: Listener | None = None
-        self.smtp_listeners: list[Listener] = []
+        self.serving = serving
+        self.ready = serving.ready
+        self.ops_listener = ops_listener
+        self.api_listener = api_listener
+        self.smtp_listeners = smtp_listeners
+        self.delivery = delivery
+        self.extraction = extraction
+        self.webhooks = webhooks
+        if ops_listener is not None:
+            ops_listener.setServiceParent(self)
+        serving.setServiceParent(self)
 
     def stopService(self):
         d = super().stopService()
@@ -255,27 +272,27 @@ def clear_spool(directory: str) -> None:
             pass
 
 
-def local_data_directories(settings: dict, spool_dir: str) -> list[str]:
+def local_data_directories(settings: StorageSettings, spool_dir: str) -> list[str]:
     """The local directories mail is written to: spool, and blobs and database when they are local."""
     directories = [spool_dir]
-    if settings["storage"].lower().startswith("file:"):
-        directories.append(local_dir(settings["storage"]))
-    if settings["database"].lower().startswith("sqlite:"):
-        directories.append(os.path.dirname(os.path.abspath(sqlite_path(settings["database"]))))
+    if settings.storage.lower().startswith("file:"):
+        directories.append(local_dir(settings.storage))
+    if settings.database.lower().startswith("sqlite:"):
+        directories.append(os.path.dirname(os.path.abspath(sqlite_path(settings.database))))
     return directories
 
 
-def make_ingest(settings: dict, store, blobs, spool_dir: str, parent: service.MultiService) -> Ingest:
+def make_ingest(settings: Settings, store, blobs, spool_dir: str, parent: service.MultiService) -> Ingest:
     """What stores an accepted message, with the organisation directory it looks recipients up in."""
     directory = OrgDirectory(store)
     directory.setServiceParent(parent)
     return Ingest(
-        store, blobs, directory, settings["domain"], settings["hostname"], spool_dir,
-        store_timeout=settings["store_timeout"],
+        store, blobs, directory, list(settings.domain), settings.hostname, spool_dir,
+        store_timeout=settings.store_timeout,
     )
 
 
-def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.MultiService, listen, refusals=None) -> tuple:
+def add_smtp_side(settings: Settings, reactor, ingest: Ingest, parent: service.MultiService, listen, refusals=None) -> tuple:
     """
     The SMTP factory and its listeners (C{listen(reactor, description,
     factory, what, proxy_trusted)} makes each), the certificate reloader and
@@ -284,20 +301,20 @@ def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.Multi
     Returns (the STARTTLS certificate or None, the listeners).
     """
     tls_context = None
-    if settings["tls_cert"]:
-        tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
+    if settings.tls_cert:
+        tls_context = ReloadableTLS(settings.tls_cert, settings.tls_key)
     factory = IngestSMTPFactory(
         IngestDeliveries(ingest),
-        hostname=settings["hostname"],
-        max_message_size=settings["max_message_size"],
-        max_recipients=settings["max_recipients"],
-        timeout=settings["timeout"],
-        max_connections=settings["max_connections"],
-        max_connections_per_ip=settings["max_connections_per_ip"],
+        hostname=settings.hostname,
+        max_message_size=settings.max_message_size,
+        max_recipients=settings.max_recipients,
+        timeout=settings.timeout,
+        max_connections=settings.max_connections,
+        max_connections_per_ip=settings.max_connections_per_ip,
         tls_context=tls_context,
         refusals=refusals,
     )
-    listeners = [listen(reactor, description, factory, "SMTP", settings["proxy_trusted"]) for description in settings["smtp"]]
+    listeners = [listen(reactor, description, factory, "SMTP", settings.proxy_trusted) for description in settings.smtp]
     certificates = [tls_context] if tls_context else []
     certificates += [listener.tls for listener in listeners if listener.tls]
     if certificates:
@@ -308,116 +325,127 @@ def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.Multi
     return tls_context, listeners
 
 
-def build_daemon(settings: dict, reactor=None, environ=os.environ):
-    if reactor is None:
-        from twisted.internet import reactor
-    if any(d.startswith(ENDPOINT_PREFIX) for d in settings["smtp"]) and not settings["proxy_trusted"]:
-        raise ConfigError(
-            "a haproxy: endpoint believes the client address its peer sends: "
-            "give --proxy-trusted with the networks of your load balancers (CIDR)"
-        )
-    store = open_store(settings["database"])
-    blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], environ)
-    daemon = Daemon(reactor, store, blobs)
-
-    # Spool and work files live beside the blobs when they are on local disk,
-    # so storing them is a hard link rather than a copy.
-    scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
+def spool_directory(scratch: str) -> str:
+    """The spool under C{scratch}, emptied of what a crash left."""
     spool_dir = os.path.join(scratch, "spool")
     os.makedirs(spool_dir, exist_ok=True)
     clear_spool(spool_dir)
+    return spool_dir
 
-    disk = DiskCheck(local_data_directories(settings, spool_dir), settings["min_free_space"])
-    readiness_checks = {"database": store.check, "storage": blobs.check, "disk": disk}
-    if settings["http"] != "none":
-        site = make_ops_site(
-            readiness_checks,
-            queue_depth=lambda: store.count_messages("received"),
-        )
-        daemon.ops_listener = make_listener(reactor, settings["http"], site, "ops HTTP")
-        daemon.ops_listener.setServiceParent(daemon)
-    daemon.serving.setServiceParent(daemon)
 
-    extraction = ExtractionService(
+def make_ops_listener(settings: Settings, store, readiness_checks: dict, reactor) -> Listener | None:
+    """The ops endpoint (health, readiness, metrics), None with C{--http none}."""
+    if settings.http == "none":
+        return None
+    site = make_ops_site(readiness_checks, queue_depth=lambda: store.count_messages("received"))
+    return make_listener(reactor, settings.http, site, "ops HTTP")
+
+
+def make_extraction(settings: Settings, store, blobs, scratch: str, reactor) -> ExtractionService:
+    """Extraction with its parser and sender-check worker pools."""
+    return ExtractionService(
         store,
         blobs,
         ParsePool(
-            settings["extraction_processes"],
-            settings["extraction_timeout"],
+            settings.extraction_processes,
+            settings.extraction_timeout,
             reactor,
-            memory_limit=settings["extraction_memory_limit"],
-            inline_images=settings["inline_images"],
+            memory_limit=settings.extraction_memory_limit,
+            inline_images=settings.inline_images,
         ),
         work_dir=os.path.join(scratch, "work"),
-        concurrency=settings["extraction_processes"] + 1,
-        poll_interval=settings["poll_interval"],
-        max_attempts=settings["max_attempts"],
-        lease_seconds=settings["extraction_lease"],
+        concurrency=settings.extraction_processes + 1,
+        poll_interval=settings.poll_interval,
+        max_attempts=settings.max_attempts,
+        lease_seconds=settings.extraction_lease,
         stop_timeout=EXTRACTION_STOP_SECONDS,
-        checks=CheckSettings(settings["hostname"], settings["dns_resolver"], settings["dns_budget"]),
-        checker=CheckPool(
-            timeout=settings["extraction_timeout"], reactor=reactor, memory_limit=settings["extraction_memory_limit"]
-        ),
+        checks=CheckSettings(settings.hostname, settings.dns_resolver, settings.dns_budget),
+        checker=CheckPool(timeout=settings.extraction_timeout, reactor=reactor, memory_limit=settings.extraction_memory_limit),
     )
-    if settings["processes"] > 1:
-        ingest = None
+
+
+def make_webhooks(settings: Settings, store, reactor) -> WebhookService:
+    return WebhookService(
+        store,
+        TargetPolicy(settings.webhook_allow_http, settings.webhook_allow_private),
+        reactor,
+        horizon=settings.webhook_retry_horizon,
+        api_url=settings.api_public_url,
+    )
+
+
+def make_api_listener(settings: Settings, store, blobs, readiness_checks: dict, reactor, parent: service.MultiService) -> Listener:
+    """The API and console endpoint, with the rejection history its status page shows (sampled under C{parent})."""
+    rejections = RejectionHistory(reactor)
+    internet.TimerService(SAMPLE_SECONDS, rejections.sample).setServiceParent(parent)
+    site = make_site(
+        store,
+        blobs,
+        reactor,
+        rejections,
+        read_admin_token(settings.api_admin_token_file),
+        settings.api_public_url,
+        checks=readiness_checks,
+    )
+    return make_listener(reactor, settings.api, site, "API")
+
+
+def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon:
+    """The daemon's service tree, wired from parts each made from the settings it needs."""
+    if reactor is None:
+        from twisted.internet import reactor
+    store = open_store(settings.database)
+    blobs = open_blobs(settings.storage, settings.s3_endpoint, settings.s3_region, environ)
+    # Spool and work files live beside the blobs when they are on local disk,
+    # so storing them is a hard link rather than a copy.
+    scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
+    spool_dir = spool_directory(scratch)
+    disk = DiskCheck(local_data_directories(settings, spool_dir), settings.min_free_space)
+    readiness_checks = {"database": store.check, "storage": blobs.check, "disk": disk}
+    ops_listener = make_ops_listener(settings, store, readiness_checks, reactor)
+    serving = AfterMigration(reactor, store)
+    extraction = make_extraction(settings, store, blobs, scratch, reactor)
+    if settings.multi_process:
+        delivery = None
         intake = IntakeProcesses(reactor, settings, store, extraction.wake)
     else:
-        ingest = make_ingest(settings, store, blobs, spool_dir, daemon.serving)
-        ingest.on_stored.append(extraction.wake)
-    extraction.setServiceParent(daemon.serving)
-    webhooks = WebhookService(
-        store,
-        TargetPolicy(settings["webhook_allow_http"], settings["webhook_allow_private"]),
-        reactor,
-        horizon=settings["webhook_retry_horizon"],
-        api_url=settings["api_public_url"],
-    )
-    webhooks.setServiceParent(daemon.serving)
-    daemon.webhooks = webhooks
-    daemon.api_listener = None
-    if settings["api"] != "none":
-        rejections = RejectionHistory(reactor)
-        internet.TimerService(SAMPLE_SECONDS, rejections.sample).setServiceParent(daemon.serving)
-        site = make_site(
-            store,
-            blobs,
-            reactor,
-            rejections,
-            read_admin_token(settings["api_admin_token_file"]),
-            settings["api_public_url"],
-            checks=readiness_checks,
-        )
-        daemon.api_listener = make_listener(reactor, settings["api"], site, "API")
-        daemon.api_listener.setServiceParent(daemon.serving)
-    if settings["gc_interval"]:
-        min_age = check_min_age(settings["gc_min_age"], settings)
-        GcService(store, blobs, settings["gc_interval"], min_age, reactor).setServiceParent(daemon.serving)
-    if ingest is None:
-        intake.setServiceParent(daemon.serving)
-        tls_context, listeners = intake.tls_context, []
+        delivery = make_ingest(settings, store, blobs, spool_dir, serving)
+        delivery.on_stored.append(extraction.wake)
+    extraction.setServiceParent(serving)
+    webhooks = make_webhooks(settings, store, reactor)
+    webhooks.setServiceParent(serving)
+    api_listener = None
+    if settings.api != "none":
+        api_listener = make_api_listener(settings, store, blobs, readiness_checks, reactor, serving)
+        api_listener.setServiceParent(serving)
+    if settings.gc_interval:
+        min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
+        GcService(store, blobs, settings.gc_interval, min_age, reactor).setServiceParent(serving)
+    if settings.multi_process:
+        intake.setServiceParent(serving)
+        tls_context, smtp_listeners = intake.tls_context, []
     else:
-        tls_context, listeners = add_smtp_side(settings, reactor, ingest, daemon.serving, make_listener)
-    daemon.smtp_listeners = listeners
+        tls_context, smtp_listeners = add_smtp_side(settings, reactor, delivery, serving, make_listener)
 
+    log_start(settings, tls_context, smtp_listeners)
+    return Daemon(
+        store, blobs, serving, ops_listener=ops_listener, api_listener=api_listener, smtp_listeners=smtp_listeners,
+        delivery=delivery, extraction=extraction, webhooks=webhooks,
+    )
+
+
+def log_start(settings: Settings, starttls: ReloadableTLS | None, listeners: list[Listener]) -> None:
+    """What the daemon stores where, and what a client of it meets: limits and TLS, so the log answers 'what was running?'."""
     log.info(
         "mailingest starting: database {database}, storage {storage}, domains {domains}",
-        database=redact_url(settings["database"]),
-        storage=settings["storage"],
-        domains=", ".join(settings["domain"]),
+        database=redact_url(settings.database),
+        storage=settings.storage,
+        domains=", ".join(settings.domain),
     )
-    log_smtp_policy(settings, tls_context, listeners)
-    daemon.delivery = ingest
-    daemon.extraction = extraction
-    return daemon
-
-
-def log_smtp_policy(settings: dict, starttls: ReloadableTLS | None, listeners: list[Listener]) -> None:
-    """What a client of this daemon meets: limits and TLS, so the log answers 'what was running?'."""
     log.info(
         "SMTP limits: messages up to {max_message_size} bytes and {max_recipients} recipients, "
         "{max_connections} connections ({max_connections_per_ip} per address), idle timeout {timeout:g} s",
-        **{key: settings[key] for key in SMTP_LIMITS},
+        **{key: getattr(settings, key) for key in SMTP_LIMITS},
     )
     if starttls is None:
         log.info("STARTTLS off (no --tls-cert)")

@@ -8,9 +8,11 @@ assembles the daemon's service tree.
 
 import os
 
+from twisted.application import service
 from twisted.python import usage
 
-from mailingest.app.options import ALL_OPTIONS, default_hostname, resolve
+from mailingest.app.options import ALL_OPTIONS
+from mailingest.app.settings import Settings
 from mailingest.errors import ConfigError
 from mailingest.ops.logs import install_twistd_logger
 
@@ -71,17 +73,13 @@ class Options(usage.Options):
             # An absent flag is not given: the environment or the file may still set it.
             given[flag[0].replace("-", "_")] = True if given.get(flag[0].replace("-", "_")) else None
         try:
-            self.settings = resolve(ALL_OPTIONS, given, os.environ, self["config"])
+            self.settings = Settings.settle(given, os.environ, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e))
-        if self.settings["hostname"] is None:
-            self.settings["hostname"] = default_hostname()
-        if bool(self.settings["tls_cert"]) != bool(self.settings["tls_key"]):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
-        install_twistd_logger(self, self.settings)
+        install_twistd_logger(self, self.settings.log_format, self.settings.database)
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> service.IService:
     from mailingest.app.service import build_daemon
 
     try:

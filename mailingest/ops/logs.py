@@ -35,12 +35,12 @@ TWISTD_LOGGER = "mailingest.ops.logs.twistd_observer"
 _twistd_observer_factory: Callable[[], ILogObserver] | None = None
 
 
-def secrets_from_settings(settings: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+def daemon_secrets(database: str | None, environ: Mapping[str, str]) -> list[str]:
     """
     The secrets the daemon holds: the database password (as written in the URL
-    and decoded) and the AWS secret key and session token.
+    C{database} and decoded) and the AWS secret key and session token.
     """
-    secrets = list(url_passwords(settings.get("database") or ""))
+    secrets = list(url_passwords(database or ""))
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if environ.get(name):
             secrets.append(environ[name])
@@ -162,12 +162,13 @@ def twistd_observer() -> ILogObserver:
 
 def install_twistd_logger(
     plugin_options: usage.Options,
-    settings: Mapping[str, Any],
+    log_format: str,
+    database: str | None,
     environ: Mapping[str, str] = os.environ,
 ) -> None:
     """
-    Make twistd log through L{event_formatter} with C{settings["log_format"]}
-    and the daemon's secrets masked. Call it from the plugin's C{postOptions}.
+    Make twistd log through L{event_formatter} in C{log_format} with the
+    daemon's secrets (L{daemon_secrets}) masked. Call it from the plugin's C{postOptions}.
 
     twistd builds its log observer from its C{--logger} option (a dotted
     name) after all options are parsed and before the application starts, so
@@ -179,6 +180,6 @@ def install_twistd_logger(
     if server_options is None or server_options.get("logger") or server_options.get("syslog"):
         return
     _twistd_observer_factory = twistd_logger_for(
-        server_options, settings["log_format"], secrets_from_settings(settings, environ)
+        server_options, log_format, daemon_secrets(database, environ)
     )
     server_options["logger"] = TWISTD_LOGGER

@@ -31,9 +31,8 @@ DEFAULT_MIN_AGE = 86400.0
 log = Logger(namespace="mailingest.gc")
 
 
-def check_min_age(min_age: float, settings: dict) -> float:
-    """Refuse a margin a blob written by a transaction still in progress could be older than."""
-    floor = settings["store_timeout"] + settings["extraction_lease"] + settings["extraction_timeout"]
+def check_min_age(min_age: float, floor: float) -> float:
+    """Refuse a margin a blob written by a transaction still in progress could be older than (C{floor}: the daemon settings' C{gc_floor})."""
     if min_age < floor:
         raise ConfigError(
             f"gc minimum age {min_age:g} s is too short: a blob can wait for its row up to"
