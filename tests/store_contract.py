@@ -12,9 +12,16 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
-from mailingest.interfaces import Collision, Duplicate, IStore
+from mailingest.interfaces import (
+    Collision, Duplicate, IBlobReferences, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore,
+    IQuarantineStore, IReadStore, ISchemaStore, IStore,
+)
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.storage.store import Store, migrations
+
+ROLES = (
+    ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -103,7 +110,12 @@ class StoreContract:
     @defer.inlineCallbacks
     def setUp(self):
         self.store = yield self.make_store()
-        verifyObject(IStore, self.store)
+
+    def test_roles(self):
+        """The store provides each role, and the whole L{IStore}, as its callers name them."""
+        for role in ROLES:
+            self.assertTrue(verifyObject(role, self.store), role)
+        self.assertTrue(verifyObject(IStore, self.store))
 
     @defer.inlineCallbacks
     def added_orgs(self):

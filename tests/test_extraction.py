@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from email.message import EmailMessage
 
 from twisted.internet import defer, task
@@ -414,10 +413,7 @@ class LeaseTests(unittest.TestCase):
         directory = temp_dir(self)
         clock = task.Clock()
         clock.advance(time.time())
-        store = Store(
-            SqliteEngine(os.path.join(directory, "mailingest.db")),
-            clock=lambda: datetime.fromtimestamp(clock.seconds(), timezone.utc),
-        )
+        store = Store(SqliteEngine(os.path.join(directory, "mailingest.db")), clock=clock)
         self.addCleanup(store.close)
         yield store.migrate()
         org = yield store.add_org("acme", "Acme Corp")
