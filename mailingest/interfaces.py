@@ -127,7 +127,16 @@ class IStoreRole(Interface):
     )
 
 
-class ISchemaStore(IStoreRole):
+class IClosable(Interface):
+    """What its owner closes: a store, or the parent's answer to an intake process's store calls."""
+
+    def close():
+        """
+        Release connections; fires when done.
+        """
+
+
+class ISchemaStore(IStoreRole, IClosable):
     """The schema and the database's life: for the daemon's start-up, readiness and the admin command."""
 
     def migrate():
@@ -138,11 +147,6 @@ class ISchemaStore(IStoreRole):
     def check():
         """
         Fire with None when the database answers, fail otherwise (readiness).
-        """
-
-    def close():
-        """
-        Release connections; fires when done.
         """
 
 

@@ -32,6 +32,7 @@ from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
+from mailingest.interfaces import IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
@@ -180,7 +181,7 @@ class Session:
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings
-        self.store = None
+        self.store: "ISchemaStore | IOrgStore | IIntakeStore | IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | None" = None
         self._blobs = None
 
     def open_store(self) -> None:

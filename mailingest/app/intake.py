@@ -29,6 +29,7 @@ from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.protocols import amp
 
 from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
+from mailingest.interfaces import IClosable, IIntakeStore
 from mailingest.smtp import replies
 from mailingest.smtp.limits import RefusalCounter
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -123,7 +124,7 @@ def build_intake(settings: dict, fds: list[int], reactor, store, index: int = 0,
 class _Intake(service.MultiService):
     """Stops its services (listeners first, then the drain), then closes storage."""
 
-    def __init__(self, store, blobs):
+    def __init__(self, store: "IIntakeStore | IClosable", blobs):
         super().__init__()
         self.store = store
         self.blobs = blobs

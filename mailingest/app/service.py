@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
+from mailingest.interfaces import ISchemaStore
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
@@ -180,7 +181,7 @@ class AfterMigration(service.MultiService):
     starts them in order. C{ready} fires once they have started.
     """
 
-    def __init__(self, reactor, store):
+    def __init__(self, reactor, store: ISchemaStore):
         super().__init__()
         self.reactor = reactor
         self.store = store
@@ -226,7 +227,7 @@ class Daemon(service.MultiService):
     once all have stopped, the storage connections close.
     """
 
-    def __init__(self, reactor, store, blobs):
+    def __init__(self, reactor, store: ISchemaStore, blobs):
         super().__init__()
         self.store = store
         self.blobs = blobs
