@@ -459,6 +459,20 @@ class IReadStore(IStoreRole):
         """
 
 
+class IWebhookEvents(Interface):
+    """
+    What the webhook side decides of the events a status change writes to
+    the outbox (in that change's transaction): which changes raise one, its
+    type and its id.
+    """
+
+    def event_type(status: str):
+        """The type of the event a change to C{status} raises, or None when it raises none."""
+
+    def new_event_id():
+        """A new event's id, unique across daemons."""
+
+
 class IStore(ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore):
     """Every store role on one database: what C{--database} opens (L{mailingest.storage.store.Store})."""
 

@@ -17,6 +17,8 @@ from mailingest.interfaces import (
     IQuarantineStore, IReadStore, ISchemaStore, IStore,
 )
 from mailingest.delivery.routing import POSTMASTER_SLUG
+from mailingest.handoff.events import MESSAGE_EVENTS
+from mailingest.storage.engines import IDatabaseTransaction
 from mailingest.storage.store import Store, migrations
 
 ROLES = (
@@ -118,6 +120,18 @@ class StoreContract:
         self.assertTrue(verifyObject(IStore, self.store))
 
     @defer.inlineCallbacks
+    def test_interactions_get_a_database_transaction(self):
+        """What an interaction is given is the declared L{IDatabaseTransaction}, on every engine."""
+        given = []
+
+        def look(txn):
+            given.append(verifyObject(IDatabaseTransaction, txn))
+            return defer.succeed(None)
+
+        yield self.store.engine.interaction(look)
+        self.assertEqual(given, [True])
+
+    @defer.inlineCallbacks
     def added_orgs(self):
         """The organisations, without the reserved one every schema has."""
         orgs = yield self.store.list_orgs()
@@ -164,7 +178,7 @@ class StoreContract:
                 )
 
         yield engine.interaction(migrate_as_before)
-        former = Store(engine)
+        former = Store(engine, MESSAGE_EVENTS)
         # Only the deltas written since the former layout are applied.
         former_versions = {int(name.split("_")[0]) for name in os.listdir(os.path.join(FORMER_SCHEMA, self.former_schema))}
         newer = [version for version, _, _ in migrations(engine) if version not in former_versions]

@@ -28,6 +28,7 @@ from mailingest import __version__
 from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import BadSecret, check_secret, new_secret
@@ -187,7 +188,7 @@ class Session:
     def open_store(self) -> None:
         url = self.settings["database"]
         try:
-            self.store = open_store(url)
+            self.store = open_store(url, MESSAGE_EVENTS)
         except ValueError as e:
             raise CommandError(f"bad database URL: {e}") from None
         except OSError as e:

@@ -165,9 +165,10 @@ class _Parent(QuietAMP):
         if through_parent:
             store = ParentStore(self, self.reactor)
         else:
+            from mailingest.handoff.events import MESSAGE_EVENTS
             from mailingest.storage.store import open_store
 
-            store = open_store(settings["database"])
+            store = open_store(settings["database"], MESSAGE_EVENTS)
         self.refusals = SharedRefusals(self.reactor, self)
         for refusal in refusals:
             self.refusals.refused_elsewhere(refusal["peer"], refusal["at"])

@@ -27,6 +27,7 @@ from mailingest.extraction.service import ExtractionService
 from mailingest.console.rejections import SAMPLE_SECONDS, RejectionHistory
 from mailingest.console.resource import make_site
 from mailingest.handoff.api import read_admin_token
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.sweeper import GcService, check_min_age
@@ -316,7 +317,7 @@ def build_daemon(settings: dict, reactor=None, environ=os.environ):
             "a haproxy: endpoint believes the client address its peer sends: "
             "give --proxy-trusted with the networks of your load balancers (CIDR)"
         )
-    store = open_store(settings["database"])
+    store = open_store(settings["database"], MESSAGE_EVENTS)
     blobs = open_blobs(settings["storage"], settings["s3_endpoint"], settings["s3_region"], environ)
     daemon = Daemon(reactor, store, blobs)
 

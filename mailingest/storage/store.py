@@ -13,7 +13,7 @@ the role it uses.
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from mailingest.interfaces import IStore
+from mailingest.interfaces import IStore, IWebhookEvents
 
 from mailingest.storage.engines import Engine, create_engine
 from mailingest.storage.stores.intake import IntakeStore
@@ -32,12 +32,16 @@ MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined")
 
 @implementer(IStore)
 class Store(SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore):
-    """Every role on one engine: what C{--database} opens."""
+    """
+    Every role on one engine: what C{--database} opens. C{events} says which
+    status changes write an event to the outbox (the webhook side's
+    L{mailingest.handoff.events.MESSAGE_EVENTS}).
+    """
 
-    def __init__(self, engine: Engine, clock: IReactorTime | None = None):
-        super().__init__(engine, clock)
+    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+        super().__init__(engine, events, clock)
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, events: IWebhookEvents) -> Store:
     """The store on the database of C{--database}."""
-    return Store(create_engine(url))
+    return Store(create_engine(url), events)

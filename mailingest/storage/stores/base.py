@@ -11,8 +11,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
-from mailingest.storage.engines import Engine
+from mailingest.storage.engines import Engine, IDatabaseTransaction
 
 MESSAGE_COLUMNS = (
     "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
@@ -54,6 +55,7 @@ def storable(value):
     return value
 
 
+@implementer(IDatabaseTransaction)
 class StorableTransaction:
     """
     The one place where text meets the database: every value bound to a

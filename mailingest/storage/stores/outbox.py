@@ -4,28 +4,23 @@ change writes (in that change's transaction, see L{_write_event_txn}),
 their claims, attempts, pauses and redelivery.
 """
 
-import uuid
 from datetime import timedelta
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from mailingest.errors import NoSuchEvent
-from mailingest.interfaces import IOutboxStore
+from mailingest.interfaces import IOutboxStore, IWebhookEvents
+from mailingest.storage.engines import Engine
 from mailingest.storage.stores.base import EVENT_SELECT, EVENTS_CHANNEL, StoreBase, conditions
-
-# The message statuses that raise a webhook event, and the event's type.
-EVENT_TYPES = {
-    "parsed": "message.parsed",
-    "failed": "message.failed",
-    "quarantined": "message.quarantined",
-}
-
 
 @implementer(IOutboxStore)
 class OutboxStore(StoreBase):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+        super().__init__(engine, clock)
+        # Which status changes raise an event, and its id: the webhook's business (L{mailingest.handoff.events}).
+        self.events = events
         self._event_listeners = []
 
     def on_event(self, callback) -> defer.Deferred:
@@ -41,7 +36,8 @@ class OutboxStore(StoreBase):
 
     async def _write_event_txn(self, txn, message_id, status, error):
         """The event of a status change, in its transaction: only for organisations with a webhook. Whether it wrote one."""
-        if status not in EVENT_TYPES:
+        event_type = self.events.event_type(status)
+        if event_type is None:
             return False
         now = self._now()
         await txn.execute(
@@ -50,7 +46,7 @@ class OutboxStore(StoreBase):
             " SELECT ?, ?, m.org_id, m.id, ?, ?, 'pending', 0, ?, ?, ?"
             " FROM inbound_message m JOIN org_webhook w ON w.org_id = m.org_id WHERE m.id = ?"
             " RETURNING id",
-            ("evt_" + uuid.uuid4().hex, EVENT_TYPES[status], status, error, now, now, now, message_id),
+            (self.events.new_event_id(), event_type, status, error, now, now, now, message_id),
         )
         if not txn.fetchall():
             return False

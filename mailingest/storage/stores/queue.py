@@ -38,6 +38,8 @@ _HELD_CLAIM_LOCKS = (
 
 @implementer(IExtractionQueue)
 class ExtractionQueueStore(StoreBase):
+    """An outcome's event is the outbox's (C{_write_event_txn}), written in the outcome's transaction."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parsed = GroupCommit(lambda batch: self._run(self._mark_parsed_batch, batch))
