@@ -481,19 +481,41 @@ class IIngestMessage(IMessage):
     """
     Twisted's C{IMessage} (one transaction's message, fed by the protocol),
     with the data in bulk: our protocol reads DATA in whole buffers and hands
-    them to C{write}, not a call per line. C{lineReceived} still takes one
-    line (dot-stuffing undone, without its line end), as Twisted's own DATA
-    state feeds it; the first line a message receives before any data is the
-    protocol's trace header (Twisted's C{SMTP.do_DATA} writes
-    C{receivedHeader}'s result first).
+    them to C{write}, not a call per line. C{lineReceived} takes one line
+    (without its line end): the protocol's trace header, the first thing a
+    message receives (Twisted's C{SMTP.do_DATA} writes C{receivedHeader}'s
+    result first). A message that provides only Twisted's C{IMessage} is
+    adapted (L{mailingest.smtp.protocol.LineMessage}) and fed line by line.
 
     C{write} and C{lineReceived} raise L{twisted.mail.smtp.SMTPServerError}
     when the message cannot be taken (header section too large, no room to
     spool it): the protocol reads the rest of DATA, discards it and sends
-    that reply. C{eomReceived} fires with a
-    L{mailingest.delivery.ingest.Outcome} once the message is durable, or
-    fails with an C{SMTPServerError} carrying the reply (451).
+    that reply. C{eomReceived} fires once the message is durable, with an
+    L{IDeliveryOutcome} for the reply to name where it is kept, or fails
+    with an C{SMTPServerError} carrying the reply (451).
     """
 
     def write(chunk: bytes):
         """Take the next bytes of the message as sent (dot-stuffing undone)."""
+
+
+class IDeliveryOutcome(Interface):
+    """What a message's C{eomReceived} fires with: where the message is kept, for the 250 reply."""
+
+    ids = Attribute(
+        "The ids of the rows holding the message, one per organisation in recipient order"
+        " (for a duplicate, the row already holding it)."
+    )
+
+
+class ISMTPDelivery(Interface):
+    """
+    Delivery as the SMTP side is given it. Each connection gets its own
+    Twisted C{IMessageDeliveryFactory}, as a cred realm gives each login its
+    own avatar: its deliveries read the connection's facts (a
+    L{mailingest.delivery.session.Session}, which the protocol fills in as
+    the dialogue goes on) for the trace header and the message's envelope.
+    """
+
+    def deliveryFactory(session):
+        """The C{IMessageDeliveryFactory} of the connection whose facts are C{session}."""

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 import treq
 from twisted.internet import defer, task
 from twisted.trial import unittest
-from twisted.web import server
+from twisted.web import resource, server
 from twisted.web.template import flattenString
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -227,8 +227,9 @@ def render_console(console: ConsoleResource, session_id: str, path: bytes) -> tu
     channel = DummyChannel()
     request = server.Request(channel, False)
     request.method, request.path, request.args = b"GET", path, {}
+    request.prepath, request.postpath = [b"console"], path.split(b"/")[2:]
     request.received_cookies = {COOKIE: session_id.encode()}
-    console.render(request)
+    resource.getChildForRequest(console, request).render(request)
     return request, channel
 
 

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from mailingest.ops import metrics
 from mailingest.smtp.proxy import HEADER_TIMEOUT, ProxyHeaderFirstFactory
+from mailingest.delivery.transaction import IngestDeliveries
 from mailingest.smtp.protocol import IngestSMTPFactory
 
 TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
@@ -28,7 +29,7 @@ class ProxyConnectionTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.sessions = IngestSMTPFactory(
-            ingest=None,
+            delivery=IngestDeliveries(None),
             hostname="mx.test",
             max_message_size=1000,
             max_recipients=10,

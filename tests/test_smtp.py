@@ -21,6 +21,7 @@ from mailingest.delivery.ingest import Ingest
 from mailingest.errors import StorageError
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.delivery.spool import MEMORY_LIMIT
+from mailingest.delivery.transaction import IngestDeliveries
 from mailingest.smtp.protocol import IngestSMTPFactory
 from tests import daemon
 from tests.daemon import message, sleep
@@ -514,7 +515,7 @@ class AddressProtocolTests(unittest.TestCase):
         directory = _Directory({"acme": 1, POSTMASTER_SLUG: 0})
         ingest = Ingest(None, None, directory, ["example.com", "ingest.example.org"], "mx.test", self.mktemp())
         self.clock = task.Clock()
-        factory = IngestSMTPFactory(ingest, "mx.test", 1_000_000, 10, 300, 10, 10, clock=self.clock)
+        factory = IngestSMTPFactory(IngestDeliveries(ingest), "mx.test", 1_000_000, 10, 300, 10, 10, clock=self.clock)
         self.protocol = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(self.transport)

@@ -9,6 +9,7 @@ import io
 import ipaddress
 import itertools
 import os
+import re
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -20,14 +21,16 @@ from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
-from mailingest.interfaces import Duplicate, IIngestMessage, IIntakeStore
+from mailingest.interfaces import Duplicate, IDeliveryOutcome, IIngestMessage, IIntakeStore, ISMTPDelivery
 from mailingest.ops import metrics
 from mailingest.delivery import spool as spool_module
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.smtp import limits as smtp_limits
 from mailingest.smtp import replies as smtp_replies
-from mailingest.smtp.protocol import IngestSMTPFactory
+from mailingest.delivery.transaction import IngestDeliveries
+from mailingest.smtp import protocol as smtp_protocol
+from mailingest.smtp.protocol import IngestSMTP, IngestSMTPFactory
 from mailingest.smtp.proxy import ProxyHeaderFirstFactory
 from tests.daemon import temp_dir
 
@@ -136,7 +139,7 @@ class Server:
         )
         self.tls = tls
         self.factory = IngestSMTPFactory(
-            self.ingest,
+            IngestDeliveries(self.ingest),
             hostname="mx.test",
             max_message_size=max_message_size,
             max_recipients=max_recipients,
@@ -564,12 +567,16 @@ class DeliverySeamTests(unittest.TestCase):
 
     def test_objects_provide_twisted_interfaces(self):
         server, delivery, origin, users, factories = self.transaction([b"acme"])
+        verifyObject(ISMTPDelivery, server.factory.delivery)
         factory = server.connect().protocol.deliveryFactory
         verifyObject(smtp.IMessageDeliveryFactory, factory)
         verifyObject(smtp.IMessageDelivery, delivery)
         message = factories[0]()
         verifyObject(smtp.IMessage, message)
         verifyObject(IIngestMessage, message)
+        message.lineReceived(delivery.receivedHeader(self.HELO, origin, users))
+        message.write(MESSAGE)
+        verifyObject(IDeliveryOutcome, self.successResultOf(message.eomReceived()))
 
     def test_memory_store_is_the_intake_role(self):
         """The in-memory store stands in for exactly the role the SMTP side is given."""
@@ -912,3 +919,173 @@ class SessionTests(unittest.TestCase):
             blob.startswith(b"Received: from unknown ([192.0.2.1])\r\n\tby mx.test (mailingest) with SMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384) id "),
             blob[:200],
         )
+
+
+@implementer(smtp.IMessage)
+class RecordedMessage:
+    """A message that provides Twisted's IMessage and nothing more."""
+
+    def __init__(self, delivery, user):
+        self.delivery = delivery
+        self.user = user
+        self.lines = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def eomReceived(self):
+        self.delivery.received.append((self.user, self.lines))
+        return defer.succeed("queued")
+
+    def connectionLost(self):
+        self.delivery.lost += 1
+
+
+@implementer(IIngestMessage)
+class BulkMessage(RecordedMessage):
+    """An IIngestMessage of another delivery: its data in bulk, its outcome its own IDeliveryOutcome."""
+
+    def write(self, chunk):
+        self.lines.append(chunk)
+
+    def eomReceived(self):
+        super().eomReceived()
+        return defer.succeed(Stored([7, 9]))
+
+
+@implementer(IDeliveryOutcome)
+class Stored:
+    def __init__(self, ids):
+        self.ids = ids
+
+
+
+@implementer(ISMTPDelivery, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
+class RecordingDelivery:
+    """
+    Another delivery, on Twisted's interfaces and ours only: one per
+    connection (the session's), a transaction per MAIL FROM, messages of
+    C{message_type}.
+    """
+
+    def __init__(self, message_type=RecordedMessage):
+        self.message_type = message_type
+        self.sessions = []
+        self.transactions = 0
+        self.received = []
+        self.lost = 0
+
+    def deliveryFactory(self, session):
+        self.sessions.append(session)
+        return self
+
+    def getMessageDelivery(self):
+        self.transactions += 1
+        return self
+
+    def validateFrom(self, helo, origin):
+        if origin.local == b"refused":
+            raise smtp.SMTPBadSender(origin, 550, "5.7.1 Not from you")
+        return origin
+
+    def validateTo(self, user):
+        return defer.succeed(lambda: self.message_type(self, bytes(user.dest)))
+
+    def receivedHeader(self, helo, origin, recipients):
+        return b"Received: from " + (helo[0] or b"unknown") + b" by test"
+
+
+class InjectedDeliveryTests(unittest.TestCase):
+    """
+    The protocol is given its delivery and talks to it through declared
+    interfaces only. On main the factory took an Ingest and built our own
+    delivery from it, and DATA called C{write} on every message.
+    """
+
+    def connect(self, delivery):
+        factory = IngestSMTPFactory(delivery, "mx.test", 1_000_000, 10, 300, 10, 10, clock=task.Clock())
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return Session(protocol, transport)
+
+    def test_a_delivery_on_twisteds_interfaces_alone(self):
+        delivery = RecordingDelivery()
+        session = self.connect(delivery)
+        self.assertEqual(delivery.sessions, [session.protocol.session])
+        session.send(
+            b"EHLO customer.test\r\nMAIL FROM:<refused@customer.test>\r\nMAIL FROM:<a@customer.test>\r\n"
+            b"RCPT TO:<x@example.com>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n" + MESSAGE + b"..dot\r\n.\r\n"
+        )
+        self.assertEqual(
+            [reply[:9] for reply in session.replies()],
+            [b"250-mx.te", b"550 5.7.1", b"250 2.1.0", b"250 2.1.5", b"250 2.1.5", b"354 End d", b"250 2.0.0"],
+        )
+        self.assertEqual(delivery.transactions, 2)
+        lines = [b"Received: from customer.test by test"] + MESSAGE.split(b"\r\n")[:-1] + [b".dot"]
+        self.assertEqual(delivery.received, [(b"x@example.com", lines), (b"y@example.com", lines)])
+        session.send(b"RSET\r\nMAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhalf a line")
+        session.protocol.connectionLost(None)
+        self.assertEqual((delivery.transactions, delivery.lost), (3, 1))
+
+    def test_the_reply_names_the_outcomes_ids(self):
+        delivery = RecordingDelivery(BulkMessage)
+        session = self.connect(delivery)
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+        self.assertEqual(session.replies()[-1], b"250 2.0.0 Ok: stored as message 7, 9")
+        self.assertEqual(delivery.received, [(b"x@example.com", [b"Received: from unknown by test", MESSAGE])])
+
+    def test_a_delivery_failing_at_data_is_a_reply(self):
+        """Twisted's do_DATA answers a delivery's error there; the session goes on."""
+        delivery = RecordingDelivery()
+        delivery.receivedHeader = lambda helo, origin, recipients: 1 / 0
+        session = self.connect(delivery)
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+        self.assertEqual(session.replies()[-1], b"451 4.3.0 Temporary failure, try again later")
+        self.assertEqual(delivery.lost, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+    def test_a_delivery_that_declares_nothing_is_refused(self):
+        class Undeclared:
+            def deliveryFactory(self, session):
+                return RecordingDelivery()
+
+        self.assertRaises(TypeError, IngestSMTPFactory, Undeclared(), "mx.test", 1_000_000, 10, 300, 10, 10)
+
+
+class OverrideTests(unittest.TestCase):
+    """Issue 24 item 4: which of Twisted's ESMTP methods the protocol still replaces, each listed with its reason."""
+
+    def overridden(self) -> set[str]:
+        return {
+            name for name in vars(IngestSMTP)
+            if callable(getattr(smtp.ESMTP, name, None)) and (name == "__init__" or not name.startswith("__"))
+        }
+
+    def test_back_to_twisted(self):
+        self.assertIn("do_QUIT", self.overridden())
+        for name in ("lookupMethod", "sendSyntaxError", "lineReceived", "validateFrom", "validateTo", "receivedHeader"):
+            self.assertNotIn(name, self.overridden())
+            self.assertIs(getattr(IngestSMTP, name), getattr(smtp.ESMTP, name))
+
+    def test_every_override_is_listed_with_its_reason(self):
+        overrides = self.overridden()
+        self.assertGreater(len(overrides), 10)
+        listed = smtp_protocol.__doc__.split("Every method of Twisted's")[1].split("Not overridden any more")[0]
+        # Each bullet names its methods, then after the colon the reason.
+        bullets = listed.split("\n- ")[1:]
+        named = {name for bullet in bullets for name in re.findall(r"C\{(\w+)\}", bullet.split(":", 1)[0])}
+        self.assertEqual(named & set(dir(smtp.ESMTP)), overrides)
+
+    def test_the_replies_contract(self):
+        verifyObject(smtp_replies.IReplyChannel, Server(self).connect().protocol)
+
+
+class EightBitVerbTests(unittest.TestCase):
+    def test_utf8_after_mail_is_no_verb(self):
+        """On main, Twisted's lookupMethod raised UnicodeDecodeError out of dataReceived."""
+        session = Server(self).connect()
+        self.assertEqual(session.command("MAILÄ FROM:<a@customer.test>".encode()), b"500 5.5.2 Command not recognised")
+        self.assertEqual(session.command("RCPTé TO:<a@customer.test>".encode()), b"500 5.5.2 Command not recognised")
+        self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")

@@ -13,18 +13,21 @@ from datetime import datetime, timezone
 
 import treq
 from standardwebhooks import Webhook
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
+from twisted.names import client, dns
 from twisted.trial import unittest
 from twisted.web.client import URI
 from zope.interface.verify import verifyObject
 
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import MESSAGE_EVENTS, as_datetime, new_secret
+from mailingest.handoff import targets
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
 from mailingest.handoff.webhooks import WebhookService, jittered, request_url
 from mailingest.interfaces import IWebhookEvents
 from mailingest.retry import Backoff
 from tests.daemon import DaemonTestCase, RunningDaemon, free_port, message, poll, sleep, temp_dir
+from tests.dns_server import DnsServer, Zone
 from tests.test_api import order
 from tests.webhook_receiver import Receiver, SilentReceiver
 
@@ -421,21 +424,52 @@ class Policy(unittest.TestCase):
             strict.check_address("h", address)
         TargetPolicy(allow_private=True).check_address("h", "64:ff9b::a9fe:a9fe")
 
+    def serve_dns(self, records: dict, silent_zones=()) -> client.Resolver:
+        """A resolver asking only a test DNS server on 127.0.0.1 that serves C{records}."""
+        server = DnsServer(Zone(records, silent_zones=silent_zones))
+        address = server.start()
+        self.addCleanup(server.stop)
+        resolver = client.Resolver(servers=[address])
+        return resolver
+
     @defer.inlineCallbacks
     def test_names_resolving_to_ipv6_forms_refused_at_connect_time(self):
         """The connection checks what the name resolves to now, through the same forms."""
         answers = {"nat64.example": "64:ff9b::7f00:1", "sixtofour.example": "2002:7f00:1::1"}
-
-        def getaddrinfo(host, port, *args, **kwargs):
-            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (answers[host], port, 0, 0))]
-
-        self.patch(socket, "getaddrinfo", getaddrinfo)
-        factory = CheckedEndpointFactory(reactor, TargetPolicy())
+        resolver = self.serve_dns({name: [dns.Record_AAAA(address, ttl=60)] for name, address in answers.items()})
+        factory = CheckedEndpointFactory(reactor, TargetPolicy(), resolver)
         for host, reason in (("nat64.example", "NAT64 of 127.0.0.1"), ("sixtofour.example", "6to4 of 127.0.0.1")):
             endpoint = factory.endpointForURI(URI.fromBytes(f"https://{host}/hooks".encode()))
             with self.assertRaises(TargetRefused) as caught:
                 yield endpoint.connect(None)
             self.assertIn(f"webhook host {host} resolves to {answers[host]} ({reason}", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_silent_dns_holds_no_thread(self):
+        """
+        Hosts whose DNS never answers take no thread of the reactor's pool,
+        which every organisation's webhooks and the S3 client share: with 30
+        such lookups under way a job on the pool still runs at once, and each
+        lookup ends as a refusal within an attempt's 10 s.
+        """
+        def no_thread_lookups(*args, **kwargs):
+            raise AssertionError("getaddrinfo called: a lookup that can hang holds a thread")
+
+        self.patch(socket, "getaddrinfo", no_thread_lookups)
+        resolver = self.serve_dns({}, silent_zones=["silent.example"])
+        self.patch(targets, "LOOKUP_TIMEOUT", (0.2, 0.3))
+        factory = CheckedEndpointFactory(reactor, TargetPolicy(), resolver)
+        started = time.monotonic()
+        attempts = [
+            factory.endpointForURI(URI.fromBytes(b"https://h%d.silent.example/hooks" % n)).connect(None) for n in range(30)
+        ]
+        self.assertEqual((yield threads.deferToThread(lambda: "free")), "free")
+        self.assertLess(time.monotonic() - started, 0.5)
+        for attempt in attempts:
+            with self.assertRaises(TargetRefused) as caught:
+                yield attempt
+            self.assertIn("does not resolve: its DNS did not answer", str(caught.exception))
+        self.assertLess(time.monotonic() - started, 10)
 
     def test_request_url_keeps_an_ipv6_literal(self):
         """Issue 22: hyperlink's to_uri (what treq sends) fails on an IPv6 literal with InvalidCodepoint U+003A."""

@@ -177,7 +177,7 @@ def _secrets(settings: dict[str, Any]) -> list[str]:
 # a command's storage
 
 
-class Session:
+class CommandBackends:
     """The store of one command, and object storage for the commands that read blobs."""
 
     def __init__(self, settings: dict[str, Any]):
@@ -249,7 +249,7 @@ class _Verifying:
             )
 
 
-async def _copy_blob(session: Session, key: str, out: BinaryIO, what: str, sha256, size) -> None:
+async def _copy_blob(session: CommandBackends, key: str, out: BinaryIO, what: str, sha256, size) -> None:
     verifying = _Verifying(out)
     try:
         await session.blobs.read_to(key, verifying)
@@ -261,7 +261,7 @@ async def _copy_blob(session: Session, key: str, out: BinaryIO, what: str, sha25
 # commands
 
 
-async def cmd_migrate(session: Session, args: argparse.Namespace) -> None:
+async def cmd_migrate(session: CommandBackends, args: argparse.Namespace) -> None:
     applied = await session.store.migrate()
     if applied:
         print("applied schema version(s) " + ", ".join(str(v) for v in applied))
@@ -269,7 +269,7 @@ async def cmd_migrate(session: Session, args: argparse.Namespace) -> None:
         print("schema up to date")
 
 
-async def cmd_org_add(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_add(session: CommandBackends, args: argparse.Namespace) -> None:
     slug = args.slug.lower()
     if not valid_slug(slug):
         raise CommandError(
@@ -280,12 +280,12 @@ async def cmd_org_add(session: Session, args: argparse.Namespace) -> None:
     print(f"added organisation {row['slug']} (id {row['id']})")
 
 
-async def cmd_org_list(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_list(session: CommandBackends, args: argparse.Namespace) -> None:
     rows = [dict(row, reserved=row["slug"] == POSTMASTER_SLUG) for row in await session.store.list_orgs()]
     print(to_json(rows) if args.json else table(rows, ORG_TABLE))
 
 
-async def cmd_org_disable(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_disable(session: CommandBackends, args: argparse.Namespace) -> None:
     if args.slug.lower() == POSTMASTER_SLUG:
         raise CommandError(
             f"organisation {POSTMASTER_SLUG} is reserved: mail for postmaster is always accepted (RFC 5321 4.5.1)"
@@ -294,19 +294,19 @@ async def cmd_org_disable(session: Session, args: argparse.Namespace) -> None:
     print(f"disabled organisation {row['slug']}")
 
 
-async def cmd_org_enable(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_enable(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.store.set_org_active(args.slug, True)
     print(f"enabled organisation {row['slug']}")
 
 
-async def cmd_messages_list(session: Session, args: argparse.Namespace) -> None:
+async def cmd_messages_list(session: CommandBackends, args: argparse.Namespace) -> None:
     await session.require_org(args.org)
     rows = await session.store.list_messages(org_slug=args.org, status=args.status, limit=args.limit)
     columns = QUARANTINE_TABLE if args.status == "quarantined" else MESSAGE_TABLE
     print(to_json(rows) if args.json else table(rows, columns))
 
 
-async def _shown_headers(session: Session, raw_key: str) -> dict[str, str]:
+async def _shown_headers(session: CommandBackends, raw_key: str) -> dict[str, str]:
     """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them, unfolded."""
     headers, _ = read_headers(await head_of(session.blobs, raw_key))
     first: dict[str, str] = {}
@@ -315,7 +315,7 @@ async def _shown_headers(session: Session, raw_key: str) -> dict[str, str]:
     return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
 
 
-async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
+async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) -> None:
     """The row is shown even when object storage cannot give the headers: the reason takes their place."""
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
@@ -342,14 +342,14 @@ async def cmd_messages_show(session: Session, args: argparse.Namespace) -> None:
         print(table(documents, MESSAGE_DOCUMENT_TABLE))
 
 
-async def cmd_messages_raw(session: Session, args: argparse.Namespace) -> None:
+async def cmd_messages_raw(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.message(args.id)
     out = sys.stdout.buffer
     await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
     out.flush()
 
 
-async def cmd_documents_list(session: Session, args: argparse.Namespace) -> None:
+async def cmd_documents_list(session: CommandBackends, args: argparse.Namespace) -> None:
     await session.require_org(args.org)
     if args.message is not None:
         await session.message(args.message)
@@ -357,7 +357,7 @@ async def cmd_documents_list(session: Session, args: argparse.Namespace) -> None
     print(to_json(rows) if args.json else table(rows, DOCUMENT_TABLE))
 
 
-async def cmd_documents_show(session: Session, args: argparse.Namespace) -> None:
+async def cmd_documents_show(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.store.get_document(args.id)
     if row is None:
         raise CommandError(f"no document {args.id}")
@@ -369,7 +369,7 @@ async def cmd_documents_show(session: Session, args: argparse.Namespace) -> None
         print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
 
 
-async def cmd_documents_get(session: Session, args: argparse.Namespace) -> None:
+async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.store.get_document(args.id)
     if row is None:
         raise CommandError(f"no document {args.id}")
@@ -406,13 +406,13 @@ def _complete_or_nothing(path: str, mode: int, replace: bool = True) -> Iterator
         raise
 
 
-async def _download(session: Session, row: dict, path: str, what: str) -> None:
+async def _download(session: CommandBackends, row: dict, path: str, what: str) -> None:
     with _complete_or_nothing(path, 0o666) as out:
         await _copy_blob(session, row["storage_key"], out, what, row["sha256"], row["size"])
     print(f"wrote {row['size']} bytes to {path}")
 
 
-async def cmd_org_policy(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> None:
     domains = None
     if args.any_domain:
         domains = []
@@ -426,12 +426,12 @@ async def cmd_org_policy(session: Session, args: argparse.Namespace) -> None:
     print(f"sender policy of {row['slug']}: {policy.describe()}")
 
 
-async def cmd_release(session: Session, args: argparse.Namespace) -> None:
+async def cmd_release(session: CommandBackends, args: argparse.Namespace) -> None:
     await session.store.release(args.id)
     print(f"released message {args.id}: queued for extraction")
 
 
-async def cmd_reprocess(session: Session, args: argparse.Namespace) -> None:
+async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> None:
     if args.id is not None:
         await session.store.reprocess(args.id)
         print(f"queued message {args.id} for extraction again")
@@ -441,7 +441,7 @@ async def cmd_reprocess(session: Session, args: argparse.Namespace) -> None:
     print(f"queued {count} failed message{'' if count == 1 else 's'} for extraction again")
 
 
-async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
+async def cmd_gc(session: CommandBackends, args: argparse.Namespace) -> None:
     """The daemon's options (same environment and file) give the default margin and its floor."""
     daemon = resolve(DAEMON_OPTIONS, {}, os.environ, args.config)
     min_age = check_min_age(daemon["gc_min_age"] if args.min_age is None else args.min_age, daemon)
@@ -458,7 +458,7 @@ async def cmd_gc(session: Session, args: argparse.Namespace) -> None:
     )
 
 
-async def cmd_org_webhook(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) -> None:
     """
     The daemon's target policy decides which URLs are allowed: its options
     here, else the same environment and file as the daemon's.
@@ -491,7 +491,7 @@ async def cmd_org_webhook(session: Session, args: argparse.Namespace) -> None:
         print(f"signing secret (shown once, give it to the receiver): {secret}")
 
 
-async def cmd_org_token(session: Session, args: argparse.Namespace) -> None:
+async def cmd_org_token(session: CommandBackends, args: argparse.Namespace) -> None:
     if args.revoke:
         count = await session.store.revoke_tokens(args.slug)
         print(f"revoked {count} API token(s) of {args.slug.lower()}")
@@ -502,13 +502,13 @@ async def cmd_org_token(session: Session, args: argparse.Namespace) -> None:
     print(token)
 
 
-async def cmd_events_list(session: Session, args: argparse.Namespace) -> None:
+async def cmd_events_list(session: CommandBackends, args: argparse.Namespace) -> None:
     await session.require_org(args.org)
     rows = await session.store.list_events(org_slug=args.org, status=args.status, limit=args.limit)
     print(to_json(rows) if args.json else table(rows, EVENT_TABLE))
 
 
-async def cmd_events_redeliver(session: Session, args: argparse.Namespace) -> None:
+async def cmd_events_redeliver(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.store.redeliver(args.id)
     print(f"event {row['id']} ({row['event_id']}) queued for delivery again")
 
@@ -544,7 +544,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         descriptions = resolve((smtp,), {"smtp": args.smtp}, os.environ, args.config)["smtp"]
         server, endpoint = send_test.daemon_server(descriptions)
         found_as = f" (the daemon's SMTP endpoint {endpoint}; --server HOST:PORT sends elsewhere)"
-    attachments = [send_test.Attachment.load(path) for path in args.attach]
+    attachments = [send_test.FileToAttach.load(path) for path in args.attach]
     messages = (
         send_test.build_test_message(
             args.sender, args.to, attachments, args.subject, index, args.count
@@ -777,7 +777,7 @@ def _require_existing_database(url: str) -> None:
 
 
 async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: dict[str, Any]) -> int:
-    session = Session(settings)
+    session = CommandBackends(settings)
     try:
         try:
             if handler is not cmd_migrate:

@@ -30,13 +30,13 @@ class SendError(MailingestError):
 
 
 @dataclass(frozen=True)
-class Attachment:
+class FileToAttach:
     filename: str
     content_type: str
     data: bytes
 
     @classmethod
-    def load(cls, path: str) -> "Attachment":
+    def load(cls, path: str) -> "FileToAttach":
         """Read a file to attach, typed by its extension as a mail client would."""
         try:
             with open(path, "rb") as f:
@@ -97,7 +97,7 @@ def _domain_of(address: str) -> str:
 def build_test_message(
     sender: str,
     recipients: list[str],
-    attachments: Iterable[Attachment] = (),
+    attachments: Iterable[FileToAttach] = (),
     subject: str | None = None,
     index: int = 1,
     count: int = 1,

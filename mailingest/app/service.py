@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
+from mailingest.delivery.transaction import IngestDeliveries
 from mailingest.interfaces import ISchemaStore
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
@@ -288,7 +289,7 @@ def add_smtp_side(settings: dict, reactor, ingest: Ingest, parent: service.Multi
     if settings["tls_cert"]:
         tls_context = ReloadableTLS(settings["tls_cert"], settings["tls_key"])
     factory = IngestSMTPFactory(
-        ingest,
+        IngestDeliveries(ingest),
         hostname=settings["hostname"],
         max_message_size=settings["max_message_size"],
         max_recipients=settings["max_recipients"],

@@ -1,7 +1,9 @@
 """
 The console's HTTP side: sign-in with an API token, a session cookie, the
 pages, the downloads (streamed by the API's code) and the admin's POST
-actions, each checked against the session's CSRF token and logged.
+actions, each checked against the session's CSRF token and logged. Each page
+is a small resource of a twisted.web tree (L{mailingest.ops.web}) rooted at
+L{ConsoleResource}, which L{make_site} puts at C{/console} below the API's root.
 
 Every answer carries a Content-Security-Policy that allows no inline script,
 style or frame, so even a mistake in escaping could not run mail's script.
@@ -13,23 +15,25 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import date, datetime, time, timedelta, timezone
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.template import flattenString
 
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
-from mailingest.console.sessions import Session, Sessions
+from mailingest.console.sessions import ConsoleSession, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
 from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
+from mailingest.ops.web import Node, numbered
 
 log = Logger(namespace="mailingest.console")
 
@@ -142,8 +146,278 @@ def _search_arguments(filters: dict[str, str]) -> dict:
     }
 
 
-class ConsoleResource(resource.Resource):
-    isLeaf = True
+def _arg(request: server.Request, name: str) -> str:
+    values = request.args.get(name.encode())
+    return values[-1].decode("utf-8", "replace")[:MAX_FIELD] if values else ""
+
+
+class _Page(Node):
+    """
+    A path of the console. Every answer carries L{SECURITY_HEADERS}. A path
+    answers the methods it has a handler for (C{get}, which HEAD uses too, and
+    C{post}), 405 with C{Allow} to others; a path with neither, or anything
+    below a path that is no route, is the 404 page. A C{signed} path needs a
+    session (else the sign-in page), and its POST the session's CSRF token.
+    """
+
+    signed = False
+    get: Callable[[server.Request, ConsoleSession | None], Awaitable[None]] | None = None
+    post: Callable[[server.Request, ConsoleSession | None], Awaitable[None]] | None = None
+
+    def missing(self) -> resource.IResource:
+        return _Page(self.site)
+
+    def render(self, request: server.Request) -> int:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        request.setHeader(b"x-frame-options", b"DENY")
+        return super().render(request)
+
+    async def answer(self, request: server.Request) -> None:
+        site = self.site
+        cookie = request.getCookie(COOKIE)
+        session = site.sessions.get(cookie.decode("ascii", "replace") if cookie else None)
+        handlers = {"GET": self.get, "POST": self.post}
+        method = "GET" if request.method == b"HEAD" else request.method.decode("ascii", "replace")
+        handler = handlers.get(method)
+        if handler is None:
+            allowed = [name for name, known in handlers.items() if known is not None]
+            if not allowed:
+                return await site.page(request, pages.not_found(session), 404)
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+            return await site.page(request, pages.layout("Method not allowed", [], session), 405)
+        if self.signed and session is None:
+            return site.redirect(request, "/console/sign-in")
+        if method == "POST" and self.signed and not hmac.compare_digest(_arg(request, "csrf").encode(), session.csrf.encode()):
+            return await site.page(request, pages.layout("Expired form", [pages.tags.p("The form expired; go back, reload and try again.")], session), 403)
+        try:
+            await handler(request, session)
+        except NotFound:
+            await site.page(request, pages.not_found(session), 404)
+        except Forbidden:
+            await site.page(request, pages.forbidden(session), 403)
+
+    def failed(self, failure: Failure, request: server.Request) -> None:
+        log.failure("console request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
+        if not request.startedWriting and not request.finished:
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"internal error; see the daemon's log\n")
+            request.finish()
+
+
+# signing in and out
+
+
+class _Home(_Page):
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
+        self.site.redirect(request, "/console/orgs")
+
+
+class _SignIn(_Page):
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
+        await self.site.page(request, pages.sign_in(self.site.sign_in_token(request)))
+
+    async def post(self, request: server.Request, session: ConsoleSession | None) -> None:
+        site = self.site
+        client = client_key(request)
+        try:
+            site.api.throttle.sign_in(client)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return await site.page(request, pages.sign_in(site.sign_in_token(request), str(e).capitalize() + "."), 429)
+        expected = request.getCookie(SIGN_IN_COOKIE) or b""
+        if not expected or not hmac.compare_digest(_arg(request, "csrf").encode(), expected):
+            site.api.throttle.log("console: sign-in without its form's token from {client}", client=client)
+            page = pages.sign_in(site.sign_in_token(request), "The form expired; sign in again.")
+            return await site.page(request, page, 403)
+        token = _arg(request, "token").strip()
+        try:
+            if not token:
+                raise UnknownToken()
+            scope = await token_scope(site.store, site.api.admin_hash, token)
+        except UnknownToken:
+            site.api.throttle.failed(client, "console")
+            return await site.page(request, pages.sign_in(site.sign_in_token(request), "That token is not known, or it was revoked."), 401)
+        session = site.sessions.open(scope, token_hash(token))
+        request.addCookie(
+            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=site.secure(request), sameSite="strict"
+        )
+        request.addCookie(
+            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=site.secure(request), sameSite="strict", max_age=b"0"
+        )
+        log.info("console sign-in: {who}", who=session.who)
+        site.redirect(request, "/console/orgs")
+
+
+class _SignOut(_Page):
+    signed = True
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        self.site.sessions.close(session.id)
+        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self.site.secure(request), sameSite="strict", max_age=b"0")
+        self.site.redirect(request, "/console/sign-in")
+
+
+class _Stylesheet(_Page):
+    async def get(self, request: server.Request, session: ConsoleSession | None) -> None:
+        with open(os.path.join(STATIC, "console.css"), "rb") as f:
+            body = f.read()
+        request.setHeader(b"content-type", b"text/css; charset=utf-8")
+        request.setHeader(b"cache-control", b"max-age=3600")
+        request.setHeader(b"content-length", str(len(body)).encode())
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+
+class _Static(_Page):
+    below = {b"console.css": _Stylesheet}
+
+
+# the pages
+
+
+class _OrgMessages(_Page):
+    signed = True
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        site, id = self.site, self.id
+        orgs = await site.store.org_summaries(datetime.now(timezone.utc), id)
+        if not orgs or (session.scope is not None and session.scope != id):
+            raise NotFound()
+        filters = {name: _arg(request, name) for name in ("q", "status", "sender", "from", "to", "cursor")}
+        try:
+            search = _search_arguments(filters)
+        except BadFilter as e:
+            return await site.page(request, pages.messages(orgs[0], [], filters, None, session, str(e)), 400)
+        rows = await site.store.search_messages(id, limit=PAGE_SIZE + 1, **search)
+        cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
+        await site.page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
+
+
+class _Org(_Page):
+    below = {b"messages": _OrgMessages}
+
+
+class _Orgs(_Page):
+    signed = True
+    item = _Org
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        today = datetime.combine(datetime.now(timezone.utc).date(), time(), timezone.utc)
+        orgs = await self.site.store.org_summaries(today, session.scope)
+        await self.site.page(request, pages.organisations(orgs, session))
+
+
+class _Raw(_Page):
+    signed = True
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        row = self.site.scoped(await self.site.store.get_message(self.id), session)
+        await self.site.stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{self.id}.eml")
+
+
+class _Action(_Page):
+    """An admin's action on a message: its GET is the page that asks (a link reaches it), its form's POST does it."""
+
+    signed = True
+    action = ""
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        await self.site.confirm(request, session, self.id, self.action)
+
+
+class _Reprocess(_Action):
+    action = "reprocess"
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        id = self.id
+        row = await self.site.store.get_message(id)
+
+        async def change() -> None:
+            reason = pages.inapplicable(row, "reprocess")
+            if reason:
+                raise Inapplicable(reason)
+            await self.site.store.reprocess(id)
+
+        await self.site.act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
+
+
+class _Release(_Action):
+    action = "release"
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        id = self.id
+        row = await self.site.store.get_message(id)
+        notice = f"Message {id} is released from quarantine and queued for extraction."
+        await self.site.act(request, session, row, lambda: self.site.store.release(id), notice, id)
+
+
+class _MessagePage(_Page):
+    signed = True
+    below = {b"raw": _Raw, b"reprocess": _Reprocess, b"release": _Release}
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        site, id = self.site, self.id
+        row = site.scoped(await site.store.get_message(id), session)
+        documents = await site.store.list_documents(message_id=id)
+        events = await site.store.message_events(id)
+        history = await site.store.status_history(id)
+        headers, truncated = read_headers(await head_of(site.blobs, row["raw_key"]))
+        await site.page(request, pages.message(row, headers, truncated, documents, events, session, history))
+        session.notice = None
+
+
+class _MessagesPage(_Page):
+    item = _MessagePage
+
+
+class _DocumentDownload(_Page):
+    signed = True
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        row = self.site.scoped(await self.site.store.get_document(self.id), session)
+        await self.site.stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
+
+
+class _Redeliver(_Page):
+    signed = True
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        site, id = self.site, self.id
+        event = site.scoped(await site.store.get_event(id), session)
+        notice = f"Webhook event {event['event_id']} will be delivered again now."
+        await site.act(request, session, event, lambda: site.store.redeliver(id), notice, event["inbound_message_id"])
+
+
+class _Status(_Page):
+    signed = True
+
+    async def get(self, request: server.Request, session: ConsoleSession) -> None:
+        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
+        site = self.site
+        readiness = run_checks(site.checks, site.check_timeout, site.clock)
+        queue = site.bounded_count(lambda: site.store.count_messages("received", org_id=session.scope))
+        outbox = site.bounded_count(lambda: site.store.count_events("pending", org_id=session.scope))
+        depths = await defer.gatherResults([queue, outbox])
+        await site.page(request, pages.status(*depths, site.rejections.last_hour(), await readiness, session))
+
+
+class ConsoleResource(_Home):
+    """The console's root (C{/console}), holding what its pages share."""
+
+    below = {
+        b"": _Home,
+        b"sign-in": _SignIn,
+        b"sign-out": _SignOut,
+        b"static": _Static,
+        b"orgs": _Orgs,
+        b"messages": _MessagesPage,
+        b"documents": numbered(_Page, {b"content": _DocumentDownload}),
+        b"events": numbered(_Page, {b"redeliver": _Redeliver}),
+        b"status": _Status,
+    }
 
     def __init__(
         self,
@@ -158,7 +432,7 @@ class ConsoleResource(resource.Resource):
         https: bool = False,
     ):
         """C{https}: the operator's C{--api-public-url} is https, so cookies are Secure even when a proxy speaks plain HTTP to us."""
-        super().__init__()
+        super().__init__(self)
         self.https = https
         self.checks = dict(checks)
         self.clock = clock
@@ -168,77 +442,8 @@ class ConsoleResource(resource.Resource):
         self.api = api
         self.sessions = sessions
         self.rejections = rejections
-        self.routes = [
-            ("GET", r"/console/?", self.home, False),
-            ("GET", r"/console/sign-in", self.sign_in_page, False),
-            ("POST", r"/console/sign-in", self.sign_in, False),
-            ("POST", r"/console/sign-out", self.sign_out, True),
-            ("GET", r"/console/static/console\.css", self.stylesheet, False),
-            ("GET", r"/console/orgs", self.organisations, True),
-            ("GET", r"/console/orgs/(?P<id>\d{1,18})/messages", self.messages, True),
-            ("GET", r"/console/messages/(?P<id>\d{1,18})", self.message, True),
-            ("GET", r"/console/messages/(?P<id>\d{1,18})/raw", self.raw, True),
-            ("GET", r"/console/documents/(?P<id>\d{1,18})/content", self.document, True),
-            ("GET", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.confirm_reprocess, True),
-            ("POST", r"/console/messages/(?P<id>\d{1,18})/reprocess", self.reprocess, True),
-            ("GET", r"/console/messages/(?P<id>\d{1,18})/release", self.confirm_release, True),
-            ("POST", r"/console/messages/(?P<id>\d{1,18})/release", self.release, True),
-            ("POST", r"/console/events/(?P<id>\d{1,18})/redeliver", self.redeliver, True),
-            ("GET", r"/console/status", self.status, True),
-        ]
-        self._patterns = [(method, re.compile("^" + path + "$"), handler, signed) for method, path, handler, signed in self.routes]
 
-    def render(self, request: server.Request):
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
-        request.setHeader(b"x-frame-options", b"DENY")
-        d = defer.ensureDeferred(self._handle(request))
-        d.addErrback(self._unexpected, request)
-        return server.NOT_DONE_YET
-
-    async def _handle(self, request: server.Request) -> None:
-        path = request.path.decode("utf-8", "replace")
-        method = "GET" if request.method == b"HEAD" else request.method.decode("ascii", "replace")
-        session = self.sessions.get(request.getCookie(COOKIE).decode("ascii", "replace") if request.getCookie(COOKIE) else None)
-        allowed = []
-        for route_method, pattern, handler, signed in self._patterns:
-            match = pattern.match(path)
-            if not match:
-                continue
-            allowed.append(route_method)
-            if route_method != method:
-                continue
-            if signed and session is None:
-                return self._redirect(request, "/console/sign-in")
-            if route_method == "POST" and signed and not hmac.compare_digest(self._arg(request, "csrf").encode(), session.csrf.encode()):
-                return await self._page(request, pages.layout("Expired form", [pages.tags.p("The form expired; go back, reload and try again.")], session), 403)
-            try:
-                args = {k: int(v) for k, v in match.groupdict().items()}
-                await handler(request, session, **args) if signed else await handler(request)
-            except NotFound:
-                await self._page(request, pages.not_found(session), 404)
-            except Forbidden:
-                await self._page(request, pages.forbidden(session), 403)
-            return
-        if allowed:
-            request.setHeader(b"allow", ", ".join(allowed).encode())
-            return await self._page(request, pages.layout("Method not allowed", [], session), 405)
-        await self._page(request, pages.not_found(session), 404)
-
-    def _unexpected(self, failure, request: server.Request) -> None:
-        log.failure("console request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
-        if not request.startedWriting and not request.finished:
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"internal error; see the daemon's log\n")
-            request.finish()
-
-    @staticmethod
-    def _arg(request: server.Request, name: str) -> str:
-        values = request.args.get(name.encode())
-        return values[-1].decode("utf-8", "replace")[:MAX_FIELD] if values else ""
-
-    async def _page(self, request: server.Request, page, status: int = 200) -> None:
+    async def page(self, request: server.Request, page, status: int = 200) -> None:
         body = await flattenString(request, page)
         if request._disconnected:
             return
@@ -249,143 +454,43 @@ class ConsoleResource(resource.Resource):
             request.write(b"<!DOCTYPE html>" + body)
         request.finish()
 
-    def _redirect(self, request: server.Request, url: str) -> None:
+    def redirect(self, request: server.Request, url: str) -> None:
         request.setResponseCode(303)
         request.setHeader(b"location", url.encode("ascii"))
         request.setHeader(b"content-length", b"0")
         request.finish()
 
-    def _scoped(self, row: dict | None, session: Session, key: str = "org_id") -> dict:
+    def scoped(self, row: dict | None, session: ConsoleSession, key: str = "org_id") -> dict:
         if row is None or (session.scope is not None and row[key] != session.scope):
             raise NotFound()
         return row
 
-    # signing in and out
-
-    async def home(self, request: server.Request) -> None:
-        self._redirect(request, "/console/orgs")
-
-    async def sign_in_page(self, request: server.Request) -> None:
-        await self._page(request, pages.sign_in(self._sign_in_token(request)))
-
-    def _secure(self, request: server.Request) -> bool:
+    def secure(self, request: server.Request) -> bool:
         """Whether cookies get C{Secure}: from the operator's setting or our own TLS, never from a request header."""
         return self.https or request.isSecure()
 
-    def _sign_in_token(self, request: server.Request) -> str:
+    def sign_in_token(self, request: server.Request) -> str:
         """The pre-session token of the sign-in form: its cookie's, or a new one set now."""
         token = request.getCookie(SIGN_IN_COOKIE) or b""
         if not _SIGN_IN_TOKEN.match(token):
             token = secrets.token_urlsafe(32).encode()
-            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict")
+            request.addCookie(SIGN_IN_COOKIE, token, path=SIGN_IN_PATH, httpOnly=True, secure=self.secure(request), sameSite="strict")
         return token.decode()
 
-    async def sign_in(self, request: server.Request) -> None:
-        client = client_key(request)
-        try:
-            self.api.throttle.sign_in(client)
-        except TooManyFailures as e:
-            request.setHeader(b"retry-after", str(e.retry_after).encode())
-            return await self._page(request, pages.sign_in(self._sign_in_token(request), str(e).capitalize() + "."), 429)
-        expected = request.getCookie(SIGN_IN_COOKIE) or b""
-        if not expected or not hmac.compare_digest(self._arg(request, "csrf").encode(), expected):
-            self.api.throttle.log("console: sign-in without its form's token from {client}", client=client)
-            page = pages.sign_in(self._sign_in_token(request), "The form expired; sign in again.")
-            return await self._page(request, page, 403)
-        token = self._arg(request, "token").strip()
-        try:
-            if not token:
-                raise UnknownToken()
-            scope = await token_scope(self.store, self.api.admin_hash, token)
-        except UnknownToken:
-            self.api.throttle.failed(client, "console")
-            return await self._page(request, pages.sign_in(self._sign_in_token(request), "That token is not known, or it was revoked."), 401)
-        session = self.sessions.open(scope, token_hash(token))
-        request.addCookie(
-            COOKIE, session.id.encode(), path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict"
-        )
-        request.addCookie(
-            SIGN_IN_COOKIE, b"", path=SIGN_IN_PATH, httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0"
-        )
-        log.info("console sign-in: {who}", who=session.who)
-        self._redirect(request, "/console/orgs")
-
-    async def sign_out(self, request: server.Request, session: Session) -> None:
-        self.sessions.close(session.id)
-        request.addCookie(COOKIE, b"", path=b"/console", httpOnly=True, secure=self._secure(request), sameSite="strict", max_age=b"0")
-        self._redirect(request, "/console/sign-in")
-
-    async def stylesheet(self, request: server.Request) -> None:
-        with open(os.path.join(STATIC, "console.css"), "rb") as f:
-            body = f.read()
-        request.setHeader(b"content-type", b"text/css; charset=utf-8")
-        request.setHeader(b"cache-control", b"max-age=3600")
-        request.setHeader(b"content-length", str(len(body)).encode())
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
-
-    # the pages
-
-    async def organisations(self, request: server.Request, session: Session) -> None:
-        today = datetime.combine(datetime.now(timezone.utc).date(), time(), timezone.utc)
-        orgs = await self.store.org_summaries(today, session.scope)
-        await self._page(request, pages.organisations(orgs, session))
-
-    async def messages(self, request: server.Request, session: Session, id: int) -> None:
-        orgs = await self.store.org_summaries(datetime.now(timezone.utc), id)
-        if not orgs or (session.scope is not None and session.scope != id):
-            raise NotFound()
-        filters = {name: self._arg(request, name) for name in ("q", "status", "sender", "from", "to", "cursor")}
-        try:
-            search = _search_arguments(filters)
-        except BadFilter as e:
-            return await self._page(request, pages.messages(orgs[0], [], filters, None, session, str(e)), 400)
-        rows = await self.store.search_messages(id, limit=PAGE_SIZE + 1, **search)
-        cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
-        await self._page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
-
-    async def message(self, request: server.Request, session: Session, id: int) -> None:
-        row = self._scoped(await self.store.get_message(id), session)
-        documents = await self.store.list_documents(message_id=id)
-        events = await self.store.message_events(id)
-        history = await self.store.status_history(id)
-        headers, truncated = read_headers(await head_of(self.blobs, row["raw_key"]))
-        await self._page(request, pages.message(row, headers, truncated, documents, events, session, history))
-        session.notice = None
-
-    async def raw(self, request: server.Request, session: Session, id: int) -> None:
-        row = self._scoped(await self.store.get_message(id), session)
-        await self._stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{id}.eml")
-
-    async def document(self, request: server.Request, session: Session, id: int) -> None:
-        row = self._scoped(await self.store.get_document(id), session)
-        await self._stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
-
-    async def _stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
+    async def stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
         try:
             await self.api.stream(request, key, size, content_type, filename)
         except ApiError:
             raise NotFound() from None
 
-    async def status(self, request: server.Request, session: Session) -> None:
-        """Every backend question bounded like C{/readyz}'s, so a hung database cannot hang the page; an organisation's figures only its own."""
-        readiness = run_checks(self.checks, self.check_timeout, self.clock)
-        queue = self._bounded_count(lambda: self.store.count_messages("received", org_id=session.scope))
-        outbox = self._bounded_count(lambda: self.store.count_events("pending", org_id=session.scope))
-        depths = await defer.gatherResults([queue, outbox])
-        await self._page(request, pages.status(*depths, self.rejections.last_hour(), await readiness, session))
-
-    def _bounded_count(self, count: Check) -> defer.Deferred:
+    def bounded_count(self, count: Check) -> defer.Deferred:
         return bounded(count, self.check_timeout, self.clock).addErrback(lambda failure: "unknown: " + describe_failure(failure))
 
-    # the admin's actions
-
-    async def _act(self, request: server.Request, session: Session, row: dict | None, change, notice: str, page: int) -> None:
+    async def act(self, request: server.Request, session: ConsoleSession, row: dict | None, change, notice: str, page: int) -> None:
         """An admin's action on a row the session may see: done, logged, confirmed on the message's page."""
         if not session.admin:
             raise Forbidden()
-        self._scoped(row, session)
+        self.scoped(row, session)
         try:
             await change()
         except (NoSuchMessage, NoSuchEvent):
@@ -395,53 +500,14 @@ class ConsoleResource(resource.Resource):
         else:
             session.notice = notice
             log.info("console: {who}: {notice}", who=session.who, notice=notice)
-        self._redirect(request, f"/console/messages/{page}")
+        self.redirect(request, f"/console/messages/{page}")
 
-    async def _confirm(self, request: server.Request, session: Session, id: int, action: str) -> None:
-        """The page that asks before an action (GET, so a link reaches it; the action itself is its form's POST)."""
+    async def confirm(self, request: server.Request, session: ConsoleSession, id: int, action: str) -> None:
+        """The page that asks before an admin's action on a message."""
         if not session.admin:
             raise Forbidden()
-        row = self._scoped(await self.store.get_message(id), session)
-        await self._page(request, pages.confirm(row, action, session), 409 if pages.inapplicable(row, action) else 200)
-
-    async def confirm_reprocess(self, request: server.Request, session: Session, id: int) -> None:
-        await self._confirm(request, session, id, "reprocess")
-
-    async def confirm_release(self, request: server.Request, session: Session, id: int) -> None:
-        await self._confirm(request, session, id, "release")
-
-    async def reprocess(self, request: server.Request, session: Session, id: int) -> None:
-        row = await self.store.get_message(id)
-
-        async def change() -> None:
-            reason = pages.inapplicable(row, "reprocess")
-            if reason:
-                raise Inapplicable(reason)
-            await self.store.reprocess(id)
-
-        await self._act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
-
-    async def release(self, request: server.Request, session: Session, id: int) -> None:
-        row = await self.store.get_message(id)
-        notice = f"Message {id} is released from quarantine and queued for extraction."
-        await self._act(request, session, row, lambda: self.store.release(id), notice, id)
-
-    async def redeliver(self, request: server.Request, session: Session, id: int) -> None:
-        event = self._scoped(await self.store.get_event(id), session)
-        notice = f"Webhook event {event['event_id']} will be delivered again now."
-        await self._act(request, session, event, lambda: self.store.redeliver(id), notice, event["inbound_message_id"])
-
-
-class _Root(resource.Resource):
-    """The API's site: C{/console/...} to the console, everything else to the API."""
-
-    def __init__(self, api: ApiResource, console: ConsoleResource):
-        super().__init__()
-        self.api = api
-        self.console = console
-
-    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
-        return self.console if path == b"console" else self.api
+        row = self.scoped(await self.store.get_message(id), session)
+        await self.page(request, pages.confirm(row, action, session), 409 if pages.inapplicable(row, action) else 200)
 
 
 def make_site(
@@ -458,4 +524,5 @@ def make_site(
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
     https = api_url is not None and api_url.startswith("https://")
     console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)
-    return OpsSite(_Root(api, console))
+    api.putChild(b"console", console)
+    return OpsSite(api)

@@ -18,7 +18,7 @@ SWEEP_SECONDS = 60.0
 
 
 @dataclass
-class Session:
+class ConsoleSession:
     id: str
     scope: int | None  # the organisation id the token sees; None: the admin token, every organisation
     expires: float
@@ -50,11 +50,11 @@ class Sessions:
         self.lifetime = lifetime
         self.limit = limit
         self.per_token = per_token
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, ConsoleSession] = {}
         self._by_token: dict[str, dict[str, None]] = {}  # each token's session ids, oldest first
         self._next_sweep = 0.0
 
-    def open(self, scope: int | None, token: str) -> Session:
+    def open(self, scope: int | None, token: str) -> ConsoleSession:
         """A new session for C{scope}, signed in with the token whose SHA-256 is C{token}."""
         now = self.clock.seconds()
         if now >= self._next_sweep:
@@ -65,12 +65,12 @@ class Sessions:
             self.close(next(iter(self._by_token[token])))
         while len(self._sessions) >= self.limit:
             self.close(next(iter(max(self._by_token.values(), key=len))))
-        session = Session(secrets.token_urlsafe(32), scope, now + self.lifetime, token)
+        session = ConsoleSession(secrets.token_urlsafe(32), scope, now + self.lifetime, token)
         self._sessions[session.id] = session
         self._by_token.setdefault(token, {})[session.id] = None
         return session
 
-    def get(self, sid: str | None) -> Session | None:
+    def get(self, sid: str | None) -> ConsoleSession | None:
         session = self._sessions.get(sid or "")
         now = self.clock.seconds()
         if session is None:

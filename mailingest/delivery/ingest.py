@@ -21,10 +21,11 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailingest.ops import metrics
 from mailingest.encoded_words import decode_header
-from mailingest.interfaces import Collision, Duplicate, IIntakeStore
+from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.received import printable
 from mailingest.delivery.routing import normalise_domain, parse_recipient, valid_slug
@@ -63,6 +64,7 @@ class Envelope:
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+@implementer(IDeliveryOutcome)
 @dataclass(frozen=True)
 class Outcome:
     """
@@ -71,6 +73,10 @@ class Outcome:
     """
 
     rows: list[tuple[Recipient, int]]
+
+    @property
+    def ids(self) -> list[int]:
+        return [row_id for _, row_id in self.rows]
 
 
 def _is_ip(text: str) -> bool:

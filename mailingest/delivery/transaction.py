@@ -1,9 +1,10 @@
 """
 Twisted's delivery seam for one SMTP session.
 
-The protocol holds an L{IngestDeliveryFactory} (Twisted's
-C{IMessageDeliveryFactory}); Twisted asks it for a new L{IngestDelivery} (an
-C{IMessageDelivery}) at each C{MAIL FROM}, so one delivery is one transaction.
+The SMTP factory is given L{IngestDeliveries} (L{ISMTPDelivery}), which makes
+each connection's L{IngestDeliveryFactory} (Twisted's
+C{IMessageDeliveryFactory}); the protocol asks it for a new L{IngestDelivery}
+(an C{IMessageDelivery}) at each C{MAIL FROM}, so one delivery is one transaction.
 
 Twisted calls the message factory of every accepted recipient and feeds each
 message it gets every line; a message sent to three organisations must still
@@ -26,9 +27,20 @@ from mailingest.delivery.received import received_header
 from mailingest.delivery.routing import address_text
 from mailingest.delivery.session import Session
 from mailingest.delivery.spool import Spool
-from mailingest.interfaces import IIngestMessage
+from mailingest.interfaces import IIngestMessage, ISMTPDelivery
 
 log = Logger(namespace="mailingest.delivery")
+
+
+@implementer(ISMTPDelivery)
+class IngestDeliveries:
+    """Delivery through L{Ingest}, for the SMTP factory to give each connection."""
+
+    def __init__(self, ingest: Ingest):
+        self.ingest = ingest
+
+    def deliveryFactory(self, session: Session) -> "IngestDeliveryFactory":
+        return IngestDeliveryFactory(self.ingest, session)
 
 
 @implementer(smtp.IMessageDeliveryFactory)

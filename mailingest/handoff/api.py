@@ -7,7 +7,8 @@ ids cannot be probed); the admin token (from a file) sees all. Tokens are
 kept as SHA-256 hashes. Errors are JSON with a stable C{error} code.
 Message and document contents are streamed from the blob store: from local
 disk by a producer that reads a chunk when the client has taken the last
-one, so a 50 MB document never sits in memory.
+one, so a 50 MB document never sits in memory. Each endpoint is a small
+resource of a twisted.web tree (L{mailingest.ops.web}) rooted at L{ApiResource}.
 """
 
 import base64
@@ -20,8 +21,8 @@ import secrets
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
 from mailingest.errors import BlobNotFound, ConfigError
@@ -29,6 +30,7 @@ from mailingest.handoff import openapi
 from mailingest.handoff.events import document_object, iso, message_object
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.interfaces import IOrgStore, IReadStore
+from mailingest.ops.web import Node
 from mailingest.storage.store import MESSAGE_STATUSES
 
 log = Logger(namespace="mailingest.api")
@@ -148,11 +150,118 @@ class _RequestSink:
         self.request.write(data)
 
 
-class ApiResource(resource.Resource):
-    isLeaf = True
+class _Path(Node):
+    """
+    A path of the API: GET and HEAD only (405 otherwise, on any path, before
+    routing), errors as JSON with their code; a path that is no endpoint, or
+    anything below one, is C{no_route}.
+    """
+
+    def missing(self) -> resource.IResource:
+        return _Path(self.site)
+
+    async def answer(self, request: server.Request) -> None:
+        try:
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
+            await self.get(request)
+        except ApiError as e:
+            self.site.send_json(request, {"error": e.code, "message": str(e)}, e.status)
+        except TooManyFailures as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode())
+            self.site.send_json(request, {"error": e.code, "message": str(e)}, 429)
+
+    async def get(self, request: server.Request) -> None:
+        raise ApiError(404, "no_route", "no such endpoint; see /v1/openapi.json")
+
+    def failed(self, failure: Failure, request: server.Request) -> None:
+        log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
+        if not request.startedWriting and not request.finished:
+            self.site.send_json(request, {"error": "internal", "message": "internal error; see the daemon's log"}, 500)
+
+
+class _Endpoint(_Path):
+    """An endpoint: it answers for the organisation the request's token sees (L{read}), unless it is C{public}."""
+
+    public = False
+
+    async def get(self, request: server.Request) -> None:
+        await self.read(request, None if self.public else await self.site.authorize(request))
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        raise NotImplementedError
+
+
+class _MessageRaw(_Endpoint):
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
+        await self.site.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{self.id}.eml")
+
+
+class _Message(_Endpoint):
+    below = {b"raw": _MessageRaw}
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
+        documents = await self.site.store.list_documents(message_id=self.id)
+        self.site.send_json(request, dict(self.site.message_json(row), documents=[self.site.document_json(d) for d in documents]))
+
+
+class _Messages(_Endpoint):
+    item = _Message
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        args = {k.decode(): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
+        limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
+        rows = await self.site.store.page_messages(
+            org_id=scope,
+            status=_parse_status(args["status"]) if args.get("status") else None,
+            since=_parse_since(args["since"]) if args.get("since") else None,
+            before_id=decode_cursor(args["cursor"]) if args.get("cursor") else None,
+            limit=limit + 1,
+        )
+        page = rows[:limit]
+        cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+        self.site.send_json(request, {"messages": [self.site.message_json(row) for row in page], "next_cursor": cursor})
+
+
+class _DocumentContent(_Endpoint):
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_document, self.id, scope, "document")
+        await self.site.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
+
+
+class _Document(_Endpoint):
+    below = {b"content": _DocumentContent}
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_document, self.id, scope, "document")
+        self.site.send_json(request, self.site.document_json(row))
+
+
+class _Documents(_Path):
+    item = _Document
+
+
+class _OpenApi(_Endpoint):
+    public = True
+
+    async def read(self, request: server.Request, scope: None) -> None:
+        self.site.send_json(request, openapi.DOCUMENT)
+
+
+class _V1(_Path):
+    below = {b"messages": _Messages, b"documents": _Documents, b"openapi.json": _OpenApi}
+
+
+class ApiResource(_Path):
+    """The API's site root (C{/}), holding what its endpoints share; the console is put below it by L{make_site}."""
+
+    below = {b"v1": _V1}
 
     def __init__(self, store: "IReadStore | IOrgStore", blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
-        super().__init__()
+        super().__init__(self)
         if throttle is None:
             from twisted.internet import reactor
 
@@ -162,50 +271,11 @@ class ApiResource(resource.Resource):
         self.blobs = blobs
         self.admin_hash = token_hash(admin_token) if admin_token else None
         self.api_url = api_url
-        self.routes = [
-            ("/v1/messages", self.messages),
-            ("/v1/messages/{id}", self.message),
-            ("/v1/messages/{id}/raw", self.message_raw),
-            ("/v1/documents/{id}", self.document),
-            ("/v1/documents/{id}/content", self.document_content),
-            ("/v1/openapi.json", self.openapi),
-        ]
-        self._patterns = [
-            (re.compile("^" + template.replace(".", r"\.").replace("{id}", r"(?P<id>[0-9]{1,18})") + "$"), handler)
-            for template, handler in self.routes
-        ]
 
-    def render(self, request: server.Request):
-        d = defer.ensureDeferred(self._handle(request))
-        d.addErrback(self._unexpected, request)
-        return server.NOT_DONE_YET
+    # The API's endpoints as (template, class), e.g. ("/v1/messages/{id}", _Message): what the OpenAPI document lists.
+    routes = [(template, node) for template, node in _V1.paths("/v1") if issubclass(node, _Endpoint)]
 
-    async def _handle(self, request: server.Request) -> None:
-        try:
-            if request.method not in (b"GET", b"HEAD"):
-                request.setHeader(b"allow", b"GET, HEAD")
-                raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
-            path = request.path.decode("utf-8", "replace")
-            for pattern, handler in self._patterns:
-                match = pattern.match(path)
-                if match:
-                    break
-            else:
-                raise ApiError(404, "no_route", "no such endpoint; see /v1/openapi.json")
-            scope = None if handler == self.openapi else await self._authorize(request)
-            await handler(request, scope, **{k: int(v) for k, v in match.groupdict().items()})
-        except ApiError as e:
-            self._json(request, {"error": e.code, "message": str(e)}, e.status)
-        except TooManyFailures as e:
-            request.setHeader(b"retry-after", str(e.retry_after).encode())
-            self._json(request, {"error": e.code, "message": str(e)}, 429)
-
-    def _unexpected(self, failure, request: server.Request) -> None:
-        log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
-        if not request.startedWriting and not request.finished:
-            self._json(request, {"error": "internal", "message": "internal error; see the daemon's log"}, 500)
-
-    def _json(self, request: server.Request, body, status: int = 200) -> None:
+    def send_json(self, request: server.Request, body, status: int = 200) -> None:
         if request.finished or request._disconnected:
             return
         data = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -216,7 +286,7 @@ class ApiResource(resource.Resource):
             request.write(data)
         request.finish()
 
-    async def _authorize(self, request: server.Request) -> int | None:
+    async def authorize(self, request: server.Request) -> int | None:
         """The organisation id the token sees, None for the admin token; 401 otherwise."""
         header = (request.getHeader(b"authorization") or b"").decode("latin-1").strip()
         scheme, _, token = header.partition(" ")
@@ -232,13 +302,13 @@ class ApiResource(resource.Resource):
             request.setHeader(b"www-authenticate", b'Bearer realm="mailingest", error="invalid_token"')
             raise ApiError(401, "unauthorized", "unknown or revoked token") from None
 
-    async def _row(self, fetch, row_id: int, scope: int | None, what: str) -> dict:
+    async def row(self, fetch, row_id: int, scope: int | None, what: str) -> dict:
         row = await fetch(row_id)
         if row is None or (scope is not None and row["org_id"] != scope):
             raise _not_found(what)
         return row
 
-    def _message_json(self, row: dict) -> dict:
+    def message_json(self, row: dict) -> dict:
         return {
             **message_object(row["id"], row, row["status"], row["last_error"], self.api_url),
             "organization": row["org_slug"],
@@ -247,44 +317,8 @@ class ApiResource(resource.Resource):
             "raw_sha256": row["raw_sha256"],
         }
 
-    def _document_json(self, row: dict) -> dict:
+    def document_json(self, row: dict) -> dict:
         return {**document_object(row, self.api_url), "message_id": row["inbound_message_id"], "created_at": iso(row["created_at"])}
-
-    # the routes
-
-    async def messages(self, request: server.Request, scope: int | None) -> None:
-        args = {k.decode(): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
-        limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
-        rows = await self.store.page_messages(
-            org_id=scope,
-            status=_parse_status(args["status"]) if args.get("status") else None,
-            since=_parse_since(args["since"]) if args.get("since") else None,
-            before_id=decode_cursor(args["cursor"]) if args.get("cursor") else None,
-            limit=limit + 1,
-        )
-        page = rows[:limit]
-        cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
-        self._json(request, {"messages": [self._message_json(row) for row in page], "next_cursor": cursor})
-
-    async def message(self, request: server.Request, scope: int | None, id: int) -> None:
-        row = await self._row(self.store.get_message, id, scope, "message")
-        documents = await self.store.list_documents(message_id=id)
-        self._json(request, dict(self._message_json(row), documents=[self._document_json(d) for d in documents]))
-
-    async def message_raw(self, request: server.Request, scope: int | None, id: int) -> None:
-        row = await self._row(self.store.get_message, id, scope, "message")
-        await self.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{id}.eml")
-
-    async def document(self, request: server.Request, scope: int | None, id: int) -> None:
-        row = await self._row(self.store.get_document, id, scope, "document")
-        self._json(request, self._document_json(row))
-
-    async def document_content(self, request: server.Request, scope: int | None, id: int) -> None:
-        row = await self._row(self.store.get_document, id, scope, "document")
-        await self.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
-
-    async def openapi(self, request: server.Request, scope: None) -> None:
-        self._json(request, openapi.DOCUMENT)
 
     async def stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
         """Send a blob as a download, streamed (the console's downloads use it too)."""

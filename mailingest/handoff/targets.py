@@ -8,6 +8,13 @@ name is resolved, every address it resolves to is checked, and the
 connection goes to a checked address (TLS still verifies the host name), so
 a name that resolves differently the second time (DNS rebinding) cannot
 slip past the check.
+
+Names are resolved with Twisted Names (the system's hosts file, then its
+resolv.conf servers), never with C{getaddrinfo} in the reactor's thread
+pool: an organisation can choose a host whose DNS never answers, and a
+lookup stuck in a thread would hold that thread past the attempt's end,
+until the few threads every tenant's webhooks and the S3 client share were
+all held.
 """
 
 import ipaddress
@@ -15,15 +22,38 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, endpoints, threads
+import dns.resolver
+from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.names import client, dns as names_dns, hosts, resolve
+from twisted.names.error import DNSNameError, DNSQueryTimeoutError, DomainError
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mailingest.errors import MailingestError
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+# Seconds for each try of one lookup: a host whose DNS is silent fails in 9 s, within an attempt's 10 s.
+LOOKUP_TIMEOUT = (1, 3, 5)
+_system_resolver = None
+
+
+def system_resolver():
+    """
+    The hosts file, then the nameservers of resolv.conf (as dnspython reads
+    it), asked with Twisted Names; made once. Not C{client.createResolver()}:
+    its cache and its re-reading of resolv.conf keep timers running forever.
+    """
+    global _system_resolver
+    if _system_resolver is None:
+        try:
+            nameservers = dns.resolver.Resolver().nameservers
+        except dns.resolver.NoResolverConfiguration:
+            nameservers = ["127.0.0.1"]
+        servers = [(address, 53) for address in nameservers]
+        _system_resolver = resolve.ResolverChain([hosts.Resolver(), client.Resolver(servers=servers, timeout=LOOKUP_TIMEOUT)])
+    return _system_resolver
 
 
 class TargetRefused(MailingestError):
@@ -102,31 +132,57 @@ def not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     return kind.replace("_", "-")
 
 
-async def resolve_checked(policy: TargetPolicy, host: str, port: int) -> list[str]:
-    """The addresses of C{host}, every one allowed by C{policy} (a name with any internal address is refused)."""
+async def lookup(resolver, host: str) -> list[str]:
+    """The IPv4 and IPv6 addresses of C{host} (a literal is its own), asked of C{resolver} without a thread."""
     try:
-        found = await threads.deferToThread(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise TargetRefused(f"webhook host {host} does not resolve: {e.strerror}") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in found))
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    found = await defer.DeferredList(
+        [resolver.lookupAddress(host, LOOKUP_TIMEOUT), resolver.lookupIPV6Address(host, LOOKUP_TIMEOUT)], consumeErrors=True
+    )
+    addresses, why = [], "no address"
+    for ok, result in found:
+        if not ok:
+            if result.check(DNSQueryTimeoutError, defer.TimeoutError):
+                why = "its DNS did not answer"
+            elif result.check(DNSNameError):
+                why = "no such name"
+            elif not result.check(DomainError):
+                why = result.getErrorMessage() or result.type.__name__
+            continue
+        for record in result[0]:
+            if record.type == names_dns.A:
+                addresses.append(record.payload.dottedQuad())
+            elif record.type == names_dns.AAAA:
+                addresses.append(socket.inet_ntop(socket.AF_INET6, record.payload.address))
+    if not addresses:
+        raise TargetRefused(f"webhook host {host} does not resolve: {why}")
+    return list(dict.fromkeys(addresses))
+
+
+async def resolve_checked(policy: TargetPolicy, host: str, resolver=None) -> list[str]:
+    """The addresses of C{host}, every one allowed by C{policy} (a name with any internal address is refused)."""
+    addresses = await lookup(resolver or system_resolver(), host)
     for address in addresses:
         policy.check_address(host, address)
     return addresses
 
 
-async def check_target(policy: TargetPolicy, url: str) -> None:
+async def check_target(policy: TargetPolicy, url: str, resolver=None) -> None:
     """The whole check of a webhook URL, as the daemon makes it before connecting."""
-    _, host, port = policy.check_url(url)
-    await resolve_checked(policy, host, port)
+    _, host, _ = policy.check_url(url)
+    await resolve_checked(policy, host, resolver)
 
 
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
     """Resolve, check every address, connect to the first one checked."""
 
-    def __init__(self, reactor, policy: TargetPolicy, scheme: str, host: str, port: int):
+    def __init__(self, reactor, policy: TargetPolicy, scheme: str, host: str, port: int, resolver):
         self.reactor = reactor
         self.policy = policy
+        self.resolver = resolver
         self.scheme = scheme
         self.host = host
         self.port = port
@@ -135,7 +191,7 @@ class _CheckedEndpoint:
         return defer.Deferred.fromCoroutine(self._connect(factory))
 
     async def _connect(self, factory):
-        address = (await resolve_checked(self.policy, self.host, self.port))[0]
+        address = (await resolve_checked(self.policy, self.host, self.resolver))[0]
         if ":" in address:
             endpoint = endpoints.TCP6ClientEndpoint(self.reactor, address, self.port, CONNECT_TIMEOUT_SECONDS)
         else:
@@ -149,10 +205,11 @@ class _CheckedEndpoint:
 class CheckedEndpointFactory:
     """For L{twisted.web.client.Agent.usingEndpointFactory}: every connection goes through the policy."""
 
-    def __init__(self, reactor, policy: TargetPolicy):
+    def __init__(self, reactor, policy: TargetPolicy, resolver=None):
         self.reactor = reactor
         self.policy = policy
+        self.resolver = resolver or system_resolver()
 
     def endpointForURI(self, uri) -> _CheckedEndpoint:
         scheme, host, port = self.policy.check_url(uri.toBytes().decode("ascii"))
-        return _CheckedEndpoint(self.reactor, self.policy, scheme, host, port)
+        return _CheckedEndpoint(self.reactor, self.policy, scheme, host, port, self.resolver)

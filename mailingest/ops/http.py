@@ -18,9 +18,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
-from twisted.web.iweb import IRequest
 
 from mailingest.ops import metrics
+from mailingest.ops.web import Node
 
 log = Logger(namespace="mailingest.ops_http")
 
@@ -65,106 +65,90 @@ def run_checks(checks: Mapping[str, Check], timeout: float, clock: IReactorTime)
     return defer.gatherResults(outcomes).addCallback(lambda results: dict(zip(names, results)))
 
 
-class _Endpoint(resource.Resource):
+class _OpsEndpoint(Node):
     """
-    One path answering GET and HEAD asynchronously; anything below it is 404
-    and any other method 405 (Twisted would answer 501 to some of them).
+    One path answering GET and HEAD; anything below it is 404 and any other
+    method 405 (Twisted would answer 501 to some of them).
     """
 
     allowedMethods = (b"GET", b"HEAD")
 
-    def getChild(self, path: bytes, request: IRequest) -> resource.IResource:
+    def missing(self) -> resource.IResource:
         return pages.notFound()
 
-    def answer(self) -> defer.Deferred | Response:
+    async def response(self) -> Response:
         """Compute (status code, content type, body)."""
         raise NotImplementedError
 
-    def render(self, request: server.Request) -> bytes | int:
+    async def answer(self, request: server.Request) -> None:
         if request.method not in self.allowedMethods:
-            request.setResponseCode(405)
             request.setHeader(b"allow", b", ".join(self.allowedMethods))
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"method not allowed\n"
-        return self._respond(request)
-
-    def _respond(self, request: server.Request) -> int:
+            self._send(request, (405, b"text/plain; charset=utf-8", b"method not allowed\n"))
+            return
         # The client may go away before the backends answer: then there is
         # nothing to write to, and writing anyway would be an error.
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        try:
+            response = await self.response()
+        except Exception:
+            log.failure("ops endpoint {path} failed", path=request.path)
+            response = 500, b"text/plain; charset=utf-8", b"internal error\n"
+        if not gone:
+            self._send(request, response)
 
-        def send(response: Response) -> None:
-            if gone:
-                return
-            code, content_type, body = response
-            request.setResponseCode(code)
-            request.setHeader(b"content-type", content_type)
-            request.setHeader(b"cache-control", b"no-store")
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
+    @staticmethod
+    def _send(request: server.Request, response: Response) -> None:
+        code, content_type, body = response
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
 
-        def broken(failure: Failure) -> Response:
-            log.failure("ops endpoint {path} failed", failure, path=request.path)
-            return 500, b"text/plain; charset=utf-8", b"internal error\n"
-
-        d = defer.maybeDeferred(self.answer).addErrback(broken).addCallback(send)
-        d.addErrback(lambda failure: log.failure("cannot answer {path}", failure, path=request.path))
-        return server.NOT_DONE_YET
+    def failed(self, failure: Failure, request: server.Request) -> None:
+        log.failure("cannot answer {path}", failure, path=request.path)
 
 
-class _Health(_Endpoint):
-    def answer(self) -> Response:
+class _Health(_OpsEndpoint):
+    async def response(self) -> Response:
         return 200, b"text/plain; charset=utf-8", b"ok\n"
 
 
-class _Readiness(_Endpoint):
-    def __init__(self, checks: Mapping[str, Check], timeout: float, clock: IReactorTime):
-        super().__init__()
-        self._checks = dict(checks)
-        self._timeout = timeout
-        self._clock = clock
-
-    def answer(self) -> defer.Deferred:
-        def report(checks: dict[str, str]) -> Response:
-            ready = all(result == "ok" for result in checks.values())
-            body = {"status": "ready" if ready else "unavailable", "checks": checks}
-            return 200 if ready else 503, b"application/json", json.dumps(body).encode() + b"\n"
-
-        return run_checks(self._checks, self._timeout, self._clock).addCallback(report)
+class _Readiness(_OpsEndpoint):
+    async def response(self) -> Response:
+        checks = await run_checks(self.site.checks, self.site.timeout, self.site.clock)
+        ready = all(result == "ok" for result in checks.values())
+        body = {"status": "ready" if ready else "unavailable", "checks": checks}
+        return 200 if ready else 503, b"application/json", json.dumps(body).encode() + b"\n"
 
 
-class _Metrics(_Endpoint):
-    def __init__(self, queue_depth: Check | None, timeout: float, clock: IReactorTime):
-        super().__init__()
-        self._queue_depth = queue_depth
-        self._timeout = timeout
-        self._clock = clock
-
-    def answer(self) -> defer.Deferred:
-        if self._queue_depth is None:
-            refreshed = defer.succeed(None)
-        else:
-            # A stale gauge is better than a failed scrape; /readyz already
-            # tells which backend is down.
-            refreshed = bounded(self._queue_depth, self._timeout, self._clock).addCallbacks(
-                metrics.QUEUE_DEPTH.set,
-                lambda failure: log.debug(
-                    "queue depth unavailable: {reason}", reason=describe_failure(failure)
-                ),
-            )
-        return refreshed.addCallback(
-            lambda _: (
-                200,
-                prometheus_client.CONTENT_TYPE_LATEST.encode(),
-                metrics.exposition(),
-            )
-        )
+class _Metrics(_OpsEndpoint):
+    async def response(self) -> Response:
+        if self.site.queue_depth is not None:
+            try:
+                metrics.QUEUE_DEPTH.set(await bounded(self.site.queue_depth, self.site.timeout, self.site.clock))
+            except Exception:
+                # A stale gauge is better than a failed scrape; /readyz already
+                # tells which backend is down.
+                log.debug("queue depth unavailable: {reason}", reason=describe_failure(Failure()))
+        return 200, prometheus_client.CONTENT_TYPE_LATEST.encode(), metrics.exposition()
 
 
-class _Root(resource.Resource):
-    def getChild(self, path: bytes, request: IRequest) -> resource.IResource:
+class _OpsRoot(Node):
+    """The ops site's root, holding what its endpoints share."""
+
+    below = {b"healthz": _Health, b"readyz": _Readiness, b"metrics": _Metrics}
+
+    def __init__(self, checks: Mapping[str, Check], queue_depth: Check | None, timeout: float, clock: IReactorTime):
+        super().__init__(self)
+        self.checks = dict(checks)
+        self.queue_depth = queue_depth
+        self.timeout = timeout
+        self.clock = clock
+
+    def missing(self) -> resource.IResource:
         return pages.notFound()
 
 
@@ -202,8 +186,4 @@ def make_ops_site(
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    root = _Root()
-    root.putChild(b"healthz", _Health())
-    root.putChild(b"readyz", _Readiness(checks, check_timeout, clock))
-    root.putChild(b"metrics", _Metrics(queue_depth, check_timeout, clock))
-    return OpsSite(root)
+    return OpsSite(_OpsRoot(checks, queue_depth, check_timeout, clock))

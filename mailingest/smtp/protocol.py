@@ -14,36 +14,74 @@ needs and Twisted leaves out.
   counted, delayed and finally cut off (L{mailingest.smtp.replies}).
 - Limits, the idle timeout and the DATA pace: L{mailingest.smtp.limits}.
 
-Delivery goes through Twisted's own seam: the protocol's C{deliveryFactory}
-(an C{IMessageDeliveryFactory}, L{mailingest.delivery.transaction}) gives one
-C{IMessageDelivery} per MAIL FROM, reached through Twisted's C{validateFrom},
-C{validateTo} and C{receivedHeader}; its recipients' factories make the
-C{IMessage}s DATA is written to. The session's facts (L{Session}) are handed to
-delivery with it.
+Delivery is given, as Twisted's own factories give it: L{IngestSMTPFactory}
+is given an L{ISMTPDelivery}, which makes each connection's
+C{IMessageDeliveryFactory}; the protocol asks that for one
+C{IMessageDelivery} per MAIL FROM and calls its C{validateFrom},
+C{validateTo} and C{receivedHeader} itself (Twisted's C{SMTP.validateFrom}
+and friends, which fill C{self.delivery} as a side effect, are not used). The
+recipients' factories make the messages DATA is written to: an
+L{IIngestMessage} takes DATA in bulk; a plain Twisted C{IMessage} is adapted
+(L{LineMessage}) and fed a line at a time. C{eomReceived} may fire with an
+L{IDeliveryOutcome}, whose ids the 250 names. Nothing else of the delivery is
+touched; the connection's facts (L{Session}) are the delivery's to read.
 
-The ESMTP methods overridden, and why:
+Every method of Twisted's C{ESMTP} still overridden, and why. Where Twisted
+lacks a hook, the hook that would make the override unnecessary follows
+"Upstream:" (the list we would propose to Twisted).
 
-- C{connectionMade}, C{connectionLost}: the factory's connection limits before
-  the greeting, the session's facts; nothing of an unfinished DATA is kept.
-- C{dataReceived} (C{LineOnlyReceiver}'s): command lines one at a time, held
-  while a reply is pending; DATA read in bulk, never a call per line; lines
-  over 512 bytes, NUL and control bytes refused with our reply. Twisted's DATA
-  state (C{do_DATA}'s C{state_DATA}, C{dataLineReceived}) is never entered.
+- C{__init__}: takes the delivery factory, session, limits and clock; no hook
+  missing (Twisted's C{ESMTP.__init__} does not pass C{deliveryFactory} on to
+  C{SMTP.__init__}, so it is set here).
+- C{connectionMade} (extends): the factory's connection limits before the
+  greeting, and the session's facts. Upstream: a refusal hook run before the
+  greeting (C{SMTP.admit()} returning None or a 421 text).
+- C{dataReceived} (C{LineOnlyReceiver}'s, replaced): a command line at a time,
+  held while a reply is pending; lines over 512 bytes, NUL, control and 8-bit
+  bytes refused with our reply; each line dispatched through Twisted's
+  C{lookupMethod} (C{lineReceived} and its C{mode} states are not used); DATA
+  read in bulk. Upstream: (1) C{SMTP} pausing line delivery while a
+  C{validateFrom}/C{validateTo}/C{eomReceived} Deferred is pending (today it
+  answers pipelined commands out of order); (2) DATA in raw mode, handed to
+  messages in buffers through an C{IMessageSMTP} extension with a
+  C{write(bytes)} (or C{IConsumer}) and a size limit; (3) a C{commandReceived}
+  hook to vet a command line before dispatch.
+- C{connectionLost} (extends): our DATA state is ours to discard (Twisted's is
+  in name-mangled attributes). Goes with DATA in raw mode, upstream (2).
 - C{timeoutConnection}: a client waiting for our reply is not idle; our 421.
+  Upstream: (1) above, and replies as data (4) below.
 - C{greeting}, C{extensions}: our banner; SIZE, PIPELINING, 8BITMIME,
-  ENHANCEDSTATUSCODES, SMTPUTF8 offered, AUTH not.
-- C{lookupMethod}: verbs we know but do not implement get 502, not 500.
-- C{do_HELO}, C{do_EHLO}, C{do_MAIL}, C{do_RCPT}, C{do_DATA}, C{do_RSET},
-  C{do_QUIT}, C{do_UNKNOWN}, C{sendSyntaxError}, C{ext_STARTTLS},
-  C{ext_AUTH}: our reply texts with enhanced codes, through the error budget;
-  MAIL and RCPT read what Twisted's parser refuses (domain literals,
-  quoted-pairs, SMTPUTF8 addresses) and the SIZE, BODY and SMTPUTF8
-  parameters; the transaction is kept in our own attributes (Twisted's
-  C{_helo}, C{_from} and C{_to} are private); STARTTLS drops plaintext
-  pipelined after it and forgets the session's state (RFC 3207).
+  ENHANCEDSTATUSCODES, SMTPUTF8 offered. These are Twisted's customisation
+  points; no hook missing.
+- C{do_HELO}, C{do_EHLO}, C{do_RSET}, C{do_QUIT}, C{do_UNKNOWN}: our reply
+  texts with enhanced codes, through the error budget; the HELO name and the
+  transaction in our attributes (Twisted's C{_helo}, C{_from}, C{_to} are
+  private). Upstream: (4) replies as data: each reply Twisted sends taken from
+  a table a subclass can replace (code, enhanced code, text), every one sent
+  through one overridable C{reply()} rather than C{sendCode} from each
+  handler; and public C{helo}/C{origin}/C{recipients} attributes.
+- C{do_MAIL}, C{do_RCPT}: what Twisted's parser refuses (domain literals,
+  quoted-pairs, SMTPUTF8 addresses) and the SIZE, BODY and SMTPUTF8 parameters
+  (Twisted parses C{opts} and drops them); the delivery asked explicitly.
+  Upstream: (5) an RFC 5321/6531 address parser and a C{mailParameters} hook
+  given the parsed parameters; and (4).
+- C{do_DATA}: DATA in bulk, one trace header for the transaction, and the
+  end-of-data result as our reply: Twisted's private C{_messageHandled} turns
+  every failure into 550. Upstream: (2), and (6) a public C{messageHandled}
+  that answers an C{SMTPServerError}'s own code (a 451 stays a 451).
+- C{ext_STARTTLS}: refuses an argument and a second TLS (implicit TLS
+  included), drops plaintext pipelined after STARTTLS and forgets the HELO
+  and the transaction (RFC 3207; the CVE-2011-0411 class). Upstream: (7)
+  Twisted's own STARTTLS doing so.
+- C{ext_AUTH}: AUTH is not offered; Twisted answers 504 there (and a bare
+  C{AUTH} raises IndexError). Upstream: (8) 503 when no mechanism is offered.
 
-C{do_NOOP}, C{do_VRFY} and C{do_HELP} are ours (Twisted has none). Twisted's
-C{sendCode} writes every reply, unchanged. No private Twisted name is used.
+Not overridden any more: C{lookupMethod} (the verbs we know but do not
+implement are C{do_} aliases answering 502), C{sendSyntaxError} (an empty line
+is answered by our dispatch), C{validateFrom}, C{validateTo},
+C{receivedHeader}, C{lineReceived}. C{do_NOOP}, C{do_VRFY} and C{do_HELP} are
+ours (Twisted has none). Twisted's C{sendCode} writes every reply, unchanged.
+No private Twisted name is used.
 """
 
 import ipaddress
@@ -52,23 +90,21 @@ import re
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, IMessageSMTP
 from twisted.protocols import policies
+from twisted.python.components import registerAdapter
+from zope.interface import implementer
 
+from mailingest.interfaces import IDeliveryOutcome, IIngestMessage, ISMTPDelivery
 from mailingest.ops import metrics
-from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.routing import address_text
 from mailingest.delivery.session import Session
-from mailingest.delivery.transaction import IngestDeliveryFactory
 from mailingest.smtp import replies
 from mailingest.smtp.address import mailbox
 from mailingest.smtp.data_reader import DotReader, size_refusal
 from mailingest.smtp.limits import MAX_COMMAND_LINE, PAUSE_BUFFER, DataPace, Limits, RefusalCounter
-from mailingest.smtp.replies import Replies
+from mailingest.smtp.replies import IReplyChannel, Replies
 
-# Verbs of RFC 5321 and older extensions we know but do not implement.
-NOT_IMPLEMENTED = frozenset(
-    {b"EXPN", b"ETRN", b"TURN", b"ATRN", b"BDAT", b"SEND", b"SOML", b"SAML", b"VERB", b"XCLIENT", b"XFORWARD"}
-)
 _UTF8_MAIL = re.compile(rb"\s*FROM:\s*(?P<path><[^<>\s]*>)(\s+(?P<opts>.*))?$", re.I)
 _UTF8_RCPT = re.compile(rb"\s*TO:\s*(?P<path><[^<>\s]+>)(\s+(?P<opts>.*))?$", re.I)
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -76,6 +112,7 @@ _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 log = Logger(namespace="mailingest.smtp")
 
 
+@implementer(IReplyChannel)
 class IngestSMTP(smtp.ESMTP):
     """One SMTP session. Built by L{IngestSMTPFactory}."""
 
@@ -83,12 +120,14 @@ class IngestSMTP(smtp.ESMTP):
     peer_key = ""
     admitted = False
 
-    def __init__(self, deliveryFactory, session: Session, host: bytes, limits: Limits, tls_context=None, clock=None):
+    def __init__(
+        self, deliveryFactory: IMessageDeliveryFactory, session: Session, host: bytes, limits: Limits, tls_context=None, clock=None
+    ):
         super().__init__(contextFactory=tls_context)
         if clock is None:
             from twisted.internet import reactor as clock
         self.callLater = clock.callLater
-        self.deliveryFactory = deliveryFactory
+        self.deliveryFactory = IMessageDeliveryFactory(deliveryFactory)
         self.session = session
         self.host = host
         self.limits = limits
@@ -101,7 +140,7 @@ class IngestSMTP(smtp.ESMTP):
         self._sender: smtp.Address | None = None
         self._recipients: list[tuple[smtp.User, object]] = []
         self._reader: DotReader | None = None
-        self._messages = ()
+        self._messages: list[IIngestMessage] = []
 
     def connectionMade(self):
         # After a PROXY header, getPeer() is the real client: limits count it.
@@ -143,8 +182,8 @@ class IngestSMTP(smtp.ESMTP):
         return self.host + b" ESMTP mailingest"
 
     def extensions(self):
+        # Twisted's lists AUTH only with a mechanism (we give none) and STARTTLS when it can start.
         ext = super().extensions()
-        ext.pop(b"AUTH", None)
         ext[b"SIZE"] = [str(self.limits.max_message_size).encode()]
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
@@ -205,8 +244,22 @@ class IngestSMTP(smtp.ESMTP):
             if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
                 self.goodbye()
                 return
-            self.replies.command(line.split(None, 1)[0].upper() if line.strip() else b"")
-            self.lineReceived(line)
+            self._command(line)
+
+    def _command(self, line: bytes) -> None:
+        """
+        Run one command line, as Twisted's C{state_COMMAND} would, through
+        its public C{lookupMethod}: the verb's C{do_} or C{ext_} method.
+        """
+        parts = line.strip().split(None, 1)
+        verb = parts[0].upper() if parts else b""
+        self.replies.command(verb)
+        if not parts:
+            self.reply(500, b"5.5.2 Syntax error")
+            return
+        # lookupMethod takes ASCII only; an 8-bit verb (a UTF-8 line starting MAIL or RCPT) is no verb we know.
+        method = (self.lookupMethod(verb) if verb.isascii() else None) or self.do_UNKNOWN
+        method(parts[1] if len(parts) == 2 else b"")
 
     @property
     def _paused(self) -> bool:
@@ -240,8 +293,9 @@ class IngestSMTP(smtp.ESMTP):
         self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down, try again later")
         self.transport.loseConnection()
 
-    def _wait_for(self, d: defer.Deferred) -> None:
-        """Hold further input until C{d} has fired (and its reply is sent)."""
+    def _wait_for(self, work) -> None:
+        """Run the coroutine C{work}; hold further input until it has finished (and sent its reply)."""
+        d = defer.Deferred.fromCoroutine(work)
         if d.called:
             return
         self.hold()
@@ -254,13 +308,12 @@ class IngestSMTP(smtp.ESMTP):
 
     # commands
 
-    def lookupMethod(self, command):
-        if command.upper() in NOT_IMPLEMENTED:
-            return self.do_not_implemented
-        return super().lookupMethod(command)
-
-    def do_not_implemented(self, rest):
+    def _not_implemented(self, rest):
         self.reply(502, b"5.5.1 Command not implemented")
+
+    # Verbs of RFC 5321 and older extensions we know but do not implement.
+    do_EXPN = do_ETRN = do_TURN = do_ATRN = do_BDAT = do_SEND = do_SOML = do_SAML = _not_implemented
+    do_VERB = do_XCLIENT = do_XFORWARD = _not_implemented
 
     def ext_AUTH(self, rest):
         self.reply(503, b"5.5.1 Authentication not enabled")
@@ -279,6 +332,7 @@ class IngestSMTP(smtp.ESMTP):
         self._forget_transaction()
 
     def _forget_transaction(self) -> None:
+        self.delivery = None
         self._sender = None
         self._recipients = []
 
@@ -337,9 +391,6 @@ class IngestSMTP(smtp.ESMTP):
     def do_UNKNOWN(self, rest):
         self.reply(500, b"5.5.2 Command not recognised")
 
-    def sendSyntaxError(self):
-        self.reply(500, b"5.5.2 Syntax error")
-
     def do_MAIL(self, rest):
         if self._sender:
             self.reply(503, b"5.5.1 Sender already given")
@@ -359,9 +410,7 @@ class IngestSMTP(smtp.ESMTP):
             self.reply(553, b"5.1.7 Bad sender address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
         self._recipients = []
-        d = defer.maybeDeferred(self.validateFrom, self.session.helo_pair, sender)
-        d.addCallbacks(self._sender_ok, self._sender_refused)
-        self._wait_for(d)
+        self._wait_for(self._validate_sender(sender))
 
     def _check_mail_params(self, opts: bytes | None):
         for param in (opts or b"").split():
@@ -382,16 +431,20 @@ class IngestSMTP(smtp.ESMTP):
                 return 555, b"5.5.4 Unsupported MAIL FROM parameter " + name[:64]
         return None
 
-    def _sender_ok(self, sender):
-        self._sender = sender
-        self.reply(250, b"2.1.0 Sender OK")
-
-    def _sender_refused(self, failure):
-        if failure.check(smtp.SMTPServerError):
-            self.reply(failure.value.code, _reply_text(failure.value))
-        else:
-            log.failure("sender validation failed", failure)
+    async def _validate_sender(self, sender: smtp.Address) -> None:
+        """A new transaction: its own delivery (one per MAIL FROM), which may refuse the sender."""
+        delivery = IMessageDelivery(self.deliveryFactory.getMessageDelivery())
+        try:
+            self._sender = await defer.maybeDeferred(delivery.validateFrom, self.session.helo_pair, sender)
+        except smtp.SMTPServerError as e:
+            self.reply(e.code, _reply_text(e))
+            return
+        except Exception:
+            log.failure("sender validation failed")
             self.reply(451, b"4.3.0 Temporary failure, try again later")
+            return
+        self.delivery = delivery
+        self.reply(250, b"2.1.0 Sender OK")
 
     def do_RCPT(self, rest):
         if self.replies.address_over_limit():
@@ -417,31 +470,30 @@ class IngestSMTP(smtp.ESMTP):
             self._refused_recipient()
             self.reply(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
             return
-        user = smtp.User(address, self.session.helo_pair, self, self._sender)
-        d = defer.maybeDeferred(self.validateTo, user)
-        d.addCallbacks(self._recipient_ok, self._recipient_refused, callbackArgs=(user,))
-        self._wait_for(d)
+        self._wait_for(self._validate_recipient(smtp.User(address, self.session.helo_pair, self, self._sender)))
 
-    def _recipient_ok(self, message_factory, user):
-        self._recipients.append((user, message_factory))
-        self.reply(250, b"2.1.5 Recipient OK")
-
-    def _recipient_refused(self, failure):
-        if failure.check(smtp.SMTPServerError):
-            if failure.value.code >= 500:
+    async def _validate_recipient(self, user: smtp.User) -> None:
+        try:
+            make_message = await defer.maybeDeferred(self.delivery.validateTo, user)
+        except smtp.SMTPServerError as e:
+            if e.code >= 500:
                 self._refused_recipient()
-            self.reply(failure.value.code, _reply_text(failure.value))
+            self.reply(e.code, _reply_text(e))
             log.info(
                 "refused recipient {rcpt} from {peer}: {code} {reply}",
-                rcpt=address_text(failure.value.addr) if isinstance(failure.value, smtp.SMTPAddressError) else "",
+                rcpt=address_text(e.addr) if isinstance(e, smtp.SMTPAddressError) else "",
                 peer=self.session.peer,
-                code=failure.value.code,
-                reply=failure.value.resp,
+                code=e.code,
+                reply=e.resp,
                 event="rejected",
             )
-        else:
-            log.failure("recipient validation failed", failure)
+            return
+        except Exception:
+            log.failure("recipient validation failed")
             self.reply(451, b"4.3.0 Temporary failure, try again later")
+            return
+        self._recipients.append((user, make_message))
+        self.reply(250, b"2.1.5 Recipient OK")
 
     def _refused_recipient(self) -> None:
         if self.factory is not None:
@@ -451,15 +503,27 @@ class IngestSMTP(smtp.ESMTP):
         if self._sender is None or not self._recipients:
             self.reply(503, b"5.5.1 Need MAIL and RCPT before DATA")
             return
-        sender, recipients = self._sender, self._recipients
+        delivery, sender, recipients = self.delivery, self._sender, self._recipients
         self._forget_transaction()
         self.session.tls = tls_description(self.transport)
-        # Twisted's order (SMTP.do_DATA): every recipient's message, then our
-        # trace header as each one's first line.
-        messages = [make_message() for _, make_message in recipients]
-        header = self.receivedHeader(self.session.helo_pair, sender, [user for user, _ in recipients])
-        for message in messages:
-            message.lineReceived(header)
+        # Twisted's order (SMTP.do_DATA): every recipient's message, then the
+        # trace header as each one's first line (one header for the transaction).
+        messages = []
+        try:
+            for _, make_message in recipients:
+                messages.append(IIngestMessage(make_message()))
+            header = delivery.receivedHeader(self.session.helo_pair, sender, [user for user, _ in recipients])
+            for message in messages:
+                message.lineReceived(header)
+        except Exception as e:
+            for message in messages:
+                message.connectionLost()
+            if isinstance(e, smtp.SMTPServerError):
+                self.reply(e.code, _reply_text(e))
+            else:
+                log.failure("delivery failed at DATA")
+                self.reply(451, b"4.3.0 Temporary failure, try again later")
+            return
         self._messages = messages
         self._reader = DotReader(self._write, self.limits.max_message_size)
         self.pace.start(lambda: self._reader.size)
@@ -486,7 +550,7 @@ class IngestSMTP(smtp.ESMTP):
     def _end_of_data(self):
         self.pace.stop()
         reader, messages = self._reader, self._messages
-        self._reader, self._messages = None, ()
+        self._reader, self._messages = None, []
         if reader.refusal is not None:
             for message in messages:
                 message.connectionLost()
@@ -495,18 +559,21 @@ class IngestSMTP(smtp.ESMTP):
             log.info("refused message from {peer}: {reply}", peer=self.session.peer, reply=reply.decode(), event="rejected")
             self.reply(code, reply)
             return
-        # One transaction, one outcome: every message of it answers alike.
-        d = defer.DeferredList([message.eomReceived() for message in messages], consumeErrors=True)
-        d.addCallback(self._delivered)
-        self._wait_for(d)
+        self._wait_for(self._delivered(messages))
 
-    def _delivered(self, results) -> None:
+    async def _delivered(self, messages: list[IIngestMessage]) -> None:
+        """One transaction, one outcome: the first failure answers for all, else the first outcome."""
+        results = await defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True)
         failures = [result for ok, result in results if not ok]
         if not failures:
+            outcome = IDeliveryOutcome(results[0][1], None)
+            self.replies.message_stored()
+            if outcome is None:
+                self.reply(250, b"2.0.0 Ok")
+                return
             # A duplicate is answered like a new message (naming the row that
             # holds it), so the reply tells a stranger nothing about which ids are taken.
-            ids = ", ".join(str(row_id) for _, row_id in results[0][1].rows)
-            self.replies.message_stored()
+            ids = ", ".join(str(row_id) for row_id in outcome.ids)
             self.reply(250, b"2.0.0 Ok: stored as message " + ids.encode("ascii"))
         elif failures[0].check(smtp.SMTPServerError):
             self.reply(failures[0].value.code, _reply_text(failures[0].value))
@@ -523,20 +590,56 @@ class IngestSMTP(smtp.ESMTP):
             for message in self._messages:
                 message.connectionLost()
             log.info("client {peer} went away during DATA; nothing stored", peer=self.session.peer)
-        self._reader, self._messages = None, ()
+        self._reader, self._messages = None, []
         super().connectionLost(reason)
         if self.factory is not None:
             self.factory.closed(self)
 
 
+@implementer(IIngestMessage)
+class LineMessage:
+    """
+    A message that provides only Twisted's C{IMessage}, fed as Twisted's own
+    DATA state feeds it: a line at a time, without its CRLF.
+    """
+
+    def __init__(self, message: IMessageSMTP):
+        self.message = message
+        self._partial = b""
+
+    def lineReceived(self, line: bytes) -> None:
+        self.message.lineReceived(line)
+
+    def write(self, chunk: bytes) -> None:
+        # The reader bounds a line (data_reader.MAX_LINE), so the partial line is bounded too.
+        lines = (self._partial + chunk).split(b"\r\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.message.lineReceived(line)
+
+    def eomReceived(self) -> defer.Deferred:
+        # The data before the terminating "." always ends in CRLF: nothing is left partial.
+        return self.message.eomReceived()
+
+    def connectionLost(self) -> None:
+        self.message.connectionLost()
+
+
+registerAdapter(LineMessage, IMessageSMTP, IIngestMessage)
+
+
 class IngestSMTPFactory(protocol.ServerFactory):
-    """Builds sessions and enforces the connection limits."""
+    """
+    Builds sessions and enforces the connection limits. Given C{delivery},
+    as Twisted's C{SMTPFactory} is given its delivery: each session gets
+    C{delivery.deliveryFactory(session)}.
+    """
 
     noisy = False
 
     def __init__(
         self,
-        ingest: Ingest,
+        delivery: ISMTPDelivery,
         hostname: str,
         max_message_size: int,
         max_recipients: int,
@@ -552,7 +655,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
         self.clock = clock
         # Shared by the intake processes when there are several.
         self.refusals = refusals or RefusalCounter(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
-        self.ingest = ingest
+        self.delivery = ISMTPDelivery(delivery)
         self.hostname = hostname.encode("idna")
         self.limits = Limits(max_message_size, max_recipients, timeout)
         self.max_connections = max_connections
@@ -566,7 +669,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
 
     def buildProtocol(self, addr):
         session = Session()
-        p = IngestSMTP(IngestDeliveryFactory(self.ingest, session), session, self.hostname, self.limits, self.tls_context, self.clock)
+        p = IngestSMTP(self.delivery.deliveryFactory(session), session, self.hostname, self.limits, self.tls_context, self.clock)
         p.factory = self
         p.noisy = False
         return p

@@ -14,7 +14,10 @@ window moves on.
 """
 
 import re
-from typing import Callable, Protocol
+from typing import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface
 
 SOFT_ERROR_LIMIT = 5
 ERROR_SLEEP_SECONDS = 1.0
@@ -60,16 +63,20 @@ def with_enhanced_code(code: int, text: bytes) -> bytes:
     return _DEFAULT_ENHANCED[code] + b" " + text
 
 
-class Connection(Protocol):
+class IReplyChannel(Interface):
     """What the replies need from the protocol."""
 
-    def sendCode(self, code: int, message: bytes = b"") -> None: ...
+    def sendCode(code: int, message: bytes = b""):
+        """Write one reply as it is (Twisted's C{SMTP.sendCode})."""
 
-    def hold(self) -> None: ...
+    def hold():
+        """Hold the client's further input: a delayed reply is pending."""
 
-    def release(self) -> None: ...
+    def release():
+        """The delayed reply is sent: go on with what the client pipelined."""
 
-    def cut_off(self, reason: str, text: bytes) -> None: ...
+    def cut_off(reason: str, text: bytes):
+        """Send a 421 with C{text}, count it under C{reason} and close the connection."""
 
 
 class Replies:
@@ -79,7 +86,7 @@ class Replies:
     is our own trouble; a junk command past its limit is one.
     """
 
-    def __init__(self, connection: Connection, clock, address_refusals: Callable[[], int]):
+    def __init__(self, connection: IReplyChannel, clock: IReactorTime, address_refusals: Callable[[], int]):
         self._connection = connection
         self._clock = clock
         self._address_refusals = address_refusals
