@@ -26,7 +26,8 @@ from twisted.internet import defer, task
 
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.resource import COOKIE, SIGN_IN_COOKIE, make_site
-from mailingest.handoff.api import _encode_cursor, new_token, token_hash
+from mailingest.handoff.api import encode_cursor, new_token, token_hash
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 
@@ -58,7 +59,7 @@ async def fill(store, org_id: int, count: int) -> list[int]:
 
 async def main(reactor, options) -> None:
     directory = tempfile.mkdtemp(prefix="console-bench-")
-    store = open_store(options.postgres or f"sqlite:///{directory}/bench.db")
+    store = open_store(options.postgres or f"sqlite:///{directory}/bench.db", MESSAGE_EVENTS)
     await store.migrate()
     blobs = open_blobs(f"file:{directory}/blobs")
     org = await store.add_org("bench", "Bench")
@@ -81,7 +82,7 @@ async def main(reactor, options) -> None:
     today = datetime.now(timezone.utc).date()
     pages = {
         "first page": {},
-        "deep cursor": {"cursor": _encode_cursor(ids[len(ids) // 3])},
+        "deep cursor": {"cursor": encode_cursor(ids[len(ids) // 3])},
         "status=parsed": {"status": "parsed"},
         "date range": {"from": (today - timedelta(days=20)).isoformat(), "to": (today - timedelta(days=10)).isoformat()},
         "search subject": {"q": "order 77"},

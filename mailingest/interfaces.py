@@ -112,13 +112,12 @@ class IBlobStore(Interface):
         """
 
 
-class IStore(Interface):
+class IStoreRole(Interface):
     """
-    The database: organisations, inbound messages and documents.
-
-    Rows are returned as plain dicts keyed by the column names of the README's Data section.
-    Text is stored the same way on every engine: a NUL or a lone surrogate in
-    any value written becomes U+FFFD.
+    What every store role shares. Rows are returned as plain dicts keyed by
+    the column names of the README's Data section. Text is stored the same
+    way on every engine: a NUL or a lone surrogate in any value written
+    becomes U+FFFD.
     """
 
     exclusive = Attribute(
@@ -126,6 +125,19 @@ class IStore(Interface):
         " claims it finds at start-up are its own previous run's, which it may release at once."
         " False when daemons share it (PostgreSQL): another daemon's claims run out with their lease."
     )
+
+
+class IClosable(Interface):
+    """What its owner closes: a store, or the parent's answer to an intake process's store calls."""
+
+    def close():
+        """
+        Release connections; fires when done.
+        """
+
+
+class ISchemaStore(IStoreRole, IClosable):
+    """The schema and the database's life: for the daemon's start-up, readiness and the admin command."""
 
     def migrate():
         """
@@ -137,46 +149,19 @@ class IStore(Interface):
         Fire with None when the database answers, fail otherwise (readiness).
         """
 
-    def close():
-        """
-        Release connections; fires when done.
-        """
 
-    def on_received(callback):
-        """
-        Call C{callback()} whenever a daemon sharing this database stores a
-        message (best effort: listeners still poll). Fires once listening.
-        """
-
-    # organisations
-
-    def add_org(slug: str, name: str):
-        """
-        Create an active organisation; fails with L{mailingest.errors.OrgExists}.
-        """
-
-    def list_orgs():
-        """
-        Fire with every organisation, ordered by slug.
-        """
-
-    def get_org(slug: str):
-        """
-        Fire with the organisation row for C{slug} (case-insensitive) or None.
-        """
-
-    def set_org_active(slug: str, active: bool):
-        """
-        Enable or disable an organisation; fails with
-        L{mailingest.errors.NoSuchOrg}.
-        """
+class IIntakeStore(Interface):
+    """What the SMTP side needs: which organisations take mail, and storing messages. The parent process answers it for the intake processes."""
 
     def active_orgs():
         """
         Fire with a dict mapping each active organisation's slug to its id.
         """
 
-    # inbound messages
+    def get_org(slug: str):
+        """
+        Fire with the organisation row for C{slug} (case-insensitive) or None.
+        """
 
     def insert_messages(rows):
         """
@@ -195,6 +180,10 @@ class IStore(Interface):
         Fire with True when a committed message row refers to the raw blob C{key}.
         """
 
+
+class IBlobReferences(Interface):
+    """What the blob sweeper asks before it deletes a blob."""
+
     def referenced_keys(keys):
         """
         Fire with the set of those blob C{keys} that a row refers to (the
@@ -202,46 +191,49 @@ class IStore(Interface):
         blob sweeper must keep.
         """
 
-    def list_messages(org_slug=None, status=None, limit: int = 50):
+
+class IOrgStore(IStoreRole):
+    """Organisations and their API tokens: the admin command's and the API's."""
+
+    def add_org(slug: str, name: str):
         """
-        Fire with messages, newest first, each with an extra C{org_slug}.
+        Create an active organisation; fails with L{mailingest.errors.OrgExists}.
         """
 
-    def get_message(message_id: int):
+    def list_orgs():
         """
-        Fire with one message row (with C{org_slug}) or None.
-        """
-
-    def count_messages(status=None, org_id=None):
-        """
-        Fire with the number of messages, optionally only those in C{status}
-        and of one organisation.
+        Fire with every organisation, ordered by slug.
         """
 
-    # documents and the extraction queue
-
-    def list_documents(org_slug=None, message_id=None, limit=None):
+    def set_org_active(slug: str, active: bool):
         """
-        Fire with documents (each with an extra C{org_slug}), newest first.
-        """
-
-    def get_document(document_id: int):
-        """
-        Fire with one document row (with C{org_slug}) or None.
+        Enable or disable an organisation; fails with
+        L{mailingest.errors.NoSuchOrg}.
         """
 
-    def reprocess(message_id: int):
+    def add_token(slug: str, sha256: str):
         """
-        Queue one message for extraction again (status C{received}, attempts
-        reset). Fires with the message row; fails with
-        L{mailingest.errors.NoSuchMessage}. Documents already extracted stay:
-        extraction is idempotent and does not duplicate them.
+        Record an API token of the organisation by its hash; fires with its id. L{mailingest.errors.NoSuchOrg}.
         """
 
-    def reprocess_failed(org_slug=None):
+    def revoke_tokens(slug: str):
         """
-        Queue every C{failed} message (of one organisation) again; fires with
-        how many were queued.
+        Revoke every live token of the organisation; fires with how many. L{mailingest.errors.NoSuchOrg}.
+        """
+
+    def token_org(sha256: str):
+        """
+        Fire with the organisation (id, slug) of a live token by its hash, or None.
+        """
+
+
+class IExtractionQueue(IStoreRole):
+    """The extraction queue: claims, outcomes, retries, reprocessing and status history."""
+
+    def on_received(callback):
+        """
+        Call C{callback()} whenever a daemon sharing this database stores a
+        message (best effort: listeners still poll). Fires once listening.
         """
 
     def claim(lease_seconds: float, limit: int = 1):
@@ -300,6 +292,29 @@ class IStore(Interface):
         due again after C{delay} seconds.
         """
 
+    def reprocess(message_id: int):
+        """
+        Queue one message for extraction again (status C{received}, attempts
+        reset). Fires with the message row; fails with
+        L{mailingest.errors.NoSuchMessage}. Documents already extracted stay:
+        extraction is idempotent and does not duplicate them.
+        """
+
+    def reprocess_failed(org_slug=None):
+        """
+        Queue every C{failed} message (of one organisation) again; fires with
+        how many were queued.
+        """
+
+    def status_history(message_id: int):
+        """
+        Fire with a message's status changes, oldest first: (status, error, at).
+        """
+
+
+class IQuarantineStore(IStoreRole):
+    """Sender verdicts, each organisation's sender policy, quarantine and release."""
+
     def mark_quarantined(message_id: int, reason: str, verdicts=None):
         """
         Move a message that breaks its organisation's sender policy to
@@ -318,6 +333,148 @@ class IStore(Interface):
         Set an organisation's sender policy (None keeps a part as it is): the
         organisation row with C{sender_allow_domains} and C{sender_require}.
         """
+
+
+class IOutboxStore(IStoreRole):
+    """The webhook outbox: receivers, the events status changes write, their attempts."""
+
+    def on_event(callback):
+        """
+        Call C{callback()} when this store, or any daemon sharing the database, may have written an event. Fires once listening.
+        """
+
+    def set_webhook(slug: str, url: str, secret: str):
+        """
+        Set the organisation's receiver (its failures forgotten). L{mailingest.errors.NoSuchOrg}.
+        """
+
+    def remove_webhook(slug: str):
+        """
+        Remove the organisation's receiver; fires with whether it had one. L{mailingest.errors.NoSuchOrg}.
+        """
+
+    def get_webhook(slug: str):
+        """
+        Fire with the organisation's receiver (url, secret, created_at) or None.
+        """
+
+    def claim_events(lease_seconds: float, limit: int = 8, per_org: int = 4):
+        """
+        Claim due events, each with its webhook, message and documents, in order per message and in turns across organisations.
+        """
+
+    def event_delivered(event_id: int, http_status: int):
+        """
+        Record a delivery; the receiver's failures start afresh.
+        """
+
+    def event_failed(event_id: int, http_status, error: str, delay):
+        """
+        Record a failed attempt, retried after C{delay} seconds or dead (None); fires with the receiver's failures in a row, or None when not counted.
+        """
+
+    def pause_receiver(org_id: int, seconds: float):
+        """
+        Try none of the organisation's events for C{seconds}.
+        """
+
+    def count_paused_receivers():
+        """
+        Fire with how many receivers are paused now.
+        """
+
+    def release_event_claims(event_ids=None):
+        """
+        Give up claims: these events', or (None) every event's.
+        """
+
+    def redeliver(event_id: int):
+        """
+        Send an event again, now, with a fresh retry horizon; fires with the event. L{mailingest.errors.NoSuchEvent}.
+        """
+
+    def count_events(status: str = "pending", org_id=None):
+        """
+        Fire with the number of events in C{status} (of one organisation).
+        """
+
+
+class IReadStore(IStoreRole):
+    """The read model the API, the console and the admin command page through."""
+
+    def list_messages(org_slug=None, status=None, limit: int = 50):
+        """
+        Fire with messages, newest first, each with an extra C{org_slug}.
+        """
+
+    def get_message(message_id: int):
+        """
+        Fire with one message row (with C{org_slug}) or None.
+        """
+
+    def count_messages(status=None, org_id=None):
+        """
+        Fire with the number of messages, optionally only those in C{status}
+        and of one organisation.
+        """
+
+    def list_documents(org_slug=None, message_id=None, limit=None):
+        """
+        Fire with documents (each with an extra C{org_slug}), newest first.
+        """
+
+    def get_document(document_id: int):
+        """
+        Fire with one document row (with C{org_slug}) or None.
+        """
+
+    def page_messages(org_id=None, status=None, since=None, before_id=None, limit: int = 50):
+        """
+        Fire with messages newest first by id, those below C{before_id} (the API's cursor).
+        """
+
+    def org_summaries(since, org_id=None):
+        """
+        Fire with each organisation (or one) with its messages by status since C{since} and its last message time.
+        """
+
+    def search_messages(org_id: int, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit: int = 50):
+        """
+        Fire with one page of an organisation's messages, newest first by id, each with its number of documents.
+        """
+
+    def message_events(message_id: int):
+        """
+        Fire with a message's webhook events, oldest first.
+        """
+
+    def get_event(event_id: int):
+        """
+        Fire with one webhook event (with C{org_slug}) or None.
+        """
+
+    def list_events(org_slug=None, status=None, limit: int = 50):
+        """
+        Fire with webhook events, newest first.
+        """
+
+
+class IWebhookEvents(Interface):
+    """
+    What the webhook side decides of the events a status change writes to
+    the outbox (in that change's transaction): which changes raise one, its
+    type and its id.
+    """
+
+    def event_type(status: str):
+        """The type of the event a change to C{status} raises, or None when it raises none."""
+
+    def new_event_id():
+        """A new event's id, unique across daemons."""
+
+
+class IStore(ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore):
+    """Every store role on one database: what C{--database} opens (L{mailingest.storage.store.Store})."""
 
 
 class IIngestMessage(IMessage):

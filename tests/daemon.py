@@ -87,17 +87,12 @@ class RunningDaemon:
 
         return self.smtp(transaction)
 
-    @defer.inlineCallbacks
     def until(self, message_id: int, predicate, timeout: float = 20.0):
         """Poll a message's row until C{predicate(row)} holds; fire with that row."""
-        deadline = time.monotonic() + timeout
-        while True:
-            row = yield self.store.get_message(message_id)
-            if predicate(row):
-                return row
-            if time.monotonic() > deadline:
-                raise AssertionError(f"message {message_id} never reached the expected state: {row}")
-            yield sleep(0.05)
+        return poll(
+            lambda: self.store.get_message(message_id), predicate, timeout,
+            lambda row: f"message {message_id} never reached the expected state: {row}",
+        )
 
     def settled(self, message_id: int, timeout: float = 20.0):
         """Fire with the message's row once extraction is done with it (parsed or failed)."""
@@ -114,15 +109,27 @@ class RunningDaemon:
         spool = os.path.join(self.directory, "blobs", ".scratch", "spool")
         return sorted(os.listdir(spool)) if os.path.isdir(spool) else []
 
-    @defer.inlineCallbacks
     def spooled(self, timeout: float = 10.0):
         """Fire with the spool files once there is one (a message past the in-memory limit is being received)."""
-        deadline = time.monotonic() + timeout
-        while not self.spool_files():
-            if time.monotonic() > deadline:
-                raise AssertionError("no spool file appeared")
-            yield sleep(0.01)
-        return self.spool_files()
+        return poll(self.spool_files, bool, timeout, lambda files: "no spool file appeared", interval=0.01)
+
+
+@defer.inlineCallbacks
+def poll(read, predicate, timeout: float, failure, interval: float = 0.05):
+    """
+    Call C{read()} (a value or a Deferred of one) until C{predicate} holds
+    for its value; fire with that value, or fail with C{failure(value)} after
+    C{timeout} seconds: the one loop of the tests that wait for a state only
+    another process or thread can reach.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = yield read()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(failure(value))
+        yield sleep(interval)
 
 
 def sleep(seconds: float) -> defer.Deferred:

@@ -12,9 +12,18 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
-from mailingest.interfaces import Collision, Duplicate, IStore
+from mailingest.interfaces import (
+    Collision, Duplicate, IBlobReferences, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore,
+    IQuarantineStore, IReadStore, ISchemaStore, IStore,
+)
 from mailingest.delivery.routing import POSTMASTER_SLUG
+from mailingest.handoff.events import MESSAGE_EVENTS
+from mailingest.storage.engines import IDatabaseTransaction
 from mailingest.storage.store import Store, migrations
+
+ROLES = (
+    ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -103,7 +112,24 @@ class StoreContract:
     @defer.inlineCallbacks
     def setUp(self):
         self.store = yield self.make_store()
-        verifyObject(IStore, self.store)
+
+    def test_roles(self):
+        """The store provides each role, and the whole L{IStore}, as its callers name them."""
+        for role in ROLES:
+            self.assertTrue(verifyObject(role, self.store), role)
+        self.assertTrue(verifyObject(IStore, self.store))
+
+    @defer.inlineCallbacks
+    def test_interactions_get_a_database_transaction(self):
+        """What an interaction is given is the declared L{IDatabaseTransaction}, on every engine."""
+        given = []
+
+        def look(txn):
+            given.append(verifyObject(IDatabaseTransaction, txn))
+            return defer.succeed(None)
+
+        yield self.store.engine.interaction(look)
+        self.assertEqual(given, [True])
 
     @defer.inlineCallbacks
     def added_orgs(self):
@@ -152,7 +178,7 @@ class StoreContract:
                 )
 
         yield engine.interaction(migrate_as_before)
-        former = Store(engine)
+        former = Store(engine, MESSAGE_EVENTS)
         # Only the deltas written since the former layout are applied.
         former_versions = {int(name.split("_")[0]) for name in os.listdir(os.path.join(FORMER_SCHEMA, self.former_schema))}
         newer = [version for version, _, _ in migrations(engine) if version not in former_versions]

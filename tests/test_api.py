@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from mailingest.extraction.service import document_key
 from mailingest.handoff import openapi
 from mailingest.handoff.api import ApiResource, content_disposition, encode_cursor, new_token, safe_content_type, token_hash
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import open_store
 from tests.daemon import DaemonTestCase, TwistdProcess, free_port, temp_dir
@@ -249,7 +250,7 @@ class FlatMemory(unittest.TestCase):
         return defer.ensureDeferred(self.store_document(data))
 
     async def store_document(self, data: str) -> None:
-        store = open_store("sqlite:///" + os.path.join(data, "mailingest.db"))
+        store = open_store("sqlite:///" + os.path.join(data, "mailingest.db"), MESSAGE_EVENTS)
         blobs = open_blobs("file:" + os.path.join(data, "blobs"))
         try:
             await store.migrate()

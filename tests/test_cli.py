@@ -25,6 +25,7 @@ from mailingest import __version__
 from mailingest.app.cli import main, table, to_json
 from mailingest.app.mail_sender import SendError, daemon_server, parse_server
 from mailingest.handoff.api import read_admin_token
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.store import open_store
 from tests.test_urls import HOSTILE_URLS, leaked
 
@@ -120,7 +121,7 @@ class FixtureTestCase(CommandTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         super().setUp()
-        store = open_store(self.database)
+        store = open_store(self.database, MESSAGE_EVENTS)
         try:
             yield store.migrate()
             acme = yield store.add_org("acme", "Acme Corp")

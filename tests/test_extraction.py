@@ -11,13 +11,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from email.message import EmailMessage
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from mailingest.errors import StorageError
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import ExtractionResult
 from mailingest.extraction.pool import WORKER_ARGV
@@ -235,6 +235,7 @@ class OutcomeErrorTests(ExtractionCase):
         extraction.lease_seconds = 60
         full = [True]
         refused = []
+        first_refusal = defer.Deferred()
         real_put = self.daemon.blobs.put_file
         real_retry = self.daemon.store.schedule_retry
 
@@ -246,14 +247,15 @@ class OutcomeErrorTests(ExtractionCase):
         def schedule_retry(*args):
             if full[0]:
                 refused.append(args)
+                if not first_refusal.called:
+                    first_refusal.callback(None)
                 return defer.fail(sqlite3.OperationalError("database or disk is full"))
             return real_retry(*args)
 
         self.patch(self.daemon.blobs, "put_file", put_file)
         self.patch(self.daemon.store, "schedule_retry", schedule_retry)
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "full.pdf")]), settle=False)
-        while not refused:
-            yield sleep(0.05)
+        yield first_refusal
         full[0] = False
         recovered = time.monotonic()
         row = yield self.daemon.settled(message_id, timeout=10)
@@ -414,10 +416,7 @@ class LeaseTests(unittest.TestCase):
         directory = temp_dir(self)
         clock = task.Clock()
         clock.advance(time.time())
-        store = Store(
-            SqliteEngine(os.path.join(directory, "mailingest.db")),
-            clock=lambda: datetime.fromtimestamp(clock.seconds(), timezone.utc),
-        )
+        store = Store(SqliteEngine(os.path.join(directory, "mailingest.db")), MESSAGE_EVENTS, clock=clock)
         self.addCleanup(store.close)
         yield store.migrate()
         org = yield store.add_org("acme", "Acme Corp")

@@ -13,12 +13,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from mailingest.app import intake_protocol as ip
 from mailingest.app.intake import SharedRefusals
 from mailingest.app.settings import Settings
 from mailingest.app.processes import ChildConnection, IntakeProcesses, _Child
-from mailingest.interfaces import Collision, Duplicate
+from mailingest.interfaces import Collision, Duplicate, IClosable, IIntakeStore
 from mailingest.smtp import replies
 
 DIGEST = "ab" * 32
@@ -156,6 +157,11 @@ class ProtocolTests(unittest.TestCase):
         self.clock.advance(0)
         self.pipe.pump()
         return self.failureResultOf(d, *errors)
+
+    def test_parent_store_is_the_intake_role(self):
+        """An intake process's store is the SMTP side's role (and its owner closes it), no more."""
+        self.assertTrue(verifyObject(IIntakeStore, self.store))
+        self.assertTrue(verifyObject(IClosable, self.store))
 
     def test_messages_of_a_busy_moment_share_one_call(self):
         self.writer.answers = [[11], [Duplicate(5), Collision(12)], [13], [14]]

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
-from mailingest.interfaces import Duplicate, IDeliveryOutcome, IIngestMessage, ISMTPDelivery
+from mailingest.interfaces import Duplicate, IDeliveryOutcome, IIngestMessage, IIntakeStore, ISMTPDelivery
 from mailingest.ops import metrics
 from mailingest.delivery import spool as spool_module
 from mailingest.delivery.directory import OrgDirectory
@@ -37,8 +37,9 @@ from tests.daemon import temp_dir
 DOMAIN = "example.com"
 
 
+@implementer(IIntakeStore)
 class MemoryStore:
-    """The few store calls the SMTP path makes, in memory."""
+    """The SMTP side's store role, in memory."""
 
     def __init__(self, orgs=("acme", "beta")):
         self.orgs = {slug: number for number, slug in enumerate(orgs, 1)}
@@ -576,6 +577,10 @@ class DeliverySeamTests(unittest.TestCase):
         message.lineReceived(delivery.receivedHeader(self.HELO, origin, users))
         message.write(MESSAGE)
         verifyObject(IDeliveryOutcome, self.successResultOf(message.eomReceived()))
+
+    def test_memory_store_is_the_intake_role(self):
+        """The in-memory store stands in for exactly the role the SMTP side is given."""
+        self.assertTrue(verifyObject(IIntakeStore, Server(self).store))
 
     def test_refused_recipient_fails_with_twisted_error(self):
         server, delivery, origin, users, factories = self.transaction([])

@@ -11,12 +11,13 @@ import threading
 import time
 
 import psycopg2
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, TestCase
 
 from mailingest.errors import ConfigError
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.engines.postgresql import DatabaseUnavailable, PostgresqlEngine
 from mailingest.storage.engines.sqlite import SqliteEngine
 from mailingest.storage.store import Store
@@ -45,7 +46,7 @@ class SqliteStoreTests(StoreContract, TestCase):
 
     @defer.inlineCallbacks
     def make_store(self):
-        store = Store(self.another_engine())
+        store = Store(self.another_engine(), MESSAGE_EVENTS)
         yield store.migrate()
         return store
 
@@ -142,7 +143,7 @@ class PostgresqlStoreTests(StoreContract, TestCase):
 
     @defer.inlineCallbacks
     def make_store(self):
-        store = Store(postgresql_engine(self))
+        store = Store(postgresql_engine(self), MESSAGE_EVENTS)
         yield store.migrate()
         return store
 
@@ -200,9 +201,12 @@ class PostgresqlClaimTakeoverTests(TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         url = empty_database(self)
-        self.first = Store(postgresql_engine(self, url))
+        # Leases are the stores' clock time: advanced, not slept.
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.first = Store(postgresql_engine(self, url), MESSAGE_EVENTS, clock=self.clock)
         yield self.first.migrate()
-        self.second = Store(postgresql_engine(self, url))
+        self.second = Store(postgresql_engine(self, url), MESSAGE_EVENTS, clock=self.clock)
         acme = yield self.first.add_org("acme", "Acme Corp")
         self.ids = yield self.first.insert_messages([message(acme["id"], f"<{n}@x>") for n in range(3)])
 
@@ -217,15 +221,15 @@ class PostgresqlClaimTakeoverTests(TestCase):
         taken = yield self.claim_after_session_end(3600, 3)
         self.assertEqual([m["id"] for m in taken], self.ids[:2])
 
-    @defer.inlineCallbacks
     def claim_after_session_end(self, lease_seconds, limit):
         """The second store's claim once the server has ended the first's session (it notices the closed socket a moment later)."""
-        for _ in range(100):
-            taken = yield self.second.claim(lease_seconds, limit)
-            if taken:
-                return taken
-            yield sleep(0.02)
-        return []
+        @defer.inlineCallbacks
+        def taken():
+            claimed = yield self.second.claim(lease_seconds, limit)
+            self.assertTrue(claimed)
+            return claimed
+
+        return eventually(taken, timeout=2, interval=0.02)
 
     @defer.inlineCallbacks
     def test_a_claim_let_go_of_is_free(self):
@@ -241,8 +245,8 @@ class PostgresqlClaimTakeoverTests(TestCase):
     @defer.inlineCallbacks
     def test_lease_run_out_is_still_taken_over(self):
         """The lease stays the backstop for a daemon that lives but stopped renewing."""
-        yield self.first.claim(0.001, 1)
-        yield sleep(0.01)
+        yield self.first.claim(1, 1)
+        self.clock.advance(1.01)
         self.assertEqual([m["id"] for m in (yield self.second.claim(3600, 1))], self.ids[:1])
 
 
@@ -275,6 +279,18 @@ def eventually(attempt, timeout=8.0, interval=0.1):
             return result
 
 
+def query_of(url: str, pid: int) -> str | None:
+    """What one backend is running now, seen from outside."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
+            row = cursor.fetchone()
+            return None if row is None else row[0]
+    finally:
+        conn.close()
+
+
 def terminate(url: str, pid: int) -> None:
     """Kill one backend from outside, as an administrator or a restart would."""
     conn = psycopg2.connect(url)
@@ -288,22 +304,26 @@ def terminate(url: str, pid: int) -> None:
 
 class _ProxyServer(portforward.ProxyServer):
     def connectionMade(self):
+        self.lost = defer.Deferred()
         self.factory.open.add(self)
         super().connectionMade()
 
     def connectionLost(self, reason):
         self.factory.open.discard(self)
         super().connectionLost(reason)
+        self.lost.callback(None)
 
 
 class _Silent(protocol.Protocol):
     """Accepts a connection and never answers, like a server that hangs."""
 
     def connectionMade(self):
+        self.lost = defer.Deferred()
         self.factory.open.add(self)
 
     def connectionLost(self, reason):
         self.factory.open.discard(self)
+        self.lost.callback(None)
 
 
 @defer.inlineCallbacks
@@ -311,10 +331,10 @@ def shut(listening, factory):
     """Stop listening, cut every connection and wait until they are gone."""
     if listening is not None:
         yield listening.stopListening()
-    for server in list(factory.open):
+    servers = list(factory.open)
+    for server in servers:
         server.transport.abortConnection()
-    while factory.open:
-        yield sleep(0.01)
+    yield defer.gatherResults([server.lost for server in servers])
 
 
 class Outage:
@@ -380,7 +400,7 @@ class PostgresqlEngineTests(TestCase):
     @defer.inlineCallbacks
     def test_claims_skip_locked_rows(self):
         engine = postgresql_engine(self, self.url, min_connections=2, max_connections=2)
-        store = Store(engine)
+        store = Store(engine, MESSAGE_EVENTS)
         yield store.migrate()
         org = yield store.add_org("acme", "Acme")
         first, second = yield store.insert_messages(
@@ -418,7 +438,8 @@ class PostgresqlEngineTests(TestCase):
         engine = postgresql_engine(self, self.url)
         pid = yield engine.interaction(backend_pid)
         running = engine.interaction(sleeping_pid(5))
-        yield sleep(0.1)
+        # Killed once it is running its statement, not before.
+        yield eventually(lambda: self.assertIn("pg_sleep", query_of(self.url, pid) or ""), timeout=2, interval=0.01)
         terminate(self.url, pid)
         error = yield self.assertFailure(running, DatabaseUnavailable)
         self.assertIn("terminating connection", str(error))
@@ -443,7 +464,7 @@ class PostgresqlEngineTests(TestCase):
     def test_outage_fails_fast_then_recovers(self):
         outage, url = self.behind_proxy()
         engine = postgresql_engine(self, url)
-        store = Store(engine)
+        store = Store(engine, MESSAGE_EVENTS)
         yield store.migrate()
         yield store.add_org("acme", "Acme")
 
@@ -480,7 +501,7 @@ class PostgresqlEngineTests(TestCase):
         params = psycopg2.extensions.parse_dsn(self.url)
         params.update(password=secret, dbname="mailingest_no_such_db")
         engine = postgresql_engine(self, postgres.url_from_params(params))
-        store = Store(engine)
+        store = Store(engine, MESSAGE_EVENTS)
         self.assertIn(":***@", repr(engine))
         for shown in (repr(engine), repr(store)):
             self.assertNotIn(secret, shown)
@@ -525,8 +546,8 @@ class PostgresqlEngineTests(TestCase):
 
         @defer.inlineCallbacks
         def delivered():
+            # Sent again on each attempt: one sent while the listener is still reconnecting is lost.
             yield sender.interaction(sender.notify, "mailingest_test", "after")
-            yield sleep(0.05)
             self.assertIn("after", received)
 
         yield eventually(delivered)

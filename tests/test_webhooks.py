@@ -17,14 +17,16 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.names import client, dns
 from twisted.trial import unittest
 from twisted.web.client import URI
+from zope.interface.verify import verifyObject
 
 from mailingest.handoff.api import new_token, token_hash
-from mailingest.handoff.events import as_datetime, new_secret
+from mailingest.handoff.events import MESSAGE_EVENTS, as_datetime, new_secret
 from mailingest.handoff import targets
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
 from mailingest.handoff.webhooks import WebhookService, jittered, request_url
+from mailingest.interfaces import IWebhookEvents
 from mailingest.retry import Backoff
-from tests.daemon import DaemonTestCase, RunningDaemon, free_port, message, sleep, temp_dir
+from tests.daemon import DaemonTestCase, RunningDaemon, free_port, message, poll, sleep, temp_dir
 from tests.dns_server import DnsServer, Zone
 from tests.test_api import order
 from tests.webhook_receiver import Receiver, SilentReceiver
@@ -56,17 +58,23 @@ def ipv6_loopback() -> bool:
         return False
 
 
-@defer.inlineCallbacks
 def event_rows(store, until, timeout: float = 20.0, limit: int = 50):
     """Poll the outbox (the C{limit} newest events) until C{until(rows)} holds; fire with the rows."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = yield store.list_events(limit=limit)
-        if until(rows):
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the outbox never reached the expected state: {rows}")
-        yield sleep(0.05)
+    return poll(lambda: store.list_events(limit=limit), until, timeout, lambda rows: f"the outbox never reached the expected state: {rows}")
+
+
+class EventsOfStatusChanges(unittest.TestCase):
+    """Which status changes raise an event, and its id, are decided here, not in the store."""
+
+    def test_message_events(self):
+        self.assertTrue(verifyObject(IWebhookEvents, MESSAGE_EVENTS))
+        self.assertEqual(
+            {status: MESSAGE_EVENTS.event_type(status) for status in ("received", "retrying", "parsed", "failed", "quarantined")},
+            {"received": None, "retrying": None, "parsed": "message.parsed", "failed": "message.failed", "quarantined": "message.quarantined"},
+        )
+        first, second = MESSAGE_EVENTS.new_event_id(), MESSAGE_EVENTS.new_event_id()
+        self.assertRegex(first, "^evt_[0-9a-f]{32}$")
+        self.assertNotEqual(first, second)
 
 
 class WebhookCase(DaemonTestCase):
@@ -239,14 +247,9 @@ class Fairness(DaemonTestCase):
         rows = yield store.list_events(org_slug="hang", limit=1000)
         self.assertIn("no answer within 10 s", {r["last_error"] for r in rows})
 
-    @defer.inlineCallbacks
     def paused(self, count: int, timeout: float = 5.0):
         """Wait until C{count} receivers are paused (one that is tried again at the end of its pause is not, for a moment)."""
-        deadline = time.monotonic() + timeout
-        while (yield self.daemon.store.count_paused_receivers()) != count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never {count} receivers paused")
-            yield sleep(0.05)
+        return poll(self.daemon.store.count_paused_receivers, lambda paused: paused == count, timeout, lambda paused: f"never {count} receivers paused")
 
 
 class _FakeStore:

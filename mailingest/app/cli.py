@@ -29,10 +29,12 @@ from mailingest.app import mail_sender as send_test
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
+from mailingest.interfaces import IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
@@ -181,13 +183,13 @@ class CommandBackends:
 
     def __init__(self, settings: StorageSettings):
         self.settings = settings
-        self.store = None
+        self.store: "ISchemaStore | IOrgStore | IIntakeStore | IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | None" = None
         self._blobs = None
 
     def open_store(self) -> None:
         url = self.settings.database
         try:
-            self.store = open_store(url)
+            self.store = open_store(url, MESSAGE_EVENTS)
         except ValueError as e:
             raise CommandError(f"bad database URL: {e}") from None
         except OSError as e:

@@ -30,6 +30,7 @@ from twisted.protocols import amp
 
 from mailingest.app.settings import Settings
 from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
+from mailingest.interfaces import IClosable, IIntakeStore
 from mailingest.smtp import replies
 from mailingest.smtp.limits import RefusalCounter
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -124,7 +125,7 @@ def build_intake(settings: Settings, fds: list[int], reactor, store, index: int 
 class _Intake(service.MultiService):
     """Stops its services (listeners first, then the drain), then closes storage."""
 
-    def __init__(self, store, blobs):
+    def __init__(self, store: "IIntakeStore | IClosable", blobs):
         super().__init__()
         self.store = store
         self.blobs = blobs
@@ -165,9 +166,10 @@ class _Parent(QuietAMP):
         if through_parent:
             store = ParentStore(self, self.reactor)
         else:
+            from mailingest.handoff.events import MESSAGE_EVENTS
             from mailingest.storage.store import open_store
 
-            store = open_store(settings.database)
+            store = open_store(settings.database, MESSAGE_EVENTS)
         self.refusals = SharedRefusals(self.reactor, self)
         for refusal in refusals:
             self.refusals.refused_elsewhere(refusal["peer"], refusal["at"])

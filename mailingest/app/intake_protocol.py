@@ -32,9 +32,10 @@ from datetime import datetime
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from mailingest.app.settings import Network, Settings, StorageSettings
-from mailingest.interfaces import Collision, Duplicate
+from mailingest.interfaces import Collision, Duplicate, IClosable, IIntakeStore
 
 # Values longer than this do not fit in one AMP value; records are packed
 # into as many values as they need.
@@ -377,6 +378,7 @@ def answer(d: defer.Deferred) -> defer.Deferred:
     return result
 
 
+@implementer(IIntakeStore, IClosable)
 class ParentStore:
     """
     The store calls of the SMTP side, answered by the parent, the one writer

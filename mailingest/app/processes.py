@@ -59,6 +59,7 @@ from mailingest.app.intake_protocol import (
 )
 from mailingest.app.settings import Settings
 from mailingest.errors import ConfigError
+from mailingest.interfaces import IIntakeStore, ISchemaStore
 from mailingest.ops import metrics
 from mailingest.smtp import replies
 from mailingest.smtp.limits import RefusalCounter
@@ -288,7 +289,7 @@ def endpoint_address(skt: socket.socket) -> str:
 class IntakeProcesses(service.Service):
     """Listening sockets opened here, served by C{settings.processes} children, restarted when they die."""
 
-    def __init__(self, reactor, settings: Settings, store, on_stored):
+    def __init__(self, reactor, settings: Settings, store: "IIntakeStore | ISchemaStore", on_stored):
         self.reactor = reactor
         self.settings = settings
         # One writer: with SQLite the children's store calls come here.

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.transaction import IngestDeliveries
+from mailingest.interfaces import ISchemaStore
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
@@ -28,6 +29,7 @@ from mailingest.extraction.service import ExtractionService
 from mailingest.console.rejections import SAMPLE_SECONDS, RejectionHistory
 from mailingest.console.resource import make_site
 from mailingest.handoff.api import read_admin_token
+from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.sweeper import GcService, check_min_age
@@ -182,7 +184,7 @@ class AfterMigration(service.MultiService):
     starts them in order. C{ready} fires once they have started.
     """
 
-    def __init__(self, reactor, store):
+    def __init__(self, reactor, store: ISchemaStore):
         super().__init__()
         self.reactor = reactor
         self.store = store
@@ -235,7 +237,7 @@ class Daemon(service.MultiService):
     """
 
     def __init__(
-        self, store, blobs, serving: AfterMigration, *, ops_listener: Listener | None, api_listener: Listener | None,
+        self, store: ISchemaStore, blobs, serving: AfterMigration, *, ops_listener: Listener | None, api_listener: Listener | None,
         smtp_listeners: list[Listener], delivery: Ingest | None, extraction: ExtractionService, webhooks: WebhookService,
     ):
         super().__init__()
@@ -394,7 +396,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     """The daemon's service tree, wired from parts each made from the settings it needs."""
     if reactor is None:
         from twisted.internet import reactor
-    store = open_store(settings.database)
+    store = open_store(settings.database, MESSAGE_EVENTS)
     blobs = open_blobs(settings.storage, settings.s3_endpoint, settings.s3_region, environ)
     # Spool and work files live beside the blobs when they are on local disk,
     # so storing them is a hard link rather than a copy.

@@ -29,6 +29,7 @@ from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import ConsoleSession, Sessions
 from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
+from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
@@ -420,7 +421,7 @@ class ConsoleResource(_Home):
 
     def __init__(
         self,
-        store,
+        store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore",
         blobs,
         api: ApiResource,
         sessions: Sessions,
@@ -510,7 +511,7 @@ class ConsoleResource(_Home):
 
 
 def make_site(
-    store,
+    store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
     blobs,
     clock,
     rejections: RejectionHistory,

@@ -6,6 +6,8 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from mailingest.interfaces import IIntakeStore
+
 log = Logger(namespace="mailingest.delivery")
 
 
@@ -18,7 +20,7 @@ class OrgDirectory(service.Service):
     while the database is down.
     """
 
-    def __init__(self, store, refresh: float = 2.0, clock=None):
+    def __init__(self, store: IIntakeStore, refresh: float = 2.0, clock=None):
         self.store = store
         self.refresh_interval = refresh
         self._clock = clock

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from mailingest.ops import metrics
 from mailingest.encoded_words import decode_header
-from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome
+from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.received import printable
 from mailingest.delivery.routing import normalise_domain, parse_recipient, valid_slug
@@ -180,7 +180,7 @@ class Ingest:
     """
 
     def __init__(
-        self, store, blobs, directory: OrgDirectory, domains, hostname: str, spool_dir: str,
+        self, store: IIntakeStore, blobs, directory: OrgDirectory, domains, hostname: str, spool_dir: str,
         store_timeout: float = STORE_TIMEOUT_SECONDS, clock=None,
     ):
         if clock is None:

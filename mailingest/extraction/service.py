@@ -37,6 +37,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from mailingest.claiming import ClaimWorkers
+from mailingest.interfaces import IExtractionQueue, IQuarantineStore
 from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
@@ -105,7 +106,7 @@ class ExtractionService(service.Service):
 
     def __init__(
         self,
-        store,
+        store: "IExtractionQueue | IQuarantineStore",
         blobs,
         parser,
         work_dir: str,

@@ -29,6 +29,7 @@ from mailingest.errors import BlobNotFound, ConfigError
 from mailingest.handoff import openapi
 from mailingest.handoff.events import document_object, iso, message_object
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
+from mailingest.interfaces import IOrgStore, IReadStore
 from mailingest.ops.web import Node
 from mailingest.storage.store import MESSAGE_STATUSES
 
@@ -66,7 +67,7 @@ class UnknownToken(Exception):
     """A token that is neither the admin token nor a live organisation token."""
 
 
-async def token_scope(store, admin_hash: str | None, token: str) -> int | None:
+async def token_scope(store: IOrgStore, admin_hash: str | None, token: str) -> int | None:
     """The organisation id a token sees, None for the admin token (the API's and the console's one check)."""
     digest = token_hash(token.strip())
     if admin_hash is not None and hmac.compare_digest(digest, admin_hash):
@@ -259,7 +260,7 @@ class ApiResource(_Path):
 
     below = {b"v1": _V1}
 
-    def __init__(self, store, blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
+    def __init__(self, store: "IReadStore | IOrgStore", blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
         super().__init__(self)
         if throttle is None:
             from twisted.internet import reactor

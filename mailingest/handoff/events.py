@@ -7,15 +7,39 @@ verify with the official library of their language.
 import base64
 import json
 import os
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 from standardwebhooks import Webhook
+from zope.interface import implementer
 
 from mailingest.errors import MailingestError
+from mailingest.interfaces import IWebhookEvents
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 24
+
+# The message statuses that raise a webhook event, and the event's type.
+EVENT_TYPES = {
+    "parsed": "message.parsed",
+    "failed": "message.failed",
+    "quarantined": "message.quarantined",
+}
+
+
+@implementer(IWebhookEvents)
+class MessageEvents:
+    """The events of a message's status changes, as the store writes them to its outbox."""
+
+    def event_type(self, status: str) -> str | None:
+        return EVENT_TYPES.get(status)
+
+    def new_event_id(self) -> str:
+        return "evt_" + uuid.uuid4().hex
+
+
+MESSAGE_EVENTS = MessageEvents()
 
 
 class BadSecret(MailingestError):

@@ -35,6 +35,7 @@ from twisted.web.http_headers import Headers
 from mailingest.claiming import ClaimWorkers
 from mailingest.handoff.events import as_datetime, event_body, signature_headers
 from mailingest.handoff.targets import CheckedEndpointFactory, TargetPolicy, TargetRefused
+from mailingest.interfaces import IOutboxStore
 from mailingest.ops import metrics
 from mailingest.retry import Backoff
 from mailingest.twisted_private import QuietHTTPConnectionPool
@@ -99,7 +100,7 @@ class WebhookService(service.Service):
 
     def __init__(
         self,
-        store,
+        store: IOutboxStore,
         policy: TargetPolicy,
         reactor,
         horizon: float = DEFAULT_HORIZON_SECONDS,

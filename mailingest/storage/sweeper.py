@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from mailingest.ops import metrics
 from mailingest.errors import ConfigError
-from mailingest.interfaces import BlobInfo
+from mailingest.interfaces import BlobInfo, IBlobReferences
 
 PREFIXES = ("raw/", "documents/")
 DEFAULT_MIN_AGE = 86400.0
@@ -55,7 +55,7 @@ class Sweep:
 
 
 async def sweep(
-    store,
+    store: IBlobReferences,
     blobs,
     min_age: float,
     dry_run: bool = False,
@@ -105,7 +105,7 @@ class GcService(service.Service):
 
     name = "gc"
 
-    def __init__(self, store, blobs, interval: float, min_age: float, clock=None):
+    def __init__(self, store: IBlobReferences, blobs, interval: float, min_age: float, clock=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.store = store

@@ -1,9 +1,9 @@
 """
 What differs between SQLite and PostgreSQL, and nothing else.
 
-An engine runs an interaction: a function written once, in the
-C{inlineCallbacks} style, that receives a L{Transaction} whose C{execute}
-returns a Deferred. On PostgreSQL those Deferreds are really asynchronous
+An engine runs an interaction: a function written once that receives an
+L{IDatabaseTransaction} whose C{execute} returns a Deferred, and returns a
+Deferred (the store's are C{async def}, run with C{Deferred.fromCoroutine}). On PostgreSQL those Deferreds are really asynchronous
 (txpostgres); on SQLite the whole interaction runs in the adbapi thread and
 every Deferred has already fired. SQL is written with C{?} placeholders.
 
@@ -14,28 +14,32 @@ imported only when chosen: PostgreSQL's driver need not be installed for SQLite.
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
+from zope.interface import Interface, implementer
 
 from mailingest.errors import ConfigError
 from mailingest.ops.secrets import redact_url
 from mailingest.storage.urls import sqlite_path
 
 
-class Transaction(Protocol):
-    def execute(self, sql: str, args: tuple = ()) -> Any:
+class IDatabaseTransaction(Interface):
+    """One database transaction as an interaction sees it (not L{mailingest.delivery.transaction.Transaction}, an SMTP one)."""
+
+    def execute(sql: str, args: tuple = ()) -> Any:
         """Run one statement; returns a Deferred."""
 
-    def fetchall(self) -> list[dict]:
+    def fetchall() -> list[dict]:
         """Rows of the last statement, as dicts."""
 
-    def fetchone(self) -> dict | None:
+    def fetchone() -> dict | None:
         """The next row of the last statement, as a dict, or None."""
 
 
+@implementer(IDatabaseTransaction)
 class CursorTransaction:
-    """A L{Transaction} over a cursor whose rows map column names to values; engines add C{execute}."""
+    """An L{IDatabaseTransaction} over a cursor whose rows map column names to values; engines add C{execute}."""
 
     def __init__(self, cursor):
         self._cursor = cursor
@@ -78,7 +82,7 @@ class Engine(ABC):
         """An interaction for work nobody waits on: it must not hold up L{interaction}s."""
 
     @abstractmethod
-    def notify(self, txn: Transaction, channel: str, payload: str = "") -> defer.Deferred:
+    def notify(self, txn: IDatabaseTransaction, channel: str, payload: str = "") -> defer.Deferred:
         """Wake the listeners of C{channel} (in every daemon) when C{txn} commits."""
 
     @abstractmethod

@@ -1,0 +1,283 @@
+"""
+The extraction queue role: claims (with PostgreSQL's session locks),
+outcomes, retries, reprocessing and each message's status history.
+"""
+
+from datetime import timedelta
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailingest.errors import NoSuchMessage
+from mailingest.interfaces import IExtractionQueue
+from mailingest.storage.group_commit import GroupCommit
+from mailingest.storage.stores.base import MESSAGE_SELECT, RECEIVED_CHANNEL, StoreBase, message_row
+from mailingest.storage.stores.quarantine import VERDICT_COLUMNS
+
+# A claimed message comes with its organisation's sender policy.
+_CLAIM_SELECT = MESSAGE_SELECT.replace(
+    " FROM inbound_message", ", o.sender_allow_domains, o.sender_require FROM inbound_message", 1
+)
+# What extraction records per document, beside the message, ordinal and time.
+_EXTRACTED_COLUMNS = (
+    "org_id", "filename", "content_type", "size", "sha256", "storage_key",
+    "original_filename", "content_type_raw", "disposition", "content_id",
+)
+
+# On PostgreSQL a claim is also a session-level advisory lock (this first key,
+# the message id modulo 2^31 the second) held on the engine's claiming
+# connection: when a daemon dies its session ends, the server drops its locks,
+# and its messages are claimed again at once instead of when their lease runs out.
+CLAIM_LOCKS = 1835100524
+_CLAIM_LOCK_KEY = "(id % 2147483648)::int"
+_HELD_CLAIM_LOCKS = (
+    "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND classid = ?"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+@implementer(IExtractionQueue)
+class ExtractionQueueStore(StoreBase):
+    """An outcome's event is the outbox's (C{_write_event_txn}), written in the outcome's transaction."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parsed = GroupCommit(lambda batch: self._run(self._mark_parsed_batch, batch))
+
+    def on_received(self, callback) -> defer.Deferred:
+        """Call C{callback()} when any daemon sharing this database stores a message."""
+        return self.engine.listen(RECEIVED_CHANNEL, lambda payload: callback())
+
+    def claim(self, lease_seconds, limit=1, per_org=None, skip_orgs=()):
+        """
+        Up to C{limit} due messages claimed for C{lease_seconds}. With
+        C{per_org}, at most that many of one organisation, the organisations
+        taking turns (each one's first due message, then each one's second...),
+        and none of the organisations in C{skip_orgs} (ids, e.g. those whose
+        messages the caller already has in hand): one organisation's backlog
+        cannot fill the batch while another's message waits.
+        """
+        return self._claiming(self._claim, lease_seconds, int(limit), per_org, [int(o) for o in skip_orgs]
+        )
+
+    async def _claim(self, txn, lease_seconds, limit, per_org=None, skip_orgs=()):
+        due = "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+        if per_org is not None or skip_orgs:
+            turns = await self._turns(txn, due, limit, per_org, skip_orgs)
+            if not turns:
+                return []
+            due += " AND id IN (" + ", ".join(str(int(i)) for i in turns) + ")"
+        ids = await self._lease(txn, "inbound_message", due, lease_seconds, limit, session_locks=True)
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        await txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
+        return [message_row(row) for row in txn.fetchall()]
+
+    async def _turns(self, txn, due, limit, per_org, skip_orgs):
+        """The ids of the due, unclaimed messages to claim next, organisations in turn (see L{claim})."""
+        now = self._now()
+        free, args = self._free(now, True)
+        skip = ""
+        if skip_orgs:
+            skip = " AND org_id NOT IN (" + ", ".join("?" for _ in skip_orgs) + ")"
+        await txn.execute(
+            "SELECT id FROM (SELECT id, next_attempt_at,"
+            " ROW_NUMBER() OVER (PARTITION BY org_id ORDER BY next_attempt_at, id) AS turn"
+            f" FROM inbound_message e WHERE {due} AND ({free}){skip}) turns"
+            " WHERE turn <= ? ORDER BY turn, next_attempt_at, id LIMIT ?",
+            (now, *args, *skip_orgs, limit if per_org is None else per_org, limit),
+        )
+        return [row["id"] for row in txn.fetchall()]
+
+    def _free(self, now, session_locks):
+        """The condition (and its arguments) of a row no live claim holds."""
+        free = "claimed_until IS NULL OR claimed_until < ?"
+        args = [now]
+        if session_locks and self.engine.session_locks:
+            free += f" OR {_CLAIM_LOCK_KEY} NOT IN ({_HELD_CLAIM_LOCKS})"
+            args.append(CLAIM_LOCKS)
+        return free, args
+
+    async def _lease(self, txn, table, due, lease_seconds, limit, session_locks=False):
+        """
+        The ids of up to C{limit} rows of C{table} that are C{due} (a
+        condition on the current time, one C{?}) and unclaimed, now claimed
+        for C{lease_seconds}; rows another daemon is claiming are skipped.
+        With C{session_locks} (message claims, on an engine that has them)
+        each claim is also a session-level lock on the claiming connection,
+        and a live lease whose lock no session holds is a dead daemon's.
+        """
+        now = self._now()
+        free, args = self._free(now, session_locks)
+        args = [now, *args]
+        locks = session_locks and self.engine.session_locks
+        await txn.execute(
+            f"SELECT id FROM {table} e WHERE {due} AND ({free})"
+            " ORDER BY next_attempt_at, id LIMIT ?" + self.engine.skip_locked,
+            (*args, limit),
+        )
+        ids = [row["id"] for row in txn.fetchall()]
+        if not ids:
+            return ids
+        marks = ", ".join("?" for _ in ids)
+        if locks:
+            # Held until the outcome is recorded (unlock_claims). A lock another
+            # session still holds means that daemon recorded the outcome and has
+            # not let go yet, or its lease ran out: the lease decides, as before.
+            await txn.execute(
+                f"SELECT pg_try_advisory_lock(?, {_CLAIM_LOCK_KEY}) AS locked FROM {table} WHERE id IN ({marks})",
+                (CLAIM_LOCKS, *ids),
+            )
+        await txn.execute(
+            f"UPDATE {table} SET claimed_until = ? WHERE id IN ({marks})",
+            (now + timedelta(seconds=lease_seconds), *ids),
+        )
+        return ids
+
+    def unlock_claims(self, message_ids):
+        if not self.engine.session_locks or not message_ids:
+            return defer.succeed(None)
+        return self._claiming(self._unlock_claims, [int(i) for i in message_ids])
+
+    async def _unlock_claims(self, txn, message_ids):
+        marks = ", ".join("(?)" for _ in message_ids)
+        await txn.execute(
+            f"SELECT pg_advisory_unlock(?, {_CLAIM_LOCK_KEY}) AS unlocked FROM (VALUES {marks}) AS claimed (id)",
+            (CLAIM_LOCKS, *message_ids),
+        )
+
+    def renew_claims(self, message_ids, lease_seconds):
+        return self._background(self._set_claims, list(message_ids), lease_seconds)
+
+    def release_claims(self, message_ids=None):
+        return self._run(self._set_claims, message_ids, None)
+
+    async def _set_claims(self, txn, message_ids, lease_seconds):
+        until = None if lease_seconds is None else self._now() + timedelta(seconds=lease_seconds)
+        sql = "UPDATE inbound_message SET claimed_until = ? WHERE status = 'received'"
+        args = [until]
+        if message_ids is not None:
+            if not message_ids:
+                return
+            sql += " AND id IN (" + ", ".join("?" for _ in message_ids) + ")"
+            args += [int(i) for i in message_ids]
+        await txn.execute(sql, tuple(args))
+
+    def reprocess(self, message_id):
+        return self._run(self._reprocess, int(message_id))
+
+    async def _reprocess(self, txn, message_id):
+        await txn.execute(
+            "UPDATE inbound_message SET status = 'received', attempts = 0,"
+            " last_error = NULL, parsed_at = NULL, next_attempt_at = ?, claimed_until = NULL, warnings = NULL"
+            " WHERE id = ? RETURNING id",
+            (self._now(), message_id),
+        )
+        if txn.fetchone() is None:
+            raise NoSuchMessage(f"no message {message_id}")
+        await self._record_status_txn(txn, [message_id], "received")
+        await txn.execute(MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
+        return message_row(txn.fetchone())
+
+    def reprocess_failed(self, org_slug=None):
+        return self._run(self._reprocess_failed, org_slug)
+
+    async def _reprocess_failed(self, txn, org_slug):
+        sql = (
+            "UPDATE inbound_message SET status = 'received', attempts = 0,"
+            " last_error = NULL, next_attempt_at = ?, claimed_until = NULL"
+            " WHERE status = 'failed'"
+        )
+        args = [self._now()]
+        if org_slug is not None:
+            sql += " AND org_id IN (SELECT id FROM organization WHERE slug = ?)"
+            args.append(org_slug.lower())
+        await txn.execute(sql + " RETURNING id", tuple(args))
+        requeued = [row["id"] for row in txn.fetchall()]
+        await self._record_status_txn(txn, requeued, "received")
+        return len(requeued)
+
+    def mark_parsed(self, message_id, documents=(), warnings=None, verdicts=None):
+        return self._parsed.submit((int(message_id), list(documents), warnings, verdicts)).addCallback(self._events_written)
+
+    async def _mark_parsed_batch(self, txn, batch):
+        wrote = []
+        for message_id, documents, warnings, verdicts in batch:
+            wrote.append((await self._mark_parsed(txn, message_id, documents, warnings, verdicts)))
+        return wrote
+
+    async def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None):
+        # A document of the same (message, ordinal) is the same blob key: it is
+        # brought up to this extraction, keeping its id; the ordinals this
+        # extraction no longer has are removed (their blobs are swept).
+        columns = ", ".join(_EXTRACTED_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _EXTRACTED_COLUMNS)
+        for row in documents:
+            await txn.execute(
+                f"INSERT INTO document (inbound_message_id, ordinal, created_at, {columns})"
+                f" VALUES (?, ?, ?, {', '.join('?' for _ in _EXTRACTED_COLUMNS)})"
+                f" ON CONFLICT (inbound_message_id, ordinal) DO UPDATE SET {updates}",
+                (message_id, row["ordinal"], self._now(), *(row.get(c) for c in _EXTRACTED_COLUMNS)),
+            )
+        ordinals = [row["ordinal"] for row in documents]
+        sql = "DELETE FROM document WHERE inbound_message_id = ?"
+        if ordinals:
+            sql += " AND ordinal NOT IN (" + ", ".join("?" for _ in ordinals) + ")"
+        await txn.execute(sql, (message_id, *ordinals))
+        return (await self._finish_txn(txn, message_id, "parsed", None, None, verdicts, warnings=warnings or None))
+
+    def mark_failed(self, message_id, error, attempts, verdicts=None):
+        return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)
+
+    async def _mark_failed(self, txn, message_id, error, attempts, verdicts):
+        return (await self._finish_txn(txn, message_id, "failed", error, attempts, verdicts))
+
+    async def _finish_txn(self, txn, message_id, status, error, attempts, verdicts=None, **columns):
+        """
+        The end of an extraction, in one statement: its status, the sender
+        checks' columns (L{VERDICT_COLUMNS}; None: nothing to record) and
+        C{columns}; then its history row and event.
+        """
+        if verdicts is not None:
+            columns.update((name, verdicts.get(name)) for name in VERDICT_COLUMNS)
+        extra = "".join(f", {name} = ?" for name in columns)
+        await txn.execute(
+            "UPDATE inbound_message SET status = ?, last_error = ?,"
+            " attempts = COALESCE(?, attempts + 1), parsed_at = ?, claimed_until = NULL" + extra +
+            " WHERE id = ?",
+            (status, error, attempts, self._now() if status == "parsed" else None, *columns.values(), message_id),
+        )
+        await self._record_status_txn(txn, [message_id], status, error)
+        return (await self._write_event_txn(txn, message_id, status, error))
+
+    def schedule_retry(self, message_id, error, attempts, delay):
+        return self._run(self._schedule_retry, int(message_id), error, attempts, delay)
+
+    async def _schedule_retry(self, txn, message_id, error, attempts, delay):
+        await txn.execute(
+            "UPDATE inbound_message SET last_error = ?, attempts = ?,"
+            " next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
+            (error, attempts, self._now() + timedelta(seconds=delay), message_id),
+        )
+        await self._record_status_txn(txn, [message_id], "retrying", error)
+
+    async def _record_status_txn(self, txn, message_ids, status, error=None):
+        """A history row per message whose status changed, in the transaction of the change."""
+        now = self._now()
+        for message_id in message_ids:
+            await txn.execute(
+                "INSERT INTO message_status_history (inbound_message_id, status, error, at) VALUES (?, ?, ?, ?)",
+                (message_id, status, error, now),
+            )
+
+    def status_history(self, message_id):
+        """A message's status changes, oldest first: (status, error, at)."""
+        return self._run(self._status_history, int(message_id))
+
+    async def _status_history(self, txn, message_id):
+        await txn.execute(
+            "SELECT status, error, at FROM message_status_history WHERE inbound_message_id = ? ORDER BY id",
+            (message_id,),
+        )
+        return txn.fetchall()

@@ -1,0 +1,71 @@
+"""The schema role: numbered migrations, readiness, closing the engine."""
+
+import importlib.resources
+import re
+
+from zope.interface import implementer
+
+from mailingest.interfaces import ISchemaStore
+from mailingest.storage.engines import Engine
+from mailingest.storage.stores.base import StoreBase
+
+_SCHEMA_TERM = re.compile(r"\{(\w+)\}")
+
+
+def migrations(engine: Engine) -> list[tuple[int, str, str]]:
+    """
+    The schema deltas, in order, as C{engine} runs them: (version, name, sql).
+
+    Each delta is written once, in C{schema/NNN_name.sql}, numbered once for
+    both engines; its number and file name are what C{schema_version}
+    records, so a database keeps its history whatever the layout of the
+    files (until issue 13 each engine had its own tree of them). Where the
+    engines spell a thing differently the file holds a term in braces:
+    {id} (the primary key column), {timestamp} (a point in time) or {now}
+    (the current time), which the engine's C{schema_terms} fill in.
+    Everything else is SQL both engines read the same way; a delta that
+    cannot be written so needs a new term, not a second file.
+    """
+    folder = importlib.resources.files("mailingest.storage") / "schema"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            sql = _SCHEMA_TERM.sub(lambda term: engine.schema_terms[term.group(1)], entry.read_text())
+            found.append((int(entry.name.split("_", 1)[0]), entry.name, sql))
+    return sorted(found)
+
+
+@implementer(ISchemaStore)
+class SchemaStore(StoreBase):
+    def migrate(self):
+        return self._run(self._migrate)
+
+    async def _migrate(self, txn):
+        await txn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        await txn.execute("SELECT version FROM schema_version")
+        done = {row["version"] for row in txn.fetchall()}
+        applied = []
+        for version, name, sql in migrations(self.engine):
+            if version in done:
+                continue
+            for statement in self.engine.script(sql):
+                await txn.execute(statement)
+            await txn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, self._now().isoformat()),
+            )
+            applied.append(version)
+        return applied
+
+    def check(self):
+        return self._background(self._check)
+
+    async def _check(self, txn):
+        await txn.execute("SELECT 1 AS ok FROM schema_version LIMIT 1")
+        txn.fetchall()
+
+    def close(self):
+        return self.engine.close()
