@@ -11,7 +11,9 @@ when nothing is held, until its terminating CRLF "." CRLF.
 """
 
 import re
+from typing import Coroutine
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
@@ -40,6 +42,9 @@ class ICommandChannel(Interface):
     def data_ended(transfer):
         """The transfer's terminating CRLF "." CRLF has come."""
 
+    def idle():
+        """What the client sent is handled, and no transaction is under way (L{CommandInput.busy} is false)."""
+
 
 class ITransferInput(Interface):
     """What the input needs from the DATA being read (L{mailingest.smtp.transfer.DataTransfer})."""
@@ -63,11 +68,17 @@ class CommandInput:
         """Input is held while a lookup, storage or a tarpit delay is pending."""
         return self._holds > 0
 
+    @property
+    def busy(self) -> bool:
+        """In DATA, or waiting for a lookup or for storage."""
+        return self.transfer is not None or self.held
+
     def read_data(self, transfer: ITransferInput) -> None:
         """DATA has begun: what follows is C{transfer}'s until its terminator."""
         self.transfer = transfer
 
     def received(self, data: bytes) -> None:
+        """Bytes from the client (the protocol's C{dataReceived})."""
         # Outside DATA only a complete command line counts as activity, so a
         # byte-at-a-time client is timed out (DATA has its own pace check).
         transport = self._channel.transport
@@ -84,20 +95,38 @@ class CommandInput:
         if self.held and len(self._buffer) > PAUSE_BUFFER:
             transport.pauseProducing()
         self._process()
+        self._notify_if_idle()
 
     def hold(self) -> None:
         self._holds += 1
 
-    def release(self) -> bool:
-        """One reason to hold input is over; True when what the client pipelined has been handled."""
+    def release(self) -> None:
+        """One reason to hold input is over: go on with what the client pipelined."""
         self._holds -= 1
         transport = self._channel.transport
         if self._holds or transport.disconnecting:
-            return False
+            return
         self._channel.resetTimeout()
         transport.resumeProducing()
         self._process()
-        return True
+        self._notify_if_idle()
+
+    def hold_until(self, work: Coroutine) -> None:
+        """Run the coroutine C{work}; hold further input until it has finished (and sent its reply)."""
+        d = defer.Deferred.fromCoroutine(work)
+        if d.called:
+            return
+        self.hold()
+
+        def resume(result):
+            self.release()
+            return result
+
+        d.addBoth(resume)
+
+    def _notify_if_idle(self) -> None:
+        if not self.busy:
+            self._channel.idle()
 
     def discard_after_starttls(self, peer: str) -> None:
         """

@@ -1,7 +1,7 @@
 """
 The MAIL FROM and RCPT TO command lines: the path and the parameters.
 
-Twisted's command patterns (C{ESMTP.mail_re}, C{rcpt_re}) are tried first;
+Twisted's command patterns (C{SMTP.mail_re}, C{rcpt_re}) are tried first;
 they refuse an 8-bit path, which SMTPUTF8 allows, so ours reads that. Twisted
 parses MAIL's parameters and drops them: SIZE (held to the size limit), BODY
 (7BIT, 8BITMIME) and SMTPUTF8 are read here and anything else is refused;
@@ -29,9 +29,9 @@ class EnvelopeRefusal(Exception):
         self.text = text
 
 
-def mail_from(rest: bytes, pattern: re.Pattern, max_message_size: int) -> tuple[bytes, bool]:
+def mail_from(rest: bytes, max_message_size: int) -> tuple[bytes, bool]:
     """The path of C{MAIL FROM:<path> [params]}, and whether SMTPUTF8 was asked for."""
-    m = pattern.match(rest) or _UTF8_MAIL.match(rest)
+    m = smtp.SMTP.mail_re.match(rest) or _UTF8_MAIL.match(rest)
     if not m:
         raise EnvelopeRefusal(501, b"5.5.4 Syntax: MAIL FROM:<address>")
     smtputf8 = False
@@ -54,9 +54,9 @@ def mail_from(rest: bytes, pattern: re.Pattern, max_message_size: int) -> tuple[
     return m.group("path"), smtputf8
 
 
-def rcpt_to(rest: bytes, pattern: re.Pattern) -> bytes:
+def rcpt_to(rest: bytes) -> bytes:
     """The path of C{RCPT TO:<path>}."""
-    m = pattern.match(rest) or _UTF8_RCPT.match(rest)
+    m = smtp.SMTP.rcpt_re.match(rest) or _UTF8_RCPT.match(rest)
     if not m:
         raise EnvelopeRefusal(501, b"5.5.4 Syntax: RCPT TO:<address>")
     if m.group("opts"):

@@ -43,12 +43,12 @@ lacks a hook, the hook that would make the override unnecessary follows
   held while a reply is pending; lines over 512 bytes, NUL, control and 8-bit
   bytes refused with our reply; each line dispatched through Twisted's
   C{lookupMethod} (C{lineReceived} and its C{mode} states are not used); DATA
-  read in bulk. Upstream: (1) C{SMTP} pausing line delivery while a
-  C{validateFrom}/C{validateTo}/C{eomReceived} Deferred is pending (today it
-  answers pipelined commands out of order); (2) DATA in raw mode, handed to
-  messages in buffers through an C{IMessageSMTP} extension with a
-  C{write(bytes)} (or C{IConsumer}) and a size limit; (3) a C{commandReceived}
-  hook to vet a command line before dispatch.
+  read in bulk. The input is L{CommandInput}'s. Upstream: (1) C{SMTP} pausing
+  line delivery while a C{validateFrom}/C{validateTo}/C{eomReceived} Deferred
+  is pending (today it answers pipelined commands out of order); (2) DATA in
+  raw mode, handed to messages in buffers through an C{IMessageSMTP} extension
+  with a C{write(bytes)} (or C{IConsumer}) and a size limit; (3) a
+  C{commandReceived} hook to vet a command line before dispatch.
 - C{connectionLost} (extends): our DATA state is ours to discard (Twisted's is
   in name-mangled attributes). Goes with DATA in raw mode, upstream (2).
 - C{timeoutConnection}: a client waiting for our reply is not idle; our 421.
@@ -59,19 +59,22 @@ lacks a hook, the hook that would make the override unnecessary follows
 - C{do_HELO}, C{do_EHLO}, C{do_RSET}, C{do_QUIT}, C{do_UNKNOWN}: our reply
   texts with enhanced codes, through the error budget; the HELO name and the
   transaction in our attributes (Twisted's C{_helo}, C{_from}, C{_to} are
-  private). Upstream: (4) replies as data: each reply Twisted sends taken from
-  a table a subclass can replace (code, enhanced code, text), every one sent
-  through one overridable C{reply()} rather than C{sendCode} from each
-  handler; and public C{helo}/C{origin}/C{recipients} attributes.
+  private; the transaction is a L{MailTransaction}). Upstream: (4) replies as
+  data: each reply Twisted sends taken from a table a subclass can replace
+  (code, enhanced code, text), every one sent through one overridable
+  C{reply()} rather than C{sendCode} from each handler; and public
+  C{helo}/C{origin}/C{recipients} attributes.
 - C{do_MAIL}, C{do_RCPT}: what Twisted's parser refuses (domain literals,
   quoted-pairs, SMTPUTF8 addresses) and the SIZE, BODY and SMTPUTF8 parameters
-  (Twisted parses C{opts} and drops them); the delivery asked explicitly.
-  Upstream: (5) an RFC 5321/6531 address parser and a C{mailParameters} hook
-  given the parsed parameters; and (4).
+  (Twisted parses C{opts} and drops them, L{mailingest.smtp.envelope}); the
+  delivery asked explicitly (L{MailTransaction}). Upstream: (5) an RFC
+  5321/6531 address parser and a C{mailParameters} hook given the parsed
+  parameters; and (4).
 - C{do_DATA}: DATA in bulk, one trace header for the transaction, and the
-  end-of-data result as our reply: Twisted's private C{_messageHandled} turns
-  every failure into 550. Upstream: (2), and (6) a public C{messageHandled}
-  that answers an C{SMTPServerError}'s own code (a 451 stays a 451).
+  end-of-data result as our reply (L{mailingest.smtp.transfer.DataTransfer}):
+  Twisted's private C{_messageHandled} turns every failure into 550. Upstream:
+  (2), and (6) a public C{messageHandled} that answers an C{SMTPServerError}'s
+  own code (a 451 stays a 451).
 - C{ext_STARTTLS}: refuses an argument and a second TLS (implicit TLS
   included), drops plaintext pipelined after STARTTLS and forgets the HELO
   and the transaction (RFC 3207; the CVE-2011-0411 class). Upstream: (7)
@@ -92,25 +95,24 @@ import ipaddress
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
+from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.protocols import policies
 from zope.interface import implementer
 
 from mailingest.interfaces import ISMTPDelivery
 from mailingest.ops import metrics
-from mailingest.delivery.routing import address_text
 from mailingest.delivery.session import Session
 from mailingest.smtp import replies
 from mailingest.smtp.command_input import CommandInput, ICommandChannel
-from mailingest.smtp.envelope import EnvelopeRefusal, envelope_address, mail_from, rcpt_to
 from mailingest.smtp.limits import DataPace, Limits, RefusalCounter
-from mailingest.smtp.replies import IReplyChannel, Replies, reply_text
-from mailingest.smtp.transfer import DataTransfer, stored_reply
+from mailingest.smtp.replies import IReplyChannel, Replies
+from mailingest.smtp.transaction import ITransactionChannel, MailTransaction
+from mailingest.smtp.transfer import DataTransfer
 
 log = Logger(namespace="mailingest.smtp")
 
 
-@implementer(IReplyChannel, ICommandChannel)
+@implementer(IReplyChannel, ICommandChannel, ITransactionChannel)
 class IngestSMTP(smtp.ESMTP):
     """One SMTP session. Built by L{IngestSMTPFactory}."""
 
@@ -133,8 +135,7 @@ class IngestSMTP(smtp.ESMTP):
         self.replies = Replies(self, clock, self._address_refusals)
         self.pace = DataPace(clock, limits, self._data_too_slow)
         self.input = CommandInput(self)
-        self._sender: smtp.Address | None = None
-        self._recipients: list[tuple[smtp.User, object]] = []
+        self.transaction = MailTransaction(self, self.deliveryFactory)
 
     def connectionMade(self):
         # After a PROXY header, getPeer() is the real client: limits count it.
@@ -194,7 +195,6 @@ class IngestSMTP(smtp.ESMTP):
 
     def dataReceived(self, data):
         self.input.received(data)
-        self._notify_if_idle()
 
     def command(self, line: bytes) -> None:
         """
@@ -218,40 +218,20 @@ class IngestSMTP(smtp.ESMTP):
         self.input.hold()
 
     def release(self) -> None:
-        """One reason to hold input is over: go on with what the client pipelined."""
-        if self.input.release():
-            self._notify_if_idle()
+        self.input.release()
+
+    def wait_for(self, work) -> None:
+        self.input.hold_until(work)
 
     @property
     def busy(self) -> bool:
         """In DATA, or waiting for a lookup or for storage: not to be cut off."""
-        return self.input.transfer is not None or self.input.held
+        return self.input.busy
 
-    def _notify_if_idle(self) -> None:
-        """Tell the factory when input has been handled and no transaction is left (it may be shutting down)."""
-        if self.factory is not None and not self.busy:
+    def idle(self) -> None:
+        """Tell the factory (it may be shutting down)."""
+        if self.factory is not None:
             self.factory.idle(self)
-
-    def _wait_for(self, work) -> None:
-        """Run the coroutine C{work}; hold further input until it has finished (and sent its reply)."""
-        d = defer.Deferred.fromCoroutine(work)
-        if d.called:
-            return
-        self.hold()
-
-        def resume(result):
-            self.release()
-            return result
-
-        d.addBoth(resume)
-
-    def _failed(self, error: Exception, what: str) -> None:
-        """Answer an exception from the delivery: an C{SMTPServerError} carries its reply; anything else is our 451."""
-        if isinstance(error, smtp.SMTPServerError):
-            self.reply(error.code, reply_text(error))
-        else:
-            log.failure(what)
-            self.reply(451, b"4.3.0 Temporary failure, try again later")
 
     # commands
 
@@ -276,12 +256,7 @@ class IngestSMTP(smtp.ESMTP):
     def _greeted(self, rest: bytes | None, esmtp: bool) -> None:
         self.session.helo = rest
         self.session.esmtp = esmtp
-        self._forget_transaction()
-
-    def _forget_transaction(self) -> None:
-        self.delivery = None
-        self._sender = None
-        self._recipients = []
+        self.transaction.forget()
 
     def ext_STARTTLS(self, rest):
         if self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport):
@@ -308,7 +283,7 @@ class IngestSMTP(smtp.ESMTP):
         self.reply(214, b"2.0.0 See RFC 5321")
 
     def do_RSET(self, rest):
-        self._forget_transaction()
+        self.transaction.forget()
         self.reply(250, b"2.0.0 OK")
 
     def do_QUIT(self, rest):
@@ -319,113 +294,41 @@ class IngestSMTP(smtp.ESMTP):
         self.reply(500, b"5.5.2 Command not recognised")
 
     def do_MAIL(self, rest):
-        if self._sender:
-            self.reply(503, b"5.5.1 Sender already given")
-            return
-        try:
-            path, self.session.smtputf8 = mail_from(rest, self.mail_re, self.limits.max_message_size)
-            sender = envelope_address(path, self.host, self.session.smtputf8, b"5.1.7 Bad sender address syntax")
-        except EnvelopeRefusal as e:
-            self.reply(e.code, e.text)
-            return
-        self._recipients = []
-        self._wait_for(self._validate_sender(sender))
-
-    async def _validate_sender(self, sender: smtp.Address) -> None:
-        """A new transaction: its own delivery (one per MAIL FROM), which may refuse the sender."""
-        delivery = IMessageDelivery(self.deliveryFactory.getMessageDelivery())
-        try:
-            self._sender = await defer.maybeDeferred(delivery.validateFrom, self.session.helo_pair, sender)
-        except Exception as e:
-            self._failed(e, "sender validation failed")
-            return
-        self.delivery = delivery
-        self.reply(250, b"2.1.0 Sender OK")
+        self.transaction.mail(rest)
 
     def do_RCPT(self, rest):
         if self.replies.address_over_limit():
             self.cut_off("refused_recipients", b"Too many refused recipients")
             return
-        if not self._sender:
-            self.reply(503, b"5.5.1 Need MAIL before RCPT")
-            return
-        try:
-            path = rcpt_to(rest, self.rcpt_re)
-            if len(self._recipients) >= self.limits.max_recipients:
-                metrics.REJECTED.labels("recipients").inc()
-                self.reply(452, b"4.5.3 Too many recipients")
-                return
-            address = envelope_address(path, self.host, self.session.smtputf8, b"5.1.3 Bad recipient address syntax")
-        except EnvelopeRefusal as e:
-            if e.code == 553:
-                self._refused_recipient()
-            self.reply(e.code, e.text)
-            return
-        self._wait_for(self._validate_recipient(smtp.User(address, self.session.helo_pair, self, self._sender)))
+        self.transaction.rcpt(rest)
 
-    async def _validate_recipient(self, user: smtp.User) -> None:
-        try:
-            make_message = await defer.maybeDeferred(self.delivery.validateTo, user)
-        except smtp.SMTPServerError as e:
-            if e.code >= 500:
-                self._refused_recipient()
-            self.reply(e.code, reply_text(e))
-            log.info(
-                "refused recipient {rcpt} from {peer}: {code} {reply}",
-                rcpt=address_text(e.addr) if isinstance(e, smtp.SMTPAddressError) else "",
-                peer=self.session.peer,
-                code=e.code,
-                reply=e.resp,
-                event="rejected",
-            )
-            return
-        except Exception as e:
-            self._failed(e, "recipient validation failed")
-            return
-        self._recipients.append((user, make_message))
-        self.reply(250, b"2.1.5 Recipient OK")
-
-    def _refused_recipient(self) -> None:
+    def refused_recipient(self) -> None:
         if self.factory is not None:
             self.factory.refused_recipient(self.peer_key)
 
     def do_DATA(self, rest):
-        if self._sender is None or not self._recipients:
-            self.reply(503, b"5.5.1 Need MAIL and RCPT before DATA")
-            return
-        delivery, sender, recipients = self.delivery, self._sender, self._recipients
-        self._forget_transaction()
-        self.session.tls = tls_description(self.transport)
-        try:
-            transfer = DataTransfer.begin(delivery, self.session.helo_pair, sender, recipients, self.limits.max_message_size)
-        except Exception as e:
-            self._failed(e, "delivery failed at DATA")
-            return
+        self.transaction.data(tls_description(self.transport))
+
+    def read_data(self, transfer: DataTransfer) -> None:
         self.input.read_data(transfer)
         self.pace.start(lambda: transfer.size)
-        self.reply(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _data_too_slow(self, size: int, elapsed: float) -> None:
         metrics.REJECTED.labels("slow").inc()
-        log.info("disconnecting {peer}: DATA too slow ({size} bytes in {elapsed:.0f} s)", peer=self.peer_key, size=size, elapsed=elapsed)
+        log.info(
+            "disconnecting {peer}: DATA too slow ({size} bytes in {elapsed:.0f} s)",
+            peer=self.peer_key,
+            size=size,
+            elapsed=elapsed,
+        )
         self._close(b"4.4.2", b"Data too slow, closing connection")
 
     def data_ended(self, transfer: DataTransfer) -> None:
         self.pace.stop()
-        refusal = transfer.refusal(self.session.peer)
-        if refusal is not None:
-            self.reply(*refusal)
-        else:
-            self._wait_for(self._delivered(transfer))
+        self.transaction.data_ended(transfer)
 
-    async def _delivered(self, transfer: DataTransfer) -> None:
-        try:
-            outcome = await transfer.stored()
-        except Exception as e:
-            self._failed(e, "delivery failed")
-            return
+    def message_stored(self) -> None:
         self.replies.message_stored()
-        self.reply(250, stored_reply(outcome))
 
     def connectionLost(self, reason):
         if not self.admitted:

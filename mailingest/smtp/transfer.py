@@ -38,7 +38,12 @@ class DataTransfer:
 
     @classmethod
     def begin(
-        cls, delivery: IMessageDelivery, helo: tuple[bytes, bytes], sender: smtp.Address, recipients: list, max_message_size: int
+        cls,
+        delivery: IMessageDelivery,
+        helo: tuple[bytes, bytes],
+        sender: smtp.Address,
+        recipients: list,
+        max_message_size: int,
     ) -> "DataTransfer":
         """
         Every recipient's message (C{recipients} are C{(smtp.User, make_message)}
@@ -74,7 +79,10 @@ class DataTransfer:
             self._reader.refuse(e.code, reply_text(e))
 
     def refusal(self, peer: str) -> tuple[int, bytes] | None:
-        """At the end of the data: the reply when it was refused (too large, a message could not take it), counted and logged."""
+        """
+        At the end of the data: the reply when it was refused (too large, a
+        line too long, a message could not take it), counted and logged.
+        """
         if self._reader.refusal is None:
             return None
         self.discard()
