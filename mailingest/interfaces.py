@@ -485,7 +485,7 @@ class IIngestMessage(IMessage):
     (without its line end): the protocol's trace header, the first thing a
     message receives (Twisted's C{SMTP.do_DATA} writes C{receivedHeader}'s
     result first). A message that provides only Twisted's C{IMessage} is
-    adapted (L{mailingest.smtp.protocol.LineMessage}) and fed line by line.
+    adapted (L{mailingest.smtp.transfer.LineMessage}) and fed line by line.
 
     C{write} and C{lineReceived} raise L{twisted.mail.smtp.SMTPServerError}
     when the message cannot be taken (header section too large, no room to

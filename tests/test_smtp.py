@@ -538,7 +538,7 @@ class AddressProtocolTests(unittest.TestCase):
         for path in (b"<postmaster>", b"<Postmaster>", b"<POSTMASTER@example.com>", b"<postmaster@Ingest.Example.ORG>",
                      b"<postmaster@mx.test>", b'<"postmaster"@example.com>'):
             self.assertEqual(self.rcpt(path), b"250 2.1.5 Recipient OK", path)
-        (user, make_message), = self.protocol._recipients
+        (user, make_message), = self.protocol.transaction.recipients
         self.assertEqual([r.slug for r in make_message().transaction.envelope.recipients], [POSTMASTER_SLUG])
 
     def test_postmaster_elsewhere_and_the_reserved_slug_are_refused(self):

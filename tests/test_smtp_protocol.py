@@ -4,11 +4,13 @@ on a task.Clock, the real delivery (Ingest) on an in-memory store and blob store
 No sockets, no sleeps.
 """
 
+import ast
 import errno
 import io
 import ipaddress
 import itertools
 import os
+import pathlib
 import re
 
 from twisted.internet import defer, task
@@ -1080,6 +1082,29 @@ class OverrideTests(unittest.TestCase):
 
     def test_the_replies_contract(self):
         verifyObject(smtp_replies.IReplyChannel, Server(self).connect().protocol)
+
+    def test_the_input_and_transaction_contracts(self):
+        """The collaborators the session was split into (issue 24) reach it only through declared interfaces."""
+        from mailingest.smtp.command_input import ICommandChannel
+        from mailingest.smtp.transaction import ITransactionChannel
+
+        protocol = Server(self).connect().protocol
+        verifyObject(ICommandChannel, protocol)
+        verifyObject(ITransactionChannel, protocol)
+
+
+class ClassSizeTests(unittest.TestCase):
+    def test_no_smtp_class_over_250_lines(self):
+        """Issue 24: no class over 250 lines (IngestSMTP was 481 on main)."""
+        root = pathlib.Path(smtp_protocol.__file__).parent
+        sizes = {
+            f"{path.name}:{node.name}": node.end_lineno - node.lineno + 1
+            for path in root.glob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef)
+        }
+        self.assertIn("protocol.py:IngestSMTP", sizes)
+        self.assertEqual({name: size for name, size in sizes.items() if size > 250}, {})
 
 
 class EightBitVerbTests(unittest.TestCase):

@@ -5,11 +5,13 @@ needs and Twisted leaves out.
 - Commands are handled one at a time even when a client pipelines: while a
   recipient lookup, the end-of-DATA storage or a tarpit delay is pending,
   input is held, so replies come out in order and no recipient is dropped
-  after its 250.
+  after its 250 (L{mailingest.smtp.command_input}).
 - DATA is read in bulk (L{mailingest.smtp.data_reader}) and handed to the
   transaction's messages a buffer at a time, with the size limit enforced as
-  it arrives; it is answered 250 only once the message is stored, 451 when it
-  could not be.
+  it arrives (L{mailingest.smtp.transfer}); it is answered 250 only once the
+  message is stored, 451 when it could not be.
+- MAIL FROM and RCPT TO are read by L{mailingest.smtp.envelope}: the paths
+  Twisted's patterns refuse and the parameters it drops.
 - Every reply carries an RFC 3463 enhanced status code, and errors are
   counted, delayed and finally cut off (L{mailingest.smtp.replies}).
 - Limits, the idle timeout and the DATA pace: L{mailingest.smtp.limits}.
@@ -22,9 +24,10 @@ C{validateTo} and C{receivedHeader} itself (Twisted's C{SMTP.validateFrom}
 and friends, which fill C{self.delivery} as a side effect, are not used). The
 recipients' factories make the messages DATA is written to: an
 L{IIngestMessage} takes DATA in bulk; a plain Twisted C{IMessage} is adapted
-(L{LineMessage}) and fed a line at a time. C{eomReceived} may fire with an
-L{IDeliveryOutcome}, whose ids the 250 names. Nothing else of the delivery is
-touched; the connection's facts (L{Session}) are the delivery's to read.
+(L{mailingest.smtp.transfer.LineMessage}) and fed a line at a time.
+C{eomReceived} may fire with an L{IDeliveryOutcome}, whose ids the 250 names.
+Nothing else of the delivery is touched; the connection's facts (L{Session})
+are the delivery's to read.
 
 Every method of Twisted's C{ESMTP} still overridden, and why. Where Twisted
 lacks a hook, the hook that would make the override unnecessary follows
@@ -40,12 +43,12 @@ lacks a hook, the hook that would make the override unnecessary follows
   held while a reply is pending; lines over 512 bytes, NUL, control and 8-bit
   bytes refused with our reply; each line dispatched through Twisted's
   C{lookupMethod} (C{lineReceived} and its C{mode} states are not used); DATA
-  read in bulk. Upstream: (1) C{SMTP} pausing line delivery while a
-  C{validateFrom}/C{validateTo}/C{eomReceived} Deferred is pending (today it
-  answers pipelined commands out of order); (2) DATA in raw mode, handed to
-  messages in buffers through an C{IMessageSMTP} extension with a
-  C{write(bytes)} (or C{IConsumer}) and a size limit; (3) a C{commandReceived}
-  hook to vet a command line before dispatch.
+  read in bulk. The input is L{CommandInput}'s. Upstream: (1) C{SMTP} pausing
+  line delivery while a C{validateFrom}/C{validateTo}/C{eomReceived} Deferred
+  is pending (today it answers pipelined commands out of order); (2) DATA in
+  raw mode, handed to messages in buffers through an C{IMessageSMTP} extension
+  with a C{write(bytes)} (or C{IConsumer}) and a size limit; (3) a
+  C{commandReceived} hook to vet a command line before dispatch.
 - C{connectionLost} (extends): our DATA state is ours to discard (Twisted's is
   in name-mangled attributes). Goes with DATA in raw mode, upstream (2).
 - C{timeoutConnection}: a client waiting for our reply is not idle; our 421.
@@ -56,19 +59,22 @@ lacks a hook, the hook that would make the override unnecessary follows
 - C{do_HELO}, C{do_EHLO}, C{do_RSET}, C{do_QUIT}, C{do_UNKNOWN}: our reply
   texts with enhanced codes, through the error budget; the HELO name and the
   transaction in our attributes (Twisted's C{_helo}, C{_from}, C{_to} are
-  private). Upstream: (4) replies as data: each reply Twisted sends taken from
-  a table a subclass can replace (code, enhanced code, text), every one sent
-  through one overridable C{reply()} rather than C{sendCode} from each
-  handler; and public C{helo}/C{origin}/C{recipients} attributes.
+  private; the transaction is a L{MailTransaction}). Upstream: (4) replies as
+  data: each reply Twisted sends taken from a table a subclass can replace
+  (code, enhanced code, text), every one sent through one overridable
+  C{reply()} rather than C{sendCode} from each handler; and public
+  C{helo}/C{origin}/C{recipients} attributes.
 - C{do_MAIL}, C{do_RCPT}: what Twisted's parser refuses (domain literals,
   quoted-pairs, SMTPUTF8 addresses) and the SIZE, BODY and SMTPUTF8 parameters
-  (Twisted parses C{opts} and drops them); the delivery asked explicitly.
-  Upstream: (5) an RFC 5321/6531 address parser and a C{mailParameters} hook
-  given the parsed parameters; and (4).
+  (Twisted parses C{opts} and drops them, L{mailingest.smtp.envelope}); the
+  delivery asked explicitly (L{MailTransaction}). Upstream: (5) an RFC
+  5321/6531 address parser and a C{mailParameters} hook given the parsed
+  parameters; and (4).
 - C{do_DATA}: DATA in bulk, one trace header for the transaction, and the
-  end-of-data result as our reply: Twisted's private C{_messageHandled} turns
-  every failure into 550. Upstream: (2), and (6) a public C{messageHandled}
-  that answers an C{SMTPServerError}'s own code (a 451 stays a 451).
+  end-of-data result as our reply (L{mailingest.smtp.transfer.DataTransfer}):
+  Twisted's private C{_messageHandled} turns every failure into 550. Upstream:
+  (2), and (6) a public C{messageHandled} that answers an C{SMTPServerError}'s
+  own code (a 451 stays a 451).
 - C{ext_STARTTLS}: refuses an argument and a second TLS (implicit TLS
   included), drops plaintext pipelined after STARTTLS and forgets the HELO
   and the transaction (RFC 3207; the CVE-2011-0411 class). Upstream: (7)
@@ -85,34 +91,28 @@ No private Twisted name is used.
 """
 
 import ipaddress
-import re
 
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, IMessageSMTP
+from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.protocols import policies
-from twisted.python.components import registerAdapter
 from zope.interface import implementer
 
-from mailingest.interfaces import IDeliveryOutcome, IIngestMessage, ISMTPDelivery
+from mailingest.interfaces import ISMTPDelivery
 from mailingest.ops import metrics
-from mailingest.delivery.routing import address_text
 from mailingest.delivery.session import Session
 from mailingest.smtp import replies
-from mailingest.smtp.address import mailbox
-from mailingest.smtp.data_reader import DotReader, size_refusal
-from mailingest.smtp.limits import MAX_COMMAND_LINE, PAUSE_BUFFER, DataPace, Limits, RefusalCounter
+from mailingest.smtp.command_input import CommandInput, ICommandChannel
+from mailingest.smtp.limits import DataPace, Limits, RefusalCounter
 from mailingest.smtp.replies import IReplyChannel, Replies
-
-_UTF8_MAIL = re.compile(rb"\s*FROM:\s*(?P<path><[^<>\s]*>)(\s+(?P<opts>.*))?$", re.I)
-_UTF8_RCPT = re.compile(rb"\s*TO:\s*(?P<path><[^<>\s]+>)(\s+(?P<opts>.*))?$", re.I)
-_BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+from mailingest.smtp.transaction import ITransactionChannel, MailTransaction
+from mailingest.smtp.transfer import DataTransfer
 
 log = Logger(namespace="mailingest.smtp")
 
 
-@implementer(IReplyChannel)
+@implementer(IReplyChannel, ICommandChannel, ITransactionChannel)
 class IngestSMTP(smtp.ESMTP):
     """One SMTP session. Built by L{IngestSMTPFactory}."""
 
@@ -134,13 +134,8 @@ class IngestSMTP(smtp.ESMTP):
         self.timeout = limits.timeout
         self.replies = Replies(self, clock, self._address_refusals)
         self.pace = DataPace(clock, limits, self._data_too_slow)
-        self._inbuf = bytearray()
-        self._holds = 0
-        self._discarding_line = False
-        self._sender: smtp.Address | None = None
-        self._recipients: list[tuple[smtp.User, object]] = []
-        self._reader: DotReader | None = None
-        self._messages: list[IIngestMessage] = []
+        self.input = CommandInput(self)
+        self.transaction = MailTransaction(self, self.deliveryFactory)
 
     def connectionMade(self):
         # After a PROXY header, getPeer() is the real client: limits count it.
@@ -148,8 +143,7 @@ class IngestSMTP(smtp.ESMTP):
         self.session.proxy = _proxy_of(self.transport, self.session.peer)
         self.peer_key = peer_key(self.session.peer)
         if self.factory is not None and not self.factory.admit(self):
-            self.sendCode(421, b"4.7.0 " + self.host + b" Too many connections, try again later")
-            self.transport.loseConnection()
+            self._close(b"4.7.0", b"Too many connections, try again later")
             return
         self.admitted = True
         super().connectionMade()
@@ -163,20 +157,26 @@ class IngestSMTP(smtp.ESMTP):
     def _address_refusals(self) -> int:
         return self.factory.refused_recipients(self.peer_key) if self.factory is not None else 0
 
+    def _close(self, enhanced: bytes, text: bytes) -> None:
+        """A 421 naming us, then the connection closed."""
+        self.sendCode(421, enhanced + b" " + self.host + b" " + text)
+        self.transport.loseConnection()
+
     def cut_off(self, reason: str, text: bytes) -> None:
         metrics.REJECTED.labels(reason).inc()
         log.info("disconnecting {peer}: {reason}", peer=self.peer_key, reason=text.decode().lower(), event="rejected")
-        self.sendCode(421, b"4.7.0 " + self.host + b" " + text + b", closing connection")
-        self.transport.loseConnection()
+        self._close(b"4.7.0", text + b", closing connection")
+
+    def goodbye(self) -> None:
+        self._close(b"4.3.2", b"Service shutting down, try again later")
 
     def timeoutConnection(self):
         """A command line must be complete within the timeout; a client waiting for us is not idle."""
-        if self._paused:
+        if self.input.held:
             self.setTimeout(self.timeout)
             return
         log.info("disconnecting {peer}: timeout", peer=self.peer_key)
-        self.sendCode(421, b"4.4.2 " + self.host + b" Timeout, closing connection")
-        self.transport.loseConnection()
+        self._close(b"4.4.2", b"Timeout, closing connection")
 
     def greeting(self):
         return self.host + b" ESMTP mailingest"
@@ -191,66 +191,19 @@ class IngestSMTP(smtp.ESMTP):
         ext[b"SMTPUTF8"] = None
         return ext
 
-    # input: one command at a time, DATA in bulk
+    # input: L{CommandInput}, one command at a time, DATA in bulk
 
     def dataReceived(self, data):
-        # Outside DATA only a complete command line counts as activity, so a
-        # byte-at-a-time client is timed out (DATA has its own pace check).
-        if self._reader is not None:
-            self.resetTimeout()
-            if not self._inbuf and not self._paused and not self.transport.disconnecting:
-                # The bulk of DATA: straight to the reader, not copied through the buffer.
-                consumed = self._reader.feed(data)
-                if consumed is None:
-                    return
-                data = data[consumed:]
-                self._end_of_data()
-        self._inbuf += data
-        if self._paused and len(self._inbuf) > PAUSE_BUFFER:
-            self.transport.pauseProducing()
-        self._process()
-        self._notify_if_idle()
+        self.input.received(data)
 
-    def _process(self):
-        while self._inbuf and not self._paused and not self.transport.disconnecting:
-            if self._reader is not None:
-                consumed = self._reader.feed(bytes(self._inbuf))
-                if consumed is None:
-                    self._inbuf.clear()
-                    return
-                del self._inbuf[:consumed]
-                self._end_of_data()
-                continue
-            end = self._inbuf.find(b"\n")
-            if end < 0:
-                if len(self._inbuf) > MAX_COMMAND_LINE:
-                    self._inbuf.clear()
-                    if not self._discarding_line:
-                        self._discarding_line = True
-                        self.reply(500, b"5.5.2 Line too long")
-                return
-            line = bytes(self._inbuf[:end]).rstrip(b"\r")
-            del self._inbuf[: end + 1]
-            self.resetTimeout()
-            if self._discarding_line:
-                self._discarding_line = False
-                continue
-            if len(line) > MAX_COMMAND_LINE:
-                self.reply(500, b"5.5.2 Line too long")
-                continue
-            if _BAD_COMMAND_BYTES.search(line) or not _acceptable_text(line):
-                self.reply(500, b"5.5.2 Invalid characters in command")
-                continue
-            if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
-                self.goodbye()
-                return
-            self._command(line)
-
-    def _command(self, line: bytes) -> None:
+    def command(self, line: bytes) -> None:
         """
         Run one command line, as Twisted's C{state_COMMAND} would, through
         its public C{lookupMethod}: the verb's C{do_} or C{ext_} method.
         """
+        if self.factory is not None and self.factory.shutting_down and line[:4].upper() != b"QUIT":
+            self.goodbye()
+            return
         parts = line.strip().split(None, 1)
         verb = parts[0].upper() if parts else b""
         self.replies.command(verb)
@@ -261,50 +214,24 @@ class IngestSMTP(smtp.ESMTP):
         method = (self.lookupMethod(verb) if verb.isascii() else None) or self.do_UNKNOWN
         method(parts[1] if len(parts) == 2 else b"")
 
-    @property
-    def _paused(self) -> bool:
-        """Input is held while a lookup, storage or a tarpit delay is pending."""
-        return self._holds > 0
-
     def hold(self) -> None:
-        self._holds += 1
+        self.input.hold()
 
     def release(self) -> None:
-        """One reason to hold input is over: go on with what the client pipelined."""
-        self._holds -= 1
-        if self._holds or self.transport.disconnecting:
-            return
-        self.resetTimeout()
-        self.transport.resumeProducing()
-        self._process()
-        self._notify_if_idle()
+        self.input.release()
+
+    def wait_for(self, work) -> None:
+        self.input.hold_until(work)
 
     @property
     def busy(self) -> bool:
         """In DATA, or waiting for a lookup or for storage: not to be cut off."""
-        return self._reader is not None or self._paused
+        return self.input.busy
 
-    def _notify_if_idle(self) -> None:
-        """Tell the factory when input has been handled and no transaction is left (it may be shutting down)."""
-        if self.factory is not None and not self.busy:
+    def idle(self) -> None:
+        """Tell the factory (it may be shutting down)."""
+        if self.factory is not None:
             self.factory.idle(self)
-
-    def goodbye(self) -> None:
-        self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down, try again later")
-        self.transport.loseConnection()
-
-    def _wait_for(self, work) -> None:
-        """Run the coroutine C{work}; hold further input until it has finished (and sent its reply)."""
-        d = defer.Deferred.fromCoroutine(work)
-        if d.called:
-            return
-        self.hold()
-
-        def resume(result):
-            self.release()
-            return result
-
-        d.addBoth(resume)
 
     # commands
 
@@ -326,15 +253,10 @@ class IngestSMTP(smtp.ESMTP):
         self._greeted(rest, esmtp=True)
         self.reply(250, self.host + b" Hello " + self.session.helo_pair[1] + b"\n" + self.listExtensions(), enhanced=False)
 
-    def _greeted(self, rest: bytes, esmtp: bool) -> None:
+    def _greeted(self, rest: bytes | None, esmtp: bool) -> None:
         self.session.helo = rest
         self.session.esmtp = esmtp
-        self._forget_transaction()
-
-    def _forget_transaction(self) -> None:
-        self.delivery = None
-        self._sender = None
-        self._recipients = []
+        self.transaction.forget()
 
     def ext_STARTTLS(self, rest):
         if self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport):
@@ -343,33 +265,13 @@ class IngestSMTP(smtp.ESMTP):
             self.reply(501, b"5.5.4 Syntax: STARTTLS")
         elif self.ctx is not None and self.canStartTLS:
             self.sendCode(220, b"2.0.0 Ready to start TLS")
-            self._discard_pipelined_plaintext()
+            self.input.discard_after_starttls(self.peer_key)
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
             # RFC 3207: forget what the client said before TLS.
-            self.session.helo = None
-            self.session.esmtp = False
-            self._forget_transaction()
+            self._greeted(None, esmtp=False)
         else:
             self.reply(454, b"4.7.0 TLS not available")
-
-    def _discard_pipelined_plaintext(self) -> None:
-        """
-        What came after STARTTLS in plaintext must not run inside TLS (the
-        CVE-2011-0411 class: an on-path attacker appends commands to the
-        client's STARTTLS). Like Postfix, we answer 220 and drop it.
-        """
-        if not self._inbuf:
-            return
-        metrics.REJECTED.labels("pipelining").inc()
-        log.warn(
-            "improper command pipelining after STARTTLS from {peer}: {size} bytes discarded",
-            peer=self.peer_key,
-            size=len(self._inbuf),
-            event="rejected",
-        )
-        self._inbuf.clear()
-        self._discarding_line = False
 
     def do_NOOP(self, rest):
         self.reply(250, b"2.0.0 OK")
@@ -381,7 +283,7 @@ class IngestSMTP(smtp.ESMTP):
         self.reply(214, b"2.0.0 See RFC 5321")
 
     def do_RSET(self, rest):
-        self._forget_transaction()
+        self.transaction.forget()
         self.reply(250, b"2.0.0 OK")
 
     def do_QUIT(self, rest):
@@ -392,149 +294,24 @@ class IngestSMTP(smtp.ESMTP):
         self.reply(500, b"5.5.2 Command not recognised")
 
     def do_MAIL(self, rest):
-        if self._sender:
-            self.reply(503, b"5.5.1 Sender already given")
-            return
-        m = self.mail_re.match(rest) or _UTF8_MAIL.match(rest)
-        if not m:
-            self.reply(501, b"5.5.4 Syntax: MAIL FROM:<address>")
-            return
-        self.session.smtputf8 = False
-        error = self._check_mail_params(m.group("opts"))
-        if error:
-            self.reply(*error)
-            return
-        try:
-            sender = mailbox(m.group("path"), self.host, self.session.smtputf8)
-        except smtp.AddressError as e:
-            self.reply(553, b"5.1.7 Bad sender address syntax" + (b": " + str(e).encode() if str(e) else b""))
-            return
-        self._recipients = []
-        self._wait_for(self._validate_sender(sender))
-
-    def _check_mail_params(self, opts: bytes | None):
-        for param in (opts or b"").split():
-            name, _, value = param.partition(b"=")
-            name = name.upper()
-            if name == b"SIZE":
-                if not value.isdigit():
-                    return 501, b"5.5.4 Bad SIZE parameter"
-                if int(value) > self.limits.max_message_size:
-                    metrics.REJECTED.labels("size").inc()
-                    return 552, size_refusal(self.limits.max_message_size)
-            elif name == b"BODY":
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
-                    return 501, b"5.5.4 Bad BODY parameter"
-            elif name == b"SMTPUTF8" and not value:
-                self.session.smtputf8 = True
-            else:
-                return 555, b"5.5.4 Unsupported MAIL FROM parameter " + name[:64]
-        return None
-
-    async def _validate_sender(self, sender: smtp.Address) -> None:
-        """A new transaction: its own delivery (one per MAIL FROM), which may refuse the sender."""
-        delivery = IMessageDelivery(self.deliveryFactory.getMessageDelivery())
-        try:
-            self._sender = await defer.maybeDeferred(delivery.validateFrom, self.session.helo_pair, sender)
-        except smtp.SMTPServerError as e:
-            self.reply(e.code, _reply_text(e))
-            return
-        except Exception:
-            log.failure("sender validation failed")
-            self.reply(451, b"4.3.0 Temporary failure, try again later")
-            return
-        self.delivery = delivery
-        self.reply(250, b"2.1.0 Sender OK")
+        self.transaction.mail(rest)
 
     def do_RCPT(self, rest):
         if self.replies.address_over_limit():
             self.cut_off("refused_recipients", b"Too many refused recipients")
             return
-        if not self._sender:
-            self.reply(503, b"5.5.1 Need MAIL before RCPT")
-            return
-        m = self.rcpt_re.match(rest) or _UTF8_RCPT.match(rest)
-        if not m:
-            self.reply(501, b"5.5.4 Syntax: RCPT TO:<address>")
-            return
-        if m.group("opts"):
-            self.reply(555, b"5.5.4 Unsupported RCPT TO parameter")
-            return
-        if len(self._recipients) >= self.limits.max_recipients:
-            metrics.REJECTED.labels("recipients").inc()
-            self.reply(452, b"4.5.3 Too many recipients")
-            return
-        try:
-            address = mailbox(m.group("path"), self.host, self.session.smtputf8)
-        except smtp.AddressError as e:
-            self._refused_recipient()
-            self.reply(553, b"5.1.3 Bad recipient address syntax" + (b": " + str(e).encode() if str(e) else b""))
-            return
-        self._wait_for(self._validate_recipient(smtp.User(address, self.session.helo_pair, self, self._sender)))
+        self.transaction.rcpt(rest)
 
-    async def _validate_recipient(self, user: smtp.User) -> None:
-        try:
-            make_message = await defer.maybeDeferred(self.delivery.validateTo, user)
-        except smtp.SMTPServerError as e:
-            if e.code >= 500:
-                self._refused_recipient()
-            self.reply(e.code, _reply_text(e))
-            log.info(
-                "refused recipient {rcpt} from {peer}: {code} {reply}",
-                rcpt=address_text(e.addr) if isinstance(e, smtp.SMTPAddressError) else "",
-                peer=self.session.peer,
-                code=e.code,
-                reply=e.resp,
-                event="rejected",
-            )
-            return
-        except Exception:
-            log.failure("recipient validation failed")
-            self.reply(451, b"4.3.0 Temporary failure, try again later")
-            return
-        self._recipients.append((user, make_message))
-        self.reply(250, b"2.1.5 Recipient OK")
-
-    def _refused_recipient(self) -> None:
+    def refused_recipient(self) -> None:
         if self.factory is not None:
             self.factory.refused_recipient(self.peer_key)
 
     def do_DATA(self, rest):
-        if self._sender is None or not self._recipients:
-            self.reply(503, b"5.5.1 Need MAIL and RCPT before DATA")
-            return
-        delivery, sender, recipients = self.delivery, self._sender, self._recipients
-        self._forget_transaction()
-        self.session.tls = tls_description(self.transport)
-        # Twisted's order (SMTP.do_DATA): every recipient's message, then the
-        # trace header as each one's first line (one header for the transaction).
-        messages = []
-        try:
-            for _, make_message in recipients:
-                messages.append(IIngestMessage(make_message()))
-            header = delivery.receivedHeader(self.session.helo_pair, sender, [user for user, _ in recipients])
-            for message in messages:
-                message.lineReceived(header)
-        except Exception as e:
-            for message in messages:
-                message.connectionLost()
-            if isinstance(e, smtp.SMTPServerError):
-                self.reply(e.code, _reply_text(e))
-            else:
-                log.failure("delivery failed at DATA")
-                self.reply(451, b"4.3.0 Temporary failure, try again later")
-            return
-        self._messages = messages
-        self._reader = DotReader(self._write, self.limits.max_message_size)
-        self.pace.start(lambda: self._reader.size)
-        self.reply(354, b"End data with <CR><LF>.<CR><LF>")
+        self.transaction.data(tls_description(self.transport))
 
-    def _write(self, chunk: bytes) -> None:
-        try:
-            for message in self._messages:
-                message.write(chunk)
-        except smtp.SMTPServerError as e:
-            self._reader.refuse(e.code, _reply_text(e))
+    def read_data(self, transfer: DataTransfer) -> None:
+        self.input.read_data(transfer)
+        self.pace.start(lambda: transfer.size)
 
     def _data_too_slow(self, size: int, elapsed: float) -> None:
         metrics.REJECTED.labels("slow").inc()
@@ -544,88 +321,27 @@ class IngestSMTP(smtp.ESMTP):
             size=size,
             elapsed=elapsed,
         )
-        self.sendCode(421, b"4.4.2 " + self.host + b" Data too slow, closing connection")
-        self.transport.loseConnection()
+        self._close(b"4.4.2", b"Data too slow, closing connection")
 
-    def _end_of_data(self):
+    def data_ended(self, transfer: DataTransfer) -> None:
         self.pace.stop()
-        reader, messages = self._reader, self._messages
-        self._reader, self._messages = None, []
-        if reader.refusal is not None:
-            for message in messages:
-                message.connectionLost()
-            code, reply = reader.refusal
-            metrics.REJECTED.labels(_REFUSAL_REASONS.get(code, "syntax")).inc()
-            log.info("refused message from {peer}: {reply}", peer=self.session.peer, reply=reply.decode(), event="rejected")
-            self.reply(code, reply)
-            return
-        self._wait_for(self._delivered(messages))
+        self.transaction.data_ended(transfer)
 
-    async def _delivered(self, messages: list[IIngestMessage]) -> None:
-        """One transaction, one outcome: the first failure answers for all, else the first outcome."""
-        results = await defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True)
-        failures = [result for ok, result in results if not ok]
-        if not failures:
-            outcome = IDeliveryOutcome(results[0][1], None)
-            self.replies.message_stored()
-            if outcome is None:
-                self.reply(250, b"2.0.0 Ok")
-                return
-            # A duplicate is answered like a new message (naming the row that
-            # holds it), so the reply tells a stranger nothing about which ids are taken.
-            ids = ", ".join(str(row_id) for row_id in outcome.ids)
-            self.reply(250, b"2.0.0 Ok: stored as message " + ids.encode("ascii"))
-        elif failures[0].check(smtp.SMTPServerError):
-            self.reply(failures[0].value.code, _reply_text(failures[0].value))
-        else:
-            log.failure("delivery failed", failures[0])
-            self.reply(451, b"4.3.0 Temporary failure, try again later")
+    def message_stored(self) -> None:
+        self.replies.message_stored()
 
     def connectionLost(self, reason):
         if not self.admitted:
             return
         self.pace.stop()
         self.replies.cancel()
-        if self._reader is not None:
-            for message in self._messages:
-                message.connectionLost()
+        if self.input.transfer is not None:
+            self.input.transfer.discard()
+            self.input.transfer = None
             log.info("client {peer} went away during DATA; nothing stored", peer=self.session.peer)
-        self._reader, self._messages = None, []
         super().connectionLost(reason)
         if self.factory is not None:
             self.factory.closed(self)
-
-
-@implementer(IIngestMessage)
-class LineMessage:
-    """
-    A message that provides only Twisted's C{IMessage}, fed as Twisted's own
-    DATA state feeds it: a line at a time, without its CRLF.
-    """
-
-    def __init__(self, message: IMessageSMTP):
-        self.message = message
-        self._partial = b""
-
-    def lineReceived(self, line: bytes) -> None:
-        self.message.lineReceived(line)
-
-    def write(self, chunk: bytes) -> None:
-        # The reader bounds a line (data_reader.MAX_LINE), so the partial line is bounded too.
-        lines = (self._partial + chunk).split(b"\r\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self.message.lineReceived(line)
-
-    def eomReceived(self) -> defer.Deferred:
-        # The data before the terminating "." always ends in CRLF: nothing is left partial.
-        return self.message.eomReceived()
-
-    def connectionLost(self) -> None:
-        self.message.connectionLost()
-
-
-registerAdapter(LineMessage, IMessageSMTP, IIngestMessage)
 
 
 class IngestSMTPFactory(protocol.ServerFactory):
@@ -752,15 +468,6 @@ class IngestSMTPFactory(protocol.ServerFactory):
             self._fire_drained()
 
 
-_REFUSAL_REASONS = {552: "size", 451: "temporary_failure"}
-
-
-def _reply_text(error: smtp.SMTPServerError) -> bytes:
-    """An C{SMTPServerError}'s reply text (Twisted's are text; bytes pass)."""
-    resp = error.resp
-    return resp if isinstance(resp, bytes) else resp.encode("utf-8", "replace")
-
-
 def tls_description(transport) -> str | None:
     """'TLSv1.3 TLS_AES_256_GCM_SHA384' on a TLS connection (STARTTLS or implicit), else None."""
     if not interfaces.ISSLTransport.providedBy(transport):
@@ -782,19 +489,6 @@ def _proxy_of(transport, peer: str) -> str | None:
         return None
     outer = getattr(transport.transport.getPeer(), "host", None)
     return outer if outer is not None and outer != peer else None
-
-
-def _acceptable_text(line: bytes) -> bool:
-    """ASCII, or UTF-8 in MAIL and RCPT (the addresses of SMTPUTF8)."""
-    if line.isascii():
-        return True
-    if line[:4].upper() not in (b"MAIL", b"RCPT"):
-        return False
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def peer_key(host: str) -> str:

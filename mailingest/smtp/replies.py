@@ -17,6 +17,7 @@ import re
 from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.mail import smtp
 from zope.interface import Interface
 
 SOFT_ERROR_LIMIT = 5
@@ -61,6 +62,12 @@ def with_enhanced_code(code: int, text: bytes) -> bytes:
     if code in (220, 354) or code not in _DEFAULT_ENHANCED or _ENHANCED.match(text):
         return text
     return _DEFAULT_ENHANCED[code] + b" " + text
+
+
+def reply_text(error: smtp.SMTPServerError) -> bytes:
+    """An C{SMTPServerError}'s reply text (Twisted's are text; bytes pass)."""
+    resp = error.resp
+    return resp if isinstance(resp, bytes) else resp.encode("utf-8", "replace")
 
 
 class IReplyChannel(Interface):
