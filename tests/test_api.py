@@ -17,7 +17,7 @@ import treq
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailingest.extraction.service import document_key
+from mailingest.extraction.handling import document_key
 from mailingest.handoff import openapi
 from mailingest.handoff.api import ApiResource, content_disposition, encode_cursor, new_token, safe_content_type, token_hash
 from mailingest.handoff.events import MESSAGE_EVENTS

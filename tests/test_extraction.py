@@ -2,6 +2,7 @@
 Extraction end to end: mail goes in over SMTP, documents come out.
 """
 
+import ast
 import base64
 import hashlib
 import os
@@ -187,7 +188,7 @@ class ExtractionTests(ExtractionCase):
 
     @defer.inlineCallbacks
     def test_parser_that_hangs_is_killed_and_the_message_retried(self):
-        parser = self.daemon.service.extraction.parser
+        parser = self.daemon.service.extraction.messages.parser
         self.patch(parser, "_timeout", 0.5)
         self.patch(parser, "_argv", [sys.executable, "-c", "import time; time.sleep(60)"])
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "stuck.pdf")]), settle=False)
@@ -203,7 +204,7 @@ class ExtractionTests(ExtractionCase):
 
     @defer.inlineCallbacks
     def test_persistent_storage_failure_ends_failed(self):
-        self.daemon.service.extraction.max_attempts = 2
+        self.daemon.service.extraction.outcomes.max_attempts = 2
 
         def broken(key, *args):
             return defer.fail(StorageError("bucket gone"))
@@ -221,7 +222,7 @@ class OutcomeErrorTests(ExtractionCase):
 
     @defer.inlineCallbacks
     def test_documents_that_cannot_be_recorded_count_as_attempts(self):
-        self.daemon.service.extraction.max_attempts = 2
+        self.daemon.service.extraction.outcomes.max_attempts = 2
         self.patch(self.daemon.store, "mark_parsed", lambda *a: defer.fail(ValueError("A string literal cannot contain NUL")))
         message_id = yield self.deliver(order(attachments=[(PDF, "application", "pdf", "x.pdf")]), settle=False)
         row = yield self.daemon.settled(message_id, timeout=10)
@@ -496,3 +497,19 @@ class ClaimsLeftAtStartTests(unittest.TestCase):
 
     def test_a_shared_store_leaves_other_daemons_claims(self):
         self.assertEqual(self.started(exclusive=False).released, [])
+
+
+class ClassSizeTests(unittest.TestCase):
+    """Issue 24: the claiming, one message's handling and its outcomes each in a class short enough to read."""
+
+    def test_extraction_service_classes_under_250_lines(self):
+        import mailingest.extraction.service
+
+        directory = os.path.dirname(mailingest.extraction.service.__file__)
+        sizes = {}
+        for name in {"service.py", "handling.py", "outcomes.py"} & set(os.listdir(directory)):
+            with open(os.path.join(directory, name)) as f:
+                tree = ast.parse(f.read())
+            sizes.update({node.name: node.end_lineno - node.lineno + 1 for node in tree.body if isinstance(node, ast.ClassDef)})
+        self.assertIn("ExtractionService", sizes)
+        self.assertEqual({name: size for name, size in sizes.items() if size > 250}, {})
