@@ -1,5 +1,6 @@
 """Tests for L{mailingest.extraction.attachments}."""
 
+import ast
 import base64
 import binascii
 import hashlib
@@ -15,7 +16,7 @@ from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailingest.extraction import attachments
+from mailingest.extraction import attachments, decoding, documents, mimeparse
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
 from mailingest.extraction.filenames import MAX_FILENAME_BYTES
 from tests import tnef_builder
@@ -435,7 +436,7 @@ class DecodingTests(ExtractionTestCase):
             "only padding": b"====",
         }
         for chunk_chars in (5, 8, 77, 1 << 20):
-            self.patch(attachments, "DECODE_CHUNK_CHARS", chunk_chars)
+            self.patch(decoding, "DECODE_CHUNK_CHARS", chunk_chars)
             for label, body in bodies.items():
                 part = entity("Content-Type: application/octet-stream", "Content-Transfer-Encoding: base64", body=body)
                 raw = message(multipart(text_body(), part))
@@ -454,8 +455,8 @@ class DecodingTests(ExtractionTestCase):
         def refuse(data):
             raise AssertionError("decoded in one piece")
 
-        self.patch(attachments, "DECODE_CHUNK_CHARS", 1000)
-        self.patch(attachments, "_decode_base64_leniently", refuse)
+        self.patch(decoding, "DECODE_CHUNK_CHARS", 1000)
+        self.patch(decoding, "_decode_base64_leniently", refuse)
         data = random.Random(5).randbytes(50000)
         [doc] = self.extract(message(multipart(text_body(), pdf_part(data=data)))).attachments
         self.assertEqual(self.data(doc), data)
@@ -677,11 +678,11 @@ class MalformedStructureTests(ExtractionTestCase):
     def test_parser_error(self):
         """A parser that fails on the input fails the message, for good."""
 
-        class BrokenParser(attachments._BytesFeedParser):
+        class BrokenParser(mimeparse.LineRunBytesFeedParser):
             def feed(self, data):
                 raise IndexError("parser bug")
 
-        self.patch(attachments, "_BytesFeedParser", BrokenParser)
+        self.patch(mimeparse, "LineRunBytesFeedParser", BrokenParser)
         error = self.assertRaises(UnparseableMessage, self.extract, message(text_body()))
         self.assertEqual(str(error), "the MIME structure cannot be parsed (IndexError: parser bug)")
 
@@ -1039,7 +1040,7 @@ class LineShapeTests(ExtractionTestCase):
         for raw in samples:
             for chunk in (7, 1 << 20):
                 self.assertEqual(
-                    parse_dump(raw, attachments._BytesFeedParser, chunk), parse_dump(raw, BytesFeedParser, chunk), raw[:200]
+                    parse_dump(raw, mimeparse.LineRunBytesFeedParser, chunk), parse_dump(raw, BytesFeedParser, chunk), raw[:200]
                 )
 
 class InlineImageTests(ExtractionTestCase):
@@ -1157,3 +1158,18 @@ class SignedAndEncryptedTests(ExtractionTestCase):
         result = self.extract(message(encrypted))
         self.assertEqual(self.names(result), ["encrypted.asc"])
         self.assertIn("message: encrypted, kept as one document", result.warnings)
+
+
+class StructureTests(SynchronousTestCase):
+    """Issue 24: no class over 250 lines, so each piece of the walk can be read on its own."""
+
+    def test_no_class_over_250_lines(self):
+        sizes = {}
+        for module in (attachments, decoding, documents, mimeparse):
+            with open(module.__file__) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef):
+                    sizes[f"{module.__name__}.{node.name}"] = node.end_lineno - node.lineno + 1
+        self.assertIn("mailingest.extraction.attachments._AttachmentWalk", sizes)
+        self.assertEqual({name: size for name, size in sizes.items() if size > 250}, {})
