@@ -1114,3 +1114,35 @@ class EightBitVerbTests(unittest.TestCase):
         self.assertEqual(session.command("MAILÄ FROM:<a@customer.test>".encode()), b"500 5.5.2 Command not recognised")
         self.assertEqual(session.command("RCPTé TO:<a@customer.test>".encode()), b"500 5.5.2 Command not recognised")
         self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
+
+
+class RefusedRecipientCountTests(unittest.TestCase):
+    """The refused-recipient count per address over its sliding window, and a failure while counting."""
+
+    def test_an_address_whose_refusals_expired_is_forgotten(self):
+        """
+        Counting an address whose refusals have all expired left an empty
+        entry that the next sweep could not read (IndexError): the RCPT that
+        triggered the sweep got no reply at all, about once every 10 minutes.
+        """
+        clock = task.Clock()
+        counter = smtp_limits.RefusalCounter(clock, limit=50, window=600)
+        counter.refused("192.0.2.1")
+        self.assertEqual(counter.count("192.0.2.1"), 1)
+        clock.advance(601)
+        self.assertEqual(counter.count("192.0.2.1"), 0)
+        counter.refused("192.0.2.2")  # the sweep, due now
+        self.assertEqual((counter.count("192.0.2.1"), counter.count("192.0.2.2")), (0, 1))
+        self.assertEqual(counter.snapshot(), [{"peer": "192.0.2.2", "at": 601}])
+
+    def test_a_command_that_fails_unexpectedly_is_answered(self):
+        """A bug in a command's work is logged and answered 451; the client is never left waiting."""
+        self.patch(smtp_replies, "ERROR_SLEEP_SECONDS", 0.0)
+        server = Server(self)
+        session = server.connect("198.51.100.7")
+        self.patch(server.factory, "refused_recipient", lambda peer: 1 / 0)
+        session.send(b"EHLO prober.test\r\nMAIL FROM:<p@prober.test>\r\nRCPT TO:<orders+nobody@example.com>\r\n")
+        replies = session.replies()
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"451"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(session.command(b"RCPT TO:<orders+acme@example.com>")[:3], b"250")

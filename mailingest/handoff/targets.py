@@ -101,11 +101,16 @@ class TargetPolicy:
 # them) and forms no Internet route reaches. Python's ipaddress calls several
 # of these "global", so they are looked at before its own verdict.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated form (RFC 2765)
+# Only global unicast (2000::/3) is routed on the Internet: ipaddress calls
+# unassigned space such as 4000::/3 "global" because no registry reserved it.
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 _UNROUTED_V6 = (
     (ipaddress.ip_network("64:ff9b:1::/48"), "local-use NAT64"),
     (ipaddress.ip_network("2001::/32"), "Teredo"),
     (ipaddress.ip_network("::/96"), "IPv4-compatible"),
     (ipaddress.ip_network("fec0::/10"), "site-local"),
+    (ipaddress.ip_network("3fff::/20"), "documentation"),  # RFC 9637, newer than ipaddress's tables
 )
 
 
@@ -115,6 +120,7 @@ def not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         for form, carried in (
             ("IPv4-mapped", ip.ipv4_mapped),
             ("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None),
+            ("IPv4-translated", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _TRANSLATED else None),
             ("6to4", ip.sixtofour),
         ):
             if carried is not None:
@@ -123,6 +129,8 @@ def not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         for network, name in _UNROUTED_V6:
             if ip in network and not (ip.is_loopback or ip.is_unspecified):
                 return name
+        if ip.is_global and ip not in _GLOBAL_UNICAST:
+            return "not global unicast"
     if ip.is_global and not ip.is_multicast:
         return None
     kind = next(

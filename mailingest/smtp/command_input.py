@@ -112,8 +112,13 @@ class CommandInput:
         self._notify_if_idle()
 
     def hold_until(self, work: Coroutine) -> None:
-        """Run the coroutine C{work}; hold further input until it has finished (and sent its reply)."""
-        d = defer.Deferred.fromCoroutine(work)
+        """
+        Run the coroutine C{work}; hold further input until it has finished
+        (and sent its reply). Work that fails unexpectedly is logged and
+        answered 451: a client waiting for a reply is never timed out, so it
+        would wait for ever.
+        """
+        d = defer.Deferred.fromCoroutine(work).addErrback(self._unexpected)
         if d.called:
             return
         self.hold()
@@ -123,6 +128,10 @@ class CommandInput:
             return result
 
         d.addBoth(resume)
+
+    def _unexpected(self, failure) -> None:
+        log.failure("a command failed unexpectedly", failure)
+        self._channel.reply(451, b"4.3.0 Temporary failure, try again later")
 
     def _notify_if_idle(self) -> None:
         if not self.busy:

@@ -101,6 +101,8 @@ class RefusalCounter:
         cutoff = self.clock.seconds() - self.window
         while times and times[0] <= cutoff:
             times.popleft()
+        if not times:
+            del self._times[peer]
         return len(times)
 
     def snapshot(self) -> list[dict]:
@@ -114,5 +116,5 @@ class RefusalCounter:
             return
         self._next_sweep = now + self.window
         cutoff = now - self.window
-        for peer in [peer for peer, times in self._times.items() if times[-1] <= cutoff]:
+        for peer in [peer for peer, times in self._times.items() if not times or times[-1] <= cutoff]:
             del self._times[peer]
