@@ -15,6 +15,7 @@ from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
 
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from mailingest.extraction import attachments, decoding, documents, mimeparse
 from mailingest.extraction.attachments import Attachment, ExtractionResult, UnparseableMessage, extract_attachments
@@ -1173,3 +1174,9 @@ class StructureTests(SynchronousTestCase):
                     sizes[f"{module.__name__}.{node.name}"] = node.end_lineno - node.lineno + 1
         self.assertIn("mailingest.extraction.attachments._AttachmentWalk", sizes)
         self.assertEqual({name: size for name, size in sizes.items() if size > 250}, {})
+
+    def test_decoded_sinks_provide_their_contract(self):
+        path = self.mktemp()
+        with decoding.FileSink(path) as sink:
+            for each in (sink, decoding.MemorySink(None)):
+                verifyObject(decoding.IDecodedSink, each)

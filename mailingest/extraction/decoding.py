@@ -16,7 +16,8 @@ import quopri
 import re
 from email.message import Message
 from io import BytesIO
-from typing import Protocol
+
+from zope.interface import Interface, implementer
 
 DECODE_CHUNK_CHARS = 1 << 20
 
@@ -29,14 +30,17 @@ class Undecodable(Exception):
     """The body cannot be decoded at all: no repair the email package knows gives bytes."""
 
 
-class Sink(Protocol):
-    """Where decoded bytes go; C{restart} drops them when decoding starts over."""
+class IDecodedSink(Interface):
+    """Where decoded bytes go."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(data: bytes) -> None:
+        """Take the next decoded bytes."""
 
-    def restart(self) -> None: ...
+    def restart() -> None:
+        """Drop what was written: decoding starts over with a more lenient decoder."""
 
 
+@implementer(IDecodedSink)
 class MemorySink:
     """Decoded bytes kept in memory, at most C{limit} of them (None: all)."""
 
@@ -55,6 +59,7 @@ class MemorySink:
         return self._buffer.getvalue()
 
 
+@implementer(IDecodedSink)
 class FileSink:
     """A document file being written, with its running size and digest."""
 
@@ -81,7 +86,7 @@ class FileSink:
         self._file.close()
 
 
-def decode(text: str, encoding: str, sink: Sink) -> str | None:
+def decode(text: str, encoding: str, sink: IDecodedSink) -> str | None:
     """Write C{text} decoded into C{sink}; returns a warning if it needed care."""
     if encoding == "base64":
         return _write_base64(text, sink)
@@ -96,7 +101,7 @@ def decode(text: str, encoding: str, sink: Sink) -> str | None:
     return f"unknown transfer encoding {encoding[:40]!r}, stored undecoded" if encoding else None
 
 
-def _write_base64(text: str, sink: Sink) -> str | None:
+def _write_base64(text: str, sink: IDecodedSink) -> str | None:
     """
     Decode C{text} into C{sink} exactly as the email package would, in chunks.
 
@@ -147,7 +152,7 @@ def _decode_base64_leniently(data: bytes) -> tuple[bytes, str | None]:
     raise Undecodable()
 
 
-def _write_uu(text: str, sink: Sink) -> None:
+def _write_uu(text: str, sink: IDecodedSink) -> None:
     """uudecode: the lines between C{begin <mode> <name>} and C{end}, as the email package reads them."""
     lines = iter(text.encode("ascii", "surrogateescape").splitlines())
     for line in lines:
