@@ -1,0 +1,37 @@
+#!/bin/bash
+# A/B of SMTP intake between two checkouts, in one sitting: rounds alternate
+# A and B, each on a fresh SQLite daemon, 3,000 messages of 1 KiB from
+# smtp-source (20 sessions at once). Each checkout needs its own venv
+# (python3 -m venv venv && venv/bin/pip install -e .).
+#
+# usage: bench/ab_intake.sh A_DIR B_DIR [ROUNDS] [PROCESSES]
+set -u
+a=$(cd "$1" && pwd) b=$(cd "$2" && pwd) rounds=${3:-4} procs=${4:-2}
+source=${SMTP_SOURCE:-/usr/sbin/smtp-source}
+round() {  # label checkout port
+  local label=$1 src=$2 port=$3 dir pid t0 t1 stored
+  dir=$(mktemp -d)
+  cd "$dir"  # not in a checkout: twistd would import the mailingest of the working directory
+  local store=(--database "sqlite:///$dir/m.db" --storage "file://$dir/blobs")
+  "$src/venv/bin/mailingest" "${store[@]}" migrate >/dev/null
+  "$src/venv/bin/mailingest" "${store[@]}" org add acme >/dev/null
+  "$src/venv/bin/twistd" -n --pidfile= mailingest "${store[@]}" --smtp "tcp:$port:interface=127.0.0.1" \
+    --http none --processes "$procs" --domain example.com >"$dir/log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do
+    "$source" -c -s 1 -m 1 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  t0=$(date +%s.%N)
+  "$source" -4 -d -s 20 -m 3000 -l 1024 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null
+  t1=$(date +%s.%N)
+  stored=$(python3 -c "import sqlite3; print(sqlite3.connect('$dir/m.db').execute('select count(*) from inbound_message').fetchone()[0] - 1)")
+  python3 -c "print(f'$label {3000 / ($t1 - $t0):6.0f} msg/s  stored {$stored} of 3000')"
+  kill "$pid"; wait "$pid" 2>/dev/null
+  cd - >/dev/null
+  rm -rf "$dir"
+}
+for _ in $(seq "$rounds"); do
+  round A "$a" 2911
+  round B "$b" 2912
+done
