@@ -2,7 +2,8 @@
 # A/B of SMTP intake between two checkouts, in one sitting: rounds alternate
 # A and B, each on a fresh SQLite daemon, 3,000 messages of 1 KiB from
 # smtp-source (20 sessions at once). Each checkout needs its own venv
-# (python3 -m venv venv && venv/bin/pip install -e .).
+# (python3 -m venv venv && venv/bin/pip install -e . --config-settings editable_mode=compat:
+# without compat mode twistd does not find the plugin).
 #
 # usage: bench/ab_intake.sh A_DIR B_DIR [ROUNDS] [PROCESSES]
 set -u
