@@ -19,10 +19,16 @@ round() {  # label checkout port
   "$src/venv/bin/twistd" -n --pidfile= mailingest "${store[@]}" --smtp "tcp:$port:interface=127.0.0.1" \
     --http none --processes "$procs" --domain example.com >"$dir/log" 2>&1 &
   pid=$!
+  local up=""
   for _ in $(seq 100); do
-    "$source" -c -s 1 -m 1 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null 2>&1 && break
+    "$source" -c -s 1 -m 1 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null 2>&1 && up=1 && break
     sleep 0.2
   done
+  if [ -z "$up" ]; then
+    echo "$label: the daemon of $src did not start; its log:" >&2
+    tail -5 "$dir/log" >&2
+    exit 1
+  fi
   t0=$(date +%s.%N)
   "$source" -4 -d -s 20 -m 3000 -l 1024 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null
   t1=$(date +%s.%N)
