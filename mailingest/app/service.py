@@ -20,7 +20,7 @@ from zope.interface import implementer
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.transaction import IngestDeliveries
-from mailingest.interfaces import ISchemaStore
+from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
@@ -335,7 +335,7 @@ def spool_directory(scratch: str) -> str:
     return spool_dir
 
 
-def make_ops_listener(settings: Settings, store, readiness_checks: dict, reactor) -> Listener | None:
+def make_ops_listener(settings: Settings, store: IReadStore, readiness_checks: dict, reactor) -> Listener | None:
     """The ops endpoint (health, readiness, metrics), None with C{--http none}."""
     if settings.http == "none":
         return None
@@ -343,7 +343,7 @@ def make_ops_listener(settings: Settings, store, readiness_checks: dict, reactor
     return make_listener(reactor, settings.http, site, "ops HTTP")
 
 
-def make_extraction(settings: Settings, store, blobs, scratch: str, reactor) -> ExtractionService:
+def make_extraction(settings: Settings, store: "IExtractionQueue | IQuarantineStore", blobs, scratch: str, reactor) -> ExtractionService:
     """Extraction with its parser and sender-check worker pools."""
     return ExtractionService(
         store,
@@ -366,7 +366,7 @@ def make_extraction(settings: Settings, store, blobs, scratch: str, reactor) -> 
     )
 
 
-def make_webhooks(settings: Settings, store, reactor) -> WebhookService:
+def make_webhooks(settings: Settings, store: IOutboxStore, reactor) -> WebhookService:
     return WebhookService(
         store,
         TargetPolicy(settings.webhook_allow_http, settings.webhook_allow_private),
@@ -376,7 +376,14 @@ def make_webhooks(settings: Settings, store, reactor) -> WebhookService:
     )
 
 
-def make_api_listener(settings: Settings, store, blobs, readiness_checks: dict, reactor, parent: service.MultiService) -> Listener:
+def make_api_listener(
+    settings: Settings,
+    store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
+    blobs,
+    readiness_checks: dict,
+    reactor,
+    parent: service.MultiService,
+) -> Listener:
     """The API and console endpoint, with the rejection history its status page shows (sampled under C{parent})."""
     rejections = RejectionHistory(reactor)
     internet.TimerService(SAMPLE_SECONDS, rejections.sample).setServiceParent(parent)
