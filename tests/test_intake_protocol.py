@@ -277,7 +277,7 @@ class ProtocolTests(unittest.TestCase):
 
     def test_start_carries_the_settings_and_the_refusals_so_far(self):
         self.processes.settings = settings(proxy_trusted=["10.0.0.0/8"], dns_resolver="[2001:db8::53]:5353")
-        self.processes.refusals.refused("198.51.100.9")
+        self.processes.refusals.add("198.51.100.9")
         arguments = self.processes.start_arguments()
         d = self.child.amp.callRemote(ip.StartIntake, **arguments)
         self.pipe.pump()
@@ -303,7 +303,7 @@ class ProtocolTests(unittest.TestCase):
     def test_a_refusal_is_counted_by_the_parent_and_told_to_the_other_processes(self):
         other_child, other_pipe = self.pipes[1]
         shared = SharedRefusals(task.Clock(), self.pipe.child_end)
-        shared.refused("203.0.113.5")
+        shared.add("203.0.113.5")
         self.assertEqual(shared.count("203.0.113.5"), 1)
         self.pipe.pump()
         other_pipe.pump()
@@ -333,7 +333,7 @@ class RecordsTests(unittest.SynchronousTestCase):
         for _ in range(replies.REFUSED_RECIPIENT_LIMIT - 1):
             shared.refused_elsewhere("192.0.2.1")
         self.assertEqual(sent, [])
-        shared.refused("192.0.2.1")
+        shared.add("192.0.2.1")
         self.assertEqual(shared.count("192.0.2.1"), replies.REFUSED_RECIPIENT_LIMIT)
         self.assertEqual(sent, ["192.0.2.1"])
         clock.advance(replies.REFUSED_RECIPIENT_WINDOW + 1)

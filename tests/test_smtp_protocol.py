@@ -1126,12 +1126,12 @@ class RefusedRecipientCountTests(unittest.TestCase):
         triggered the sweep got no reply at all, about once every 10 minutes.
         """
         clock = task.Clock()
-        counter = smtp_limits.RefusalCounter(clock, limit=50, window=600)
-        counter.refused("192.0.2.1")
+        counter = smtp_limits.AddressWindow(clock, limit=50, window=600)
+        counter.add("192.0.2.1")
         self.assertEqual(counter.count("192.0.2.1"), 1)
         clock.advance(601)
         self.assertEqual(counter.count("192.0.2.1"), 0)
-        counter.refused("192.0.2.2")  # the sweep, due now
+        counter.add("192.0.2.2")  # the sweep, due now
         self.assertEqual((counter.count("192.0.2.1"), counter.count("192.0.2.2")), (0, 1))
         self.assertEqual(counter.snapshot(), [{"peer": "192.0.2.2", "at": 601}])
 

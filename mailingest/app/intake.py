@@ -32,7 +32,7 @@ from mailingest.app.settings import Settings
 from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
 from mailingest.interfaces import IClosable, IIntakeStore
 from mailingest.smtp import replies
-from mailingest.smtp.limits import RefusalCounter
+from mailingest.smtp.limits import AddressWindow
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 
 log = Logger(namespace="mailingest.intake")
@@ -93,20 +93,21 @@ def adopting(fds: list[int], index: int):
     return listen
 
 
-class SharedRefusals(RefusalCounter):
+class SharedRefusals(AddressWindow):
     """This process's count of refused recipients, kept equal to the others' through the parent."""
 
     def __init__(self, clock, parent: amp.AMP):
         super().__init__(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
         self.parent = parent
 
-    def refused(self, peer: str, when: float | None = None) -> None:
-        super().refused(peer, when)
+    def add(self, peer: str, when: float | None = None) -> int:
+        count = super().add(peer, when)
         self.parent.callRemote(RecipientRefused, peer=peer)
+        return count
 
     def refused_elsewhere(self, peer: str, when: float | None = None) -> None:
         """Another process refused a recipient to C{peer}: counted here, not sent back."""
-        RefusalCounter.refused(self, peer, when)
+        AddressWindow.add(self, peer, when)
 
 
 def build_intake(settings: Settings, fds: list[int], reactor, store, index: int = 0, refusals=None) -> service.MultiService:

@@ -62,7 +62,7 @@ from mailingest.errors import ConfigError
 from mailingest.interfaces import IIntakeStore, ISchemaStore
 from mailingest.ops import metrics
 from mailingest.smtp import replies
-from mailingest.smtp.limits import RefusalCounter
+from mailingest.smtp.limits import AddressWindow
 from mailingest.smtp.proxy import ENDPOINT_PREFIX
 from mailingest.smtp.tls import ReloadableTLS
 from mailingest.twisted_private import tcp_listen_arguments
@@ -295,7 +295,7 @@ class IntakeProcesses(service.Service):
         # One writer: with SQLite the children's store calls come here.
         self.writer = store if store.exclusive else None
         self.on_stored = on_stored
-        self.refusals = RefusalCounter(reactor, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
+        self.refusals = AddressWindow(reactor, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
         self.endpoints = [plain_tcp(description) for description in settings.smtp]
         self.tls_context = ReloadableTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         self.ports = []
@@ -356,7 +356,7 @@ class IntakeProcesses(service.Service):
 
     def recipient_refused(self, peer: str, reported_by: _Child) -> None:
         """A child refused a recipient to C{peer}: counted here for the children to come, and told to the others."""
-        self.refusals.refused(peer)
+        self.refusals.add(peer)
         for child in list(self.children.values()):
             if child is not reported_by:
                 child.amp.callRemote(RecipientRefused, peer=peer)

@@ -10,7 +10,6 @@ those lines on a budget of L{LOG_LINES_PER_MINUTE}, so an attacker cannot
 flood the log from many addresses either (the metric stays exact).
 """
 
-import collections
 import math
 
 from twisted.internet.interfaces import IReactorTime
@@ -18,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from mailingest.ops import metrics
+from mailingest.smtp.limits import AddressWindow
 from mailingest.smtp.protocol import peer_key
 
 log = Logger(namespace="mailingest.auth")
@@ -32,46 +32,6 @@ LOG_LINES_PER_MINUTE = 10
 def client_key(request: server.Request) -> str:
     """The unit the limits count for this request's TCP peer (a UNIX socket's peers are one unit)."""
     return peer_key(getattr(request.getClientAddress(), "host", None) or "local")
-
-
-class AddressWindow:
-    """When each address was counted within the last C{window} seconds, at most C{limit} times kept per address."""
-
-    def __init__(self, clock: IReactorTime, limit: int, window: float = WINDOW, max_addresses: int = MAX_ADDRESSES):
-        self.clock = clock
-        self.limit = limit
-        self.window = window
-        self.max_addresses = max_addresses
-        self._times: dict[str, collections.deque[float]] = {}
-
-    def add(self, key: str) -> int:
-        """Count C{key} now; its count within the window."""
-        times = self._times.pop(key, None)
-        if times is None:
-            times = collections.deque(maxlen=self.limit)
-            while len(self._times) >= self.max_addresses:
-                del self._times[next(iter(self._times))]
-        self._times[key] = times  # now the most recently counted
-        times.append(self.clock.seconds())
-        return self._count(key, times)
-
-    def wait(self, key: str) -> int | None:
-        """Whole seconds until C{key} is under its limit again; None if it is now."""
-        times = self._times.get(key)
-        if times is None or self._count(key, times) < self.limit:
-            return None
-        return max(1, math.ceil(times[0] + self.window - self.clock.seconds()))
-
-    def _count(self, key: str, times: collections.deque[float]) -> int:
-        cutoff = self.clock.seconds() - self.window
-        while times and times[0] <= cutoff:
-            times.popleft()
-        if not times:
-            del self._times[key]
-        return len(times)
-
-    def __len__(self) -> int:
-        return len(self._times)
 
 
 class LogBudget:
@@ -110,8 +70,8 @@ class AuthThrottle:
     """The budgets of the API's site (the API and the console share them) and its failure log."""
 
     def __init__(self, clock: IReactorTime):
-        self.failures = AddressWindow(clock, FAILURE_LIMIT)
-        self.sign_ins = AddressWindow(clock, SIGN_IN_LIMIT)
+        self.failures = AddressWindow(clock, FAILURE_LIMIT, WINDOW, MAX_ADDRESSES)
+        self.sign_ins = AddressWindow(clock, SIGN_IN_LIMIT, WINDOW, MAX_ADDRESSES)
         self.log_budget = LogBudget(clock)
 
     def check(self, key: str, site: str) -> None:

@@ -9,6 +9,7 @@ C{max_data_seconds}, so slow-drip clients cannot hold slots for hours.
 """
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,52 +70,73 @@ class DataPace:
         self._call = self._clock.callLater(DATA_CHECK_SECONDS, self._check)
 
 
-class RefusalCounter:
+class AddressWindow:
     """
-    Recipients refused per client address over a sliding window: the times
-    within it are kept, at most C{limit} per address (enough to say the limit
-    is reached). With C{--processes} every intake process keeps a copy, fed
-    by the others through the parent (L{mailingest.app.intake_protocol.RecipientRefused}).
+    When each client address was counted within the last C{window} seconds,
+    at most C{limit} times kept per address (enough to say the limit is
+    reached): the refused recipients of the SMTP side, and the wrong tokens
+    and sign-ins of the API's site. An address with nothing left in the
+    window is forgotten when it is read and, for the rest, once a window;
+    C{max_addresses} bounds the table further, the least recently counted
+    going first. With C{--processes} every intake process keeps a copy of the
+    refusals, fed by the others through the parent
+    (L{mailingest.app.intake_protocol.RecipientRefused}).
     """
 
-    def __init__(self, clock: IReactorTime, limit: int, window: float):
+    def __init__(self, clock: IReactorTime, limit: int, window: float = 600.0, max_addresses: int | None = None):
         self.clock = clock
         self.limit = limit
         self.window = window
-        self._times: dict[str, collections.deque] = {}
+        self.max_addresses = max_addresses
+        self._times: dict[str, collections.deque[float]] = {}
         self._next_sweep = 0.0
 
-    def refused(self, peer: str, when: float | None = None) -> None:
-        """Note a recipient refused to C{peer}, now or at C{when}."""
+    def add(self, key: str, when: float | None = None) -> int:
+        """Count C{key} now (or at C{when}); its count within the window."""
         now = self.clock.seconds()
         self._forget_old(now)
-        times = self._times.get(peer)
+        times = self._times.pop(key, None)
         if times is None:
-            times = self._times[peer] = collections.deque(maxlen=self.limit)
+            times = collections.deque(maxlen=self.limit)
+            while self.max_addresses is not None and len(self._times) >= self.max_addresses:
+                del self._times[next(iter(self._times))]
+        self._times[key] = times  # now the most recently counted
         times.append(now if when is None else when)
+        return self._count(key, times)
 
-    def count(self, peer: str) -> int:
-        """Recipients refused to C{peer} within the window (capped at the limit)."""
-        times = self._times.get(peer)
-        if not times:
-            return 0
+    def count(self, key: str) -> int:
+        """C{key}'s count within the window (capped at the limit)."""
+        times = self._times.get(key)
+        return 0 if times is None else self._count(key, times)
+
+    def wait(self, key: str) -> int | None:
+        """Whole seconds until C{key} is under its limit again; None if it is now."""
+        times = self._times.get(key)
+        if times is None or self._count(key, times) < self.limit:
+            return None
+        return max(1, math.ceil(times[0] + self.window - self.clock.seconds()))
+
+    def snapshot(self) -> list[dict]:
+        """Every count still within the window, for a process that starts."""
+        cutoff = self.clock.seconds() - self.window
+        return [{"peer": key, "at": at} for key, times in self._times.items() for at in times if at > cutoff]
+
+    def _count(self, key: str, times: collections.deque[float]) -> int:
         cutoff = self.clock.seconds() - self.window
         while times and times[0] <= cutoff:
             times.popleft()
         if not times:
-            del self._times[peer]
+            del self._times[key]
         return len(times)
 
-    def snapshot(self) -> list[dict]:
-        """Every refusal still within the window, for a process that starts."""
-        cutoff = self.clock.seconds() - self.window
-        return [{"peer": peer, "at": at} for peer, times in self._times.items() for at in times if at > cutoff]
-
     def _forget_old(self, now: float) -> None:
-        """Once per window, drop the addresses with no refusal in it, so the table stays small."""
+        """Once per window, drop the addresses with nothing in it, so the table stays small."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.window
         cutoff = now - self.window
-        for peer in [peer for peer, times in self._times.items() if not times or times[-1] <= cutoff]:
-            del self._times[peer]
+        for key in [key for key, times in self._times.items() if not times or times[-1] <= cutoff]:
+            del self._times[key]
+
+    def __len__(self) -> int:
+        return len(self._times)

@@ -104,7 +104,7 @@ from mailingest.ops import metrics
 from mailingest.delivery.session import Session
 from mailingest.smtp import replies
 from mailingest.smtp.command_input import CommandInput, ICommandChannel
-from mailingest.smtp.limits import DataPace, Limits, RefusalCounter
+from mailingest.smtp.limits import AddressWindow, DataPace, Limits
 from mailingest.smtp.replies import IReplyChannel, Replies
 from mailingest.smtp.transaction import ITransactionChannel, MailTransaction
 from mailingest.smtp.transfer import DataTransfer
@@ -364,13 +364,15 @@ class IngestSMTPFactory(protocol.ServerFactory):
         max_connections_per_ip: int,
         tls_context=None,
         clock=None,
-        refusals: RefusalCounter | None = None,
+        refusals: AddressWindow | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
         # Shared by the intake processes when there are several.
-        self.refusals = refusals or RefusalCounter(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
+        if refusals is None:  # an empty window is falsy (it has a length)
+            refusals = AddressWindow(clock, replies.REFUSED_RECIPIENT_LIMIT, replies.REFUSED_RECIPIENT_WINDOW)
+        self.refusals = refusals
         self.delivery = ISMTPDelivery(delivery)
         self.hostname = hostname.encode("idna")
         self.limits = Limits(max_message_size, max_recipients, timeout)
@@ -412,7 +414,7 @@ class IngestSMTPFactory(protocol.ServerFactory):
 
     def refused_recipient(self, peer: str) -> None:
         """Note a refused recipient from C{peer}."""
-        self.refusals.refused(peer)
+        self.refusals.add(peer)
 
     def refused_recipients(self, peer: str) -> int:
         """Recipients refused to C{peer} within the window (capped at the limit)."""
