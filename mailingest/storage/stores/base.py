@@ -23,21 +23,21 @@ MESSAGE_COLUMNS = (
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
     ", warnings"
 )
-MESSAGE_SELECT = (
-    "SELECT "
-    + ", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))
-    + ", o.slug AS org_slug FROM inbound_message m JOIN organization o ON o.id = m.org_id"
-)
+
+
+def select_with_org(table: str, alias: str, columns: str) -> str:
+    """SELECT C{columns} of C{table} (as C{alias}) with its organisation's slug as C{org_slug}."""
+    listed = ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
+    return f"SELECT {listed}, o.slug AS org_slug FROM {table} {alias} JOIN organization o ON o.id = {alias}.org_id"
+
+
+MESSAGE_SELECT = select_with_org("inbound_message", "m", MESSAGE_COLUMNS)
 ORG_SELECT = "SELECT id, slug, name, active, created_at FROM organization"
 EVENT_COLUMNS = (
     "id, event_id, event_type, org_id, inbound_message_id, message_status, message_error,"
     " status, attempts, last_status, last_error, created_at, retry_from, next_attempt_at, delivered_at"
 )
-EVENT_SELECT = (
-    "SELECT "
-    + ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
-    + ", o.slug AS org_slug FROM webhook_event e JOIN organization o ON o.id = e.org_id"
-)
+EVENT_SELECT = select_with_org("webhook_event", "e", EVENT_COLUMNS)
 
 # Other daemons sharing the database are told of new messages on this channel.
 RECEIVED_CHANNEL = "mailingest_received"

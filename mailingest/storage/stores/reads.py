@@ -4,7 +4,7 @@ from zope.interface import implementer
 
 from mailingest.interfaces import IReadStore
 from mailingest.storage.stores.base import (
-    EVENT_SELECT, MESSAGE_SELECT, ORG_SELECT, StoreBase, conditions, message_row, org_row,
+    EVENT_SELECT, MESSAGE_SELECT, ORG_SELECT, StoreBase, conditions, message_row, org_row, select_with_org,
 )
 
 DOCUMENT_COLUMNS = (
@@ -12,11 +12,7 @@ DOCUMENT_COLUMNS = (
     " storage_key, created_at"
     ", original_filename, content_type_raw, disposition, content_id"
 )
-_DOCUMENT_SELECT = (
-    "SELECT "
-    + ", ".join("d." + c.strip() for c in DOCUMENT_COLUMNS.split(","))
-    + ", o.slug AS org_slug FROM document d JOIN organization o ON o.id = d.org_id"
-)
+_DOCUMENT_SELECT = select_with_org("document", "d", DOCUMENT_COLUMNS)
 
 
 @implementer(IReadStore)
