@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
 from mailingest.interfaces import (
     Collision, Duplicate, IBlobReferences, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore,
-    IQuarantineStore, IReadStore, ISchemaStore, IStore,
+    IQuarantineStore, IReadStore, ISchemaStore, IStore, IRetentionStore, IHoldStore,
 )
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.handoff.events import MESSAGE_EVENTS
@@ -23,6 +23,7 @@ from mailingest.storage.store import Store, migrations
 
 ROLES = (
     ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
+    IRetentionStore, IHoldStore,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

@@ -26,15 +26,17 @@ from twisted.internet import defer, task
 
 from mailingest import __version__
 from mailingest.app import mail_sender as send_test
+from mailingest.app import retention_cli
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
-from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.console.resource import head_of, read_headers
 from mailingest.handoff.api import new_token, token_hash
 from mailingest.handoff.events import BadSecret, check_secret, new_secret
 from mailingest.handoff.targets import TargetPolicy, check_target
 from mailingest.interfaces import IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
+from mailingest.storage.retention import gone
 from mailingest.storage.sweeper import check_min_age, sweep
 from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
@@ -45,14 +47,14 @@ from mailingest.storage.urls import sqlite_path
 from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
 
 PROG = "mailingest"
-STATUSES = ("received", "parsed", "failed", "quarantined")
+STATUSES = ("received", "parsed", "failed", "quarantined", "incinerated")
 
 ORG_TABLE = ("slug", "name", "active", "created_at", "reserved")
 MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
 MESSAGE_FIELDS = (
     "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
-    "received_at", "parsed_at", "content_sha256",
+    "received_at", "parsed_at", "content_sha256", "incinerated_at", "incinerated_reason",
 )
 SENDER_FIELDS = (
     "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
@@ -321,6 +323,8 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
     try:
+        if gone(row):
+            raise ContentGone(gone(row))
         headers, unread = await _shown_headers(session, row["raw_key"]), None
     except (MailingestError, OSError) as e:
         headers, unread = {}, _user_message(e, session.settings)
@@ -345,6 +349,8 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
 
 async def cmd_messages_raw(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.message(args.id)
+    if gone(row):
+        raise ContentGone(gone(row))
     out = sys.stdout.buffer
     await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
     out.flush()
@@ -374,6 +380,8 @@ async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) 
     row = await session.store.get_document(args.id)
     if row is None:
         raise CommandError(f"no document {args.id}")
+    if gone(row):
+        raise ContentGone(gone(row))
     what = f"document {args.id}"
     if args.output == "-":
         await _copy_blob(session, row["storage_key"], sys.stdout.buffer, what, row["sha256"], row["size"])
@@ -729,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
     admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
+    retention_cli.add_commands(commands, org, _command, _group, _positive_int)
+
     gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument(
@@ -739,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "erase" and (args.sender is None) != (args.org is None):
+        parser.error("erase: --sender goes with --org (and --org with --sender)")
     if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
         parser.error("org policy: --allow-domain or --any-domain, not both")
     if args.command == "org" and args.org_command == "webhook" and args.remove == bool(args.url):

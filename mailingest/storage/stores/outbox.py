@@ -34,9 +34,14 @@ class OutboxStore(StoreBase):
             for callback in self._event_listeners:
                 callback()
 
-    async def _write_event_txn(self, txn, message_id, status, error):
-        """The event of a status change, in its transaction: only for organisations with a webhook. Whether it wrote one."""
-        event_type = self.events.event_type(status)
+    async def _write_event_txn(self, txn, message_id, status, error, event_status=None):
+        """
+        The event of a status change, in its transaction: only for
+        organisations with a webhook. Whether it wrote one. C{event_status}
+        names the change when the status alone does not (an erasure is an
+        incineration that raises C{message.erased}).
+        """
+        event_type = self.events.event_type(event_status or status)
         if event_type is None:
             return False
         now = self._now()
@@ -139,7 +144,7 @@ class OutboxStore(StoreBase):
         for event in events:
             await txn.execute(
                 "SELECT id, filename, content_type, size, sha256 FROM document"
-                " WHERE inbound_message_id = ? ORDER BY ordinal",
+                " WHERE inbound_message_id = ? AND deleted_at IS NULL ORDER BY ordinal",
                 (event["message_id"],),
             )
             event["documents"] = txn.fetchall()
