@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailingest.errors import MailingestError
-from mailingest.storage.retention import count_incinerated, purge
+from mailingest.storage.retention import count_incinerated, erase_message, purge
 
 # A period: a number and its unit, or keep (forever).
 _PERIOD = re.compile(r"^([0-9]{1,6})([smhdwy])$")
@@ -92,18 +92,15 @@ async def cmd_hold_list(session, args: argparse.Namespace) -> None:
 async def erase(session, message_id: int | None, sender: str | None, org: str | None) -> tuple[list[dict], list[dict]]:
     """Erase one message or a sender's messages of an organisation, batch by batch, deleting the blobs of each."""
     if message_id is not None:
-        gone, refused = [await session.store.erase_message(message_id, actor())], []
-        gone[0]["reason"] = "erasure"
-    else:
-        gone = []
-        while True:
-            batch, refused = await session.store.erase_sender(org, sender, actor())
-            gone += batch
-            if not batch:
-                break
-    count_incinerated(gone)
-    await purge(session.store, session.blobs)
-    return gone, refused
+        return [await erase_message(session.store, session.blobs, message_id, actor())], []
+    gone: list[dict] = []
+    while True:
+        batch, refused = await session.store.erase_sender(org, sender, actor())
+        count_incinerated(batch)
+        await purge(session.store, session.blobs)
+        gone += batch
+        if not batch:
+            return gone, refused
 
 
 async def cmd_erase(session, args: argparse.Namespace) -> None:

@@ -44,6 +44,21 @@ async def purge(store: IRetentionStore, blobs, limit: int = BATCH, keep_going: C
     return done
 
 
+async def erase_message(store: IRetentionStore, blobs, message_id: int, actor: str) -> dict:
+    """
+    Erase one message and delete its blobs now (the console's and the API's
+    erasure); blobs a failing store could not delete stay queued for the
+    daemon's next pass. Fires with the erased row.
+    """
+    row = await store.erase_message(message_id, actor)
+    count_incinerated([{"reason": "erasure", "bytes": row["bytes"]}])
+    try:
+        await purge(store, blobs)
+    except Exception as e:
+        log.warn("erasure of message {id}: blobs left for the next retention pass: {error}", id=message_id, error=str(e))
+    return row
+
+
 def count_incinerated(gone: list[dict]) -> None:
     """The metrics of incinerated messages (and erased ones), by reason."""
     for row in gone:
