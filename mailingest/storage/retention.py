@@ -81,6 +81,10 @@ async def run_pass(store: IRetentionStore, blobs, batch: int = BATCH, keep_going
     """One pass: leftover deletes first, then batches of due messages and of due documents until none is left."""
     done = Pass()
     done.blobs += await purge(store, blobs, batch, keep_going)
+    if done.blobs:
+        log.info(
+            "retention: {blobs} blobs deleted that an earlier pass or erasure left queued", blobs=done.blobs, event="retention_purge"
+        )
     for what in ("messages", "documents"):
         while keep_going():
             if what == "messages":

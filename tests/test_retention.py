@@ -1,0 +1,257 @@
+"""
+Retention, legal hold and erasure end to end (issue 26): against the blob
+store's own listing on local disk with SQLite and on S3 (moto) with
+PostgreSQL, the admin commands, a daemon killed with SIGKILL in the middle
+of a pass, and the API and console showing tombstones.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import time
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from mailingest.handoff.events import MESSAGE_EVENTS
+from mailingest.ops import metrics
+from mailingest.storage.blobs import open_blobs
+from mailingest.storage.retention import RetentionService, run_pass
+from mailingest.storage.store import open_store
+from tests import postgres
+from tests.daemon import TwistdProcess, mailingest_cli, message as smtp_message, poll, temp_dir
+from tests.moto import shared_server
+from tests.store_contract import message
+from tests.test_api import ApiCase
+from tests.test_console import ConsoleCase
+from tests.test_gc import put, stored_keys
+
+DAY = 86400
+
+
+async def populate(store, blobs, senders: dict[str, list[str]], documents: int = 1) -> dict[int, list[str]]:
+    """
+    Parsed messages, each with its raw copy and documents stored: for each
+    organisation slug in C{senders} one message from each address listed
+    (added in order). Fires with each message id's blob keys.
+    """
+    keys = {}
+    for slug, addresses in senders.items():
+        org = await store.get_org(slug) or await store.add_org(slug, slug.title())
+        for n, sender in enumerate(addresses):
+            raw = f"raw/2024/05/01/{slug}-{n}.eml"
+            [message_id] = await store.insert_messages([message(org["id"], f"<{slug}-{n}@x>", raw_key=raw, mail_from=sender)])
+            rows = []
+            for ordinal in range(documents):
+                key = f"documents/{org['id']}/{message_id}/{ordinal}"
+                rows.append({
+                    "org_id": org["id"], "ordinal": ordinal, "filename": "po.pdf", "content_type": "application/pdf",
+                    "size": len(key), "sha256": hashlib.sha256(key.encode()).hexdigest(), "storage_key": key,
+                })
+            await store.mark_parsed(message_id, rows)
+            keys[message_id] = [raw] + [row["storage_key"] for row in rows]
+    await put(blobs, [key for found in keys.values() for key in found])
+    return keys
+
+
+class BlobStoreCases:
+    """The same checks on local disk with SQLite and on S3 with PostgreSQL."""
+
+    def open(self):
+        raise NotImplementedError
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        result = await threads.deferToThread(mailingest_cli, self.directory, *self.options, *args, env=self.env)
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    async def test_past_retention_incinerated_with_tombstone_and_audit_held_kept(self):
+        store, blobs = self.open()
+        await store.migrate()
+        keys = await populate(store, blobs, {"acme": ["a@x.test"] * 3, "globex": ["a@x.test"]})
+        old, held, third, elsewhere = sorted(keys)
+        code, out, err = await self.cli("org", "retention", "acme", "--raw", "90d")
+        self.assertEqual((code, out), (0, "retention of acme: raw 90d, documents keep\n"), err)
+        code, out, err = await self.cli("hold", "add", "--org", "acme", "--message", str(held), "--reason", "dispute 7")
+        self.assertEqual((code, out), (0, f"added legal hold 1 on message {held} of acme\n"), err)
+        # an erasure whose blobs are still queued (as a killed daemon would leave them): the pass deletes them first
+        await store.erase_message(third, "cli:test")
+        before = await stored_keys(blobs)
+        counted = metrics.INCINERATED.labels("retention")._value.get()
+
+        done = await run_pass(store, blobs, batch=1)
+        self.assertEqual((done.messages, done.batches, done.blobs), (1, 1, 3))
+        self.assertEqual(metrics.INCINERATED.labels("retention")._value.get(), counted + 1)
+        # the raw copy is gone, its documents (kept forever) stay
+        self.assertEqual(before - await stored_keys(blobs), {keys[old][0], *keys[third]})
+        row = await store.get_message(old)
+        self.assertEqual((row["status"], row["incinerated_reason"], row["raw_sha256"]), ("incinerated", "retention", "ab" * 32))
+        self.assertEqual((await store.get_message(held))["status"], "parsed")
+        self.assertEqual((await store.get_message(elsewhere))["status"], "parsed")
+        code, out, _ = await self.cli("audit", "list", "--org", "acme", "--json")
+        audit = json.loads(out)
+        self.assertEqual(
+            [(a["action"], a["actor"], a["inbound_message_id"], a["sha256"]) for a in audit][:1],
+            [("incinerate", "retention", old, "ab" * 32)],
+        )
+        self.assertIn(("hold_add", held), [(a["action"], a["inbound_message_id"]) for a in audit])
+        code, _, err = await self.cli("erase", "--message", str(held))
+        self.assertEqual(code, 1)
+        self.assertIn("under a legal hold", err)
+        self.assertIn(keys[held][0], await stored_keys(blobs))
+        code, out, err = await self.cli("messages", "raw", str(old))
+        self.assertEqual(code, 1)
+        self.assertIn(f"message {old} was incinerated (retention)", err)
+
+    async def test_erasure_by_sender_removes_exactly_that_senders_blobs_of_that_organisation(self):
+        store, blobs = self.open()
+        await store.migrate()
+        senders = {"acme": ["jane@x.test", "john@x.test", "Jane@X.test", "jane@x.test"], "globex": ["jane@x.test"]}
+        keys = await populate(store, blobs, senders, documents=2)
+        ids = sorted(keys)
+        janes = [ids[0], ids[2], ids[3]]
+        before = await stored_keys(blobs)
+        self.assertEqual(before, {key for found in keys.values() for key in found})
+        code, out, err = await self.cli("erase", "--sender", "JANE@x.test", "--org", "acme")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, f"erased 3 message(s) from jane@x.test of acme: {', '.join(map(str, janes))}\n")
+        self.assertEqual(before - await stored_keys(blobs), {key for i in janes for key in keys[i]})
+        for message_id in janes:
+            row = await store.get_message(message_id)
+            self.assertEqual((row["status"], row["incinerated_reason"], row["mail_from"], row["subject"]), ("incinerated", "erasure", "", None))
+        for message_id in (ids[1], ids[4]):
+            self.assertEqual((await store.get_message(message_id))["status"], "parsed")
+        self.assertEqual(await store.pending_purges(), [])
+
+
+class LocalDiskSqlite(BlobStoreCases, unittest.TestCase):
+    def open(self):
+        self.directory = temp_dir(self)
+        database = "sqlite:///" + os.path.join(self.directory, "m.db")
+        storage = "file:" + os.path.join(self.directory, "blobs")
+        self.options, self.env = ("--database", database, "--storage", storage), dict(os.environ)
+        store, blobs = open_store(database, MESSAGE_EVENTS), open_blobs(storage)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        return store, blobs
+
+
+class S3Postgresql(BlobStoreCases, unittest.TestCase):
+    def open(self):
+        moto = shared_server()
+        self.directory = temp_dir(self)
+        database, storage = postgres.create_database(), f"s3://{moto.create_bucket()}/mail"
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key)
+        self.options = ("--database", database, "--storage", storage, "--s3-endpoint", moto.endpoint)
+        store, blobs = open_store(database, MESSAGE_EVENTS), open_blobs(storage, moto.endpoint, None, self.env)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        return store, blobs
+
+
+class KilledMidPass:
+    """
+    A daemon killed with SIGKILL while a pass incinerates 1,000 messages in
+    batches, then restarted: every row is intact with its raw copy, or
+    incinerated without it; none half.
+    """
+
+    COUNT = 1000
+
+    def open(self) -> tuple:
+        raise NotImplementedError
+
+    async def watch_until_killed(self, daemon: TwistdProcess, blobs) -> None:
+        raise NotImplementedError
+
+    async def test_sigkill_during_a_pass_then_restart(self):
+        store, blobs, args = self.open()
+        await store.migrate()
+        org = await store.add_org("acme", "Acme")
+        rows = [message(org["id"], f"<k{n}@x>", raw_key=f"raw/2024/05/01/k{n}.eml") for n in range(self.COUNT)]
+        ids = await store.insert_messages(rows)
+        await defer.gatherResults([store.mark_parsed(i, []) for i in ids], consumeErrors=True)
+        for start in range(0, self.COUNT, 200):
+            await put(blobs, [row["raw_key"] for row in rows[start:start + 200]])
+        await store.set_retention("acme", raw=DAY)
+        key_of = {message_id: row["raw_key"] for message_id, row in zip(ids, rows)}
+
+        daemon = TwistdProcess(self.directory, *args, "--gc-interval", "0", env=self.env)
+        daemon.start()
+        self.addCleanup(daemon.stop, signal.SIGKILL)
+        await self.watch_until_killed(daemon, blobs)
+        self.assertEqual(daemon.process.wait(10), -signal.SIGKILL)
+
+        # Whatever the moment: a row still parsed has its blob; a blob of an incinerated row is only one still queued.
+        stored = await stored_keys(blobs)
+        queued = set(await store.pending_purges(self.COUNT))
+        statuses = {row["id"]: row["status"] for row in await store.list_messages(limit=self.COUNT)}
+        for message_id, status in statuses.items():
+            if status == "parsed":
+                self.assertIn(key_of[message_id], stored)
+            elif key_of[message_id] in stored:
+                self.assertIn(key_of[message_id], queued)
+        incinerated = {i for i, status in statuses.items() if status == "incinerated"}
+        self.assertTrue(incinerated, "killed before the first batch was marked")
+
+        # The restarted daemon only finishes what was begun: nothing new is due.
+        await store.set_retention("acme", raw=None)
+        restarted = TwistdProcess(self.directory, *args, "--gc-interval", "0", env=self.env)
+        restarted.start()
+        self.addCleanup(restarted.stop)
+        await poll(lambda: store.pending_purges(), lambda keys: not keys, 60, lambda keys: f"{len(keys)} blobs still queued")
+        restarted.stop()
+        stored = await stored_keys(blobs)
+        statuses = {row["id"]: row["status"] for row in await store.list_messages(limit=self.COUNT)}
+        self.assertEqual({i for i, status in statuses.items() if status == "incinerated"}, incinerated)
+        for message_id, status in statuses.items():
+            self.assertEqual(key_of[message_id] in stored, status == "parsed", (message_id, status))
+        self.assertEqual(len(stored), self.COUNT - len(incinerated))
+        self.assertIn('"event": "retention_purge"', restarted.log())
+
+
+class KilledMidPassLocalDisk(KilledMidPass, unittest.TestCase):
+    def open(self):
+        self.directory = temp_dir(self)
+        self.env = dict(os.environ, MAILINGEST_LOG_FORMAT="json")
+        database = "sqlite:///" + os.path.join(self.directory, "m.db")
+        storage = "file:" + os.path.join(self.directory, "blobs")
+        store, blobs = open_store(database, MESSAGE_EVENTS), open_blobs(storage)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        return store, blobs, ("--database", database, "--storage", storage)
+
+    async def watch_until_killed(self, daemon, blobs):
+        """Killed the moment the first raw copy is gone: mid-batch, blobs of marked rows still there."""
+        folder = os.path.join(self.directory, "blobs", "raw", "2024", "05", "01")
+
+        def watch():
+            deadline = time.monotonic() + 60
+            while len(os.listdir(folder)) == self.COUNT and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            daemon.process.send_signal(signal.SIGKILL)
+            return len(os.listdir(folder))
+
+        left = await threads.deferToThread(watch)
+        self.assertLess(left, self.COUNT, "the pass never began")
+
+
+class KilledMidPassS3(KilledMidPass, unittest.TestCase):
+    def open(self):
+        moto = shared_server()
+        self.directory = temp_dir(self)
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key, MAILINGEST_LOG_FORMAT="json")
+        database, storage = postgres.create_database(), f"s3://{moto.create_bucket()}/mail"
+        store, blobs = open_store(database, MESSAGE_EVENTS), open_blobs(storage, moto.endpoint, None, self.env)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        return store, blobs, ("--database", database, "--storage", storage, "--s3-endpoint", moto.endpoint)
+
+    async def watch_until_killed(self, daemon, blobs):
+        """Killed once a batch's deletes have begun and not ended (a count that is no multiple of the batch)."""
+        count = await poll(
+            lambda: stored_keys(blobs), lambda keys: len(keys) % 100 != 0, 60, lambda keys: f"{len(keys)} blobs", interval=0.02
+        )
+        daemon.process.send_signal(signal.SIGKILL)
+        self.assertLess(len(count), self.COUNT)
