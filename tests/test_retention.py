@@ -9,10 +9,10 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import time
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from mailingest.handoff.events import MESSAGE_EVENTS
@@ -21,17 +21,17 @@ from mailingest.storage.blobs import open_blobs
 from mailingest.storage.retention import RetentionService, run_pass
 from mailingest.storage.store import open_store
 from tests import postgres
-from tests.daemon import TwistdProcess, mailingest_cli, message as smtp_message, poll, temp_dir
+from tests.daemon import TwistdProcess, mailingest_cli, poll, sleep, temp_dir
 from tests.moto import shared_server
 from tests.store_contract import message
-from tests.test_api import ApiCase
+from tests.test_api import order
 from tests.test_console import ConsoleCase
 from tests.test_gc import put, stored_keys
 
 DAY = 86400
 
 
-async def populate(store, blobs, senders: dict[str, list[str]], documents: int = 1) -> dict[int, list[str]]:
+async def populate(store, blobs, senders: dict[str, list[str]], documents: int = 1, tag: str = "") -> dict[int, list[str]]:
     """
     Parsed messages, each with its raw copy and documents stored: for each
     organisation slug in C{senders} one message from each address listed
@@ -41,8 +41,8 @@ async def populate(store, blobs, senders: dict[str, list[str]], documents: int =
     for slug, addresses in senders.items():
         org = await store.get_org(slug) or await store.add_org(slug, slug.title())
         for n, sender in enumerate(addresses):
-            raw = f"raw/2024/05/01/{slug}-{n}.eml"
-            [message_id] = await store.insert_messages([message(org["id"], f"<{slug}-{n}@x>", raw_key=raw, mail_from=sender)])
+            raw = f"raw/2024/05/01/{slug}{tag}-{n}.eml"
+            [message_id] = await store.insert_messages([message(org["id"], f"<{slug}{tag}-{n}@x>", raw_key=raw, mail_from=sender)])
             rows = []
             for ordinal in range(documents):
                 key = f"documents/{org['id']}/{message_id}/{ordinal}"
@@ -255,3 +255,126 @@ class KilledMidPassS3(KilledMidPass, unittest.TestCase):
         )
         daemon.process.send_signal(signal.SIGKILL)
         self.assertLess(len(count), self.COUNT)
+
+
+class TombstonesServed(ConsoleCase):
+    """The API and the console show an incinerated message (and a retry of it is a duplicate); the admin erases."""
+
+    async def incinerate(self, message_id: int) -> None:
+        """A period of one second, passed: the daemon's own pass (as its retention service runs it) incinerates it."""
+        await self.daemon.store.set_retention("acme", raw=1)
+        await sleep(1.1)
+        done = await run_pass(self.daemon.store, self.daemon.blobs)
+        self.assertEqual((done.messages, done.blobs), (1, 1))
+        self.assertEqual((await self.daemon.store.get_message(message_id))["status"], "incinerated")
+
+    async def test_api_and_console_show_incinerated_messages(self):
+        sent = order("acme", 1)  # its MIME boundary is random: a retry is these very bytes
+        code, reply = await self.daemon.send(sent, ["orders+acme@example.com"])
+        message_id = int(reply.split()[-1])
+        self.assertEqual((await self.daemon.settled(message_id))["status"], "parsed")
+        raw_files = self.daemon.blob_files()
+        await self.incinerate(message_id)
+        self.assertEqual(self.daemon.blob_files(), [])
+        self.assertTrue(raw_files)
+        shown = await self.get_json(f"/v1/messages/{message_id}")
+        self.assertEqual((shown["status"], shown["incinerated_reason"]), ("incinerated", "retention"))
+        self.assertIsNotNone(shown["incinerated_at"])
+        self.assertEqual(len(shown["documents"]), 1)  # documents keep their own period (forever here)
+        gone = await self.get_json(f"/v1/messages/{message_id}/raw", status=410)
+        self.assertEqual(gone["error"], "incinerated")
+        self.assertIn("incinerated (retention)", gone["message"])
+        listed = await self.get_json("/v1/messages?status=incinerated")
+        self.assertEqual([m["id"] for m in listed["messages"]], [message_id])
+        audit = await self.get_json("/v1/audit")
+        self.assertEqual([(e["action"], e["message_id"]) for e in audit["entries"]], [("incinerate", message_id)])
+        self.assertEqual((await self.get_json("/v1/audit", "beta"))["entries"], [])
+
+        cookie = await self.sign_in("acme")
+        response, page = await self.request("GET", f"/console/messages/{message_id}", cookie)
+        self.assertEqual(response.code, 200, page)
+        self.assertIn("was incinerated (retention)", page)
+        self.assertNotIn("Download raw message", page)
+        response, page = await self.request("GET", f"/console/messages/{message_id}/raw", cookie)
+        self.assertEqual(response.code, 410)
+        response, page = await self.request("GET", "/console/orgs/1/messages", cookie)
+        self.assertEqual(response.code, 200)
+
+        # a retry of the same message is a duplicate of the tombstone, not stored again
+        code, reply = await self.daemon.send(sent, ["orders+acme@example.com"])
+        self.assertEqual((code, int(reply.split()[-1])), (250, message_id))
+        self.assertEqual(self.daemon.blob_files(), [])
+
+    async def test_admin_erases_through_the_api_and_the_console(self):
+        first = await self.deliver("acme", 1)
+        second = await self.deliver("acme", 2)
+        held = await self.deliver("acme", 3)
+        await self.daemon.store.add_hold("acme", "dispute", "cli:test", message_id=held)
+        code, _, body = await self.get(f"/v1/messages/{first}", "acme", method="DELETE")
+        self.assertEqual((code, json.loads(body)["error"]), (403, "forbidden"))
+        code, _, body = await self.get(f"/v1/messages/{held}", "admin", method="DELETE")
+        self.assertEqual((code, json.loads(body)["error"]), (409, "held"))
+        code, _, body = await self.get(f"/v1/messages/{first}", "admin", method="DELETE")
+        self.assertEqual(code, 200, body)
+        erased = json.loads(body)
+        self.assertEqual((erased["status"], erased["incinerated_reason"], erased["envelope"]["from"]), ("incinerated", "erasure", ""))
+        self.assertTrue(erased["documents"][0]["deleted_at"])
+        document = erased["documents"][0]["id"]
+        self.assertEqual((await self.get_json(f"/v1/documents/{document}/content", status=410))["error"], "deleted")
+        code, _, body = await self.get(f"/v1/messages/{first}", "admin", method="DELETE")
+        self.assertEqual((code, json.loads(body)["error"]), (409, "not_erasable"))
+
+        cookie = await self.sign_in("admin")
+        response, page = await self.request("GET", f"/console/messages/{second}/erase", cookie)
+        self.assertEqual(response.code, 200)
+        self.assertIn("deleted for good", page)
+        self.assertEqual((await self.daemon.store.get_message(second))["status"], "parsed")  # asking changes nothing
+        token = await self.csrf(cookie, f"/console/messages/{second}/erase")
+        response, _ = await self.request("POST", f"/console/messages/{second}/erase", cookie, form={"csrf": token})
+        self.assertEqual(response.code, 303)
+        response, page = await self.request("GET", f"/console/messages/{second}", cookie)
+        self.assertIn(f"Message {second} is erased", page)
+        self.assertEqual((await self.daemon.store.get_message(second))["incinerated_reason"], "erasure")
+        response, page = await self.request("GET", f"/console/messages/{held}/erase", cookie)
+        token = await self.csrf(cookie, f"/console/messages/{held}/erase")
+        await self.request("POST", f"/console/messages/{held}/erase", cookie, form={"csrf": token})
+        response, page = await self.request("GET", f"/console/messages/{held}", cookie)
+        self.assertIn("under a legal hold", page)
+        self.assertEqual((await self.daemon.store.get_message(held))["status"], "parsed")
+        actors = [(a["actor"], a["inbound_message_id"]) for a in await self.daemon.store.list_audit() if a["action"] == "erase"]
+        self.assertEqual(actors, [("console: admin", second), ("api:admin", first)])
+
+
+class ServiceTests(unittest.TestCase):
+    async def test_a_pass_at_start_then_every_interval_one_log_event_per_batch(self):
+        directory = temp_dir(self)
+        store = open_store("sqlite:///" + os.path.join(directory, "m.db"), MESSAGE_EVENTS)
+        blobs = open_blobs("file:" + os.path.join(directory, "blobs"))
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        await store.migrate()
+        keys = await populate(store, blobs, {"acme": ["a@x.test"] * 5}, documents=0)
+        await store.set_retention("acme", raw=DAY)
+        batches = []
+
+        def observe(event):
+            if event.get("event") == "retention_batch":
+                batches.append(event["count"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        clock = task.Clock()
+        service = RetentionService(store, blobs, 3600, batch=2, clock=clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await poll(lambda: store.count_messages("incinerated"), lambda n: n == 5, 10, str)
+        await poll(lambda: batches, lambda found: len(found) == 3, 10, str)
+        self.assertEqual(batches, [2, 2, 1])
+        self.assertEqual(await stored_keys(blobs), set())
+        more = await populate(store, blobs, {"acme": ["b@x.test"]}, documents=0, tag="-later")
+        clock.advance(3599)
+        self.assertEqual(len(batches), 3)
+        clock.advance(1)
+        await poll(lambda: batches, lambda found: len(found) == 4, 10, str)
+        self.assertEqual(await stored_keys(blobs), set())
+        self.assertEqual(await store.count_messages("incinerated"), len(keys) + len(more))
