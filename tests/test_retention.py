@@ -103,6 +103,17 @@ class BlobStoreCases:
         code, out, err = await self.cli("messages", "raw", str(old))
         self.assertEqual(code, 1)
         self.assertIn(f"message {old} was incinerated (retention)", err)
+        code, out, err = await self.cli("messages", "show", str(old))
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"headers: cannot read the stored copy: message {old} was incinerated (retention)", out)
+        self.assertIn("tombstone:\nincinerated_at:", out)
+        code, out, _ = await self.cli("hold", "list", "--json")
+        self.assertEqual([(h["id"], h["inbound_message_id"], h["reason"]) for h in json.loads(out)], [(1, held, "dispute 7")])
+        code, out, err = await self.cli("hold", "remove", "1")
+        self.assertEqual((code, out), (0, "removed legal hold 1 of acme\n"), err)
+        self.assertEqual((await self.cli("hold", "list"))[1].splitlines()[1:], [])
+        self.assertEqual((await run_pass(store, blobs)).messages, 1)
+        self.assertNotIn(keys[held][0], await stored_keys(blobs))
 
     async def test_erasure_by_sender_removes_exactly_that_senders_blobs_of_that_organisation(self):
         store, blobs = self.open()

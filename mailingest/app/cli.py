@@ -54,8 +54,9 @@ MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subjec
 MESSAGE_FIELDS = (
     "id", "org_slug", "source", "source_message_id", "mail_from", "rcpt_to", "subject",
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
-    "received_at", "parsed_at", "content_sha256", "incinerated_at", "incinerated_reason",
+    "received_at", "parsed_at", "content_sha256",
 )
+TOMBSTONE_FIELDS = ("incinerated_at", "incinerated_reason")
 SENDER_FIELDS = (
     "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
@@ -336,9 +337,10 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     for name, value in headers.items():
         print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
     print()
-    for fields in (MESSAGE_FIELDS, SENDER_FIELDS):
-        if fields is SENDER_FIELDS:
-            print("\nsender:")
+    shown = (MESSAGE_FIELDS, SENDER_FIELDS) + ((TOMBSTONE_FIELDS,) if row["status"] == "incinerated" else ())
+    for fields in shown:
+        if fields is not MESSAGE_FIELDS:
+            print("\nsender:" if fields is SENDER_FIELDS else "\ntombstone:")
         width = max(len(name) for name in fields) + 1
         for name in fields:
             print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
