@@ -44,6 +44,9 @@ class RetentionContract:
         await self.store.mark_failed(failed, "unparseable", 1)
         await self.store.mark_quarantined(quarantined, "DMARC did not pass")
         [other] = await self.parsed(globex, [message(globex, "<old@x>", raw_key="raw/globex-old")])
+        await self.store.set_webhook("acme", "https://app.example/hooks", "whsec_x")
+        heard = []
+        await self.store.on_event(lambda: heard.append(True))
         hold = await self.store.add_hold("acme", "dispute 42", "cli:tester", message_id=held)
         self.assertEqual((hold["scope"], hold["inbound_message_id"], hold["org_slug"]), ("message", held, "acme"))
 
@@ -62,6 +65,9 @@ class RetentionContract:
         )
         self.assertEqual((added["action"], added["hold_id"], added["actor"]), ("hold_add", hold["id"], "cli:tester"))
         self.assertEqual([c["status"] for c in await self.store.status_history(old)], ["received", "parsed", "incinerated"])
+        events = await self.store.message_events(old)
+        self.assertEqual([(e["event_type"], e["message_status"], e["message_error"]) for e in events][-1], ("message.incinerated", "incinerated", "retention"))
+        self.assertTrue(heard)
         self.assertEqual(await self.store.pending_purges(), ["raw/<old@x>"])
         await self.store.purged(["raw/<old@x>"])
         self.assertEqual(await self.store.pending_purges(), [])

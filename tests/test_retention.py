@@ -399,3 +399,26 @@ class ServiceTests(unittest.TestCase):
         await poll(lambda: batches, lambda found: len(found) == 4, 10, str)
         self.assertEqual(await stored_keys(blobs), set())
         self.assertEqual(await store.count_messages("incinerated"), len(keys) + len(more))
+
+
+class SharedPostgresql(unittest.TestCase):
+    async def test_daemons_sharing_a_database_share_the_work(self):
+        """Two daemons' batches at once: each takes rows the other has not locked (FOR UPDATE SKIP LOCKED); none twice."""
+        database = postgres.create_database()
+        stores = [open_store(database, MESSAGE_EVENTS) for _ in range(2)]
+        for store in stores:
+            self.addCleanup(store.close)
+        await stores[0].migrate()
+        org = await stores[0].add_org("acme", "Acme")
+        ids = await stores[0].insert_messages([message(org["id"], f"<{n}@x>") for n in range(200)])
+        await defer.gatherResults([stores[0].mark_parsed(i, []) for i in ids])
+        await stores[0].set_retention("acme", raw=DAY)
+        taken = []
+        while True:
+            batches = await defer.gatherResults([store.incinerate_due(50) for store in stores])
+            if not any(batches):
+                break
+            taken += [row["id"] for batch in batches for row in batch]
+        self.assertEqual(sorted(taken), sorted(ids))
+        audit = await stores[0].list_audit(limit=1000)
+        self.assertEqual(sorted(a["inbound_message_id"] for a in audit if a["action"] == "incinerate"), sorted(ids))
