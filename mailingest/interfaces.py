@@ -478,7 +478,8 @@ class IRetentionStore(IStoreRole):
         """
         Incinerate up to C{limit} parsed, unheld messages past their raw
         period in one transaction (tombstone, history, audit, event, blobs
-        queued); fires with a dict (id, org_id, bytes, reason) per message.
+        queued); fires with a dict (id, org_id, bytes, reason, keys: the blob
+        keys it queued) per message.
         """
 
     def delete_due_documents(limit: int = 100):
@@ -491,7 +492,7 @@ class IRetentionStore(IStoreRole):
         """
         Erase a message: raw copy and documents queued for deletion, personal
         fields replaced, tombstone kept. Fires with the erased row (and
-        C{bytes}); L{mailingest.errors.NoSuchMessage},
+        C{bytes}, C{keys}); L{mailingest.errors.NoSuchMessage},
         L{mailingest.errors.MessageHeld}, L{mailingest.errors.NotErasable}.
         """
 

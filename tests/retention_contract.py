@@ -51,7 +51,7 @@ class RetentionContract:
         self.assertEqual((hold["scope"], hold["inbound_message_id"], hold["org_slug"]), ("message", held, "acme"))
 
         gone = await self.store.incinerate_due(10)
-        self.assertEqual(gone, [{"id": old, "org_id": acme, "bytes": 123, "reason": "retention"}])
+        self.assertEqual(gone, [{"id": old, "org_id": acme, "bytes": 123, "reason": "retention", "keys": ["raw/<old@x>"]}])
         row = await self.store.get_message(old)
         self.assertEqual((row["status"], row["incinerated_reason"]), ("incinerated", "retention"))
         self.assertIsNotNone(row["incinerated_at"])

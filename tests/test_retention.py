@@ -240,7 +240,7 @@ class KilledMidPassLocalDisk(KilledMidPass, unittest.TestCase):
         def watch():
             deadline = time.monotonic() + 60
             while len(os.listdir(folder)) == self.COUNT and time.monotonic() < deadline:
-                time.sleep(0.0005)
+                time.sleep(0.002)
             daemon.process.send_signal(signal.SIGKILL)
             return len(os.listdir(folder))
 

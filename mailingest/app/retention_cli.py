@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailingest.errors import MailingestError
-from mailingest.storage.retention import count_incinerated, erase_message, purge
+from mailingest.storage.retention import delete_now, erase_message
 
 # A period: a number and its unit, or keep (forever).
 _PERIOD = re.compile(r"^([0-9]{1,6})([smhdwy])$")
@@ -96,8 +96,7 @@ async def erase(session, message_id: int | None, sender: str | None, org: str | 
     gone: list[dict] = []
     while True:
         batch, refused = await session.store.erase_sender(org, sender, actor())
-        count_incinerated(batch)
-        await purge(session.store, session.blobs)
+        await delete_now(session.store, session.blobs, batch)
         gone += batch
         if not batch:
             return gone, refused

@@ -44,18 +44,26 @@ async def purge(store: IRetentionStore, blobs, limit: int = BATCH, keep_going: C
     return done
 
 
-async def erase_message(store: IRetentionStore, blobs, message_id: int, actor: str) -> dict:
+async def delete_now(store: IRetentionStore, blobs, gone: list[dict]) -> None:
     """
-    Erase one message and delete its blobs now (the console's and the API's
-    erasure); blobs a failing store could not delete stay queued for the
-    daemon's next pass. Fires with the erased row.
+    Delete the blobs an erasure just queued (only those: a backlog of the
+    daemon's is its own), then take them off the queue; what a failing
+    store could not delete stays queued for the daemon's next pass.
     """
-    row = await store.erase_message(message_id, actor)
-    count_incinerated([{"reason": "erasure", "bytes": row["bytes"]}])
+    count_incinerated(gone)
+    keys = [key for row in gone for key in row["keys"]]
     try:
-        await purge(store, blobs)
+        for key in keys:
+            await blobs.delete(key)
+        await store.purged(keys)
     except Exception as e:
-        log.warn("erasure of message {id}: blobs left for the next retention pass: {error}", id=message_id, error=str(e))
+        log.warn("erasure: {count} blobs left for the next retention pass: {error}", count=len(keys), error=str(e))
+
+
+async def erase_message(store: IRetentionStore, blobs, message_id: int, actor: str) -> dict:
+    """Erase one message and delete its blobs now (the console's, the API's and the admin command's erasure); the erased row."""
+    row = await store.erase_message(message_id, actor)
+    await delete_now(store, blobs, [dict(row, reason="erasure")])
     return row
 
 

@@ -70,9 +70,16 @@ class RetentionStore(StoreBase):
             raise NoSuchOrg(f"no organisation {slug!r}")
         return row
 
-    async def _periods_txn(self, txn, column):
+    async def _periods_txn(self, txn, column, limit):
+        """
+        Each organisation with a period in C{column}: (id, cutoff, share), its
+        share of a batch of C{limit} rows, so one organisation's backlog
+        cannot fill every batch of a pass while another's rows wait.
+        """
         await txn.execute(f"SELECT id, {column} AS seconds FROM organization WHERE {column} IS NOT NULL ORDER BY id")
-        return [(row["id"], self._now() - _seconds(row["seconds"])) for row in txn.fetchall()]
+        rows = txn.fetchall()
+        share = max(1, -(-limit // max(1, len(rows))))
+        return [(row["id"], self._now() - _seconds(row["seconds"]), share) for row in rows]
 
     def incinerate_due(self, limit=100):
         """
@@ -84,11 +91,11 @@ class RetentionStore(StoreBase):
 
     async def _incinerate_due(self, txn, limit):
         ids = []
-        for org_id, cutoff in await self._periods_txn(txn, "retention_raw_seconds"):
+        for org_id, cutoff, share in await self._periods_txn(txn, "retention_raw_seconds", limit):
             await txn.execute(
                 "SELECT m.id FROM inbound_message m WHERE m.org_id = ? AND m.status = 'parsed' AND m.received_at < ?"
                 f" AND NOT {held('m')} ORDER BY m.id LIMIT ?" + self.engine.skip_locked,
-                (org_id, cutoff, limit - len(ids)),
+                (org_id, cutoff, min(share, limit - len(ids))),
             )
             ids += [row["id"] for row in txn.fetchall()]
             if len(ids) >= limit:
@@ -115,6 +122,7 @@ class RetentionStore(StoreBase):
         )
         gone = sorted(txn.fetchall(), key=lambda row: row["id"])
         for row in gone:
+            document_keys = []
             if erase:
                 await txn.execute(
                     "UPDATE inbound_message SET source_message_id = ? WHERE id = ?",
@@ -124,12 +132,13 @@ class RetentionStore(StoreBase):
                 await txn.execute(
                     "UPDATE webhook_event SET message_error = NULL, last_error = NULL WHERE inbound_message_id = ?", (row["id"],)
                 )
-                row["raw_size"] += await self._delete_documents_txn(txn, row["id"], "erasure", actor, _ERASED_DOCUMENT)
-            await self._queue_raw_txn(txn, row["raw_key"])
+                size, document_keys = await self._delete_documents_txn(txn, row["id"], "erasure", actor, _ERASED_DOCUMENT)
+                row["raw_size"] += size
+            row["keys"] = document_keys + await self._queue_raw_txn(txn, row["raw_key"])
             await self._record_status_txn(txn, [row["id"]], "incinerated", reason)
             await self._audit_txn(txn, actor, "erase" if erase else "incinerate", row["org_id"], reason, row["raw_sha256"], message_id=row["id"])
             await self._write_event_txn(txn, row["id"], "incinerated", reason, event_status="erased" if erase else None)
-        return [{"id": row["id"], "org_id": row["org_id"], "bytes": row["raw_size"], "reason": reason} for row in gone]
+        return [{"id": row["id"], "org_id": row["org_id"], "bytes": row["raw_size"], "reason": reason, "keys": row["keys"]} for row in gone]
 
     def _woken(self, result):
         """After a marking committed: wake this daemon's webhook senders (other daemons hear the notification)."""
@@ -137,16 +146,17 @@ class RetentionStore(StoreBase):
         return result
 
     async def _queue_raw_txn(self, txn, key):
-        """Queue a raw copy once no live row refers to it (the messages of several organisations share one)."""
+        """Queue a raw copy once no live row refers to it (the messages of several organisations share one); the keys queued."""
         await txn.execute(
             "INSERT INTO blob_purge (key, created_at) SELECT ?, ? WHERE NOT EXISTS"
             " (SELECT 1 FROM inbound_message WHERE raw_key = ? AND status <> 'incinerated')"
-            " ON CONFLICT (key) DO NOTHING",
+            " ON CONFLICT (key) DO NOTHING RETURNING key",
             (key, self._now(), key),
         )
+        return [row["key"] for row in txn.fetchall()]
 
     async def _delete_documents_txn(self, txn, message_id, reason, actor, erase="", document_ids=None):
-        """Mark a message's documents (or C{document_ids}) deleted, audit and queue each; their bytes."""
+        """Mark a message's documents (or C{document_ids}) deleted, audit and queue each; their bytes and keys."""
         sets = "deleted_at = ?, deleted_reason = ?" + (", " + erase if erase else "")
         where, args = "inbound_message_id = ?", [message_id]
         if document_ids is not None:
@@ -156,9 +166,10 @@ class RetentionStore(StoreBase):
             " RETURNING id, org_id, inbound_message_id, storage_key, sha256, size",
             (self._now(), reason, *args),
         )
-        size = 0
+        size, keys = 0, []
         for document in sorted(txn.fetchall(), key=lambda row: row["id"]):
             size += document["size"]
+            keys.append(document["storage_key"])
             await txn.execute(
                 "INSERT INTO blob_purge (key, created_at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
                 (document["storage_key"], self._now()),
@@ -167,7 +178,7 @@ class RetentionStore(StoreBase):
                 txn, actor, "delete_document", document["org_id"], reason, document["sha256"],
                 message_id=document["inbound_message_id"], document_id=document["id"],
             )
-        return size
+        return size, keys
 
     def delete_due_documents(self, limit=100):
         """
@@ -179,13 +190,13 @@ class RetentionStore(StoreBase):
 
     async def _delete_due_documents(self, txn, limit):
         ids = []
-        for org_id, cutoff in await self._periods_txn(txn, "retention_documents_seconds"):
+        for org_id, cutoff, share in await self._periods_txn(txn, "retention_documents_seconds", limit):
             await txn.execute(
                 "SELECT d.id FROM document d WHERE d.org_id = ? AND d.deleted_at IS NULL AND d.created_at < ?"
                 " AND d.inbound_message_id IN (SELECT m.id FROM inbound_message m WHERE m.org_id = d.org_id"
                 f" AND m.status IN ('parsed', 'incinerated') AND NOT {held('m')})"
                 " ORDER BY d.id LIMIT ?" + self.engine.skip_locked,
-                (org_id, cutoff, limit - len(ids)),
+                (org_id, cutoff, min(share, limit - len(ids))),
             )
             ids += [row["id"] for row in txn.fetchall()]
             if len(ids) >= limit:
@@ -201,7 +212,7 @@ class RetentionStore(StoreBase):
         ids = [row["id"] for row in txn.fetchall()]
         if not ids:
             return 0, 0
-        size = await self._delete_documents_txn(txn, None, "retention", "retention", document_ids=ids)
+        size, _ = await self._delete_documents_txn(txn, None, "retention", "retention", document_ids=ids)
         return len(ids), size
 
     def erase_message(self, message_id, actor):
@@ -216,7 +227,7 @@ class RetentionStore(StoreBase):
                 raise NoSuchMessage(f"no message {message_id}")
             raise _refusal(message_id, row)
         await txn.execute(MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
-        return dict(message_row(txn.fetchone()), bytes=gone[0]["bytes"])
+        return dict(message_row(txn.fetchone()), bytes=gone[0]["bytes"], keys=gone[0]["keys"])
 
     def erase_sender(self, slug, sender, actor, limit=100):
         """
@@ -231,8 +242,9 @@ class RetentionStore(StoreBase):
         org = await self._require_org_txn(txn, slug)
         mine = "m.org_id = ? AND LOWER(m.mail_from) = ? AND COALESCE(m.incinerated_reason, '') <> 'erasure'"
         await txn.execute(
+            # No SKIP LOCKED: a row a retention batch holds is waited for (and then erased), never passed over.
             f"SELECT m.id FROM inbound_message m WHERE {mine} AND m.status <> 'received' AND NOT {held('m')}"
-            " ORDER BY m.id LIMIT ?" + self.engine.skip_locked,
+            " ORDER BY m.id LIMIT ?",
             (org["id"], sender, limit),
         )
         ids = [row["id"] for row in txn.fetchall()]
