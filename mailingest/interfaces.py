@@ -187,8 +187,8 @@ class IBlobReferences(Interface):
     def referenced_keys(keys):
         """
         Fire with the set of those blob C{keys} that a row refers to (the
-        C{raw_key} of a message or the C{storage_key} of a document): what the
-        blob sweeper must keep.
+        C{raw_key} of a message not incinerated or the C{storage_key} of a
+        document not deleted): what the blob sweeper must keep.
         """
 
 

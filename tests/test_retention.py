@@ -20,6 +20,7 @@ from mailingest.ops import metrics
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.retention import RetentionService, run_pass
 from mailingest.storage.store import open_store
+from mailingest.storage.sweeper import sweep
 from tests import postgres
 from tests.daemon import TwistdProcess, mailingest_cli, poll, sleep, temp_dir
 from tests.moto import shared_server
@@ -146,6 +147,26 @@ class LocalDiskSqlite(BlobStoreCases, unittest.TestCase):
         self.addCleanup(store.close)
         self.addCleanup(blobs.close)
         return store, blobs
+
+
+    async def test_gc_and_retention_never_delete_what_the_other_needs(self):
+        """The sweeper may finish retention's deletes, never take a live row's blob; retention keeps a raw copy a live row shares."""
+        store, blobs = self.open()
+        await store.migrate()
+        keys = await populate(store, blobs, {"acme": ["a@x.test"] * 2})
+        shared, alone = sorted(keys)
+        globex = await store.add_org("globex", "Globex")
+        await store.insert_messages([message(globex["id"], "<acme-0@x>", raw_key=keys[shared][0])])
+        await store.set_retention("acme", raw=DAY)
+        self.assertEqual(len(await store.incinerate_due(10)), 2)
+        self.assertEqual(await store.pending_purges(), [keys[alone][0]])  # the shared copy is globex's too
+        before = await stored_keys(blobs)
+        found = await sweep(store, blobs, 0, now=lambda: time.time() + 60)
+        self.assertEqual((found.orphans, before - await stored_keys(blobs)), (1, {keys[alone][0]}))
+        done = await run_pass(store, blobs)
+        self.assertEqual((done.blobs, await store.pending_purges()), (1, []))
+        self.assertEqual(await stored_keys(blobs), before - {keys[alone][0]})
+        self.assertIn(keys[shared][0], await stored_keys(blobs))
 
 
 class S3Postgresql(BlobStoreCases, unittest.TestCase):
