@@ -252,8 +252,11 @@ class IDomainStore(IStoreRole):
     def get_domain(domain: str):
         """Fire with the domain's row (with C{org_slug}), or None."""
 
-    def list_domains(org_slug=None):
-        """Fire with the domains (of one organisation), ordered by domain."""
+    def get_domain_by_id(domain_id: int):
+        """Fire with the domain's row by its id, or None."""
+
+    def list_domains(org_slug=None, org_id=None):
+        """Fire with the domains (of one organisation, by slug or id), ordered by domain."""
 
     def remove_domain(domain: str):
         """Remove a domain: its mail is refused from the next refresh on. L{mailingest.errors.NoSuchDomain}."""

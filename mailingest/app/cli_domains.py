@@ -9,17 +9,16 @@ options here, else the same environment and file as the daemon's).
 
 import argparse
 import os
-import secrets
 from collections.abc import Callable
 
 from twisted.internet import reactor
 
 from mailingest.app.settings import Settings
-from mailingest.delivery.domains import BadDomain, domain_key, shown_domain
+from mailingest.delivery.domains import BadDomain, domain_key, local_parts_of, new_token, shown_domain
 from mailingest.delivery.routing import normalise_domain
 from mailingest.errors import MailingestError, NoSuchDomain
 from mailingest.verification.domain_checker import DomainChecker
-from mailingest.verification.domain_proof import FORWARD_RECORD, mail_targets, token_record, txt_name
+from mailingest.verification.domain_proof import FORWARD_RECORD, dns_records, mail_targets, txt_name
 
 DOMAIN_TABLE = ("domain", "shown", "org_slug", "status", "local_parts", "checked_at", "last_error")
 _VERIFY_OPTIONS = ("hostname", "mx_host", "dns_resolver", "dns_budget", "domain_grace")
@@ -41,23 +40,16 @@ def _daemon(args: argparse.Namespace) -> Settings:
     return Settings.settle(given, os.environ, args.config)
 
 
-def dns_records(domain: str, token: str, hostname: str) -> list[str]:
-    """The records the owner of C{domain} publishes, in zone file form."""
-    return [
-        f'{txt_name(domain)}. 3600 IN TXT "{token_record(token)}"',
-        f"{domain}. 3600 IN MX 10 {hostname.rstrip('.')}.",
-    ]
-
-
 async def cmd_domain_add(session, args: argparse.Namespace) -> None:
     key = _key(args.domain)
     daemon = _daemon(args)
     if key in {normalise_domain(d) for d in (*daemon.domain, daemon.hostname)}:
         raise DomainCommandError(f"{key} is one of the daemon's own --domain/--hostname names: its mail is LOCAL+SLUG@{key}")
-    parts = sorted({part.strip().lower() for part in args.local_part or () if part.strip()})
-    if any("," in part or "@" in part or "+" in part for part in parts):
-        raise DomainCommandError("a --local-part is one mailbox name, without , @ or +")
-    row = await session.store.add_domain(args.slug, key, secrets.token_hex(16), parts)
+    try:
+        parts = local_parts_of(args.local_part)
+    except BadDomain as e:
+        raise DomainCommandError(f"--local-part: {e}") from None
+    row = await session.store.add_domain(args.slug, key, new_token(), parts)
     shown = shown_domain(key)
     print(f"added domain {key}{f' ({shown})' if shown != key else ''} to {row['org_slug']}: pending")
     print(f"token: {row['token']}")

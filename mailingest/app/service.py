@@ -399,6 +399,7 @@ def make_api_listener(
         read_admin_token(settings.api_admin_token_file),
         settings.api_public_url,
         checks=readiness_checks,
+        mail_host=settings.hostname,
     )
     return make_listener(reactor, settings.api, site, "API")
 

@@ -518,9 +518,10 @@ def make_site(
     admin_token: str | None = None,
     api_url: str | None = None,
     checks: Mapping[str, Check] | None = None,
+    mail_host: str | None = None,
 ) -> server.Site:
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
-    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock))
+    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock), mail_host)
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
     https = api_url is not None and api_url.startswith("https://")
     console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)

@@ -13,6 +13,7 @@ A domain literal (C{[192.0.2.1]}) is never a custom domain.
 """
 
 import re
+import secrets
 
 import idna
 
@@ -67,3 +68,16 @@ def shown_domain(key: str) -> str:
         return idna.decode(key)
     except (idna.IDNAError, UnicodeError):
         return key
+
+
+def local_parts_of(names) -> list[str]:
+    """The local parts a domain is restricted to (none: any), lower case, each one mailbox name; L{BadDomain} otherwise."""
+    parts = sorted({name.strip().lower() for name in names or () if name.strip()})
+    if any(len(part) > 64 or not part.isprintable() or any(c in part for c in ',@+" ') for part in parts):
+        raise BadDomain("a local part is one mailbox name of at most 64 characters, without , @ + quotes or spaces")
+    return parts
+
+
+def new_token() -> str:
+    """The token a domain's TXT record must hold: 128 random bits, as hex (any DNS host takes it)."""
+    return secrets.token_hex(16)

@@ -60,6 +60,14 @@ def token_record(token: str) -> str:
     return TOKEN_PREFIX + token
 
 
+def dns_records(domain: str, token: str, hostname: str) -> list[str]:
+    """The records the owner of C{domain} publishes, in zone file form."""
+    return [
+        f'{txt_name(domain)}. 3600 IN TXT "{token_record(token)}"',
+        f"{domain}. 3600 IN MX 10 {hostname.rstrip('.')}.",
+    ]
+
+
 def look_up(domain: str, token: str, targets: frozenset[str], resolver: tuple[str, int] | None, budget: float) -> Evidence:
     """Blocking (run it in a thread): the TXT and MX answers for C{domain} within C{budget} seconds."""
     lookups = BudgetResolver(resolver, budget)

@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from mailingest.errors import DomainTaken, NoSuchDomain
 from mailingest.interfaces import IDomainRoutes, IDomainStore
-from mailingest.storage.stores.base import StoreBase, select_with_org
+from mailingest.storage.stores.base import StoreBase, conditions, select_with_org
 
 DOMAIN_COLUMNS = (
     "id, org_id, domain, token, local_parts, status, created_at, checked_at, verified_at,"
@@ -61,11 +61,18 @@ class DomainStore(StoreBase):
         await txn.execute(DOMAIN_SELECT + " WHERE d.domain = ?", (domain,))
         return domain_row(txn.fetchone())
 
-    def list_domains(self, org_slug=None):
-        return self._run(self._list_domains, org_slug.lower() if org_slug else None)
+    def get_domain_by_id(self, domain_id):
+        return self._run(self._get_domain_by_id, domain_id)
 
-    async def _list_domains(self, txn, slug):
-        where, args = (" WHERE o.slug = ?", (slug,)) if slug else ("", ())
+    async def _get_domain_by_id(self, txn, domain_id):
+        await txn.execute(DOMAIN_SELECT + " WHERE d.id = ?", (domain_id,))
+        return domain_row(txn.fetchone())
+
+    def list_domains(self, org_slug=None, org_id=None):
+        return self._run(self._list_domains, org_slug.lower() if org_slug else None, org_id)
+
+    async def _list_domains(self, txn, slug, org_id):
+        where, args = conditions(**{"o.slug": slug, "d.org_id": org_id})
         await txn.execute(DOMAIN_SELECT + where + " ORDER BY d.domain", args)
         return [domain_row(row) for row in txn.fetchall()]
 
