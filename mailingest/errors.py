@@ -51,3 +51,11 @@ class NoSuchHold(MailingestError):
 
 class ContentGone(MailingestError):
     """The message's raw copy or documents were deleted by retention or erasure: only the tombstone is left."""
+
+
+class DomainTaken(MailingestError):
+    """The domain (in any of its forms) is already an organisation's."""
+
+
+class NoSuchDomain(MailingestError):
+    """No organisation has this domain."""

@@ -26,14 +26,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
-from mailingest.errors import BlobNotFound, ConfigError, MessageHeld, NotErasable
+from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, MessageHeld, NoSuchDomain, NoSuchOrg, NotErasable
 from mailingest.handoff import openapi
+from mailingest.delivery.domains import new_token as new_domain_token
+from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
 from mailingest.handoff.events import document_object, iso, message_object
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
-from mailingest.interfaces import IOrgStore, IReadStore
+from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
 from mailingest.storage.retention import erase_message, gone
 from mailingest.storage.store import MESSAGE_STATUSES
+from mailingest.verification.domain_proof import dns_records
 
 log = Logger(namespace="mailingest.api")
 
@@ -78,13 +81,6 @@ async def token_scope(store: IOrgStore, admin_hash: str | None, token: str) -> i
     if org is None:
         raise UnknownToken()
     return org["id"]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def _not_found(what: str) -> ApiError:
@@ -155,25 +151,27 @@ class _RequestSink:
 class _Path(Node):
     """
     A path of the API: GET and HEAD only (405 otherwise, on any path, before
-    routing), errors as JSON with their code; a path that is no endpoint, or
+    routing) but for the admin's custom domain paths, which list their
+    C{methods}; errors as JSON with their code; a path that is no endpoint, or
     anything below one, is C{no_route}.
     """
+
+    methods = (b"GET", b"HEAD")
 
     def missing(self) -> resource.IResource:
         return _Path(self.site)
 
-    # The one path that takes DELETE (an admin's erasure) says so.
-    delete = None
-
     async def answer(self, request: server.Request) -> None:
         try:
-            if request.method == b"DELETE" and self.delete is not None:
-                await self.delete(request)
-            elif request.method not in (b"GET", b"HEAD"):
-                request.setHeader(b"allow", b"GET, HEAD, DELETE" if self.delete is not None else b"GET, HEAD")
-                raise ApiError(405, "method_not_allowed", "GET and HEAD only (and DELETE of a message, for the admin token)")
-            else:
+            if request.method not in self.methods:
+                request.setHeader(b"allow", b", ".join(self.methods))
+                if self.methods == _Path.methods:
+                    raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
+                raise ApiError(405, "method_not_allowed", "allowed here: " + b", ".join(self.methods).decode())
+            if request.method in (b"GET", b"HEAD"):
                 await self.get(request)
+            else:
+                await self.change(request, await self.site.authorize(request))
         except ApiError as e:
             self.site.send_json(request, {"error": e.code, "message": str(e)}, e.status)
         except TooManyFailures as e:
@@ -182,6 +180,9 @@ class _Path(Node):
 
     async def get(self, request: server.Request) -> None:
         raise ApiError(404, "no_route", "no such endpoint; see /v1/openapi.json")
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        raise NotImplementedError
 
     def failed(self, failure: Failure, request: server.Request) -> None:
         log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
@@ -216,6 +217,7 @@ class _MessageRaw(_Endpoint):
 
 class _Message(_Endpoint):
     below = {b"raw": _MessageRaw}
+    methods = (b"GET", b"HEAD", b"DELETE")
 
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
@@ -225,9 +227,9 @@ class _Message(_Endpoint):
         documents = await self.site.store.list_documents(message_id=self.id)
         self.site.send_json(request, dict(self.site.message_json(row), documents=[self.site.document_json(d) for d in documents]))
 
-    async def delete(self, request: server.Request) -> None:
-        """Erase the message (admin token only): 200 with its tombstone, 409 when held or not erasable now."""
-        if await self.site.authorize(request) is not None:
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        """Erase the message (DELETE, admin token only): 200 with its tombstone, 409 when held or not erasable now."""
+        if scope is not None:
             raise ApiError(403, "forbidden", "only the admin token may erase messages")
         await self.site.row(self.site.store.get_message, self.id, None, "message")
         try:
@@ -277,6 +279,48 @@ class _Documents(_Path):
     item = _Document
 
 
+class _Domain(_Endpoint):
+    """One custom domain: an organisation's token sees its own; the admin's removes it (DELETE)."""
+
+    methods = (b"GET", b"HEAD", b"DELETE")
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_domain_by_id, self.id, scope, "domain")
+        self.site.send_json(request, domain_json(row))
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        admin_only(scope)
+        row = await self.site.row(self.site.store.get_domain_by_id, self.id, None, "domain")
+        try:
+            await self.site.store.remove_domain(row["domain"])
+        except NoSuchDomain:
+            raise _not_found("domain") from None
+        self.site.send_json(request, dict(domain_json(row), status="removed"))
+
+
+class _Domains(_Endpoint):
+    """The custom domains an organisation's token sees (its own) or the admin's (all); the admin's adds one (POST)."""
+
+    methods = (b"GET", b"HEAD", b"POST")
+    item = _Domain
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        rows = await self.site.store.list_domains(org_id=scope)
+        self.site.send_json(request, {"domains": [domain_json(row) for row in rows]})
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        admin_only(scope)
+        slug, key, parts = domain_request(request.content.read(MAX_REQUEST_BODY + 1))
+        try:
+            row = await self.site.store.add_domain(slug, key, new_domain_token(), parts)
+        except NoSuchOrg as e:
+            raise ApiError(422, "no_such_organization", str(e)) from None
+        except DomainTaken as e:
+            raise ApiError(409, "domain_taken", str(e)) from None
+        records = dns_records(key, row["token"], self.site.mail_host) if self.site.mail_host else []
+        self.site.send_json(request, dict(domain_json(row), token=row["token"], dns_records=records), 201)
+
+
 class _OpenApi(_Endpoint):
     public = True
 
@@ -312,7 +356,7 @@ def audit_json(row: dict) -> dict:
 
 
 class _V1(_Path):
-    below = {b"messages": _Messages, b"documents": _Documents, b"audit": _Audit, b"openapi.json": _OpenApi}
+    below = {b"messages": _Messages, b"documents": _Documents, b"domains": _Domains, b"audit": _Audit, b"openapi.json": _OpenApi}
 
 
 class ApiResource(_Path):
@@ -320,8 +364,12 @@ class ApiResource(_Path):
 
     below = {b"v1": _V1}
 
-    def __init__(self, store: "IReadStore | IOrgStore", blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
+    def __init__(
+        self, store: "IReadStore | IOrgStore | IDomainStore", blobs, admin_token: str | None = None, api_url: str | None = None,
+        throttle: AuthThrottle | None = None, mail_host: str | None = None,
+    ):
         super().__init__(self)
+        self.mail_host = mail_host
         if throttle is None:
             from twisted.internet import reactor
 

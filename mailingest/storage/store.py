@@ -16,6 +16,7 @@ from zope.interface import implementer
 from mailingest.interfaces import IStore, IWebhookEvents
 
 from mailingest.storage.engines import IEngine, create_engine
+from mailingest.storage.stores.domains import DomainStore
 from mailingest.storage.stores.intake import IntakeStore
 from mailingest.storage.stores.orgs import OrgStore
 from mailingest.storage.stores.outbox import OutboxStore
@@ -35,6 +36,7 @@ MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined", "incinerated"
 @implementer(IStore)
 class Store(
     SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, RetentionStore, HoldStore,
+    DomainStore,
 ):
     """
     Every role on one engine: what C{--database} opens. C{events} says which
