@@ -11,6 +11,7 @@ per batch.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailingest.handoff.events import iso
@@ -19,9 +20,17 @@ from mailingest.ops import metrics
 from mailingest.storage.periodic import PeriodicService
 
 BATCH = 100
+# Blob deletes of one batch in flight at once.
+DELETES_AT_ONCE = 8
 DEFAULT_INTERVAL = 3600.0
 
 log = Logger(namespace="mailingest.retention")
+
+
+def delete_all(blobs, keys: list[str]) -> defer.Deferred:
+    """Delete C{keys}, L{DELETES_AT_ONCE} at a time (an object store answers each delete in a round trip)."""
+    limit = defer.DeferredSemaphore(DELETES_AT_ONCE)
+    return defer.gatherResults([limit.run(blobs.delete, key) for key in keys], consumeErrors=True)
 
 
 async def purge(store: IRetentionStore, blobs, limit: int = BATCH, keep_going: Callable[[], bool] = lambda: True) -> int:
@@ -35,8 +44,7 @@ async def purge(store: IRetentionStore, blobs, limit: int = BATCH, keep_going: C
         keys = await store.pending_purges(limit)
         if not keys:
             break
-        for key in keys:
-            await blobs.delete(key)
+        await delete_all(blobs, keys)
         await store.purged(keys)
         done += len(keys)
         if len(keys) < limit:
@@ -53,8 +61,7 @@ async def delete_now(store: IRetentionStore, blobs, gone: list[dict]) -> None:
     count_incinerated(gone)
     keys = [key for row in gone for key in row["keys"]]
     try:
-        for key in keys:
-            await blobs.delete(key)
+        await delete_all(blobs, keys)
         await store.purged(keys)
     except Exception as e:
         log.warn("erasure: {count} blobs left for the next retention pass: {error}", count=len(keys), error=str(e))
