@@ -174,7 +174,8 @@ class ClamdClient:
             if deadline.active():
                 deadline.cancel()
             if connection.transport is not None:
-                connection.transport.loseConnection()
+                # Answered (or given up on): what is still unsent is not wanted.
+                connection.transport.abortConnection()
 
     def _overtime(self, connecting: defer.Deferred, instream: _Instream, timeout: float) -> None:
         if not connecting.called:

@@ -111,7 +111,7 @@ class RspamdClient:
             with open(raw_path, "rb") as raw:
                 response = await self._http.post(
                     self.url + "/checkv2", data=raw, headers=request_headers(message, sender_verdicts, self.hostname),
-                    reactor=self._reactor,
+                    reactor=self._reactor, persistent=False,
                 )
                 if response.code != 200:
                     text = (await response.content())[:200].decode("utf-8", "replace")
