@@ -24,8 +24,10 @@ class ContentPolicy:
 
     @classmethod
     def from_row(cls, row: dict) -> "ContentPolicy":
+        """From an organisation row, or a claimed message's (where the organisation's C{unscanned} is C{unscanned_policy})."""
         threshold = row.get("spam_threshold")
-        return cls(row.get("on_virus") or "quarantine", None if threshold is None else float(threshold), row.get("unscanned") or "hold")
+        unscanned = row["unscanned_policy"] if "unscanned_policy" in row else row.get("unscanned")
+        return cls(row.get("on_virus") or "quarantine", None if threshold is None else float(threshold), unscanned or "hold")
 
     def describe(self) -> str:
         threshold = "none" if self.spam_threshold is None else f"{self.spam_threshold:g}"
@@ -103,7 +105,7 @@ def decide(policy: ContentPolicy, verdicts: ContentVerdicts, filenames: list[str
         return Decision()
     errors = verdicts.errors()
     if errors:
-        why = "; ".join(e.detail or "scanner error" for e in errors[:3])
+        why = "; ".join(dict.fromkeys(e.detail or "scanner error" for e in errors[:3]))
         if policy.unscanned == "pass":
             verdicts.unscanned = why[:1000]
         elif any(getattr(e, "transient", True) for e in errors):

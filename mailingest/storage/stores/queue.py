@@ -17,7 +17,7 @@ from mailingest.storage.stores.quarantine import CONTENT_COLUMNS, VERDICT_COLUMN
 # A claimed message comes with its organisation's sender and content policy.
 _CLAIM_SELECT = MESSAGE_SELECT.replace(
     " FROM inbound_message",
-    ", o.sender_allow_domains, o.sender_require, o.on_virus, o.spam_threshold, o.unscanned FROM inbound_message",
+    ", o.sender_allow_domains, o.sender_require, o.on_virus, o.spam_threshold, o.unscanned AS unscanned_policy FROM inbound_message",
     1,
 )
 # What extraction records per document, beside the message, ordinal and time.
