@@ -13,6 +13,7 @@ import time
 from email.message import EmailMessage
 
 from twisted.internet import defer, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from mailingest.handoff.events import new_secret
@@ -94,12 +95,18 @@ class ContentVerdictTests(ContentCase):
     @defer.inlineCallbacks
     def test_eicar_in_a_zip_is_quarantined_withheld_and_released_only_with_allow_infected(self):
         infected_before = counted(metrics.VIRUS_VERDICTS, "infected")
+        logged = []
+        observer = lambda event: logged.append(event) if event.get("event") == "infected" else None  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         row = yield self.deliver_order(order(1, [PDF_PART, EICAR_ZIP]))
         self.assertEqual(row["status"], "quarantined")
         self.assertEqual(row["virus"], "infected")
         self.assertTrue(row["virus_detail"].startswith("Mailingest.Test.EICAR"), row["virus_detail"])
         self.assertIn("in order-details.zip", row["quarantine_reason"])
         self.assertEqual(counted(metrics.VIRUS_VERDICTS, "infected"), infected_before + 1)
+        self.assertEqual([(e["message_id"], e["outcome"]) for e in logged], [(row["id"], "quarantined")])
+        self.assertTrue(logged[0]["signature"].startswith("Mailingest.Test.EICAR"))
         documents = yield self.daemon.store.list_documents(message_id=row["id"])
         verdicts = {d["filename"]: d["virus"] for d in documents}
         self.assertEqual(verdicts, {"order.pdf": "clean", "order-details.zip": "infected"})

@@ -9,12 +9,17 @@ Every failure (refused, slow, not JSON, an answer without a score) is an
 C{error} verdict with the reason, within the time given.
 """
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 
 import treq
+from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.web.iweb import IAgent
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
 
 # rspamd's answer is a page of JSON; a longer one is not rspamd's.
 REPLY_LIMIT = 1024 * 1024
@@ -85,7 +90,10 @@ class RspamdClient:
         self._reactor = reactor
         self.url = url.rstrip("/")
         self.hostname = hostname
-        self._http = treq.HTTPClient(agent) if agent is not None else treq
+        if agent is None:
+            # rspamd closes each connection after its answer: none is kept.
+            agent = Agent.usingEndpointFactory(reactor, _LiteralEndpoints(reactor), HTTPConnectionPool(reactor, persistent=False))
+        self._http = HTTPClient(agent)
 
     async def check(self, raw_path: str, message: dict, sender_verdicts: dict | None, timeout: float) -> SpamVerdict:
         """rspamd's verdict on the raw message at C{raw_path}, within C{timeout} seconds."""
@@ -111,7 +119,6 @@ class RspamdClient:
             with open(raw_path, "rb") as raw:
                 response = await self._http.post(
                     self.url + "/checkv2", data=raw, headers=request_headers(message, sender_verdicts, self.hostname),
-                    reactor=self._reactor, persistent=False,
                 )
                 if response.code != 200:
                     text = (await response.content())[:200].decode("utf-8", "replace")
@@ -126,6 +133,30 @@ class RspamdClient:
         except Exception as e:
             return SpamVerdict("error", detail=f"cannot ask rspamd at {self.url}: {type(e).__name__}: {str(e)[:200]}")
         return parse_reply(body)
+
+
+@implementer(IAgentEndpointFactory)
+class _LiteralEndpoints:
+    """
+    An address as the host (rspamd beside the daemon) is connected to as it
+    is: Agent's own endpoints resolve even an address in a thread, a thread
+    hop per message.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._names = Agent(reactor)._endpointFactory
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode("ascii").strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return self._names.endpointForURI(uri)
+        if uri.scheme != b"http":
+            return self._names.endpointForURI(uri)
+        endpoint = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+        return endpoint(self._reactor, host, uri.port)
 
 
 class _TooLong(Exception):
