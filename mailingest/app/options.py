@@ -189,6 +189,9 @@ DAEMON_OPTIONS = (
     Option("clamd-max-stream", 26214400, "clamd's StreamMaxLength in bytes: a document larger is not sent and gets an 'error' verdict", positive_int, metavar="BYTES"),
     Option("rspamd", None, "rspamd's normal worker to ask for spam verdicts, e.g. http://127.0.0.1:11333 [default: no spam verdicts]", scanner_url, metavar="URL"),
     Option("scan-budget", 30.0, "seconds clamd, and rspamd, may take for one message; past it the part not scanned gets an 'error' verdict", positive_float, metavar="SECONDS"),
+    Option("mx-host", [], "another host name a custom domain's MX may name besides --hostname (repeatable)", repeatable=True, metavar="NAME"),
+    Option("domain-grace", 259200.0, "seconds a verified custom domain's TXT record may be missing before it is suspended", positive_float, metavar="SECONDS"),
+    Option("domain-check-interval", 60.0, "seconds between the daemon's rounds of custom domain checks (pending ones are re-checked every 5 minutes, verified ones daily)", positive_float, metavar="SECONDS"),
     Option("processes", 1, "SMTP intake processes sharing the listening sockets, or 'auto' (one per CPU)", process_count, metavar="N"),
 )
 

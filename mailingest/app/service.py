@@ -20,7 +20,9 @@ from zope.interface import implementer
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.transaction import IngestDeliveries
-from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
+from mailingest.interfaces import (
+    IDomainStore, IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore,
+)
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
@@ -40,6 +42,8 @@ from mailingest.extraction.pool import ParsePool
 from mailingest.scanning.clamd import ClamdClient
 from mailingest.scanning.rspamd import RspamdClient
 from mailingest.scanning.scanner import ContentScanner
+from mailingest.verification.domain_checker import DomainChecker
+from mailingest.verification.domain_proof import mail_targets
 from mailingest.verification.settings import CheckSettings
 from mailingest.smtp.protocol import IngestSMTPFactory
 from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
@@ -217,9 +221,11 @@ class AfterMigration(service.MultiService):
         stop_reactor(self.reactor)
 
     def stopService(self):
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
-            return service.Service.stopService(self)
+        """Before the migration ends, the start is called off; once the children started (even in this turn), they stop."""
+        if not self.ready.called:
+            if self._starting is not None:
+                self._starting.cancel()
+            return defer.maybeDeferred(service.Service.stopService, self)
         return super().stopService()
 
 
@@ -408,8 +414,17 @@ def make_api_listener(
         read_admin_token(settings.api_admin_token_file),
         settings.api_public_url,
         checks=readiness_checks,
+        mail_host=settings.hostname,
     )
     return make_listener(reactor, settings.api, site, "API")
+
+
+def make_domain_checker(settings: Settings, store: IDomainStore, reactor) -> DomainChecker:
+    """The re-checks of custom domains, through the sender checks' resolver and DNS budget."""
+    return DomainChecker(
+        store, mail_targets(settings.hostname, settings.mx_host), settings.dns_resolver, settings.dns_budget, reactor,
+        grace=settings.domain_grace, interval=settings.domain_check_interval,
+    )
 
 
 def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon:
@@ -440,6 +455,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     if settings.api != "none":
         api_listener = make_api_listener(settings, store, blobs, readiness_checks, reactor, serving)
         api_listener.setServiceParent(serving)
+    make_domain_checker(settings, store, reactor).setServiceParent(serving)
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
         GcService(store, blobs, settings.gc_interval, min_age, reactor).setServiceParent(serving)

@@ -89,6 +89,9 @@ class Settings(StorageSettings):
     clamd_max_stream: int
     rspamd: str | None
     scan_budget: float
+    mx_host: tuple[str, ...]
+    domain_grace: float
+    domain_check_interval: float
     processes: int
 
     def __post_init__(self) -> None:

@@ -15,7 +15,8 @@ from zope.interface import implementer
 
 from mailingest.interfaces import IStore, IWebhookEvents
 
-from mailingest.storage.engines import Engine, create_engine
+from mailingest.storage.engines import IEngine, create_engine
+from mailingest.storage.stores.domains import DomainStore
 from mailingest.storage.stores.intake import IntakeStore
 from mailingest.storage.stores.orgs import OrgStore
 from mailingest.storage.stores.outbox import OutboxStore
@@ -31,14 +32,16 @@ MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined")
 
 
 @implementer(IStore)
-class Store(SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore):
+class Store(
+    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, DomainStore,
+):
     """
     Every role on one engine: what C{--database} opens. C{events} says which
     status changes write an event to the outbox (the webhook side's
     L{mailingest.handoff.events.MESSAGE_EVENTS}).
     """
 
-    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, events: IWebhookEvents, clock: IReactorTime | None = None):
         super().__init__(engine, events, clock)
 
 

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from mailingest.storage.engines import Engine, IDatabaseTransaction
+from mailingest.storage.engines import IDatabaseTransaction, IEngine
 
 MESSAGE_COLUMNS = (
     "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
@@ -21,7 +21,7 @@ MESSAGE_COLUMNS = (
     " content_sha256, message_id_collision"
     ", client_ip, helo, tls, spf, spf_domain, dkim, dkim_domain, dmarc, dmarc_domain,"
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
-    ", warnings"
+    ", warnings, rcpt_domain"
     ", virus, virus_detail, spam_action, spam_score, spam_required, spam_symbols, spam_detail, unscanned,"
     " infected_allowed_at"
 )
@@ -110,7 +110,7 @@ class StoreBase:
     with its C{seconds()} as UTC datetimes.
     """
 
-    def __init__(self, engine: Engine, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, clock: IReactorTime | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
@@ -132,5 +132,5 @@ class StoreBase:
         return self.engine.background(_storable_interaction, fn, *args, **kwargs)
 
     def _claiming(self, fn: Callable[..., Coroutine], *args: Any) -> defer.Deferred:
-        """An interaction that claims work or lets go of claims (see L{Engine.claiming})."""
+        """An interaction that claims work or lets go of claims (see L{IEngine.claiming})."""
         return self.engine.claiming(_storable_interaction, fn, *args)

@@ -12,12 +12,12 @@ from zope.interface import implementer
 
 from mailingest.errors import NoSuchEvent
 from mailingest.interfaces import IOutboxStore, IWebhookEvents
-from mailingest.storage.engines import Engine
+from mailingest.storage.engines import IEngine
 from mailingest.storage.stores.base import EVENT_SELECT, EVENTS_CHANNEL, StoreBase, conditions
 
 @implementer(IOutboxStore)
 class OutboxStore(StoreBase):
-    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, events: IWebhookEvents, clock: IReactorTime | None = None):
         super().__init__(engine, clock)
         # Which status changes raise an event, and its id: the webhook's business (L{mailingest.handoff.events}).
         self.events = events
@@ -128,7 +128,7 @@ class OutboxStore(StoreBase):
         await txn.execute(
             "SELECT e.id, e.event_id, e.event_type, e.message_status, e.message_error, e.attempts,"
             " e.retry_from, e.org_id, o.slug AS org_slug, w.url, w.secret,"
-            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.subject, m.received_at,"
+            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.rcpt_domain, m.subject, m.received_at,"
             " m.virus, m.virus_detail, m.spam_action, m.spam_score, m.spam_required, m.spam_symbols, m.spam_detail,"
             " m.unscanned"
             " FROM webhook_event e JOIN organization o ON o.id = e.org_id"
