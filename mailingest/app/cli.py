@@ -43,6 +43,7 @@ from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.store import EVENT_STATUSES, open_store
 from mailingest.storage.urls import sqlite_path
+from mailingest.scanning.verdicts import ON_VIRUS, UNSCANNED, ContentPolicy
 from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
 
 PROG = "mailingest"
@@ -59,11 +60,15 @@ SENDER_FIELDS = (
     "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
 )
+CONTENT_FIELDS = (
+    "virus", "virus_detail", "spam_action", "spam_score", "spam_required", "spam_symbols", "spam_detail",
+    "unscanned", "infected_allowed_at",
+)
 QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
 SHOWN_HEADERS = ("From", "To", "Date", "Subject", "Message-ID")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
-MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
+MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256", "virus", "virus_detail")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
 # The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
@@ -333,9 +338,9 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     for name, value in headers.items():
         print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
     print()
-    for fields in (MESSAGE_FIELDS, SENDER_FIELDS):
-        if fields is SENDER_FIELDS:
-            print("\nsender:")
+    for fields in (MESSAGE_FIELDS, SENDER_FIELDS, CONTENT_FIELDS):
+        if fields is not MESSAGE_FIELDS:
+            print("\nsender:" if fields is SENDER_FIELDS else "\ncontent:")
         width = max(len(name) for name in fields) + 1
         for name in fields:
             print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
@@ -346,6 +351,7 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
 
 async def cmd_messages_raw(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.message(args.id)
+    _refuse_infected(row, f"message {args.id}")
     out = sys.stdout.buffer
     await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
     out.flush()
@@ -376,6 +382,8 @@ async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) 
     if row is None:
         raise CommandError(f"no document {args.id}")
     what = f"document {args.id}"
+    if row.get("virus") == "infected":
+        _refuse_infected(await session.message(row["inbound_message_id"]), what)
     if args.output == "-":
         await _copy_blob(session, row["storage_key"], sys.stdout.buffer, what, row["sha256"], row["size"])
         sys.stdout.buffer.flush()
@@ -424,13 +432,37 @@ async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> 
             if not _DOMAIN.match(domain):
                 raise CommandError(f"invalid domain {domain!r} for --allow-domain")
     row = await session.store.set_sender_policy(args.slug, domains, args.require)
+    row = await session.store.set_content_policy(
+        args.slug, args.on_virus, args.spam_threshold, args.unscanned, args.spam_threshold_none
+    )
     policy = SenderPolicy.from_columns(row["sender_allow_domains"], row["sender_require"])
     print(f"sender policy of {row['slug']}: {policy.describe()}")
+    print(f"content policy of {row['slug']}: {ContentPolicy.from_row(row).describe()}")
 
 
 async def cmd_release(session: CommandBackends, args: argparse.Namespace) -> None:
+    """An infected message is released only with C{--allow-infected}, which is logged and lets its documents out."""
+    row = await session.message(args.id)
+    if row.get("virus") == "infected":
+        if not args.allow_infected:
+            raise CommandError(
+                f"message {args.id} is infected ({row['virus_detail']}): release it with --allow-infected"
+                " if its documents may be downloaded anyway"
+            )
+        # Logged where the message's story is told: its status history (the console shows it).
+        await session.store.allow_infected(args.id)
+        print(f"message {args.id}: its infected documents may be downloaded ({row['virus_detail']}); recorded in its history")
+        if row["status"] != "quarantined":
+            return
     await session.store.release(args.id)
     print(f"released message {args.id}: queued for extraction")
+
+
+def _refuse_infected(message: dict, what: str) -> None:
+    if message.get("virus") == "infected" and message.get("infected_allowed_at") is None:
+        raise CommandError(
+            f"{what} is infected ({message['virus_detail']}); `mailingest release {message['id']} --allow-infected` first"
+        )
 
 
 async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> None:
@@ -651,6 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--require", choices=REQUIREMENTS,
         help="the check that must pass: dmarc, dkim or spf (aligned with From:), or none",
     )
+    policy.add_argument(
+        "--on-virus", choices=ON_VIRUS,
+        help="a message clamd finds infected: quarantine it (default), reject-documents (drop the infected ones) or tag it",
+    )
+    policy.add_argument(
+        "--spam-threshold", type=float, metavar="SCORE", help="quarantine a message rspamd scores above SCORE"
+    )
+    policy.add_argument("--no-spam-threshold", dest="spam_threshold_none", action="store_true", help="no spam quarantine (default)")
+    policy.add_argument(
+        "--unscanned", choices=UNSCANNED,
+        help="a scanner that cannot answer: hold the message (default; retried, up to --max-attempts) or pass it, marked unscanned",
+    )
     webhook = _command(org, "webhook", "set (or --remove) the URL an organisation's events are POSTed to", cmd_org_webhook)
     webhook.add_argument("slug", metavar="SLUG")
     webhook.add_argument("--url", metavar="URL", help="https:// URL of the application's receiver")
@@ -699,8 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     reprocess.add_argument("--failed", action="store_true", help="every failed message")
     reprocess.add_argument("--org", metavar="SLUG", help="with --failed: only this organisation's")
 
-    release = _command(commands, "release", "extract a quarantined message, past its organisation's sender policy", cmd_release)
+    release = _command(commands, "release", "extract a quarantined message, past its organisation's sender and content policy", cmd_release)
     release.add_argument("id", type=int, metavar="ID")
+    release.add_argument(
+        "--allow-infected", action="store_true",
+        help="an infected message: let its documents be downloaded through the API and the console (logged)",
+    )
 
     send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
@@ -744,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
         parser.error("org policy: --allow-domain or --any-domain, not both")
+    if args.command == "org" and getattr(args, "spam_threshold_none", False) and args.spam_threshold is not None:
+        parser.error("org policy: --spam-threshold or --no-spam-threshold, not both")
     if args.command == "org" and args.org_command == "webhook" and args.remove == bool(args.url):
         parser.error("org webhook: give --url or --remove")
     if args.command == "org" and args.org_command == "token" and args.create == args.revoke:

@@ -55,6 +55,22 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def clamd_endpoint(text: str) -> str:
+    """C{--clamd}: C{unix:/path} or C{tcp:host:port} (see L{mailingest.scanning.clamd.endpoint_description})."""
+    from mailingest.scanning.clamd import endpoint_description
+
+    endpoint_description(text)
+    return text
+
+
+def scanner_url(text: str) -> str:
+    """C{--rspamd}: an http:// or https:// base URL."""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:11333")
+    return text.rstrip("/")
+
+
 _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
 
 
@@ -169,6 +185,10 @@ DAEMON_OPTIONS = (
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
     Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
+    Option("clamd", None, "ClamAV's clamd to scan every document and raw message with: unix:/run/clamav/clamd.ctl or tcp:HOST:PORT [default: no malware scanning]", clamd_endpoint, metavar="ENDPOINT"),
+    Option("clamd-max-stream", 26214400, "clamd's StreamMaxLength in bytes: a document larger is not sent and gets an 'error' verdict", positive_int, metavar="BYTES"),
+    Option("rspamd", None, "rspamd's normal worker to ask for spam verdicts, e.g. http://127.0.0.1:11333 [default: no spam verdicts]", scanner_url, metavar="URL"),
+    Option("scan-budget", 30.0, "seconds clamd, and rspamd, may take for one message; past it the part not scanned gets an 'error' verdict", positive_float, metavar="SECONDS"),
     Option("mx-host", [], "another host name a custom domain's MX may name besides --hostname (repeatable)", repeatable=True, metavar="NAME"),
     Option("domain-grace", 259200.0, "seconds a verified custom domain's TXT record may be missing before it is suspended", positive_float, metavar="SECONDS"),
     Option("domain-check-interval", 60.0, "seconds between the daemon's rounds of custom domain checks (pending ones are re-checked every 5 minutes, verified ones daily)", positive_float, metavar="SECONDS"),

@@ -39,6 +39,9 @@ from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.pool import ParsePool
+from mailingest.scanning.clamd import ClamdClient
+from mailingest.scanning.rspamd import RspamdClient
+from mailingest.scanning.scanner import ContentScanner
 from mailingest.verification.domain_checker import DomainChecker
 from mailingest.verification.domain_proof import mail_targets
 from mailingest.verification.settings import CheckSettings
@@ -369,7 +372,17 @@ def make_extraction(settings: Settings, store: "IExtractionQueue | IQuarantineSt
         stop_timeout=EXTRACTION_STOP_SECONDS,
         checks=CheckSettings(settings.hostname, settings.dns_resolver, settings.dns_budget),
         checker=CheckPool(timeout=settings.extraction_timeout, reactor=reactor, memory_limit=settings.extraction_memory_limit),
+        scanner=make_scanner(settings, reactor),
     )
+
+
+def make_scanner(settings: Settings, reactor) -> ContentScanner | None:
+    """The content scanners configured (C{--clamd}, C{--rspamd}), or None: no content verdicts."""
+    if settings.clamd is None and settings.rspamd is None:
+        return None
+    clamd = settings.clamd and ClamdClient(settings.clamd, settings.clamd_max_stream, reactor)
+    rspamd = settings.rspamd and RspamdClient(settings.rspamd, settings.hostname, reactor=reactor)
+    return ContentScanner(clamd or None, rspamd or None, settings.scan_budget, reactor)
 
 
 def make_webhooks(settings: Settings, store: IOutboxStore, reactor) -> WebhookService:

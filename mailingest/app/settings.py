@@ -85,6 +85,10 @@ class Settings(StorageSettings):
     webhook_allow_private: bool
     webhook_retry_horizon: float
     inline_images: str
+    clamd: str | None
+    clamd_max_stream: int
+    rspamd: str | None
+    scan_budget: float
     mx_host: tuple[str, ...]
     domain_grace: float
     domain_check_interval: float

@@ -29,7 +29,7 @@ from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, NoSuchDoma
 from mailingest.handoff import openapi
 from mailingest.delivery.domains import new_token as new_domain_token
 from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
-from mailingest.handoff.events import document_object, iso, message_object
+from mailingest.handoff.events import document_object, iso, message_object, withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
@@ -79,6 +79,12 @@ async def token_scope(store: IOrgStore, admin_hash: str | None, token: str) -> i
     if org is None:
         raise UnknownToken()
     return org["id"]
+
+
+def refuse_infected(content: dict, message: dict) -> None:
+    """Infected content is not handed over until an admin releases it with --allow-infected."""
+    if withheld(content, message):
+        raise ApiError(403, "infected", f"infected ({content.get('virus_detail')}): not released by an admin")
 
 
 def _not_found(what: str) -> ApiError:
@@ -203,6 +209,7 @@ class _Endpoint(_Path):
 class _MessageRaw(_Endpoint):
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
+        refuse_infected(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{self.id}.eml")
 
 
@@ -236,6 +243,8 @@ class _Messages(_Endpoint):
 class _DocumentContent(_Endpoint):
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_document, self.id, scope, "document")
+        if row.get("virus") == "infected":
+            refuse_infected(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
 
 

@@ -10,7 +10,7 @@ from mailingest.storage.stores.base import (
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
     " storage_key, created_at"
-    ", original_filename, content_type_raw, disposition, content_id"
+    ", original_filename, content_type_raw, disposition, content_id, virus, virus_detail"
 )
 _DOCUMENT_SELECT = select_with_org("document", "d", DOCUMENT_COLUMNS)
 
