@@ -144,6 +144,12 @@ class ISchemaStore(IStoreRole, IClosable):
         Create or upgrade the schema; fires with the list of applied versions.
         """
 
+    def build_indexes(progress=None, keep_going=None):
+        """
+        Build what migrations leave to be built online (the search index),
+        without holding the write lock for long; fires when done or stopped.
+        """
+
     def check():
         """
         Fire with None when the database answers, fail otherwise (readiness).

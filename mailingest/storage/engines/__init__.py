@@ -70,6 +70,8 @@ class Engine(ABC):
     skip_locked: str
     integrity_errors: tuple[type[BaseException], ...]
     schema_terms: Mapping[str, str]
+    # How messages are searched by text: "fts5" (SQLite) or "pg_trgm" (PostgreSQL).
+    text_search: str
     exclusive: bool
     session_locks: bool = False
 
