@@ -76,17 +76,22 @@ class SchemaStore(StoreBase):
 
     async def _build_indexes(self, progress, keep_going) -> None:
         if self.engine.text_search == "pg_trgm":
+            if await self._run(search.pg_index_built):
+                return
             for statement in search.PG_STEPS:
                 try:
                     await self.engine.autocommit(statement)
                 except Exception as e:
-                    progress(f"search index: not built ({e}); searching reads each organisation's messages".replace("\n", " "))
+                    reason = str(e).replace("\n", " ").strip()
+                    progress(f"search index: not built ({reason}); search reads each organisation's messages")
                     return
             progress(search.describe_progress(None))
             return
-        below = -1
-        while below is not None and keep_going():
+        below = await self._run(search.backfill_step)
+        while below and keep_going():
+            progress(search.describe_progress(below))
             below = await self._run(search.backfill_step)
+        if below == 0:
             progress(search.describe_progress(below))
 
     def check(self):

@@ -78,7 +78,8 @@ async def fts_ready(txn: IDatabaseTransaction) -> bool:
 async def backfill_step(txn: IDatabaseTransaction) -> int | None:
     """
     Put the next batch of older rows into SQLite's search table, highest ids
-    first; fires with the id below which rows are still to index (None once done).
+    first; fires with the id below which rows are still to index (0 once
+    the last batch is in, None when there was nothing left to do).
     """
     await txn.execute("SELECT next_below FROM message_search_backfill")
     below = txn.fetchone()["next_below"]
@@ -96,7 +97,16 @@ async def backfill_step(txn: IDatabaseTransaction) -> int | None:
         (low, below),
     )
     await txn.execute("UPDATE message_search_backfill SET next_below = ?", (low,))
-    return low if low > 0 else None
+    return low
+
+
+async def pg_index_built(txn: IDatabaseTransaction) -> bool:
+    """Whether PostgreSQL's search index is there and usable (a CREATE INDEX CONCURRENTLY may have been cut short)."""
+    await txn.execute(
+        "SELECT x.indisvalid AS valid FROM pg_index x WHERE x.indexrelid = to_regclass(?)", (PG_SEARCH_INDEX,)
+    )
+    row = txn.fetchone()
+    return bool(row and row["valid"])
 
 
 PG_STEPS = (
@@ -110,7 +120,7 @@ PG_STEPS = (
 
 
 def describe_progress(below: int | None) -> str:
-    return "search index: complete" if below is None else f"search index: messages below id {below} still to index"
+    return "search index: complete" if not below else f"search index: messages below id {below} still to index"
 
 
 ProgressCallback = Callable[[str], object]
