@@ -1,7 +1,9 @@
 #!/bin/bash
 # A/B of SMTP intake between two checkouts, in one sitting: rounds alternate
 # A and B, each on a fresh SQLite daemon, 3,000 messages of 1 KiB from
-# smtp-source (20 sessions at once). Each checkout needs its own venv
+# smtp-source (20 sessions at once). Besides the rate it prints the CPU time
+# the daemon's whole process tree spent per message during the load, which a
+# busy machine disturbs far less than the rate. Each checkout needs its own venv
 # (python3 -m venv venv && venv/bin/pip install -e . --config-settings editable_mode=compat:
 # without compat mode twistd does not find the plugin).
 #
@@ -9,6 +11,10 @@
 set -u
 a=$(cd "$1" && pwd) b=$(cd "$2" && pwd) rounds=${3:-4} procs=${4:-2}
 source=${SMTP_SOURCE:-/usr/sbin/smtp-source}
+here=$(cd "$(dirname "$0")/.." && pwd)
+tree_cpu() {  # pid: CPU seconds of the process and its descendants (bench/targets.py)
+  (cd "$here" && python3 -c "from bench.targets import cpu_seconds; print(cpu_seconds($1))")
+}
 round() {  # label checkout port
   local label=$1 src=$2 port=$3 dir pid t0 t1 stored
   dir=$(mktemp -d)
@@ -29,11 +35,14 @@ round() {  # label checkout port
     tail -5 "$dir/log" >&2
     exit 1
   fi
+  local cpu0 cpu1
+  cpu0=$(tree_cpu "$pid")
   t0=$(date +%s.%N)
   "$source" -4 -d -s 20 -m 3000 -l 1024 -f a@b.example -t orders+acme@example.com "127.0.0.1:$port" >/dev/null
   t1=$(date +%s.%N)
+  cpu1=$(tree_cpu "$pid")
   stored=$(python3 -c "import sqlite3; print(sqlite3.connect('$dir/m.db').execute('select count(*) from inbound_message').fetchone()[0] - 1)")
-  python3 -c "print(f'$label {3000 / ($t1 - $t0):6.0f} msg/s  stored {$stored} of 3000')"
+  python3 -c "print(f'$label {3000 / ($t1 - $t0):6.0f} msg/s  {($cpu1 - $cpu0) * 1000 / 3000:5.2f} CPU ms/msg  stored {$stored} of 3000')"
   kill "$pid"; wait "$pid" 2>/dev/null
   cd - >/dev/null
   rm -rf "$dir"

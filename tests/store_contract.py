@@ -18,7 +18,7 @@ from mailingest.interfaces import (
 )
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.handoff.events import MESSAGE_EVENTS
-from mailingest.storage.engines import IDatabaseTransaction
+from mailingest.storage.engines import IDatabaseTransaction, IEngine
 from mailingest.storage.store import Store, migrations
 
 ROLES = (
@@ -120,6 +120,10 @@ class StoreContract:
         for role in ROLES:
             self.assertTrue(verifyObject(role, self.store), role)
         self.assertTrue(verifyObject(IStore, self.store))
+
+    def test_engine(self):
+        """The engine under the store provides L{IEngine}, the stores' only way to the database."""
+        self.assertTrue(verifyObject(IEngine, self.store.engine))
 
     @defer.inlineCallbacks
     def test_interactions_get_a_database_transaction(self):

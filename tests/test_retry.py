@@ -3,6 +3,7 @@ The one retry helper, on a Clock: the waits it makes, when it stops, and
 cancelling it; then each loop that uses it, on a Clock too.
 """
 
+from twisted.application import service
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -121,6 +122,16 @@ class RefusingStore:
         return defer.succeed([1, 2])
 
 
+class FixedStore:
+    """A database whose migration is the given Deferred."""
+
+    def __init__(self, migrated: defer.Deferred):
+        self.migrated = migrated
+
+    def migrate(self):
+        return self.migrated
+
+
 class DaemonMigrateRetryTests(SynchronousTestCase):
     def test_waits_for_the_database_every_five_seconds(self):
         clock = task.Clock()
@@ -138,6 +149,20 @@ class DaemonMigrateRetryTests(SynchronousTestCase):
         self.successResultOf(daemon.ready)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.flushLoggedErrors()
+
+    def test_stopped_as_it_becomes_ready_stops_what_it_started(self):
+        """A stop in the same turn as C{ready} (a caller waiting for it) stops the children that had just started."""
+        migrated = defer.Deferred()
+        daemon = AfterMigration(task.Clock(), FixedStore(migrated))
+        child = service.Service()
+        child.setServiceParent(daemon)
+        stopped = []
+        daemon.ready.addCallback(lambda _: stopped.append((child.running, daemon.stopService())))
+        daemon.startService()
+        migrated.callback([1])
+        [(was_running, d)] = stopped
+        self.successResultOf(d)
+        self.assertEqual((was_running, child.running, daemon.running), (1, 0, 0))
 
 
 class FakeConnection:

@@ -226,9 +226,11 @@ class AfterMigration(service.MultiService):
         stop_reactor(self.reactor)
 
     def stopService(self):
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
-            return service.Service.stopService(self)
+        """Before the migration ends, the start is called off; once the children started (even in this turn), they stop."""
+        if not self.ready.called:
+            if self._starting is not None:
+                self._starting.cancel()
+            return defer.maybeDeferred(service.Service.stopService, self)
         return super().stopService()
 
 

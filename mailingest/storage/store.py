@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from mailingest.interfaces import IStore, IWebhookEvents
 
-from mailingest.storage.engines import Engine, create_engine
+from mailingest.storage.engines import IEngine, create_engine
 from mailingest.storage.stores.intake import IntakeStore
 from mailingest.storage.stores.orgs import OrgStore
 from mailingest.storage.stores.outbox import OutboxStore
@@ -37,7 +37,7 @@ class Store(SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, Quarantine
     L{mailingest.handoff.events.MESSAGE_EVENTS}).
     """
 
-    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, events: IWebhookEvents, clock: IReactorTime | None = None):
         super().__init__(engine, events, clock)
 
 

@@ -7,17 +7,16 @@ Deferred (the store's are C{async def}, run with C{Deferred.fromCoroutine}). On 
 (txpostgres); on SQLite the whole interaction runs in the adbapi thread and
 every Deferred has already fired. SQL is written with C{?} placeholders.
 
-L{Engine} is the contract both engines fulfil, with what they share;
+L{IEngine} is the contract both engines fulfil, L{Engine} what they share;
 L{create_engine} picks one from a C{--database} URL. The engine modules are
 imported only when chosen: PostgreSQL's driver need not be installed for SQLite.
 """
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from mailingest.errors import ConfigError
 from mailingest.ops.secrets import redact_url
@@ -52,14 +51,14 @@ class CursorTransaction:
         return None if row is None else dict(row)
 
 
-class Engine(ABC):
+class IEngine(Interface):
     """
-    A database the store runs on.
+    A database the store runs on (the stores' only way to it).
 
     C{skip_locked} ends a claiming SELECT (row locks where the database has
     them); C{integrity_errors} are what a violated constraint raises;
     C{schema_terms} fills the placeholders of the schema files (see
-    L{mailingest.storage.store.migrations}); C{exclusive} is True when one
+    L{mailingest.storage.stores.schema.migrations}); C{exclusive} is True when one
     daemon at a time uses the database (SQLite: one daemon per file), so
     what it finds claimed at start-up its own previous run left;
     C{session_locks} is True when L{claiming} runs on one connection that
@@ -67,44 +66,53 @@ class Engine(ABC):
     daemon's connection does (PostgreSQL's advisory locks).
     """
 
-    skip_locked: str
-    integrity_errors: tuple[type[BaseException], ...]
-    schema_terms: Mapping[str, str]
-    # How messages are searched by text: "fts5" (SQLite) or "pg_trgm" (PostgreSQL).
-    text_search: str
-    exclusive: bool
-    session_locks: bool = False
+    skip_locked = Attribute("SQL that ends a claiming SELECT (str)")
+    integrity_errors = Attribute("what a violated constraint raises (tuple of exception types)")
+    schema_terms = Attribute("values of the schema files' {placeholders} (mapping)")
+    text_search = Attribute(
+        'how messages are searched by text (str): "fts5" (SQLite), or "pg_trgm" (PostgreSQL, whose engine'
+        " then also runs a statement outside any transaction with autocommit(sql), for CREATE INDEX CONCURRENTLY)"
+    )
+    exclusive = Attribute("one daemon at a time uses the database (bool)")
+    session_locks = Attribute("claims run on one connection that lives as long as the engine (bool)")
 
-    @abstractmethod
-    def interaction(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+    def interaction(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """Run C{fn(txn, *args, **kwargs)} in one transaction."""
 
-    @abstractmethod
-    def background(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+    def background(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """An interaction for work nobody waits on: it must not hold up L{interaction}s."""
 
-    @abstractmethod
-    def notify(self, txn: IDatabaseTransaction, channel: str, payload: str = "") -> defer.Deferred:
+    def claiming(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """An interaction that claims work, or lets go of claims."""
+
+    def notify(txn: IDatabaseTransaction, channel: str, payload: str = "") -> defer.Deferred:
         """Wake the listeners of C{channel} (in every daemon) when C{txn} commits."""
 
-    @abstractmethod
-    def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred:
+    def listen(channel: str, callback: Callable[[str], object]) -> defer.Deferred:
         """Call C{callback(payload)} for each notification on C{channel}; fires once listening."""
 
-    def claiming(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
-        """Run an interaction that claims work, or lets go of claims: a L{background} one unless the engine has L{session_locks}."""
-        return self.background(fn, *args, **kwargs)
+    def script(sql: str) -> list[str]:
+        """Split a migration file into statements."""
 
-    @abstractmethod
-    def close(self) -> defer.Deferred:
+    def close() -> defer.Deferred:
         """Release connections and threads."""
+
+
+class Engine:
+    """What both L{IEngine}s do alike; each engine module declares and completes the rest."""
+
+    session_locks = False
+
+    def claiming(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """A L{background} interaction, unless the engine has L{session_locks}."""
+        return self.background(fn, *args, **kwargs)
 
     def script(self, sql: str) -> list[str]:
         """Split a migration file into statements (ours hold no literal ';')."""
         return [s.strip() for s in sql.split(";") if s.strip()]
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str) -> IEngine:
     """The engine for C{--database}: C{sqlite:///path} or C{postgresql://...}."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":

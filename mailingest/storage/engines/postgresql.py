@@ -30,11 +30,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
+from zope.interface import implementer
 
 from mailingest.errors import ConfigError, MailingestError
 from mailingest.ops.secrets import masker, redact_url, url_passwords, url_problem
 from mailingest.retry import Backoff, retry
-from mailingest.storage.engines import CursorTransaction, Engine
+from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 log = Logger()
 
@@ -271,6 +272,7 @@ class _PostgresqlTransaction(CursorTransaction):
         return self._cursor.execute(_pyformat(sql), tuple(args)).addCallback(lambda _: None)
 
 
+@implementer(IEngine)
 class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg2.IntegrityError,)

@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mailingest.storage.engines import CursorTransaction, Engine
+from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 BUSY_TIMEOUT_MS = 10000
 
@@ -90,6 +91,7 @@ def _result_of(d: defer.Deferred):
     return box[0]
 
 
+@implementer(IEngine)
 class SqliteEngine(Engine):
     skip_locked = ""
     integrity_errors = (sqlite3.IntegrityError,)

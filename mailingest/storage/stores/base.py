@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from mailingest.storage.engines import Engine, IDatabaseTransaction
+from mailingest.storage.engines import IDatabaseTransaction, IEngine
 
 MESSAGE_COLUMNS = (
     "id, org_id, source, source_message_id, mail_from, rcpt_to, subject, raw_key,"
@@ -108,7 +108,7 @@ class StoreBase:
     with its C{seconds()} as UTC datetimes.
     """
 
-    def __init__(self, engine: Engine, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, clock: IReactorTime | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
@@ -130,5 +130,5 @@ class StoreBase:
         return self.engine.background(_storable_interaction, fn, *args, **kwargs)
 
     def _claiming(self, fn: Callable[..., Coroutine], *args: Any) -> defer.Deferred:
-        """An interaction that claims work or lets go of claims (see L{Engine.claiming})."""
+        """An interaction that claims work or lets go of claims (see L{IEngine.claiming})."""
         return self.engine.claiming(_storable_interaction, fn, *args)

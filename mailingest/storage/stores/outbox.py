@@ -12,12 +12,12 @@ from zope.interface import implementer
 
 from mailingest.errors import NoSuchEvent
 from mailingest.interfaces import IOutboxStore, IWebhookEvents
-from mailingest.storage.engines import Engine
+from mailingest.storage.engines import IEngine
 from mailingest.storage.stores.base import EVENT_SELECT, EVENTS_CHANNEL, StoreBase, conditions
 
 @implementer(IOutboxStore)
 class OutboxStore(StoreBase):
-    def __init__(self, engine: Engine, events: IWebhookEvents, clock: IReactorTime | None = None):
+    def __init__(self, engine: IEngine, events: IWebhookEvents, clock: IReactorTime | None = None):
         super().__init__(engine, clock)
         # Which status changes raise an event, and its id: the webhook's business (L{mailingest.handoff.events}).
         self.events = events

@@ -7,14 +7,14 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailingest.interfaces import ISchemaStore
-from mailingest.storage.engines import Engine
+from mailingest.storage.engines import IEngine
 from mailingest.storage.stores import search
 from mailingest.storage.stores.base import StoreBase
 
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
 
 
-def migrations(engine: Engine) -> list[tuple[int, str, str]]:
+def migrations(engine: IEngine) -> list[tuple[int, str, str]]:
     """
     The schema deltas, in order, as C{engine} runs them: (version, name, sql).
 
