@@ -152,7 +152,7 @@ class ReadStore(StoreBase):
             ("m.received_at >= ?", since),
             ("m.received_at < ?", until),
             ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
-            (found.order + " < ?", before_id),
+            (found.after, before_id),
         ):
             if value is not None:
                 where.append(clause)
@@ -160,7 +160,7 @@ class ReadStore(StoreBase):
         await txn.execute(
             "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
             " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
-            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {found.order} DESC LIMIT ?",
+            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {found.order} LIMIT ?",
             (*args, limit),
         )
         return txn.fetchall()

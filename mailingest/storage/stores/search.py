@@ -49,21 +49,24 @@ def fts_query(org_id: int, text: str) -> str:
 class TextSearch:
     """
     How one query finds C{text}: the rows to read (C{source}), the extra
-    conditions and their arguments, and the column the page is ordered and
-    cut by (the cursor), which the index delivers in order.
+    conditions and their arguments, the order newest first (C{order}) and
+    the cursor's condition (C{after}, taking the id of the last row shown),
+    both in the terms of what delivers the rows in that order.
     """
 
     def __init__(self, kind: str, org_id: int, text: str | None, indexed: bool):
-        self.source, self.where, self.args, self.order = "inbound_message m", [], [], "m.id"
+        self.source, self.where, self.args = "inbound_message m", [], []
+        self.order, self.after = "m.id DESC", "m.id < ?"
         if not text:
             return
         if len(text) < MIN_INDEXED or (kind == "fts5" and not indexed):
             self.where, self.args = [_SCAN], [like_pattern(text)] * 3
         elif kind == "fts5":
+            # The table's rowids are minus the ids (see the SQLite engine): ascending is newest first.
             self.source = "message_search s CROSS JOIN inbound_message m"
-            self.where = ["m.id = s.rowid", "message_search MATCH ?"]
+            self.where = ["m.id = -s.rowid", "message_search MATCH ?"]
             self.args = [fts_query(org_id, text)]
-            self.order = "s.rowid"
+            self.order, self.after = "s.rowid", "s.rowid > -?"
         else:
             self.where, self.args = [SEARCH_TEXT + " LIKE ? ESCAPE '\\'"], [like_pattern(text)]
 
@@ -92,7 +95,7 @@ async def backfill_step(txn: IDatabaseTransaction) -> int | None:
     low = row["id"] if row else 0
     await txn.execute(
         "INSERT INTO message_search (rowid, org, subject, mail_from, message_id)"
-        " SELECT id, '~' || org_id || '~', subject, mail_from, source_message_id"
+        " SELECT -id, '~' || org_id || '~', subject, mail_from, source_message_id"
         " FROM inbound_message WHERE id >= ? AND id < ?",
         (low, below),
     )
@@ -116,6 +119,10 @@ PG_STEPS = (
     " AND NOT indisvalid) THEN EXECUTE 'DROP INDEX " + PG_SEARCH_INDEX + "'; END IF; END $$",
     "CREATE INDEX CONCURRENTLY IF NOT EXISTS " + PG_SEARCH_INDEX + " ON inbound_message USING gin (("
     + SEARCH_TEXT.replace("m.", "") + ") gin_trgm_ops)",
+    # Statistics of the indexed text: how common a searched text is tells the
+    # planner whether to read the organisation's newest rows until a page is
+    # full (a common text) or the index's matches (a rare one).
+    "ANALYZE inbound_message",
 )
 
 
