@@ -159,6 +159,18 @@ class JournalSweepTests(unittest.TestCase):
         blobs = JournaledBlobs(open_blobs("file:" + temp_dir(self)), IntentJournal(temp_dir(self)))
         self.assertTrue(verifyObject(IBlobStore, blobs))
 
+    async def test_a_journal_that_cannot_be_written_fails_the_put(self):
+        """Not a blob the sweeper would never see: the put fails (a 451 for SMTP), with the reason."""
+        directory = temp_dir(self)
+        blobs = JournaledBlobs(open_blobs("file:" + os.path.join(directory, "blobs")), IntentJournal(os.path.join(directory, "journal")))
+        # Gone, and a file in its place: no file can be made in it, whoever runs the test.
+        os.rmdir(blobs.journal.directory)
+        with open(blobs.journal.directory, "w"):
+            pass
+        error = await self.assertFailure(put(blobs, ["raw/2026/01/01/x.eml"]), defer.FirstError)
+        self.assertIn("gc journal", str(error.subFailure.value))
+        self.assertEqual(await stored_keys(blobs), set())
+
     async def test_recent_sweeps_only_journaled_keys_of_hours_past_the_margin(self):
         directory = temp_dir(self)
         blobs_dir = os.path.join(directory, "blobs")

@@ -252,3 +252,19 @@ class PostgresqlPlanTests(PlanContract, TestCase):
             return "\n".join(row["QUERY PLAN"] for row in txn.fetchall())
 
         self.assertIn("Bitmap Index Scan on inbound_message_search", (yield self.store.engine.interaction(plan)))
+
+    @defer.inlineCallbacks
+    def test_without_pg_trgm_search_reads_and_says_why(self):
+        """The contrib package missing: the index is not built, one line says why, and search answers all the same."""
+
+        def drop(txn):
+            return txn.execute(f"DROP INDEX {search.PG_SEARCH_INDEX}")
+
+        yield self.store.engine.interaction(drop)
+        self.patch(search, "PG_STEPS", ("CREATE EXTENSION IF NOT EXISTS mailingest_no_such_extension", *search.PG_STEPS[1:]))
+        progress = []
+        yield self.store.build_indexes(progress.append)
+        self.assertEqual(len(progress), 1)
+        self.assertRegex(progress[0], r"^search index: not built \(.*mailingest_no_such_extension.*\); search reads")
+        self.assertFalse((yield self.store.engine.interaction(search.pg_index_built)))
+        self.assertEqual(len((yield self.found("widgets"))), 20)
