@@ -410,7 +410,7 @@ class IReadStore(IStoreRole):
 
     def list_messages(org_slug=None, status=None, limit: int = 50):
         """
-        Fire with messages, newest first, each with an extra C{org_slug}.
+        Fire with messages, newest first by id, each with an extra C{org_slug}.
         """
 
     def get_message(message_id: int):

@@ -140,7 +140,9 @@ class ReadStore(StoreBase):
         """
         One page of an organisation's messages, newest first by id (C{before_id}
         is the cursor), each with its number of documents. C{text} matches
-        subject, sender or Message-ID anywhere, case-insensitively.
+        subject, sender or Message-ID anywhere, case-insensitively: through
+        the search index from 3 characters on, else by reading the
+        organisation's messages (L{mailingest.storage.stores.search}).
         """
         return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
