@@ -313,16 +313,21 @@ def _child(args) -> int:
     storage_dir = os.path.join(args.work, f"{args.engine}-{args.count}-blobs")
     shutil.rmtree(storage_dir, ignore_errors=True)
     os.makedirs(storage_dir)
+    load = None
     if args.engine == "sqlite":
         path = os.path.join(args.work, f"scale-{args.count}.db")
-        load = load_sqlite(path, args.count)
+        if not (args.reuse and os.path.exists(path)):
+            load = load_sqlite(path, args.count)
         url = "sqlite:///" + path
+    elif args.reuse:
+        url = f"{POSTGRES}/mailingest_scale_{args.count}"
     else:
         url = _postgres_database(f"mailingest_scale_{args.count}")
         if url is None:
             return 3
         load = load_postgresql(url, args.count)
-    print(f"bench.scale: {args.engine}, {args.count} messages loaded in {load:.1f} s", file=sys.stderr, flush=True)
+    if load is not None:
+        print(f"bench.scale: {args.engine}, {args.count} messages loaded in {load:.1f} s", file=sys.stderr, flush=True)
 
     async def run():
         figures = {"bulk load (s)": load}
@@ -342,6 +347,7 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     parser.add_argument("--work", help="where the databases and blobs go [default: a temporary directory, removed]")
     parser.add_argument("--keep", action="store_true", help="keep the databases and blobs")
+    parser.add_argument("--reuse", action="store_true", help="measure the databases a run with --work DIR --keep left, without loading them again")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -356,7 +362,7 @@ def main(argv=None) -> int:
         for engine in engines:
             for size in sizes:
                 result = subprocess.run(
-                    [sys.executable, "-m", "bench.scale", "--work", work, "--child", engine, str(size)],
+                    [sys.executable, "-m", "bench.scale", "--work", work, "--child", engine, str(size)] + (["--reuse"] if args.reuse else []),
                     stdout=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 )
                 if result.returncode == 3:
@@ -365,7 +371,7 @@ def main(argv=None) -> int:
                     print(f"bench.scale: {engine} at {size} failed", file=sys.stderr)
                     return 1
                 table[(engine, size)] = json.loads(result.stdout.decode().strip().splitlines()[-1])
-                if engine == "postgresql" and not args.keep:
+                if engine == "postgresql" and not (args.keep or args.reuse):
                     _drop_postgres_database(f"mailingest_scale_{size}")
     finally:
         if not args.keep and not args.work:
