@@ -35,3 +35,11 @@ class NotQuarantined(MailingestError):
 
 class NoSuchEvent(MailingestError):
     """No webhook event has this id."""
+
+
+class DomainTaken(MailingestError):
+    """The domain (in any of its forms) is already an organisation's."""
+
+
+class NoSuchDomain(MailingestError):
+    """No organisation has this domain."""

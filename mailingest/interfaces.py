@@ -233,6 +233,47 @@ class IOrgStore(IStoreRole):
         """
 
 
+class IDomainRoutes(Interface):
+    """The verified custom domains, as the SMTP side routes by them (the parent process answers it for the intake processes)."""
+
+    def routed_domains(known_version=None):
+        """
+        Fire with (version, domains): C{version} of the routing table, and
+        C{domains} None when it is still C{known_version}, else a list of
+        dicts (C{domain}, C{org_id}, C{slug}, C{local_parts}, a list, empty
+        for any) of every verified domain.
+        """
+
+
+class IDomainStore(IStoreRole):
+    """Organisations' custom domains and their verification: the admin command's, the API's and the domain checker's."""
+
+    def add_domain(slug: str, domain: str, token: str, local_parts=()):
+        """
+        Give organisation C{slug} the domain C{domain} (its stored form), pending
+        verification by C{token}; fires with its row. L{mailingest.errors.NoSuchOrg},
+        L{mailingest.errors.DomainTaken}.
+        """
+
+    def get_domain(domain: str):
+        """Fire with the domain's row (with C{org_slug}), or None."""
+
+    def get_domain_by_id(domain_id: int):
+        """Fire with the domain's row by its id, or None."""
+
+    def list_domains(org_slug=None, org_id=None):
+        """Fire with the domains (of one organisation, by slug or id), ordered by domain."""
+
+    def remove_domain(domain: str):
+        """Remove a domain: its mail is refused from the next refresh on. L{mailingest.errors.NoSuchDomain}."""
+
+    def due_domains(now, limit: int = 100):
+        """Fire with the domains whose next check is due at C{now} (a datetime), the most overdue first."""
+
+    def record_check(domain: str, status: str, next_check_at, error=None, txt_missing_since=None):
+        """Record a check's outcome (status, when to check next, why it failed); fires with the row. L{mailingest.errors.NoSuchDomain}."""
+
+
 class IExtractionQueue(IStoreRole):
     """The extraction queue: claims, outcomes, retries, reprocessing and status history."""
 
@@ -479,7 +520,10 @@ class IWebhookEvents(Interface):
         """A new event's id, unique across daemons."""
 
 
-class IStore(ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore):
+class IStore(
+    ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
+    IDomainStore, IDomainRoutes,
+):
     """Every store role on one database: what C{--database} opens (L{mailingest.storage.store.Store})."""
 
 

@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from mailingest.errors import NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
+from mailingest.errors import DomainTaken, NoSuchDomain, NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
 from mailingest.interfaces import (
-    Collision, Duplicate, IBlobReferences, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore,
-    IQuarantineStore, IReadStore, ISchemaStore, IStore,
+    Collision, Duplicate, IBlobReferences, IDomainRoutes, IDomainStore, IExtractionQueue, IIntakeStore, IOrgStore,
+    IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore, IStore,
 )
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.handoff.events import MESSAGE_EVENTS
@@ -23,6 +23,7 @@ from mailingest.storage.store import Store, migrations
 
 ROLES = (
     ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
+    IDomainStore, IDomainRoutes,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -741,3 +742,66 @@ class StoreContract:
         )
         self.assertTrue(all(row["at"] is not None for row in history))
         self.assertEqual((yield self.store.status_history(first + 100)), [])
+
+    # custom domains (issue 27)
+
+    @defer.inlineCallbacks
+    def test_domains_belong_to_one_organisation(self):
+        yield self.two_orgs()
+        added = yield self.store.add_domain("ACME", "acme-corp.example", "tok1", ["orders", "invoices"])
+        self.assertEqual(
+            (added["org_slug"], added["domain"], added["token"], added["status"], added["local_parts"]),
+            ("acme", "acme-corp.example", "tok1", "pending", ["orders", "invoices"]),
+        )
+        yield self.assertFailure(self.store.add_domain("globex", "acme-corp.example", "tok2"), DomainTaken)
+        yield self.assertFailure(self.store.add_domain("acme", "acme-corp.example", "tok3"), DomainTaken)
+        yield self.assertFailure(self.store.add_domain("nobody", "other.example", "tok4"), NoSuchOrg)
+        yield self.store.add_domain("globex", "globex.example", "tok5")
+        self.assertEqual([d["domain"] for d in (yield self.store.list_domains())], ["acme-corp.example", "globex.example"])
+        self.assertEqual([d["domain"] for d in (yield self.store.list_domains("GLOBEX"))], ["globex.example"])
+        self.assertEqual([d["domain"] for d in (yield self.store.list_domains(org_id=added["org_id"]))], ["acme-corp.example"])
+        self.assertEqual((yield self.store.get_domain_by_id(added["id"]))["domain"], "acme-corp.example")
+        self.assertIsNone((yield self.store.get_domain_by_id(added["id"] + 1000)))
+        self.assertEqual((yield self.store.get_domain("globex.example"))["token"], "tok5")
+        self.assertIsNone((yield self.store.get_domain("nothing.example")))
+        yield self.store.remove_domain("acme-corp.example")
+        yield self.assertFailure(self.store.remove_domain("acme-corp.example"), NoSuchDomain)
+        again = yield self.store.add_domain("globex", "acme-corp.example", "tok6")
+        self.assertEqual(again["org_slug"], "globex")
+
+    @defer.inlineCallbacks
+    def test_routed_domains_are_the_verified_ones_by_version(self):
+        acme, _ = yield self.two_orgs()
+        version, routed = yield self.store.routed_domains()
+        self.assertEqual(routed, [])
+        yield self.store.add_domain("acme", "acme-corp.example", "tok", ["orders"])
+        moved, routed = yield self.store.routed_domains(version)
+        self.assertNotEqual(moved, version)
+        self.assertEqual(routed, [], "a pending domain is not routed")
+        self.assertEqual((yield self.store.routed_domains(moved)), (moved, None))
+        due = yield self.store.due_domains(T0 + timedelta(days=36500))
+        self.assertEqual([d["domain"] for d in due], ["acme-corp.example"])
+        row = yield self.store.record_check("acme-corp.example", "verified", T0 + timedelta(days=36500), None, None)
+        self.assertEqual(row["status"], "verified")
+        self.assertIsNotNone(row["verified_at"])
+        self.assertIsNotNone(row["checked_at"])
+        verified, routed = yield self.store.routed_domains(moved)
+        self.assertEqual(routed, [{"domain": "acme-corp.example", "org_id": acme, "slug": "acme", "local_parts": ["orders"]}])
+        self.assertEqual((yield self.store.due_domains(T0)), [], "the next check is not due")
+        yield self.store.record_check("acme-corp.example", "verified", T0, "MX names none of ours", T0)
+        self.assertEqual((yield self.store.routed_domains(verified)), (verified, None), "a check that changes no status moves no version")
+        row = yield self.store.get_domain("acme-corp.example")
+        self.assertEqual(row["last_error"], "MX names none of ours")
+        yield self.store.record_check("acme-corp.example", "suspended", T0, "TXT record missing", T0)
+        suspended, routed = yield self.store.routed_domains(verified)
+        self.assertEqual(routed, [])
+        yield self.assertFailure(self.store.record_check("gone.example", "verified", T0), NoSuchDomain)
+
+    @defer.inlineCallbacks
+    def test_the_domain_a_message_came_in_on_is_kept(self):
+        acme, _ = yield self.two_orgs()
+        [first, second] = yield self.store.insert_messages(
+            [message(acme, "<a@x>", rcpt_to="orders@acme-corp.example", rcpt_domain="acme-corp.example"), message(acme, "<b@x>")]
+        )
+        self.assertEqual((yield self.store.get_message(first))["rcpt_domain"], "acme-corp.example")
+        self.assertIsNone((yield self.store.get_message(second))["rcpt_domain"])

@@ -203,12 +203,14 @@ class OpenApi(ApiCase):
     def test_routes_match_the_openapi_document(self):
         message_id = yield self.deliver("acme", 1)
         document_id = (yield self.get_json(f"/v1/messages/{message_id}"))["documents"][0]["id"]
+        domain_id = (yield self.daemon.store.add_domain("acme", "acme-corp.example", "tok"))["id"]
         served = yield self.get_json("/v1/openapi.json", who=None)
         self.assertEqual(served, openapi.DOCUMENT)
         routes = [template for template, _ in ApiResource(None, None).routes]
         self.assertEqual(sorted(served["paths"]), sorted(routes))
+        ids = {"documents": document_id, "domains": domain_id, "messages": message_id}
         for template in routes:
-            path = template.replace("{id}", str(document_id if "documents" in template else message_id))
+            path = template.replace("{id}", str(ids.get(template.split("/")[2], 0)))
             code, _, body = yield self.get(path)
             self.assertEqual(code, 200, (template, body))
 
@@ -332,3 +334,63 @@ class ActiveContentDownloads(ApiCase):
                 self.assertEqual(headers.getRawHeaders("content-security-policy"), ["sandbox; default-src 'none'; frame-ancestors 'none'"], path)
                 self.assertTrue(headers.getRawHeaders("content-disposition")[0].startswith("attachment;"), path)
                 self.assertEqual(headers.getRawHeaders("x-content-type-options"), ["nosniff"], path)
+
+
+class Domains(ApiCase):
+    """Custom domains (issue 27): the admin token adds and removes them, an organisation's token sees its own."""
+
+    @defer.inlineCallbacks
+    def send(self, method: str, path: str, who: str, body=None):
+        headers = {"Authorization": f"Bearer {self.tokens.get(who, who)}", "Content-Type": "application/json"}
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        response = yield treq.request(method, self.base + path, headers=headers, data=data, persistent=False)
+        return response.code, json.loads((yield treq.content(response)))
+
+    @defer.inlineCallbacks
+    def test_admin_adds_lists_and_removes(self):
+        code, made = yield self.send("POST", "/v1/domains", "admin", {"organization": "ACME", "domain": "Bücher.example.", "local_parts": ["Orders"]})
+        self.assertEqual(code, 201, made)
+        self.assertEqual(
+            (made["organization"], made["domain"], made["unicode"], made["status"], made["local_parts"], made["txt_name"]),
+            ("acme", "xn--bcher-kva.example", "bücher.example", "pending", ["orders"], "_mailingest.xn--bcher-kva.example"),
+        )
+        token = made["token"]
+        self.assertIn(f'_mailingest.xn--bcher-kva.example. 3600 IN TXT "mailingest-verification={token}"', made["dns_records"])
+        self.assertIn("xn--bcher-kva.example. 3600 IN MX 10 mx.test.", made["dns_records"])
+        jsonschema.validate(made, {**openapi.DOCUMENT, "$ref": "#/components/schemas/NewDomain"})
+        code, taken = yield self.send("POST", "/v1/domains", "admin", {"organization": "beta", "domain": "XN--BCHER-KVA.EXAMPLE"})
+        self.assertEqual((code, taken["error"]), (409, "domain_taken"))
+        yield self.send("POST", "/v1/domains", "admin", {"organization": "beta", "domain": "beta.example"})
+        listed = yield self.get_json("/v1/domains", who="admin")
+        self.assertEqual([d["domain"] for d in listed["domains"]], ["beta.example", "xn--bcher-kva.example"])
+        jsonschema.validate(listed, {**openapi.DOCUMENT, "$ref": "#/components/schemas/DomainList"})
+        self.assertNotIn("token", listed["domains"][0])
+        own = yield self.get_json("/v1/domains", who="acme")
+        self.assertEqual([d["domain"] for d in own["domains"]], ["xn--bcher-kva.example"])
+        self.assertEqual((yield self.get_json(f"/v1/domains/{made['id']}", who="beta", status=404))["error"], "not_found")
+        code, removed = yield self.send("DELETE", f"/v1/domains/{made['id']}", "admin")
+        self.assertEqual((code, removed["status"]), (200, "removed"))
+        self.assertEqual((yield self.get_json("/v1/domains", who="acme"))["domains"], [])
+
+    @defer.inlineCallbacks
+    def test_organisations_cannot_change_domains_and_bad_requests_are_400(self):
+        code, body = yield self.send("POST", "/v1/domains", "acme", {"organization": "acme", "domain": "acme-corp.example"})
+        self.assertEqual((code, body["error"]), (403, "forbidden"))
+        row = yield self.daemon.store.add_domain("acme", "acme-corp.example", "tok")
+        code, body = yield self.send("DELETE", f"/v1/domains/{row['id']}", "acme")
+        self.assertEqual((code, body["error"]), (403, "forbidden"))
+        for given, error in (
+            (b"not json", "bad_request"), ({"organization": "acme"}, "bad_request"), ({"organization": "acme", "domain": "[192.0.2.1]"}, "bad_domain"),
+            ({"organization": "acme", "domain": "x.example", "local_parts": "orders"}, "bad_request"),
+            ({"organization": "acme", "domain": "x.example", "local_parts": ["a@b"]}, "bad_domain"),
+        ):
+            code, body = yield self.send("POST", "/v1/domains", "admin", given)
+            self.assertEqual((code, body["error"]), (400, error), given)
+        code, body = yield self.send("POST", "/v1/domains", "admin", {"organization": "nobody", "domain": "x.example"})
+        self.assertEqual((code, body["error"]), (422, "no_such_organization"))
+        code, body = yield self.send("POST", "/v1/domains", "admin", b"{" + b" " * 9000 + b"}")
+        self.assertEqual((code, body["error"]), (413, "too_large"))
+        code, body = yield self.send("PUT", "/v1/domains", "admin", {})
+        self.assertEqual((code, body["error"]), (405, "method_not_allowed"))
+        code, body = yield self.send("POST", "/v1/domains", "wrong-token", {})
+        self.assertEqual(code, 401)

@@ -426,6 +426,28 @@ class ConsoleHttpTests(ConsoleCase):
         self.assertIn("Order 2", body)
 
     @defer.inlineCallbacks
+    def test_organisation_page_shows_its_domains_and_messages_where_they_came_in(self):
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages", cookie)
+        self.assertNotIn("<h2>Domains</h2>", body)
+        yield self.daemon.store.add_domain("acme", "xn--bcher-kva.example", "tok", ["orders"])
+        yield self.daemon.store.add_domain("acme", "acme-corp.example", "tok2")
+        yield self.daemon.store.record_check(
+            "acme-corp.example", "suspended", datetime(2030, 1, 1, tzinfo=timezone.utc), "TXT record missing since 2026-12-01",
+            datetime(2026, 12, 1, tzinfo=timezone.utc),
+        )
+        _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages", cookie)
+        self.assertIn("<h2>Domains</h2>", body)
+        self.assertIn('<span title="xn--bcher-kva.example">bücher.example</span>', body)
+        self.assertIn('<span class="status domain-pending">pending</span>', body)
+        self.assertIn('<span class="status domain-suspended">suspended</span>', body)
+        self.assertIn("TXT record missing since 2026-12-01", body)
+        message_id = yield self.deliver("acme", 1)
+        _, body = yield self.request("GET", f"/console/messages/{message_id}", cookie)
+        self.assertIn("<dt>Came in on</dt><dd>example.com</dd>", body)
+
+    @defer.inlineCallbacks
     def test_downloads_are_attachments(self):
         message_id = yield self.deliver("acme", 1, filename='a"b.pdf')
         documents = yield self.daemon.store.list_documents(message_id=message_id)

@@ -19,7 +19,7 @@ from mailingest.app import intake_protocol as ip
 from mailingest.app.intake import SharedRefusals
 from mailingest.app.settings import Settings
 from mailingest.app.processes import ChildConnection, IntakeProcesses, _Child
-from mailingest.interfaces import Collision, Duplicate, IClosable, IIntakeStore
+from mailingest.interfaces import Collision, Duplicate, IClosable, IDomainRoutes, IIntakeStore
 from mailingest.smtp import replies
 
 DIGEST = "ab" * 32
@@ -31,7 +31,7 @@ def row(**changes) -> dict:
         "mail_from": "buyer@customer.test", "rcpt_to": "orders+acme@example.com", "subject": "Order 1 ✓",
         "raw_key": "raw/2026/12/06/abc.eml", "raw_size": 1234, "raw_sha256": DIGEST, "content_sha256": None,
         "received_at": datetime(2026, 12, 6, 20, 0, 1, 5, tzinfo=timezone.utc),
-        "client_ip": "192.0.2.7", "helo": None, "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384",
+        "client_ip": "192.0.2.7", "helo": None, "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384", "rcpt_domain": "example.com",
     }
     fields.update(changes)
     return fields
@@ -63,6 +63,13 @@ class FakeWriter:
 
     def active_orgs(self):
         return defer.succeed({f"org{n}": n for n in range(3000)})
+
+    def routed_domains(self, known_version=None):
+        if known_version == 9:
+            return defer.succeed((9, None))
+        domains = [{"domain": f"d{n}.example", "org_id": n, "slug": f"org{n}", "local_parts": []} for n in range(10000)]
+        domains[0]["local_parts"] = ["orders", "invoices"]
+        return defer.succeed((9, domains))
 
 
 def settings(**overrides) -> Settings:
@@ -161,6 +168,7 @@ class ProtocolTests(unittest.TestCase):
     def test_parent_store_is_the_intake_role(self):
         """An intake process's store is the SMTP side's role (and its owner closes it), no more."""
         self.assertTrue(verifyObject(IIntakeStore, self.store))
+        self.assertTrue(verifyObject(IDomainRoutes, self.store))
         self.assertTrue(verifyObject(IClosable, self.store))
 
     def test_messages_of_a_busy_moment_share_one_call(self):
@@ -225,6 +233,14 @@ class ProtocolTests(unittest.TestCase):
         orgs = self.result(self.store.active_orgs())
         self.assertEqual(len(orgs), 3000)
         self.assertEqual(orgs["org2999"], 2999)
+
+    def test_routed_domains_only_when_they_changed(self):
+        """10,000 verified domains (more than one AMP value holds) cross once; an unchanged version sends none."""
+        version, domains = self.result(self.store.routed_domains())
+        self.assertEqual((version, len(domains)), (9, 10000))
+        self.assertEqual(domains[0], {"domain": "d0.example", "org_id": 0, "slug": "org0", "local_parts": ["orders", "invoices"]})
+        self.assertEqual(domains[9999], {"domain": "d9999.example", "org_id": 9999, "slug": "org9999", "local_parts": []})
+        self.assertEqual(self.result(self.store.routed_domains(9)), (9, None))
 
     def test_no_store_calls_when_the_children_write_themselves(self):
         self.processes.writer = None

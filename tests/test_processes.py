@@ -10,7 +10,9 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import threading
+import time
 import urllib.request
 
 import psycopg2
@@ -136,6 +138,61 @@ class ProcessesTests(TwistdCase):
         accepted = re.findall(pattern, log)
         for ms in accepted:
             self.assertRegex(ms, r"\A\d+\Z")
+
+    def test_custom_domains_take_effect_in_every_intake_process(self):
+        """A domain verified (or removed) in the database is routed (or refused) by both processes within 2 s (issue 27)."""
+        daemon = self.start_processes()
+        added = mailingest_cli(self.directory, "org", "domain", "add", "acme", "acme-corp.example", "--hostname", "mx.test")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        database = os.path.join(self.directory, "mailingest-data", "mailingest.db")
+
+        addresses = iter(range(2, 255))
+
+        def answers() -> set[int]:
+            # Several sessions at once, which the kernel spreads over both processes, each from an address
+            # of its own (127.0.0.N): refusals to one address are slowed down after the fifth.
+            clients = [
+                smtplib.SMTP("127.0.0.1", daemon.port, timeout=30, source_address=(f"127.0.0.{next(addresses)}", 0)) for _ in range(8)
+            ]
+            codes = set()
+            for client in clients:
+                client.ehlo("customer.test")
+                client.mail("buyer@customer.test")
+                codes.add(client.rcpt("anyone@acme-corp.example")[0])
+            for client in clients:
+                client.quit()
+            return codes
+
+        def within(expected: set[int], what: str) -> None:
+            # The refresh is every 2 s; the margin is for a loaded, shared machine, where a refresh
+            # meeting the parent's write lock gives way and the next one, 2 s later, reads the change.
+            deadline = time.monotonic() + 6
+            while (found := answers()) != expected:
+                self.assertLess(time.monotonic(), deadline, f"{what}: {found}")
+                time.sleep(0.5)
+
+        self.assertEqual(answers(), {550}, "pending")
+        with sqlite3.connect(database) as db:  # what a check that verified it writes
+            db.execute("UPDATE org_domain SET status = 'verified'")
+            db.execute("UPDATE org_domain_version SET version = version + 1")
+        within({250}, "the domain routed by both processes")
+        code, reply = self.send_to(daemon.port, "orders@acme-corp.example")
+        self.assertEqual(code, 250, reply)
+        with sqlite3.connect(database) as db:
+            stored = db.execute("SELECT rcpt_to, rcpt_domain FROM inbound_message").fetchall()
+        self.assertEqual(stored, [("orders@acme-corp.example", "acme-corp.example")])
+        removed = mailingest_cli(self.directory, "org", "domain", "remove", "acme-corp.example")
+        self.assertEqual(removed.returncode, 0, removed.stderr)
+        within({550}, "the domain refused by both processes")
+
+    def send_to(self, port: int, address: str) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("customer.test")
+            client.mail("buyer@customer.test")
+            code, reply = client.rcpt(address)
+            if code != 250:
+                return code, reply
+            return client.data(message(subject="Order", message_id="<order-domain@customer.test>"))
 
     def test_start_up_says_which_process_serves_where(self):
         daemon = self.start_processes()

@@ -61,7 +61,7 @@ class TreeTests(unittest.TestCase):
         """The trees, not a route table in one leaf: every route resolves to a resource of its own class, none a leaf."""
         site = api_site()
         api_paths = [p.replace("{id}", "7").encode() for p in openapi.DOCUMENT["paths"]]
-        self.assertEqual(len(api_paths), 6)
+        self.assertEqual(len(api_paths), 8)
         console_paths = [
             b"/console", b"/console/sign-in", b"/console/sign-out", b"/console/static/console.css", b"/console/orgs",
             b"/console/orgs/7/messages", b"/console/messages/7", b"/console/messages/7/raw", b"/console/messages/7/reprocess",

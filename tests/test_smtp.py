@@ -507,6 +507,10 @@ class _Directory:
     def lookup(self, slug):
         return defer.succeed(self.active.get(slug))
 
+    def domain(self, key):
+        """No verified custom domain (issue 27)."""
+        return None
+
 
 class AddressProtocolTests(unittest.TestCase):
     """Issue 12 items 3 and 4, in the dialogue: postmaster, quoted local parts, domain literals."""

@@ -109,7 +109,7 @@ class SignedEvents(WebhookCase):
         self.assertEqual({b["organization"] for b in bodies}, {"acme"})
         first = next(b for b in bodies if b["message"]["id"] == ids[0])
         self.assertEqual(first["message"]["message_id_header"], "<order-0@customer.test>")
-        self.assertEqual(first["message"]["envelope"], {"from": "sender@customer.test", "to": ["orders+acme@example.com"]})
+        self.assertEqual(first["message"]["envelope"], {"from": "sender@customer.test", "to": ["orders+acme@example.com"], "domains": ["example.com"]})
         self.assertEqual(first["message"]["subject"], "Order 0")
         self.assertEqual(first["message"]["status"], "parsed")
         rows = yield event_rows(self.daemon.store, lambda rows: all(r["status"] == "delivered" for r in rows))

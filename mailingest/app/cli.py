@@ -23,6 +23,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mailingest import __version__
+from mailingest.app.cli_domains import add_domain_commands
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
@@ -699,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("slug", metavar="SLUG")
     token.add_argument("--create", action="store_true", help="create a token")
     token.add_argument("--revoke", action="store_true", help="revoke all the organisation's tokens")
+
+    add_domain_commands(org, _command)
 
     events = _group(commands, "events", "inspect and redeliver webhook events")
     _listing(events, "list webhook events, newest first", cmd_events_list, EVENT_STATUSES, "events")

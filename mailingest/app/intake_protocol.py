@@ -12,8 +12,8 @@ parent does not declare is refused by AMP itself.
 Parent to child: L{StartIntake} (the daemon's settings), L{StopIntake},
 L{RecipientRefused} (another process refused a recipient). Child to parent:
 L{RecipientRefused}, and when the parent is the one writer (SQLite) the
-intake's store calls L{InsertMessages}, L{RawKeyInUse}, L{LookupOrg} and
-L{ActiveOrgs}.
+intake's store calls L{InsertMessages}, L{RawKeyInUse}, L{LookupOrg},
+L{ActiveOrgs} and L{RoutedDomains}.
 
 Message rows travel in batches: a child sends the rows of every message stored
 in the same turn of its reactor in one L{InsertMessages} call
@@ -35,7 +35,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from mailingest.app.settings import Network, Settings, StorageSettings
-from mailingest.interfaces import Collision, Duplicate, IClosable, IIntakeStore
+from mailingest.interfaces import Collision, Duplicate, IClosable, IDomainRoutes, IIntakeStore
 
 # Values longer than this do not fit in one AMP value; records are packed
 # into as many values as they need.
@@ -115,7 +115,7 @@ def pack(record: dict, fields: dict[str, Field]) -> bytes:
     """One record as an AMP box (key and value each led by its 16-bit length, an empty key at the end); None is left out."""
     parts = []
     for name, field in fields.items():
-        value = record[name]
+        value = record.get(name) if field.optional else record[name]
         if value is None:
             if not field.optional:
                 raise BadRecords(f"{name} is required")
@@ -233,8 +233,10 @@ ROW_FIELDS = {
     "client_ip": Field(TEXT, optional=True),
     "helo": Field(TEXT, optional=True),
     "tls": Field(TEXT, optional=True),
+    "rcpt_domain": Field(TEXT, optional=True),
 }
 ORG_FIELDS = {"slug": Field(TEXT), "id": Field(COUNT)}
+DOMAIN_FIELDS = {"domain": Field(TEXT), "org_id": Field(COUNT), "slug": Field(TEXT), "local_parts": Field(TEXT)}
 REFUSAL_FIELDS = {"peer": Field(TEXT), "at": Field(NUMBER)}
 
 _STORE_ERRORS = {StoreCallFailed: b"STORE_CALL_FAILED"}
@@ -345,6 +347,28 @@ class ActiveOrgs(amp.Command):
     errors = _STORE_ERRORS
 
 
+class RoutedDomains(amp.Command):
+    """The verified custom domains, unless the routing table is still at C{known} (then C{changed} is false and none are sent)."""
+
+    arguments = [(b"known", amp.Integer(optional=True))]
+    response = [(b"version", amp.Integer()), (b"changed", amp.Boolean()), (b"domains", Records(DOMAIN_FIELDS))]
+    errors = _STORE_ERRORS
+
+
+def domains_answer(result: tuple) -> dict:
+    """L{RoutedDomains}' answer from the store's C{routed_domains} result."""
+    version, domains = result
+    packed = [dict(d, local_parts=",".join(d["local_parts"])) for d in domains or ()]
+    return {"version": version, "changed": domains is not None, "domains": packed}
+
+
+def domains_result(answer: dict) -> tuple:
+    """The store's C{routed_domains} result from L{RoutedDomains}' answer."""
+    if not answer["changed"]:
+        return answer["version"], None
+    return answer["version"], [dict(d, local_parts=[p for p in d["local_parts"].split(",") if p]) for d in answer["domains"]]
+
+
 class QuietAMP(amp.AMP):
     """
     AMP without its log line per connection made and lost (which names the
@@ -378,7 +402,7 @@ def answer(d: defer.Deferred) -> defer.Deferred:
     return result
 
 
-@implementer(IIntakeStore, IClosable)
+@implementer(IIntakeStore, IDomainRoutes, IClosable)
 class ParentStore:
     """
     The store calls of the SMTP side, answered by the parent, the one writer
@@ -462,6 +486,9 @@ class ParentStore:
             return None if answer["id"] is None else {"id": answer["id"], "slug": slug.lower(), "active": answer["active"]}
 
         return self._call(LookupOrg, slug=slug).addCallback(org)
+
+    def routed_domains(self, known_version=None) -> defer.Deferred:
+        return self._call(RoutedDomains, known=known_version).addCallback(domains_result)
 
     def _call(self, command, **arguments) -> defer.Deferred:
         d = answer(self.parent.callRemote(command, **arguments))

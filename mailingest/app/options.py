@@ -175,6 +175,9 @@ DAEMON_OPTIONS = (
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
     Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
+    Option("mx-host", [], "another host name a custom domain's MX may name besides --hostname (repeatable)", repeatable=True, metavar="NAME"),
+    Option("domain-grace", 259200.0, "seconds a verified custom domain's TXT record may be missing before it is suspended", positive_float, metavar="SECONDS"),
+    Option("domain-check-interval", 60.0, "seconds between the daemon's rounds of custom domain checks (pending ones are re-checked every 5 minutes, verified ones daily)", positive_float, metavar="SECONDS"),
     Option("processes", 1, "SMTP intake processes sharing the listening sockets, or 'auto' (one per CPU)", process_count, metavar="N"),
 )
 

@@ -54,8 +54,8 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from mailingest.app.intake_protocol import (
-    BAD_RECORDS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused,
-    QuietAMP, StartIntake, StopIntake, StoreCallFailed, FAILED, kind_of,
+    BAD_RECORDS, ActiveOrgs, InsertMessages, LookupOrg, RawKeyInUse, RecipientRefused, RoutedDomains,
+    QuietAMP, StartIntake, StopIntake, StoreCallFailed, FAILED, kind_of, domains_answer,
 )
 from mailingest.app.settings import Settings
 from mailingest.errors import ConfigError
@@ -222,6 +222,11 @@ class ChildConnection(QuietAMP):
     def active_orgs(self) -> defer.Deferred:
         d = defer.maybeDeferred(self._writer().active_orgs)
         return d.addCallbacks(lambda orgs: {"orgs": [{"slug": slug, "id": org_id} for slug, org_id in orgs.items()]}, _store_failure)
+
+    @RoutedDomains.responder
+    def routed_domains(self, known: int | None = None) -> defer.Deferred:
+        d = defer.maybeDeferred(self._writer().routed_domains, known)
+        return d.addCallbacks(domains_answer, _store_failure)
 
     @RecipientRefused.responder
     def recipient_refused(self, peer: str) -> dict:

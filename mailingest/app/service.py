@@ -20,7 +20,9 @@ from zope.interface import implementer
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.transaction import IngestDeliveries
-from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
+from mailingest.interfaces import (
+    IDomainStore, IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore,
+)
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
 from mailingest.app.processes import IntakeProcesses, stop_reactor
@@ -38,6 +40,8 @@ from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.pool import ParsePool
+from mailingest.verification.domain_checker import DomainChecker
+from mailingest.verification.domain_proof import mail_targets
 from mailingest.verification.settings import CheckSettings
 from mailingest.smtp.protocol import IngestSMTPFactory
 from mailingest.smtp.tls import IMPLICIT_TLS_PREFIX, ReloadableTLS, implicit_tls_endpoint
@@ -409,8 +413,17 @@ def make_api_listener(
         read_admin_token(settings.api_admin_token_file),
         settings.api_public_url,
         checks=readiness_checks,
+        mail_host=settings.hostname,
     )
     return make_listener(reactor, settings.api, site, "API")
+
+
+def make_domain_checker(settings: Settings, store: IDomainStore, reactor) -> DomainChecker:
+    """The re-checks of custom domains, through the sender checks' resolver and DNS budget."""
+    return DomainChecker(
+        store, mail_targets(settings.hostname, settings.mx_host), settings.dns_resolver, settings.dns_budget, reactor,
+        grace=settings.domain_grace, interval=settings.domain_check_interval,
+    )
 
 
 def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon:
@@ -443,6 +456,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     if settings.api != "none":
         api_listener = make_api_listener(settings, store, blobs, readiness_checks, reactor, serving)
         api_listener.setServiceParent(serving)
+    make_domain_checker(settings, store, reactor).setServiceParent(serving)
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
         GcService(store, blobs, settings.gc_interval, min_age, reactor, blobs.journal).setServiceParent(serving)

@@ -84,6 +84,9 @@ class Settings(StorageSettings):
     webhook_allow_private: bool
     webhook_retry_horizon: float
     inline_images: str
+    mx_host: tuple[str, ...]
+    domain_grace: float
+    domain_check_interval: float
     processes: int
 
     def __post_init__(self) -> None:

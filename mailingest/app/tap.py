@@ -63,6 +63,10 @@ class Options(usage.Options):
         """recipient domain we accept mail for, repeatable [default: localhost]"""
         self["domain"].append(domain)
 
+    def opt_mx_host(self, name):
+        """another host name a custom domain's MX may name besides --hostname, repeatable"""
+        self["mx_host"].append(name)
+
     def opt_proxy_trusted(self, networks):
         """network (CIDR) whose PROXY headers are believed, repeatable or comma-separated; required with a haproxy: endpoint"""
         self["proxy_trusted"] += networks.replace(",", " ").split()

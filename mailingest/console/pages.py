@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 from twisted.web.template import Tag, tags
 
+from mailingest.delivery.domains import shown_domain
 from mailingest.handoff.events import iso
 from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
@@ -99,7 +100,27 @@ def organisations(orgs: list[dict], session) -> Tag:
     return layout("Organisations", [note, table(headings, rows)], session)
 
 
-def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session, error: str | None = None) -> Tag:
+def domains_section(domains: list[dict]) -> list:
+    """An organisation's own domains and where their verification stands (issue 27); nothing when it has none."""
+    if not domains:
+        return []
+    rows = [
+        (
+            tags.span(shown_domain(d["domain"]), title=d["domain"]),
+            tags.span(d["status"], class_=f"status domain-{d['status']}"),
+            ", ".join(d["local_parts"]) or "any",
+            when(d["checked_at"]),
+            when(d["txt_missing_since"]),
+            d["last_error"] or "",
+        )
+        for d in domains
+    ]
+    return [tags.h2("Domains"), table(("Domain", "Status", "Local parts", "Last checked", "TXT missing since", "Problem"), rows)]
+
+
+def messages(
+    org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session, error: str | None = None, domains: list[dict] = (),
+) -> Tag:
     form = tags.form(method="get", action=f"/console/orgs/{org['id']}/messages", class_="filters")(
         tags.label("Search ", tags.input(type="search", name="q", value=filters.get("q", ""), placeholder="subject, sender or Message-ID")),
         tags.label(
@@ -137,6 +158,7 @@ def messages(org: dict, rows: list[dict], filters: dict, next_cursor: str | None
         f"Messages of {org['slug']}",
         [
             tags.p(error, class_="error", role="alert") if error else "",
+            *domains_section(list(domains)),
             form,
             table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows),
             empty,
@@ -198,6 +220,7 @@ def message(
                 ("Organisation", row["org_slug"]),
                 ("MAIL FROM", row["mail_from"]),
                 ("RCPT TO", row["rcpt_to"]),
+                ("Came in on", row.get("rcpt_domain")),
                 ("Message-ID", row["source_message_id"]),
                 ("Client", row["client_ip"]),
                 ("HELO", row["helo"]),

@@ -293,7 +293,8 @@ class _OrgMessages(_Page):
             return await site.page(request, pages.messages(orgs[0], [], filters, None, session, str(e)), 400)
         rows = await site.store.search_messages(id, limit=PAGE_SIZE + 1, **search)
         cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
-        await site.page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session))
+        domains = await site.store.list_domains(org_id=id)
+        await site.page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session, domains=domains))
 
 
 class _Org(_Page):
@@ -518,9 +519,10 @@ def make_site(
     admin_token: str | None = None,
     api_url: str | None = None,
     checks: Mapping[str, Check] | None = None,
+    mail_host: str | None = None,
 ) -> server.Site:
     """The site of C{--api}: the JSON API and the console (whose status page runs C{checks}, by default the database's and storage's)."""
-    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock))
+    api = ApiResource(store, blobs, admin_token, api_url, AuthThrottle(clock), mail_host)
     checks = {"database": store.check, "storage": blobs.check} if checks is None else checks
     https = api_url is not None and api_url.startswith("https://")
     console = ConsoleResource(store, blobs, api, Sessions(clock), rejections, checks, clock, https=https)

@@ -28,7 +28,8 @@ from mailingest.encoded_words import decode_header
 from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.received import printable
-from mailingest.delivery.routing import normalise_domain, parse_recipient, valid_slug
+from mailingest.delivery.domains import recipient_domain_key
+from mailingest.delivery.routing import POSTMASTER_SLUG, normalise_domain, parse_recipient, unquote_local, valid_slug
 from mailingest.delivery.spool import Spool
 
 SOURCE = "smtp"
@@ -45,9 +46,12 @@ log = Logger(namespace="mailingest.delivery")
 
 @dataclass(frozen=True)
 class Recipient:
+    """Who a recipient address is for, and the domain it came in on (ours or the organisation's own)."""
+
     org_id: int
     slug: str
     address: str
+    domain: str = ""
 
 
 @dataclass
@@ -207,20 +211,45 @@ class Ingest:
         address = f"{local}@{domain}"
         # RFC 5321 4.5.1: postmaster at each of our domains, and <postmaster>
         # without a domain, which the protocol gives our host name.
-        if route.domain not in self.domains and not (route.postmaster and route.domain == normalise_domain(self.hostname)):
+        if route.domain in self.domains or (route.postmaster and route.domain == normalise_domain(self.hostname)):
+            return self._route_plus(user, route, address)
+        key = recipient_domain_key(domain)
+        custom = self.directory.domain(key) if key else None
+        if custom is None:
             metrics.REJECTED.labels("relay").inc()
             return defer.fail(smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied: we do not accept mail for " + printable(route.domain)))
+        return self._route_custom(user, route, local, address, key, custom)
+
+    def _route_plus(self, user: smtp.User, route, address: str) -> defer.Deferred:
+        """C{LOCAL+SLUG} at one of our C{--domain}s (or postmaster there)."""
         if route.slug is None:
             metrics.REJECTED.labels("unknown_org").inc()
             return defer.fail(smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: address must be LOCAL+ORGANISATION@" + route.domain))
         # A tag that is no valid slug names no organisation (nor the reserved one).
         d = self.directory.lookup(route.slug) if route.postmaster or valid_slug(route.slug) else defer.succeed(None)
+        return self._decided(d, user, route.slug, address, route.domain)
 
+    def _route_custom(self, user: smtp.User, route, local: str, address: str, key: str, custom: dict) -> defer.Deferred:
+        """
+        Any local part (or one of its listed ones) at an organisation's verified
+        domain: the domain alone decides the organisation, so a C{+tag} there is
+        only a subaddress (C{orders+globex@acme.example} is still acme's), and
+        postmaster there is the reserved postmaster organisation's.
+        """
+        if route.postmaster:
+            return self._decided(self.directory.lookup(POSTMASTER_SLUG), user, POSTMASTER_SLUG, address, key)
+        base = unquote_local(local).partition("+")[0].lower()
+        if custom["local_parts"] and base not in custom["local_parts"]:
+            metrics.REJECTED.labels("unknown_org").inc()
+            return defer.fail(smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient"))
+        return self._decided(self.directory.lookup(custom["slug"]), user, custom["slug"], address, key)
+
+    def _decided(self, d: defer.Deferred, user: smtp.User, slug: str, address: str, domain: str) -> defer.Deferred:
         def decide(org_id):
             if org_id is None:
                 metrics.REJECTED.labels("unknown_org").inc()
                 raise smtp.SMTPBadRcpt(user, 550, "5.1.1 No such recipient: unknown organisation")
-            return Recipient(org_id, route.slug, address)
+            return Recipient(org_id, slug, address, domain)
 
         def unavailable(failure):
             failure.trap(Exception)
@@ -303,7 +332,10 @@ class Ingest:
             "tls": envelope.tls,
         }
         rows = [
-            dict(shared, org_id=org_id, rcpt_to=", ".join(r.address for r in by_org[org_id]))
+            dict(
+                shared, org_id=org_id, rcpt_to=", ".join(r.address for r in by_org[org_id]),
+                rcpt_domain=", ".join(dict.fromkeys(r.domain for r in by_org[org_id] if r.domain)) or None,
+            )
             for org_id in orgs
         ]
         try:

@@ -25,13 +25,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
-from mailingest.errors import BlobNotFound, ConfigError
+from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, NoSuchDomain, NoSuchOrg
 from mailingest.handoff import openapi
+from mailingest.delivery.domains import new_token as new_domain_token
+from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
 from mailingest.handoff.events import document_object, iso, message_object
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
-from mailingest.interfaces import IOrgStore, IReadStore
+from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
 from mailingest.storage.store import MESSAGE_STATUSES
+from mailingest.verification.domain_proof import dns_records
 
 log = Logger(namespace="mailingest.api")
 
@@ -76,13 +79,6 @@ async def token_scope(store: IOrgStore, admin_hash: str | None, token: str) -> i
     if org is None:
         raise UnknownToken()
     return org["id"]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def _not_found(what: str) -> ApiError:
@@ -153,19 +149,27 @@ class _RequestSink:
 class _Path(Node):
     """
     A path of the API: GET and HEAD only (405 otherwise, on any path, before
-    routing), errors as JSON with their code; a path that is no endpoint, or
+    routing) but for the admin's custom domain paths, which list their
+    C{methods}; errors as JSON with their code; a path that is no endpoint, or
     anything below one, is C{no_route}.
     """
+
+    methods = (b"GET", b"HEAD")
 
     def missing(self) -> resource.IResource:
         return _Path(self.site)
 
     async def answer(self, request: server.Request) -> None:
         try:
-            if request.method not in (b"GET", b"HEAD"):
-                request.setHeader(b"allow", b"GET, HEAD")
-                raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
-            await self.get(request)
+            if request.method not in self.methods:
+                request.setHeader(b"allow", b", ".join(self.methods))
+                if self.methods == _Path.methods:
+                    raise ApiError(405, "method_not_allowed", "this API is read-only: GET and HEAD only")
+                raise ApiError(405, "method_not_allowed", "allowed here: " + b", ".join(self.methods).decode())
+            if request.method in (b"GET", b"HEAD"):
+                await self.get(request)
+            else:
+                await self.change(request, await self.site.authorize(request))
         except ApiError as e:
             self.site.send_json(request, {"error": e.code, "message": str(e)}, e.status)
         except TooManyFailures as e:
@@ -174,6 +178,9 @@ class _Path(Node):
 
     async def get(self, request: server.Request) -> None:
         raise ApiError(404, "no_route", "no such endpoint; see /v1/openapi.json")
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        raise NotImplementedError
 
     def failed(self, failure: Failure, request: server.Request) -> None:
         log.failure("API request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
@@ -244,6 +251,48 @@ class _Documents(_Path):
     item = _Document
 
 
+class _Domain(_Endpoint):
+    """One custom domain: an organisation's token sees its own; the admin's removes it (DELETE)."""
+
+    methods = (b"GET", b"HEAD", b"DELETE")
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        row = await self.site.row(self.site.store.get_domain_by_id, self.id, scope, "domain")
+        self.site.send_json(request, domain_json(row))
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        admin_only(scope)
+        row = await self.site.row(self.site.store.get_domain_by_id, self.id, None, "domain")
+        try:
+            await self.site.store.remove_domain(row["domain"])
+        except NoSuchDomain:
+            raise _not_found("domain") from None
+        self.site.send_json(request, dict(domain_json(row), status="removed"))
+
+
+class _Domains(_Endpoint):
+    """The custom domains an organisation's token sees (its own) or the admin's (all); the admin's adds one (POST)."""
+
+    methods = (b"GET", b"HEAD", b"POST")
+    item = _Domain
+
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        rows = await self.site.store.list_domains(org_id=scope)
+        self.site.send_json(request, {"domains": [domain_json(row) for row in rows]})
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        admin_only(scope)
+        slug, key, parts = domain_request(request.content.read(MAX_REQUEST_BODY + 1))
+        try:
+            row = await self.site.store.add_domain(slug, key, new_domain_token(), parts)
+        except NoSuchOrg as e:
+            raise ApiError(422, "no_such_organization", str(e)) from None
+        except DomainTaken as e:
+            raise ApiError(409, "domain_taken", str(e)) from None
+        records = dns_records(key, row["token"], self.site.mail_host) if self.site.mail_host else []
+        self.site.send_json(request, dict(domain_json(row), token=row["token"], dns_records=records), 201)
+
+
 class _OpenApi(_Endpoint):
     public = True
 
@@ -252,7 +301,7 @@ class _OpenApi(_Endpoint):
 
 
 class _V1(_Path):
-    below = {b"messages": _Messages, b"documents": _Documents, b"openapi.json": _OpenApi}
+    below = {b"messages": _Messages, b"documents": _Documents, b"domains": _Domains, b"openapi.json": _OpenApi}
 
 
 class ApiResource(_Path):
@@ -260,8 +309,12 @@ class ApiResource(_Path):
 
     below = {b"v1": _V1}
 
-    def __init__(self, store: "IReadStore | IOrgStore", blobs, admin_token: str | None = None, api_url: str | None = None, throttle: AuthThrottle | None = None):
+    def __init__(
+        self, store: "IReadStore | IOrgStore | IDomainStore", blobs, admin_token: str | None = None, api_url: str | None = None,
+        throttle: AuthThrottle | None = None, mail_host: str | None = None,
+    ):
         super().__init__(self)
+        self.mail_host = mail_host
         if throttle is None:
             from twisted.internet import reactor
 

@@ -83,12 +83,19 @@ def api_link(api_url: str | None, path: str) -> str:
 def message_object(message_id: int, row: dict, status: str, error: str | None, api_url: str | None) -> dict:
     """
     The fields a message has in the API and in a webhook alike, by the same
-    names: C{id} is our row id, C{message_id_header} the sender's Message-ID.
+    names: C{id} is our row id, C{message_id_header} the sender's Message-ID;
+    the envelope's C{domains} are those its recipients came in on (one of ours,
+    or the organisation's own verified domain), empty for a message stored
+    before they were recorded.
     """
     return {
         "id": message_id,
         "message_id_header": row["source_message_id"],
-        "envelope": {"from": row["mail_from"], "to": row["rcpt_to"].split(", ")},
+        "envelope": {
+            "from": row["mail_from"],
+            "to": row["rcpt_to"].split(", "),
+            "domains": row["rcpt_domain"].split(", ") if row.get("rcpt_domain") else [],
+        },
         "subject": row["subject"],
         "received_at": iso(row["received_at"]),
         "status": status,

@@ -24,7 +24,14 @@ def _object(properties: dict) -> dict:
 _MESSAGE = {
     "id": {"type": "integer", "description": "the message's id in mailingest"},
     "message_id_header": {**_NULLABLE_TEXT, "description": "the sender's Message-ID header"},
-    "envelope": _object({"from": _TEXT, "to": {"type": "array", "items": _TEXT}}),
+    "envelope": _object({
+        "from": _TEXT,
+        "to": {"type": "array", "items": _TEXT},
+        "domains": {
+            "type": "array", "items": _TEXT,
+            "description": "the domains the recipients came in on: one of ours (LOCAL+SLUG@) or the organisation's own verified domain (A-label form)",
+        },
+    }),
     "subject": _NULLABLE_TEXT,
     "received_at": _TIME,
     "status": {"type": "string", "enum": list(MESSAGE_STATUSES)},
@@ -45,12 +52,35 @@ _DOCUMENT = {
     "message_id": {"type": "integer", "description": "the id of the message it came from (not its Message-ID header)"},
     "created_at": _TIME,
 }
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_DOMAIN = {
+    "id": {"type": "integer"},
+    "organization": {**_TEXT, "description": "the organisation's slug"},
+    "domain": {**_TEXT, "description": "the domain in A-label form, lower case, as it is stored and matched"},
+    "unicode": {**_TEXT, "description": "the domain in U-label form, for people"},
+    "status": {"type": "string", "enum": ["pending", "verified", "suspended"]},
+    "local_parts": {"type": "array", "items": _TEXT, "description": "the local parts that take mail; empty: any"},
+    "txt_name": {**_TEXT, "description": "where the TXT record with the token goes"},
+    "created_at": _TIME,
+    "checked_at": _NULLABLE_TIME,
+    "verified_at": _NULLABLE_TIME,
+    "txt_missing_since": {**_NULLABLE_TIME, "description": "a verified domain's TXT record missing since; suspended after the daemon's --domain-grace"},
+    "last_error": {**_NULLABLE_TEXT, "description": "what the last check found missing"},
+}
 SCHEMAS = {
     "Message": _object(_MESSAGE),
     "Document": _object(_DOCUMENT),
     "MessageWithDocuments": _object({**_MESSAGE, "documents": {"type": "array", "items": _ref("Document")}}),
     "MessagePage": _object({"messages": {"type": "array", "items": _ref("Message")}, "next_cursor": _NULLABLE_TEXT}),
     "Error": _object({"error": _TEXT, "message": _TEXT}),
+    "Domain": _object(_DOMAIN),
+    "DomainList": _object({"domains": {"type": "array", "items": _ref("Domain")}}),
+    "NewDomain": _object({
+        **_DOMAIN,
+        "token": {**_TEXT, "description": "publish mailingest-verification=TOKEN at txt_name; shown only here"},
+        "dns_records": {"type": "array", "items": _TEXT, "description": "the TXT and MX records to publish, in zone file form"},
+    }),
+    "RemovedDomain": _object({**_DOMAIN, "status": {"type": "string", "enum": ["removed"]}}),
 }
 
 
@@ -76,6 +106,21 @@ def _get(summary: str, ok: str, parameters=(), content_type: str = "application/
     }
 
 
+def _change(method: str, summary: str, status: str, ok: str, schema: str, errors: dict, parameters=(), body: dict | None = None) -> dict:
+    """A POST or DELETE, the admin token's: an organisation's token gets 403."""
+    operation = {
+        "summary": summary,
+        "parameters": list(parameters),
+        "responses": {
+            status: {"description": ok, "content": {"application/json": {"schema": _ref(schema)}}},
+            **errors, **_ERRORS, "403": _error("not the admin token (error: forbidden)"),
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return {method: operation}
+
+
 DOCUMENT = {
     "openapi": "3.1.0",
     "info": {"title": "mailingest API", "version": "1"},
@@ -98,6 +143,23 @@ DOCUMENT = {
         "/v1/messages/{id}/raw": _get("The message as received (MIME)", "the raw message", [_ID], "message/rfc822"),
         "/v1/documents/{id}": _get("One document", "the document", [_ID], schema="Document"),
         "/v1/documents/{id}/content": _get("The document's bytes", "the content", [_ID], "application/octet-stream"),
+        "/v1/domains": {
+            **_get("Custom domains: an organisation's own, or every one for the admin token", "the domains", schema="DomainList"),
+            **_change(
+                "post", "Give an organisation a domain, pending until DNS proves it (admin token)", "201", "the domain, its token and records",
+                "NewDomain", {"400": _error("not a domain or a bad body (error: bad_request, bad_domain)"),
+                              "409": _error("the domain, in any form, is already an organisation's (error: domain_taken)"),
+                              "422": _error("no such organisation (error: no_such_organization)")},
+                body={
+                    "type": "object", "required": ["organization", "domain"],
+                    "properties": {"organization": _TEXT, "domain": _TEXT, "local_parts": {"type": "array", "items": _TEXT}},
+                },
+            ),
+        },
+        "/v1/domains/{id}": {
+            **_get("One custom domain", "the domain", [_ID], schema="Domain"),
+            **_change("delete", "Remove a domain: its mail is refused from then on (admin token)", "200", "the removed domain", "RemovedDomain", {}, [_ID]),
+        },
         "/v1/openapi.json": _get("This document", "the OpenAPI document", errors={}),
     },
 }

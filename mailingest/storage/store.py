@@ -16,6 +16,7 @@ from zope.interface import implementer
 from mailingest.interfaces import IStore, IWebhookEvents
 
 from mailingest.storage.engines import IEngine, create_engine
+from mailingest.storage.stores.domains import DomainStore
 from mailingest.storage.stores.intake import IntakeStore
 from mailingest.storage.stores.orgs import OrgStore
 from mailingest.storage.stores.outbox import OutboxStore
@@ -30,7 +31,9 @@ __all__ = ["Store", "open_store", "migrations", "VERDICT_COLUMNS", "MESSAGE_STAT
 
 
 @implementer(IStore)
-class Store(SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore):
+class Store(
+    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, DomainStore,
+):
     """
     Every role on one engine: what C{--database} opens. C{events} says which
     status changes write an event to the outbox (the webhook side's

@@ -6,7 +6,8 @@ readiness), C{orgs} (organisations and API tokens), C{intake} (the SMTP
 side: which organisations take mail, inserts, dedup, raw key use),
 C{queue} (the extraction queue: claims, outcomes, retries, status
 history), C{quarantine} (sender verdicts, policy and quarantine),
-C{outbox} (the webhook outbox) and C{reads} (the read model the API,
+C{outbox} (the webhook outbox), C{domains} (custom domains and their
+verification) and C{reads} (the read model the API,
 console and admin command page through). All of them share one engine and
 one transaction helper (L{mailingest.storage.stores.base.StoreBase}), and
 L{mailingest.storage.store.Store} composes them into the one object the

@@ -21,7 +21,7 @@ MESSAGE_COLUMNS = (
     " content_sha256, message_id_collision"
     ", client_ip, helo, tls, spf, spf_domain, dkim, dkim_domain, dmarc, dmarc_domain,"
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
-    ", warnings"
+    ", warnings, rcpt_domain"
 )
 
 

@@ -60,8 +60,8 @@ class IntakeStore(StoreBase):
             "INSERT INTO inbound_message (org_id, source, source_message_id,"
             " mail_from, rcpt_to, subject, raw_key, raw_size, raw_sha256, content_sha256,"
             " message_id_collision, status, attempts, received_at, next_attempt_at,"
-            " client_ip, helo, tls)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?, ?, ?, ?)"
+            " client_ip, helo, tls, rcpt_domain)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', 0, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (org_id, source, source_message_id) DO NOTHING RETURNING id",
             (
                 row["org_id"],
@@ -80,6 +80,7 @@ class IntakeStore(StoreBase):
                 row.get("client_ip"),
                 row.get("helo"),
                 row.get("tls"),
+                row.get("rcpt_domain"),
             ),
         )
         inserted = txn.fetchone()

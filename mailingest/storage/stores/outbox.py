@@ -128,7 +128,7 @@ class OutboxStore(StoreBase):
         await txn.execute(
             "SELECT e.id, e.event_id, e.event_type, e.message_status, e.message_error, e.attempts,"
             " e.retry_from, e.org_id, o.slug AS org_slug, w.url, w.secret,"
-            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.subject, m.received_at"
+            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.rcpt_domain, m.subject, m.received_at"
             " FROM webhook_event e JOIN organization o ON o.id = e.org_id"
             " JOIN inbound_message m ON m.id = e.inbound_message_id"
             " LEFT JOIN org_webhook w ON w.org_id = e.org_id"
