@@ -144,6 +144,12 @@ class ISchemaStore(IStoreRole, IClosable):
         Create or upgrade the schema; fires with the list of applied versions.
         """
 
+    def build_indexes(progress=None, keep_going=None):
+        """
+        Build what migrations leave to be built online (the search index),
+        without holding the write lock for long; fires when done or stopped.
+        """
+
     def check():
         """
         Fire with None when the database answers, fail otherwise (readiness).
@@ -461,7 +467,7 @@ class IReadStore(IStoreRole):
 
     def list_messages(org_slug=None, status=None, limit: int = 50):
         """
-        Fire with messages, newest first, each with an extra C{org_slug}.
+        Fire with messages, newest first by id, each with an extra C{org_slug}.
         """
 
     def get_message(message_id: int):

@@ -50,7 +50,9 @@ INDEXES = {
     "inbound_message": [
         ("org_id", "source", "source_message_id"),
         ("org_id", "received_at"),
-        ("org_id", "status"),
+        # Issue 28: the pages of an organisation, unfiltered and by status, newest first by id.
+        ("org_id", "id"),
+        ("org_id", "status", "id"),
     ],
 }
 
@@ -367,15 +369,18 @@ class StoreContract:
         def ids(rows):
             return [row["id"] for row in rows]
 
-        self.assertEqual(ids((yield self.store.list_messages())), [other, second, third, first])
+        # Newest first by id (the order of arrival), as the API and the console
+        # page (issue 28: an index holds every filter in that order); not by
+        # received_at, which the test sets out of step with the ids.
+        self.assertEqual(ids((yield self.store.list_messages())), [other, third, second, first])
         self.assertEqual(
-            ids((yield self.store.list_messages(org_slug="ACME"))), [second, third, first]
+            ids((yield self.store.list_messages(org_slug="ACME"))), [third, second, first]
         )
         self.assertEqual(ids((yield self.store.list_messages(status="received"))), [other, second])
         self.assertEqual(
             ids((yield self.store.list_messages(org_slug="acme", status="failed"))), [third]
         )
-        self.assertEqual(ids((yield self.store.list_messages(limit=2))), [other, second])
+        self.assertEqual(ids((yield self.store.list_messages(limit=2))), [other, third])
         self.assertEqual((yield self.store.list_messages(org_slug="nobody")), [])
         rows = yield self.store.list_messages(limit=1)
         self.assertEqual(rows[0]["org_slug"], "globex")

@@ -20,31 +20,26 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
-from typing import Any, BinaryIO
-
-from twisted.internet import defer, task
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mailingest import __version__
-from mailingest.app import mail_sender as send_test
 from mailingest.app.cli_domains import add_domain_commands
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
-from mailingest.handoff.events import MESSAGE_EVENTS
-from mailingest.console.resource import head_of, read_headers
-from mailingest.handoff.api import new_token, token_hash
-from mailingest.handoff.events import BadSecret, check_secret, new_secret
-from mailingest.handoff.targets import TargetPolicy, check_target
-from mailingest.interfaces import IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
-from mailingest.storage.sweeper import check_min_age, sweep
-from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
-from mailingest.storage.blobs import open_blobs
-from mailingest.storage.store import EVENT_STATUSES, open_store
+from mailingest.storage.statuses import EVENT_STATUSES
 from mailingest.storage.urls import sqlite_path
-from mailingest.scanning.verdicts import ON_VIRUS, UNSCANNED, ContentPolicy
-from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
+from mailingest.scanning.content_policy import ON_VIRUS, UNSCANNED, ContentPolicy
+from mailingest.verification.requirements import REQUIREMENTS
+
+# Twisted, the store, the console and the API are imported inside the
+# functions that use them: --help and a simple listing start fast (issue 28).
+if TYPE_CHECKING:
+    from mailingest.interfaces import (
+        BlobInfo, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore,
+    )
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed", "quarantined")
@@ -71,6 +66,8 @@ DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_t
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256", "virus", "virus_detail")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
+# The full sweep says how far it got every this many blobs.
+PROGRESS_EVERY = 100_000
 # The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
 _WEBHOOK_POLICY_KEYS = ("webhook_allow_http", "webhook_allow_private")
 
@@ -193,6 +190,9 @@ class CommandBackends:
         self._blobs = None
 
     def open_store(self) -> None:
+        from mailingest.handoff.events import MESSAGE_EVENTS
+        from mailingest.storage.store import open_store
+
         url = self.settings.database
         try:
             self.store = open_store(url, MESSAGE_EVENTS)
@@ -203,6 +203,8 @@ class CommandBackends:
 
     @property
     def blobs(self):
+        from mailingest.storage.blobs import open_blobs
+
         if self._blobs is None:
             url = self.settings.storage
             try:
@@ -274,6 +276,8 @@ async def cmd_migrate(session: CommandBackends, args: argparse.Namespace) -> Non
         print("applied schema version(s) " + ", ".join(str(v) for v in applied))
     else:
         print("schema up to date")
+    # What migrations leave to build online (the search index); the daemon does it too when it starts.
+    await session.store.build_indexes(lambda line: print(line, flush=True))
 
 
 async def cmd_org_add(session: CommandBackends, args: argparse.Namespace) -> None:
@@ -315,6 +319,8 @@ async def cmd_messages_list(session: CommandBackends, args: argparse.Namespace) 
 
 async def _shown_headers(session: CommandBackends, raw_key: str) -> dict[str, str]:
     """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them, unfolded."""
+    from mailingest.console.resource import head_of, read_headers
+
     headers, _ = read_headers(await head_of(session.blobs, raw_key))
     first: dict[str, str] = {}
     for name, value in headers:
@@ -423,6 +429,8 @@ async def _download(session: CommandBackends, row: dict, path: str, what: str) -
 
 
 async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> None:
+    from mailingest.verification.policy import SenderPolicy
+
     domains = None
     if args.any_domain:
         domains = []
@@ -477,17 +485,33 @@ async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> N
 
 async def cmd_gc(session: CommandBackends, args: argparse.Namespace) -> None:
     """The daemon's options (same environment and file) give the default margin and its floor."""
+    from mailingest.app.service import DEFAULT_SCRATCH_DIR
+    from mailingest.storage.journal import JOURNAL_DIR, IntentJournal
+    from mailingest.storage.sweeper import check_min_age, sweep, sweep_journal
+
     daemon = Settings.settle(environ=os.environ, config_path=args.config)
     min_age = check_min_age(daemon.gc_min_age if args.min_age is None else args.min_age, daemon.gc_floor)
 
-    def show(blob: BlobInfo) -> None:
-        print(f"orphan {blob.key} ({blob.size} bytes)")
+    def show(blob: "BlobInfo") -> None:
+        print(f"orphan {blob.key}" + (f" ({blob.size} bytes)" if blob.mtime else ""))
 
-    found = await sweep(session.store, session.blobs, min_age, dry_run=args.dry_run, on_orphan=show)
+    def progress(found) -> None:
+        # On stderr, so stdout stays the list of orphans.
+        if found.scanned // PROGRESS_EVERY != getattr(progress, "shown", 0):
+            progress.shown = found.scanned // PROGRESS_EVERY
+            print(f"gc: {found.scanned} blob(s) scanned, {found.orphans} orphaned so far", file=sys.stderr, flush=True)
+
+    if args.recent:
+        journal = IntentJournal(os.path.join(session.blobs.scratch_dir or DEFAULT_SCRATCH_DIR, JOURNAL_DIR))
+        found = await sweep_journal(session.store, session.blobs, journal, min_age, dry_run=args.dry_run, on_orphan=show)
+        what = "key(s) of the intent journal checked"
+    else:
+        found = await sweep(session.store, session.blobs, min_age, dry_run=args.dry_run, on_orphan=show, on_page=progress)
+        what = "blob(s) scanned"
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{verb} {found.orphans} orphaned blob(s) ({found.orphan_bytes} bytes) and {found.temporaries}"
-        f" stale temporary file(s) ({found.temporary_bytes} bytes); {found.scanned} blob(s) scanned,"
+        f" stale temporary file(s) ({found.temporary_bytes} bytes); {found.scanned} {what},"
         f" only those older than {min_age:g} s considered"
     )
 
@@ -497,6 +521,9 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
     The daemon's target policy decides which URLs are allowed: its options
     here, else the same environment and file as the daemon's.
     """
+    from mailingest.handoff.events import BadSecret, check_secret, new_secret
+    from mailingest.handoff.targets import TargetPolicy, check_target
+
     if args.remove:
         removed = await session.store.remove_webhook(args.slug)
         print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
@@ -526,6 +553,8 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
 
 
 async def cmd_org_token(session: CommandBackends, args: argparse.Namespace) -> None:
+    from mailingest.handoff.api import new_token, token_hash
+
     if args.revoke:
         count = await session.store.revoke_tokens(args.slug)
         print(f"revoked {count} API token(s) of {args.slug.lower()}")
@@ -552,6 +581,8 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     A new admin token straight into its file, mode 0600: never on a terminal,
     in shell history or in a process list.
     """
+    from mailingest.handoff.api import new_token
+
     exists = f"{args.write} exists: --force replaces it (the daemon reads its token file at start)"
     if not args.force and os.path.lexists(args.write):
         raise CommandError(exists)
@@ -571,6 +602,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     Plain blocking SMTP, no database: to C{--server}, else to the daemon's
     SMTP endpoint, found as the daemon finds it (C{--smtp}, environment, file).
     """
+    from mailingest.app import mail_sender as send_test
+
     if args.server:
         server, found_as = args.server, ""
     else:
@@ -578,14 +611,15 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         descriptions = resolve((smtp,), {"smtp": args.smtp}, os.environ, args.config)["smtp"]
         server, endpoint = send_test.daemon_server(descriptions)
         found_as = f" (the daemon's SMTP endpoint {endpoint}; --server HOST:PORT sends elsewhere)"
+    sender = args.sender or send_test.DEFAULT_SENDER
     attachments = [send_test.FileToAttach.load(path) for path in args.attach]
     messages = (
         send_test.build_test_message(
-            args.sender, args.to, attachments, args.subject, index, args.count
+            sender, args.to, attachments, args.subject, index, args.count
         ).as_bytes()
         for index in range(1, args.count + 1)
     )
-    replies = send_test.send(server, args.sender, args.to, messages, args.timeout, found_as)
+    replies = send_test.send(server, sender, args.to, messages, args.timeout, found_as)
     for index, reply in enumerate(replies, 1):
         print(f"sent {index}/{args.count} to {server}: {reply}", flush=True)
     return 0
@@ -761,8 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's --smtp endpoint (e.g. tcp:25): send to it on this machine",
     )
     send.add_argument(
-        "--from", dest="sender", default=send_test.DEFAULT_SENDER, metavar="ADDR",
-        help=f"envelope and header sender [default: {send_test.DEFAULT_SENDER}]",
+        "--from", dest="sender", metavar="ADDR",
+        help="envelope and header sender [default: mailingest-test@localhost]",
     )
     send.add_argument("--subject", metavar="TEXT", help="[default: mailingest test message]")
     send.add_argument(
@@ -780,8 +814,17 @@ def build_parser() -> argparse.ArgumentParser:
     admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
     admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
-    gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
+    gc = _command(
+        commands, "gc",
+        "delete blobs no row references (left by failed or interrupted deliveries): every blob stored"
+        " (progress on stderr), or with --recent only those the daemon's intent journal names",
+        cmd_gc,
+    )
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument(
+        "--recent", action="store_true",
+        help="the daemon's routine sweep: only the blobs put since its last one (its intent journal, under the scratch directory)",
+    )
     gc.add_argument(
         "--min-age", type=_positive_float, metavar="SECONDS",
         help="only blobs older than this [default: the gc-min-age option, 86400]",
@@ -812,6 +855,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _react(run: Callable[[], Awaitable[int]]) -> int:
     """One reactor run for one command; C{run} reports its own errors and returns the exit status."""
+    from twisted.internet import defer, task
+
     status: list[int] = []
 
     async def recorded() -> None:

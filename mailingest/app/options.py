@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mailingest.errors import ConfigError
-from mailingest.verification.resolver import parse_resolver_address
 
 SECTION = "mailingest"
 
@@ -132,6 +131,13 @@ def process_count(text: str) -> int:
     return positive_int(text)
 
 
+
+def _resolver_address(text: str):
+    """The verification resolver's parser, imported when an address is given (dnspython is slow to import)."""
+    from mailingest.verification.resolver import parse_resolver_address
+
+    return parse_resolver_address(text)
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -176,7 +182,7 @@ DAEMON_OPTIONS = (
     Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", positive_float, metavar="SECONDS"),
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
-    Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", parse_resolver_address, metavar="HOST[:PORT]"),
+    Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", _resolver_address, metavar="HOST[:PORT]"),
     Option("dns-budget", 5.0, "seconds of DNS lookups the sender checks of one message may take; past it a check gives temperror", positive_float, metavar="SECONDS"),
     Option("api", "none", "JSON API endpoint (e.g. tcp:8026:interface=127.0.0.1 or ssl:...), or 'none'", metavar="ENDPOINT"),
     Option("api-admin-token-file", None, "file holding the API's admin token, which sees every organisation [default: no admin token]", metavar="FILE"),

@@ -34,6 +34,7 @@ from mailingest.handoff.api import read_admin_token
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
+from mailingest.storage.journal import journaled
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -197,6 +198,8 @@ class AfterMigration(service.MultiService):
         self.store = store
         self.ready = defer.Deferred()
         self._starting = None
+        self._indexing = None
+        self._index_logged = False
 
     def privilegedStartService(self):
         """The children start only after the migration (so no SMTP port is open before): nothing to do yet."""
@@ -213,6 +216,15 @@ class AfterMigration(service.MultiService):
             log.info("database schema upgraded: applied {versions}", versions=applied)
         super().startService()
         self.ready.callback(None)
+        # After the start, not before: filling a search index can take minutes and mail must flow meanwhile.
+        self._indexing = self.store.build_indexes(self._index_progress, lambda: self.running)
+        self._indexing.addErrback(lambda failure: log.error("search index: not finished: {error}", error=failure.getErrorMessage()))
+
+    def _index_progress(self, line: str) -> None:
+        # One line per batch would flood the log: the first and the last.
+        if not self._index_logged or line.endswith("complete"):
+            self._index_logged = True
+            log.info("{line}", line=line)
 
     def _failed_to_start(self, failure):
         if failure.check(defer.CancelledError):
@@ -436,6 +448,8 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     # Spool and work files live beside the blobs when they are on local disk,
     # so storing them is a hard link rather than a copy.
     scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
+    # Every put written down first, so the sweeper looks at what changed (issue 28).
+    blobs = journaled(blobs, scratch)
     spool_dir = spool_directory(scratch)
     disk = DiskCheck(local_data_directories(settings, spool_dir), settings.min_free_space)
     readiness_checks = {"database": store.check, "storage": blobs.check, "disk": disk}
@@ -458,7 +472,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     make_domain_checker(settings, store, reactor).setServiceParent(serving)
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
-        GcService(store, blobs, settings.gc_interval, min_age, reactor).setServiceParent(serving)
+        GcService(store, blobs, settings.gc_interval, min_age, reactor, blobs.journal).setServiceParent(serving)
     if settings.multi_process:
         intake.setServiceParent(serving)
         tls_context, smtp_listeners = intake.tls_context, []

@@ -22,7 +22,8 @@ from mailingest.extraction.outcomes import ExtractionOutcomes
 from mailingest.extraction.pool import ParserDied, ParsePool
 from mailingest.ops import metrics
 from mailingest.scanning.scanner import ContentScanner
-from mailingest.scanning.verdicts import ContentPolicy, ContentVerdicts, Decision, decide
+from mailingest.scanning.content_policy import ContentPolicy
+from mailingest.scanning.verdicts import ContentVerdicts, Decision, decide
 from mailingest.verification.policy import SenderPolicy, Violation, violation
 from mailingest.verification.results import Verdicts, verdict_columns
 from mailingest.verification.settings import CheckSettings
