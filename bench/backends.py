@@ -91,12 +91,20 @@ class Backend:
     postgres: str | None = None
     s3: str | None = None
     s3_endpoint: str | None = None
+    # The daemon's --clamd and --rspamd (None: that scanner is off).
+    clamd: str | None = None
+    rspamd: str | None = None
 
     @property
     def label(self) -> str:
         database = "postgresql" if self.postgres else "sqlite"
         storage = "s3" if self.s3 else "file"
-        return f"{database}+{storage}"
+        scanners = "".join(f"+{name}" for name in ("clamd", "rspamd") if getattr(self, name))
+        return f"{database}+{storage}{scanners}"
+
+    def scanner_args(self) -> list[str]:
+        """The daemon's options for the content scanners given."""
+        return [*(["--clamd", self.clamd] if self.clamd else []), *(["--rspamd", self.rspamd] if self.rspamd else [])]
 
     def database(self, directory: str) -> Database:
         if self.postgres:

@@ -89,6 +89,8 @@ def arguments(argv: list[str]) -> argparse.Namespace:
         "--sustained", type=int, metavar="N",
         help="messages of the one long 1 KiB round per mailingest target, whose count of stored messages must match; 0 skips it [30000, --quick: 3000]",
     )
+    parser.add_argument("--clamd", metavar="ENDPOINT", help="mailingest scans with this clamd (--clamd of the daemon) [off]")
+    parser.add_argument("--rspamd", metavar="URL", help="mailingest asks this rspamd for spam verdicts (--rspamd of the daemon) [off]")
     parser.add_argument("--processes", default="1", help="mailingest --processes values to compare, e.g. 1,2,auto [1]")
     parser.add_argument("--workdir", help="where to create the run's scratch directory [system temp dir]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (server logs, stored data)")
@@ -118,9 +120,10 @@ def plan_of(args: argparse.Namespace) -> Plan:
 
 
 def backends_of(args: argparse.Namespace) -> list[Backend]:
-    chosen = [Backend()]
+    scanners = {"clamd": args.clamd, "rspamd": args.rspamd}
+    chosen = [Backend(**scanners)]
     if args.postgres or args.s3:
-        chosen.append(Backend(postgres=args.postgres, s3=args.s3, s3_endpoint=args.s3_endpoint))
+        chosen.append(Backend(postgres=args.postgres, s3=args.s3, s3_endpoint=args.s3_endpoint, **scanners))
     return chosen
 
 

@@ -260,6 +260,7 @@ class Mailingest(Server):
             "--dns-resolver", f"{HOST}:{self.dns_port}",
             "--processes", self.processes,
             *self.backend.storage_args(self.directory),
+            *self.backend.scanner_args(),
         ]
 
     def _children(self, module: str) -> list[int]:

@@ -144,6 +144,12 @@ class ISchemaStore(IStoreRole, IClosable):
         Create or upgrade the schema; fires with the list of applied versions.
         """
 
+    def build_indexes(progress=None, keep_going=None):
+        """
+        Build what migrations leave to be built online (the search index),
+        without holding the write lock for long; fires when done or stopped.
+        """
+
     def check():
         """
         Fire with None when the database answers, fail otherwise (readiness).
@@ -309,12 +315,13 @@ class IExtractionQueue(IStoreRole):
         crash.
         """
 
-    def mark_parsed(message_id: int, documents=(), warnings: str | None = None, verdicts=None):
+    def mark_parsed(message_id: int, documents=(), warnings: str | None = None, verdicts=None, content=None):
         """
         Record the message's documents (dicts with the C{document} columns but
         C{id}, C{inbound_message_id} and C{created_at}, plus C{ordinal}), its
-        C{warnings} (the parts it skipped) and its sender C{verdicts} (a dict
-        of C{VERDICT_COLUMNS}, or None) and move it to C{parsed}, in one
+        C{warnings} (the parts it skipped), its sender C{verdicts} (a dict
+        of C{VERDICT_COLUMNS}, or None) and its C{content} verdicts (a dict of
+        C{CONTENT_COLUMNS}, or None) and move it to C{parsed}, in one
         transaction. A document already recorded for the same (message,
         ordinal) is updated in place (same id and blob key), and those past
         the new count are removed, so extracting again (C{reprocess} under
@@ -354,13 +361,15 @@ class IExtractionQueue(IStoreRole):
 
 
 class IQuarantineStore(IStoreRole):
-    """Sender verdicts, each organisation's sender policy, quarantine and release."""
+    """Sender and content verdicts, each organisation's sender and content policy, quarantine and release."""
 
-    def mark_quarantined(message_id: int, reason: str, verdicts=None):
+    def mark_quarantined(message_id: int, reason: str, verdicts=None, documents=None, content=None):
         """
         Move a message that breaks its organisation's sender policy to
         C{quarantined} with the reason and its C{verdicts}; its documents are
-        not extracted until L{release}. The one place this status is set.
+        not extracted until L{release}. One that breaks its content policy
+        comes with its C{documents} (as for C{mark_parsed}) and C{content}
+        verdicts, kept to be shown. The one place this status is set.
         """
 
     def release(message_id: int):
@@ -373,6 +382,19 @@ class IQuarantineStore(IStoreRole):
         """
         Set an organisation's sender policy (None keeps a part as it is): the
         organisation row with C{sender_allow_domains} and C{sender_require}.
+        """
+
+    def set_content_policy(slug: str, on_virus=None, spam_threshold=None, unscanned=None, no_spam_threshold=False):
+        """
+        Set an organisation's content policy (None keeps a part as it is;
+        C{no_spam_threshold} clears the threshold): the organisation row with
+        its sender and content policy (C{on_virus}, C{spam_threshold}, C{unscanned}).
+        """
+
+    def allow_infected(message_id: int):
+        """
+        Record an admin's release of a message's infected documents (they may
+        then be downloaded); the message row, or L{NoSuchMessage}.
         """
 
 
@@ -445,7 +467,7 @@ class IReadStore(IStoreRole):
 
     def list_messages(org_slug=None, status=None, limit: int = 50):
         """
-        Fire with messages, newest first, each with an extra C{org_slug}.
+        Fire with messages, newest first by id, each with an extra C{org_slug}.
         """
 
     def get_message(message_id: int):

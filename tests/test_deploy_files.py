@@ -168,7 +168,7 @@ class DockerTests(unittest.TestCase):
                 self.assertIn(expected, text)
             return
         services = yaml.safe_load(text)["services"]
-        self.assertEqual(set(services), {"mailingest", "postgres", "minio", "minio-init"})
+        self.assertEqual(set(services), {"mailingest", "postgres", "minio", "minio-init", "clamav", "rspamd"})
         daemon = services["mailingest"]
         self.assertEqual(daemon["build"], ".")
         self.assertEqual(daemon["restart"], "always")
@@ -194,6 +194,13 @@ class DockerTests(unittest.TestCase):
         self.assertIn("healthcheck", services["minio"])
         self.assertEqual(services["minio-init"]["image"], "minio/mc")
         self.assertIn("mc mb --ignore-existing store/mailingest", services["minio-init"]["command"][0])
+        # The scanners, wired to the daemon (which does not wait for them: see README "Malware and spam").
+        self.assertEqual(environment["MAILINGEST_CLAMD"], "tcp:clamav:3310")
+        self.assertEqual(environment["MAILINGEST_RSPAMD"], "http://rspamd:11333")
+        self.assertTrue(services["clamav"]["image"].startswith("clamav/clamav"))
+        self.assertTrue(services["rspamd"]["image"].startswith("rspamd/rspamd"))
+        for mount in services["rspamd"]["volumes"][:2]:
+            self.assertTrue(os.path.exists(os.path.join(REPO, mount.split(":")[0])), mount)
 
 
 class PackagingTests(unittest.TestCase):

@@ -15,7 +15,10 @@ from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.storage.blobs import open_blobs
+from mailingest.storage.journal import JOURNAL_DIR, IntentJournal, JournaledBlobs
 from mailingest.storage.store import open_store
+from mailingest.interfaces import IBlobStore
+from zope.interface.verify import verifyObject
 from tests import postgres
 from tests.daemon import RunningDaemon, mailingest_cli, sleep, temp_dir
 from tests.moto import shared_server
@@ -149,6 +152,60 @@ class GcCommandTests(unittest.TestCase):
         self.assertIn(b"gc minimum age 60 s is too short", result.stderr)
 
 
+class JournalSweepTests(unittest.TestCase):
+    """The routine sweep (issue 28): only the blobs the intent journal names, whatever else is stored."""
+
+    def test_journaled_blobs_is_a_blob_store(self):
+        blobs = JournaledBlobs(open_blobs("file:" + temp_dir(self)), IntentJournal(temp_dir(self)))
+        self.assertTrue(verifyObject(IBlobStore, blobs))
+
+    async def test_a_journal_that_cannot_be_written_fails_the_put(self):
+        """Not a blob the sweeper would never see: the put fails (a 451 for SMTP), with the reason."""
+        directory = temp_dir(self)
+        blobs = JournaledBlobs(open_blobs("file:" + os.path.join(directory, "blobs")), IntentJournal(os.path.join(directory, "journal")))
+        # Gone, and a file in its place: no file can be made in it, whoever runs the test.
+        os.rmdir(blobs.journal.directory)
+        with open(blobs.journal.directory, "w"):
+            pass
+        error = await self.assertFailure(put(blobs, ["raw/2026/01/01/x.eml"]), defer.FirstError)
+        self.assertIn("gc journal", str(error.subFailure.value))
+        self.assertEqual(await stored_keys(blobs), set())
+
+    async def test_recent_sweeps_only_journaled_keys_of_hours_past_the_margin(self):
+        directory = temp_dir(self)
+        blobs_dir = os.path.join(directory, "blobs")
+        database = "sqlite:///" + os.path.join(directory, "m.db")
+        self.options = ("--database", database, "--storage", "file:" + blobs_dir)
+        store, blobs = open_store(database, MESSAGE_EVENTS), open_blobs("file:" + blobs_dir)
+        self.addCleanup(store.close)
+        self.addCleanup(blobs.close)
+        live, orphans = await populate(store, blobs)
+        journal_dir = os.path.join(blobs_dir, ".scratch", JOURNAL_DIR)
+        old = JournaledBlobs(blobs, IntentJournal(journal_dir, now=lambda: OLD))
+        young = JournaledBlobs(blobs, IntentJournal(journal_dir))
+        announced = orphans[:10] + live[:20]
+        await put(old, announced)
+        await put(young, ["raw/2026/01/02/young-orphan.eml"])
+        for key in live + orphans:
+            os.utime(blobs.path_for(key), (OLD, OLD))
+        self.assertEqual(len(os.listdir(journal_dir)), 2)
+
+        result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", "--recent", "--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = result.stdout.decode()
+        self.assertEqual({line.split()[1] for line in report.splitlines() if line.startswith("orphan ")}, set(orphans[:10]))
+        self.assertIn("30 key(s) of the intent journal checked", report)
+        self.assertEqual(len(os.listdir(journal_dir)), 2, "a dry run keeps the journal")
+
+        result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", "--recent")
+        self.assertIn("removed 10 orphaned blob(s)", result.stdout.decode())
+        self.assertEqual(await stored_keys(blobs), set(live + orphans[10:] + ["raw/2026/01/02/young-orphan.eml"]))
+        self.assertEqual(len(os.listdir(journal_dir)), 1, "the swept hour's file is gone, this hour's stays")
+        result = await threads.deferToThread(mailingest_cli, directory, *self.options, "gc", "--recent")
+        self.assertIn("removed 0 orphaned blob(s)", result.stdout.decode())
+        self.assertIn(" 0 key(s) of the intent journal checked", result.stdout.decode())
+
+
 class GcServiceTests(unittest.TestCase):
     quick = {"store_timeout": "0.1", "extraction_lease": "0.1", "extraction_timeout": "0.1"}
 
@@ -174,7 +231,11 @@ class GcServiceTests(unittest.TestCase):
         self.assertTrue(os.path.exists(path))
         await sleep(0.5)
         self.assertTrue(os.path.exists(path), "removed while younger than --gc-min-age")
-        os.utime(path, (OLD, OLD))
+        # The daemon wrote the put down in its intent journal, in this hour's
+        # file: make that an hour long past, as if the put were two days old.
+        journal = daemon.blobs.journal
+        for name in os.listdir(journal.directory):
+            os.rename(os.path.join(journal.directory, name), os.path.join(journal.directory, "2026010100-" + name.split("-", 1)[1]))
         # the summary line comes once the sweep is over, after the delete
         await removed_one.addTimeout(5, reactor)
         self.assertFalse(os.path.exists(path))

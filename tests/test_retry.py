@@ -121,6 +121,9 @@ class RefusingStore:
             return defer.fail(OSError("connection refused"))
         return defer.succeed([1, 2])
 
+    def build_indexes(self, progress=None, keep_going=None):
+        return defer.succeed(None)
+
 
 class FixedStore:
     """A database whose migration is the given Deferred."""
@@ -130,6 +133,9 @@ class FixedStore:
 
     def migrate(self):
         return self.migrated
+
+    def build_indexes(self, progress=None, keep_going=None):
+        return defer.succeed(None)
 
 
 class DaemonMigrateRetryTests(SynchronousTestCase):

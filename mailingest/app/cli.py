@@ -20,32 +20,27 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
-from typing import Any, BinaryIO
-
-from twisted.internet import defer, task
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mailingest import __version__
-from mailingest.app import mail_sender as send_test
 from mailingest.app import retention_cli
 from mailingest.app.cli_domains import add_domain_commands
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuchMessage, NoSuchOrg
-from mailingest.handoff.events import MESSAGE_EVENTS
-from mailingest.console.resource import head_of, read_headers
-from mailingest.handoff.api import new_token, token_hash
-from mailingest.handoff.events import BadSecret, check_secret, new_secret
-from mailingest.handoff.targets import TargetPolicy, check_target
-from mailingest.interfaces import IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
-from mailingest.storage.retention import gone
-from mailingest.storage.sweeper import check_min_age, sweep
-from mailingest.interfaces import BlobInfo
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
-from mailingest.storage.blobs import open_blobs
-from mailingest.storage.store import EVENT_STATUSES, open_store
+from mailingest.storage.statuses import EVENT_STATUSES
 from mailingest.storage.urls import sqlite_path
-from mailingest.verification.policy import REQUIREMENTS, SenderPolicy
+from mailingest.scanning.content_policy import ON_VIRUS, UNSCANNED, ContentPolicy
+from mailingest.verification.requirements import REQUIREMENTS
+
+# Twisted, the store, the console and the API are imported inside the
+# functions that use them: --help and a simple listing start fast (issue 28).
+if TYPE_CHECKING:
+    from mailingest.interfaces import (
+        BlobInfo, IExtractionQueue, IIntakeStore, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore,
+    )
 
 PROG = "mailingest"
 STATUSES = ("received", "parsed", "failed", "quarantined", "incinerated")
@@ -62,13 +57,19 @@ SENDER_FIELDS = (
     "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
 )
+CONTENT_FIELDS = (
+    "virus", "virus_detail", "spam_action", "spam_score", "spam_required", "spam_symbols", "spam_detail",
+    "unscanned", "infected_allowed_at",
+)
 QUARANTINE_TABLE = (*MESSAGE_TABLE, "quarantine_reason")
 SHOWN_HEADERS = ("From", "To", "Date", "Subject", "Message-ID")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
-MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256")
+MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256", "virus", "virus_detail")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
 CELL_WIDTH = 64
+# The full sweep says how far it got every this many blobs.
+PROGRESS_EVERY = 100_000
 # The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
 _WEBHOOK_POLICY_KEYS = ("webhook_allow_http", "webhook_allow_private")
 
@@ -191,6 +192,9 @@ class CommandBackends:
         self._blobs = None
 
     def open_store(self) -> None:
+        from mailingest.handoff.events import MESSAGE_EVENTS
+        from mailingest.storage.store import open_store
+
         url = self.settings.database
         try:
             self.store = open_store(url, MESSAGE_EVENTS)
@@ -201,6 +205,8 @@ class CommandBackends:
 
     @property
     def blobs(self):
+        from mailingest.storage.blobs import open_blobs
+
         if self._blobs is None:
             url = self.settings.storage
             try:
@@ -272,6 +278,8 @@ async def cmd_migrate(session: CommandBackends, args: argparse.Namespace) -> Non
         print("applied schema version(s) " + ", ".join(str(v) for v in applied))
     else:
         print("schema up to date")
+    # What migrations leave to build online (the search index); the daemon does it too when it starts.
+    await session.store.build_indexes(lambda line: print(line, flush=True))
 
 
 async def cmd_org_add(session: CommandBackends, args: argparse.Namespace) -> None:
@@ -313,6 +321,8 @@ async def cmd_messages_list(session: CommandBackends, args: argparse.Namespace) 
 
 async def _shown_headers(session: CommandBackends, raw_key: str) -> dict[str, str]:
     """The first of each of L{SHOWN_HEADERS} in the stored copy, read as the console reads them, unfolded."""
+    from mailingest.console.resource import head_of, read_headers
+
     headers, _ = read_headers(await head_of(session.blobs, raw_key))
     first: dict[str, str] = {}
     for name, value in headers:
@@ -320,13 +330,20 @@ async def _shown_headers(session: CommandBackends, raw_key: str) -> dict[str, st
     return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
 
 
+def _refuse_gone(row: dict) -> None:
+    """A message incinerated, or a document deleted, by retention or erasure: its content is gone, say so."""
+    from mailingest.storage.retention import gone
+
+    if gone(row):
+        raise ContentGone(gone(row))
+
+
 async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) -> None:
     """The row is shown even when object storage cannot give the headers: the reason takes their place."""
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
     try:
-        if gone(row):
-            raise ContentGone(gone(row))
+        _refuse_gone(row)
         headers, unread = await _shown_headers(session, row["raw_key"]), None
     except (MailingestError, OSError) as e:
         headers, unread = {}, _user_message(e, session.settings)
@@ -338,10 +355,10 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     for name, value in headers.items():
         print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
     print()
-    shown = (MESSAGE_FIELDS, SENDER_FIELDS) + ((TOMBSTONE_FIELDS,) if row["status"] == "incinerated" else ())
+    shown = (MESSAGE_FIELDS, SENDER_FIELDS, CONTENT_FIELDS) + ((TOMBSTONE_FIELDS,) if row["status"] == "incinerated" else ())
     for fields in shown:
         if fields is not MESSAGE_FIELDS:
-            print("\nsender:" if fields is SENDER_FIELDS else "\ntombstone:")
+            print({SENDER_FIELDS: "\nsender:", CONTENT_FIELDS: "\ncontent:"}.get(fields, "\ntombstone:"))
         width = max(len(name) for name in fields) + 1
         for name in fields:
             print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
@@ -352,8 +369,8 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
 
 async def cmd_messages_raw(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.message(args.id)
-    if gone(row):
-        raise ContentGone(gone(row))
+    _refuse_gone(row)
+    _refuse_infected(row, f"message {args.id}")
     out = sys.stdout.buffer
     await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
     out.flush()
@@ -383,9 +400,10 @@ async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) 
     row = await session.store.get_document(args.id)
     if row is None:
         raise CommandError(f"no document {args.id}")
-    if gone(row):
-        raise ContentGone(gone(row))
+    _refuse_gone(row)
     what = f"document {args.id}"
+    if row.get("virus") == "infected":
+        _refuse_infected(await session.message(row["inbound_message_id"]), what)
     if args.output == "-":
         await _copy_blob(session, row["storage_key"], sys.stdout.buffer, what, row["sha256"], row["size"])
         sys.stdout.buffer.flush()
@@ -425,6 +443,8 @@ async def _download(session: CommandBackends, row: dict, path: str, what: str) -
 
 
 async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> None:
+    from mailingest.verification.policy import SenderPolicy
+
     domains = None
     if args.any_domain:
         domains = []
@@ -434,13 +454,37 @@ async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> 
             if not _DOMAIN.match(domain):
                 raise CommandError(f"invalid domain {domain!r} for --allow-domain")
     row = await session.store.set_sender_policy(args.slug, domains, args.require)
+    row = await session.store.set_content_policy(
+        args.slug, args.on_virus, args.spam_threshold, args.unscanned, args.spam_threshold_none
+    )
     policy = SenderPolicy.from_columns(row["sender_allow_domains"], row["sender_require"])
     print(f"sender policy of {row['slug']}: {policy.describe()}")
+    print(f"content policy of {row['slug']}: {ContentPolicy.from_row(row).describe()}")
 
 
 async def cmd_release(session: CommandBackends, args: argparse.Namespace) -> None:
+    """An infected message is released only with C{--allow-infected}, which is logged and lets its documents out."""
+    row = await session.message(args.id)
+    if row.get("virus") == "infected":
+        if not args.allow_infected:
+            raise CommandError(
+                f"message {args.id} is infected ({row['virus_detail']}): release it with --allow-infected"
+                " if its documents may be downloaded anyway"
+            )
+        # Logged where the message's story is told: its status history (the console shows it).
+        await session.store.allow_infected(args.id)
+        print(f"message {args.id}: its infected documents may be downloaded ({row['virus_detail']}); recorded in its history")
+        if row["status"] != "quarantined":
+            return
     await session.store.release(args.id)
     print(f"released message {args.id}: queued for extraction")
+
+
+def _refuse_infected(message: dict, what: str) -> None:
+    if message.get("virus") == "infected" and message.get("infected_allowed_at") is None:
+        raise CommandError(
+            f"{what} is infected ({message['virus_detail']}); `mailingest release {message['id']} --allow-infected` first"
+        )
 
 
 async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> None:
@@ -455,17 +499,33 @@ async def cmd_reprocess(session: CommandBackends, args: argparse.Namespace) -> N
 
 async def cmd_gc(session: CommandBackends, args: argparse.Namespace) -> None:
     """The daemon's options (same environment and file) give the default margin and its floor."""
+    from mailingest.app.service import DEFAULT_SCRATCH_DIR
+    from mailingest.storage.journal import JOURNAL_DIR, IntentJournal
+    from mailingest.storage.sweeper import check_min_age, sweep, sweep_journal
+
     daemon = Settings.settle(environ=os.environ, config_path=args.config)
     min_age = check_min_age(daemon.gc_min_age if args.min_age is None else args.min_age, daemon.gc_floor)
 
-    def show(blob: BlobInfo) -> None:
-        print(f"orphan {blob.key} ({blob.size} bytes)")
+    def show(blob: "BlobInfo") -> None:
+        print(f"orphan {blob.key}" + (f" ({blob.size} bytes)" if blob.mtime else ""))
 
-    found = await sweep(session.store, session.blobs, min_age, dry_run=args.dry_run, on_orphan=show)
+    def progress(found) -> None:
+        # On stderr, so stdout stays the list of orphans.
+        if found.scanned // PROGRESS_EVERY != getattr(progress, "shown", 0):
+            progress.shown = found.scanned // PROGRESS_EVERY
+            print(f"gc: {found.scanned} blob(s) scanned, {found.orphans} orphaned so far", file=sys.stderr, flush=True)
+
+    if args.recent:
+        journal = IntentJournal(os.path.join(session.blobs.scratch_dir or DEFAULT_SCRATCH_DIR, JOURNAL_DIR))
+        found = await sweep_journal(session.store, session.blobs, journal, min_age, dry_run=args.dry_run, on_orphan=show)
+        what = "key(s) of the intent journal checked"
+    else:
+        found = await sweep(session.store, session.blobs, min_age, dry_run=args.dry_run, on_orphan=show, on_page=progress)
+        what = "blob(s) scanned"
     verb = "would remove" if args.dry_run else "removed"
     print(
         f"{verb} {found.orphans} orphaned blob(s) ({found.orphan_bytes} bytes) and {found.temporaries}"
-        f" stale temporary file(s) ({found.temporary_bytes} bytes); {found.scanned} blob(s) scanned,"
+        f" stale temporary file(s) ({found.temporary_bytes} bytes); {found.scanned} {what},"
         f" only those older than {min_age:g} s considered"
     )
 
@@ -475,6 +535,9 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
     The daemon's target policy decides which URLs are allowed: its options
     here, else the same environment and file as the daemon's.
     """
+    from mailingest.handoff.events import BadSecret, check_secret, new_secret
+    from mailingest.handoff.targets import TargetPolicy, check_target
+
     if args.remove:
         removed = await session.store.remove_webhook(args.slug)
         print(f"removed the webhook of {args.slug.lower()}" if removed else f"{args.slug.lower()} had no webhook")
@@ -504,6 +567,8 @@ async def cmd_org_webhook(session: CommandBackends, args: argparse.Namespace) ->
 
 
 async def cmd_org_token(session: CommandBackends, args: argparse.Namespace) -> None:
+    from mailingest.handoff.api import new_token, token_hash
+
     if args.revoke:
         count = await session.store.revoke_tokens(args.slug)
         print(f"revoked {count} API token(s) of {args.slug.lower()}")
@@ -530,6 +595,8 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     A new admin token straight into its file, mode 0600: never on a terminal,
     in shell history or in a process list.
     """
+    from mailingest.handoff.api import new_token
+
     exists = f"{args.write} exists: --force replaces it (the daemon reads its token file at start)"
     if not args.force and os.path.lexists(args.write):
         raise CommandError(exists)
@@ -549,6 +616,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     Plain blocking SMTP, no database: to C{--server}, else to the daemon's
     SMTP endpoint, found as the daemon finds it (C{--smtp}, environment, file).
     """
+    from mailingest.app import mail_sender as send_test
+
     if args.server:
         server, found_as = args.server, ""
     else:
@@ -556,14 +625,15 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         descriptions = resolve((smtp,), {"smtp": args.smtp}, os.environ, args.config)["smtp"]
         server, endpoint = send_test.daemon_server(descriptions)
         found_as = f" (the daemon's SMTP endpoint {endpoint}; --server HOST:PORT sends elsewhere)"
+    sender = args.sender or send_test.DEFAULT_SENDER
     attachments = [send_test.FileToAttach.load(path) for path in args.attach]
     messages = (
         send_test.build_test_message(
-            args.sender, args.to, attachments, args.subject, index, args.count
+            sender, args.to, attachments, args.subject, index, args.count
         ).as_bytes()
         for index in range(1, args.count + 1)
     )
-    replies = send_test.send(server, args.sender, args.to, messages, args.timeout, found_as)
+    replies = send_test.send(server, sender, args.to, messages, args.timeout, found_as)
     for index, reply in enumerate(replies, 1):
         print(f"sent {index}/{args.count} to {server}: {reply}", flush=True)
     return 0
@@ -661,6 +731,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--require", choices=REQUIREMENTS,
         help="the check that must pass: dmarc, dkim or spf (aligned with From:), or none",
     )
+    policy.add_argument(
+        "--on-virus", choices=ON_VIRUS,
+        help="a message clamd finds infected: quarantine it (default), reject-documents (drop the infected ones) or tag it",
+    )
+    policy.add_argument(
+        "--spam-threshold", type=float, metavar="SCORE", help="quarantine a message rspamd scores above SCORE"
+    )
+    policy.add_argument("--no-spam-threshold", dest="spam_threshold_none", action="store_true", help="no spam quarantine (default)")
+    policy.add_argument(
+        "--unscanned", choices=UNSCANNED,
+        help="a scanner that cannot answer: hold the message (default; retried, up to --max-attempts) or pass it, marked unscanned",
+    )
     webhook = _command(org, "webhook", "set (or --remove) the URL an organisation's events are POSTed to", cmd_org_webhook)
     webhook.add_argument("slug", metavar="SLUG")
     webhook.add_argument("--url", metavar="URL", help="https:// URL of the application's receiver")
@@ -709,8 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
     reprocess.add_argument("--failed", action="store_true", help="every failed message")
     reprocess.add_argument("--org", metavar="SLUG", help="with --failed: only this organisation's")
 
-    release = _command(commands, "release", "extract a quarantined message, past its organisation's sender policy", cmd_release)
+    release = _command(commands, "release", "extract a quarantined message, past its organisation's sender and content policy", cmd_release)
     release.add_argument("id", type=int, metavar="ID")
+    release.add_argument(
+        "--allow-infected", action="store_true",
+        help="an infected message: let its documents be downloaded through the API and the console (logged)",
+    )
 
     send = _command(commands, "send-test", "send test mail over SMTP (no database needed)", cmd_send_test)
     send.add_argument("--to", action="append", required=True, metavar="ADDR", help="recipient (repeatable)")
@@ -723,8 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's --smtp endpoint (e.g. tcp:25): send to it on this machine",
     )
     send.add_argument(
-        "--from", dest="sender", default=send_test.DEFAULT_SENDER, metavar="ADDR",
-        help=f"envelope and header sender [default: {send_test.DEFAULT_SENDER}]",
+        "--from", dest="sender", metavar="ADDR",
+        help="envelope and header sender [default: mailingest-test@localhost]",
     )
     send.add_argument("--subject", metavar="TEXT", help="[default: mailingest test message]")
     send.add_argument(
@@ -744,8 +830,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     retention_cli.add_commands(commands, org, _command, _group, _positive_int)
 
-    gc = _command(commands, "gc", "delete blobs no row references (left by failed or interrupted deliveries)", cmd_gc)
+    gc = _command(
+        commands, "gc",
+        "delete blobs no row references (left by failed or interrupted deliveries): every blob stored"
+        " (progress on stderr), or with --recent only those the daemon's intent journal names",
+        cmd_gc,
+    )
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument(
+        "--recent", action="store_true",
+        help="the daemon's routine sweep: only the blobs put since its last one (its intent journal, under the scratch directory)",
+    )
     gc.add_argument(
         "--min-age", type=_positive_float, metavar="SECONDS",
         help="only blobs older than this [default: the gc-min-age option, 86400]",
@@ -758,6 +853,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("erase: --sender goes with --org (and --org with --sender)")
     if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
         parser.error("org policy: --allow-domain or --any-domain, not both")
+    if args.command == "org" and getattr(args, "spam_threshold_none", False) and args.spam_threshold is not None:
+        parser.error("org policy: --spam-threshold or --no-spam-threshold, not both")
     if args.command == "org" and args.org_command == "webhook" and args.remove == bool(args.url):
         parser.error("org webhook: give --url or --remove")
     if args.command == "org" and args.org_command == "token" and args.create == args.revoke:
@@ -776,6 +873,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _react(run: Callable[[], Awaitable[int]]) -> int:
     """One reactor run for one command; C{run} reports its own errors and returns the exit status."""
+    from twisted.internet import defer, task
+
     status: list[int] = []
 
     async def recorded() -> None:

@@ -11,14 +11,10 @@ import argparse
 import os
 from collections.abc import Callable
 
-from twisted.internet import reactor
-
 from mailingest.app.settings import Settings
 from mailingest.delivery.domains import BadDomain, domain_key, local_parts_of, new_token, shown_domain
 from mailingest.delivery.routing import normalise_domain
 from mailingest.errors import MailingestError, NoSuchDomain
-from mailingest.verification.domain_checker import DomainChecker
-from mailingest.verification.domain_proof import FORWARD_RECORD, dns_records, mail_targets, txt_name
 
 DOMAIN_TABLE = ("domain", "shown", "org_slug", "status", "local_parts", "checked_at", "last_error")
 _VERIFY_OPTIONS = ("hostname", "mx_host", "dns_resolver", "dns_budget", "domain_grace")
@@ -41,6 +37,9 @@ def _daemon(args: argparse.Namespace) -> Settings:
 
 
 async def cmd_domain_add(session, args: argparse.Namespace) -> None:
+    # Here, not at the top: the admin command's parser loads this module, and --help must start fast (issue 28).
+    from mailingest.verification.domain_proof import FORWARD_RECORD, dns_records, txt_name
+
     key = _key(args.domain)
     daemon = _daemon(args)
     if key in {normalise_domain(d) for d in (*daemon.domain, daemon.hostname)}:
@@ -84,6 +83,11 @@ async def cmd_domain_verify(session, args: argparse.Namespace) -> None:
     row = await session.store.get_domain(key)
     if row is None:
         raise NoSuchDomain(f"no organisation has the domain {key}")
+    from twisted.internet import reactor
+
+    from mailingest.verification.domain_checker import DomainChecker
+    from mailingest.verification.domain_proof import mail_targets
+
     daemon = _daemon(args)
     checker = DomainChecker(
         session.store, mail_targets(daemon.hostname, daemon.mx_host), daemon.dns_resolver, daemon.dns_budget, reactor,

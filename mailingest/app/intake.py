@@ -114,8 +114,11 @@ def build_intake(settings: Settings, fds: list[int], reactor, store, index: int 
     """The SMTP side of the daemon on inherited sockets; the schema is the parent's business."""
     from mailingest.app.service import DEFAULT_SCRATCH_DIR, add_smtp_side, make_ingest
     from mailingest.storage.blobs import open_blobs
+    from mailingest.storage.journal import journaled
 
     blobs = open_blobs(settings.storage, settings.s3_endpoint, settings.s3_region, os.environ)
+    # The parent's sweeper reads this process's journal file too: same scratch directory.
+    blobs = journaled(blobs, blobs.scratch_dir or DEFAULT_SCRATCH_DIR)
     root = _Intake(store, blobs)
     spool_dir = os.path.join(blobs.scratch_dir or DEFAULT_SCRATCH_DIR, "spool")
     ingest = make_ingest(settings, store, blobs, spool_dir, root)

@@ -14,11 +14,8 @@ from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate, make_msgid
 
-from twisted.internet import endpoints
-
 from mailingest import __version__
 from mailingest.errors import MailingestError
-from mailingest.twisted_private import tcp_listen_arguments
 
 DEFAULT_SENDER = "mailingest-test@localhost"
 # A daemon listening on every address of a family is reached on its loopback address.
@@ -72,7 +69,10 @@ def daemon_server(descriptions: Iterable[str]) -> tuple[str, str]:
     C{tcp6:} do; C{haproxy:} wants a PROXY header first, C{ssl:} TLS from the
     first byte, and a C{systemd:} socket has no port written in it.
     """
-    from twisted.internet import reactor
+    # Here, not at the top: the admin command starts without Twisted's endpoints.
+    from twisted.internet import endpoints, reactor
+
+    from mailingest.twisted_private import tcp_listen_arguments
 
     descriptions = list(descriptions)
     for description in descriptions:

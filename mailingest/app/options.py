@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mailingest.errors import ConfigError
-from mailingest.verification.resolver import parse_resolver_address
 
 SECTION = "mailingest"
 
@@ -53,6 +52,22 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+def clamd_endpoint(text: str) -> str:
+    """C{--clamd}: C{unix:/path} or C{tcp:host:port} (see L{mailingest.scanning.clamd.endpoint_description})."""
+    from mailingest.scanning.clamd import endpoint_description
+
+    endpoint_description(text)
+    return text
+
+
+def scanner_url(text: str) -> str:
+    """C{--rspamd}: an http:// or https:// base URL."""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:11333")
+    return text.rstrip("/")
 
 
 _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
@@ -116,6 +131,13 @@ def process_count(text: str) -> int:
     return positive_int(text)
 
 
+
+def _resolver_address(text: str):
+    """The verification resolver's parser, imported when an address is given (dnspython is slow to import)."""
+    from mailingest.verification.resolver import parse_resolver_address
+
+    return parse_resolver_address(text)
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -161,7 +183,7 @@ DAEMON_OPTIONS = (
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
     Option("retention-interval", 3600.0, "seconds between retention passes deleting what is past each organisation's retention period; 0 disables", _non_negative_float, metavar="SECONDS"),
-    Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", parse_resolver_address, metavar="HOST[:PORT]"),
+    Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", _resolver_address, metavar="HOST[:PORT]"),
     Option("dns-budget", 5.0, "seconds of DNS lookups the sender checks of one message may take; past it a check gives temperror", positive_float, metavar="SECONDS"),
     Option("api", "none", "JSON API endpoint (e.g. tcp:8026:interface=127.0.0.1 or ssl:...), or 'none'", metavar="ENDPOINT"),
     Option("api-admin-token-file", None, "file holding the API's admin token, which sees every organisation [default: no admin token]", metavar="FILE"),
@@ -170,6 +192,10 @@ DAEMON_OPTIONS = (
     Option("webhook-allow-private", False, "allow webhooks to loopback, private, link-local and other internal addresses", boolean, flag=True),
     Option("webhook-retry-horizon", 259200.0, "seconds a webhook event is retried before it is dead", positive_float, metavar="SECONDS"),
     Option("inline-images", "skip", "images the HTML body shows (cid:, Content-Location): skip, or keep them as documents too", _choice("skip", "keep"), metavar="skip|keep"),
+    Option("clamd", None, "ClamAV's clamd to scan every document and raw message with: unix:/run/clamav/clamd.ctl or tcp:HOST:PORT [default: no malware scanning]", clamd_endpoint, metavar="ENDPOINT"),
+    Option("clamd-max-stream", 26214400, "clamd's StreamMaxLength in bytes: a document larger is not sent and gets an 'error' verdict", positive_int, metavar="BYTES"),
+    Option("rspamd", None, "rspamd's normal worker to ask for spam verdicts, e.g. http://127.0.0.1:11333 [default: no spam verdicts]", scanner_url, metavar="URL"),
+    Option("scan-budget", 30.0, "seconds clamd, and rspamd, may take for one message; past it the part not scanned gets an 'error' verdict", positive_float, metavar="SECONDS"),
     Option("mx-host", [], "another host name a custom domain's MX may name besides --hostname (repeatable)", repeatable=True, metavar="NAME"),
     Option("domain-grace", 259200.0, "seconds a verified custom domain's TXT record may be missing before it is suspended", positive_float, metavar="SECONDS"),
     Option("domain-check-interval", 60.0, "seconds between the daemon's rounds of custom domain checks (pending ones are re-checked every 5 minutes, verified ones daily)", positive_float, metavar="SECONDS"),

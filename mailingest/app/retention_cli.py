@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mailingest.errors import MailingestError
-from mailingest.storage.retention import delete_now, erase_message
 
 # A period: a number and its unit, or keep (forever).
 _PERIOD = re.compile(r"^([0-9]{1,6})([smhdwy])$")
@@ -91,6 +90,8 @@ async def cmd_hold_list(session, args: argparse.Namespace) -> None:
 
 async def erase(session, message_id: int | None, sender: str | None, org: str | None) -> tuple[list[dict], list[dict]]:
     """Erase one message or a sender's messages of an organisation, batch by batch, deleting the blobs of each."""
+    from mailingest.storage.retention import delete_now, erase_message  # Twisted: only for the commands that need it
+
     if message_id is not None:
         return [await erase_message(session.store, session.blobs, message_id, actor())], []
     gone: list[dict] = []

@@ -34,12 +34,16 @@ from mailingest.handoff.api import read_admin_token
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
+from mailingest.storage.journal import journaled
 from mailingest.storage.retention import RetentionService
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.pool import ParsePool
+from mailingest.scanning.clamd import ClamdClient
+from mailingest.scanning.rspamd import RspamdClient
+from mailingest.scanning.scanner import ContentScanner
 from mailingest.verification.domain_checker import DomainChecker
 from mailingest.verification.domain_proof import mail_targets
 from mailingest.verification.settings import CheckSettings
@@ -195,6 +199,8 @@ class AfterMigration(service.MultiService):
         self.store = store
         self.ready = defer.Deferred()
         self._starting = None
+        self._indexing = None
+        self._index_logged = False
 
     def privilegedStartService(self):
         """The children start only after the migration (so no SMTP port is open before): nothing to do yet."""
@@ -211,6 +217,15 @@ class AfterMigration(service.MultiService):
             log.info("database schema upgraded: applied {versions}", versions=applied)
         super().startService()
         self.ready.callback(None)
+        # After the start, not before: filling a search index can take minutes and mail must flow meanwhile.
+        self._indexing = self.store.build_indexes(self._index_progress, lambda: self.running)
+        self._indexing.addErrback(lambda failure: log.error("search index: not finished: {error}", error=failure.getErrorMessage()))
+
+    def _index_progress(self, line: str) -> None:
+        # One line per batch would flood the log: the first and the last.
+        if not self._index_logged or line.endswith("complete"):
+            self._index_logged = True
+            log.info("{line}", line=line)
 
     def _failed_to_start(self, failure):
         if failure.check(defer.CancelledError):
@@ -370,7 +385,17 @@ def make_extraction(settings: Settings, store: "IExtractionQueue | IQuarantineSt
         stop_timeout=EXTRACTION_STOP_SECONDS,
         checks=CheckSettings(settings.hostname, settings.dns_resolver, settings.dns_budget),
         checker=CheckPool(timeout=settings.extraction_timeout, reactor=reactor, memory_limit=settings.extraction_memory_limit),
+        scanner=make_scanner(settings, reactor),
     )
+
+
+def make_scanner(settings: Settings, reactor) -> ContentScanner | None:
+    """The content scanners configured (C{--clamd}, C{--rspamd}), or None: no content verdicts."""
+    if settings.clamd is None and settings.rspamd is None:
+        return None
+    clamd = settings.clamd and ClamdClient(settings.clamd, settings.clamd_max_stream, reactor)
+    rspamd = settings.rspamd and RspamdClient(settings.rspamd, settings.hostname, reactor=reactor)
+    return ContentScanner(clamd or None, rspamd or None, settings.scan_budget, reactor)
 
 
 def make_webhooks(settings: Settings, store: IOutboxStore, reactor) -> WebhookService:
@@ -424,6 +449,8 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     # Spool and work files live beside the blobs when they are on local disk,
     # so storing them is a hard link rather than a copy.
     scratch = blobs.scratch_dir or DEFAULT_SCRATCH_DIR
+    # Every put written down first, so the sweeper looks at what changed (issue 28).
+    blobs = journaled(blobs, scratch)
     spool_dir = spool_directory(scratch)
     disk = DiskCheck(local_data_directories(settings, spool_dir), settings.min_free_space)
     readiness_checks = {"database": store.check, "storage": blobs.check, "disk": disk}
@@ -446,7 +473,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     make_domain_checker(settings, store, reactor).setServiceParent(serving)
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
-        GcService(store, blobs, settings.gc_interval, min_age, reactor).setServiceParent(serving)
+        GcService(store, blobs, settings.gc_interval, min_age, reactor, blobs.journal).setServiceParent(serving)
     if settings.retention_interval:
         RetentionService(store, blobs, settings.retention_interval, clock=reactor).setServiceParent(serving)
     if settings.multi_process:

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 from mailingest.app.options import ALL_OPTIONS, STORAGE_OPTIONS, Option, default_hostname, resolve
 from mailingest.errors import ConfigError
-from mailingest.smtp.proxy import ENDPOINT_PREFIX
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,6 +85,10 @@ class Settings(StorageSettings):
     webhook_allow_private: bool
     webhook_retry_horizon: float
     inline_images: str
+    clamd: str | None
+    clamd_max_stream: int
+    rspamd: str | None
+    scan_budget: float
     mx_host: tuple[str, ...]
     domain_grace: float
     domain_check_interval: float
@@ -96,6 +99,9 @@ class Settings(StorageSettings):
             object.__setattr__(self, "hostname", default_hostname())
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
+        # Here, not at the top: the admin command settles StorageSettings without the SMTP side.
+        from mailingest.smtp.proxy import ENDPOINT_PREFIX
+
         if any(d.startswith(ENDPOINT_PREFIX) for d in self.smtp) and not self.proxy_trusted:
             raise ConfigError(
                 "a haproxy: endpoint believes the client address its peer sends: "

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from twisted.web.template import Tag, tags
 
 from mailingest.delivery.domains import shown_domain
-from mailingest.handoff.events import iso
+from mailingest.handoff.events import iso, withheld
 from mailingest.storage.retention import gone
 from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
@@ -188,9 +188,12 @@ def message(
     incinerated = gone(row)
     document_rows = [
         (
-            tags.a(doc["filename"], href=f"/console/documents/{doc['id']}/content", download="")
-            if doc.get("deleted_at") is None
-            else tags.span(doc["filename"], f" (deleted: {doc['deleted_reason']}, {when(doc['deleted_at'])})", class_="deleted"),
+            tags.span(doc["filename"], f" (deleted: {doc['deleted_reason']}, {when(doc['deleted_at'])})", class_="deleted")
+            if doc.get("deleted_at") is not None
+            else tags.span(doc["filename"], class_="withheld")
+            if withheld(doc, row)
+            else tags.a(doc["filename"], href=f"/console/documents/{doc['id']}/content", download=""),
+            virus_badge(doc),
             doc["content_type"],
             str(doc["size"]),
             tags.code(doc["sha256"]),
@@ -214,7 +217,15 @@ def message(
         tags.p(
             tags.span(row["status"], class_=f"status {row['status']}"),
             " ",
-            tags.a("Download raw message", href=f"/console/messages/{mid}/raw", download="") if not incinerated else "",
+            virus_badge(row),
+            " ",
+            spam_badge(row),
+            " ",
+            ""
+            if incinerated
+            else tags.span("raw message withheld (infected)", class_="withheld")
+            if withheld(row, row)
+            else tags.a("Download raw message", href=f"/console/messages/{mid}/raw", download=""),
             " ",
             *actions,
         ),
@@ -251,8 +262,18 @@ def message(
         table(("Time", "Status", "Error"), [(when(change["at"]), change["status"], change["error"] or "") for change in history]),
         tags.h2("Sender verdicts"),
         definitions([(v.upper(), " ".join(filter(None, (row[v], row.get(f"{v}_domain"))))) for v in VERDICTS]),
+        tags.h2("Content verdicts"),
+        definitions(
+            [
+                ("Malware (clamd)", " ".join(filter(None, (row.get("virus"), row.get("virus_detail")))) or "not scanned"),
+                ("Spam (rspamd)", spam_text(row)),
+                ("Spam symbols", row.get("spam_symbols")),
+                ("Unscanned", row.get("unscanned")),
+                ("Infected released", when(row.get("infected_allowed_at"))),
+            ]
+        ),
         tags.h2("Documents"),
-        table(("File", "Type", "Bytes", "SHA-256"), document_rows) if documents else tags.p("No documents."),
+        table(("File", "Malware", "Type", "Bytes", "SHA-256"), document_rows) if documents else tags.p("No documents."),
         tags.h2("Webhook events"),
         table(("Event", "Status", "Attempts", "Last HTTP status", "Last error", "Written", "Delivered", ""), event_rows)
         if events
@@ -262,6 +283,32 @@ def message(
         tags.p("(headers cut short)") if truncated else "",
     ]
     return layout(row["subject"] or f"Message {mid}", body, session, session.notice)
+
+
+def virus_badge(row: dict) -> Tag | str:
+    """clamd's verdict on a message or document, as a badge (nothing when not scanned)."""
+    verdict = row.get("virus")
+    if verdict is None:
+        return ""
+    label = {"clean": "clean", "infected": "infected", "error": "not scanned"}.get(verdict, verdict)
+    detail = row.get("virus_detail")
+    return tags.span(f"{label}: {detail}" if detail else label, class_=f"verdict virus-{verdict}", title=detail or label)
+
+
+def spam_text(row: dict) -> str:
+    if row.get("spam_action") is None:
+        return "not scanned"
+    if row["spam_action"] == "error":
+        return f"error: {row.get('spam_detail')}"
+    return f"{row['spam_score']:g} of {row['spam_required']:g} ({row['spam_action']})"
+
+
+def spam_badge(row: dict) -> Tag | str:
+    """rspamd's verdict on a message, as a badge (nothing when not scanned)."""
+    if row.get("spam_action") is None:
+        return ""
+    spam = row["spam_action"] not in ("no action", "error", "greylist")
+    return tags.span("spam " + spam_text(row) if spam else "spam: " + spam_text(row), class_="verdict " + ("spam" if spam else "ham"))
 
 
 class Action(NamedTuple):
@@ -286,8 +333,9 @@ ACTIONS = {
     "release": Action(
         "quarantined",
         "Release",
-        "It is extracted past its organisation's sender policy (its sender verdicts are kept), and its"
-        " documents are handed to your application like any other message's.",
+        "It is extracted past its organisation's sender and content policy (its sender verdicts are kept), and its"
+        " documents are handed to your application like any other message's; an infected document stays"
+        " withheld until an admin runs `mailingest release ID --allow-infected`.",
     ),
     "erase": Action(
         "parsed",
@@ -356,3 +404,11 @@ def not_found(session=None) -> Tag:
 
 def forbidden(session) -> Tag:
     return layout("Not allowed", [tags.p("Only the admin token may do this.")], session)
+
+
+def withheld_page(session, signature: str) -> Tag:
+    return layout(
+        "Infected: withheld",
+        [tags.p(f"ClamAV found {signature} in it. An admin can let it out with `mailingest release ID --allow-infected`.")],
+        session,
+    )

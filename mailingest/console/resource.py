@@ -32,6 +32,7 @@ from mailingest.errors import BlobNotFound, ContentGone, MessageHeld, NoSuchEven
 from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
+from mailingest.handoff.events import withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.ops.web import Node, numbered
 from mailingest.storage.retention import erase_message, gone
@@ -197,6 +198,8 @@ class _Page(Node):
             await site.page(request, pages.not_found(session), 404)
         except Forbidden:
             await site.page(request, pages.forbidden(session), 403)
+        except Withheld as e:
+            await site.page(request, pages.withheld_page(session, str(e)), 403)
 
     def failed(self, failure: Failure, request: server.Request) -> None:
         log.failure("console request {path} failed", failure, path=request.path.decode("utf-8", "replace"))
@@ -205,6 +208,15 @@ class _Page(Node):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.write(b"internal error; see the daemon's log\n")
             request.finish()
+
+
+class Withheld(Exception):
+    """Infected content no admin released: a page says so instead of the download."""
+
+
+def _withhold(content: dict, message: dict) -> None:
+    if withheld(content, message):
+        raise Withheld(content.get("virus_detail") or "infected")
 
 
 # signing in and out
@@ -319,6 +331,7 @@ class _Raw(_Page):
         row = self.site.scoped(await self.site.store.get_message(self.id), session)
         if gone(row):
             return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
+        _withhold(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{self.id}.eml")
 
 
@@ -399,6 +412,8 @@ class _DocumentDownload(_Page):
         row = self.site.scoped(await self.site.store.get_document(self.id), session)
         if gone(row):
             return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
+        if row.get("virus") == "infected":
+            _withhold(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
 
 

@@ -2,9 +2,10 @@
 One claimed message, from its raw copy to its outcome: sender-checked
 (L{mailingest.extraction.checks}) and held to its organisation's sender
 policy, parsed in a worker process (L{mailingest.extraction.pool}) from its
-raw copy (in place on local disk, else fetched into its work slot), each
-attachment stored under a key made of ids only, then its outcome recorded
-(L{mailingest.extraction.outcomes}). Every step is idempotent, so a message
+raw copy (in place on local disk, else fetched into its work slot), scanned
+(L{mailingest.scanning}) and held to its organisation's content policy,
+each attachment kept stored under a key made of ids only, then its outcome
+recorded (L{mailingest.extraction.outcomes}). Every step is idempotent, so a message
 interrupted anywhere is simply extracted again.
 """
 
@@ -20,8 +21,11 @@ from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.outcomes import ExtractionOutcomes
 from mailingest.extraction.pool import ParserDied, ParsePool
 from mailingest.ops import metrics
+from mailingest.scanning.scanner import ContentScanner
+from mailingest.scanning.content_policy import ContentPolicy
+from mailingest.scanning.verdicts import ContentVerdicts, Decision, decide
 from mailingest.verification.policy import SenderPolicy, Violation, violation
-from mailingest.verification.results import Verdicts
+from mailingest.verification.results import Verdicts, verdict_columns
 from mailingest.verification.settings import CheckSettings
 
 
@@ -32,6 +36,10 @@ def document_key(message: dict, ordinal: int) -> str:
 
 class PermanentFailure(Exception):
     """Retrying cannot help; the message goes to C{failed} at once."""
+
+
+class ScannerUnavailable(Exception):
+    """A scanner did not answer and the organisation holds unscanned mail: tried again with backoff."""
 
 
 class MessageExtraction:
@@ -48,12 +56,14 @@ class MessageExtraction:
         running: Callable[[], bool],
         checks: CheckSettings | None = None,
         checker: CheckPool | None = None,
+        scanner: ContentScanner | None = None,
     ) -> None:
         self.blobs = blobs
         self.parser = parser
         self.outcomes = outcomes
         self.checks = checks
         self.checker = checker
+        self.scanner = scanner
         self._running = running
 
     async def process(self, message: dict, slot: str, ordinal: int, parsing: defer.DeferredLock) -> None:
@@ -63,14 +73,17 @@ class MessageExtraction:
         slot's turn to parse (its C{parts} directory is one).
         """
         started = time.monotonic()
-        verdicts = None
+        verdicts = content = None
+        decision = Decision()
         try:
             raw_path = await self._raw_path(message, slot, ordinal)
             verdicts = await self._check_sender(message, raw_path)
             broken = self._policy_broken(message, verdicts)
             if broken is None:
                 async with parsing:
-                    result, documents = await self._extract(message, raw_path, slot)
+                    result = await self._parse(message, raw_path, slot)
+                    content, decision = await self._scan(message, raw_path, result, verdicts)
+                    documents = await self._store(message, result, content, decision.drop)
         except (UnparseableMessage, PermanentFailure) as e:
             await self.outcomes.failed(message, str(e), message["attempts"] + 1, verdicts)
         except Exception as e:
@@ -80,8 +93,11 @@ class MessageExtraction:
         else:
             if broken is not None:
                 await self.outcomes.quarantined(message, broken, verdicts)
+            elif decision.quarantine is not None:
+                broken = Violation(decision.kind, decision.quarantine)
+                await self.outcomes.quarantined(message, broken, verdicts, documents, content)
             else:
-                await self.outcomes.parsed(message, result, documents, verdicts, started)
+                await self.outcomes.parsed(message, result, documents, verdicts, started, content, decision.drop)
         finally:
             metrics.EXTRACTION_SECONDS.observe(time.monotonic() - started)
 
@@ -99,13 +115,44 @@ class MessageExtraction:
             raise PermanentFailure(f"raw message {raw_key} is missing from object storage")
         return raw_path
 
-    async def _extract(self, message: dict, raw_path: str, slot: str) -> tuple[ExtractionResult, list[dict]]:
+    async def _parse(self, message: dict, raw_path: str, slot: str) -> ExtractionResult:
         try:
-            result = await self.parser.parse(raw_path, os.path.join(slot, "parts"))
+            return await self.parser.parse(raw_path, os.path.join(slot, "parts"))
         except BlobNotFound:
             raise PermanentFailure(f"raw message {message['raw_key']} is missing from object storage")
+
+    async def _scan(
+        self, message: dict, raw_path: str, result: ExtractionResult, sender: Verdicts | None
+    ) -> tuple[ContentVerdicts | None, Decision]:
+        """
+        The content verdicts (None without scanners) and what the
+        organisation's content policy makes of them; a hold is raised as
+        L{ScannerUnavailable} (retried with backoff, up to C{--max-attempts}).
+        A released message is scanned again but not held to the policy.
+        """
+        if self.scanner is None:
+            return None, Decision()
+        columns = {name: message.get(name) for name in ("spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain", "dmarc_policy")}
+        if sender is not None:
+            columns.update(verdict_columns(sender))
+        paths = [attachment.path for attachment in result.attachments]
+        content = await self.scanner.scan(message, raw_path, paths, columns)
+        if message.get("released_at") is not None:
+            return content, Decision()
+        decision = decide(ContentPolicy.from_row(message), content, [a.filename for a in result.attachments])
+        if decision.hold is not None:
+            raise ScannerUnavailable(decision.hold)
+        return content, decision
+
+    async def _store(
+        self, message: dict, result: ExtractionResult, content: ContentVerdicts | None, drop: frozenset[int]
+    ) -> list[dict]:
+        """Each attachment kept (those in C{drop} are not) stored, with its malware verdict: the document rows."""
         documents = []
         for ordinal, attachment in enumerate(result.attachments):
+            if ordinal in drop:
+                continue
+            virus = content.documents[ordinal] if content is not None and content.documents else None
             key = document_key(message, ordinal)
             await self.blobs.put_file(key, attachment.path, attachment.sha256, attachment.size)
             documents.append(
@@ -121,9 +168,11 @@ class MessageExtraction:
                     "content_type_raw": attachment.content_type_raw,
                     "disposition": attachment.disposition,
                     "content_id": attachment.content_id,
+                    "virus": virus and virus.result,
+                    "virus_detail": virus and virus.detail,
                 }
             )
-        return result, documents
+        return documents
 
     async def _check_sender(self, message: dict, raw_path: str) -> Verdicts | None:
         """

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from mailingest.extraction.attachments import ExtractionResult
 from mailingest.ops import metrics
 from mailingest.retry import Backoff, retry
+from mailingest.scanning.verdicts import ContentVerdicts
 from mailingest.verification.policy import Violation
 from mailingest.verification.results import Verdicts, verdict_columns
 
@@ -49,17 +50,46 @@ class ExtractionOutcomes:
         self._running = running
 
     async def parsed(
-        self, message: dict, result: ExtractionResult, documents: list[dict], verdicts: Verdicts | None, started: float
+        self,
+        message: dict,
+        result: ExtractionResult,
+        documents: list[dict],
+        verdicts: Verdicts | None,
+        started: float,
+        content: ContentVerdicts | None = None,
+        dropped: frozenset[int] = frozenset(),
     ) -> None:
-        """Record the documents; a database that refuses them makes it a failed attempt."""
+        """
+        Record the documents (those in C{dropped}, infected, said in the
+        warnings); a database that refuses them makes it a failed attempt.
+        """
+        skipped = list(result.skipped)
+        for ordinal in sorted(dropped):
+            skipped.append(f"{result.attachments[ordinal].filename}: rejected, infected ({content.documents[ordinal].detail})")
         try:
             await self.store.mark_parsed(
-                message["id"], documents, "\n".join(result.skipped) or None, verdicts and verdict_columns(verdicts)
+                message["id"], documents, "\n".join(skipped) or None, verdicts and verdict_columns(verdicts),
+                content and content.columns(),
             )
         except Exception as e:
             await self.retry_later(message, OutcomeNotRecorded(f"cannot record the documents: {e}"))
         else:
             self._log_parsed(message, result, started)
+            self._log_infected(message, content, "tagged" if not dropped else "documents rejected")
+
+    def _log_infected(self, message: dict, content: ContentVerdicts | None, outcome: str) -> None:
+        """The one log event of an infected message."""
+        virus = content and content.virus
+        if virus is None or virus.result != "infected":
+            return
+        log.warn(
+            "message {message_id} for {org} is infected ({signature}): {outcome}",
+            message_id=message["id"],
+            org=message["org_slug"],
+            signature=virus.detail,
+            outcome=outcome,
+            event="infected",
+        )
 
     def _log_parsed(self, message: dict, result: ExtractionResult, started: float) -> None:
         metrics.EXTRACTIONS.labels("parsed").inc()
@@ -123,14 +153,28 @@ class ExtractionOutcomes:
             event="failed",
         )
 
-    async def quarantined(self, message: dict, broken: Violation, verdicts: Verdicts) -> None:
-        """The organisation's sender policy holds the message back, unparsed."""
-        columns = verdict_columns(verdicts)
+    async def quarantined(
+        self,
+        message: dict,
+        broken: Violation,
+        verdicts: Verdicts | None,
+        documents: list[dict] | None = None,
+        content: ContentVerdicts | None = None,
+    ) -> None:
+        """
+        The organisation's sender policy holds the message back, unparsed; or
+        its content policy, with its C{documents} and their verdicts kept
+        (shown, never handed over: see L{mailingest.handoff}).
+        """
+        columns = verdicts and verdict_columns(verdicts)
+        contents = content and content.columns()
         if not await self._record(
-            message, lambda waited: self.store.mark_quarantined(message["id"], broken.reason, columns)
+            message,
+            lambda waited: self.store.mark_quarantined(message["id"], broken.reason, columns, documents, contents),
         ):
             return
         metrics.QUARANTINES.labels(broken.kind).inc()
+        self._log_infected(message, content, "quarantined")
         log.warn(
             "message {message_id} for {org} quarantined: {reason}",
             message_id=message["id"],

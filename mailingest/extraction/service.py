@@ -31,6 +31,7 @@ from mailingest.interfaces import IExtractionQueue, IQuarantineStore
 from mailingest.extraction.checks import CHECKS_PER_ORG, CheckPool
 from mailingest.extraction.handling import MessageExtraction
 from mailingest.extraction.outcomes import ExtractionOutcomes
+from mailingest.scanning.scanner import ContentScanner
 from mailingest.verification.settings import CheckSettings
 
 log = Logger(namespace="mailingest.extraction")
@@ -87,6 +88,7 @@ class ExtractionService(service.Service):
         clock=None,
         checks: CheckSettings | None = None,
         checker: CheckPool | None = None,
+        scanner: ContentScanner | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -98,7 +100,7 @@ class ExtractionService(service.Service):
         self.stop_timeout = stop_timeout
         self.clock = clock
         self.outcomes = ExtractionOutcomes(store, clock, max_attempts, lease_seconds, lambda: self.running)
-        self.messages = MessageExtraction(blobs, parser, self.outcomes, lambda: self.running, checks, checker)
+        self.messages = MessageExtraction(blobs, parser, self.outcomes, lambda: self.running, checks, checker, scanner)
         self._loop = None
         self._claims: ClaimWorkers | None = None
         self._claiming = defer.DeferredLock()

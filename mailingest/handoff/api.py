@@ -30,7 +30,7 @@ from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, MessageHel
 from mailingest.handoff import openapi
 from mailingest.delivery.domains import new_token as new_domain_token
 from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
-from mailingest.handoff.events import document_object, iso, message_object
+from mailingest.handoff.events import document_object, iso, message_object, withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
@@ -81,6 +81,12 @@ async def token_scope(store: IOrgStore, admin_hash: str | None, token: str) -> i
     if org is None:
         raise UnknownToken()
     return org["id"]
+
+
+def refuse_infected(content: dict, message: dict) -> None:
+    """Infected content is not handed over until an admin releases it with --allow-infected."""
+    if withheld(content, message):
+        raise ApiError(403, "infected", f"infected ({content.get('virus_detail')}): not released by an admin")
 
 
 def _not_found(what: str) -> ApiError:
@@ -212,6 +218,7 @@ class _MessageRaw(_Endpoint):
         row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
         if gone(row):
             raise _gone(row)
+        refuse_infected(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{self.id}.eml")
 
 
@@ -264,6 +271,8 @@ class _DocumentContent(_Endpoint):
         row = await self.site.row(self.site.store.get_document, self.id, scope, "document")
         if gone(row):
             raise _gone(row)
+        if row.get("virus") == "infected":
+            refuse_infected(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
 
 

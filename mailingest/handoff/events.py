@@ -103,7 +103,35 @@ def message_object(message_id: int, row: dict, status: str, error: str | None, a
         "status": status,
         "error": error,
         "raw_url": api_link(api_url, f"/v1/messages/{message_id}/raw"),
+        "virus": virus_object(row),
+        "spam": spam_object(row),
+        "unscanned": row.get("unscanned"),
     }
+
+
+def virus_object(row: dict) -> dict | None:
+    """clamd's verdict on a message or document row (None: not scanned)."""
+    if row.get("virus") is None:
+        return None
+    return {"result": row["virus"], "detail": row.get("virus_detail")}
+
+
+def spam_object(row: dict) -> dict | None:
+    """rspamd's verdict on a message row (None: not scanned)."""
+    if row.get("spam_action") is None:
+        return None
+    return {
+        "action": row["spam_action"],
+        "score": row.get("spam_score"),
+        "required_score": row.get("spam_required"),
+        "symbols": (row.get("spam_symbols") or "").split(),
+        "detail": row.get("spam_detail"),
+    }
+
+
+def withheld(document: dict, message: dict) -> bool:
+    """An infected document (or raw copy) no admin released with --allow-infected: never handed over."""
+    return document.get("virus") == "infected" and message.get("infected_allowed_at") is None
 
 
 def document_object(row: dict, api_url: str | None) -> dict:
@@ -115,6 +143,7 @@ def document_object(row: dict, api_url: str | None) -> dict:
         "size": row["size"],
         "sha256": row["sha256"],
         "content_url": api_link(api_url, f"/v1/documents/{row['id']}/content"),
+        "virus": virus_object(row),
     }
 
 

@@ -21,6 +21,28 @@ def _object(properties: dict) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
+_NUMBER = {"type": ["number", "null"]}
+_VIRUS = {
+    "type": ["object", "null"],
+    "description": "ClamAV's verdict (null: not scanned, no --clamd); a message's is the worst of its parts",
+    "properties": {
+        "result": {"type": "string", "enum": ["clean", "infected", "error"]},
+        "detail": {**_NULLABLE_TEXT, "description": "the signature found, or why it could not be scanned"},
+    },
+    "required": ["result", "detail"],
+}
+_SPAM = {
+    "type": ["object", "null"],
+    "description": "rspamd's verdict (null: not scanned, no --rspamd)",
+    "properties": {
+        "action": {**_TEXT, "description": "rspamd's action (no action, add header, rewrite subject, greylist, reject), or error"},
+        "score": _NUMBER,
+        "required_score": _NUMBER,
+        "symbols": {"type": "array", "items": _TEXT},
+        "detail": {**_NULLABLE_TEXT, "description": "why it could not be scanned"},
+    },
+    "required": ["action", "score", "required_score", "symbols", "detail"],
+}
 _MESSAGE = {
     "id": {"type": "integer", "description": "the message's id in mailingest"},
     "message_id_header": {**_NULLABLE_TEXT, "description": "the sender's Message-ID header"},
@@ -37,6 +59,9 @@ _MESSAGE = {
     "status": {"type": "string", "enum": list(MESSAGE_STATUSES)},
     "error": _NULLABLE_TEXT,
     "raw_url": {**_LINK, "description": "the raw message; " + _LINK["description"]},
+    "virus": _VIRUS,
+    "spam": _SPAM,
+    "unscanned": {**_NULLABLE_TEXT, "description": "extracted although a scanner could not answer (--unscanned pass): why"},
     "organization": {**_TEXT, "description": "the organisation's slug"},
     "parsed_at": {"type": ["string", "null"], "format": "date-time"},
     "raw_size": {"type": "integer"},
@@ -51,6 +76,7 @@ _DOCUMENT = {
     "size": {"type": "integer"},
     "sha256": _TEXT,
     "content_url": {**_LINK, "description": "the document's bytes; " + _LINK["description"]},
+    "virus": _VIRUS,
     "message_id": {"type": "integer", "description": "the id of the message it came from (not its Message-ID header)"},
     "created_at": _TIME,
     "deleted_at": {"type": ["string", "null"], "format": "date-time", "description": "when its content was deleted (retention or erasure)"},
@@ -111,7 +137,11 @@ _ERRORS = {
     "429": _error("too many wrong tokens from this address: try again after Retry-After seconds (error: too_many_failures)"),
 }
 
-_GONE_ERRORS = {**_ERRORS, "410": _error("deleted by retention or erasure: only the tombstone is left (error: incinerated or deleted)")}
+_CONTENT_ERRORS = {
+    **_ERRORS,
+    "403": _error("infected, and no admin has released it with --allow-infected (error: infected)"),
+    "410": _error("deleted by retention or erasure: only the tombstone is left (error: incinerated or deleted)"),
+}
 
 
 def _get(summary: str, ok: str, parameters=(), content_type: str = "application/json", schema: str | None = None, errors=_ERRORS) -> dict:
@@ -168,10 +198,10 @@ DOCUMENT = {
             ),
         },
         "/v1/messages/{id}/raw": _get(
-            "The message as received (MIME)", "the raw message", [_ID], "message/rfc822", errors=_GONE_ERRORS
+            "The message as received (MIME)", "the raw message", [_ID], "message/rfc822", errors=_CONTENT_ERRORS
         ),
         "/v1/documents/{id}": _get("One document", "the document", [_ID], schema="Document"),
-        "/v1/documents/{id}/content": _get("The document's bytes", "the content", [_ID], "application/octet-stream", errors=_GONE_ERRORS),
+        "/v1/documents/{id}/content": _get("The document's bytes", "the content", [_ID], "application/octet-stream", errors=_CONTENT_ERRORS),
         "/v1/audit": _get(
             "The audit trail of incinerations, erasures and legal holds, newest first (an organisation's token: its own)",
             "a page of audit entries",

@@ -105,8 +105,25 @@ SENDER_VERDICTS = Counter(
 )
 QUARANTINES = Counter(
     "mailingest_quarantined_total",
-    "Messages quarantined by their organisation's sender policy, by the rule broken (domain, dmarc, dkim, spf).",
+    "Messages quarantined by their organisation's sender or content policy, by the rule broken"
+    " (domain, dmarc, dkim, spf, virus, spam, unscanned).",
     ["reason"],
+)
+VIRUS_VERDICTS = Counter(
+    "mailingest_virus_verdicts_total",
+    "clamd's verdicts on scanned messages (the worst of their parts): clean, infected, error.",
+    ["result"],
+)
+SPAM_VERDICTS = Counter(
+    "mailingest_spam_verdicts_total",
+    "rspamd's verdicts on scanned messages, by its action (no action, add header, reject...) or error.",
+    ["action"],
+)
+SCAN_SECONDS = Histogram(
+    "mailingest_scan_duration_seconds",
+    "Time one scanner (clamd: all of a message's parts; rspamd) took for one message.",
+    ["scanner"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 WEBHOOK_DELIVERIES = Counter(
     "mailingest_webhook_deliveries_total",

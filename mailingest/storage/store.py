@@ -25,12 +25,10 @@ from mailingest.storage.stores.queue import ExtractionQueueStore
 from mailingest.storage.stores.reads import ReadStore
 from mailingest.storage.stores.holds import HoldStore
 from mailingest.storage.stores.retention import RetentionStore
+from mailingest.storage.statuses import EVENT_STATUSES, MESSAGE_STATUSES
 from mailingest.storage.stores.schema import SchemaStore, migrations
 
 __all__ = ["Store", "open_store", "migrations", "VERDICT_COLUMNS", "MESSAGE_STATUSES", "EVENT_STATUSES"]
-
-EVENT_STATUSES = ("pending", "delivered", "dead")
-MESSAGE_STATUSES = ("received", "parsed", "failed", "quarantined", "incinerated")
 
 
 @implementer(IStore)

@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet import threads
 from twisted.logger import Logger
 
 from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.interfaces import BlobInfo, IBlobReferences
+from mailingest.storage.journal import IntentJournal
 from mailingest.storage.periodic import PeriodicService
 
 PREFIXES = ("raw/", "documents/")
@@ -61,11 +63,13 @@ async def sweep(
     now: Callable[[], float] = time.time,
     keep_going: Callable[[], bool] = lambda: True,
     on_orphan: Callable[[BlobInfo], None] = lambda blob: None,
+    on_page: Callable[[Sweep], None] = lambda found: None,
 ) -> Sweep:
     """
-    Delete (or with C{dry_run} only find) unreferenced blobs older than
-    C{min_age} seconds, calling C{on_orphan} with each; stops early once
-    C{keep_going()} is false.
+    The full sweep: delete (or with C{dry_run} only find) unreferenced
+    blobs older than C{min_age} seconds among every blob stored, calling
+    C{on_orphan} with each and C{on_page} after each page listed (memory
+    stays that of a page); stops early once C{keep_going()} is false.
     """
     before = now() - min_age
     found = Sweep()
@@ -74,24 +78,8 @@ async def sweep(
             if not keep_going():
                 return found
             found.scanned += len(page)
-            old = [blob for blob in page if blob.mtime < before]
-            if not old:
-                continue
-            referenced = await store.referenced_keys([blob.key for blob in old])
-            for blob in old:
-                if blob.key in referenced:
-                    continue
-                found.orphans += 1
-                found.orphan_bytes += blob.size
-                on_orphan(blob)
-                metrics.GC_ORPHANS.inc()
-                if dry_run:
-                    continue
-                await blobs.delete(blob.key)
-                found.removed += 1
-                found.removed_bytes += blob.size
-                metrics.GC_REMOVED.inc()
-                metrics.GC_REMOVED_BYTES.inc(blob.size)
+            await _remove_unreferenced(store, blobs, [blob for blob in page if blob.mtime < before], found, dry_run, on_orphan)
+            on_page(found)
     found.temporaries, found.temporary_bytes = await blobs.remove_temporaries(before, dry_run)
     if not dry_run:
         metrics.GC_REMOVED.inc(found.temporaries)
@@ -99,21 +87,83 @@ async def sweep(
     return found
 
 
+async def _remove_unreferenced(store, blobs, candidates: list[BlobInfo], found: Sweep, dry_run: bool, on_orphan) -> None:
+    """Of C{candidates}, delete (or count) those no row references."""
+    if not candidates:
+        return
+    referenced = await store.referenced_keys([blob.key for blob in candidates])
+    for blob in candidates:
+        if blob.key in referenced:
+            continue
+        found.orphans += 1
+        found.orphan_bytes += blob.size
+        on_orphan(blob)
+        metrics.GC_ORPHANS.inc()
+        if dry_run:
+            continue
+        await blobs.delete(blob.key)
+        found.removed += 1
+        found.removed_bytes += blob.size
+        metrics.GC_REMOVED.inc()
+        metrics.GC_REMOVED_BYTES.inc(blob.size)
+
+
+async def sweep_journal(
+    store: IBlobReferences,
+    blobs,
+    journal: IntentJournal,
+    min_age: float,
+    dry_run: bool = False,
+    now: Callable[[], float] = time.time,
+    keep_going: Callable[[], bool] = lambda: True,
+    on_orphan: Callable[[BlobInfo], None] = lambda blob: None,
+) -> Sweep:
+    """
+    The routine sweep: only the blobs the journal says were put (see
+    L{mailingest.storage.journal}), from its files older than C{min_age};
+    its cost is what was stored since the last sweep, whatever the size of
+    the store. Sizes are not known without listing: an orphan counts 0 bytes.
+    Each file is deleted once swept (kept with C{dry_run}).
+    """
+    before = now() - min_age
+    found = Sweep()
+    for path in await threads.deferToThread(journal.due, before):
+        pages = await threads.deferToThread(lambda: list(journal.keys(path)))
+        for keys in pages:
+            if not keep_going():
+                return found
+            found.scanned += len(keys)
+            await _remove_unreferenced(store, blobs, [BlobInfo(key, 0, 0.0) for key in keys], found, dry_run, on_orphan)
+        if not dry_run:
+            journal.done(path)
+    found.temporaries, found.temporary_bytes = await blobs.remove_temporaries(before, dry_run)
+    return found
+
+
 class GcService(PeriodicService):
-    """Sweeps every C{interval} seconds, the first time one interval after start; a sweep in progress stops after its current page."""
+    """
+    Sweeps every C{interval} seconds, the first time one interval after
+    start: the blobs C{journal} names (the routine sweep, L{sweep_journal}),
+    or without a journal every blob (L{sweep}); a sweep in progress stops
+    after its current page.
+    """
 
     name = "gc"
 
-    def __init__(self, store: IBlobReferences, blobs, interval: float, min_age: float, clock=None):
+    def __init__(self, store: IBlobReferences, blobs, interval: float, min_age: float, clock=None, journal: IntentJournal | None = None):
         super().__init__(interval, clock)
         self.store = store
         self.blobs = blobs
+        self.journal = journal
         self.min_age = min_age
 
     async def run(self) -> None:
         started = self.clock.seconds()
         try:
-            found = await sweep(self.store, self.blobs, self.min_age, keep_going=lambda: self.running)
+            if self.journal is not None:
+                found = await sweep_journal(self.store, self.blobs, self.journal, self.min_age, keep_going=lambda: self.running)
+            else:
+                found = await sweep(self.store, self.blobs, self.min_age, keep_going=lambda: self.running)
         except Exception as e:
             log.error("gc: sweep stopped, next one in {interval:.0f} s: {error}", interval=self.interval, error=str(e))
             return

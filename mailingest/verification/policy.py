@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from mailingest.verification.dmarc import aligned
+from mailingest.verification.requirements import REQUIREMENTS
 from mailingest.verification.results import Verdicts
 
-REQUIREMENTS = ("none", "spf", "dkim", "dmarc")
+__all__ = ["REQUIREMENTS", "SenderPolicy"]
 
 
 @dataclass(frozen=True)

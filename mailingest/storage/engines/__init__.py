@@ -12,7 +12,7 @@ L{create_engine} picks one from a C{--database} URL. The engine modules are
 imported only when chosen: PostgreSQL's driver need not be installed for SQLite.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -69,6 +69,10 @@ class IEngine(Interface):
     skip_locked = Attribute("SQL that ends a claiming SELECT (str)")
     integrity_errors = Attribute("what a violated constraint raises (tuple of exception types)")
     schema_terms = Attribute("values of the schema files' {placeholders} (mapping)")
+    text_search = Attribute(
+        'how messages are searched by text (str): "fts5" (SQLite), or "pg_trgm" (PostgreSQL, whose engine'
+        " then also runs a statement outside any transaction with autocommit(sql), for CREATE INDEX CONCURRENTLY)"
+    )
     exclusive = Attribute("one daemon at a time uses the database (bool)")
     session_locks = Attribute("claims run on one connection that lives as long as the engine (bool)")
 

@@ -276,7 +276,9 @@ class _PostgresqlTransaction(CursorTransaction):
 class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg2.IntegrityError,)
-    schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()"}
+    # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY).
+    schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": ""}
+    text_search = "pg_trgm"
     # Shared by any number of daemons.
     exclusive = False
     session_locks = True
@@ -406,6 +408,15 @@ class PostgresqlEngine(Engine):
             self._claimer = _Connection(self._reactor, None, self._target)
             yield self._open(self._claimer, retry=True)
         return (yield self._claimer.runInteraction(lambda cursor: fn(_PostgresqlTransaction(cursor), *args, **kwargs)))
+
+    def autocommit(self, sql: str) -> defer.Deferred:
+        """Run one statement outside any transaction (CREATE INDEX CONCURRENTLY cannot run in one)."""
+        return self._autocommit(sql)
+
+    @defer.inlineCallbacks
+    def _autocommit(self, sql):
+        yield self.start()
+        yield self._pool.runOperation(sql)
 
     def notify(
         self, txn: _PostgresqlTransaction, channel: str, payload: str = ""

@@ -26,6 +26,37 @@ from zope.interface import implementer
 from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 BUSY_TIMEOUT_MS = 10000
+
+# Migration 013's search index: an FTS5 trigram table over subject, sender and
+# Message-ID (substring, case-insensitive), with the organisation as a token
+# of its own (~17~) so a search never walks another organisation's matches.
+# Its rowid is minus the message's id: FTS5 walks a term's rows lazily in
+# rowid order, but backwards only after reading all of them, and pages are
+# newest first. Contentless: the triggers keep it in step with inbound_message. Rows below
+# message_search_backfill.next_below are not in it yet: the store fills them
+# in batches after the migration, highest first, and only deletes from it
+# what it holds (a contentless 'delete' of a row it lacks would corrupt it).
+_MESSAGE_SEARCH = """
+CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
+INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
+CREATE VIRTUAL TABLE message_search USING fts5(org, subject, mail_from, message_id, content='', tokenize='trigram');
+CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
+    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
+    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+END;
+CREATE TRIGGER message_search_delete AFTER DELETE ON inbound_message
+WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
+    INSERT INTO message_search (message_search, rowid, org, subject, mail_from, message_id)
+    VALUES ('delete', -old.id, '~' || old.org_id || '~', old.subject, old.mail_from, old.source_message_id);
+END;
+CREATE TRIGGER message_search_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message
+WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
+    INSERT INTO message_search (message_search, rowid, org, subject, mail_from, message_id)
+    VALUES ('delete', -old.id, '~' || old.org_id || '~', old.subject, old.mail_from, old.source_message_id);
+    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
+    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+END;
+"""
 BACKGROUND_BUSY_TIMEOUT_MS = 50
 
 
@@ -71,7 +102,9 @@ class SqliteEngine(Engine):
         "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "timestamp": "TEXT",
         "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
+        "message_search": _MESSAGE_SEARCH,
     }
+    text_search = "fts5"
     exclusive = True
 
     def __init__(self, path: str):
@@ -106,6 +139,19 @@ class SqliteEngine(Engine):
             )
 
         return self._pool.runInteraction(run)
+
+    def script(self, sql: str) -> list[str]:
+        """Split a migration file into statements; a trigger's body holds C{;} of its own."""
+        statements, pending = [], ""
+        for piece in sql.split(";"):
+            pending += piece + ";"
+            if sqlite3.complete_statement(pending):
+                if pending.strip(" \n;"):
+                    statements.append(pending.strip().rstrip(";"))
+                pending = ""
+        if pending.strip(" \n;"):
+            statements.append(pending.strip().rstrip(";"))
+        return statements
 
     def notify(self, txn, channel: str, payload: str = "") -> defer.Deferred:
         """One daemon per SQLite file: its own wake-up is a direct call, nothing to send."""

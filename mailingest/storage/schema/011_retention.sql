@@ -7,15 +7,19 @@
 ALTER TABLE organization ADD COLUMN retention_raw_seconds BIGINT;
 ALTER TABLE organization ADD COLUMN retention_documents_seconds BIGINT;
 
--- The new status, by swapping the column as 006 did.
-DROP INDEX inbound_message_org_status;
-DROP INDEX inbound_message_queue;
+-- The new status, by swapping the column as 006 did. Every index on the
+-- column goes first (those of 013 too, on a database that had it before this
+-- delta: SQLite drops no indexed column), the two this delta knows come back.
+DROP INDEX IF EXISTS inbound_message_org_status;
+DROP INDEX IF EXISTS inbound_message_queue;
+DROP INDEX IF EXISTS inbound_message_status;
+DROP INDEX IF EXISTS inbound_message_received;
 ALTER TABLE inbound_message RENAME COLUMN status TO status_before_011;
 ALTER TABLE inbound_message ADD COLUMN status TEXT NOT NULL DEFAULT 'received'
     CHECK (status IN ('received', 'parsed', 'failed', 'quarantined', 'incinerated'));
 UPDATE inbound_message SET status = status_before_011;
 ALTER TABLE inbound_message DROP COLUMN status_before_011;
-CREATE INDEX inbound_message_org_status ON inbound_message (org_id, status);
+CREATE INDEX inbound_message_org_status ON inbound_message (org_id, status, id);
 CREATE INDEX inbound_message_queue ON inbound_message (status, next_attempt_at);
 
 ALTER TABLE inbound_message ADD COLUMN incinerated_at {timestamp};

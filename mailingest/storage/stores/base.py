@@ -21,7 +21,9 @@ MESSAGE_COLUMNS = (
     " content_sha256, message_id_collision"
     ", client_ip, helo, tls, spf, spf_domain, dkim, dkim_domain, dmarc, dmarc_domain,"
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
-    ", warnings, rcpt_domain, incinerated_at, incinerated_reason"
+    ", warnings, rcpt_domain"
+    ", virus, virus_detail, spam_action, spam_score, spam_required, spam_symbols, spam_detail, unscanned,"
+    " infected_allowed_at, incinerated_at, incinerated_reason"
 )
 
 

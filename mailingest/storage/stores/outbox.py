@@ -133,7 +133,9 @@ class OutboxStore(StoreBase):
         await txn.execute(
             "SELECT e.id, e.event_id, e.event_type, e.message_status, e.message_error, e.attempts,"
             " e.retry_from, e.org_id, o.slug AS org_slug, w.url, w.secret,"
-            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.rcpt_domain, m.subject, m.received_at"
+            " m.id AS message_id, m.source_message_id, m.mail_from, m.rcpt_to, m.rcpt_domain, m.subject, m.received_at,"
+            " m.virus, m.virus_detail, m.spam_action, m.spam_score, m.spam_required, m.spam_symbols, m.spam_detail,"
+            " m.unscanned"
             " FROM webhook_event e JOIN organization o ON o.id = e.org_id"
             " JOIN inbound_message m ON m.id = e.inbound_message_id"
             " LEFT JOIN org_webhook w ON w.org_id = e.org_id"
@@ -142,10 +144,13 @@ class OutboxStore(StoreBase):
         )
         events = txn.fetchall()
         for event in events:
+            # An infected document is never handed over by webhook, nor any of a quarantined message.
             await txn.execute(
-                "SELECT id, filename, content_type, size, sha256 FROM document"
-                " WHERE inbound_message_id = ? AND deleted_at IS NULL ORDER BY ordinal",
-                (event["message_id"],),
+                "SELECT id, filename, content_type, size, sha256, virus, virus_detail FROM document"
+                " WHERE inbound_message_id = ? AND ? <> 'quarantined' AND (virus IS NULL OR virus <> 'infected')"
+                " AND deleted_at IS NULL"
+                " ORDER BY ordinal",
+                (event["message_id"], event["message_status"]),
             )
             event["documents"] = txn.fetchall()
         return events

@@ -12,16 +12,18 @@ from mailingest.errors import ContentGone, NoSuchMessage
 from mailingest.interfaces import IExtractionQueue
 from mailingest.storage.group_commit import GroupCommit
 from mailingest.storage.stores.base import MESSAGE_SELECT, RECEIVED_CHANNEL, StoreBase, message_row
-from mailingest.storage.stores.quarantine import VERDICT_COLUMNS
+from mailingest.storage.stores.quarantine import CONTENT_COLUMNS, VERDICT_COLUMNS
 
-# A claimed message comes with its organisation's sender policy.
+# A claimed message comes with its organisation's sender and content policy.
 _CLAIM_SELECT = MESSAGE_SELECT.replace(
-    " FROM inbound_message", ", o.sender_allow_domains, o.sender_require FROM inbound_message", 1
+    " FROM inbound_message",
+    ", o.sender_allow_domains, o.sender_require, o.on_virus, o.spam_threshold, o.unscanned AS unscanned_policy FROM inbound_message",
+    1,
 )
 # What extraction records per document, beside the message, ordinal and time.
 _EXTRACTED_COLUMNS = (
     "org_id", "filename", "content_type", "size", "sha256", "storage_key",
-    "original_filename", "content_type_raw", "disposition", "content_id",
+    "original_filename", "content_type_raw", "disposition", "content_id", "virus", "virus_detail",
 )
 
 # On PostgreSQL a claim is also a session-level advisory lock (this first key,
@@ -203,16 +205,23 @@ class ExtractionQueueStore(StoreBase):
         await self._record_status_txn(txn, requeued, "received")
         return len(requeued)
 
-    def mark_parsed(self, message_id, documents=(), warnings=None, verdicts=None):
-        return self._parsed.submit((int(message_id), list(documents), warnings, verdicts)).addCallback(self._events_written)
+    def mark_parsed(self, message_id, documents=(), warnings=None, verdicts=None, content=None):
+        submitted = (int(message_id), list(documents), warnings, verdicts, content)
+        return self._parsed.submit(submitted).addCallback(self._events_written)
 
     async def _mark_parsed_batch(self, txn, batch):
         wrote = []
-        for message_id, documents, warnings, verdicts in batch:
-            wrote.append((await self._mark_parsed(txn, message_id, documents, warnings, verdicts)))
+        for message_id, documents, warnings, verdicts, content in batch:
+            wrote.append((await self._mark_parsed(txn, message_id, documents, warnings, verdicts, content)))
         return wrote
 
-    async def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None):
+    async def _mark_parsed(self, txn, message_id, documents, warnings, verdicts=None, content=None):
+        await self._store_documents_txn(txn, message_id, documents)
+        columns = {name: content.get(name) for name in CONTENT_COLUMNS} if content is not None else {}
+        return (await self._finish_txn(txn, message_id, "parsed", None, None, verdicts, warnings=warnings or None, **columns))
+
+    async def _store_documents_txn(self, txn, message_id, documents):
+        """A message's documents, as its extraction (parsed, or quarantined for its content) found them."""
         # A document of the same (message, ordinal) is the same blob key: it is
         # brought up to this extraction, keeping its id; the ordinals this
         # extraction no longer has are removed (their blobs are swept).
@@ -230,7 +239,6 @@ class ExtractionQueueStore(StoreBase):
         if ordinals:
             sql += " AND ordinal NOT IN (" + ", ".join("?" for _ in ordinals) + ")"
         await txn.execute(sql, (message_id, *ordinals))
-        return (await self._finish_txn(txn, message_id, "parsed", None, None, verdicts, warnings=warnings or None))
 
     def mark_failed(self, message_id, error, attempts, verdicts=None):
         return self._run(self._mark_failed, int(message_id), error, attempts, verdicts).addCallback(self._events_written)

@@ -4,15 +4,29 @@ from zope.interface import implementer
 
 from mailingest.interfaces import IReadStore
 from mailingest.storage.stores.base import (
-    EVENT_SELECT, MESSAGE_SELECT, ORG_SELECT, StoreBase, conditions, message_row, org_row, select_with_org,
+    EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, message_row, org_row, select_with_org,
 )
+from mailingest.storage.stores.search import TextSearch, fts_ready
 
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
     " storage_key, created_at"
-    ", original_filename, content_type_raw, disposition, content_id, deleted_at, deleted_reason"
+    ", original_filename, content_type_raw, disposition, content_id, virus, virus_detail, deleted_at, deleted_reason"
 )
 _DOCUMENT_SELECT = select_with_org("document", "d", DOCUMENT_COLUMNS)
+
+
+async def _org_condition(txn, alias: str, org_slug: str | None) -> tuple[list[str], list]:
+    """
+    C{alias.org_id = ?} for the organisation C{org_slug} (its id looked up
+    first, so the query filters on the indexed column rather than on the
+    joined slug), or no condition for None.
+    """
+    if org_slug is None:
+        return [], []
+    await txn.execute("SELECT id FROM organization WHERE slug = ?", (org_slug.lower(),))
+    row = txn.fetchone()
+    return [f"{alias}.org_id = ?"], [row["id"] if row else -1]
 
 
 @implementer(IReadStore)
@@ -21,17 +35,15 @@ class ReadStore(StoreBase):
         return self._run(self._list_messages, org_slug, status, limit)
 
     async def _list_messages(self, txn, org_slug, status, limit):
-        where, args = [], []
-        if org_slug is not None:
-            where.append("o.slug = ?")
-            args.append(org_slug.lower())
+        # Newest first by id, like the API and the console: an index holds each filter in that order.
+        where, args = await _org_condition(txn, "m", org_slug)
         if status is not None:
             where.append("m.status = ?")
             args.append(status)
         sql = MESSAGE_SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.received_at DESC, m.id DESC LIMIT ?"
+        sql += " ORDER BY m.id DESC LIMIT ?"
         await txn.execute(sql, (*args, int(limit)))
         return [message_row(row) for row in txn.fetchall()]
 
@@ -54,10 +66,7 @@ class ReadStore(StoreBase):
         return self._run(self._list_documents, org_slug, message_id, limit)
 
     async def _list_documents(self, txn, org_slug, message_id, limit):
-        where, args = [], []
-        if org_slug is not None:
-            where.append("o.slug = ?")
-            args.append(org_slug.lower())
+        where, args = await _org_condition(txn, "d", org_slug)
         if message_id is not None:
             where.append("d.inbound_message_id = ?")
             args.append(int(message_id))
@@ -100,56 +109,71 @@ class ReadStore(StoreBase):
         return self._run(self._org_summaries, since, org_id)
 
     async def _org_summaries(self, txn, since, org_id):
-        sql, args = ORG_SELECT, ()
-        if org_id is not None:
-            sql, args = sql + " WHERE id = ?", (org_id,)
-        await txn.execute(sql + " ORDER BY slug", args)
+        # Two queries whatever the number of organisations: the last message
+        # time is one step back along (org_id, received_at) per organisation
+        # (ORDER BY ... LIMIT 1: SQLite would read the organisation's whole
+        # range for a MAX), the counts one range of the received_at index
+        # (MATERIALIZED: else SQLite reads a whole index to group in order).
+        scope, args = ("", ()) if org_id is None else (" WHERE o.id = ?", (org_id,))
+        await txn.execute(
+            "SELECT o.id, o.slug, o.name, o.active, o.created_at,"
+            " (SELECT m.received_at FROM inbound_message m WHERE m.org_id = o.id"
+            " ORDER BY m.received_at DESC LIMIT 1) AS last_received_at"
+            " FROM organization o" + scope + " ORDER BY o.slug",
+            args,
+        )
         orgs = [org_row(row) for row in txn.fetchall()]
+        await txn.execute(
+            "WITH recent AS MATERIALIZED (SELECT org_id, status FROM inbound_message WHERE received_at >= ?"
+            + ("" if org_id is None else " AND org_id = ?") + ")"
+            " SELECT org_id, status, COUNT(*) AS n FROM recent GROUP BY org_id, status",
+            (since,) if org_id is None else (since, org_id),
+        )
+        counts: dict = {}
+        for row in txn.fetchall():
+            counts.setdefault(row["org_id"], {})[row["status"]] = row["n"]
         for org in orgs:
-            # Per organisation, so each count walks the (org_id, received_at) index.
-            await txn.execute(
-                "SELECT status, COUNT(*) AS n FROM inbound_message WHERE org_id = ? AND received_at >= ? GROUP BY status",
-                (org["id"], since),
-            )
-            org["counts"] = {row["status"]: row["n"] for row in txn.fetchall()}
-            await txn.execute("SELECT MAX(received_at) AS last FROM inbound_message WHERE org_id = ?", (org["id"],))
-            org["last_received_at"] = txn.fetchone()["last"]
+            org["counts"] = counts.get(org["id"], {})
         return orgs
 
     def search_messages(self, org_id, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit=50):
         """
         One page of an organisation's messages, newest first by id (C{before_id}
         is the cursor), each with its number of documents. C{text} matches
-        subject, sender or Message-ID anywhere, case-insensitively.
+        subject, sender or Message-ID anywhere, case-insensitively: through
+        the search index from 3 characters on, else by reading the
+        organisation's messages (L{mailingest.storage.stores.search}).
         """
         return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
-        where, args = ["m.org_id = ?"], [org_id]
+        found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
+        where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
         for clause, value in (
             ("m.status = ?", status),
             ("m.received_at >= ?", since),
             ("m.received_at < ?", until),
             ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
-            ("m.id < ?", before_id),
+            (found.after, before_id),
         ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        if text:
-            pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            where.append(
-                "(LOWER(m.subject) LIKE ? ESCAPE '\\' OR LOWER(m.mail_from) LIKE ? ESCAPE '\\'"
-                " OR LOWER(m.source_message_id) LIKE ? ESCAPE '\\')"
-            )
-            args += [pattern] * 3
         await txn.execute(
             "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
             " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
-            " FROM inbound_message m WHERE " + " AND ".join(where) + " ORDER BY m.id DESC LIMIT ?",
+            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {found.order} LIMIT ?",
             (*args, limit),
         )
         return txn.fetchall()
+
+    _search_indexed = False
+
+    async def _fts_ready(self, txn) -> bool:
+        """SQLite's search table holds every row (remembered once true: it stays so)."""
+        if self.engine.text_search == "fts5" and await fts_ready(txn):
+            self._search_indexed = True
+        return self._search_indexed
 
     def message_events(self, message_id):
         """A message's webhook events, oldest first, with their attempts."""
@@ -170,10 +194,7 @@ class ReadStore(StoreBase):
         return self._run(self._list_events, org_slug, status, limit)
 
     async def _list_events(self, txn, org_slug, status, limit):
-        where, args = [], []
-        if org_slug is not None:
-            where.append("o.slug = ?")
-            args.append(org_slug.lower())
+        where, args = await _org_condition(txn, "e", org_slug)
         if status is not None:
             where.append("e.status = ?")
             args.append(status)

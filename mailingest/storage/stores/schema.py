@@ -3,10 +3,12 @@
 import importlib.resources
 import re
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailingest.interfaces import ISchemaStore
 from mailingest.storage.engines import IEngine
+from mailingest.storage.stores import search
 from mailingest.storage.stores.base import StoreBase
 
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
@@ -59,6 +61,38 @@ class SchemaStore(StoreBase):
             )
             applied.append(version)
         return applied
+
+    def build_indexes(self, progress=lambda line: None, keep_going=lambda: True):
+        """
+        Build what a migration leaves to be built while the daemon runs (the
+        search index of migration 013), without holding the write lock for
+        long: on SQLite in batches of a few thousand rows, each its own
+        transaction; on PostgreSQL with CREATE INDEX CONCURRENTLY, outside any
+        transaction. Calls C{progress} with a line now and then; stops early
+        once C{keep_going()} is false. Running it again after it finished
+        does nothing.
+        """
+        return defer.Deferred.fromCoroutine(self._build_indexes(progress, keep_going))
+
+    async def _build_indexes(self, progress, keep_going) -> None:
+        if self.engine.text_search == "pg_trgm":
+            if await self._run(search.pg_index_built):
+                return
+            for statement in search.PG_STEPS:
+                try:
+                    await self.engine.autocommit(statement)
+                except Exception as e:
+                    reason = str(e).replace("\n", " ").strip()
+                    progress(f"search index: not built ({reason}); search reads each organisation's messages")
+                    return
+            progress(search.describe_progress(None))
+            return
+        below = await self._run(search.backfill_step)
+        while below and keep_going():
+            progress(search.describe_progress(below))
+            below = await self._run(search.backfill_step)
+        if below == 0:
+            progress(search.describe_progress(below))
 
     def check(self):
         return self._background(self._check)

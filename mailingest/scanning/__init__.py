@@ -1,0 +1,1 @@
+"""Content verdicts: malware (ClamAV's clamd) and spam (rspamd), after the 250, in the extraction step."""
