@@ -37,6 +37,22 @@ class NoSuchEvent(MailingestError):
     """No webhook event has this id."""
 
 
+class MessageHeld(MailingestError):
+    """A delete (retention or erasure) of a message under a legal hold."""
+
+
+class NotErasable(MailingestError):
+    """An erasure or reprocess the message's state does not allow (still being processed, already erased, content gone)."""
+
+
+class NoSuchHold(MailingestError):
+    """No legal hold has this id (or it was removed already)."""
+
+
+class ContentGone(MailingestError):
+    """The message's raw copy or documents were deleted by retention or erasure: only the tombstone is left."""
+
+
 class DomainTaken(MailingestError):
     """The domain (in any of its forms) is already an organisation's."""
 

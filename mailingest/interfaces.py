@@ -193,8 +193,8 @@ class IBlobReferences(Interface):
     def referenced_keys(keys):
         """
         Fire with the set of those blob C{keys} that a row refers to (the
-        C{raw_key} of a message or the C{storage_key} of a document): what the
-        blob sweeper must keep.
+        C{raw_key} of a message not incinerated or the C{storage_key} of a
+        document not deleted): what the blob sweeper must keep.
         """
 
 
@@ -522,6 +522,86 @@ class IReadStore(IStoreRole):
         """
 
 
+class IRetentionStore(IStoreRole):
+    """
+    Retention periods, incineration, documents deleted past their period,
+    erasure, and the queue of blobs to delete once their rows are marked
+    (see L{mailingest.storage.stores.retention}). Every delete checks the
+    legal holds in the transaction that marks its rows.
+    """
+
+    def set_retention(slug: str, raw=..., documents=...):
+        """
+        Set the organisation's raw and documents periods in seconds (None:
+        keep forever; C{...}: leave as it is); fires with the organisation's
+        id, slug and both periods. L{mailingest.errors.NoSuchOrg}.
+        """
+
+    def incinerate_due(limit: int = 100):
+        """
+        Incinerate up to C{limit} parsed, unheld messages past their raw
+        period in one transaction (tombstone, history, audit, event, blobs
+        queued); fires with a dict (id, org_id, bytes, reason, keys: the blob
+        keys it queued) per message.
+        """
+
+    def delete_due_documents(limit: int = 100):
+        """
+        Mark up to C{limit} unheld documents past their period deleted in one
+        transaction (audit, blobs queued); fires with (count, bytes).
+        """
+
+    def erase_message(message_id: int, actor: str):
+        """
+        Erase a message: raw copy and documents queued for deletion, personal
+        fields replaced, tombstone kept. Fires with the erased row (and
+        C{bytes}, C{keys}); L{mailingest.errors.NoSuchMessage},
+        L{mailingest.errors.MessageHeld}, L{mailingest.errors.NotErasable}.
+        """
+
+    def erase_sender(slug: str, sender: str, actor: str, limit: int = 100):
+        """
+        Erase up to C{limit} of the organisation's messages from C{sender};
+        fires with (erased, refused): call again until nothing is erased.
+        """
+
+    def pending_purges(limit: int = 100):
+        """
+        Fire with up to C{limit} queued blob keys (rows marked, blobs perhaps still there).
+        """
+
+    def purged(keys):
+        """
+        Take C{keys}, whose blobs are deleted, off the queue.
+        """
+
+
+class IHoldStore(IStoreRole):
+    """Legal holds and the audit trail of deletions and hold changes."""
+
+    def add_hold(slug: str, reason: str, actor: str, message_id=None, sender=None):
+        """
+        Hold a message, a sender's messages or (neither given) the whole
+        organisation; fires with the hold row. L{mailingest.errors.NoSuchOrg},
+        L{mailingest.errors.NoSuchMessage}.
+        """
+
+    def remove_hold(hold_id: int, actor: str):
+        """
+        End a hold; fires with it. L{mailingest.errors.NoSuchHold}.
+        """
+
+    def list_holds(org_slug=None, include_removed: bool = False):
+        """
+        Fire with the holds (each with C{org_slug}), oldest first.
+        """
+
+    def list_audit(org_id=None, message_id=None, before_id=None, limit: int = 50):
+        """
+        Fire with audit rows (who, what, when, sha256), newest first, those below C{before_id}.
+        """
+
+
 class IWebhookEvents(Interface):
     """
     What the webhook side decides of the events a status change writes to
@@ -538,7 +618,7 @@ class IWebhookEvents(Interface):
 
 class IStore(
     ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
-    IDomainStore, IDomainRoutes,
+    IRetentionStore, IHoldStore, IDomainStore, IDomainRoutes,
 ):
     """Every store role on one database: what C{--database} opens (L{mailingest.storage.store.Store})."""
 

@@ -61,11 +61,11 @@ class TreeTests(unittest.TestCase):
         """The trees, not a route table in one leaf: every route resolves to a resource of its own class, none a leaf."""
         site = api_site()
         api_paths = [p.replace("{id}", "7").encode() for p in openapi.DOCUMENT["paths"]]
-        self.assertEqual(len(api_paths), 8)
+        self.assertEqual(len(api_paths), 9)
         console_paths = [
             b"/console", b"/console/sign-in", b"/console/sign-out", b"/console/static/console.css", b"/console/orgs",
             b"/console/orgs/7/messages", b"/console/messages/7", b"/console/messages/7/raw", b"/console/messages/7/reprocess",
-            b"/console/messages/7/release", b"/console/documents/7/content", b"/console/events/7/redeliver", b"/console/status",
+            b"/console/messages/7/release", b"/console/messages/7/erase", b"/console/documents/7/content", b"/console/events/7/redeliver", b"/console/status",
         ]
         ops = make_ops_site({}, clock=task.Clock())
         for tree, paths in ((site, api_paths), (site, console_paths), (ops, [b"/healthz", b"/readyz", b"/metrics"])):
@@ -94,9 +94,13 @@ class ApiEdgeTests(unittest.TestCase):
             self.assertError(b"GET", path, 404, "no_route")
 
     def test_methods_before_routes(self):
-        for method, path in ((b"POST", b"/v1/messages"), (b"DELETE", b"/v1/messages/1"), (b"PUT", b"/v1/nothing"), (b"OPTIONS", b"/")):
+        for method, path in ((b"POST", b"/v1/messages"), (b"DELETE", b"/v1/messages/1/raw"), (b"PUT", b"/v1/nothing"), (b"OPTIONS", b"/")):
             headers = self.assertError(method, path, 405, "method_not_allowed")
             self.assertEqual(headers[b"allow"], [b"GET, HEAD"])
+        # a message alone takes DELETE too (the admin's erasure), after its token
+        headers = self.assertError(b"POST", b"/v1/messages/1", 405, "method_not_allowed")
+        self.assertEqual(headers[b"allow"], [b"GET, HEAD, DELETE"])
+        self.assertError(b"DELETE", b"/v1/messages/1", 401, "unauthorized")
 
     def test_tokens_before_rows(self):
         for path in (b"/v1/messages", b"/v1/messages/1", b"/v1/messages/1/raw", b"/v1/documents/1", b"/v1/documents/1/content"):

@@ -24,6 +24,7 @@ from mailingest.storage.store import Store
 from tests import postgres
 from tests.daemon import DaemonTestCase, sleep
 from tests.daemon import message as daemon_message
+from tests.retention_contract import RetentionContract
 from tests.store_contract import StoreContract, message
 
 
@@ -41,7 +42,7 @@ def sqlite_affinity(declared: str) -> str:
     return "NUMERIC"
 
 
-class SqliteStoreTests(StoreContract, TestCase):
+class SqliteStoreTests(StoreContract, RetentionContract, TestCase):
     former_schema = "sqlite"
 
     @defer.inlineCallbacks
@@ -138,7 +139,7 @@ def postgresql_engine(test: TestCase, url: str | None = None, **kwargs) -> Postg
     return engine
 
 
-class PostgresqlStoreTests(StoreContract, TestCase):
+class PostgresqlStoreTests(StoreContract, RetentionContract, TestCase):
     former_schema = "postgresql"
 
     @defer.inlineCallbacks

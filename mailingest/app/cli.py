@@ -23,10 +23,11 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mailingest import __version__
+from mailingest.app import retention_cli
 from mailingest.app.cli_domains import add_domain_commands
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
-from mailingest.errors import BlobNotFound, MailingestError, NoSuchMessage, NoSuchOrg
+from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.statuses import EVENT_STATUSES
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     )
 
 PROG = "mailingest"
-STATUSES = ("received", "parsed", "failed", "quarantined")
+STATUSES = ("received", "parsed", "failed", "quarantined", "incinerated")
 
 ORG_TABLE = ("slug", "name", "active", "created_at", "reserved")
 MESSAGE_TABLE = ("id", "org_slug", "status", "received_at", "mail_from", "subject")
@@ -51,6 +52,7 @@ MESSAGE_FIELDS = (
     "raw_key", "raw_size", "raw_sha256", "status", "attempts", "last_error",
     "received_at", "parsed_at", "content_sha256",
 )
+TOMBSTONE_FIELDS = ("incinerated_at", "incinerated_reason")
 SENDER_FIELDS = (
     "client_ip", "helo", "tls", "spf", "spf_domain", "dkim", "dkim_domain", "dmarc", "dmarc_domain",
     "dmarc_policy", "arc", "arc_domain", "authentication_results", "quarantine_reason", "released_at",
@@ -328,11 +330,20 @@ async def _shown_headers(session: CommandBackends, raw_key: str) -> dict[str, st
     return {name: first[name.lower()] for name in SHOWN_HEADERS if name.lower() in first}
 
 
+def _refuse_gone(row: dict) -> None:
+    """A message incinerated, or a document deleted, by retention or erasure: its content is gone, say so."""
+    from mailingest.storage.retention import gone
+
+    if gone(row):
+        raise ContentGone(gone(row))
+
+
 async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) -> None:
     """The row is shown even when object storage cannot give the headers: the reason takes their place."""
     row = await session.message(args.id)
     documents = await session.store.list_documents(message_id=args.id)
     try:
+        _refuse_gone(row)
         headers, unread = await _shown_headers(session, row["raw_key"]), None
     except (MailingestError, OSError) as e:
         headers, unread = {}, _user_message(e, session.settings)
@@ -344,9 +355,10 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     for name, value in headers.items():
         print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
     print()
-    for fields in (MESSAGE_FIELDS, SENDER_FIELDS, CONTENT_FIELDS):
+    shown = (MESSAGE_FIELDS, SENDER_FIELDS, CONTENT_FIELDS) + ((TOMBSTONE_FIELDS,) if row["status"] == "incinerated" else ())
+    for fields in shown:
         if fields is not MESSAGE_FIELDS:
-            print("\nsender:" if fields is SENDER_FIELDS else "\ncontent:")
+            print({SENDER_FIELDS: "\nsender:", CONTENT_FIELDS: "\ncontent:"}.get(fields, "\ntombstone:"))
         width = max(len(name) for name in fields) + 1
         for name in fields:
             print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
@@ -357,6 +369,7 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
 
 async def cmd_messages_raw(session: CommandBackends, args: argparse.Namespace) -> None:
     row = await session.message(args.id)
+    _refuse_gone(row)
     _refuse_infected(row, f"message {args.id}")
     out = sys.stdout.buffer
     await _copy_blob(session, row["raw_key"], out, f"message {args.id}", row["raw_sha256"], row["raw_size"])
@@ -387,6 +400,7 @@ async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) 
     row = await session.store.get_document(args.id)
     if row is None:
         raise CommandError(f"no document {args.id}")
+    _refuse_gone(row)
     what = f"document {args.id}"
     if row.get("virus") == "infected":
         _refuse_infected(await session.message(row["inbound_message_id"]), what)
@@ -814,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
     admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
+    retention_cli.add_commands(commands, org, _command, _group, _positive_int)
+
     gc = _command(
         commands, "gc",
         "delete blobs no row references (left by failed or interrupted deliveries): every blob stored"
@@ -833,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "erase" and (args.sender is None) != (args.org is None):
+        parser.error("erase: --sender goes with --org (and --org with --sender)")
     if args.command == "org" and getattr(args, "any_domain", False) and args.allow_domain:
         parser.error("org policy: --allow-domain or --any-domain, not both")
     if args.command == "org" and getattr(args, "spam_threshold_none", False) and args.spam_threshold is not None:

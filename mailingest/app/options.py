@@ -182,6 +182,7 @@ DAEMON_OPTIONS = (
     Option("store-timeout", 30.0, "seconds the end of DATA may take to store a message (object storage and database) before it is answered 451", positive_float, metavar="SECONDS"),
     Option("gc-interval", 3600.0, "seconds between sweeps removing blobs no row references; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("gc-min-age", 86400.0, "the sweeper removes only unreferenced blobs older than this", positive_float, metavar="SECONDS"),
+    Option("retention-interval", 3600.0, "seconds between retention passes deleting what is past each organisation's retention period; 0 disables", _non_negative_float, metavar="SECONDS"),
     Option("dns-resolver", None, "DNS server for the SPF, DKIM, DMARC and ARC checks [default: the system's, /etc/resolv.conf]", _resolver_address, metavar="HOST[:PORT]"),
     Option("dns-budget", 5.0, "seconds of DNS lookups the sender checks of one message may take; past it a check gives temperror", positive_float, metavar="SECONDS"),
     Option("api", "none", "JSON API endpoint (e.g. tcp:8026:interface=127.0.0.1 or ssl:...), or 'none'", metavar="ENDPOINT"),

@@ -35,6 +35,7 @@ from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.journal import journaled
+from mailingest.storage.retention import RetentionService
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -473,6 +474,8 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
         GcService(store, blobs, settings.gc_interval, min_age, reactor, blobs.journal).setServiceParent(serving)
+    if settings.retention_interval:
+        RetentionService(store, blobs, settings.retention_interval, clock=reactor).setServiceParent(serving)
     if settings.multi_process:
         intake.setServiceParent(serving)
         tls_context, smtp_listeners = intake.tls_context, []

@@ -75,6 +75,7 @@ class Settings(StorageSettings):
     store_timeout: float
     gc_interval: float
     gc_min_age: float
+    retention_interval: float
     dns_resolver: tuple[str, int] | None
     dns_budget: float
     api: str

@@ -12,6 +12,7 @@ from twisted.web.template import Tag, tags
 
 from mailingest.delivery.domains import shown_domain
 from mailingest.handoff.events import iso, withheld
+from mailingest.storage.retention import gone
 from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
 
@@ -182,11 +183,14 @@ def message(
     actions = [
         tags.a(action.label + "…", href=f"/console/messages/{mid}/{name}", class_="action")
         for name, action in ACTIONS.items()
-        if session.admin and row["status"] == action.status
+        if session.admin and applies(row, action)
     ]
+    incinerated = gone(row)
     document_rows = [
         (
-            tags.span(doc["filename"], class_="withheld")
+            tags.span(doc["filename"], f" (deleted: {doc['deleted_reason']}, {when(doc['deleted_at'])})", class_="deleted")
+            if doc.get("deleted_at") is not None
+            else tags.span(doc["filename"], class_="withheld")
             if withheld(doc, row)
             else tags.a(doc["filename"], href=f"/console/documents/{doc['id']}/content", download=""),
             virus_badge(doc),
@@ -217,12 +221,15 @@ def message(
             " ",
             spam_badge(row),
             " ",
-            tags.span("raw message withheld (infected)", class_="withheld")
+            ""
+            if incinerated
+            else tags.span("raw message withheld (infected)", class_="withheld")
             if withheld(row, row)
             else tags.a("Download raw message", href=f"/console/messages/{mid}/raw", download=""),
             " ",
             *actions,
         ),
+        tags.p(incinerated.capitalize() + ".", class_="incinerated") if incinerated else "",
         tags.h2("Envelope"),
         definitions(
             [
@@ -248,6 +255,7 @@ def message(
                 ("Attempts", row["attempts"]),
                 ("Error", row["last_error"]),
                 ("Quarantine reason", row["quarantine_reason"]),
+                ("Incinerated", " ".join(filter(None, (when(row.get("incinerated_at")), row.get("incinerated_reason"))))),
             ]
         ),
         tags.h3("History"),
@@ -304,9 +312,14 @@ def spam_badge(row: dict) -> Tag | str:
 
 
 class Action(NamedTuple):
-    status: str  # the only status it applies to
+    status: str  # the status it applies to (the first of C{statuses}, for the page that says why it does not)
     label: str
     effect: str
+    statuses: tuple[str, ...] = ()  # all the statuses it applies to, when more than one
+
+
+def applies(row: dict, action: Action) -> bool:
+    return row["status"] in (action.statuses or (action.status,)) and row.get("incinerated_reason") != "erasure"
 
 
 # The admin's actions on a message that are confirmed on a page of their own first.
@@ -324,13 +337,25 @@ ACTIONS = {
         " documents are handed to your application like any other message's; an infected document stays"
         " withheld until an admin runs `mailingest release ID --allow-infected`.",
     ),
+    "erase": Action(
+        "parsed",
+        "Erase",
+        "Its raw copy and documents are deleted for good and its personal fields (sender, subject, client,"
+        " sender domains) replaced; a tombstone with its digests stays, and the erasure is in the audit trail."
+        " Your application gets a message.erased event. A message under a legal hold is not erased.",
+        ("parsed", "failed", "quarantined", "incinerated"),
+    ),
 }
 
 
 def inapplicable(row: dict, name: str) -> str | None:
     """Why an action does not apply to this message now (a form answered twice, a stale page); None when it does."""
-    status = ACTIONS[name].status
-    return None if row["status"] == status else f"Message {row['id']} is {row['status']}: only a {status} message can be {name}d."
+    action = ACTIONS[name]
+    if applies(row, action):
+        return None
+    if action.statuses:
+        return f"Message {row['id']} is {row['status']} ({row.get('incinerated_reason') or 'not settled'}): it cannot be {name}d."
+    return f"Message {row['id']} is {row['status']}: only a {action.status} message can be {name}d."
 
 
 def confirm(row: dict, name: str, session) -> Tag:

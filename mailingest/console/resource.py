@@ -28,13 +28,14 @@ from twisted.web.template import flattenString
 from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import ConsoleSession, Sessions
-from mailingest.errors import BlobNotFound, NoSuchEvent, NoSuchMessage, NotQuarantined
+from mailingest.errors import BlobNotFound, ContentGone, MessageHeld, NoSuchEvent, NoSuchMessage, NotErasable, NotQuarantined
 from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
 from mailingest.handoff.events import withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.ops.web import Node, numbered
+from mailingest.storage.retention import erase_message, gone
 
 log = Logger(namespace="mailingest.console")
 
@@ -328,6 +329,8 @@ class _Raw(_Page):
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_message(self.id), session)
+        if gone(row):
+            return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
         _withhold(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{self.id}.eml")
 
@@ -368,9 +371,23 @@ class _Release(_Action):
         await self.site.act(request, session, row, lambda: self.site.store.release(id), notice, id)
 
 
+class _Erase(_Action):
+    action = "erase"
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        id = self.id
+        row = await self.site.store.get_message(id)
+        notice = f"Message {id} is erased: its raw copy and documents are deleted, its tombstone kept."
+
+        async def change() -> None:
+            await erase_message(self.site.store, self.site.blobs, id, "console: " + session.who)
+
+        await self.site.act(request, session, row, change, notice, id)
+
+
 class _MessagePage(_Page):
     signed = True
-    below = {b"raw": _Raw, b"reprocess": _Reprocess, b"release": _Release}
+    below = {b"raw": _Raw, b"reprocess": _Reprocess, b"release": _Release, b"erase": _Erase}
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         site, id = self.site, self.id
@@ -378,7 +395,8 @@ class _MessagePage(_Page):
         documents = await site.store.list_documents(message_id=id)
         events = await site.store.message_events(id)
         history = await site.store.status_history(id)
-        headers, truncated = read_headers(await head_of(site.blobs, row["raw_key"]))
+        # An incinerated message's raw copy is gone: its page shows the tombstone, never a 500.
+        headers, truncated = ([], False) if gone(row) else read_headers(await head_of(site.blobs, row["raw_key"]))
         await site.page(request, pages.message(row, headers, truncated, documents, events, session, history))
         session.notice = None
 
@@ -392,6 +410,8 @@ class _DocumentDownload(_Page):
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_document(self.id), session)
+        if gone(row):
+            return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
         if row.get("virus") == "infected":
             _withhold(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
@@ -511,7 +531,7 @@ class ConsoleResource(_Home):
             await change()
         except (NoSuchMessage, NoSuchEvent):
             raise NotFound() from None
-        except (NotQuarantined, Inapplicable) as e:
+        except (NotQuarantined, Inapplicable, MessageHeld, NotErasable, ContentGone) as e:
             session.notice = str(e)
         else:
             session.notice = notice

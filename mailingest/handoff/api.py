@@ -1,5 +1,6 @@
 """
-The read-only JSON API (C{--api}), served by twisted.web in the daemon's reactor.
+The JSON API (C{--api}), served by twisted.web in the daemon's reactor: read-only but
+for the admin token's erasure of a message (C{DELETE /v1/messages/{id}}).
 
 Each request carries a bearer token: an organisation's token sees only its
 own rows (another organisation's id answers 404, as a missing one does, so
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
-from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, NoSuchDomain, NoSuchOrg
+from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, MessageHeld, NoSuchDomain, NoSuchOrg, NotErasable
 from mailingest.handoff import openapi
 from mailingest.delivery.domains import new_token as new_domain_token
 from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
@@ -33,6 +34,7 @@ from mailingest.handoff.events import document_object, iso, message_object, with
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
+from mailingest.storage.retention import erase_message, gone
 from mailingest.storage.store import MESSAGE_STATUSES
 from mailingest.verification.domain_proof import dns_records
 
@@ -206,20 +208,44 @@ class _Endpoint(_Path):
         raise NotImplementedError
 
 
+def _gone(row: dict) -> ApiError:
+    """A message incinerated, or a document deleted: the tombstone is there, its content is not (410, never a 500)."""
+    return ApiError(410, "incinerated" if "status" in row else "deleted", gone(row))
+
+
 class _MessageRaw(_Endpoint):
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
+        if gone(row):
+            raise _gone(row)
         refuse_infected(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "message/rfc822", f"message-{self.id}.eml")
 
 
 class _Message(_Endpoint):
     below = {b"raw": _MessageRaw}
+    methods = (b"GET", b"HEAD", b"DELETE")
 
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_message, self.id, scope, "message")
+        await self.send_message(request, row)
+
+    async def send_message(self, request: server.Request, row: dict) -> None:
         documents = await self.site.store.list_documents(message_id=self.id)
         self.site.send_json(request, dict(self.site.message_json(row), documents=[self.site.document_json(d) for d in documents]))
+
+    async def change(self, request: server.Request, scope: int | None) -> None:
+        """Erase the message (DELETE, admin token only): 200 with its tombstone, 409 when held or not erasable now."""
+        if scope is not None:
+            raise ApiError(403, "forbidden", "only the admin token may erase messages")
+        await self.site.row(self.site.store.get_message, self.id, None, "message")
+        try:
+            await erase_message(self.site.store, self.site.blobs, self.id, "api:admin")
+        except MessageHeld as e:
+            raise ApiError(409, "held", str(e)) from None
+        except NotErasable as e:
+            raise ApiError(409, "not_erasable", str(e)) from None
+        await self.send_message(request, await self.site.store.get_message(self.id))
 
 
 class _Messages(_Endpoint):
@@ -243,6 +269,8 @@ class _Messages(_Endpoint):
 class _DocumentContent(_Endpoint):
     async def read(self, request: server.Request, scope: int | None) -> None:
         row = await self.site.row(self.site.store.get_document, self.id, scope, "document")
+        if gone(row):
+            raise _gone(row)
         if row.get("virus") == "infected":
             refuse_infected(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], safe_content_type(row["content_type"]), row["filename"])
@@ -309,8 +337,35 @@ class _OpenApi(_Endpoint):
         self.site.send_json(request, openapi.DOCUMENT)
 
 
+class _Audit(_Endpoint):
+    async def read(self, request: server.Request, scope: int | None) -> None:
+        """The audit trail, newest first: an organisation's token sees its own organisation's rows."""
+        args = {k.decode(): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
+        limit = _parse_limit(args["limit"]) if "limit" in args else DEFAULT_PAGE
+        before = decode_cursor(args["cursor"]) if args.get("cursor") else None
+        rows = await self.site.store.list_audit(org_id=scope, before_id=before, limit=limit + 1)
+        page = rows[:limit]
+        cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+        self.site.send_json(request, {"entries": [audit_json(row) for row in page], "next_cursor": cursor})
+
+
+def audit_json(row: dict) -> dict:
+    return {
+        "id": row["id"],
+        "at": iso(row["at"]),
+        "actor": row["actor"],
+        "action": row["action"],
+        "organization": row["org_slug"],
+        "message_id": row["inbound_message_id"],
+        "document_id": row["document_id"],
+        "hold_id": row["hold_id"],
+        "reason": row["reason"],
+        "sha256": row["sha256"],
+    }
+
+
 class _V1(_Path):
-    below = {b"messages": _Messages, b"documents": _Documents, b"domains": _Domains, b"openapi.json": _OpenApi}
+    below = {b"messages": _Messages, b"documents": _Documents, b"domains": _Domains, b"audit": _Audit, b"openapi.json": _OpenApi}
 
 
 class ApiResource(_Path):
@@ -377,10 +432,17 @@ class ApiResource(_Path):
             "parsed_at": iso(row["parsed_at"]),
             "raw_size": row["raw_size"],
             "raw_sha256": row["raw_sha256"],
+            "incinerated_at": iso(row["incinerated_at"]),
+            "incinerated_reason": row["incinerated_reason"],
         }
 
     def document_json(self, row: dict) -> dict:
-        return {**document_object(row, self.api_url), "message_id": row["inbound_message_id"], "created_at": iso(row["created_at"])}
+        return {
+            **document_object(row, self.api_url),
+            "message_id": row["inbound_message_id"],
+            "created_at": iso(row["created_at"]),
+            "deleted_at": iso(row["deleted_at"]),
+        }
 
     async def stream(self, request: server.Request, key: str, size: int, content_type: str, filename: str) -> None:
         """Send a blob as a download, streamed (the console's downloads use it too)."""

@@ -25,6 +25,8 @@ EVENT_TYPES = {
     "parsed": "message.parsed",
     "failed": "message.failed",
     "quarantined": "message.quarantined",
+    "incinerated": "message.incinerated",
+    "erased": "message.erased",
 }
 
 

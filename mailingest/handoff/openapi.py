@@ -66,6 +66,8 @@ _MESSAGE = {
     "parsed_at": {"type": ["string", "null"], "format": "date-time"},
     "raw_size": {"type": "integer"},
     "raw_sha256": _TEXT,
+    "incinerated_at": {"type": ["string", "null"], "format": "date-time", "description": "when its raw copy was deleted (status incinerated)"},
+    "incinerated_reason": {"type": ["string", "null"], "enum": ["retention", "erasure", None]},
 }
 _DOCUMENT = {
     "id": {"type": "integer"},
@@ -77,6 +79,19 @@ _DOCUMENT = {
     "virus": _VIRUS,
     "message_id": {"type": "integer", "description": "the id of the message it came from (not its Message-ID header)"},
     "created_at": _TIME,
+    "deleted_at": {"type": ["string", "null"], "format": "date-time", "description": "when its content was deleted (retention or erasure)"},
+}
+_AUDIT_ENTRY = {
+    "id": {"type": "integer"},
+    "at": _TIME,
+    "actor": {**_TEXT, "description": "retention, api:admin, console: admin, cli:<user>"},
+    "action": {"type": "string", "enum": ["incinerate", "erase", "delete_document", "hold_add", "hold_remove"]},
+    "organization": _NULLABLE_TEXT,
+    "message_id": {"type": ["integer", "null"]},
+    "document_id": {"type": ["integer", "null"]},
+    "hold_id": {"type": ["integer", "null"]},
+    "reason": _NULLABLE_TEXT,
+    "sha256": {**_NULLABLE_TEXT, "description": "the sha256 of what was deleted"},
 }
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _DOMAIN = {
@@ -98,6 +113,8 @@ SCHEMAS = {
     "Document": _object(_DOCUMENT),
     "MessageWithDocuments": _object({**_MESSAGE, "documents": {"type": "array", "items": _ref("Document")}}),
     "MessagePage": _object({"messages": {"type": "array", "items": _ref("Message")}, "next_cursor": _NULLABLE_TEXT}),
+    "AuditEntry": _object(_AUDIT_ENTRY),
+    "AuditPage": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}, "next_cursor": _NULLABLE_TEXT}),
     "Error": _object({"error": _TEXT, "message": _TEXT}),
     "Domain": _object(_DOMAIN),
     "DomainList": _object({"domains": {"type": "array", "items": _ref("Domain")}}),
@@ -123,6 +140,7 @@ _ERRORS = {
 _CONTENT_ERRORS = {
     **_ERRORS,
     "403": _error("infected, and no admin has released it with --allow-infected (error: infected)"),
+    "410": _error("deleted by retention or erasure: only the tombstone is left (error: incinerated or deleted)"),
 }
 
 
@@ -170,13 +188,29 @@ DOCUMENT = {
             schema="MessagePage",
             errors={"400": _error("a query value it cannot use (error: bad_parameter or bad_cursor)"), **_ERRORS},
         ),
-        "/v1/messages/{id}": _get("One message and its documents", "the message", [_ID], schema="MessageWithDocuments"),
+        "/v1/messages/{id}": {
+            **_get("One message and its documents", "the message", [_ID], schema="MessageWithDocuments"),
+            **_change(
+                "delete", "Erase the message (admin token): raw copy and documents deleted, personal fields replaced, tombstone kept",
+                "200", "the erased message (status incinerated, incinerated_reason erasure)", "MessageWithDocuments",
+                {"409": _error("under a legal hold (error: held), or still being processed or erased already (error: not_erasable)")},
+                [_ID],
+            ),
+        },
         "/v1/messages/{id}/raw": _get(
             "The message as received (MIME)", "the raw message", [_ID], "message/rfc822", errors=_CONTENT_ERRORS
         ),
         "/v1/documents/{id}": _get("One document", "the document", [_ID], schema="Document"),
-        "/v1/documents/{id}/content": _get(
-            "The document's bytes", "the content", [_ID], "application/octet-stream", errors=_CONTENT_ERRORS
+        "/v1/documents/{id}/content": _get("The document's bytes", "the content", [_ID], "application/octet-stream", errors=_CONTENT_ERRORS),
+        "/v1/audit": _get(
+            "The audit trail of incinerations, erasures and legal holds, newest first (an organisation's token: its own)",
+            "a page of audit entries",
+            [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+            ],
+            schema="AuditPage",
+            errors={"400": _error("a query value it cannot use (error: bad_parameter or bad_cursor)"), **_ERRORS},
         ),
         "/v1/domains": {
             **_get("Custom domains: an organisation's own, or every one for the admin token", "the domains", schema="DomainList"),

@@ -80,6 +80,20 @@ GC_REMOVED_BYTES = Counter(
     "mailingest_gc_removed_bytes_total",
     "Bytes of the orphaned blobs and stale temporary files removed by the sweeper.",
 )
+INCINERATED = Counter(
+    "mailingest_incinerated_messages_total",
+    "Messages whose raw copy was deleted, by reason (retention, erasure); the row is kept as a tombstone.",
+    ["reason"],
+)
+INCINERATED_BYTES = Counter(
+    "mailingest_incinerated_bytes_total",
+    "Bytes of raw copies and documents deleted by retention and erasure, by reason.",
+    ["reason"],
+)
+RETENTION_DOCUMENTS = Counter(
+    "mailingest_retention_deleted_documents_total",
+    "Documents deleted because their organisation's documents period passed.",
+)
 MESSAGE_ID_COLLISIONS = Counter(
     "mailingest_message_id_collisions_total",
     "Messages stored under a suffixed Message-ID because a different message already held theirs.",

@@ -23,16 +23,18 @@ from mailingest.storage.stores.outbox import OutboxStore
 from mailingest.storage.stores.quarantine import VERDICT_COLUMNS, QuarantineStore
 from mailingest.storage.stores.queue import ExtractionQueueStore
 from mailingest.storage.stores.reads import ReadStore
+from mailingest.storage.stores.holds import HoldStore
+from mailingest.storage.stores.retention import RetentionStore
 from mailingest.storage.statuses import EVENT_STATUSES, MESSAGE_STATUSES
 from mailingest.storage.stores.schema import SchemaStore, migrations
 
 __all__ = ["Store", "open_store", "migrations", "VERDICT_COLUMNS", "MESSAGE_STATUSES", "EVENT_STATUSES"]
 
 
-
 @implementer(IStore)
 class Store(
-    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, DomainStore,
+    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, RetentionStore, HoldStore,
+    DomainStore,
 ):
     """
     Every role on one engine: what C{--database} opens. C{events} says which

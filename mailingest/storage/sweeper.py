@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import threads
 from twisted.logger import Logger
 
 from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.interfaces import BlobInfo, IBlobReferences
 from mailingest.storage.journal import IntentJournal
+from mailingest.storage.periodic import PeriodicService
 
 PREFIXES = ("raw/", "documents/")
 DEFAULT_MIN_AGE = 86400.0
@@ -140,46 +140,24 @@ async def sweep_journal(
     return found
 
 
-class GcService(service.Service):
+class GcService(PeriodicService):
     """
     Sweeps every C{interval} seconds, the first time one interval after
     start: the blobs C{journal} names (the routine sweep, L{sweep_journal}),
-    or without a journal every blob (L{sweep}).
+    or without a journal every blob (L{sweep}); a sweep in progress stops
+    after its current page.
     """
 
     name = "gc"
 
     def __init__(self, store: IBlobReferences, blobs, interval: float, min_age: float, clock=None, journal: IntentJournal | None = None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+        super().__init__(interval, clock)
         self.store = store
         self.blobs = blobs
         self.journal = journal
-        self.interval = interval
         self.min_age = min_age
-        self.clock = clock
-        self._loop = None
-        self._sweeping = None
 
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self.run_once)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        """A sweep in progress stops after its current page."""
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._sweeping is not None:
-            return self._sweeping
-
-    def run_once(self) -> defer.Deferred:
-        self._sweeping = defer.ensureDeferred(self._run_once())
-        return self._sweeping
-
-    async def _run_once(self) -> None:
+    async def run(self) -> None:
         started = self.clock.seconds()
         try:
             if self.journal is not None:
@@ -189,8 +167,6 @@ class GcService(service.Service):
         except Exception as e:
             log.error("gc: sweep stopped, next one in {interval:.0f} s: {error}", interval=self.interval, error=str(e))
             return
-        finally:
-            self._sweeping = None
         log.info(
             "gc: {scanned} blobs scanned, {orphans} orphaned ({orphan_bytes} bytes), {removed} removed"
             " ({removed_bytes} bytes), {temporaries} stale temporary files removed ({temporary_bytes} bytes), {seconds:.1f} s",

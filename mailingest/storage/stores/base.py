@@ -23,7 +23,7 @@ MESSAGE_COLUMNS = (
     " dmarc_policy, arc, arc_domain, authentication_results, quarantine_reason, released_at"
     ", warnings, rcpt_domain"
     ", virus, virus_detail, spam_action, spam_score, spam_required, spam_symbols, spam_detail, unscanned,"
-    " infected_allowed_at"
+    " infected_allowed_at, incinerated_at, incinerated_reason"
 )
 
 

@@ -110,13 +110,15 @@ class IntakeStore(StoreBase):
         return self._background(self._referenced_keys, list(keys))
 
     async def _referenced_keys(self, txn, keys):
+        # Incinerated messages and deleted documents refer to nothing: their
+        # blobs are retention's to delete, and the sweeper may finish the job.
         found = set()
         for start in range(0, len(keys), KEY_BATCH):
             batch = keys[start:start + KEY_BATCH]
             marks = ", ".join("?" for _ in batch)
             await txn.execute(
-                f"SELECT raw_key AS key FROM inbound_message WHERE raw_key IN ({marks})"
-                f" UNION SELECT storage_key AS key FROM document WHERE storage_key IN ({marks})",
+                f"SELECT raw_key AS key FROM inbound_message WHERE raw_key IN ({marks}) AND status <> 'incinerated'"
+                f" UNION SELECT storage_key AS key FROM document WHERE storage_key IN ({marks}) AND deleted_at IS NULL",
                 (*batch, *batch),
             )
             found.update(row["key"] for row in txn.fetchall())

@@ -34,9 +34,14 @@ class OutboxStore(StoreBase):
             for callback in self._event_listeners:
                 callback()
 
-    async def _write_event_txn(self, txn, message_id, status, error):
-        """The event of a status change, in its transaction: only for organisations with a webhook. Whether it wrote one."""
-        event_type = self.events.event_type(status)
+    async def _write_event_txn(self, txn, message_id, status, error, event_status=None):
+        """
+        The event of a status change, in its transaction: only for
+        organisations with a webhook. Whether it wrote one. C{event_status}
+        names the change when the status alone does not (an erasure is an
+        incineration that raises C{message.erased}).
+        """
+        event_type = self.events.event_type(event_status or status)
         if event_type is None:
             return False
         now = self._now()
@@ -143,6 +148,7 @@ class OutboxStore(StoreBase):
             await txn.execute(
                 "SELECT id, filename, content_type, size, sha256, virus, virus_detail FROM document"
                 " WHERE inbound_message_id = ? AND ? <> 'quarantined' AND (virus IS NULL OR virus <> 'infected')"
+                " AND deleted_at IS NULL"
                 " ORDER BY ordinal",
                 (event["message_id"], event["message_status"]),
             )

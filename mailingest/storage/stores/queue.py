@@ -8,7 +8,7 @@ from datetime import timedelta
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailingest.errors import NoSuchMessage
+from mailingest.errors import ContentGone, NoSuchMessage
 from mailingest.interfaces import IExtractionQueue
 from mailingest.storage.group_commit import GroupCommit
 from mailingest.storage.stores.base import MESSAGE_SELECT, RECEIVED_CHANNEL, StoreBase, message_row
@@ -173,11 +173,16 @@ class ExtractionQueueStore(StoreBase):
         await txn.execute(
             "UPDATE inbound_message SET status = 'received', attempts = 0,"
             " last_error = NULL, parsed_at = NULL, next_attempt_at = ?, claimed_until = NULL, warnings = NULL"
-            " WHERE id = ? RETURNING id",
+            " WHERE id = ? AND status <> 'incinerated' AND NOT EXISTS (SELECT 1 FROM document d"
+            " WHERE d.inbound_message_id = inbound_message.id AND d.deleted_at IS NOT NULL) RETURNING id",
             (self._now(), message_id),
         )
         if txn.fetchone() is None:
-            raise NoSuchMessage(f"no message {message_id}")
+            await txn.execute("SELECT 1 AS found FROM inbound_message WHERE id = ?", (message_id,))
+            if txn.fetchone() is None:
+                raise NoSuchMessage(f"no message {message_id}")
+            # Extracting it again would put back what retention or erasure deleted.
+            raise ContentGone(f"message {message_id} has had its content deleted (retention or erasure): nothing to extract")
         await self._record_status_txn(txn, [message_id], "received")
         await txn.execute(MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return message_row(txn.fetchone())

@@ -11,7 +11,7 @@ from mailingest.storage.stores.search import TextSearch, fts_ready
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
     " storage_key, created_at"
-    ", original_filename, content_type_raw, disposition, content_id, virus, virus_detail"
+    ", original_filename, content_type_raw, disposition, content_id, virus, virus_detail, deleted_at, deleted_reason"
 )
 _DOCUMENT_SELECT = select_with_org("document", "d", DOCUMENT_COLUMNS)
 
