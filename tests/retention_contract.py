@@ -3,12 +3,26 @@ What the retention and legal hold roles must do on every engine (issue 26),
 mixed into the store contract's TestCase of each engine (see C{test_store}).
 """
 
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+
+from twisted.internet import task
 
 from mailingest.errors import ContentGone, MessageHeld, NoSuchHold, NotErasable
 from mailingest.interfaces import Duplicate
-from tests.daemon import sleep
 from tests.store_contract import message
+
+
+@contextmanager
+def later(store, seconds: float):
+    """The store stamps and compares times as if C{seconds} had passed: a period passes without a sleep."""
+    ahead = task.Clock()
+    ahead.advance(store.clock.seconds() + seconds)
+    store.clock, real = ahead, store.clock
+    try:
+        yield
+    finally:
+        store.clock = real
 
 DAY = 86400
 
@@ -124,8 +138,8 @@ class RetentionContract:
         await self.store.set_retention("acme", documents=1)
         # documents are stamped when extracted: now; a period of one second makes them due.
         await self.store.add_hold("acme", "keep e", "cli:t", message_id=fresh_message)
-        await sleep(1.5)
-        self.assertEqual(await self.store.delete_due_documents(10), (2, 21))
+        with later(self.store, 1.5):
+            self.assertEqual(await self.store.delete_due_documents(10), (2, 21))
         documents = await self.store.list_documents(message_id=old)
         self.assertEqual([(d["deleted_reason"], d["filename"]) for d in documents], [("retention", "PO 0 Jane Doe.pdf"), ("retention", "PO 1 Jane Doe.pdf")])
         self.assertTrue(all(d["deleted_at"] for d in documents))

@@ -22,8 +22,9 @@ from mailingest.storage.retention import RetentionService, run_pass
 from mailingest.storage.store import open_store
 from mailingest.storage.sweeper import sweep
 from tests import postgres
-from tests.daemon import TwistdProcess, mailingest_cli, poll, sleep, temp_dir
+from tests.daemon import TwistdProcess, mailingest_cli, poll, temp_dir
 from tests.moto import shared_server
+from tests.retention_contract import later
 from tests.store_contract import message
 from tests.test_api import order
 from tests.test_console import ConsoleCase
@@ -305,8 +306,8 @@ class TombstonesServed(ConsoleCase):
     async def incinerate(self, message_id: int) -> None:
         """A period of one second, passed: the daemon's own pass (as its retention service runs it) incinerates it."""
         await self.daemon.store.set_retention("acme", raw=1)
-        await sleep(1.1)
-        done = await run_pass(self.daemon.store, self.daemon.blobs)
+        with later(self.daemon.store, 1.1):
+            done = await run_pass(self.daemon.store, self.daemon.blobs)
         self.assertEqual((done.messages, done.blobs), (1, 1))
         self.assertEqual((await self.daemon.store.get_message(message_id))["status"], "incinerated")
 

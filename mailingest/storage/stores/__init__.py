@@ -16,8 +16,8 @@ daemon opens.
 How roles share a transaction: an interaction is one transaction, and a
 method named C{*_txn} takes the transaction it runs in instead of opening
 its own. A change of status (C{queue}'s C{_finish_txn}, C{quarantine}'s
-C{_mark_quarantined}) calls C{_record_status_txn} (its history row) and
-the outbox's C{_write_event_txn} (its webhook event) with its own C{txn}:
+C{_mark_quarantined}) calls C{_record_status_txn} (its history row, on the
+shared base) and the outbox's C{_write_event_txn} (its webhook event) with its own C{txn}:
 the status, its history and its event commit together or not at all. An
 insert (C{intake}) records its C{received} history row the same way. The
 roles are mixins of one object for this: a C{*_txn} of another role is

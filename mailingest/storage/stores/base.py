@@ -134,3 +134,12 @@ class StoreBase:
     def _claiming(self, fn: Callable[..., Coroutine], *args: Any) -> defer.Deferred:
         """An interaction that claims work or lets go of claims (see L{IEngine.claiming})."""
         return self.engine.claiming(_storable_interaction, fn, *args)
+
+    async def _record_status_txn(self, txn, message_ids, status, error=None):
+        """A history row per message whose status changed, in the transaction of the change (every role that changes one)."""
+        now = self._now()
+        for message_id in message_ids:
+            await txn.execute(
+                "INSERT INTO message_status_history (inbound_message_id, status, error, at) VALUES (?, ?, ?, ?)",
+                (message_id, status, error, now),
+            )

@@ -275,15 +275,6 @@ class ExtractionQueueStore(StoreBase):
         )
         await self._record_status_txn(txn, [message_id], "retrying", error)
 
-    async def _record_status_txn(self, txn, message_ids, status, error=None):
-        """A history row per message whose status changed, in the transaction of the change."""
-        now = self._now()
-        for message_id in message_ids:
-            await txn.execute(
-                "INSERT INTO message_status_history (inbound_message_id, status, error, at) VALUES (?, ?, ?, ?)",
-                (message_id, status, error, now),
-            )
-
     def status_history(self, message_id):
         """A message's status changes, oldest first: (status, error, at)."""
         return self._run(self._status_history, int(message_id))
