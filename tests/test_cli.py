@@ -22,7 +22,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest import __version__
-from mailingest.app.cli import main, table, to_json
+from mailingest.app.cli import main
+from mailingest.app.cli_output import table, to_json
 from mailingest.app.mail_sender import SendError, daemon_server, parse_server
 from mailingest.handoff.api import read_admin_token
 from mailingest.handoff.events import MESSAGE_EVENTS

@@ -11,7 +11,6 @@ status 1; only a bug in mailingest shows a traceback.
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import re
 import sqlite3
@@ -19,12 +18,12 @@ import sys
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mailingest import __version__
-from mailingest.app import retention_cli
+from mailingest.app import cli_retention
 from mailingest.app.cli_domains import add_domain_commands
+from mailingest.app.cli_output import cell, table, to_json
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
 from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuchMessage, NoSuchOrg
@@ -67,7 +66,6 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z
 DOCUMENT_TABLE = ("id", "org_slug", "inbound_message_id", "filename", "content_type", "size", "created_at")
 MESSAGE_DOCUMENT_TABLE = ("id", "filename", "content_type", "size", "sha256", "virus", "virus_detail")
 EVENT_TABLE = ("id", "event_id", "org_slug", "event_type", "inbound_message_id", "status", "attempts", "last_status", "next_attempt_at", "last_error")
-CELL_WIDTH = 64
 # The full sweep says how far it got every this many blobs.
 PROGRESS_EVERY = 100_000
 # The daemon's options of its webhook target policy, which `org webhook` checks a URL against.
@@ -79,62 +77,6 @@ class CommandError(MailingestError):
 
 
 # output
-
-
-def _timestamp(value: Any, short: bool) -> str:
-    """The same ISO 8601 whether the database gave a datetime (PostgreSQL) or text (SQLite)."""
-    if isinstance(value, date) and not isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return value
-    if not short:
-        return value.isoformat()
-    if value.tzinfo is not None:
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-    return value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _cell(column: str, value: Any, short: bool = True) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if column.endswith("_at"):
-        text = _timestamp(value, short)
-    else:
-        text = str(value)
-    text = "".join(c if c.isprintable() else " " for c in text)
-    if short and len(text) > CELL_WIDTH:
-        text = text[: CELL_WIDTH - 3] + "..."
-    return text
-
-
-def table(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    """Aligned columns headed by the column names, for people reading a terminal."""
-    cells = [list(columns)] + [[_cell(c, row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
-        for line in cells
-    )
-
-
-def _json_value(value: Any, column: str = "") -> Any:
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_value(v, k) for k, v in value.items()}
-    if isinstance(value, (datetime, date)) or (column.endswith("_at") and value is not None):
-        return _timestamp(value, short=False)
-    return value
-
-
-def to_json(value: Any) -> str:
-    """JSON keyed by the column names of README's Data section, timestamps as ISO 8601 strings."""
-    return json.dumps(_json_value(value), indent=2, ensure_ascii=False)
 
 
 # errors
@@ -353,7 +295,7 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
     print(f"headers: cannot read the stored copy: {unread}" if unread else "headers:" if headers else "headers: none in the stored copy")
     width = max(len(name) for name in SHOWN_HEADERS) + 1
     for name, value in headers.items():
-        print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
+        print(f"{name + ':':<{width}} {cell(name, value, short=False)}")
     print()
     shown = (MESSAGE_FIELDS, SENDER_FIELDS, CONTENT_FIELDS) + ((TOMBSTONE_FIELDS,) if row["status"] == "incinerated" else ())
     for fields in shown:
@@ -361,7 +303,7 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
             print({SENDER_FIELDS: "\nsender:", CONTENT_FIELDS: "\ncontent:"}.get(fields, "\ntombstone:"))
         width = max(len(name) for name in fields) + 1
         for name in fields:
-            print(f"{name + ':':<{width}} {_cell(name, row.get(name), short=False)}")
+            print(f"{name + ':':<{width}} {cell(name, row.get(name), short=False)}")
     print(f"\ndocuments ({len(documents)}):")
     if documents:
         print(table(documents, MESSAGE_DOCUMENT_TABLE))
@@ -393,7 +335,7 @@ async def cmd_documents_show(session: CommandBackends, args: argparse.Namespace)
         return
     width = max(len(name) for name in row) + 1
     for name, value in row.items():
-        print(f"{name + ':':<{width}} {_cell(name, value, short=False)}")
+        print(f"{name + ':':<{width}} {cell(name, value, short=False)}")
 
 
 async def cmd_documents_get(session: CommandBackends, args: argparse.Namespace) -> None:
@@ -828,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_token.add_argument("--write", required=True, metavar="FILE", help="the file, for --api-admin-token-file")
     admin_token.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
-    retention_cli.add_commands(commands, org, _command, _group, _positive_int)
+    cli_retention.add_commands(commands, org, _command, _group, _positive_int)
 
     gc = _command(
         commands, "gc",

@@ -59,7 +59,7 @@ async def cmd_domain_add(session, args: argparse.Namespace) -> None:
 
 
 async def cmd_domain_list(session, args: argparse.Namespace) -> None:
-    from mailingest.app.cli import table, to_json
+    from mailingest.app.cli_output import table, to_json
 
     await session.require_org(args.slug)
     rows = await session.store.list_domains(args.slug)

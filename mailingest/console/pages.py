@@ -11,9 +11,10 @@ from urllib.parse import urlencode
 from twisted.web.template import Tag, tags
 
 from mailingest.delivery.domains import shown_domain
-from mailingest.handoff.events import iso, withheld
+from mailingest.handoff.events import withheld
 from mailingest.storage.retention import gone
 from mailingest.storage.store import MESSAGE_STATUSES as STATUSES
+from mailingest.timestamps import iso
 VERDICTS = ("spf", "dkim", "dmarc", "arc")
 
 

@@ -30,13 +30,14 @@ from mailingest.errors import BlobNotFound, ConfigError, DomainTaken, MessageHel
 from mailingest.handoff import openapi
 from mailingest.delivery.domains import new_token as new_domain_token
 from mailingest.handoff.api_domains import ApiError, MAX_REQUEST_BODY, admin_only, domain_json, domain_request
-from mailingest.handoff.events import document_object, iso, message_object, withheld
+from mailingest.handoff.events import document_object, message_object, withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.interfaces import IDomainStore, IOrgStore, IReadStore
 from mailingest.ops.web import Node
 from mailingest.storage.retention import erase_message, gone
 from mailingest.storage.store import MESSAGE_STATUSES
 from mailingest.verification.domain_proof import dns_records
+from mailingest.timestamps import iso
 
 log = Logger(namespace="mailingest.api")
 

@@ -7,7 +7,7 @@ with every endpoint.
 import json
 
 from mailingest.delivery.domains import BadDomain, domain_key, local_parts_of, shown_domain
-from mailingest.handoff.events import iso
+from mailingest.timestamps import iso
 from mailingest.verification.domain_proof import txt_name
 
 # An add request is a slug, a domain and a few local parts.

@@ -8,7 +8,7 @@ import base64
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from standardwebhooks import Webhook
@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from mailingest.errors import MailingestError
 from mailingest.interfaces import IWebhookEvents
+from mailingest.timestamps import iso
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 24
@@ -62,15 +63,6 @@ def check_secret(secret: str) -> str:
     except Exception:
         raise BadSecret("a webhook secret starts with whsec_ followed by base64 (at least one byte)") from None
     return secret
-
-
-def iso(value: Any) -> str | None:
-    """A timestamp as ISO 8601 UTC, whether the database gave a datetime (PostgreSQL) or text (SQLite)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def as_datetime(value: Any) -> datetime:

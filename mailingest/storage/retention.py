@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailingest.handoff.events import iso
 from mailingest.interfaces import IRetentionStore
 from mailingest.ops import metrics
 from mailingest.storage.periodic import PeriodicService
+from mailingest.timestamps import iso
 
 BATCH = 100
 # Blob deletes of one batch in flight at once.

@@ -55,7 +55,7 @@ def actor() -> str:
 
 
 def _print_rows(rows: list[dict], columns: tuple[str, ...], as_json: bool) -> None:
-    from mailingest.app.cli import table, to_json  # the admin command's own output, which imports this module
+    from mailingest.app.cli_output import table, to_json
 
     print(to_json(rows) if as_json else table(rows, columns))
 
