@@ -68,20 +68,33 @@ def cpu_seconds(pid: int) -> float:
     each has collected from children it already reaped (a replaced parser
     worker, say).
     """
+    total = 0.0
+    for each in descendants(pid):
+        try:
+            with open(f"/proc/{each}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the command.
+        total += sum(int(value) for value in fields[11:15]) / _TICKS
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """C{pid} and every live process under it."""
+    found = [pid]
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the command.
-    total = sum(int(value) for value in fields[11:15]) / _TICKS
-    for task in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as children:
-                total += sum(cpu_seconds(int(child)) for child in children.read().split())
-        except (FileNotFoundError, ProcessLookupError):
+                for child in children.read().split():
+                    found += descendants(int(child))
+        except FileNotFoundError:
             pass
-    return total
+    return found
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -94,7 +107,7 @@ def peak_rss_mb(pid: int) -> float:
 class Server(ABC):
     """One server process for one round; use as a context manager."""
 
-    role: str  # "sink", "baseline" or "mailingest": what the report compares
+    role: str  # "sink", "baseline", "queue" or "mailingest": what the report compares
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -210,6 +223,99 @@ class AiosmtpdBaseline(Server):
 
     def stored(self) -> int:
         return sum(1 for name in os.listdir(self.messages) if name.endswith(".eml"))
+
+
+class PostfixQueue(Server):
+    """
+    A throwaway Postfix instance of its own (config and queue in the round's
+    directory): smtpd → cleanup → queue file fsynced → qmgr → the discard
+    transport. What a real MTA does before it answers 250, with nothing after.
+    """
+
+    role = "queue"
+    # Services of Debian's master.cf that would run chrooted into the default queue directory.
+    _CHROOT = re.compile(r"^(\S+\s+(?:unix|inet|fifo|pass|unix-dgram)\s+\S+\s+\S+\s+)y(\s)", re.MULTILINE)
+
+    def __init__(self, directory: str):
+        super().__init__(directory)
+        # Beside the round's directory, on the same disk: postfix-script cannot take a path with a space.
+        self.root = os.path.join(os.path.dirname(directory), f"postfix-{self.port}")
+        self.config = os.path.join(self.root, "config")
+        self.queue = os.path.join(self.root, "queue")
+
+    @staticmethod
+    def available() -> bool:
+        """Postfix is installed and we are root (its queue belongs to root and the postfix user)."""
+        try:
+            import pwd
+
+            pwd.getpwnam("postfix")
+        except KeyError:
+            return False
+        return os.geteuid() == 0 and shutil.which("postfix", path="/usr/sbin" + os.pathsep + os.environ.get("PATH", "")) is not None
+
+    def prepare(self) -> None:
+        import grp
+        import pwd
+
+        postfix, postdrop = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postdrop").gr_gid
+        # The postfix user must reach its queue: the run's directory (mkdtemp: 0700) lets it pass.
+        run = os.path.dirname(self.directory)
+        os.chmod(run, os.stat(run).st_mode | 0o011)
+        os.makedirs(self.config)
+        data = os.path.join(self.root, "data")
+        os.makedirs(data)
+        os.chown(data, postfix, -1)
+        for name, owner, group, mode in (
+            ("pid", 0, -1, 0o755), ("maildrop", postfix, postdrop, 0o730), ("public", postfix, postdrop, 0o710),
+            *((name, postfix, -1, 0o700) for name in (
+                "active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming", "private", "saved", "trace",
+            )),
+        ):
+            path = os.path.join(self.queue, name)
+            os.makedirs(path, mode)
+            os.chown(path, owner, group)
+            os.chmod(path, mode)
+        with open("/etc/postfix/master.cf") as default:
+            master = default.read()
+        master = re.sub(r"^smtp\s+inet\s.*$", f"{HOST}:{self.port} inet n - n - - smtpd", master, count=1, flags=re.MULTILINE)
+        with open(os.path.join(self.config, "master.cf"), "w") as out:
+            out.write(self._CHROOT.sub(r"\1n\2", master))
+        with open(os.path.join(self.config, "main.cf"), "w") as out:
+            out.write(
+                "compatibility_level = 3.6\n"
+                f"queue_directory = {self.queue}\ndata_directory = {data}\n"
+                f"myhostname = postfix.bench\nmydestination =\nrelay_domains = {DOMAIN}\n"
+                f"inet_interfaces = {HOST}\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n"
+                "smtpd_recipient_restrictions = permit_mynetworks, reject\n"
+                "default_transport = discard:bench\nrelay_transport = discard:bench\nlocal_transport = discard:bench\n"
+                "maillog_file = /dev/stdout\nalias_maps =\nalias_database =\n"
+                "smtpd_client_connection_count_limit = 0\nsmtpd_client_connection_rate_limit = 0\n"
+                "default_process_limit = 100\nmessage_size_limit = 60000000\n"
+            )
+
+    def command(self) -> list[str]:
+        return [tool("postfix"), "-c", self.config, "start-fg"]
+
+    def peak_rss_mb(self) -> float:
+        """The largest of its processes' (master, smtpd, cleanup, qmgr...): each is small, none holds a message whole."""
+        peaks = []
+        for pid in descendants(self.process.pid):
+            try:
+                peaks.append(peak_rss_mb(pid))
+            except FileNotFoundError:  # ended meanwhile (an smtpd whose session closed)
+                pass
+        return max(peaks, default=float("nan"))
+
+    def stored(self) -> int:
+        """Messages the discard transport took from the queue: each was queued (fsynced) first."""
+        with open(self.log_path, "rb") as log:
+            return len(re.findall(rb"postfix/discard\[\d+\]: \S+: to=.* status=sent", log.read()))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            subprocess.run([tool("postfix"), "-c", self.config, "stop"], capture_output=True, timeout=STOP_TIMEOUT)
+        super().stop()
 
 
 class Mailingest(Server):
@@ -336,11 +442,13 @@ def mailingest_name(backend: Backend, processes: str) -> str:
 
 
 def targets(backends: list[Backend], processes: list[str] = ("1",)) -> list[Target]:
-    """The round-robin order: smtp-sink, aiosmtpd, then each mailingest backend with each number of intake processes."""
+    """The round-robin order: smtp-sink, aiosmtpd, a Postfix queue (when this is root with Postfix installed), then each mailingest backend with each number of intake processes."""
     chosen = [
         Target("smtp-sink", SmtpSink.role, SmtpSink),
         Target("aiosmtpd", AiosmtpdBaseline.role, AiosmtpdBaseline),
     ]
+    if PostfixQueue.available():
+        chosen.append(Target("postfix queue", PostfixQueue.role, PostfixQueue))
     for backend in backends:
         for count in processes:
             chosen.append(
