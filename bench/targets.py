@@ -308,9 +308,9 @@ class PostfixQueue(Server):
         return max(peaks, default=float("nan"))
 
     def stored(self) -> int:
-        """Messages the discard transport took from the queue: each was queued (fsynced) first."""
+        """Messages cleanup wrote to the queue (and fsynced) before smtpd's 250; discard may take the last ones later."""
         with open(self.log_path, "rb") as log:
-            return len(re.findall(rb"postfix/discard\[\d+\]: \S+: to=.* status=sent", log.read()))
+            return len(re.findall(rb"postfix/cleanup\[\d+\]: \S+: message-id=", log.read()))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
