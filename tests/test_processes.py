@@ -28,7 +28,7 @@ from tests import postgres
 from tests.daemon import free_port, mailingest_cli, message, temp_dir
 from tests.test_hardening import make_certificate
 from tests.test_production import _children, _wait_for
-from tests.test_twistd import TwistdCase, rows, sigterm_during_data
+from tests.test_twistd import TwistdCase, rows, send, sigterm_during_data
 
 
 class ShareTests(unittest.SynchronousTestCase):
@@ -176,7 +176,7 @@ class ProcessesTests(TwistdCase):
             db.execute("UPDATE org_domain SET status = 'verified'")
             db.execute("UPDATE org_domain_version SET version = version + 1")
         within({250}, "the domain routed by both processes")
-        code, reply = self.send_to(daemon.port, "orders@acme-corp.example")
+        code, reply = send(daemon.port, message(subject="Order", message_id="<order-domain@customer.test>"), "orders@acme-corp.example")
         self.assertEqual(code, 250, reply)
         with sqlite3.connect(database) as db:
             stored = db.execute("SELECT rcpt_to, rcpt_domain FROM inbound_message").fetchall()
@@ -184,15 +184,6 @@ class ProcessesTests(TwistdCase):
         removed = mailingest_cli(self.directory, "org", "domain", "remove", "acme-corp.example")
         self.assertEqual(removed.returncode, 0, removed.stderr)
         within({550}, "the domain refused by both processes")
-
-    def send_to(self, port: int, address: str) -> tuple[int, bytes]:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.ehlo("customer.test")
-            client.mail("buyer@customer.test")
-            code, reply = client.rcpt(address)
-            if code != 250:
-                return code, reply
-            return client.data(message(subject="Order", message_id="<order-domain@customer.test>"))
 
     def test_start_up_says_which_process_serves_where(self):
         daemon = self.start_processes()

@@ -329,8 +329,8 @@ class _Raw(_Page):
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_message(self.id), session)
-        if gone(row):
-            return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
+        if await self.site.refuse_deleted(request, row, session):
+            return
         _withhold(row, row)
         await self.site.stream(request, row["raw_key"], row["raw_size"], "application/octet-stream", f"message-{self.id}.eml")
 
@@ -410,8 +410,8 @@ class _DocumentDownload(_Page):
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         row = self.site.scoped(await self.site.store.get_document(self.id), session)
-        if gone(row):
-            return await self.site.page(request, pages.layout("Content deleted", [pages.tags.p(gone(row).capitalize() + ".")], session), 410)
+        if await self.site.refuse_deleted(request, row, session):
+            return
         if row.get("virus") == "infected":
             _withhold(row, await self.site.store.get_message(row["inbound_message_id"]))
         await self.site.stream(request, row["storage_key"], row["size"], "application/octet-stream", row["filename"])
@@ -495,6 +495,14 @@ class ConsoleResource(_Home):
         request.setHeader(b"location", url.encode("ascii"))
         request.setHeader(b"content-length", b"0")
         request.finish()
+
+    async def refuse_deleted(self, request: server.Request, row: dict, session: ConsoleSession) -> bool:
+        """A 410 page for a raw copy or document that retention or erasure deleted; False when it is kept."""
+        reason = gone(row)
+        if reason is None:
+            return False
+        await self.page(request, pages.layout("Content deleted", [pages.tags.p(reason.capitalize() + ".")], session), 410)
+        return True
 
     def scoped(self, row: dict | None, session: ConsoleSession, key: str = "org_id") -> dict:
         if row is None or (session.scope is not None and row[key] != session.scope):
