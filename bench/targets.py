@@ -6,7 +6,9 @@ round begins with empty storage and the peak RSS it reports belongs to that
 round's load. A round only starts once the server has sent its 220 greeting.
 """
 
+import grp
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -247,17 +249,13 @@ class PostfixQueue(Server):
     def available() -> bool:
         """Postfix is installed and we are root (its queue belongs to root and the postfix user)."""
         try:
-            import pwd
-
             pwd.getpwnam("postfix")
-        except KeyError:
+            tool("postfix")
+        except (KeyError, TargetError):
             return False
-        return os.geteuid() == 0 and shutil.which("postfix", path="/usr/sbin" + os.pathsep + os.environ.get("PATH", "")) is not None
+        return os.geteuid() == 0
 
     def prepare(self) -> None:
-        import grp
-        import pwd
-
         postfix, postdrop = pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postdrop").gr_gid
         # The postfix user must reach its queue: the run's directory (mkdtemp: 0700) lets it pass.
         run = os.path.dirname(self.directory)
