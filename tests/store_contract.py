@@ -208,7 +208,8 @@ class StoreContract:
         for table, wanted in INDEXES.items():
             found = yield self.store.engine.interaction(self.indexes, table)
             for columns in wanted:
-                self.assertIn(columns, found, table)
+                # An index leading with these columns serves them (PostgreSQL's (org_id, received_at) ends with the id).
+                self.assertIn(columns, {index[:len(columns)] for index in found}, table)
 
     @defer.inlineCallbacks
     def test_check(self):

@@ -277,7 +277,11 @@ class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg2.IntegrityError,)
     # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY).
-    schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": ""}
+    schema_terms = {
+        "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "",
+        "org_received_id": "DROP INDEX inbound_message_org_received;"
+        " CREATE INDEX inbound_message_org_received ON inbound_message (org_id, received_at, id);",
+    }
     text_search = "pg_trgm"
     # Shared by any number of daemons.
     exclusive = False

@@ -103,6 +103,8 @@ class SqliteEngine(Engine):
         "timestamp": "TEXT",
         "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
         "message_search": _MESSAGE_SEARCH,
+        # Migration 015: (org_id, received_at) ends with the rowid, the id, already.
+        "org_received_id": "",
     }
     text_search = "fts5"
     exclusive = True

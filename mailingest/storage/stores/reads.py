@@ -29,6 +29,31 @@ async def _org_condition(txn, alias: str, org_slug: str | None) -> tuple[list[st
     return [f"{alias}.org_id = ?"], [row["id"] if row else -1]
 
 
+# Newest first: by id (the order of arrival), or for a page filtered by
+# received date, by received time then id, the order of the (org_id,
+# received_at) index (its entries end with the row's id, on SQLite the rowid),
+# so the range is read in order and reading stops at the end of the page.
+_BY_ID = "m.id DESC"
+_BY_TIME = "m.received_at DESC, m.id DESC"
+
+
+async def _after(txn, order: str, before_id: int | None) -> tuple[list[str], list]:
+    """
+    The cursor's conditions: the rows after the message C{before_id} in
+    C{order}. By time, the cursor's received time is looked up (one row by
+    its key); a cursor naming no message is read as an id.
+    """
+    if before_id is None:
+        return [], []
+    if order == _BY_TIME:
+        await txn.execute("SELECT received_at FROM inbound_message WHERE id = ?", (before_id,))
+        row = txn.fetchone()
+        if row is not None:
+            at = row["received_at"]
+            return ["m.received_at <= ?", "(m.received_at < ? OR m.id < ?)"], [at, at, before_id]
+    return ["m.id < ?"], [before_id]
+
+
 @implementer(IReadStore)
 class ReadStore(StoreBase):
     def list_messages(self, org_slug=None, status=None, limit=50):
@@ -91,16 +116,21 @@ class ReadStore(StoreBase):
         return txn.fetchone()
 
     def page_messages(self, org_id=None, status=None, since=None, before_id=None, limit=50):
-        """Newest first by id, for cursor pagination: the messages with ids below C{before_id}."""
+        """
+        Newest first, for cursor pagination: the messages after C{before_id}.
+        By id; with C{since}, by received time (then id), so the range is read
+        from an index in that order.
+        """
         return self._run(self._page_messages, org_id, status, since, before_id, int(limit))
 
     async def _page_messages(self, txn, org_id, status, since, before_id, limit):
-        where, args = [], []
-        for clause, value in (("m.org_id = ?", org_id), ("m.status = ?", status), ("m.received_at >= ?", since), ("m.id < ?", before_id)):
+        order = _BY_ID if since is None else _BY_TIME
+        where, args = await _after(txn, order, before_id)
+        for clause, value in (("m.org_id = ?", org_id), ("m.status = ?", status), ("m.received_at >= ?", since)):
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        sql = MESSAGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.id DESC LIMIT ?"
+        sql = MESSAGE_SELECT + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order} LIMIT ?"
         await txn.execute(sql, (*args, limit))
         return [message_row(row) for row in txn.fetchall()]
 
@@ -109,25 +139,32 @@ class ReadStore(StoreBase):
         return self._run(self._org_summaries, since, org_id)
 
     async def _org_summaries(self, txn, since, org_id):
-        # Two queries whatever the number of organisations: the last message
-        # time is one step back along (org_id, received_at) per organisation
-        # (ORDER BY ... LIMIT 1: SQLite would read the organisation's whole
-        # range for a MAX), the counts one range of the received_at index
+        # Two queries whatever the number of organisations, each reading the
+        # messages since C{since} as one range of the received_at index
         # (MATERIALIZED: else SQLite reads a whole index to group in order).
+        # The last message time of an organisation with messages in that
+        # range is their latest; only the others take a step back along
+        # (org_id, received_at) each (ORDER BY ... LIMIT 1: SQLite would read
+        # the organisation's whole range for a MAX), a page of that index
+        # apiece, read from disk on a cold cache: 1,000 of them took 145 ms.
+        recent, recent_args = "SELECT org_id, status, received_at FROM inbound_message WHERE received_at >= ?", [since]
+        if org_id is not None:
+            recent += " AND org_id = ?"
+            recent_args.append(org_id)
         scope, args = ("", ()) if org_id is None else (" WHERE o.id = ?", (org_id,))
         await txn.execute(
-            "SELECT o.id, o.slug, o.name, o.active, o.created_at,"
+            f"WITH recent AS MATERIALIZED ({recent}),"
+            " latest AS MATERIALIZED (SELECT org_id, MAX(received_at) AS at FROM recent GROUP BY org_id)"
+            " SELECT o.id, o.slug, o.name, o.active, o.created_at, COALESCE(l.at,"
             " (SELECT m.received_at FROM inbound_message m WHERE m.org_id = o.id"
-            " ORDER BY m.received_at DESC LIMIT 1) AS last_received_at"
-            " FROM organization o" + scope + " ORDER BY o.slug",
-            args,
+            " ORDER BY m.received_at DESC LIMIT 1)) AS last_received_at"
+            " FROM organization o LEFT JOIN latest l ON l.org_id = o.id" + scope + " ORDER BY o.slug",
+            (*recent_args, *args),
         )
         orgs = [org_row(row) for row in txn.fetchall()]
         await txn.execute(
-            "WITH recent AS MATERIALIZED (SELECT org_id, status FROM inbound_message WHERE received_at >= ?"
-            + ("" if org_id is None else " AND org_id = ?") + ")"
-            " SELECT org_id, status, COUNT(*) AS n FROM recent GROUP BY org_id, status",
-            (since,) if org_id is None else (since, org_id),
+            f"WITH recent AS MATERIALIZED ({recent}) SELECT org_id, status, COUNT(*) AS n FROM recent GROUP BY org_id, status",
+            tuple(recent_args),
         )
         counts: dict = {}
         for row in txn.fetchall():
@@ -138,8 +175,11 @@ class ReadStore(StoreBase):
 
     def search_messages(self, org_id, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit=50):
         """
-        One page of an organisation's messages, newest first by id (C{before_id}
-        is the cursor), each with its number of documents. C{text} matches
+        One page of an organisation's messages, newest first (C{before_id} is
+        the cursor), each with its number of documents: by id, or for a date
+        range (C{since}, C{until}) without a sender or an indexed text, by
+        received time then id (the order of the index that reads the range).
+        C{text} matches
         subject, sender or Message-ID anywhere, case-insensitively: through
         the search index from 3 characters on, else by reading the
         organisation's messages (L{mailingest.storage.stores.search}).
@@ -149,20 +189,32 @@ class ReadStore(StoreBase):
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
         where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
+        # A sender has an index of its own, in id order, and an indexed text
+        # its own order: the date range is then a filter, written so that
+        # SQLite (without statistics) does not read the range instead;
+        # PostgreSQL folds "? IS NULL" away and plans on its statistics.
+        filtered = "(m.received_at {} ? OR ? IS NULL)" if sender or found.indexed else "m.received_at {} ?"
         for clause, value in (
             ("m.status = ?", status),
-            ("m.received_at >= ?", since),
-            ("m.received_at < ?", until),
+            (filtered.format(">="), since),
+            (filtered.format("<"), until),
             ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
-            (found.after, before_id),
         ):
             if value is not None:
                 where.append(clause)
-                args.append(value)
+                args += [value] * clause.count("?")
+        dated = (since is not None or until is not None) and not sender and not found.indexed
+        order = _BY_TIME if dated else found.order
+        if dated:
+            after, after_args = await _after(txn, order, before_id)
+        else:
+            after, after_args = ([found.after], [before_id]) if before_id is not None else ([], [])
+        where += after
+        args += after_args
         await txn.execute(
             "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
             " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
-            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {found.order} LIMIT ?",
+            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?",
             (*args, limit),
         )
         return txn.fetchall()

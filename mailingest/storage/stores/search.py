@@ -51,17 +51,21 @@ class TextSearch:
     How one query finds C{text}: the rows to read (C{source}), the extra
     conditions and their arguments, the order newest first (C{order}) and
     the cursor's condition (C{after}, taking the id of the last row shown),
-    both in the terms of what delivers the rows in that order.
+    both in the terms of what delivers the rows in that order; C{indexed}
+    when the search index finds the rows.
     """
 
     def __init__(self, kind: str, org_id: int, text: str | None, indexed: bool):
         self.source, self.where, self.args = "inbound_message m", [], []
         self.order, self.after = "m.id DESC", "m.id < ?"
+        self.indexed = False
         if not text:
             return
         if len(text) < MIN_INDEXED or (kind == "fts5" and not indexed):
             self.where, self.args = [_SCAN], [like_pattern(text)] * 3
-        elif kind == "fts5":
+            return
+        self.indexed = True
+        if kind == "fts5":
             # The table's rowids are minus the ids (see the SQLite engine): ascending is newest first.
             self.source = "message_search s CROSS JOIN inbound_message m"
             self.where = ["m.id = -s.rowid", "message_search MATCH ?"]
