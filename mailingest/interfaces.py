@@ -493,7 +493,8 @@ class IReadStore(IStoreRole):
 
     def page_messages(org_id=None, status=None, since=None, before_id=None, limit: int = 50):
         """
-        Fire with messages newest first by id, those below C{before_id} (the API's cursor).
+        Fire with messages newest first, those after C{before_id} (the API's cursor): by id, or with
+        C{since} by received time then id.
         """
 
     def org_summaries(since, org_id=None):
@@ -503,7 +504,8 @@ class IReadStore(IStoreRole):
 
     def search_messages(org_id: int, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit: int = 50):
         """
-        Fire with one page of an organisation's messages, newest first by id, each with its number of documents.
+        Fire with one page of an organisation's messages, newest first, each with its number of documents:
+        by id, or for a date range without a sender or an indexed text, by received time then id.
         """
 
     def message_events(message_id: int):

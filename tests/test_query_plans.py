@@ -134,15 +134,15 @@ class PlanContract:
     @defer.inlineCallbacks
     def test_date_range_pages_newest_first_by_received_time(self):
         """
-        A date range is paged in received order, which ids need not follow
+        A date range, and a sender, is paged in received order, which ids need not follow
         (daemons sharing a database): two received in the range's last
         minute but stored first and last, and two received at the same
         moment, come in received order, ties by id, and the cursor carries on.
         """
         late, tied_low, tied_high = yield self.store.insert_messages([
-            message(self.acme, "<late@x>", 30, mail_from="late@example.net"),
-            message(self.acme, "<tie1@x>", 40, mail_from="tie@example.net"),
-            message(self.acme, "<tie2@x>", 40, mail_from="tie@example.net"),
+            message(self.acme, "<late@x>", 30, mail_from="buyer0@example.net"),
+            message(self.acme, "<tie1@x>", 40, mail_from="Buyer0@example.net"),
+            message(self.acme, "<tie2@x>", 40, mail_from="BUYER0@example.net"),
         ])
         since, until = T0 + timedelta(minutes=20), T0 + timedelta(minutes=50)
         expected = yield self.store.engine.interaction(self.by_time, self.acme, since, until)
@@ -150,10 +150,20 @@ class PlanContract:
         self.assertLess(expected.index(tied_high), expected.index(tied_low))
         self.assertLess(expected.index(self.ids[40]), expected.index(late), "received at minute 40, stored before")
         self.assertNotEqual(expected, sorted(expected, reverse=True), "the range is not in id order")
+        sender = "buyer0@example.net"
+        wanted = {
+            "console": expected,
+            "API": (yield self.store.engine.interaction(self.by_time, self.acme, since, None)),
+            "console, sender": (yield self.store.engine.interaction(self.by_time, self.acme, T0, None, sender)),
+            "console, sender and range": (yield self.store.engine.interaction(self.by_time, self.acme, since, until, sender)),
+        }
+        self.assertEqual(wanted["console, sender and range"], [tied_high, tied_low, self.ids[40], self.ids[35], late, self.ids[25], self.ids[20]])
         for size in (1, 2, 5):
             for name, call, kwargs in (
                 ("console", self.store.search_messages, dict(org_id=self.acme, since=since, until=until)),
                 ("API", self.store.page_messages, dict(org_id=self.acme, since=since)),
+                ("console, sender", self.store.search_messages, dict(org_id=self.acme, sender=sender.upper())),
+                ("console, sender and range", self.store.search_messages, dict(org_id=self.acme, sender=sender, since=since, until=until)),
             ):
                 shown, cursor = [], None
                 while True:
@@ -162,15 +172,16 @@ class PlanContract:
                     if len(rows) < size:
                         break
                     cursor = rows[-1]["id"]
-                wanted = expected if name == "console" else (yield self.store.engine.interaction(self.by_time, self.acme, since, None))
-                self.assertEqual(shown, wanted, f"{name}, pages of {size}")
+                self.assertEqual(shown, wanted[name], f"{name}, pages of {size}")
 
     @defer.inlineCallbacks
-    def by_time(self, txn, org_id, since, until):
-        """The ids of an organisation's messages received from C{since} to before C{until}, newest first, ties by id."""
+    def by_time(self, txn, org_id, since, until, sender=None):
+        """The ids of an organisation's messages received from C{since} to before C{until} (from C{sender}), newest first, ties by id."""
         rows = []
-        yield txn.execute("SELECT id, received_at FROM inbound_message WHERE org_id = ?", (org_id,))
+        yield txn.execute("SELECT id, received_at, mail_from FROM inbound_message WHERE org_id = ?", (org_id,))
         for row in txn.fetchall():
+            if sender and row["mail_from"].lower() != sender:
+                continue
             at = row["received_at"]
             rows.append((at if isinstance(at, str) else at.astimezone(timezone.utc).isoformat(timespec="microseconds"), row["id"]))
         low = since.isoformat(timespec="microseconds")

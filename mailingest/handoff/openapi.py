@@ -177,7 +177,7 @@ DOCUMENT = {
     "security": [{"bearer": []}],
     "paths": {
         "/v1/messages": _get(
-            "Messages, newest first; follow next_cursor for the next page",
+            "Messages, newest first (by id; with since, by received_at then id); follow next_cursor for the next page",
             "a page of messages",
             [
                 {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(MESSAGE_STATUSES)}},

@@ -281,6 +281,7 @@ class PostgresqlEngine(Engine):
         "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "",
         "org_received_id": "DROP INDEX inbound_message_org_received;"
         " CREATE INDEX inbound_message_org_received ON inbound_message (org_id, received_at, id);",
+        "then_id": ", id",
     }
     text_search = "pg_trgm"
     # Shared by any number of daemons.

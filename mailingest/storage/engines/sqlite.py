@@ -103,8 +103,9 @@ class SqliteEngine(Engine):
         "timestamp": "TEXT",
         "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
         "message_search": _MESSAGE_SEARCH,
-        # Migration 015: (org_id, received_at) ends with the rowid, the id, already.
+        # Migration 015: an index's entries end with the rowid, the id, already.
         "org_received_id": "",
+        "then_id": "",
     }
     text_search = "fts5"
     exclusive = True

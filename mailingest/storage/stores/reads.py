@@ -177,8 +177,8 @@ class ReadStore(StoreBase):
         """
         One page of an organisation's messages, newest first (C{before_id} is
         the cursor), each with its number of documents: by id, or for a date
-        range (C{since}, C{until}) without a sender or an indexed text, by
-        received time then id (the order of the index that reads the range).
+        range (C{since}, C{until}) or a sender without an indexed text, by
+        received time then id (the order of the index that reads them).
         C{text} matches
         subject, sender or Message-ID anywhere, case-insensitively: through
         the search index from 3 characters on, else by reading the
@@ -189,21 +189,17 @@ class ReadStore(StoreBase):
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
         where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
-        # A sender has an index of its own, in id order, and an indexed text
-        # its own order: the date range is then a filter, written so that
-        # SQLite (without statistics) does not read the range instead;
-        # PostgreSQL folds "? IS NULL" away and plans on its statistics.
-        filtered = "(m.received_at {} ? OR ? IS NULL)" if sender or found.indexed else "m.received_at {} ?"
         for clause, value in (
             ("m.status = ?", status),
-            (filtered.format(">="), since),
-            (filtered.format("<"), until),
+            ("m.received_at >= ?", since),
+            ("m.received_at < ?", until),
             ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
         ):
             if value is not None:
                 where.append(clause)
-                args += [value] * clause.count("?")
-        dated = (since is not None or until is not None) and not sender and not found.indexed
+                args.append(value)
+        # A sender's index is (org_id, LOWER(mail_from), received_at, id); an indexed text has its own order.
+        dated = (since is not None or until is not None or bool(sender)) and not found.indexed
         order = _BY_TIME if dated else found.order
         if dated:
             after, after_args = await _after(txn, order, before_id)
