@@ -29,6 +29,10 @@ async def _org_condition(txn, alias: str, org_slug: str | None) -> tuple[list[st
     return [f"{alias}.org_id = ?"], [row["id"] if row else -1]
 
 
+# The organisations page looks for each organisation's last message among
+# the newest messages, this many per organisation (see _org_summaries).
+NEWEST_PER_ORG = 5
+
 # Newest first: by id (the order of arrival), or for a page filtered by
 # received date, by received time then id, the order of the (org_id,
 # received_at) index (its entries end with the row's id, on SQLite the rowid),
@@ -139,29 +143,34 @@ class ReadStore(StoreBase):
         return self._run(self._org_summaries, since, org_id)
 
     async def _org_summaries(self, txn, since, org_id):
-        # Two queries whatever the number of organisations, each reading the
-        # messages since C{since} as one range of the received_at index
-        # (MATERIALIZED: else SQLite reads a whole index to group in order).
-        # The last message time of an organisation with messages in that
-        # range is their latest; only the others take a step back along
-        # (org_id, received_at) each (ORDER BY ... LIMIT 1: SQLite would read
-        # the organisation's whole range for a MAX), a page of that index
-        # apiece, read from disk on a cold cache: 1,000 of them took 145 ms.
-        recent, recent_args = "SELECT org_id, status, received_at FROM inbound_message WHERE received_at >= ?", [since]
+        # Two queries whatever the number of organisations. The last message
+        # time of an organisation is one step back along (org_id,
+        # received_at) (ORDER BY ... LIMIT 1: SQLite would read the
+        # organisation's whole range for a MAX): a page of that index each,
+        # read from disk when cold (1,000 took 145 ms). So for the page of
+        # every organisation it is first taken from the newest messages
+        # (NEWEST_PER_ORG per organisation, one stretch of the received_at
+        # index), and only an organisation with none among them takes the
+        # step. The counts are one range of that index (MATERIALIZED: else
+        # SQLite reads a whole index to group in order).
+        last = "(SELECT m.received_at FROM inbound_message m WHERE m.org_id = o.id ORDER BY m.received_at DESC LIMIT 1)"
+        columns = "SELECT o.id, o.slug, o.name, o.active, o.created_at, "
+        if org_id is None:
+            await txn.execute(
+                "WITH newest AS MATERIALIZED (SELECT org_id, received_at FROM inbound_message"
+                " ORDER BY received_at DESC LIMIT (SELECT ? * COUNT(*) FROM organization)),"
+                " latest AS MATERIALIZED (SELECT org_id, MAX(received_at) AS at FROM newest GROUP BY org_id)"
+                f" {columns}COALESCE(l.at, {last}) AS last_received_at"
+                " FROM organization o LEFT JOIN latest l ON l.org_id = o.id ORDER BY o.slug",
+                (NEWEST_PER_ORG,),
+            )
+        else:
+            await txn.execute(f"{columns}{last} AS last_received_at FROM organization o WHERE o.id = ?", (org_id,))
+        orgs = [org_row(row) for row in txn.fetchall()]
+        recent, recent_args = "SELECT org_id, status FROM inbound_message WHERE received_at >= ?", [since]
         if org_id is not None:
             recent += " AND org_id = ?"
             recent_args.append(org_id)
-        scope, args = ("", ()) if org_id is None else (" WHERE o.id = ?", (org_id,))
-        await txn.execute(
-            f"WITH recent AS MATERIALIZED ({recent}),"
-            " latest AS MATERIALIZED (SELECT org_id, MAX(received_at) AS at FROM recent GROUP BY org_id)"
-            " SELECT o.id, o.slug, o.name, o.active, o.created_at, COALESCE(l.at,"
-            " (SELECT m.received_at FROM inbound_message m WHERE m.org_id = o.id"
-            " ORDER BY m.received_at DESC LIMIT 1)) AS last_received_at"
-            " FROM organization o LEFT JOIN latest l ON l.org_id = o.id" + scope + " ORDER BY o.slug",
-            (*recent_args, *args),
-        )
-        orgs = [org_row(row) for row in txn.fetchall()]
         await txn.execute(
             f"WITH recent AS MATERIALIZED ({recent}) SELECT org_id, status, COUNT(*) AS n FROM recent GROUP BY org_id, status",
             tuple(recent_args),
