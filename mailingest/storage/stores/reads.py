@@ -34,9 +34,10 @@ async def _org_condition(txn, alias: str, org_slug: str | None) -> tuple[list[st
 NEWEST_PER_ORG = 5
 
 # Newest first: by id (the order of arrival), or for a page filtered by
-# received date, by received time then id, the order of the (org_id,
-# received_at) index (its entries end with the row's id, on SQLite the rowid),
-# so the range is read in order and reading stops at the end of the page.
+# received date or by sender, by received time then id, the order of the
+# (org_id, received_at, id) and (org_id, LOWER(mail_from), received_at, id)
+# indexes (on SQLite the id is the rowid every entry ends with), so the rows
+# are read in order and reading stops at the end of the page.
 _BY_ID = "m.id DESC"
 _BY_TIME = "m.received_at DESC, m.id DESC"
 
