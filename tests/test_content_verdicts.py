@@ -51,9 +51,14 @@ def counted(counter, label: str) -> float:
 
 
 class ContentCase(ConsoleCase):
-    """A daemon with --clamd and --rspamd (C{clamd_endpoint}, a test's own, when set) and a webhook receiver for acme."""
+    """
+    A daemon with --clamd and --rspamd (C{clamd_endpoint}, a test's own, when
+    set; C{scanning}: other daemon settings over these) and a webhook
+    receiver for acme.
+    """
 
     clamd_endpoint = None
+    scanning: dict = {}
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -66,6 +71,7 @@ class ContentCase(ConsoleCase):
             "max_attempts": "10",
             "webhook_allow_http": True,
             "webhook_allow_private": True,
+            **self.scanning,
         }
         yield super().setUp()
         self.receiver = yield Receiver().start()

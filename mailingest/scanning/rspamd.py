@@ -111,7 +111,7 @@ class RspamdClient:
                 timer.cancel()
         if index == 1:
             asking.cancel()
-            return SpamVerdict("error", detail=f"rspamd did not answer within {timeout:g} s")
+            return SpamVerdict("error", detail=f"rspamd did not answer within {timeout:.2g} s")
         return first
 
     async def _ask(self, raw_path: str, message: dict, sender_verdicts: dict | None) -> SpamVerdict:
