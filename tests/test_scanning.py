@@ -6,12 +6,13 @@ an C{error} verdict with its reason, within the time it was given, and the
 reactor keeps serving meanwhile.
 """
 
+import http.client
 import io
 import os
 import time
 import zipfile
 
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor, task, threads
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -262,6 +263,29 @@ class RealRspamdTests(unittest.TestCase):
         self.assertLess(verdict.score, verdict.required)
         self.assertNotEqual(verdict.action, "reject")
         self.assertIn("R_SPF_ALLOW", " ".join(verdict.symbols), "rspamd took our SPF result from the SPF header")
+
+
+    @defer.inlineCallbacks
+    def test_rspamd_closes_each_connection(self):
+        """
+        Why the client keeps no connection (a persistent pool would save a
+        connect per message): rspamd's normal worker answers an HTTP/1.1
+        request, which asks to keep the connection, with C{Connection: close}.
+        Should an upgrade keep it, this fails: turn the pool's persistence on.
+        """
+
+        def ask():
+            connection = http.client.HTTPConnection("127.0.0.1", self.rspamd.port, timeout=10)
+            try:
+                connection.request("POST", "/checkv2", body=mail(b"hello"), headers={"Connection": "keep-alive"})
+                response = connection.getresponse()
+                response.read()
+                return response.status, response.getheader("Connection"), response.will_close
+            finally:
+                connection.close()
+
+        status, header, closes = yield threads.deferToThread(ask)
+        self.assertEqual((status, header, closes), (200, "close", True))
 
 
 class _Garbage(resource.Resource):

@@ -91,7 +91,8 @@ class RspamdClient:
         self.url = url.rstrip("/")
         self.hostname = hostname
         if agent is None:
-            # rspamd closes each connection after its answer: none is kept.
+            # rspamd closes each connection after its answer (Connection: close even to a keep-alive
+            # request; tests.test_scanning checks it), so a persistent pool would keep none.
             agent = Agent.usingEndpointFactory(reactor, _LiteralEndpoints(reactor), HTTPConnectionPool(reactor, persistent=False))
         self._http = HTTPClient(agent)
 
