@@ -2,6 +2,9 @@
 A real ClamAV daemon and a real rspamd for the tests, each started once per
 test process in a temporary directory of its own and stopped at exit.
 
+L{StandIn} plays a broken scanner on 127.0.0.1 instead (never answers,
+answers garbage, closes mid-stream, answers slowly).
+
 No signature download is possible here: clamd loads a database the tests
 write (an C{.hdb} hash of the EICAR test file and an C{.ndb} body pattern of
 a file the tests make), the way an operator adds local signatures; it starts
@@ -27,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 
+from twisted.internet import endpoints, protocol, reactor
 from twisted.trial.unittest import SkipTest
 
 from tests.daemon import free_port
@@ -193,3 +197,55 @@ def _shared(name: str, start):
         server = _started[name] = start()
         atexit.register(server.stop)
     return server
+
+
+class _Broken(protocol.Protocol):
+    """One connection to a L{StandIn}, doing what its C{mode} says at the time the first bytes come."""
+
+    def __init__(self, stand_in: "StandIn"):
+        self.stand_in = stand_in
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        self.stand_in.open += 1
+        self.stand_in.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        mode = self.stand_in.mode
+        if mode == "garbage":
+            self.transport.write(b"\x89PNG" + b"\xff" * 10000)
+        elif mode == "close":
+            self.transport.loseConnection()
+        elif mode == "slow" and not self.answered:
+            self.answered = True
+            reactor.callLater(self.stand_in.delay, self.transport.write, b"stream: OK\0")
+
+    def connectionLost(self, reason) -> None:
+        self.stand_in.open -= 1
+
+
+class StandIn:
+    """
+    A broken scanner on 127.0.0.1 (C{tcp} is a C{--clamd} value, C{url} a
+    C{--rspamd} one): C{mode} C{silent} accepts and never answers,
+    C{garbage} answers garbage, C{close} closes once the first bytes come,
+    C{slow} answers clamd's C{OK} after C{delay} seconds. The mode can be
+    changed between scans; C{open} counts the connections not closed yet.
+    """
+
+    def __init__(self, mode: str = "silent", delay: float = 0.02):
+        self.mode = mode
+        self.delay = delay
+        self.open = 0
+        self.connections = 0
+        self.port = None
+
+    async def start(self, test) -> "StandIn":
+        """Listening; stopped by C{test}'s cleanup."""
+        factory = protocol.Factory.forProtocol(lambda: _Broken(self))
+        self.port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        test.addCleanup(self.port.stopListening)
+        number = self.port.getHost().port
+        self.tcp = f"tcp:127.0.0.1:{number}"
+        self.url = f"http://127.0.0.1:{number}"
+        return self

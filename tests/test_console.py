@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 import treq
 from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.template import flattenString
@@ -93,6 +94,23 @@ class TemplateTests(unittest.TestCase):
         html = render(pages.confirm(self.message_row(status="parsed"), "release", self.session))
         self.assertIn("Message 7 is parsed: only a quarantined message can be released.", html)
         self.assertNotIn("/release", html)
+
+    def test_releasing_infected_content_asks_for_a_ticked_box(self):
+        infected = self.message_row(status="parsed", virus="infected", virus_detail="Test.Sig", infected_allowed_at=None)
+        html = render(pages.message(infected, [], False, [], [], self.session))
+        self.assertIn('href="/console/messages/7/allow-infected"', html)
+        html = render(pages.confirm(infected, "allow-infected", self.session))
+        form = re.search(r'<form method="post" action="/console/messages/7/allow-infected" class="action">(.*?)</form>', html).group(1)
+        self.assertIn('<input type="checkbox" name="consent" value="yes" required="" />', form)
+        self.assertIn("infected content will be downloadable", form)
+        self.assertIn("--allow-infected", html)
+        for row in (dict(infected, infected_allowed_at="2025-01-31 10:00:00+00:00"), dict(infected, virus="clean")):
+            self.assertNotIn("/allow-infected", render(pages.message(row, [], False, [], [], self.session)))
+            html = render(pages.confirm(row, "allow-infected", self.session))
+            self.assertIn("Message 7: it has no infected content withheld", html)
+            self.assertNotIn('name="consent"', html)
+        organisation = Sessions(task.Clock()).open(1, "acme")
+        self.assertNotIn("/allow-infected", render(pages.message(infected, [], False, [], [], organisation)))
 
     def test_organisations_page_counts_arrivals_and_labels_statuses(self):
         org = {"id": 1, "slug": "acme", "name": "Acme", "active": True, "counts": {"received": 1, "parsed": 3}, "last_received_at": None}
@@ -593,6 +611,65 @@ class ConsoleActionTests(ConsoleCase):
         row = yield self.daemon.settled(message_id)
         self.assertEqual(row["status"], "parsed")
         self.assertIsNotNone(row["released_at"])
+
+    @defer.inlineCallbacks
+    def test_release_infected_content_only_by_the_admin_with_the_box_ticked(self):
+        """The console's `mailingest release ID --allow-infected`: the same history row and the same words, in the log."""
+        message_id = yield self.deliver("acme", 1)
+        documents = yield self.daemon.store.list_documents(message_id=message_id)
+        infected = [{**documents[0], "ordinal": 0, "virus": "infected", "virus_detail": "Test.Sig"}]
+        yield self.daemon.store.mark_quarantined(message_id, "virus: Test.Sig in order.pdf", None, infected, {"virus": "infected", "virus_detail": "Test.Sig"})
+        logged = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        path = f"/console/messages/{message_id}"
+        content = f"/console/documents/{documents[0]['id']}/content"
+
+        def allowed():
+            return self.daemon.store.get_message(message_id).addCallback(lambda row: row["infected_allowed_at"])
+
+        # An organisation may not, asking or posting.
+        acme = yield self.sign_in("acme")
+        response, _ = yield self.request("GET", path + "/allow-infected", acme)
+        self.assertEqual(response.code, 403)
+        token = yield self.csrf(acme, path)
+        response, _ = yield self.request("POST", path + "/allow-infected", acme, form={"csrf": token, "consent": "yes"})
+        self.assertEqual(response.code, 403)
+        self.assertIsNone((yield allowed()))
+
+        admin = yield self.sign_in("admin")
+        _, body = yield self.request("GET", path, admin)
+        self.assertIn(f'href="{path}/allow-infected"', body)
+        response, _ = yield self.request("GET", content, admin)
+        self.assertEqual(response.code, 403)
+        response, body = yield self.request("GET", path + "/allow-infected", admin)
+        self.assertEqual(response.code, 200)
+        self.assertIn('name="consent" value="yes" required=""', body)
+        token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+        response, _ = yield self.request("POST", path + "/allow-infected", admin, form={"csrf": "forged", "consent": "yes"})
+        self.assertEqual(response.code, 403)  # another site's form
+        # The box not ticked (a client that ignores `required`): nothing done, asked again.
+        response, body = yield self.request("POST", path + "/allow-infected", admin, form={"csrf": token})
+        self.assertEqual(response.code, 400)
+        self.assertIn("tick the box", body)
+        self.assertIsNone((yield allowed()))
+
+        response, _ = yield self.request("POST", path + "/allow-infected", admin, form={"csrf": token, "consent": "yes"})
+        self.assertEqual(response.headers.getRawHeaders("location"), [path])
+        self.assertIsNotNone((yield allowed()))
+        history = [change["status"] for change in (yield self.daemon.store.status_history(message_id))]
+        self.assertEqual(history[-3:], ["quarantined", "infected-allowed", "received"])
+        said = f"message {message_id}: its infected documents may be downloaded (Test.Sig); recorded in its history"
+        self.assertIn(f"console: admin: {said}; released message {message_id}: queued for extraction", logged)
+        _, body = yield self.request("GET", path, admin)
+        self.assertIn(said, body)
+        response, _ = yield self.request("GET", content, admin)
+        self.assertEqual(response.code, 200)
+        response, body = yield self.request("GET", path + "/allow-infected", admin)
+        self.assertEqual(response.code, 409)
+        self.assertIn(f"Message {message_id}", re.search(r'<p class="error" role="alert">([^<]*)</p>', body).group(1))
+        self.assertNotIn('name="consent"', body)
 
     @defer.inlineCallbacks
     def test_redeliver_an_event(self):

@@ -51,9 +51,14 @@ def counted(counter, label: str) -> float:
 
 
 class ContentCase(ConsoleCase):
-    """A daemon with --clamd and --rspamd (C{clamd_endpoint}, a test's own, when set) and a webhook receiver for acme."""
+    """
+    A daemon with --clamd and --rspamd (C{clamd_endpoint}, a test's own, when
+    set; C{scanning}: other daemon settings over these) and a webhook
+    receiver for acme.
+    """
 
     clamd_endpoint = None
+    scanning: dict = {}
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -66,6 +71,7 @@ class ContentCase(ConsoleCase):
             "max_attempts": "10",
             "webhook_allow_http": True,
             "webhook_allow_private": True,
+            **self.scanning,
         }
         yield super().setUp()
         self.receiver = yield Receiver().start()
@@ -145,6 +151,7 @@ class ContentVerdictTests(ContentCase):
         self.assertEqual(json.loads(shown.stdout)["virus"], "infected")
         released = yield self.cli("release", "--allow-infected", str(row["id"]))
         self.assertEqual(released.returncode, 0, released.stderr)
+        self.assertIn(f"message {row['id']}: its infected documents may be downloaded (Mailingest.Test.EICAR", released.stdout.decode())
         history = yield self.daemon.store.status_history(row["id"])
         self.assertIn("infected-allowed", [change["status"] for change in history])
         yield self.daemon.until(row["id"], lambda r: r["status"] == "parsed", 60)
@@ -265,3 +272,38 @@ class InfectedConsoleBrowserTests(ContentCase):
         self.assertTrue(all("Mailingest.Test.EICAR" in badge for badge in badges), badges)
         self.assertEqual(links, ["order.pdf"], "the infected document has no download link")
         self.assertGreater(os.path.getsize(screenshot), 10000)
+
+    @defer.inlineCallbacks
+    def test_admin_releases_infected_content_after_ticking_the_box(self):
+        from selenium.webdriver.common.by import By
+
+        from tests.test_console_browser import BrowserTests, heading, loaded
+
+        row = yield self.deliver_order(order(8, [PDF_PART, EICAR_ZIP]))
+        self.assertEqual(row["status"], "quarantined")
+
+        def release(driver):
+            BrowserTests.sign_in_as(self, driver, "admin")
+            driver.get(f"{self.base}/console/messages/{row['id']}")
+            loaded(driver, By.LINK_TEXT, "Release infected content…").click()
+            heading(driver, f"Release infected content message {row['id']}?")
+            button = driver.find_element(By.XPATH, "//main//button[text()='Release infected content']")
+            button.click()  # the box not ticked: the browser does not send the form
+            refused = driver.find_element(By.NAME, "consent").get_property("validity")["valueMissing"]
+            driver.find_element(By.NAME, "consent").click()
+            button.click()
+            notice = loaded(driver, By.CLASS_NAME, "notice").text
+            return refused, notice
+
+        refused, notice = yield threads.deferToThread(release, BrowserTests.browser())
+        self.assertTrue(refused)
+        self.assertIn("its infected documents may be downloaded (Mailingest.Test.EICAR", notice)
+        history = yield self.daemon.store.status_history(row["id"])
+        self.assertEqual([change["status"] for change in history].count("infected-allowed"), 1)
+        yield self.daemon.until(row["id"], lambda r: r["status"] == "parsed", 60)
+
+        def links(driver):
+            driver.refresh()
+            return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "a[href$='/content']")]
+
+        self.assertEqual(sorted((yield threads.deferToThread(links, BrowserTests.browser()))), ["order-details.zip", "order.pdf"])

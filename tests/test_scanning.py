@@ -6,12 +6,13 @@ an C{error} verdict with its reason, within the time it was given, and the
 reactor keeps serving meanwhile.
 """
 
+import http.client
 import io
 import os
 import time
 import zipfile
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, reactor, task, threads
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -100,6 +101,41 @@ class UnitTests(unittest.TestCase):
         self.assertIsNone(decide(ContentPolicy(), spam, []).quarantine)
 
 
+class _PendingClamd:
+    """A clamd client whose scans wait until the test answers them, and which spends nothing past the budget, as the real one."""
+
+    max_stream = 0  # the raw copy is never scanned whole
+
+    def __init__(self):
+        self.waiting: list[defer.Deferred] = []
+
+    async def scan(self, path: str, timeout: float) -> FileVerdict:
+        if timeout <= 0:
+            return FileVerdict("error", "not scanned: the message's scan budget was spent", True)
+        self.waiting.append(defer.Deferred())
+        return await self.waiting[-1]
+
+
+class BudgetTests(unittest.TestCase):
+    def test_the_budget_spent_on_thousands_of_documents_ends_the_scan(self):
+        """
+        The documents still waiting when the budget is spent all end at once,
+        in one loop: before, each was a DeferredSemaphore waiter released by
+        the one before, a recursion that broke Python's stack at about a
+        thousand documents and left the message's scan (and its slot) hanging.
+        """
+        clock, clamd = task.Clock(), _PendingClamd()
+        scanning = defer.ensureDeferred(ContentScanner(clamd, None, 1.0, clock).scan(ROW, write(temp_dir(self), "raw.eml", b"x"), ["doc"] * 3000, None))
+        self.assertEqual(len(clamd.waiting), 4)
+        clock.advance(2)
+        for waiting in clamd.waiting:
+            waiting.callback(FileVerdict("error", "clamd did not answer within 1 s", True))
+        verdicts = self.successResultOf(scanning)
+        self.assertEqual(len(verdicts.documents), 3000)
+        self.assertEqual([v.detail for v in verdicts.documents].count("not scanned: the message's scan budget was spent"), 2996)
+        self.assertEqual(len(clamd.waiting), 4)
+
+
 class RealClamdTests(unittest.TestCase):
     def setUp(self):
         self.clamd = scanners.clamd()
@@ -157,33 +193,17 @@ class RealClamdTests(unittest.TestCase):
         self.assertEqual(verdicts.raw, FileVerdict("clean"))
 
 
-class _Hostile(protocol.Protocol):
-    """What a broken clamd does: C{mode} is silent, garbage or close (after the first bytes)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.mode == "garbage":
-            self.transport.write(b"\x89PNG" + b"\xff" * 10000)
-        elif self.mode == "close":
-            self.transport.loseConnection()
-
-
 class HostileClamdTests(unittest.TestCase):
     @defer.inlineCallbacks
     def scan(self, mode: str, size: int = 200 * 1024, timeout: float = 2.0):
-        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(lambda: _Hostile(mode))
-        )
-        self.addCleanup(port.stopListening)
+        stand_in = yield defer.ensureDeferred(scanners.StandIn(mode).start(self))
         path = write(temp_dir(self), "doc.pdf", b"x" * size)
         ticks = []
         ticker = task.LoopingCall(lambda: ticks.append(time.monotonic()))
         ticker.start(0.05)
         started = time.monotonic()
         try:
-            verdict = yield defer.ensureDeferred(ClamdClient(f"tcp:127.0.0.1:{port.getHost().port}").scan(path, timeout))
+            verdict = yield defer.ensureDeferred(ClamdClient(stand_in.tcp).scan(path, timeout))
         finally:
             ticker.stop()
         elapsed = time.monotonic() - started
@@ -243,6 +263,29 @@ class RealRspamdTests(unittest.TestCase):
         self.assertLess(verdict.score, verdict.required)
         self.assertNotEqual(verdict.action, "reject")
         self.assertIn("R_SPF_ALLOW", " ".join(verdict.symbols), "rspamd took our SPF result from the SPF header")
+
+
+    @defer.inlineCallbacks
+    def test_rspamd_closes_each_connection(self):
+        """
+        Why the client keeps no connection (a persistent pool would save a
+        connect per message): rspamd's normal worker answers an HTTP/1.1
+        request, which asks to keep the connection, with C{Connection: close}.
+        Should an upgrade keep it, this fails: turn the pool's persistence on.
+        """
+
+        def ask():
+            connection = http.client.HTTPConnection("127.0.0.1", self.rspamd.port, timeout=10)
+            try:
+                connection.request("POST", "/checkv2", body=mail(b"hello"), headers={"Connection": "keep-alive"})
+                response = connection.getresponse()
+                response.read()
+                return response.status, response.getheader("Connection"), response.will_close
+            finally:
+                connection.close()
+
+        status, header, closes = yield threads.deferToThread(ask)
+        self.assertEqual((status, header, closes), (200, "close", True))
 
 
 class _Garbage(resource.Resource):

@@ -32,6 +32,7 @@ from mailingest.ops.secrets import masker, redact_url, url_passwords
 from mailingest.storage.statuses import EVENT_STATUSES
 from mailingest.storage.urls import sqlite_path
 from mailingest.scanning.content_policy import ON_VIRUS, UNSCANNED, ContentPolicy
+from mailingest.scanning.release import allow_infected
 from mailingest.verification.requirements import REQUIREMENTS
 
 # Twisted, the store, the console and the API are imported inside the
@@ -405,7 +406,7 @@ async def cmd_org_policy(session: CommandBackends, args: argparse.Namespace) -> 
 
 
 async def cmd_release(session: CommandBackends, args: argparse.Namespace) -> None:
-    """An infected message is released only with C{--allow-infected}, which is logged and lets its documents out."""
+    """An infected message is released only with C{--allow-infected}, which is recorded and lets its documents out."""
     row = await session.message(args.id)
     if row.get("virus") == "infected":
         if not args.allow_infected:
@@ -413,11 +414,10 @@ async def cmd_release(session: CommandBackends, args: argparse.Namespace) -> Non
                 f"message {args.id} is infected ({row['virus_detail']}): release it with --allow-infected"
                 " if its documents may be downloaded anyway"
             )
-        # Logged where the message's story is told: its status history (the console shows it).
-        await session.store.allow_infected(args.id)
-        print(f"message {args.id}: its infected documents may be downloaded ({row['virus_detail']}); recorded in its history")
-        if row["status"] != "quarantined":
-            return
+        # Recorded where the message's story is told: its status history (the console shows it).
+        for line in await allow_infected(session.store, row):
+            print(line)
+        return
     await session.store.release(args.id)
     print(f"released message {args.id}: queued for extraction")
 

@@ -4,7 +4,7 @@ The console's pages as twisted.web.template tag trees: every value from mail
 escapes it; no page carries a script, and mail bodies are never shown.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 from urllib.parse import urlencode
 
@@ -53,11 +53,13 @@ def layout(title: str, body: Iterable, session=None, notice: str | None = None) 
     )
 
 
-def action_form(url: str, label: str, session, **hidden: str) -> Tag:
-    """A POST button carrying the session's CSRF token."""
+def action_form(url: str, label: str, session, consent: str | None = None, **hidden: str) -> Tag:
+    """A POST button carrying the session's CSRF token (and, with C{consent}, a box to tick first, sent as C{consent=yes})."""
     form = tags.form(method="post", action=url, class_="action")(tags.input(type="hidden", name="csrf", value=session.csrf))
     for name, value in hidden.items():
         form(tags.input(type="hidden", name=name, value=value))
+    if consent:
+        form(tags.label(tags.input(type="checkbox", name="consent", value="yes", required=""), " ", consent, class_="consent"), " ")
     return form(tags.button(label, type="submit"))
 
 
@@ -317,10 +319,17 @@ class Action(NamedTuple):
     label: str
     effect: str
     statuses: tuple[str, ...] = ()  # all the statuses it applies to, when more than one
+    needs: Callable[[dict], bool] | None = None  # what else the message must be, besides its status
+    unmet: str = ""  # why it does not apply when C{needs} does not hold
+    consent: str | None = None  # the box the admin must tick to confirm
 
 
 def applies(row: dict, action: Action) -> bool:
-    return row["status"] in (action.statuses or (action.status,)) and row.get("incinerated_reason") != "erasure"
+    return (
+        row["status"] in (action.statuses or (action.status,))
+        and row.get("incinerated_reason") != "erasure"
+        and (action.needs is None or action.needs(row))
+    )
 
 
 # The admin's actions on a message that are confirmed on a page of their own first.
@@ -336,7 +345,19 @@ ACTIONS = {
         "Release",
         "It is extracted past its organisation's sender and content policy (its sender verdicts are kept), and its"
         " documents are handed to your application like any other message's; an infected document stays"
-        " withheld until an admin runs `mailingest release ID --allow-infected`.",
+        " withheld until an admin releases the infected content too (Release infected content).",
+    ),
+    "allow-infected": Action(
+        "quarantined",
+        "Release infected content",
+        "ClamAV found malware in this message. Its infected documents and its raw copy become downloadable,"
+        " through the API and this console, by anyone who can see the message; webhooks still never carry them."
+        " This is recorded in its history (infected-allowed) and the daemon's log, as `mailingest release ID"
+        " --allow-infected` does, and a quarantined message is released too.",
+        ("quarantined", "parsed", "failed"),
+        needs=lambda row: withheld(row, row),
+        unmet="it has no infected content withheld (not infected, or already released)",
+        consent="I understand that infected content will be downloadable.",
     ),
     "erase": Action(
         "parsed",
@@ -354,13 +375,17 @@ def inapplicable(row: dict, name: str) -> str | None:
     action = ACTIONS[name]
     if applies(row, action):
         return None
+    if action.needs is not None:
+        if row["status"] in action.statuses:
+            return f"Message {row['id']}: {action.unmet}."
+        return f"Message {row['id']} is {row['status']}: {action.label} applies only to a {' or '.join(action.statuses)} message."
     if action.statuses:
         return f"Message {row['id']} is {row['status']} ({row.get('incinerated_reason') or 'not settled'}): it cannot be {name}d."
     return f"Message {row['id']} is {row['status']}: only a {action.status} message can be {name}d."
 
 
-def confirm(row: dict, name: str, session) -> Tag:
-    """An action's confirmation: a plain POST form (no script), or why it does not apply to this message now."""
+def confirm(row: dict, name: str, session, error: str | None = None) -> Tag:
+    """An action's confirmation: a plain POST form (no script; C{error}: why the last one was refused), or why it does not apply to this message now."""
     action, mid = ACTIONS[name], row["id"]
     summary = definitions(
         [("Subject", row["subject"]), ("MAIL FROM", row["mail_from"]), ("Received", when(row["received_at"])), ("Status", row["status"]), ("Error", row["last_error"])]
@@ -371,7 +396,12 @@ def confirm(row: dict, name: str, session) -> Tag:
         return layout(f"{action.label} message {mid}", [tags.p(reason, class_="error", role="alert"), summary, tags.p(back)], session)
     return layout(
         f"{action.label} message {mid}?",
-        [summary, tags.p(action.effect), tags.p(action_form(f"/console/messages/{mid}/{name}", action.label, session), " ", back)],
+        [
+            tags.p(error, class_="error", role="alert") if error else "",
+            summary,
+            tags.p(action.effect),
+            tags.p(action_form(f"/console/messages/{mid}/{name}", action.label, session, action.consent), " ", back),
+        ],
         session,
     )
 
@@ -410,6 +440,11 @@ def forbidden(session) -> Tag:
 def withheld_page(session, signature: str) -> Tag:
     return layout(
         "Infected: withheld",
-        [tags.p(f"ClamAV found {signature} in it. An admin can let it out with `mailingest release ID --allow-infected`.")],
+        [
+            tags.p(
+                f"ClamAV found {signature} in it. An admin can let it out: Release infected content on the message's"
+                " page, or `mailingest release ID --allow-infected`."
+            )
+        ],
         session,
     )

@@ -35,6 +35,7 @@ from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_c
 from mailingest.handoff.events import withheld
 from mailingest.handoff.throttle import AuthThrottle, TooManyFailures, client_key
 from mailingest.ops.web import Node, numbered
+from mailingest.scanning.release import allow_infected, allowed_lines
 from mailingest.storage.retention import erase_message, gone
 
 log = Logger(namespace="mailingest.console")
@@ -371,6 +372,29 @@ class _Release(_Action):
         await self.site.act(request, session, row, lambda: self.site.store.release(id), notice, id)
 
 
+class _AllowInfected(_Action):
+    """The admin's word that an infected message's content may be downloaded: the console's C{release --allow-infected}."""
+
+    action = "allow-infected"
+
+    async def post(self, request: server.Request, session: ConsoleSession) -> None:
+        site, id = self.site, self.id
+        if not session.admin:
+            raise Forbidden()
+        row = site.scoped(await site.store.get_message(id), session)
+        if _arg(request, "consent") != "yes" and not pages.inapplicable(row, self.action):
+            refusal = "Nothing was released: tick the box to confirm that infected content will be downloadable."
+            return await site.page(request, pages.confirm(row, self.action, session, refusal), 400)
+
+        async def change() -> None:
+            reason = pages.inapplicable(row, self.action)
+            if reason:
+                raise Inapplicable(reason)
+            await allow_infected(site.store, row)
+
+        await site.act(request, session, row, change, "; ".join(allowed_lines(row)), id)
+
+
 class _Erase(_Action):
     action = "erase"
 
@@ -387,7 +411,13 @@ class _Erase(_Action):
 
 class _MessagePage(_Page):
     signed = True
-    below = {b"raw": _Raw, b"reprocess": _Reprocess, b"release": _Release, b"erase": _Erase}
+    below = {
+        b"raw": _Raw,
+        b"reprocess": _Reprocess,
+        b"release": _Release,
+        b"allow-infected": _AllowInfected,
+        b"erase": _Erase,
+    }
 
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         site, id = self.site, self.id

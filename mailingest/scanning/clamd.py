@@ -176,7 +176,7 @@ class ClamdClient:
         try:
             connection = await connecting
         except defer.CancelledError:
-            return FileVerdict("error", f"clamd did not accept a connection within {timeout:g} s", True)
+            return FileVerdict("error", f"clamd did not accept a connection within {timeout:.2g} s", True)
         except Exception as e:
             if deadline.active():
                 deadline.cancel()
@@ -195,5 +195,5 @@ class ClamdClient:
             connecting.cancel()
             return
         if not instream.answered.called:
-            instream.answered.callback(FileVerdict("error", f"clamd did not answer within {timeout:g} s", True))
+            instream.answered.callback(FileVerdict("error", f"clamd did not answer within {timeout:.2g} s", True))
             instream.transport.abortConnection()

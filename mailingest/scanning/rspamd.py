@@ -91,7 +91,8 @@ class RspamdClient:
         self.url = url.rstrip("/")
         self.hostname = hostname
         if agent is None:
-            # rspamd closes each connection after its answer: none is kept.
+            # rspamd closes each connection after its answer (Connection: close even to a keep-alive
+            # request; tests.test_scanning checks it), so a persistent pool would keep none.
             agent = Agent.usingEndpointFactory(reactor, _LiteralEndpoints(reactor), HTTPConnectionPool(reactor, persistent=False))
         self._http = HTTPClient(agent)
 
@@ -111,7 +112,7 @@ class RspamdClient:
                 timer.cancel()
         if index == 1:
             asking.cancel()
-            return SpamVerdict("error", detail=f"rspamd did not answer within {timeout:g} s")
+            return SpamVerdict("error", detail=f"rspamd did not answer within {timeout:.2g} s")
         return first
 
     async def _ask(self, raw_path: str, message: dict, sender_verdicts: dict | None) -> SpamVerdict:

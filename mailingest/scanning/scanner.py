@@ -46,18 +46,19 @@ class ContentScanner:
 
     async def _viruses(self, verdicts: ContentVerdicts, raw_path: str, documents: list[str], deadline: float) -> None:
         started = time.monotonic()
-        streams = defer.DeferredSemaphore(STREAMS_AT_ONCE)
-
-        async def one(path: str) -> FileVerdict:
-            async with streams:
-                return await self.clamd.scan(path, deadline - self.clock.seconds())
-
-        scans = [defer.ensureDeferred(one(path)) for path in documents]
         # The raw copy too (a body clamd finds something in); past clamd's limit its documents were scanned one by one.
         whole = os.stat(raw_path).st_size <= self.clamd.max_stream
-        if whole:
-            scans.append(defer.ensureDeferred(one(raw_path)))
-        found = await defer.gatherResults(scans, consumeErrors=True)
+        paths = documents + [raw_path] if whole else documents
+        found: list[FileVerdict | None] = [None] * len(paths)
+        queue = iter(enumerate(paths))
+
+        async def stream() -> None:
+            # A loop, not a semaphore's waiters: once the budget is spent every scan ends at once, and a
+            # thousand waiters released one by the other would recurse past Python's stack.
+            for n, path in queue:
+                found[n] = await self.clamd.scan(path, deadline - self.clock.seconds())
+
+        await defer.gatherResults([defer.ensureDeferred(stream()) for _ in range(min(STREAMS_AT_ONCE, len(paths)))], consumeErrors=True)
         if whole:
             verdicts.raw = found.pop()
         verdicts.documents = found
