@@ -317,6 +317,8 @@ async def _daemon_path(store, count: int = 200) -> dict[str, float]:
     gives), and extraction's drain (a claim and a parsed outcome with one
     document, one message at a time, from the front of the backlog).
     """
+    from mailingest.extraction.checks import CHECKS_PER_ORG
+
     run = time.time_ns()
     rows = [{
         "org_id": 1 + n % ORGS, "source": "smtp", "source_message_id": f"<intake-{run}-{n}@x>", "mail_from": SENDERS[n],
@@ -332,7 +334,8 @@ async def _daemon_path(store, count: int = 200) -> dict[str, float]:
     figures["dedup, a duplicate answered: p50 (ms)"], figures["dedup, a duplicate answered: p99 (ms)"], _ = percentiles(samples)
 
     async def drain_one():
-        [claimed] = await store.claim(60, limit=1)
+        # As the extraction service claims: the organisations in turn (the due index's path).
+        [claimed] = await store.claim(60, 1, CHECKS_PER_ORG)
         document = {"org_id": claimed["org_id"], "ordinal": 0, "filename": "po.pdf", "content_type": "application/pdf", "size": 1024,
                     "sha256": "cd" * 32, "storage_key": f"documents/{claimed['org_id']}/{claimed['id']}/0"}
         await store.mark_parsed(claimed["id"], [document])
