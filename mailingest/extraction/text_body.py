@@ -11,8 +11,8 @@ parser would find one in, or a defect the parser would warn of: every line of
 the header section is a well-formed field or the continuation of one, the
 section ends within L{HEADER_LIMIT} bytes, there is at most one
 C{Content-Type}, and it is absent, C{text/plain} or C{text/html}, without a
-C{name}; there is
-no C{Content-Disposition} at all. Anything else goes to a worker as before.
+C{name}; there is no C{Content-Disposition} at all. Anything else goes to a
+worker as before.
 """
 
 import re
@@ -23,7 +23,7 @@ HEADER_LIMIT = 8192
 WARNINGS = ["no attachments"]
 
 _FIELD = re.compile(rb"[!-9;-~]+:")
-_PLAIN = re.compile(rb"[ \t]*text/(plain|html)[ \t]*(;.*)?", re.IGNORECASE | re.DOTALL)
+_TEXT = re.compile(rb"[ \t]*text/(plain|html)[ \t]*(;.*)?", re.IGNORECASE | re.DOTALL)
 
 
 def needs_no_parser(path: str) -> bool:
@@ -72,4 +72,4 @@ def one_text_body(start: bytes) -> bool:
     if len(content_types) > 1:
         return False
     (value,) = content_types
-    return _PLAIN.fullmatch(value) is not None and b"name" not in value.lower()
+    return _TEXT.fullmatch(value) is not None and b"name" not in value.lower()
