@@ -283,11 +283,15 @@ class IExtractionQueue(IStoreRole):
         message (best effort: listeners still poll). Fires once listening.
         """
 
-    def claim(lease_seconds: float, limit: int = 1):
+    def claim(lease_seconds: float, limit: int = 1, per_org: int | None = None, skip_orgs=()):
         """
         Claim up to C{limit} of the oldest messages due for extraction: status
         C{received}, due (C{next_attempt_at} passed) and not claimed by a live
-        lease. Fires with their rows (possibly none). The claims last
+        lease. Fires with their rows (possibly none). With C{per_org} (what the
+        extraction service does), the organisations take turns instead, at most
+        C{per_org} of one, none of C{skip_orgs}: read from the due index, its
+        cost is that of the organisations with mail waiting, while the oldest
+        first across all of them sorts every received message. The claims last
         C{lease_seconds}. On a database shared by daemons each claim is also
         held by this daemon's database session (see L{unlock_claims}): a
         claim whose session ended (its daemon died) is taken over at once;
