@@ -86,7 +86,8 @@ class ExtractionQueueStore(StoreBase):
         received mail, not of their backlog: the organisations are found by
         skipping through the due index (C{orgs}), and each one's first
         C{per_org} due messages are read from it, the K-th by a probe of its
-        own (C{turn} K; neither engine has one spelling of a per-row LIMIT).
+        own (C{turn} K; neither engine has one spelling of a per-row LIMIT),
+        the later turns only while the first gives fewer than C{limit}.
         """
         now = self._now()
         free, free_args = self._free(now, True)
@@ -104,15 +105,19 @@ class ExtractionQueueStore(StoreBase):
             f" AND m.next_attempt_at <= ? AND ({free}) ORDER BY m.next_attempt_at, m.id LIMIT 1 OFFSET {{turn}})"
             f" AS id, {{turn}} AS turn FROM orgs WHERE org_id IS NOT NULL{skip}"
         )
+        probe_args = (now, *free_args, *skip_orgs)
+        # A later turn is read only when the first one has fewer than C{limit}: else it is never reached.
+        later = [probe.format(turn=turn) + " AND (SELECT COUNT(id) FROM first_turn) < ?" for turn in range(1, per_org)]
         await txn.execute(
             "WITH RECURSIVE orgs(org_id) AS ("
             f" SELECT ({next_org.format(after='')})"
             f" UNION ALL SELECT ({next_org.format(after=' AND m.org_id > orgs.org_id')})"
             " FROM orgs WHERE orgs.org_id IS NOT NULL),"
-            " picked AS (" + " UNION ALL ".join(probe.format(turn=turn) for turn in range(per_org)) + ")"
+            f" first_turn AS ({probe.format(turn=0)}),"
+            " picked AS (" + " UNION ALL ".join(["SELECT id, turn FROM first_turn", *later]) + ")"
             " SELECT id FROM picked WHERE id IS NOT NULL ORDER BY turn,"
             " (SELECT e.next_attempt_at FROM inbound_message e WHERE e.id = picked.id), id LIMIT ?",
-            (*[a for _ in range(per_org) for a in (now, *free_args, *skip_orgs)], limit),
+            (*probe_args, *[a for _ in later for a in (*probe_args, limit)], limit),
         )
         return [row["id"] for row in txn.fetchall()]
 
