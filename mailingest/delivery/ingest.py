@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.ops import metrics
+from mailingest.ops.timestamps import PerSecond
 from mailingest.encoded_words import decode_header
 from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory
@@ -145,9 +146,12 @@ def subject_of(text: str | None) -> str | None:
     return " ".join(text.split())[:MAX_SUBJECT]
 
 
+_RAW_DAY = PerSecond(lambda moment: moment.strftime("raw/%Y/%m/%d/"))
+
+
 def raw_key(envelope: Envelope) -> str:
     """Object storage key of a raw message: our date and transaction id only."""
-    return f"raw/{envelope.received_at:%Y/%m/%d}/{envelope.id}.eml"
+    return f"{_RAW_DAY(envelope.received_at.timestamp())}{envelope.id}.eml"
 
 
 def within(work: defer.Deferred, seconds: float, clock, what: str) -> defer.Deferred:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailingest.ops.secrets import masker, url_passwords
+from mailingest.ops.timestamps import PerSecond
 from mailingest.twisted_private import twistd_log_observer
 
 FORMATS = ("text", "json")
@@ -69,6 +71,14 @@ def _utc(event: Mapping[str, Any]) -> datetime:
     return datetime.fromtimestamp(when, timezone.utc) if when is not None else datetime.now(timezone.utc)
 
 
+_TEXT_STAMP = PerSecond(lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _text_stamp(event: Mapping[str, Any]) -> str:
+    when = event.get("log_time")
+    return _TEXT_STAMP(when if when is not None else time.time())
+
+
 def _level(event: Mapping[str, Any]) -> str:
     level = event.get("log_level")
     return level.name if level is not None else "-"
@@ -81,7 +91,7 @@ def _text_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str | No
         text = format_message(event)
     if not text:
         return None
-    stamp = _utc(event).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = _text_stamp(event)
     namespace = event.get("log_namespace", "-")
     # Continuation lines (tracebacks, multi-line messages) are indented, as in
     # Twisted's classic format, so every record starts at column 0.
