@@ -10,6 +10,7 @@ refer to it (an ambiguous commit), where an invisible orphan is the safe side.
 """
 
 import email.header
+import functools
 import hashlib
 import ipaddress
 import time
@@ -84,7 +85,9 @@ class Outcome:
         return [row_id for _, row_id in self.rows]
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(text: str) -> bool:
+    """Asked for every message; a session's client sends many, and parsing the address is not free."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
