@@ -70,13 +70,19 @@ def pdf_messages(count: int, size: int) -> list[WireMessage]:
 
 
 def large_message(size: int) -> WireMessage:
-    """A plain-text message of C{size} bytes, streamed in ~1 MB chunks of whole lines."""
+    """
+    A text message of C{size} bytes, streamed in ~1 MB chunks of whole lines:
+    one text part in a multipart/mixed, so that a parser worker reads it all
+    (a message that is one plain text body needs none, see plain_text).
+    """
     header = wire(
         f"From: {SENDER}\nTo: {RECIPIENT}\nSubject: large message\n"
-        f"Message-ID: {make_msgid('large', domain=DOMAIN)}\n\n".encode()
+        f"Message-ID: {make_msgid('large', domain=DOMAIN)}\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=large\n\n--large\nContent-Type: text/plain\n\n".encode()
     )
+    trailer = wire(b"--large--\n")
     chunk = LINE * CHUNK_LINES
-    lines = max(1, (size - len(header)) // len(LINE))
+    lines = max(1, (size - len(header) - len(trailer)) // len(LINE))
 
     def chunks():
         yield header
@@ -84,5 +90,6 @@ def large_message(size: int) -> WireMessage:
         for _ in range(full):
             yield chunk
         yield LINE * rest
+        yield trailer
 
     return chunks

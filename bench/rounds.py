@@ -37,10 +37,15 @@ class ThroughputSample:
     errors: tuple[str, ...]
     asked: int = 0  # messages the load tool was asked to send
     cpu_seconds: float = 0.0  # the server's CPU time (all its processes) during the load
+    done_cpu_seconds: float = 0.0  # the same until it was done with every message (extracted, queue empty)
 
     @property
     def cpu_ms_per_message(self) -> float:
         return self.cpu_seconds * 1000 / self.sent if self.sent else float("nan")
+
+    @property
+    def done_cpu_ms_per_message(self) -> float:
+        return self.done_cpu_seconds * 1000 / self.sent if self.sent else float("nan")
 
     @property
     def msg_per_s(self) -> float:
@@ -92,14 +97,17 @@ def throughput(target: Target, directory: str, size: int, messages: int, session
         queued = server.queued() if isinstance(server, Mailingest) else None
         stored = server.stored()
         peak = server.peak_rss_mb()
+        wait_until_done(server, time.monotonic())
+        done_cpu = server.cpu_seconds() - cpu_before
     return ThroughputSample(
-        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages, cpu
+        size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages, cpu,
+        done_cpu,
     )
 
 
-def wait_until_drained(server: Mailingest, since: float) -> float:
-    """Seconds from C{since} (a monotonic time) until no message is left in C{received}."""
-    while server.queued():
+def wait_until_done(server, since: float) -> float:
+    """Seconds from C{since} (a monotonic time) until the server has no work left on what it accepted."""
+    while server.busy():
         if time.monotonic() - since > DRAIN_TIMEOUT:
             return float("inf")
         time.sleep(POLL_SECONDS)
@@ -112,7 +120,7 @@ def drain(target: Target, directory: str, messages: int, size: int, connections:
         assert isinstance(server, Mailingest), "only mailingest extracts"
         load = send_threaded(server.port, outgoing, connections)
         queued = server.queued()
-        drained = wait_until_drained(server, load.ended_at)
+        drained = wait_until_done(server, load.ended_at)
         server.check_alive()
         count = server.count
         return DrainSample(
@@ -139,7 +147,7 @@ def big(target: Target, directory: str, messages: int, size: int) -> BigSample:
         load = send_threaded(server.port, outgoing, messages)
         server.check_alive()
         received_peak = server.peak_rss_mb()
-        extracted = wait_until_drained(server, load.ended_at)
+        extracted = wait_until_done(server, load.ended_at)
         server.check_alive()
         return BigSample(
             target.name,

@@ -167,6 +167,10 @@ class Server(ABC):
         """CPU time used so far by the server and its child processes."""
         return cpu_seconds(self.process.pid)
 
+    def busy(self) -> bool:
+        """Whether work on what it accepted is still going on after the load (extraction, a queue to empty)."""
+        return False
+
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise TargetError(f"{self.name} died with {self.process.returncode}; see {self.log_path}")
@@ -310,6 +314,10 @@ class PostfixQueue(Server):
         with open(self.log_path, "rb") as log:
             return len(re.findall(rb"postfix/cleanup\[\d+\]: \S+: message-id=", log.read()))
 
+    def busy(self) -> bool:
+        """Messages still in its queue (incoming, active, deferred): qmgr and discard have work left."""
+        return any(files for name in ("incoming", "active", "deferred") for _, _, files in os.walk(os.path.join(self.queue, name)))
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             subprocess.run([tool("postfix"), "-c", self.config, "stop"], capture_output=True, timeout=STOP_TIMEOUT)
@@ -416,6 +424,9 @@ class Mailingest(Server):
     def queued(self) -> int:
         """Messages the extraction service has not finished yet."""
         return self.count("SELECT COUNT(*) FROM inbound_message WHERE status = 'received'")
+
+    def busy(self) -> bool:
+        return self.queued() > 0
 
     def stop(self) -> None:
         super().stop()

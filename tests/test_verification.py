@@ -6,6 +6,8 @@ parser worker, so they run in a thread while the reactor serves the zone.
 
 import time
 
+import dkim
+
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -381,6 +383,21 @@ class VerifyMessageTests(ZoneTestCase):
             " dkim=pass header.d=attacker.example header.s=sel;"
             ' dmarc=fail reason="no aligned SPF or DKIM pass" header.from=customer.example policy.dmarc=reject; arc=none',
         )
+
+    @defer.inlineCallbacks
+    def test_arc_chain_read_when_its_fields_are_there(self):
+        verdicts = yield self.verify(arc_forwarded(signed(message())), "bounce@sender.example")
+        self.assertEqual((verdicts.arc.result, verdicts.arc.domain), ("pass", "forwarder.example"))
+
+    @defer.inlineCallbacks
+    def test_without_arc_fields_the_message_is_not_read_again(self):
+        """Issue 29: dkimpy's header list says there is no chain; its ARC reader is not asked to parse the message too."""
+        def no_second_reading(*args, **kwargs):
+            raise AssertionError("the message was read again for ARC")
+
+        self.patch(dkim, "ARC", no_second_reading)
+        verdicts = yield self.verify(signed(message()), "bounce@sender.example")
+        self.assertEqual((verdicts.arc.result, verdicts.dkim.result), ("none", "pass"))
 
     def test_hostile_domains_kept_out_of_header_syntax(self):
         text = signed(message())

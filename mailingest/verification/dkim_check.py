@@ -17,6 +17,8 @@ from mailingest.verification.results import Check, Signature
 MAX_SIGNATURES = 10
 # RFC 8617 5.1.1.1: a chain longer than this is invalid anyway.
 MAX_ARC_SETS = 50
+# The fields of an ARC set, as dkimpy names them (lower case).
+_ARC_FIELDS = dkim.ARC.ARC_HEADERS
 
 # Results ranked for the message's one DKIM verdict: any pass wins; a
 # temperror may pass later, so it outranks the failures.
@@ -121,12 +123,16 @@ def _verify_one(verifier: dkim.DKIM, index: int, lookup: _KeyLookup) -> tuple[st
         return "permerror", f"signature cannot be checked: {type(e).__name__}"
 
 
-def check_arc(message: bytes, resolver: BudgetResolver) -> Check:
+def check_arc(message: bytes, resolver: BudgetResolver, headers: list | None = None) -> Check:
     """
     The chain's validation (pass, fail, none) as dkimpy gives it, an
     incomplete set included (RFC 8617 5.2: fail), and the domain of the
-    newest seal as dkimpy read it.
+    newest seal as dkimpy read it. C{headers}, dkimpy's header list of the
+    message when it could read one: without any ARC field there is no chain,
+    and the message is not read a second time to find that out.
     """
+    if headers is not None and not any(name.lower().rstrip() in _ARC_FIELDS for name, _ in headers):
+        return Check("none", None, "")
     try:
         verifier = dkim.ARC(message, minkey=1024)
         newest, _ = verifier.sorted_arc_headers()

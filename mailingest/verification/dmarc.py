@@ -27,7 +27,11 @@ def _psl() -> PublicSuffixList:
 
 def organisational_domain(domain: str) -> str:
     """The registered domain (RFC 7489 3.2): C{mail.customer.co.uk} -> C{customer.co.uk}."""
-    domain = domain.lower().rstrip(".")
+    return _organisational_domain(domain.lower().rstrip("."))
+
+
+@lru_cache(maxsize=4096)
+def _organisational_domain(domain: str) -> str:
     return _psl().privatesuffix(domain) or domain
 
 
@@ -53,7 +57,16 @@ def header_from_domain(headers: list) -> str | None:
         return None
     if len(values) > 1:
         raise UnreadableFrom("several From: fields")
-    value = values[0].replace(b"\r\n", b"").strip()
+    return _from_domain(values[0].replace(b"\r\n", b"").strip())
+
+
+@lru_cache(maxsize=4096)
+def _from_domain(value: bytes) -> str:
+    """
+    The domain of one From: field's value. Remembered: a business's partners
+    send from the same few addresses, and the address parser is the largest
+    cost of the sender checks (an unreadable value raises, and is not remembered).
+    """
     if len(value) > MAX_FROM_BYTES:
         raise UnreadableFrom(f"From: field longer than {MAX_FROM_BYTES} bytes")
     try:

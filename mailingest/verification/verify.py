@@ -23,7 +23,7 @@ def verify_message(
     spf = check_spf(peer, mail_from, helo, resolver)
     verifier = read_message(message)
     dkim, signatures = check_dkim(verifier, resolver)
-    arc = check_arc(message, resolver)
+    arc = check_arc(message, resolver, None if verifier is None else verifier.headers)
     dmarc, policy = check_dmarc(None if verifier is None else verifier.headers, spf, signatures, resolver)
     verdicts = Verdicts(
         spf=spf,

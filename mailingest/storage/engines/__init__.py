@@ -67,6 +67,10 @@ class IEngine(Interface):
     """
 
     skip_locked = Attribute("SQL that ends a claiming SELECT (str)")
+    indexed_by = Attribute(
+        "what follows a table's name to make a query read the index named by {} (str): SQLite's INDEXED BY,"
+        " where the planner without statistics takes an index that reads every row of a status; empty on PostgreSQL"
+    )
     integrity_errors = Attribute("what a violated constraint raises (tuple of exception types)")
     schema_terms = Attribute("values of the schema files' {placeholders} (mapping)")
     text_search = Attribute(

@@ -275,6 +275,7 @@ class _PostgresqlTransaction(CursorTransaction):
 @implementer(IEngine)
 class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    indexed_by = ""
     integrity_errors = (psycopg2.IntegrityError,)
     # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY).
     schema_terms = {"id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": ""}

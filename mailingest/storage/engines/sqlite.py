@@ -96,6 +96,7 @@ def _result_of(d: defer.Deferred):
 @implementer(IEngine)
 class SqliteEngine(Engine):
     skip_locked = ""
+    indexed_by = " INDEXED BY {}"
     integrity_errors = (sqlite3.IntegrityError,)
     # Timestamps are fixed-width ISO 8601 text (see _adapt_datetime).
     schema_terms = {

@@ -26,6 +26,9 @@ _EXTRACTED_COLUMNS = (
     "original_filename", "content_type_raw", "disposition", "content_id", "virus", "virus_detail",
 )
 
+# The due index: received messages by organisation, then due time.
+_DUE_INDEX = "inbound_message_org_due"
+
 # On PostgreSQL a claim is also a session-level advisory lock (this first key,
 # the message id modulo 2^31 the second) held on the engine's claiming
 # connection: when a daemon dies its session ends, the server drops its locks,
@@ -63,9 +66,9 @@ class ExtractionQueueStore(StoreBase):
         )
 
     async def _claim(self, txn, lease_seconds, limit, per_org=None, skip_orgs=()):
-        due = "status = 'received' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+        due = "status = 'received' AND next_attempt_at <= ?"
         if per_org is not None or skip_orgs:
-            turns = await self._turns(txn, due, limit, per_org, skip_orgs)
+            turns = await self._turns(txn, limit, per_org, skip_orgs)
             if not turns:
                 return []
             due += " AND id IN (" + ", ".join(str(int(i)) for i in turns) + ")"
@@ -76,19 +79,40 @@ class ExtractionQueueStore(StoreBase):
         await txn.execute(_CLAIM_SELECT + f" WHERE m.id IN ({marks}) ORDER BY m.id", tuple(ids))
         return [message_row(row) for row in txn.fetchall()]
 
-    async def _turns(self, txn, due, limit, per_org, skip_orgs):
-        """The ids of the due, unclaimed messages to claim next, organisations in turn (see L{claim})."""
+    async def _turns(self, txn, limit, per_org, skip_orgs):
+        """
+        The ids of the due, unclaimed messages to claim next, organisations in
+        turn (see L{claim}). Its cost is that of the organisations with
+        received mail, not of their backlog: the organisations are found by
+        skipping through the due index (C{orgs}), and each one's first
+        C{per_org} due messages are read from it, the K-th by a probe of its
+        own (C{turn} K; neither engine has one spelling of a per-row LIMIT).
+        """
         now = self._now()
-        free, args = self._free(now, True)
+        free, free_args = self._free(now, True)
+        per_org = limit if per_org is None else min(int(per_org), limit)
         skip = ""
         if skip_orgs:
             skip = " AND org_id NOT IN (" + ", ".join("?" for _ in skip_orgs) + ")"
+        due_index = "inbound_message m" + self.engine.indexed_by.format(_DUE_INDEX)
+        next_org = (
+            f"SELECT m.org_id FROM {due_index} WHERE m.status = 'received'{{after}}"
+            " ORDER BY m.org_id, m.next_attempt_at, m.id LIMIT 1"
+        )
+        probe = (
+            f"SELECT (SELECT m.id FROM {due_index} WHERE m.status = 'received' AND m.org_id = orgs.org_id"
+            f" AND m.next_attempt_at <= ? AND ({free}) ORDER BY m.next_attempt_at, m.id LIMIT 1 OFFSET {{turn}})"
+            f" AS id, {{turn}} AS turn FROM orgs WHERE org_id IS NOT NULL{skip}"
+        )
         await txn.execute(
-            "SELECT id FROM (SELECT id, next_attempt_at,"
-            " ROW_NUMBER() OVER (PARTITION BY org_id ORDER BY next_attempt_at, id) AS turn"
-            f" FROM inbound_message e WHERE {due} AND ({free}){skip}) turns"
-            " WHERE turn <= ? ORDER BY turn, next_attempt_at, id LIMIT ?",
-            (now, *args, *skip_orgs, limit if per_org is None else per_org, limit),
+            "WITH RECURSIVE orgs(org_id) AS ("
+            f" SELECT ({next_org.format(after='')})"
+            f" UNION ALL SELECT ({next_org.format(after=' AND m.org_id > orgs.org_id')})"
+            " FROM orgs WHERE orgs.org_id IS NOT NULL),"
+            " picked AS (" + " UNION ALL ".join(probe.format(turn=turn) for turn in range(per_org)) + ")"
+            " SELECT id FROM picked WHERE id IS NOT NULL ORDER BY turn,"
+            " (SELECT e.next_attempt_at FROM inbound_message e WHERE e.id = picked.id), id LIMIT ?",
+            (*[a for _ in range(per_org) for a in (now, *free_args, *skip_orgs)], limit),
         )
         return [row["id"] for row in txn.fetchall()]
 
