@@ -1068,6 +1068,22 @@ class InjectedDeliveryTests(unittest.TestCase):
         self.assertEqual(session.replies(), [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK"])
         self.assertEqual(delivery.transactions, 2)
 
+    def test_a_recipient_decided_later_or_failing(self):
+        """
+        validateTo's answer holds the client's pipelined input until it comes,
+        and an unexpected error there is a logged 451.
+        """
+        delivery = RecordingDelivery()
+        pending = defer.Deferred()
+        answers = iter([lambda user: 1 / 0, lambda user: pending])
+        delivery.validateTo = lambda user: next(answers)(user)
+        session = self.connect(delivery)
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@example.com>\r\nNOOP\r\n")
+        self.assertEqual(session.replies(), [b"250 2.1.0 Sender OK", b"451 4.3.0 Temporary failure, try again later"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        pending.callback(lambda: RecordedMessage(delivery, b"y@example.com"))
+        self.assertEqual(session.replies(), [b"250 2.1.5 Recipient OK", b"250 2.0.0 OK"])
+
     def test_a_delivery_that_declares_nothing_is_refused(self):
         class Undeclared:
             def deliveryFactory(self, session):
