@@ -9,7 +9,7 @@ from twisted.trial import unittest
 from mailingest.delivery import ingest, received
 from mailingest.delivery.session import Session
 from mailingest.ops import logs
-from mailingest.ops.timestamps import PerSecond
+from mailingest.timestamps import PerSecond
 
 MIDNIGHT = calendar.timegm((2026, 12, 7, 0, 0, 0))
 

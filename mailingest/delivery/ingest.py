@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.ops import metrics
-from mailingest.ops.timestamps import PerSecond
+from mailingest.timestamps import PerSecond
 from mailingest.encoded_words import decode_header
 from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory

@@ -7,7 +7,7 @@ from email.utils import format_datetime
 from twisted.mail import smtp
 
 from mailingest.delivery.session import Session
-from mailingest.ops.timestamps import PerSecond
+from mailingest.timestamps import PerSecond
 
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")

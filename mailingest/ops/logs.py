@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailingest.ops.secrets import masker, url_passwords
-from mailingest.ops.timestamps import PerSecond
+from mailingest.timestamps import PerSecond
 from mailingest.twisted_private import twistd_log_observer
 
 FORMATS = ("text", "json")
