@@ -73,7 +73,7 @@ def large_message(size: int) -> WireMessage:
     """
     A text message of C{size} bytes, streamed in ~1 MB chunks of whole lines:
     one text part in a multipart/mixed, so that a parser worker reads it all
-    (a message that is one plain text body needs none, see plain_text).
+    (a message that is one text body needs none, see extraction.text_body).
     """
     header = wire(
         f"From: {SENDER}\nTo: {RECIPIENT}\nSubject: large message\n"

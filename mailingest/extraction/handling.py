@@ -16,7 +16,7 @@ from collections.abc import Callable
 from twisted.internet import defer, threads
 
 from mailingest.errors import BlobNotFound
-from mailingest.extraction import plain_text
+from mailingest.extraction import text_body
 from mailingest.extraction.attachments import ExtractionResult, UnparseableMessage
 from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.outcomes import ExtractionOutcomes
@@ -117,9 +117,9 @@ class MessageExtraction:
         return raw_path
 
     async def _parse(self, message: dict, raw_path: str, slot: str) -> ExtractionResult:
-        """What the parser makes of the message; a plain text body's result without asking a worker (L{plain_text})."""
-        if await threads.deferToThread(plain_text.needs_no_parser, raw_path):
-            return ExtractionResult([], list(plain_text.WARNINGS))
+        """What the parser makes of the message; a text body's result without asking a worker (L{text_body})."""
+        if await threads.deferToThread(text_body.needs_no_parser, raw_path):
+            return ExtractionResult([], list(text_body.WARNINGS))
         try:
             return await self.parser.parse(raw_path, os.path.join(slot, "parts"))
         except BlobNotFound:

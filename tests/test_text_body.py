@@ -1,6 +1,6 @@
 """
-Issue 29: a message that is one plain text body is extracted without a round
-trip to a parser worker (L{mailingest.extraction.plain_text}). The test must
+Issue 29: a message that is one text body (plain or HTML) is extracted without a round
+trip to a parser worker (L{mailingest.extraction.text_body}). The test must
 never be wrong: checked on crafted edge cases, on every sample message
 written by others (each one the test lets through gives exactly what the
 parser gives), and end to end with a parser that cannot start.
@@ -14,30 +14,32 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailingest.extraction.attachments import extract_attachments
-from mailingest.extraction.plain_text import HEADER_LIMIT, WARNINGS, needs_no_parser, one_plain_text_body
+from mailingest.extraction.text_body import HEADER_LIMIT, WARNINGS, needs_no_parser, one_text_body
 from tests.corpus import sample_messages
 from tests.test_extraction import PDF, ExtractionCase, order
 
 H = b"From: buyer@customer.test\r\nTo: orders+acme@example.com\r\nSubject: Order 12\r\n"
 
 
-class PlainTextTests(unittest.TestCase):
-    def test_plain_bodies(self):
+class TextBodyTests(unittest.TestCase):
+    def test_text_bodies(self):
         for start in (
             H + b"\r\nPlease send 12 widgets.\r\n",
             H + b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"utf-8\"\r\n\r\nbody\r\n",
             H + b"Content-Type: text/plain;\r\n\tcharset=us-ascii\r\n\r\nbody\r\n",
             H + b"CONTENT-TYPE: TEXT/PLAIN\r\nContent-Transfer-Encoding: base64\r\n\r\nnot base64\r\n",
             H + "Subject: Übergröße\r\n".encode() + b"\r\n",
+            H + b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>12 widgets</p><img src=\"cid:logo\">\r\n",
         ):
-            self.assertTrue(one_plain_text_body(start), start)
+            self.assertTrue(one_text_body(start), start)
 
     def test_everything_else_goes_to_a_worker(self):
         for start in (
             H + b"Content-Type: text/plain; name=order.txt\r\n\r\nbody\r\n",
             H + b"Content-Type: text/plain;\r\n name=order.txt\r\n\r\nbody\r\n",
             H + b"Content-Disposition: inline\r\n\r\nbody\r\n",
-            H + b"Content-Type: text/html\r\n\r\n<p>body</p>\r\n",
+            H + b"Content-Type: text/htmlx\r\n\r\n<p>body</p>\r\n",
+            H + b"Content-Type: text/calendar\r\n\r\nBEGIN:VCALENDAR\r\n",
             H + b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\nbody\r\n--x--\r\n",
             H + b"Content-Type: application/pdf\r\n\r\n%PDF\r\n",
             H + b"Content-Type: text/plain\r\nContent-Type: text/plain\r\n\r\nbody\r\n",
@@ -51,7 +53,7 @@ class PlainTextTests(unittest.TestCase):
             H,
             b"",
         ):
-            self.assertFalse(one_plain_text_body(start[:HEADER_LIMIT]), start[:200])
+            self.assertFalse(one_text_body(start[:HEADER_LIMIT]), start[:200])
 
     def test_unreadable_file_goes_to_a_worker(self):
         self.assertFalse(needs_no_parser(os.path.join(self.mktemp(), "gone.eml")))
@@ -64,7 +66,7 @@ class SampleMessageTests(unittest.TestCase):
         for path in sample_messages():
             with open(path, "rb") as f:
                 data = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            if not one_plain_text_body(data[:HEADER_LIMIT]):
+            if not one_text_body(data[:HEADER_LIMIT]):
                 continue
             through += 1
             with tempfile.TemporaryDirectory() as directory:
@@ -74,12 +76,12 @@ class SampleMessageTests(unittest.TestCase):
                 os.mkdir(os.path.join(directory, "parts"))
                 result = extract_attachments(raw, os.path.join(directory, "parts"))
             self.assertEqual((result.attachments, result.warnings, result.skipped), ([], WARNINGS, []), path)
-        self.assertGreater(through, 20, "too few samples are plain text bodies for this to say anything")
+        self.assertGreater(through, 20, "too few samples are text bodies for this to say anything")
 
 
 class WithoutParserTests(ExtractionCase):
     @defer.inlineCallbacks
-    def test_plain_text_order_is_extracted_without_a_worker(self):
+    def test_text_body_order_is_extracted_without_a_worker(self):
         parser = self.daemon.service.extraction.messages.parser
         self.patch(parser, "_argv", [sys.executable, "-c", "raise SystemExit(3)"])
         row = yield self.deliver(order(subject="Plain order"))

@@ -1,16 +1,18 @@
 """
-Which messages the parser workers need not see: a message that is one plain
-text body has no document by the rules of L{mailingest.extraction.attachments}
-(a text body without a name or an C{attachment} disposition is not one), and
-its parse gives nothing but the warning "no attachments". Telling so from the
-header section alone saves the round trip to a worker for most small mail.
+Which messages the parser workers need not see: a message that is one text
+body (plain or HTML) has no document by the rules of
+L{mailingest.extraction.attachments} (a text body without a name or an
+C{attachment} disposition is not one), and its parse gives nothing but the
+warning "no attachments". Telling so from the header section alone saves the
+round trip to a worker for most small mail.
 
 The test is strict, so that it never says "no documents" of a message the
 parser would find one in, or a defect the parser would warn of: every line of
 the header section is a well-formed field or the continuation of one, the
 section ends within L{HEADER_LIMIT} bytes, there is at most one
-C{Content-Type}, and it is absent or C{text/plain} without a C{name}; there is
-no C{Content-Disposition} at all. Anything else goes to a worker as before.
+C{Content-Type}, and it is absent, C{text/plain} or C{text/html}, without a
+C{name}; there is no C{Content-Disposition} at all. Anything else goes to a
+worker as before.
 """
 
 import re
@@ -21,12 +23,12 @@ HEADER_LIMIT = 8192
 WARNINGS = ["no attachments"]
 
 _FIELD = re.compile(rb"[!-9;-~]+:")
-_PLAIN = re.compile(rb"[ \t]*text/plain[ \t]*(;.*)?", re.IGNORECASE | re.DOTALL)
+_TEXT = re.compile(rb"[ \t]*text/(plain|html)[ \t]*(;.*)?", re.IGNORECASE | re.DOTALL)
 
 
 def needs_no_parser(path: str) -> bool:
     """
-    Whether the message in the file at C{path} is one plain text body (a
+    Whether the message in the file at C{path} is one text body (a
     blocking read of its first L{HEADER_LIMIT} bytes: call it in a thread).
     False when it cannot be read: the worker says why.
     """
@@ -35,13 +37,13 @@ def needs_no_parser(path: str) -> bool:
             start = raw.read(HEADER_LIMIT)
     except OSError:
         return False
-    return one_plain_text_body(start)
+    return one_text_body(start)
 
 
-def one_plain_text_body(start: bytes) -> bool:
+def one_text_body(start: bytes) -> bool:
     """
     Whether the message that begins with C{start} (its first L{HEADER_LIMIT}
-    bytes) is a single C{text/plain} body by the strict test above.
+    bytes) is a single text body by the strict test above.
     """
     end = start.find(b"\r\n\r\n")
     bare = start.find(b"\n\n")
@@ -70,4 +72,4 @@ def one_plain_text_body(start: bytes) -> bool:
     if len(content_types) > 1:
         return False
     (value,) = content_types
-    return _PLAIN.fullmatch(value) is not None and b"name" not in value.lower()
+    return _TEXT.fullmatch(value) is not None and b"name" not in value.lower()
