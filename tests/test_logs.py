@@ -108,6 +108,39 @@ class TextFormatTests(unittest.TestCase):
         self.assertEqual(stream.getvalue(), "")
 
 
+class FormatMessageTests(unittest.TestCase):
+    """format_message (issue 29: str.format_map on the per-message path) says what Twisted's formatEvent says."""
+
+    class Thing:
+        size = 42
+
+        def __str__(self):
+            return "a thing"
+
+        def name(self):
+            return "called"
+
+    def test_same_text_as_twisted(self):
+        thing = self.Thing()
+        events = [
+            dict(log_format="accepted message {message_id} ({size} bytes, {ms:.0f} ms, message-id={m})", message_id=7, size=1, ms=2.6, m=""),
+            dict(log_format="{reply!r} {peer:>6} {thing} {thing.size} {items[1]}", reply=b"550", peer="a", thing=thing, items=[1, 2]),
+            dict(log_format="{thing.name()} and {a}", thing=thing, a="b"),  # Twisted's call syntax
+            dict(log_format="{missing} key", present=1),  # Twisted: "Unable to format event ..."
+            dict(log_format="{0} positional"),
+            dict(log_format="{ms:.0f}", ms="not a number"),
+            dict(log_format="{{braces}} {log_text}", log_text="relayed"),
+            dict(log_format=b"bytes {a}", a=1),
+            dict(log_format=None),
+            dict(a=1),
+        ]
+        for event in events:
+            event.setdefault("log_level", LogLevel.info)
+            self.assertEqual(logs.format_message(event), formatEvent(event), event)
+        self.assertEqual(logs.format_message(events[0]), "accepted message 7 (1 bytes, 3 ms, message-id=)")
+        self.assertIn("Unable to format event", logs.format_message(events[3]))
+
+
 class JsonFormatTests(unittest.TestCase):
     def test_one_object_per_line(self):
         stream, log, observer = capture("json")

@@ -1048,6 +1048,42 @@ class InjectedDeliveryTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(session.command(b"NOOP"), b"250 2.0.0 OK")
 
+    def test_a_sender_decided_later(self):
+        """
+        validateFrom may answer with a Deferred (Twisted's IMessageDelivery):
+        what the client pipelined waits for it, in order, refused or accepted.
+        (Ours answers at once, and is answered without a Deferred: issue 29.)
+        """
+        delivery = RecordingDelivery()
+        pending = []
+        delivery.validateFrom = lambda helo, origin: pending.append(defer.Deferred()) or pending[-1]
+        session = self.connect(delivery)
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nNOOP\r\n")
+        self.assertEqual((session.replies(), len(pending)), ([], 1))
+        pending[0].errback(smtp.SMTPBadSender(smtp.Address(b"a@customer.test"), 550, "5.7.1 Not from you"))
+        self.assertEqual(session.replies(), [b"550 5.7.1 Not from you", b"503 5.5.1 Need MAIL before RCPT", b"250 2.0.0 OK"])
+        session.send(b"MAIL FROM:<b@customer.test>\r\nRCPT TO:<x@example.com>\r\n")
+        self.assertEqual(session.replies(), [])
+        pending[1].callback(smtp.Address(b"b@customer.test"))
+        self.assertEqual(session.replies(), [b"250 2.1.0 Sender OK", b"250 2.1.5 Recipient OK"])
+        self.assertEqual(delivery.transactions, 2)
+
+    def test_a_recipient_decided_later_or_failing(self):
+        """
+        validateTo's answer holds the client's pipelined input until it comes,
+        and an unexpected error there is a logged 451.
+        """
+        delivery = RecordingDelivery()
+        pending = defer.Deferred()
+        answers = iter([lambda user: 1 / 0, lambda user: pending])
+        delivery.validateTo = lambda user: next(answers)(user)
+        session = self.connect(delivery)
+        session.send(b"MAIL FROM:<a@customer.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<y@example.com>\r\nNOOP\r\n")
+        self.assertEqual(session.replies(), [b"250 2.1.0 Sender OK", b"451 4.3.0 Temporary failure, try again later"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        pending.callback(lambda: RecordedMessage(delivery, b"y@example.com"))
+        self.assertEqual(session.replies(), [b"250 2.1.5 Recipient OK", b"250 2.0.0 OK"])
+
     def test_a_delivery_that_declares_nothing_is_refused(self):
         class Undeclared:
             def deliveryFactory(self, session):

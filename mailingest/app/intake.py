@@ -25,12 +25,13 @@ from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import stdio
-from twisted.logger import Logger, formatEvent, globalLogBeginner
+from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols import amp
 
 from mailingest.app.settings import Settings
 from mailingest.app.intake_protocol import ParentStore, QuietAMP, RecipientRefused, StartIntake, StopIntake
 from mailingest.interfaces import IClosable, IIntakeStore
+from mailingest.ops.logs import format_message
 from mailingest.smtp import replies
 from mailingest.smtp.limits import AddressWindow
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -217,7 +218,7 @@ def log_record(event: dict) -> str:
     its format spec ({ms:.0f} reached the log as a long float) and costs
     twice as much per message.
     """
-    text = formatEvent(event)
+    text = format_message(event)
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()

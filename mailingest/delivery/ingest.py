@@ -10,6 +10,7 @@ refer to it (an ambiguous commit), where an invisible orphan is the safe side.
 """
 
 import email.header
+import functools
 import hashlib
 import ipaddress
 import time
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.ops import metrics
+from mailingest.timestamps import PerSecond
 from mailingest.encoded_words import decode_header
 from mailingest.interfaces import Collision, Duplicate, IDeliveryOutcome, IIntakeStore
 from mailingest.delivery.directory import OrgDirectory
@@ -83,7 +85,9 @@ class Outcome:
         return [row_id for _, row_id in self.rows]
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(text: str) -> bool:
+    """Asked for every message; a session's client sends many, and parsing the address is not free."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -145,9 +149,12 @@ def subject_of(text: str | None) -> str | None:
     return " ".join(text.split())[:MAX_SUBJECT]
 
 
+_RAW_DAY = PerSecond(lambda moment: moment.strftime("raw/%Y/%m/%d/"))
+
+
 def raw_key(envelope: Envelope) -> str:
     """Object storage key of a raw message: our date and transaction id only."""
-    return f"raw/{envelope.received_at:%Y/%m/%d}/{envelope.id}.eml"
+    return f"{_RAW_DAY(envelope.received_at.timestamp())}{envelope.id}.eml"
 
 
 def within(work: defer.Deferred, seconds: float, clock, what: str) -> defer.Deferred:

@@ -1,15 +1,17 @@
 """Our C{Received:} trace header (RFC 5321 4.4), from the session's facts."""
 
 import re
-from datetime import datetime, timezone
+import time
 from email.utils import format_datetime
 
 from twisted.mail import smtp
 
 from mailingest.delivery.session import Session
+from mailingest.timestamps import PerSecond
 
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_DATE = PerSecond(format_datetime)
 
 
 def printable(text: str, limit: int = 255) -> str:
@@ -44,5 +46,5 @@ def received_header(session: Session, hostname: str, helo: tuple, recipients: li
         lines.append(f"\tfor <{shown}>;")
     else:
         lines[-1] += ";"
-    lines.append("\t" + format_datetime(datetime.now(timezone.utc)))
+    lines.append("\t" + _DATE(time.time()))
     return "\r\n".join(lines).encode("utf-8" if utf8 else "ascii", "replace")

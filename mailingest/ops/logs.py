@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mailingest.ops.secrets import masker, url_passwords
+from mailingest.timestamps import PerSecond
 from mailingest.twisted_private import twistd_log_observer
 
 FORMATS = ("text", "json")
@@ -47,9 +49,34 @@ def daemon_secrets(database: str | None, environ: Mapping[str, str]) -> list[str
     return secrets
 
 
+def format_message(event: Mapping[str, Any]) -> str:
+    """
+    Twisted's C{formatEvent}, at a third of its cost for the formats we log
+    (a line per message): a plain PEP 3101 format is filled by C{str.format_map},
+    which gives the same text; one with Twisted's C{()} call syntax, a
+    flattened event, or one that does not format (Twisted then says so) goes
+    to C{formatEvent}.
+    """
+    text = event.get("log_format")
+    if type(text) is str and "()" not in text and "log_flattened" not in event:
+        try:
+            return text.format_map(event)
+        except Exception:
+            pass
+    return formatEvent(event)
+
+
 def _utc(event: Mapping[str, Any]) -> datetime:
     when = event.get("log_time")
     return datetime.fromtimestamp(when, timezone.utc) if when is not None else datetime.now(timezone.utc)
+
+
+_TEXT_STAMP = PerSecond(lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _text_stamp(event: Mapping[str, Any]) -> str:
+    when = event.get("log_time")
+    return _TEXT_STAMP(when if when is not None else time.time())
 
 
 def _level(event: Mapping[str, Any]) -> str:
@@ -58,10 +85,13 @@ def _level(event: Mapping[str, Any]) -> str:
 
 
 def _text_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str | None:
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if "log_failure" in event:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    else:
+        text = format_message(event)
     if not text:
         return None
-    stamp = _utc(event).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = _text_stamp(event)
     namespace = event.get("log_namespace", "-")
     # Continuation lines (tracebacks, multi-line messages) are indented, as in
     # Twisted's classic format, so every record starts at column 0.
@@ -81,7 +111,7 @@ def _json_line(event: Mapping[str, Any], mask: Callable[[str], str]) -> str:
         "time": _utc(event).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "level": _level(event),
         "namespace": event.get("log_namespace", "-"),
-        "message": mask(formatEvent(event)),
+        "message": mask(format_message(event)),
     }
     failure = event.get("log_failure")
     if failure is not None:

@@ -76,16 +76,30 @@ class MailTransaction:
             channel.reply(e.code, e.text)
             return
         self.recipients = []
-        channel.wait_for(self._validate_sender(sender))
-
-    async def _validate_sender(self, sender: smtp.Address) -> None:
-        """A new transaction: its own delivery (one per MAIL FROM), which may refuse the sender."""
-        delivery = IMessageDelivery(self._delivery_factory.getMessageDelivery())
+        # One per MAIL FROM. A sender decided at once (ours is) is answered at once: no
+        # coroutine and no Deferred for every message (issue 29).
         try:
-            self.sender = await defer.maybeDeferred(delivery.validateFrom, self._channel.session.helo_pair, sender)
+            delivery = IMessageDelivery(self._delivery_factory.getMessageDelivery())
+            validated = delivery.validateFrom(channel.session.helo_pair, sender)
         except Exception as e:
             self._failed(e, "sender validation failed")
             return
+        if isinstance(validated, defer.Deferred):
+            channel.wait_for(self._validate_sender(delivery, validated))
+        else:
+            self._sender_accepted(delivery, validated)
+
+    async def _validate_sender(self, delivery: IMessageDelivery, validated: defer.Deferred) -> None:
+        """A sender the delivery decides later (it may refuse it), the client's input held meanwhile."""
+        try:
+            sender = await validated
+        except Exception as e:
+            self._failed(e, "sender validation failed")
+            return
+        self._sender_accepted(delivery, sender)
+
+    def _sender_accepted(self, delivery: IMessageDelivery, sender: smtp.Address) -> None:
+        self.sender = sender
         self.delivery = delivery
         self._channel.reply(250, b"2.1.0 Sender OK")
 

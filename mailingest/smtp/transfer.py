@@ -98,6 +98,8 @@ class DataTransfer:
 
     async def stored(self) -> IDeliveryOutcome | None:
         """One transaction, one outcome: the first failure is raised for all, else the first outcome."""
+        if len(self._messages) == 1:
+            return IDeliveryOutcome(await defer.maybeDeferred(self._messages[0].eomReceived), None)
         results = await defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in self._messages], consumeErrors=True)
         for ok, result in results:
             if not ok:
