@@ -610,6 +610,9 @@ class SqliteLockedTests(DaemonTestCase):
     @defer.inlineCallbacks
     def test_background_work_gives_way_to_a_lock(self):
         """Claims, the organisation refresh, readiness and metrics fail fast instead of queueing a 10 s wait before inserts."""
+        # The start's index build is foreground work: locked out, it would hold the one SQLite thread
+        # (and the calls below queued behind it) until the lock is gone.
+        yield self.daemon.service.serving.indexing
         self.lock(3)
         store = self.daemon.store
         for background in (lambda: store.claim(60), store.active_orgs, store.check, store.count_messages):

@@ -199,7 +199,8 @@ class AfterMigration(service.MultiService):
         self.store = store
         self.ready = defer.Deferred()
         self._starting = None
-        self._indexing = None
+        # Fires when the build of what migrations leave to the daemon (the search index) has ended.
+        self.indexing: defer.Deferred | None = None
         self._index_logged = False
 
     def privilegedStartService(self):
@@ -216,10 +217,10 @@ class AfterMigration(service.MultiService):
         if applied:
             log.info("database schema upgraded: applied {versions}", versions=applied)
         super().startService()
+        # After the services start, not before: filling a search index can take minutes and mail must flow meanwhile.
+        self.indexing = self.store.build_indexes(self._index_progress, lambda: self.running)
+        self.indexing.addErrback(lambda failure: log.error("search index: not finished: {error}", error=failure.getErrorMessage()))
         self.ready.callback(None)
-        # After the start, not before: filling a search index can take minutes and mail must flow meanwhile.
-        self._indexing = self.store.build_indexes(self._index_progress, lambda: self.running)
-        self._indexing.addErrback(lambda failure: log.error("search index: not finished: {error}", error=failure.getErrorMessage()))
 
     def _index_progress(self, line: str) -> None:
         # One line per batch would flood the log: the first and the last.
