@@ -30,7 +30,7 @@ import time
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogBeginner, globalLogPublisher
+from twisted.logger import globalLogBeginner
 from zope.interface import implementer
 
 from bench.targets import DOMAIN, ORG, RECIPIENT, SENDER

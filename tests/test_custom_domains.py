@@ -5,7 +5,6 @@ end to end: a daemon on 127.0.0.1 and the admin command checking a real DNS
 server (Twisted Names, as the sender check tests use) through --dns-resolver.
 """
 
-import smtplib
 import unicodedata
 from datetime import datetime, timedelta, timezone
 
@@ -13,7 +12,6 @@ from twisted.internet import defer, task, threads
 from twisted.names import dns
 from twisted.trial import unittest
 
-from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.domains import BadDomain, domain_key, recipient_domain_key, shown_domain
 from mailingest.smtp import replies as smtp_replies
 from mailingest.verification.domain_checker import DomainChecker

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 from mailingest.app import intake_protocol as ip
 from mailingest.app.intake import SharedRefusals
 from mailingest.app.settings import Settings
-from mailingest.app.processes import ChildConnection, IntakeProcesses, _Child
+from mailingest.app.processes import IntakeProcesses, _Child
 from mailingest.interfaces import Collision, Duplicate, IClosable, IDomainRoutes, IIntakeStore
 from mailingest.smtp import replies
 

@@ -465,7 +465,7 @@ class AuthenticationResultsTests(unittest.TestCase):
     """Every property value is an RFC 8601 token, a plain local@domain or a quoted string with the original characters."""
 
     def header(self, **fields) -> str:
-        from mailingest.verification.results import Signature, Verdicts, authentication_results
+        from mailingest.verification.results import Verdicts, authentication_results
 
         base = dict(spf=Check("none"), dkim=Check("none"), dmarc=Check("none"), arc=Check("none"))
         base.update(fields)
