@@ -345,6 +345,13 @@ class _Action(_Page):
     async def get(self, request: server.Request, session: ConsoleSession) -> None:
         await self.site.confirm(request, session, self.id, self.action)
 
+    async def applicable(self, row: dict, do) -> None:
+        """C{do()}, unless the page's test of this action refuses C{row} (then L{Inapplicable}, with its reason)."""
+        reason = pages.inapplicable(row, self.action)
+        if reason:
+            raise Inapplicable(reason)
+        await do()
+
 
 class _Reprocess(_Action):
     action = "reprocess"
@@ -353,12 +360,7 @@ class _Reprocess(_Action):
         id = self.id
         row = await self.site.store.get_message(id)
 
-        async def change() -> None:
-            reason = pages.inapplicable(row, "reprocess")
-            if reason:
-                raise Inapplicable(reason)
-            await self.site.store.reprocess(id)
-
+        change = lambda: self.applicable(row, lambda: self.site.store.reprocess(id))
         await self.site.act(request, session, row, change, f"Message {id} is queued for reprocessing.", id)
 
 
@@ -386,12 +388,7 @@ class _AllowInfected(_Action):
             refusal = "Nothing was released: tick the box to confirm that infected content will be downloadable."
             return await site.page(request, pages.confirm(row, self.action, session, refusal), 400)
 
-        async def change() -> None:
-            reason = pages.inapplicable(row, self.action)
-            if reason:
-                raise Inapplicable(reason)
-            await allow_infected(site.store, row)
-
+        change = lambda: self.applicable(row, lambda: allow_infected(site.store, row))
         await site.act(request, session, row, change, "; ".join(allowed_lines(row)), id)
 
 
