@@ -14,8 +14,8 @@ from mailingest.extraction.pool import ParserDied, ParserError
 from mailingest.verification.results import Check, Verdicts
 
 
-class _ProcessTransport:
-    """What the pool writes to the check process."""
+class ProcessTransport:
+    """What the daemon writes to a child process (its JSON lines), and whether it killed it."""
 
     def __init__(self):
         self.lines: list[dict] = []
@@ -29,13 +29,15 @@ class _ProcessTransport:
         self.killed = True
 
 
-class _Reactor(task.Clock):
+class SpawningClock(task.Clock):
+    """A clock that also starts child processes: each on a L{ProcessTransport}, kept in C{spawned}."""
+
     def __init__(self):
         super().__init__()
         self.spawned = []
 
     def spawnProcess(self, protocol, executable, args, env):
-        protocol.makeConnection(_ProcessTransport())
+        protocol.makeConnection(ProcessTransport())
         self.spawned.append((protocol, args, env))
 
 
@@ -44,7 +46,7 @@ VERDICTS = Verdicts(spf=Check("pass", "x.example"), dkim=Check("none", None), dm
 
 class CheckPoolTests(unittest.TestCase):
     def setUp(self):
-        self.reactor = _Reactor()
+        self.reactor = SpawningClock()
         self.pool = CheckPool(size=3, per_org=2, timeout=30, reactor=self.reactor)
 
     def asked(self) -> list[str]:

@@ -14,7 +14,7 @@ from mailingest.ops import metrics
 from mailingest.extraction.attachments import UnparseableMessage
 from mailingest.errors import BlobNotFound
 from mailingest.extraction.pool import WORKER_ARGV, ParsePool, ParserDied, ParserError
-from mailingest.extraction.worker import NICENESS
+from mailingest.extraction.background import NICENESS
 from tests.test_extraction import order
 
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]

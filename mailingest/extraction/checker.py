@@ -16,13 +16,12 @@ It exits when stdin closes, which is also what happens when the daemon dies.
 """
 
 import json
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from mailingest.extraction.worker import NICENESS, limit_memory
+from mailingest.extraction.background import run_in_background
 from mailingest.verification.verify import verify_message
 
 HEADER_SECTION_LIMIT = 256 * 1024
@@ -92,7 +91,5 @@ def serve(requests: BinaryIO, replies: BinaryIO, threads: int) -> None:
 
 if __name__ == "__main__":
     # Like parsing, checking is background work: taking mail in goes first.
-    os.nice(NICENESS)
-    if len(sys.argv) > 2:
-        limit_memory(int(sys.argv[2]))
+    run_in_background(int(sys.argv[2]) if len(sys.argv) > 2 else None)
     serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]))

@@ -26,13 +26,11 @@ import sys
 from typing import Any, BinaryIO
 
 from mailingest.extraction.attachments import UnparseableMessage, extract_attachments
-
+from mailingest.extraction.background import run_in_background
 
 MiB = 1024 * 1024
 
 
-# Added to the niceness of a parser worker (see the end of this module).
-NICENESS = 10
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     raw_path, out_dir = request["raw_path"], request["out_dir"]
     # out_dir is reused message after message; the daemon has stored the
@@ -59,11 +57,6 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
 def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def limit_memory(limit: int) -> None:
-    """Cap this process's address space at C{limit} bytes, for good: beyond it allocations raise MemoryError."""
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _out_of_memory_reason() -> str:
@@ -101,7 +94,5 @@ def serve(requests: BinaryIO, replies: BinaryIO, retire_above: int | None = None
 
 if __name__ == "__main__":
     # Parsing is background work: when the CPUs are busy, taking mail in goes first.
-    os.nice(NICENESS)
-    if len(sys.argv) > 2:
-        limit_memory(int(sys.argv[2]))
+    run_in_background(int(sys.argv[2]) if len(sys.argv) > 2 else None)
     serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]) if len(sys.argv) > 1 else None)
