@@ -671,3 +671,18 @@ class ISMTPDelivery(Interface):
 
     def deliveryFactory(session):
         """The C{IMessageDeliveryFactory} of the connection whose facts are C{session}."""
+
+
+class IContentScanner(Interface):
+    """
+    A message's content scanned (clamd, rspamd) within its budget: in the scan
+    process (L{mailingest.scanning.scanner.ContentScanner}), and the daemon's
+    side of that process (L{mailingest.scanning.scans.ScanProcess}).
+    """
+
+    def scan(message, raw_path, documents, sender):
+        """
+        The L{mailingest.scanning.verdicts.ContentVerdicts} of C{message} (its
+        row) stored at C{raw_path}, with its extracted C{documents} (paths, in
+        order) and its sender checks' columns C{sender}: a coroutine.
+        """

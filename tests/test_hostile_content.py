@@ -9,6 +9,7 @@ C{--unscanned} says, and the daemon goes on receiving and answering.
 
 import json
 import os
+import signal
 import time
 
 from twisted.internet import defer, task
@@ -38,6 +39,22 @@ def scan_seconds(scanner: str) -> float:
     """The sum of C{mailingest_scan_duration_seconds{scanner}} so far."""
     samples = metrics.SCAN_SECONDS.collect()[0].samples
     return sum(s.value for s in samples if s.name.endswith("_sum") and s.labels["scanner"] == scanner)
+
+
+def scan_processes() -> list[int]:
+    """The pids of this process's children running the scan process."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if parent == os.getpid() and b"mailingest.scanning.child" in argv:
+            found.append(int(name))
+    return found
 
 
 class HostileCase(ContentCase):
@@ -236,3 +253,41 @@ class HangingScannerTests(HostileCase):
         self.assertEqual((status, json.loads(body)["status"]), (200, "received"))
         code, reply = yield self.daemon.send(order(44, [PDF_PART]), ["orders+acme@example.com"])
         self.assertEqual(code, 250, reply)
+
+
+class KilledScanProcessTests(HostileCase):
+    """
+    The scan process killed mid-burst with scans in hand (their clamd
+    streams waiting on a stand-in that does not answer yet; rspamd is the
+    real one): those messages are held, not lost or passed unscanned, and
+    every message of the burst gets its verdicts from the next process.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clamd_stand_in = yield defer.ensureDeferred(scanners.StandIn("silent").start(self))
+        self.scanning = {"clamd": self.clamd_stand_in.tcp}
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_every_message_still_gets_its_verdict(self):
+        burst = []
+        for n in range(8):
+            burst.append((yield self.send_to("acme", order(50 + n, [PDF_PART]))))
+        # Two streams a message (its document and its raw copy): two messages' scans at least.
+        yield poll(lambda: self.clamd_stand_in.open, lambda n: n >= 4, 30, lambda n: f"{n} stream(s) waiting on clamd, not 4")
+        [killed] = scan_processes()
+        os.kill(killed, signal.SIGKILL)
+        self.clamd_stand_in.mode = "slow"  # answers OK from now on
+        for n in range(8, 12):
+            burst.append((yield self.send_to("acme", order(50 + n, [PDF_PART]))))
+        rows = []
+        for message_id in burst:
+            rows.append((yield self.daemon.settled(message_id, timeout=60)))
+        self.assertEqual({(r["status"], r["virus"]) for r in rows}, {("parsed", "clean")})
+        self.assertNotIn(None, [r["spam_score"] for r in rows])
+        self.assertEqual({r["spam_action"] for r in rows} & {"error", None}, set())
+        self.assertEqual([r["unscanned"] for r in rows], [None] * len(rows))
+        retried = [r for r in rows if r["attempts"] > 1]
+        self.assertGreaterEqual(len(retried), 2, "the scans the process held were done again")
+        self.assertNotIn(killed, scan_processes())

@@ -41,9 +41,7 @@ from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
 from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.pool import ParsePool
-from mailingest.scanning.clamd import ClamdClient
-from mailingest.scanning.rspamd import RspamdClient
-from mailingest.scanning.scanner import ContentScanner
+from mailingest.scanning.scans import ScanProcess
 from mailingest.verification.domain_checker import DomainChecker
 from mailingest.verification.domain_proof import mail_targets
 from mailingest.verification.settings import CheckSettings
@@ -390,13 +388,19 @@ def make_extraction(settings: Settings, store: "IExtractionQueue | IQuarantineSt
     )
 
 
-def make_scanner(settings: Settings, reactor) -> ContentScanner | None:
-    """The content scanners configured (C{--clamd}, C{--rspamd}), or None: no content verdicts."""
+def make_scanner(settings: Settings, reactor) -> ScanProcess | None:
+    """The scan process of the scanners configured (C{--clamd}, C{--rspamd}), or None: no content verdicts."""
     if settings.clamd is None and settings.rspamd is None:
         return None
-    clamd = settings.clamd and ClamdClient(settings.clamd, settings.clamd_max_stream, reactor)
-    rspamd = settings.rspamd and RspamdClient(settings.rspamd, settings.hostname, reactor=reactor)
-    return ContentScanner(clamd or None, rspamd or None, settings.scan_budget, reactor)
+    return ScanProcess(
+        settings.clamd,
+        settings.rspamd,
+        settings.hostname,
+        settings.scan_budget,
+        settings.clamd_max_stream,
+        reactor,
+        memory_limit=settings.extraction_memory_limit,
+    )
 
 
 def make_webhooks(settings: Settings, store: IOutboxStore, reactor) -> WebhookService:

@@ -22,7 +22,7 @@ from mailingest.extraction.checks import CheckPool
 from mailingest.extraction.outcomes import ExtractionOutcomes
 from mailingest.extraction.pool import ParserDied, ParsePool
 from mailingest.ops import metrics
-from mailingest.scanning.scanner import ContentScanner
+from mailingest.scanning.scans import ScanProcess
 from mailingest.scanning.content_policy import ContentPolicy
 from mailingest.scanning.verdicts import ContentVerdicts, Decision, decide
 from mailingest.verification.policy import SenderPolicy, Violation, violation
@@ -57,7 +57,7 @@ class MessageExtraction:
         running: Callable[[], bool],
         checks: CheckSettings | None = None,
         checker: CheckPool | None = None,
-        scanner: ContentScanner | None = None,
+        scanner: ScanProcess | None = None,
     ) -> None:
         self.blobs = blobs
         self.parser = parser

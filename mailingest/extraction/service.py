@@ -31,7 +31,7 @@ from mailingest.interfaces import IExtractionQueue, IQuarantineStore
 from mailingest.extraction.checks import CHECKS_PER_ORG, CheckPool
 from mailingest.extraction.handling import MessageExtraction
 from mailingest.extraction.outcomes import ExtractionOutcomes
-from mailingest.scanning.scanner import ContentScanner
+from mailingest.scanning.scans import ScanProcess
 from mailingest.verification.settings import CheckSettings
 
 log = Logger(namespace="mailingest.extraction")
@@ -88,7 +88,7 @@ class ExtractionService(service.Service):
         clock=None,
         checks: CheckSettings | None = None,
         checker: CheckPool | None = None,
-        scanner: ContentScanner | None = None,
+        scanner: ScanProcess | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -146,14 +146,14 @@ class ExtractionService(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         d = self._in_hand(self.stop_timeout)
-        # Workers still parsing or checking are killed; their messages' claims are released.
-        d.addCallback(lambda _: defer.DeferredList([self.messages.parser.close(), *self._close_checker()]))
+        # Workers still parsing, checking or scanning are killed; their messages' claims are released.
+        d.addCallback(lambda _: defer.DeferredList([self.messages.parser.close(), *self._close_children()]))
         d.addCallback(lambda _: self._in_hand(RELEASE_SECONDS))
         return d
 
-    def _close_checker(self) -> list[defer.Deferred]:
-        checker = self.messages.checker
-        return [] if checker is None else [checker.close()]
+    def _close_children(self) -> list[defer.Deferred]:
+        """The sender check and scan processes stopped, those there are."""
+        return [child.close() for child in (self.messages.checker, self.messages.scanner) if child is not None]
 
     def _in_hand(self, timeout: float) -> defer.Deferred:
         """Fires when the messages in hand are done with, or after C{timeout} seconds."""

@@ -13,7 +13,7 @@ the deadline.
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import clientFromString
@@ -33,6 +33,14 @@ class FileVerdict:
     result: str
     detail: str | None = None
     transient: bool = False
+
+    def to_json(self) -> dict:
+        """As the scan process sends it to the daemon."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FileVerdict":
+        return cls(**data)
 
 
 def endpoint_description(text: str) -> str:

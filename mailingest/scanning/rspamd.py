@@ -11,7 +11,7 @@ C{error} verdict with the reason, within the time given.
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import treq
 from treq.client import HTTPClient
@@ -40,6 +40,14 @@ class SpamVerdict:
     def error(self) -> bool:
         return self.action == "error"
 
+    def to_json(self) -> dict:
+        """As the scan process sends it to the daemon."""
+        return {**asdict(self), "symbols": list(self.symbols)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SpamVerdict":
+        return cls(**{**data, "symbols": tuple(data["symbols"])})
+
 
 def parse_reply(body: bytes) -> SpamVerdict:
     """rspamd's JSON answer, checked: the fields we keep, or an C{error} verdict."""
@@ -56,6 +64,10 @@ def parse_reply(body: bytes) -> SpamVerdict:
         key=lambda item: -abs(item[1]),
     )[:SYMBOLS_KEPT]
     return SpamVerdict(action[:40], score, required, tuple(f"{name}({value:g})" for name, value in named))
+
+
+# What L{request_headers} reads of a message row (all the scan process is sent of it).
+MESSAGE_FIELDS = ("id", "mail_from", "rcpt_to", "helo", "client_ip")
 
 
 def request_headers(message: dict, sender_verdicts: dict | None, hostname: str) -> dict[str, list[str]]:

@@ -18,7 +18,8 @@ class ContentVerdicts:
     """
     C{documents}: one clamd verdict per attachment, in order (empty without
     clamd); C{raw}: the raw message's (None when not scanned whole); C{spam}:
-    rspamd's (None without rspamd).
+    rspamd's (None without rspamd); C{seconds}: how long each scanner took
+    (the daemon's latency metric).
     """
 
     documents: list[FileVerdict] = field(default_factory=list)
@@ -26,6 +27,29 @@ class ContentVerdicts:
     spam: SpamVerdict | None = None
     clamd: bool = False
     unscanned: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """As the scan process sends it to the daemon."""
+        return {
+            "documents": [v.to_json() for v in self.documents],
+            "raw": self.raw and self.raw.to_json(),
+            "spam": self.spam and self.spam.to_json(),
+            "clamd": self.clamd,
+            "unscanned": self.unscanned,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ContentVerdicts":
+        return cls(
+            [FileVerdict.from_json(v) for v in data["documents"]],
+            data["raw"] and FileVerdict.from_json(data["raw"]),
+            data["spam"] and SpamVerdict.from_json(data["spam"]),
+            data["clamd"],
+            data["unscanned"],
+            data["seconds"],
+        )
 
     @property
     def virus(self) -> FileVerdict | None:
