@@ -13,7 +13,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailingest.extraction.pool import ParserError
+from mailingest.extraction.pool import ParserDied, ParserError
 from mailingest.interfaces import IContentScanner
 from mailingest.ops import metrics
 from mailingest.scanning import child
@@ -123,6 +123,18 @@ class ScanProcessTests(unittest.TestCase):
         self.assertEqual([line["scan"]["raw_path"] for line in self.lines()], ["two.eml"])
         self.answer("two.eml", verdicts=INFECTED.to_json())
         self.assertEqual(self.successResultOf(again), INFECTED)
+
+    def test_closed_while_scanning_the_scan_is_not_judged(self):
+        """A stopping daemon's scans in hand fail as the parser's do (the message is done again), not as error verdicts a pass policy would let through."""
+        held = self.scan("one.eml")
+        process = self.reactor.spawned[0][0]
+        closed = self.scanner.close()
+        self.assertTrue(process.transport.killed)
+        process.processEnded(_Ended())
+        self.failureResultOf(held, ParserDied)
+        self.successResultOf(closed)
+        self.failureResultOf(self.scan("two.eml"), ParserDied)
+        self.assertEqual(len(self.reactor.spawned), 1)
 
     def test_one_scanner_alone(self):
         scanner = ScanProcess(None, "http://127.0.0.1:11333", "mx.test", 5.0, reactor=self.reactor)

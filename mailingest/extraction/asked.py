@@ -87,11 +87,11 @@ class AskedChild:
         self._key = key
         self._noun = noun
         self._child: _Asked | None = None
-        self._closed = False
+        self.closed = False
 
     def ask(self, request: dict[str, Any]) -> defer.Deferred:
         """The child's reply to C{request} (a dict without its id); L{ParserDied} if the child ends first."""
-        if self._closed:
+        if self.closed:
             return defer.fail(ParserDied(f"the {self._noun} process is closed"))
         if self._child is None or not self._child.alive:
             self._child = _Asked(self._reactor, self._timeout, self._key, self._noun)
@@ -101,7 +101,7 @@ class AskedChild:
 
     def close(self) -> defer.Deferred:
         """Stop the child (its requests in hand fail); fires when it has exited."""
-        self._closed = True
+        self.closed = True
         if self._child is None or not self._child.alive:
             return defer.succeed(None)
         self._child.kill()

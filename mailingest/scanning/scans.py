@@ -70,6 +70,8 @@ class ScanProcess:
         try:
             reply = await self._child.ask(request)
         except ParserDied as e:
+            if self._child.closed:
+                raise  # the daemon is stopping: the message is scanned again at its next start, not held or passed
             verdicts = self._unanswered(str(e), len(documents), self._reactor.seconds() - started)
         else:
             if "error" in reply:
@@ -92,7 +94,7 @@ class ScanProcess:
         return verdicts
 
     def close(self):
-        """Stop the process (its scans in hand get error verdicts); fires when it has exited."""
+        """Stop the process (its scans in hand fail with L{ParserDied}: done again later); fires when it has exited."""
         return self._child.close()
 
 
