@@ -5,7 +5,10 @@ sender checks (L{mailingest.verification}) of several messages at once.
 Run as C{python -m mailingest.extraction.checker THREADS [MEMORY_LIMIT_BYTES]}.
 It reads one JSON request per line on stdin, C{{"id": n, "verify": {"raw_path":
 ..., "client_ip": ..., ...}}}, and writes one JSON reply per line on stdout as
-each check ends, in any order: C{{"id": n, "verdicts": {...}}}, C{{"id": n,
+each check ends, in any order: C{{"id": n, "verdicts": {...}, "text_body": b}}
+(b: whether the header section read for the checks says the message is one
+text body, L{mailingest.extraction.text_body}, so the daemon need not read
+it again), C{{"id": n,
 "missing": path}} when there is no file at C{raw_path}, or C{{"id": n,
 "error": "Type: message"}} (retried by the daemon). The checks wait on DNS
 servers the sender chooses, with blocking libraries (pyspf, dkimpy): each
@@ -26,6 +29,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+from mailingest.extraction.text_body import HEADER_LIMIT, one_text_body
 from mailingest.extraction.worker import NICENESS, limit_memory
 from mailingest.verification.resolver import NotCached
 from mailingest.verification.verify import verify_message
@@ -89,7 +93,7 @@ def verify(request: dict[str, Any], cached_only: bool = False) -> dict[str, Any]
         return {"error": f"FileNotFoundError: {e}"}
     except Exception as e:  # MemoryError too: other checks in hand may need the memory, retried
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"verdicts": verdicts.as_dict()}
+    return {"verdicts": verdicts.as_dict(), "text_body": one_text_body(message[:HEADER_LIMIT])}
 
 
 def serve(requests: BinaryIO, replies: BinaryIO, threads: int) -> None:
