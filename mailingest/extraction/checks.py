@@ -16,6 +16,7 @@ transient errors (L{ParserDied}) and the next check starts a new process.
 
 import sys
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -28,6 +29,18 @@ from mailingest.verification.results import Verdicts
 CHECKS_AT_ONCE = 16
 CHECKS_PER_ORG = 4
 CHECKER_ARGV = [sys.executable, "-m", "mailingest.extraction.checker"]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """
+    A message's sender verdicts, and whether it is one text body
+    (L{mailingest.extraction.text_body}): the check process read its header
+    section anyway, so extraction need not read it again.
+    """
+
+    verdicts: Verdicts
+    text_body: bool
 
 
 class CheckPool:
@@ -49,7 +62,7 @@ class CheckPool:
         self._slots = defer.DeferredSemaphore(size)
         self._orgs: dict[Hashable, defer.DeferredSemaphore] = {}
 
-    async def verify(self, org: Hashable, request: dict[str, Any]) -> Verdicts:
+    async def verify(self, org: Hashable, request: dict[str, Any]) -> Checked:
         """
         The sender checks of the message at C{request["raw_path"]} for
         organisation C{org} (the request of
@@ -68,7 +81,7 @@ class CheckPool:
             raise BlobNotFound(f"no file {reply['missing']}")
         if "error" in reply:
             raise ParserError(reply["error"])
-        return Verdicts.from_dict(reply["verdicts"])
+        return Checked(Verdicts.from_dict(reply["verdicts"]), reply["text_body"])
 
     def close(self) -> defer.Deferred:
         """Stop the process (checks in hand are done again later); fires when it has exited."""
