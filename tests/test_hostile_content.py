@@ -14,6 +14,7 @@ import time
 
 from twisted.internet import defer, task
 
+from mailingest.extraction.background import NICENESS
 from mailingest.ops import metrics
 from tests import scanners
 from tests.daemon import poll
@@ -277,6 +278,8 @@ class KilledScanProcessTests(HostileCase):
         # Two streams a message (its document and its raw copy): two messages' scans at least.
         yield poll(lambda: self.clamd_stand_in.open, lambda n: n >= 4, 30, lambda n: f"{n} stream(s) waiting on clamd, not 4")
         [killed] = scan_processes()
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, killed), min(19, own + NICENESS), "niced like the parser workers")
         os.kill(killed, signal.SIGKILL)
         self.clamd_stand_in.mode = "slow"  # answers OK from now on
         for n in range(8, 12):
