@@ -198,7 +198,7 @@ class ReadStore(StoreBase):
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
-        where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
+        where, args = [found.organisation, *found.where], [org_id, *found.args]
         for clause, value in (
             ("m.status = ?", status),
             ("m.received_at >= ?", since),
@@ -214,7 +214,7 @@ class ReadStore(StoreBase):
         if dated:
             after, after_args = await _after(txn, order, before_id)
         else:
-            after, after_args = ([found.after], [before_id]) if before_id is not None else ([], [])
+            after, after_args = found.cursor(before_id)
         where += after
         args += after_args
         await txn.execute(
