@@ -30,15 +30,15 @@ BUSY_TIMEOUT_MS = 10000
 # Migration 017's search index (replacing 013's, which held the organisation
 # as a token of its own): an FTS5 trigram table over subject, sender and
 # Message-ID (substring, case-insensitive) whose rowid is the organisation
-# first, then its newest message first: (org_id + 1) * 2^40 - id. Every
-# trigram's list is then in that order, and a search seeks to its
-# organisation's stretch and walks it, newest first, only until the page is
-# full (FTS5 walks a term's rows lazily in rowid order, but backwards only
-# after reading all of them). Contentless: the triggers keep it in step with
-# inbound_message. Rows below message_search_backfill.next_below are not in
-# it yet: the store fills them in batches after the migration, highest
-# first, and only deletes from it what it holds (a contentless 'delete' of a
-# row it lacks would corrupt it).
+# first, then its newest message first: (org_id + 1) * 2^40 - id (ids below
+# 2^40, organisations below 2^23: a 64-bit rowid). Every trigram's list is
+# then in that order, and a search seeks to its organisation's stretch and
+# walks it, newest first, only until the page is full (FTS5 walks a term's
+# rows lazily in rowid order, but backwards only after reading all of them).
+# Contentless: the triggers keep it in step with inbound_message. Rows below
+# message_search_backfill.next_below are not in it yet: the store fills them
+# in batches after the migration, highest first, and only deletes from it
+# what it holds (a contentless 'delete' of a row it lacks would corrupt it).
 SEARCH_ORG_SPAN = 1 << 40
 
 

@@ -198,7 +198,7 @@ class ReadStore(StoreBase):
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
-        where, args = [found.organisation, *found.where], [org_id, *found.args]
+        where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
         for clause, value in (
             ("m.status = ?", status),
             ("m.received_at >= ?", since),

@@ -8,15 +8,16 @@ the sender or the Message-ID, case-insensitively. Both indexes are made of
 trigrams, so a text of fewer than 3 characters cannot use them: it is
 matched by reading the organisation's messages, as before the index.
 
-Neither walks another organisation's matches, so what a search costs is
-its own organisation's matches, not the store's. SQLite: the FTS5 trigram
-table C{message_search} (kept in step by triggers), whose rowids run by
-organisation, then newest first (L{SEARCH_ORG_SPAN}): a search seeks to its
-organisation's stretch and stops at the end of the page. PostgreSQL: a GIN
-index on the organisation (btree_gin) and the three columns joined by
-newlines (L{SEARCH_TEXT}, pg_trgm), built with C{CREATE INDEX CONCURRENTLY}
-so writes go on meanwhile; without the extensions (the contrib package
-missing) search keeps reading the organisation's rows.
+SQLite: the FTS5 trigram table C{message_search} (migration 017, kept in
+step by triggers), whose rowids run by organisation, then newest first
+(L{SEARCH_ORG_SPAN}): a search seeks to its organisation's stretch of each
+trigram's list, never walks another organisation's matches, and stops at
+the end of the page. PostgreSQL: a pg_trgm GIN index over the three columns
+joined by newlines (L{SEARCH_TEXT}), built with C{CREATE INDEX CONCURRENTLY}
+so writes go on meanwhile; without the pg_trgm extension (the contrib
+package missing) search keeps reading the organisation's rows. A GIN index
+hands over all of a text's candidates at once, in no order: what it reads
+is the posting lists of the text's trigrams across the table.
 """
 
 from collections.abc import Callable
@@ -29,9 +30,7 @@ MIN_INDEXED = 3
 # Rows indexed per SQLite transaction while filling the index: short enough
 # that a message insert waiting behind one is not delayed noticeably.
 BACKFILL_BATCH = 2000
-PG_SEARCH_INDEX = "inbound_message_org_search"
-# Migration 013's index, which the planner could only AND with the organisation's rows.
-PG_SEARCH_INDEX_013 = "inbound_message_search"
+PG_SEARCH_INDEX = "inbound_message_search"
 # The text the PostgreSQL index holds; the query must spell it the same.
 SEARCH_TEXT = "LOWER(COALESCE(m.subject, '') || E'\\n' || m.mail_from || E'\\n' || m.source_message_id)"
 _SCAN = (
@@ -52,8 +51,7 @@ def fts_query(text: str) -> str:
 
 class TextSearch:
     """
-    How one query finds C{text}: the rows to read (C{source}), the
-    organisation's condition (C{organisation}, taking its id), the extra
+    How one query finds C{text}: the rows to read (C{source}), the extra
     conditions and their arguments, the order newest first (C{order}) and
     the cursor's condition (L{cursor}), both in the terms of what delivers
     the rows in that order; C{indexed} when the search index finds the rows.
@@ -63,7 +61,6 @@ class TextSearch:
         self.source, self.where, self.args = "inbound_message m", [], []
         self.order, self._after = "m.id DESC", "m.id < ?"
         self.indexed, self._top = False, None
-        self.organisation = "m.org_id = ?"
         if not text:
             return
         if len(text) < MIN_INDEXED or (kind == "fts5" and not indexed):
@@ -78,8 +75,6 @@ class TextSearch:
             self.args = [fts_query(text)]
             self.order, self._after = "s.rowid", f"s.rowid > {self._top} - ?"
         else:
-            # The organisation as the index holds it: btree_gin compares a bigint with a bigint only.
-            self.organisation = "m.org_id = CAST(? AS BIGINT)"
             self.where, self.args = [SEARCH_TEXT + " LIKE ? ESCAPE '\\'"], [like_pattern(text)]
 
     def cursor(self, before_id: int | None) -> tuple[list[str], list]:
@@ -137,14 +132,11 @@ async def pg_index_built(txn: IDatabaseTransaction) -> bool:
 
 PG_STEPS = (
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
-    # The organisation's equality in the same GIN index as the trigrams.
-    "CREATE EXTENSION IF NOT EXISTS btree_gin",
     # An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index behind: drop it and build again.
     "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass('" + PG_SEARCH_INDEX + "')"
     " AND NOT indisvalid) THEN EXECUTE 'DROP INDEX " + PG_SEARCH_INDEX + "'; END IF; END $$",
-    "CREATE INDEX CONCURRENTLY IF NOT EXISTS " + PG_SEARCH_INDEX + " ON inbound_message USING gin (org_id, ("
+    "CREATE INDEX CONCURRENTLY IF NOT EXISTS " + PG_SEARCH_INDEX + " ON inbound_message USING gin (("
     + SEARCH_TEXT.replace("m.", "") + ") gin_trgm_ops)",
-    "DROP INDEX CONCURRENTLY IF EXISTS " + PG_SEARCH_INDEX_013,
     # Statistics of the indexed text: how common a searched text is tells the
     # planner whether to read the organisation's newest rows until a page is
     # full (a common text) or the index's matches (a rare one).
