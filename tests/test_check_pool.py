@@ -63,8 +63,9 @@ class CheckPoolTests(unittest.TestCase):
         flood = [defer.ensureDeferred(self.check("acme", f"acme-{n}")) for n in range(4)]
         other = defer.ensureDeferred(self.check("globex", "globex-0"))
         self.assertEqual(self.asked(), ["acme-0", "acme-1", "globex-0"])
-        self.answer("globex-0", verdicts=VERDICTS.as_dict())
-        self.assertEqual((await other).spf.result, "pass")
+        self.answer("globex-0", verdicts=VERDICTS.as_dict(), text_body=True)
+        checked = await other
+        self.assertEqual((checked.verdicts.spf.result, checked.text_body), ("pass", True))
         self.assertEqual(self.asked(), ["acme-0", "acme-1", "globex-0"], "acme is at its 2")
         self.answer("acme-1", error="ValueError: bad")
         with self.assertRaises(ParserError):

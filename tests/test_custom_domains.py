@@ -65,6 +65,54 @@ class ProofTests(unittest.SynchronousTestCase):
         self.assertEqual(again.status, "verified")
 
 
+class _DueDomains:
+    """The two calls of IDomainStore the checker's loop makes, with C{count} pending domains due."""
+
+    def __init__(self, count: int):
+        self.due = [
+            {"domain": f"d{n}.example", "token": "t", "status": "pending", "txt_missing_since": None, "org_slug": "acme"}
+            for n in range(count)
+        ]
+        self.recorded: list[str] = []
+
+    def due_domains(self, now, limit):
+        return defer.succeed(self.due[:limit])
+
+    def record_check(self, domain, status, next_check_at, error, txt_missing_since):
+        self.recorded.append(domain)
+        return defer.succeed({"domain": domain, "status": status})
+
+
+class CheckerLoopTests(unittest.TestCase):
+    def test_stop_waits_for_the_checks_in_hand_and_starts_no_other(self):
+        store, asked = _DueDomains(6), []
+
+        def look(domain, token):
+            asked.append(defer.Deferred())
+            return asked[-1]
+
+        checker = DomainChecker(store, mail_targets("mx.test", ()), None, 2.0, task.Clock(), look=look)
+        checker.startService()
+        self.assertEqual(len(asked), 4)
+        stopped = checker.stopService()
+        self.assertNoResult(stopped)
+        for d in asked[:4]:
+            d.callback(Evidence(False, False, "none yet"))
+        self.successResultOf(stopped)
+        self.assertEqual((len(asked), store.recorded), (4, [f"d{n}.example" for n in range(4)]))
+
+    def test_a_failed_round_is_logged_and_the_next_one_runs(self):
+        store, clock = _DueDomains(1), task.Clock()
+        failing = [defer.fail(RuntimeError("database gone"))]
+        store.due_domains = lambda now, limit: failing.pop() if failing else defer.succeed([])
+        checker = DomainChecker(store, mail_targets("mx.test", ()), None, 2.0, clock, interval=60, look=lambda d, t: None)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        clock.advance(60)
+        self.assertEqual(failing, [])
+        self.assertTrue(checker._loop.running)
+
+
 def verified(domain: str, org_id: int, slug: str, local_parts=()) -> dict:
     return {"domain": domain, "org_id": org_id, "slug": slug, "local_parts": list(local_parts)}
 

@@ -97,7 +97,7 @@ class RecipientTests(DaemonTestCase):
         self.assertEqual(code, 250)
         yield self.daemon.store.set_org_active("beta", False)
         directory = self.daemon.delivery.directory
-        self.assertLessEqual(directory.refresh_interval, 5)
+        self.assertLessEqual(directory.interval, 5)
         yield directory.refresh()
         code, reply = yield self.rcpt_reply("orders+beta@example.com")
         self.assertEqual((code, reply[:5]), (550, b"5.1.1"))

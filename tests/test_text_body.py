@@ -13,6 +13,7 @@ import tempfile
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mailingest.extraction import checker, text_body
 from mailingest.extraction.attachments import extract_attachments
 from mailingest.extraction.text_body import HEADER_LIMIT, WARNINGS, needs_no_parser, one_text_body
 from tests.corpus import sample_messages
@@ -78,12 +79,38 @@ class SampleMessageTests(unittest.TestCase):
             self.assertEqual((result.attachments, result.warnings, result.skipped), ([], WARNINGS, []), path)
         self.assertGreater(through, 20, "too few samples are text bodies for this to say anything")
 
+    def test_the_check_process_says_what_reading_the_file_says(self):
+        """The check process tells from the header section it read for the checks (a signed message's whole)."""
+        said = []
+        for path in sample_messages():
+            for crlf in (False, True):
+                raw = path
+                if crlf:
+                    raw = self.mktemp()
+                    with open(path, "rb") as f, open(raw, "wb") as out:
+                        out.write(f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+                request = {
+                    "raw_path": raw, "client_ip": "192.0.2.1", "helo": "mx", "mail_from": "a@b.test",
+                    "authserv_id": "mx", "resolver": ["127.0.0.1", 9], "budget": 0.0,
+                }
+                reply = checker.verify(request)
+                self.assertIn("verdicts", reply, path)
+                self.assertEqual(reply["text_body"], needs_no_parser(raw), (path, crlf))
+                said.append(reply["text_body"])
+        self.assertGreater(said.count(True), 20)
+        self.assertGreater(said.count(False), 20)
+
 
 class WithoutParserTests(ExtractionCase):
     @defer.inlineCallbacks
     def test_text_body_order_is_extracted_without_a_worker(self):
         parser = self.daemon.service.extraction.messages.parser
         self.patch(parser, "_argv", [sys.executable, "-c", "raise SystemExit(3)"])
+
+        def read_again(path):
+            raise AssertionError("the check process has said; the header was read again")
+
+        self.patch(text_body, "needs_no_parser", read_again)
         row = yield self.deliver(order(subject="Plain order"))
         self.assertEqual((row["status"], row["warnings"]), ("parsed", None))  # "no attachments" is not stored as a warning
         self.assertEqual((yield self.documents(row["id"])), [])

@@ -4,6 +4,8 @@ the zone of L{tests.sender_zone}). The checks use blocking DNS, as in the
 parser worker, so they run in a thread while the reactor serves the zone.
 """
 
+import io
+import json
 import time
 
 import dkim
@@ -11,10 +13,11 @@ import dkim
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from mailingest.extraction import checker
 from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
 from mailingest.verification.dmarc import check_dmarc, organisational_domain
 from mailingest.verification.policy import SenderPolicy, violation
-from mailingest.verification.resolver import BudgetResolver, DeadNames, parse_resolver_address
+from mailingest.verification.resolver import BudgetResolver, DeadNames, NotCached, parse_resolver_address
 from mailingest.verification.results import Check
 from mailingest.verification.spf_check import check_spf
 from mailingest.verification.verify import verify_message
@@ -404,6 +407,81 @@ class VerifyMessageTests(ZoneTestCase):
         text = text.replace(b"d=sender.example", b"d=evil; dmarc=pass")
         verdicts = verify_message(text, None, "", "", "mx", ("127.0.0.1", 9), 0.01)
         self.assertNotIn("dmarc=pass", verdicts.authentication_results.split("dkim=")[1].split(";")[0])
+
+
+class CachedOnlyTests(ZoneTestCase):
+    """Issue 29: a check from the DNS cache alone asks no server, and says so when the cache lacks an answer."""
+
+    def verify(self, text: bytes, cached_only: bool):
+        return threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx", "bounce@sender.example", "mx.ingest.test", self.address, 5.0, cached_only
+        )
+
+    @defer.inlineCallbacks
+    def test_nothing_sent_until_cached_then_the_same_verdicts(self):
+        text = signed(message())
+        yield self.assertFailure(self.verify(text, True), NotCached)
+        self.assertEqual(self.server.zone.asked, [])
+        full = yield self.verify(text, False)
+        asked = list(self.server.zone.asked)
+        self.assertIn(("_dmarc.sender.example", "TXT"), asked)
+        cached = yield self.verify(text, True)
+        self.assertEqual(cached.as_dict(), full.as_dict())
+        self.assertEqual(self.server.zone.asked, asked)
+
+    @defer.inlineCallbacks
+    def test_a_cached_nxdomain_is_an_answer(self):
+        text = message(from_domain="nowhere.example")
+        full = yield threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx", "a@nowhere.example", "mx.ingest.test", self.address, 5.0
+        )
+        asked = list(self.server.zone.asked)
+        cached = yield threads.deferToThread(
+            verify_message, text, GOOD_IP, "mx", "a@nowhere.example", "mx.ingest.test", self.address, 5.0, True
+        )
+        self.assertEqual((cached.spf.result, cached.as_dict()), ("none", full.as_dict()))
+        self.assertEqual(self.server.zone.asked, asked)
+
+
+class CheckProcessTests(ZoneTestCase):
+    """The sender check process's loop (L{checker.serve}), on pipes of bytes."""
+
+    def request(self, n: int, path: str, mail_from: str) -> bytes:
+        facts = {
+            "raw_path": path, "client_ip": GOOD_IP, "helo": "mx", "mail_from": mail_from,
+            "authserv_id": "mx.ingest.test", "resolver": list(self.address), "budget": 1.0,
+        }
+        return json.dumps({"id": n, "verify": facts}).encode() + b"\n"
+
+    def path(self, text: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(text)
+        return path
+
+    @defer.inlineCallbacks
+    def test_a_cached_check_is_not_queued_behind_a_silent_server(self):
+        """With its one thread waiting on a silent server, a check whose answers are cached is answered first."""
+        known = self.path(message())
+        yield threads.deferToThread(checker.verify, json.loads(self.request(0, known, "a@sender.example"))["verify"])
+        silent = self.path(message(from_domain="quiet.example"))
+        requests = io.BytesIO(self.request(1, silent, "a@quiet.example") + self.request(2, known, "a@sender.example"))
+        replies = io.BytesIO()
+        yield threads.deferToThread(checker.serve, requests, replies, 1)
+        answered = [json.loads(line) for line in replies.getvalue().splitlines()]
+        self.assertEqual([reply["id"] for reply in answered], [2, 1])
+        self.assertEqual(answered[0]["verdicts"]["spf"]["result"], "pass")
+        self.assertEqual(answered[1]["verdicts"]["spf"]["result"], "temperror")
+
+    @defer.inlineCallbacks
+    def test_a_large_message_goes_to_a_thread(self):
+        """A signed message is checked whole (its body hash): past the size, even a cached check waits for a thread."""
+        large = self.path(signed(message(body=b"x" * 100 + b"\r\n" * 1000)))
+        facts = json.loads(self.request(0, large, "a@sender.example"))["verify"]
+        full = yield threads.deferToThread(checker.verify, facts)
+        self.assertEqual(full["verdicts"]["dkim"]["result"], "pass")
+        self.patch(checker, "CHECKED_AT_ONCE_BYTES", 1000)
+        self.assertIsNone(checker.verify(facts, cached_only=True))
 
 
 class DeadNamesTests(unittest.TestCase):

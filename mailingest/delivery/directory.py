@@ -3,16 +3,16 @@ Which organisations are active, and which custom domains are verified: the
 cache behind every RCPT TO.
 """
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailingest.interfaces import IDomainRoutes, IIntakeStore
+from mailingest.periodic import PeriodicService
 
 log = Logger(namespace="mailingest.delivery")
 
 
-class OrgDirectory(service.Service):
+class OrgDirectory(PeriodicService):
     """
     Which organisations are active, answered without a database round trip for
     known ones. The cache is refreshed every C{refresh} seconds (so disabling
@@ -28,26 +28,17 @@ class OrgDirectory(service.Service):
     database round trip, however many a client tries.
     """
 
+    at_start = True
+
     def __init__(self, store: "IIntakeStore | IDomainRoutes", refresh: float = 2.0, clock=None):
+        super().__init__(refresh, clock)
         self.store = store
-        self.refresh_interval = refresh
-        self._clock = clock
         self._active: dict[str, int] = {}
         self._domains: dict[str, dict] = {}
         self._domains_version: int | None = None
-        self._loop = None
 
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self.refresh)
-        if self._clock is not None:
-            self._loop.clock = self._clock
-        self._loop.start(self.refresh_interval, now=True)
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return super().stopService()
+    async def run(self) -> None:
+        await self.refresh()
 
     @defer.inlineCallbacks
     def refresh(self):

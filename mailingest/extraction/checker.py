@@ -5,12 +5,19 @@ sender checks (L{mailingest.verification}) of several messages at once.
 Run as C{python -m mailingest.extraction.checker THREADS [MEMORY_LIMIT_BYTES]}.
 It reads one JSON request per line on stdin, C{{"id": n, "verify": {"raw_path":
 ..., "client_ip": ..., ...}}}, and writes one JSON reply per line on stdout as
-each check ends, in any order: C{{"id": n, "verdicts": {...}}}, C{{"id": n,
+each check ends, in any order: C{{"id": n, "verdicts": {...}, "text_body": b}}
+(b: whether the header section read for the checks says the message is one
+text body, L{mailingest.extraction.text_body}, so the daemon need not read
+it again), C{{"id": n,
 "missing": path}} when there is no file at C{raw_path}, or C{{"id": n,
 "error": "Type: message"}} (retried by the daemon). The checks wait on DNS
 servers the sender chooses, with blocking libraries (pyspf, dkimpy): each
 runs in one of THREADS threads, so a silent server holds one thread for its
-DNS budget, not the others' messages.
+DNS budget, not the others' messages. A check whose DNS answers are all
+cached, of a message small enough to check in a moment, is run at once in the
+thread that reads the requests: most of a burst's checks are of senders
+checked a moment ago, and handing each to a thread and back costs more than
+the check.
 
 It exits when stdin closes, which is also what happens when the daemon dies.
 """
@@ -22,10 +29,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+from mailingest.extraction.text_body import HEADER_LIMIT, one_text_body
 from mailingest.extraction.worker import NICENESS, limit_memory
+from mailingest.verification.resolver import NotCached
 from mailingest.verification.verify import verify_message
 
 HEADER_SECTION_LIMIT = 256 * 1024
+# Checked from the cache in the reading thread only up to this size: a bigger
+# signed message's body hash would keep the next requests from their threads.
+CHECKED_AT_ONCE_BYTES = 64 * 1024
 _SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
 
 
@@ -50,12 +62,18 @@ def message_for_checks(raw: BinaryIO) -> bytes:
     return bytes(header)
 
 
-def verify(request: dict[str, Any]) -> dict[str, Any]:
-    """The sender checks of the message at C{raw_path}, with the SMTP facts and DNS settings given."""
+def verify(request: dict[str, Any], cached_only: bool = False) -> dict[str, Any] | None:
+    """
+    The sender checks of the message at C{raw_path}, with the SMTP facts and
+    DNS settings given; with C{cached_only}, None unless the message is small
+    and every answer its checks need is cached.
+    """
     raw_path = request["raw_path"]
     try:
         with open(raw_path, "rb") as raw:
             message = message_for_checks(raw)
+        if cached_only and len(message) > CHECKED_AT_ONCE_BYTES:
+            return None
         resolver = request["resolver"]
         verdicts = verify_message(
             message,
@@ -65,29 +83,37 @@ def verify(request: dict[str, Any]) -> dict[str, Any]:
             request["authserv_id"],
             tuple(resolver) if resolver else None,
             request["budget"],
+            cached_only,
         )
+    except NotCached:
+        return None
     except FileNotFoundError as e:
         if e.filename == raw_path:
             return {"missing": raw_path}
         return {"error": f"FileNotFoundError: {e}"}
     except Exception as e:  # MemoryError too: other checks in hand may need the memory, retried
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"verdicts": verdicts.as_dict()}
+    return {"verdicts": verdicts.as_dict(), "text_body": one_text_body(message[:HEADER_LIMIT])}
 
 
 def serve(requests: BinaryIO, replies: BinaryIO, threads: int) -> None:
     """Answer requests, C{threads} at a time, until stdin closes and the checks in hand are answered."""
     lock = threading.Lock()
 
-    def answer(request: dict[str, Any]) -> None:
-        line = json.dumps({"id": request["id"], **verify(request["verify"])}).encode("ascii") + b"\n"
+    def reply(request: dict[str, Any], result: dict[str, Any]) -> None:
+        line = json.dumps({"id": request["id"], **result}).encode("ascii") + b"\n"
         with lock:
             replies.write(line)
             replies.flush()
 
     with ThreadPoolExecutor(threads, thread_name_prefix="check") as pool:
         for line in requests:
-            pool.submit(answer, json.loads(line))
+            request = json.loads(line)
+            result = verify(request["verify"], cached_only=True)
+            if result is None:
+                pool.submit(lambda request=request: reply(request, verify(request["verify"])))
+            else:
+                reply(request, result)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -86,6 +87,18 @@ class _Checker(ChildProcess):
         self.ended.callback(None)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """
+    A message's sender verdicts, and whether it is one text body
+    (L{mailingest.extraction.text_body}): the check process read its header
+    section anyway, so extraction need not read it again.
+    """
+
+    verdicts: Verdicts
+    text_body: bool
+
+
 class CheckPool:
     """Sender checks, C{size} at once and C{per_org} at once for one organisation, in one child process."""
 
@@ -109,7 +122,7 @@ class CheckPool:
         self._checker: _Checker | None = None
         self._closed = False
 
-    async def verify(self, org: Hashable, request: dict[str, Any]) -> Verdicts:
+    async def verify(self, org: Hashable, request: dict[str, Any]) -> Checked:
         """
         The sender checks of the message at C{request["raw_path"]} for
         organisation C{org} (the request of
@@ -128,7 +141,7 @@ class CheckPool:
             raise BlobNotFound(f"no file {reply['missing']}")
         if "error" in reply:
             raise ParserError(reply["error"])
-        return Verdicts.from_dict(reply["verdicts"])
+        return Checked(Verdicts.from_dict(reply["verdicts"]), reply["text_body"])
 
     def _process(self) -> _Checker:
         if self._closed:

@@ -18,7 +18,7 @@ from twisted.internet import defer, threads
 from mailingest.errors import BlobNotFound
 from mailingest.extraction import text_body
 from mailingest.extraction.attachments import ExtractionResult, UnparseableMessage
-from mailingest.extraction.checks import CheckPool
+from mailingest.extraction.checks import CheckPool, Checked
 from mailingest.extraction.outcomes import ExtractionOutcomes
 from mailingest.extraction.pool import ParserDied, ParsePool
 from mailingest.ops import metrics
@@ -78,11 +78,12 @@ class MessageExtraction:
         decision = Decision()
         try:
             raw_path = await self._raw_path(message, slot, ordinal)
-            verdicts = await self._check_sender(message, raw_path)
+            checked = await self._check_sender(message, raw_path)
+            verdicts = checked and checked.verdicts
             broken = self._policy_broken(message, verdicts)
             if broken is None:
                 async with parsing:
-                    result = await self._parse(message, raw_path, slot)
+                    result = await self._parse(message, raw_path, slot, checked and checked.text_body)
                     content, decision = await self._scan(message, raw_path, result, verdicts)
                     documents = await self._store(message, result, content, decision.drop)
         except (UnparseableMessage, PermanentFailure) as e:
@@ -116,9 +117,15 @@ class MessageExtraction:
             raise PermanentFailure(f"raw message {raw_key} is missing from object storage")
         return raw_path
 
-    async def _parse(self, message: dict, raw_path: str, slot: str) -> ExtractionResult:
-        """What the parser makes of the message; a text body's result without asking a worker (L{text_body})."""
-        if await threads.deferToThread(text_body.needs_no_parser, raw_path):
+    async def _parse(self, message: dict, raw_path: str, slot: str, one_text_body: bool | None) -> ExtractionResult:
+        """
+        What the parser makes of the message; a text body's result without
+        asking a worker (L{text_body}: C{one_text_body} when the check process
+        has said, else the header section read here).
+        """
+        if one_text_body is None:
+            one_text_body = await threads.deferToThread(text_body.needs_no_parser, raw_path)
+        if one_text_body:
             return ExtractionResult([], list(text_body.WARNINGS))
         try:
             return await self.parser.parse(raw_path, os.path.join(slot, "parts"))
@@ -178,7 +185,7 @@ class MessageExtraction:
             )
         return documents
 
-    async def _check_sender(self, message: dict, raw_path: str) -> Verdicts | None:
+    async def _check_sender(self, message: dict, raw_path: str) -> Checked | None:
         """
         The sender checks, on the first extraction of a message: a message
         reprocessed or released keeps the verdicts of its arrival (DNS
@@ -186,10 +193,10 @@ class MessageExtraction:
         """
         if self.checks is None or message.get("authentication_results") is not None:
             return None
-        verdicts = await self.checker.verify(message["org_id"], self.checks.request(message, raw_path))
+        checked = await self.checker.verify(message["org_id"], self.checks.request(message, raw_path))
         for name in ("spf", "dkim", "dmarc", "arc"):
-            metrics.SENDER_VERDICTS.labels(name, getattr(verdicts, name).result).inc()
-        return verdicts
+            metrics.SENDER_VERDICTS.labels(name, getattr(checked.verdicts, name).result).inc()
+        return checked
 
     def _policy_broken(self, message: dict, verdicts: Verdicts | None) -> Violation | None:
         """What the organisation's sender policy says of fresh verdicts (a released message passes)."""

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from mailingest.interfaces import IRetentionStore
 from mailingest.ops import metrics
-from mailingest.storage.periodic import PeriodicService
+from mailingest.periodic import PeriodicService
 from mailingest.timestamps import iso
 
 BATCH = 100

@@ -24,7 +24,7 @@ from mailingest.ops import metrics
 from mailingest.errors import ConfigError
 from mailingest.interfaces import BlobInfo, IBlobReferences
 from mailingest.storage.journal import IntentJournal
-from mailingest.storage.periodic import PeriodicService
+from mailingest.periodic import PeriodicService
 
 PREFIXES = ("raw/", "documents/")
 DEFAULT_MIN_AGE = 86400.0

@@ -8,12 +8,12 @@ thread. C{org domain verify} runs the same L{DomainChecker.check} at once.
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailingest.interfaces import IDomainStore
+from mailingest.periodic import PeriodicService
 from mailingest.verification.domain_proof import DEFAULT_GRACE_SECONDS, Evidence, look_up, next_state
 
 log = Logger(namespace="mailingest.domains")
@@ -30,12 +30,15 @@ def as_datetime(value) -> datetime | None:
     return datetime.fromisoformat(value)
 
 
-class DomainChecker(service.Service):
+class DomainChecker(PeriodicService):
     """
     Checks the domains whose check is due every C{interval} seconds. C{look}
     is (domain, token) to a Deferred L{Evidence}: by default L{look_up} in a
-    thread with C{targets}, C{resolver} and C{budget}.
+    thread with C{targets}, C{resolver} and C{budget}. At stop, the checks
+    in hand end (each within its DNS budget) and no other starts.
     """
+
+    at_start = True
 
     def __init__(
         self,
@@ -48,37 +51,29 @@ class DomainChecker(service.Service):
         interval: float = 60.0,
         look: Callable[[str, str], defer.Deferred] | None = None,
     ):
+        super().__init__(interval, clock)
         self.store = store
-        self.clock = clock
         self.grace = grace
-        self.interval = interval
         self._look = look or (lambda domain, token: threads.deferToThread(look_up, domain, token, targets, resolver, budget))
-        self._loop: task.LoopingCall | None = None
 
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(self.check_due()).addErrback(self._failed))
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-    def _failed(self, failure) -> None:
-        log.warn("custom domain checks failed: {error}", error=failure.getErrorMessage())
+    async def run(self) -> None:
+        try:
+            await self.check_due(lambda: self.running)
+        except Exception as e:
+            log.warn("custom domain checks failed: {error}", error=str(e))
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
 
-    async def check_due(self) -> int:
-        """Check every domain due now (at most L{BATCH}); returns how many."""
+    async def check_due(self, going_on: Callable[[], bool] = lambda: True) -> int:
+        """Check every domain due now (at most L{BATCH}), each started only while C{going_on()}; returns how many were due."""
         due = await self.store.due_domains(self.now(), BATCH)
         limit = defer.DeferredSemaphore(AT_ONCE)
-        await defer.gatherResults(
-            [limit.run(lambda row=row: defer.Deferred.fromCoroutine(self.check(row))) for row in due], consumeErrors=True
-        )
+
+        def one(row: dict) -> defer.Deferred:
+            return defer.Deferred.fromCoroutine(self.check(row)) if going_on() else defer.succeed(None)
+
+        await defer.gatherResults([limit.run(one, row) for row in due], consumeErrors=True)
         return len(due)
 
     async def check(self, row: dict) -> dict:

@@ -9,6 +9,11 @@ cached for the life of the process (dnspython's LRU cache, by TTL): a sender's r
 not per message. A name whose server did not answer is remembered as dead
 (L{DeadNames}) for a minute, with the names under it: a silent DNS server
 costs the budget once a minute, not once per message of its domain.
+
+A check may also be asked from the cache alone (C{cached_only}): nothing is
+sent, and a lookup the cache cannot answer ends the check with L{NotCached}.
+The check process runs such checks at once, in the thread that reads the
+requests, and hands only the others to its threads.
 """
 
 import threading
@@ -17,6 +22,7 @@ from collections import OrderedDict
 
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -32,6 +38,36 @@ class DnsTemporaryError(Exception):
 
 class DnsRecordTooLarge(Exception):
     """A TXT answer above L{MAX_TXT_BYTES}: the check's result is C{permerror}."""
+
+
+class NotCached(Exception):
+    """A check from the cache alone needed an answer the cache does not hold: it must be asked of DNS."""
+
+
+class _Unasked(OSError):
+    """What L{_CacheOnly} raises: dnspython drops a server raising an OSError and gives up (no server left)."""
+
+
+class _CacheOnly(dns.nameserver.Nameserver):
+    """A nameserver nothing is ever sent to: a resolver with only this one answers from its cache or not at all."""
+
+    def __str__(self) -> str:
+        return "cache-only"
+
+    def kind(self) -> str:
+        return "cache-only"
+
+    def is_always_max_size(self) -> bool:
+        return False
+
+    def answer_nameserver(self) -> str:
+        return "cache-only"
+
+    def answer_port(self) -> int:
+        return 0
+
+    def query(self, request, timeout, source, source_port, max_size, one_rr_per_rrset=False, ignore_trailing=False):
+        raise _Unasked("not in the cache")
 
 
 def parse_resolver_address(text: str) -> tuple[str, int]:
@@ -99,6 +135,7 @@ class DeadNames:
 
 
 _resolvers: dict[tuple, dns.resolver.Resolver] = {}
+_cache_only: dict[tuple, dns.resolver.Resolver] = {}
 # Per server, like the answers: another server may well answer.
 _dead_names: dict[tuple, DeadNames] = {}
 
@@ -117,8 +154,23 @@ def _resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
     return _resolvers[address]
 
 
+def _cache_only_resolver(address: tuple[str, int] | None) -> dns.resolver.Resolver:
+    """A resolver reading the cache of C{address}'s, asking no server (dnspython's own cache rules, NXDOMAIN too)."""
+    if address not in _cache_only:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [_CacheOnly()]
+        resolver.cache = _resolver(address).cache
+        _cache_only[address] = resolver
+    return _cache_only[address]
+
+
 class BudgetResolver:
-    """Lookups against C{address} (None: /etc/resolv.conf) until C{budget} seconds have passed."""
+    """
+    Lookups against C{address} (None: /etc/resolv.conf) until C{budget}
+    seconds have passed; with C{cached_only}, from the cache alone: a lookup
+    it lacks is C{temperror} for the check and sets C{missed}, and the
+    check's result must not be used (L{NotCached}).
+    """
 
     def __init__(
         self,
@@ -126,8 +178,11 @@ class BudgetResolver:
         budget: float = DEFAULT_BUDGET_SECONDS,
         clock=time.monotonic,
         dead: DeadNames | None = None,
+        cached_only: bool = False,
     ):
-        self._resolver = _resolver(address)
+        self._resolver = _cache_only_resolver(address) if cached_only else _resolver(address)
+        self.cached_only = cached_only
+        self.missed = False
         self._clock = clock
         self._dead = _dead_names.setdefault(address, DeadNames()) if dead is None else dead
         self._dead_after = min(budget / 2, DEAD_AFTER_SECONDS)
@@ -151,6 +206,9 @@ class BudgetResolver:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.resolver.NoNameservers:
+            if self.cached_only:
+                self.missed = True
+                raise DnsTemporaryError(f"{name} is not in the DNS cache") from None
             raise DnsTemporaryError(f"DNS server failure for {name}") from None
         except dns.exception.Timeout:
             if remaining >= self._dead_after:

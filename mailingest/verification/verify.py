@@ -5,7 +5,7 @@ DKIM, ARC, then DMARC from their results, within one DNS time budget.
 
 from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
 from mailingest.verification.dmarc import check_dmarc
-from mailingest.verification.resolver import BudgetResolver
+from mailingest.verification.resolver import BudgetResolver, NotCached
 from mailingest.verification.results import Verdicts, authentication_results
 from mailingest.verification.spf_check import check_spf
 
@@ -18,13 +18,20 @@ def verify_message(
     authserv_id: str,
     resolver_address: tuple[str, int] | None,
     budget: float,
+    cached_only: bool = False,
 ) -> Verdicts:
-    resolver = BudgetResolver(resolver_address, budget)
+    """
+    The verdicts of C{message}; with C{cached_only}, from DNS answers already
+    cached, or L{NotCached} when one was missing (nothing was sent).
+    """
+    resolver = BudgetResolver(resolver_address, budget, cached_only=cached_only)
     spf = check_spf(peer, mail_from, helo, resolver)
     verifier = read_message(message)
     dkim, signatures = check_dkim(verifier, resolver)
     arc = check_arc(message, resolver, None if verifier is None else verifier.headers)
     dmarc, policy = check_dmarc(None if verifier is None else verifier.headers, spf, signatures, resolver)
+    if resolver.missed:
+        raise NotCached()
     verdicts = Verdicts(
         spf=spf,
         dkim=dkim,

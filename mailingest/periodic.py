@@ -1,4 +1,4 @@
-"""The loop of the daemon's periodic storage jobs (the blob sweeper, retention): one run every interval, stopped after its current step."""
+"""The loop of the daemon's periodic jobs (the blob sweeper, retention, the organisation directory, custom domain checks): one run every interval, the one in progress waited for at stop."""
 
 from twisted.application import service
 from twisted.internet import defer, task
