@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.engines.sqlite import SqliteEngine
-from mailingest.storage.store import Store
+from mailingest.storage.store import Store, migrations
 from mailingest.storage.stores import base, search
 from tests.store_contract import T0, message
 from tests.test_store import postgresql_engine
@@ -301,6 +301,18 @@ class PlanContract:
         self.assertEqual((yield self.found("zebra")), [new])
 
 
+# What migration 013 created on SQLite before 017 replaced it.
+SEARCH_013 = """;
+CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
+INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
+CREATE VIRTUAL TABLE message_search USING fts5(org, subject, mail_from, message_id, content='', tokenize='trigram');
+CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
+    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
+    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+END;
+"""
+
+
 class SqlitePlanTests(PlanContract, TestCase):
     def engine(self):
         engine = SqliteEngine(self.mktemp() + ".db")
@@ -349,6 +361,49 @@ class SqlitePlanTests(PlanContract, TestCase):
         yield self.store.claim(60, 8, per_org=4)
         yield pool.runWithConnection(handler(None))
         return len(steps)
+
+    @defer.inlineCallbacks
+    def test_migration_017_replaces_the_search_table_of_013(self):
+        """
+        A database whose search table is 013's (the organisation a token of
+        its own) gets 017's: the old table and its triggers go, search reads
+        the organisation's messages until the new one is filled, then the
+        index, with the same answers.
+        """
+        engine = SqliteEngine(self.mktemp() + ".db")
+        self.addCleanup(engine.close)
+
+        @defer.inlineCallbacks
+        def at_016(txn):
+            yield txn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            for version, name, sql in migrations(engine):
+                if version < 17:
+                    for statement in engine.script(sql + (SEARCH_013 if version == 13 else "")):
+                        yield txn.execute(statement)
+                    yield txn.execute("INSERT INTO schema_version VALUES (?, ?, '2026-01-01')", (version, name))
+
+        yield engine.interaction(at_016)
+        old = Store(engine, MESSAGE_EVENTS)
+        acme = (yield old.add_org("acme", "Acme"))["id"]
+        globex = (yield old.add_org("globex", "Globex"))["id"]
+        yield old.insert_messages([
+            message(acme if n % 3 else globex, f"<u{n}@x>", n, subject=f"Order {n} for Widgets") for n in range(30)
+        ])
+        self.assertEqual((yield old.migrate()), [17])
+        columns = yield engine.interaction(lambda txn: txn.execute("PRAGMA table_info(message_search)").addCallback(lambda _: txn.fetchall()))
+        self.assertEqual([column["name"] for column in columns], ["subject", "mail_from", "message_id"])
+        fresh = Store(engine, MESSAGE_EVENTS)
+        wanted = [row["id"] for row in (yield fresh.search_messages(acme, text="widgets", limit=100))]
+        self.assertEqual(len(wanted), 20)
+        [plan] = yield self.plans_of(fresh.search_messages, acme, text="widgets")
+        self.assertNotIn("VIRTUAL TABLE", plan)
+        yield fresh.build_indexes()
+        [plan] = yield self.plans_of(fresh.search_messages, acme, text="widgets")
+        self.assertIn("VIRTUAL TABLE", plan)
+        self.assertEqual([row["id"] for row in (yield fresh.search_messages(acme, text="widgets", limit=100))], wanted)
+        self.assertEqual(len((yield fresh.search_messages(globex, text="order 3 ", limit=100))), 1)
+        yield fresh.insert_messages([message(acme, "<late@x>", 99, subject="Late widgets")])
+        self.assertEqual(len((yield fresh.search_messages(acme, text="widgets", limit=100))), 21)
 
     @defer.inlineCallbacks
     def test_search_index_filled_in_batches_for_older_rows(self):
