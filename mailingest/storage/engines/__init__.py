@@ -102,6 +102,10 @@ class IEngine(Interface):
         """Release connections and threads."""
 
 
+def _without_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+
+
 class Engine:
     """What both L{IEngine}s do alike; each engine module declares and completes the rest."""
 
@@ -112,8 +116,8 @@ class Engine:
         return self.background(fn, *args, **kwargs)
 
     def script(self, sql: str) -> list[str]:
-        """Split a migration file into statements (ours hold no literal ';')."""
-        return [s.strip() for s in sql.split(";") if s.strip()]
+        """Split a migration file into statements (ours hold no literal ';'); comments alone are none."""
+        return [s.strip() for s in sql.split(";") if _without_comments(s).strip()]
 
 
 def create_engine(url: str) -> IEngine:

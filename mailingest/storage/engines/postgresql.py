@@ -277,9 +277,9 @@ class PostgresqlEngine(Engine):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     indexed_by = ""
     integrity_errors = (psycopg2.IntegrityError,)
-    # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY).
+    # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY); 017 is SQLite's.
     schema_terms = {
-        "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "",
+        "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "", "search_by_organisation": "",
         "org_received_id": "DROP INDEX inbound_message_org_received;"
         " CREATE INDEX inbound_message_org_received ON inbound_message (org_id, received_at, id);",
         "then_id": ", id",

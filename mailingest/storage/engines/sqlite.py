@@ -27,34 +27,47 @@ from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 BUSY_TIMEOUT_MS = 10000
 
-# Migration 013's search index: an FTS5 trigram table over subject, sender and
-# Message-ID (substring, case-insensitive), with the organisation as a token
-# of its own (~17~) so a search never walks another organisation's matches.
-# Its rowid is minus the message's id: FTS5 walks a term's rows lazily in
-# rowid order, but backwards only after reading all of them, and pages are
-# newest first. Contentless: the triggers keep it in step with inbound_message. Rows below
+# Migration 017's search index (replacing 013's, which held the organisation
+# as a token of its own): an FTS5 trigram table over subject, sender and
+# Message-ID (substring, case-insensitive) whose rowid is the organisation
+# first, then its newest message first: (org_id + 1) * 2^40 - id (ids below
+# 2^40, organisations below 2^23: a 64-bit rowid). Every trigram's list is
+# then in that order, and a search seeks to its organisation's stretch and
+# walks it, newest first, only until the page is full (FTS5 walks a term's
+# rows lazily in rowid order, but backwards only after reading all of them).
+# Contentless: the triggers keep it in step with inbound_message. Rows below
 # message_search_backfill.next_below are not in it yet: the store fills them
 # in batches after the migration, highest first, and only deletes from it
 # what it holds (a contentless 'delete' of a row it lacks would corrupt it).
-_MESSAGE_SEARCH = """
+SEARCH_ORG_SPAN = 1 << 40
+
+
+def _search_row(side: str) -> str:
+    """The search table's values for the row C{side} (new, old) of a trigger."""
+    rowid = f"({side}.org_id + 1) * {SEARCH_ORG_SPAN} - {side}.id"
+    return f"{rowid}, {side}.subject, {side}.mail_from, {side}.source_message_id"
+
+
+_MESSAGE_SEARCH = f"""
+DROP TRIGGER IF EXISTS message_search_insert;
+DROP TRIGGER IF EXISTS message_search_delete;
+DROP TRIGGER IF EXISTS message_search_update;
+DROP TABLE IF EXISTS message_search;
+DROP TABLE IF EXISTS message_search_backfill;
 CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
 INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
-CREATE VIRTUAL TABLE message_search USING fts5(org, subject, mail_from, message_id, content='', tokenize='trigram');
+CREATE VIRTUAL TABLE message_search USING fts5(subject, mail_from, message_id, content='', tokenize='trigram');
 CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
-    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
-    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({_search_row("new")});
 END;
 CREATE TRIGGER message_search_delete AFTER DELETE ON inbound_message
 WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, org, subject, mail_from, message_id)
-    VALUES ('delete', -old.id, '~' || old.org_id || '~', old.subject, old.mail_from, old.source_message_id);
+    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {_search_row("old")});
 END;
 CREATE TRIGGER message_search_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message
 WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, org, subject, mail_from, message_id)
-    VALUES ('delete', -old.id, '~' || old.org_id || '~', old.subject, old.mail_from, old.source_message_id);
-    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
-    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {_search_row("old")});
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({_search_row("new")});
 END;
 """
 BACKGROUND_BUSY_TIMEOUT_MS = 50
@@ -103,7 +116,9 @@ class SqliteEngine(Engine):
         "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "timestamp": "TEXT",
         "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
-        "message_search": _MESSAGE_SEARCH,
+        # Migration 013's search table: migration 017 drops it and builds its successor.
+        "message_search": "",
+        "search_by_organisation": _MESSAGE_SEARCH,
         # Migration 015: an index's entries end with the rowid, the id, already.
         "org_received_id": "",
         "then_id": "",

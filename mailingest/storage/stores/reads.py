@@ -214,7 +214,7 @@ class ReadStore(StoreBase):
         if dated:
             after, after_args = await _after(txn, order, before_id)
         else:
-            after, after_args = ([found.after], [before_id]) if before_id is not None else ([], [])
+            after, after_args = found.cursor(before_id)
         where += after
         args += after_args
         await txn.execute(

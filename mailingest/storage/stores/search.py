@@ -1,25 +1,29 @@
 """
 Searching an organisation's messages by text without reading all of them
 (issue 28): the SQL each engine's search index answers, and the step that
-fills that index for rows stored before migration 013.
+fills that index for rows stored before it (migration 017).
 
 The promise is the console's: the text is found anywhere in the subject,
 the sender or the Message-ID, case-insensitively. Both indexes are made of
 trigrams, so a text of fewer than 3 characters cannot use them: it is
 matched by reading the organisation's messages, as before the index.
 
-SQLite: the FTS5 trigram table C{message_search} (migration 013, kept in
-step by triggers), whose rows also carry the organisation as a token of its
-own, so a search walks only that organisation's matches, newest first, and
-stops at the end of the page. PostgreSQL: a pg_trgm GIN index over the three
-columns joined by newlines (L{SEARCH_TEXT}), built with C{CREATE INDEX
-CONCURRENTLY} so writes go on meanwhile; without the pg_trgm extension (the
-contrib package missing) search keeps reading the organisation's rows.
+SQLite: the FTS5 trigram table C{message_search} (migration 017, kept in
+step by triggers), whose rowids run by organisation, then newest first
+(L{SEARCH_ORG_SPAN}): a search seeks to its organisation's stretch of each
+trigram's list, never walks another organisation's matches, and stops at
+the end of the page. PostgreSQL: a pg_trgm GIN index over the three columns
+joined by newlines (L{SEARCH_TEXT}), built with C{CREATE INDEX CONCURRENTLY}
+so writes go on meanwhile; without the pg_trgm extension (the contrib
+package missing) search keeps reading the organisation's rows. A GIN index
+hands over all of a text's candidates at once, in no order: what it reads
+is the posting lists of the text's trigrams across the table.
 """
 
 from collections.abc import Callable
 
 from mailingest.storage.engines import IDatabaseTransaction
+from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN
 
 # Trigram indexes know nothing shorter.
 MIN_INDEXED = 3
@@ -40,25 +44,23 @@ def like_pattern(text: str) -> str:
     return "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def fts_query(org_id: int, text: str) -> str:
-    """The FTS5 query for C{text} as a substring of one column, in organisation C{org_id}."""
-    phrase = '"' + text.replace('"', '""') + '"'
-    return f'org : "~{int(org_id)}~" AND {{subject mail_from message_id}} : {phrase}'
+def fts_query(text: str) -> str:
+    """The FTS5 query for C{text} as a substring of one column (a phrase of its trigrams)."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 class TextSearch:
     """
     How one query finds C{text}: the rows to read (C{source}), the extra
     conditions and their arguments, the order newest first (C{order}) and
-    the cursor's condition (C{after}, taking the id of the last row shown),
-    both in the terms of what delivers the rows in that order; C{indexed}
-    when the search index finds the rows.
+    the cursor's condition (L{cursor}), both in the terms of what delivers
+    the rows in that order; C{indexed} when the search index finds the rows.
     """
 
     def __init__(self, kind: str, org_id: int, text: str | None, indexed: bool):
         self.source, self.where, self.args = "inbound_message m", [], []
-        self.order, self.after = "m.id DESC", "m.id < ?"
-        self.indexed = False
+        self.order, self._after = "m.id DESC", "m.id < ?"
+        self.indexed, self._top = False, None
         if not text:
             return
         if len(text) < MIN_INDEXED or (kind == "fts5" and not indexed):
@@ -66,13 +68,24 @@ class TextSearch:
             return
         self.indexed = True
         if kind == "fts5":
-            # The table's rowids are minus the ids (see the SQLite engine): ascending is newest first.
+            # Rowid (org_id + 1) * SEARCH_ORG_SPAN - id: the organisation's stretch, newest first.
+            self._top = (int(org_id) + 1) * SEARCH_ORG_SPAN
             self.source = "message_search s CROSS JOIN inbound_message m"
-            self.where = ["m.id = -s.rowid", "message_search MATCH ?"]
-            self.args = [fts_query(org_id, text)]
-            self.order, self.after = "s.rowid", "s.rowid > -?"
+            self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?", f"s.rowid < {self._top}"]
+            self.args = [fts_query(text)]
+            self.order, self._after = "s.rowid", f"s.rowid > {self._top} - ?"
         else:
             self.where, self.args = [SEARCH_TEXT + " LIKE ? ESCAPE '\\'"], [like_pattern(text)]
+
+    def cursor(self, before_id: int | None) -> tuple[list[str], list]:
+        """
+        The condition for rows older than C{before_id}. The SQLite search
+        table always has one: its lower bound on the rowid, where FTS5 starts
+        (the start of the organisation's stretch without a cursor).
+        """
+        if self._top is not None:
+            return [self._after], [SEARCH_ORG_SPAN if before_id is None else before_id]
+        return ([self._after], [before_id]) if before_id is not None else ([], [])
 
 
 async def fts_ready(txn: IDatabaseTransaction) -> bool:
@@ -97,10 +110,11 @@ async def backfill_step(txn: IDatabaseTransaction) -> int | None:
     )
     row = txn.fetchone()
     low = row["id"] if row else 0
+    # In rowid order: FTS5 writes out what it holds whenever a rowid is lower than the one before.
     await txn.execute(
-        "INSERT INTO message_search (rowid, org, subject, mail_from, message_id)"
-        " SELECT -id, '~' || org_id || '~', subject, mail_from, source_message_id"
-        " FROM inbound_message WHERE id >= ? AND id < ?",
+        "INSERT INTO message_search (rowid, subject, mail_from, message_id)"
+        f" SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - id, subject, mail_from, source_message_id"
+        " FROM inbound_message WHERE id >= ? AND id < ? ORDER BY org_id, id DESC",
         (low, below),
     )
     await txn.execute("UPDATE message_search_backfill SET next_below = ?", (low,))
