@@ -138,7 +138,7 @@ class ProtocolTests(unittest.TestCase):
     def setUp(self):
         self.writer = FakeWriter()
         self.stored = []
-        self.processes = IntakeProcesses(task.Clock(), settings(), self.writer, lambda: self.stored.append(1))
+        self.processes = IntakeProcesses(task.Clock(), settings(), self.writer, lambda: self.stored.append(1), self.mktemp())
         self.pipes = [self.connect(index) for index in range(2)]
         self.child, self.pipe = self.pipes[0]
         self.clock = task.Clock()

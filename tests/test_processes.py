@@ -5,12 +5,14 @@ child, metrics summed over the processes; SQLite through the parent, the one
 writer, and PostgreSQL with a connection per process.
 """
 
+import glob
 import os
 import re
 import signal
 import smtplib
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 import urllib.request
@@ -313,6 +315,23 @@ class ProcessesTests(TwistdCase):
         _wait_for(lambda: len(intake_processes(daemon)) == 2, 20, "the killed intake process replaced")
         self.assertNotIn(victim, intake_processes(daemon))
         self.assertIn("ended", daemon.log())
+
+    def test_metric_files_a_killed_daemon_left_are_cleared_at_the_next_start(self):
+        """The children's metric files live in the daemon's scratch directory, not a new /tmp directory per start."""
+        before = set(glob.glob(os.path.join(tempfile.gettempdir(), "mailingest-metrics-*")))
+        daemon = self.start_processes()
+        code, reply = self.send(daemon.port, 1)
+        self.assertEqual(code, 250, reply)
+        [metrics_dir] = glob.glob(os.path.join(self.directory, "**", "metrics"), recursive=True, include_hidden=True)
+        self.assertTrue(os.listdir(metrics_dir), "the intake processes wrote their metric files")
+        daemon.stop(signal.SIGKILL)
+        stale = os.path.join(metrics_dir, "counter_999999.db")
+        with open(stale, "wb") as f:
+            f.write(b"left by a killed daemon")
+        daemon = self.start_processes()
+        self.assertFalse(os.path.exists(stale))
+        self.assertEqual(self.metric("mailingest_messages_accepted_total"), 0.0)
+        self.assertEqual(set(glob.glob(os.path.join(tempfile.gettempdir(), "mailingest-metrics-*"))), before)
 
     def test_sigterm_stops_every_process(self):
         daemon = self.start_processes()

@@ -40,7 +40,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -294,7 +293,7 @@ def endpoint_address(skt: socket.socket) -> str:
 class IntakeProcesses(service.Service):
     """Listening sockets opened here, served by C{settings.processes} children, restarted when they die."""
 
-    def __init__(self, reactor, settings: Settings, store: "IIntakeStore | ISchemaStore", on_stored):
+    def __init__(self, reactor, settings: Settings, store: "IIntakeStore | ISchemaStore", on_stored, metrics_dir: str):
         self.reactor = reactor
         self.settings = settings
         # One writer: with SQLite the children's store calls come here.
@@ -305,12 +304,14 @@ class IntakeProcesses(service.Service):
         self.tls_context = ReloadableTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         self.ports = []
         self.children: dict[int, _Child] = {}
-        self.metrics_dir: str | None = None
+        # The children's metric files; emptied at start, since a daemon killed with SIGKILL cannot.
+        self.metrics_dir = metrics_dir
         self._previous_hup = None
 
     def startService(self):
         super().startService()
-        self.metrics_dir = tempfile.mkdtemp(prefix="mailingest-metrics-")
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.makedirs(self.metrics_dir)
         metrics.aggregate_children(self.metrics_dir)
         d = defer.ensureDeferred(self._listen())
         d.addCallback(lambda _: [self._spawn(index) for index in range(self.settings.processes)])

@@ -464,7 +464,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
     extraction = make_extraction(settings, store, blobs, scratch, reactor)
     if settings.multi_process:
         delivery = None
-        intake = IntakeProcesses(reactor, settings, store, extraction.wake)
+        intake = IntakeProcesses(reactor, settings, store, extraction.wake, os.path.join(scratch, "metrics"))
     else:
         delivery = make_ingest(settings, store, blobs, spool_dir, serving)
         delivery.on_stored.append(extraction.wake)
