@@ -482,6 +482,9 @@ class CheckProcessTests(ZoneTestCase):
         self.assertEqual(full["verdicts"]["dkim"]["result"], "pass")
         self.patch(checker, "CHECKED_AT_ONCE_BYTES", 1000)
         self.assertIsNone(checker.verify(facts, cached_only=True))
+        with open(large, "rb") as raw:
+            self.assertIsNone(checker.message_for_checks(raw, 1000))
+            self.assertLessEqual(raw.tell(), 1001, "the reading thread read the whole body")
 
 
 class DeadNamesTests(unittest.TestCase):

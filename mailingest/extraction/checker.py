@@ -40,12 +40,13 @@ CHECKED_AT_ONCE_BYTES = 64 * 1024
 _SIGNATURE_FIELDS = (b"dkim-signature:", b"arc-")
 
 
-def message_for_checks(raw: BinaryIO) -> bytes:
+def message_for_checks(raw: BinaryIO, limit: int | None = None) -> bytes | None:
     """
     What the sender checks need of a message: the header section alone when it
     carries no DKIM or ARC header (SPF and DMARC read no body), else the whole
     message (a signature covers the body). A 50 MB unsigned message is then
-    never held whole here.
+    never held whole here. With C{limit}, None when that is more than
+    C{limit} bytes, and the body is not read much past the limit.
     """
     header = bytearray()
     for line in raw:
@@ -53,12 +54,20 @@ def message_for_checks(raw: BinaryIO) -> bytes:
         if line in (b"\r\n", b"\n") or len(header) > HEADER_SECTION_LIMIT:
             break
         if line[:1] not in (b" ", b"\t") and line.lower().startswith(_SIGNATURE_FIELDS):
-            return bytes(header) + raw.read()
-    else:
-        return bytes(header)
+            return _with_the_rest(header, raw, limit)
     if len(header) > HEADER_SECTION_LIMIT:
+        return _with_the_rest(header, raw, limit)
+    return _within(bytes(header), limit)
+
+
+def _with_the_rest(header: bytearray, raw: BinaryIO, limit: int | None) -> bytes | None:
+    if limit is None:
         return bytes(header) + raw.read()
-    return bytes(header)
+    return _within(bytes(header) + raw.read(max(limit - len(header), 0) + 1), limit)
+
+
+def _within(message: bytes, limit: int | None) -> bytes | None:
+    return None if limit is not None and len(message) > limit else message
 
 
 def verify(request: dict[str, Any], cached_only: bool = False) -> dict[str, Any] | None:
@@ -70,8 +79,9 @@ def verify(request: dict[str, Any], cached_only: bool = False) -> dict[str, Any]
     raw_path = request["raw_path"]
     try:
         with open(raw_path, "rb") as raw:
-            message = message_for_checks(raw)
-        if cached_only and len(message) > CHECKED_AT_ONCE_BYTES:
+            # From the cache, a large message is not even read whole: a thread will.
+            message = message_for_checks(raw, CHECKED_AT_ONCE_BYTES if cached_only else None)
+        if message is None:
             return None
         resolver = request["resolver"]
         verdicts = verify_message(
