@@ -42,10 +42,14 @@ BUSY_TIMEOUT_MS = 10000
 SEARCH_ORG_SPAN = 1 << 40
 
 
-def _search_row(side: str) -> str:
-    """The search table's values for the row C{side} (new, old) of a trigger."""
-    rowid = f"({side}.org_id + 1) * {SEARCH_ORG_SPAN} - {side}.id"
-    return f"{rowid}, {side}.subject, {side}.mail_from, {side}.source_message_id"
+def search_row(side: str = "") -> str:
+    """
+    The search table's values (rowid, subject, mail_from, message_id) for
+    the C{inbound_message} row C{side} (C{new.}, C{old.} in a trigger; none
+    in a SELECT from the table).
+    """
+    rowid = f"({side}org_id + 1) * {SEARCH_ORG_SPAN} - {side}id"
+    return f"{rowid}, {side}subject, {side}mail_from, {side}source_message_id"
 
 
 _MESSAGE_SEARCH = f"""
@@ -58,16 +62,16 @@ CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
 INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
 CREATE VIRTUAL TABLE message_search USING fts5(subject, mail_from, message_id, content='', tokenize='trigram');
 CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
-    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({_search_row("new")});
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
 END;
 CREATE TRIGGER message_search_delete AFTER DELETE ON inbound_message
 WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {_search_row("old")});
+    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {search_row("old.")});
 END;
 CREATE TRIGGER message_search_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message
 WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {_search_row("old")});
-    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({_search_row("new")});
+    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {search_row("old.")});
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
 END;
 """
 BACKGROUND_BUSY_TIMEOUT_MS = 50

@@ -23,7 +23,7 @@ is the posting lists of the text's trigrams across the table.
 from collections.abc import Callable
 
 from mailingest.storage.engines import IDatabaseTransaction
-from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN
+from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row
 
 # Trigram indexes know nothing shorter.
 MIN_INDEXED = 3
@@ -113,7 +113,7 @@ async def backfill_step(txn: IDatabaseTransaction) -> int | None:
     # In rowid order: FTS5 writes out what it holds whenever a rowid is lower than the one before.
     await txn.execute(
         "INSERT INTO message_search (rowid, subject, mail_from, message_id)"
-        f" SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - id, subject, mail_from, source_message_id"
+        f" SELECT {search_row()}"
         " FROM inbound_message WHERE id >= ? AND id < ? ORDER BY org_id, id DESC",
         (low, below),
     )
