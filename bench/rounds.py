@@ -38,10 +38,15 @@ class ThroughputSample:
     asked: int = 0  # messages the load tool was asked to send
     cpu_seconds: float = 0.0  # the server's CPU time (all its processes) during the load
     done_cpu_seconds: float = 0.0  # the same until it was done with every message (extracted, queue empty)
+    system_seconds: float = 0.0  # the kernel's part of cpu_seconds
 
     @property
     def cpu_ms_per_message(self) -> float:
         return self.cpu_seconds * 1000 / self.sent if self.sent else float("nan")
+
+    @property
+    def system_ms_per_message(self) -> float:
+        return self.system_seconds * 1000 / self.sent if self.sent else float("nan")
 
     @property
     def done_cpu_ms_per_message(self) -> float:
@@ -90,9 +95,11 @@ class BigSample:
 
 def throughput(target: Target, directory: str, size: int, messages: int, sessions: int) -> ThroughputSample:
     with target.make(directory) as server:
-        cpu_before = server.cpu_seconds()
+        user_before, system_before = server.cpu_times()
+        cpu_before = user_before + system_before
         load = smtp_source(server.port, size, messages, sessions)
-        cpu = server.cpu_seconds() - cpu_before
+        user, system = server.cpu_times()
+        cpu, system = user + system - cpu_before, system - system_before
         server.check_alive()
         queued = server.queued() if isinstance(server, Mailingest) else None
         stored = server.stored()
@@ -101,7 +108,7 @@ def throughput(target: Target, directory: str, size: int, messages: int, session
         done_cpu = server.cpu_seconds() - cpu_before
     return ThroughputSample(
         size, sessions, target.name, target.role, load.sent, stored, load.seconds, peak, queued, tuple(load.errors), messages, cpu,
-        done_cpu,
+        done_cpu, system,
     )
 
 

@@ -70,7 +70,12 @@ def cpu_seconds(pid: int) -> float:
     each has collected from children it already reaped (a replaced parser
     worker, say).
     """
-    total = 0.0
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """L{cpu_seconds} as (user, system): the kernel's share is what a busy disk inflates."""
+    user = system = 0.0
     for each in descendants(pid):
         try:
             with open(f"/proc/{each}/stat") as stat:
@@ -78,8 +83,10 @@ def cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue
         # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the command.
-        total += sum(int(value) for value in fields[11:15]) / _TICKS
-    return total
+        utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+        user += (utime + cutime) / _TICKS
+        system += (stime + cstime) / _TICKS
+    return user, system
 
 
 def descendants(pid: int) -> list[int]:
@@ -163,9 +170,12 @@ class Server(ABC):
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.process.pid)
 
+    def cpu_times(self) -> tuple[float, float]:
+        """CPU time (user, system) used so far by the server and its child processes."""
+        return cpu_times(self.process.pid)
+
     def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and its child processes."""
-        return cpu_seconds(self.process.pid)
+        return sum(self.cpu_times())
 
     def busy(self) -> bool:
         """Whether work on what it accepted is still going on after the load (extraction, a queue to empty)."""
