@@ -52,8 +52,8 @@ class PlanContract:
         raise NotImplementedError
 
     @defer.inlineCallbacks
-    def plans_of(self, call, *args, **kwargs):
-        """The plans of the statements C{call} runs that read inbound_message."""
+    def statements_of(self, call, *args, **kwargs):
+        """The (sql, args) of the statements C{call} runs that read inbound_message."""
         recorded = []
         original = base.StorableTransaction.execute
 
@@ -64,13 +64,18 @@ class PlanContract:
         self.patch(base.StorableTransaction, "execute", execute)
         yield call(*args, **kwargs)
         self.patch(base.StorableTransaction, "execute", original)
+        reads = [(sql, a) for sql, a in recorded if "inbound_message" in sql and sql.lstrip().upper().startswith(("SELECT", "WITH"))]
+        self.assertTrue(reads, "no query of inbound_message recorded")
+        return reads
+
+    @defer.inlineCallbacks
+    def plans_of(self, call, *args, **kwargs):
+        """The plans of the statements C{call} runs that read inbound_message."""
         plans = []
-        for sql, sql_args in recorded:
-            if "inbound_message" in sql and sql.lstrip().upper().startswith(("SELECT", "WITH")):
-                plan = yield self.store.engine.interaction(self.plan, sql, tuple(base.storable(a) for a in sql_args))
-                # Reading the whole table in primary key order is the index for a page of everything.
-                plans.append(plan if " WHERE " in sql else plan.replace("SCAN m", "SEARCH m USING INTEGER PRIMARY KEY"))
-        self.assertTrue(plans, "no query of inbound_message recorded")
+        for sql, sql_args in (yield self.statements_of(call, *args, **kwargs)):
+            plan = yield self.store.engine.interaction(self.plan, sql, tuple(base.storable(a) for a in sql_args))
+            # Reading the whole table in primary key order is the index for a page of everything.
+            plans.append(plan if " WHERE " in sql else plan.replace("SCAN m", "SEARCH m USING INTEGER PRIMARY KEY"))
         return plans
 
     @defer.inlineCallbacks
@@ -457,12 +462,21 @@ class PostgresqlPlanTests(PlanContract, TestCase):
 
     @defer.inlineCallbacks
     def settle(self, txn):
-        """As autovacuum would: the GIN index's pending rows moved into it, the statistics taken."""
-        yield txn.execute("SELECT gin_clean_pending_list(?::regclass)", (search.PG_SEARCH_INDEX,))
+        """As autovacuum would: the GIN indexes' pending rows moved into them, the statistics taken."""
+        for name in search.PG_SEARCH_INDEXES:
+            yield txn.execute("SELECT gin_clean_pending_list(?::regclass)", (name,))
         yield txn.execute("ANALYZE inbound_message")
 
+    @defer.inlineCallbacks
+    def drop_search_indexes(self, txn):
+        for name in search.PG_SEARCH_INDEXES:
+            yield txn.execute(f"DROP INDEX {name}")
+
+    def bucket_index(self, org_id: int) -> str:
+        return search.PG_SEARCH_INDEXES[org_id % search.PG_SEARCH_BUCKETS]
+
     def rare_search(self, plan):
-        self.assertRegex(plan, rf"Bitmap Index Scan on {search.PG_SEARCH_INDEX} .*\n\s+Index Cond: \(lower\(", plan)
+        self.assertRegex(plan, rf"Bitmap Index Scan on {self.bucket_index(self.acme)} .*\n\s+Index Cond: \(lower\(", plan)
 
     @defer.inlineCallbacks
     def claim_reads(self):
@@ -502,19 +516,78 @@ class PostgresqlPlanTests(PlanContract, TestCase):
         @defer.inlineCallbacks
         def plan(txn):
             yield txn.execute("SET LOCAL enable_seqscan = off")
-            yield txn.execute(f"EXPLAIN SELECT m.id FROM inbound_message m WHERE {search.SEARCH_TEXT} LIKE '%widgets%'")
+            yield txn.execute(
+                f"EXPLAIN SELECT m.id FROM inbound_message m WHERE {search.SEARCH_TEXT} LIKE '%widgets%'"
+                f" AND m.org_id % {search.PG_SEARCH_BUCKETS} = {self.acme % search.PG_SEARCH_BUCKETS}"
+            )
             return "\n".join(row["QUERY PLAN"] for row in txn.fetchall())
 
-        self.assertIn(f"Bitmap Index Scan on {search.PG_SEARCH_INDEX}", (yield self.store.engine.interaction(plan)))
+        self.assertIn(f"Bitmap Index Scan on {self.bucket_index(self.acme)}", (yield self.store.engine.interaction(plan)))
+
+    @defer.inlineCallbacks
+    def test_rare_search_reads_its_own_share_of_organisations(self):
+        """
+        The trigram index a search reads holds its own organisation's share
+        (one in PG_SEARCH_BUCKETS), not every organisation's mail: another
+        organisation's 300 matches are no candidates of its search. With
+        the single index of before they all were.
+        """
+        self.assertNotEqual(self.acme % search.PG_SEARCH_BUCKETS, self.globex % search.PG_SEARCH_BUCKETS)
+        yield self.store.insert_messages(
+            [message(self.globex, f"<g{n}@x>", 80, subject=f"Rare Zebra {n}") for n in range(300)]
+            + [message(self.acme, f"<h{n}@x>", 80, subject=f"Common horse {n}") for n in range(4000)]
+            + [message(self.acme, f"<z{n}@x>", 81, subject="a rare zebra") for n in range(2)]
+        )
+        yield self.store.engine.interaction(self.settle)
+        self.assertEqual(len((yield self.found("rare zeb", org=self.globex))), 100)
+        self.index_scans = "off"
+        [sql] = yield self.statements_of(self.store.search_messages, self.acme, text="rare zeb")
+
+        @defer.inlineCallbacks
+        def analyze(txn):
+            yield txn.execute("SET LOCAL enable_indexscan = off")
+            yield txn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql[0], tuple(base.storable(a) for a in sql[1]))
+            return txn.fetchone()["QUERY PLAN"]
+
+        nodes, candidates = [(yield self.store.engine.interaction(analyze))[0]["Plan"]], {}
+        while nodes:
+            node = nodes.pop()
+            nodes += node.get("Plans", [])
+            if node["Node Type"] == "Bitmap Index Scan" and node["Index Name"].startswith(search.PG_SEARCH_INDEX):
+                candidates[node["Index Name"]] = node["Actual Rows"]
+        self.assertEqual(candidates, {self.bucket_index(self.acme): 2})
+
+    @defer.inlineCallbacks
+    def test_single_index_of_before_replaced(self):
+        """A database with the one index over every organisation (before the partial ones) gets them, and loses it."""
+
+        @defer.inlineCallbacks
+        def downgrade(txn):
+            yield self.drop_search_indexes(txn)
+            yield txn.execute(
+                f"CREATE INDEX {search.PG_SEARCH_INDEX} ON inbound_message USING gin"
+                f" (({search.SEARCH_TEXT.replace('m.', '')}) gin_trgm_ops)"
+            )
+
+        yield self.store.engine.interaction(downgrade)
+        self.assertFalse((yield self.store.engine.interaction(search.pg_index_built)))
+        self.assertEqual(len((yield self.found("widgets"))), 20)
+        progress = []
+        yield self.store.build_indexes(progress.append)
+        self.assertEqual(progress, ["search index: complete"])
+        self.assertTrue((yield self.store.engine.interaction(search.pg_index_built)))
+
+        def exists(txn):
+            return txn.execute("SELECT to_regclass(?) AS found", (search.PG_SEARCH_INDEX,)).addCallback(lambda _: txn.fetchone())
+
+        self.assertIsNone((yield self.store.engine.interaction(exists))["found"])
+        self.assertEqual(len((yield self.found("widgets"))), 20)
 
     @defer.inlineCallbacks
     def test_without_pg_trgm_search_reads_and_says_why(self):
         """The contrib package missing: the index is not built, one line says why, and search answers all the same."""
 
-        def drop(txn):
-            return txn.execute(f"DROP INDEX {search.PG_SEARCH_INDEX}")
-
-        yield self.store.engine.interaction(drop)
+        yield self.store.engine.interaction(self.drop_search_indexes)
         self.patch(search, "PG_STEPS", ("CREATE EXTENSION IF NOT EXISTS mailingest_no_such_extension", *search.PG_STEPS[1:]))
         progress = []
         yield self.store.build_indexes(progress.append)
