@@ -64,7 +64,10 @@ class PlanContract:
         self.patch(base.StorableTransaction, "execute", execute)
         yield call(*args, **kwargs)
         self.patch(base.StorableTransaction, "execute", original)
-        reads = [(sql, a) for sql, a in recorded if "inbound_message" in sql and sql.lstrip().upper().startswith(("SELECT", "WITH"))]
+        reads = [
+            (sql, a) for sql, a in recorded
+            if re.search(r"\binbound_message\b", sql) and sql.lstrip().upper().startswith(("SELECT", "WITH"))
+        ]
         self.assertTrue(reads, "no query of inbound_message recorded")
         return reads
 
@@ -571,11 +574,19 @@ class PostgresqlPlanTests(PlanContract, TestCase):
 
         yield self.store.engine.interaction(downgrade)
         self.assertFalse((yield self.store.engine.interaction(search.pg_index_built)))
+        # Until the partial indexes are all built a search leaves out their condition: the planner
+        # would take it for a second filter and read every match of a common text meanwhile.
+        bucket = f"m.org_id % {search.PG_SEARCH_BUCKETS} = "
+        fresh = Store(self.store.engine, MESSAGE_EVENTS)
+        [(sql, _)] = yield self.statements_of(fresh.search_messages, self.acme, text="widgets")
+        self.assertNotIn(bucket, sql)
         self.assertEqual(len((yield self.found("widgets"))), 20)
         progress = []
         yield self.store.build_indexes(progress.append)
         self.assertEqual(progress, ["search index: complete"])
         self.assertTrue((yield self.store.engine.interaction(search.pg_index_built)))
+        [(sql, _)] = yield self.statements_of(fresh.search_messages, self.acme, text="widgets")
+        self.assertIn(bucket, sql)
 
         def exists(txn):
             return txn.execute("SELECT to_regclass(?) AS found", (search.PG_SEARCH_INDEX,)).addCallback(lambda _: txn.fetchone())

@@ -6,7 +6,7 @@ from mailingest.interfaces import IReadStore
 from mailingest.storage.stores.base import (
     EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, message_row, org_row, select_with_org,
 )
-from mailingest.storage.stores.search import TextSearch, fts_ready
+from mailingest.storage.stores.search import TextSearch, fts_ready, pg_index_built
 
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
@@ -197,7 +197,7 @@ class ReadStore(StoreBase):
         return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
-        found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._fts_ready(txn))
+        found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._index_ready(txn))
         where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
         for clause, value in (
             ("m.status = ?", status),
@@ -227,9 +227,15 @@ class ReadStore(StoreBase):
 
     _search_indexed = False
 
-    async def _fts_ready(self, txn) -> bool:
-        """SQLite's search table holds every row (remembered once true: it stays so)."""
-        if self.engine.text_search == "fts5" and await fts_ready(txn):
+    async def _index_ready(self, txn) -> bool:
+        """
+        The search index is complete: SQLite's table holds every row, or
+        PostgreSQL's partial indexes are all built (until then a search leaves
+        out their condition and the planner keeps the index of before).
+        Remembered once true: it stays so.
+        """
+        ready = fts_ready if self.engine.text_search == "fts5" else pg_index_built
+        if await ready(txn):
             self._search_indexed = True
         return self._search_indexed
 

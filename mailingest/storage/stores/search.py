@@ -80,10 +80,12 @@ class TextSearch:
             self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?", f"s.rowid < {self._top}"]
             self.args = [fts_query(text)]
             self.order, self._after = "s.rowid", f"s.rowid > {self._top} - ?"
-        else:
-            # The partial index's own condition, spelled as it is, so the planner can use that index.
-            bucket = f"m.org_id % {PG_SEARCH_BUCKETS} = {int(org_id) % PG_SEARCH_BUCKETS}"
-            self.where, self.args = [SEARCH_TEXT + " LIKE ? ESCAPE '\\'", bucket], [like_pattern(text)]
+            return
+        self.where, self.args = [SEARCH_TEXT + " LIKE ? ESCAPE '\\'"], [like_pattern(text)]
+        if indexed:
+            # The partial index's own condition, spelled as it is, so the planner can use that index
+            # (not before they are all built: the planner would misjudge a common text meanwhile).
+            self.where.append(f"m.org_id % {PG_SEARCH_BUCKETS} = {int(org_id) % PG_SEARCH_BUCKETS}")
 
     def cursor(self, before_id: int | None) -> tuple[list[str], list]:
         """
@@ -158,19 +160,19 @@ PG_STEPS = (
     "DO $$ DECLARE broken text; BEGIN FOR broken IN SELECT c.relname FROM pg_index x"
     " JOIN pg_class c ON c.oid = x.indexrelid WHERE c.relname LIKE '" + PG_SEARCH_INDEX + "_%' AND NOT x.indisvalid"
     " LOOP EXECUTE 'DROP INDEX ' || quote_ident(broken); END LOOP; END $$",
-    *(_partial_index(name, bucket) for bucket, name in enumerate(PG_SEARCH_INDEXES)),
-    # Statistics of the indexed text: how common a searched text is tells the
-    # planner whether to read the organisation's newest rows until a page is
-    # full (a common text) or the index's matches (a rare one). PostgreSQL
-    # takes none from a partial index's expression.
+    # Statistics of the searched text: how common a text is tells the planner
+    # whether to read the organisation's newest rows until a page is full (a
+    # common text) or the index's matches (a rare one). PostgreSQL takes none
+    # from a partial index's expression.
     "CREATE STATISTICS IF NOT EXISTS inbound_message_search_text ON (" + SEARCH_TEXT.replace("m.", "") + ") FROM inbound_message",
     # That the bucket follows from the organisation: else the planner takes its
     # condition for a second filter and every text for a rare one.
     f"CREATE STATISTICS IF NOT EXISTS inbound_message_search_bucket (dependencies)"
     f" ON org_id, (org_id % {PG_SEARCH_BUCKETS}) FROM inbound_message",
+    "ANALYZE inbound_message",
+    *(_partial_index(name, bucket) for bucket, name in enumerate(PG_SEARCH_INDEXES)),
     # The single index over every organisation, from before the partial ones.
     "DROP INDEX CONCURRENTLY IF EXISTS " + PG_SEARCH_INDEX,
-    "ANALYZE inbound_message",
 )
 
 
