@@ -582,6 +582,28 @@ class AuthenticationResultsTests(unittest.TestCase):
         )
 
 
+class VerdictsFormTests(unittest.TestCase):
+    """The verdicts' JSON form (the check process's reply, the stored row): every field, and back."""
+
+    def test_as_dict_is_every_field_and_reads_back(self):
+        import dataclasses
+
+        from mailingest.verification.results import Signature, Verdicts
+
+        verdicts = Verdicts(
+            spf=Check("pass", "e8.example.com", "ok"), dkim=Check("fail", "x.example"), dmarc=Check("none"),
+            arc=Check("temperror", None, "timeout"), signatures=[Signature("fail", "x.example", "s1", "bad")],
+            mail_from="a@e8.example.com", helo="mx.e8.example.com", header_from="e8.example.com",
+            dmarc_policy="reject", authentication_results="mx.test; spf=pass",
+        )
+        form = verdicts.as_dict()
+        self.assertEqual(form, dataclasses.asdict(verdicts))
+        self.assertEqual(json.loads(json.dumps(form)), form)
+        self.assertEqual(Verdicts.from_dict(form), verdicts)
+        form["signatures"][0]["note"] = "changed"
+        self.assertEqual(verdicts.signatures[0].note, "bad", "the form is a copy, not the verdicts' own objects")
+
+
 class PolicyTests(unittest.TestCase):
     def verdicts(self, **checks):
         from mailingest.verification.results import Signature, Verdicts

@@ -4,7 +4,7 @@ RFC 8601 C{Authentication-Results} value for all of them.
 """
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import authres
 import authres.arc
@@ -47,7 +47,16 @@ class Verdicts:
     authentication_results: str = ""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """
+        The JSON-ready form L{from_dict} reads back: field by field, as
+        dataclasses.asdict would give it, without its deep copy of every
+        value (a sixth of a sender check's CPU; the values are strings).
+        """
+        data = dict(vars(self))
+        for name in ("spf", "dkim", "dmarc", "arc"):
+            data[name] = dict(vars(data[name]))
+        data["signatures"] = [dict(vars(signature)) for signature in self.signatures]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Verdicts":
