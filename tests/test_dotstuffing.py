@@ -17,6 +17,8 @@ CASES = [
     (b"a\r.\r\nb\r\n.\r\n", b"a\r.\r\nb\r\n"),
     (b"a\r\n.\nb\r\n.\r\n", b"a\r\n\nb\r\n"),
     (b"no final\r\n\r\n.\r\n", b"no final\r\n\r\n"),
+    (b"a.b\r\nc.\r\n.\r\n", b"a.b\r\nc.\r\n"),
+    (b"end.\r\n..\r\n.\r\n", b"end.\r\n.\r\n"),
 ]
 
 

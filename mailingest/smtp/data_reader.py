@@ -48,7 +48,12 @@ class DotReader:
         base = len(self._carry)
         pos = 0
         while True:
-            i = buf.find(b"\r\n.", pos)
+            # A search for the dot alone (memchr) first: most of a large
+            # message (base64) has none, and a search for CRLF "." over a
+            # buffer costs several times more. A CRLF "." starts at most two
+            # bytes before the first dot.
+            dot = buf.find(b".", pos)
+            i = -1 if dot < 0 else buf.find(b"\r\n.", max(pos, dot - 2))
             if i < 0:
                 keep = max(pos, len(buf) - 2)
                 self._emit(buf[pos:keep])
