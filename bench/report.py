@@ -14,8 +14,11 @@ from statistics import median
 from bench.rounds import BigSample, DrainSample, ThroughputSample
 
 MiB = 1 << 20
+# Issue 29: 1 KiB at 1.5 times the faster of aiosmtpd and the Postfix queue,
+# in at most 1.1 ms of CPU per message all done; 10 MiB at 1.5 times smtp-sink.
 TARGET_VS_BASELINE_1K = 1.5
-TARGET_VS_SINK_10M = 0.9
+TARGET_CPU_MS_1K = 1.1
+TARGET_VS_SINK_10M = 1.5
 TARGET_RSS_MB = 150  # the issue's "150 MB", checked as 150 * 10**6 bytes, the stricter reading
 TARGET_DRAIN_SECONDS = 2.0
 
@@ -145,13 +148,23 @@ def target_lines(
     for row in rows:
         if row.role != "mailingest":
             continue
-        baseline = _reference(rows, row.size, "baseline")
+        references = {
+            name: rate
+            for name, role in (("aiosmtpd", "baseline"), ("the Postfix queue", "queue"))
+            if (rate := _reference(rows, row.size, role))
+        }
         sink = _reference(rows, row.size, "sink")
-        if row.size == 1024 and row.sessions == 20 and baseline:
-            ratio = row.msg_per_s / baseline
+        if row.size == 1024 and row.sessions == 20 and references:
+            faster = max(references, key=references.get)
+            ratio = row.msg_per_s / references[faster]
             lines.append(
-                f"- 1 KiB, 20 sessions, {row.target}: {ratio:.2f}× aiosmtpd's msg/s "
+                f"- 1 KiB, 20 sessions, {row.target}: {ratio:.2f}× {faster}'s msg/s, the faster baseline "
                 f"(target ≥ {TARGET_VS_BASELINE_1K}×): {_verdict(ratio >= TARGET_VS_BASELINE_1K and row.complete)}"
+            )
+        if row.size == 1024 and row.sessions == 20:
+            lines.append(
+                f"- 1 KiB, 20 sessions, {row.target}: {row.done_cpu_ms_per_message:.2f} CPU ms per message all done "
+                f"(target ≤ {TARGET_CPU_MS_1K}): {_verdict(row.done_cpu_ms_per_message <= TARGET_CPU_MS_1K and row.complete)}"
             )
         if row.size == 10 * MiB and sink:
             ratio = row.msg_per_s / sink
