@@ -264,6 +264,7 @@ async def measure(url: str, storage_dir: str, count: int) -> dict[str, float]:
         ):
             p50, p99, _ = percentiles(await _timed(lambda: search(text, org)))
             figures[f"console search, {name}: p50 (ms)"], figures[f"console search, {name}: p99 (ms)"] = p50, p99
+            figures[f"console search, {name}: rows returned"] = len(await search(text, org))
 
         month = NOW - timedelta(days=180)
         api_50 = await _page_50(lambda cursor: store.page_messages(org_id=1, before_id=cursor, limit=51))
@@ -284,6 +285,7 @@ async def measure(url: str, storage_dir: str, count: int) -> dict[str, float]:
         ):
             p50, p99, _ = percentiles(await _timed(call))
             figures[f"{name}: p50 (ms)"], figures[f"{name}: p99 (ms)"] = p50, p99
+            figures[f"{name}: rows returned"] = len(await call())
         today = datetime.combine(NOW.date(), datetime.min.time(), timezone.utc)
         p50, p99, top = percentiles(await _timed(lambda: store.org_summaries(today), 20))
         figures["organisations page, 1,001 orgs p50 (ms)"] = p50
@@ -477,6 +479,8 @@ def report(table, sizes, engines) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
 
 
