@@ -76,3 +76,35 @@ class DotReaderTests(unittest.SynchronousTestCase):
         reader = DotReader(out.append, 10**9, max_line=257)
         self.assertEqual(reader.feed(stream), len(stream))
         self.assertIsNone(reader.refusal)
+
+    def test_random_streams_read_as_lines(self):
+        """Against the RFC's own wording, line by line: a line of one dot ends the data, a leading dot is dropped."""
+
+        def by_lines(stream):
+            out, position = [], 0
+            while True:
+                end = stream.index(b"\r\n", position)
+                line = stream[position:end]
+                if line == b".":
+                    return b"".join(out), end + 2
+                out.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
+                position = end + 2
+
+        rng = random.Random(7)
+        pieces = [b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"a", b"bc"]
+        for _ in range(400):
+            stream = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40))) + b"\r\n.\r\n"
+            expected = by_lines(stream)
+            for _ in range(5):
+                cuts = sorted(rng.sample(range(1, len(stream)), min(rng.randrange(0, 6), len(stream) - 1)))
+                got, consumed, _ = read(stream, cuts)
+                self.assertEqual((got, consumed), expected, (stream, cuts))
+
+    def test_stuffed_lines_cost_no_call_each(self):
+        """A sender who starts every line with a dot gets the same few calls per buffer as any other."""
+        stream = b"..x\r\n" * 10000 + b".\r\n"
+        out = []
+        reader = DotReader(out.append, 10**9)
+        self.assertEqual(reader.feed(stream), len(stream))
+        self.assertEqual(b"".join(out), b".x\r\n" * 10000)
+        self.assertEqual(len(out), 1)
