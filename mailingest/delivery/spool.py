@@ -21,6 +21,7 @@ The spool file is not fsynced: the blob store makes durable what it stores
 (on local disk, the same inode, hard-linked), and S3 needs no local copy.
 """
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -30,11 +31,30 @@ from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThread
 
 HEADER_LIMIT = 256 * 1024
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 # The email package ends the header section at the first empty line, lines
 # ending in CRLF, LF or CR alike: a line end followed by another.
 _BLANK_LINE = re.compile(rb"\n[\r\n]|\r\r")
 MEMORY_LIMIT = 128 * 1024
+# A line end as the email package splits lines: CRLF, or a CR or LF alone.
+_EOL = rb"(?:\r\n|\r(?!\n)|\n)"
+# After a line end: the start of a line that ends the header section, as the
+# email package's headerRE has it: neither a continuation, nor NAME ":" (the
+# name possibly empty), nor an mbox "From " line (skipped wherever it is).
+_NOT_A_FIELD_LINE = re.compile(_EOL + rb"(?![ \t]|From |[\x21-\x39\x3b-\x7e]*:)")
+_LINE_END = re.compile(_EOL)
+
+
+# A field's value: the rest of its line and its continuation lines, as far
+# as VALUE_LIMIT bytes (a Subject is decoded to 4 KiB, a Message-ID is one
+# line): a sender's 256 KiB of folded lines are not all read.
+_FIELD_VALUE = re.compile(rb"[^\r\n]*(?:" + _EOL + rb"[ \t][^\r\n]*)*")
+VALUE_LIMIT = 16 * 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _searched(names: tuple[str, ...]) -> tuple[tuple[str, bytes, bytes], ...]:
+    """Each name with what starts its field's line, lowercased: after a LF, after a CR."""
+    return tuple((name, b"\n" + name.lower().encode("ascii") + b":", b"\r" + name.lower().encode("ascii") + b":") for name in names)
 
 
 class Spool:
@@ -117,31 +137,30 @@ class Spool:
         The raw value of the first header of each of C{names}, continuation
         lines included, as the email package's compat32 policy reads it;
         8-bit bytes (RFC 6532) decoded as UTF-8; None when absent. One plain
-        scan, since delivery needs a few headers of every message, not a parse.
+        scan, since delivery needs a few headers of every message, not a parse:
+        a search per name and one regular expression over the lines before the
+        last one found, not a Python step per line.
         """
-        wanted = {name.lower().encode("ascii"): name for name in names}
-        found: dict[str, list[bytes]] = {}
-        current: list[bytes] | None = None
-        for number, line in enumerate(bytes(self._header).split(b"\n")):
-            line = line.rstrip(b"\r")
-            if line[:1] in (b" ", b"\t"):
-                if current is not None:
-                    current.append(b"\r\n" + line)
-                continue
-            current = None
-            if len(found) == len(wanted):
-                break
-            field, colon, rest = line.partition(b":")
-            if colon and not field:
-                continue  # ": value" has no name; the email package skips it too
-            if not colon or not _FIELD_NAME.fullmatch(field):
-                if number == 0 and line.startswith(b"From "):
-                    continue  # an mbox "From " line, as the email package skips it
-                break  # not a header line: the body starts here
-            name = wanted.get(field.lower())
-            if name is not None and name not in found:
-                current = found[name] = [rest.lstrip(b" \t")]
-        return {name: b"".join(found[name]).decode("utf-8", "replace") if name in found else None for name in names}
+        text = b"\n" + bytes(self._header)
+        lowered = text.lower()
+        fields = {}
+        for name, after_lf, after_cr in _searched(names):
+            # The first line that starts with it, after a CRLF, a LF or a CR alone.
+            at = lowered.find(after_lf)
+            bare = lowered.find(after_cr, 0, at if at >= 0 else len(lowered))
+            if bare >= 0 or at >= 0:
+                at = bare if bare >= 0 else at
+                fields[name] = (at, at + len(after_lf))
+        if fields:
+            # Only a field before the first line that ends the section counts.
+            end = _NOT_A_FIELD_LINE.search(text, 0, max(value for _, value in fields.values()))
+            if end is not None:
+                fields = {name: at for name, at in fields.items() if at[0] < end.start()}
+        values = {}
+        for name, (_, value) in fields.items():
+            folded = _FIELD_VALUE.match(text, value, value + VALUE_LIMIT).group()
+            values[name] = _LINE_END.sub(b"\r\n", folded).lstrip(b" \t").decode("utf-8", "replace")
+        return {name: values.get(name) for name in names}
 
     def _open(self):
         fd, self.path = tempfile.mkstemp(dir=self.directory, prefix="spool-", suffix=".eml")
