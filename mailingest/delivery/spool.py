@@ -40,7 +40,10 @@ _EOL = rb"(?:\r\n|\r(?!\n)|\n)"
 # After a line end: the start of a line that ends the header section, as the
 # email package's headerRE has it: neither a continuation, nor NAME ":" (the
 # name possibly empty), nor an mbox "From " line (skipped wherever it is).
-_NOT_A_FIELD_LINE = re.compile(_EOL + rb"(?![ \t]|From |[\x21-\x39\x3b-\x7e]*:)")
+# Two patterns, each led by one literal character the engine looks for fast:
+# after a LF (a CRLF's too), and after a CR alone.
+_NOT_A_FIELD = rb"(?![ \t]|From |[\x21-\x39\x3b-\x7e]*:)"
+_NOT_A_FIELD_LINE = (re.compile(rb"\n" + _NOT_A_FIELD), re.compile(rb"\r(?!\n)" + _NOT_A_FIELD))
 _LINE_END = re.compile(_EOL)
 
 
@@ -153,9 +156,10 @@ class Spool:
                 fields[name] = (at, at + len(after_lf))
         if fields:
             # Only a field before the first line that ends the section counts.
-            end = _NOT_A_FIELD_LINE.search(text, 0, max(value for _, value in fields.values()))
-            if end is not None:
-                fields = {name: at for name, at in fields.items() if at[0] < end.start()}
+            last = max(value for _, value in fields.values())
+            ends = [found.start() for pattern in _NOT_A_FIELD_LINE if (found := pattern.search(text, 0, last))]
+            if ends:
+                fields = {name: at for name, at in fields.items() if at[0] < min(ends)}
         values = {}
         for name, (_, value) in fields.items():
             folded = _FIELD_VALUE.match(text, value, value + VALUE_LIMIT).group()
