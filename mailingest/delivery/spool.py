@@ -57,7 +57,8 @@ VALUE_LIMIT = 16 * 1024
 @functools.lru_cache(maxsize=16)
 def _searched(names: tuple[str, ...]) -> tuple[tuple[str, bytes, bytes], ...]:
     """Each name with what starts its field's line, lowercased: after a LF, after a CR."""
-    return tuple((name, b"\n" + name.lower().encode("ascii") + b":", b"\r" + name.lower().encode("ascii") + b":") for name in names)
+    keys = [name.lower().encode("ascii") + b":" for name in names]
+    return tuple((name, b"\n" + key, b"\r" + key) for name, key in zip(names, keys))
 
 
 class Spool:
@@ -144,7 +145,7 @@ class Spool:
         a search per name and one regular expression over the lines before the
         last one found, not a Python step per line.
         """
-        text = b"\n" + bytes(self._header)
+        text = b"\n" + self._header  # bytes, one copy of the bytearray
         lowered = text.lower()
         fields = {}
         for name, after_lf, after_cr in _searched(names):
