@@ -4,6 +4,7 @@ sessions and rejection ring on a task.Clock, and its pages end to end
 against a real daemon with --api on 127.0.0.1.
 """
 
+import email.parser
 import hashlib
 import os
 import re
@@ -150,6 +151,18 @@ class HeaderTests(unittest.TestCase):
         headers, truncated = read_headers((b"X-Filler: " + b"y" * 70 + b"\r\n") * (HEADER_BYTES // 82 + 1))
         self.assertTrue(truncated)
         self.assertLessEqual(len(headers), 200)
+
+    def test_lines_past_the_cap_are_not_parsed(self):
+        """A sender's 16,000 one-byte fields: the email package reads 1,000 lines of them, not all."""
+        parsed = []
+        real = email.parser.BytesHeaderParser.parsebytes
+        self.patch(email.parser.BytesHeaderParser, "parsebytes", lambda parser, text: parsed.append(text) or real(parser, text))
+        for line_end in (b"\r\n", b"\n", b"\r"):
+            section = b"Subject: Hi" + line_end + (b"a:" + line_end) * 16000
+            del parsed[:]
+            headers, truncated = read_headers(section[:HEADER_BYTES])
+            self.assertEqual((headers[0], len(headers), truncated), (("Subject", "Hi"), 200, True))
+            self.assertEqual(parsed[0].count(line_end), 999, line_end)
 
 
 class SessionTests(unittest.TestCase):

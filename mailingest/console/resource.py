@@ -12,6 +12,7 @@ style or frame, so even a mistake in escaping could not run mail's script.
 import email.parser
 import email.policy
 import hmac
+import itertools
 import os
 import re
 import secrets
@@ -51,6 +52,9 @@ PAGE_SIZE = 50
 HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
 MAX_HEADER_VALUE = 2000
+# Lines of a header section read: the MAX_HEADERS fields, folded a few times each.
+MAX_HEADER_LINES = 1000
+_LINE_END = re.compile(rb"\r\n?|\n")  # as the email package ends lines
 MAX_FIELD = 200  # characters kept of a form field or header name
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 SECURITY_HEADERS = {
@@ -75,10 +79,19 @@ class Inapplicable(Exception):
 
 
 def read_headers(raw: bytes) -> tuple[list[tuple[str, str]], bool]:
-    """The header section of the first L{HEADER_BYTES} of a message: (name, value) pairs, and whether it was cut."""
+    """
+    The header section of the first L{HEADER_BYTES} of a message: (name,
+    value) pairs, and whether it was cut. The email package reads at most
+    L{MAX_HEADER_LINES} lines of it, on the reactor: more show nothing the
+    caps below would keep, and 64 KiB of one-byte fields took it 28 ms.
+    """
     end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
     truncated = end < 0 and len(raw) >= HEADER_BYTES
     section = raw if end < 0 else raw[:end]
+    line_ends = _LINE_END.finditer(section)
+    cut = next(itertools.islice(line_ends, MAX_HEADER_LINES - 1, None), None)
+    if cut is not None:
+        section, truncated = section[: cut.start()], True
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
     pairs = [(str(name)[:MAX_FIELD], str(value).replace("\r", "")[:MAX_HEADER_VALUE]) for name, value in parsed.items()]
     return pairs[:MAX_HEADERS], truncated or len(pairs) > MAX_HEADERS

@@ -6,13 +6,18 @@ Bounded for hostile messages: at most L{MAX_SIGNATURES} signatures are
 verified (each one hashes the whole body again), the rest are noted and not
 verified; a key record above the resolver's size cap is a permerror; every
 lookup draws on the message's DNS budget, and no signature is started once
-it is spent.
+it is spent. dkimpy reads the message, selects signed fields and
+canonicalizes bodies with L{mailingest.verification.dkim_reading}'s linear
+steps: a crafted header section or body costs what the intake spent on it.
 """
 
 import dkim
 
+from mailingest.verification.dkim_reading import UnreadableHeader, install, read_fields
 from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
 from mailingest.verification.results import Check, Signature
+
+install()
 
 MAX_SIGNATURES = 10
 # RFC 8617 5.1.1.1: a chain longer than this is invalid anyway.
@@ -64,26 +69,30 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
 
 
-def read_message(message: bytes) -> dkim.DKIM | None:
+def read_message(message: bytes) -> dkim.DKIM | UnreadableHeader:
     """
-    dkimpy's reading of the message (its header list serves DKIM and DMARC
-    alike); None when it cannot be read: then DKIM and DMARC are C{permerror}.
+    dkimpy's verifier of the message, read once (its header list serves DKIM,
+    ARC and DMARC alike); when it cannot be read, why: then DKIM and DMARC
+    are C{permerror} and ARC C{fail}.
     """
     try:
-        return dkim.DKIM(message, minkey=1024)
-    except Exception:
-        return None
+        headers, body = read_fields(message)
+    except UnreadableHeader as e:
+        return e
+    verifier = dkim.DKIM(minkey=1024)
+    verifier.headers, verifier.body = headers, body
+    return verifier
 
 
-def check_dkim(verifier: dkim.DKIM | None, resolver: BudgetResolver, limit: int = MAX_SIGNATURES) -> tuple[Check, list[Signature]]:
+def check_dkim(verifier: dkim.DKIM | UnreadableHeader, resolver: BudgetResolver, limit: int = MAX_SIGNATURES) -> tuple[Check, list[Signature]]:
     """
     Every signature's result, and the message's verdict (the best of them).
     Each signature's C{d=} and C{s=} are the fields dkimpy parsed and
     verified, never a reading of our own: a tag C{D=} or a repeated C{d=}
     must not lend a verified signature another domain.
     """
-    if verifier is None:
-        return Check("permerror", None, "message header cannot be read"), []
+    if isinstance(verifier, UnreadableHeader):
+        return Check("permerror", None, str(verifier)), []
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     if not count:
         return Check("none", None, "no DKIM signature"), []
@@ -123,18 +132,20 @@ def _verify_one(verifier: dkim.DKIM, index: int, lookup: _KeyLookup) -> tuple[st
         return "permerror", f"signature cannot be checked: {type(e).__name__}"
 
 
-def check_arc(message: bytes, resolver: BudgetResolver, headers: list | None = None) -> Check:
+def check_arc(message: dkim.DKIM | UnreadableHeader, resolver: BudgetResolver) -> Check:
     """
     The chain's validation (pass, fail, none) as dkimpy gives it, an
     incomplete set included (RFC 8617 5.2: fail), and the domain of the
-    newest seal as dkimpy read it. C{headers}, dkimpy's header list of the
-    message when it could read one: without any ARC field there is no chain,
-    and the message is not read a second time to find that out.
+    newest seal as dkimpy read it. C{message} is L{read_message}'s: its
+    fields and body serve the chain's verifier, not read a second time.
     """
-    if headers is not None and not any(name.lower().rstrip() in _ARC_FIELDS for name, _ in headers):
+    if isinstance(message, UnreadableHeader):
+        return Check("fail", None, str(message))
+    if not any(name.lower().rstrip() in _ARC_FIELDS for name, _ in message.headers):
         return Check("none", None, "")
     try:
-        verifier = dkim.ARC(message, minkey=1024)
+        verifier = dkim.ARC(minkey=1024)
+        verifier.headers, verifier.body = message.headers, message.body
         newest, _ = verifier.sorted_arc_headers()
         if newest == 0:
             return Check("none", None, "")

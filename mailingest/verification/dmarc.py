@@ -7,8 +7,10 @@ alignment against the SPF and DKIM passes.
 from email import errors, headerregistry
 from functools import lru_cache
 
+import dkim
 from publicsuffixlist import PublicSuffixList
 
+from mailingest.verification.dkim_reading import UnreadableHeader
 from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
 from mailingest.verification.results import Check, Signature
 
@@ -98,17 +100,17 @@ def _record(resolver: BudgetResolver, domain: str) -> dict[str, str] | None:
 
 
 def check_dmarc(
-    headers: list | None, spf: Check, signatures: list[Signature], resolver: BudgetResolver
+    message: dkim.DKIM | UnreadableHeader, spf: Check, signatures: list[Signature], resolver: BudgetResolver
 ) -> tuple[Check, str | None]:
     """
     The DMARC result for the From: domain, and the policy that applies (p=,
-    or sp= for a subdomain). C{headers} is dkimpy's header list, None when
-    dkimpy could not read the header section (no From: to trust either).
+    or sp= for a subdomain). C{message} is dkimpy's reading of the message
+    (its header list), or why it could not be read (no From: to trust either).
     """
-    if headers is None:
-        return Check("permerror", None, "message header cannot be read"), None
+    if isinstance(message, UnreadableHeader):
+        return Check("permerror", None, str(message)), None
     try:
-        domain = header_from_domain(headers)
+        domain = header_from_domain(message.headers)
     except UnreadableFrom as e:
         return Check("permerror", None, str(e)), None
     if domain is None:

@@ -4,6 +4,7 @@ DKIM, ARC, then DMARC from their results, within one DNS time budget.
 """
 
 from mailingest.verification.dkim_check import check_arc, check_dkim, read_message
+from mailingest.verification.dkim_reading import forget_body
 from mailingest.verification.dmarc import check_dmarc
 from mailingest.verification.resolver import BudgetResolver, NotCached
 from mailingest.verification.results import Verdicts, authentication_results
@@ -27,9 +28,12 @@ def verify_message(
     resolver = BudgetResolver(resolver_address, budget, cached_only=cached_only)
     spf = check_spf(peer, mail_from, helo, resolver)
     verifier = read_message(message)
-    dkim, signatures = check_dkim(verifier, resolver)
-    arc = check_arc(message, resolver, None if verifier is None else verifier.headers)
-    dmarc, policy = check_dmarc(None if verifier is None else verifier.headers, spf, signatures, resolver)
+    try:
+        dkim, signatures = check_dkim(verifier, resolver)
+        arc = check_arc(verifier, resolver)
+        dmarc, policy = check_dmarc(verifier, spf, signatures, resolver)
+    finally:
+        forget_body()  # the canonical body kept for the message's next signature
     if resolver.missed:
         raise NotCached()
     verdicts = Verdicts(

@@ -1,0 +1,171 @@
+"""
+What dkimpy reads of a message, in time linear in its size, for the checks
+of L{mailingest.verification.dkim_check}.
+
+dkimpy's own steps cost a sender's crafted message far more than the intake
+spent taking it: C{dkim.rfc822_parse} splits the whole message into lines
+(a 10 MiB body of short lines: 0.4 s and a list of millions) and grows a
+folded field by concatenation (one field folded over 256 KiB: 0.3 s);
+C{dkim.select_headers} walks the header list once for each name of a
+signature's C{h=} (10,000 absent names over 45,000 fields: tens of seconds);
+and every signature canonicalizes the body again with regular expressions
+and a Python loop over its trailing empty lines. Those seconds were spent in
+the sender check process that every organisation's mail shares.
+
+So: L{read_fields} gives dkimpy's C{(headers, body)} exactly as
+C{rfc822_parse} would (tests compare the two on random sections), with
+C{bytes} methods and one regular expression, and refuses a header section of
+more than L{MAX_FIELDS} fields (every signature canonicalizes all of them);
+L{install} puts in dkimpy's module the same header selection and body
+canonicalization with a cost linear in their input, the body's reused by a
+message's later signatures of the same canonicalization.
+"""
+
+import re
+import threading
+
+import dkim
+import dkim.canonicalization
+
+# A real message has tens of fields; a long ARC chain and every list's
+# headers a few hundred. dkimpy canonicalizes all of them for each signature.
+MAX_FIELDS = 1000
+
+# A field as dkimpy reads one, on lines ended by LF alone (CRLFs made LFs
+# first): a name up to the first colon, the rest of its line, continuations.
+_FIELD = re.compile(rb"([\x21-\x7e]+?):([^\n]*\n(?:[ \t][^\n]*\n)*)")
+# dkimpy skips an mbox "From " line wherever it is.
+_MBOX_FROM = re.compile(rb"^From [^\n]*\n", re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+# dkimpy's own steps, which L{install} replaces: the fallbacks below call
+# them, and the tests compare each replacement with them.
+DKIMPY = {
+    "rfc822_parse": dkim.rfc822_parse,
+    "select_headers": dkim.select_headers,
+    "strip_trailing_lines": dkim.canonicalization.strip_trailing_lines,
+    "strip_trailing_whitespace": dkim.canonicalization.strip_trailing_whitespace,
+    "compress_whitespace": dkim.canonicalization.compress_whitespace,
+    "canonicalize_body": dkim.canonicalization.CanonicalizationPolicy.canonicalize_body,
+}
+
+
+class UnreadableHeader(Exception):
+    """The header section is not one dkimpy can read, or has too many fields to check."""
+
+
+def _crlf(text: bytes) -> bytes:
+    """Every line end (CRLF or LF alone) made CRLF, as dkimpy joins the lines it split."""
+    if text.count(b"\n") == text.count(b"\r\n"):
+        return text
+    return text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def read_fields(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """
+    C{dkim.rfc822_parse(message)}: the header fields as C{[name, value]}
+    (the value with its line ends, each CRLF), and the body after the
+    empty line, its line ends CRLF. L{UnreadableHeader} where dkimpy raises
+    or where there are more than L{MAX_FIELDS} fields.
+    """
+    if not message:
+        return [], b""
+    if message.startswith((b"\n", b"\r\n")):
+        return [], _crlf(message[message.index(b"\n") + 1 :])
+    blank = _BLANK_LINE.search(message)
+    if blank is None:
+        section, body = message.replace(b"\r\n", b"\n"), b""  # every line a field's, the body empty
+        if not section.endswith(b"\n"):
+            section += b"\n"  # the last line ends where the message does (a CR before is the line's)
+    else:
+        section, body = message[: blank.start() + 1].replace(b"\r\n", b"\n"), _crlf(message[blank.end() :])
+    if b"From " in section:
+        section = _MBOX_FROM.sub(b"", section)
+    fields = section.count(b"\n") - section.count(b"\n ") - section.count(b"\n\t") - (section[:1] in (b" ", b"\t"))
+    if fields > MAX_FIELDS:
+        raise UnreadableHeader(f"message header cannot be read: {fields:,} fields (at most {MAX_FIELDS:,} are read)")
+    headers = []
+    end = 0
+    for match in _FIELD.finditer(section):
+        if match.start() != end:
+            break
+        headers.append([match.group(1), match.group(2).replace(b"\n", b"\r\n")])
+        end = match.end()
+    if end != len(section):
+        line = section[end : section.find(b"\n", end)]
+        raise UnreadableHeader(f"message header cannot be read: not a field: {line[:60]!r}")
+    return headers, body
+
+
+def select_headers(headers: list, include_headers: list) -> list:
+    """
+    C{dkim.select_headers}: for each name of C{h=} in turn, the lowest of
+    that name's fields not yet taken, counted from the bottom.
+    """
+    left: dict[bytes, list] = {}
+    for field in headers:
+        left.setdefault(field[0].lower(), []).append(field)
+    selected = []
+    for name in include_headers:
+        fields = left.get(name)
+        if fields:
+            selected.append(fields.pop())
+    return selected
+
+
+def strip_trailing_lines(content: bytes) -> bytes:
+    """C{dkim.canonicalization.strip_trailing_lines}: the body's trailing CRLFs but one removed (one added when none)."""
+    kept = len(content.rstrip(b"\r\n"))
+    tail = content[kept:]
+    pairs = len(re.match(rb"(?:\n\r)*", tail[::-1]).group()) // 2
+    if not pairs:
+        return content + b"\r\n"
+    return content[: len(content) - 2 * pairs + 2]
+
+
+def strip_trailing_whitespace(content: bytes) -> bytes:
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return DKIMPY["strip_trailing_whitespace"](content)
+
+
+def compress_whitespace(content: bytes) -> bytes:
+    if b"\t" not in content and b"  " not in content:
+        return content
+    return DKIMPY["compress_whitespace"](content)
+
+
+class _BodyMemo(threading.local):
+    """Per check thread: the last body canonicalized, by algorithm, for the next signature of the same message."""
+
+    body: bytes | None = None
+    done: dict | None = None
+
+
+_memo = _BodyMemo()
+
+
+def _canonicalize_body(policy, body: bytes) -> bytes:
+    if _memo.body is not body:
+        _memo.body, _memo.done = body, {}
+    algorithm = policy.body_algorithm
+    if algorithm not in _memo.done:
+        _memo.done[algorithm] = algorithm.canonicalize_body(body)
+    return _memo.done[algorithm]
+
+
+def forget_body() -> None:
+    """Let go of the last body this thread canonicalized (a message's checks are over)."""
+    _memo.body = _memo.done = None
+
+
+
+
+def install() -> None:
+    """Put this module's linear steps in dkimpy's place (idempotent)."""
+    dkim.select_headers = select_headers
+    dkim.canonicalization.strip_trailing_lines = strip_trailing_lines
+    dkim.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
+    dkim.canonicalization.compress_whitespace = compress_whitespace
+    dkim.canonicalization.CanonicalizationPolicy.canonicalize_body = _canonicalize_body
