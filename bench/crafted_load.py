@@ -1,0 +1,84 @@
+"""
+Crafted messages against every organisation's sender checks: C{--count}
+messages to one organisation, each signed by the bench domain with an C{h=}
+of 10,000 names no field has over 45,000 fields (the worst of
+bench.crafted_checks), sent at once, then one ordinary message to another
+organisation. Prints how long that message took from its 250 to C{parsed},
+and how long the crafted ones took to drain.
+
+    python -m bench.crafted_load [--count 8] [--postgres DSN]
+
+Runs C{twistd mailingest} (bench.targets.Mailingest, SQLite and local disk
+unless --postgres), its DNS server being bench.dns_stub publishing the
+bench domain's DKIM key.
+"""
+
+import argparse
+import smtplib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from bench.backends import Backend
+from bench.crafted_checks import cases, keys
+from bench.silent_dns import OTHER_ORG, send, wait_parsed
+from bench.targets import DOMAIN, HOST, RECIPIENT, SENDER, Mailingest, tool
+
+CASE = "h= of 10,000 absent names, 45,000 fields"
+
+
+def send_crafted(port: int, message: bytes, count: int, connections: int = 4) -> None:
+    def session(first: int) -> None:
+        with smtplib.SMTP(HOST, port, timeout=120) as client:
+            for n in range(first, count, connections):
+                client.sendmail(SENDER, [RECIPIENT], message.replace(b"Subject: crafted", b"Message-ID: <c%d@x>" % n))
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(min(connections, count))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.crafted_load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=8, help="crafted messages [default: 8]")
+    parser.add_argument("--postgres", metavar="DSN", help="a PostgreSQL server to create the database on")
+    parser.add_argument("--timeout", type=float, default=600.0, help="how long to wait for parsed [default: 600]")
+    args = parser.parse_args(argv)
+    private, record = keys()
+    message = cases(private)[CASE]
+
+    class KeyedMailingest(Mailingest):
+        dns_args = ("--dkim-key", record)
+
+    directory = tempfile.mkdtemp(prefix="mailingest-bench-")
+    with KeyedMailingest(directory, Backend(postgres=args.postgres)) as server:
+        subprocess.run(
+            [tool("mailingest"), "--database", server.database.url, "org", "add", OTHER_ORG],
+            cwd=directory, check=True, stdout=subprocess.DEVNULL,
+        )
+        started = time.time()
+        send_crafted(server.port, message, args.count)
+        sent = time.time() - started
+        time.sleep(1)  # the crafted checks under way
+        replied = send(server.port, SENDER, f"orders+{OTHER_ORG}@{DOMAIN}", "<other@bench.test>")
+        crafted_ids = [f"<c{n}@x>" for n in range(args.count)]
+        parsed = wait_parsed(server, ["<other@bench.test>", *crafted_ids], args.timeout)
+    print(f"{args.count} crafted messages ({len(message) // 1024} KiB) sent in {sent:.1f} s")
+    if "<other@bench.test>" not in parsed:
+        print(f"the other organisation's message: not parsed within {args.timeout:.0f} s")
+        return 1
+    print(f"the other organisation's message: 250 -> parsed in {parsed['<other@bench.test>'] - replied:.2f} s")
+    done = [parsed[m] for m in crafted_ids if m in parsed]
+    if len(done) == len(crafted_ids):
+        print(f"the crafted messages: all parsed {max(done) - started:.1f} s after the first was sent")
+    else:
+        print(f"the crafted messages: {len(done)}/{len(crafted_ids)} parsed within {args.timeout:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
