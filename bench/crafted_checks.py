@@ -84,6 +84,11 @@ def cases(private: bytes) -> dict[str, bytes]:
         ),
         "10 signatures, 10 MiB body of short lines": signed(TOP + b"\r\n" + b"a\r\n" * (10 * 1024 * 1024 // 3), private, 10),
         "50 ARC sets, 10 MiB body": arc_sets(TOP + b"\r\n" + b"a\r\n" * (10 * 1024 * 1024 // 3), private, 50),
+        "a 120 KiB line without a colon": TOP + b"a" * (120 * 1024) + b"\r\n" + body,
+        "b= holding a run of 200,000 spaces": re.sub(
+            rb"(\s)b=", rb"\1b=A" + b" " * 200000 + b"!", signed(TOP + body, private), count=1
+        ),
+        "signed body holding a run of 100,000 spaces": signed(TOP + b"\r\n" + b" " * 100000 + b"x \r\n", private),
     }
 
 

@@ -15,11 +15,14 @@ from mailingest.verification.dkim_check import read_message
 from tests.corpus import sample_messages
 from tests.python_steps import python_lines
 from mailingest.verification.dkim_reading import (
+    B_TAG,
     DKIMPY,
     MAX_FIELDS,
+    MAX_RUN,
     UnreadableHeader,
     compress_whitespace,
     forget_body,
+    long_run,
     read_fields,
     select_headers,
     strip_trailing_lines,
@@ -83,6 +86,14 @@ class ReadFieldsTests(unittest.TestCase):
         self.assertEqual(str(raised.exception), "message header cannot be read: 1,001 fields (at most 1,000 are read)")
         read_fields(b"a: b\r\n" * MAX_FIELDS + b" folded\r\n" * 5000 + b"\r\nbody")
 
+    def test_long_line_without_a_colon_is_refused_in_one_pass(self):
+        """Each field is matched where the last ended: a search tried every position of such a line again."""
+        message = b"From: a\r\n" + b"a" * (128 * 1024) + b"\r\n\r\nbody"
+        with self.assertRaises(UnreadableHeader):
+            read_fields(message)
+
+    test_long_line_without_a_colon_is_refused_in_one_pass.timeout = 20  # quadratic: minutes
+
     def test_folded_field_costs_no_python_line_per_fold(self):
         message = b"X: a\r\n" + b" \r\n" * 20000 + b"\r\nbody"
         self.assertGreater(python_lines(DKIMPY["rfc822_parse"], message)[1], 100000)
@@ -117,6 +128,13 @@ class BodyCanonicalizationTests(unittest.TestCase):
             self.assertEqual(strip_trailing_whitespace(body), DKIMPY["strip_trailing_whitespace"](body), body)
             self.assertEqual(compress_whitespace(body), DKIMPY["compress_whitespace"](body), body)
 
+    def test_a_long_run_of_spaces_is_passed_once(self):
+        """dkimpy's pattern tried every position of a run not followed by CRLF again: 2 s for 40,000 spaces."""
+        body = b" " * (1024 * 1024) + b"x \r\n"
+        self.assertEqual(strip_trailing_whitespace(body), b" " * (1024 * 1024) + b"x\r\n")
+
+    test_a_long_run_of_spaces_is_passed_once.timeout = 20  # quadratic: hours
+
     def test_trailing_empty_lines_cost_no_python_line_each(self):
         body = b"text\r\n" + b"\r\n" * 30000
         self.assertEqual(strip_trailing_lines(body), b"text\r\n")
@@ -136,3 +154,27 @@ class BodyCanonicalizationTests(unittest.TestCase):
         forget_body()
         relaxed.canonicalize_body(body)
         self.assertEqual(len(calls), 2, "forgotten after the message")
+
+
+class SignatureFieldTests(unittest.TestCase):
+    def test_b_tag_removed_as_dkimpy_removes_it(self):
+        rng = random.Random(3)
+        pieces = [b" ", b"\r\n", b"\n", b"\t", b"\r", b";", b"b", b"=", b"a", b"+", b"!", b"h=", b" b ="]
+        for _ in range(20000):
+            value = b"".join(rng.choice(pieces) for _ in range(rng.randrange(16)))
+            self.assertEqual(B_TAG.sub(b"\\1", value), DKIMPY["RE_BTAG"].sub(b"\\1", value), value)
+        self.assertIs(dkim.RE_BTAG, B_TAG, "installed where dkimpy hashes a signature field")
+
+    def test_folding_before_the_next_tag_is_passed_once(self):
+        value = b" v=1; b=AAAA" + b" \r\n " * 80000 + b"; d=x"
+        self.assertEqual(B_TAG.sub(b"\\1", value), b" v=1; b=" + b" \r\n " * 80000 + b"; d=x")
+
+    test_folding_before_the_next_tag_is_passed_once.timeout = 20  # dkimpy's: minutes
+
+    def test_long_runs(self):
+        folded = b" v=1; a=rsa-sha256; b=dOdFEyhrk/tw5wl3vMIogoxhaVsKJkrkEhnAcq2XqOLSQhPpGzhGBJzR7k1sWGokon3TmQ\r\n\t\t 7TX9zQ==; bh=x="
+        self.assertIsNone(long_run(folded))
+        self.assertIsNone(long_run(b"b=a" + b" " * MAX_RUN + b"a"))
+        self.assertIsNotNone(long_run(b"b=a" + b" " * (MAX_RUN + 1) + b"!"))
+        self.assertIsNotNone(long_run(b"b=a" + b"= \r\n" * 20))
+        self.assertIsNotNone(long_run(b" " * 200000))

@@ -205,6 +205,17 @@ class DkimTests(ZoneTestCase):
         self.assertEqual(check.domain, "sender.example")
 
     @defer.inlineCallbacks
+    def test_signature_with_a_long_run_of_spaces_is_not_given_to_dkimpy(self):
+        """dkimpy's check of b= takes time quadratic in such a run (200,000 spaces: minutes)."""
+        text = re.sub(rb"(\s)b=", rb"\1b=A" + b" " * 200000 + b"!", signed(message()), count=1)
+        check, signatures = yield self.assertDkim("permerror", text)
+        self.assertEqual(
+            [s.note for s in signatures], ["signature not read: a run of more than 64 spaces, line ends or '=' in the field"]
+        )
+
+    test_signature_with_a_long_run_of_spaces_is_not_given_to_dkimpy.timeout = 30
+
+    @defer.inlineCallbacks
     def test_unreadable_header_section(self):
         text = signed(message()).replace(b"To: ", b"no colon on this line\r\nTo: ")
         check, signatures = yield self.assertDkim("permerror", text)
@@ -240,6 +251,13 @@ class ArcTests(ZoneTestCase):
         arc = yield self.run_check(check_arc, read_message(text))
         self.assertEqual((arc.result, arc.domain), ("fail", None), arc)
         self.assertIn("Incomplete ARC set", arc.note)
+
+    @defer.inlineCallbacks
+    def test_chain_with_a_long_run_of_spaces_is_not_given_to_dkimpy(self):
+        text = arc_forwarded(signed(message())).replace(b"ARC-Seal: i=1;", b"ARC-Seal: i=1;" + b" " * 100000, 1)
+        self.assertIn(b" " * 100000, text)
+        arc = yield self.run_check(check_arc, read_message(text))
+        self.assertEqual((arc.result, arc.note), ("fail", "ARC chain not read: a run of more than 64 spaces, line ends or '=' in the field"))
 
     @defer.inlineCallbacks
     def test_temperror(self):

@@ -13,7 +13,7 @@ steps: a crafted header section or body costs what the intake spent on it.
 
 import dkim
 
-from mailingest.verification.dkim_reading import UnreadableHeader, install, read_fields
+from mailingest.verification.dkim_reading import UnreadableHeader, install, long_run, read_fields
 from mailingest.verification.resolver import BudgetResolver, DnsRecordTooLarge, DnsTemporaryError
 from mailingest.verification.results import Check, Signature
 
@@ -93,7 +93,8 @@ def check_dkim(verifier: dkim.DKIM | UnreadableHeader, resolver: BudgetResolver,
     """
     if isinstance(verifier, UnreadableHeader):
         return Check("permerror", None, str(verifier)), []
-    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    values = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    count = len(values)
     if not count:
         return Check("none", None, "no DKIM signature"), []
     lookup = _KeyLookup(resolver)
@@ -101,6 +102,10 @@ def check_dkim(verifier: dkim.DKIM | UnreadableHeader, resolver: BudgetResolver,
     for index in range(min(count, limit)):
         if resolver.remaining() <= 0:
             signatures.append(Signature("temperror", "", "", "DNS time budget exhausted"))
+            continue
+        crafted = long_run(values[index])
+        if crafted is not None:
+            signatures.append(Signature("permerror", "", "", f"signature not read: {crafted}"))
             continue
         verifier.signature_fields = {}  # dkimpy keeps the previous signature's when this one cannot be parsed
         result, note = _verify_one(verifier, index, lookup)
@@ -141,8 +146,12 @@ def check_arc(message: dkim.DKIM | UnreadableHeader, resolver: BudgetResolver) -
     """
     if isinstance(message, UnreadableHeader):
         return Check("fail", None, str(message))
-    if not any(name.lower().rstrip() in _ARC_FIELDS for name, _ in message.headers):
+    arc_fields = [value for name, value in message.headers if name.lower().rstrip() in _ARC_FIELDS]
+    if not arc_fields:
         return Check("none", None, "")
+    crafted = next(filter(None, map(long_run, arc_fields)), None)
+    if crafted is not None:
+        return Check("fail", None, f"ARC chain not read: {crafted}")
     try:
         verifier = dkim.ARC(minkey=1024)
         verifier.headers, verifier.body = message.headers, message.body
