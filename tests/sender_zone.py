@@ -50,6 +50,7 @@ def zone(**extra) -> Zone:
         "loop.example": [txt("v=spf1 include:loop2.example -all")],
         "loop2.example": [txt("v=spf1 include:loop.example -all")],
         "many.example": [txt(includes(11))],
+        "longlabel.example": [txt("v=spf1 a:." + "a" * 4000 + ".example -all")],
         "helo.sender.example": [txt("v=spf1 ip4:127.0.0.1 -all")],
         # DKIM keys
         "sel._domainkey.sender.example": [txt(key)],
