@@ -6,7 +6,10 @@ bench.crafted_checks), sent at once, then one ordinary message to another
 organisation. Prints how long that message took from its 250 to C{parsed},
 and how long the crafted ones took to drain.
 
-    python -m bench.crafted_load [--count 8] [--postgres DSN]
+    python -m bench.crafted_load [--count 8] [--orgs 1] [--postgres DSN]
+
+With C{--orgs N}, the crafted messages go in turn to N organisations (the
+check process runs at most 4 of one organisation's at once).
 
 Runs C{twistd mailingest} (bench.targets.Mailingest, SQLite and local disk
 unless --postgres), its DNS server being bench.dns_stub publishing the
@@ -29,11 +32,16 @@ from bench.targets import DOMAIN, HOST, RECIPIENT, SENDER, Mailingest, tool
 CASE = "h= of 10,000 absent names, 45,000 fields"
 
 
-def send_crafted(port: int, message: bytes, count: int, connections: int = 4) -> None:
+def crafted_org(n: int) -> str:
+    return f"crafted{n}"
+
+
+def send_crafted(port: int, message: bytes, count: int, orgs: int, connections: int = 4) -> None:
     def session(first: int) -> None:
         with smtplib.SMTP(HOST, port, timeout=120) as client:
             for n in range(first, count, connections):
-                client.sendmail(SENDER, [RECIPIENT], message.replace(b"Subject: crafted", b"Message-ID: <c%d@x>" % n))
+                rcpt = RECIPIENT if orgs == 1 else f"orders+{crafted_org(n % orgs)}@{DOMAIN}"
+                client.sendmail(SENDER, [rcpt], message.replace(b"Subject: crafted", b"Message-ID: <c%d@x>" % n))
 
     threads = [threading.Thread(target=session, args=(n,)) for n in range(min(connections, count))]
     for thread in threads:
@@ -45,6 +53,7 @@ def send_crafted(port: int, message: bytes, count: int, connections: int = 4) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.crafted_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=8, help="crafted messages [default: 8]")
+    parser.add_argument("--orgs", type=int, default=1, help="organisations the crafted messages go to [default: 1]")
     parser.add_argument("--postgres", metavar="DSN", help="a PostgreSQL server to create the database on")
     parser.add_argument("--timeout", type=float, default=600.0, help="how long to wait for parsed [default: 600]")
     args = parser.parse_args(argv)
@@ -56,18 +65,19 @@ def main(argv=None) -> int:
 
     directory = tempfile.mkdtemp(prefix="mailingest-bench-")
     with KeyedMailingest(directory, Backend(postgres=args.postgres)) as server:
-        subprocess.run(
-            [tool("mailingest"), "--database", server.database.url, "org", "add", OTHER_ORG],
-            cwd=directory, check=True, stdout=subprocess.DEVNULL,
-        )
+        for org in [OTHER_ORG] + ([crafted_org(n) for n in range(args.orgs)] if args.orgs > 1 else []):
+            subprocess.run(
+                [tool("mailingest"), "--database", server.database.url, "org", "add", org],
+                cwd=directory, check=True, stdout=subprocess.DEVNULL,
+            )
         started = time.time()
-        send_crafted(server.port, message, args.count)
+        send_crafted(server.port, message, args.count, args.orgs)
         sent = time.time() - started
         time.sleep(1)  # the crafted checks under way
         replied = send(server.port, SENDER, f"orders+{OTHER_ORG}@{DOMAIN}", "<other@bench.test>")
         crafted_ids = [f"<c{n}@x>" for n in range(args.count)]
         parsed = wait_parsed(server, ["<other@bench.test>", *crafted_ids], args.timeout)
-    print(f"{args.count} crafted messages ({len(message) // 1024} KiB) sent in {sent:.1f} s")
+    print(f"{args.count} crafted messages ({len(message) // 1024} KiB) to {args.orgs} organisation(s) sent in {sent:.1f} s")
     if "<other@bench.test>" not in parsed:
         print(f"the other organisation's message: not parsed within {args.timeout:.0f} s")
         return 1
