@@ -52,8 +52,8 @@ MAX_RUN = 64
 _LONG_RUN = re.compile(rb"(?<![\s=])[\s=]{%d}" % (MAX_RUN + 1))
 
 
-# dkimpy's own steps, which L{install} replaces: the fallbacks below call
-# them, and the tests compare each replacement with them.
+# dkimpy's own steps, which L{install} replaces: the tests compare each
+# replacement with them, and compress_whitespace's slow path is dkimpy's.
 DKIMPY = {
     "rfc822_parse": dkim.rfc822_parse,
     "select_headers": dkim.select_headers,
@@ -158,6 +158,7 @@ def strip_trailing_whitespace(content: bytes) -> bytes:
 
 
 def compress_whitespace(content: bytes) -> bytes:
+    """C{dkim.canonicalization.compress_whitespace}, at once when there is no tab and no two spaces (base64, most text)."""
     if b"\t" not in content and b"  " not in content:
         return content
     return DKIMPY["compress_whitespace"](content)
@@ -185,8 +186,6 @@ def _canonicalize_body(policy, body: bytes) -> bytes:
 def forget_body() -> None:
     """Let go of the last body this thread canonicalized (a message's checks are over)."""
     _memo.body = _memo.done = None
-
-
 
 
 def install() -> None:
