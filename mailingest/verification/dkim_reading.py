@@ -16,12 +16,11 @@ So: L{read_fields} gives dkimpy's C{(headers, body)} exactly as
 C{rfc822_parse} would (tests compare the two on random sections), with
 C{bytes} methods and one regular expression, and refuses a header section of
 more than L{MAX_FIELDS} fields (every signature canonicalizes all of them);
-L{install} puts in dkimpy's module the same header selection and body
-canonicalization with a cost linear in their input, the body's reused by a
-message's later signatures of the same canonicalization; and L{long_run}
-finds the signature fields whose tags dkimpy's own patterns (its checks of
-b=, bh= and h=, its removal of b= before hashing) would take quadratic time
-over, which are not given to it.
+L{install} puts in dkimpy's module the same header selection, b= removal
+and body canonicalization with a cost linear in their input, the body's
+reused by a message's later signatures of the same canonicalization; and
+L{long_run} finds the signature fields whose tags dkimpy's own patterns would
+take quadratic time over, which are not given to it.
 """
 
 import re
@@ -41,10 +40,14 @@ _FIELD = re.compile(rb"([\x21-\x7e]+?):([^\n]*\n(?:[ \t][^\n]*\n)*)")
 _MBOX_FROM = re.compile(rb"^From [^\n]*\n", re.MULTILINE)
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _TRAILING_WHITESPACE = re.compile(rb"(?<![\t ])[\t ]++\r\n")
+# dkimpy's pattern for a signature's b= value (RE_BTAG, kept by the b= removed
+# before the field is hashed): its folding whitespace, (?:(?:\s*\r?\n)?\s+)?,
+# matches just what \s* matches, in many ways each, and a long run of it
+# before a ";" took dkimpy's quadratic time. The same match, with none.
+B_TAG = re.compile(rb"([;\s]b\s*+=)(?:\s*+[a-zA-Z0-9+/=])*+(?:\r?\n\Z)?")
 # A signature field's run of whitespace and "=" longer than any signer
 # writes (folding and base64 padding take a few): dkimpy's checks of its tags
-# (b=, bh=, h=) and its removal of b= (RE_BTAG, whose folding whitespace
-# matches a run in many ways) take time quadratic in such a run's length.
+# (b=, bh=, h=) take time quadratic in such a run's length.
 MAX_RUN = 64
 _LONG_RUN = re.compile(rb"(?<![\s=])[\s=]{%d}" % (MAX_RUN + 1))
 
@@ -58,6 +61,7 @@ DKIMPY = {
     "strip_trailing_whitespace": dkim.canonicalization.strip_trailing_whitespace,
     "compress_whitespace": dkim.canonicalization.compress_whitespace,
     "canonicalize_body": dkim.canonicalization.CanonicalizationPolicy.canonicalize_body,
+    "RE_BTAG": dkim.RE_BTAG,
 }
 
 
@@ -187,6 +191,7 @@ def forget_body() -> None:
 def install() -> None:
     """Put this module's linear steps in dkimpy's place (idempotent)."""
     dkim.select_headers = select_headers
+    dkim.RE_BTAG = B_TAG
     dkim.canonicalization.strip_trailing_lines = strip_trailing_lines
     dkim.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
     dkim.canonicalization.compress_whitespace = compress_whitespace
