@@ -89,6 +89,12 @@ def cases(private: bytes) -> dict[str, bytes]:
             rb"(\s)b=", rb"\1b=A" + b" " * 200000 + b"!", signed(TOP + body, private), count=1
         ),
         "signed body holding a run of 100,000 spaces": signed(TOP + b"\r\n" + b" " * 100000 + b"x \r\n", private),
+        "b= of 240 KiB, runs of 64 spaces": re.sub(
+            rb"(\s)b=", rb"\1b=" + (b"A" + b" " * 64) * 3780 + b"!", signed(TOP + body, private), count=1
+        ),
+        "z= holding \" b=A\" and folds 3,700 times": re.sub(
+            rb"(\s)b=", b"z=" + (b" b=A" + b" \r\n " * 15) * 3700 + rb";\1b=", signed(TOP + body, private), count=1
+        ),
     }
 
 
