@@ -82,6 +82,10 @@ def cases(private: bytes) -> dict[str, bytes]:
         "h= of 10,000 absent names, 45,000 fields": signed(
             TOP + b"a:\r\n" * ((HEADER_ROOM - 70000) // 4) + body, private, 1, absent
         ),
+        "h= of 35,000 absent names (folded), 990 fields": signed(
+            TOP + b"a:\r\n" * 985 + body, private, 1,
+            [b":\r\n ".join(b":".join(b"x%d" % i for i in range(n, n + 10)) for n in range(0, 35000, 10))],
+        ),
         "10 signatures, 10 MiB body of short lines": signed(TOP + b"\r\n" + b"a\r\n" * (10 * 1024 * 1024 // 3), private, 10),
         "50 ARC sets, 10 MiB body": arc_sets(TOP + b"\r\n" + b"a\r\n" * (10 * 1024 * 1024 // 3), private, 50),
         "a 120 KiB line without a colon": TOP + b"a" * (120 * 1024) + b"\r\n" + body,
