@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 from mailingest.extraction.background import run_in_background
 from mailingest.extraction.text_body import HEADER_LIMIT, one_text_body
+from mailingest.verification.dkim_reading import header_end
 from mailingest.verification.resolver import NotCached
 from mailingest.verification.verify import verify_message
 
@@ -38,10 +39,8 @@ HEADER_SECTION_LIMIT = 256 * 1024
 # Checked from the cache in the reading thread only up to this size: a bigger
 # signed message's body hash would keep the next requests from their threads.
 CHECKED_AT_ONCE_BYTES = 64 * 1024
-# The empty line that ends the header section, and a field that signs the
-# message, each after a line end (searched in the section after a LF put first:
-# a pattern led by a literal LF is searched fast).
-_BLANK_LINE = re.compile(rb"\n\r?\n")
+# A field that signs the message, after a line end (searched with a LF put
+# first: a pattern led by a literal LF is searched fast).
 _SIGNATURE_FIELD = re.compile(rb"\n(?:dkim-signature:|arc-)", re.IGNORECASE)
 
 
@@ -54,11 +53,10 @@ def message_for_checks(raw: BinaryIO, limit: int | None = None) -> bytes | None:
     C{limit} bytes, and the body is not read much past the limit.
     """
     head = raw.read(min(HEADER_SECTION_LIMIT, limit or HEADER_SECTION_LIMIT) + 1)
-    lines = b"\n" + head
-    blank = _BLANK_LINE.search(lines)
-    if blank is None or _SIGNATURE_FIELD.search(lines, 0, blank.start() + 1):
+    ends = header_end(head)
+    if ends is None or _SIGNATURE_FIELD.search(b"\n" + head, 0, ends[0] + 1):
         return _with_the_rest(head, raw, limit)
-    return _within(head[: blank.end() - 1], limit)
+    return _within(head[: ends[1]], limit)
 
 
 def _with_the_rest(head: bytes, raw: BinaryIO, limit: int | None) -> bytes | None:

@@ -76,6 +76,18 @@ def _crlf(text: bytes) -> bytes:
     return text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def header_end(message: bytes) -> tuple[int, int] | None:
+    """
+    Where dkimpy's header section ends: the end of its last field's line,
+    and the start of the body after the empty line; None when no line is
+    empty (lines end in CRLF or LF alone).
+    """
+    if message.startswith((b"\n", b"\r\n")):
+        return 0, message.index(b"\n") + 1
+    blank = _BLANK_LINE.search(message)
+    return None if blank is None else (blank.start() + 1, blank.end())
+
+
 def read_fields(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """
     C{dkim.rfc822_parse(message)}: the header fields as C{[name, value]}
@@ -85,15 +97,13 @@ def read_fields(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """
     if not message:
         return [], b""
-    if message.startswith((b"\n", b"\r\n")):
-        return [], _crlf(message[message.index(b"\n") + 1 :])
-    blank = _BLANK_LINE.search(message)
-    if blank is None:
+    ends = header_end(message)
+    if ends is None:
         section, body = message.replace(b"\r\n", b"\n"), b""  # every line a field's, the body empty
         if not section.endswith(b"\n"):
             section += b"\n"  # the last line ends where the message does (a CR before is the line's)
     else:
-        section, body = message[: blank.start() + 1].replace(b"\r\n", b"\n"), _crlf(message[blank.end() :])
+        section, body = message[: ends[0]].replace(b"\r\n", b"\n"), _crlf(message[ends[1] :])
     if b"From " in section:
         section = _MBOX_FROM.sub(b"", section)
     fields = section.count(b"\n") - section.count(b"\n ") - section.count(b"\n\t") - (section[:1] in (b" ", b"\t"))
