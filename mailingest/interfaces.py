@@ -509,7 +509,9 @@ class IReadStore(IStoreRole):
     def search_messages(org_id: int, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit: int = 50):
         """
         Fire with one page of an organisation's messages, newest first, each with its number of documents:
-        by id, or for a date range without a sender or an indexed text, by received time then id.
+        by id, or for a date range without a sender or an indexed text, by received time then id. The page is a
+        L{mailingest.storage.stores.search.SearchRows}: a text search that stopped short of a full page, to bound
+        what it costs, says how far back it looked (its C{searched_to}, the cursor to go on from).
         """
 
     def message_events(message_id: int):

@@ -6,6 +6,7 @@ so SQLite and PostgreSQL are held to the same behaviour by the same tests.
 """
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
@@ -137,6 +138,35 @@ class StoreContract:
 
         yield self.store.engine.interaction(look)
         self.assertEqual(given, [True])
+
+    @defer.inlineCallbacks
+    def test_read_within_stops_a_slow_read_and_the_transaction_goes_on(self):
+        """
+        A read that takes longer than its limit is stopped by the database
+        (seconds of counting, stopped at 0.05 s), what the transaction did
+        before it is kept, and a read within its limit gives its rows.
+        """
+        slow = (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000)"
+            " SELECT MAX(x) AS top FROM c"
+        )
+
+        @defer.inlineCallbacks
+        def run(txn):
+            yield txn.execute("INSERT INTO organization (slug, name, created_at) VALUES (?, ?, ?)", ("slowpoke", "S", T0))
+            started = time.monotonic()
+            stopped = yield txn.read_within(0.05, slow)
+            took = time.monotonic() - started
+            quick = yield txn.read_within(5, "SELECT slug FROM organization WHERE slug = ?", ("slowpoke",))
+            yield txn.execute("SELECT 1 AS one")
+            return stopped, took, quick, txn.fetchall()
+
+        stopped, took, quick, after = yield self.store.engine.interaction(run)
+        self.assertIsNone(stopped)
+        self.assertLess(took, 2.0)
+        self.assertEqual(quick, [{"slug": "slowpoke"}])
+        self.assertEqual(after, [{"one": 1}])
+        self.assertIn("slowpoke", [o["slug"] for o in (yield self.added_orgs())])
 
     @defer.inlineCallbacks
     def added_orgs(self):

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from datetime import datetime, timezone
+from html import unescape
 from urllib.parse import urlencode
 
 import treq
@@ -27,6 +28,8 @@ from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, Co
 from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
 from mailingest.handoff.api import encode_cursor
 from mailingest.ops import metrics
+from mailingest.storage.stores import reads, search
+from mailingest.storage.stores.base import StorableTransaction
 from tests.test_api import PDF, ApiCase
 
 HOSTILE = '<script>document.title="pwned"</script>'
@@ -455,6 +458,28 @@ class ConsoleHttpTests(ConsoleCase):
         _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?from={today}&to={today}&sender=sender%40customer.test", cookie)
         self.assertIn("Order 1", body)
         self.assertIn("Order 2", body)
+
+    @defer.inlineCallbacks
+    def test_a_search_stopped_short_says_how_far_it_looked_and_goes_on(self):
+        """
+        A search the store stopped before a full page (a text slow to look
+        for) says since when it searched and links to go on from there, with
+        the filters kept; going on finds the older message.
+        """
+        older = yield self.deliver("acme", 1)
+        yield self.deliver("acme", 2)
+        acme = yield self.daemon.store.get_org("acme")
+        cookie = yield self.sign_in("acme")
+        self.patch(StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
+        self.patch(search, "WINDOW_MESSAGES", 1)
+        self.patch(reads, "SEARCH_SECONDS", 0)
+        _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?q=acme-1%40", cookie)
+        self.assertIn("Searched the messages received since", body)
+        self.assertNotIn("No messages match.", body)
+        [link] = re.findall(r'href="(/console/orgs/[^"]*cursor=[^"]*)"[^>]*>Search older messages', body)
+        self.assertIn("q=acme-1%40", link)
+        _, body = yield self.request("GET", unescape(link), cookie)
+        self.assertIn(f'href="/console/messages/{older}"', body)
 
     @defer.inlineCallbacks
     def test_organisation_page_shows_its_domains_and_messages_where_they_came_in(self):

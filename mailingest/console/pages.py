@@ -124,7 +124,13 @@ def domains_section(domains: list[dict]) -> list:
 
 def messages(
     org: dict, rows: list[dict], filters: dict, next_cursor: str | None, session, error: str | None = None, domains: list[dict] = (),
+    searched_to: dict | None = None,
 ) -> Tag:
+    """
+    An organisation's messages. C{searched_to} is the oldest message a text
+    search looked at when it stopped short of a full page (the store bounds
+    what one search costs): the page says so and offers to go on from there.
+    """
     form = tags.form(method="get", action=f"/console/orgs/{org['id']}/messages", class_="filters")(
         tags.label("Search ", tags.input(type="search", name="q", value=filters.get("q", ""), placeholder="subject, sender or Message-ID")),
         tags.label(
@@ -152,12 +158,20 @@ def messages(
         )
         for row in rows
     ]
-    more = ""
+    more = stopped = ""
     if next_cursor:
         query = {k: v for k, v in filters.items() if v and k != "cursor"}
         query["cursor"] = next_cursor
-        more = tags.p(tags.a("Older messages →", href=f"/console/orgs/{org['id']}/messages?{urlencode(query)}", rel="next"))
-    empty = tags.p("No messages match.") if not rows and not error else ""
+        older = f"/console/orgs/{org['id']}/messages?{urlencode(query)}"
+        more = tags.p(tags.a("Older messages →", href=older, rel="next"))
+        if searched_to is not None:
+            more, stopped = "", tags.p(
+                f"Searched the messages received since {when(searched_to['received_at'])}: this text is slow to"
+                " look for, so older messages are searched on request. ",
+                tags.a("Search older messages →", href=older, rel="next"),
+                class_="notice", role="status",
+            )
+    empty = tags.p("No messages match.") if not rows and not error and not stopped else ""
     return layout(
         f"Messages of {org['slug']}",
         [
@@ -166,6 +180,7 @@ def messages(
             form,
             table(("Status", "Sender", "Subject", "Received", "Documents"), table_rows),
             empty,
+            stopped,
             more,
         ],
         session,

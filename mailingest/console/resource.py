@@ -320,8 +320,11 @@ class _OrgMessages(_Page):
             return await site.page(request, pages.messages(orgs[0], [], filters, None, session, str(e)), 400)
         rows = await site.store.search_messages(id, limit=PAGE_SIZE + 1, **search)
         cursor = encode_cursor(rows[PAGE_SIZE - 1]["id"]) if len(rows) > PAGE_SIZE else None
+        if rows.searched_to is not None:
+            cursor = encode_cursor(rows.searched_to["id"])
         domains = await site.store.list_domains(org_id=id)
-        await site.page(request, pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session, domains=domains))
+        page = pages.messages(orgs[0], rows[:PAGE_SIZE], filters, cursor, session, domains=domains, searched_to=rows.searched_to)
+        await site.page(request, page)
 
 
 class _Org(_Page):

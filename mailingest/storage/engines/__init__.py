@@ -29,6 +29,14 @@ class IDatabaseTransaction(Interface):
     def execute(sql: str, args: tuple = ()) -> Any:
         """Run one statement; returns a Deferred."""
 
+    def read_within(seconds: float, sql: str, args: tuple = ()) -> Any:
+        """
+        Run one SELECT, stopped by the database if it takes longer than
+        C{seconds}; a Deferred firing with its rows (dicts), or None when it
+        was stopped (the transaction goes on). For a read whose cost the
+        data decides, so that it cannot hold a connection others wait for.
+        """
+
     def fetchall() -> list[dict]:
         """Rows of the last statement, as dicts."""
 

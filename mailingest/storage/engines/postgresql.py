@@ -271,6 +271,24 @@ class _PostgresqlTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()) -> defer.Deferred:
         return self._cursor.execute(_pyformat(sql), tuple(args)).addCallback(lambda _: None)
 
+    @defer.inlineCallbacks
+    def read_within(self, seconds: float, sql: str, args: tuple = ()):
+        # The server's statement_timeout, inside a savepoint: a cancelled
+        # statement aborts only what follows the savepoint, and rolling back to
+        # it also ends the SET LOCAL.
+        yield self.execute("SAVEPOINT read_within")
+        yield self.execute(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+        try:
+            yield self.execute(sql, args)
+        except defer.CancelledError:  # txpostgres's name for the server's "canceling statement"
+            yield self.execute("ROLLBACK TO SAVEPOINT read_within")
+            yield self.execute("RELEASE SAVEPOINT read_within")
+            return None
+        rows = self.fetchall()
+        yield self.execute("SET LOCAL statement_timeout TO DEFAULT")
+        yield self.execute("RELEASE SAVEPOINT read_within")
+        return rows
+
 
 @implementer(IEngine)
 class PostgresqlEngine(Engine):

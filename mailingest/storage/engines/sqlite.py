@@ -16,6 +16,7 @@ poll again later), so a queued insert gets the connection next.
 
 import os
 import sqlite3
+import time
 from datetime import datetime, timezone
 
 from twisted.enterprise import adbapi
@@ -26,6 +27,8 @@ from zope.interface import implementer
 from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 BUSY_TIMEOUT_MS = 10000
+# How often (in steps of SQLite's machine) a time-limited read looks at the clock: about 0.1 ms apart.
+PROGRESS_STEPS = 1000
 
 # Migration 017's search index (replacing 013's, which held the organisation
 # as a token of its own): an FTS5 trigram table over subject, sender and
@@ -97,6 +100,23 @@ class _SqliteTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()):
         self._cursor.execute(sql, args)
         return defer.succeed(None)
+
+    def read_within(self, seconds: float, sql: str, args: tuple = ()):
+        # SQLite calls the handler every PROGRESS_STEPS steps of its machine,
+        # FTS5's own reading included; a true answer stops the statement.
+        deadline = time.monotonic() + seconds
+        connection = self._cursor.connection
+        connection.set_progress_handler(lambda: time.monotonic() > deadline, PROGRESS_STEPS)
+        try:
+            self._cursor.execute(sql, args)
+            rows = self._cursor.fetchall()
+        except sqlite3.OperationalError as e:
+            if str(e) != "interrupted":
+                raise
+            return defer.succeed(None)
+        finally:
+            connection.set_progress_handler(None, 0)
+        return defer.succeed([dict(row) for row in rows])
 
 
 def _result_of(d: defer.Deferred):

@@ -74,6 +74,9 @@ class StorableTransaction:
     def execute(self, sql: str, args: tuple = ()):
         return self._txn.execute(sql, tuple(storable(value) for value in args))
 
+    def read_within(self, seconds: float, sql: str, args: tuple = ()):
+        return self._txn.read_within(seconds, sql, tuple(storable(value) for value in args))
+
 
 def _storable_interaction(txn, fn: Callable[..., Coroutine], *args, **kwargs) -> defer.Deferred:
     # Engines run interactions that return Deferreds; ours are coroutines.

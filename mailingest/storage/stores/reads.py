@@ -1,12 +1,16 @@
 """The read model: the pages of messages, documents and events the API, the console and the admin command show."""
 
+import time
+
 from zope.interface import implementer
 
 from mailingest.interfaces import IReadStore
 from mailingest.storage.stores.base import (
-    EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, message_row, org_row, select_with_org,
+    EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, marks, message_row, org_row, select_with_org,
 )
-from mailingest.storage.stores.search import TextSearch, fts_ready, pg_index_built
+from mailingest.storage.stores.search import (
+    READ_ROWS, SEARCH_SECONDS, WHOLE_SECONDS, SearchRows, TextSearch, fts_ready, pg_index_built, window_below,
+)
 
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
@@ -57,6 +61,21 @@ async def _after(txn, order: str, before_id: int | None) -> tuple[list[str], lis
             at = row["received_at"]
             return ["m.received_at <= ?", "(m.received_at < ? OR m.id < ?)"], [at, at, before_id]
     return ["m.id < ?"], [before_id]
+
+
+# The console's page: a message's summary with its number of documents.
+_PAGE_COLUMNS = (
+    "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
+    " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
+)
+
+
+def _search_sql(found: TextSearch, org_id: int, order: str, where: list[str], args: list, limit: int) -> tuple[str, tuple]:
+    """The console's page query: the organisation's rows C{found} reads, with C{where}, in C{order}."""
+    return (
+        f"{_PAGE_COLUMNS} FROM {found.source} WHERE " + " AND ".join(["m.org_id = ?", *found.where, *where]) + f" ORDER BY {order} LIMIT ?",
+        (org_id, *found.args, *args, limit),
+    )
 
 
 @implementer(IReadStore)
@@ -197,8 +216,9 @@ class ReadStore(StoreBase):
         return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
+        started = time.monotonic()
         found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._index_ready(txn))
-        where, args = ["m.org_id = ?", *found.where], [org_id, *found.args]
+        filters, filter_args = [], []
         for clause, value in (
             ("m.status = ?", status),
             ("m.received_at >= ?", since),
@@ -206,8 +226,8 @@ class ReadStore(StoreBase):
             ("LOWER(m.mail_from) = ?", sender.lower() if sender else None),
         ):
             if value is not None:
-                where.append(clause)
-                args.append(value)
+                filters.append(clause)
+                filter_args.append(value)
         # A sender's index is (org_id, LOWER(mail_from), received_at, id); an indexed text has its own order.
         dated = (since is not None or until is not None or bool(sender)) and not found.indexed
         order = _BY_TIME if dated else found.order
@@ -215,15 +235,46 @@ class ReadStore(StoreBase):
             after, after_args = await _after(txn, order, before_id)
         else:
             after, after_args = found.cursor(before_id)
-        where += after
-        args += after_args
-        await txn.execute(
-            "SELECT m.id, m.status, m.mail_from, m.subject, m.source_message_id, m.received_at,"
-            " (SELECT COUNT(*) FROM document d WHERE d.inbound_message_id = m.id) AS documents"
-            f" FROM {found.source} WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?",
-            (*args, limit),
-        )
-        return txn.fetchall()
+        sql, args = _search_sql(found, org_id, order, [*filters, *after], [*filter_args, *after_args], limit)
+        if not text:
+            await txn.execute(sql, args)
+            return SearchRows(txn.fetchall())
+        rows = await txn.read_within(WHOLE_SECONDS, sql, args)
+        if rows is not None:
+            return SearchRows(rows)
+        return await self._search_windows(txn, started, org_id, text, filters, filter_args, before_id, limit)
+
+    async def _search_windows(self, txn, started, org_id, text, filters, filter_args, before_id, limit):
+        """
+        The text search the database stopped, again a window of messages at
+        a time (see L{mailingest.storage.stores.search.WHOLE_SECONDS}):
+        SQLite's index reads only the window's stretch of each trigram's
+        list, PostgreSQL's would read all of them, so there the rows are read.
+        """
+        kind = self.engine.text_search
+        found = TextSearch(kind if kind == "fts5" else READ_ROWS, org_id, text, self._search_indexed)
+        rows = SearchRows()
+        window = await window_below(txn, org_id, before_id)
+        while True:
+            where, args, order = found.window(window.before_id, window.floor)
+            newest_first = order == _BY_ID
+            await txn.execute(
+                f"SELECT m.id FROM {found.source} WHERE " + " AND ".join(["m.org_id = ?", *found.where, *filters, *where])
+                + f" ORDER BY {order}" + (" LIMIT ?" if newest_first else ""),
+                (org_id, *found.args, *filter_args, *args, *([limit - len(rows)] if newest_first else [])),
+            )
+            ids = [row["id"] for row in txn.fetchall()]
+            ids = ids if newest_first else ids[::-1][:limit - len(rows)]
+            if ids:
+                await txn.execute(f"{_PAGE_COLUMNS} FROM inbound_message m WHERE m.id IN ({marks(ids)}) ORDER BY m.id DESC", ids)
+                rows += txn.fetchall()
+            if len(rows) >= limit or window.floor is None:
+                return rows
+            if time.monotonic() - started >= SEARCH_SECONDS:
+                await txn.execute("SELECT id, received_at FROM inbound_message WHERE id = ?", (window.floor,))
+                rows.searched_to = txn.fetchone()
+                return rows
+            window = await window_below(txn, org_id, window.floor)
 
     _search_indexed = False
 

@@ -24,12 +24,26 @@ organisation's mail, at no cost to intake (each row is in one index).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mailingest.storage.engines import IDatabaseTransaction
 from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row
 
 # Trigram indexes know nothing shorter.
 MIN_INDEXED = 3
+# What one search may cost. A text whose every trigram is common (a phrase
+# of everyday words, "order for") or too short for the index makes the index
+# hand over most of the organisation's messages to be read and rechecked:
+# 0.1-0.6 s for 200,000 messages, on the connection intake also needs. So the
+# whole history is searched for at most WHOLE_SECONDS; when the database
+# stops that, the search reads the organisation's messages newest first, in
+# windows of WINDOW_MESSAGES, until the page is full or SEARCH_SECONDS have
+# passed, and says how far back it looked (L{SearchRows.searched_to}).
+WHOLE_SECONDS = 0.04
+SEARCH_SECONDS = 0.06
+WINDOW_MESSAGES = 10_000
+# TextSearch's kind for reading the rows, whatever index the engine has.
+READ_ROWS = "rows"
 # Rows indexed per SQLite transaction while filling the index: short enough
 # that a message insert waiting behind one is not delayed noticeably.
 BACKFILL_BATCH = 2000
@@ -69,7 +83,7 @@ class TextSearch:
         self.indexed, self._top = False, None
         if not text:
             return
-        if len(text) < MIN_INDEXED or (kind == "fts5" and not indexed):
+        if len(text) < MIN_INDEXED or kind == READ_ROWS or (kind == "fts5" and not indexed):
             self.where, self.args = [_SCAN], [like_pattern(text)] * 3
             return
         self.indexed = True
@@ -77,7 +91,7 @@ class TextSearch:
             # Rowid (org_id + 1) * SEARCH_ORG_SPAN - id: the organisation's stretch, newest first.
             self._top = (int(org_id) + 1) * SEARCH_ORG_SPAN
             self.source = "message_search s CROSS JOIN inbound_message m"
-            self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?", f"s.rowid < {self._top}"]
+            self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?"]
             self.args = [fts_query(text)]
             self.order, self._after = "s.rowid", f"s.rowid > {self._top} - ?"
             return
@@ -93,9 +107,65 @@ class TextSearch:
         table always has one: its lower bound on the rowid, where FTS5 starts
         (the start of the organisation's stretch without a cursor).
         """
+        return self._bounds(before_id, None)
+
+    def window(self, before_id: int | None, floor: int | None) -> tuple[list[str], list, str]:
+        """
+        The conditions for rows older than C{before_id} down to the message
+        C{floor} (None: to the first), and the order to read them in: oldest
+        first from SQLite's index (FTS5 walks a list forward past its upper
+        bound when nothing matches, 0.1 s for a common text; backwards it
+        reads only the stretch), else newest first.
+        """
+        where, args = self._bounds(before_id, floor)
+        return where, args, ("s.rowid DESC" if self._top is not None else "m.id DESC")
+
+    def _bounds(self, before_id: int | None, floor: int | None) -> tuple[list[str], list]:
+        # FTS5 takes one bound on each side: given two upper bounds, it may
+        # keep the looser one, so the stretch's end is given only without a floor.
+        where, args = ([self._after], [before_id]) if before_id is not None else ([], [])
         if self._top is not None:
-            return [self._after], [SEARCH_ORG_SPAN if before_id is None else before_id]
-        return ([self._after], [before_id]) if before_id is not None else ([], [])
+            where, args = [self._after], [SEARCH_ORG_SPAN if before_id is None else before_id]
+            where.append(f"s.rowid < {self._top}" if floor is None else f"s.rowid <= {self._top} - ?")
+        elif floor is not None:
+            where.append("m.id >= ?")
+        args += [] if floor is None else [floor]
+        return where, args
+
+
+@dataclass
+class Window:
+    """
+    Where a windowed search reads next: the messages below C{before_id}
+    down to C{floor}, the organisation's WINDOW_MESSAGES-th message below it
+    (None when fewer are left: down to its first).
+    """
+
+    before_id: int | None
+    floor: int | None
+
+
+async def window_below(txn: IDatabaseTransaction, org_id: int, before_id: int | None) -> Window:
+    """The next window of the organisation's messages, from the (org_id, id) index alone."""
+    below, args = ("AND id < ? ", (before_id,)) if before_id is not None else ("", ())
+    await txn.execute(
+        f"SELECT id FROM inbound_message WHERE org_id = ? {below}ORDER BY org_id DESC, id DESC LIMIT 1 OFFSET ?",
+        (org_id, *args, WINDOW_MESSAGES - 1),
+    )
+    row = txn.fetchone()
+    return Window(before_id, row["id"] if row else None)
+
+
+class SearchRows(list):
+    """
+    A page of a text search's rows. C{searched_to} is None when the search
+    looked through all of the organisation's messages the page could come
+    from; else it stopped short of a full page (see L{SEARCH_SECONDS}) and
+    it is the oldest message it looked at (C{id}, C{received_at}): searching
+    again with that id as the cursor goes on from there.
+    """
+
+    searched_to: dict | None = None
 
 
 async def fts_ready(txn: IDatabaseTransaction) -> bool:
