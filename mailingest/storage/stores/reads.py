@@ -256,6 +256,7 @@ class ReadStore(StoreBase):
         rows = SearchRows()
         window = await window_below(txn, org_id, before_id)
         while True:
+            began = time.monotonic()
             where, args, order = found.window(window.before_id, window.floor)
             newest_first = order == _BY_ID
             await txn.execute(
@@ -270,7 +271,8 @@ class ReadStore(StoreBase):
                 rows += txn.fetchall()
             if len(rows) >= limit or window.floor is None:
                 return rows
-            if time.monotonic() - started >= SEARCH_SECONDS:
+            # Another window like this one would end past SEARCH_SECONDS: stop here.
+            if 2 * time.monotonic() - began - started >= SEARCH_SECONDS:
                 await txn.execute("SELECT id, received_at FROM inbound_message WHERE id = ?", (window.floor,))
                 rows.searched_to = txn.fetchone()
                 return rows

@@ -37,11 +37,12 @@ MIN_INDEXED = 3
 # 0.1-0.6 s for 200,000 messages, on the connection intake also needs. So the
 # whole history is searched for at most WHOLE_SECONDS; when the database
 # stops that, the search reads the organisation's messages newest first, in
-# windows of WINDOW_MESSAGES, until the page is full or SEARCH_SECONDS have
-# passed, and says how far back it looked (L{SearchRows.searched_to}).
+# windows of WINDOW_MESSAGES, until the page is full or another window would
+# end past SEARCH_SECONDS, and says how far back it looked
+# (L{SearchRows.searched_to}).
 WHOLE_SECONDS = 0.04
 SEARCH_SECONDS = 0.06
-WINDOW_MESSAGES = 10_000
+WINDOW_MESSAGES = 5_000
 # TextSearch's kind for reading the rows, whatever index the engine has.
 READ_ROWS = "rows"
 # Rows indexed per SQLite transaction while filling the index: short enough
