@@ -169,6 +169,45 @@ class StoreContract:
         self.assertIn("slowpoke", [o["slug"] for o in (yield self.added_orgs())])
 
     @defer.inlineCallbacks
+    def test_reading_reads_and_refuses_to_write(self):
+        @defer.inlineCallbacks
+        def write(txn):
+            yield txn.execute("INSERT INTO organization (slug, name, created_at) VALUES (?, ?, ?)", ("reader", "R", T0))
+
+        @defer.inlineCallbacks
+        def read(txn):
+            yield txn.execute("SELECT slug FROM organization WHERE slug = ?", (POSTMASTER_SLUG,))
+            return txn.fetchall()
+
+        self.assertEqual((yield self.store.engine.reading(read)), [{"slug": POSTMASTER_SLUG}])
+        yield self.assertFailure(self.store.engine.reading(write), Exception)
+        self.assertNotIn("reader", [o["slug"] for o in (yield self.added_orgs())])
+
+    @defer.inlineCallbacks
+    def test_no_write_waits_behind_reads(self):
+        """
+        Four long reads at once (a console's searches), then a write (a
+        message stored): the write is done before any of the reads.
+        """
+        done = []
+
+        def slow(txn, n):
+            d = txn.execute(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT MAX(x) AS top FROM c"
+            )
+            return d.addCallback(lambda _: done.append(f"read {n}"))
+
+        def write(txn):
+            d = txn.execute("INSERT INTO organization (slug, name, created_at) VALUES (?, ?, ?)", ("writer", "W", T0))
+            return d.addCallback(lambda _: done.append("write"))
+
+        reads = [self.store.engine.reading(slow, n) for n in range(4)]
+        yield self.store.engine.interaction(write)
+        yield defer.gatherResults(reads)
+        self.assertEqual(done[0], "write", done)
+        self.assertEqual(len(done), 5)
+
+    @defer.inlineCallbacks
     def added_orgs(self):
         """The organisations, without the reserved one every schema has."""
         orgs = yield self.store.list_orgs()

@@ -94,6 +94,15 @@ class IEngine(Interface):
     def background(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """An interaction for work nobody waits on: it must not hold up L{interaction}s."""
 
+    def reading(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """
+        An interaction that only reads (a write in it fails), for the pages
+        people and applications ask for: however long such reads take, and
+        however many come at once, none is queued in front of an
+        L{interaction}, so a tenant's console cannot hold another tenant's
+        mail.
+        """
+
     def claiming(fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """An interaction that claims work, or lets go of claims."""
 

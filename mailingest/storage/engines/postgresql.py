@@ -328,6 +328,7 @@ class PostgresqlEngine(Engine):
         self._channels: dict[str, list[Callable[[str], object]]] = {}
         self._claimer: _Connection | None = None
         self._claim_lock = defer.DeferredLock()
+        self._readers = defer.DeferredSemaphore(max(1, max_connections - 1))
 
     def __repr__(self) -> str:
         return f"<PostgresqlEngine {self._target.public}>"
@@ -373,6 +374,19 @@ class PostgresqlEngine(Engine):
     def interaction(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """Run C{fn(txn, *args, **kwargs)} in one transaction on a pooled connection."""
         return self._interaction(fn, args, kwargs)
+
+    def reading(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
+        """
+        A read-only transaction; at most all connections but one read at
+        once, so one is always left for the writes.
+        """
+
+        @defer.inlineCallbacks
+        def read_only(txn):
+            yield txn.execute("SET TRANSACTION READ ONLY")
+            return (yield fn(txn, *args, **kwargs))
+
+        return self._readers.run(self._interaction, read_only, (), {})
 
     def background(self, fn: Callable[..., Any], *args, **kwargs) -> defer.Deferred:
         """The same as L{interaction}: rows are locked one by one here, nothing waits on a whole-database lock."""

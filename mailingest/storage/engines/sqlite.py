@@ -27,6 +27,8 @@ from zope.interface import implementer
 from mailingest.storage.engines import CursorTransaction, Engine, IEngine
 
 BUSY_TIMEOUT_MS = 10000
+# Read-only connections for the read model (two, so that one long read does not queue the pages behind it).
+READERS = 2
 # How often (in steps of SQLite's machine) a time-limited read looks at the clock: about 0.1 ms apart.
 PROGRESS_STEPS = 1000
 
@@ -96,6 +98,11 @@ def _open(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
+def _open_reader(conn: sqlite3.Connection) -> None:
+    _open(conn)
+    conn.execute("PRAGMA query_only = ON")
+
+
 class _SqliteTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()):
         self._cursor.execute(sql, args)
@@ -162,6 +169,16 @@ class SqliteEngine(Engine):
             cp_max=1,
             cp_openfun=_open,
         )
+        # WAL lets readers read while the one writer commits: the pages people
+        # ask for are read on connections of their own (see IEngine.reading).
+        self._readers = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=READERS,
+            cp_openfun=_open_reader,
+        )
 
     def __repr__(self) -> str:
         return f"<SqliteEngine {self.path}>"
@@ -173,15 +190,19 @@ class SqliteEngine(Engine):
         """An interaction that gives way: it fails rather than wait long for a lock held elsewhere."""
         return self._interaction(BACKGROUND_BUSY_TIMEOUT_MS, fn, args, kwargs)
 
-    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs) -> defer.Deferred:
+    def reading(self, fn, *args, **kwargs) -> defer.Deferred:
+        """An interaction on a read-only connection: one snapshot, no write lock."""
+        return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN")
+
+    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs, pool=None, begin="BEGIN IMMEDIATE") -> defer.Deferred:
         def run(txn):
             txn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            txn.execute("BEGIN IMMEDIATE")
+            txn.execute(begin)
             return _result_of(
                 defer.maybeDeferred(fn, _SqliteTransaction(txn), *args, **kwargs)
             )
 
-        return self._pool.runInteraction(run)
+        return (pool or self._pool).runInteraction(run)
 
     def script(self, sql: str) -> list[str]:
         """Split a migration file into statements; a trigger's body holds C{;} of its own."""
@@ -205,4 +226,5 @@ class SqliteEngine(Engine):
 
     def close(self) -> defer.Deferred:
         self._pool.close()
+        self._readers.close()
         return defer.succeed(None)

@@ -130,6 +130,10 @@ class StoreBase:
         """Run the coroutine function C{fn(txn, *args, **kwargs)} in one transaction."""
         return self.engine.interaction(_storable_interaction, fn, *args, **kwargs)
 
+    def _read(self, fn: Callable[..., Coroutine], *args, **kwargs) -> defer.Deferred:
+        """For the read model: a read-only transaction no write waits behind (see L{IEngine.reading})."""
+        return self.engine.reading(_storable_interaction, fn, *args, **kwargs)
+
     def _background(self, fn: Callable[..., Coroutine], *args, **kwargs) -> defer.Deferred:
         """For work nobody waits on: it gives way to message inserts (see the SQLite engine)."""
         return self.engine.background(_storable_interaction, fn, *args, **kwargs)

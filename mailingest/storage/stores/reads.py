@@ -81,7 +81,7 @@ def _search_sql(found: TextSearch, org_id: int, order: str, where: list[str], ar
 @implementer(IReadStore)
 class ReadStore(StoreBase):
     def list_messages(self, org_slug=None, status=None, limit=50):
-        return self._run(self._list_messages, org_slug, status, limit)
+        return self._read(self._list_messages, org_slug, status, limit)
 
     async def _list_messages(self, txn, org_slug, status, limit):
         # Newest first by id, like the API and the console: an index holds each filter in that order.
@@ -97,7 +97,7 @@ class ReadStore(StoreBase):
         return [message_row(row) for row in txn.fetchall()]
 
     def get_message(self, message_id):
-        return self._run(self._get_message, int(message_id))
+        return self._read(self._get_message, int(message_id))
 
     async def _get_message(self, txn, message_id):
         await txn.execute(MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
@@ -112,7 +112,7 @@ class ReadStore(StoreBase):
         return txn.fetchone()["n"]
 
     def list_documents(self, org_slug=None, message_id=None, limit=None):
-        return self._run(self._list_documents, org_slug, message_id, limit)
+        return self._read(self._list_documents, org_slug, message_id, limit)
 
     async def _list_documents(self, txn, org_slug, message_id, limit):
         where, args = await _org_condition(txn, "d", org_slug)
@@ -133,7 +133,7 @@ class ReadStore(StoreBase):
         return txn.fetchall()
 
     def get_document(self, document_id):
-        return self._run(self._get_document, int(document_id))
+        return self._read(self._get_document, int(document_id))
 
     async def _get_document(self, txn, document_id):
         await txn.execute(_DOCUMENT_SELECT + " WHERE d.id = ?", (document_id,))
@@ -145,7 +145,7 @@ class ReadStore(StoreBase):
         By id; with C{since}, by received time (then id), so the range is read
         from an index in that order.
         """
-        return self._run(self._page_messages, org_id, status, since, before_id, int(limit))
+        return self._read(self._page_messages, org_id, status, since, before_id, int(limit))
 
     async def _page_messages(self, txn, org_id, status, since, before_id, limit):
         order = _BY_ID if since is None else _BY_TIME
@@ -160,7 +160,7 @@ class ReadStore(StoreBase):
 
     def org_summaries(self, since, org_id=None):
         """Each organisation (or the one C{org_id}) with its messages by status since C{since} and its last message time."""
-        return self._run(self._org_summaries, since, org_id)
+        return self._read(self._org_summaries, since, org_id)
 
     async def _org_summaries(self, txn, since, org_id):
         # Two queries whatever the number of organisations. The last message
@@ -213,7 +213,7 @@ class ReadStore(StoreBase):
         the search index from 3 characters on, else by reading the
         organisation's messages (L{mailingest.storage.stores.search}).
         """
-        return self._run(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
+        return self._read(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         started = time.monotonic()
@@ -294,21 +294,21 @@ class ReadStore(StoreBase):
 
     def message_events(self, message_id):
         """A message's webhook events, oldest first, with their attempts."""
-        return self._run(self._message_events, int(message_id))
+        return self._read(self._message_events, int(message_id))
 
     async def _message_events(self, txn, message_id):
         await txn.execute(EVENT_SELECT + " WHERE e.inbound_message_id = ? ORDER BY e.id", (message_id,))
         return txn.fetchall()
 
     def get_event(self, event_id):
-        return self._run(self._get_event, int(event_id))
+        return self._read(self._get_event, int(event_id))
 
     async def _get_event(self, txn, event_id):
         await txn.execute(EVENT_SELECT + " WHERE e.id = ?", (event_id,))
         return txn.fetchone()
 
     def list_events(self, org_slug=None, status=None, limit=50):
-        return self._run(self._list_events, org_slug, status, limit)
+        return self._read(self._list_events, org_slug, status, limit)
 
     async def _list_events(self, txn, org_slug, status, limit):
         where, args = await _org_condition(txn, "e", org_slug)
