@@ -2,6 +2,7 @@
 
 import time
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailingest.interfaces import IReadStore
@@ -78,8 +79,41 @@ def _search_sql(found: TextSearch, org_id: int, order: str, where: list[str], ar
     )
 
 
+class OrgTurns:
+    """
+    One read at a time per organisation: its pages and searches wait for
+    each other, not another organisation's for them, however many it asks
+    for at once (the read connections are few; see L{IEngine.reading}).
+    """
+
+    def __init__(self):
+        self._locks: dict[int, defer.DeferredLock] = {}
+
+    def run(self, org_id: int, f, *args) -> defer.Deferred:
+        lock = self._locks.setdefault(org_id, defer.DeferredLock())
+        return lock.run(f, *args).addBoth(self._forget, org_id, lock)
+
+    def _forget(self, result, org_id: int, lock: defer.DeferredLock):
+        if not lock.locked and not lock.waiting:
+            self._locks.pop(org_id, None)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 @implementer(IReadStore)
 class ReadStore(StoreBase):
+    _read_turns: OrgTurns | None = None
+
+    def _org_read(self, org_id: int | None, fn, *args) -> defer.Deferred:
+        """A read of one organisation's messages, in its turn (L{OrgTurns}); without an organisation, at once."""
+        if org_id is None:
+            return self._read(fn, *args)
+        if self._read_turns is None:
+            self._read_turns = OrgTurns()
+        return self._read_turns.run(int(org_id), self._read, fn, *args)
+
     def list_messages(self, org_slug=None, status=None, limit=50):
         return self._read(self._list_messages, org_slug, status, limit)
 
@@ -145,7 +179,7 @@ class ReadStore(StoreBase):
         By id; with C{since}, by received time (then id), so the range is read
         from an index in that order.
         """
-        return self._read(self._page_messages, org_id, status, since, before_id, int(limit))
+        return self._org_read(org_id, self._page_messages, org_id, status, since, before_id, int(limit))
 
     async def _page_messages(self, txn, org_id, status, since, before_id, limit):
         order = _BY_ID if since is None else _BY_TIME
@@ -213,7 +247,7 @@ class ReadStore(StoreBase):
         the search index from 3 characters on, else by reading the
         organisation's messages (L{mailingest.storage.stores.search}).
         """
-        return self._read(self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
+        return self._org_read(org_id, self._search_messages, org_id, status, since, until, sender, text, before_id, int(limit))
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         started = time.monotonic()
