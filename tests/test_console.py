@@ -472,6 +472,7 @@ class ConsoleHttpTests(ConsoleCase):
         cookie = yield self.sign_in("acme")
         self.patch(StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
         self.patch(search, "WINDOW_MESSAGES", 1)
+        self.patch(search, "INDEX_WINDOW_MESSAGES", 1)
         self.patch(reads, "SEARCH_SECONDS", 0)
         _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?q=acme-1%40", cookie)
         self.assertIn("Searched the messages received since", body)

@@ -325,6 +325,7 @@ class PlanContract:
         self.assertTrue(all(expected[text] for text, _ in cases[:-1]))
         self.patch(base.StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
         self.patch(search, "WINDOW_MESSAGES", 7)
+        self.patch(search, "INDEX_WINDOW_MESSAGES", 7)
         self.patch(reads, "SEARCH_SECONDS", 0)
         stops = 0
         for text, filters in cases:

@@ -166,8 +166,8 @@ def messages(
         more = tags.p(tags.a("Older messages →", href=older, rel="next"))
         if searched_to is not None:
             more, stopped = "", tags.p(
-                f"Searched the messages received since {when(searched_to['received_at'])}: this text is slow to"
-                " look for, so older messages are searched on request. ",
+                f"Searched the messages received since {when(searched_to['received_at'])}: searching further back"
+                " would take longer than one page may, so older messages are searched on request. ",
                 tags.a("Search older messages →", href=older, rel="next"),
                 class_="notice", role="status",
             )

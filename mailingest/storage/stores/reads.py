@@ -9,6 +9,7 @@ from mailingest.interfaces import IReadStore
 from mailingest.storage.stores.base import (
     EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, marks, message_row, org_row, select_with_org,
 )
+from mailingest.storage.stores import search
 from mailingest.storage.stores.search import (
     READ_ROWS, SEARCH_SECONDS, WHOLE_SECONDS, SearchRows, TextSearch, fts_ready, pg_index_built, window_below,
 )
@@ -288,7 +289,8 @@ class ReadStore(StoreBase):
         kind = self.engine.text_search
         found = TextSearch(kind if kind == "fts5" else READ_ROWS, org_id, text, self._search_indexed)
         rows = SearchRows()
-        window = await window_below(txn, org_id, before_id)
+        size = search.INDEX_WINDOW_MESSAGES if found.indexed else search.WINDOW_MESSAGES
+        window = await window_below(txn, org_id, before_id, size)
         while True:
             began = time.monotonic()
             where, args, order = found.window(window.before_id, window.floor)
@@ -310,7 +312,7 @@ class ReadStore(StoreBase):
                 await txn.execute("SELECT id, received_at FROM inbound_message WHERE id = ?", (window.floor,))
                 rows.searched_to = txn.fetchone()
                 return rows
-            window = await window_below(txn, org_id, window.floor)
+            window = await window_below(txn, org_id, window.floor, size)
 
     _search_indexed = False
 
