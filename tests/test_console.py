@@ -28,7 +28,7 @@ from mailingest.console.resource import COOKIE, HEADER_BYTES, SIGN_IN_COOKIE, Co
 from mailingest.console.sessions import MAX_SESSIONS_PER_TOKEN, Sessions
 from mailingest.handoff.api import encode_cursor
 from mailingest.ops import metrics
-from mailingest.storage.stores import reads, search
+from mailingest.storage.stores import search
 from mailingest.storage.stores.base import StorableTransaction
 from tests.test_api import PDF, ApiCase
 
@@ -473,7 +473,7 @@ class ConsoleHttpTests(ConsoleCase):
         self.patch(StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
         self.patch(search, "WINDOW_MESSAGES", 1)
         self.patch(search, "INDEX_WINDOW_MESSAGES", 1)
-        self.patch(reads, "SEARCH_SECONDS", 0)
+        self.patch(search, "SEARCH_SECONDS", 0)
         _, body = yield self.request("GET", f"/console/orgs/{acme['id']}/messages?q=acme-1%40", cookie)
         self.assertIn("Searched the messages received since", body)
         self.assertNotIn("No messages match.", body)

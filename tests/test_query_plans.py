@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.engines.sqlite import SqliteEngine
 from mailingest.storage.store import Store, migrations
-from mailingest.storage.stores import base, reads, search
+from mailingest.storage.stores import base, search
 from tests.store_contract import T0, message
 from tests.test_store import postgresql_engine
 
@@ -326,7 +326,7 @@ class PlanContract:
         self.patch(base.StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
         self.patch(search, "WINDOW_MESSAGES", 7)
         self.patch(search, "INDEX_WINDOW_MESSAGES", 7)
-        self.patch(reads, "SEARCH_SECONDS", 0)
+        self.patch(search, "SEARCH_SECONDS", 0)
         stops = 0
         for text, filters in cases:
             got, cursor = [], None

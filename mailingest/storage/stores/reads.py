@@ -10,9 +10,7 @@ from mailingest.storage.stores.base import (
     EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, marks, message_row, org_row, select_with_org,
 )
 from mailingest.storage.stores import search
-from mailingest.storage.stores.search import (
-    READ_ROWS, SEARCH_SECONDS, WHOLE_SECONDS, SearchRows, TextSearch, fts_ready, pg_index_built, window_below,
-)
+from mailingest.storage.stores.search import READ_ROWS, SearchRows, TextSearch, fts_ready, pg_index_built, window_floor
 
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
@@ -72,11 +70,11 @@ _PAGE_COLUMNS = (
 )
 
 
-def _search_sql(found: TextSearch, org_id: int, order: str, where: list[str], args: list, limit: int) -> tuple[str, tuple]:
-    """The console's page query: the organisation's rows C{found} reads, with C{where}, in C{order}."""
+def _search_rows(found: TextSearch, org_id: int, where: list[str], args: list) -> tuple[str, tuple]:
+    """C{FROM ... WHERE ...} of the organisation's rows C{found} reads, with C{where}; and the arguments."""
     return (
-        f"{_PAGE_COLUMNS} FROM {found.source} WHERE " + " AND ".join(["m.org_id = ?", *found.where, *where]) + f" ORDER BY {order} LIMIT ?",
-        (org_id, *found.args, *args, limit),
+        f" FROM {found.source} WHERE " + " AND ".join(["m.org_id = ?", *found.where, *where]),
+        (org_id, *found.args, *args),
     )
 
 
@@ -270,11 +268,12 @@ class ReadStore(StoreBase):
             after, after_args = await _after(txn, order, before_id)
         else:
             after, after_args = found.cursor(before_id)
-        sql, args = _search_sql(found, org_id, order, [*filters, *after], [*filter_args, *after_args], limit)
+        rows_sql, args = _search_rows(found, org_id, [*filters, *after], [*filter_args, *after_args])
+        sql, args = f"{_PAGE_COLUMNS}{rows_sql} ORDER BY {order} LIMIT ?", (*args, limit)
         if not text:
             await txn.execute(sql, args)
             return SearchRows(txn.fetchall())
-        rows = await txn.read_within(WHOLE_SECONDS, sql, args)
+        rows = await txn.read_within(search.WHOLE_SECONDS, sql, args)
         if rows is not None:
             return SearchRows(rows)
         return await self._search_windows(txn, started, org_id, text, filters, filter_args, before_id, limit)
@@ -290,29 +289,29 @@ class ReadStore(StoreBase):
         found = TextSearch(kind if kind == "fts5" else READ_ROWS, org_id, text, self._search_indexed)
         rows = SearchRows()
         size = search.INDEX_WINDOW_MESSAGES if found.indexed else search.WINDOW_MESSAGES
-        window = await window_below(txn, org_id, before_id, size)
+        floor = await window_floor(txn, org_id, before_id, size)
         while True:
             began = time.monotonic()
-            where, args, order = found.window(window.before_id, window.floor)
+            where, args, order = found.window(before_id, floor)
             newest_first = order == _BY_ID
-            await txn.execute(
-                f"SELECT m.id FROM {found.source} WHERE " + " AND ".join(["m.org_id = ?", *found.where, *filters, *where])
-                + f" ORDER BY {order}" + (" LIMIT ?" if newest_first else ""),
-                (org_id, *found.args, *filter_args, *args, *([limit - len(rows)] if newest_first else [])),
-            )
-            ids = [row["id"] for row in txn.fetchall()]
-            ids = ids if newest_first else ids[::-1][:limit - len(rows)]
+            rows_sql, args = _search_rows(found, org_id, [*filters, *where], [*filter_args, *args])
+            if newest_first:
+                await txn.execute(f"SELECT m.id{rows_sql} ORDER BY {order} LIMIT ?", (*args, limit - len(rows)))
+                ids = [row["id"] for row in txn.fetchall()]
+            else:
+                await txn.execute(f"SELECT m.id{rows_sql} ORDER BY {order}", args)
+                ids = [row["id"] for row in txn.fetchall()][::-1][:limit - len(rows)]
             if ids:
                 await txn.execute(f"{_PAGE_COLUMNS} FROM inbound_message m WHERE m.id IN ({marks(ids)}) ORDER BY m.id DESC", ids)
                 rows += txn.fetchall()
-            if len(rows) >= limit or window.floor is None:
+            if len(rows) >= limit or floor is None:
                 return rows
             # Another window like this one would end past SEARCH_SECONDS: stop here.
-            if 2 * time.monotonic() - began - started >= SEARCH_SECONDS:
-                await txn.execute("SELECT id, received_at FROM inbound_message WHERE id = ?", (window.floor,))
+            if 2 * time.monotonic() - began - started >= search.SEARCH_SECONDS:
+                await txn.execute("SELECT id, received_at FROM inbound_message WHERE id = ?", (floor,))
                 rows.searched_to = txn.fetchone()
                 return rows
-            window = await window_below(txn, org_id, window.floor, size)
+            before_id, floor = floor, await window_floor(txn, org_id, floor, size)
 
     _search_indexed = False
 

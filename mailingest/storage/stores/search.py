@@ -24,7 +24,6 @@ organisation's mail, at no cost to intake (each row is in one index).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mailingest.storage.engines import IDatabaseTransaction
 from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row
@@ -125,39 +124,31 @@ class TextSearch:
         return where, args, ("s.rowid DESC" if self._top is not None else "m.id DESC")
 
     def _bounds(self, before_id: int | None, floor: int | None) -> tuple[list[str], list]:
-        # FTS5 takes one bound on each side: given two upper bounds, it may
-        # keep the looser one, so the stretch's end is given only without a floor.
-        where, args = ([self._after], [before_id]) if before_id is not None else ([], [])
         if self._top is not None:
-            where, args = [self._after], [SEARCH_ORG_SPAN if before_id is None else before_id]
-            where.append(f"s.rowid < {self._top}" if floor is None else f"s.rowid <= {self._top} - ?")
-        elif floor is not None:
-            where.append("m.id >= ?")
-        args += [] if floor is None else [floor]
-        return where, args
+            # FTS5 takes one bound on each side: given two upper bounds, it may
+            # keep the looser one, so the stretch's end is given only without a floor.
+            where = [self._after, f"s.rowid < {self._top}" if floor is None else f"s.rowid <= {self._top} - ?"]
+            args = [SEARCH_ORG_SPAN if before_id is None else before_id]
+        else:
+            where, args = ([self._after], [before_id]) if before_id is not None else ([], [])
+            if floor is not None:
+                where.append("m.id >= ?")
+        return where, args + ([] if floor is None else [floor])
 
 
-@dataclass
-class Window:
+async def window_floor(txn: IDatabaseTransaction, org_id: int, before_id: int | None, size: int) -> int | None:
     """
-    Where a windowed search reads next: the messages below C{before_id}
-    down to C{floor}, the organisation's window-size-th message below it
-    (None when fewer are left: down to its first).
+    Where the next window of a windowed search ends: the organisation's
+    C{size}-th message below C{before_id}, from the (org_id, id) index
+    alone; None when fewer are left (the window goes down to its first).
     """
-
-    before_id: int | None
-    floor: int | None
-
-
-async def window_below(txn: IDatabaseTransaction, org_id: int, before_id: int | None, size: int) -> Window:
-    """The next window of C{size} of the organisation's messages, from the (org_id, id) index alone."""
     below, args = ("AND id < ? ", (before_id,)) if before_id is not None else ("", ())
     await txn.execute(
         f"SELECT id FROM inbound_message WHERE org_id = ? {below}ORDER BY org_id DESC, id DESC LIMIT 1 OFFSET ?",
         (org_id, *args, size - 1),
     )
     row = txn.fetchone()
-    return Window(before_id, row["id"] if row else None)
+    return row["id"] if row else None
 
 
 class SearchRows(list):
