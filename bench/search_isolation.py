@@ -15,12 +15,14 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from bench.scale import percentiles
+
 BIG_ORG, OTHER_ORG = 1, 2
 
 
 def _summary(samples: list[float]) -> str:
-    ordered = sorted(samples)
-    return f"p50 {ordered[len(ordered) // 2]:.1f} ms, p99 {ordered[int(len(ordered) * 0.99)]:.1f} ms"
+    p50, p99, _ = percentiles(samples)
+    return f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
 
 
 async def measure(url: str, text: str, searches: int, count: int) -> dict[str, str]:
