@@ -15,6 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from bench.figures import print_figures
 from bench.scale import percentiles
 
 BIG_ORG, OTHER_ORG = 1, 2
@@ -78,28 +79,13 @@ async def measure(url: str, text: str, searches: int, count: int) -> dict[str, s
 
 
 def main(argv=None) -> int:
-    from twisted.internet import defer, task
-
     parser = argparse.ArgumentParser(prog="python -m bench.search_isolation", description=__doc__.strip().splitlines()[0])
     parser.add_argument("database", help="a database bench.scale loaded, e.g. sqlite:///DIR/scale-1000000.db")
     parser.add_argument("--text", default="order for", help="what the big organisation searches for [default: 'order for']")
     parser.add_argument("--searches", type=int, default=4, help="searches running at once [default: 4]")
     parser.add_argument("--count", type=int, default=60, help="inserts and pages timed in each phase [default: 60]")
     args = parser.parse_args(argv)
-    figures: dict[str, str] = {}
-
-    async def run():
-        figures.update(await measure(args.database, args.text, args.searches, args.count))
-
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(run()))
-    except SystemExit as e:
-        if e.code:
-            return e.code
-    print("| measure | figure |\n| --- | --- |")
-    for name, value in figures.items():
-        print(f"| {name} | {value} |")
-    return 0
+    return print_figures(measure, args.database, args.text, args.searches, args.count)
 
 
 if __name__ == "__main__":

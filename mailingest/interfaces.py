@@ -150,6 +150,13 @@ class ISchemaStore(IStoreRole, IClosable):
         without holding the write lock for long; fires when done or stopped.
         """
 
+    def index_search():
+        """
+        Bring a search index the store keeps itself (SQLite's, a file of its
+        own) up to date with the messages stored, changed or gone since;
+        fires when it is (at once where the database keeps it).
+        """
+
     def check():
         """
         Fire with None when the database answers, fail otherwise (readiness).

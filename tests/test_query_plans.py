@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from mailingest.handoff.events import MESSAGE_EVENTS
-from mailingest.storage.engines.sqlite import SqliteEngine
+from mailingest.storage.engines.sqlite import SqliteEngine, search_row
 from mailingest.storage.store import Store, migrations
 from mailingest.storage.stores import base, search
 from tests.store_contract import T0, message
@@ -82,7 +82,7 @@ class PlanContract:
         """The plans of the statements C{call} runs that read inbound_message."""
         plans = []
         for sql, sql_args in (yield self.statements_of(call, *args, **kwargs)):
-            plan = yield self.store.engine.interaction(self.plan, sql, tuple(base.storable(a) for a in sql_args))
+            plan = yield self.store.engine.reading(self.plan, sql, tuple(base.storable(a) for a in sql_args))
             # Reading the whole table in primary key order is the index for a page of everything.
             plans.append(plan if " WHERE " in sql else plan.replace("SCAN m", "SEARCH m USING INTEGER PRIMARY KEY"))
         return plans
@@ -303,11 +303,12 @@ class PlanContract:
         # PostgreSQL: reading the organisation's newest rows is the planner's other way for a text
         # it thinks common (see bench.scale for its choice at scale); here, the index's way.
         self.index_scans = "off"
+        yield self.store.index_search()
         yield self.store.engine.interaction(self.settle)
-        [plan] = yield self.plans_of(self.store.search_messages, self.acme, text="rare zeb")
-        self.rare_search(plan)
-        [plan] = yield self.plans_of(self.store.search_messages, self.acme, text="rare zeb", before_id=found[0])
-        self.rare_search(plan)
+        plans = yield self.plans_of(self.store.search_messages, self.acme, text="rare zeb")
+        self.rare_search(plans[-1])
+        plans = yield self.plans_of(self.store.search_messages, self.acme, text="rare zeb", before_id=found[0])
+        self.rare_search(plans[-1])
 
     @defer.inlineCallbacks
     def test_search_the_database_stopped_goes_on_in_windows(self):
@@ -353,14 +354,18 @@ class PlanContract:
         self.assertEqual((yield self.found("zebra")), [new])
 
 
-# What migration 013 created on SQLite before 017 replaced it.
-SEARCH_013 = """;
+# What migration 017 created on SQLite before 018 moved the search index to a file of its own.
+SEARCH_017 = f""";
 CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
 INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
-CREATE VIRTUAL TABLE message_search USING fts5(org, subject, mail_from, message_id, content='', tokenize='trigram');
+CREATE VIRTUAL TABLE message_search USING fts5(subject, mail_from, message_id, content='', tokenize='trigram');
 CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
-    INSERT INTO message_search (rowid, org, subject, mail_from, message_id)
-    VALUES (-new.id, '~' || new.org_id || '~', new.subject, new.mail_from, new.source_message_id);
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
+END;
+CREATE TRIGGER message_search_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message
+WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
+    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {search_row("old.")});
+    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
 END;
 """
 
@@ -415,43 +420,53 @@ class SqlitePlanTests(PlanContract, TestCase):
         return len(steps)
 
     @defer.inlineCallbacks
-    def test_migration_017_replaces_the_search_table_of_013(self):
+    def test_migration_018_moves_the_search_index_to_its_own_file(self):
         """
-        A database whose search table is 013's (the organisation a token of
-        its own) gets 017's: the old table and its triggers go, search reads
-        the organisation's messages until the new one is filled, then the
-        index, with the same answers.
+        A database whose search table is 017's, in the database, filled by
+        triggers within each insert: 018 drops it and its triggers; search
+        reads the organisation's messages until the index's own file holds
+        them all, then the index, with the same answers.
         """
         engine = SqliteEngine(self.mktemp() + ".db")
         self.addCleanup(engine.close)
 
         @defer.inlineCallbacks
-        def at_016(txn):
+        def at_017(txn):
             yield txn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
             for version, name, sql in migrations(engine):
-                if version < 17:
-                    for statement in engine.script(sql + (SEARCH_013 if version == 13 else "")):
+                if version <= 17:
+                    for statement in engine.script(sql + (SEARCH_017 if version == 17 else "")):
                         yield txn.execute(statement)
                     yield txn.execute("INSERT INTO schema_version VALUES (?, ?, '2026-01-01')", (version, name))
 
-        yield engine.interaction(at_016)
+        yield engine.interaction(at_017)
         old = Store(engine, MESSAGE_EVENTS)
         acme = (yield old.add_org("acme", "Acme"))["id"]
         globex = (yield old.add_org("globex", "Globex"))["id"]
         yield old.insert_messages([
             message(acme if n % 3 else globex, f"<u{n}@x>", n, subject=f"Order {n} for Widgets") for n in range(30)
         ])
-        self.assertEqual((yield old.migrate()), [17])
-        columns = yield engine.interaction(lambda txn: txn.execute("PRAGMA table_info(message_search)").addCallback(lambda _: txn.fetchall()))
-        self.assertEqual([column["name"] for column in columns], ["subject", "mail_from", "message_id"])
+
+        def tables(txn):
+            return txn.execute("SELECT type, name FROM sqlite_master WHERE name LIKE 'message_search%'").addCallback(
+                lambda _: sorted((row["type"], row["name"]) for row in txn.fetchall())
+            )
+
+        self.assertIn(("trigger", "message_search_insert"), (yield engine.interaction(tables)))
+        self.assertEqual((yield old.migrate()), [18])
+        self.assertEqual((yield engine.interaction(tables)), [
+            ("table", "message_search_stale"),
+            ("trigger", "message_search_stale_delete"),
+            ("trigger", "message_search_stale_update"),
+        ])
         fresh = Store(engine, MESSAGE_EVENTS)
         wanted = [row["id"] for row in (yield fresh.search_messages(acme, text="widgets", limit=100))]
         self.assertEqual(len(wanted), 20)
         [plan] = yield self.plans_of(fresh.search_messages, acme, text="widgets")
         self.assertNotIn("VIRTUAL TABLE", plan)
         yield fresh.build_indexes()
-        [plan] = yield self.plans_of(fresh.search_messages, acme, text="widgets")
-        self.assertIn("VIRTUAL TABLE", plan)
+        plans = yield self.plans_of(fresh.search_messages, acme, text="widgets")
+        self.assertIn("VIRTUAL TABLE", plans[-1])
         self.assertEqual([row["id"] for row in (yield fresh.search_messages(acme, text="widgets", limit=100))], wanted)
         self.assertEqual(len((yield fresh.search_messages(globex, text="order 3 ", limit=100))), 1)
         yield fresh.insert_messages([message(acme, "<late@x>", 99, subject="Late widgets")])
@@ -459,23 +474,26 @@ class SqlitePlanTests(PlanContract, TestCase):
 
     @defer.inlineCallbacks
     def test_search_index_filled_in_batches_for_older_rows(self):
-        """Rows stored before migration 013 are searched by reading them until the index holds them, then by the index."""
+        """Rows stored before the index (a new or lost file) are searched by reading them until it holds them, then by the index."""
 
         def forget(txn):
-            yield txn.execute("INSERT INTO message_search (message_search) VALUES ('delete-all')")
-            yield txn.execute("UPDATE message_search_backfill SET next_below = (SELECT MAX(id) + 1 FROM inbound_message)")
+            yield txn.execute("DELETE FROM message_search")
+            yield txn.execute("UPDATE search_progress SET low = -1, high = -1, stale_done = -1")
 
-        yield self.store.engine.interaction(defer.inlineCallbacks(forget))
+        yield self.store.engine.search_index(defer.inlineCallbacks(forget))
         fresh = Store(self.store.engine, MESSAGE_EVENTS)
         widgets = yield fresh.search_messages(self.acme, text="widgets")
         self.assertEqual(len(widgets), 20)
-        self.patch(search, "BACKFILL_BATCH", 7)
+        [plan] = yield self.plans_of(fresh.search_messages, self.acme, text="widgets")
+        self.assertNotIn("VIRTUAL TABLE", plan)
+        self.patch(search, "INDEX_BATCH", 7)
         progress = []
         yield fresh.build_indexes(progress.append)
         self.assertEqual(len(progress), 9)
+        self.assertEqual(progress[0], f"search index: messages below id {self.ids[-7]} still to index")
         self.assertEqual(progress[-1], "search index: complete")
-        [plan] = yield self.plans_of(fresh.search_messages, self.acme, text="widgets")
-        self.assertIn("VIRTUAL TABLE INDEX", plan)
+        plans = yield self.plans_of(fresh.search_messages, self.acme, text="widgets")
+        self.assertIn("VIRTUAL TABLE INDEX", plans[-1])
         self.assertEqual((yield fresh.search_messages(self.acme, text="widgets")), widgets)
         yield fresh.build_indexes(progress.append)
         self.assertEqual(len(progress), 9, "nothing more to do, nothing said")

@@ -36,6 +36,7 @@ from mailingest.handoff.targets import TargetPolicy
 from mailingest.handoff.webhooks import WebhookService
 from mailingest.storage.journal import journaled
 from mailingest.storage.retention import RetentionService
+from mailingest.storage.search_indexing import SearchIndexService
 from mailingest.storage.sweeper import GcService, check_min_age
 from mailingest.ops.http import make_ops_site
 from mailingest.smtp.proxy import ENDPOINT_PREFIX, ProxyHeaderFirstFactory
@@ -476,6 +477,7 @@ def build_daemon(settings: Settings, reactor=None, environ=os.environ) -> Daemon
         api_listener = make_api_listener(settings, store, blobs, readiness_checks, reactor, serving)
         api_listener.setServiceParent(serving)
     make_domain_checker(settings, store, reactor).setServiceParent(serving)
+    SearchIndexService(store, clock=reactor).setServiceParent(serving)
     if settings.gc_interval:
         min_age = check_min_age(settings.gc_min_age, settings.gc_floor)
         GcService(store, blobs, settings.gc_interval, min_age, reactor, blobs.journal).setServiceParent(serving)

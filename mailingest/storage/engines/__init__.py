@@ -82,7 +82,8 @@ class IEngine(Interface):
     integrity_errors = Attribute("what a violated constraint raises (tuple of exception types)")
     schema_terms = Attribute("values of the schema files' {placeholders} (mapping)")
     text_search = Attribute(
-        'how messages are searched by text (str): "fts5" (SQLite), or "pg_trgm" (PostgreSQL, whose engine'
+        'how messages are searched by text (str): "fts5" (SQLite, whose engine then also runs the transactions'
+        " of the search index's own file with search_index(fn, *args)), or \"pg_trgm\" (PostgreSQL, whose engine"
         " then also runs a statement outside any transaction with autocommit(sql), for CREATE INDEX CONCURRENTLY)"
     )
     exclusive = Attribute("one daemon at a time uses the database (bool)")

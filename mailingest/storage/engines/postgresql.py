@@ -297,7 +297,7 @@ class PostgresqlEngine(Engine):
     integrity_errors = (psycopg2.IntegrityError,)
     # Migration 013's search index is built outside the migration (CREATE INDEX CONCURRENTLY); 017 is SQLite's.
     schema_terms = {
-        "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "", "search_by_organisation": "",
+        "id": "BIGSERIAL PRIMARY KEY", "timestamp": "TIMESTAMPTZ", "now": "now()", "message_search": "", "search_by_organisation": "", "search_in_own_file": "",
         "org_received_id": "DROP INDEX inbound_message_org_received;"
         " CREATE INDEX inbound_message_org_received ON inbound_message (org_id, received_at, id);",
         "then_id": ", id",

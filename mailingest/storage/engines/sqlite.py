@@ -9,6 +9,13 @@ searches run on READERS read-only connections of their own
 (L{SqliteEngine.reading}): in WAL they read a snapshot while the writer
 commits, so no read, however slow, is queued in front of a message insert.
 
+The search index lives in a file of its own beside the database
+(L{search_path}), written by one connection of its own
+(L{SqliteEngine.search_index}) behind intake: FTS5 merges its segments
+inside the transactions that write it, for up to a second and more at a
+million messages, and in a file of its own that holds only its own lock,
+never a message insert's. The read connections attach it as C{search}.
+
 While another process holds the database locked, an interaction waits for it
 (SQLite's busy timeout), and interactions run one after another on the one
 connection. Background work (extraction claims, the organisation refresh, the
@@ -37,54 +44,62 @@ READERS = 2
 # millisecond apart in plain SQL, a few milliseconds inside FTS5's reading (it stops about 6 ms late).
 PROGRESS_STEPS = 1000
 
-# Migration 017's search index (replacing 013's, which held the organisation
-# as a token of its own): an FTS5 trigram table over subject, sender and
+# The search index (issue 28): an FTS5 trigram table over subject, sender and
 # Message-ID (substring, case-insensitive) whose rowid is the organisation
 # first, then its newest message first: (org_id + 1) * 2^40 - id (ids below
 # 2^40, organisations below 2^23: a 64-bit rowid). Every trigram's list is
 # then in that order, and a search seeks to its organisation's stretch and
 # walks it, newest first, only until the page is full (FTS5 walks a term's
 # rows lazily in rowid order, but backwards only after reading all of them).
-# Contentless: the triggers keep it in step with inbound_message. Rows below
-# message_search_backfill.next_below are not in it yet: the store fills them
-# in batches after the migration, highest first, and only deletes from it
-# what it holds (a contentless 'delete' of a row it lacks would corrupt it).
+# It keeps its text (not contentless), so a row is deleted by its rowid
+# alone whatever text it was indexed with. It holds the messages with ids
+# in [low, high) of search_progress (low and high -1 until the first step);
+# stale_done is the last row of the database's message_search_stale (what
+# changed or went since) it has dealt with. Derived data: a missing file is
+# made again and filled (see mailingest.storage.stores.search).
 SEARCH_ORG_SPAN = 1 << 40
+SEARCH_FILE_SUFFIX = "-search"
+_SEARCH_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS message_search USING fts5(subject, mail_from, message_id, tokenize='trigram');
+CREATE TABLE IF NOT EXISTS search_progress (low BIGINT NOT NULL, high BIGINT NOT NULL, stale_done BIGINT NOT NULL);
+INSERT INTO search_progress (low, high, stale_done) SELECT -1, -1, -1 WHERE NOT EXISTS (SELECT 1 FROM search_progress);
+"""
 
 
 def search_row(side: str = "") -> str:
     """
     The search table's values (rowid, subject, mail_from, message_id) for
-    the C{inbound_message} row C{side} (C{new.}, C{old.} in a trigger; none
-    in a SELECT from the table).
+    the C{inbound_message} row C{side} (C{m.} in a SELECT from it).
     """
     rowid = f"({side}org_id + 1) * {SEARCH_ORG_SPAN} - {side}id"
     return f"{rowid}, {side}subject, {side}mail_from, {side}source_message_id"
 
 
-_MESSAGE_SEARCH = f"""
+def search_path(path: str) -> str:
+    """The search index's file for the database file C{path}."""
+    return path + SEARCH_FILE_SUFFIX
+
+
+# Migration 018: the search table, its triggers and its backfill's progress
+# (013's and 017's) leave the database; what changes or goes is queued for
+# the search index instead.
+_SEARCH_IN_OWN_FILE = """
 DROP TRIGGER IF EXISTS message_search_insert;
 DROP TRIGGER IF EXISTS message_search_delete;
 DROP TRIGGER IF EXISTS message_search_update;
 DROP TABLE IF EXISTS message_search;
 DROP TABLE IF EXISTS message_search_backfill;
-CREATE TABLE message_search_backfill (next_below BIGINT NOT NULL);
-INSERT INTO message_search_backfill (next_below) SELECT COALESCE(MAX(id), -1) + 1 FROM inbound_message;
-CREATE VIRTUAL TABLE message_search USING fts5(subject, mail_from, message_id, content='', tokenize='trigram');
-CREATE TRIGGER message_search_insert AFTER INSERT ON inbound_message BEGIN
-    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
+CREATE TABLE message_search_stale (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id BIGINT NOT NULL, org_id BIGINT NOT NULL);
+CREATE TRIGGER message_search_stale_delete AFTER DELETE ON inbound_message BEGIN
+    INSERT INTO message_search_stale (message_id, org_id) VALUES (old.id, old.org_id);
 END;
-CREATE TRIGGER message_search_delete AFTER DELETE ON inbound_message
-WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {search_row("old.")});
-END;
-CREATE TRIGGER message_search_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message
-WHEN old.id >= (SELECT next_below FROM message_search_backfill) BEGIN
-    INSERT INTO message_search (message_search, rowid, subject, mail_from, message_id) VALUES ('delete', {search_row("old.")});
-    INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES ({search_row("new.")});
+CREATE TRIGGER message_search_stale_update AFTER UPDATE OF org_id, subject, mail_from, source_message_id ON inbound_message BEGIN
+    INSERT INTO message_search_stale (message_id, org_id) VALUES (old.id, old.org_id);
 END;
 """
 BACKGROUND_BUSY_TIMEOUT_MS = 50
+# A write that changes nothing: it takes the search file's write lock, and that file's alone.
+_LOCK_SEARCH_FILE = "UPDATE search_progress SET low = low WHERE 0"
 
 
 def _adapt_datetime(value: datetime) -> str:
@@ -103,9 +118,26 @@ def _open(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
-def _open_reader(conn: sqlite3.Connection) -> None:
+def _open_reader(conn: sqlite3.Connection, search_file: str) -> None:
     _open(conn)
+    conn.execute("ATTACH DATABASE ? AS search", (search_file,))
     conn.execute("PRAGMA query_only = ON")
+
+
+def _open_search(conn: sqlite3.Connection, database_file: str) -> None:
+    _open(conn)
+    conn.execute("ATTACH DATABASE ? AS mail", (database_file,))
+
+
+def _create_search_file(path: str) -> None:
+    """The search index's tables, in a new file or one that lacks them (it is derived data: made again when lost)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
+        conn.executescript(_SEARCH_SCHEMA)
+    finally:
+        conn.close()
 
 
 class _SqliteTransaction(CursorTransaction):
@@ -152,9 +184,10 @@ class SqliteEngine(Engine):
         "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "timestamp": "TEXT",
         "now": "strftime('%Y-%m-%d %H:%M:%f+00:00', 'now')",
-        # Migration 013's search table: migration 017 drops it and builds its successor.
+        # The search tables of migrations 013 and 017, in the database: 018 drops them (the index has a file of its own).
         "message_search": "",
-        "search_by_organisation": _MESSAGE_SEARCH,
+        "search_by_organisation": "",
+        "search_in_own_file": _SEARCH_IN_OWN_FILE,
         # Migration 015: an index's entries end with the rowid, the id, already.
         "org_received_id": "",
         "then_id": "",
@@ -164,8 +197,10 @@ class SqliteEngine(Engine):
 
     def __init__(self, path: str):
         self.path = path
+        self.search_path = search_path(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
+        _create_search_file(self.search_path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -182,7 +217,16 @@ class SqliteEngine(Engine):
             check_same_thread=False,
             cp_min=1,
             cp_max=READERS,
-            cp_openfun=_open_reader,
+            cp_openfun=lambda conn: _open_reader(conn, self.search_path),
+        )
+        # The search index's one writer: it reads the database (attached as mail) at one snapshot per transaction.
+        self._indexer = adbapi.ConnectionPool(
+            "sqlite3",
+            self.search_path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=lambda conn: _open_search(conn, path),
         )
 
     def __repr__(self) -> str:
@@ -199,10 +243,20 @@ class SqliteEngine(Engine):
         """An interaction on a read-only connection: one snapshot, no write lock."""
         return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN")
 
-    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs, pool=None, begin="BEGIN IMMEDIATE") -> defer.Deferred:
+    def search_index(self, fn, *args, **kwargs) -> defer.Deferred:
+        """
+        An interaction on the search index's file, its write lock held from
+        the start, the database (C{mail.}) read at one snapshot and never
+        locked for writing (a BEGIN IMMEDIATE would lock it too).
+        """
+        return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._indexer, "BEGIN", _LOCK_SEARCH_FILE)
+
+    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs, pool=None, begin="BEGIN IMMEDIATE", first=None) -> defer.Deferred:
         def run(txn):
             txn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             txn.execute(begin)
+            if first:
+                txn.execute(first)
             return _result_of(
                 defer.maybeDeferred(fn, _SqliteTransaction(txn), *args, **kwargs)
             )
@@ -232,4 +286,5 @@ class SqliteEngine(Engine):
     def close(self) -> defer.Deferred:
         self._pool.close()
         self._readers.close()
+        self._indexer.close()
         return defer.succeed(None)

@@ -134,6 +134,10 @@ class StoreBase:
         """For the read model: a read-only transaction no write waits behind (see L{IEngine.reading})."""
         return self.engine.reading(_storable_interaction, fn, *args, **kwargs)
 
+    def _index(self, fn: Callable[..., Coroutine], *args, **kwargs) -> defer.Deferred:
+        """On SQLite: a transaction of the search index's own file (see the engine's C{search_index})."""
+        return self.engine.search_index(_storable_interaction, fn, *args, **kwargs)
+
     def _background(self, fn: Callable[..., Coroutine], *args, **kwargs) -> defer.Deferred:
         """For work nobody waits on: it gives way to message inserts (see the SQLite engine)."""
         return self.engine.background(_storable_interaction, fn, *args, **kwargs)

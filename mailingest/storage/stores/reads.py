@@ -10,7 +10,7 @@ from mailingest.storage.stores.base import (
     EVENT_SELECT, MESSAGE_SELECT, StoreBase, conditions, marks, message_row, org_row, select_with_org,
 )
 from mailingest.storage.stores import search
-from mailingest.storage.stores.search import READ_ROWS, SearchRows, TextSearch, fts_ready, pg_index_built, window_floor
+from mailingest.storage.stores.search import READ_ROWS, SearchRows, TextSearch, index_state, pg_index_built, window_floor
 
 DOCUMENT_COLUMNS = (
     "id, org_id, inbound_message_id, filename, content_type, size, sha256,"
@@ -250,7 +250,8 @@ class ReadStore(StoreBase):
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         started = time.monotonic()
-        found = TextSearch(self.engine.text_search, org_id, text, self._search_indexed or await self._index_ready(txn))
+        indexed, unindexed_from = await self._index_ready(txn, org_id) if text else (False, None)
+        found = TextSearch(self.engine.text_search, org_id, text, indexed)
         filters, filter_args = [], []
         for clause, value in (
             ("m.status = ?", status),
@@ -264,6 +265,19 @@ class ReadStore(StoreBase):
         # A sender's index is (org_id, LOWER(mail_from), received_at, id); an indexed text has its own order.
         dated = (since is not None or until is not None or bool(sender)) and not found.indexed
         order = _BY_TIME if dated else found.order
+        newest = []
+        if found.indexed and unindexed_from is not None and (before_id is None or before_id > unindexed_from):
+            # The newest messages, which SQLite's index does not hold yet (it is filled behind intake): read, few as they are.
+            unindexed = TextSearch(READ_ROWS, org_id, text, False)
+            after, after_args = unindexed.cursor(before_id)
+            rows_sql, args = _search_rows(
+                unindexed, org_id, [*filters, *after, "m.id >= ?"], [*filter_args, *after_args, unindexed_from]
+            )
+            await txn.execute(f"{_PAGE_COLUMNS}{rows_sql} ORDER BY m.id DESC LIMIT ?", (*args, limit))
+            newest = txn.fetchall()
+            if len(newest) >= limit:
+                return SearchRows(newest)
+            before_id, limit = unindexed_from, limit - len(newest)
         if dated:
             after, after_args = await _after(txn, order, before_id)
         else:
@@ -274,11 +288,13 @@ class ReadStore(StoreBase):
             await txn.execute(sql, args)
             return SearchRows(txn.fetchall())
         rows = await txn.read_within(search.WHOLE_SECONDS, sql, args)
-        if rows is not None:
-            return SearchRows(rows)
-        return await self._search_windows(txn, started, org_id, text, filters, filter_args, before_id, limit)
+        if rows is None:
+            rows = await self._search_windows(txn, started, org_id, text, indexed, filters, filter_args, before_id, limit)
+        page = SearchRows(newest + rows)
+        page.searched_to = getattr(rows, "searched_to", None)
+        return page
 
-    async def _search_windows(self, txn, started, org_id, text, filters, filter_args, before_id, limit):
+    async def _search_windows(self, txn, started, org_id, text, indexed, filters, filter_args, before_id, limit):
         """
         The text search the database stopped, again a window of messages at
         a time (see L{mailingest.storage.stores.search.WHOLE_SECONDS}):
@@ -286,7 +302,7 @@ class ReadStore(StoreBase):
         list, PostgreSQL's would read all of them, so there the rows are read.
         """
         kind = self.engine.text_search
-        found = TextSearch(kind if kind == "fts5" else READ_ROWS, org_id, text, self._search_indexed)
+        found = TextSearch(kind if kind == "fts5" else READ_ROWS, org_id, text, indexed)
         rows = SearchRows()
         size = search.INDEX_WINDOW_MESSAGES if found.indexed else search.WINDOW_MESSAGES
         floor = await window_floor(txn, org_id, before_id, size)
@@ -313,19 +329,33 @@ class ReadStore(StoreBase):
                 return rows
             before_id, floor = floor, await window_floor(txn, org_id, floor, size)
 
-    _search_indexed = False
+    _pg_indexed = False
 
-    async def _index_ready(self, txn) -> bool:
+    async def _index_ready(self, txn, org_id: int) -> tuple[bool, int | None]:
         """
-        The search index is complete: SQLite's table holds every row, or
-        PostgreSQL's partial indexes are all built (until then a search leaves
-        out their condition and the planner keeps the index of before).
-        Remembered once true: it stays so.
+        Whether the search index serves this search, and from which id on it
+        holds none of the organisation's messages yet (SQLite; None when it
+        holds them all, and on PostgreSQL). SQLite's index
+        serves once it holds every older message and trails the organisation's
+        newest by fewer than WINDOW_MESSAGES (they are read one by one).
+        PostgreSQL's once its partial indexes are all built (until then a
+        search leaves out their condition and the planner keeps the index of
+        before), remembered once true: it stays so.
         """
-        ready = fts_ready if self.engine.text_search == "fts5" else pg_index_built
-        if await ready(txn):
-            self._search_indexed = True
-        return self._search_indexed
+        if self.engine.text_search != "fts5":
+            self._pg_indexed = self._pg_indexed or await pg_index_built(txn)
+            return self._pg_indexed, None
+        state = await index_state(txn)
+        if state["low"] != 0:
+            return False, None
+        await txn.execute(
+            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM inbound_message WHERE org_id = ? AND id >= ? LIMIT ?)",
+            (org_id, state["high"], search.WINDOW_MESSAGES),
+        )
+        behind = txn.fetchone()["n"]
+        if behind >= search.WINDOW_MESSAGES:
+            return False, None
+        return True, state["high"] if behind else None
 
     def message_events(self, message_id):
         """A message's webhook events, oldest first, with their attempts."""

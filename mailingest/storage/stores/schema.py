@@ -4,6 +4,7 @@ import importlib.resources
 import re
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailingest.interfaces import ISchemaStore
@@ -11,6 +12,7 @@ from mailingest.storage.engines import IEngine
 from mailingest.storage.stores import search
 from mailingest.storage.stores.base import StoreBase
 
+log = Logger()
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
 
 
@@ -65,12 +67,12 @@ class SchemaStore(StoreBase):
     def build_indexes(self, progress=lambda line: None, keep_going=lambda: True):
         """
         Build what a migration leaves to be built while the daemon runs (the
-        search index of migration 013), without holding the write lock for
-        long: on SQLite in batches of a few thousand rows, each its own
-        transaction; on PostgreSQL with CREATE INDEX CONCURRENTLY, outside any
-        transaction. Calls C{progress} with a line now and then; stops early
-        once C{keep_going()} is false. Running it again after it finished
-        does nothing.
+        search index), without holding the write lock for long: on SQLite
+        its own file is filled by its own connection, 2,000 messages a
+        transaction, until it holds them all; on PostgreSQL with CREATE INDEX
+        CONCURRENTLY, outside any transaction. Calls C{progress} with a line
+        now and then; stops early once C{keep_going()} is false. Running it
+        again after it finished does nothing.
         """
         return defer.Deferred.fromCoroutine(self._build_indexes(progress, keep_going))
 
@@ -87,12 +89,46 @@ class SchemaStore(StoreBase):
                     return
             progress(search.describe_progress(None))
             return
-        below = await self._run(search.backfill_step)
-        while below and keep_going():
-            progress(search.describe_progress(below))
-            below = await self._run(search.backfill_step)
-        if below == 0:
-            progress(search.describe_progress(below))
+        step = await self._index_search()
+        filled = step.filled
+        while step.more and keep_going():
+            if step.below:
+                progress(search.describe_progress(step.below))
+            step = await self._index_search()
+            filled += step.filled
+        if filled and not step.below:
+            progress(search.describe_progress(step.below))
+
+    def index_search(self):
+        """
+        Bring SQLite's search index up to date with the messages (those that
+        came, changed or went since, and a batch of older ones while it is
+        being filled), one transaction of its own file at a time; fires when
+        it holds them all. Nothing to do on PostgreSQL, whose indexes the
+        database keeps itself.
+        """
+        if self.engine.text_search != "fts5":
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._index_all())
+
+    async def _index_all(self) -> None:
+        while (await self._index_search()).more:
+            pass
+
+    _stale_kept = 0
+
+    async def _index_search(self) -> search.IndexStep:
+        step = await self._index(search.index_step)
+        if step.stale_done > self._stale_kept:
+            # The queue of changes is only emptied once the index has dealt with them (its commit is durable).
+            try:
+                await self._background(search.forget_stale, step.stale_done)
+            except Exception as e:
+                # It gave way to intake (or failed): the next step tries again.
+                log.debug("search index: changes dealt with kept for now: {error}", error=str(e))
+            else:
+                self._stale_kept = step.stale_done
+        return step
 
     def check(self):
         return self._background(self._check)

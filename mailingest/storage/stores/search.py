@@ -1,18 +1,20 @@
 """
 Searching an organisation's messages by text without reading all of them
 (issue 28): the SQL each engine's search index answers, and the step that
-fills that index for rows stored before it (migration 017).
+keeps SQLite's index up to date (L{index_step}).
 
 The promise is the console's: the text is found anywhere in the subject,
 the sender or the Message-ID, case-insensitively. Both indexes are made of
 trigrams, so a text of fewer than 3 characters cannot use them: it is
 matched by reading the organisation's messages, as before the index.
 
-SQLite: the FTS5 trigram table C{message_search} (migration 017, kept in
-step by triggers), whose rowids run by organisation, then newest first
+SQLite: the FTS5 trigram table C{message_search}, in a file of its own
+(migration 018), whose rowids run by organisation, then newest first
 (L{SEARCH_ORG_SPAN}): a search seeks to its organisation's stretch of each
 trigram's list, never walks another organisation's matches, and stops at
-the end of the page. PostgreSQL: pg_trgm GIN indexes over the three columns
+the end of the page. Its own connection fills it behind intake, a batch at
+a time (L{index_step}), so its merges never hold a message insert; a
+search reads the few newest messages it does not hold yet. PostgreSQL: pg_trgm GIN indexes over the three columns
 joined by newlines (L{SEARCH_TEXT}), built with C{CREATE INDEX CONCURRENTLY}
 so writes go on meanwhile; without the pg_trgm extension (the contrib
 package missing) search keeps reading the organisation's rows. A GIN index
@@ -23,7 +25,7 @@ is one partial index per L{PG_SEARCH_BUCKETS}th of the organisations
 organisation's mail, at no cost to intake (each row is in one index).
 """
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from mailingest.storage.engines import IDatabaseTransaction
 from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row
@@ -47,9 +49,9 @@ WINDOW_MESSAGES = 5_000
 INDEX_WINDOW_MESSAGES = 20_000
 # TextSearch's kind for reading the rows, whatever index the engine has.
 READ_ROWS = "rows"
-# Rows indexed per SQLite transaction while filling the index: short enough
-# that a message insert waiting behind one is not delayed noticeably.
-BACKFILL_BATCH = 2000
+# Rows SQLite's index takes per transaction of its own connection, of each
+# kind (new, changed or gone, older): a search waits behind at most one.
+INDEX_BATCH = 2000
 PG_SEARCH_INDEX = "inbound_message_search"
 # Organisations per partial index: one in 16 (a search reads 1/16 of the lists, and the planner 16 indexes).
 PG_SEARCH_BUCKETS = 16
@@ -60,6 +62,9 @@ _SCAN = (
     "(LOWER(m.subject) LIKE ? ESCAPE '\\' OR LOWER(m.mail_from) LIKE ? ESCAPE '\\'"
     " OR LOWER(m.source_message_id) LIKE ? ESCAPE '\\')"
 )
+
+
+_NOT_STALE = "m.id NOT IN (SELECT message_id FROM message_search_stale)"
 
 
 def like_pattern(text: str) -> str:
@@ -93,8 +98,9 @@ class TextSearch:
         if kind == "fts5":
             # Rowid (org_id + 1) * SEARCH_ORG_SPAN - id: the organisation's stretch, newest first.
             self._top = (int(org_id) + 1) * SEARCH_ORG_SPAN
-            self.source = "message_search s CROSS JOIN inbound_message m"
-            self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?"]
+            self.source = "search.message_search s CROSS JOIN inbound_message m"
+            # A message changed (an erasure's redaction) is not found by the text it had, before the index forgets it.
+            self.where = [f"m.id = {self._top} - s.rowid", "message_search MATCH ?", _NOT_STALE]
             self.args = [fts_query(text)]
             self.order, self._after = "s.rowid", f"s.rowid > {self._top} - ?"
             return
@@ -163,37 +169,103 @@ class SearchRows(list):
     searched_to: dict | None = None
 
 
-async def fts_ready(txn: IDatabaseTransaction) -> bool:
-    """Whether every row is in SQLite's search table (its backfill is done)."""
-    await txn.execute("SELECT next_below FROM message_search_backfill")
-    row = txn.fetchone()
-    return row is None or row["next_below"] <= 0
+@dataclass
+class IndexStep:
+    """
+    What one L{index_step} did: C{below}, the id below which older messages
+    are still to index (0 when none, -1 before the first step); C{stale_done},
+    the last row of C{message_search_stale} dealt with (the database may
+    forget it and those before, L{forget_stale}); C{filled} older messages
+    indexed, C{forgot} changes dealt with; C{more} when a batch was full.
+    """
+
+    below: int
+    stale_done: int
+    filled: int = 0
+    forgot: int = 0
+    more: bool = False
 
 
-async def backfill_step(txn: IDatabaseTransaction) -> int | None:
+async def index_state(txn: IDatabaseTransaction) -> dict:
+    """In a read of the database (the index attached as C{search}): C{low} and C{high} of the index (see the engine)."""
+    await txn.execute("SELECT low, high FROM search.search_progress")
+    return txn.fetchone()
+
+
+async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     """
-    Put the next batch of older rows into SQLite's search table, highest ids
-    first; fires with the id below which rows are still to index (0 once
-    the last batch is in, None when there was nothing left to do).
+    One transaction of SQLite's search index (its file's connection, the
+    database attached as C{mail}), each part at most L{INDEX_BATCH} rows:
+    forget the messages changed or gone since the last step (their rows go,
+    and are indexed again from the message if it is still there); index the
+    messages that came since; index the next older ones, highest ids first.
     """
-    await txn.execute("SELECT next_below FROM message_search_backfill")
-    below = txn.fetchone()["next_below"]
-    if below <= 0:
-        return None
+    await txn.execute("SELECT low, high, stale_done FROM search_progress")
+    state = txn.fetchone()
+    low, high, stale_done = state["low"], state["high"], state["stale_done"]
+    await txn.execute("SELECT seq FROM mail.sqlite_sequence WHERE name = 'inbound_message'")
+    issued = txn.fetchone()
+    issued = issued["seq"] if issued else 0
+    if high - 1 > issued:
+        # The index is ahead of the database (restored from a backup): fill it again.
+        await txn.execute("DELETE FROM message_search")
+        high = -1
+    if high < 0:
+        # Everything stored so far is older rows to fill; what changed before did so in rows not yet indexed.
+        await txn.execute("SELECT COALESCE(MAX(seq), 0) AS seq FROM mail.message_search_stale")
+        low = high = issued + 1
+        stale_done = txn.fetchone()["seq"]
     await txn.execute(
-        "SELECT id FROM inbound_message WHERE id < ? ORDER BY id DESC LIMIT 1 OFFSET ?", (below, BACKFILL_BATCH - 1)
+        "SELECT MAX(seq) AS last, COUNT(*) AS n FROM"
+        " (SELECT seq FROM mail.message_search_stale WHERE seq > ? ORDER BY seq LIMIT ?)",
+        (stale_done, INDEX_BATCH),
     )
-    row = txn.fetchone()
-    low = row["id"] if row else 0
+    stale = txn.fetchone()
+    changed = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
+    if stale["n"]:
+        # By the rowid each was indexed with, and by its present one (a message still there is indexed again).
+        span = f"{SEARCH_ORG_SPAN}"
+        await txn.execute(
+            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {span} - message_id"
+            " FROM mail.message_search_stale WHERE seq > ? AND seq <= ?)",
+            (stale_done, stale["last"]),
+        )
+        await txn.execute(
+            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {span} - id"
+            f" FROM mail.inbound_message WHERE id IN ({changed}))",
+            (stale_done, stale["last"]),
+        )
+    await txn.execute(
+        "SELECT MAX(id) AS last, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id >= ? ORDER BY id LIMIT ?)",
+        (high, INDEX_BATCH),
+    )
+    new = txn.fetchone()
+    new_high = new["last"] + 1 if new["n"] else high
+    new_low, filled = low, 0
+    if low > 0:
+        await txn.execute(
+            "SELECT MIN(id) AS first, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id < ? ORDER BY id DESC LIMIT ?)",
+            (low, INDEX_BATCH),
+        )
+        older = txn.fetchone()
+        new_low, filled = (older["first"] if older["n"] == INDEX_BATCH else 0), older["n"]
     # In rowid order: FTS5 writes out what it holds whenever a rowid is lower than the one before.
     await txn.execute(
-        "INSERT INTO message_search (rowid, subject, mail_from, message_id)"
-        f" SELECT {search_row()}"
-        " FROM inbound_message WHERE id >= ? AND id < ? ORDER BY org_id, id DESC",
-        (low, below),
+        f"INSERT INTO message_search (rowid, subject, mail_from, message_id) SELECT {search_row('m.')}"
+        " FROM mail.inbound_message m WHERE (m.id >= ? AND m.id < ?) OR (m.id >= ? AND m.id < ?)"
+        f" OR (m.id >= ? AND m.id < ? AND m.id IN ({changed})) ORDER BY m.org_id, m.id DESC",
+        (high, new_high, new_low, low, low, high, stale_done, stale["last"] or stale_done),
     )
-    await txn.execute("UPDATE message_search_backfill SET next_below = ?", (low,))
-    return low
+    await txn.execute(
+        "UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale["last"] or stale_done)
+    )
+    full = INDEX_BATCH in (stale["n"], new["n"], filled)
+    return IndexStep(below=new_low, stale_done=stale["last"] or stale_done, filled=filled, forgot=stale["n"], more=full)
+
+
+async def forget_stale(txn: IDatabaseTransaction, done: int) -> None:
+    """In the database: the queue of changes the search index has dealt with, up to C{done}, emptied."""
+    await txn.execute("DELETE FROM message_search_stale WHERE seq <= ?", (done,))
 
 
 async def pg_index_built(txn: IDatabaseTransaction) -> bool:
@@ -242,7 +314,6 @@ PG_STEPS = (
 
 
 def describe_progress(below: int | None) -> str:
+    """A line about the index: complete (C{below} 0 or None), or how far the filling of older messages got."""
     return "search index: complete" if not below else f"search index: messages below id {below} still to index"
 
-
-ProgressCallback = Callable[[str], object]

@@ -1,0 +1,248 @@
+"""
+SQLite's search index in a file of its own (issue 28): written behind
+intake by its own connection, so its merges never hold a message insert;
+searches find what it does not hold yet; what is erased leaves it; a lost or
+stale file is filled again. The daemon's loop that keeps it up to date, on a
+Clock.
+"""
+
+import os
+import sqlite3
+import threading
+
+from twisted.internet import defer, task, threads
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mailingest.handoff.events import MESSAGE_EVENTS
+from mailingest.storage import search_indexing
+from mailingest.storage.engines.sqlite import SqliteEngine
+from mailingest.storage.store import Store
+from mailingest.storage.stores import search
+from tests.store_contract import message
+
+
+class SearchIndexFileTests(TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.path = self.mktemp() + ".db"
+        self.store = yield self.open_store()
+        self.acme = (yield self.store.add_org("acme", "Acme"))["id"]
+        self.ids = yield self.store.insert_messages(
+            [message(self.acme, f"<m{n}@x>", n, subject=f"Order {n} for Widgets") for n in range(10)]
+        )
+        yield self.store.index_search()
+
+    @defer.inlineCallbacks
+    def open_store(self):
+        engine = SqliteEngine(self.path)
+        self.addCleanup(engine.close)
+        store = Store(engine, MESSAGE_EVENTS)
+        yield store.migrate()
+        return store
+
+    def found(self, text, store=None, **kwargs):
+        d = (store or self.store).search_messages(self.acme, text=text, limit=100, **kwargs)
+        return d.addCallback(lambda rows: [row["id"] for row in rows])
+
+    def indexed(self, text):
+        """The message ids the index's own file holds for C{text} (read there, not through a search)."""
+
+        def read(txn):
+            return txn.execute(
+                "SELECT rowid FROM message_search WHERE message_search MATCH ? ORDER BY rowid", (search.fts_query(text),)
+            ).addCallback(lambda _: [search.SEARCH_ORG_SPAN * (self.acme + 1) - row["rowid"] for row in txn.fetchall()])
+
+        return self.store.engine.search_index(read)
+
+    def stale(self):
+        def read(txn):
+            return txn.execute("SELECT COUNT(*) AS n FROM message_search_stale").addCallback(lambda _: txn.fetchone()["n"])
+
+        return self.store.engine.interaction(read)
+
+    @defer.inlineCallbacks
+    def test_index_lives_in_its_own_file(self):
+        self.assertTrue(os.path.exists(self.path + "-search"))
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+
+        def tables(txn):
+            return txn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'message_search%'").addCallback(
+                lambda _: [row["name"] for row in txn.fetchall()]
+            )
+
+        self.assertEqual((yield self.store.engine.interaction(tables)), ["message_search_stale"])
+
+    @defer.inlineCallbacks
+    def test_insert_not_held_by_the_index(self):
+        """
+        While a transaction of the index is open (FTS5 merging its segments
+        for a second, say), messages are stored: the index holds its own
+        file's lock only, and reads the database at a snapshot.
+        """
+        inside, release = threading.Event(), threading.Event()
+
+        def long_step(txn):
+            txn.execute("INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES (1, 'x', 'y', 'z')")
+            inside.set()
+            release.wait(10)
+            return defer.succeed(None)
+
+        step = self.store.engine.search_index(long_step)
+        self.addCleanup(release.set)
+        yield threads.deferToThread(inside.wait, 5)
+        self.assertTrue(inside.is_set())
+        stored = yield self.store.insert_messages([message(self.acme, "<during@x>", 50, subject="Widgets meanwhile")])
+        self.assertFalse(release.is_set(), "the insert waited for the index")
+        self.assertFalse(step.called)
+        release.set()
+        yield step
+        self.assertIn(stored[0], (yield self.found("widgets meanwhile")))
+
+    @defer.inlineCallbacks
+    def test_another_process_holding_the_index_file_holds_no_insert(self):
+        holder = sqlite3.connect(self.path + "-search", isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        yield self.store.insert_messages([message(self.acme, "<held@x>", 60, subject="Held Widgets")])
+        holder.execute("ROLLBACK")
+
+    @defer.inlineCallbacks
+    def test_search_finds_what_the_index_does_not_hold_yet(self):
+        """The newest messages are read until the index takes them; with filters and a cursor, in the order of the whole."""
+        new = yield self.store.insert_messages(
+            [message(self.acme, f"<n{n}@x>", 30 + n, subject=f"New widgets {n}", mail_from=f"b{n % 2}@x") for n in range(4)]
+        )
+        self.assertEqual((yield self.indexed("new widgets")), [])
+        everything = new[::-1] + self.ids[::-1]
+        self.assertEqual((yield self.found("widgets")), everything)
+        page = yield self.store.search_messages(self.acme, text="widgets", limit=3)
+        self.assertEqual([row["id"] for row in page], everything[:3])
+        self.assertEqual((yield self.found("widgets", before_id=everything[2])), everything[3:])
+        self.assertEqual((yield self.found("widgets", sender="B1@x")), [new[3], new[1]])
+        yield self.store.index_search()
+        self.assertEqual(sorted((yield self.indexed("new widgets"))), new)
+        self.assertEqual((yield self.found("widgets")), everything)
+
+    @defer.inlineCallbacks
+    def test_index_far_behind_an_organisation_reads_its_rows(self):
+        self.patch(search, "WINDOW_MESSAGES", 3)
+        new = yield self.store.insert_messages([message(self.acme, f"<n{n}@x>", 30 + n, subject="More widgets") for n in range(3)])
+        self.assertEqual((yield self.found("widgets")), new[::-1] + self.ids[::-1])
+
+    @defer.inlineCallbacks
+    def test_erased_text_leaves_the_index(self):
+        """
+        An erasure replaces a message's sender, subject and Message-ID: a
+        search for what they were finds nothing, at once (before the index
+        has dealt with it) and after, and the index no longer holds it.
+        """
+        [secret] = yield self.store.insert_messages(
+            [message(self.acme, "<merger@x>", 40, subject="Secret Merger Plans", mail_from="ceo@rival.example")]
+        )
+
+        def parsed(txn):
+            return txn.execute("UPDATE inbound_message SET status = 'parsed' WHERE id = ?", (secret,))
+
+        yield self.store.engine.interaction(parsed)
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("merger plans")), [secret])
+        self.assertEqual((yield self.found("merger plans")), [secret])
+        yield self.store.erase_message(secret, "test")
+        self.assertGreater((yield self.stale()), 0)
+        self.assertEqual((yield self.found("merger plans")), [])
+        self.assertEqual((yield self.found("rival.example")), [])
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("merger plans")), [])
+        self.assertEqual((yield self.indexed("rival.example")), [])
+        self.assertEqual((yield self.stale()), 0)
+        self.assertEqual((yield self.found("widgets")), self.ids[::-1])
+
+    @defer.inlineCallbacks
+    def test_changed_message_indexed_with_what_it_now_says(self):
+        def retitle(txn):
+            return txn.execute("UPDATE inbound_message SET subject = 'Renamed Gadgets' WHERE id = ?", (self.ids[3],))
+
+        yield self.store.engine.interaction(retitle)
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("renamed gadgets")), [self.ids[3]])
+        self.assertNotIn(self.ids[3], (yield self.indexed("widgets")))
+        self.assertEqual((yield self.found("renamed gadgets")), [self.ids[3]])
+
+    @defer.inlineCallbacks
+    def test_lost_index_file_filled_again(self):
+        for suffix in ("-search", "-search-wal", "-search-shm"):
+            if os.path.exists(self.path + suffix):
+                os.remove(self.path + suffix)
+        store = yield self.open_store()
+        self.assertEqual((yield self.found("widgets", store)), self.ids[::-1])
+        yield store.build_indexes()
+        self.assertEqual(sorted((yield store.engine.search_index(lambda txn: txn.execute(
+            "SELECT rowid FROM message_search").addCallback(lambda _: [r["rowid"] for r in txn.fetchall()])))), sorted(
+            search.SEARCH_ORG_SPAN * (self.acme + 1) - i for i in self.ids))
+        self.assertEqual((yield self.found("widgets", store)), self.ids[::-1])
+
+    @defer.inlineCallbacks
+    def test_index_ahead_of_the_database_filled_again(self):
+        """An index newer than its database (the database restored from a backup) is emptied and filled from the database."""
+
+        def ahead(txn):
+            txn.execute("INSERT INTO message_search (rowid, subject, mail_from, message_id) VALUES (?, 'Ghost widgets', '', '')",
+                        (search.SEARCH_ORG_SPAN * (self.acme + 1) - 500,))
+            return txn.execute("UPDATE search_progress SET high = 501")
+
+        yield self.store.engine.search_index(ahead)
+        self.assertIn(500, (yield self.indexed("ghost")))
+        yield self.store.build_indexes()
+        self.assertEqual((yield self.indexed("ghost")), [])
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        [late] = yield self.store.insert_messages([message(self.acme, "<late@x>", 70, subject="Late widgets")])
+        yield self.store.index_search()
+        self.assertIn(late, (yield self.indexed("late widgets")))
+
+
+class FakeSchemaStore:
+    def __init__(self):
+        self.calls = 0
+        self.failing = False
+
+    def index_search(self):
+        self.calls += 1
+        if self.failing:
+            return defer.fail(OSError("disk full"))
+        return defer.succeed(None)
+
+
+class SearchIndexServiceTests(TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.store = FakeSchemaStore()
+        self.service = search_indexing.SearchIndexService(self.store, clock=self.clock)
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def lines(self):
+        return [event["log_format"] for event in self.logged if event.get("log_namespace", "").endswith("search_indexing")]
+
+    def test_runs_every_interval(self):
+        self.service.startService()
+        self.assertEqual(self.store.calls, 1)
+        self.clock.advance(search_indexing.INTERVAL)
+        self.clock.advance(search_indexing.INTERVAL)
+        self.assertEqual(self.store.calls, 3)
+        self.service.stopService()
+        self.clock.advance(10)
+        self.assertEqual(self.store.calls, 3)
+
+    def test_failures_logged_once_a_spell(self):
+        self.store.failing = True
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        for _ in range(3):
+            self.clock.advance(search_indexing.INTERVAL)
+        self.assertEqual(self.store.calls, 4)
+        self.assertEqual(self.lines(), ["search index: not kept up to date: {error}"])
+        self.store.failing = False
+        self.clock.advance(search_indexing.INTERVAL)
+        self.assertEqual(self.lines()[1:], ["search index: kept up to date again"])
