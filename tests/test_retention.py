@@ -20,6 +20,7 @@ from mailingest.ops import metrics
 from mailingest.storage.blobs import open_blobs
 from mailingest.storage.retention import RetentionService, run_pass
 from mailingest.storage.store import open_store
+from mailingest.storage.stores import search
 from mailingest.storage.sweeper import sweep
 from tests import postgres
 from tests.daemon import TwistdProcess, mailingest_cli, poll, temp_dir
@@ -56,6 +57,20 @@ async def populate(store, blobs, senders: dict[str, list[str]], documents: int =
             keys[message_id] = [raw] + [row["storage_key"] for row in rows]
     await put(blobs, [key for found in keys.values() for key in found])
     return keys
+
+
+async def indexed_senders(store, message_ids: list[int]) -> list[str]:
+    """The senders SQLite's search index file holds for these messages, found by the senders' text (none on PostgreSQL)."""
+    if store.engine.text_search != "fts5":
+        return []
+
+    def read(txn):
+        return txn.execute("SELECT rowid, mail_from FROM message_search WHERE message_search MATCH '\"jane@x.test\"'").addCallback(
+            lambda _: [(search.SEARCH_ORG_SPAN - row["rowid"] % search.SEARCH_ORG_SPAN, row["mail_from"].lower()) for row in txn.fetchall()]
+        )
+
+    found = await store.engine.search_index(read)
+    return [sender for message_id, sender in found if message_id in message_ids]
 
 
 class BlobStoreCases:
@@ -126,9 +141,13 @@ class BlobStoreCases:
         janes = [ids[0], ids[2], ids[3]]
         before = await stored_keys(blobs)
         self.assertEqual(before, {key for found in keys.values() for key in found})
+        await store.index_search()
+        self.assertEqual(await indexed_senders(store, janes), ["jane@x.test"] * 3 if store.engine.text_search == "fts5" else [])
         code, out, err = await self.cli("erase", "--sender", "JANE@x.test", "--org", "acme")
         self.assertEqual(code, 0, err)
         self.assertEqual(out, f"erased 3 message(s) from jane@x.test of acme: {', '.join(map(str, janes))}\n")
+        # The command's own process took their text out of SQLite's search index (no daemon runs).
+        self.assertEqual(await indexed_senders(store, janes), [])
         self.assertEqual(before - await stored_keys(blobs), {key for i in janes for key in keys[i]})
         for message_id in janes:
             row = await store.get_message(message_id)

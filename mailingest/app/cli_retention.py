@@ -93,14 +93,18 @@ async def erase(session, message_id: int | None, sender: str | None, org: str | 
     from mailingest.storage.retention import delete_now, erase_message  # Twisted: only for the commands that need it
 
     if message_id is not None:
-        return [await erase_message(session.store, session.blobs, message_id, actor())], []
-    gone: list[dict] = []
-    while True:
-        batch, refused = await session.store.erase_sender(org, sender, actor())
-        await delete_now(session.store, session.blobs, batch)
-        gone += batch
-        if not batch:
-            return gone, refused
+        gone, refused = [await erase_message(session.store, session.blobs, message_id, actor())], []
+    else:
+        gone = []
+        while True:
+            batch, refused = await session.store.erase_sender(org, sender, actor())
+            await delete_now(session.store, session.blobs, batch)
+            gone += batch
+            if not batch:
+                break
+    # The search index's file forgets their text now, whether a daemon runs or not.
+    await session.store.index_search()
+    return gone, refused
 
 
 async def cmd_erase(session, args: argparse.Namespace) -> None:

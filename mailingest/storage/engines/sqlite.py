@@ -134,6 +134,8 @@ def _create_search_file(path: str) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
+        # Consistent if the machine stops before the next sync, only not durable: then it is made again.
+        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
         conn.executescript(_SEARCH_SCHEMA)
     finally:

@@ -333,14 +333,14 @@ class ReadStore(StoreBase):
 
     async def _index_ready(self, txn, org_id: int) -> tuple[bool, int | None]:
         """
-        Whether the search index serves this search, and from which id on it
-        holds none of the organisation's messages yet (SQLite; None when it
-        holds them all, and on PostgreSQL). SQLite's index
-        serves once it holds every older message and trails the organisation's
-        newest by fewer than WINDOW_MESSAGES (they are read one by one).
-        PostgreSQL's once its partial indexes are all built (until then a
-        search leaves out their condition and the planner keeps the index of
-        before), remembered once true: it stays so.
+        Whether the search index serves this search; and on SQLite the id
+        from which on it holds none of the organisation's messages yet (None
+        when it holds them all). SQLite's index serves once it holds every
+        older message and trails the organisation by fewer than
+        WINDOW_MESSAGES (those are read one by one). PostgreSQL's once its
+        partial indexes are all built (until then a search leaves out their
+        condition and the planner keeps the index of before), remembered
+        once true: it stays so.
         """
         if self.engine.text_search != "fts5":
             self._pg_indexed = self._pg_indexed or await pg_index_built(txn)

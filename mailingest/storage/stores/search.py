@@ -173,16 +173,15 @@ class SearchRows(list):
 class IndexStep:
     """
     What one L{index_step} did: C{below}, the id below which older messages
-    are still to index (0 when none, -1 before the first step); C{stale_done},
+    are still to index (0 when none); C{stale_done},
     the last row of C{message_search_stale} dealt with (the database may
-    forget it and those before, L{forget_stale}); C{filled} older messages
-    indexed, C{forgot} changes dealt with; C{more} when a batch was full.
+    forget it and those before, L{forget_stale}); C{filled}, the older
+    messages it indexed; C{more} when a batch was full.
     """
 
     below: int
     stale_done: int
     filled: int = 0
-    forgot: int = 0
     more: bool = False
 
 
@@ -203,9 +202,8 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     await txn.execute("SELECT low, high, stale_done FROM search_progress")
     state = txn.fetchone()
     low, high, stale_done = state["low"], state["high"], state["stale_done"]
-    await txn.execute("SELECT seq FROM mail.sqlite_sequence WHERE name = 'inbound_message'")
-    issued = txn.fetchone()
-    issued = issued["seq"] if issued else 0
+    await txn.execute("SELECT COALESCE(MAX(seq), 0) AS issued FROM mail.sqlite_sequence WHERE name = 'inbound_message'")
+    issued = txn.fetchone()["issued"]
     if high - 1 > issued:
         # The index is ahead of the database (restored from a backup): fill it again.
         await txn.execute("DELETE FROM message_search")
@@ -216,24 +214,24 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
         low = high = issued + 1
         stale_done = txn.fetchone()["seq"]
     await txn.execute(
-        "SELECT MAX(seq) AS last, COUNT(*) AS n FROM"
+        "SELECT COALESCE(MAX(seq), ?) AS last, COUNT(*) AS n FROM"
         " (SELECT seq FROM mail.message_search_stale WHERE seq > ? ORDER BY seq LIMIT ?)",
-        (stale_done, INDEX_BATCH),
+        (stale_done, stale_done, INDEX_BATCH),
     )
     stale = txn.fetchone()
-    changed = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
+    changed = (stale_done, stale["last"])
+    changed_ids = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
     if stale["n"]:
         # By the rowid each was indexed with, and by its present one (a message still there is indexed again).
-        span = f"{SEARCH_ORG_SPAN}"
         await txn.execute(
-            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {span} - message_id"
+            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - message_id"
             " FROM mail.message_search_stale WHERE seq > ? AND seq <= ?)",
-            (stale_done, stale["last"]),
+            changed,
         )
         await txn.execute(
-            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {span} - id"
-            f" FROM mail.inbound_message WHERE id IN ({changed}))",
-            (stale_done, stale["last"]),
+            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - id"
+            f" FROM mail.inbound_message WHERE id IN ({changed_ids}))",
+            changed,
         )
     await txn.execute(
         "SELECT MAX(id) AS last, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id >= ? ORDER BY id LIMIT ?)",
@@ -241,6 +239,9 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     )
     new = txn.fetchone()
     new_high = new["last"] + 1 if new["n"] else high
+    if not stale["n"] and not new["n"] and low == 0 and state["high"] == high:
+        # Nothing came, changed or is left to fill: a commit without a write (no sync to disk every run).
+        return IndexStep(below=0, stale_done=stale_done)
     new_low, filled = low, 0
     if low > 0:
         await txn.execute(
@@ -249,18 +250,19 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
         )
         older = txn.fetchone()
         new_low, filled = (older["first"] if older["n"] == INDEX_BATCH else 0), older["n"]
-    # In rowid order: FTS5 writes out what it holds whenever a rowid is lower than the one before.
+    # The new, the older and the changed ones still there, in one statement in rowid order: FTS5
+    # writes out what it holds whenever a rowid is lower than the one before.
     await txn.execute(
         f"INSERT INTO message_search (rowid, subject, mail_from, message_id) SELECT {search_row('m.')}"
         " FROM mail.inbound_message m WHERE (m.id >= ? AND m.id < ?) OR (m.id >= ? AND m.id < ?)"
-        f" OR (m.id >= ? AND m.id < ? AND m.id IN ({changed})) ORDER BY m.org_id, m.id DESC",
-        (high, new_high, new_low, low, low, high, stale_done, stale["last"] or stale_done),
+        f" OR (m.id >= ? AND m.id < ? AND m.id IN ({changed_ids})) ORDER BY m.org_id, m.id DESC",
+        (high, new_high, new_low, low, low, high, *changed),
     )
-    await txn.execute(
-        "UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale["last"] or stale_done)
+    await txn.execute("UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale["last"]))
+    return IndexStep(
+        below=new_low, stale_done=stale["last"], filled=filled,
+        more=INDEX_BATCH in (stale["n"], new["n"], filled),
     )
-    full = INDEX_BATCH in (stale["n"], new["n"], filled)
-    return IndexStep(below=new_low, stale_done=stale["last"] or stale_done, filled=filled, forgot=stale["n"], more=full)
 
 
 async def forget_stale(txn: IDatabaseTransaction, done: int) -> None:
