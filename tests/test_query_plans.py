@@ -462,8 +462,8 @@ class SqlitePlanTests(PlanContract, TestCase):
         fresh = Store(engine, MESSAGE_EVENTS)
         wanted = [row["id"] for row in (yield fresh.search_messages(acme, text="widgets", limit=100))]
         self.assertEqual(len(wanted), 20)
-        [plan] = yield self.plans_of(fresh.search_messages, acme, text="widgets")
-        self.assertNotIn("VIRTUAL TABLE", plan)
+        plans = yield self.plans_of(fresh.search_messages, acme, text="widgets")
+        self.assertNotIn("VIRTUAL TABLE", plans[-1])
         yield fresh.build_indexes()
         plans = yield self.plans_of(fresh.search_messages, acme, text="widgets")
         self.assertIn("VIRTUAL TABLE", plans[-1])
@@ -484,8 +484,8 @@ class SqlitePlanTests(PlanContract, TestCase):
         fresh = Store(self.store.engine, MESSAGE_EVENTS)
         widgets = yield fresh.search_messages(self.acme, text="widgets")
         self.assertEqual(len(widgets), 20)
-        [plan] = yield self.plans_of(fresh.search_messages, self.acme, text="widgets")
-        self.assertNotIn("VIRTUAL TABLE", plan)
+        plans = yield self.plans_of(fresh.search_messages, self.acme, text="widgets")
+        self.assertNotIn("VIRTUAL TABLE", plans[-1])
         self.patch(search, "INDEX_BATCH", 7)
         progress = []
         yield fresh.build_indexes(progress.append)

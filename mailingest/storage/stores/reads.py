@@ -345,17 +345,10 @@ class ReadStore(StoreBase):
         if self.engine.text_search != "fts5":
             self._pg_indexed = self._pg_indexed or await pg_index_built(txn)
             return self._pg_indexed, None
-        state = await index_state(txn)
-        if state["low"] != 0:
+        state = await index_state(txn, org_id, search.WINDOW_MESSAGES)
+        if state["low"] != 0 or state["behind"] >= search.WINDOW_MESSAGES:
             return False, None
-        await txn.execute(
-            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM inbound_message WHERE org_id = ? AND id >= ? LIMIT ?)",
-            (org_id, state["high"], search.WINDOW_MESSAGES),
-        )
-        behind = txn.fetchone()["n"]
-        if behind >= search.WINDOW_MESSAGES:
-            return False, None
-        return True, state["high"] if behind else None
+        return True, state["high"] if state["behind"] else None
 
     def message_events(self, message_id):
         """A message's webhook events, oldest first, with their attempts."""

@@ -185,9 +185,18 @@ class IndexStep:
     more: bool = False
 
 
-async def index_state(txn: IDatabaseTransaction) -> dict:
-    """In a read of the database (the index attached as C{search}): C{low} and C{high} of the index (see the engine)."""
-    await txn.execute("SELECT low, high FROM search.search_progress")
+async def index_state(txn: IDatabaseTransaction, org_id: int, most: int) -> dict:
+    """
+    In a read of the database (the index attached as C{search}): C{low} and
+    C{high} of the index (see the engine), and C{behind}, how many of the
+    organisation's messages it does not hold yet from C{high} on (counted up
+    to C{most}).
+    """
+    await txn.execute(
+        "SELECT p.low, p.high, (SELECT COUNT(*) FROM (SELECT 1 FROM inbound_message"
+        " WHERE org_id = ? AND id >= p.high LIMIT ?)) AS behind FROM search.search_progress p",
+        (org_id, most),
+    )
     return txn.fetchone()
 
 
