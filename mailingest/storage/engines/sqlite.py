@@ -12,9 +12,9 @@ commits, so no read, however slow, is queued in front of a message insert.
 The search index lives in a file of its own beside the database
 (L{search_path}), written by one connection of its own
 (L{SqliteEngine.search_index}) behind intake: FTS5 merges its segments
-inside the transactions that write it, for up to a second and more at a
-million messages, and in a file of its own that holds only its own lock,
-never a message insert's. The read connections attach it as C{search}.
+inside the transactions that write it, for tens to hundreds of
+milliseconds at a million messages, and in a file of its own that holds
+only its own lock, never a message insert's. The read connections attach it as C{search}.
 
 While another process holds the database locked, an interaction waits for it
 (SQLite's busy timeout), and interactions run one after another on the one
@@ -62,7 +62,6 @@ SEARCH_FILE_SUFFIX = "-search"
 _SEARCH_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS message_search USING fts5(subject, mail_from, message_id, tokenize='trigram');
 CREATE TABLE IF NOT EXISTS search_progress (low BIGINT NOT NULL, high BIGINT NOT NULL, stale_done BIGINT NOT NULL);
-INSERT INTO search_progress (low, high, stale_done) SELECT -1, -1, -1 WHERE NOT EXISTS (SELECT 1 FROM search_progress);
 """
 
 
@@ -137,7 +136,14 @@ def _create_search_file(path: str) -> None:
         # Consistent if the machine stops before the next sync, only not durable: then it is made again.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
-        conn.executescript(_SEARCH_SCHEMA)
+        # Statements that write (a CREATE, an INSERT even of no row) wait for the index's lock: only when needed.
+        if conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'search_progress'").fetchone()[0] == 0:
+            conn.executescript(_SEARCH_SCHEMA)
+        if conn.execute("SELECT COUNT(*) FROM search_progress").fetchone()[0] == 0:
+            conn.execute(
+                "INSERT INTO search_progress (low, high, stale_done)"
+                " SELECT -1, -1, -1 WHERE NOT EXISTS (SELECT 1 FROM search_progress)"
+            )
     finally:
         conn.close()
 
