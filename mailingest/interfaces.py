@@ -513,14 +513,6 @@ class IReadStore(IStoreRole):
         Fire with each organisation (or one) with its messages by status since C{since} and its last message time.
         """
 
-    def search_messages(org_id: int, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit: int = 50):
-        """
-        Fire with one page of an organisation's messages, newest first, each with its number of documents:
-        by id, or for a date range without a sender or an indexed text, by received time then id. The page is a
-        L{mailingest.storage.stores.search.SearchRows}: a text search that stopped short of a full page, to bound
-        what it costs, says how far back it looked (its C{searched_to}, the cursor to go on from).
-        """
-
     def message_events(message_id: int):
         """
         Fire with a message's webhook events, oldest first.
@@ -534,6 +526,18 @@ class IReadStore(IStoreRole):
     def list_events(org_slug=None, status=None, limit: int = 50):
         """
         Fire with webhook events, newest first.
+        """
+
+
+class ISearchStore(IStoreRole):
+    """The console's search of an organisation's messages, whose cost is bounded whatever the text."""
+
+    def search_messages(org_id: int, status=None, since=None, until=None, sender=None, text=None, before_id=None, limit: int = 50):
+        """
+        Fire with one page of an organisation's messages, newest first, each with its number of documents:
+        by id, or for a date range without a sender or an indexed text, by received time then id. The page is a
+        L{mailingest.storage.stores.search.SearchRows}: a text search that stopped short of a full page, to bound
+        what it costs, says how far back it looked (its C{searched_to}, the cursor to go on from).
         """
 
 
@@ -633,7 +637,7 @@ class IWebhookEvents(Interface):
 
 class IStore(
     ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
-    IRetentionStore, IHoldStore, IDomainStore, IDomainRoutes,
+    ISearchStore, IRetentionStore, IHoldStore, IDomainStore, IDomainRoutes,
 ):
     """Every store role on one database: what C{--database} opens (L{mailingest.storage.store.Store})."""
 

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from mailingest.errors import DomainTaken, NoSuchDomain, NoSuchMessage, NoSuchOrg, NotQuarantined, OrgExists
 from mailingest.interfaces import (
     Collision, Duplicate, IBlobReferences, IDomainRoutes, IDomainStore, IExtractionQueue, IHoldStore, IIntakeStore, IOrgStore,
-    IOutboxStore, IQuarantineStore, IReadStore, IRetentionStore, ISchemaStore, IStore,
+    IOutboxStore, IQuarantineStore, IReadStore, IRetentionStore, ISchemaStore, ISearchStore, IStore,
 )
 from mailingest.delivery.routing import POSTMASTER_SLUG
 from mailingest.handoff.events import MESSAGE_EVENTS
@@ -24,7 +24,7 @@ from mailingest.storage.store import Store, migrations
 
 ROLES = (
     ISchemaStore, IOrgStore, IIntakeStore, IBlobReferences, IExtractionQueue, IQuarantineStore, IOutboxStore, IReadStore,
-    IRetentionStore, IHoldStore, IDomainStore, IDomainRoutes,
+    ISearchStore, IRetentionStore, IHoldStore, IDomainStore, IDomainRoutes,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

@@ -21,7 +21,7 @@ from mailingest.delivery.directory import OrgDirectory
 from mailingest.delivery.ingest import Ingest
 from mailingest.delivery.transaction import IngestDeliveries
 from mailingest.interfaces import (
-    IDomainStore, IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore,
+    IDomainStore, IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore, ISearchStore,
 )
 from mailingest.ops.disk_space import DiskCheck
 from mailingest.errors import ConfigError
@@ -416,7 +416,7 @@ def make_webhooks(settings: Settings, store: IOutboxStore, reactor) -> WebhookSe
 
 def make_api_listener(
     settings: Settings,
-    store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
+    store: "IReadStore | ISearchStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
     blobs,
     readiness_checks: dict,
     reactor,

@@ -30,7 +30,7 @@ from mailingest.console import pages
 from mailingest.console.rejections import RejectionHistory
 from mailingest.console.sessions import ConsoleSession, Sessions
 from mailingest.errors import BlobNotFound, ContentGone, MessageHeld, NoSuchEvent, NoSuchMessage, NotErasable, NotQuarantined
-from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore
+from mailingest.interfaces import IExtractionQueue, IOrgStore, IOutboxStore, IQuarantineStore, IReadStore, ISchemaStore, ISearchStore
 from mailingest.ops.http import CHECK_TIMEOUT, Check, OpsSite, bounded, describe_failure, run_checks
 from mailingest.handoff.api import ApiError, ApiResource, UnknownToken, decode_cursor, encode_cursor, token_hash, token_scope
 from mailingest.handoff.events import withheld
@@ -500,7 +500,7 @@ class ConsoleResource(_Home):
 
     def __init__(
         self,
-        store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore",
+        store: "IReadStore | ISearchStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore",
         blobs,
         api: ApiResource,
         sessions: Sessions,
@@ -598,7 +598,7 @@ class ConsoleResource(_Home):
 
 
 def make_site(
-    store: "IReadStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
+    store: "IReadStore | ISearchStore | IExtractionQueue | IQuarantineStore | IOutboxStore | IOrgStore | ISchemaStore",
     blobs,
     clock,
     rejections: RejectionHistory,

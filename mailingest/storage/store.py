@@ -18,6 +18,7 @@ from mailingest.interfaces import IStore, IWebhookEvents
 from mailingest.storage.engines import IEngine, create_engine
 from mailingest.storage.stores.domains import DomainStore
 from mailingest.storage.stores.intake import IntakeStore
+from mailingest.storage.stores.message_search import MessageSearchStore
 from mailingest.storage.stores.orgs import OrgStore
 from mailingest.storage.stores.outbox import OutboxStore
 from mailingest.storage.stores.quarantine import VERDICT_COLUMNS, QuarantineStore
@@ -33,8 +34,8 @@ __all__ = ["Store", "open_store", "migrations", "VERDICT_COLUMNS", "MESSAGE_STAT
 
 @implementer(IStore)
 class Store(
-    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, RetentionStore, HoldStore,
-    DomainStore,
+    SchemaStore, OrgStore, IntakeStore, ExtractionQueueStore, QuarantineStore, OutboxStore, ReadStore, MessageSearchStore,
+    RetentionStore, HoldStore, DomainStore,
 ):
     """
     Every role on one engine: what C{--database} opens. C{events} says which

@@ -7,8 +7,9 @@ side: which organisations take mail, inserts, dedup, raw key use),
 C{queue} (the extraction queue: claims, outcomes, retries, status
 history), C{quarantine} (sender verdicts, policy and quarantine),
 C{outbox} (the webhook outbox), C{domains} (custom domains and their
-verification) and C{reads} (the read model the API,
-console and admin command page through). All of them share one engine and
+verification), C{reads} (the read model the API,
+console and admin command page through) and C{message_search} (the
+console's search, bounded in cost). All of them share one engine and
 one transaction helper (L{mailingest.storage.stores.base.StoreBase}), and
 L{mailingest.storage.store.Store} composes them into the one object the
 daemon opens.
