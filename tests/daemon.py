@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from mailingest.app.settings import Settings
 from mailingest.app.service import build_daemon
+from tests.ports import free_port
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MAILINGEST = os.path.join(os.path.dirname(sys.executable), "mailingest")
@@ -134,12 +135,6 @@ def poll(read, predicate, timeout: float, failure, interval: float = 0.05):
 
 def sleep(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def message(subject="Order 1", message_id="<order-1@customer.test>", body="Please find our order.\r\n") -> bytes:

@@ -18,7 +18,6 @@ import http.client
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import uuid
 
 import botocore.session
 from botocore.config import Config
+
+from tests.ports import free_port
 
 REGION = "us-east-1"
 START_TIMEOUT = 30.0
@@ -37,13 +38,6 @@ _POLICY = json.dumps(
         "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
     }
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _moto_command() -> list[str]:

@@ -17,7 +17,6 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -27,6 +26,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 from twisted.trial.unittest import SkipTest
+
+from tests.ports import free_port
 
 ENV_DSN = "MAILINGEST_TEST_POSTGRES_DSN"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -64,12 +65,6 @@ def _answers(url: str) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bindir() -> str | None:
     """Where initdb and pg_ctl are: on PATH, or Debian's versioned directory."""
     initdb = shutil.which("initdb")
@@ -97,7 +92,7 @@ def _throwaway_cluster(bindir: str) -> str:
     if as_postgres:
         user = pwd.getpwnam("postgres")
         os.chown(directory, user.pw_uid, user.pw_gid)
-    port = _free_port()
+    port = free_port()
     _run(
         [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"],
         as_postgres,

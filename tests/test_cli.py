@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -28,6 +27,7 @@ from mailingest.app.mail_sender import SendError, daemon_server, parse_server
 from mailingest.handoff.api import read_admin_token
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage.store import open_store
+from tests.ports import free_port
 from tests.test_urls import HOSTILE_URLS, leaked
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "mailingest")
@@ -656,12 +656,6 @@ class Sink:
             return "451 4.3.0 Try again later"
         self.messages.append(envelope.content)
         return f"250 2.0.0 Ok: stored as message {len(self.messages)}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SendTestTests(CommandTestCase):
