@@ -26,6 +26,7 @@ class SearchIndexFileTests(TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.path = self.mktemp() + ".db"
+        self.open_engines = set()
         self.store = yield self.open_store()
         self.acme = (yield self.store.add_org("acme", "Acme"))["id"]
         self.ids = yield self.store.insert_messages(
@@ -36,7 +37,8 @@ class SearchIndexFileTests(TestCase):
     @defer.inlineCallbacks
     def open_store(self):
         engine = SqliteEngine(self.path)
-        self.addCleanup(engine.close)
+        self.open_engines.add(engine)
+        self.addCleanup(lambda: engine in self.open_engines and engine.close())
         store = Store(engine, MESSAGE_EVENTS)
         yield store.migrate()
         return store
@@ -60,6 +62,51 @@ class SearchIndexFileTests(TestCase):
             return txn.execute("SELECT COUNT(*) AS n FROM message_search_stale").addCallback(lambda _: txn.fetchone()["n"])
 
         return self.store.engine.interaction(read)
+
+    @defer.inlineCallbacks
+    def secret_indexed(self):
+        """A parsed message that says "Secret Merger Plans", in the index; its id."""
+        [secret] = yield self.store.insert_messages(
+            [message(self.acme, "<merger@x>", 40, subject="Secret Merger Plans", mail_from="ceo@rival.example")]
+        )
+
+        def parsed(txn):
+            return txn.execute("UPDATE inbound_message SET status = 'parsed' WHERE id = ?", (secret,))
+
+        yield self.store.engine.interaction(parsed)
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("merger plans")), [secret])
+        return secret
+
+    def close_store(self) -> defer.Deferred:
+        self.open_engines.remove(self.store.engine)
+        return self.store.engine.close()
+
+    @defer.inlineCallbacks
+    def files_restored(self, suffixes, change):
+        """
+        The files of the database (suffix "") or of the index ("-search")
+        copied with the store closed, C{change} made, then the copies put
+        back: a backup restored. The store is open again.
+        """
+        yield self.close_store()
+        saved = {}
+        for suffix in suffixes:
+            for extra in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix + extra):
+                    with open(self.path + suffix + extra, "rb") as f:
+                        saved[suffix + extra] = f.read()
+        self.store = yield self.open_store()
+        yield change()
+        yield self.close_store()
+        for suffix in suffixes:
+            for extra in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix + extra):
+                    os.remove(self.path + suffix + extra)
+        for name, data in saved.items():
+            with open(self.path + name, "wb") as f:
+                f.write(data)
+        self.store = yield self.open_store()
 
     @defer.inlineCallbacks
     def test_index_lives_in_its_own_file(self):
@@ -137,16 +184,7 @@ class SearchIndexFileTests(TestCase):
         search for what they were finds nothing, at once (before the index
         has dealt with it) and after, and the index no longer holds it.
         """
-        [secret] = yield self.store.insert_messages(
-            [message(self.acme, "<merger@x>", 40, subject="Secret Merger Plans", mail_from="ceo@rival.example")]
-        )
-
-        def parsed(txn):
-            return txn.execute("UPDATE inbound_message SET status = 'parsed' WHERE id = ?", (secret,))
-
-        yield self.store.engine.interaction(parsed)
-        yield self.store.index_search()
-        self.assertEqual((yield self.indexed("merger plans")), [secret])
+        secret = yield self.secret_indexed()
         self.assertEqual((yield self.found("merger plans")), [secret])
         yield self.store.erase_message(secret, "test")
         self.assertGreater((yield self.stale()), 0)
@@ -199,6 +237,53 @@ class SearchIndexFileTests(TestCase):
         [late] = yield self.store.insert_messages([message(self.acme, "<late@x>", 70, subject="Late widgets")])
         yield self.store.index_search()
         self.assertIn(late, (yield self.indexed("late widgets")))
+
+
+    @defer.inlineCallbacks
+    def test_index_behind_its_databases_changes_filled_again(self):
+        """
+        The index's file restored from before an erasure whose queue the
+        database has since forgotten: it would still hold the erased text at
+        the message's rowid, so it is emptied and filled from the database.
+        """
+        secret = yield self.secret_indexed()
+
+        @defer.inlineCallbacks
+        def erase():
+            yield self.store.erase_message(secret, "test")
+            yield self.store.index_search()
+            yield self.store.build_indexes()
+            self.assertEqual((yield self.stale()), 0)
+
+        yield self.files_restored(["-search"], erase)
+        self.assertEqual((yield self.indexed("merger plans")), [secret])
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("merger plans")), [])
+        self.assertEqual((yield self.found("merger plans")), [])
+        yield self.store.build_indexes()
+        self.assertEqual((yield self.indexed("merger plans")), [])
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+
+    @defer.inlineCallbacks
+    def test_index_ahead_of_the_databases_changes_filled_again(self):
+        """
+        The database restored from before an erasure, no message having come
+        since: the index, which took the erased text out, is emptied and
+        filled, and the restored message is found by what it says again.
+        """
+        secret = yield self.secret_indexed()
+
+        @defer.inlineCallbacks
+        def erase():
+            yield self.store.erase_message(secret, "test")
+            yield self.store.index_search()
+            self.assertEqual((yield self.indexed("merger plans")), [])
+
+        yield self.files_restored([""], erase)
+        yield self.store.index_search()
+        yield self.store.build_indexes()
+        self.assertEqual((yield self.indexed("merger plans")), [secret])
+        self.assertEqual((yield self.found("merger plans")), [secret])
 
 
 class FakeSchemaStore:

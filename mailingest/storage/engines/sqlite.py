@@ -55,8 +55,9 @@ PROGRESS_STEPS = 1000
 # alone whatever text it was indexed with. It holds the messages with ids
 # in [low, high) of search_progress (low and high -1 until the first step);
 # stale_done is the last row of the database's message_search_stale (what
-# changed or went since) it has dealt with. Derived data: a missing file is
-# made again and filled (see mailingest.storage.stores.search).
+# changed or went since) it has dealt with. Derived data: a missing file, or
+# one that does not belong with the database (restored from another time),
+# is made again and filled (see mailingest.storage.stores.search).
 SEARCH_ORG_SPAN = 1 << 40
 SEARCH_FILE_SUFFIX = "-search"
 _SEARCH_SCHEMA = """

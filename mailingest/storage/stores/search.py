@@ -200,6 +200,28 @@ async def index_state(txn: IDatabaseTransaction, org_id: int, most: int) -> dict
     return txn.fetchone()
 
 
+# What the database has issued: message ids, and rows of its queue of changes (the first still queued).
+_ISSUED = (
+    "SELECT (SELECT COALESCE(MAX(seq), 0) FROM mail.sqlite_sequence WHERE name = 'inbound_message') AS messages,"
+    " (SELECT COALESCE(MAX(seq), 0) FROM mail.sqlite_sequence WHERE name = 'message_search_stale') AS changes,"
+    " (SELECT MIN(seq) FROM mail.message_search_stale) AS first_queued"
+)
+
+
+def _in_step(high: int, stale_done: int, issued: dict) -> bool:
+    """
+    Whether the index and its database belong together. It is ahead when it
+    holds messages or has dealt with changes the database never issued (the
+    database restored from a backup); behind when the database has forgotten
+    changes it has not dealt with (its file restored from a backup): it
+    would hold the old text, an erased one included, of messages still there.
+    The queue is forgotten from its start, and only up to what the index has
+    dealt with, so its first row left is at most the one after that.
+    """
+    first_queued = issued["first_queued"] or issued["changes"] + 1
+    return high - 1 <= issued["messages"] and stale_done <= issued["changes"] and first_queued <= stale_done + 1
+
+
 async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     """
     One transaction of SQLite's search index (its file's connection, the
@@ -211,17 +233,16 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     await txn.execute("SELECT low, high, stale_done FROM search_progress")
     state = txn.fetchone()
     low, high, stale_done = state["low"], state["high"], state["stale_done"]
-    await txn.execute("SELECT COALESCE(MAX(seq), 0) AS issued FROM mail.sqlite_sequence WHERE name = 'inbound_message'")
-    issued = txn.fetchone()["issued"]
-    if high - 1 > issued:
-        # The index is ahead of the database (restored from a backup): fill it again.
+    await txn.execute(_ISSUED)
+    issued = txn.fetchone()
+    if high >= 0 and not _in_step(high, stale_done, issued):
+        # One file was restored from a backup and not the other: fill the index again.
         await txn.execute("DELETE FROM message_search")
         high = -1
     if high < 0:
         # Everything stored so far is older rows to fill; what changed before did so in rows not yet indexed.
-        await txn.execute("SELECT COALESCE(MAX(seq), 0) AS seq FROM mail.message_search_stale")
-        low = high = issued + 1
-        stale_done = txn.fetchone()["seq"]
+        low = high = issued["messages"] + 1
+        stale_done = issued["changes"]
     await txn.execute(
         "SELECT COALESCE(MAX(seq), ?) AS last, COUNT(*) AS n FROM"
         " (SELECT seq FROM mail.message_search_stale WHERE seq > ? ORDER BY seq LIMIT ?)",
