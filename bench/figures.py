@@ -1,6 +1,17 @@
-"""Running one measure of the store under a reactor, and printing its figures as a two-column table."""
+"""The benchmarks' figures: percentiles of timed samples, and a measure of the store run under a reactor and printed as a two-column table."""
 
 from collections.abc import Awaitable, Callable
+
+
+def percentile(ordered: list[float], share: float) -> float:
+    """The sample at C{share} (0.5, 0.99) of C{ordered}, sorted: the nearest rank, no interpolation."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """The p50, p99 and largest of C{samples}."""
+    ordered = sorted(samples)
+    return percentile(ordered, 0.5), percentile(ordered, 0.99), ordered[-1]
 
 
 def print_figures(measure: Callable[..., Awaitable[dict[str, str]]], *args) -> int:

@@ -18,7 +18,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from bench.figures import print_figures
+from bench.figures import percentile, print_figures
 
 OTHER_ORG = 2
 PRODUCTS = ["widgets", "gaskets", "pallets", "bearings", "valves", "cables", "pumps", "filters"]
@@ -27,8 +27,8 @@ INTERVAL = 0.25
 
 def _figures(samples: list[float]) -> str:
     ordered = sorted(samples)
-    at = lambda share: ordered[min(len(ordered) - 1, int(len(ordered) * share))]  # noqa: E731
-    return f"p50 {at(0.5):.1f}, p99 {at(0.99):.1f}, p99.9 {at(0.999):.1f}, max {ordered[-1]:.1f} ms"
+    p50, p99, p999 = (percentile(ordered, share) for share in (0.5, 0.99, 0.999))
+    return f"p50 {p50:.1f}, p99 {p99:.1f}, p99.9 {p999:.1f}, max {ordered[-1]:.1f} ms"
 
 
 async def measure(url: str, count: int, gap_ms: float) -> dict[str, str]:

@@ -35,6 +35,8 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 
+from bench.figures import percentiles
+
 ORGS = 1000
 BIG_SHARE = 0.20
 YEAR = timedelta(days=365)
@@ -192,11 +194,6 @@ def _drop_postgres_database(name: str) -> None:
     with conn.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     conn.close()
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], ordered[-1]
 
 
 async def _timed(call, repeat: int = REPEAT) -> list[float]:

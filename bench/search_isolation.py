@@ -15,8 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from bench.figures import print_figures
-from bench.scale import percentiles
+from bench.figures import percentiles, print_figures
 
 BIG_ORG, OTHER_ORG = 1, 2
 

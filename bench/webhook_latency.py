@@ -25,7 +25,6 @@ import os
 import smtplib
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from bench.figures import percentiles
 
 BIN = os.path.dirname(sys.executable)
 
@@ -94,10 +95,9 @@ def send(port: int, org: str, count: int, tag: str, replied: dict[str, float], r
     client.quit()
 
 
-def percentiles(values: list[float]) -> str:
-    values = sorted(values)
-    p = statistics.quantiles(values, n=100, method="inclusive")
-    return f"p50 {p[49] * 1000:.0f} ms, p99 {p[98] * 1000:.0f} ms, max {values[-1] * 1000:.0f} ms"
+def in_ms(values: list[float]) -> str:
+    p50, p99, top = percentiles(values)
+    return f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {top * 1000:.0f} ms"
 
 
 def parsed_times(database: str) -> dict[str, float]:
@@ -160,8 +160,8 @@ def steady(port: int, args: argparse.Namespace, database: str) -> int:
     parsed = parsed_times(database)
     arrivals = Receiver.arrivals
     print(f"sent {total} messages in {sending:.1f} s ({total / sending:.0f}/s); {len(arrivals)} events received")
-    print("parsed -> receiver:  " + percentiles([arrivals[m] - parsed[m] for m in arrivals if m in parsed]))
-    print("250 reply -> receiver: " + percentiles([arrivals[m] - replied[m] for m in arrivals if m in replied]))
+    print("parsed -> receiver:  " + in_ms([arrivals[m] - parsed[m] for m in arrivals if m in parsed]))
+    print("250 reply -> receiver: " + in_ms([arrivals[m] - replied[m] for m in arrivals if m in replied]))
     return 0 if len(arrivals) == total else 1
 
 

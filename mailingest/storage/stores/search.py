@@ -222,6 +222,13 @@ def _in_step(high: int, stale_done: int, issued: dict) -> bool:
     return high - 1 <= issued["messages"] and stale_done <= issued["changes"] and first_queued <= stale_done + 1
 
 
+# The queue's rows in (seq, seq]: the messages changed or gone.
+_CHANGED_IDS = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
+# The next batch of message ids from a bound up, and from below a bound down: the edge reached, and how many.
+_NEWER = "SELECT MAX(id) AS edge, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id >= ? ORDER BY id LIMIT ?)"
+_OLDER = "SELECT MIN(id) AS edge, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id < ? ORDER BY id DESC LIMIT ?)"
+
+
 async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     """
     One transaction of SQLite's search index (its file's connection, the
@@ -230,28 +237,62 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     and are indexed again from the message if it is still there); index the
     messages that came since; index the next older ones, highest ids first.
     """
+    low, high, stale_done, restarted = await _progress(txn)
+    stale_last, forgotten = await _forget_changed(txn, stale_done)
+    newest, came = await _batch(txn, _NEWER, high)
+    new_high = newest + 1 if came else high
+    if not (forgotten or came or low or restarted):
+        # Nothing came, changed or is left to fill: a commit without a write (no sync to disk every run).
+        return IndexStep(below=0, stale_done=stale_done)
+    new_low, filled = low, 0
+    if low > 0:
+        oldest, filled = await _batch(txn, _OLDER, low)
+        new_low = oldest if filled == INDEX_BATCH else 0
+    # The new, the older and the changed ones still there, in one statement in rowid order: FTS5
+    # writes out what it holds whenever a rowid is lower than the one before.
+    await txn.execute(
+        f"INSERT INTO message_search (rowid, subject, mail_from, message_id) SELECT {search_row('m.')}"
+        " FROM mail.inbound_message m WHERE (m.id >= ? AND m.id < ?) OR (m.id >= ? AND m.id < ?)"
+        f" OR (m.id >= ? AND m.id < ? AND m.id IN ({_CHANGED_IDS})) ORDER BY m.org_id, m.id DESC",
+        (high, new_high, new_low, low, low, high, stale_done, stale_last),
+    )
+    await txn.execute("UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale_last))
+    return IndexStep(below=new_low, stale_done=stale_last, filled=filled, more=INDEX_BATCH in (forgotten, came, filled))
+
+
+async def _progress(txn: IDatabaseTransaction) -> tuple[int, int, int, bool]:
+    """
+    The index's C{low}, C{high} and C{stale_done} for this step, and whether
+    it starts over: a new index, or one that does not belong with its
+    database (emptied), takes everything stored so far as older messages to
+    fill, and what changed before as dealt with (in rows not yet indexed).
+    """
     await txn.execute("SELECT low, high, stale_done FROM search_progress")
     state = txn.fetchone()
-    low, high, stale_done = state["low"], state["high"], state["stale_done"]
     await txn.execute(_ISSUED)
     issued = txn.fetchone()
-    if high >= 0 and not _in_step(high, stale_done, issued):
-        # One file was restored from a backup and not the other: fill the index again.
+    if state["high"] >= 0 and _in_step(state["high"], state["stale_done"], issued):
+        return state["low"], state["high"], state["stale_done"], False
+    if state["high"] >= 0:
+        # One file was restored from a backup and not the other.
         await txn.execute("DELETE FROM message_search")
-        high = -1
-    if high < 0:
-        # Everything stored so far is older rows to fill; what changed before did so in rows not yet indexed.
-        low = high = issued["messages"] + 1
-        stale_done = issued["changes"]
+    return issued["messages"] + 1, issued["messages"] + 1, issued["changes"], True
+
+
+async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[int, int]:
+    """
+    The rows of the messages changed or gone after queue row C{stale_done}
+    deleted, at most L{INDEX_BATCH} of the queue's: the last row dealt
+    with, and how many.
+    """
     await txn.execute(
         "SELECT COALESCE(MAX(seq), ?) AS last, COUNT(*) AS n FROM"
         " (SELECT seq FROM mail.message_search_stale WHERE seq > ? ORDER BY seq LIMIT ?)",
         (stale_done, stale_done, INDEX_BATCH),
     )
     stale = txn.fetchone()
-    changed = (stale_done, stale["last"])
-    changed_ids = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
     if stale["n"]:
+        changed = (stale_done, stale["last"])
         # By the rowid each was indexed with, and by its present one (a message still there is indexed again).
         await txn.execute(
             f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - message_id"
@@ -260,39 +301,17 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
         )
         await txn.execute(
             f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - id"
-            f" FROM mail.inbound_message WHERE id IN ({changed_ids}))",
+            f" FROM mail.inbound_message WHERE id IN ({_CHANGED_IDS}))",
             changed,
         )
-    await txn.execute(
-        "SELECT MAX(id) AS last, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id >= ? ORDER BY id LIMIT ?)",
-        (high, INDEX_BATCH),
-    )
-    new = txn.fetchone()
-    new_high = new["last"] + 1 if new["n"] else high
-    if not stale["n"] and not new["n"] and low == 0 and state["high"] == high:
-        # Nothing came, changed or is left to fill: a commit without a write (no sync to disk every run).
-        return IndexStep(below=0, stale_done=stale_done)
-    new_low, filled = low, 0
-    if low > 0:
-        await txn.execute(
-            "SELECT MIN(id) AS first, COUNT(*) AS n FROM (SELECT id FROM mail.inbound_message WHERE id < ? ORDER BY id DESC LIMIT ?)",
-            (low, INDEX_BATCH),
-        )
-        older = txn.fetchone()
-        new_low, filled = (older["first"] if older["n"] == INDEX_BATCH else 0), older["n"]
-    # The new, the older and the changed ones still there, in one statement in rowid order: FTS5
-    # writes out what it holds whenever a rowid is lower than the one before.
-    await txn.execute(
-        f"INSERT INTO message_search (rowid, subject, mail_from, message_id) SELECT {search_row('m.')}"
-        " FROM mail.inbound_message m WHERE (m.id >= ? AND m.id < ?) OR (m.id >= ? AND m.id < ?)"
-        f" OR (m.id >= ? AND m.id < ? AND m.id IN ({changed_ids})) ORDER BY m.org_id, m.id DESC",
-        (high, new_high, new_low, low, low, high, *changed),
-    )
-    await txn.execute("UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale["last"]))
-    return IndexStep(
-        below=new_low, stale_done=stale["last"], filled=filled,
-        more=INDEX_BATCH in (stale["n"], new["n"], filled),
-    )
+    return stale["last"], stale["n"]
+
+
+async def _batch(txn: IDatabaseTransaction, query: str, bound: int) -> tuple[int | None, int]:
+    """L{_NEWER} or L{_OLDER} from C{bound}: the edge id of the batch, and how many."""
+    await txn.execute(query, (bound, INDEX_BATCH))
+    row = txn.fetchone()
+    return row["edge"], row["n"]
 
 
 async def forget_stale(txn: IDatabaseTransaction, done: int) -> None:
