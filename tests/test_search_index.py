@@ -7,6 +7,7 @@ Clock.
 """
 
 import os
+import random
 import sqlite3
 import threading
 
@@ -16,13 +17,16 @@ from twisted.trial.unittest import TestCase
 
 from mailingest.handoff.events import MESSAGE_EVENTS
 from mailingest.storage import search_indexing
-from mailingest.storage.engines.sqlite import SqliteEngine
+from mailingest.storage.engines import sqlite as sqlite_engine
+from mailingest.storage.engines.sqlite import SqliteEngine, damaged_search_path
 from mailingest.storage.store import Store
 from mailingest.storage.stores import search
 from tests.store_contract import message
 
 
-class SearchIndexFileTests(TestCase):
+class SearchIndexCase(TestCase):
+    """A SQLite store of ten indexed messages of the organisation acme, and ways to look at its index."""
+
     @defer.inlineCallbacks
     def setUp(self):
         self.path = self.mktemp() + ".db"
@@ -35,12 +39,13 @@ class SearchIndexFileTests(TestCase):
         yield self.store.index_search()
 
     @defer.inlineCallbacks
-    def open_store(self):
+    def open_store(self, migrate=True):
         engine = SqliteEngine(self.path)
         self.open_engines.add(engine)
         self.addCleanup(lambda: engine in self.open_engines and engine.close())
         store = Store(engine, MESSAGE_EVENTS)
-        yield store.migrate()
+        if migrate:
+            yield store.migrate()
         return store
 
     def found(self, text, store=None, **kwargs):
@@ -108,6 +113,8 @@ class SearchIndexFileTests(TestCase):
                 f.write(data)
         self.store = yield self.open_store()
 
+
+class SearchIndexFileTests(SearchIndexCase):
     @defer.inlineCallbacks
     def test_index_lives_in_its_own_file(self):
         self.assertTrue(os.path.exists(self.path + "-search"))
@@ -136,12 +143,14 @@ class SearchIndexFileTests(TestCase):
             return defer.succeed(None)
 
         step = self.store.engine.search_index(long_step)
+        finished = []
+        step.addBoth(lambda result: finished.append(True) or result)
         self.addCleanup(release.set)
         yield threads.deferToThread(inside.wait, 5)
         self.assertTrue(inside.is_set())
         stored = yield self.store.insert_messages([message(self.acme, "<during@x>", 50, subject="Widgets meanwhile")])
         self.assertFalse(release.is_set(), "the insert waited for the index")
-        self.assertFalse(step.called)
+        self.assertEqual(finished, [])
         release.set()
         yield step
         self.assertIn(stored[0], (yield self.found("widgets meanwhile")))
@@ -284,6 +293,102 @@ class SearchIndexFileTests(TestCase):
         yield self.store.build_indexes()
         self.assertEqual((yield self.indexed("merger plans")), [secret])
         self.assertEqual((yield self.found("merger plans")), [secret])
+
+
+class UnreadableSearchFileTests(SearchIndexCase):
+    """
+    A search file SQLite cannot read (damaged, or not a database) is moved
+    aside and made again, at start-up or when a read or the index's loop
+    meets it; mail and every other read go on meanwhile.
+    """
+
+    def warnings(self):
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        return logged
+
+    def damage(self, path):
+        """Every page of C{path} but the first (the schema) overwritten with noise, its WAL moved into it first."""
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        size = os.path.getsize(path)
+        self.assertGreater(size, 8192)
+        with open(path, "r+b") as f:
+            f.seek(4096)
+            f.write(random.Random(7).randbytes(size - 4096))
+
+    def aside(self):
+        return damaged_search_path(self.store.engine.search_path)
+
+    def remade(self, logged):
+        return [e for e in logged if "could not be read" in e.get("log_format", "")]
+
+    @defer.inlineCallbacks
+    def test_not_a_database_at_start_moved_aside_and_made_again(self):
+        yield self.close_store()
+        with open(self.path + "-search", "wb") as f:
+            f.write(b"not a database, and longer than SQLite's header" * 100)
+        logged = self.warnings()
+        self.store = yield self.open_store()
+        self.assertEqual(len(self.remade(logged)), 1)
+        with open(self.aside(), "rb") as f:
+            self.assertTrue(f.read().startswith(b"not a database"))
+        self.assertEqual((yield self.found("widgets")), self.ids[::-1])
+        [late] = yield self.store.insert_messages([message(self.acme, "<late@x>", 70, subject="Late widgets")])
+        yield self.store.build_indexes()
+        self.assertEqual(sorted((yield self.indexed("widgets"))), sorted([*self.ids, late]))
+
+    @defer.inlineCallbacks
+    def test_damaged_file_met_by_a_search_made_again(self):
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        self.damage(self.store.engine.search_path)
+        logged = self.warnings()
+        yield self.assertFailure(self.found("widgets"), sqlite3.DatabaseError)
+        # The check and the new file come in the index's turn: after them, this.
+        yield self.store.engine.search_index(lambda txn: txn.execute("SELECT 1"))
+        self.assertEqual(len(self.remade(logged)), 1)
+        self.assertTrue(os.path.exists(self.aside()))
+        self.assertEqual((yield self.found("widgets")), self.ids[::-1])
+        yield self.store.build_indexes()
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        self.assertEqual((yield self.found("order 3 for")), [self.ids[3]])
+
+    @defer.inlineCallbacks
+    def test_damaged_file_met_by_the_index_made_again(self):
+        self.damage(self.store.engine.search_path)
+        [late] = yield self.store.insert_messages([message(self.acme, "<late@x>", 70, subject="Late widgets")])
+        logged = self.warnings()
+        yield self.assertFailure(self.store.index_search(), sqlite3.DatabaseError)
+        self.assertEqual(len(self.remade(logged)), 1)
+        yield self.store.build_indexes()
+        self.assertEqual(sorted((yield self.indexed("widgets"))), sorted([*self.ids, late]))
+
+    @defer.inlineCallbacks
+    def test_damaged_database_leaves_the_search_file_alone(self):
+        """It is the database SQLite cannot read: the search file passes its check and stays; checked once a minute at most."""
+        yield self.close_store()
+        self.damage(self.path)
+        self.store = yield self.open_store(migrate=False)
+        logged = self.warnings()
+        checks = []
+        check = sqlite_engine._search_file_problem
+        self.patch(sqlite_engine, "_search_file_problem", lambda path: checks.append(path) or check(path))
+        for _ in range(3):
+            yield self.assertFailure(self.found("widgets"), sqlite3.DatabaseError)
+        # The index's own transaction cannot attach the database either; it comes after the check.
+        yield self.assertFailure(self.store.engine.search_index(lambda txn: txn.execute("SELECT 1")), sqlite3.DatabaseError)
+        self.assertEqual(checks, [self.store.engine.search_path])
+        self.assertEqual(self.remade(logged), [])
+        self.assertFalse(os.path.exists(self.aside()))
+        conn = sqlite3.connect(self.store.engine.search_path)
+        try:
+            self.assertEqual(conn.execute("SELECT COUNT(*) FROM message_search").fetchone()[0], len(self.ids))
+        finally:
+            conn.close()
 
 
 class FakeSchemaStore:

@@ -15,6 +15,10 @@ The search index lives in a file of its own beside the database
 inside the transactions that write it, for tens to hundreds of
 milliseconds at a million messages, and in a file of its own that holds
 only its own lock, never a message insert's. The read connections attach it as C{search}.
+A search file SQLite cannot read (damaged, or not a database) never keeps
+mail or the database from being used: it is moved aside and made again
+(L{SqliteEngine._search_file_unreadable}), at start-up or when a read or
+the index's loop meets it.
 
 While another process holds the database locked, an interaction waits for it
 (SQLite's busy timeout), and interactions run one after another on the one
@@ -31,11 +35,14 @@ import time
 from datetime import datetime, timezone
 
 from twisted.enterprise import adbapi
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailingest.storage.engines import CursorTransaction, Engine, IEngine
+
+log = Logger()
 
 BUSY_TIMEOUT_MS = 10000
 # Read-only connections for the read model (two, so that one long read does not queue the pages behind it).
@@ -149,6 +156,53 @@ def _create_search_file(path: str) -> None:
         conn.close()
 
 
+# What SQLite answers for a file it cannot read as a database: damaged, or not one at all.
+_UNREADABLE = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+# A read that met an unreadable file checks the search file at most this often (it may be the database that is).
+CHECK_INTERVAL = 60.0
+
+
+def unreadable(error: BaseException) -> bool:
+    """Whether SQLite raised C{error} for a file it cannot read as a database (its primary result code)."""
+    return isinstance(error, sqlite3.DatabaseError) and (getattr(error, "sqlite_errorcode", 0) & 0xFF) in _UNREADABLE
+
+
+def damaged_search_path(path: str) -> str:
+    """Where an unreadable search file C{path} is moved, for the operator to look at (one, the latest)."""
+    return path + ".damaged"
+
+
+def _set_aside(path: str) -> None:
+    """The search file, its WAL and shared memory moved to L{damaged_search_path}, replacing those of before."""
+    aside = damaged_search_path(path)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+        elif os.path.exists(aside + suffix):
+            os.remove(aside + suffix)
+
+
+def _search_file_problem(path: str) -> str | None:
+    """What SQLite's quick check finds wrong with the search file, read from disk on a connection of its own; None when nothing."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
+        rows = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as e:
+        if not unreadable(e):
+            raise
+        return str(e)
+    finally:
+        conn.close()
+    return None if rows == ["ok"] else "; ".join(rows)
+
+
+def _remake_search_file(path: str) -> None:
+    _set_aside(path)
+    _create_search_file(path)
+
+
+
 class _SqliteTransaction(CursorTransaction):
     def execute(self, sql: str, args: tuple = ()):
         self._cursor.execute(sql, args)
@@ -209,7 +263,18 @@ class SqliteEngine(Engine):
         self.search_path = search_path(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        _create_search_file(self.search_path)
+        try:
+            _create_search_file(self.search_path)
+        except sqlite3.DatabaseError as e:
+            if not unreadable(e):
+                raise
+            _remake_search_file(self.search_path)
+            self._log_remade(str(e))
+        # Bumped each time the search file is made again; a read connection attached at an older one attaches again.
+        self._search_generation = 0
+        self._attached: dict[int, int] = {}
+        self._indexing = defer.DeferredLock()
+        self._checked_at: float | None = None
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             path,
@@ -226,16 +291,23 @@ class SqliteEngine(Engine):
             check_same_thread=False,
             cp_min=1,
             cp_max=READERS,
-            cp_openfun=lambda conn: _open_reader(conn, self.search_path),
+            cp_openfun=self._open_reader,
         )
-        # The search index's one writer: it reads the database (attached as mail) at one snapshot per transaction.
-        self._indexer = adbapi.ConnectionPool(
+        self._indexer = self._indexer_pool()
+
+    def _open_reader(self, conn: sqlite3.Connection) -> None:
+        self._attached[id(conn)] = self._search_generation
+        _open_reader(conn, self.search_path)
+
+    def _indexer_pool(self) -> adbapi.ConnectionPool:
+        """The search index's one writer: it reads the database (attached as mail) at one snapshot per transaction."""
+        return adbapi.ConnectionPool(
             "sqlite3",
             self.search_path,
             check_same_thread=False,
             cp_min=1,
             cp_max=1,
-            cp_openfun=lambda conn: _open_search(conn, path),
+            cp_openfun=lambda conn: _open_search(conn, self.path),
         )
 
     def __repr__(self) -> str:
@@ -250,7 +322,48 @@ class SqliteEngine(Engine):
 
     def reading(self, fn, *args, **kwargs) -> defer.Deferred:
         """An interaction on a read-only connection: one snapshot, no write lock."""
-        return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN")
+        d = self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
+        return d.addErrback(self._read_failed)
+
+    def _read_failed(self, failure: Failure) -> Failure:
+        """A read met a file SQLite cannot read: the search file is checked, in the index's turn; the read fails."""
+        if unreadable(failure.value):
+            d = self._indexing.run(self._check_search_file, str(failure.value))
+            d.addErrback(lambda f: log.failure("search index: cannot check its file or make it again", f))
+        return failure
+
+    async def _check_search_file(self, error: str) -> None:
+        """
+        After C{error}, from a read or the index (which read the database
+        too): the search file checked, at most every L{CHECK_INTERVAL}
+        seconds (when it is the database that is damaged, it stays so), and
+        made again if SQLite cannot read it.
+        """
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < CHECK_INTERVAL:
+            return
+        self._checked_at = now
+        problem = await threads.deferToThread(_search_file_problem, self.search_path)
+        if problem is not None:
+            await self._search_file_unreadable(f"{error}: {problem}")
+
+    async def _search_file_unreadable(self, error: str) -> None:
+        """
+        The search file moved aside and made again, to be filled from the
+        database by the index's loop; each read connection attaches the new
+        one at its next transaction (searches read rows until it is filled).
+        """
+        self._indexer.close()
+        await threads.deferToThread(_remake_search_file, self.search_path)
+        self._search_generation += 1
+        self._indexer = self._indexer_pool()
+        self._log_remade(error)
+
+    def _log_remade(self, error: str) -> None:
+        log.warn(
+            "search index {path} could not be read ({error}): moved to {aside}, made again, filled from the database",
+            path=self.search_path, error=error, aside=damaged_search_path(self.search_path),
+        )
 
     def search_index(self, fn, *args, **kwargs) -> defer.Deferred:
         """
@@ -258,11 +371,24 @@ class SqliteEngine(Engine):
         the start, the database (C{mail.}) read at one snapshot and never
         locked for writing (a BEGIN IMMEDIATE would lock it too).
         """
-        return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._indexer, "BEGIN", _LOCK_SEARCH_FILE)
+        return self._indexing.run(self._index_interaction, fn, args, kwargs)
 
-    def _interaction(self, busy_timeout_ms: int, fn, args, kwargs, pool=None, begin="BEGIN IMMEDIATE", first=None) -> defer.Deferred:
+    async def _index_interaction(self, fn, args, kwargs):
+        try:
+            return await self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._indexer, "BEGIN", _LOCK_SEARCH_FILE)
+        except sqlite3.DatabaseError as e:
+            # Either file may be the one SQLite cannot read (the database is attached): the check tells.
+            if unreadable(e):
+                await self._check_search_file(str(e))
+            raise
+
+    def _interaction(
+        self, busy_timeout_ms: int, fn, args, kwargs, pool=None, begin="BEGIN IMMEDIATE", first=None, attach=False
+    ) -> defer.Deferred:
         def run(txn):
             txn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            if attach:
+                self._attach_current(txn.connection)
             txn.execute(begin)
             if first:
                 txn.execute(first)
@@ -271,6 +397,14 @@ class SqliteEngine(Engine):
             )
 
         return (pool or self._pool).runInteraction(run)
+
+    def _attach_current(self, conn: sqlite3.Connection) -> None:
+        """A read connection attached to the search file as it is now (made again since it attached it, say)."""
+        generation = self._search_generation
+        if self._attached.get(id(conn)) != generation:
+            conn.execute("DETACH DATABASE search")
+            conn.execute("ATTACH DATABASE ? AS search", (self.search_path,))
+            self._attached[id(conn)] = generation
 
     def script(self, sql: str) -> list[str]:
         """Split a migration file into statements; a trigger's body holds C{;} of its own."""
