@@ -100,6 +100,25 @@ class TwistdTests(TwistdCase):
         self.assertNotIn("hunter2", out.stdout + out.stderr)
         self.assertNotIn("Traceback", out.stdout + out.stderr)
 
+    def test_unusable_search_file_fails_at_start_with_one_clear_line(self):
+        """The database's search file cannot be opened (here a directory is in its place): the daemon and the admin command say so."""
+        search_file = os.path.join(self.directory, "mailingest-data", "mailingest.db-search")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(search_file + suffix):
+                os.remove(search_file + suffix)
+        os.mkdir(search_file)
+        daemon = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "mailingest", "--smtp", "tcp:0:interface=127.0.0.1", "--domain", "example.com"],
+            capture_output=True, text=True, timeout=60, cwd=self.directory,
+        )
+        command = mailingest_cli(self.directory, "messages", "list")
+        for status, out in ((daemon.returncode, daemon.stdout + daemon.stderr), (command.returncode, command.stdout + command.stderr)):
+            out = out if isinstance(out, str) else out.decode()
+            self.assertNotEqual(status, 0)
+            self.assertIn("search index mailingest-data/mailingest.db-search: unable to open database file", out)
+            self.assertNotIn("Traceback", out)
+        self.assertTrue(daemon.stderr.startswith("mailingest could not start: database sqlite:///"), daemon.stderr)
+
     def test_restart_keeps_every_accepted_message(self):
         daemon = self.start()
         for i in range(5):

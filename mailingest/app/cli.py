@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import re
-import sqlite3
 import sys
 import traceback
 import uuid
@@ -26,9 +25,10 @@ from mailingest.app.cli_domains import add_domain_commands
 from mailingest.app.cli_output import cell, table, to_json
 from mailingest.app.options import DAEMON_OPTIONS, STORAGE_OPTIONS, positive_float, positive_int, resolve
 from mailingest.app.settings import Settings, StorageSettings
+from mailingest.app.user_errors import describe_os_error, one_line, user_message
 from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuchMessage, NoSuchOrg
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
-from mailingest.ops.secrets import masker, redact_url, url_passwords
+from mailingest.ops.secrets import redact_url, url_passwords
 from mailingest.storage.statuses import EVENT_STATUSES
 from mailingest.storage.urls import sqlite_path
 from mailingest.scanning.content_policy import ON_VIRUS, UNSCANNED, ContentPolicy
@@ -83,39 +83,8 @@ class CommandError(MailingestError):
 # errors
 
 
-def _one_line(text: str, secrets: Iterable[str] = ()) -> str:
-    text = masker(secrets)(text)
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def _database_errors() -> tuple[type[BaseException], ...]:
-    """Errors of the database drivers loaded so far: an unloaded driver raises nothing."""
-    errors: list[type[BaseException]] = [sqlite3.Error]
-    psycopg2 = sys.modules.get("psycopg2")
-    if psycopg2 is not None:
-        errors.append(psycopg2.Error)
-    return tuple(errors)
-
-
-def _describe_os_error(e: OSError) -> str:
-    if e.strerror and e.filename:
-        return f"{e.filename}: {e.strerror}"
-    return e.strerror or str(e)
-
-
-def _user_message(error: BaseException, settings: StorageSettings) -> str | None:
-    """The one line for an error the operator can act on, None for a bug."""
-    if isinstance(error, MailingestError):
-        return str(error)
-    if isinstance(error, _database_errors()):
-        return f"database {redact_url(settings.database)}: {error}"
-    if isinstance(error, OSError):
-        return _describe_os_error(error)
-    return None
-
-
 def _fail(message: str, secrets: Iterable[str] = ()) -> int:
-    print(f"{PROG}: {_one_line(message, secrets) or 'failed'}", file=sys.stderr)
+    print(f"{PROG}: {one_line(message, secrets) or 'failed'}", file=sys.stderr)
     return 1
 
 
@@ -144,7 +113,7 @@ class CommandBackends:
         except ValueError as e:
             raise CommandError(f"bad database URL: {e}") from None
         except OSError as e:
-            raise CommandError(f"database {redact_url(url)}: {_describe_os_error(e)}") from None
+            raise CommandError(f"database {redact_url(url)}: {describe_os_error(e)}") from None
 
     @property
     def blobs(self):
@@ -157,7 +126,7 @@ class CommandBackends:
             except ValueError as e:
                 raise CommandError(f"bad storage URL: {e}") from None
             except OSError as e:
-                raise CommandError(f"storage {redact_url(url)}: {_describe_os_error(e)}") from None
+                raise CommandError(f"storage {redact_url(url)}: {describe_os_error(e)}") from None
         return self._blobs
 
     async def close(self) -> None:
@@ -289,7 +258,7 @@ async def cmd_messages_show(session: CommandBackends, args: argparse.Namespace) 
         _refuse_gone(row)
         headers, unread = await _shown_headers(session, row["raw_key"]), None
     except (MailingestError, OSError) as e:
-        headers, unread = {}, _user_message(e, session.settings)
+        headers, unread = {}, user_message(e, session.settings.database)
     if args.json:
         print(to_json({**row, "headers": headers, "documents": documents}))
         return
@@ -850,7 +819,7 @@ async def _run_with_store(handler: Callable, args: argparse.Namespace, settings:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except Exception as e:
-        message = _user_message(e, settings)
+        message = user_message(e, settings.database)
         if message is None:
             traceback.print_exception(e)
             message = f"unexpected error: {e!r}"

@@ -13,8 +13,10 @@ from twisted.python import usage
 
 from mailingest.app.options import ALL_OPTIONS
 from mailingest.app.settings import Settings
+from mailingest.app.user_errors import one_line, user_message
 from mailingest.errors import ConfigError
 from mailingest.ops.logs import install_twistd_logger
+from mailingest.ops.secrets import url_passwords
 
 
 def _option_tables():
@@ -90,3 +92,9 @@ def makeService(options: Options) -> service.IService:
         return build_daemon(options.settings)
     except ConfigError as e:
         raise SystemExit(f"mailingest: {e}")
+    except Exception as e:
+        # A database or directory the daemon cannot use: one line, as the admin command says it.
+        message = user_message(e, options.settings.database)
+        if message is None:
+            raise
+        raise SystemExit("mailingest could not start: " + one_line(message, url_passwords(options.settings.database or "")))

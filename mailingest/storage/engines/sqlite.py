@@ -265,9 +265,10 @@ class SqliteEngine(Engine):
         os.makedirs(directory, exist_ok=True)
         try:
             _create_search_file(self.search_path)
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             if not unreadable(e):
-                raise
+                # Which of the database's files it is (the error alone does not say).
+                raise type(e)(f"search index {self.search_path}: {e}") from e
             _remake_search_file(self.search_path)
             self._log_remade(str(e))
         # Bumped each time the search file is made again; a read connection attached at an older one attaches again.
