@@ -142,6 +142,8 @@ class ISchemaStore(IStoreRole, IClosable):
     def migrate():
         """
         Create or upgrade the schema; fires with the list of applied versions.
+        Fails when the database can be read but not written (a read-only
+        file, a standby server): nothing could be stored.
         """
 
     def build_indexes(progress=None, keep_going=None):
@@ -159,7 +161,8 @@ class ISchemaStore(IStoreRole, IClosable):
 
     def check():
         """
-        Fire with None when the database answers, fail otherwise (readiness).
+        Fire with None when the database answers and takes writes (it writes
+        nothing), fail otherwise (readiness).
         """
 
 

@@ -166,6 +166,12 @@ def create_database() -> str:
     return url_from_params(params)
 
 
+def set_read_only(url: str) -> None:
+    """Sessions opened on this database from now on may read and not write, as on a standby server."""
+    name = psycopg2.extensions.parse_dsn(url)["dbname"]
+    _admin(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(name)))
+
+
 def drop_database(url: str) -> None:
     """Drop a database made by L{create_database}, even with sessions still open."""
     name = psycopg2.extensions.parse_dsn(url)["dbname"]

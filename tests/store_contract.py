@@ -100,6 +100,13 @@ class StoreContract:
     former_schema = ""
     """The engine's folder in L{FORMER_SCHEMA}."""
 
+    def read_only_store(self):
+        """
+        A store on this test's migrated database (or a Deferred of it) that
+        reads it but cannot write to it, closed by a cleanup.
+        """
+        raise NotImplementedError
+
     def another_engine(self):
         """An engine on another empty database (or a Deferred of it), closed by a cleanup."""
         raise NotImplementedError
@@ -282,6 +289,14 @@ class StoreContract:
 
     @defer.inlineCallbacks
     def test_check(self):
+        self.assertIsNone((yield self.store.check()))
+
+    @defer.inlineCallbacks
+    def test_database_that_takes_no_writes_is_neither_ready_nor_migrated(self):
+        """Read-only (a file, a file system remounted so, a standby server): a read would answer, nothing could be stored."""
+        store = yield self.read_only_store()
+        yield self.assertFailure(store.check(), Exception)
+        yield self.assertFailure(store.migrate(), Exception)
         self.assertIsNone((yield self.store.check()))
 
     # organisations

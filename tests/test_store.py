@@ -57,6 +57,14 @@ class SqliteStoreTests(StoreContract, RetentionContract, TestCase):
         return engine
 
     @defer.inlineCallbacks
+    def read_only_store(self):
+        engine = SqliteEngine(self.store.engine.path)
+        self.addCleanup(engine.close)
+        # As SQLite opens a file it may not write (root may write any file, so this test cannot make one): writes refused.
+        yield engine.interaction(lambda txn: txn.execute("PRAGMA query_only = ON"))
+        return Store(engine, MESSAGE_EVENTS)
+
+    @defer.inlineCallbacks
     def describe_schema(self, txn):
         yield txn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -150,6 +158,13 @@ class PostgresqlStoreTests(StoreContract, RetentionContract, TestCase):
 
     def another_engine(self):
         return postgresql_engine(self, postgres.create_database())
+
+    @defer.inlineCallbacks
+    def read_only_store(self):
+        url = postgres.create_database()
+        yield Store(postgresql_engine(self, url), MESSAGE_EVENTS).migrate()
+        postgres.set_read_only(url)
+        return Store(postgresql_engine(self, url), MESSAGE_EVENTS)
 
     @defer.inlineCallbacks
     def describe_schema(self, txn):

@@ -14,6 +14,9 @@ from mailingest.storage.stores.base import StoreBase
 
 log = Logger()
 _SCHEMA_TERM = re.compile(r"\{(\w+)\}")
+# A write of no row: it fails where the database can be read but not written (a read-only file
+# or file system, a PostgreSQL standby or read-only transaction), where a read would answer.
+_WRITE_NOTHING = "UPDATE schema_version SET version = version WHERE 1 = 0"
 
 
 def migrations(engine: IEngine) -> list[tuple[int, str, str]]:
@@ -49,6 +52,7 @@ class SchemaStore(StoreBase):
             "CREATE TABLE IF NOT EXISTS schema_version"
             " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
+        await txn.execute(_WRITE_NOTHING)
         await txn.execute("SELECT version FROM schema_version")
         done = {row["version"] for row in txn.fetchall()}
         applied = []
@@ -136,6 +140,7 @@ class SchemaStore(StoreBase):
     async def _check(self, txn):
         await txn.execute("SELECT 1 AS ok FROM schema_version LIMIT 1")
         txn.fetchall()
+        await txn.execute(_WRITE_NOTHING)
 
     def close(self):
         return self.engine.close()
