@@ -198,9 +198,9 @@ def _search_file_problem(path: str) -> str | None:
 
 
 def _remake_search_file(path: str) -> None:
+    """An unreadable search file set aside and a new one made in its place (to be filled from the database)."""
     _set_aside(path)
     _create_search_file(path)
-
 
 
 class _SqliteTransaction(CursorTransaction):
