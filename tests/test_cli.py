@@ -177,6 +177,20 @@ class GeneralTests(CommandTestCase):
         self.assertEqual(self.ok("migrate"), "schema up to date\n")
         self.assertTrue(os.path.exists(os.path.join(self.directory, "data", "mailingest.db")))
 
+    def test_store_warnings_on_stderr(self):
+        """What the store warns of while a command runs is said on stderr: here a search file it had to make again."""
+        self.ok("migrate")
+        search_file = os.path.join(self.directory, "data", "mailingest.db-search")
+        with open(search_file, "wb") as f:
+            f.write(b"not a database" * 1000)
+        result = self.run_command("messages", "list")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            f"mailingest: warning: search index {search_file} could not be read (file is not a database):"
+            f" moved to {search_file}.damaged, made again, filled from the database"
+        ])
+        self.assertEqual(self.run_command("messages", "list").stderr, b"")
+
     def test_usage_errors_exit_2(self):
         for argv in (("reprocess",), ("reprocess", "1", "--failed"), ("reprocess", "1", "--org", "acme"),
                      ("messages", "list", "--limit", "0"), ("messages", "show", "x")):

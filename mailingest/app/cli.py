@@ -804,8 +804,34 @@ def _require_existing_database(url: str) -> None:
         raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
 
 
+class _Warnings:
+    """
+    A log observer keeping our warnings while a command runs (a search file
+    made again, say), said on stderr, a command's only log, when it
+    succeeds; when it fails, its one line says what went wrong.
+    """
+
+    def __init__(self, secrets: Iterable[str]):
+        self.secrets = list(secrets)
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict) -> None:
+        from twisted.logger import LogLevel, formatEvent
+
+        if event.get("log_level") is LogLevel.warn and event.get("log_namespace", "").startswith("mailingest."):
+            self.lines.append(one_line(formatEvent(event), self.secrets))
+
+    def say(self) -> None:
+        for line in self.lines:
+            print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+
 async def _run_with_store(handler: Callable, args: argparse.Namespace, settings: StorageSettings) -> int:
+    from twisted.logger import globalLogPublisher
+
     session = CommandBackends(settings)
+    warnings = _Warnings(_secrets(settings))
+    globalLogPublisher.addObserver(warnings)
     try:
         try:
             if handler is not cmd_migrate:
@@ -824,6 +850,9 @@ async def _run_with_store(handler: Callable, args: argparse.Namespace, settings:
             traceback.print_exception(e)
             message = f"unexpected error: {e!r}"
         return _fail(message, _secrets(settings))
+    finally:
+        globalLogPublisher.removeObserver(warnings)
+    warnings.say()
     return 0
 
 
