@@ -323,15 +323,23 @@ class SqliteEngine(Engine):
 
     def reading(self, fn, *args, **kwargs) -> defer.Deferred:
         """An interaction on a read-only connection: one snapshot, no write lock."""
-        d = self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
-        return d.addErrback(self._read_failed)
+        return defer.Deferred.fromCoroutine(self._reading(fn, args, kwargs))
 
-    def _read_failed(self, failure: Failure) -> Failure:
-        """A read met a file SQLite cannot read: the search file is checked, in the index's turn; the read fails."""
-        if unreadable(failure.value):
-            d = self._indexing.run(self._check_search_file, str(failure.value))
-            d.addErrback(lambda f: log.failure("search index: cannot check its file or make it again", f))
-        return failure
+    async def _reading(self, fn, args, kwargs):
+        try:
+            return await self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
+        except sqlite3.DatabaseError as e:
+            if not unreadable(e):
+                raise
+            # The search file is checked in the index's turn; made again, the read is tried once more on it.
+            generation = self._search_generation
+            try:
+                await self._indexing.run(self._check_search_file, str(e))
+            except Exception:
+                log.failure("search index: cannot check its file or make it again")
+            if self._search_generation == generation:
+                raise
+        return await self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
 
     async def _check_search_file(self, error: str) -> None:
         """
