@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -190,6 +191,26 @@ class GeneralTests(CommandTestCase):
             f" moved to {search_file}.damaged, made again, filled from the database"
         ])
         self.assertEqual(self.run_command("messages", "list").stderr, b"")
+
+    def test_root_refused_in_the_daemons_directory(self):
+        """Root, on a database whose directory another user (the daemon's) owns: refused, and nothing made there."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root")
+        self.ok("migrate")
+        data = os.path.join(self.directory, "data")
+        before = sorted(os.listdir(data))
+        nobody = pwd.getpwnam("nobody").pw_uid
+        os.chown(data, nobody, -1)
+        self.addCleanup(os.chown, data, 0, -1)
+        result = self.run_command("org", "add", "acme")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.decode(), (
+            f"mailingest: {data} belongs to nobody: run this command as that user (sudo -u nobody mailingest ...),"
+            " or the files it makes there would be root's and the daemon could not write them\n"
+        ))
+        self.assertEqual(sorted(os.listdir(data)), before)
+        os.chown(data, 0, -1)
+        self.ok("org", "add", "acme")
 
     def test_usage_errors_exit_2(self):
         for argv in (("reprocess",), ("reprocess", "1", "--failed"), ("reprocess", "1", "--org", "acme"),

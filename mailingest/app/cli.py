@@ -804,6 +804,32 @@ def _require_existing_database(url: str) -> None:
         raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
 
 
+def _refuse_root_in_another_users_directory(url: str) -> None:
+    """
+    Root running a command on a SQLite database whose directory another user
+    owns (the daemon's): the files it would create there (the database, its
+    search file, WAL) would be root's, and the daemon could not write them.
+    """
+    if os.geteuid() != 0 or url.split(":", 1)[0].lower() != "sqlite":
+        return
+    directory = os.path.dirname(os.path.abspath(sqlite_path(url)))
+    try:
+        owner = os.stat(directory).st_uid
+    except OSError:
+        return
+    if owner != 0:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise CommandError(
+            f"{directory} belongs to {name}: run this command as that user (sudo -u {name} mailingest ...),"
+            " or the files it makes there would be root's and the daemon could not write them"
+        )
+
+
 class _Warnings:
     """
     A log observer keeping our warnings while a command runs (a search file
@@ -836,6 +862,7 @@ async def _run_with_store(handler: Callable, args: argparse.Namespace, settings:
         try:
             if handler is not cmd_migrate:
                 _require_existing_database(settings.database)
+            _refuse_root_in_another_users_directory(settings.database)
             session.open_store()
             if handler is not cmd_migrate:
                 await session.store.migrate()
