@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import pwd
 import re
 import sys
 import traceback
@@ -818,8 +819,6 @@ def _refuse_root_in_another_users_directory(url: str) -> None:
     except OSError:
         return
     if owner != 0:
-        import pwd
-
         try:
             name = pwd.getpwuid(owner).pw_name
         except KeyError:
