@@ -31,7 +31,7 @@ from mailingest.errors import BlobNotFound, ContentGone, MailingestError, NoSuch
 from mailingest.delivery.routing import POSTMASTER_SLUG, valid_slug
 from mailingest.ops.secrets import redact_url, url_passwords
 from mailingest.storage.statuses import EVENT_STATUSES
-from mailingest.storage.urls import sqlite_path
+from mailingest.storage.urls import sqlite_path, url_scheme
 from mailingest.scanning.content_policy import ON_VIRUS, UNSCANNED, ContentPolicy
 from mailingest.scanning.release import allow_infected
 from mailingest.verification.requirements import REQUIREMENTS
@@ -801,7 +801,7 @@ def _react(run: Callable[[], Awaitable[int]]) -> int:
 
 def _require_existing_database(url: str) -> None:
     """Only C{migrate} creates a database: another command in the wrong directory must not make an empty one."""
-    if url.split(":", 1)[0].lower() == "sqlite" and not os.path.exists(sqlite_path(url)):
+    if url_scheme(url) == "sqlite" and not os.path.exists(sqlite_path(url)):
         raise CommandError(f"no database at {url}; run from the daemon's directory or pass --database")
 
 
@@ -811,7 +811,7 @@ def _refuse_root_in_another_users_directory(url: str) -> None:
     owns (the daemon's): the files it would create there (the database, its
     search file, WAL) would be root's, and the daemon could not write them.
     """
-    if os.geteuid() != 0 or url.split(":", 1)[0].lower() != "sqlite":
+    if os.geteuid() != 0 or url_scheme(url) != "sqlite":
         return
     directory = os.path.dirname(os.path.abspath(sqlite_path(url)))
     try:

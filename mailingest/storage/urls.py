@@ -10,6 +10,11 @@ from urllib.parse import urlsplit
 from mailingest.errors import ConfigError
 
 
+def url_scheme(url: str) -> str:
+    """The scheme of a C{--database} or C{--storage} URL, lower case (C{sqlite}, C{postgresql}, C{file}, C{s3})."""
+    return url.split(":", 1)[0].lower()
+
+
 def sqlite_path(url: str) -> str:
     """C{sqlite:///rel/path.db} or C{sqlite:////abs/path.db} to a file path."""
     if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from mailingest.errors import ConfigError
 from mailingest.interfaces import IBlobStore
-from mailingest.storage.urls import local_dir
+from mailingest.storage.urls import local_dir, url_scheme
 
 
 def open_blobs(
@@ -18,7 +18,7 @@ def open_blobs(
     environ: Mapping[str, str] = os.environ,
 ) -> IBlobStore:
     """The blob store for C{file:DIR} or C{s3://bucket/prefix}."""
-    scheme = url.split(":", 1)[0].lower()
+    scheme = url_scheme(url)
     if scheme == "file":
         from mailingest.storage.blobs.local_disk import LocalDiskBlobStore
 

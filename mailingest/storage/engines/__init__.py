@@ -20,7 +20,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailingest.errors import ConfigError
 from mailingest.ops.secrets import redact_url
-from mailingest.storage.urls import sqlite_path
+from mailingest.storage.urls import sqlite_path, url_scheme
 
 
 class IDatabaseTransaction(Interface):
@@ -140,7 +140,7 @@ class Engine:
 
 def create_engine(url: str) -> IEngine:
     """The engine for C{--database}: C{sqlite:///path} or C{postgresql://...}."""
-    scheme = url.split(":", 1)[0].lower()
+    scheme = url_scheme(url)
     if scheme == "sqlite":
         from mailingest.storage.engines.sqlite import SqliteEngine
 
