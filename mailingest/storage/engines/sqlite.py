@@ -73,13 +73,17 @@ CREATE TABLE IF NOT EXISTS search_progress (low BIGINT NOT NULL, high BIGINT NOT
 """
 
 
+def search_rowid(org_id: str, message_id: str) -> str:
+    """The SQL of the search table's rowid for the columns C{org_id} and C{message_id}."""
+    return f"({org_id} + 1) * {SEARCH_ORG_SPAN} - {message_id}"
+
+
 def search_row(side: str = "") -> str:
     """
     The search table's values (rowid, subject, mail_from, message_id) for
     the C{inbound_message} row C{side} (C{m.} in a SELECT from it).
     """
-    rowid = f"({side}org_id + 1) * {SEARCH_ORG_SPAN} - {side}id"
-    return f"{rowid}, {side}subject, {side}mail_from, {side}source_message_id"
+    return f"{search_rowid(side + 'org_id', side + 'id')}, {side}subject, {side}mail_from, {side}source_message_id"
 
 
 def search_path(path: str) -> str:
@@ -141,7 +145,8 @@ def _create_search_file(path: str) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        # Consistent if the machine stops before the next sync, only not durable: then it is made again.
+        # This connection's own writes (the tables, once) need not wait for the disk: lost, they are made again.
+        # The index's connection commits with synchronous=FULL, as every connection _open makes.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
         # Statements that write (a CREATE, an INSERT even of no row) wait for the index's lock: only when needed.
@@ -292,11 +297,11 @@ class SqliteEngine(Engine):
             check_same_thread=False,
             cp_min=1,
             cp_max=READERS,
-            cp_openfun=self._open_reader,
+            cp_openfun=self._open_read_connection,
         )
         self._indexer = self._indexer_pool()
 
-    def _open_reader(self, conn: sqlite3.Connection) -> None:
+    def _open_read_connection(self, conn: sqlite3.Connection) -> None:
         self._attached[id(conn)] = self._search_generation
         _open_reader(conn, self.search_path)
 

@@ -28,7 +28,7 @@ organisation's mail, at no cost to intake (each row is in one index).
 from dataclasses import dataclass
 
 from mailingest.storage.engines import IDatabaseTransaction
-from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row
+from mailingest.storage.engines.sqlite import SEARCH_ORG_SPAN, search_row, search_rowid
 
 # Trigram indexes know nothing shorter.
 MIN_INDEXED = 3
@@ -295,12 +295,12 @@ async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[i
         changed = (stale_done, stale["last"])
         # By the rowid each was indexed with, and by its present one (a message still there is indexed again).
         await txn.execute(
-            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - message_id"
+            f"DELETE FROM message_search WHERE rowid IN (SELECT {search_rowid('org_id', 'message_id')}"
             " FROM mail.message_search_stale WHERE seq > ? AND seq <= ?)",
             changed,
         )
         await txn.execute(
-            f"DELETE FROM message_search WHERE rowid IN (SELECT (org_id + 1) * {SEARCH_ORG_SPAN} - id"
+            f"DELETE FROM message_search WHERE rowid IN (SELECT {search_rowid('org_id', 'id')}"
             f" FROM mail.inbound_message WHERE id IN ({_CHANGED_IDS}))",
             changed,
         )
