@@ -420,6 +420,32 @@ class SqlitePlanTests(PlanContract, TestCase):
         return len(steps)
 
     @defer.inlineCallbacks
+    def test_changed_messages_read_from_the_queue(self):
+        """
+        With a change queued, the search reads the changed messages from the
+        queue by primary key (sorting those few), never the organisation's
+        rows; the index's read keeps its plan.
+        """
+
+        def retitle(txn):
+            return txn.execute("UPDATE inbound_message SET subject = 'Widgets again' WHERE id = ?", (self.ids[4],))
+
+        yield self.store.engine.interaction(retitle)
+        statements = yield self.statements_of(self.store.search_messages, self.acme, text="widgets")
+        queued = [(sql, args) for sql, args in statements if "message_search_stale) q" in sql]
+        self.assertEqual(len(queued), 1, statements)
+        for sql, args in statements:
+            plan = yield self.store.engine.reading(self.plan, sql, tuple(base.storable(a) for a in args))
+            if (sql, args) in queued:
+                self.assertRegex(plan, r"SCAN message_search_stale\b", plan)
+                self.assertRegex(plan, r"SEARCH m USING INTEGER PRIMARY KEY", plan)
+                self.assertNotRegex(plan, r"(SCAN|SEARCH) m USING (COVERING )?INDEX", plan)
+            else:
+                self.served(plan)
+        rows = yield self.store.search_messages(self.acme, text="widgets again")
+        self.assertEqual([row["id"] for row in rows], [self.ids[4]])
+
+    @defer.inlineCallbacks
     def test_migration_018_moves_the_search_index_to_its_own_file(self):
         """
         A database whose search table is 017's, in the database, filled by

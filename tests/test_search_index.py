@@ -20,6 +20,7 @@ from mailingest.storage import search_indexing
 from mailingest.storage.engines import sqlite as sqlite_engine
 from mailingest.storage.engines.sqlite import SqliteEngine, damaged_search_path
 from mailingest.storage.store import Store
+from mailingest.storage.stores.base import StorableTransaction
 from mailingest.storage.stores import search
 from tests.store_contract import message
 
@@ -215,6 +216,64 @@ class SearchIndexFileTests(SearchIndexCase):
         self.assertEqual((yield self.indexed("renamed gadgets")), [self.ids[3]])
         self.assertNotIn(self.ids[3], (yield self.indexed("widgets")))
         self.assertEqual((yield self.found("renamed gadgets")), [self.ids[3]])
+
+    def retitle(self, ids, subject):
+        def change(txn):
+            return txn.execute(
+                f"UPDATE inbound_message SET subject = ? WHERE id IN ({', '.join('?' * len(ids))})", (subject, *ids)
+            )
+
+        return self.store.engine.interaction(change)
+
+    @defer.inlineCallbacks
+    def test_changed_message_found_by_what_it_now_says_at_once(self):
+        """
+        Before the index has dealt with a change, the changed messages are
+        found by what they now say, not by what they said, in the order of
+        the whole, with a cursor, a filter and a short page.
+        """
+        changed = [self.ids[3], self.ids[7]]
+        yield self.retitle(changed, "Renamed Gadgets")
+        self.assertGreater((yield self.stale()), 0)
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        unchanged = [id for id in self.ids[::-1] if id not in changed]
+        for when in ("queued", "dealt with"):
+            self.assertEqual((yield self.found("renamed gadgets")), changed[::-1], when)
+            self.assertEqual((yield self.found("gadgets", before_id=changed[1])), [changed[0]], when)
+            self.assertEqual((yield self.found("gadgets", status="received")), changed[::-1], when)
+            self.assertEqual((yield self.found("gadgets", status="parsed")), [], when)
+            page = yield self.store.search_messages(self.acme, text="e", limit=3)
+            self.assertEqual([row["id"] for row in page], self.ids[::-1][:3], when)
+            page = yield self.store.search_messages(self.acme, text="gets", limit=5)
+            self.assertEqual([row["id"] for row in page], self.ids[::-1][:5], when)
+            self.assertEqual((yield self.found("widgets")), unchanged, when)
+            yield self.store.index_search()
+        self.assertEqual((yield self.stale()), 0)
+
+    @defer.inlineCallbacks
+    def test_changed_messages_found_by_a_windowed_search(self):
+        """The search index stopped by the time limit reads windows: the changed messages come in their window."""
+        self.patch(search, "INDEX_WINDOW_MESSAGES", 4)
+        yield self.retitle([self.ids[1], self.ids[8]], "Order Gadgets")
+        self.patch(StorableTransaction, "read_within", lambda txn, seconds, sql, args=(): defer.succeed(None))
+        got, cursor = [], None
+        while True:
+            rows = yield self.store.search_messages(self.acme, text="order", before_id=cursor, limit=3)
+            got += [row["id"] for row in rows]
+            if rows.searched_to is None and len(rows) < 3:
+                break
+            cursor = rows.searched_to["id"] if rows.searched_to is not None else rows[-1]["id"]
+        self.assertEqual(got, self.ids[::-1])
+        self.assertEqual((yield self.found("gadgets")), [self.ids[8], self.ids[1]])
+
+    @defer.inlineCallbacks
+    def test_many_changes_queued_reads_the_rows(self):
+        """As many changes queued as a window of messages: the search reads the organisation's messages instead."""
+        self.patch(search, "WINDOW_MESSAGES", 3)
+        yield self.retitle(self.ids[:3], "Renamed Gadgets")
+        self.assertEqual((yield self.stale()), 3)
+        self.assertEqual((yield self.found("renamed gadgets")), self.ids[:3][::-1])
+        self.assertEqual((yield self.found("widgets")), self.ids[3:][::-1])
 
     @defer.inlineCallbacks
     def test_lost_index_file_filled_again(self):

@@ -47,8 +47,9 @@ class MessageSearchStore(OrgReads):
 
     async def _search_messages(self, txn, org_id, status, since, until, sender, text, before_id, limit):
         started = time.monotonic()
-        indexed, unindexed_from = await self._index_ready(txn, org_id) if text else (False, None)
+        indexed, unindexed_from, changed = await self._index_ready(txn, org_id) if text else (False, None, False)
         found = TextSearch(self.engine.text_search, org_id, text, indexed)
+        changed = changed and found.indexed
         filters, filter_args = [], []
         for clause, value in (
             ("m.status = ?", status),
@@ -86,12 +87,17 @@ class MessageSearchStore(OrgReads):
             return SearchRows(txn.fetchall())
         rows = await txn.read_within(search.WHOLE_SECONDS, sql, args)
         if rows is None:
-            rows = await self._search_windows(txn, started, org_id, text, indexed, filters, filter_args, before_id, limit)
+            rows = await self._search_windows(
+                txn, started, org_id, text, indexed, changed, filters, filter_args, before_id, limit
+            )
+        elif changed:
+            # The index left the messages queued as changed out: read them by what they now say.
+            rows = await self._with_changed(txn, rows, _PAGE_COLUMNS, org_id, text, filters, filter_args, before_id, None, limit)
         page = SearchRows(newest + rows)
         page.searched_to = getattr(rows, "searched_to", None)
         return page
 
-    async def _search_windows(self, txn, started, org_id, text, indexed, filters, filter_args, before_id, limit):
+    async def _search_windows(self, txn, started, org_id, text, indexed, changed, filters, filter_args, before_id, limit):
         """
         The text search the database stopped, again a window of messages at
         a time (see L{mailingest.storage.stores.search.WHOLE_SECONDS}):
@@ -114,6 +120,11 @@ class MessageSearchStore(OrgReads):
             else:
                 await txn.execute(f"SELECT m.id{rows_sql} ORDER BY {order}", args)
                 ids = [row["id"] for row in txn.fetchall()][::-1][:limit - len(rows)]
+            if changed:
+                merged = await self._with_changed(
+                    txn, [{"id": id} for id in ids], "SELECT m.id", org_id, text, filters, filter_args, before_id, floor, limit - len(rows)
+                )
+                ids = [row["id"] for row in merged]
             if ids:
                 await txn.execute(f"{_PAGE_COLUMNS} FROM inbound_message m WHERE m.id IN ({marks(ids)}) ORDER BY m.id DESC", ids)
                 rows += txn.fetchall()
@@ -126,23 +137,39 @@ class MessageSearchStore(OrgReads):
                 return rows
             before_id, floor = floor, await window_floor(txn, org_id, floor, size)
 
+    async def _with_changed(self, txn, rows, columns, org_id, text, filters, filter_args, before_id, floor, limit):
+        """
+        C{rows} (newest first) with the organisation's messages queued as
+        changed that match C{text} by what they now say, below C{before_id}
+        and down to C{floor}: at most C{limit}, newest first.
+        """
+        where, args = [], []
+        for clause, bound in (("m.id < ?", before_id), ("m.id >= ?", floor)):
+            if bound is not None:
+                where.append(clause)
+                args.append(bound)
+        rows_sql, args = search.changed_rows(org_id, text, [*filters, *where], [*filter_args, *args])
+        await txn.execute(f"{columns}{rows_sql} ORDER BY m.id DESC LIMIT ?", (*args, limit))
+        return sorted([*rows, *txn.fetchall()], key=lambda row: row["id"], reverse=True)[:limit]
+
     _pg_indexed = False
 
-    async def _index_ready(self, txn, org_id: int) -> tuple[bool, int | None]:
+    async def _index_ready(self, txn, org_id: int) -> tuple[bool, int | None, bool]:
         """
-        Whether the search index serves this search; and on SQLite the id
-        from which on it holds none of the organisation's messages yet (None
-        when it holds them all). SQLite's index serves once it holds every
-        older message and trails the organisation by fewer than
-        WINDOW_MESSAGES (those are read one by one). PostgreSQL's once its
+        Whether the search index serves this search; on SQLite the id from
+        which on it holds none of the organisation's messages yet (None when
+        it holds them all), and whether changes are queued for it. SQLite's
+        index serves once it holds every older message, trails the
+        organisation by fewer than WINDOW_MESSAGES and has fewer changes
+        queued than that (those are read one by one). PostgreSQL's once its
         partial indexes are all built (until then a search leaves out their
         condition and the planner keeps the index of before), remembered
         once true: it stays so.
         """
         if self.engine.text_search != "fts5":
             self._pg_indexed = self._pg_indexed or await pg_index_built(txn)
-            return self._pg_indexed, None
+            return self._pg_indexed, None, False
         state = await index_state(txn, org_id, search.WINDOW_MESSAGES)
-        if state["low"] != 0 or state["behind"] >= search.WINDOW_MESSAGES:
-            return False, None
-        return True, state["high"] if state["behind"] else None
+        if state["low"] != 0 or search.WINDOW_MESSAGES in (state["behind"], state["changed"]):
+            return False, None, False
+        return True, state["high"] if state["behind"] else None, bool(state["changed"])

@@ -188,16 +188,33 @@ class IndexStep:
 async def index_state(txn: IDatabaseTransaction, org_id: int, most: int) -> dict:
     """
     In a read of the database (the index attached as C{search}): C{low} and
-    C{high} of the index (see the engine), and C{behind}, how many of the
-    organisation's messages it does not hold yet from C{high} on (counted up
-    to C{most}).
+    C{high} of the index (see the engine); C{behind}, how many of the
+    organisation's messages it does not hold yet from C{high} on; and
+    C{changed}, how many changes are queued for it (L{_NOT_STALE}); each
+    counted up to C{most}.
     """
     await txn.execute(
         "SELECT p.low, p.high, (SELECT COUNT(*) FROM (SELECT 1 FROM inbound_message"
-        " WHERE org_id = ? AND id >= p.high LIMIT ?)) AS behind FROM search.search_progress p",
-        (org_id, most),
+        " WHERE org_id = ? AND id >= p.high LIMIT ?)) AS behind,"
+        " (SELECT COUNT(*) FROM (SELECT 1 FROM message_search_stale LIMIT ?)) AS changed FROM search.search_progress p",
+        (org_id, most, most),
     )
     return txn.fetchone()
+
+
+def changed_rows(org_id: int, text: str, where: list[str], args: list) -> tuple[str, tuple]:
+    """
+    C{FROM ... WHERE ...} of the organisation's messages queued as changed
+    whose text now matches C{text}, with C{where}; and the arguments. The
+    index leaves them out until it has dealt with them (L{_NOT_STALE}), so a
+    search reads them one by one: from the queue, which is short whenever
+    the index serves (L{index_state}).
+    """
+    return (
+        " FROM (SELECT DISTINCT message_id FROM message_search_stale) q CROSS JOIN inbound_message m"
+        " WHERE " + " AND ".join(["m.id = q.message_id", "m.org_id = ?", _SCAN, *where]),
+        (org_id, *[like_pattern(text)] * 3, *args),
+    )
 
 
 # What the database has issued: message ids, and rows of its queue of changes (the first still queued).
