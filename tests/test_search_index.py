@@ -206,6 +206,115 @@ class SearchIndexFileTests(SearchIndexCase):
         self.assertEqual((yield self.stale()), 0)
         self.assertEqual((yield self.found("widgets")), self.ids[::-1])
 
+    def file_holds(self, suffix, texts):
+        """Which of C{texts} the file of the database (suffix "") or of the index ("-search") holds, byte for byte, the store closed."""
+        with open(self.path + suffix, "rb") as f:
+            data = f.read()
+        return [text for text in texts if text.encode() in data]
+
+    @defer.inlineCallbacks
+    def secret_texts(self):
+        """
+        What L{secret_indexed}'s message leaves in the files: its subject and
+        sender, and the trigrams of both the index's file does not hold yet
+        (the other messages', the schema's own text tell nothing).
+        """
+        trigrams = sorted({text[n:n + 3] for text in ("secret merger plans", "ceo@rival.example") for n in range(len(text) - 2)})
+        yield self.close_store()
+        held = self.file_holds("-search", trigrams)
+        self.store = yield self.open_store()
+        return ["Secret Merger Plans", "rival.example", *(t for t in trigrams if t not in held)]
+
+    @defer.inlineCallbacks
+    def test_erased_text_leaves_the_files(self):
+        """
+        What an erasure replaces is gone from both files, not only from what
+        a search finds: FTS5 keeps a deleted row's entries (here, the
+        trigrams of its subject and sender) in its segments until a merge
+        reaches them, and SQLite the bytes of what it deletes.
+        """
+        texts = yield self.secret_texts()
+        secret = yield self.secret_indexed()
+        yield self.close_store()
+        held = self.file_holds("-search", texts)
+        self.assertIn("Secret Merger Plans", held)
+        self.assertGreater(len(held), 10, held)
+        self.assertIn("Secret Merger Plans", self.file_holds("", texts))
+        self.store = yield self.open_store()
+        yield self.store.erase_message(secret, "test")
+        yield self.store.index_search()
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        yield self.close_store()
+        self.assertEqual(self.file_holds("-search", texts), [])
+        self.assertEqual(self.file_holds("", texts[:2]), [])
+
+    @defer.inlineCallbacks
+    def test_erased_fields_zeroed_in_the_database_file(self):
+        """
+        SQLite leaves what an UPDATE replaces in the page's free space; the
+        engine's connections overwrite it (secure_delete), so the bytes of
+        an erased subject and sender are not in the file after the erasure.
+        """
+        [secret] = yield self.store.insert_messages(
+            [message(self.acme, "<quokka@x>", 41, subject="Zanzibar Quokka Takeover " * 12, mail_from="cfo@quokka.example")]
+        )
+
+        def parsed(txn):
+            return txn.execute("UPDATE inbound_message SET status = 'parsed' WHERE id = ?", (secret,))
+
+        yield self.store.engine.interaction(parsed)
+        yield self.close_store()
+        self.assertEqual(self.file_holds("", ["Zanzibar Quokka", "quokka.example"]), ["Zanzibar Quokka", "quokka.example"])
+        self.store = yield self.open_store()
+        yield self.store.erase_message(secret, "test")
+        yield self.close_store()
+        self.assertEqual(self.file_holds("", ["Zanzibar Quokka", "quokka.example"]), [])
+
+    @defer.inlineCallbacks
+    def test_search_wal_shrinks_after_the_rewrite(self):
+        """The rewrite after an erasure passes the whole index through the WAL, which does not keep that size."""
+        self.patch(sqlite_engine, "SEARCH_WAL_LIMIT", 0)
+        yield self.close_store()
+        self.store = yield self.open_store()
+        yield self.store.insert_messages([message(self.acme, f"<w{n}@x>", 50 + n, subject=f"Widgets {n} " * 20) for n in range(200)])
+        yield self.store.index_search()
+        secret = yield self.secret_indexed()
+        wal = self.path + "-search-wal"
+        before = os.path.getsize(wal)
+        yield self.store.erase_message(secret, "test")
+        yield self.store.index_search()
+        rewritten = os.path.getsize(wal)
+        self.assertGreater(rewritten, before)
+        # The checkpoint SQLite makes once the WAL holds 1,000 pages (at a million messages, within the rewrite).
+        checkpoint = sqlite3.connect(self.path + "-search")
+        self.addCleanup(checkpoint.close)
+        self.assertEqual(checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0], 0)
+        yield self.store.insert_messages([message(self.acme, "<after@x>", 300)])
+        yield self.store.index_search()
+        self.assertLess(os.path.getsize(wal), rewritten / 2)
+
+    @defer.inlineCallbacks
+    def test_index_emptied_leaves_nothing_of_before(self):
+        """An index that did not belong with its database is emptied: what it held leaves the file too."""
+        texts = yield self.secret_texts()
+        secret = yield self.secret_indexed()
+
+        @defer.inlineCallbacks
+        def erase():
+            yield self.store.erase_message(secret, "test")
+            # The index deals with it, and the database forgets the change.
+            yield self.store.index_search()
+
+        yield self.files_restored(["-search"], erase)
+        yield self.close_store()
+        self.assertGreater(len(self.file_holds("-search", texts)), 10)
+        self.store = yield self.open_store()
+        yield self.store.index_search()
+        self.assertEqual((yield self.found("merger plans")), [])
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        yield self.close_store()
+        self.assertEqual(self.file_holds("-search", texts), [])
+
     @defer.inlineCallbacks
     def test_changed_message_indexed_with_what_it_now_says(self):
         def retitle(txn):

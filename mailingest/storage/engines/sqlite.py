@@ -67,6 +67,7 @@ PROGRESS_STEPS = 1000
 # is made again and filled (see mailingest.storage.stores.search).
 SEARCH_ORG_SPAN = 1 << 40
 SEARCH_FILE_SUFFIX = "-search"
+SEARCH_WAL_LIMIT = 64 << 20
 _SEARCH_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS message_search USING fts5(subject, mail_from, message_id, tokenize='trigram');
 CREATE TABLE IF NOT EXISTS search_progress (low BIGINT NOT NULL, high BIGINT NOT NULL, stale_done BIGINT NOT NULL);
@@ -127,6 +128,9 @@ def _open(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+    # What a write replaces or deletes (an erased sender, subject or Message-ID) is overwritten with
+    # zeros, in its page and in pages it frees, not left in the file; set before ATTACH, it covers both files.
+    conn.execute("PRAGMA secure_delete = ON")
 
 
 def _open_reader(conn: sqlite3.Connection, search_file: str) -> None:
@@ -137,6 +141,9 @@ def _open_reader(conn: sqlite3.Connection, search_file: str) -> None:
 
 def _open_search(conn: sqlite3.Connection, database_file: str) -> None:
     _open(conn)
+    # Rewriting the index after an erasure (mailingest.storage.stores.search) passes all of it through the
+    # WAL: once checkpointed, the WAL goes back to this size instead of keeping the index's size on disk.
+    conn.execute("PRAGMA journal_size_limit = %d" % SEARCH_WAL_LIMIT)
     conn.execute("ATTACH DATABASE ? AS mail", (database_file,))
 
 
