@@ -225,7 +225,6 @@ class SearchIndexFileTests(SearchIndexCase):
         self.store = yield self.open_store()
         return ["Secret Merger Plans", "rival.example", *(t for t in trigrams if t not in held)]
 
-    @defer.inlineCallbacks
     def test_erased_text_leaves_the_files(self):
         """
         What an erasure replaces is gone from both files, not only from what
@@ -233,6 +232,15 @@ class SearchIndexFileTests(SearchIndexCase):
         trigrams of its subject and sender) in its segments until a merge
         reaches them, and SQLite the bytes of what it deletes.
         """
+        return self.erased_text_leaves_the_files()
+
+    def test_erased_text_leaves_the_files_whatever_the_batch(self):
+        """The erasure queues two changes: the index deals with them in full batches of one, then with none left."""
+        self.patch(search, "INDEX_BATCH", 1)
+        return self.erased_text_leaves_the_files()
+
+    @defer.inlineCallbacks
+    def erased_text_leaves_the_files(self):
         texts = yield self.secret_texts()
         secret = yield self.secret_indexed()
         yield self.close_store()

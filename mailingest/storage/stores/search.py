@@ -262,7 +262,7 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     messages, so erasures coming together share one.
     """
     low, high, stale_done, restarted = await _progress(txn)
-    stale_last, forgotten = await _forget_changed(txn, stale_done)
+    stale_last, forgotten, changes_left = await _forget_changed(txn, stale_done)
     newest, came = await _batch(txn, _NEWER, high)
     new_high = newest + 1 if came else high
     if not (forgotten or came or low or restarted):
@@ -281,7 +281,7 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
         (high, new_high, new_low, low, low, high, stale_done, stale_last),
     )
     await txn.execute("UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale_last))
-    if 0 < forgotten < INDEX_BATCH:
+    if forgotten and not changes_left:
         await txn.execute(_PURGE)
     return IndexStep(below=new_low, stale_done=stale_last, filled=filled, more=INDEX_BATCH in (forgotten, came, filled))
 
@@ -306,11 +306,11 @@ async def _progress(txn: IDatabaseTransaction) -> tuple[int, int, int, bool]:
     return issued["messages"] + 1, issued["messages"] + 1, issued["changes"], True
 
 
-async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[int, int]:
+async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[int, int, bool]:
     """
     The rows of the messages changed or gone after queue row C{stale_done}
     deleted, at most L{INDEX_BATCH} of the queue's: the last row dealt
-    with, and how many.
+    with, how many, and whether more are queued after it.
     """
     await txn.execute(
         "SELECT COALESCE(MAX(seq), ?) AS last, COUNT(*) AS n FROM"
@@ -331,7 +331,8 @@ async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[i
             f" FROM mail.inbound_message WHERE id IN ({_CHANGED_IDS}))",
             changed,
         )
-    return stale["last"], stale["n"]
+    await txn.execute("SELECT EXISTS (SELECT 1 FROM mail.message_search_stale WHERE seq > ?) AS more", (stale["last"],))
+    return stale["last"], stale["n"], bool(txn.fetchone()["more"])
 
 
 async def _batch(txn: IDatabaseTransaction, query: str, bound: int) -> tuple[int | None, int]:
