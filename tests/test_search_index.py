@@ -278,6 +278,65 @@ class SearchIndexFileTests(SearchIndexCase):
         yield self.close_store()
         self.assertEqual(self.file_holds("", ["Zanzibar Quokka", "quokka.example"]), [])
 
+    def rewriting(self):
+        def read(txn):
+            return txn.execute("SELECT rewrite FROM search_progress").addCallback(lambda _: txn.fetchone()["rewrite"])
+
+        return self.store.engine.search_index(read)
+
+    @defer.inlineCallbacks
+    def test_rewrite_in_parts_taking_nothing_else_meanwhile(self):
+        """
+        The rewrite after an erasure is made a part at a time, one
+        transaction each, and the index takes no new message until it ends
+        (a search finds it meanwhile); a daemon stopped halfway goes on with
+        it at its next start.
+        """
+        self.patch(search, "REWRITE_PAGES", 1)
+        for batch in range(3):
+            # Segments of their own, for the rewrite to merge.
+            yield self.store.insert_messages(
+                [message(self.acme, f"<b{batch}.{n}@x>", 20, subject=f"Widgets {batch * 1000 + n:x} {n * 7919 % 1000:x}") for n in range(300)]
+            )
+            yield self.store.index_search()
+        texts = yield self.secret_texts()
+        secret = yield self.secret_indexed()
+        yield self.store.erase_message(secret, "test")
+        step = yield self.store.engine.search_index(search.index_step)
+        self.assertTrue(step.more)
+        self.assertEqual((yield self.rewriting()), 1)
+        [during] = yield self.store.insert_messages([message(self.acme, "<during@x>", 60, subject="Fresh gadgets")])
+        yield self.store.engine.search_index(search.index_step)
+        self.assertEqual((yield self.rewriting()), 1)
+        yield self.close_store()
+        self.store = yield self.open_store()
+        parts = 1
+        while (yield self.rewriting()):
+            self.assertEqual((yield self.indexed("fresh gadgets")), [])
+            self.assertEqual((yield self.found("fresh gadgets")), [during])
+            yield self.store.engine.search_index(search.index_step)
+            parts += 1
+        self.assertGreater(parts, 2)
+        yield self.store.index_search()
+        self.assertEqual((yield self.indexed("fresh gadgets")), [during])
+        yield self.close_store()
+        self.assertEqual(self.file_holds("-search", texts), [])
+
+    @defer.inlineCallbacks
+    def test_search_file_of_before_the_rewrite_used(self):
+        """A search file made before the rewrite after erasures had its column gets it, and is kept."""
+        yield self.close_store()
+        older = sqlite3.connect(self.path + "-search")
+        older.execute("ALTER TABLE search_progress DROP COLUMN rewrite")
+        older.close()
+        self.store = yield self.open_store()
+        self.assertEqual((yield self.rewriting()), 0)
+        self.assertEqual(sorted((yield self.indexed("widgets"))), self.ids)
+        secret = yield self.secret_indexed()
+        yield self.store.erase_message(secret, "test")
+        yield self.store.index_search()
+        self.assertEqual((yield self.found("merger plans")), [])
+
     @defer.inlineCallbacks
     def test_search_wal_shrinks_after_the_rewrite(self):
         """The rewrite after an erasure passes the whole index through the WAL, which does not keep that size."""

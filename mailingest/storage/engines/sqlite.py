@@ -62,7 +62,8 @@ PROGRESS_STEPS = 1000
 # alone whatever text it was indexed with. It holds the messages with ids
 # in [low, high) of search_progress (low and high -1 until the first step);
 # stale_done is the last row of the database's message_search_stale (what
-# changed or went since) it has dealt with. Derived data: a missing file, or
+# changed or went since) it has dealt with; rewrite is 1 while the index is
+# being rewritten after an erasure. Derived data: a missing file, or
 # one that does not belong with the database (restored from another time),
 # is made again and filled (see mailingest.storage.stores.search).
 SEARCH_ORG_SPAN = 1 << 40
@@ -70,7 +71,9 @@ SEARCH_FILE_SUFFIX = "-search"
 SEARCH_WAL_LIMIT = 64 << 20
 _SEARCH_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS message_search USING fts5(subject, mail_from, message_id, tokenize='trigram');
-CREATE TABLE IF NOT EXISTS search_progress (low BIGINT NOT NULL, high BIGINT NOT NULL, stale_done BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS search_progress (
+    low BIGINT NOT NULL, high BIGINT NOT NULL, stale_done BIGINT NOT NULL, rewrite INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -141,8 +144,9 @@ def _open_reader(conn: sqlite3.Connection, search_file: str) -> None:
 
 def _open_search(conn: sqlite3.Connection, database_file: str) -> None:
     _open(conn)
-    # Rewriting the index after an erasure (mailingest.storage.stores.search) passes all of it through the
-    # WAL: once checkpointed, the WAL goes back to this size instead of keeping the index's size on disk.
+    # After a checkpoint the WAL goes back to this size, instead of keeping the size its largest
+    # transactions gave it (a part of the rewrite after an erasure: mailingest.storage.stores.search)
+    # and the older pages they held.
     conn.execute("PRAGMA journal_size_limit = %d" % SEARCH_WAL_LIMIT)
     conn.execute("ATTACH DATABASE ? AS mail", (database_file,))
 
@@ -159,6 +163,9 @@ def _create_search_file(path: str) -> None:
         # Statements that write (a CREATE, an INSERT even of no row) wait for the index's lock: only when needed.
         if conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'search_progress'").fetchone()[0] == 0:
             conn.executescript(_SEARCH_SCHEMA)
+        if "rewrite" not in [row[1] for row in conn.execute("PRAGMA table_info(search_progress)")]:
+            # A file made before the rewrite after erasures (mailingest.storage.stores.search).
+            conn.execute("ALTER TABLE search_progress ADD COLUMN rewrite INTEGER NOT NULL DEFAULT 0")
         if conn.execute("SELECT COUNT(*) FROM search_progress").fetchone()[0] == 0:
             conn.execute(
                 "INSERT INTO search_progress (low, high, stale_done)"

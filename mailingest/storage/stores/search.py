@@ -241,8 +241,11 @@ def _in_step(high: int, stale_done: int, issued: dict) -> bool:
 
 # FTS5 keeps a deleted row's entries in its segments, behind a marker, until a merge reaches them: an
 # erased text would stay in the file, readable by anyone who reads the file. Merging the whole index into
-# one segment drops them; the pages it frees are zeroed (the engine's secure_delete).
-_PURGE = "INSERT INTO message_search (message_search) VALUES ('optimize')"
+# one segment drops them (the pages it frees are zeroed: the engine's secure_delete). FTS5's 'merge' with
+# a negative count does that a part at a time, about that many pages per transaction, keeping each
+# transaction, and the WAL, small: REWRITE_PAGES is about a quarter of a second's work.
+_MERGE = "INSERT INTO message_search (message_search, rank) VALUES ('merge', ?)"
+REWRITE_PAGES = 4000
 # The queue's rows in (seq, seq]: the messages changed or gone.
 _CHANGED_IDS = "SELECT message_id FROM mail.message_search_stale WHERE seq > ? AND seq <= ?"
 # The next batch of message ids from a bound up, and from below a bound down: the edge reached, and how many.
@@ -257,15 +260,20 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
     forget the messages changed or gone since the last step (their rows go,
     and are indexed again from the message if it is still there); index the
     messages that came since; index the next older ones, highest ids first.
-    Once no more changes are queued, the step that dealt with the last of
-    them rewrites the index (L{_PURGE}): it costs about 9 s at a million
-    messages, so erasures coming together share one.
+    The step that deals with the last change queued, or that empties an
+    index that does not belong with its database, starts a rewrite of the
+    whole index (L{_rewrite}), which the next steps make before anything
+    else: about 7 s at a million messages, so erasures coming together
+    share one.
     """
-    low, high, stale_done, restarted = await _progress(txn)
+    progress = await _progress(txn)
+    if progress.rewrite:
+        return await _rewrite(txn, progress)
+    low, high, stale_done = progress.low, progress.high, progress.stale_done
     stale_last, forgotten, changes_left = await _forget_changed(txn, stale_done)
     newest, came = await _batch(txn, _NEWER, high)
     new_high = newest + 1 if came else high
-    if not (forgotten or came or low or restarted):
+    if not (forgotten or came or low or progress.restarted):
         # Nothing came, changed or is left to fill: a commit without a write (no sync to disk every run).
         return IndexStep(below=0, stale_done=stale_done)
     new_low, filled = low, 0
@@ -280,30 +288,63 @@ async def index_step(txn: IDatabaseTransaction) -> IndexStep:
         f" OR (m.id >= ? AND m.id < ? AND m.id IN ({_CHANGED_IDS})) ORDER BY m.org_id, m.id DESC",
         (high, new_high, new_low, low, low, high, stale_done, stale_last),
     )
-    await txn.execute("UPDATE search_progress SET low = ?, high = ?, stale_done = ?", (new_low, new_high, stale_last))
-    if forgotten and not changes_left:
-        await txn.execute(_PURGE)
-    return IndexStep(below=new_low, stale_done=stale_last, filled=filled, more=INDEX_BATCH in (forgotten, came, filled))
+    rewrite = progress.emptied or bool(forgotten and not changes_left)
+    await txn.execute(
+        "UPDATE search_progress SET low = ?, high = ?, stale_done = ?, rewrite = ?", (new_low, new_high, stale_last, int(rewrite))
+    )
+    return IndexStep(below=new_low, stale_done=stale_last, filled=filled, more=rewrite or INDEX_BATCH in (forgotten, came, filled))
 
 
-async def _progress(txn: IDatabaseTransaction) -> tuple[int, int, int, bool]:
+async def _rewrite(txn: IDatabaseTransaction, progress: "_Progress") -> IndexStep:
     """
-    The index's C{low}, C{high} and C{stale_done} for this step, and whether
-    it starts over: a new index, or one that does not belong with its
-    database (emptied), takes everything stored so far as older messages to
-    fill, and what changed before as dealt with (in rows not yet indexed).
+    A part of the index's rewrite (L{_MERGE}). The index takes nothing else
+    until FTS5 finds nothing left to merge (it makes fewer than 2 changes),
+    so the rewrite ends: with messages coming in, each part would merge them
+    too and start on the whole again.
     """
-    await txn.execute("SELECT low, high, stale_done FROM search_progress")
+    await txn.execute("SELECT total_changes() AS n")
+    before = txn.fetchone()["n"]
+    await txn.execute(_MERGE, (-REWRITE_PAGES,))
+    await txn.execute("SELECT total_changes() AS n")
+    if txn.fetchone()["n"] - before < 2:
+        await txn.execute("UPDATE search_progress SET rewrite = 0")
+    return IndexStep(below=progress.low, stale_done=progress.stale_done, more=True)
+
+
+@dataclass
+class _Progress:
+    """
+    Where the index is: C{low}, C{high}, C{stale_done} (see the engine);
+    C{restarted} when it starts over (new, or emptied because it did not
+    belong with its database: what it held may have been erased since);
+    C{rewrite} while a rewrite is under way.
+    """
+
+    low: int
+    high: int
+    stale_done: int
+    restarted: bool = False
+    emptied: bool = False
+    rewrite: bool = False
+
+
+async def _progress(txn: IDatabaseTransaction) -> _Progress:
+    """
+    The index's progress for this step. An index that starts over takes
+    everything stored so far as older messages to fill, and what changed
+    before as dealt with (in rows not yet indexed).
+    """
+    await txn.execute("SELECT low, high, stale_done, rewrite FROM search_progress")
     state = txn.fetchone()
     await txn.execute(_ISSUED)
     issued = txn.fetchone()
     if state["high"] >= 0 and _in_step(state["high"], state["stale_done"], issued):
-        return state["low"], state["high"], state["stale_done"], False
+        return _Progress(state["low"], state["high"], state["stale_done"], rewrite=bool(state["rewrite"]))
     if state["high"] >= 0:
-        # One file was restored from a backup and not the other: what the index held may have been erased since.
+        # One file was restored from a backup and not the other.
         await txn.execute("DELETE FROM message_search")
-        await txn.execute(_PURGE)
-    return issued["messages"] + 1, issued["messages"] + 1, issued["changes"], True
+    start = issued["messages"] + 1
+    return _Progress(start, start, issued["changes"], restarted=True, emptied=state["high"] >= 0)
 
 
 async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[int, int, bool]:
