@@ -152,11 +152,12 @@ class ISchemaStore(IStoreRole, IClosable):
         without holding the write lock for long; fires when done or stopped.
         """
 
-    def index_search():
+    def index_search(keep_going=None):
         """
         Bring a search index the store keeps itself (SQLite's, a file of its
         own) up to date with the messages stored, changed or gone since;
-        fires when it is (at once where the database keeps it).
+        fires when it is (at once where the database keeps it), or earlier
+        once C{keep_going()} is false between two of its transactions.
         """
 
     def check():

@@ -310,7 +310,10 @@ class SearchIndexFileTests(SearchIndexCase):
         self.assertEqual((yield self.rewriting()), 1)
         yield self.close_store()
         self.store = yield self.open_store()
-        parts = 1
+        # The daemon's loop, stopping: one transaction, and the rest at the next start.
+        yield self.store.index_search(lambda: False)
+        self.assertEqual((yield self.rewriting()), 1)
+        parts = 2
         while (yield self.rewriting()):
             self.assertEqual((yield self.indexed("fresh gadgets")), [])
             self.assertEqual((yield self.found("fresh gadgets")), [during])
@@ -630,8 +633,9 @@ class FakeSchemaStore:
         self.calls = 0
         self.failing = False
 
-    def index_search(self):
+    def index_search(self, keep_going=lambda: True):
         self.calls += 1
+        self.keep_going = keep_going
         if self.failing:
             return defer.fail(OSError("disk full"))
         return defer.succeed(None)
@@ -658,6 +662,12 @@ class SearchIndexServiceTests(TestCase):
         self.service.stopService()
         self.clock.advance(10)
         self.assertEqual(self.store.calls, 3)
+
+    def test_a_stop_ends_the_run_between_transactions(self):
+        self.service.startService()
+        self.assertTrue(self.store.keep_going())
+        self.service.stopService()
+        self.assertFalse(self.store.keep_going())
 
     def test_failures_logged_once_a_spell(self):
         self.store.failing = True

@@ -31,7 +31,8 @@ class SearchIndexService(PeriodicService):
 
     async def run(self) -> None:
         try:
-            await self.store.index_search()
+            # A stop waits for one transaction of the index, not for all it has to do (a rewrite: seconds).
+            await self.store.index_search(lambda: self.running)
         except Exception as e:
             # Once per spell of failures (a full disk, a broken file): the search reads the newest messages meanwhile.
             if not self._failing:

@@ -103,20 +103,20 @@ class SchemaStore(StoreBase):
         if filled and not step.below:
             progress(search.describe_progress(step.below))
 
-    def index_search(self):
+    def index_search(self, keep_going=lambda: True):
         """
         Bring SQLite's search index up to date with the messages (those that
         came, changed or went since, and a batch of older ones while it is
         being filled), one transaction of its own file at a time; fires when
-        it holds them all. Nothing to do on PostgreSQL, whose indexes the
-        database keeps itself.
+        it holds them all, or once C{keep_going()} is false after one. Nothing
+        to do on PostgreSQL, whose indexes the database keeps itself.
         """
         if self.engine.text_search != "fts5":
             return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._index_all())
+        return defer.Deferred.fromCoroutine(self._index_all(keep_going))
 
-    async def _index_all(self) -> None:
-        while (await self._index_search()).more:
+    async def _index_all(self, keep_going) -> None:
+        while (await self._index_search()).more and keep_going():
             pass
 
     _stale_kept = 0

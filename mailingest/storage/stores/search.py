@@ -315,9 +315,9 @@ async def _rewrite(txn: IDatabaseTransaction, progress: "_Progress") -> IndexSte
 class _Progress:
     """
     Where the index is: C{low}, C{high}, C{stale_done} (see the engine);
-    C{restarted} when it starts over (new, or emptied because it did not
-    belong with its database: what it held may have been erased since);
-    C{rewrite} while a rewrite is under way.
+    C{restarted} when it starts over, new or C{emptied} (it did not belong
+    with its database: what it held may have been erased since, so a
+    rewrite follows); C{rewrite} while a rewrite is under way.
     """
 
     low: int
