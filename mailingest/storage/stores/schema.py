@@ -93,15 +93,7 @@ class SchemaStore(StoreBase):
                     return
             progress(search.describe_progress(None))
             return
-        step = await self._index_search()
-        filled = step.filled
-        while step.more and keep_going():
-            if step.below:
-                progress(search.describe_progress(step.below))
-            step = await self._index_search()
-            filled += step.filled
-        if filled and not step.below:
-            progress(search.describe_progress(step.below))
+        await self._index_all(keep_going, progress)
 
     def index_search(self, keep_going=lambda: True):
         """
@@ -115,9 +107,18 @@ class SchemaStore(StoreBase):
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._index_all(keep_going))
 
-    async def _index_all(self, keep_going) -> None:
-        while (await self._index_search()).more and keep_going():
-            pass
+    async def _index_all(self, keep_going, progress=lambda line: None) -> None:
+        """Index steps until none has more to do or C{keep_going()} is false; C{progress} told how far filling older messages got."""
+        filled = 0
+        while True:
+            step = await self._index_search()
+            filled += step.filled
+            if not (step.more and keep_going()):
+                break
+            if step.below:
+                progress(search.describe_progress(step.below))
+        if filled and not step.below:
+            progress(search.describe_progress(step.below))
 
     _stale_kept = 0
 
