@@ -372,6 +372,9 @@ async def _forget_changed(txn: IDatabaseTransaction, stale_done: int) -> tuple[i
             f" FROM mail.inbound_message WHERE id IN ({_CHANGED_IDS}))",
             changed,
         )
+    if stale["n"] < INDEX_BATCH:
+        # Fewer than a batch: none are queued after them (in this step's snapshot).
+        return stale["last"], stale["n"], False
     await txn.execute("SELECT EXISTS (SELECT 1 FROM mail.message_search_stale WHERE seq > ?) AS more", (stale["last"],))
     return stale["last"], stale["n"], bool(txn.fetchone()["more"])
 
