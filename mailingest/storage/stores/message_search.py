@@ -143,13 +143,10 @@ class MessageSearchStore(OrgReads):
         changed that match C{text} by what they now say, below C{before_id}
         and down to C{floor}: at most C{limit}, newest first.
         """
-        where, args = [], []
-        for clause, bound in (("m.id < ?", before_id), ("m.id >= ?", floor)):
-            if bound is not None:
-                where.append(clause)
-                args.append(bound)
-        rows_sql, args = search.changed_rows(org_id, text, [*filters, *where], [*filter_args, *args])
-        await txn.execute(f"{columns}{rows_sql} ORDER BY m.id DESC LIMIT ?", (*args, limit))
+        changed = search.changed_search(org_id, text)
+        where, args, _ = changed.window(before_id, floor)
+        rows_sql, args = _search_rows(changed, org_id, [*filters, *where], [*filter_args, *args])
+        await txn.execute(f"{columns}{rows_sql} ORDER BY {changed.order} LIMIT ?", (*args, limit))
         return sorted([*rows, *txn.fetchall()], key=lambda row: row["id"], reverse=True)[:limit]
 
     _pg_indexed = False

@@ -202,19 +202,17 @@ async def index_state(txn: IDatabaseTransaction, org_id: int, most: int) -> dict
     return txn.fetchone()
 
 
-def changed_rows(org_id: int, text: str, where: list[str], args: list) -> tuple[str, tuple]:
+def changed_search(org_id: int, text: str) -> TextSearch:
     """
-    C{FROM ... WHERE ...} of the organisation's messages queued as changed
-    whose text now matches C{text}, with C{where}; and the arguments. The
-    index leaves them out until it has dealt with them (L{_NOT_STALE}), so a
-    search reads them one by one: from the queue, which is short whenever
-    the index serves (L{index_state}).
+    How a search reads the organisation's messages queued as changed, by
+    what they now say: the index leaves them out until it has dealt with
+    them (L{_NOT_STALE}), so they are read one by one, from the queue, which
+    is short whenever the index serves (L{index_state}).
     """
-    return (
-        " FROM (SELECT DISTINCT message_id FROM message_search_stale) q CROSS JOIN inbound_message m"
-        " WHERE " + " AND ".join(["m.id = q.message_id", "m.org_id = ?", _SCAN, *where]),
-        (org_id, *[like_pattern(text)] * 3, *args),
-    )
+    found = TextSearch(READ_ROWS, org_id, text, False)
+    found.source = "(SELECT DISTINCT message_id FROM message_search_stale) q CROSS JOIN inbound_message m"
+    found.where = ["m.id = q.message_id", *found.where]
+    return found
 
 
 # What the database has issued: message ids, and rows of its queue of changes (the first still queued).
