@@ -136,9 +136,13 @@ def _open(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA secure_delete = ON")
 
 
+def _attach_search(conn: sqlite3.Connection, search_file: str) -> None:
+    conn.execute("ATTACH DATABASE ? AS search", (search_file,))
+
+
 def _open_reader(conn: sqlite3.Connection, search_file: str) -> None:
     _open(conn)
-    conn.execute("ATTACH DATABASE ? AS search", (search_file,))
+    _attach_search(conn, search_file)
     conn.execute("PRAGMA query_only = ON")
 
 
@@ -345,8 +349,11 @@ class SqliteEngine(Engine):
         return defer.Deferred.fromCoroutine(self._reading(fn, args, kwargs))
 
     async def _reading(self, fn, args, kwargs):
+        def read():
+            return self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
+
         try:
-            return await self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
+            return await read()
         except sqlite3.DatabaseError as e:
             if not unreadable(e):
                 raise
@@ -358,7 +365,7 @@ class SqliteEngine(Engine):
                 log.failure("search index: cannot check its file or make it again")
             if self._search_generation == generation:
                 raise
-        return await self._interaction(BUSY_TIMEOUT_MS, fn, args, kwargs, self._readers, "BEGIN", attach=True)
+        return await read()
 
     async def _check_search_file(self, error: str) -> None:
         """
@@ -431,7 +438,7 @@ class SqliteEngine(Engine):
         generation = self._search_generation
         if self._attached.get(id(conn)) != generation:
             conn.execute("DETACH DATABASE search")
-            conn.execute("ATTACH DATABASE ? AS search", (self.search_path,))
+            _attach_search(conn, self.search_path)
             self._attached[id(conn)] = generation
 
     def script(self, sql: str) -> list[str]:
