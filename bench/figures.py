@@ -1,5 +1,6 @@
 """The benchmarks' figures: percentiles of timed samples, and a measure of the store run under a reactor and printed as a two-column table."""
 
+import time
 from collections.abc import Awaitable, Callable
 
 
@@ -12,6 +13,16 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     """The p50, p99 and largest of C{samples}."""
     ordered = sorted(samples)
     return percentile(ordered, 0.5), percentile(ordered, 0.99), ordered[-1]
+
+
+async def timed(call: Callable[[], Awaitable[object]], repeat: int) -> list[float]:
+    """C{call()} awaited C{repeat} times, one after another: each one's time in milliseconds."""
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
 
 
 def print_figures(measure: Callable[..., Awaitable[dict[str, str]]], *args) -> int:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 
-from bench.figures import percentiles
+from bench.figures import percentiles, timed
 
 ORGS = 1000
 BIG_SHARE = 0.20
@@ -196,15 +196,6 @@ def _drop_postgres_database(name: str) -> None:
     conn.close()
 
 
-async def _timed(call, repeat: int = REPEAT) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        await call()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
-
-
 async def _page_50(page) -> int | None:
     """The cursor of page 50, or of the last full page when there are fewer (40 at 10,000 messages)."""
     cursor, full = None, None
@@ -265,7 +256,7 @@ async def measure(url: str, storage_dir: str, count: int) -> dict[str, float]:
             ("everyday words, no match, 2", "for purchase", 1),
             ("two characters, no match", "zq", 1),
         ):
-            p50, p99, _ = percentiles(await _timed(lambda: search(text, org, *limit)))
+            p50, p99, _ = percentiles(await timed(lambda: search(text, org, *limit), REPEAT))
             figures[f"console search, {name}: p50 (ms)"], figures[f"console search, {name}: p99 (ms)"] = p50, p99
             rows = await search(text, org, *limit)
             figures[f"console search, {name}: rows returned"] = len(rows)
@@ -289,11 +280,11 @@ async def measure(url: str, storage_dir: str, count: int) -> dict[str, float]:
             ("console page, a month's range and a sender", lambda: store.search_messages(
                 1, sender=SENDERS[5], since=month, until=month + timedelta(days=30), limit=51)),
         ):
-            p50, p99, _ = percentiles(await _timed(call))
+            p50, p99, _ = percentiles(await timed(call, REPEAT))
             figures[f"{name}: p50 (ms)"], figures[f"{name}: p99 (ms)"] = p50, p99
             figures[f"{name}: rows returned"] = len(await call())
         today = datetime.combine(NOW.date(), datetime.min.time(), timezone.utc)
-        p50, p99, top = percentiles(await _timed(lambda: store.org_summaries(today), 20))
+        p50, p99, top = percentiles(await timed(lambda: store.org_summaries(today), 20))
         figures["organisations page, 1,001 orgs p50 (ms)"] = p50
         figures["organisations page, 1,001 orgs max (ms)"] = top
 
@@ -342,10 +333,10 @@ async def _daemon_path(store, count: int = 200) -> dict[str, float]:
     } for n in range(count)]
     figures: dict[str, float] = {}
     rows_iter = iter(rows)
-    samples = await _timed(lambda: store.insert_messages([next(rows_iter)]), count)
+    samples = await timed(lambda: store.insert_messages([next(rows_iter)]), count)
     figures["intake, one message stored: p50 (ms)"], figures["intake, one message stored: p99 (ms)"], _ = percentiles(samples)
     rows_iter = iter(rows)
-    samples = await _timed(lambda: store.insert_messages([next(rows_iter)]), count)
+    samples = await timed(lambda: store.insert_messages([next(rows_iter)]), count)
     figures["dedup, a duplicate answered: p50 (ms)"], figures["dedup, a duplicate answered: p99 (ms)"], _ = percentiles(samples)
 
     async def drain_one():
@@ -356,7 +347,7 @@ async def _daemon_path(store, count: int = 200) -> dict[str, float]:
         await store.mark_parsed(claimed["id"], [document])
         await store.unlock_claims([claimed["id"]])
 
-    samples = await _timed(drain_one, count)
+    samples = await timed(drain_one, count)
     figures["extraction drain, claim + parsed: p50 (ms)"], figures["extraction drain, claim + parsed: p99 (ms)"], _ = percentiles(samples)
     return figures
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from bench.figures import percentiles, print_figures
+from bench.figures import percentiles, print_figures, timed
 
 BIG_ORG, SMALL_ORG = 1, 500
 SEARCHES = (
@@ -51,11 +51,8 @@ async def measure(url: str, sizes: list[int]) -> dict[str, str]:
     async def searches(tag: str, expected: dict | None) -> dict:
         answers = {}
         for name, text, org in SEARCHES:
-            took = []
-            for _ in range(REPEAT):
-                started = time.perf_counter()
-                rows = await store.search_messages(org, text=text, limit=51)
-                took.append((time.perf_counter() - started) * 1000)
+            took = await timed(lambda: store.search_messages(org, text=text, limit=51), REPEAT)
+            rows = await store.search_messages(org, text=text, limit=51)
             answers[name] = found = [row["id"] for row in rows]
             p50, p99, _ = percentiles(took)
             figures[f"{tag}: {name}"] = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {len(found)} rows" + (
